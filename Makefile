@@ -1,0 +1,37 @@
+# Conventional entry points: `make demo` and `make test` are README's two commands.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+WORKDIR ?= /tmp/lookalike-demo
+PYTEST_ARGS ?=
+
+.PHONY: install demo test bench-quick lint sdist lock clean
+
+install: $(STAMP)
+
+# A no-op when .venv is newer than setup.py and constraints.txt.
+$(STAMP): setup.py constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/lookalike demo --workdir $(WORKDIR)
+
+test: install
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+sdist: install
+	$(BIN)/python -m build --sdist --no-isolation --outdir dist .
+
+lock:
+	rm -rf /tmp/lookalike-lock && $(PYTHON) -m venv /tmp/lookalike-lock
+	/tmp/lookalike-lock/bin/pip install --quiet -e ".[test]"
+	/tmp/lookalike-lock/bin/pip freeze --exclude-editable | grep -v '^lookalike' > constraints.body
+	{ sed -n '/^#/p' constraints.txt; cat constraints.body; } > constraints.new && rm constraints.body
+	mv constraints.new constraints.txt
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

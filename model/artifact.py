@@ -1,0 +1,164 @@
+"""The model artifact: what ``train`` writes and what pipeline and server load.
+
+``models/<version>/`` holds ``model.json`` (config, preprocessing spec, embed_dim,
+same-item threshold, metrics, version) and ``params/`` (an orbax checkpoint). The
+version is a content hash of config and parameters, so the same weights always get
+the same name. ``load_encoder(path)`` returns an ``Encoder`` whose jitted batch
+embed pads to a few fixed batch sizes, so XLA compiles a handful of times at most.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from lookalike.model.config import TrainConfig, config_from_dict, config_to_dict
+from lookalike.model.encoder import ConvEncoder
+from lookalike.model.preprocess import PreprocessSpec, decode_image
+
+log = logging.getLogger(__name__)
+
+MODEL_JSON = "model.json"
+FORMAT = "lookalike-model/1"
+
+
+def params_hash(state: Any, config: TrainConfig) -> str:
+    """Hex sha256 over the config and every parameter array (in tree order)."""
+    h = hashlib.sha256(json.dumps(config_to_dict(config), sort_keys=True).encode())
+    for leaf in jax.tree_util.tree_leaves(state):
+        arr = np.asarray(leaf)
+        h.update(str(arr.shape).encode() + str(arr.dtype).encode())
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+def save_model(
+    model: ConvEncoder,
+    config: TrainConfig,
+    spec: PreprocessSpec,
+    models_dir: Path,
+    *,
+    threshold: float | None,
+    metrics: dict[str, Any],
+    extra_files: dict[str, Path] | None = None,
+) -> str:
+    """Write the artifact under ``models_dir/<version>`` atomically; return the version."""
+    state = jax.device_get(nnx.state(model))
+    version = "m-" + params_hash(state, config)[:12]
+    final = models_dir / version
+    if (final / MODEL_JSON).is_file():
+        log.info("model %s already exists (same weights); keeping it", version)
+        return version
+    tmp = models_dir / f".tmp-{uuid.uuid4().hex}"
+    tmp.mkdir(parents=True)
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(tmp.absolute() / "params", state)
+            ckptr.wait_until_finished()
+        for name, src in (extra_files or {}).items():
+            if Path(src).is_file():
+                shutil.copyfile(src, tmp / name)
+        meta = {
+            "format": FORMAT,
+            "version": version,
+            "created_unix_s": time.time(),
+            "architecture": "ConvEncoder",
+            "embed_dim": config.embed_dim,
+            "config": config_to_dict(config),
+            "preprocess": spec.to_dict(),
+            "same_item_threshold": threshold,
+            "metrics": metrics,
+        }
+        (tmp / MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return version
+
+
+def _bucket_sizes(max_batch: int) -> list[int]:
+    sizes, s = [], 1
+    while s < max_batch:
+        sizes.append(s)
+        s *= 4
+    return sizes + [max_batch]
+
+
+class Encoder:
+    """A loaded model: ``embed`` [N, H, W, C] float32 -> [N, embed_dim] float32 unit vectors."""
+
+    def __init__(self, model: ConvEncoder, meta: dict[str, Any], max_batch: int = 256):
+        self.meta = meta
+        self.version: str = meta["version"]
+        self.embed_dim: int = int(meta["embed_dim"])
+        self.spec = PreprocessSpec.from_dict(meta["preprocess"])
+        self.same_item_threshold: float | None = meta.get("same_item_threshold")
+        self.max_batch = max_batch
+        self._buckets = _bucket_sizes(max_batch)
+        graphdef, state = nnx.split(model)
+        self._state = state
+
+        @jax.jit
+        def _forward(state, x):
+            return nnx.merge(graphdef, state)(x)
+
+        self._forward = _forward
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        """[N, H, W, C] float32 in [0, 1] -> [N, embed_dim] float32 (N may be 0)."""
+        images = np.asarray(images, dtype=np.float32)
+        if images.ndim != 4 or images.shape[1:] != self.spec.shape:
+            raise ValueError(f"expected [N, {', '.join(map(str, self.spec.shape))}] images, got {images.shape}")
+        out = np.empty((len(images), self.embed_dim), np.float32)
+        for start in range(0, len(images), self.max_batch):
+            chunk = images[start : start + self.max_batch]
+            size = next(b for b in self._buckets if b >= len(chunk))
+            padded = np.zeros((size, *self.spec.shape), np.float32)
+            padded[: len(chunk)] = chunk
+            out[start : start + len(chunk)] = np.asarray(self._forward(self._state, jnp.asarray(padded)))[: len(chunk)]
+        return out
+
+    def preprocess(self, data: bytes) -> np.ndarray:
+        """Image file bytes -> [H, W, C] float32 model input (ImageDecodeError if unusable)."""
+        return decode_image(data, self.spec)
+
+    def embed_bytes(self, blobs: list[bytes]) -> np.ndarray:
+        """Image file bytes -> [N, embed_dim]; raises ImageDecodeError on the first bad one."""
+        return self.embed(np.stack([self.preprocess(b) for b in blobs]) if blobs else np.zeros((0, *self.spec.shape), np.float32))
+
+
+def read_model_meta(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    meta_path = path / MODEL_JSON
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{path} is not a lookalike model: {MODEL_JSON} is missing")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{meta_path}: unsupported model format {meta.get('format')!r}, expected {FORMAT!r}")
+    return meta
+
+
+def load_encoder(path: str | Path, max_batch: int = 256) -> Encoder:
+    """Load ``models/<version>/`` into an Encoder ready to embed."""
+    path = Path(path).absolute()
+    meta = read_model_meta(path)
+    config = config_from_dict(meta["config"])
+    abstract = nnx.eval_shape(lambda: ConvEncoder(config, rngs=nnx.Rngs(0)))
+    graphdef, abstract_state = nnx.split(abstract)
+    with ocp.StandardCheckpointer() as ckptr:
+        state = ckptr.restore(path / "params", abstract_state)
+    return Encoder(nnx.merge(graphdef, state), meta, max_batch=max_batch)

@@ -1,0 +1,106 @@
+"""Image decoding and preprocessing, in one place for training, pipeline and server.
+
+Every image, whatever its format or mode, goes through ``decode_image``: safe
+against decompression bombs, EXIF orientation applied, converted to the model's
+channel count (alpha composited on white), resized on the short side and centre-
+cropped to ``image_size``, scaled to [0, 1] float32.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image, ImageOps
+
+# Refuse images claiming more pixels than this before decoding them.
+DEFAULT_MAX_PIXELS = 64_000_000
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not a usable image; the message says why."""
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    image_size: int
+    channels: int  # 1 (grayscale) or 3 (RGB)
+    max_pixels: int = DEFAULT_MAX_PIXELS
+
+    def __post_init__(self) -> None:
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        if self.image_size < 4:
+            raise ValueError(f"image_size must be at least 4, got {self.image_size}")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.image_size, self.image_size, self.channels)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PreprocessSpec":
+        return cls(**{k: d[k] for k in ("image_size", "channels", "max_pixels") if k in d})
+
+
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Open and fully decode ``data`` as a PIL image (first frame), or raise ImageDecodeError."""
+    if not data:
+        raise ImageDecodeError("empty file (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise ImageDecodeError(f"decompression bomb refused: {e}") from None
+    except Exception as e:  # PIL raises many types for garbage input
+        raise ImageDecodeError(f"not a recognised image format ({type(e).__name__}: {e})") from None
+    width, height = img.size
+    if width * height > max_pixels:
+        raise ImageDecodeError(
+            f"image of {width}x{height} pixels exceeds the limit of {max_pixels} (decompression bomb?)"
+        )
+    try:
+        img.seek(0)
+        img.load()
+        img = ImageOps.exif_transpose(img)
+    except Exception as e:
+        raise ImageDecodeError(f"corrupt or truncated image data ({type(e).__name__}: {e})") from None
+    return img
+
+
+def to_mode(img: Image.Image, channels: int) -> Image.Image:
+    """Convert any PIL mode (palette, CMYK, 16-bit, alpha) to L or RGB."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = arr.max() if arr.size and arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr * (255.0 / hi), 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, img.convert("RGBA"))
+    return img.convert("L" if channels == 1 else "RGB")
+
+
+def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    """Resize the short side to ``size`` and centre-crop to ``size`` x ``size``."""
+    w, h = img.size
+    scale = size / min(w, h)
+    new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+    img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def image_to_array(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """PIL image -> float32 array of shape ``spec.shape`` with values in [0, 1]."""
+    img = resize_center_crop(to_mode(img, spec.channels), spec.image_size)
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    return arr.reshape(spec.shape)
+
+
+def decode_image(data: bytes, spec: PreprocessSpec) -> np.ndarray:
+    """Image file bytes -> float32 [H, W, C] model input; ImageDecodeError if unusable."""
+    return image_to_array(open_image(data, spec.max_pixels), spec)

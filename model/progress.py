@@ -1,0 +1,45 @@
+"""Progress of long work as periodic log lines with count, rate and ETA."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+class Progress:
+    """Logs ``name: done/total unit, rate/s, ETA`` at most every ``every_s`` seconds."""
+
+    def __init__(self, name: str, total: int | None, unit: str, logger: logging.Logger, every_s: float = 2.0):
+        self.name, self.total, self.unit, self.log, self.every_s = name, total, unit, logger, every_s
+        self.start = time.perf_counter()
+        self.last = 0.0
+        self.count = 0
+
+    def line(self, extra: str = "") -> str:
+        elapsed = time.perf_counter() - self.start
+        rate = self.count / elapsed if elapsed > 0 else 0.0
+        text = f"{self.name}: {self.count}"
+        if self.total:
+            text += f"/{self.total} {self.unit} ({100.0 * self.count / self.total:.0f}%)"
+            eta = (self.total - self.count) / rate if rate > 0 else float("nan")
+            text += f", {rate:.1f} {self.unit}/s, ETA {format_seconds(eta) if eta == eta else '?'}"
+        else:
+            text += f" {self.unit}, {rate:.1f} {self.unit}/s, elapsed {format_seconds(elapsed)}"
+        return text + (f", {extra}" if extra else "")
+
+    def update(self, count: int, extra: str = "") -> None:
+        self.count = count
+        now = time.perf_counter()
+        if now - self.last >= self.every_s:
+            self.last = now
+            self.log.info(self.line(extra))
+
+    def done(self, extra: str = "") -> None:
+        self.log.info(self.line(extra) + f" - done in {format_seconds(time.perf_counter() - self.start)}")
