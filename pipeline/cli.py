@@ -1,0 +1,245 @@
+"""The ``lookalike`` console script: one subcommand per job, thin over the libraries.
+
+    lookalike demo    --workdir DIR [--no-serve]   digits -> train -> embed -> serve
+    lookalike train   --workdir DIR                train the Siamese encoder
+    lookalike embed   --workdir DIR                Beam pipeline: corpus -> embeddings -> index
+    lookalike serve   --workdir DIR                query API and web page on 127.0.0.1
+    lookalike query   --image F | --id ID | --vector ...   ask a running server
+    lookalike reindex --workdir DIR                retrain, re-embed, publish (cron job)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+log = logging.getLogger("lookalike")
+
+DEFAULT_WORKDIR = os.environ.get("LOOKALIKE_WORKDIR", "./lookalike-data")
+DEFAULT_PORT = 8765
+
+
+def _add_workdir(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--workdir", default=DEFAULT_WORKDIR,
+        help="artifact store: corpus/, models/, embeddings/, indexes/, CURRENT "
+        "(default: $LOOKALIKE_WORKDIR or ./lookalike-data)",
+    )
+
+
+def _add_train_config(p: argparse.ArgumentParser) -> None:
+    from lookalike.model.config import preset_names
+
+    p.add_argument("--config", default="digits", choices=preset_names(), help="training preset (default: digits)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set num_steps=200 --set conv_widths=16,32 (repeatable)")
+
+
+def _train_config(args: argparse.Namespace):
+    from lookalike.model.config import apply_overrides, get_config
+
+    return apply_overrides(get_config(args.config), args.overrides)
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lookalike.model.train import train_and_evaluate
+
+    result = train_and_evaluate(_train_config(args), args.workdir, data_dir=args.data)
+    _print_json({"model_version": result.version, "model_dir": str(result.model_dir), "metrics": result.metrics})
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from lookalike.index.builder import IndexOptions
+    from lookalike.pipeline.embed import EmbedConfig, run_embed
+
+    summary = run_embed(EmbedConfig(
+        workdir=args.workdir, corpus=args.corpus, model_version=args.model, run_name=args.run_name,
+        runner=args.runner, num_workers=args.num_workers, max_batch_size=args.batch_size,
+        index=IndexOptions(mode=args.index_mode), beam_args=args.beam_args, publish=not args.no_publish,
+    ))
+    _print_json(asdict(summary))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from lookalike.serving.server import serve
+
+    serve(args.workdir, host=args.host, port=args.port)
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from lookalike.serving.client import SearchClient, format_results
+
+    client = SearchClient(args.url)
+    if args.image:
+        response = client.search_image(args.image, k=args.k)
+    elif args.id:
+        response = client.similar(args.id, k=args.k)
+    else:
+        response = client.search_vector([float(v) for v in args.vector.split(",")], k=args.k)
+    print(json.dumps(response, indent=2) if args.json else format_results(response))
+    return 0
+
+
+def cmd_reindex(args: argparse.Namespace) -> int:
+    from lookalike.pipeline.jobs import retrain_and_reindex
+
+    result = retrain_and_reindex(_train_config(args), args.workdir, corpus=args.corpus,
+                                 num_workers=args.num_workers, keep_versions=args.keep)
+    _print_json({"model_version": result.train.version, "metrics": result.train.metrics,
+                 "index_version": result.embed.index_version, "embedded": result.embed.embedded,
+                 "failed": result.embed.failed})
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from lookalike.pipeline.jobs import run_demo
+
+    result = run_demo(_train_config(args), args.workdir, num_workers=args.num_workers)
+    some_image = _first_corpus_image(args.workdir)
+    url = f"http://{args.host}:{args.port}"
+    print(f"\nlookalike demo: model {result.train.version} "
+          f"(val precision@1 {result.train.metrics.get('precision_at_1', float('nan')):.3f}), "
+          f"{result.embed.embedded} images indexed as {result.embed.index_version}, {result.embed.failed} skipped.")
+    print(f"workdir: {os.path.abspath(args.workdir)}")
+    if args.no_serve:
+        print(f"serve it with: lookalike serve --workdir {args.workdir} --port {args.port}")
+        return 0
+    print(f"\nserving on {url}/  (Ctrl-C to stop); try:\n"
+          f"  curl -F file=@{some_image} '{url}/v1/search/image?k=5'\n"
+          f"  lookalike query --url {url} --image {some_image}\n")
+    from lookalike.serving.server import serve
+
+    serve(args.workdir, host=args.host, port=args.port)
+    return 0
+
+
+def _first_corpus_image(workdir: str) -> str:
+    from lookalike.model.data import list_images
+    from lookalike.model.store import Store
+
+    images = list_images(Store.at(workdir).corpus_dir)
+    return str(images[0]) if images else "IMAGE.png"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lookalike", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, including Beam and JAX")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="write the bundled digits as images, train, embed, index and serve",
+                       description="Runs the whole system on scikit-learn's bundled handwritten digits "
+                       "(no download): writes them under WORKDIR/corpus/<label>/, trains, embeds with "
+                       "the Beam pipeline, publishes a ScaNN index, then serves it.")
+    _add_workdir(p)
+    _add_train_config(p)
+    p.add_argument("--no-serve", action="store_true", help="stop after the index is published (exit 0)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    p.add_argument("--num-workers", type=int, default=1, help="Beam worker processes for the embed step")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("train", help="train the Siamese encoder with contrastive loss",
+                       description="Trains on a folder with one sub-folder per class (default WORKDIR/corpus) "
+                       "and saves WORKDIR/models/<version> (orbax params + model.json), pointed to by models/LATEST. "
+                       "Example: lookalike train --workdir DIR --set num_steps=800")
+    _add_workdir(p)
+    _add_train_config(p)
+    p.add_argument("--data", default=None, help="labelled image folder <data>/<class>/*.png (default WORKDIR/corpus)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("embed", help="Beam pipeline: corpus -> embeddings (Parquet) -> ScaNN index",
+                       description="Embeds every image under --corpus (folder or glob; default WORKDIR/corpus) with a "
+                       "trained model, writes WORKDIR/embeddings/<run>/ (Parquet, dead letters, summary.json), builds "
+                       "a ScaNN index and publishes it as CURRENT. Unknown options are passed to Beam, e.g. "
+                       "--runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp --setup_file=./setup.py")
+    _add_workdir(p)
+    p.add_argument("--corpus", default=None, help="image folder or glob (default WORKDIR/corpus)")
+    p.add_argument("--model", default=None, help="model version (default models/LATEST)")
+    p.add_argument("--run-name", default=None, help="name of the embeddings run (default e-<UTC time>)")
+    p.add_argument("--runner", default="FnApiRunner",
+                   help="Beam runner (default FnApiRunner: in-process, no Prism download)")
+    p.add_argument("--num-workers", type=int, default=1, help="local runner: worker processes (multi-process mode if > 1)")
+    p.add_argument("--batch-size", type=int, default=256, help="largest inference batch")
+    p.add_argument("--index-mode", default="auto", choices=["auto", "brute_force", "tree_ah"],
+                   help="ScaNN configuration (auto: exact under 20k items, tree + AH + reorder above)")
+    p.add_argument("--no-publish", action="store_true", help="write embeddings only; do not build or publish an index")
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("serve", help="serve the CURRENT index: JSON API and web page",
+                       description="Loads the CURRENT index and its model and serves POST /v1/search/image, "
+                       "POST /v1/search/vector, GET /v1/items/{id}/similar, GET /healthz and a web page at /. "
+                       "Example: lookalike serve --workdir DIR --port 8765")
+    _add_workdir(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; use 0.0.0.0 deliberately)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("query", help="ask a running server for similar images",
+                       description="Examples: lookalike query --image cat.jpg; lookalike query --id 3/digit_0042.png; "
+                       "lookalike query --vector 0.1,0.2,...")
+    p.add_argument("--url", default=f"http://127.0.0.1:{DEFAULT_PORT}", help="server address")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--image", help="search by this image file")
+    what.add_argument("--id", help="search by a stored item id")
+    what.add_argument("--vector", help="search by an embedding, comma-separated floats")
+    p.add_argument("-k", type=int, default=10, help="number of results (1-100)")
+    p.add_argument("--json", action="store_true", help="print the raw JSON response")
+    p.set_defaults(func=cmd_query)
+
+    p = sub.add_parser("reindex", help="retrain, re-embed and publish a new index (for cron)",
+                       description="Trains a new model on the labelled corpus, embeds the corpus with it, publishes "
+                       "the new index as CURRENT (a running server picks it up on restart) and keeps the newest "
+                       "--keep index versions. Example crontab: 0 3 * * * lookalike reindex --workdir /srv/lookalike")
+    _add_workdir(p)
+    _add_train_config(p)
+    p.add_argument("--corpus", default=None, help="labelled image folder (default WORKDIR/corpus)")
+    p.add_argument("--num-workers", type=int, default=1, help="Beam worker processes for the embed step")
+    p.add_argument("--keep", type=int, default=5, help="index versions to keep (default 5)")
+    p.set_defaults(func=cmd_reindex)
+    return parser
+
+
+def configure_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    if not verbose:
+        for noisy in ("apache_beam", "absl", "jax", "orbax", "matplotlib", "httpx", "tensorflow"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "embed":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.beam_args = unknown
+    configure_logging(args.verbose)
+    from lookalike.model.store import StoreError
+
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (StoreError, ValueError, FileNotFoundError, RuntimeError) as e:
+        if args.verbose:
+            log.exception("failed")
+        print(f"lookalike {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,45 @@
+"""Beam ``RunInference`` support for our Flax encoder.
+
+``FlaxEncoderHandler`` is a Beam ``ModelHandler``: Beam loads the model once per
+worker process (shared across its threads) through ``load_model``, batches examples
+(``min_batch_size``/``max_batch_size``) and calls ``run_inference``; the encoder pads
+every batch to a fixed bucket size so XLA compiles once per bucket.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+from apache_beam.ml.inference.base import ModelHandler, PredictionResult
+
+from lookalike.model.artifact import Encoder, load_encoder
+
+
+class FlaxEncoderHandler(ModelHandler[np.ndarray, PredictionResult, Encoder]):
+    """Examples are [H, W, C] float32 images; inferences are [embed_dim] float32 unit vectors."""
+
+    def __init__(self, model_dir: str, *, min_batch_size: int = 32, max_batch_size: int = 256):
+        super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size)
+        self._model_dir = model_dir
+        self._max_batch_size = max_batch_size
+
+    def load_model(self) -> Encoder:
+        return load_encoder(self._model_dir, max_batch=self._max_batch_size)
+
+    def run_inference(
+        self, batch: Sequence[np.ndarray], model: Encoder, inference_args: dict[str, Any] | None = None
+    ) -> Iterable[PredictionResult]:
+        embeddings = model.embed(np.stack(batch))
+        return [PredictionResult(example, emb, model_id=model.version) for example, emb in zip(batch, embeddings)]
+
+    def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
+        return int(sum(x.nbytes for x in batch))
+
+    def get_metrics_namespace(self) -> str:
+        return "lookalike_flax_encoder"
+
+    def update_model_path(self, model_path: str | None = None) -> None:
+        if model_path:
+            self._model_dir = model_path

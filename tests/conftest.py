@@ -1,0 +1,75 @@
+"""Shared fixtures: a tiny real store (digits corpus, trained model, published index).
+
+Everything is real: PNG files on disk, a Flax model trained for a few steps, the Beam
+pipeline on the in-process runner, a ScaNN index. Session-scoped so it is built once.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+TINY_CORPUS_SIZE = 200
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    from lookalike.model.config import get_config
+
+    return get_config("tiny")
+
+
+@pytest.fixture(scope="session")
+def digits_corpus(tmp_path_factory) -> Path:
+    """200 real digit images as PNG files under corpus/<label>/."""
+    from lookalike.model.datasets import write_digits_corpus
+
+    root = tmp_path_factory.mktemp("digits") / "corpus"
+    write_digits_corpus(root, limit=TINY_CORPUS_SIZE)
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_store(tmp_path_factory, digits_corpus, tiny_config):
+    """A store with the tiny corpus and a tiny trained model (LATEST), no index yet."""
+    from lookalike.model.store import Store
+    from lookalike.model.train import train_and_evaluate
+
+    workdir = tmp_path_factory.mktemp("store")
+    shutil.copytree(digits_corpus, workdir / "corpus")
+    train_and_evaluate(tiny_config, workdir)
+    return Store.at(workdir)
+
+
+@pytest.fixture(scope="session")
+def encoder(trained_store):
+    from lookalike.model.artifact import load_encoder
+
+    return load_encoder(trained_store.require_model())
+
+
+@pytest.fixture(scope="session")
+def indexed_store(tmp_path_factory, trained_store):
+    """A copy of ``trained_store`` embedded by the real Beam pipeline, with a CURRENT index."""
+    from lookalike.model.store import Store
+    from lookalike.pipeline.embed import EmbedConfig, run_embed
+
+    workdir = tmp_path_factory.mktemp("indexed")
+    shutil.copytree(trained_store.root, workdir, dirs_exist_ok=True)
+    run_embed(EmbedConfig(workdir=str(workdir)))
+    return Store.at(workdir)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -1,0 +1,80 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lookalike.model.preprocess import ImageDecodeError, PreprocessSpec, decode_image
+
+SPEC_RGB = PreprocessSpec(image_size=16, channels=3)
+SPEC_GRAY = PreprocessSpec(image_size=16, channels=1)
+
+
+def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "img, fmt",
+    [
+        (Image.new("RGB", (40, 20), (255, 0, 0)), "JPEG"),
+        (Image.new("L", (8, 8), 128), "PNG"),
+        (Image.new("P", (10, 10), 3), "GIF"),
+        (Image.new("CMYK", (12, 12), (0, 255, 0, 0)), "JPEG"),
+        (Image.new("RGBA", (9, 9), (0, 0, 0, 0)), "PNG"),
+        (Image.new("I;16", (10, 10), 40000), "PNG"),
+        (Image.new("RGB", (1, 1), (1, 2, 3)), "BMP"),
+        (Image.new("RGB", (5, 7), (1, 2, 3)), "TIFF"),
+        (Image.new("RGB", (5, 7), (1, 2, 3)), "WEBP"),
+    ],
+)
+@pytest.mark.parametrize("spec", [SPEC_RGB, SPEC_GRAY])
+def test_any_mode_and_format_becomes_model_input(img, fmt, spec):
+    x = decode_image(encode(img, fmt), spec)
+    assert x.shape == spec.shape and x.dtype == np.float32
+    assert 0.0 <= x.min() <= x.max() <= 1.0
+
+
+def test_transparent_pixels_become_white():
+    x = decode_image(encode(Image.new("RGBA", (4, 4), (0, 0, 0, 0))), SPEC_GRAY)
+    np.testing.assert_allclose(x, 1.0)
+
+
+def test_exif_orientation_is_applied():
+    img = Image.new("L", (20, 10), 0)
+    img.paste(255, (0, 0, 10, 10))  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    x = decode_image(encode(img, "JPEG", exif=exif.tobytes(), quality=100), PreprocessSpec(10, 1))
+    assert x[:4].mean() > 0.8 and x[-4:].mean() < 0.2  # white half is now on top
+
+
+@pytest.mark.parametrize(
+    "data, reason",
+    [
+        (b"", "empty"),
+        (b"this is a text file, not a jpeg", "not a recognised image"),
+        (encode(Image.new("RGB", (64, 64), (9, 9, 9)), "JPEG")[:200], "corrupt or truncated"),
+    ],
+)
+def test_bad_bytes_raise_with_reason(data, reason):
+    with pytest.raises(ImageDecodeError, match=reason):
+        decode_image(data, SPEC_RGB)
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims ``width`` x ``height`` pixels."""
+    import struct
+    import zlib
+
+    data = encode(Image.new("L", (1, 1)))
+    body = b"IHDR" + struct.pack(">II", width, height) + data[24:29]
+    return data[:8] + struct.pack(">I", 13) + body + struct.pack(">I", zlib.crc32(body)) + data[33:]
+
+
+def test_decompression_bomb_refused_before_decoding():
+    bomb = png_claiming(50000, 50000)
+    with pytest.raises(ImageDecodeError, match="decompression bomb|exceeds"):
+        decode_image(bomb, SPEC_RGB)

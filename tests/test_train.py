@@ -1,0 +1,74 @@
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lookalike.model.config import get_config
+from lookalike.model.encoder import create_encoder
+from lookalike.model.train import make_optimizer, train_step
+
+
+def test_encoder_outputs_unit_vectors(tiny_config):
+    model = create_encoder(tiny_config)
+    x = jnp.asarray(np.random.default_rng(0).random((5, *([tiny_config.image_size] * 2), 1)), jnp.float32)
+    emb = model(x)
+    assert emb.shape == (5, tiny_config.embed_dim)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(emb), axis=1), 1.0, rtol=1e-5)
+
+
+def test_jitted_train_step_lowers_the_loss(tiny_config):
+    rng = np.random.default_rng(0)
+    size = tiny_config.image_size
+    x_a = jnp.asarray(rng.random((16, size, size, 1)), jnp.float32)
+    x_b = jnp.asarray(np.concatenate([np.asarray(x_a[:8]), rng.random((8, size, size, 1))]), jnp.float32)
+    similar = jnp.asarray([1.0] * 8 + [0.0] * 8)
+    model = create_encoder(tiny_config)
+    optimizer = make_optimizer(model, tiny_config)
+    losses = [float(train_step(model, optimizer, x_a, x_b, similar, jnp.float32(1.0))) for _ in range(tiny_config.num_steps)]
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_training_learns_digits_and_writes_the_artifact(trained_store, tiny_config):
+    model_dir = trained_store.require_model()
+    meta = json.loads((model_dir / "model.json").read_text())
+    assert meta["version"] == model_dir.name and meta["embed_dim"] == tiny_config.embed_dim
+    assert meta["preprocess"]["image_size"] == tiny_config.image_size
+    assert meta["same_item_threshold"] > 0
+    # 10 classes: chance precision@1 is ~0.1; even 30 tiny steps do far better.
+    assert meta["metrics"]["precision_at_1"] > 0.4, meta["metrics"]
+    assert (model_dir / "params").is_dir() and (model_dir / "training.png").is_file()
+    lines = (model_dir / "train_log.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["step"] == tiny_config.num_steps
+
+
+_DATA_PARALLEL_SCRIPT = """
+import json, numpy as np, jax
+from lookalike.model.config import get_config, apply_overrides
+from lookalike.model.data import LabelledImages
+from lookalike.model.train import train_on_arrays, embed_numpy
+import tempfile, pathlib
+cfg = apply_overrides(get_config("tiny"), ["num_steps=10", "batch_pairs=16", "val_fraction=0"])
+rng = np.random.default_rng(0)
+labels = np.repeat(np.arange(4), 6).astype(np.int32)
+images = (rng.random((24, 16, 16, 1)) * 0.2 + labels[:, None, None, None] / 4).astype(np.float32)
+data = LabelledImages(images, labels, list("abcd"), [], [])
+model, metrics, _ = train_on_arrays(cfg, data, pathlib.Path(tempfile.mkdtemp()))
+print(json.dumps({"devices": jax.device_count(), "emb": embed_numpy(model, images[:4]).tolist()}))
+"""
+
+
+def run_with_devices(n: int) -> dict:
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "JAX_PLATFORMS": "cpu"}
+    out = subprocess.run([sys.executable, "-c", _DATA_PARALLEL_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_data_parallel_training_on_4_devices_matches_1_device():
+    one, four = run_with_devices(1), run_with_devices(4)
+    assert (one["devices"], four["devices"]) == (1, 4)
+    np.testing.assert_allclose(np.asarray(four["emb"]), np.asarray(one["emb"]), atol=2e-3)
