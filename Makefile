@@ -29,7 +29,7 @@ sdist: install
 lock:
 	rm -rf /tmp/lookalike-lock && $(PYTHON) -m venv /tmp/lookalike-lock
 	/tmp/lookalike-lock/bin/pip install --quiet -e ".[test]"
-	/tmp/lookalike-lock/bin/pip freeze --exclude-editable | grep -v '^lookalike' > constraints.body
+	/tmp/lookalike-lock/bin/pip freeze --all --exclude-editable | grep -v -e '^lookalike' -e '^pip==' > constraints.body
 	{ sed -n '/^#/p' constraints.txt; cat constraints.body; } > constraints.new && rm constraints.body
 	mv constraints.new constraints.txt
 

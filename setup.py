@@ -52,7 +52,7 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "build", "playwright"],
+        "test": ["pytest", "pytest-timeout", "build", "setuptools>=68", "wheel", "playwright"],
     },
     entry_points={"console_scripts": ["lookalike = lookalike.pipeline.cli:main"]},
 )

@@ -33,9 +33,8 @@ def corpus_pattern(corpus: str) -> str:
 
 def corpus_root(corpus: str) -> str:
     """The folder ids are made relative to (the part of a pattern before any wildcard)."""
-    cut = min((corpus.find(ch) for ch in "*?[" if ch in corpus), default=len(corpus))
-    head = corpus[:cut]
-    return head if head.endswith("/") or cut == len(corpus) else head.rsplit("/", 1)[0]
+    cut = min((corpus.find(ch) for ch in "*?[" if ch in corpus), default=None)
+    return corpus.rstrip("/") if cut is None else corpus[:cut].rsplit("/", 1)[0]
 
 
 def item_id_for(uri: str, root: str) -> str:

@@ -1,0 +1,68 @@
+"""What the server answers from: the CURRENT index and the model that built it.
+
+The index manifest names the model version its embeddings came from, so the server
+loads exactly that model (not LATEST, which may be newer and incompatible) and
+refuses to start when the two disagree: queries embedded by another model would
+return confident nonsense rather than an error.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from lookalike.index.searcher import ItemIndex
+from lookalike.model.artifact import Encoder, load_encoder
+from lookalike.model.store import Store, StoreError
+
+log = logging.getLogger(__name__)
+
+
+class BackendMismatchError(StoreError):
+    """The served index and its model do not fit together; the message says what to rerun."""
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A loaded encoder and index, shared read-only by every request."""
+
+    encoder: Encoder
+    index: ItemIndex
+    loaded_unix_s: float = field(default_factory=time.time)
+
+
+def check_compatible(encoder: Encoder, index: ItemIndex, workdir: str) -> None:
+    """Raise BackendMismatchError unless ``index`` was built by ``encoder``."""
+    problems = []
+    if encoder.version != index.model_version:
+        problems.append(f"the index names model {index.model_version!r} but model {encoder.version!r} was loaded")
+    if encoder.embed_dim != index.embed_dim:
+        problems.append(f"the model embeds to {encoder.embed_dim} dimensions but the index holds {index.embed_dim}")
+    if problems:
+        raise BackendMismatchError(
+            f"index {index.version} cannot be served: {'; '.join(problems)}. "
+            f"Rebuild it with `lookalike embed --workdir {workdir}`"
+        )
+
+
+def load_backend(workdir: str | os.PathLike) -> Backend:
+    """Load the CURRENT index of ``workdir`` and the model version its manifest names.
+
+    Raises StoreError (the message says which step to run) when the index or the
+    model is missing, and BackendMismatchError when they do not fit together.
+    """
+    started = time.perf_counter()
+    store = Store.at(workdir)
+    index = ItemIndex.load(store.require_current_index())
+    encoder = load_encoder(store.require_model(index.model_version))
+    check_compatible(encoder, index, str(store.root))
+    encoder.embed(np.zeros((1, *encoder.spec.shape), np.float32))  # compile now, not on the first query
+    log.info(
+        "backend ready in %.1fs: index %s (%d items), model %s (dim %d)",
+        time.perf_counter() - started, index.version, len(index), encoder.version, encoder.embed_dim,
+    )
+    return Backend(encoder=encoder, index=index)

@@ -1,0 +1,125 @@
+"""A small Python client for the HTTP API, and the text table ``lookalike query`` prints.
+
+Every method returns the decoded JSON response. A 4xx/5xx answer raises
+``ClientError`` carrying the status and the server's own reason; a server that
+cannot be reached raises ``ClientError`` with status ``None`` and a hint to start it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+
+class ClientError(RuntimeError):
+    """The request failed; ``status`` is the HTTP status (None if there was no answer)."""
+
+    def __init__(self, status: int | None, message: str):
+        super().__init__(f"HTTP {status}: {message}" if status is not None else message)
+        self.status = status
+        self.message = message
+
+
+def error_message(response: httpx.Response) -> str:
+    """The server's reason: FastAPI's ``detail`` (a string or a list of validation errors)."""
+    try:
+        detail = response.json().get("detail")
+    except ValueError:
+        detail = None
+    if isinstance(detail, str):
+        return detail
+    if isinstance(detail, list):  # request validation errors
+        return "; ".join(
+            f"{'.'.join(str(p) for p in err.get('loc', [])[1:]) or 'request'}: {err.get('msg')}" for err in detail
+        )
+    return response.text.strip() or response.reason_phrase
+
+
+class SearchClient:
+    """Talks to a running ``lookalike serve`` at ``base_url``."""
+
+    def __init__(self, base_url: str, timeout_s: float = 30.0):
+        self.base_url = base_url.rstrip("/")
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout_s)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> "SearchClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        try:
+            response = self._http.request(method, path, **kwargs)
+        except httpx.TransportError as e:
+            raise ClientError(
+                None,
+                f"cannot reach the server at {self.base_url} ({type(e).__name__}: {e}); "
+                "is `lookalike serve` running there?",
+            ) from None
+        if response.is_error:
+            raise ClientError(response.status_code, error_message(response))
+        return response.json()
+
+    def health(self) -> dict[str, Any]:
+        return self._request("GET", "/healthz")
+
+    def info(self) -> dict[str, Any]:
+        return self._request("GET", "/v1/info")
+
+    def search_image(self, image: str | os.PathLike | bytes, k: int = 10) -> dict[str, Any]:
+        """Search by an image file (path) or its bytes."""
+        if isinstance(image, bytes):
+            name, data = "query", image
+        else:
+            path = Path(image)
+            try:
+                name, data = path.name, path.read_bytes()
+            except OSError as e:
+                raise ClientError(None, f"cannot read query image {path}: {e.strerror or e}") from None
+        files = {"file": (name, data, "application/octet-stream")}
+        return self._request("POST", "/v1/search/image", params={"k": k}, files=files)
+
+    def search_vector(self, vector: Sequence[float], k: int = 10) -> dict[str, Any]:
+        return self._request("POST", "/v1/search/vector", json={"vector": [float(v) for v in vector], "k": k})
+
+    def similar(self, item_id: str, k: int = 10) -> dict[str, Any]:
+        return self._request("GET", f"/v1/items/{quote(item_id, safe='')}/similar", params={"k": k})
+
+    def item(self, item_id: str) -> dict[str, Any]:
+        return self._request("GET", f"/v1/items/{quote(item_id, safe='')}")
+
+
+def describe_query(query: dict[str, Any]) -> str:
+    kind = query.get("type")
+    if kind == "image":
+        return f"image {query.get('filename') or '(bytes)'} ({query.get('bytes')} bytes)"
+    if kind == "item":
+        return f"items like {query.get('id')}"
+    return f"vector of {query.get('dim')} values"
+
+
+def format_results(response: dict[str, Any]) -> str:
+    """A search response as a text table, best match first."""
+    results = response.get("results", [])
+    lines = [
+        f"{describe_query(response.get('query', {}))}, k={response.get('query', {}).get('k')}: "
+        f"{len(results)} result(s) from model {response.get('model_version')}, index {response.get('index_version')}"
+    ]
+    if not results:
+        return lines[0]
+    width = max(len("id"), *(len(r["id"]) for r in results))
+    lines.append(f"{'#':>3}  {'id':<{width}}  {'score':>7}  {'distance':>8}  same item")
+    for rank, r in enumerate(results, 1):
+        when = f" @ {r['timestamp_s']:.2f}s" if r.get("timestamp_s") is not None else ""
+        same = "yes" if r.get("same_item") else "-"
+        lines.append(f"{rank:>3}  {r['id']:<{width}}  {r['score']:>7.4f}  {r['distance']:>8.4f}  {same}{when}")
+    return "\n".join(lines)

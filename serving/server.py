@@ -1,0 +1,114 @@
+"""Run the app under uvicorn: in the foreground (``lookalike serve``) or in a thread.
+
+``serve`` checks the store before anything slow happens, binds the port itself (a
+port already in use fails at once, not after loading the model), and turns a failed
+startup back into the exception that caused it, instead of uvicorn's bare exit.
+``serve_in_thread`` runs the same server in a background thread on a free port and
+yields its base URL, for tests and for programs that embed the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+
+from lookalike.model.store import Store
+from lookalike.serving.app import create_app
+from lookalike.serving.backend import load_backend
+
+log = logging.getLogger(__name__)
+
+
+class ServerStartError(RuntimeError):
+    """uvicorn stopped during startup; the cause is chained when known."""
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening-ready TCP socket on ``host:port`` (port 0 picks a free one)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ServerStartError(f"cannot listen on {host}:{port}: {e.strerror or e} (is another server using it?)") from None
+    return sock
+
+
+def base_url(sock: socket.socket) -> str:
+    host, port = sock.getsockname()[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+def run_server(app: FastAPI, sock: socket.socket, server: uvicorn.Server) -> None:
+    """Run ``server`` on ``sock`` until it stops; re-raise the app's startup error if it had one."""
+    try:
+        server.run(sockets=[sock])
+    except SystemExit as e:  # uvicorn exits the process when startup fails
+        cause = app.state.startup_error
+        raise ServerStartError(f"server failed to start: {cause or f'uvicorn exit code {e.code}'}") from cause
+    finally:
+        sock.close()
+
+
+def make_server(app: FastAPI, log_level: str, **config: Any) -> uvicorn.Server:
+    return uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on", **config))
+
+
+def serve(workdir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8765, log_level: str = "info") -> None:
+    """Serve the CURRENT index of ``workdir`` until interrupted.
+
+    Raises StoreError (saying which step to run) before loading anything when the
+    workdir has no published index, ServerStartError when the port is taken.
+    """
+    Store.at(workdir).require_current_index()
+    sock = bind_socket(host, port)
+    app = create_app(lambda: load_backend(workdir))
+    log.info("loading the model and index; then serving on %s", base_url(sock))
+    try:
+        run_server(app, sock, make_server(app, log_level))
+    except ServerStartError as e:
+        if e.__cause__ is not None:
+            raise e.__cause__ from None  # e.g. StoreError: the CLI prints its message
+        raise
+
+
+@contextmanager
+def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0, startup_timeout_s: float = 120.0) -> Iterator[str]:
+    """Run ``app`` in a daemon thread; yield its base URL once it accepts requests."""
+    sock = bind_socket(host, port)
+    url = base_url(sock)
+    server = make_server(app, "warning", log_config=None)
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            run_server(app, sock, server)
+        except BaseException as e:  # reported to the waiting caller below
+            failure.append(e)
+
+    thread = threading.Thread(target=target, name=f"uvicorn {url}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + startup_timeout_s
+    while not server.started:
+        if failure or not thread.is_alive():
+            raise ServerStartError(f"server at {url} failed to start") from (failure[0] if failure else None)
+        if time.monotonic() > deadline:
+            server.should_exit = True
+            raise ServerStartError(f"server at {url} did not start within {startup_timeout_s:.0f}s")
+        time.sleep(0.05)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

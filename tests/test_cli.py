@@ -1,0 +1,133 @@
+"""Smoke tests of whole jobs through the installed ``lookalike`` console script.
+
+``demo --no-serve`` on the real default (all 1,797 bundled digits), then ``serve`` as a
+separate process on 127.0.0.1 answering /healthz and finding a corpus image as its
+own best match, and ``query`` as its command-line client.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from lookalike.model.data import list_images
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def lookalike_exe() -> str:
+    exe = Path(sys.executable).with_name("lookalike")
+    return str(exe) if exe.exists() else shutil.which("lookalike")
+
+
+def run_cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([lookalike_exe(), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def demo_workdir(tmp_path_factory) -> Path:
+    workdir = tmp_path_factory.mktemp("demo")
+    out = run_cli("demo", "--workdir", str(workdir), "--no-serve")
+    assert out.returncode == 0, out.stderr[-4000:]
+    assert "images indexed" in out.stdout
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def server_url(demo_workdir):
+    port = free_port()
+    proc = subprocess.Popen(
+        [lookalike_exe(), "serve", "--workdir", str(demo_workdir), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}: {proc.stdout.read()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail("server did not answer /healthz within 120 s")
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def test_every_subcommand_has_help():
+    for command in ("demo", "train", "embed", "serve", "query", "reindex"):
+        out = run_cli(command, "--help", timeout=60)
+        assert out.returncode == 0 and "--" in out.stdout, (command, out.stderr)
+        if command != "query":
+            assert "--workdir" in out.stdout
+
+
+def test_demo_leaves_model_embeddings_and_published_index(demo_workdir):
+    assert len(list_images(demo_workdir / "corpus")) == 1797
+    assert (demo_workdir / "models" / (demo_workdir / "models" / "LATEST").read_text().strip() / "model.json").is_file()
+    current = (demo_workdir / "CURRENT").read_text().strip()
+    manifest = json.loads((demo_workdir / "indexes" / current / "manifest.json").read_text())
+    assert manifest["count"] == 1797
+    run_dir = next((demo_workdir / "embeddings").iterdir())
+    assert list(run_dir.glob("embeddings-*.parquet"))
+    metrics = json.loads((demo_workdir / "models" / manifest["model_version"] / "model.json").read_text())["metrics"]
+    assert metrics["precision_at_1"] > 0.9, metrics  # the default model really learned the digits
+
+
+def test_served_image_search_finds_the_image_itself_first(server_url, demo_workdir):
+    assert httpx.get(f"{server_url}/healthz").json()["status"] == "ok"
+    image = list_images(demo_workdir / "corpus")[123]
+    with image.open("rb") as f:
+        response = httpx.post(f"{server_url}/v1/search/image", params={"k": 5}, files={"file": (image.name, f, "image/png")})
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert results[0]["id"] == str(image.relative_to(demo_workdir / "corpus"))
+    label = image.parent.name
+    assert sum(r["id"].split("/")[0] == label for r in results) >= 4  # neighbours are the same digit
+
+
+def test_query_cli_against_the_live_server(server_url, demo_workdir):
+    image = list_images(demo_workdir / "corpus")[7]
+    item_id = str(image.relative_to(demo_workdir / "corpus"))
+    out = run_cli("query", "--url", server_url, "--image", str(image), "-k", "3", "--json", timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["results"][0]["id"] == item_id
+    out = run_cli("query", "--url", server_url, "--id", item_id, "-k", "3", timeout=60)
+    assert out.returncode == 0 and out.stdout.strip(), out.stderr
+
+
+def test_missing_workdir_says_which_step_to_run(tmp_path):
+    out = run_cli("serve", "--workdir", str(tmp_path / "nothing"), "--port", str(free_port()), timeout=120)
+    assert out.returncode != 0 and "lookalike demo" in out.stderr, out.stderr[-2000:]
+    out = run_cli("embed", "--workdir", str(tmp_path), timeout=120)
+    assert out.returncode != 0 and "lookalike train" in out.stderr, out.stderr[-2000:]
+
+
+def test_reindex_publishes_a_new_version(tmp_path, demo_workdir):
+    workdir = tmp_path / "w"
+    shutil.copytree(demo_workdir / "corpus", workdir / "corpus")
+    out = run_cli("reindex", "--workdir", str(workdir), "--config", "tiny")
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads(out.stdout)
+    assert report["embedded"] == 1797 and (workdir / "CURRENT").read_text().strip() == report["index_version"]

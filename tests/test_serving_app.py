@@ -1,0 +1,333 @@
+"""The HTTP API and its client end to end: the tiny real store from conftest (model
+trained for a few steps, index built by the Beam pipeline), a real uvicorn server on
+a free port, requests over HTTP. Nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import httpx
+import pytest
+from PIL import Image
+
+from lookalike.index.searcher import ItemIndex
+from lookalike.model.data import list_images
+from lookalike.model.store import Store, StoreError
+from lookalike.serving.app import create_app
+from lookalike.serving.backend import Backend, BackendMismatchError, check_compatible, load_backend
+from lookalike.serving.client import ClientError, SearchClient, format_results
+from lookalike.serving.server import ServerStartError, serve, serve_in_thread
+
+QUERY_ID = "3/digit_0003.png"
+
+
+@pytest.fixture(scope="module")
+def workdir(indexed_store: Store) -> Path:
+    """The shared tiny store from conftest (digits, tiny model, Beam-built index); read only."""
+    return indexed_store.root
+
+
+@pytest.fixture(scope="module")
+def backend(workdir: Path) -> Backend:
+    return load_backend(workdir)
+
+
+@pytest.fixture(scope="module")
+def base_url(backend: Backend) -> Iterator[str]:
+    with serve_in_thread(create_app(lambda: backend)) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def http(base_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=base_url, timeout=30) as client:
+        assert client.get("/healthz").json() == {"status": "ok"}
+        yield client
+
+
+@pytest.fixture(scope="module")
+def query_bytes(workdir: Path) -> bytes:
+    return (workdir / "corpus" / QUERY_ID).read_bytes()
+
+
+def detail_of(response: httpx.Response) -> str:
+    return str(response.json()["detail"])
+
+
+# --- service endpoints -------------------------------------------------------
+
+
+def test_healthz_and_info(http: httpx.Client, backend: Backend, workdir: Path) -> None:
+    assert http.get("/healthz").json() == {"status": "ok"}
+    info = http.get("/v1/info").json()
+    assert info["model_version"] == backend.encoder.version == backend.index.model_version
+    assert info["index_version"] == backend.index.version
+    assert info["item_count"] == len(list_images(workdir / "corpus"))
+    assert info["embed_dim"] == 8
+    assert info["same_item_threshold"] == pytest.approx(backend.encoder.same_item_threshold)
+
+
+def test_page_is_self_contained_html(http: httpx.Client) -> None:
+    response = http.get("/")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    page = response.text
+    assert "<title>lookalike" in page and 'id="file-input"' in page
+    assert "image-rendering: pixelated" in page
+    assert "http://" not in page and "https://" not in page  # no CDN, no external resources
+
+
+def test_openapi_documents_every_endpoint(http: httpx.Client) -> None:
+    spec = http.get("/openapi.json").json()
+    assert set(spec["paths"]) >= {
+        "/healthz", "/v1/info", "/v1/search/image", "/v1/search/vector",
+        "/v1/items/{item_id}", "/v1/items/{item_id}/similar", "/v1/items/{item_id}/thumbnail",
+    }
+    body = spec["paths"]["/v1/search/image"]["post"]["requestBody"]["content"]
+    assert "multipart/form-data" in body and "image/*" in body
+    assert "SearchResponse" in spec["components"]["schemas"]
+
+
+# --- search ------------------------------------------------------------------
+
+
+def check_found_itself(response: httpx.Response, k: int) -> dict:
+    assert response.status_code == 200, response.text
+    body = response.json()
+    results = body["results"]
+    assert len(results) == k
+    assert results[0]["id"] == QUERY_ID
+    assert results[0]["same_item"] is True
+    assert results[0]["distance"] < 1e-3 and results[0]["score"] > 0.999
+    assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
+    assert results[0]["thumbnail_url"] == f"/v1/items/{QUERY_ID}/thumbnail"
+    assert results[0]["kind"] == "image" and results[0]["timestamp_s"] is None
+    assert "uri" not in results[0]
+    return body
+
+
+def test_image_search_multipart_finds_the_file_itself(http: httpx.Client, query_bytes: bytes, backend: Backend) -> None:
+    response = http.post("/v1/search/image", params={"k": 5}, files={"file": ("q.png", query_bytes, "image/png")})
+    body = check_found_itself(response, 5)
+    assert body["query"] == {"type": "image", "k": 5, "filename": "q.png", "bytes": len(query_bytes), "dim": None, "id": None}
+    assert body["model_version"] == backend.encoder.version
+    assert body["index_version"] == backend.index.version
+
+
+def test_image_search_raw_body(http: httpx.Client, query_bytes: bytes) -> None:
+    response = http.post("/v1/search/image?k=3", content=query_bytes, headers={"content-type": "image/png"})
+    check_found_itself(response, 3)
+
+
+def test_vector_search_with_stored_embedding(http: httpx.Client, workdir: Path) -> None:
+    index = ItemIndex.load(Store.at(workdir).require_current_index())
+    vector = index.embeddings[index.row_of(QUERY_ID)]
+    response = http.post("/v1/search/vector", json={"vector": vector.tolist(), "k": 4})
+    body = check_found_itself(response, 4)
+    assert body["query"]["type"] == "vector" and body["query"]["dim"] == 8
+    # Length does not matter: the query is normalised.
+    scaled = http.post("/v1/search/vector", json={"vector": (vector * 7).tolist(), "k": 4}).json()
+    assert [r["id"] for r in scaled["results"]] == [r["id"] for r in body["results"]]
+
+
+def test_similar_excludes_the_item_itself(http: httpx.Client, backend: Backend) -> None:
+    response = http.get(f"/v1/items/{QUERY_ID}/similar", params={"k": 7})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    ids = [r["id"] for r in body["results"]]
+    assert len(ids) == 7 and QUERY_ID not in ids
+    assert ids == [n.id for n in backend.index.similar_to(QUERY_ID, 7)]
+    assert body["query"]["type"] == "item" and body["query"]["id"] == QUERY_ID
+    # An id with '/' may also arrive percent-encoded.
+    encoded = http.get(f"/v1/items/{quote(QUERY_ID, safe='')}/similar", params={"k": 7}).json()
+    assert [r["id"] for r in encoded["results"]] == ids
+
+
+# --- items -------------------------------------------------------------------
+
+
+def test_thumbnail_is_a_png(http: httpx.Client) -> None:
+    response = http.get(f"/v1/items/{QUERY_ID}/thumbnail")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "image/png"
+    img = Image.open(io.BytesIO(response.content))
+    assert img.format == "PNG" and img.size == (32, 32)  # 8x8 digits written 4x, never upscaled
+
+
+def test_item_metadata_hides_server_paths(http: httpx.Client, workdir: Path) -> None:
+    response = http.get(f"/v1/items/{QUERY_ID}")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["id"] == QUERY_ID and body["kind"] == "image"
+    assert (body["width"], body["height"]) == (32, 32) and len(body["content_hash"]) == 64
+    assert body["similar_url"] == f"/v1/items/{QUERY_ID}/similar"
+    assert str(workdir) not in response.text
+
+
+# --- bad input ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, reason",
+    [
+        ({"files": {"file": ("notes.txt", b"hello, not an image", "text/plain")}}, "not a usable image"),
+        ({"content": b"hello, not an image"}, "not a usable image"),
+        ({"content": b"\x89PNG\r\n\x1a\n" + b"\0" * 40}, "not a usable image"),  # truncated PNG
+        ({"files": {"file": ("empty.png", b"", "image/png")}}, "empty"),
+        ({"content": b""}, "empty"),
+        ({"files": {"other": ("q.png", b"x", "image/png")}}, "field 'file'"),
+    ],
+    ids=["text-upload", "text-body", "truncated-png", "empty-upload", "empty-body", "wrong-field"],
+)
+def test_image_search_rejects_non_images(http: httpx.Client, kwargs: dict, reason: str) -> None:
+    response = http.post("/v1/search/image", **kwargs)
+    assert response.status_code == 422, response.text
+    assert reason in detail_of(response)
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        ('{"vector": [0.1, 0.2, 0.3]}', "3 values"),
+        ('{"vector": []}', "0 values"),
+        ('{"vector": [NaN, 1, 1, 1, 1, 1, 1, 1]}', "NaN"),
+        ('{"vector": [1e999, 1, 1, 1, 1, 1, 1, 1]}', "infinite"),
+        ('{"vector": [1e39, 1, 1, 1, 1, 1, 1, 1]}', "infinite"),  # finite in JSON, not in float32
+        ('{"vector": [0, 0, 0, 0, 0, 0, 0, 0]}', "zero"),
+        ('{"vector": [1, 1, 1, 1, 1, 1, 1, 1], "k": 0}', "greater than or equal to 1"),
+        ('{"vector": "no"}', "list"),
+        ('{"vector": [1, 2', "JSON"),
+    ],
+    ids=["short", "empty", "nan", "inf", "float32-overflow", "zero", "k0", "not-a-list", "broken-json"],
+)
+def test_vector_search_rejects_bad_vectors(http: httpx.Client, content: str, reason: str) -> None:
+    response = http.post("/v1/search/vector", content=content, headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert reason in detail_of(response)
+
+
+@pytest.mark.parametrize("k", [0, -1, 101, 1000])
+def test_k_out_of_range_is_422(http: httpx.Client, query_bytes: bytes, k: int) -> None:
+    assert http.post("/v1/search/image", params={"k": k}, content=query_bytes).status_code == 422
+    assert http.get(f"/v1/items/{QUERY_ID}/similar", params={"k": k}).status_code == 422
+
+
+@pytest.mark.parametrize("suffix", ["", "/similar", "/thumbnail"])
+def test_unknown_item_is_404(http: httpx.Client, suffix: str) -> None:
+    response = http.get(f"/v1/items/9/no_such_digit.png{suffix}")
+    assert response.status_code == 404
+    assert detail_of(response) == "unknown item id '9/no_such_digit.png'"
+
+
+@pytest.mark.parametrize("item_id", ["../../../../etc/passwd", "/etc/passwd", "3/../3/digit_0003.png", "ABSOLUTE"])
+def test_thumbnail_never_follows_paths_from_the_request(http: httpx.Client, workdir: Path, item_id: str) -> None:
+    if item_id == "ABSOLUTE":  # a real file's absolute path is still not an id
+        item_id = str(workdir / "corpus" / QUERY_ID)
+    response = http.get(f"/v1/items/{quote(item_id, safe='')}/thumbnail")
+    assert response.status_code == 404
+    assert "unknown item id" in detail_of(response)
+
+
+def test_upload_limit_is_413(backend: Backend, query_bytes: bytes) -> None:
+    limit = 1000
+    with serve_in_thread(create_app(lambda: backend, max_upload_bytes=limit)) as url, httpx.Client(base_url=url) as http:
+        assert http.get("/v1/info").json()["max_upload_bytes"] == limit
+        # Under the limit: fine.
+        check_found_itself(http.post("/v1/search/image?k=2", files={"file": ("q.png", query_bytes)}), 2)
+        over = b"\x89PNG" + b"\0" * (limit + 10)
+        refused = [
+            http.post("/v1/search/image", files={"file": ("big.png", over)}),  # file checked exactly
+            http.post("/v1/search/image", content=over * 30),  # Content-Length refused up front
+            http.post("/v1/search/image", content=iter([over] * 30)),  # chunked, counted while streaming
+            http.post("/v1/search/vector", content=b"[" * 100_000, headers={"content-type": "application/json"}),
+        ]
+        for response in refused:
+            assert response.status_code == 413, response.text
+            assert detail_of(response) == f"upload exceeds the limit of {limit} bytes"
+
+
+# --- loading and startup -----------------------------------------------------
+
+
+def test_mismatched_model_and_index_are_refused(backend: Backend) -> None:
+    other = copy.copy(backend.index)
+    other.model_version = "m-000000000000"
+    with pytest.raises(BackendMismatchError, match="lookalike embed"):
+        check_compatible(backend.encoder, other, "/w")
+    check_compatible(backend.encoder, backend.index, "/w")  # the real pair is fine
+
+
+def test_serve_fails_fast_without_an_index(tmp_path: Path) -> None:
+    with pytest.raises(StoreError, match="does not exist: run `lookalike demo"):
+        serve(tmp_path / "missing", port=0)
+    with pytest.raises(StoreError, match="lookalike embed"):
+        serve(tmp_path, port=0)
+
+
+def test_startup_failure_is_reported_with_its_cause() -> None:
+    def broken() -> Backend:
+        raise StoreError("no trained model: run `lookalike train` first")
+
+    with pytest.raises(ServerStartError) as caught:
+        with serve_in_thread(create_app(broken)):
+            pass
+    assert isinstance(caught.value.__cause__, ServerStartError)
+    assert isinstance(caught.value.__cause__.__cause__, StoreError)
+
+
+# --- client ------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def client(base_url: str) -> Iterator[SearchClient]:
+    with SearchClient(base_url) as c:
+        yield c
+
+
+def test_client_searches(client: SearchClient, workdir: Path, query_bytes: bytes, backend: Backend) -> None:
+    assert client.health() == {"status": "ok"}
+    assert client.info()["item_count"] == len(backend.index)
+    by_path = client.search_image(workdir / "corpus" / QUERY_ID, k=3)
+    by_bytes = client.search_image(query_bytes, k=3)
+    assert by_path["results"] == by_bytes["results"]
+    assert by_path["results"][0]["id"] == QUERY_ID
+    vector = backend.index.embeddings[backend.index.row_of(QUERY_ID)]
+    assert client.search_vector(vector, k=2)["results"][0]["id"] == QUERY_ID
+    similar = client.similar(QUERY_ID, k=4)["results"]
+    assert len(similar) == 4 and QUERY_ID not in [r["id"] for r in similar]
+    assert client.item(QUERY_ID)["id"] == QUERY_ID
+
+
+def test_client_errors_carry_status_and_reason(client: SearchClient, tmp_path: Path) -> None:
+    with pytest.raises(ClientError) as caught:
+        client.similar("9/no_such_digit.png")
+    assert caught.value.status == 404 and "unknown item id" in str(caught.value)
+    with pytest.raises(ClientError) as caught:
+        client.search_image(b"not an image")
+    assert caught.value.status == 422 and "not a usable image" in caught.value.message
+    with pytest.raises(ClientError) as caught:
+        client.search_vector([1.0, 2.0], k=1000)
+    assert caught.value.status == 422 and "k: Input should be less than or equal to 100" in caught.value.message
+    with pytest.raises(ClientError, match="cannot read query image"):
+        client.search_image(tmp_path / "missing.png")
+
+
+def test_client_reports_an_unreachable_server() -> None:
+    with SearchClient("http://127.0.0.1:9", timeout_s=2) as c, pytest.raises(ClientError) as caught:
+        c.health()
+    assert caught.value.status is None and "lookalike serve" in caught.value.message
+
+
+def test_format_results_table(client: SearchClient) -> None:
+    text = format_results(client.similar(QUERY_ID, k=3))
+    lines = text.splitlines()
+    assert lines[0].startswith(f"items like {QUERY_ID}, k=3: 3 result(s) from model m-")
+    assert lines[1].split() == ["#", "id", "score", "distance", "same", "item"]
+    assert len(lines) == 5 and lines[2].split()[0] == "1"
+    empty = format_results({"query": {"type": "vector", "dim": 8, "k": 1}, "results": []})
+    assert "0 result(s)" in empty

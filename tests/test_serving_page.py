@@ -1,0 +1,113 @@
+"""The search page in a real headless Chromium (Debian's /usr/bin/chromium; no
+browser is ever downloaded): upload, results, click-to-search, footer, errors.
+
+Skipped, saying how to install it, when Chromium is absent. A screenshot of the
+results is saved to /tmp/lookalike_page.png for a human look.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from lookalike.serving.app import create_app
+from lookalike.serving.backend import Backend, load_backend
+from lookalike.serving.server import serve_in_thread
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+    "--disable-component-update", "--no-first-run", "--disable-sync",
+]
+SCREENSHOT = Path("/tmp/lookalike_page.png")
+QUERY_ID = "3/digit_0003.png"
+
+pytestmark = pytest.mark.skipif(
+    not CHROMIUM.exists(), reason="Debian chromium not installed (apt-get install chromium)"
+)
+
+
+@pytest.fixture(scope="module")
+def site(indexed_store) -> Iterator[tuple[str, Path, Backend]]:
+    """A live server over conftest's shared tiny store (read only)."""
+    workdir = indexed_store.root
+    backend = load_backend(workdir)
+    with serve_in_thread(create_app(lambda: backend)) as url:
+        yield url, workdir, backend
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+def result_ids(page) -> list[str]:
+    return page.locator("#results .result").evaluate_all("cards => cards.map(c => c.dataset.id)")
+
+
+def test_upload_results_click_and_footer(site, browser, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    url, workdir, backend = site
+    page = browser.new_page(viewport={"width": 1100, "height": 900})
+    outside, problems = [], []
+    page.on("request", lambda r: r.url.startswith((url, "blob:", "data:")) or outside.append(r.url))
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.on("console", lambda m: m.type == "error" and problems.append(m.text))
+    page.goto(url)
+
+    footer = page.locator("#footer")
+    expect(footer.locator(".model-version")).to_have_text(backend.encoder.version)
+    expect(footer.locator(".index-version")).to_have_text(backend.index.version)
+    expect(footer).to_contain_text(f"{len(backend.index)} items")
+
+    # Upload a corpus image: it comes back first, marked as the same item.
+    page.set_input_files("#file-input", str(workdir / "corpus" / QUERY_ID))
+    results = page.locator("#results")
+    expect(results).to_have_attribute("data-query", "image:digit_0003.png")
+    first = results.locator(".result").first
+    expect(first).to_have_attribute("data-id", QUERY_ID)
+    expect(first.locator(".badge")).to_have_text("same item")
+    assert len(result_ids(page)) == 20  # the page's default k
+    page.wait_for_function(
+        "() => [...document.querySelectorAll('#results img, #preview img')].every(i => i.complete && i.naturalWidth > 0)"
+    )
+    shown = first.locator("img").bounding_box()
+    assert shown["width"] >= 96, "tiny digits must be scaled up to a visible size"
+    assert first.locator("img").evaluate("i => getComputedStyle(i).imageRendering") == "pixelated"
+    page.screenshot(path=str(SCREENSHOT), full_page=True)
+
+    # Clicking a result searches for items like it.
+    target = results.locator(".result").nth(1).get_attribute("data-id")
+    results.locator(".result").nth(1).click()
+    expect(results).to_have_attribute("data-query", f"item:{target}")
+    expect(page.locator("#item-id")).to_have_value(target)
+    ids = result_ids(page)
+    assert target not in ids and ids == [n.id for n in backend.index.similar_to(target, 20)]
+
+    # Typing an id works too; bad input shows the server's reason, not a crash.
+    page.fill("#item-id", QUERY_ID)
+    page.select_option("#k", "5")
+    page.click("#similar-button")
+    expect(results).to_have_attribute("data-query", f"item:{QUERY_ID}")
+    assert len(result_ids(page)) == 5
+    page.fill("#item-id", "9/no_such_digit.png")
+    page.click("#similar-button")
+    expect(page.locator("#status")).to_have_text("unknown item id '9/no_such_digit.png'")
+    not_image = tmp_path / "notes.png"
+    not_image.write_text("not an image")
+    page.set_input_files("#file-input", str(not_image))
+    expect(page.locator("#status")).to_contain_text("not a usable image")
+    expect(page.locator("#status")).to_have_attribute("data-state", "error")
+
+    assert outside == [], "the page must not load anything from elsewhere"
+    # The two deliberate errors above log failed requests (404, 422); nothing else may fail.
+    assert [p for p in problems if "404" not in p and "422" not in p] == []
+    page.close()
