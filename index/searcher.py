@@ -13,6 +13,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -96,15 +97,67 @@ class ItemIndex:
             raise ValueError("query embedding has NaN or infinite values")
         return q
 
-    def search(self, queries: np.ndarray, k: int) -> list[list[Neighbor]]:
-        """[Q, D] queries -> Q lists of the k nearest items, best first."""
-        q = self.check_queries(queries)
-        k = max(1, min(int(k), len(self.items)))
-        rows, scores = self._searcher.search_batched(q, final_num_neighbors=k)
+    def _raw_search(self, q: np.ndarray, count: int) -> list[list[Neighbor]]:
+        count = max(1, min(int(count), len(self.items)))
+        rows, scores = self._searcher.search_batched(q, final_num_neighbors=count)
         return [
             [Neighbor(int(r), self.items[int(r)]["id"], float(s)) for r, s in zip(rr, ss) if 0 <= int(r) < len(self.items)]
             for rr, ss in zip(np.asarray(rows), np.asarray(scores))
         ]
+
+    def search(
+        self,
+        queries: np.ndarray,
+        k: int,
+        *,
+        where: Mapping[str, Any] | None = None,
+        max_per_group: int | None = None,
+        group_by: str = "group",
+    ) -> list[list[Neighbor]]:
+        """[Q, D] queries -> Q lists of the k nearest items, best first.
+
+        ``where`` keeps items whose metadata column equals the value (or is in the
+        list of values), e.g. ``{"kind": "frame"}``; ``max_per_group`` keeps at most M
+        results per value of ``group_by`` (an item without that column is its own
+        group). Both are done by over-fetching and filtering, widening the fetch
+        until k results are found or the corpus is exhausted.
+        """
+        q = self.check_queries(queries)
+        if not where and not max_per_group:
+            return self._raw_search(q, k)
+        if max_per_group is not None and max_per_group < 1:
+            raise ValueError(f"max_per_group must be at least 1, got {max_per_group}")
+        accept = {key: set(v) if isinstance(v, (list, tuple, set)) else {v} for key, v in (where or {}).items()}
+        out = []
+        for query in q:
+            fetch = max(4 * k, 32)
+            while True:
+                found = self._raw_search(query[None, :], fetch)[0]
+                kept = self._filter(found, k, accept, max_per_group, group_by)
+                if len(kept) >= k or fetch >= len(self.items):
+                    break
+                fetch *= 4
+            out.append(kept)
+        return out
+
+    def _filter(
+        self, found: list[Neighbor], k: int, accept: dict[str, set], max_per_group: int | None, group_by: str
+    ) -> list[Neighbor]:
+        kept: list[Neighbor] = []
+        per_group: dict[Any, int] = {}
+        for n in found:
+            item = self.items[n.row]
+            if any(item.get(key) not in values for key, values in accept.items()):
+                continue
+            if max_per_group:
+                group = item.get(group_by) or item["id"]
+                if per_group.get(group, 0) >= max_per_group:
+                    continue
+                per_group[group] = per_group.get(group, 0) + 1
+            kept.append(n)
+            if len(kept) == k:
+                break
+        return kept
 
     def row_of(self, item_id: str) -> int | None:
         return self._row_of.get(item_id)

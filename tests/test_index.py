@@ -89,3 +89,21 @@ def test_publish_moves_current_atomically(tmp_path):
     v2 = build_and_publish(store, unit_vectors(10, 4, seed=1), items(10), model_version="m")
     assert store.current_index() == v2 != v1
     assert json.loads((store.index_dir(v1) / "manifest.json").read_text())["count"] == 10
+
+
+def test_filters_and_crowding_widen_until_k_found(tmp_path):
+    emb = unit_vectors(400, 8)
+    kinds = ["frame" if i % 40 == 0 else "image" for i in range(400)]  # 10 rare frames
+    groups = [f"video-{i % 3}" for i in range(400)]
+    table = items(400).append_column("kind", pa.array(kinds)).append_column("group", pa.array(groups))
+    build_index(emb, table, model_version="m", out_dir=tmp_path / "i")
+    index = ItemIndex.load(tmp_path / "i")
+    frames = index.search(emb[1], k=10, where={"kind": "frame"})[0]
+    assert len(frames) == 10 and all(index.items[n.row]["kind"] == "frame" for n in frames)
+    scores = [n.score for n in frames]
+    assert scores == sorted(scores, reverse=True)
+    crowded = index.search(emb[1], k=10, max_per_group=2)[0]
+    assert len(crowded) == 6  # 3 groups x 2: the corpus is exhausted before 10
+    assert max(sum(index.items[n.row]["group"] == g for n in crowded) for g in set(groups)) == 2
+    assert index.search(emb[1], k=5, where={"kind": ["image", "frame"]})[0] == index.search(emb[1], k=5)[0]
+    assert index.search(emb[1], k=5, where={"kind": "none"})[0] == []
