@@ -16,6 +16,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 # Refuse images claiming more pixels than this before decoding them.
 DEFAULT_MAX_PIXELS = 64_000_000
+# Refuse images with a side shorter than this: nothing to compare in them.
+MIN_SIDE_PX = 4
 
 
 class ImageDecodeError(ValueError):
@@ -59,6 +61,8 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     except Exception as e:  # PIL raises many types for damaged headers
         raise ImageDecodeError(f"corrupt or truncated image header ({type(e).__name__}: {e})") from None
     width, height = img.size
+    if min(width, height) < MIN_SIDE_PX:
+        raise ImageDecodeError(f"image of {width}x{height} pixels is smaller than the {MIN_SIDE_PX}x{MIN_SIDE_PX} minimum")
     if width * height > max_pixels:
         raise ImageDecodeError(
             f"image of {width}x{height} pixels exceeds the limit of {max_pixels} (decompression bomb?)"

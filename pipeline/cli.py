@@ -6,6 +6,7 @@
     lookalike serve   --workdir DIR                query API and web page on 127.0.0.1
     lookalike query   --image F | --id ID | --vector ...   ask a running server
     lookalike reindex --workdir DIR                retrain, re-embed, publish (cron job)
+    lookalike eval    --workdir DIR --index [V]    ANN recall and retrieval metrics, exact vs ANN
 """
 
 from __future__ import annotations
@@ -62,11 +63,14 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     from lookalike.index.builder import IndexOptions
     from lookalike.pipeline.embed import EmbedConfig, run_embed
+    from lookalike.pipeline.video import FrameSampling
 
     summary = run_embed(EmbedConfig(
-        workdir=args.workdir, corpus=args.corpus, model_version=args.model, run_name=args.run_name,
+        workdir=args.workdir, corpus=args.corpus, list_file=args.list_file, model_version=args.model, run_name=args.run_name,
         runner=args.runner, num_workers=args.num_workers, max_batch_size=args.batch_size,
         index=IndexOptions(mode=args.index_mode), beam_args=args.beam_args, publish=not args.no_publish,
+        incremental=args.incremental,
+        sampling=FrameSampling(interval_s=args.frame_interval_s, shot_threshold=args.shot_threshold),
     ))
     _print_json(asdict(summary))
     return 0
@@ -101,6 +105,17 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     _print_json({"model_version": result.train.version, "metrics": result.train.metrics,
                  "index_version": result.embed.index_version, "embedded": result.embed.embedded,
                  "failed": result.embed.failed})
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lookalike.index.evaluate import evaluate_index
+    from lookalike.index.searcher import ItemIndex
+    from lookalike.model.store import Store
+
+    store = Store.at(args.workdir)
+    path = store.require_current_index() if args.index == "CURRENT" else store.index_dir(args.index)
+    _print_json(evaluate_index(ItemIndex.load(path), k=args.k, max_queries=args.max_queries))
     return 0
 
 
@@ -167,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "--runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp --setup_file=./setup.py")
     _add_workdir(p)
     p.add_argument("--corpus", default=None, help="image folder or glob (default WORKDIR/corpus)")
+    p.add_argument("--list-file", default=None, help="a text file listing image/video paths, one per line (instead of --corpus)")
     p.add_argument("--model", default=None, help="model version (default models/LATEST)")
     p.add_argument("--run-name", default=None, help="name of the embeddings run (default e-<UTC time>)")
     p.add_argument("--runner", default="FnApiRunner",
@@ -176,6 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index-mode", default="auto", choices=["auto", "brute_force", "tree_ah"],
                    help="ScaNN configuration (auto: exact under 20k items, tree + AH + reorder above)")
     p.add_argument("--no-publish", action="store_true", help="write embeddings only; do not build or publish an index")
+    p.add_argument("--incremental", action="store_true",
+                   help="reuse embeddings of files whose bytes this model already embedded (embeddings/cache/)")
+    p.add_argument("--frame-interval-s", type=float, default=2.0, help="videos: sample a frame every N seconds")
+    p.add_argument("--shot-threshold", type=float, default=0.5,
+                   help="videos: also sample on a shot change (grayscale histogram L1 distance above this, 0-2)")
     p.set_defaults(func=cmd_embed)
 
     p = sub.add_parser("serve", help="serve the CURRENT index: JSON API and web page",
@@ -209,6 +230,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=1, help="Beam worker processes for the embed step")
     p.add_argument("--keep", type=int, default=5, help="index versions to keep (default 5)")
     p.set_defaults(func=cmd_reindex)
+
+    p = sub.add_parser("eval", help="how much the approximate index loses against exact search",
+                       description="For every item of an index version (its own item excluded) compares the ANN "
+                       "neighbours with exact search: ANN recall@k, and Precision@1, Recall@K and MAP@R (Musgrave "
+                       "et al. 2020) on both, labels being the first path component of the item id "
+                       "(<label>/<file>). Example: lookalike eval --workdir DIR --index --k 10")
+    _add_workdir(p)
+    p.add_argument("--index", nargs="?", const="CURRENT", default="CURRENT", metavar="VERSION",
+                   help="index version to evaluate (default: CURRENT)")
+    p.add_argument("--k", "-k", type=int, default=10, help="k of recall@k (default 10)")
+    p.add_argument("--max-queries", type=int, default=None, help="evaluate a seeded sample of this many items")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -2,11 +2,17 @@
 
 ::
 
-    MatchFiles(corpus/**) -> DecodeImageFn --dead--> dead_letter-*.jsonl
-                                  |
-                   RunInference(KeyedModelHandler(FlaxEncoderHandler))
-                                  |
-                     to_record -> WriteToParquet(embeddings-*.parquet)
+    MatchFiles(corpus/**) -> ReadSourceFn --dead--> dead_letter-*.jsonl
+                              |  --cached (--incremental: hash known for this model)--+
+                     GroupByKey(content hash)   (byte-identical files embedded once)  |
+                              |                                                       |
+                     DecodeSourceFn (image, or sampled video frames; thumbnails)      |
+                              |                                                       |
+               RunInference(KeyedModelHandler(FlaxEncoderHandler)) -> cache rows -----+--> WriteCacheFn
+                              |                                                       |
+                     one record per path  <---------------------------------------------+
+                              |
+                     WriteToParquet(embeddings-*.parquet)
 
 After the pipeline finishes, the Parquet shards are read back, a ScaNN index is
 built and published atomically as the store's CURRENT version, and a run summary
@@ -24,7 +30,7 @@ import glob
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +39,19 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from apache_beam.io import fileio
+from apache_beam.io.filesystem import FileMetadata
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from lookalike.index.builder import IndexOptions, build_and_publish
 from lookalike.model.artifact import read_model_meta
 from lookalike.model.preprocess import PreprocessSpec
-from lookalike.model.progress import Progress
 from lookalike.model.store import Store, StoreError, check_version_name
+from lookalike.pipeline.cache import WriteCacheFn, cache_dir
 from lookalike.pipeline.inference import FlaxEncoderHandler
-from lookalike.pipeline.sources import DEAD, DecodeImageFn, corpus_pattern, corpus_root, dead_letter, is_image_path
+from lookalike.pipeline.sources import CACHED, DEAD, DecodeSourceFn, ReadSourceFn, corpus_pattern, corpus_root, expand_to_items
+from lookalike.pipeline.video import FrameSampling
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +65,8 @@ EMBEDDING_SCHEMA_FIELDS = [
     ("width", pa.int32()),
     ("height", pa.int32()),
     ("content_hash", pa.string()),
+    ("group", pa.string()),
+    ("thumbnail", pa.string()),
     ("model_version", pa.string()),
 ]
 
@@ -68,6 +79,7 @@ class EmbedError(RuntimeError):
 class EmbedConfig:
     workdir: str
     corpus: str | None = None  # folder or glob; default workdir/corpus
+    list_file: str | None = None  # a text file listing paths, one per line (instead of corpus)
     model_version: str | None = None  # default models/LATEST
     run_name: str | None = None
     runner: str = LOCAL_RUNNER
@@ -76,6 +88,8 @@ class EmbedConfig:
     index: IndexOptions = field(default_factory=IndexOptions)
     beam_args: list[str] = field(default_factory=list)
     publish: bool = True
+    incremental: bool = False
+    sampling: FrameSampling = field(default_factory=FrameSampling)
 
 
 @dataclass
@@ -85,7 +99,10 @@ class EmbedSummary:
     model_version: str
     index_version: str | None
     files_matched: int
+    items: int
     embedded: int
+    unchanged: int
+    duplicate_files: int
     failed: int
     elapsed_s: float
     items_per_s: float
@@ -97,22 +114,10 @@ def embedding_schema(embed_dim: int) -> pa.Schema:
     return pa.schema(EMBEDDING_SCHEMA_FIELDS + [("embedding", pa.list_(pa.float32(), embed_dim))])
 
 
-class ToRecordFn(beam.DoFn):
-    """(item, PredictionResult) -> Parquet row; logs progress with rate and ETA."""
-
-    def __init__(self, model_version: str, total: int):
-        self._model_version = model_version
-        self._total = total
-
-    def setup(self) -> None:
-        self._progress = Progress("embed", total=self._total, unit="items", logger=log)
-        self._count = 0
-
-    def process(self, keyed: tuple[dict[str, Any], Any]):
-        item, result = keyed
-        self._count += 1
-        self._progress.update(self._count)
-        yield {**item, "model_version": self._model_version, "embedding": np.asarray(result.inference, np.float32).tolist()}
+def to_cache_row(keyed: tuple[dict[str, Any], Any]) -> dict[str, Any]:
+    """(item meta, PredictionResult) -> cache row carrying the embedding and its paths."""
+    meta, result = keyed
+    return {**meta, "embedding": np.asarray(result.inference, np.float32).tolist()}
 
 
 def pipeline_options(config: EmbedConfig) -> PipelineOptions:
@@ -122,33 +127,65 @@ def pipeline_options(config: EmbedConfig) -> PipelineOptions:
     return PipelineOptions(args)
 
 
-def build_pipeline(
-    p: beam.Pipeline, pattern: str, root: str, model_dir: str, meta: dict[str, Any], run_dir: str, total: int, max_batch_size: int
-) -> None:
+def build_pipeline(p: beam.Pipeline, config: EmbedConfig, pattern: str, root: str, model_dir: str,
+                   meta: dict[str, Any], store: Store, run_dir: str, total: int) -> None:
     """Add the embed transforms to ``p``."""
     spec = PreprocessSpec.from_dict(meta["preprocess"])
-    matched = p | "MatchCorpus" >> fileio.MatchFiles(pattern, empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW)
-    images = matched | "ImageSuffix" >> beam.Filter(lambda m: is_image_path(m.path))
-    others = matched | "OtherSuffix" >> beam.Filter(lambda m: not is_image_path(m.path))
-    decoded = images | "Decode" >> beam.ParDo(DecodeImageFn(spec, root)).with_outputs(DEAD, main="ok")
-    handler = KeyedModelHandler(FlaxEncoderHandler(model_dir, min_batch_size=min(32, max_batch_size), max_batch_size=max_batch_size))
-    (
-        decoded.ok
-        | "Embed" >> RunInference(handler)
-        | "ToRecord" >> beam.ParDo(ToRecordFn(meta["version"], total))
-        | "WriteParquet" >> beam.io.WriteToParquet(
-            f"{run_dir}/embeddings", embedding_schema(int(meta["embed_dim"])), file_name_suffix=".parquet"
-        )
+    embed_dim, version = int(meta["embed_dim"]), meta["version"]
+    cache = str(cache_dir(store.embeddings_dir, version))
+    thumbs = str(store.root / "thumbnails")
+    if config.list_file:
+        matched = p | "ListedFiles" >> beam.Create(read_list_file(config.list_file)) | "AsMetadata" >> beam.Map(
+            lambda path: FileMetadata(path, 0))
+    else:
+        matched = p | "MatchCorpus" >> fileio.MatchFiles(pattern, empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW)
+    read = matched | "ReadAndHash" >> beam.ParDo(ReadSourceFn(cache if config.incremental else None, total)).with_outputs(
+        DEAD, CACHED, main="new")
+    decoded = (
+        read.new
+        | "GroupIdentical" >> beam.GroupByKey()
+        | "Decode" >> beam.ParDo(DecodeSourceFn(spec, thumbs, config.sampling)).with_outputs(DEAD, main="ok")
     )
-    rejected = others | "NotImage" >> beam.Map(
-        lambda m: dead_letter(m.path, "filter", "not an image file (unsupported suffix)")
+    handler = KeyedModelHandler(FlaxEncoderHandler(
+        model_dir, min_batch_size=min(32, config.max_batch_size), max_batch_size=config.max_batch_size))
+    new_rows = decoded.ok | "Embed" >> RunInference(handler) | "CacheRow" >> beam.Map(to_cache_row)
+    _ = new_rows | "WriteCache" >> beam.ParDo(WriteCacheFn(cache, embed_dim))
+    new_items = new_rows | "NewItems" >> beam.FlatMap(lambda row: expand_to_items(row["uris"], row, root, thumbs, version))
+    old_items = read[CACHED] | "CachedItems" >> beam.FlatMapTuple(lambda uri, row: expand_to_items(uri, row, root, thumbs, version))
+    (
+        (new_items, old_items)
+        | "AllItems" >> beam.Flatten()
+        | "WriteParquet" >> beam.io.WriteToParquet(f"{run_dir}/embeddings", embedding_schema(embed_dim), file_name_suffix=".parquet")
     )
     (
-        (decoded[DEAD], rejected)
+        (read[DEAD], decoded[DEAD])
         | "AllDead" >> beam.Flatten()
         | "DeadJson" >> beam.Map(json.dumps)
         | "WriteDead" >> beam.io.WriteToText(f"{run_dir}/dead_letter", file_name_suffix=".jsonl")
     )
+
+
+def read_list_file(path: str) -> list[str]:
+    """Paths listed one per line (blank lines and # comments ignored); relative ones are
+    taken relative to the list file's folder."""
+    base = path.rsplit("/", 1)[0] if "/" in path else "."
+    with FileSystems.open(path, compression_type="uncompressed") as f:
+        lines = f.read().decode("utf-8").splitlines()
+    entries = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    return [e if e.startswith("/") or "://" in e else f"{base}/{e}" for e in entries]
+
+
+def counter_values(result: Any) -> dict[str, int]:
+    """The pipeline's ``lookalike`` counters (empty where the runner does not report metrics)."""
+    try:
+        counters = result.metrics().query()["counters"]
+    except Exception:  # some runners do not support metrics queries
+        return {}
+    totals: dict[str, int] = {}
+    for c in counters:
+        if c.key.metric.namespace == "lookalike":
+            totals[c.key.metric.name] = totals.get(c.key.metric.name, 0) + int(c.committed or c.attempted or 0)
+    return totals
 
 
 def read_embeddings(run_dir: Path) -> tuple[np.ndarray, pa.Table]:
@@ -172,8 +209,6 @@ def read_dead_letters(run_dir: Path) -> list[dict[str, str]]:
 
 
 def count_matches(pattern: str) -> int:
-    from apache_beam.io.filesystems import FileSystems
-
     try:
         return sum(len(m.metadata_list) for m in FileSystems.match([pattern]))
     except Exception:  # an empty or unreachable pattern: the pipeline reports it
@@ -186,7 +221,13 @@ def run_embed(config: EmbedConfig) -> EmbedSummary:
     model_dir = store.require_model(config.model_version)
     meta = read_model_meta(model_dir)
     corpus = config.corpus or str(store.corpus_dir)
-    if "://" not in corpus and not any(ch in corpus for ch in "*?[") and not Path(corpus).is_dir():
+    if config.list_file:
+        list_file = config.list_file if "://" in config.list_file else str(Path(config.list_file).resolve())
+        if "://" not in list_file and not Path(list_file).is_file():
+            raise StoreError(f"list file {config.list_file} does not exist")
+        config = replace(config, list_file=list_file)
+        corpus = list_file.rsplit("/", 1)[0]
+    elif "://" not in corpus and not any(ch in corpus for ch in "*?[") and not Path(corpus).is_dir():
         raise StoreError(f"corpus folder {corpus} does not exist: run `lookalike demo` or pass --corpus")
     if "://" not in corpus:
         corpus = str(Path(corpus).expanduser().resolve()) if not any(ch in corpus for ch in "*?[") else corpus
@@ -196,11 +237,14 @@ def run_embed(config: EmbedConfig) -> EmbedSummary:
     if run_dir.exists():
         raise EmbedError(f"embedding run {run_dir} already exists; choose another --run-name")
     run_dir.mkdir(parents=True)
-    total = count_matches(pattern)
+    total = len(read_list_file(config.list_file)) if config.list_file else count_matches(pattern)
     log.info("embedding %d file(s) matching %s with model %s on %s", total, pattern, meta["version"], config.runner)
     started = time.perf_counter()
-    with beam.Pipeline(options=pipeline_options(config)) as p:
-        build_pipeline(p, pattern, root, str(model_dir), meta, str(run_dir), total, config.max_batch_size)
+    p = beam.Pipeline(options=pipeline_options(config))
+    build_pipeline(p, config, pattern, root, str(model_dir), meta, store, str(run_dir), total)
+    result = p.run()
+    result.wait_until_finish()
+    counts = counter_values(result)
     embeddings, items = read_embeddings(run_dir)
     dead = read_dead_letters(run_dir)
     elapsed = time.perf_counter() - started
@@ -210,7 +254,10 @@ def run_embed(config: EmbedConfig) -> EmbedSummary:
         model_version=meta["version"],
         index_version=None,
         files_matched=total,
-        embedded=int(len(embeddings)),
+        items=int(len(embeddings)),
+        embedded=counts.get("items_decoded", -1),
+        unchanged=counts.get("files_unchanged", 0),
+        duplicate_files=counts.get("duplicate_files", 0),
         failed=len(dead),
         elapsed_s=round(elapsed, 3),
         items_per_s=round(len(embeddings) / elapsed, 1) if elapsed > 0 else 0.0,
@@ -229,7 +276,9 @@ def run_embed(config: EmbedConfig) -> EmbedSummary:
         summary.index_version = build_and_publish(store, embeddings, items, model_version=meta["version"], options=config.index)
     (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
     log.info(
-        "embedded %d item(s), %d failed, in %.1fs (%.0f items/s); index %s",
-        summary.embedded, summary.failed, elapsed, summary.items_per_s, summary.index_version,
+        "%d item(s): %d embedded, from %d unchanged file(s) reused, %d duplicate file(s); %d failed; "
+        "%.1fs (%.0f items/s); index %s",
+        summary.items, summary.embedded, summary.unchanged, summary.duplicate_files, summary.failed,
+        elapsed, summary.items_per_s, summary.index_version,
     )
     return summary

@@ -73,3 +73,48 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _make_video(path: Path, seconds: float = 3.0, fps: int = 10, cut_at_s: float | None = 1.5) -> Path:
+    """An H.264 MP4 of textured frames: dark before ``cut_at_s``, bright after (a shot change)."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        rng = np.random.default_rng(0)
+        for i in range(int(seconds * fps)):
+            base = 230 if cut_at_s is not None and i / fps >= cut_at_s else 25
+            frame = np.clip(base + rng.integers(-15, 15, (48, 64, 3)), 0, 255).astype(np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def _make_audio_only(path: Path) -> Path:
+    """An MP4 holding one AAC audio stream and no video."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("aac", rate=8000)
+        frame = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+        frame.sample_rate = 8000
+        for packet in [*stream.encode(frame), *stream.encode()]:
+            container.mux(packet)
+    return path
+
+
+@pytest.fixture
+def make_video():
+    """``make_video(path, seconds=3.0, fps=10, cut_at_s=1.5)`` writes a real H.264 MP4."""
+    return _make_video
+
+
+@pytest.fixture
+def make_audio_only():
+    """``make_audio_only(path)`` writes an audio-only MP4."""
+    return _make_audio_only

@@ -89,7 +89,7 @@ def test_demo_leaves_model_embeddings_and_published_index(demo_workdir):
     current = (demo_workdir / "CURRENT").read_text().strip()
     manifest = json.loads((demo_workdir / "indexes" / current / "manifest.json").read_text())
     assert manifest["count"] == 1797
-    run_dir = next((demo_workdir / "embeddings").iterdir())
+    run_dir = next((demo_workdir / "embeddings").glob("e-*"))
     assert list(run_dir.glob("embeddings-*.parquet"))
     metrics = json.loads((demo_workdir / "models" / manifest["model_version"] / "model.json").read_text())["metrics"]
     assert metrics["precision_at_1"] > 0.9, metrics  # the default model really learned the digits

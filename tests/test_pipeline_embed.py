@@ -16,7 +16,7 @@ from lookalike.pipeline.sources import corpus_pattern, corpus_root, item_id_for
 
 def test_one_embedding_per_input_matching_the_encoder(indexed_store, encoder):
     files = list_images(indexed_store.corpus_dir)
-    run_dir = next(indexed_store.embeddings_dir.iterdir())
+    run_dir = next(indexed_store.embeddings_dir.glob("e-*"))
     emb, items = read_embeddings(run_dir)
     ids = items.column("id").to_pylist()
     assert sorted(ids) == sorted(str(f.relative_to(indexed_store.corpus_dir)) for f in files)
@@ -71,7 +71,7 @@ def test_multi_process_runner_gives_the_same_embeddings(tmp_path, indexed_store)
     shutil.copytree(indexed_store.root / "models", workdir / "models")
     summary = run_embed(EmbedConfig(workdir=str(workdir), corpus=str(indexed_store.corpus_dir), num_workers=2, publish=False))
     emb2, items2 = read_embeddings(workdir / "embeddings" / summary.run)
-    emb1, items1 = read_embeddings(next(indexed_store.embeddings_dir.iterdir()))
+    emb1, items1 = read_embeddings(next(indexed_store.embeddings_dir.glob("e-*")))
     assert items2.column("id").to_pylist() == items1.column("id").to_pylist()
     np.testing.assert_allclose(emb2, emb1, atol=1e-5)
 
@@ -101,3 +101,95 @@ def test_real_cifar_jpegs_are_embedded(tmp_path, trained_store):
     assert (summary.embedded, summary.failed) == (40, 0)
     index = ItemIndex.load(workdir / "indexes" / summary.index_version)
     assert {item["width"] for item in index.items} == {32}
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims ``width`` x ``height`` pixels (a decompression bomb)."""
+    import io
+    import struct
+    import zlib
+
+    buf = io.BytesIO()
+    Image.new("L", (1, 1)).save(buf, format="PNG")
+    data = buf.getvalue()
+    body = b"IHDR" + struct.pack(">II", width, height) + data[24:29]
+    return data[:8] + struct.pack(">I", 13) + body + struct.pack(">I", zlib.crc32(body)) + data[33:]
+
+
+@pytest.fixture
+def workdir_with_model(tmp_path, trained_store):
+    workdir = tmp_path / "w"
+    shutil.copytree(trained_store.root / "models", workdir / "models")
+    return workdir
+
+
+def test_every_kind_of_bad_input_is_dead_lettered(workdir_with_model, digits_corpus, make_audio_only):
+    corpus = workdir_with_model / "corpus"
+    shutil.copytree(digits_corpus / "0", corpus / "good")
+    good = len(list_images(corpus))
+    bad = corpus / "bad"
+    bad.mkdir()
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(bad / "truncated.jpg", quality=95)
+    (bad / "truncated.jpg").write_bytes((bad / "truncated.jpg").read_bytes()[:300])
+    (bad / "zero.png").write_bytes(b"")
+    (bad / "text.jpg").write_text("just text")
+    (bad / "bomb.png").write_bytes(png_claiming(50000, 50000))
+    Image.new("RGB", (1, 1)).save(bad / "tiny.png")
+    (bad / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x01" * 500)
+    make_audio_only(bad / "audio.mp4")
+    summary = run_embed(EmbedConfig(workdir=str(workdir_with_model)))
+    reasons = {row["uri"].rsplit("/", 1)[-1]: row["reason"] for row in read_dead(workdir_with_model, summary.run)}
+    assert set(reasons) == {"truncated.jpg", "zero.png", "text.jpg", "bomb.png", "tiny.png", "broken.mp4", "audio.mp4"}
+    assert "decompression bomb" in reasons["bomb.png"] or "exceeds" in reasons["bomb.png"]
+    assert "no video stream" in reasons["audio.mp4"] and "1x1" in reasons["tiny.png"]
+    assert (summary.items, summary.failed) == (good, 7)
+    assert len(ItemIndex.load(workdir_with_model / "indexes" / summary.index_version)) == good
+
+
+def read_dead(workdir, run):
+    from lookalike.pipeline.embed import read_dead_letters
+
+    return read_dead_letters(workdir / "embeddings" / run)
+
+
+def test_listed_paths_include_unreadable_ones(workdir_with_model, digits_corpus):
+    files = list_images(digits_corpus)[:5]
+    listing = workdir_with_model / "list.txt"
+    listing.write_text("# corpus\n" + "\n".join(str(f) for f in files) + "\n/nonexistent/missing.png\n")
+    summary = run_embed(EmbedConfig(workdir=str(workdir_with_model), list_file=str(listing)))
+    assert (summary.items, summary.failed) == (5, 1)
+    assert summary.dead_letter_examples[0]["stage"] == "read"
+
+
+def test_videos_become_timestamped_frames_with_thumbnails(workdir_with_model, make_video, digits_corpus):
+    corpus = workdir_with_model / "corpus"
+    (corpus / "clips").mkdir(parents=True)
+    make_video(corpus / "clips" / "a.mp4", seconds=5.0, cut_at_s=1.5)
+    shutil.copy(list_images(digits_corpus)[0], corpus / "one.png")
+    summary = run_embed(EmbedConfig(workdir=str(workdir_with_model)))
+    index = ItemIndex.load(workdir_with_model / "indexes" / summary.index_version)
+    frames = [item for item in index.items if item["kind"] == "frame"]
+    assert {round(f["timestamp_s"], 1) for f in frames} >= {0.0, 1.5}
+    assert all(f["id"] == f"clips/a.mp4#t={f['timestamp_s']:.3f}" and f["group"] == "clips/a.mp4" for f in frames)
+    assert all(Image.open(item["thumbnail"]).size[0] <= 128 for item in index.items)
+
+
+def test_incremental_rerun_embeds_only_new_files_and_duplicates_once(workdir_with_model, digits_corpus):
+    corpus = workdir_with_model / "corpus"
+    shutil.copytree(digits_corpus, corpus)
+    first = run_embed(EmbedConfig(workdir=str(workdir_with_model), run_name="first"))
+    files = list_images(corpus)
+    shutil.copy(files[0], corpus / "0" / "copy_of_first.png")  # byte-identical: reused, listed twice
+    Image.new("L", (32, 32), 128).save(corpus / "0" / "new.png")
+    second = run_embed(EmbedConfig(workdir=str(workdir_with_model), run_name="second", incremental=True))
+    assert second.embedded == 1 and second.unchanged == len(files) + 1
+    assert second.items == first.items + 2
+    emb1, items1 = read_embeddings(workdir_with_model / "embeddings" / "first")
+    emb2, items2 = read_embeddings(workdir_with_model / "embeddings" / "second")
+    by_id = dict(zip(items2.column("id").to_pylist(), emb2))
+    for item_id, e in zip(items1.column("id").to_pylist(), emb1):
+        np.testing.assert_array_equal(by_id[item_id], e)
+    first_id = str(files[0].relative_to(corpus))
+    np.testing.assert_array_equal(by_id["0/copy_of_first.png"], by_id[first_id])
+    third = run_embed(EmbedConfig(workdir=str(workdir_with_model), run_name="third"))  # not incremental
+    assert third.embedded == len(files) + 1 and third.duplicate_files == 1

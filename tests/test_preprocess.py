@@ -25,7 +25,7 @@ def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
         (Image.new("CMYK", (12, 12), (0, 255, 0, 0)), "JPEG"),
         (Image.new("RGBA", (9, 9), (0, 0, 0, 0)), "PNG"),
         (Image.new("I;16", (10, 10), 40000), "PNG"),
-        (Image.new("RGB", (1, 1), (1, 2, 3)), "BMP"),
+        (Image.new("RGB", (4, 4), (1, 2, 3)), "BMP"),
         (Image.new("RGB", (5, 7), (1, 2, 3)), "TIFF"),
         (Image.new("RGB", (5, 7), (1, 2, 3)), "WEBP"),
     ],
@@ -56,6 +56,7 @@ def test_exif_orientation_is_applied():
     [
         (b"", "empty"),
         (b"this is a text file, not a jpeg", "not a recognised image"),
+        (encode(Image.new("RGB", (1, 1))), "1x1 pixels is smaller"),
         (encode(Image.new("RGB", (64, 64), (9, 9, 9)), "JPEG")[:200], "corrupt or truncated"),
     ],
 )

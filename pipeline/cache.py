@@ -1,0 +1,86 @@
+"""The embedding cache: what a (source bytes, model version) pair already embedded to.
+
+Every run appends what it embeds to ``DIR/embeddings/cache/<model version>/`` in small
+Parquet files, one per finished bundle, each written to a temporary name and renamed
+when complete. A later ``--incremental`` run looks each file's content hash up here and
+reuses the rows instead of decoding and embedding again; because bundles land as they
+finish, a rerun after a crash redoes only the unfinished work.
+
+A row describes one item made from a source file: an image (one row) or a video frame
+(one row per sampled frame, ``timestamp_s`` set).
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import uuid
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+log = logging.getLogger(__name__)
+
+CACHE_FIELDS = ["source_hash", "content_hash", "kind", "timestamp_s", "width", "height"]
+
+
+def cache_schema(embed_dim: int) -> pa.Schema:
+    return pa.schema([
+        ("source_hash", pa.string()),
+        ("content_hash", pa.string()),
+        ("kind", pa.string()),
+        ("timestamp_s", pa.float64()),
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("embedding", pa.list_(pa.float32(), embed_dim)),
+    ])
+
+
+def cache_dir(embeddings_dir: str | Path, model_version: str) -> Path:
+    return Path(embeddings_dir) / "cache" / model_version
+
+
+def load_cache(directory: str | Path) -> dict[str, list[dict[str, Any]]]:
+    """source hash -> cached rows (one per item made from that source). Unreadable files are skipped."""
+    rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for path in sorted(glob.glob(os.path.join(str(directory), "part-*.parquet"))):
+        try:
+            table = pq.read_table(path)
+        except Exception as e:  # a torn file from a crash is just not reused
+            log.warning("ignoring unreadable cache file %s: %s", path, e)
+            continue
+        for row in table.to_pylist():
+            rows[row["source_hash"]].append(row)
+    for source_rows in rows.values():
+        source_rows.sort(key=lambda r: (r["timestamp_s"] is not None, r["timestamp_s"] or 0.0))
+    return dict(rows)
+
+
+class WriteCacheFn(beam.DoFn):
+    """Buffers new cache rows and writes one Parquet file per bundle, atomically."""
+
+    def __init__(self, directory: str, embed_dim: int):
+        self._directory = directory
+        self._embed_dim = embed_dim
+
+    def start_bundle(self) -> None:
+        self._rows: list[dict[str, Any]] = []
+
+    def process(self, row: dict[str, Any]):
+        self._rows.append({k: row[k] for k in (*CACHE_FIELDS, "embedding")})
+
+    def finish_bundle(self) -> None:
+        if not self._rows:
+            return
+        os.makedirs(self._directory, exist_ok=True)
+        name = f"part-{uuid.uuid4().hex}.parquet"
+        tmp = os.path.join(self._directory, f".tmp-{name}")
+        table = pa.Table.from_pylist(self._rows, schema=cache_schema(self._embed_dim))
+        pq.write_table(table, tmp)
+        os.replace(tmp, os.path.join(self._directory, name))
+        self._rows = []

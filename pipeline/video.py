@@ -1,0 +1,104 @@
+"""Video frames as items: sample every N seconds plus on shot changes (PyAV).
+
+A frame is kept when ``interval_s`` has passed since the last kept frame, or when a
+cheap shot-change test fires: the L1 distance between normalised 32-bin grayscale
+histograms of consecutive (downscaled) frames exceeds ``shot_threshold``. Each kept
+frame becomes an item ``<video id>#t=<seconds>`` with its timestamp, so the server can
+say where in the video the match is.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+VIDEO_SUFFIXES = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg"}
+
+
+class VideoDecodeError(ValueError):
+    """The bytes are not a decodable video with a video stream; the message says why."""
+
+
+@dataclass(frozen=True)
+class FrameSampling:
+    interval_s: float = 2.0
+    shot_threshold: float = 0.5  # L1 histogram distance in [0, 2]
+    min_shot_gap_s: float = 0.5
+    max_frames: int = 10_000
+
+    def __post_init__(self) -> None:
+        if self.interval_s <= 0:
+            raise ValueError(f"interval_s must be positive, got {self.interval_s}")
+
+
+def is_video_path(path: str) -> bool:
+    dot = path.rfind(".")
+    return dot >= 0 and path[dot:].lower() in VIDEO_SUFFIXES
+
+
+def frame_id(video_id: str, timestamp_s: float) -> str:
+    return f"{video_id}#t={timestamp_s:.3f}"
+
+
+def _histogram(gray: np.ndarray) -> np.ndarray:
+    hist = np.bincount((gray.ravel() >> 3).astype(np.int64), minlength=32).astype(np.float64)
+    return hist / max(hist.sum(), 1.0)
+
+
+def sample_frames(data: bytes, sampling: FrameSampling = FrameSampling()) -> Iterator[tuple[float, Image.Image]]:
+    """Video file bytes -> (timestamp_s, RGB PIL frame) for each sampled frame.
+
+    Raises VideoDecodeError for bytes that are not a video, a container with no video
+    stream (audio only), or a stream that yields no decodable frame.
+    """
+    import av
+
+    if not data:
+        raise VideoDecodeError("empty file (0 bytes)")
+    try:
+        container = av.open(io.BytesIO(data))
+    except Exception as e:
+        raise VideoDecodeError(f"not a decodable video ({type(e).__name__}: {e})") from None
+    with container:
+        if not container.streams.video:
+            raise VideoDecodeError("no video stream (audio-only or empty container)")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        last_kept: float | None = None
+        last_shot: float = -1e9
+        prev_hist: np.ndarray | None = None
+        kept = 0
+        decoded = 0
+        try:
+            for frame in container.decode(stream):
+                decoded += 1
+                t = float(frame.time) if frame.time is not None else decoded / float(stream.average_rate or 25)
+                hist = _histogram(frame.reformat(width=64, height=36, format="gray").to_ndarray())
+                shot = (
+                    prev_hist is not None
+                    and float(np.abs(hist - prev_hist).sum()) > sampling.shot_threshold
+                    and t - last_shot >= sampling.min_shot_gap_s
+                )
+                prev_hist = hist
+                if last_kept is None or t - last_kept >= sampling.interval_s or shot:
+                    if shot:
+                        last_shot = t
+                    last_kept = t
+                    kept += 1
+                    yield t, frame.to_image().convert("RGB")
+                    if kept >= sampling.max_frames:
+                        log.warning("stopping after %d frames (max_frames)", kept)
+                        return
+        except av.error.FFmpegError as e:
+            if kept == 0:
+                raise VideoDecodeError(f"corrupt video stream ({type(e).__name__}: {e})") from None
+            log.warning("video stream broken after %d decoded frames; keeping the %d sampled: %s", decoded, kept, e)
+        if kept == 0:
+            raise VideoDecodeError("the video stream has no decodable frames")

