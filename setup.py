@@ -52,7 +52,9 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest", "pytest-timeout", "build", "setuptools>=68", "wheel", "playwright"],
+        # `lookalike embed --runner dask --dask_client_address=HOST:PORT`
+        "dask": ["dask[distributed]"],
+        "test": ["pytest", "pytest-timeout", "build", "setuptools>=68", "wheel", "playwright", "dask[distributed]"],
     },
     entry_points={"console_scripts": ["lookalike = lookalike.pipeline.cli:main"]},
 )

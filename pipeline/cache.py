@@ -1,10 +1,10 @@
 """The embedding cache: what a (source bytes, model version) pair already embedded to.
 
-Every run appends what it embeds to ``DIR/embeddings/cache/<model version>/`` in small
-Parquet files, one per finished bundle, each written to a temporary name and renamed
-when complete. A later ``--incremental`` run looks each file's content hash up here and
-reuses the rows instead of decoding and embedding again; because bundles land as they
-finish, a rerun after a crash redoes only the unfinished work.
+Every run appends what it embeds to ``DIR/embeddings/cache/<model version>/`` in
+Parquet files, one per inference batch group, each written to a temporary name and
+renamed when complete. A later ``--incremental`` run looks each file's content hash up
+here and reuses the rows instead of decoding and embedding again; because groups land
+as they finish, a rerun after a crash redoes only the unfinished work.
 
 A row describes one item made from a source file: an image (one row) or a video frame
 (one row per sampled frame, ``timestamp_s`` set).
@@ -62,25 +62,20 @@ def load_cache(directory: str | Path) -> dict[str, list[dict[str, Any]]]:
 
 
 class WriteCacheFn(beam.DoFn):
-    """Buffers new cache rows and writes one Parquet file per bundle, atomically."""
+    """(key, [cache row, ...]) -> path of one new cache file holding those rows (atomic)."""
 
     def __init__(self, directory: str, embed_dim: int):
         self._directory = directory
         self._embed_dim = embed_dim
 
-    def start_bundle(self) -> None:
-        self._rows: list[dict[str, Any]] = []
+    def process(self, keyed: tuple[Any, Any]):
+        from lookalike.pipeline.writers import write_atomically
 
-    def process(self, row: dict[str, Any]):
-        self._rows.append({k: row[k] for k in (*CACHE_FIELDS, "embedding")})
-
-    def finish_bundle(self) -> None:
-        if not self._rows:
+        _, rows = keyed
+        rows = [{k: row[k] for k in (*CACHE_FIELDS, "embedding")} for row in rows]
+        if not rows:
             return
-        os.makedirs(self._directory, exist_ok=True)
-        name = f"part-{uuid.uuid4().hex}.parquet"
-        tmp = os.path.join(self._directory, f".tmp-{name}")
-        table = pa.Table.from_pylist(self._rows, schema=cache_schema(self._embed_dim))
-        pq.write_table(table, tmp)
-        os.replace(tmp, os.path.join(self._directory, name))
-        self._rows = []
+        table = pa.Table.from_pylist(rows, schema=cache_schema(self._embed_dim))
+        path = os.path.join(self._directory, f"part-{uuid.uuid4().hex}.parquet")
+        write_atomically(path, lambda tmp: pq.write_table(table, tmp))
+        yield path

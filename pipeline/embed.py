@@ -2,17 +2,17 @@
 
 ::
 
-    MatchFiles(corpus/**) -> ReadSourceFn --dead--> dead_letter-*.jsonl
-                              |  --cached (--incremental: hash known for this model)--+
-                     GroupByKey(content hash)   (byte-identical files embedded once)  |
-                              |                                                       |
-                     DecodeSourceFn (image, or sampled video frames; thumbnails)      |
-                              |                                                       |
-               RunInference(KeyedModelHandler(FlaxEncoderHandler)) -> cache rows -----+--> WriteCacheFn
-                              |                                                       |
-                     one record per path  <---------------------------------------------+
-                              |
-                     WriteToParquet(embeddings-*.parquet)
+    MatchFiles(corpus/**) or a list file
+      -> ReadSourceFn: read + sha256 ---- dead ----------------------------------+
+           | new                  \--- cached (--incremental, same model) --+    |
+      GroupByKey(hash bucket)      (byte-identical files decoded once)      |    |
+      -> DecodeBatchFn: images / sampled video frames, thumbnails -- dead --|----+
+      -> RunInference(KeyedModelHandler(FlaxEncoderHandler)), one batch a call   |
+      -> rows --> GroupByKey -> WriteCacheFn (embeddings/cache/<model>/)    |    |
+      -> one record per path <----------------------------------------------+    |
+      -> GroupByKey(shard) -> WriteParquetShardFn (embeddings-SSSSS-of-NNNNN)    |
+                                   GroupByKey -> WriteJsonlFn (dead_letter) <----+
+      all sinks -> Done   (one final transform: the Dask runner computes only the last)
 
 After the pipeline finishes, the Parquet shards are read back, a ScaNN index is
 built and published atomically as the store's CURRENT version, and a run summary
@@ -21,7 +21,9 @@ nothing could be embedded fails with a clear message and publishes nothing.
 
 Locally the runner is Beam's in-process ``FnApiRunner``, named explicitly: the
 DirectRunner would first try to download a Prism binary. ``num_workers > 1``
-switches it to its multi-process mode.
+switches it to its multi-process mode. ``--runner dask`` runs the same graph on a
+dask.distributed cluster (``lookalike.pipeline.dask_runner``). Sinks write whole files
+after a GroupByKey, so the graph is correct on runners without bundle finalisation.
 """
 
 from __future__ import annotations
@@ -48,9 +50,11 @@ from lookalike.index.builder import IndexOptions, build_and_publish
 from lookalike.model.artifact import read_model_meta
 from lookalike.model.preprocess import PreprocessSpec
 from lookalike.model.store import Store, StoreError, check_version_name
+from lookalike.pipeline.batches import BATCH, DecodeBatchFn, bucket_of, split_tagged
 from lookalike.pipeline.cache import WriteCacheFn, cache_dir
 from lookalike.pipeline.inference import FlaxEncoderHandler
-from lookalike.pipeline.sources import CACHED, DEAD, DecodeSourceFn, ReadSourceFn, corpus_pattern, corpus_root, expand_to_items
+from lookalike.pipeline.sources import CACHED, DEAD, NEW, ReadSourceFn, corpus_pattern, corpus_root, expand_to_items
+from lookalike.pipeline.writers import WriteJsonlFn, WriteParquetShardFn, shard_of
 from lookalike.pipeline.video import FrameSampling
 
 log = logging.getLogger(__name__)
@@ -68,6 +72,7 @@ EMBEDDING_SCHEMA_FIELDS = [
     ("group", pa.string()),
     ("thumbnail", pa.string()),
     ("model_version", pa.string()),
+    ("reused", pa.bool_()),  # True: embedding taken from the cache (--incremental)
 ]
 
 
@@ -84,7 +89,8 @@ class EmbedConfig:
     run_name: str | None = None
     runner: str = LOCAL_RUNNER
     num_workers: int = 1
-    max_batch_size: int = 256
+    max_batch_size: int = 256  # files per inference batch (videos add one row per sampled frame)
+    num_shards: int | None = None  # embedding shards; default one per ~50k files
     index: IndexOptions = field(default_factory=IndexOptions)
     beam_args: list[str] = field(default_factory=list)
     publish: bool = True
@@ -114,14 +120,27 @@ def embedding_schema(embed_dim: int) -> pa.Schema:
     return pa.schema(EMBEDDING_SCHEMA_FIELDS + [("embedding", pa.list_(pa.float32(), embed_dim))])
 
 
-def to_cache_row(keyed: tuple[dict[str, Any], Any]) -> dict[str, Any]:
-    """(item meta, PredictionResult) -> cache row carrying the embedding and its paths."""
-    meta, result = keyed
-    return {**meta, "embedding": np.asarray(result.inference, np.float32).tolist()}
+def batch_rows(keyed: tuple[list[dict[str, Any]], Any]) -> list[dict[str, Any]]:
+    """(metas, PredictionResult with [B, D] inference) -> one cache row (meta + embedding) per item."""
+    metas, result = keyed
+    embeddings = np.asarray(result.inference, np.float32)
+    return [{**meta, "embedding": emb.tolist()} for meta, emb in zip(metas, embeddings)]
+
+
+def num_shards_for(total_files: int, requested: int | None) -> int:
+    """Embedding shards: as requested, else one per ~50k files."""
+    return requested if requested else max(1, -(-total_files // 50_000))
+
+
+def resolve_runner(name: str) -> str:
+    """Runner names as Beam takes them; ``dask`` means our fixed Dask runner."""
+    from lookalike.pipeline.dask_runner import DASK_RUNNER_ALIASES, RUNNER_PATH
+
+    return RUNNER_PATH if name.lower() in DASK_RUNNER_ALIASES else name
 
 
 def pipeline_options(config: EmbedConfig) -> PipelineOptions:
-    args = [f"--runner={config.runner}", *config.beam_args]
+    args = [f"--runner={resolve_runner(config.runner)}", *config.beam_args]
     if config.runner == LOCAL_RUNNER and config.num_workers > 1:
         args += ["--direct_running_mode=multi_processing", f"--direct_num_workers={config.num_workers}"]
     return PipelineOptions(args)
@@ -129,40 +148,53 @@ def pipeline_options(config: EmbedConfig) -> PipelineOptions:
 
 def build_pipeline(p: beam.Pipeline, config: EmbedConfig, pattern: str, root: str, model_dir: str,
                    meta: dict[str, Any], store: Store, run_dir: str, total: int) -> None:
-    """Add the embed transforms to ``p``."""
+    """Add the embed transforms to ``p``; every sink feeds the final ``Done`` transform."""
     spec = PreprocessSpec.from_dict(meta["preprocess"])
     embed_dim, version = int(meta["embed_dim"]), meta["version"]
     cache = str(cache_dir(store.embeddings_dir, version))
     thumbs = str(store.root / "thumbnails")
+    num_buckets = max(1, -(-total // max(1, config.max_batch_size)))
+    num_shards = num_shards_for(total, config.num_shards)
     if config.list_file:
-        matched = p | "ListedFiles" >> beam.Create(read_list_file(config.list_file)) | "AsMetadata" >> beam.Map(
+        files = p | "ListedFiles" >> beam.Create(read_list_file(config.list_file)) | "AsMetadata" >> beam.Map(
             lambda path: FileMetadata(path, 0))
     else:
-        matched = p | "MatchCorpus" >> fileio.MatchFiles(pattern, empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW)
-    read = matched | "ReadAndHash" >> beam.ParDo(ReadSourceFn(cache if config.incremental else None, total)).with_outputs(
-        DEAD, CACHED, main="new")
-    decoded = (
-        read.new
-        | "GroupIdentical" >> beam.GroupByKey()
-        | "Decode" >> beam.ParDo(DecodeSourceFn(spec, thumbs, config.sampling)).with_outputs(DEAD, main="ok")
+        files = p | "MatchCorpus" >> fileio.MatchFiles(pattern, empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW)
+    read = split_tagged(files | "ReadAndHash" >> beam.ParDo(ReadSourceFn(cache if config.incremental else None, total)),
+                        (NEW, CACHED, DEAD), "Read")
+    decoded = split_tagged(
+        read[NEW]
+        | "ToBucket" >> beam.Map(lambda pair: (bucket_of(pair[0], num_buckets), pair))
+        | "GroupBuckets" >> beam.GroupByKey()
+        | "DecodeBatches" >> beam.ParDo(DecodeBatchFn(spec, thumbs, config.sampling)),
+        (BATCH, DEAD), "Decoded")
+    # Pre-made batches, one per RunInference call: max_batch_size=1 makes BatchElements emit in process().
+    handler = KeyedModelHandler(FlaxEncoderHandler(model_dir, min_batch_size=1, max_batch_size=1))
+    new_rows = decoded[BATCH] | "Embed" >> RunInference(handler) | "BatchRows" >> beam.FlatMap(batch_rows)
+    cache_files = (
+        new_rows
+        | "CacheKey" >> beam.Map(lambda row: (bucket_of(row["source_hash"], num_shards), row))
+        | "GroupCache" >> beam.GroupByKey()
+        | "WriteCache" >> beam.ParDo(WriteCacheFn(cache, embed_dim))
     )
-    handler = KeyedModelHandler(FlaxEncoderHandler(
-        model_dir, min_batch_size=min(32, config.max_batch_size), max_batch_size=config.max_batch_size))
-    new_rows = decoded.ok | "Embed" >> RunInference(handler) | "CacheRow" >> beam.Map(to_cache_row)
-    _ = new_rows | "WriteCache" >> beam.ParDo(WriteCacheFn(cache, embed_dim))
     new_items = new_rows | "NewItems" >> beam.FlatMap(lambda row: expand_to_items(row["uris"], row, root, thumbs, version))
-    old_items = read[CACHED] | "CachedItems" >> beam.FlatMapTuple(lambda uri, row: expand_to_items(uri, row, root, thumbs, version))
-    (
+    old_items = read[CACHED] | "CachedItems" >> beam.FlatMap(
+        lambda pair: expand_to_items(pair[0], pair[1], root, thumbs, version, reused=True))
+    parquet_files = (
         (new_items, old_items)
         | "AllItems" >> beam.Flatten()
-        | "WriteParquet" >> beam.io.WriteToParquet(f"{run_dir}/embeddings", embedding_schema(embed_dim), file_name_suffix=".parquet")
+        | "ShardKey" >> beam.Map(lambda r: (shard_of(r["id"], num_shards), r))
+        | "GroupShards" >> beam.GroupByKey()
+        | "WriteParquet" >> beam.ParDo(WriteParquetShardFn(f"{run_dir}/embeddings", num_shards, embedding_schema(embed_dim)))
     )
-    (
+    dead_files = (
         (read[DEAD], decoded[DEAD])
         | "AllDead" >> beam.Flatten()
-        | "DeadJson" >> beam.Map(json.dumps)
-        | "WriteDead" >> beam.io.WriteToText(f"{run_dir}/dead_letter", file_name_suffix=".jsonl")
+        | "DeadKey" >> beam.Map(lambda row: (0, row))
+        | "GroupDead" >> beam.GroupByKey()
+        | "WriteDead" >> beam.ParDo(WriteJsonlFn(f"{run_dir}/dead_letter-00000-of-00001.jsonl"))
     )
+    _ = (parquet_files, cache_files, dead_files) | "AllSinks" >> beam.Flatten() | "Done" >> beam.Map(lambda path: path)
 
 
 def read_list_file(path: str) -> list[str]:
@@ -173,6 +205,20 @@ def read_list_file(path: str) -> list[str]:
         lines = f.read().decode("utf-8").splitlines()
     entries = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
     return [e if e.startswith("/") or "://" in e else f"{base}/{e}" for e in entries]
+
+
+def counts_from_items(items: pa.Table) -> dict[str, int]:
+    """The summary counts, derived from the written items (for runners without metrics)."""
+    if items.num_rows == 0:
+        return {}
+    rows = items.select(["uri", "content_hash", "reused"]).to_pylist()
+    new = [r for r in rows if not r["reused"]]
+    new_sources = {r["content_hash"].split("#")[0] for r in new}
+    return {
+        "items_decoded": len({r["content_hash"] for r in new}),
+        "files_unchanged": len({r["uri"] for r in rows if r["reused"]}),
+        "duplicate_files": len({r["uri"] for r in new}) - len(new_sources),
+    }
 
 
 def counter_values(result: Any) -> dict[str, int]:
@@ -194,7 +240,7 @@ def read_embeddings(run_dir: Path) -> tuple[np.ndarray, pa.Table]:
     tables = [pq.read_table(f) for f in files]
     tables = [t for t in tables if t.num_rows]
     if not tables:
-        return np.zeros((0, 0), np.float32), pa.table({})
+        return np.zeros((0, 0), np.float32), pa.table({"id": pa.array([], pa.string())})
     table = pa.concat_tables(tables).sort_by("id")
     emb = np.asarray(table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False), np.float32)
     emb = emb.reshape(table.num_rows, -1)
@@ -243,9 +289,14 @@ def run_embed(config: EmbedConfig) -> EmbedSummary:
     p = beam.Pipeline(options=pipeline_options(config))
     build_pipeline(p, config, pattern, root, str(model_dir), meta, store, str(run_dir), total)
     result = p.run()
-    result.wait_until_finish()
-    counts = counter_values(result)
+    try:
+        result.wait_until_finish()
+    finally:
+        client = getattr(result, "client", None)  # the Dask runner leaves its client open
+        if client is not None:
+            client.close()
     embeddings, items = read_embeddings(run_dir)
+    counts = counter_values(result) or counts_from_items(items)
     dead = read_dead_letters(run_dir)
     elapsed = time.perf_counter() - started
     summary = EmbedSummary(

@@ -18,7 +18,8 @@ from lookalike.model.artifact import Encoder, load_encoder
 
 
 class FlaxEncoderHandler(ModelHandler[np.ndarray, PredictionResult, Encoder]):
-    """Examples are [H, W, C] float32 images; inferences are [embed_dim] float32 unit vectors."""
+    """Examples are [H, W, C] float32 images (inference [embed_dim]) or pre-made batches
+    [B, H, W, C] (inference [B, embed_dim]); all examples of a call go through one forward."""
 
     def __init__(self, model_dir: str, *, min_batch_size: int = 32, max_batch_size: int = 256):
         super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size)
@@ -31,8 +32,14 @@ class FlaxEncoderHandler(ModelHandler[np.ndarray, PredictionResult, Encoder]):
     def run_inference(
         self, batch: Sequence[np.ndarray], model: Encoder, inference_args: dict[str, Any] | None = None
     ) -> Iterable[PredictionResult]:
-        embeddings = model.embed(np.stack(batch))
-        return [PredictionResult(example, emb, model_id=model.version) for example, emb in zip(batch, embeddings)]
+        stacked = [x if x.ndim == 4 else x[None] for x in batch]
+        embeddings = model.embed(np.concatenate(stacked))
+        results, start = [], 0
+        for example, part in zip(batch, stacked):
+            emb = embeddings[start : start + len(part)]
+            start += len(part)
+            results.append(PredictionResult(example, emb if example.ndim == 4 else emb[0], model_id=model.version))
+        return results
 
     def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
         return int(sum(x.nbytes for x in batch))

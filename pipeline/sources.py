@@ -3,12 +3,13 @@
 Two steps, so that unchanged and duplicate files cost a read and a hash only:
 
 * ``ReadSourceFn``: read a matched file, hash its bytes (sha256). With an embedding
-  cache (``--incremental``), a known hash is answered from the cache (``cached``
-  output); otherwise ``(hash, uri)`` goes on. Unreadable files and files that are
-  neither images nor videos go to the ``dead`` output with (uri, stage, reason).
-* ``DecodeSourceFn``: after grouping by hash (byte-identical files are decoded and
-  embedded once and listed under every path), decode an image, or sample a video's
-  frames, into model input, and write a small JPEG thumbnail per item.
+  cache (``--incremental``), a known hash is answered from the cache (``cached``);
+  otherwise ``(hash, uri)`` goes on (``new``). Unreadable files and files that are
+  neither images nor videos become dead letters (uri, stage, reason).
+* ``decode_source``: decode an image, or sample a video's frames, into model input,
+  and write a small JPEG thumbnail per item (see ``batches.DecodeBatchFn``).
+
+Outputs are ``(tag, value)`` pairs (see ``batches.split_tagged``).
 """
 
 from __future__ import annotations
@@ -16,18 +17,21 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+from collections.abc import Iterator
 from typing import Any
+
+import numpy as np
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from lookalike.model.data import IMAGE_SUFFIXES
-from lookalike.model.preprocess import ImageDecodeError, PreprocessSpec, image_to_array, open_image
+from lookalike.model.preprocess import PreprocessSpec, image_to_array, open_image
 from lookalike.model.progress import Progress
 from lookalike.pipeline.cache import load_cache
 from lookalike.pipeline.thumbnails import thumbnail_path, write_thumbnail
-from lookalike.pipeline.video import FrameSampling, VideoDecodeError, frame_id, is_video_path, sample_frames
+from lookalike.pipeline.video import FrameSampling, frame_id, is_video_path, sample_frames
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +72,11 @@ def read_bytes(uri: str) -> bytes:
         return f.read()
 
 
+NEW = "new"
+
+
 class ReadSourceFn(beam.DoFn):
-    """FileMetadata -> (source hash, uri) | cached (uri, row) | dead letter."""
+    """FileMetadata -> ("new", (source hash, uri)) | ("cached", (uri, row)) | ("dead", letter)."""
 
     def __init__(self, cache_dir: str | None, total_files: int):
         self._cache_dir = cache_dir
@@ -89,13 +96,13 @@ class ReadSourceFn(beam.DoFn):
         self._progress.update(self._count)
         if not (is_image_path(uri) or is_video_path(uri)):
             self._failed.inc()
-            yield beam.pvalue.TaggedOutput(DEAD, dead_letter(uri, "filter", "not an image or video file (unsupported suffix)"))
+            yield DEAD, dead_letter(uri, "filter", "not an image or video file (unsupported suffix)")
             return
         try:
             data = read_bytes(uri)
         except Exception as e:  # unreadable path, permissions, vanished file
             self._failed.inc()
-            yield beam.pvalue.TaggedOutput(DEAD, dead_letter(uri, "read", f"{type(e).__name__}: {e}"))
+            yield DEAD, dead_letter(uri, "read", f"{type(e).__name__}: {e}")
             return
         self._read.inc()
         source_hash = hashlib.sha256(data).hexdigest()
@@ -103,50 +110,31 @@ class ReadSourceFn(beam.DoFn):
         if cached:
             self._reused.inc()
             for row in cached:
-                yield beam.pvalue.TaggedOutput(CACHED, (uri, row))
+                yield CACHED, (uri, row)
         else:
-            yield source_hash, uri
+            yield NEW, (source_hash, uri)
 
 
-class DecodeSourceFn(beam.DoFn):
-    """(source hash, [uri, ...]) -> (item meta, [H, W, C] float32) per image or sampled frame."""
-
-    def __init__(self, spec: PreprocessSpec, thumbnails_dir: str, sampling: FrameSampling):
-        self._spec = spec
-        self._thumbs = thumbnails_dir
-        self._sampling = sampling
-        self._decoded = Metrics.counter("lookalike", "items_decoded")
-        self._failed = Metrics.counter("lookalike", "files_failed")
-        self._duplicates = Metrics.counter("lookalike", "duplicate_files")
-
-    def _item(self, source_hash: str, content_hash: str, kind: str, t: float | None, img, uris: list[str]):
-        write_thumbnail(img, thumbnail_path(self._thumbs, content_hash))
-        pixels = image_to_array(img, self._spec)
-        self._decoded.inc()
+def decode_source(
+    source_hash: str, uris: list[str], spec: PreprocessSpec, thumbnails_dir: str, sampling: FrameSampling
+) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
+    """Decode one file's bytes (read from ``uris[0]``) into (item meta, [H, W, C] pixels) per
+    image or sampled frame, writing a thumbnail for each. Raises ImageDecodeError,
+    VideoDecodeError or OSError with the reason."""
+    data = read_bytes(uris[0])
+    if is_video_path(uris[0]):
+        frames = ((f"{source_hash}#t={t:.3f}", "frame", t, frame) for t, frame in sample_frames(data, sampling))
+    else:
+        frames = iter([(source_hash, "image", None, open_image(data, spec.max_pixels))])
+    for content_hash, kind, t, img in frames:
+        write_thumbnail(img, thumbnail_path(thumbnails_dir, content_hash))
         meta = {"source_hash": source_hash, "content_hash": content_hash, "kind": kind, "timestamp_s": t,
                 "width": img.size[0], "height": img.size[1], "uris": uris}
-        return meta, pixels
-
-    def process(self, keyed: tuple[str, Any]):
-        source_hash, uris = keyed
-        uris = sorted(set(uris))
-        self._duplicates.inc(len(uris) - 1)
-        first = uris[0]
-        try:
-            data = read_bytes(first)
-            if is_video_path(first):
-                for t, frame in sample_frames(data, self._sampling):
-                    yield self._item(source_hash, f"{source_hash}#t={t:.3f}", "frame", t, frame, uris)
-            else:
-                yield self._item(source_hash, source_hash, "image", None, open_image(data, self._spec.max_pixels), uris)
-        except (ImageDecodeError, VideoDecodeError, OSError) as e:
-            self._failed.inc(len(uris))
-            for uri in uris:
-                log.warning("dead letter %s (decode): %s", uri, e)
-                yield beam.pvalue.TaggedOutput(DEAD, dead_letter(uri, "decode", str(e)))
+        yield meta, image_to_array(img, spec)
 
 
-def expand_to_items(uri_or_uris: str | list[str], row: dict[str, Any], root: str, thumbnails_dir: str, model_version: str):
+def expand_to_items(uri_or_uris: str | list[str], row: dict[str, Any], root: str, thumbnails_dir: str,
+                    model_version: str, reused: bool = False):
     """One cache row (image or frame) -> one output record per path holding those bytes."""
     uris = [uri_or_uris] if isinstance(uri_or_uris, str) else uri_or_uris
     for uri in uris:
@@ -163,5 +151,6 @@ def expand_to_items(uri_or_uris: str | list[str], row: dict[str, Any], root: str
             "group": base_id if frame else None,
             "thumbnail": thumbnail_path(thumbnails_dir, row["content_hash"]),
             "model_version": model_version,
+            "reused": reused,
             "embedding": row["embedding"],
         }

@@ -1,0 +1,70 @@
+"""The same embed pipeline on a real dask.distributed cluster: a scheduler and two
+worker processes on 127.0.0.1, started here; same result as the in-process runner."""
+
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lookalike.pipeline.embed import EmbedConfig, read_embeddings, run_embed
+
+distributed = pytest.importorskip("distributed", reason="dask.distributed is not installed")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def dask_cluster(tmp_path_factory):
+    """tcp address of a scheduler with two single-threaded worker processes."""
+    dask_exe = str(Path(sys.executable).with_name("dask"))
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    logs = tmp_path_factory.mktemp("dask")
+    procs = [subprocess.Popen([dask_exe, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+                              stdout=open(logs / "scheduler.log", "w"), stderr=subprocess.STDOUT)]
+    for i in range(2):
+        procs.append(subprocess.Popen(
+            [dask_exe, "worker", address, "--host", "127.0.0.1", "--nthreads", "1", "--no-dashboard", "--name", f"w{i}"],
+            stdout=open(logs / f"worker{i}.log", "w"), stderr=subprocess.STDOUT))
+    try:
+        with distributed.Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=120)
+            assert len(client.scheduler_info()["workers"]) == 2
+        yield address
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def test_dask_cluster_gives_the_same_embeddings_and_dead_letters(tmp_path, indexed_store, dask_cluster):
+    workdir = tmp_path / "w"
+    shutil.copytree(indexed_store.root / "models", workdir / "models")
+    corpus = tmp_path / "corpus"
+    shutil.copytree(indexed_store.corpus_dir, corpus)
+    (corpus / "0" / "broken.png").write_text("not an image")
+    summary = run_embed(EmbedConfig(
+        workdir=str(workdir), corpus=str(corpus), runner="dask",
+        beam_args=[f"--dask_client_address={dask_cluster}"], num_shards=2,
+    ))
+    assert summary.failed == 1 and summary.dead_letter_examples[0]["uri"].endswith("broken.png")
+    emb_dask, items_dask = read_embeddings(workdir / "embeddings" / summary.run)
+    emb_local, items_local = read_embeddings(next(indexed_store.embeddings_dir.glob("e-*")))
+    assert items_dask.column("id").to_pylist() == items_local.column("id").to_pylist()
+    np.testing.assert_allclose(emb_dask, emb_local, atol=1e-5)
+    assert summary.embedded == len(items_local) and summary.index_version
+    assert len(list((workdir / "embeddings" / summary.run).glob("embeddings-*-of-00002.parquet"))) == 2
