@@ -6,6 +6,9 @@ renamed when complete. A later ``--incremental`` run looks each file's content h
 here and reuses the rows instead of decoding and embedding again; because groups land
 as they finish, a rerun after a crash redoes only the unfinished work.
 
+A file index (``files-*.parquet``: uri, size, mtime, content hash) lets an incremental
+run skip even reading a file whose path, size and modification time are unchanged.
+
 A row describes one item made from a source file: an image (one row) or a video frame
 (one row per sampled frame, ``timestamp_s`` set).
 """
@@ -43,6 +46,42 @@ def cache_schema(embed_dim: int) -> pa.Schema:
 
 def cache_dir(embeddings_dir: str | Path, model_version: str) -> Path:
     return Path(embeddings_dir) / "cache" / model_version
+
+
+FILE_INDEX_SCHEMA = pa.schema([
+    ("uri", pa.string()), ("size", pa.int64()), ("mtime_s", pa.float64()), ("source_hash", pa.string()),
+])
+
+
+def load_file_index(directory: str | Path) -> dict[str, tuple[int, float, str]]:
+    """uri -> (size, mtime_s, source hash) as last seen; newer index files win."""
+    index: dict[str, tuple[int, float, str]] = {}
+    paths = sorted(glob.glob(os.path.join(str(directory), "files-*.parquet")), key=os.path.getmtime)
+    for path in paths:
+        try:
+            rows = pq.read_table(path).to_pylist()
+        except Exception as e:
+            log.warning("ignoring unreadable file index %s: %s", path, e)
+            continue
+        for row in rows:
+            index[row["uri"]] = (row["size"], row["mtime_s"], row["source_hash"])
+    return index
+
+
+class WriteFileIndexFn(beam.DoFn):
+    """(key, [file row, ...]) -> path of a new ``files-*.parquet`` (uri, size, mtime, hash)."""
+
+    def __init__(self, directory: str):
+        self._directory = directory
+
+    def process(self, keyed: tuple[Any, Any]):
+        from lookalike.pipeline.writers import write_atomically
+
+        _, rows = keyed
+        table = pa.Table.from_pylist(list(rows), schema=FILE_INDEX_SCHEMA)
+        path = os.path.join(self._directory, f"files-{uuid.uuid4().hex}.parquet")
+        write_atomically(path, lambda tmp: pq.write_table(table, tmp))
+        yield path
 
 
 def load_cache(directory: str | Path) -> dict[str, list[dict[str, Any]]]:

@@ -51,9 +51,9 @@ from lookalike.model.artifact import read_model_meta
 from lookalike.model.preprocess import PreprocessSpec
 from lookalike.model.store import Store, StoreError, check_version_name
 from lookalike.pipeline.batches import BATCH, DecodeBatchFn, bucket_of, split_tagged
-from lookalike.pipeline.cache import WriteCacheFn, cache_dir
+from lookalike.pipeline.cache import WriteCacheFn, WriteFileIndexFn, cache_dir
 from lookalike.pipeline.inference import FlaxEncoderHandler
-from lookalike.pipeline.sources import CACHED, DEAD, NEW, ReadSourceFn, corpus_pattern, corpus_root, expand_to_items
+from lookalike.pipeline.sources import CACHED, DEAD, FILE, NEW, ReadSourceFn, corpus_pattern, corpus_root, expand_to_items
 from lookalike.pipeline.writers import WriteJsonlFn, WriteParquetShardFn, shard_of
 from lookalike.pipeline.video import FrameSampling
 
@@ -105,6 +105,7 @@ class EmbedSummary:
     model_version: str
     index_version: str | None
     files_matched: int
+    files_read: int  # bytes read (an --incremental run skips unchanged path+size+mtime); -1 if unknown
     items: int
     embedded: int
     unchanged: int
@@ -161,7 +162,13 @@ def build_pipeline(p: beam.Pipeline, config: EmbedConfig, pattern: str, root: st
     else:
         files = p | "MatchCorpus" >> fileio.MatchFiles(pattern, empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW)
     read = split_tagged(files | "ReadAndHash" >> beam.ParDo(ReadSourceFn(cache if config.incremental else None, total)),
-                        (NEW, CACHED, DEAD), "Read")
+                        (NEW, CACHED, DEAD, FILE), "Read")
+    file_index = (
+        read[FILE]
+        | "FileIndexKey" >> beam.Map(lambda row: (0, row))
+        | "GroupFileIndex" >> beam.GroupByKey()
+        | "WriteFileIndex" >> beam.ParDo(WriteFileIndexFn(cache))
+    )
     decoded = split_tagged(
         read[NEW]
         | "ToBucket" >> beam.Map(lambda pair: (bucket_of(pair[0], num_buckets), pair))
@@ -194,7 +201,7 @@ def build_pipeline(p: beam.Pipeline, config: EmbedConfig, pattern: str, root: st
         | "GroupDead" >> beam.GroupByKey()
         | "WriteDead" >> beam.ParDo(WriteJsonlFn(f"{run_dir}/dead_letter-00000-of-00001.jsonl"))
     )
-    _ = (parquet_files, cache_files, dead_files) | "AllSinks" >> beam.Flatten() | "Done" >> beam.Map(lambda path: path)
+    _ = (parquet_files, cache_files, dead_files, file_index) | "AllSinks" >> beam.Flatten() | "Done" >> beam.Map(lambda path: path)
 
 
 def read_list_file(path: str) -> list[str]:
@@ -296,7 +303,8 @@ def run_embed(config: EmbedConfig) -> EmbedSummary:
         if client is not None:
             client.close()
     embeddings, items = read_embeddings(run_dir)
-    counts = counter_values(result) or counts_from_items(items)
+    from_runner = counter_values(result)
+    counts = from_runner or counts_from_items(items)
     dead = read_dead_letters(run_dir)
     elapsed = time.perf_counter() - started
     summary = EmbedSummary(
@@ -305,8 +313,9 @@ def run_embed(config: EmbedConfig) -> EmbedSummary:
         model_version=meta["version"],
         index_version=None,
         files_matched=total,
+        files_read=counts.get("files_read", 0 if from_runner else -1),
         items=int(len(embeddings)),
-        embedded=counts.get("items_decoded", -1),
+        embedded=counts.get("items_decoded", 0),
         unchanged=counts.get("files_unchanged", 0),
         duplicate_files=counts.get("duplicate_files", 0),
         failed=len(dead),

@@ -29,7 +29,7 @@ from apache_beam.metrics import Metrics
 from lookalike.model.data import IMAGE_SUFFIXES
 from lookalike.model.preprocess import PreprocessSpec, image_to_array, open_image
 from lookalike.model.progress import Progress
-from lookalike.pipeline.cache import load_cache
+from lookalike.pipeline.cache import load_cache, load_file_index
 from lookalike.pipeline.thumbnails import thumbnail_path, write_thumbnail
 from lookalike.pipeline.video import FrameSampling, frame_id, is_video_path, sample_frames
 
@@ -73,10 +73,12 @@ def read_bytes(uri: str) -> bytes:
 
 
 NEW = "new"
+FILE = "file"
 
 
 class ReadSourceFn(beam.DoFn):
-    """FileMetadata -> ("new", (source hash, uri)) | ("cached", (uri, row)) | ("dead", letter)."""
+    """FileMetadata -> ("new", (source hash, uri)) | ("cached", (uri, row)) | ("dead", letter),
+    plus ("file", {uri, size, mtime_s, source_hash}) for the file index."""
 
     def __init__(self, cache_dir: str | None, total_files: int):
         self._cache_dir = cache_dir
@@ -86,7 +88,9 @@ class ReadSourceFn(beam.DoFn):
         self._failed = Metrics.counter("lookalike", "files_failed")
 
     def setup(self) -> None:
-        self._cache = load_cache(self._cache_dir) if self._cache_dir and os.path.isdir(self._cache_dir) else {}
+        usable = bool(self._cache_dir and os.path.isdir(self._cache_dir))
+        self._cache = load_cache(self._cache_dir) if usable else {}
+        self._files = load_file_index(self._cache_dir) if usable else {}
         self._progress = Progress("read", total=self._total or None, unit="files", logger=log)
         self._count = 0
 
@@ -98,14 +102,21 @@ class ReadSourceFn(beam.DoFn):
             self._failed.inc()
             yield DEAD, dead_letter(uri, "filter", "not an image or video file (unsupported suffix)")
             return
-        try:
-            data = read_bytes(uri)
-        except Exception as e:  # unreadable path, permissions, vanished file
-            self._failed.inc()
-            yield DEAD, dead_letter(uri, "read", f"{type(e).__name__}: {e}")
-            return
-        self._read.inc()
-        source_hash = hashlib.sha256(data).hexdigest()
+        size, mtime = int(metadata.size_in_bytes or 0), float(getattr(metadata, "last_updated_in_seconds", 0) or 0)
+        known = self._files.get(uri)
+        if known and size and mtime and known[:2] == (size, mtime) and known[2] in self._cache:
+            source_hash = known[2]  # unchanged path, size and mtime: not even read
+        else:
+            try:
+                data = read_bytes(uri)
+            except Exception as e:  # unreadable path, permissions, vanished file
+                self._failed.inc()
+                yield DEAD, dead_letter(uri, "read", f"{type(e).__name__}: {e}")
+                return
+            self._read.inc()
+            source_hash = hashlib.sha256(data).hexdigest()
+        if size and mtime:
+            yield FILE, {"uri": uri, "size": size, "mtime_s": mtime, "source_hash": source_hash}
         cached = self._cache.get(source_hash)
         if cached:
             self._reused.inc()

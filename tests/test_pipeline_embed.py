@@ -193,3 +193,19 @@ def test_incremental_rerun_embeds_only_new_files_and_duplicates_once(workdir_wit
     np.testing.assert_array_equal(by_id["0/copy_of_first.png"], by_id[first_id])
     third = run_embed(EmbedConfig(workdir=str(workdir_with_model), run_name="third"))  # not incremental
     assert third.embedded == len(files) + 1 and third.duplicate_files == 1
+
+
+def test_incremental_skips_reading_unchanged_files_but_notices_edits(workdir_with_model, digits_corpus):
+    corpus = workdir_with_model / "corpus"
+    shutil.copytree(digits_corpus / "1", corpus / "1")
+    run_embed(EmbedConfig(workdir=str(workdir_with_model), run_name="first"))
+    files = list_images(corpus)
+    edited = files[0]
+    Image.new("L", (32, 32), 77).save(edited)  # same path, new bytes and mtime
+    second = run_embed(EmbedConfig(workdir=str(workdir_with_model), run_name="second", incremental=True))
+    assert second.embedded == 1 and second.unchanged == len(files) - 1
+    assert second.files_read == 1  # the unchanged files were not even read
+    emb, items = read_embeddings(workdir_with_model / "embeddings" / "second")
+    new_hash = dict(zip(items.column("id").to_pylist(), items.column("content_hash").to_pylist()))
+    import hashlib
+    assert new_hash[str(edited.relative_to(corpus))] == hashlib.sha256(edited.read_bytes()).hexdigest()
