@@ -38,6 +38,7 @@ setup(
         # TFDS needs tensorflow to encode and decode image features.
         "tensorflow-cpu>=2.20,<2.21",
         "tensorflow-datasets",
+        "importlib_resources",  # TFDS needs it for builders defined outside a package
         "apache-beam",
         "fastapi",
         "uvicorn",

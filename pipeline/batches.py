@@ -42,7 +42,8 @@ def split_tagged(pcoll: beam.PCollection, tags: tuple[str, ...], label: str) -> 
 
 
 class DecodeBatchFn(beam.DoFn):
-    """(bucket, [(source hash, uri), ...]) -> ("batch", (metas, [B, H, W, C])) and ("dead", letter)."""
+    """(bucket, [(source hash, uri, bytes or None), ...]) -> ("batch", (metas, [B, H, W, C])) and
+    ("dead", letter). Bytes travel with the element only for sources that are not files (TFDS)."""
 
     def __init__(self, spec: PreprocessSpec, thumbnails_dir: str, sampling: FrameSampling):
         self._spec = spec
@@ -54,17 +55,21 @@ class DecodeBatchFn(beam.DoFn):
         self._batches = Metrics.counter("lookalike", "batches")
 
     def process(self, keyed: tuple[int, Any]):
-        _, pairs = keyed
+        _, entries = keyed
         uris_by_hash: dict[str, list[str]] = defaultdict(list)
-        for source_hash, uri in pairs:
+        data_by_hash: dict[str, bytes] = {}
+        for source_hash, uri, data in entries:
             uris_by_hash[source_hash].append(uri)
+            if data is not None:
+                data_by_hash[source_hash] = data
         metas: list[dict[str, Any]] = []
         pixels: list[np.ndarray] = []
         for source_hash in sorted(uris_by_hash):
             uris = sorted(set(uris_by_hash[source_hash]))
             self._duplicates.inc(len(uris) - 1)
             try:
-                decoded = list(decode_source(source_hash, uris, self._spec, self._thumbs, self._sampling))
+                decoded = list(decode_source(source_hash, uris, self._spec, self._thumbs, self._sampling,
+                                             data_by_hash.get(source_hash)))
             except (ImageDecodeError, VideoDecodeError, OSError) as e:
                 self._failed.inc(len(uris))
                 for uri in uris:

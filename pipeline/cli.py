@@ -66,7 +66,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from lookalike.pipeline.video import FrameSampling
 
     summary = run_embed(EmbedConfig(
-        workdir=args.workdir, corpus=args.corpus, list_file=args.list_file, model_version=args.model, run_name=args.run_name,
+        workdir=args.workdir, corpus=args.corpus, list_file=args.list_file, tfds=args.tfds, tfds_data_dir=args.tfds_data_dir, model_version=args.model, run_name=args.run_name,
         runner=args.runner, num_workers=args.num_workers, max_batch_size=args.batch_size,
         index=IndexOptions(mode=args.index_mode), beam_args=args.beam_args, publish=not args.no_publish,
         incremental=args.incremental,
@@ -183,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_workdir(p)
     p.add_argument("--corpus", default=None, help="image folder or glob (default WORKDIR/corpus)")
     p.add_argument("--list-file", default=None, help="a text file listing image/video paths, one per line (instead of --corpus)")
+    p.add_argument("--tfds", default=None, metavar="NAME[:SPLIT]",
+                   help="embed a TFDS data set already prepared in --tfds-data-dir (never downloaded)")
+    p.add_argument("--tfds-data-dir", default=None, help="TFDS data_dir (default ~/tensorflow_datasets)")
     p.add_argument("--model", default=None, help="model version (default models/LATEST)")
     p.add_argument("--run-name", default=None, help="name of the embeddings run (default e-<UTC time>)")
     p.add_argument("--runner", default="FnApiRunner",

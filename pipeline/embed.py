@@ -49,11 +49,13 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from lookalike.index.builder import IndexOptions, build_and_publish
 from lookalike.model.artifact import read_model_meta
 from lookalike.model.preprocess import PreprocessSpec
+from lookalike.model.progress import Progress
 from lookalike.model.store import Store, StoreError, check_version_name
 from lookalike.pipeline.batches import BATCH, DecodeBatchFn, bucket_of, split_tagged
 from lookalike.pipeline.cache import WriteCacheFn, WriteFileIndexFn, cache_dir
 from lookalike.pipeline.inference import FlaxEncoderHandler
 from lookalike.pipeline.sources import CACHED, DEAD, FILE, NEW, ReadSourceFn, corpus_pattern, corpus_root, expand_to_items
+from lookalike.pipeline.tfds_source import ReadTfdsRangeFn, TfdsSpec, example_ranges
 from lookalike.pipeline.writers import WriteJsonlFn, WriteParquetShardFn, shard_of
 from lookalike.pipeline.video import FrameSampling
 
@@ -85,6 +87,8 @@ class EmbedConfig:
     workdir: str
     corpus: str | None = None  # folder or glob; default workdir/corpus
     list_file: str | None = None  # a text file listing paths, one per line (instead of corpus)
+    tfds: str | None = None  # a TFDS data set NAME[:SPLIT] (instead of corpus), read offline
+    tfds_data_dir: str | None = None
     model_version: str | None = None  # default models/LATEST
     run_name: str | None = None
     runner: str = LOCAL_RUNNER
@@ -121,11 +125,24 @@ def embedding_schema(embed_dim: int) -> pa.Schema:
     return pa.schema(EMBEDDING_SCHEMA_FIELDS + [("embedding", pa.list_(pa.float32(), embed_dim))])
 
 
-def batch_rows(keyed: tuple[list[dict[str, Any]], Any]) -> list[dict[str, Any]]:
-    """(metas, PredictionResult with [B, D] inference) -> one cache row (meta + embedding) per item."""
-    metas, result = keyed
-    embeddings = np.asarray(result.inference, np.float32)
-    return [{**meta, "embedding": emb.tolist()} for meta, emb in zip(metas, embeddings)]
+class BatchRowsFn(beam.DoFn):
+    """(metas, PredictionResult with [B, D] inference) -> one cache row (meta + embedding) per
+    item; logs the embed stage's progress (items, rate, ETA against the files matched)."""
+
+    def __init__(self, total_files: int):
+        self._total = total_files
+
+    def setup(self) -> None:
+        self._progress = Progress("embed", total=self._total or None, unit="items", logger=log)
+        self._count = 0
+
+    def process(self, keyed: tuple[list[dict[str, Any]], Any]):
+        metas, result = keyed
+        embeddings = np.asarray(result.inference, np.float32)
+        self._count += len(metas)
+        self._progress.update(self._count)
+        for meta, emb in zip(metas, embeddings):
+            yield {**meta, "embedding": emb.tolist()}
 
 
 def num_shards_for(total_files: int, requested: int | None) -> int:
@@ -156,13 +173,19 @@ def build_pipeline(p: beam.Pipeline, config: EmbedConfig, pattern: str, root: st
     thumbs = str(store.root / "thumbnails")
     num_buckets = max(1, -(-total // max(1, config.max_batch_size)))
     num_shards = num_shards_for(total, config.num_shards)
-    if config.list_file:
+    if config.tfds:
+        tfds_spec = TfdsSpec.parse(config.tfds, config.tfds_data_dir)
+        read = split_tagged(
+            p | "TfdsRanges" >> beam.Create(example_ranges(tfds_spec)) | "ReadTfds" >> beam.ParDo(ReadTfdsRangeFn(tfds_spec)),
+            (NEW, CACHED, DEAD, FILE), "Read")
+    elif config.list_file:
         files = p | "ListedFiles" >> beam.Create(read_list_file(config.list_file)) | "AsMetadata" >> beam.Map(
             lambda path: FileMetadata(path, 0))
     else:
         files = p | "MatchCorpus" >> fileio.MatchFiles(pattern, empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW)
-    read = split_tagged(files | "ReadAndHash" >> beam.ParDo(ReadSourceFn(cache if config.incremental else None, total)),
-                        (NEW, CACHED, DEAD, FILE), "Read")
+    if not config.tfds:
+        read = split_tagged(files | "ReadAndHash" >> beam.ParDo(ReadSourceFn(cache if config.incremental else None, total)),
+                            (NEW, CACHED, DEAD, FILE), "Read")
     file_index = (
         read[FILE]
         | "FileIndexKey" >> beam.Map(lambda row: (0, row))
@@ -171,13 +194,13 @@ def build_pipeline(p: beam.Pipeline, config: EmbedConfig, pattern: str, root: st
     )
     decoded = split_tagged(
         read[NEW]
-        | "ToBucket" >> beam.Map(lambda pair: (bucket_of(pair[0], num_buckets), pair))
+        | "ToBucket" >> beam.Map(lambda entry: (bucket_of(entry[0], num_buckets), entry))
         | "GroupBuckets" >> beam.GroupByKey()
         | "DecodeBatches" >> beam.ParDo(DecodeBatchFn(spec, thumbs, config.sampling)),
         (BATCH, DEAD), "Decoded")
     # Pre-made batches, one per RunInference call: max_batch_size=1 makes BatchElements emit in process().
     handler = KeyedModelHandler(FlaxEncoderHandler(model_dir, min_batch_size=1, max_batch_size=1))
-    new_rows = decoded[BATCH] | "Embed" >> RunInference(handler) | "BatchRows" >> beam.FlatMap(batch_rows)
+    new_rows = decoded[BATCH] | "Embed" >> RunInference(handler) | "BatchRows" >> beam.ParDo(BatchRowsFn(total))
     cache_files = (
         new_rows
         | "CacheKey" >> beam.Map(lambda row: (bucket_of(row["source_hash"], num_shards), row))
@@ -274,7 +297,10 @@ def run_embed(config: EmbedConfig) -> EmbedSummary:
     model_dir = store.require_model(config.model_version)
     meta = read_model_meta(model_dir)
     corpus = config.corpus or str(store.corpus_dir)
-    if config.list_file:
+    if config.tfds:
+        tfds_spec = TfdsSpec.parse(config.tfds, config.tfds_data_dir)
+        corpus = tfds_spec.root
+    elif config.list_file:
         list_file = config.list_file if "://" in config.list_file else str(Path(config.list_file).resolve())
         if "://" not in list_file and not Path(list_file).is_file():
             raise StoreError(f"list file {config.list_file} does not exist")
@@ -290,7 +316,11 @@ def run_embed(config: EmbedConfig) -> EmbedSummary:
     if run_dir.exists():
         raise EmbedError(f"embedding run {run_dir} already exists; choose another --run-name")
     run_dir.mkdir(parents=True)
-    total = len(read_list_file(config.list_file)) if config.list_file else count_matches(pattern)
+    if config.tfds:
+        ranges = example_ranges(tfds_spec)
+        total = ranges[-1][1] if ranges else 0
+    else:
+        total = len(read_list_file(config.list_file)) if config.list_file else count_matches(pattern)
     log.info("embedding %d file(s) matching %s with model %s on %s", total, pattern, meta["version"], config.runner)
     started = time.perf_counter()
     p = beam.Pipeline(options=pipeline_options(config))

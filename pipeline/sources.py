@@ -77,7 +77,7 @@ FILE = "file"
 
 
 class ReadSourceFn(beam.DoFn):
-    """FileMetadata -> ("new", (source hash, uri)) | ("cached", (uri, row)) | ("dead", letter),
+    """FileMetadata -> ("new", (source hash, uri, None)) | ("cached", (uri, row)) | ("dead", letter),
     plus ("file", {uri, size, mtime_s, source_hash}) for the file index."""
 
     def __init__(self, cache_dir: str | None, total_files: int):
@@ -123,16 +123,17 @@ class ReadSourceFn(beam.DoFn):
             for row in cached:
                 yield CACHED, (uri, row)
         else:
-            yield NEW, (source_hash, uri)
+            yield NEW, (source_hash, uri, None)
 
 
 def decode_source(
-    source_hash: str, uris: list[str], spec: PreprocessSpec, thumbnails_dir: str, sampling: FrameSampling
+    source_hash: str, uris: list[str], spec: PreprocessSpec, thumbnails_dir: str, sampling: FrameSampling,
+    data: bytes | None = None,
 ) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
-    """Decode one file's bytes (read from ``uris[0]``) into (item meta, [H, W, C] pixels) per
-    image or sampled frame, writing a thumbnail for each. Raises ImageDecodeError,
-    VideoDecodeError or OSError with the reason."""
-    data = read_bytes(uris[0])
+    """Decode one source's bytes (``data``, else read from ``uris[0]``) into (item meta,
+    [H, W, C] pixels) per image or sampled frame, writing a thumbnail for each. Raises
+    ImageDecodeError, VideoDecodeError or OSError with the reason."""
+    data = read_bytes(uris[0]) if data is None else data
     if is_video_path(uris[0]):
         frames = ((f"{source_hash}#t={t:.3f}", "frame", t, frame) for t, frame in sample_frames(data, sampling))
     else:

@@ -1,0 +1,140 @@
+"""A TFDS data set as a corpus: ``lookalike embed --tfds NAME[:SPLIT] --tfds-data-dir DIR``.
+
+Works offline when the data set is already prepared in ``data_dir`` (lookalike never
+downloads); otherwise a clear error names the data set and the folder searched. Each
+example's image is encoded losslessly (PNG) so it gets a content hash and flows through
+the same decode, embed and write stages as a file. Item ids put the class label first
+when the data set has one (``<label>/<name>-<split>-<index>.png``), like a folder corpus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+RANGE_SIZE = 1000
+URI_SCHEME = "tfds://"
+
+
+class TfdsNotAvailableError(RuntimeError):
+    """The named TFDS data set is not prepared in the local data_dir."""
+
+
+@dataclass(frozen=True)
+class TfdsSpec:
+    name: str
+    split: str
+    data_dir: str
+
+    @classmethod
+    def parse(cls, text: str, data_dir: str | None) -> "TfdsSpec":
+        name, _, split = text.partition(":")
+        if not name:
+            raise ValueError(f"--tfds {text!r}: expected NAME or NAME:SPLIT")
+        default_dir = Path.home() / "tensorflow_datasets"
+        return cls(name=name, split=split or "train", data_dir=str(Path(data_dir or default_dir).expanduser().resolve()))
+
+    @property
+    def root(self) -> str:
+        """The prefix item ids are made relative to."""
+        return f"{URI_SCHEME}{self.name}/{self.split}"
+
+
+def load_builder(spec: TfdsSpec):
+    """The prepared builder for ``spec``, or TfdsNotAvailableError naming what was searched."""
+    import tensorflow_datasets as tfds
+
+    try:
+        builder = tfds.builder(spec.name, data_dir=spec.data_dir, try_gcs=False)
+    except tfds.core.registered.DatasetNotFoundError:
+        versions = sorted(Path(spec.data_dir, spec.name).glob("*/dataset_info.json"))
+        if not versions:
+            raise TfdsNotAvailableError(
+                f"TFDS data set {spec.name!r} is neither a known builder nor prepared under {spec.data_dir}"
+            ) from None
+        builder = tfds.builder_from_directory(str(versions[-1].parent))
+    if not builder.is_prepared():
+        raise TfdsNotAvailableError(
+            f"TFDS data set {spec.name!r} is not prepared in data_dir {spec.data_dir} (looked in {builder.data_dir}); "
+            f"lookalike never downloads: run `tfds build {spec.name} --data_dir {spec.data_dir}` where there is "
+            "network access and copy the folder here"
+        )
+    if spec.split not in builder.info.splits:
+        raise TfdsNotAvailableError(
+            f"TFDS data set {spec.name!r} has no split {spec.split!r}; it has {sorted(builder.info.splits)}"
+        )
+    return builder
+
+
+def example_ranges(spec: TfdsSpec) -> list[tuple[int, int]]:
+    total = load_builder(spec).info.splits[spec.split].num_examples
+    return [(start, min(start + RANGE_SIZE, total)) for start in range(0, total, RANGE_SIZE)]
+
+
+def image_feature_name(builder) -> str:
+    import tensorflow_datasets as tfds
+
+    names = [k for k, f in builder.info.features.items() if isinstance(f, tfds.features.Image)]
+    if not names:
+        raise TfdsNotAvailableError(f"TFDS data set {builder.name!r} has no image feature")
+    return "image" if "image" in names else names[0]
+
+
+def iterate_examples(builder, split: str, start: int, stop: int):
+    """(index, example dict of numpy values) for examples [start, stop) of ``split``."""
+    import tensorflow_datasets as tfds
+
+    try:
+        source = builder.as_data_source(split=split)
+        for i in range(start, stop):
+            yield i, source[i]
+    except NotImplementedError:  # TFRecord format: sequential read
+        ds = builder.as_dataset(split=f"{split}[{start}:{stop}]", shuffle_files=False)
+        for offset, example in enumerate(tfds.as_numpy(ds)):
+            yield start + offset, example
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    arr = np.asarray(image)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+class ReadTfdsRangeFn(beam.DoFn):
+    """(start, stop) -> ("new", (hash, uri, png bytes)) per example, like ReadSourceFn for files."""
+
+    def __init__(self, spec: TfdsSpec):
+        self._spec = spec
+
+    def setup(self) -> None:
+        self._builder = load_builder(self._spec)
+        self._image_key = image_feature_name(self._builder)
+        features = self._builder.info.features
+        label = features["label"] if "label" in features.keys() else None
+        self._label_names = getattr(label, "names", None)
+
+    def item_uri(self, index: int, example: dict[str, Any]) -> str:
+        base = f"{self._spec.name}-{self._spec.split}-{index:06d}.png"
+        if self._label_names is not None and "label" in example:
+            return f"{self._spec.root}/{self._label_names[int(example['label'])]}/{base}"
+        return f"{self._spec.root}/{base}"
+
+    def process(self, bounds: tuple[int, int]):
+        from lookalike.pipeline.sources import NEW
+
+        for index, example in iterate_examples(self._builder, self._spec.split, *bounds):
+            data = png_bytes(example[self._image_key])
+            yield NEW, (hashlib.sha256(data).hexdigest(), self.item_uri(index, example), data)
