@@ -152,8 +152,8 @@ def read_model_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_encoder(path: str | Path, max_batch: int = 256) -> Encoder:
-    """Load ``models/<version>/`` into an Encoder ready to embed."""
+def load_model(path: str | Path) -> tuple[ConvEncoder, dict[str, Any]]:
+    """Load ``models/<version>/`` as the trainable module and its metadata."""
     path = Path(path).absolute()
     meta = read_model_meta(path)
     config = config_from_dict(meta["config"])
@@ -161,4 +161,10 @@ def load_encoder(path: str | Path, max_batch: int = 256) -> Encoder:
     graphdef, abstract_state = nnx.split(abstract)
     with ocp.StandardCheckpointer() as ckptr:
         state = ckptr.restore(path / "params", abstract_state)
-    return Encoder(nnx.merge(graphdef, state), meta, max_batch=max_batch)
+    return nnx.merge(graphdef, state), meta
+
+
+def load_encoder(path: str | Path, max_batch: int = 256) -> Encoder:
+    """Load ``models/<version>/`` into an Encoder ready to embed."""
+    model, meta = load_model(path)
+    return Encoder(model, meta, max_batch=max_batch)

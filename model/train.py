@@ -120,8 +120,28 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def train_on_arrays(config: TrainConfig, data: LabelledImages, run_dir: Path) -> tuple[ConvEncoder, dict[str, Any], float | None]:
-    """Train on in-memory labelled images; return (model, metrics, same-item threshold)."""
+def warm_start(model: ConvEncoder, config: TrainConfig, init_from: Path) -> bool:
+    """Copy the parameters of the model at ``init_from`` into ``model`` if the shapes match."""
+    from lookalike.model.artifact import load_model
+    from lookalike.model.config import config_from_dict
+
+    previous, meta = load_model(init_from)
+    old = config_from_dict(meta["config"])
+    same_shape = (old.image_size, old.channels, old.conv_widths, old.hidden_dim, old.embed_dim) == (
+        config.image_size, config.channels, config.conv_widths, config.hidden_dim, config.embed_dim)
+    if not same_shape:
+        log.warning("not warm-starting from %s: its architecture differs from this config", meta["version"])
+        return False
+    nnx.update(model, nnx.state(previous))
+    log.info("warm start from model %s", meta["version"])
+    return True
+
+
+def train_on_arrays(
+    config: TrainConfig, data: LabelledImages, run_dir: Path, init_from: Path | None = None
+) -> tuple[ConvEncoder, dict[str, Any], float | None]:
+    """Train on in-memory labelled images (optionally starting from the model at
+    ``init_from``); return (model, metrics, same-item threshold)."""
     train_idx, val_idx = split_train_val(data.labels, config.val_fraction, config.seed)
     x_train, y_train = data.images[train_idx], data.labels[train_idx]
     x_val, y_val = data.images[val_idx], data.labels[val_idx]
@@ -134,6 +154,7 @@ def train_on_arrays(config: TrainConfig, data: LabelledImages, run_dir: Path) ->
         len(train_idx), len(data.class_names), len(val_idx), n_dev, batch_pairs, config.num_steps,
     )
     model = create_encoder(config)
+    warm = warm_start(model, config, init_from) if init_from else False
     optimizer = make_optimizer(model, config)
     replicate(mesh, model, optimizer)
     sampler = PairSampler(y_train, seed=config.seed)
@@ -168,7 +189,8 @@ def train_on_arrays(config: TrainConfig, data: LabelledImages, run_dir: Path) ->
             progress.update(step, extra=f"loss {history[-1]['loss']:.4f}" if history and "loss" in history[-1] else "")
     progress.done()
     plot_history(history, run_dir / "training.png")
-    metrics: dict[str, Any] = {"train_images": int(len(train_idx)), "val_images": int(len(val_idx)), "steps": config.num_steps}
+    metrics: dict[str, Any] = {"train_images": int(len(train_idx)), "val_images": int(len(val_idx)),
+                               "steps": config.num_steps, "warm_start": warm}
     threshold = None
     if len(val_idx) > 1:
         val_emb = embed_numpy(model, x_val)
@@ -179,8 +201,11 @@ def train_on_arrays(config: TrainConfig, data: LabelledImages, run_dir: Path) ->
     return model, metrics, threshold
 
 
-def train_and_evaluate(config: TrainConfig, workdir: str | Path, data_dir: str | Path | None = None) -> TrainResult:
-    """Train on ``data_dir`` (default ``workdir/corpus``) and publish the model as LATEST."""
+def train_and_evaluate(
+    config: TrainConfig, workdir: str | Path, data_dir: str | Path | None = None, init_from: str | Path | None = None
+) -> TrainResult:
+    """Train on ``data_dir`` (default ``workdir/corpus``), optionally warm-started from the
+    model folder ``init_from``, and publish the model as LATEST."""
     store = Store.at(workdir)
     source = Path(data_dir) if data_dir else store.corpus_dir
     spec = PreprocessSpec(image_size=config.image_size, channels=config.channels)
@@ -191,7 +216,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | Path, data_dir: str |
     store.models_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=store.models_dir, prefix=".run-") as run:
         run_dir = Path(run)
-        model, metrics, threshold = train_on_arrays(config, data, run_dir)
+        model, metrics, threshold = train_on_arrays(config, data, run_dir, Path(init_from) if init_from else None)
         metrics["train_seconds"] = round(time.perf_counter() - started, 2)
         metrics["data_dir"] = str(source)
         metrics["skipped_files"] = len(data.failures)

@@ -5,7 +5,8 @@
     lookalike embed   --workdir DIR                Beam pipeline: corpus -> embeddings -> index
     lookalike serve   --workdir DIR                query API and web page on 127.0.0.1
     lookalike query   --image F | --id ID | --vector ...   ask a running server
-    lookalike reindex --workdir DIR                retrain, re-embed, publish (cron job)
+    lookalike reindex --workdir DIR                retrain, gate, re-embed, validate, promote (cron)
+    lookalike versions list|promote V|rollback     manage served index versions
     lookalike eval    --workdir DIR --index [V]    ANN recall and retrieval metrics, exact vs ANN
 """
 
@@ -98,13 +99,41 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_reindex(args: argparse.Namespace) -> int:
-    from lookalike.pipeline.jobs import retrain_and_reindex
+    from lookalike.pipeline.reindex import ReindexConfig, report_dict, run_reindex
 
-    result = retrain_and_reindex(_train_config(args), args.workdir, corpus=args.corpus,
-                                 num_workers=args.num_workers, keep_versions=args.keep)
-    _print_json({"model_version": result.train.version, "metrics": result.train.metrics,
-                 "index_version": result.embed.index_version, "embedded": result.embed.embedded,
-                 "failed": result.embed.failed})
+    report = run_reindex(ReindexConfig(
+        workdir=args.workdir, train=_train_config(args), corpus=args.corpus, min_improvement=args.min_improvement,
+        force=args.force, target_recall=args.target_recall, min_canary_overlap=args.min_canary_overlap,
+        keep_versions=args.keep, num_workers=args.num_workers,
+    ))
+    data = report_dict(report)
+    _print_json({k: data[k] for k in ("outcome", "reason", "exit_code", "previous_index", "new_index",
+                                      "current_model", "candidate_model", "chosen_model")})
+    if report.outcome == "failed":
+        print(f"lookalike reindex: failed, nothing promoted: {report.reason}", file=sys.stderr)
+    return report.exit_code
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    from lookalike.model.store import Store
+    from lookalike.pipeline import versions
+
+    store = Store.at(args.workdir)
+    if args.action == "list":
+        rows = versions.list_versions(store)
+        if args.json:
+            _print_json(rows)
+        for r in rows if not args.json else []:
+            mark = "*" if r.get("current") else " "
+            print(f"{mark} {r['version']}  model {r.get('model_version')}  {r.get('count')} items  "
+                  f"recall@10 {r.get('recall_at_10')}  {r.get('created')}  {r.get('error', '')}".rstrip())
+        return 0
+    if args.action == "promote":
+        if not args.version:
+            raise ValueError("versions promote needs a VERSION (see `lookalike versions list`)")
+        _print_json(versions.promote(store, args.version, reason="manual promote"))
+    else:
+        _print_json(versions.rollback(store))
     return 0
 
 
@@ -223,16 +252,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the raw JSON response")
     p.set_defaults(func=cmd_query)
 
-    p = sub.add_parser("reindex", help="retrain, re-embed and publish a new index (for cron)",
-                       description="Trains a new model on the labelled corpus, embeds the corpus with it, publishes "
-                       "the new index as CURRENT (a running server picks it up on restart) and keeps the newest "
-                       "--keep index versions. Example crontab: 0 3 * * * lookalike reindex --workdir /srv/lookalike")
+    p = sub.add_parser("reindex", help="retrain, evaluate, re-embed, validate and promote (the cron job)",
+                       description="Trains a candidate (warm start from the served model), keeps it only if it beats "
+                       "the served model on the frozen evaluation set, embeds the corpus incrementally, builds and "
+                       "autotunes a new index, validates it (recall, item count, canary churn, compatibility) and "
+                       "promotes it atomically; a running server hot-swaps to it. Exit codes: 0 promoted, 3 kept "
+                       "current, 1 failed (nothing promoted). Example crontab line: "
+                       "0 3 * * * lookalike reindex --workdir /srv/lookalike")
     _add_workdir(p)
     _add_train_config(p)
     p.add_argument("--corpus", default=None, help="labelled image folder (default WORKDIR/corpus)")
+    p.add_argument("--min-improvement", type=float, default=0.0,
+                   help="the candidate's MAP@R must beat the served model's by more than this (default 0)")
+    p.add_argument("--force", action="store_true", help="use the candidate even if it is not better")
+    p.add_argument("--target-recall", type=float, default=0.95, help="ANN recall@10 the new index must reach")
+    p.add_argument("--min-canary-overlap", type=float, default=0.2,
+                   help="least mean overlap@10 of canary queries between served and new index (0-1)")
     p.add_argument("--num-workers", type=int, default=1, help="Beam worker processes for the embed step")
     p.add_argument("--keep", type=int, default=5, help="index versions to keep (default 5)")
     p.set_defaults(func=cmd_reindex)
+
+    p = sub.add_parser("versions", help="list, promote or roll back index versions",
+                       description="lookalike versions list | promote VERSION | rollback. Promote and rollback run "
+                       "the same checks as reindex (index loads, model matches, smoke query) and switch CURRENT "
+                       "atomically; a running server hot-swaps.")
+    _add_workdir(p)
+    p.add_argument("action", choices=["list", "promote", "rollback"])
+    p.add_argument("version", nargs="?", help="the index version to promote")
+    p.add_argument("--json", action="store_true", help="list as JSON")
+    p.set_defaults(func=cmd_versions)
 
     p = sub.add_parser("eval", help="how much the approximate index loses against exact search",
                        description="For every item of an index version (its own item excluded) compares the ANN "

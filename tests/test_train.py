@@ -72,3 +72,17 @@ def test_data_parallel_training_on_4_devices_matches_1_device():
     one, four = run_with_devices(1), run_with_devices(4)
     assert (one["devices"], four["devices"]) == (1, 4)
     np.testing.assert_allclose(np.asarray(four["emb"]), np.asarray(one["emb"]), atol=2e-3)
+
+
+def test_warm_start_copies_weights_and_refuses_other_shapes(trained_store, tiny_config, tmp_path):
+    from lookalike.model.artifact import load_model
+    from lookalike.model.config import apply_overrides
+    from lookalike.model.train import warm_start
+
+    previous, _ = load_model(trained_store.require_model())
+    fresh = create_encoder(tiny_config, seed=42)
+    assert warm_start(fresh, tiny_config, trained_store.require_model())
+    x = jnp.ones((2, tiny_config.image_size, tiny_config.image_size, 1))
+    np.testing.assert_allclose(np.asarray(fresh(x)), np.asarray(previous(x)), atol=1e-6)
+    other = apply_overrides(tiny_config, ["embed_dim=4"])
+    assert not warm_start(create_encoder(other), other, trained_store.require_model())

@@ -1,0 +1,103 @@
+"""The reindex run report: JSON, Markdown, the training curve and example queries as PNGs.
+
+``DIR/reports/<UTC time>/`` holds ``report.json`` (everything), ``report.md`` (current vs
+candidate side by side, steps with timings, the index's recall/QPS point),
+``training.png`` (the candidate's training curve) and ``examples.png`` (a few queries
+with their top results from the served and the new version).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageDraw
+
+from lookalike.model.store import Store
+
+log = logging.getLogger(__name__)
+
+TILE = 64
+
+
+def _tile(item: dict[str, Any]) -> Image.Image:
+    for key in ("thumbnail", "uri"):
+        path = item.get(key)
+        if path and Path(str(path)).is_file():
+            try:
+                with Image.open(path) as img:
+                    return img.convert("RGB").resize((TILE, TILE), Image.Resampling.NEAREST)
+            except OSError:
+                continue
+    return Image.new("RGB", (TILE, TILE), (200, 200, 200))
+
+
+def example_grid(store: Store, old_version: str | None, new_version: str, path: Path, queries: int = 4, k: int = 5) -> None:
+    """Rows: query | top-k in the served version | top-k in the new version."""
+    from lookalike.index.searcher import ItemIndex
+
+    new = ItemIndex.load(store.index_dir(new_version))
+    old = ItemIndex.load(store.index_dir(old_version)) if old_version else None
+    picks = [new.items[i * len(new) // queries] for i in range(queries)]
+    width = TILE * (1 + 2 * k) + 3 * 8
+    canvas = Image.new("RGB", (width, 20 + queries * (TILE + 8)), "white")
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, 4), f"query | served {old_version or '-'} | new {new_version}", fill="black")
+    for r, item in enumerate(picks):
+        y = 20 + r * (TILE + 8)
+        canvas.paste(_tile(item), (0, y))
+        for c, index in enumerate((old, new)):
+            if index is None or index.row_of(item["id"]) is None:
+                continue
+            for j, n in enumerate(index.similar_to(item["id"], k)):
+                canvas.paste(_tile(index.items[n.row]), (TILE + 8 + c * (k * TILE + 8) + j * TILE, y))
+    canvas.save(path)
+
+
+def _side_by_side(metrics: dict[str, Any]) -> list[str]:
+    cur, cand = metrics.get("current") or {}, metrics.get("candidate") or {}
+    names = sorted(set(cur) | set(cand))
+    lines = ["| metric (frozen evaluation set) | current | candidate |", "|---|---|---|"]
+    for n in names:
+        fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else str(v))  # noqa: E731
+        lines.append(f"| {n} | {fmt(cur.get(n))} | {fmt(cand.get(n))} |")
+    return lines
+
+
+def write_report(store: Store, report, started_unix_s: float) -> Path:
+    from lookalike.pipeline.reindex import report_dict
+
+    folder = store.root / "reports" / time.strftime("r-%Y%m%dT%H%M%S", time.gmtime(started_unix_s))
+    folder.mkdir(parents=True, exist_ok=True)
+    data = report_dict(report)
+    (folder / "report.json").write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
+    md = [f"# lookalike reindex {folder.name}", "",
+          f"**Outcome: {report.outcome}** (exit {report.exit_code}). {report.reason}", "",
+          f"- served before: index {report.previous_index} (model {report.current_model})",
+          f"- candidate model: {report.candidate_model}; chosen: {report.chosen_model}",
+          f"- new index: {report.new_index}", ""]
+    md += _side_by_side(report.metrics) + [""]
+    index = report.metrics.get("index")
+    if index:
+        md += [f"Index: {index.get('mode')}, {index.get('count')} items, recall@10 {index.get('recall')}, "
+               f"{index.get('qps')} queries/s", ""]
+    if "canary_overlap_at_10" in report.metrics:
+        md += [f"Canary overlap@10 (served vs new): {report.metrics['canary_overlap_at_10']}", ""]
+    md += ["| step | seconds | ok |", "|---|---|---|"] + [
+        f"| {s['step']} | {s['seconds']} | {'yes' if s['ok'] else 'no: ' + s.get('error', '')} |" for s in report.steps]
+    try:
+        if report.candidate_model and (store.model_dir(report.candidate_model) / "training.png").is_file():
+            shutil.copyfile(store.model_dir(report.candidate_model) / "training.png", folder / "training.png")
+            md += ["", "![training curve](training.png)"]
+        if report.new_index and store.index_dir(report.new_index).is_dir():
+            example_grid(store, report.previous_index, report.new_index, folder / "examples.png")
+            md += ["", "![example queries: served vs new](examples.png)"]
+    except Exception as e:  # the report must never turn a good run into a failure
+        log.warning("could not draw the report's pictures: %s", e)
+    (folder / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    log.info("reindex report: %s", folder / "report.md")
+    return folder

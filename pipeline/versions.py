@@ -1,0 +1,143 @@
+"""Index versions of a store: list, check, promote, roll back (``lookalike versions``).
+
+Every promotion is appended to ``DIR/history.jsonl`` (version, model, time, reason), so
+``rollback`` knows which version served before the current one. Promotion always goes
+through the same checks: the index loads (manifest, checksums, counts), the model the
+index names exists and matches its dimension, and a smoke query of a stored item finds
+that item first. Only then is ``CURRENT`` replaced, atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from typing import Any
+
+from lookalike.model.store import Store, StoreError
+
+log = logging.getLogger(__name__)
+
+HISTORY = "history.jsonl"
+
+
+class PromotionError(RuntimeError):
+    """A version failed its checks and was not promoted; CURRENT is unchanged."""
+
+
+def list_versions(store: Store) -> list[dict[str, Any]]:
+    """Index versions, oldest first, with their manifest figures and whether they serve."""
+    current = store.current_index()
+    rows = []
+    if not store.indexes_dir.is_dir():
+        return rows
+    for path in sorted(p for p in store.indexes_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        row: dict[str, Any] = {"version": path.name, "current": path.name == current}
+        try:
+            manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            row["error"] = f"unreadable manifest: {e}"
+            rows.append(row)
+            continue
+        tuned = manifest.get("tuning") or {}
+        row.update({
+            "model_version": manifest.get("model_version"),
+            "count": manifest.get("count"),
+            "created": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(manifest.get("created_unix_s", 0))),
+            "recall_at_10": tuned.get("recall") if isinstance(tuned, dict) else None,
+            "mode": (manifest.get("build") or {}).get("mode"),
+        })
+        rows.append(row)
+    return rows
+
+
+def check_version(store: Store, version: str) -> dict[str, Any]:
+    """Load index ``version`` and its model and run a smoke query; raise PromotionError if bad."""
+    from lookalike.index.searcher import ItemIndex
+    from lookalike.model.artifact import load_encoder
+
+    try:
+        index = ItemIndex.load(store.index_dir(version))
+        encoder = load_encoder(store.require_model(index.model_version))
+    except (OSError, ValueError, RuntimeError, StoreError) as e:
+        raise PromotionError(f"index version {version} is not servable: {e}") from e
+    if encoder.embed_dim != index.embed_dim:
+        raise PromotionError(f"index {version} has dim {index.embed_dim} but model {encoder.version} gives {encoder.embed_dim}")
+    probe = index.items[len(index) // 2]["id"]
+    found = index.search(index.embeddings[index.row_of(probe)], k=1)[0]
+    if not found or found[0].id != probe:
+        raise PromotionError(f"index {version} failed its smoke query: item {probe!r} is not its own nearest neighbour")
+    return {"version": version, "model_version": index.model_version, "count": len(index)}
+
+
+def record_promotion(store: Store, version: str, reason: str) -> None:
+    entry = {"version": version, "unix_s": time.time(), "reason": reason}
+    with (store.root / HISTORY).open("a", encoding="utf-8") as f:
+        f.write(json.dumps(entry) + "\n")
+        f.flush()
+
+
+def history(store: Store) -> list[dict[str, Any]]:
+    path = store.root / HISTORY
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def promote(store: Store, version: str, reason: str = "manual") -> dict[str, Any]:
+    """Check ``version`` and make it CURRENT (atomic); raise PromotionError otherwise."""
+    if not store.index_dir(version).is_dir():
+        raise PromotionError(f"no index version {version!r} in {store.indexes_dir}")
+    checked = check_version(store, version)
+    previous = store.current_index()
+    store.set_current_index(version)
+    record_promotion(store, version, reason if previous != version else f"{reason} (already current)")
+    log.info("promoted index %s (was %s): %s", version, previous, reason)
+    return {**checked, "previous": previous}
+
+
+def rollback(store: Store) -> dict[str, Any]:
+    """Promote the version that served before the current one (per history, else the next older)."""
+    current = store.current_index()
+    if current is None:
+        raise PromotionError(f"nothing to roll back: {store.root} has no CURRENT index")
+    available = {r["version"] for r in list_versions(store) if "error" not in r}
+    earlier = [h["version"] for h in history(store) if h["version"] != current and h["version"] in available]
+    if not earlier:
+        older = sorted(v for v in available if v < current)
+        earlier = older[-1:]
+    if not earlier:
+        raise PromotionError(f"no earlier version to roll back to from {current}")
+    return promote(store, earlier[-1], reason=f"rollback from {current}")
+
+
+def prune(store: Store, keep: int) -> list[str]:
+    """Delete all but the newest ``keep`` index versions (never CURRENT), and models no kept
+    index uses (never LATEST)."""
+    versions = [r["version"] for r in list_versions(store)]
+    current = store.current_index()
+    removed = [v for v in versions[: max(0, len(versions) - keep)] if v != current]
+    for v in removed:
+        shutil.rmtree(store.index_dir(v), ignore_errors=True)
+    used = {r.get("model_version") for r in list_versions(store)} | {store.latest_model()}
+    if store.models_dir.is_dir():
+        for model in store.models_dir.iterdir():
+            if model.is_dir() and not model.name.startswith(".") and model.name not in used:
+                shutil.rmtree(model, ignore_errors=True)
+                removed.append(model.name)
+    if removed:
+        log.info("pruned %s", ", ".join(removed))
+    return removed
+
+
+def clean_partial(store: Store) -> list[str]:
+    """Remove temporary folders a killed run left (call only while holding the store lock)."""
+    removed = []
+    for parent in (store.indexes_dir, store.models_dir):
+        if parent.is_dir():
+            for tmp in parent.iterdir():
+                if tmp.name.startswith((".tmp-", ".run-")):
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    removed.append(str(tmp))
+    return removed

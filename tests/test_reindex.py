@@ -1,0 +1,162 @@
+"""The retrain-and-reindex job: gating, incremental growth, rollback, crash safety, locks,
+bad input. Runs the real job (training, Beam pipeline, ScaNN) on the tiny store."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from lookalike.index.searcher import ItemIndex
+from lookalike.model.config import apply_overrides
+from lookalike.model.store import Store, StoreError
+from lookalike.pipeline.lock import LockHeldError, StoreLock
+from lookalike.pipeline.reindex import STEPS, ReindexConfig, run_reindex
+from lookalike.pipeline.versions import PromotionError, list_versions, promote, rollback
+
+
+@pytest.fixture
+def store(tmp_path, indexed_store) -> Store:
+    workdir = tmp_path / "store"
+    shutil.copytree(indexed_store.root, workdir)
+    return Store.at(workdir)
+
+
+def answers(store: Store, ids: list[str]) -> dict[str, list[str]]:
+    index = ItemIndex.load(store.require_current_index())
+    return {i: [n.id for n in index.similar_to(i, 5)] for i in ids}
+
+
+def probe_ids(store: Store) -> list[str]:
+    index = ItemIndex.load(store.require_current_index())
+    return [index.items[i]["id"] for i in (0, len(index) // 2, len(index) - 1)]
+
+
+def add_images(store: Store, count: int) -> None:
+    for i in range(count):
+        Image.new("L", (32, 32), 30 + 20 * i).save(store.corpus_dir / "0" / f"new_{i}.png")
+
+
+def test_growing_corpus_embeds_only_new_media_and_rollback_restores_answers(store, tiny_config):
+    ids = probe_ids(store)
+    before = answers(store, ids)
+    first_version = store.current_index()
+    forced = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, force=True, min_canary_overlap=0.0))
+    assert forced.outcome == "promoted" and forced.exit_code == 0, forced.reason
+    assert forced.chosen_model == forced.candidate_model and store.current_index() == forced.new_index
+    assert (store.root / "reports").is_dir() and list((store.root / "reports").glob("*/examples.png"))
+    add_images(store, 3)
+    grown = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, min_improvement=1.0,
+                                      min_canary_overlap=0.0))
+    assert grown.outcome == "promoted", grown.reason
+    assert grown.chosen_model == forced.chosen_model  # candidate not better: model kept
+    assert grown.metrics["embed"]["embedded"] == 3  # only the new media
+    assert len(ItemIndex.load(store.require_current_index())) == len(ItemIndex.load(store.index_dir(first_version))) + 3
+    rollback(store)
+    assert store.current_index() == forced.new_index
+    rollback(store)
+    assert store.current_index() == grown.new_index or store.current_index() == first_version
+    promote(store, first_version, reason="test")
+    assert answers(store, ids) == before
+
+
+def test_worse_candidate_is_rejected_and_current_kept(store, tiny_config):
+    before = store.current_index()
+    barely = apply_overrides(tiny_config, ["num_steps=1", "embed_dim=4"])  # other shape: no warm start
+    report = run_reindex(ReindexConfig(workdir=str(store.root), train=barely))
+    assert report.metrics["candidate_accepted"] is False
+    assert report.metrics["candidate"]["map_at_r"] < report.metrics["current"]["map_at_r"]
+    assert (report.outcome, report.exit_code) == ("kept_current", 3)
+    assert store.current_index() == before
+
+
+def run_cli_reindex(store: Store, env_extra: dict[str, str]) -> subprocess.CompletedProcess:
+    exe = str(Path(sys.executable).with_name("lookalike"))
+    env = {**os.environ, **env_extra}
+    return subprocess.run([exe, "reindex", "--workdir", str(store.root), "--config", "tiny", "--force",
+                           "--min-canary-overlap", "0"], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_sigkill_at_each_step_leaves_the_served_version_answering(store):
+    ids = probe_ids(store)
+    before_version, before = store.current_index(), answers(store, ids)
+    for step in STEPS:
+        killed = run_cli_reindex(store, {"LOOKALIKE_FAILPOINT": step})
+        assert killed.returncode == -signal.SIGKILL, (step, killed.stderr[-2000:])
+        assert (store.root / ".reindex.lock").exists()  # the dead run's lock is left behind
+        if step == "prune":  # prune runs after promotion: the new version is served, and answers
+            assert store.current_index() != before_version and answers(store, ids)
+        else:
+            assert store.current_index() == before_version, step
+            assert answers(store, ids) == before, step
+    again = run_cli_reindex(store, {})  # the next run detects the stale lock, cleans up and completes
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert not list(store.indexes_dir.glob(".tmp-*")) and not list(store.models_dir.glob(".run-*"))
+    assert not (store.root / ".reindex.lock").exists()
+
+
+def test_one_run_at_a_time(store, tiny_config):
+    with StoreLock(store.root):
+        with pytest.raises(LockHeldError, match="another reindex run"):
+            run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config))
+
+
+def test_missing_store_is_a_clear_error(tmp_path, tiny_config):
+    with pytest.raises(StoreError, match="does not exist"):
+        run_reindex(ReindexConfig(workdir=str(tmp_path / "nope"), train=tiny_config))
+
+
+def test_corrupt_current_version_fails_and_promotes_nothing(store, tiny_config):
+    current = store.current_index()
+    victim = next(p for p in store.index_dir(current).rglob("*.npy"))
+    victim.write_bytes(b"corrupt")
+    report = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, force=True))
+    assert report.outcome == "failed" and "checksum" in report.reason
+    assert store.current_index() == current
+
+
+@pytest.mark.parametrize("damage", ["empty", "stale"])
+def test_bad_evaluation_set_fails_and_promotes_nothing(store, tiny_config, damage):
+    current = store.current_index()
+    frozen = store.root / "eval" / "frozen.json"
+    frozen.parent.mkdir(parents=True, exist_ok=True)
+    ids = [] if damage == "empty" else ["0/gone_1.png", "1/gone_2.png"]
+    frozen.write_text(json.dumps({"ids": ids}))
+    report = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, force=True))
+    assert report.outcome == "failed"
+    assert ("empty" in report.reason) if damage == "empty" else ("no longer matches" in report.reason)
+    assert store.current_index() == current
+
+
+def test_disk_full_during_embedding_fails_cleanly(store):
+    """The embeddings folder on a 32 KiB tmpfs: the embed step hits a real ENOSPC."""
+    current = store.current_index()
+    ids = probe_ids(store)
+    before = answers(store, ids)
+    shutil.rmtree(store.embeddings_dir)
+    store.embeddings_dir.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=32k", "tmpfs", str(store.embeddings_dir)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill up (needs root): {mounted.stderr.strip()}")
+    try:
+        out = run_cli_reindex(store, {})
+    finally:
+        subprocess.run(["umount", "-l", str(store.embeddings_dir)], check=False)
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "nothing promoted" in out.stderr and "No space left" in out.stderr
+    assert store.current_index() == current and answers(store, ids) == before
+
+
+def test_versions_list_and_bad_promotion(store):
+    rows = list_versions(store)
+    assert [r["current"] for r in rows] == [True] and rows[0]["count"] > 0
+    with pytest.raises(PromotionError, match="no index version"):
+        promote(store, "i-does-not-exist")
+    with pytest.raises(PromotionError, match="no earlier version"):
+        rollback(store)
