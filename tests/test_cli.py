@@ -76,7 +76,7 @@ def server_url(demo_workdir):
 
 
 def test_every_subcommand_has_help():
-    for command in ("demo", "train", "embed", "serve", "query", "reindex"):
+    for command in ("demo", "train", "embed", "serve", "query", "reindex", "versions"):
         out = run_cli(command, "--help", timeout=60)
         assert out.returncode == 0 and "--" in out.stdout, (command, out.stderr)
         if command != "query":
@@ -130,4 +130,7 @@ def test_reindex_publishes_a_new_version(tmp_path, demo_workdir):
     out = run_cli("reindex", "--workdir", str(workdir), "--config", "tiny")
     assert out.returncode == 0, out.stderr[-3000:]
     report = json.loads(out.stdout)
-    assert report["embedded"] == 1797 and (workdir / "CURRENT").read_text().strip() == report["index_version"]
+    assert report["outcome"] == "promoted" and report["exit_code"] == 0
+    assert (workdir / "CURRENT").read_text().strip() == report["new_index"]
+    out = run_cli("versions", "list", "--workdir", str(workdir), "--json", timeout=120)
+    assert out.returncode == 0 and json.loads(out.stdout)[0]["current"] is True
