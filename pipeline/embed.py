@@ -363,7 +363,10 @@ def run_embed(config: EmbedConfig) -> EmbedSummary:
             f"(see {run_dir}/dead_letter-*.jsonl); no index published"
         )
     if config.publish:
+        from lookalike.pipeline.versions import record_promotion
+
         summary.index_version = build_and_publish(store, embeddings, items, model_version=meta["version"], options=config.index)
+        record_promotion(store, summary.index_version, f"embed run {run}")
     (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
     log.info(
         "%d item(s): %d embedded, from %d unchanged file(s) reused, %d duplicate file(s); %d failed; "

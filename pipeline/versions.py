@@ -1,7 +1,8 @@
 """Index versions of a store: list, check, promote, roll back (``lookalike versions``).
 
-Every promotion is appended to ``DIR/history.jsonl`` (version, model, time, reason), so
-``rollback`` knows which version served before the current one. Promotion always goes
+Every promotion is appended to ``DIR/history.jsonl`` (version, time, reason), so
+``rollback`` knows which version served before the current one; rollbacks are recorded
+too and pop the stack, so repeated rollbacks walk further back. Promotion always goes
 through the same checks: the index loads (manifest, checksums, counts), the model the
 index names exists and matches its dimension, and a smoke query of a stored item finds
 that item first. Only then is ``CURRENT`` replaced, atomically.
@@ -97,16 +98,30 @@ def promote(store: Store, version: str, reason: str = "manual") -> dict[str, Any
     return {**checked, "previous": previous}
 
 
+def promotion_stack(store: Store) -> list[str]:
+    """Versions in the order they were promoted, with rolled-back ones popped off."""
+    stack: list[str] = []
+    for entry in history(store):
+        if entry.get("reason", "").startswith("rollback") and len(stack) >= 2:
+            stack.pop()
+        elif not stack or stack[-1] != entry["version"]:
+            stack.append(entry["version"])
+    return stack
+
+
 def rollback(store: Store) -> dict[str, Any]:
-    """Promote the version that served before the current one (per history, else the next older)."""
+    """Promote the version that served before the current one; repeated calls walk further
+    back (per the promotion history, else the next older version by name)."""
     current = store.current_index()
     if current is None:
         raise PromotionError(f"nothing to roll back: {store.root} has no CURRENT index")
     available = {r["version"] for r in list_versions(store) if "error" not in r}
-    earlier = [h["version"] for h in history(store) if h["version"] != current and h["version"] in available]
+    stack = promotion_stack(store)
+    if stack and stack[-1] == current:
+        stack.pop()
+    earlier = [v for v in stack if v in available and v != current]
     if not earlier:
-        older = sorted(v for v in available if v < current)
-        earlier = older[-1:]
+        earlier = sorted(v for v in available if v < current)
     if not earlier:
         raise PromotionError(f"no earlier version to roll back to from {current}")
     return promote(store, earlier[-1], reason=f"rollback from {current}")
