@@ -1,8 +1,8 @@
 """The embedding cache: what a (source bytes, model version) pair already embedded to.
 
 Every run appends what it embeds to ``DIR/embeddings/cache/<model version>/`` in
-Parquet files, one per inference batch group, each written to a temporary name and
-renamed when complete. A later ``--incremental`` run looks each file's content hash up
+Parquet files, one per inference batch, each written to a temporary name and renamed
+when complete. A later ``--incremental`` run looks each file's content hash up
 here and reuses the rows instead of decoding and embedding again; because groups land
 as they finish, a rerun after a crash redoes only the unfinished work.
 
@@ -100,21 +100,14 @@ def load_cache(directory: str | Path) -> dict[str, list[dict[str, Any]]]:
     return dict(rows)
 
 
-class WriteCacheFn(beam.DoFn):
-    """(key, [cache row, ...]) -> path of one new cache file holding those rows (atomic)."""
+def write_cache_rows(directory: str, rows: list[dict[str, Any]], embed_dim: int) -> str | None:
+    """Write cache rows (meta + embedding) as one new Parquet file, atomically; return its path."""
+    from lookalike.pipeline.writers import write_atomically
 
-    def __init__(self, directory: str, embed_dim: int):
-        self._directory = directory
-        self._embed_dim = embed_dim
-
-    def process(self, keyed: tuple[Any, Any]):
-        from lookalike.pipeline.writers import write_atomically
-
-        _, rows = keyed
-        rows = [{k: row[k] for k in (*CACHE_FIELDS, "embedding")} for row in rows]
-        if not rows:
-            return
-        table = pa.Table.from_pylist(rows, schema=cache_schema(self._embed_dim))
-        path = os.path.join(self._directory, f"part-{uuid.uuid4().hex}.parquet")
-        write_atomically(path, lambda tmp: pq.write_table(table, tmp))
-        yield path
+    if not rows:
+        return None
+    table = pa.Table.from_pylist([{k: r[k] for k in (*CACHE_FIELDS, "embedding")} for r in rows],
+                                 schema=cache_schema(embed_dim))
+    path = os.path.join(directory, f"part-{uuid.uuid4().hex}.parquet")
+    write_atomically(path, lambda tmp: pq.write_table(table, tmp))
+    return path

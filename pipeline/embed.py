@@ -8,7 +8,7 @@
       GroupByKey(hash bucket)      (byte-identical files decoded once)      |    |
       -> DecodeBatchFn: images / sampled video frames, thumbnails -- dead --|----+
       -> RunInference(KeyedModelHandler(FlaxEncoderHandler)), one batch a call   |
-      -> rows --> GroupByKey -> WriteCacheFn (embeddings/cache/<model>/)    |    |
+      -> rows (each batch also written to embeddings/cache/<model>/)       |    |
       -> one record per path <----------------------------------------------+    |
       -> GroupByKey(shard) -> WriteParquetShardFn (embeddings-SSSSS-of-NNNNN)    |
                                    GroupByKey -> WriteJsonlFn (dead_letter) <----+
@@ -52,7 +52,8 @@ from lookalike.model.preprocess import PreprocessSpec
 from lookalike.model.progress import Progress
 from lookalike.model.store import Store, StoreError, check_version_name
 from lookalike.pipeline.batches import BATCH, DecodeBatchFn, bucket_of, split_tagged
-from lookalike.pipeline.cache import WriteCacheFn, WriteFileIndexFn, cache_dir
+from lookalike.pipeline.cache import WriteFileIndexFn, cache_dir, write_cache_rows
+from lookalike.pipeline.failpoints import failpoint
 from lookalike.pipeline.inference import FlaxEncoderHandler
 from lookalike.pipeline.sources import CACHED, DEAD, FILE, NEW, ReadSourceFn, corpus_pattern, corpus_root, expand_to_items
 from lookalike.pipeline.tfds_source import ReadTfdsRangeFn, TfdsSpec, example_ranges
@@ -127,22 +128,30 @@ def embedding_schema(embed_dim: int) -> pa.Schema:
 
 class BatchRowsFn(beam.DoFn):
     """(metas, PredictionResult with [B, D] inference) -> one cache row (meta + embedding) per
-    item; logs the embed stage's progress (items, rate, ETA against the files matched)."""
+    item. Each batch's rows are written to the embedding cache at once (one file per batch,
+    atomically), so a run killed midway keeps every finished batch for the next
+    ``--incremental`` run. Logs the embed stage's progress (items, rate, ETA)."""
 
-    def __init__(self, total_files: int):
+    def __init__(self, total_files: int, cache_dir: str, embed_dim: int):
         self._total = total_files
+        self._cache_dir = cache_dir
+        self._embed_dim = embed_dim
 
     def setup(self) -> None:
         self._progress = Progress("embed", total=self._total or None, unit="items", logger=log)
         self._count = 0
+        self._batches = 0
 
     def process(self, keyed: tuple[list[dict[str, Any]], Any]):
         metas, result = keyed
         embeddings = np.asarray(result.inference, np.float32)
+        rows = [{**meta, "embedding": emb.tolist()} for meta, emb in zip(metas, embeddings)]
+        write_cache_rows(self._cache_dir, rows, self._embed_dim)
+        self._batches += 1
+        failpoint(f"embed_batch_{self._batches}")
         self._count += len(metas)
         self._progress.update(self._count)
-        for meta, emb in zip(metas, embeddings):
-            yield {**meta, "embedding": emb.tolist()}
+        yield from rows
 
 
 def num_shards_for(total_files: int, requested: int | None) -> int:
@@ -200,13 +209,8 @@ def build_pipeline(p: beam.Pipeline, config: EmbedConfig, pattern: str, root: st
         (BATCH, DEAD), "Decoded")
     # Pre-made batches, one per RunInference call: max_batch_size=1 makes BatchElements emit in process().
     handler = KeyedModelHandler(FlaxEncoderHandler(model_dir, min_batch_size=1, max_batch_size=1))
-    new_rows = decoded[BATCH] | "Embed" >> RunInference(handler) | "BatchRows" >> beam.ParDo(BatchRowsFn(total))
-    cache_files = (
-        new_rows
-        | "CacheKey" >> beam.Map(lambda row: (bucket_of(row["source_hash"], num_shards), row))
-        | "GroupCache" >> beam.GroupByKey()
-        | "WriteCache" >> beam.ParDo(WriteCacheFn(cache, embed_dim))
-    )
+    new_rows = decoded[BATCH] | "Embed" >> RunInference(handler) | "BatchRows" >> beam.ParDo(
+        BatchRowsFn(total, cache, embed_dim))
     new_items = new_rows | "NewItems" >> beam.FlatMap(lambda row: expand_to_items(row["uris"], row, root, thumbs, version))
     old_items = read[CACHED] | "CachedItems" >> beam.FlatMap(
         lambda pair: expand_to_items(pair[0], pair[1], root, thumbs, version, reused=True))
@@ -224,7 +228,7 @@ def build_pipeline(p: beam.Pipeline, config: EmbedConfig, pattern: str, root: st
         | "GroupDead" >> beam.GroupByKey()
         | "WriteDead" >> beam.ParDo(WriteJsonlFn(f"{run_dir}/dead_letter-00000-of-00001.jsonl"))
     )
-    _ = (parquet_files, cache_files, dead_files, file_index) | "AllSinks" >> beam.Flatten() | "Done" >> beam.Map(lambda path: path)
+    _ = (parquet_files, dead_files, file_index) | "AllSinks" >> beam.Flatten() | "Done" >> beam.Map(lambda path: path)
 
 
 def read_list_file(path: str) -> list[str]:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ import numpy as np
 from lookalike.model.config import TrainConfig
 from lookalike.model.data import list_images
 from lookalike.model.store import Store, StoreError
+from lookalike.pipeline.failpoints import failpoint
 from lookalike.pipeline.lock import StoreLock
 from lookalike.pipeline.versions import clean_partial, promote, prune
 
@@ -80,12 +80,6 @@ class ReindexReport:
     @property
     def exit_code(self) -> int:
         return {"promoted": EXIT_PROMOTED, "kept_current": EXIT_KEPT_CURRENT}.get(self.outcome, EXIT_FAILED)
-
-
-def failpoint(step: str) -> None:
-    if os.environ.get("LOOKALIKE_FAILPOINT") == step:
-        log.warning("failpoint %s: killing this process", step)
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def frozen_eval_set(store: Store, corpus: Path, per_class: int, seed: int = 0) -> list[str]:

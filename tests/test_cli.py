@@ -6,7 +6,6 @@ own best match, and ``query`` as its command-line client.
 """
 
 import json
-import os
 import shutil
 import subprocess
 import sys

@@ -4,7 +4,6 @@ worker processes on 127.0.0.1, started here; same result as the in-process runne
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np

@@ -209,3 +209,26 @@ def test_incremental_skips_reading_unchanged_files_but_notices_edits(workdir_wit
     new_hash = dict(zip(items.column("id").to_pylist(), items.column("content_hash").to_pylist()))
     import hashlib
     assert new_hash[str(edited.relative_to(corpus))] == hashlib.sha256(edited.read_bytes()).hexdigest()
+
+
+def test_rerun_after_a_crash_redoes_only_unfinished_work(workdir_with_model, digits_corpus):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    corpus = workdir_with_model / "corpus"
+    shutil.copytree(digits_corpus, corpus)
+    exe = str(Path(sys.executable).with_name("lookalike"))
+    killed = subprocess.run([exe, "embed", "--workdir", str(workdir_with_model), "--batch-size", "32"],
+                            env={**os.environ, "LOOKALIKE_FAILPOINT": "embed_batch_2"}, capture_output=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert not (workdir_with_model / "CURRENT").exists()
+    cached = sum(pq.read_metadata(p).num_rows for p in (workdir_with_model / "embeddings" / "cache").rglob("part-*.parquet"))
+    total = len(list_images(corpus))
+    assert 0 < cached < total  # the two finished batches survived the kill
+    rerun = run_embed(EmbedConfig(workdir=str(workdir_with_model), incremental=True, max_batch_size=32))
+    assert (rerun.embedded, rerun.unchanged, rerun.items) == (total - cached, cached, total)

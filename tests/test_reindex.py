@@ -161,3 +161,19 @@ def test_versions_list_and_bad_promotion(store):
         rollback(store)
     promote(store, rows[0]["version"], reason="again")  # promoting the current one is harmless
     assert store.current_index() == rows[0]["version"]
+
+
+def test_read_only_store_is_refused_before_anything_runs(tmp_path, indexed_store, tiny_config):
+    """A store on a read-only mount (permissions alone do not stop root)."""
+    mount_point = tmp_path / "ro"
+    mount_point.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount_point)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs to make read-only (needs root)")
+    try:
+        shutil.copytree(indexed_store.root, mount_point / "store")
+        remount = subprocess.run(["mount", "-o", "remount,ro", str(mount_point)], capture_output=True, text=True)
+        assert remount.returncode == 0, remount.stderr
+        with pytest.raises(StoreError, match="not writable"):
+            run_reindex(ReindexConfig(workdir=str(mount_point / "store"), train=tiny_config))
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)

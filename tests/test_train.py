@@ -3,11 +3,9 @@ import os
 import subprocess
 import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lookalike.model.config import get_config
 from lookalike.model.encoder import create_encoder
 from lookalike.model.train import make_optimizer, train_step
 
