@@ -31,6 +31,7 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -46,7 +47,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from lookalike.index.builder import IndexOptions, build_and_publish
+from lookalike.index.builder import IndexOptions, resolve_options
+from lookalike.index.manifest import new_index_version
 from lookalike.model.artifact import read_model_meta
 from lookalike.model.preprocess import PreprocessSpec
 from lookalike.model.progress import Progress
@@ -54,6 +56,7 @@ from lookalike.model.store import Store, StoreError, check_version_name
 from lookalike.pipeline.batches import BATCH, DecodeBatchFn, bucket_of, split_tagged
 from lookalike.pipeline.cache import WriteFileIndexFn, cache_dir, write_cache_rows
 from lookalike.pipeline.failpoints import failpoint
+from lookalike.pipeline.index_shards import BuildIndexShardFn, publish_shards
 from lookalike.pipeline.inference import FlaxEncoderHandler
 from lookalike.pipeline.sources import CACHED, DEAD, FILE, NEW, ReadSourceFn, corpus_pattern, corpus_root, expand_to_items
 from lookalike.pipeline.tfds_source import ReadTfdsRangeFn, TfdsSpec, example_ranges
@@ -174,8 +177,11 @@ def pipeline_options(config: EmbedConfig) -> PipelineOptions:
 
 
 def build_pipeline(p: beam.Pipeline, config: EmbedConfig, pattern: str, root: str, model_dir: str,
-                   meta: dict[str, Any], store: Store, run_dir: str, total: int) -> None:
-    """Add the embed transforms to ``p``; every sink feeds the final ``Done`` transform."""
+                   meta: dict[str, Any], store: Store, run_dir: str, total: int,
+                   index_build: tuple[str, dict[str, Any]] | None = None) -> None:
+    """Add the embed transforms to ``p``; every sink feeds the final ``Done`` transform.
+    With ``index_build`` = (temporary index folder, build params), each embedding shard
+    also becomes a ScaNN index shard there."""
     spec = PreprocessSpec.from_dict(meta["preprocess"])
     embed_dim, version = int(meta["embed_dim"]), meta["version"]
     cache = str(cache_dir(store.embeddings_dir, version))
@@ -214,13 +220,19 @@ def build_pipeline(p: beam.Pipeline, config: EmbedConfig, pattern: str, root: st
     new_items = new_rows | "NewItems" >> beam.FlatMap(lambda row: expand_to_items(row["uris"], row, root, thumbs, version))
     old_items = read[CACHED] | "CachedItems" >> beam.FlatMap(
         lambda pair: expand_to_items(pair[0], pair[1], root, thumbs, version, reused=True))
-    parquet_files = (
+    shards = (
         (new_items, old_items)
         | "AllItems" >> beam.Flatten()
         | "ShardKey" >> beam.Map(lambda r: (shard_of(r["id"], num_shards), r))
         | "GroupShards" >> beam.GroupByKey()
-        | "WriteParquet" >> beam.ParDo(WriteParquetShardFn(f"{run_dir}/embeddings", num_shards, embedding_schema(embed_dim)))
     )
+    parquet_files = shards | "WriteParquet" >> beam.ParDo(
+        WriteParquetShardFn(f"{run_dir}/embeddings", num_shards, embedding_schema(embed_dim)))
+    sinks = [parquet_files]
+    if index_build is not None:
+        index_dir, params = index_build
+        item_schema = pa.schema([f for f in embedding_schema(embed_dim) if f.name != "embedding"])
+        sinks.append(shards | "BuildIndexShards" >> beam.ParDo(BuildIndexShardFn(index_dir, params, item_schema)))
     dead_files = (
         (read[DEAD], decoded[DEAD])
         | "AllDead" >> beam.Flatten()
@@ -228,7 +240,7 @@ def build_pipeline(p: beam.Pipeline, config: EmbedConfig, pattern: str, root: st
         | "GroupDead" >> beam.GroupByKey()
         | "WriteDead" >> beam.ParDo(WriteJsonlFn(f"{run_dir}/dead_letter-00000-of-00001.jsonl"))
     )
-    _ = (parquet_files, dead_files, file_index) | "AllSinks" >> beam.Flatten() | "Done" >> beam.Map(lambda path: path)
+    _ = (*sinks, dead_files, file_index) | "AllSinks" >> beam.Flatten() | "Done" >> beam.Map(lambda path: path)
 
 
 def read_list_file(path: str) -> list[str]:
@@ -327,11 +339,24 @@ def run_embed(config: EmbedConfig) -> EmbedSummary:
         total = len(read_list_file(config.list_file)) if config.list_file else count_matches(pattern)
     log.info("embedding %d file(s) matching %s with model %s on %s", total, pattern, meta["version"], config.runner)
     started = time.perf_counter()
+    index_build, index_version, index_tmp, index_options = None, None, None, config.index
+    if config.publish and total > 0:
+        index_version = new_index_version()
+        index_tmp = store.indexes_dir / f".tmp-{index_version}"
+        index_tmp.mkdir(parents=True)
+        num_shards = min(num_shards_for(total, config.num_shards), total)
+        index_options = replace(config.index, num_shards=num_shards)
+        index_build = (str(index_tmp), resolve_options(total, index_options))
     p = beam.Pipeline(options=pipeline_options(config))
-    build_pipeline(p, config, pattern, root, str(model_dir), meta, store, str(run_dir), total)
-    result = p.run()
+    build_pipeline(p, config, pattern, root, str(model_dir), meta, store, str(run_dir), total, index_build)
+    result = None
     try:
+        result = p.run()
         result.wait_until_finish()
+    except BaseException:
+        if index_tmp is not None:
+            shutil.rmtree(index_tmp, ignore_errors=True)
+        raise
     finally:
         client = getattr(result, "client", None)  # the Dask runner leaves its client open
         if client is not None:
@@ -361,6 +386,8 @@ def run_embed(config: EmbedConfig) -> EmbedSummary:
     for row in dead:
         log.warning("skipped %s at %s: %s", row["uri"], row["stage"], row["reason"])
     if len(embeddings) == 0:
+        if index_tmp is not None:
+            shutil.rmtree(index_tmp, ignore_errors=True)
         (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
         raise EmbedError(
             f"nothing embedded from {pattern}: {total} file(s) matched, {len(dead)} rejected "
@@ -369,7 +396,8 @@ def run_embed(config: EmbedConfig) -> EmbedSummary:
     if config.publish:
         from lookalike.pipeline.versions import record_promotion
 
-        summary.index_version = build_and_publish(store, embeddings, items, model_version=meta["version"], options=config.index)
+        summary.index_version = publish_shards(store, index_tmp, index_version, model_version=meta["version"],
+                                               params=index_build[1], options=index_options)
         record_promotion(store, summary.index_version, f"embed run {run}")
     (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
     log.info(

@@ -67,3 +67,8 @@ def test_dask_cluster_gives_the_same_embeddings_and_dead_letters(tmp_path, index
     np.testing.assert_allclose(emb_dask, emb_local, atol=1e-5)
     assert summary.embedded == len(items_local) and summary.index_version
     assert len(list((workdir / "embeddings" / summary.run).glob("embeddings-*-of-00002.parquet"))) == 2
+    from lookalike.index.searcher import ItemIndex
+
+    index = ItemIndex.load(workdir / "indexes" / summary.index_version)  # built shard by shard on the workers
+    assert len(index.manifest["shards"]) == 2 and len(index) == len(items_local)
+    assert index.search(emb_dask[:5], k=1)[0][0].id == items_dask.column("id")[0].as_py()

@@ -64,6 +64,7 @@ def test_all_bad_corpus_fails_and_publishes_nothing(tmp_path, trained_store):
     with pytest.raises(EmbedError, match="nothing embedded"):
         run_embed(EmbedConfig(workdir=str(workdir), corpus=str(workdir / "bad")))
     assert not (workdir / "CURRENT").exists()
+    assert not list((workdir / "indexes").glob("*"))  # no half-built index left behind
 
 
 def test_multi_process_runner_gives_the_same_embeddings(tmp_path, indexed_store):
@@ -232,3 +233,15 @@ def test_rerun_after_a_crash_redoes_only_unfinished_work(workdir_with_model, dig
     assert 0 < cached < total  # the two finished batches survived the kill
     rerun = run_embed(EmbedConfig(workdir=str(workdir_with_model), incremental=True, max_batch_size=32))
     assert (rerun.embedded, rerun.unchanged, rerun.items) == (total - cached, cached, total)
+
+
+def test_index_is_built_shard_by_shard_in_the_pipeline(workdir_with_model, digits_corpus):
+    shutil.copytree(digits_corpus, workdir_with_model / "corpus")
+    summary = run_embed(EmbedConfig(workdir=str(workdir_with_model), num_shards=3))
+    index = ItemIndex.load(workdir_with_model / "indexes" / summary.index_version)
+    assert [s["name"] for s in index.manifest["shards"]] == ["shard-00000", "shard-00001", "shard-00002"]
+    assert sum(s["count"] for s in index.manifest["shards"]) == len(index) == summary.items
+    emb, items = read_embeddings(workdir_with_model / "embeddings" / summary.run)
+    found = index.search(emb, k=1)
+    assert [f[0].id for f in found] == items.column("id").to_pylist()  # every item finds itself across shards
+    assert not list((workdir_with_model / "indexes").glob(".tmp-*"))

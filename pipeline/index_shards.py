@@ -1,0 +1,73 @@
+"""The index built inside the embed pipeline: one ScaNN shard per embedding shard.
+
+Each worker that writes an embedding shard also builds that shard's ScaNN index
+(``lookalike.index.builder.build_shard``) into the new version's temporary folder
+``indexes/.tmp-<version>/`` and leaves its manifest entry beside it. When the pipeline
+has finished, ``publish_shards`` assembles the manifest over every shard (counts,
+checksums, model version, dim, metric), autotunes, renames the folder into
+``indexes/<version>`` and only then moves ``CURRENT``: readers never see half an index.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+
+from lookalike.model.store import Store
+
+log = logging.getLogger(__name__)
+
+ENTRY_SUFFIX = ".entry.json"
+
+
+class BuildIndexShardFn(beam.DoFn):
+    """(shard, [record, ...]) -> path of the shard's manifest entry, after building it."""
+
+    def __init__(self, index_dir: str, params: dict[str, Any], item_schema: pa.Schema):
+        self._index_dir = index_dir
+        self._params = params
+        self._schema = item_schema
+
+    def process(self, keyed: tuple[int, Any]):
+        from lookalike.index.builder import build_shard
+        from lookalike.pipeline.writers import write_atomically
+
+        shard, records = keyed
+        rows = sorted(records, key=lambda r: r["id"])
+        embeddings = np.asarray([r["embedding"] for r in rows], np.float32)
+        items = pa.Table.from_pylist([{f.name: r.get(f.name) for f in self._schema} for r in rows], schema=self._schema)
+        entry = build_shard(embeddings, items, index_dir=Path(self._index_dir), shard=shard, params=self._params)
+        path = str(Path(self._index_dir) / f"{entry['name']}{ENTRY_SUFFIX}")
+        write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(entry), encoding="utf-8"))
+        yield path
+
+
+def publish_shards(store: Store, tmp_dir: Path, version: str, *, model_version: str, params: dict[str, Any],
+                   options, make_current: bool = True) -> str:
+    """Assemble and autotune the shards in ``tmp_dir``, rename it to ``indexes/<version>``,
+    then (optionally) move CURRENT. Removes ``tmp_dir`` if anything fails."""
+    from lookalike.index.builder import assemble_index
+
+    try:
+        entry_files = sorted(tmp_dir.glob(f"*{ENTRY_SUFFIX}"))
+        if not entry_files:
+            raise RuntimeError(f"no index shard was built in {tmp_dir}")
+        shards = [json.loads(p.read_text(encoding="utf-8")) for p in entry_files]
+        for p in entry_files:
+            p.unlink()
+        params = {**params, "num_shards": len(shards)}
+        assemble_index(tmp_dir, shards, model_version=model_version, params=params, options=options)
+        tmp_dir.rename(store.index_dir(version))
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    if make_current:
+        store.set_current_index(version)
+    return version
