@@ -69,7 +69,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     summary = run_embed(EmbedConfig(
         workdir=args.workdir, corpus=args.corpus, list_file=args.list_file, tfds=args.tfds, tfds_data_dir=args.tfds_data_dir, model_version=args.model, run_name=args.run_name,
         runner=args.runner, num_workers=args.num_workers, max_batch_size=args.batch_size, num_shards=args.num_shards,
-        index=IndexOptions(mode=args.index_mode), beam_args=args.beam_args, publish=not args.no_publish,
+        index=IndexOptions(mode=args.index_mode, target_recall=args.target_recall), beam_args=args.beam_args, publish=not args.no_publish,
         incremental=args.incremental,
         sampling=FrameSampling(interval_s=args.frame_interval_s, shot_threshold=args.shot_threshold),
     ))
@@ -223,8 +223,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="files per inference batch")
     p.add_argument("--num-shards", type=int, default=None,
                    help="embedding and index shards, each built on a worker (default: one per 50k files)")
-    p.add_argument("--index-mode", default="auto", choices=["auto", "brute_force", "tree_ah"],
-                   help="ScaNN configuration (auto: exact under 20k items, tree + AH + reorder above)")
+    p.add_argument("--index-mode", default="auto", choices=["auto", "brute_force", "ah", "tree_ah"],
+                   help="ScaNN configuration (auto: chosen by size: exact for small corpora, AH + reorder, "
+                   "then tree + AH + reorder)")
+    p.add_argument("--target-recall", type=float, default=0.95,
+                   help="autotune the index's search parameters to this recall@10 against exact search")
     p.add_argument("--no-publish", action="store_true", help="write embeddings only; do not build or publish an index")
     p.add_argument("--incremental", action="store_true",
                    help="reuse embeddings of files whose bytes this model already embedded (embeddings/cache/)")
