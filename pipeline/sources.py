@@ -74,10 +74,12 @@ def read_bytes(uri: str) -> bytes:
 
 NEW = "new"
 FILE = "file"
+# Files up to this size travel with the element to the decode stage; larger ones are read again there.
+CARRY_BYTES_MAX = 256 * 1024
 
 
 class ReadSourceFn(beam.DoFn):
-    """FileMetadata -> ("new", (source hash, uri, None)) | ("cached", (uri, row)) | ("dead", letter),
+    """FileMetadata -> ("new", (source hash, uri, bytes if small else None)) | ("cached", (uri, row)) | ("dead", letter),
     plus ("file", {uri, size, mtime_s, source_hash}) for the file index."""
 
     def __init__(self, cache_dir: str | None, total_files: int):
@@ -104,6 +106,7 @@ class ReadSourceFn(beam.DoFn):
             return
         size, mtime = int(metadata.size_in_bytes or 0), float(getattr(metadata, "last_updated_in_seconds", 0) or 0)
         known = self._files.get(uri)
+        data = None
         if known and size and mtime and known[:2] == (size, mtime) and known[2] in self._cache:
             source_hash = known[2]  # unchanged path, size and mtime: not even read
         else:
@@ -123,7 +126,7 @@ class ReadSourceFn(beam.DoFn):
             for row in cached:
                 yield CACHED, (uri, row)
         else:
-            yield NEW, (source_hash, uri, None)
+            yield NEW, (source_hash, uri, data if data is not None and len(data) <= CARRY_BYTES_MAX else None)
 
 
 def decode_source(
