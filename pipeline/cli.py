@@ -80,7 +80,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from lookalike.serving.server import serve
 
-    serve(args.workdir, host=args.host, port=args.port)
+    serve(args.workdir, host=args.host, port=args.port, watch_interval_s=args.watch_interval_s or None,
+          max_batch=args.max_batch, max_embed_batch=args.max_embed_batch, batch_wait_ms=args.batch_wait_ms)
     return 0
 
 
@@ -88,12 +89,14 @@ def cmd_query(args: argparse.Namespace) -> int:
     from lookalike.serving.client import SearchClient, format_results
 
     client = SearchClient(args.url)
+    filters = {key: value for key, value in (("kind", args.kind), ("group", args.group or None),
+                                              ("max_per_group", args.max_per_group)) if value is not None}
     if args.image:
-        response = client.search_image(args.image, k=args.k)
+        response = client.search_image(args.image, k=args.k, **filters)
     elif args.id:
-        response = client.similar(args.id, k=args.k)
+        response = client.similar(args.id, k=args.k, **filters)
     else:
-        response = client.search_vector([float(v) for v in args.vector.split(",")], k=args.k)
+        response = client.search_vector([float(v) for v in args.vector.split(",")], k=args.k, **filters)
     print(json.dumps(response, indent=2) if args.json else format_results(response))
     return 0
 
@@ -238,11 +241,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="serve the CURRENT index: JSON API and web page",
                        description="Loads the CURRENT index and its model and serves POST /v1/search/image, "
-                       "POST /v1/search/vector, GET /v1/items/{id}/similar, GET /healthz and a web page at /. "
+                       "POST /v1/search/vector, POST /v1/search/batch, GET /v1/items/{id}/similar, /v1/info, "
+                       "/healthz, /readyz, /metrics and a web page at /; follows CURRENT and hot-swaps new "
+                       "versions. Admin endpoints need LOOKALIKE_ADMIN_TOKEN in the environment. "
                        "Example: lookalike serve --workdir DIR --port 8765")
     _add_workdir(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; use 0.0.0.0 deliberately)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    p.add_argument("--watch-interval-s", type=float, default=2.0,
+                   help="how often to check CURRENT for a new index version (0: never; POST /v1/admin/reload still works)")
+    p.add_argument("--max-batch", type=int, default=64, help="most searches answered by one ScaNN call (1: no batching)")
+    p.add_argument("--max-embed-batch", type=int, default=16,
+                   help="most uploaded images embedded in one model forward (1: no batching)")
+    p.add_argument("--batch-wait-ms", type=float, default=2.0, help="longest wait for announced queries to join a batch")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("query", help="ask a running server for similar images",
@@ -254,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--id", help="search by a stored item id")
     what.add_argument("--vector", help="search by an embedding, comma-separated floats")
     p.add_argument("-k", type=int, default=10, help="number of results (1-100)")
+    p.add_argument("--kind", choices=["image", "frame"], default=None, help="only images or only video frames")
+    p.add_argument("--group", action="append", default=[], help="only this group / video id (repeatable)")
+    p.add_argument("--max-per-group", type=int, default=None, help="at most M results per video or group")
     p.add_argument("--json", action="store_true", help="print the raw JSON response")
     p.set_defaults(func=cmd_query)
 

@@ -1,10 +1,12 @@
 """The HTTP API and the search page: ``create_app(load_backend)`` returns a FastAPI app.
 
-The encoder and index are loaded once, in the app's lifespan, by the callable the
-caller passes in (the server passes ``lambda: load_backend(workdir)``; a test can
-pass anything that returns a Backend). Endpoints receive them through dependency
-injection, never through module globals. Model and ScaNN work runs in the thread
-pool (sync endpoints, or ``run_in_threadpool``), so the event loop stays free.
+The first Backend (encoder + index) is loaded in the app's lifespan by the callable
+the caller passes in (the server passes ``lambda: load_backend(workdir)``; a test can
+pass anything that returns a Backend). Endpoints read the served Backend from a
+``BackendSlot`` once, at their start, and use that reference to the end, so a hot
+swap (``lookalike.serving.swap``) never changes the version under a request.
+Image queries are decoded (``lookalike.serving.queries``), then embedded and
+searched through the micro-batchers of a ``QueryEngine`` (``lookalike.serving.engine``).
 
 Bad input is always a 4xx with a reason: 413 for an oversized body, 422 for bytes
 that are not an image, vectors of the wrong length or with NaN, or ``k`` out of
@@ -13,36 +15,55 @@ range, 404 for an unknown item id.
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import binascii
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Annotated, Any
-from urllib.parse import quote
 
-import numpy as np
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import HTMLResponse, Response
-from starlette.datastructures import UploadFile
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel
 
-from lookalike.index.searcher import Neighbor
-from lookalike.model.preprocess import ImageDecodeError
+from lookalike.serving.admin import AdminAuth, admin_router, watch_store
 from lookalike.serving.backend import Backend
-from lookalike.serving.limits import BodySizeLimit, PayloadTooLarge
+from lookalike.serving.engine import BatchingConfig, Filters, QueryEngine, SearchItem
+from lookalike.serving.limits import BodySizeLimit
+from lookalike.serving.metrics import CONTENT_TYPE, RequestMetrics, ServingMetrics
+from lookalike.serving.queries import (
+    UPLOAD_FIELD,
+    echo,
+    embed_image,
+    filters_of,
+    item_or_404,
+    group_of,
+    item_url,
+    read_upload,
+    search_or_422,
+    search_response,
+    unit_query,
+)
 from lookalike.serving.schemas import (
     DEFAULT_K,
     MAX_K,
+    BatchQuery,
+    BatchSearch,
+    BatchSearchResponse,
     ErrorMessage,
     Health,
     Info,
     ItemMetadata,
-    QueryEcho,
+    Kind,
+    Ready,
     SearchResponse,
-    SearchResult,
     VectorQuery,
 )
+from lookalike.serving.swap import DEFAULT_WATCH_INTERVAL_S, BackendSlot, StoreReloader
 from lookalike.serving.thumbnails import ThumbnailUnavailable, render_thumbnail
 
 log = logging.getLogger(__name__)
@@ -50,10 +71,12 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 # Room for multipart boundaries and part headers on top of the image itself.
 MULTIPART_OVERHEAD_BYTES = 16 * 1024
-UPLOAD_FIELD = "file"
 
 K = Annotated[int, Query(ge=1, le=MAX_K, description="number of results")]
 ItemId = Annotated[str, Path(description="item id as listed in search results (may contain '/')")]
+KindFilter = Annotated[Kind | None, Query(description="only items of this kind")]
+GroupFilter = Annotated[list[str] | None, Query(max_length=MAX_K, description="only items of these groups (video ids); repeatable")]
+PerGroup = Annotated[int | None, Query(ge=1, le=MAX_K, description="at most this many results per group (video)")]
 
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 IMAGE_REQUEST_BODY = {
@@ -77,79 +100,30 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 def get_backend(request: Request) -> Backend:
-    """The Backend loaded by the lifespan (503 if asked for before it is ready)."""
-    backend = getattr(request.app.state, "backend", None)
+    """The Backend served right now (503 if none is loaded yet); a request keeps it to the end."""
+    backend = request.app.state.slot.backend
     if backend is None:
         raise HTTPException(status_code=503, detail="the model and index are still loading")
     return backend
 
 
+def get_engine(request: Request) -> QueryEngine:
+    return request.app.state.engine
+
+
 BackendDep = Annotated[Backend, Depends(get_backend)]
+EngineDep = Annotated[QueryEngine, Depends(get_engine)]
 
 
-def item_url(item_id: str, suffix: str = "") -> str:
-    return f"/v1/items/{quote(item_id, safe='/')}{suffix}"
+def as_json(model: BaseModel) -> Response:
+    """Serialise a response model once, in pydantic's Rust core (FastAPI would validate it again)."""
+    return Response(model.model_dump_json(), media_type="application/json")
 
 
-def item_or_404(backend: Backend, item_id: str) -> dict[str, Any]:
-    row = backend.index.row_of(item_id)
-    if row is None:
-        raise HTTPException(status_code=404, detail=f"unknown item id {item_id!r}")
-    return backend.index.items[row]
-
-
-def search_response(backend: Backend, query: QueryEcho, neighbors: list[Neighbor]) -> SearchResponse:
-    threshold = backend.encoder.same_item_threshold
-    results = []
-    for n in neighbors:
-        item = backend.index.items[n.row]
-        results.append(
-            SearchResult(
-                id=n.id,
-                score=n.score,
-                distance=n.distance,
-                same_item=threshold is not None and n.distance <= threshold,
-                kind=item.get("kind") or "image",
-                timestamp_s=item.get("timestamp_s"),
-                thumbnail_url=item_url(n.id, "/thumbnail"),
-            )
-        )
-    return SearchResponse(
-        query=query, results=results, model_version=backend.encoder.version, index_version=backend.index.version
-    )
-
-
-def search_image_bytes(backend: Backend, data: bytes, k: int) -> list[Neighbor]:
-    """Decode, embed and search one image (blocking; run it in the thread pool)."""
-    pixels = backend.encoder.preprocess(data)
-    return backend.index.search(backend.encoder.embed(pixels[None]), k)[0]
-
-
-def unit_query(backend: Backend, vector: list[float]) -> np.ndarray:
-    """A [1, D] unit-length query; ValueError with the reason if it cannot be one."""
-    if len(vector) != backend.index.embed_dim:
-        raise ValueError(f"vector has {len(vector)} values but the index holds {backend.index.embed_dim}-dimensional embeddings")
-    with np.errstate(over="ignore"):  # values beyond float32 become inf, refused below
-        q = backend.index.check_queries(np.asarray(vector, dtype=np.float32))
-    norm = float(np.linalg.norm(q))
-    if not np.isfinite(norm) or norm == 0.0:
-        raise ValueError("query vector has zero (or overflowing) length and no direction")
-    return q / norm
-
-
-async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str | None]:
-    """The uploaded image bytes and file name, from a multipart form or the raw body."""
-    if request.headers.get("content-type", "").startswith("multipart/form-data"):
-        async with request.form(max_files=1, max_fields=16) as form:
-            upload = form.get(UPLOAD_FIELD)
-            if not isinstance(upload, UploadFile):
-                raise HTTPException(status_code=422, detail=f"multipart upload needs a file in field {UPLOAD_FIELD!r}")
-            data, name = await upload.read(max_bytes + 1), upload.filename
-    else:
-        data, name = await request.body(), None
-    if len(data) > max_bytes:
-        raise PayloadTooLarge(max_bytes)
-    return data, name
+def index_quality(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The recall (and its k and target) measured when the index was built, from its manifest."""
+    tuning = manifest.get("tuning") or {}
+    return {key: value for key, value in tuning.items() if value is None or isinstance(value, (int, float, str))}
 
 
 def load_page() -> str:
@@ -160,19 +134,63 @@ def create_app(
     load_backend: Callable[[], Backend],
     *,
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    reloader: StoreReloader | None = None,
+    watch_interval_s: float | None = DEFAULT_WATCH_INTERVAL_S,
+    batching: BatchingConfig = BatchingConfig(),
+    admin_token: str | None = None,
+    load_in_background: bool = False,
 ) -> FastAPI:
-    """The API and page; ``load_backend`` is called once at startup, in a worker thread."""
+    """The API and page.
+
+    ``load_backend`` is called once at startup, in a worker thread: before the server
+    accepts requests, or after (``load_in_background``; /readyz says 503 until it is
+    done). With a ``reloader`` the app follows the store's CURRENT pointer every
+    ``watch_interval_s`` seconds (None: only on ``POST /v1/admin/reload``).
+    ``admin_token`` defaults to $LOOKALIKE_ADMIN_TOKEN; without one, admin endpoints
+    answer 403.
+    """
+    if watch_interval_s is not None and not 0 <= watch_interval_s <= 3600:
+        raise ValueError(f"watch_interval_s must be between 0 (off) and 3600 seconds, got {watch_interval_s}")
+    metrics = ServingMetrics()
+    slot = BackendSlot()
+    engine = QueryEngine(metrics, batching)
+
+    async def first_load() -> None:
+        started = time.perf_counter()
+        backend = await run_in_threadpool(load_backend)
+        slot.swap(backend)
+        metrics.served(backend.index.version, backend.encoder.version, len(backend.index))
+        log.info("serving after %.1fs of loading", time.perf_counter() - started)
+
+    async def background_load() -> None:
+        try:
+            await first_load()
+        except Exception as e:
+            log.exception("loading the model and index failed")
+            slot.refuse(None, f"loading failed: {type(e).__name__}: {e}")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        started = time.perf_counter()
+        engine.start()
+        tasks = []
         try:
-            app.state.backend = await run_in_threadpool(load_backend)
+            if load_in_background:
+                tasks.append(asyncio.create_task(background_load(), name="first load"))
+            else:
+                await first_load()
         except Exception as e:
             app.state.startup_error = e  # the server reports it after uvicorn gives up
+            await engine.stop()
             raise
-        log.info("serving after %.1fs of loading", time.perf_counter() - started)
-        yield
+        if reloader is not None and watch_interval_s:
+            tasks.append(asyncio.create_task(watch_store(app, watch_interval_s), name="store watcher"))
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await engine.stop()
 
     app = FastAPI(
         title="lookalike",
@@ -180,9 +198,15 @@ def create_app(
         version="1",
         lifespan=lifespan,
     )
-    app.state.backend = None
+    app.state.slot = slot
+    app.state.engine = engine
+    app.state.metrics = metrics
+    app.state.reloader = reloader
+    app.state.admin = AdminAuth.from_env(admin_token)
     app.state.startup_error = None
     app.add_middleware(BodySizeLimit, limit=max_upload_bytes, slack=MULTIPART_OVERHEAD_BYTES)
+    app.add_middleware(RequestMetrics, metrics=metrics)
+    app.include_router(admin_router)
     page = load_page()
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -190,12 +214,28 @@ def create_app(
         return HTMLResponse(page)
 
     @app.get("/healthz", response_model=Health, tags=["service"])
-    def healthz(backend: BackendDep) -> Health:
+    def healthz() -> Health:
+        """The process is up (it may still be loading; see /readyz)."""
         return Health()
 
-    @app.get("/v1/info", response_model=Info, tags=["service"])
+    @app.get("/readyz", response_model=Ready, tags=["service"], responses=errors(503))
+    def readyz() -> Ready | JSONResponse:
+        """200 once a model and index are loaded and queries can be answered, 503 before."""
+        backend = slot.backend
+        if backend is None:
+            reason = slot.last_reload_error or "the model and index are still loading"
+            return JSONResponse({"detail": reason}, status_code=503)
+        return Ready(index_version=backend.index.version)
+
+    @app.get("/metrics", response_class=Response, tags=["service"], responses={200: {"content": {CONTENT_TYPE: {}}}})
+    def prometheus_metrics() -> Response:
+        """Prometheus metrics: requests and latency per endpoint and stage, batching, versions."""
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/info", response_model=Info, tags=["service"], responses=errors(503))
     def info(backend: BackendDep) -> Info:
         enc, index = backend.encoder, backend.index
+        manifest = index.manifest
         return Info(
             model_version=enc.version,
             index_version=index.version,
@@ -206,6 +246,15 @@ def create_app(
             same_item_threshold=enc.same_item_threshold,
             loaded_unix_s=backend.loaded_unix_s,
             max_upload_bytes=max_upload_bytes,
+            index_build=manifest.get("build") or {},
+            index_quality=index_quality(manifest),
+            last_reload_error=slot.last_reload_error,
+            last_reload_unix_s=slot.last_reload_unix_s,
+            reload_count=slot.reload_count,
+            batching={
+                "max_batch": batching.max_batch, "max_embed_batch": batching.max_embed_batch,
+                "max_wait_ms": batching.max_wait_s * 1000,
+            },
         )
 
     @app.post(
@@ -213,43 +262,93 @@ def create_app(
         response_model=SearchResponse,
         tags=["search"],
         openapi_extra=IMAGE_REQUEST_BODY,
-        responses=errors(413, 422),
+        responses=errors(413, 422, 503),
     )
-    async def search_image(request: Request, backend: BackendDep, k: K = DEFAULT_K) -> SearchResponse:
+    async def search_image(
+        request: Request, backend: BackendDep, engine: EngineDep, k: K = DEFAULT_K,
+        kind: KindFilter = None, group: GroupFilter = None, max_per_group: PerGroup = None,
+    ) -> Response:
         """Items that look like the uploaded image, most similar first."""
-        data, name = await read_upload(request, max_upload_bytes)
-        try:
-            neighbors = await run_in_threadpool(search_image_bytes, backend, data, k)
-        except ImageDecodeError as e:
-            raise HTTPException(status_code=422, detail=f"not a usable image: {e}") from None
-        query = QueryEcho(type="image", k=k, filename=name, bytes=len(data))
-        return search_response(backend, query, neighbors)
+        upload: list[Any] = []
 
-    @app.post("/v1/search/vector", response_model=SearchResponse, tags=["search"], responses=errors(413, 422))
-    def search_vector(body: VectorQuery, backend: BackendDep) -> SearchResponse:
+        async def read() -> bytes:
+            upload.extend(await read_upload(request, max_upload_bytes))
+            return upload[0]
+
+        query = await embed_image(engine, backend, read)
+        filters = Filters.of(kind, group, max_per_group)
+        neighbors = await search_or_422(engine, SearchItem(backend, query, k, filters))
+        return as_json(search_response(backend, echo("image", k, filters, filename=upload[1], bytes=len(upload[0])), neighbors))
+
+    @app.post("/v1/search/vector", response_model=SearchResponse, tags=["search"], responses=errors(413, 422, 503))
+    async def search_vector(body: VectorQuery, backend: BackendDep, engine: EngineDep) -> Response:
         """Items nearest to a query embedding (normalised to unit length)."""
         try:
-            neighbors = backend.index.search(unit_query(backend, body.vector), body.k)[0]
+            query = unit_query(backend, body.vector)
         except ValueError as e:
             raise HTTPException(status_code=422, detail=str(e)) from None
-        return search_response(backend, QueryEcho(type="vector", k=body.k, dim=len(body.vector)), neighbors)
+        filters = filters_of(body)
+        neighbors = await search_or_422(engine, SearchItem(backend, query, body.k, filters))
+        return as_json(search_response(backend, echo("vector", body.k, filters, dim=len(body.vector)), neighbors))
+
+    @app.post("/v1/search/batch", response_model=BatchSearchResponse, tags=["search"], responses=errors(404, 413, 422, 503))
+    async def search_batch(body: BatchSearch, backend: BackendDep, engine: EngineDep) -> Response:
+        """Several queries (vectors, item ids, base64 images) in one call; one response per query."""
+        filters = filters_of(body)
+
+        async def one(i: int, q: BatchQuery) -> SearchResponse:
+            what = f"queries[{i}]: "
+            exclude = None
+            if q.vector is not None:
+                try:
+                    query = unit_query(backend, q.vector)
+                except ValueError as e:
+                    raise HTTPException(status_code=422, detail=f"{what}{e}") from None
+                echoed = echo("vector", body.k, filters, dim=len(q.vector))
+            elif q.id is not None:
+                exclude = backend.index.row_of(q.id)
+                if exclude is None:
+                    raise HTTPException(status_code=404, detail=f"{what}unknown item id {q.id!r}")
+                query = backend.index.embeddings[exclude]
+                echoed = echo("item", body.k, filters, id=q.id)
+            else:
+                try:
+                    data = base64.b64decode(q.image_base64 or "", validate=True)
+                except (binascii.Error, ValueError) as e:
+                    raise HTTPException(status_code=422, detail=f"{what}image_base64 is not valid base64: {e}") from None
+                query = await embed_image(engine, backend, data, what)
+                echoed = echo("image", body.k, filters, bytes=len(data))
+            neighbors = await search_or_422(engine, SearchItem(backend, query, body.k, filters, exclude), what)
+            return search_response(backend, echoed, neighbors)
+
+        tasks = [asyncio.ensure_future(one(i, q)) for i, q in enumerate(body.queries)]
+        try:
+            return as_json(BatchSearchResponse(responses=await asyncio.gather(*tasks)))
+        finally:
+            for task in tasks:
+                task.cancel()
 
     # The /similar and /thumbnail routes come before the catch-all metadata route:
     # {item_id:path} would otherwise swallow the suffix.
-    @app.get("/v1/items/{item_id:path}/similar", response_model=SearchResponse, tags=["items"], responses=errors(404, 422))
-    def similar(item_id: ItemId, backend: BackendDep, k: K = DEFAULT_K) -> SearchResponse:
+    @app.get("/v1/items/{item_id:path}/similar", response_model=SearchResponse, tags=["items"], responses=errors(404, 422, 503))
+    async def similar(
+        item_id: ItemId, backend: BackendDep, engine: EngineDep, k: K = DEFAULT_K,
+        kind: KindFilter = None, group: GroupFilter = None, max_per_group: PerGroup = None,
+    ) -> Response:
         """Items that look like an indexed item (the item itself excluded)."""
-        try:
-            neighbors = backend.index.similar_to(item_id, k)
-        except KeyError:
-            raise HTTPException(status_code=404, detail=f"unknown item id {item_id!r}") from None
-        return search_response(backend, QueryEcho(type="item", k=k, id=item_id), neighbors)
+        row = backend.index.row_of(item_id)
+        if row is None:
+            raise HTTPException(status_code=404, detail=f"unknown item id {item_id!r}")
+        filters = Filters.of(kind, group, max_per_group)
+        item = SearchItem(backend, backend.index.embeddings[row], k, filters, exclude_row=row)
+        neighbors = await search_or_422(engine, item)
+        return as_json(search_response(backend, echo("item", k, filters, id=item_id), neighbors))
 
     @app.get(
         "/v1/items/{item_id:path}/thumbnail",
         response_class=Response,
         tags=["items"],
-        responses={200: {"content": {"image/png": {}}}, **errors(404)},
+        responses={200: {"content": {"image/png": {}}}, **errors(404, 503)},
     )
     def thumbnail(item_id: ItemId, backend: BackendDep) -> Response:
         """A PNG preview of the item's image (never upscaled)."""
@@ -260,7 +359,7 @@ def create_app(
             raise HTTPException(status_code=404, detail=str(e)) from None
         return Response(png, media_type="image/png", headers={"Cache-Control": "public, max-age=3600"})
 
-    @app.get("/v1/items/{item_id:path}", response_model=ItemMetadata, tags=["items"], responses=errors(404))
+    @app.get("/v1/items/{item_id:path}", response_model=ItemMetadata, tags=["items"], responses=errors(404, 503))
     def item_metadata(item_id: ItemId, backend: BackendDep) -> ItemMetadata:
         """What the index knows about an item (its file path on the server is not exposed)."""
         item = item_or_404(backend, item_id)
@@ -271,6 +370,7 @@ def create_app(
             height=item.get("height"),
             content_hash=item.get("content_hash"),
             timestamp_s=item.get("timestamp_s"),
+            group=group_of(item),
             thumbnail_url=item_url(item_id, "/thumbnail"),
             similar_url=item_url(item_id, "/similar"),
         )

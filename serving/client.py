@@ -7,6 +7,7 @@ cannot be reached raises ``ClientError`` with status ``None`` and a hint to star
 
 from __future__ import annotations
 
+import base64
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -75,27 +76,66 @@ class SearchClient:
     def info(self) -> dict[str, Any]:
         return self._request("GET", "/v1/info")
 
-    def search_image(self, image: str | os.PathLike | bytes, k: int = 10) -> dict[str, Any]:
-        """Search by an image file (path) or its bytes."""
-        if isinstance(image, bytes):
-            name, data = "query", image
-        else:
-            path = Path(image)
-            try:
-                name, data = path.name, path.read_bytes()
-            except OSError as e:
-                raise ClientError(None, f"cannot read query image {path}: {e.strerror or e}") from None
+    def search_image(self, image: str | os.PathLike | bytes, k: int = 10, **filters: Any) -> dict[str, Any]:
+        """Search by an image file (path) or its bytes; ``filters``: kind, group (list), max_per_group."""
+        name, data = read_image(image)
         files = {"file": (name, data, "application/octet-stream")}
-        return self._request("POST", "/v1/search/image", params={"k": k}, files=files)
+        return self._request("POST", "/v1/search/image", params=query_params(k, filters), files=files)
 
-    def search_vector(self, vector: Sequence[float], k: int = 10) -> dict[str, Any]:
-        return self._request("POST", "/v1/search/vector", json={"vector": [float(v) for v in vector], "k": k})
+    def search_vector(self, vector: Sequence[float], k: int = 10, **filters: Any) -> dict[str, Any]:
+        body = {"vector": [float(v) for v in vector], "k": k, **drop_none(filters)}
+        return self._request("POST", "/v1/search/vector", json=body)
 
-    def similar(self, item_id: str, k: int = 10) -> dict[str, Any]:
-        return self._request("GET", f"/v1/items/{quote(item_id, safe='')}/similar", params={"k": k})
+    def similar(self, item_id: str, k: int = 10, **filters: Any) -> dict[str, Any]:
+        return self._request("GET", f"/v1/items/{quote(item_id, safe='')}/similar", params=query_params(k, filters))
+
+    def search_batch(
+        self,
+        *,
+        vectors: Sequence[Sequence[float]] = (),
+        ids: Sequence[str] = (),
+        images: Sequence[str | os.PathLike | bytes] = (),
+        k: int = 10,
+        **filters: Any,
+    ) -> list[dict[str, Any]]:
+        """Several queries in one call: responses for the vectors, then the ids, then the images."""
+        queries: list[dict[str, Any]] = [{"vector": [float(v) for v in vector]} for vector in vectors]
+        queries += [{"id": item_id} for item_id in ids]
+        queries += [{"image_base64": base64.b64encode(read_image(image)[1]).decode("ascii")} for image in images]
+        body = {"queries": queries, "k": k, **drop_none(filters)}
+        return self._request("POST", "/v1/search/batch", json=body)["responses"]
+
+    def reload(self, admin_token: str) -> dict[str, Any]:
+        """Ask the server to load the store's CURRENT index now (admin token required)."""
+        return self._request("POST", "/v1/admin/reload", headers={"Authorization": f"Bearer {admin_token}"})
 
     def item(self, item_id: str) -> dict[str, Any]:
         return self._request("GET", f"/v1/items/{quote(item_id, safe='')}")
+
+
+def drop_none(filters: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(filters) - {"kind", "group", "max_per_group"}
+    if unknown:
+        raise TypeError(f"unknown search filter(s) {sorted(unknown)}: use kind, group or max_per_group")
+    return {key: value for key, value in filters.items() if value is not None}
+
+
+def query_params(k: int, filters: dict[str, Any]) -> list[tuple[str, Any]]:
+    params: list[tuple[str, Any]] = [("k", k)]
+    for key, value in drop_none(filters).items():
+        params += [(key, v) for v in value] if isinstance(value, (list, tuple)) else [(key, value)]
+    return params
+
+
+def read_image(image: str | os.PathLike | bytes) -> tuple[str, bytes]:
+    """(file name, bytes) of a query image given as a path or as bytes."""
+    if isinstance(image, bytes):
+        return "query", image
+    path = Path(image)
+    try:
+        return path.name, path.read_bytes()
+    except OSError as e:
+        raise ClientError(None, f"cannot read query image {path}: {e.strerror or e}") from None
 
 
 def describe_query(query: dict[str, Any]) -> str:

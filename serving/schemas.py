@@ -6,12 +6,15 @@ get the id and a ``thumbnail_url`` served by id instead.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 MAX_K = 100
 DEFAULT_K = 10
+MAX_BATCH_QUERIES = 64
+KINDS = ("image", "frame")
+Kind = Literal["image", "frame"]
 
 
 class QueryEcho(BaseModel):
@@ -23,6 +26,9 @@ class QueryEcho(BaseModel):
     bytes: int | None = Field(None, description="uploaded size in bytes (image queries)")
     dim: int | None = Field(None, description="vector length (vector queries)")
     id: str | None = Field(None, description="item id (similar-item queries)")
+    kind: Kind | None = Field(None, description="only items of this kind were searched")
+    group: list[str] | None = Field(None, description="only items of these groups (videos) were searched")
+    max_per_group: int | None = Field(None, description="at most this many results per group (video)")
 
 
 class SearchResult(BaseModel):
@@ -32,6 +38,7 @@ class SearchResult(BaseModel):
     same_item: bool = Field(description="distance is within the model's calibrated same-item threshold")
     kind: str
     timestamp_s: float | None = Field(None, description="position in a video; null for images")
+    group: str | None = Field(None, description="the item's group: the video a frame comes from")
     thumbnail_url: str
 
 
@@ -42,9 +49,41 @@ class SearchResponse(BaseModel):
     index_version: str
 
 
-class VectorQuery(BaseModel):
+class FilterFields(BaseModel):
+    """Metadata filters and crowding, shared by the JSON search bodies."""
+
+    kind: Kind | None = Field(None, description="only items of this kind ('image' or 'frame')")
+    group: list[str] | None = Field(None, max_length=MAX_K, description="only items of these groups (video ids)")
+    max_per_group: int | None = Field(None, ge=1, le=MAX_K, description="at most this many results per group (video)")
+
+
+class VectorQuery(FilterFields):
     vector: list[float] = Field(description="a query embedding of the index's dimension (see /v1/info)")
     k: int = Field(DEFAULT_K, ge=1, le=MAX_K)
+
+
+class BatchQuery(BaseModel):
+    """One query of a batch: exactly one of ``vector``, ``id`` or ``image_base64``."""
+
+    vector: list[float] | None = Field(None, description="a query embedding")
+    id: str | None = Field(None, description="an indexed item id: items like it (itself excluded)")
+    image_base64: str | None = Field(None, description="an image file, base64-encoded")
+
+    @model_validator(mode="after")
+    def exactly_one(self) -> "BatchQuery":
+        given = [name for name in ("vector", "id", "image_base64") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of vector, id or image_base64 (got {', '.join(given) or 'none'})")
+        return self
+
+
+class BatchSearch(FilterFields):
+    queries: list[BatchQuery] = Field(min_length=1, max_length=MAX_BATCH_QUERIES)
+    k: int = Field(DEFAULT_K, ge=1, le=MAX_K)
+
+
+class BatchSearchResponse(BaseModel):
+    responses: list[SearchResponse] = Field(description="one response per query, in order")
 
 
 class ItemMetadata(BaseModel):
@@ -54,6 +93,7 @@ class ItemMetadata(BaseModel):
     height: int | None = None
     content_hash: str | None = None
     timestamp_s: float | None = None
+    group: str | None = None
     thumbnail_url: str
     similar_url: str
 
@@ -68,10 +108,28 @@ class Info(BaseModel):
     same_item_threshold: float | None = Field(description="L2 distance at or below which two images count as the same item")
     loaded_unix_s: float
     max_upload_bytes: int
+    index_build: dict[str, Any] = Field(default_factory=dict, description="how the index was built (mode, parameters)")
+    index_quality: dict[str, Any] = Field(default_factory=dict, description="recall measured when the index was built")
+    last_reload_error: str | None = Field(None, description="why the newest CURRENT version was refused (the old one keeps serving)")
+    last_reload_unix_s: float | None = None
+    reload_count: int = Field(0, description="hot swaps since the server started")
+    batching: dict[str, float] = Field(default_factory=dict, description="micro-batching limits")
+
+
+class ReloadResult(BaseModel):
+    status: Literal["swapped", "unchanged"]
+    index_version: str
+    model_version: str
+    seconds: float
 
 
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
+
+
+class Ready(BaseModel):
+    status: Literal["ready"] = "ready"
+    index_version: str
 
 
 class ErrorMessage(BaseModel):

@@ -24,6 +24,9 @@ from fastapi import FastAPI
 from lookalike.model.store import Store
 from lookalike.serving.app import create_app
 from lookalike.serving.backend import load_backend
+from lookalike.serving.batcher import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_S
+from lookalike.serving.engine import DEFAULT_MAX_EMBED_BATCH, BatchingConfig
+from lookalike.serving.swap import DEFAULT_WATCH_INTERVAL_S, StoreReloader
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +68,35 @@ def make_server(app: FastAPI, log_level: str, **config: Any) -> uvicorn.Server:
     return uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on", **config))
 
 
-def serve(workdir: str | os.PathLike, host: str = "127.0.0.1", port: int = 8765, log_level: str = "info") -> None:
-    """Serve the CURRENT index of ``workdir`` until interrupted.
+def serve(
+    workdir: str | os.PathLike,
+    host: str = "127.0.0.1",
+    port: int = 8765,
+    log_level: str = "info",
+    *,
+    watch_interval_s: float | None = DEFAULT_WATCH_INTERVAL_S,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    max_embed_batch: int = DEFAULT_MAX_EMBED_BATCH,
+    batch_wait_ms: float = DEFAULT_MAX_WAIT_S * 1000,
+    admin_token: str | None = None,
+) -> None:
+    """Serve the CURRENT index of ``workdir`` until interrupted, following CURRENT as it moves.
 
-    Raises StoreError (saying which step to run) before loading anything when the
-    workdir has no published index, ServerStartError when the port is taken.
+    ``watch_interval_s`` (None or 0: never) is how often CURRENT is checked for a new
+    version; ``max_batch`` (searches per ScaNN call), ``max_embed_batch`` (images per
+    forward) and ``batch_wait_ms`` bound micro-batching (both maxima 1: off); ``admin_token`` defaults to $LOOKALIKE_ADMIN_TOKEN. Raises
+    StoreError (saying which step to run) before loading anything when the workdir has
+    no published index, ServerStartError when the port is taken.
     """
     Store.at(workdir).require_current_index()
     sock = bind_socket(host, port)
-    app = create_app(lambda: load_backend(workdir))
+    app = create_app(
+        lambda: load_backend(workdir),
+        reloader=StoreReloader(workdir),
+        watch_interval_s=watch_interval_s,
+        batching=BatchingConfig(max_batch=max_batch, max_wait_s=batch_wait_ms / 1000, max_embed_batch=max_embed_batch),
+        admin_token=admin_token,
+    )
     log.info("loading the model and index; then serving on %s", base_url(sock))
     try:
         run_server(app, sock, make_server(app, log_level))

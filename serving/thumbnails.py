@@ -1,6 +1,7 @@
-"""Small PNG previews of indexed items, made on request from the item's own file.
+"""Small PNG previews of indexed items: the thumbnail the embed pipeline stored for the
+item (the only picture a video frame has), else made on request from the item's file.
 
-The file is found through the index metadata (the ``uri`` recorded at embed time),
+Files are found through the index metadata (``thumbnail``/``uri`` recorded at embed time),
 never from a path in the request, so a crafted id cannot reach other files. Images
 are only ever shrunk: tiny ones (8x8 digits) stay tiny and the page scales them up
 with ``image-rendering: pixelated``.
@@ -32,8 +33,33 @@ def local_path(uri: str) -> Path:
     return Path(uri)
 
 
+def stored_thumbnail(item: dict[str, Any]) -> bytes | None:
+    """The JPEG thumbnail the embed pipeline wrote for the item (the only picture of a video
+    frame), or None when the index predates thumbnails or the file is gone."""
+    path = item.get("thumbnail")
+    if not path:
+        return None
+    try:
+        return local_path(str(path)).read_bytes()
+    except (OSError, ThumbnailUnavailable):
+        return None
+
+
 def render_thumbnail(item: dict[str, Any], size: int = THUMBNAIL_SIZE) -> bytes:
-    """PNG bytes of the item's image, at most ``size`` pixels on its long side."""
+    """PNG bytes of the item's image, at most ``size`` pixels on its long side: from the
+    original file when it is a small image (crisp, cheap), else from the stored thumbnail
+    (no large decode per request; the only picture of a video frame)."""
+    small_image = item.get("kind", "image") == "image" and max(item.get("width") or 0, item.get("height") or 0) <= size
+    stored = None if small_image else stored_thumbnail(item)
+    if stored is not None:
+        try:
+            img = open_image(stored, DEFAULT_MAX_PIXELS)
+        except ImageDecodeError:
+            img = None
+        if img is not None:
+            return _png(img, size)
+    if item.get("kind") == "frame":
+        raise ThumbnailUnavailable(f"video frame {item['id']!r} has no stored thumbnail")
     uri = item.get("uri")
     if not uri:
         raise ThumbnailUnavailable(f"item {item['id']!r} has no file recorded")
@@ -45,6 +71,10 @@ def render_thumbnail(item: dict[str, Any], size: int = THUMBNAIL_SIZE) -> bytes:
         img = open_image(data, DEFAULT_MAX_PIXELS)
     except ImageDecodeError as e:
         raise ThumbnailUnavailable(f"file of item {item['id']!r} is not a readable image: {e}") from None
+    return _png(img, size)
+
+
+def _png(img: Image.Image, size: int) -> bytes:
     colour = img.mode == "P" or len(set(img.getbands()) - {"A"}) > 1
     img = to_mode(img, 3 if colour else 1)  # alpha on white, 16-bit scaled, CMYK to RGB
     img.thumbnail((size, size), Image.Resampling.LANCZOS)

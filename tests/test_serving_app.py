@@ -5,8 +5,12 @@ a free port, requests over HTTP. Nothing is mocked.
 
 from __future__ import annotations
 
+import base64
 import copy
+import inspect
 import io
+import struct
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import quote
@@ -70,6 +74,8 @@ def test_healthz_and_info(http: httpx.Client, backend: Backend, workdir: Path) -
     assert info["item_count"] == len(list_images(workdir / "corpus"))
     assert info["embed_dim"] == 8
     assert info["same_item_threshold"] == pytest.approx(backend.encoder.same_item_threshold)
+    assert info["index_quality"]["recall"] == backend.index.manifest["tuning"]["recall"]  # measured at build
+    assert info["last_reload_error"] is None and info["reload_count"] == 0
 
 
 def test_page_is_self_contained_html(http: httpx.Client) -> None:
@@ -114,7 +120,10 @@ def check_found_itself(response: httpx.Response, k: int) -> dict:
 def test_image_search_multipart_finds_the_file_itself(http: httpx.Client, query_bytes: bytes, backend: Backend) -> None:
     response = http.post("/v1/search/image", params={"k": 5}, files={"file": ("q.png", query_bytes, "image/png")})
     body = check_found_itself(response, 5)
-    assert body["query"] == {"type": "image", "k": 5, "filename": "q.png", "bytes": len(query_bytes), "dim": None, "id": None}
+    assert body["query"] == {
+        "type": "image", "k": 5, "filename": "q.png", "bytes": len(query_bytes), "dim": None, "id": None,
+        "kind": None, "group": None, "max_per_group": None,
+    }
     assert body["model_version"] == backend.encoder.version
     assert body["index_version"] == backend.index.version
 
@@ -251,6 +260,31 @@ def test_upload_limit_is_413(backend: Backend, query_bytes: bytes) -> None:
             assert detail_of(response) == f"upload exceeds the limit of {limit} bytes"
 
 
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares ``width`` x ``height`` pixels but carries (almost) no pixel data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def test_decompression_bombs_are_refused(http: httpx.Client) -> None:
+    bomb = png_header_only(30_000, 30_000)  # 900 megapixels declared in under 100 bytes
+    response = http.post("/v1/search/image", content=bomb)
+    assert response.status_code == 422 and "decompression bomb" in detail_of(response)
+    encoded = base64.b64encode(bomb).decode()
+    response = http.post("/v1/search/batch", json={"queries": [{"image_base64": encoded}]})
+    assert response.status_code == 422 and "decompression bomb" in detail_of(response)
+
+
+def test_binds_loopback_by_default(backend: Backend) -> None:
+    assert inspect.signature(serve).parameters["host"].default == "127.0.0.1"
+    with serve_in_thread(create_app(lambda: backend)) as url:
+        assert url.startswith("http://127.0.0.1:")
+
+
 # --- loading and startup -----------------------------------------------------
 
 
@@ -301,6 +335,21 @@ def test_client_searches(client: SearchClient, workdir: Path, query_bytes: bytes
     similar = client.similar(QUERY_ID, k=4)["results"]
     assert len(similar) == 4 and QUERY_ID not in [r["id"] for r in similar]
     assert client.item(QUERY_ID)["id"] == QUERY_ID
+
+
+def test_client_batch_filters_and_reload(client: SearchClient, workdir: Path, backend: Backend) -> None:
+    vector = backend.index.embeddings[backend.index.row_of(QUERY_ID)]
+    responses = client.search_batch(vectors=[vector], ids=[QUERY_ID], images=[workdir / "corpus" / QUERY_ID], k=3)
+    assert [r["query"]["type"] for r in responses] == ["vector", "item", "image"]
+    assert responses[0]["results"][0]["id"] == QUERY_ID and responses[2]["results"][0]["id"] == QUERY_ID
+    crowded = client.similar(QUERY_ID, k=5, kind="image", max_per_group=1)
+    assert crowded["query"]["kind"] == "image" and crowded["query"]["max_per_group"] == 1
+    assert client.search_vector(vector, k=2, group=["no-such-video"])["results"] == []
+    with pytest.raises(TypeError, match="unknown search filter"):
+        client.similar(QUERY_ID, colour="red")
+    with pytest.raises(ClientError) as caught:
+        client.reload("some-token")
+    assert caught.value.status in (401, 403)
 
 
 def test_client_errors_carry_status_and_reason(client: SearchClient, tmp_path: Path) -> None:

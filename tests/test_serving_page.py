@@ -111,3 +111,46 @@ def test_upload_results_click_and_footer(site, browser, tmp_path: Path) -> None:
     # The two deliberate errors above log failed requests (404, 422); nothing else may fail.
     assert [p for p in problems if "404" not in p and "422" not in p] == []
     page.close()
+
+
+def test_frames_show_their_video_and_timestamp(indexed_store, browser, tmp_path: Path) -> None:
+    """Republish the tiny index with some items as video frames; the cards say which video and when."""
+    import shutil
+
+    import pyarrow as pa
+
+    from lookalike.index.builder import build_and_publish
+    from lookalike.index.searcher import ItemIndex
+    from lookalike.model.store import Store
+
+    store = Store.at(tmp_path / "store")
+    shutil.copytree(indexed_store.root, store.root, symlinks=True)
+    index = ItemIndex.load(store.require_current_index())
+    items = [
+        dict(item, id=f"clip{r % 2}.mp4#t={r * 1.5:.1f}", kind="frame", group=f"clip{r % 2}.mp4", timestamp_s=r * 1.5)
+        for r, item in enumerate(index.items)
+    ]
+    build_and_publish(store, index.embeddings, pa.Table.from_pylist(items), model_version=index.model_version)
+    backend = load_backend(store.root)
+    with serve_in_thread(create_app(lambda: backend)) as url:
+        page = browser.new_page()
+        page.goto(url)
+        target = items[45]["id"]  # clip1.mp4 at 67.5 s
+        page.fill("#item-id", target)
+        page.click("#similar-button")
+        page.locator("#results .result").first.wait_for()
+        videos = page.locator("#results .result .video").all_text_contents()
+        assert len(videos) == 20 and all(v.startswith("▶ clip") and ".mp4 @ " in v for v in videos)
+        page.locator("#preview img").wait_for()
+        assert page.locator("#preview img").evaluate("i => i.complete && i.naturalWidth > 0")  # '#' escaped
+        # "one per video": only the two clips remain.
+        page.check("#per-video")
+        page.click("#similar-button")
+        page.wait_for_function("() => document.querySelectorAll('#results .result').length === 2")
+        videos = page.locator("#results .result .video").all_text_contents()
+        assert sorted(v.split(" @ ")[0] for v in videos) == ["▶ clip0.mp4", "▶ clip1.mp4"]
+        page.fill("#item-id", target)
+        first = dict(zip(["video", "t"], page.locator("#results .result .video").first.text_content()[2:].split(" @ ")))
+        assert first["t"].count(":") == 1
+        page.close()
+    assert target.startswith("clip1.mp4")

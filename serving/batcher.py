@@ -1,0 +1,183 @@
+"""Micro-batching: many concurrent requests, one model forward or one ScaNN call.
+
+A ``MicroBatcher`` lives on the server's event loop. Requests ``submit`` one item and
+await its result; a single collector task takes what is queued (up to ``max_batch``),
+runs the batch function in its own worker thread (so the loop stays free) and hands
+each request its own result. While one batch runs, new arrivals queue up and form
+the next one, so batches grow with load without any waiting.
+
+The bounded wait (``max_wait_s``, a few milliseconds) is only spent when more items
+are known to be on their way: a request announces itself with ``expect()`` before
+its slow preparation (reading and decoding the upload), and the collector waits for
+announced items, never for hypothetical ones. A lone request therefore never waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Generic, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+DEFAULT_MAX_BATCH = 64
+DEFAULT_MAX_WAIT_S = 0.002
+
+
+class BatcherClosed(RuntimeError):
+    """The batcher was stopped (server shutting down) before the item was answered."""
+
+
+class Expected(Generic[T, R]):
+    """An announced item: ``submit`` it once it is ready, or leave the ``with`` block to withdraw."""
+
+    def __init__(self, batcher: "MicroBatcher[T, R]"):
+        self._batcher = batcher
+        self._open = True
+        batcher._announce(+1)
+
+    async def submit(self, item: T) -> R:
+        self._close()
+        return await self._batcher.submit(item)
+
+    def _close(self) -> None:
+        if self._open:
+            self._open = False
+            self._batcher._announce(-1)
+
+    def __enter__(self) -> "Expected[T, R]":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._close()
+
+
+class MicroBatcher(Generic[T, R]):
+    """Collects items submitted concurrently into batches for ``run_batch``.
+
+    ``run_batch(items)`` runs in a dedicated worker thread and returns one result per
+    item, in order; a result that is an exception is raised to that item's caller
+    only. If ``run_batch`` itself raises, every item of the batch gets the error.
+    ``on_batch(size)`` is called for each batch (metrics).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        run_batch: Callable[[list[T]], Sequence[R | BaseException]],
+        *,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        max_wait_s: float = DEFAULT_MAX_WAIT_S,
+        on_batch: Callable[[int], None] | None = None,
+    ):
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        if not 0 <= max_wait_s <= 1:
+            raise ValueError(f"max_wait_s must be between 0 and 1 second, got {max_wait_s}")
+        self.name = name
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self._run_batch = run_batch
+        self._on_batch = on_batch
+        self._queue: asyncio.Queue[tuple[T, asyncio.Future]] | None = None
+        self._changed: asyncio.Event | None = None
+        self._task: asyncio.Task | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._expected = 0
+        self._in_flight = 0
+
+    # --- lifecycle (on the event loop) ----------------------------------------
+    def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._changed = asyncio.Event()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batch-{self.name}")
+        self._task = asyncio.get_running_loop().create_task(self._collect(), name=f"batcher {self.name}")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        while self._queue is not None and not self._queue.empty():
+            _, future = self._queue.get_nowait()
+            if not future.done():
+                future.set_exception(BatcherClosed(f"{self.name} batcher stopped"))
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    # --- requests ---------------------------------------------------------------
+    @property
+    def queue_depth(self) -> int:
+        """Items waiting for a batch plus items in the batch being run."""
+        return (self._queue.qsize() if self._queue is not None else 0) + self._in_flight
+
+    def expect(self) -> Expected[T, R]:
+        """Announce an item that will be submitted soon (see the module docstring)."""
+        return Expected(self)
+
+    async def submit(self, item: T) -> R:
+        if self._queue is None or self._task is None or self._task.done():
+            raise BatcherClosed(f"{self.name} batcher is not running")
+        future: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((item, future))
+        self._changed.set()
+        return await future
+
+    def _announce(self, delta: int) -> None:
+        self._expected += delta
+        if delta < 0 and self._changed is not None:
+            self._changed.set()
+
+    # --- the collector task -------------------------------------------------------
+    async def _next_batch(self) -> list[tuple[T, asyncio.Future]]:
+        loop = asyncio.get_running_loop()
+        batch = [await self._queue.get()]
+        deadline = loop.time() + self.max_wait_s
+        while len(batch) < self.max_batch:
+            while len(batch) < self.max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            remaining = deadline - loop.time()
+            if len(batch) >= self.max_batch or remaining <= 0 or self._expected <= 0:
+                break
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except TimeoutError:
+                pass
+        return batch
+
+    async def _collect(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._next_batch()
+            batch = [(item, future) for item, future in batch if not future.cancelled()]
+            if not batch:
+                continue
+            self._in_flight = len(batch)
+            if self._on_batch is not None:
+                self._on_batch(len(batch))
+            try:
+                results = await loop.run_in_executor(self._executor, self._run_batch, [item for item, _ in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(f"{self.name}: batch of {len(batch)} items gave {len(results)} results")
+            except Exception as e:  # every caller of this batch sees the failure
+                log.exception("%s batch of %d failed", self.name, len(batch))
+                results = [e] * len(batch)
+            finally:
+                self._in_flight = 0
+            for (_, future), result in zip(batch, results):
+                if future.done():
+                    continue
+                if isinstance(result, BaseException):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)

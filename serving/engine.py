@@ -1,0 +1,194 @@
+"""The query path behind the endpoints: decode -> embed (batched) -> search (batched).
+
+``QueryEngine`` owns two micro-batchers: one turns concurrent image queries into
+one encoder forward, the other turns concurrent searches into one ScaNN call. Every
+item carries the Backend its request started with, and a batch is split by backend,
+so a request in flight during a hot swap is answered entirely by the old version.
+
+Batched answers equal one-at-a-time answers: unfiltered queries of one backend go
+through one ``search`` call with the largest ``k`` of the batch and each is cut to
+its own ``k`` (ScaNN's final neighbour count only truncates its reordered list);
+filtered or crowded queries are searched one by one inside the same worker call.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from lookalike.index.searcher import Neighbor
+from lookalike.serving.backend import Backend
+from lookalike.serving.batcher import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_S, MicroBatcher
+from lookalike.serving.metrics import ServingMetrics
+
+
+# A CPU forward is cheapest per image around 4-16 images; at 64 the XLA CPU convolutions
+# of a wider encoder get slower per image than one at a time (measured, bench/serving.py).
+DEFAULT_MAX_EMBED_BATCH = 16
+
+
+@dataclass(frozen=True)
+class BatchingConfig:
+    """Micro-batching limits: searches per ScaNN call, images per encoder forward, and the
+    longest wait for announced queries. Both maxima at 1 turn batching off."""
+
+    max_batch: int = DEFAULT_MAX_BATCH
+    max_wait_s: float = DEFAULT_MAX_WAIT_S
+    max_embed_batch: int = DEFAULT_MAX_EMBED_BATCH
+
+    @classmethod
+    def off(cls) -> "BatchingConfig":
+        return cls(max_batch=1, max_wait_s=0.0, max_embed_batch=1)
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Metadata filters and crowding applied to a search (all optional)."""
+
+    where: Mapping[str, Any] = field(default_factory=dict)
+    max_per_group: int | None = None
+
+    @classmethod
+    def of(cls, kind: str | None = None, group: Sequence[str] | None = None, max_per_group: int | None = None) -> "Filters":
+        where: dict[str, Any] = {}
+        if kind is not None:
+            where["kind"] = kind
+        if group:
+            where["group"] = list(group)
+        return cls(where, max_per_group)
+
+    @property
+    def active(self) -> bool:
+        return bool(self.where) or self.max_per_group is not None
+
+
+NO_FILTERS = Filters()
+
+
+@dataclass(frozen=True)
+class SearchItem:
+    backend: Backend
+    query: np.ndarray  # [D] unit vector
+    k: int
+    filters: Filters = NO_FILTERS
+    exclude_row: int | None = None  # similar-item queries leave the item itself out
+
+
+def search_one(item: SearchItem) -> list[Neighbor]:
+    f, index = item.filters, item.backend.index
+    if item.exclude_row is None or f.max_per_group is None:
+        extra = 0 if item.exclude_row is None else 1
+        found = index.search(item.query[None, :], item.k + extra, where=f.where or None, max_per_group=f.max_per_group)[0]
+        return [n for n in found if n.row != item.exclude_row][: item.k]
+    # Crowding around an item that is itself left out: the item must not take a slot of
+    # its group, so crowd here, over filtered results, widening until k are found.
+    fetch = 4 * (item.k + 1)
+    while True:
+        found = index.search(item.query[None, :], fetch, where=f.where or None)[0]
+        kept, per_group = [], {}
+        for n in found:
+            if n.row == item.exclude_row:
+                continue
+            group = index.items[n.row].get("group") or n.id
+            if per_group.get(group, 0) < f.max_per_group:
+                per_group[group] = per_group.get(group, 0) + 1
+                kept.append(n)
+        if len(kept) >= item.k or fetch >= len(index):
+            return kept[: item.k]
+        fetch *= 4
+
+
+def run_search_batch(items: list[SearchItem]) -> list[list[Neighbor] | BaseException]:
+    """Answer every item; unfiltered items of one backend share one ScaNN call."""
+    results: list[list[Neighbor] | BaseException | None] = [None] * len(items)
+    plain: dict[int, list[int]] = defaultdict(list)
+    for i, item in enumerate(items):
+        if item.filters.active:
+            try:
+                results[i] = search_one(item)
+            except Exception as e:
+                results[i] = e
+        else:
+            plain[id(item.backend)].append(i)
+    for positions in plain.values():
+        group = [items[i] for i in positions]
+        extra = [0 if it.exclude_row is None else 1 for it in group]
+        count = max(it.k + e for it, e in zip(group, extra))
+        try:
+            found = group[0].backend.index.search(np.stack([it.query for it in group]), count)
+        except Exception:  # e.g. one bad query: answer one by one so only its caller fails
+            for i in positions:
+                try:
+                    results[i] = search_one(items[i])
+                except Exception as e:
+                    results[i] = e
+            continue
+        for i, it, e, neighbors in zip(positions, group, extra, found):
+            results[i] = [n for n in neighbors[: it.k + e] if n.row != it.exclude_row][: it.k]
+    return results  # type: ignore[return-value]
+
+
+def run_embed_batch(items: list[tuple[Backend, np.ndarray]]) -> list[np.ndarray | BaseException]:
+    """[H, W, C] model inputs -> [D] embeddings, one forward per encoder in the batch."""
+    results: list[np.ndarray | BaseException | None] = [None] * len(items)
+    by_encoder: dict[int, list[int]] = defaultdict(list)
+    for i, (backend, _) in enumerate(items):
+        by_encoder[id(backend.encoder)].append(i)
+    for positions in by_encoder.values():
+        encoder = items[positions[0]][0].encoder
+        try:
+            vectors = encoder.embed(np.stack([items[i][1] for i in positions]))
+        except Exception as e:
+            vectors = [e] * len(positions)
+        for i, v in zip(positions, vectors):
+            results[i] = v
+    return results  # type: ignore[return-value]
+
+
+class QueryEngine:
+    """Batched embedding and search for one app (start/stop on its event loop)."""
+
+    def __init__(self, metrics: ServingMetrics, batching: BatchingConfig = BatchingConfig()):
+        self.metrics = metrics
+        self.batching = batching
+        self.embedder: MicroBatcher[tuple[Backend, np.ndarray], np.ndarray] = MicroBatcher(
+            "embed", self._timed(run_embed_batch, "embed"), max_batch=batching.max_embed_batch,
+            max_wait_s=batching.max_wait_s, on_batch=metrics.batch_observer("embed"),
+        )
+        self.searcher: MicroBatcher[SearchItem, list[Neighbor]] = MicroBatcher(
+            "search", self._timed(run_search_batch, "search"), max_batch=batching.max_batch,
+            max_wait_s=batching.max_wait_s, on_batch=metrics.batch_observer("search"),
+        )
+        metrics.watch_queue("embed", lambda: self.embedder.queue_depth)
+        metrics.watch_queue("search", lambda: self.searcher.queue_depth)
+
+    def _timed(self, run, stage: str):
+        def timed(items):
+            started = time.perf_counter()
+            try:
+                return run(items)
+            finally:
+                self.metrics.observe_stage(stage, time.perf_counter() - started)
+
+        return timed
+
+    def start(self) -> None:
+        self.embedder.start()
+        self.searcher.start()
+
+    async def stop(self) -> None:
+        await self.embedder.stop()
+        await self.searcher.stop()
+
+    def decode(self, backend: Backend, data: bytes) -> np.ndarray:
+        """Image bytes -> [H, W, C] model input (blocking; ImageDecodeError if unusable)."""
+        with self.metrics.stage("decode"):
+            return backend.encoder.preprocess(data)
+
+    async def search(self, item: SearchItem) -> list[Neighbor]:
+        return await self.searcher.submit(item)

@@ -1,0 +1,105 @@
+"""Prometheus metrics for the server, served at ``GET /metrics``.
+
+One ``ServingMetrics`` per app, each with its own registry (two apps in one process,
+as in the tests, never share counters). Requests are labelled by route template
+(``/v1/items/{item_id}/similar``, never the raw path, so ids cannot blow up the
+label set); stages are ``decode``, ``embed`` and ``search``; the micro-batchers
+report their queue depth and batch sizes; the served versions are an info gauge.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+_CONVERTOR = re.compile(r"\{(\w+):\w+\}")  # "{item_id:path}" -> "{item_id}", as in the OpenAPI spec
+
+
+class ServingMetrics:
+    """The server's metrics, in a private registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "lookalike_requests", "HTTP requests answered", ["endpoint", "method", "status"], registry=r
+        )
+        self.request_seconds = Histogram(
+            "lookalike_request_seconds", "HTTP request latency", ["endpoint"], buckets=LATENCY_BUCKETS_S, registry=r
+        )
+        self.stage_seconds = Histogram(
+            "lookalike_stage_seconds", "time per query stage (decode, embed, search)", ["stage"],
+            buckets=LATENCY_BUCKETS_S, registry=r,
+        )
+        self.batch_size = Histogram(
+            "lookalike_batch_size", "items per micro-batch", ["batcher"], buckets=BATCH_SIZE_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge("lookalike_queue_depth", "items waiting in or running in a micro-batch", ["batcher"], registry=r)
+        self.index_info = Gauge(
+            "lookalike_index_info", "1 for the index and model being served", ["index_version", "model_version"], registry=r
+        )
+        self.index_items = Gauge("lookalike_index_items", "items in the served index", registry=r)
+        self.reloads = Counter("lookalike_reloads", "hot-swap attempts by outcome", ["outcome"], registry=r)
+
+    def watch_queue(self, batcher: str, depth: Callable[[], int]) -> None:
+        self.queue_depth.labels(batcher).set_function(depth)
+
+    def batch_observer(self, batcher: str) -> Callable[[int], None]:
+        histogram = self.batch_size.labels(batcher)
+        return histogram.observe
+
+    def served(self, index_version: str, model_version: str, item_count: int) -> None:
+        self.index_info.clear()
+        self.index_info.labels(index_version, model_version).set(1)
+        self.index_items.set(item_count)
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.stage_seconds.labels(name).observe(time.perf_counter() - started)
+
+    def observe_stage(self, name: str, seconds: float) -> None:
+        self.stage_seconds.labels(name).observe(seconds)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestMetrics:
+    """ASGI middleware counting requests and timing them per route template."""
+
+    def __init__(self, app: ASGIApp, metrics: ServingMetrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_with_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_status)
+        finally:
+            route = scope.get("route")
+            endpoint = _CONVERTOR.sub(r"{\1}", getattr(route, "path", None) or "unmatched")
+            self.metrics.requests.labels(endpoint, scope["method"], str(status)).inc()
+            self.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - started)

@@ -1,0 +1,128 @@
+"""Between HTTP and the query engine: request inputs become queries, neighbours become responses.
+
+Shared by every search endpoint: unit-length query vectors (422 reasons for bad
+ones), upload reading (multipart or raw body, size checked exactly), image decoding
+through the embed batcher, and the response shape with per-result metadata (kind,
+video timestamp and group, same-item flag, thumbnail URL; never the server's file path).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+from fastapi import HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from lookalike.index.searcher import Neighbor
+from lookalike.model.preprocess import ImageDecodeError
+from lookalike.serving.backend import Backend
+from lookalike.serving.engine import Filters, QueryEngine, SearchItem
+from lookalike.serving.limits import PayloadTooLarge
+from lookalike.serving.schemas import FilterFields, QueryEcho, SearchResponse, SearchResult
+
+UPLOAD_FIELD = "file"
+# Uploads up to this size are decoded on the event loop (well under a millisecond);
+# larger ones in the thread pool, so a big photo never stalls other requests.
+INLINE_DECODE_BYTES = 64 * 1024
+
+
+def item_url(item_id: str, suffix: str = "") -> str:
+    return f"/v1/items/{quote(item_id, safe='/')}{suffix}"
+
+
+def item_or_404(backend: Backend, item_id: str) -> dict[str, Any]:
+    row = backend.index.row_of(item_id)
+    if row is None:
+        raise HTTPException(status_code=404, detail=f"unknown item id {item_id!r}")
+    return backend.index.items[row]
+
+
+def group_of(item: dict[str, Any]) -> str | None:
+    group = item.get("group")
+    return None if group is None else str(group)
+
+
+def search_response(backend: Backend, query: QueryEcho, neighbors: list[Neighbor]) -> SearchResponse:
+    threshold = backend.encoder.same_item_threshold
+    results = []
+    for n in neighbors:
+        item = backend.index.items[n.row]
+        results.append(
+            SearchResult(
+                id=n.id,
+                score=n.score,
+                distance=n.distance,
+                same_item=threshold is not None and n.distance <= threshold,
+                kind=item.get("kind") or "image",
+                timestamp_s=item.get("timestamp_s"),
+                group=group_of(item),
+                thumbnail_url=item_url(n.id, "/thumbnail"),
+            )
+        )
+    return SearchResponse(
+        query=query, results=results, model_version=backend.encoder.version, index_version=backend.index.version
+    )
+
+
+def echo(type_: str, k: int, filters: Filters, **fields: Any) -> QueryEcho:
+    return QueryEcho(
+        type=type_, k=k, kind=filters.where.get("kind"), group=filters.where.get("group"),
+        max_per_group=filters.max_per_group, **fields,
+    )
+
+
+def filters_of(body: FilterFields) -> Filters:
+    return Filters.of(body.kind, body.group, body.max_per_group)
+
+
+def unit_query(backend: Backend, vector: list[float]) -> np.ndarray:
+    """A [D] unit-length query; ValueError with the reason if it cannot be one."""
+    if len(vector) != backend.index.embed_dim:
+        raise ValueError(f"vector has {len(vector)} values but the index holds {backend.index.embed_dim}-dimensional embeddings")
+    with np.errstate(over="ignore"):  # values beyond float32 become inf, refused below
+        q = backend.index.check_queries(np.asarray(vector, dtype=np.float32))[0]
+    norm = float(np.linalg.norm(q))
+    if not np.isfinite(norm) or norm == 0.0:
+        raise ValueError("query vector has zero (or overflowing) length and no direction")
+    return q / norm
+
+
+async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str | None]:
+    """The uploaded image bytes and file name, from a multipart form or the raw body."""
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        async with request.form(max_files=1, max_fields=16) as form:
+            upload = form.get(UPLOAD_FIELD)
+            if not isinstance(upload, UploadFile):
+                raise HTTPException(status_code=422, detail=f"multipart upload needs a file in field {UPLOAD_FIELD!r}")
+            data, name = await upload.read(max_bytes + 1), upload.filename
+    else:
+        data, name = await request.body(), None
+    if len(data) > max_bytes:
+        raise PayloadTooLarge(max_bytes)
+    return data, name
+
+
+async def embed_image(engine: QueryEngine, backend: Backend, data: bytes | Callable[[], Any], what: str = "") -> np.ndarray:
+    """Image bytes (or an async callable giving them) -> [D] embedding, via the embed batcher."""
+    with engine.embedder.expect() as expected:
+        if callable(data):
+            data = await data()
+        try:
+            if len(data) <= INLINE_DECODE_BYTES:  # cheaper than a thread hop, and no GIL convoy under load
+                pixels = engine.decode(backend, data)
+            else:
+                pixels = await run_in_threadpool(engine.decode, backend, data)
+        except ImageDecodeError as e:
+            raise HTTPException(status_code=422, detail=f"{what}not a usable image: {e}") from None
+        return await expected.submit((backend, pixels))
+
+
+async def search_or_422(engine: QueryEngine, item: SearchItem, what: str = "") -> list[Neighbor]:
+    try:
+        return await engine.search(item)
+    except ValueError as e:
+        raise HTTPException(status_code=422, detail=f"{what}{e}") from None

@@ -1,0 +1,182 @@
+"""Micro-batching: the batcher itself (on a real event loop), the batch functions over
+the real tiny backend, and concurrent HTTP queries that must get exactly what
+one-at-a-time queries get.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+
+from lookalike.model.store import Store
+from lookalike.serving.app import create_app
+from lookalike.serving.backend import Backend, load_backend
+from lookalike.serving.batcher import MicroBatcher
+from lookalike.serving.engine import BatchingConfig, Filters, SearchItem, run_embed_batch, run_search_batch, search_one
+from lookalike.serving.server import serve_in_thread
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_concurrent_submits_form_one_batch() -> None:
+    sizes: list[int] = []
+    gate = threading.Event()
+
+    def double(items: list[int]) -> list[int]:
+        sizes.append(len(items))
+        gate.wait(10)  # the first batch blocks until everything else is queued
+        return [2 * i for i in items]
+
+    async def main() -> list[int]:
+        batcher = MicroBatcher("t", double, max_batch=8, max_wait_s=0.0)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(0))
+        while not sizes:
+            await asyncio.sleep(0.001)
+        rest = [asyncio.ensure_future(batcher.submit(i)) for i in range(1, 20)]
+        await asyncio.sleep(0.01)
+        assert batcher.queue_depth == 20  # 19 queued + 1 running
+        gate.set()
+        out = await asyncio.gather(first, *rest)
+        await batcher.stop()
+        return out
+
+    assert run(main()) == [2 * i for i in range(20)]
+    assert sizes == [1, 8, 8, 3]  # arrivals during a batch become the next batch, at most max_batch
+
+
+def test_announced_items_are_waited_for_and_lone_items_are_not() -> None:
+    sizes: list[int] = []
+
+    async def main() -> None:
+        batcher = MicroBatcher("t", lambda items: sizes.append(len(items)) or items, max_batch=8, max_wait_s=1.0)
+        batcher.start()
+        assert await batcher.submit("alone") == "alone"  # nothing announced: runs at once
+
+        async def announced(i: int) -> int:
+            with batcher.expect() as expected:
+                await asyncio.sleep(0.001 * i)  # "decoding" takes a while
+                return await expected.submit(i)
+
+        assert await asyncio.gather(*(announced(i) for i in range(5))) == list(range(5))
+
+        async def withdrawn() -> None:
+            with batcher.expect():
+                raise ValueError("bad upload")  # leaving the block withdraws the announcement
+
+        with pytest.raises(ValueError):
+            await withdrawn()
+        assert await batcher.submit("after") == "after"
+        await batcher.stop()
+
+    run(main())
+    assert sizes == [1, 5, 1]
+
+
+def test_errors_reach_only_their_caller() -> None:
+    def run_batch(items: list[int]) -> list[object]:
+        return [ValueError(f"bad {i}") if i < 0 else i for i in items]
+
+    def broken(items: list[int]) -> list[int]:
+        raise RuntimeError("boom")
+
+    async def main() -> None:
+        batcher = MicroBatcher("t", run_batch, max_batch=4)
+        failing = MicroBatcher("f", broken)
+        batcher.start()
+        failing.start()
+        results = await asyncio.gather(*(batcher.submit(i) for i in (1, -2, 3)), return_exceptions=True)
+        assert results[0] == 1 and results[2] == 3 and str(results[1]) == "bad -2"
+        with pytest.raises(RuntimeError, match="boom"):
+            await failing.submit(1)
+        await batcher.stop()
+        await failing.stop()
+
+    run(main())
+    with pytest.raises(ValueError, match="max_batch"):
+        MicroBatcher("t", run_batch, max_batch=0)
+    with pytest.raises(ValueError, match="max_wait_s"):
+        MicroBatcher("t", run_batch, max_wait_s=-0.001)
+    with pytest.raises(ValueError, match="max_batch must be at least 1, got 0"):
+        create_app(lambda: None, batching=BatchingConfig(max_embed_batch=0))
+    with pytest.raises(ValueError, match="watch_interval_s"):
+        create_app(lambda: None, watch_interval_s=-1)
+
+
+# --- batch functions over the real backend ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def backend(indexed_store: Store) -> Backend:
+    return load_backend(indexed_store.root)
+
+
+def test_batched_search_equals_one_at_a_time(backend: Backend) -> None:
+    index = backend.index
+    rows = [0, 5, 17, 40, 99]
+    items = [SearchItem(backend, index.embeddings[r], k) for r, k in zip(rows, [1, 3, 10, 7, 2])]
+    items.append(SearchItem(backend, index.embeddings[3], 4, exclude_row=3))
+    items.append(SearchItem(backend, index.embeddings[8], 5, Filters.of(max_per_group=1)))
+    items.append(SearchItem(backend, index.embeddings[9], 5, Filters.of(kind="frame")))
+    batched = run_search_batch(items)
+    for item, got in zip(items, batched):
+        assert [n.id for n in got] == [n.id for n in search_one(item)]
+        assert len(got) == (0 if item.filters.where.get("kind") == "frame" else item.k)
+    assert 3 not in [n.row for n in batched[5]]
+    bad = run_search_batch([SearchItem(backend, np.full(8, np.nan, np.float32), 3), items[0]])
+    assert isinstance(bad[0], ValueError) and bad[1][0].row == 0  # one bad query fails alone... in its group
+
+
+def test_a_batch_spanning_two_backends_answers_each_from_its_own(backend: Backend, indexed_store: Store) -> None:
+    workdir = indexed_store.root
+    other = load_backend(workdir)  # a second loaded version, as during a hot swap
+    rows = [1, 2, 3, 4]
+    items = [SearchItem(b, backend.index.embeddings[r], 3) for r, b in zip(rows, [backend, other, backend, other])]
+    assert [[n.id for n in got] for got in run_search_batch(items)] == [[n.id for n in search_one(i)] for i in items]
+    pixels = [backend.encoder.preprocess((workdir / "corpus" / backend.index.items[r]["id"]).read_bytes()) for r in rows]
+    embedded = run_embed_batch([(b, p) for b, p in zip([backend, other, backend, other], pixels)])
+    for p, vector in zip(pixels, embedded):
+        np.testing.assert_allclose(vector, backend.encoder.embed(p[None])[0], atol=1e-5)
+
+
+def test_concurrent_http_queries_equal_sequential_ones(backend: Backend, indexed_store: Store) -> None:
+    workdir = indexed_store.root
+    ids = [item["id"] for item in backend.index.items[:24]]
+    images = {i: (workdir / "corpus" / i).read_bytes() for i in ids}
+    app = create_app(lambda: backend, batching=BatchingConfig(max_batch=16, max_wait_s=0.02))
+    with serve_in_thread(app) as url:
+        def image_query(item_id: str) -> list[tuple[str, float]]:
+            r = httpx.post(f"{url}/v1/search/image?k=6", content=images[item_id], timeout=60)
+            assert r.status_code == 200, r.text
+            return [(x["id"], x["score"]) for x in r.json()["results"]]
+
+        def vector_query(item_id: str) -> list[str]:
+            vector = backend.index.embeddings[backend.index.row_of(item_id)].tolist()
+            r = httpx.post(f"{url}/v1/search/vector", json={"vector": vector, "k": 4}, timeout=60)
+            assert r.status_code == 200, r.text
+            return [x["id"] for x in r.json()["results"]]
+
+        with ThreadPoolExecutor(12) as pool:
+            concurrent_images = list(pool.map(image_query, ids))
+            concurrent_vectors = list(pool.map(vector_query, ids))
+        metrics = httpx.get(f"{url}/metrics").text
+    for item_id, got in zip(ids, concurrent_images):
+        expected = backend.index.search(backend.encoder.embed(backend.encoder.preprocess(images[item_id])[None]), 6)[0]
+        assert [i for i, _ in got] == [n.id for n in expected]
+        np.testing.assert_allclose([s for _, s in got], [n.score for n in expected], atol=1e-5)
+    for item_id, got in zip(ids, concurrent_vectors):
+        assert got == [n.id for n in backend.index.search(backend.index.embeddings[backend.index.row_of(item_id)], 4)[0]]
+    # Some batches really held more than one query (12 clients at once).
+    batch_counts = {
+        line.split(" ")[0]: float(line.split(" ")[1]) for line in metrics.splitlines() if line.startswith("lookalike_batch_size_")
+    }
+    embed_batches = batch_counts['lookalike_batch_size_count{batcher="embed"}']
+    assert batch_counts['lookalike_batch_size_sum{batcher="embed"}'] == len(ids)
+    assert embed_batches < len(ids)

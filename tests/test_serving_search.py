@@ -1,0 +1,137 @@
+"""Filters, crowding and batch search over HTTP, on an index that mixes images and
+video frames: the tiny store's embeddings republished with 60 items relabelled as
+frames of three videos (ids ``video<n>#t=<seconds>``, group = video id).
+"""
+
+from __future__ import annotations
+
+import base64
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import httpx
+import pyarrow as pa
+import pytest
+
+from lookalike.index.builder import build_and_publish
+from lookalike.index.searcher import ItemIndex
+from lookalike.model.store import Store
+from lookalike.serving.app import create_app
+from lookalike.serving.backend import Backend, load_backend
+from lookalike.serving.schemas import MAX_BATCH_QUERIES
+from lookalike.serving.server import serve_in_thread
+
+FRAMES = 60
+VIDEOS = 3
+
+
+def as_frame(item: dict, row: int) -> dict:
+    video = f"video{row % VIDEOS}"
+    return dict(item, id=f"{video}#t={row / 2:.1f}", kind="frame", group=video, timestamp_s=row / 2)
+
+
+@pytest.fixture(scope="module")
+def backend(indexed_store: Store, tmp_path_factory) -> Backend:
+    root = tmp_path_factory.mktemp("frames") / "store"
+    shutil.copytree(indexed_store.root, root, symlinks=True)
+    store = Store.at(root)
+    index = ItemIndex.load(store.require_current_index())
+    items = [as_frame(item, row) if row < FRAMES else dict(item, group=None) for row, item in enumerate(index.items)]
+    build_and_publish(store, index.embeddings, pa.Table.from_pylist(items), model_version=index.model_version)
+    return load_backend(root)
+
+
+@pytest.fixture(scope="module")
+def http(backend: Backend) -> Iterator[httpx.Client]:
+    with serve_in_thread(create_app(lambda: backend)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        yield client
+
+
+def frame_row(backend: Backend) -> int:
+    return next(r for r, item in enumerate(backend.index.items) if item["kind"] == "frame")
+
+
+def test_frame_results_carry_video_and_timestamp(http: httpx.Client, backend: Backend) -> None:
+    row = frame_row(backend)
+    item_id = backend.index.items[row]["id"]
+    body = http.get(f"/v1/items/{quote(item_id, safe='')}/similar", params={"k": 20, "kind": "frame"}).json()
+    assert len(body["results"]) == 20 and body["query"]["kind"] == "frame"
+    for r in body["results"]:
+        assert r["kind"] == "frame" and r["id"].startswith(r["group"] + "#t=")
+        assert r["timestamp_s"] == pytest.approx(float(r["id"].split("#t=")[1]))
+    meta = http.get(f"/v1/items/{quote(item_id, safe='')}").json()
+    assert meta["group"] == item_id.split("#")[0] and meta["kind"] == "frame"
+    thumb = http.get(body["results"][0]["thumbnail_url"])  # '#' is escaped in the URL
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/png"
+    images = http.get(f"/v1/items/{quote(item_id, safe='')}/similar", params={"k": 10, "kind": "image"}).json()
+    assert {r["kind"] for r in images["results"]} == {"image"} and all(r["timestamp_s"] is None for r in images["results"])
+
+
+def test_crowding_and_group_filter(http: httpx.Client, backend: Backend) -> None:
+    vector = backend.index.embeddings[frame_row(backend)].tolist()
+    crowded = http.post("/v1/search/vector", json={"vector": vector, "k": 10, "kind": "frame", "max_per_group": 1}).json()
+    groups = [r["group"] for r in crowded["results"]]
+    assert sorted(groups) == [f"video{i}" for i in range(VIDEOS)]  # only three videos exist
+    two = http.post("/v1/search/vector", json={"vector": vector, "k": 30, "max_per_group": 2}).json()["results"]
+    per_video = [r["group"] for r in two if r["group"]]
+    assert all(per_video.count(g) <= 2 for g in per_video) and len(two) == 30
+    only = http.post("/v1/search/vector", json={"vector": vector, "k": 50, "group": ["video1"]}).json()["results"]
+    assert len(only) == FRAMES // VIDEOS and {r["group"] for r in only} == {"video1"}
+    image_query = http.post(
+        "/v1/search/image", params=[("k", 5), ("group", "video2"), ("max_per_group", 3)],
+        content=Path(backend.index.items[FRAMES]["uri"]).read_bytes(),
+    ).json()
+    assert [r["group"] for r in image_query["results"]] == ["video2"] * 3
+    assert image_query["query"]["group"] == ["video2"] and image_query["query"]["max_per_group"] == 3
+    bad = http.post("/v1/search/vector", json={"vector": vector, "kind": "audio"})
+    assert bad.status_code == 422 and "kind" in bad.text
+    assert http.get(f"/v1/items/{quote(backend.index.items[0]['id'], safe='')}/similar?max_per_group=0").status_code == 422
+
+
+def test_batch_mixes_vectors_ids_and_images(http: httpx.Client, backend: Backend) -> None:
+    image_item = backend.index.items[FRAMES + 5]
+    png = Path(image_item["uri"]).read_bytes()
+    vector = backend.index.embeddings[7].tolist()
+    frame_id = backend.index.items[frame_row(backend)]["id"]
+    body = {
+        "queries": [{"vector": vector}, {"id": frame_id}, {"image_base64": base64.b64encode(png).decode()}],
+        "k": 4,
+    }
+    response = http.post("/v1/search/batch", json=body)
+    assert response.status_code == 200, response.text
+    responses = response.json()["responses"]
+    singles = [
+        http.post("/v1/search/vector", json={"vector": vector, "k": 4}).json(),
+        http.get(f"/v1/items/{quote(frame_id, safe='')}/similar", params={"k": 4}).json(),
+        http.post("/v1/search/image", params={"k": 4}, content=png).json(),
+    ]
+    for got, single in zip(responses, singles):
+        assert [r["id"] for r in got["results"]] == [r["id"] for r in single["results"]]
+    assert [r["query"]["type"] for r in responses] == ["vector", "item", "image"]
+    assert responses[2]["results"][0]["id"] == image_item["id"]
+    crowded = http.post("/v1/search/batch", json=dict(body, k=5, kind="frame", max_per_group=1)).json()["responses"]
+    for r in crowded:
+        assert len(r["results"]) == VIDEOS and {x["kind"] for x in r["results"]} == {"frame"}
+
+
+@pytest.mark.parametrize(
+    "body, status, reason",
+    [
+        ({"queries": [{"id": "nope"}]}, 404, "queries[0]: unknown item id 'nope'"),
+        ({"queries": [{"vector": [1.0] * 8}, {"vector": [1.0, 2.0]}]}, 422, "queries[1]: vector has 2 values"),
+        ({"queries": [{"image_base64": "***"}]}, 422, "queries[0]: image_base64 is not valid base64"),
+        ({"queries": [{"image_base64": base64.b64encode(b"text").decode()}]}, 422, "queries[0]: not a usable image"),
+        ({"queries": [{}]}, 422, "exactly one of vector, id or image_base64"),
+        ({"queries": [{"id": "a", "vector": [1.0]}]}, 422, "got vector, id"),
+        ({"queries": []}, 422, "at least 1"),
+        ({"queries": [{"id": "x"}] * (MAX_BATCH_QUERIES + 1)}, 422, f"at most {MAX_BATCH_QUERIES}"),
+        ({"queries": [{"vector": [1.0] * 8}], "k": 101}, 422, "less than or equal to 100"),
+    ],
+    ids=["unknown-id", "short-vector", "bad-base64", "not-image", "no-query", "two-queries", "empty", "too-many", "k"],
+)
+def test_batch_rejects_bad_queries(http: httpx.Client, body: dict, status: int, reason: str) -> None:
+    response = http.post("/v1/search/batch", json=body)
+    assert response.status_code == status, response.text
+    assert reason in response.text
