@@ -1,22 +1,23 @@
-"""Build a ScaNN index version from embeddings and publish it atomically.
+"""Build a (sharded) ScaNN index version from embeddings, tune it, and publish it atomically.
 
-``build_index`` picks the ScaNN configuration by corpus size (exact brute force for
-small corpora, tree + asymmetric hashing + exact reordering above that; every choice
-overridable and recorded in the manifest), writes the searcher, item metadata,
-embeddings and a manifest with checksums into a temporary folder, and
-``publish_index`` renames it into ``indexes/<version>`` and moves ``CURRENT``.
-Readers therefore never see half an index.
+The configuration is chosen by shard size: exact brute force for small corpora, AH
+scoring with exact reordering for medium ones, tree + AH + reorder above that
+(``num_leaves`` near sqrt(n), dot product on unit embeddings). Every choice can be
+overridden through ``IndexOptions`` and all of them are recorded in the manifest. After
+the build, ``lookalike.index.autotune`` picks the query-time ``leaves_to_search`` and
+reorder count that meet ``target_recall`` at the highest measured throughput.
+
+``build_shard`` + ``assemble_index`` are the two halves a distributed pipeline calls
+(one ``build_shard`` per shard, then one ``assemble_index``); ``build_index`` does both
+locally and ``build_and_publish`` wraps it in an atomic publish.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,91 +26,188 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lookalike.index.manifest import (
+    FORMAT, METRIC, file_checksums, publish_atomically, shard_name, write_manifest,
+)
 from lookalike.model.store import Store
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
-FORMAT = "lookalike-index/1"
-BRUTE_FORCE_MAX_ITEMS = 20_000
+BRUTE_FORCE_MAX_ITEMS = 20_000  # per shard: below this exact search is fast enough
+AH_MAX_ITEMS = 50_000  # per shard: below this AH scoring of every item is competitive with a tree
+TRAINING_SAMPLE_MIN = 30_000
+TRAINING_SAMPLE_PER_LEAF = 100  # below ~100 per leaf the k-means partitions lose recall badly
+MODES = ("auto", "brute_force", "ah", "tree_ah")
 
 
 @dataclass(frozen=True)
 class IndexOptions:
-    """How to build; ``mode='auto'`` chooses by size."""
+    """How to build. ``None`` means "choose": by size at build time, by autotuning at query time."""
 
-    mode: str = "auto"  # auto | brute_force | tree_ah
+    mode: str = "auto"  # auto | brute_force | ah | tree_ah
     num_neighbors: int = 10
-    num_leaves: int | None = None  # default ~sqrt(n)
-    leaves_to_search: int | None = None  # default ~num_leaves/10
-    reorder: int = 100
-    training_sample_size: int = 100_000
+    num_shards: int = 1
+    num_leaves: int | None = None  # tree only; default ~sqrt(shard size)
+    leaves_to_search: int | None = None  # tree only; None = autotuned
+    reorder: int | None = None  # ah/tree: candidates re-scored exactly; None = autotuned
+    training_sample_size: int | None = None  # tree and AH training; default max(30k, 100 per leaf)
+    autotune: bool = True
+    target_recall: float = 0.95  # recall@tune_k against exact search
+    tune_k: int = 10
+    tune_queries: int = 1000  # corpus rows sampled as held-out queries
+    seed: int = 0
 
 
 def validate_embeddings(embeddings: np.ndarray, ids: list[str]) -> np.ndarray:
-    """Check [N, D] finite float32 embeddings and N unique ids; return float32 array."""
+    """Check [N, D] finite, non-zero float embeddings and N unique ids; return unit float32 rows."""
     emb = np.asarray(embeddings)
     if emb.ndim != 2 or emb.shape[0] == 0 or emb.shape[1] == 0:
         raise ValueError(f"expected [N, D] embeddings with N, D > 0, got shape {emb.shape}")
     if not np.issubdtype(emb.dtype, np.floating):
         raise ValueError(f"expected float embeddings, got dtype {emb.dtype}")
+    if len(ids) != len(emb):
+        raise ValueError(f"{len(ids)} ids for {len(emb)} embeddings")
     emb = emb.astype(np.float32, copy=False)
     bad = np.flatnonzero(~np.isfinite(emb).all(axis=1))
     if len(bad):
         raise ValueError(f"embedding of item {ids[bad[0]]!r} has NaN or infinite values ({len(bad)} such rows)")
-    if len(ids) != len(emb):
-        raise ValueError(f"{len(ids)} ids for {len(emb)} embeddings")
+    norms = np.linalg.norm(emb, axis=1)
+    zero = np.flatnonzero(norms < 1e-12)
+    if len(zero):
+        raise ValueError(f"embedding of item {ids[zero[0]]!r} is a zero vector and has no direction ({len(zero)} such rows)")
     if len(set(ids)) != len(ids):
         seen: set[str] = set()
         dup = next(i for i in ids if i in seen or seen.add(i))  # type: ignore[func-returns-value]
         raise ValueError(f"duplicate item id {dup!r} in index build")
-    return emb
+    off = np.abs(norms - 1.0) > 1e-3
+    if off.any():
+        log.info("normalising %d embedding(s) that are not unit length", int(off.sum()))
+        emb = emb / norms[:, None]
+    return np.ascontiguousarray(emb, dtype=np.float32)
+
+
+def item_ids(items: pa.Table) -> list[str]:
+    if "id" not in items.column_names:
+        raise ValueError(f"items table needs an 'id' column, has {items.column_names}")
+    ids = items.column("id").to_pylist()
+    empty = [i for i, v in enumerate(ids) if v in (None, "")]
+    if empty:
+        raise ValueError(f"item at row {empty[0]} has an empty id")
+    return [str(i) for i in ids]
 
 
 def resolve_options(n: int, options: IndexOptions) -> dict[str, Any]:
-    """Concrete build parameters for ``n`` items."""
+    """Concrete build parameters for ``n`` items split into ``options.num_shards`` shards."""
+    if options.mode not in MODES:
+        raise ValueError(f"unknown index mode {options.mode!r}; use one of {', '.join(MODES)}")
+    if options.num_shards < 1 or options.num_shards > max(1, n):
+        raise ValueError(f"num_shards must be between 1 and the item count {n}, got {options.num_shards}")
+    if not 0.0 < options.target_recall <= 1.0:
+        raise ValueError(f"target_recall must be in (0, 1], got {options.target_recall}")
+    per_shard = math.ceil(n / options.num_shards)
     mode = options.mode
     if mode == "auto":
-        mode = "brute_force" if n < BRUTE_FORCE_MAX_ITEMS else "tree_ah"
-    if mode not in ("brute_force", "tree_ah"):
-        raise ValueError(f"unknown index mode {options.mode!r}; use auto, brute_force or tree_ah")
-    params: dict[str, Any] = {"mode": mode, "num_neighbors": options.num_neighbors}
+        mode = "brute_force" if per_shard < BRUTE_FORCE_MAX_ITEMS else "ah" if per_shard < AH_MAX_ITEMS else "tree_ah"
+    params: dict[str, Any] = {"mode": mode, "num_neighbors": options.num_neighbors, "num_shards": options.num_shards,
+                              "requested": {k: v for k, v in asdict(options).items() if v is not None}}
+    leaves = min(options.num_leaves or max(2, int(round(math.sqrt(per_shard)))), per_shard)
+    if mode != "brute_force":
+        # a sample, not the corpus: k-means and codebook training time grows with it, quality barely
+        sample = options.training_sample_size or max(TRAINING_SAMPLE_MIN, TRAINING_SAMPLE_PER_LEAF * leaves)
+        params.update(reorder=options.reorder or 100, training_sample_size=min(per_shard, sample))
     if mode == "tree_ah":
-        leaves = options.num_leaves or max(2, int(round(math.sqrt(n))))
-        params.update(
-            num_leaves=min(leaves, n),
-            leaves_to_search=options.leaves_to_search or max(1, leaves // 10),
-            reorder=options.reorder,
-            training_sample_size=min(n, options.training_sample_size),
-        )
+        params.update(num_leaves=leaves, leaves_to_search=min(leaves, options.leaves_to_search or max(1, leaves // 10)),
+                      spherical=True)  # spherical k-means: the right partitions for dot products of unit vectors
     return params
 
 
-def build_searcher(embeddings: np.ndarray, params: dict[str, Any]):
-    """A ScaNN searcher over [N, D] float32 unit vectors with dot-product scores."""
+def build_searcher(embeddings: np.ndarray, params: dict[str, Any], docids: list[str] | None = None):
+    """A ScaNN searcher over [N, D] float32 unit vectors with dot-product scores (docids enable updates)."""
     import scann
 
-    builder = scann.scann_ops_pybind.builder(embeddings, params["num_neighbors"], "dot_product")
+    builder = scann.scann_ops_pybind.builder(embeddings, params["num_neighbors"], METRIC)
     if params["mode"] == "brute_force":
-        return builder.score_brute_force().build()
-    return (
-        builder.tree(
-            num_leaves=params["num_leaves"],
-            num_leaves_to_search=params["leaves_to_search"],
-            training_sample_size=params["training_sample_size"],
-        )
-        .score_ah(2, anisotropic_quantization_threshold=0.2)
-        .reorder(params["reorder"])
-        .build()
-    )
+        builder = builder.score_brute_force()
+    else:
+        if params["mode"] == "tree_ah":
+            builder = builder.tree(
+                num_leaves=min(params["num_leaves"], len(embeddings)),
+                num_leaves_to_search=min(params["leaves_to_search"], params["num_leaves"]),
+                training_sample_size=min(params["training_sample_size"], len(embeddings)),
+                spherical=params.get("spherical", False),
+            )
+        builder = builder.score_ah(2, anisotropic_quantization_threshold=0.2,
+                                   training_sample_size=min(params["training_sample_size"], len(embeddings)))
+        builder = builder.reorder(params["reorder"])
+    return builder.build(docids=docids)
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+def build_shard(embeddings: np.ndarray, items: pa.Table, *, index_dir: Path, shard: int, params: dict[str, Any]) -> dict[str, Any]:
+    """Write shard number ``shard`` into ``index_dir/shard-NNNNN`` and return its manifest entry.
+
+    One call per shard; a distributed pipeline can run these on different workers
+    (``params`` from ``resolve_options``), then call ``assemble_index`` once.
+    """
+    ids = item_ids(items)
+    emb = validate_embeddings(embeddings, ids)
+    import scann  # noqa: F401  (slow first import; not part of the build time)
+
+    started = time.perf_counter()
+    searcher = build_searcher(emb, params, docids=list(ids))
+    build_s = time.perf_counter() - started
+    health = None
+    if params["mode"] == "tree_ah":
+        searcher.initialize_health_stats()
+        health = searcher.get_health_stats()
+    name = shard_name(shard)
+    out = Path(index_dir) / name
+    (out / "scann").mkdir(parents=True)
+    searcher.serialize(str(out / "scann"), relative_path=True)
+    pq.write_table(items, out / "items.parquet")
+    np.save(out / "embeddings.npy", emb)
+    log.info("built %s shard %s of %d x %d in %.2fs", params["mode"], name, len(emb), emb.shape[1], build_s)
+    return {"name": name, "count": int(len(emb)), "embed_dim": int(emb.shape[1]), "build_seconds": round(build_s, 3),
+            "health_at_build": health, "files": file_checksums(Path(index_dir), name)}
+
+
+def assemble_index(
+    index_dir: Path,
+    shards: list[dict[str, Any]],
+    *,
+    model_version: str,
+    params: dict[str, Any],
+    options: IndexOptions = IndexOptions(),
+    queries: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Write the manifest over built shards, verify by loading, autotune, record results. Returns the manifest."""
+    from lookalike.index.autotune import tune_index
+    from lookalike.index.searcher import ItemIndex
+
+    index_dir = Path(index_dir)
+    dims = {s["embed_dim"] for s in shards}
+    if len(dims) != 1:
+        raise ValueError(f"shards disagree on the embedding dim: {sorted(dims)}")
+    count = sum(s["count"] for s in shards)
+    manifest: dict[str, Any] = {
+        "format": FORMAT, "model_version": model_version, "count": count, "embed_dim": dims.pop(), "metric": METRIC,
+        "build": params, "build_seconds": round(sum(s["build_seconds"] for s in shards), 3),
+        "created_unix_s": time.time(), "shards": shards,
+        "updates": {"base_count": count, "inserted": 0, "updated": 0, "deleted": 0, "parent_version": None},
+    }
+    write_manifest(index_dir, manifest)
+    index = ItemIndex.load(index_dir)
+    started = time.perf_counter()
+    manifest["tuning"] = tune_index(index, options, queries=queries)
+    manifest["tuning"]["tune_seconds"] = round(time.perf_counter() - started, 3)
+    manifest["memory"] = index.memory_bytes_per_vector()
+    write_manifest(index_dir, manifest)
+    t, m = manifest["tuning"], manifest["memory"]
+    log.info("index %s: %d items in %d shard(s), mode %s, recall@%d %.3f (target %.2f%s), %.0f QPS single-thread, "
+             "leaves_to_search %s, reorder %s, %.0f index bytes/vector",
+             index_dir.name, count, len(shards), params["mode"], t["k"], t["recall"], t["target_recall"],
+             "" if t["target_met"] else ", NOT met", t["qps"], t["leaves_to_search"], t["reorder"],
+             m["index_bytes_per_vector"])
+    return manifest
 
 
 def build_index(
@@ -119,44 +217,30 @@ def build_index(
     model_version: str,
     out_dir: Path,
     options: IndexOptions = IndexOptions(),
+    queries: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """Write a complete index into ``out_dir`` (created; must not exist). Returns the manifest.
 
-    ``items`` has one row per embedding and at least an ``id`` column; its other
-    columns (uri, kind, width, height, content_hash, ...) are served as metadata.
+    ``embeddings`` is [N, D]; ``items`` has one row per embedding and at least an ``id``
+    column; its other columns (uri, kind, width, height, content_hash, group, ...) are
+    served as metadata. ``queries`` ([Q, D]) are the held-out tuning queries (default: a
+    sample of the corpus, each excluding itself from its results).
     """
-    ids = [str(i) for i in items.column("id").to_pylist()]
-    emb = validate_embeddings(embeddings, ids)
-    params = resolve_options(len(emb), options)
-    import scann  # noqa: F401  (slow first import; not part of the build time)
-
-    started = time.perf_counter()
-    searcher = build_searcher(emb, params)
-    build_s = time.perf_counter() - started
+    ids = item_ids(items)
+    emb = validate_embeddings(embeddings, ids)  # whole-corpus checks (duplicates across shards) before writing
+    params = resolve_options(len(ids), options)
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True)
-    (out_dir / "scann").mkdir()
-    searcher.serialize(str(out_dir / "scann"), relative_path=True)
-    pq.write_table(items, out_dir / "items.parquet")
-    np.save(out_dir / "embeddings.npy", emb)
-    files = sorted(p for p in out_dir.rglob("*") if p.is_file())
-    manifest = {
-        "format": FORMAT,
-        "model_version": model_version,
-        "count": int(len(emb)),
-        "embed_dim": int(emb.shape[1]),
-        "metric": "dot_product",
-        "build": params,
-        "build_seconds": round(build_s, 3),
-        "created_unix_s": time.time(),
-        "files": {str(p.relative_to(out_dir)): sha256_file(p) for p in files},
-    }
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-    log.info("built %s index of %d x %d in %.2fs", params["mode"], len(emb), emb.shape[1], build_s)
-    return manifest
-
-
-def new_index_version() -> str:
-    return time.strftime("i-%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    try:
+        bounds = np.linspace(0, len(ids), options.num_shards + 1).astype(int)
+        shards = [
+            build_shard(emb[a:b], items.slice(a, b - a), index_dir=out_dir, shard=i, params=params)
+            for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))
+        ]
+        return assemble_index(out_dir, shards, model_version=model_version, params=params, options=options, queries=queries)
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)  # we created it: leave nothing half-written
+        raise
 
 
 def build_and_publish(
@@ -169,19 +253,13 @@ def build_and_publish(
     make_current: bool = True,
 ) -> str:
     """Build in a temporary folder, rename into ``indexes/<version>``, then move CURRENT."""
-    store.indexes_dir.mkdir(parents=True, exist_ok=True)
-    version = new_index_version()
-    tmp = store.indexes_dir / f".tmp-{version}"
-    try:
-        build_index(embeddings, items, model_version=model_version, out_dir=tmp, options=options)
-        tmp.rename(store.index_dir(version))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if make_current:
-        store.set_current_index(version)
-        log.info("published index %s as CURRENT in %s", version, store.root)
+    version = publish_atomically(
+        store, lambda tmp: build_index(embeddings, items, model_version=model_version, out_dir=tmp, options=options),
+        make_current=make_current,
+    )
+    log.info("published index %s%s in %s", version, " as CURRENT" if make_current else "", store.root)
     return version
 
 
-__all__ = ["IndexOptions", "build_index", "build_and_publish", "resolve_options", "validate_embeddings", "asdict"]
+__all__ = ["IndexOptions", "assemble_index", "build_and_publish", "build_index", "build_shard", "resolve_options",
+           "validate_embeddings"]

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pytest
 
 from lookalike.index.builder import IndexOptions, build_and_publish, build_index, resolve_options
-from lookalike.index.searcher import IndexLoadError, ItemIndex
+from lookalike.index.searcher import IncompatibleQueryError, IndexLoadError, ItemIndex, QueryError
 from lookalike.model.store import Store
 
 
@@ -18,7 +18,7 @@ def items(n: int) -> pa.Table:
     return pa.table({"id": [f"item-{i}" for i in range(n)], "uri": [f"/x/{i}.png" for i in range(n)]})
 
 
-@pytest.mark.parametrize("mode", ["brute_force", "tree_ah"])
+@pytest.mark.parametrize("mode", ["brute_force", "ah", "tree_ah"])
 def test_every_item_is_its_own_nearest_neighbour(tmp_path, mode):
     emb = unit_vectors(500, 16)
     build_index(emb, items(500), model_version="m-test", out_dir=tmp_path / "i", options=IndexOptions(mode=mode, num_leaves=10, leaves_to_search=10))
@@ -41,10 +41,20 @@ def test_similar_to_excludes_the_item_and_unknown_id_raises(tmp_path):
         index.similar_to("nope", 3)
 
 
-def test_auto_mode_chooses_by_size():
+def test_auto_mode_chooses_by_size_and_overrides_win():
     assert resolve_options(1000, IndexOptions())["mode"] == "brute_force"
+    assert resolve_options(30_000, IndexOptions())["mode"] == "ah"
     big = resolve_options(1_000_000, IndexOptions())
     assert big["mode"] == "tree_ah" and big["num_leaves"] == 1000
+    sharded = resolve_options(1_000_000, IndexOptions(num_shards=4))
+    assert sharded["mode"] == "tree_ah" and sharded["num_leaves"] == 500
+    forced = resolve_options(1000, IndexOptions(mode="tree_ah", num_leaves=7, leaves_to_search=3, reorder=50))
+    assert (forced["mode"], forced["num_leaves"], forced["leaves_to_search"], forced["reorder"]) == ("tree_ah", 7, 3, 50)
+    assert forced["requested"]["num_leaves"] == 7
+    with pytest.raises(ValueError, match="unknown index mode 'fast'"):
+        resolve_options(10, IndexOptions(mode="fast"))
+    with pytest.raises(ValueError, match="target_recall must be in"):
+        resolve_options(10, IndexOptions(target_recall=1.5))
 
 
 @pytest.mark.parametrize(
@@ -54,6 +64,9 @@ def test_auto_mode_chooses_by_size():
         (np.zeros((3, 4), np.int64), ["a", "b", "c"], "dtype"),
         (np.zeros((3,), np.float32), ["a", "b", "c"], r"\[N, D\]"),
         (unit_vectors(3, 4), ["a", "b", "a"], "duplicate item id 'a'"),
+        (np.array([[1, 0], [0, 0], [0, 1]], np.float32), ["a", "b", "c"], "item 'b' is a zero vector"),
+        (np.array([[1, 0], [np.inf, 0]], np.float32), ["a", "b"], "item 'b' has NaN or infinite"),
+        (unit_vectors(3, 4), ["a", "", "c"], "row 1 has an empty id"),
     ],
 )
 def test_bad_builds_are_refused_and_leave_nothing(tmp_path, emb, ids, message):
@@ -63,15 +76,21 @@ def test_bad_builds_are_refused_and_leave_nothing(tmp_path, emb, ids, message):
     assert not list((tmp_path / "indexes").iterdir())
 
 
-def test_tampered_or_truncated_index_is_refused(tmp_path):
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: (d / "shard-00000" / "embeddings.npy").write_bytes(b"tampered"), "shard-00000/embeddings.npy.*checksum"),
+        (lambda d: (d / "shard-00000" / "items.parquet").unlink(), "shard-00000/items.parquet.*missing"),
+        (lambda d: (d / "shard-00000" / "scann" / "dataset.npy").write_bytes(b""), "scann/dataset.npy.*checksum"),
+        (lambda d: (d / "manifest.json").write_text("{ truncated"), "manifest.json is not valid JSON"),
+        (lambda d: (d / "manifest.json").unlink(), "manifest.json is missing"),
+    ],
+)
+def test_tampered_or_truncated_index_is_refused(tmp_path, damage, message):
     build_index(unit_vectors(20, 4), items(20), model_version="m", out_dir=tmp_path / "i")
-    (tmp_path / "i" / "embeddings.npy").write_bytes(b"tampered")
-    with pytest.raises(IndexLoadError, match="embeddings.npy"):
+    damage(tmp_path / "i")
+    with pytest.raises(IndexLoadError, match=message):
         ItemIndex.load(tmp_path / "i")
-    build_index(unit_vectors(20, 4), items(20), model_version="m", out_dir=tmp_path / "j")
-    (tmp_path / "j" / "items.parquet").unlink()
-    with pytest.raises(IndexLoadError, match="items.parquet.*missing"):
-        ItemIndex.load(tmp_path / "j")
 
 
 def test_query_dimension_and_nan_are_refused(tmp_path):
@@ -79,8 +98,25 @@ def test_query_dimension_and_nan_are_refused(tmp_path):
     index = ItemIndex.load(tmp_path / "i")
     with pytest.raises(ValueError, match=r"expected \[N, 4\]"):
         index.search(np.zeros((1, 5), np.float32), 3)
-    with pytest.raises(ValueError, match="NaN"):
+    with pytest.raises(QueryError, match="NaN"):
         index.search(np.array([[np.nan, 0, 0, 0]], np.float32), 3)
+    with pytest.raises(QueryError, match="zero vector"):
+        index.search(np.zeros((1, 4), np.float32), 3)
+    with pytest.raises(QueryError, match="dtype <U1"):
+        index.search(np.array([["a", "b", "c", "d"]]), 3)
+
+
+def test_queries_from_another_model_version_are_refused(tmp_path):
+    emb = unit_vectors(20, 4)
+    build_index(emb, items(20), model_version="m-1", out_dir=tmp_path / "i")
+    index = ItemIndex.load(tmp_path / "i")
+    assert index.search(emb[:1], 1, model_version="m-1")[0][0].id == "item-0"
+    with pytest.raises(IncompatibleQueryError, match="model 'm-2' but index i holds embeddings of model 'm-1'"):
+        index.search(emb[:1], 1, model_version="m-2")
+    with pytest.raises(IncompatibleQueryError, match=r"expected \[N, 4\]"):
+        index.search(np.ones((1, 3), np.float32), 1)
+    with pytest.raises(IncompatibleQueryError, match="built from model 'm-1', not 'm-2'"):
+        ItemIndex.load(tmp_path / "i", model_version="m-2")
 
 
 def test_publish_moves_current_atomically(tmp_path):
@@ -107,3 +143,14 @@ def test_filters_and_crowding_widen_until_k_found(tmp_path):
     assert max(sum(index.items[n.row]["group"] == g for n in crowded) for g in set(groups)) == 2
     assert index.search(emb[1], k=5, where={"kind": ["image", "frame"]})[0] == index.search(emb[1], k=5)[0]
     assert index.search(emb[1], k=5, where={"kind": "none"})[0] == []
+
+
+def test_a_build_failing_late_leaves_nothing(tmp_path):
+    """Bad tuning queries are only noticed after the shards are written: the folder must go."""
+    with pytest.raises(ValueError, match=r"expected \[N, 4\]"):
+        build_index(unit_vectors(30, 4), items(30), model_version="m", out_dir=tmp_path / "i", queries=np.ones((2, 3), np.float32))
+    assert not (tmp_path / "i").exists()
+    store = Store.at(tmp_path / "s")
+    with pytest.raises(ValueError, match="num_shards must be between 1 and the item count 3"):
+        build_and_publish(store, unit_vectors(3, 4), items(3), model_version="m", options=IndexOptions(num_shards=4))
+    assert store.current_index() is None and not [p for p in store.indexes_dir.iterdir()]

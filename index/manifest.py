@@ -1,0 +1,132 @@
+"""The on-disk index format: manifest, checksums, verification and atomic publishing.
+
+An index version is a folder holding ``manifest.json`` and one sub-folder per shard
+(``shard-00000/`` with ``scann/``, ``items.parquet``, ``embeddings.npy``). The manifest
+lists the shards with their counts and the SHA-256 of every file, plus the model
+version, embedding dim and metric; ``verify_index_dir`` checks all of it before a
+byte is trusted. Format 1 (one shard stored at the top of the folder, written before
+shards existed) still loads. Versions are written into a hidden temporary folder and
+renamed into place, so readers never see half an index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from lookalike.model.store import Store, atomic_write_text
+
+MANIFEST = "manifest.json"
+FORMAT = "lookalike-index/2"
+LEGACY_FORMAT = "lookalike-index/1"
+METRIC = "dot_product"
+SHARD_FILES = ("items.parquet", "embeddings.npy")
+
+
+class IndexLoadError(RuntimeError):
+    """An index folder is missing, incomplete, inconsistent or tampered with; the message names the file."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}"
+
+
+def file_checksums(root: Path, sub: str) -> dict[str, str]:
+    """SHA-256 of every file under ``root/sub``, keyed by path relative to ``root``."""
+    base = root / sub if sub not in ("", ".") else root
+    files = sorted(p for p in base.rglob("*") if p.is_file() and p.name != MANIFEST)
+    return {str(p.relative_to(root)): sha256_file(p) for p in files}
+
+
+def write_manifest(out_dir: Path, manifest: dict[str, Any]) -> None:
+    atomic_write_text(out_dir / MANIFEST, json.dumps(manifest, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "item"):  # numpy scalars
+        return obj.item()
+    raise TypeError(f"cannot store {type(obj).__name__} in an index manifest")
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """Parse and structurally check ``path/manifest.json``; format 1 is upgraded in memory."""
+    manifest_path = path / MANIFEST
+    if not path.is_dir():
+        raise IndexLoadError(f"index folder {path} does not exist")
+    if not manifest_path.is_file():
+        raise IndexLoadError(f"{path} is not a complete index: {MANIFEST} is missing")
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise IndexLoadError(f"{manifest_path} is not valid JSON: {e}") from None
+    if not isinstance(manifest, dict):
+        raise IndexLoadError(f"{manifest_path} is not a JSON object")
+    fmt = manifest.get("format")
+    if fmt == LEGACY_FORMAT:
+        manifest = dict(manifest, shards=[{"name": ".", "count": manifest.get("count"), "files": manifest.get("files", {})}])
+    elif fmt != FORMAT:
+        raise IndexLoadError(f"{manifest_path}: unsupported format {fmt!r} (expected {FORMAT!r})")
+    for key in ("model_version", "count", "embed_dim", "metric", "shards"):
+        if key not in manifest:
+            raise IndexLoadError(f"{manifest_path}: required field {key!r} is missing")
+    if manifest["metric"] != METRIC:
+        raise IndexLoadError(f"{manifest_path}: unsupported metric {manifest['metric']!r} (expected {METRIC!r})")
+    shards = manifest["shards"]
+    if not isinstance(shards, list) or not shards:
+        raise IndexLoadError(f"{manifest_path}: 'shards' must be a non-empty list")
+    if sum(int(s.get("count", -1)) for s in shards) != manifest["count"]:
+        raise IndexLoadError(f"{manifest_path}: shard counts {[s.get('count') for s in shards]} do not add up to count {manifest['count']}")
+    return manifest
+
+
+def verify_files(path: Path, manifest: dict[str, Any], verify_checksums: bool = True) -> None:
+    """Every file every shard lists exists (and matches its checksum); required files are listed."""
+    for shard in manifest["shards"]:
+        files = shard.get("files", {})
+        prefix = "" if shard["name"] == "." else shard["name"] + "/"
+        for required in (*SHARD_FILES, "scann/scann_assets.pbtxt"):
+            if prefix + required not in files:
+                raise IndexLoadError(f"{path / MANIFEST}: shard {shard['name']!r} does not list {prefix + required}")
+        for name, digest in files.items():
+            file = path / name
+            if not file.is_file():
+                raise IndexLoadError(f"index file {file} listed in the manifest is missing")
+            if verify_checksums and sha256_file(file) != digest:
+                raise IndexLoadError(f"index file {file} does not match its manifest checksum (corrupt or tampered)")
+
+
+def new_index_version() -> str:
+    return time.strftime("i-%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+
+
+def publish_atomically(store: Store, write: Callable[[Path], Any], *, make_current: bool = True) -> str:
+    """Run ``write(tmp_dir)``, rename ``tmp_dir`` to ``indexes/<new version>``, then move CURRENT.
+
+    Nothing is left behind if ``write`` raises.
+    """
+    store.indexes_dir.mkdir(parents=True, exist_ok=True)
+    version = new_index_version()
+    tmp = store.indexes_dir / f".tmp-{version}"
+    try:
+        write(tmp)
+        tmp.rename(store.index_dir(version))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if make_current:
+        store.set_current_index(version)
+    return version

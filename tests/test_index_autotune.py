@@ -1,0 +1,84 @@
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from lookalike.index.autotune import drop_self, ladder
+from lookalike.index.builder import IndexOptions, build_index
+from lookalike.index.exact import exact_topk, recall_at_k
+from lookalike.index.searcher import ItemIndex
+
+
+def clustered(n: int, dim: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(40, dim))
+    x = centres[rng.integers(0, 40, n)] + 0.5 * rng.normal(size=(n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def ids(n: int) -> pa.Table:
+    return pa.table({"id": [f"item-{i}" for i in range(n)]})
+
+
+def test_exact_topk_matches_argsort_across_blocks():
+    x, q = clustered(1000, 8), clustered(7, 8, seed=1)
+    rows, scores = exact_topk(q, x, 5, block_rows=64)
+    expected = np.argsort(-(q @ x.T), axis=1)[:, :5]
+    assert (rows == expected).all()
+    assert np.allclose(scores, np.take_along_axis(q @ x.T, expected, axis=1))
+    assert exact_topk(q, x[:3], 5)[0].shape == (7, 3)
+
+
+def test_recall_and_helpers():
+    truth = np.array([[1, 2], [3, 4]])
+    assert recall_at_k(np.array([[2, 1], [3, -1]]), truth) == 0.75
+    assert ladder(10, 100) == [10, 15, 22, 34, 51, 76, 100]
+    assert ladder(1, 4) == [1, 2, 3, 4]
+    assert drop_self(np.array([[5, 1, 2], [1, 2, 3]]), np.array([5, 9]), 2).tolist() == [[1, 2], [1, 2]]
+
+
+@pytest.mark.parametrize("mode", ["ah", "tree_ah"])
+@pytest.mark.parametrize("target", [0.8, 0.99])
+def test_autotune_meets_the_recall_target_and_records_it(tmp_path, mode, target):
+    both = clustered(4300, 16)
+    x, q = both[:4000], both[4000:]  # held-out queries from the same mixture
+    options = IndexOptions(mode=mode, num_leaves=40, target_recall=target, tune_queries=200)
+    manifest = build_index(x, ids(len(x)), model_version="m", out_dir=tmp_path / "i", options=options)
+    tuning = manifest["tuning"]
+    assert tuning["target_met"] and tuning["recall"] >= target
+    assert tuning["k"] == 10 and tuning["num_queries"] == 200 and tuning["qps"] > 0
+    assert manifest["memory"]["index_bytes_per_vector"] > 0
+    index = ItemIndex.load(tmp_path / "i")  # the tuned knobs are what search uses by default
+    found = index.search_rows(q, 10)[0]
+    assert recall_at_k(found, exact_topk(q, x, 10)[0]) >= target - 0.05  # held-out queries: near the corpus-sample estimate
+    if mode == "tree_ah":
+        assert 1 <= tuning["leaves_to_search"] <= 40
+    stricter = [c for c in tuning["candidates"] if c["recall"] >= target]
+    assert tuning["qps"] > 0 and stricter
+
+
+def test_lower_target_searches_less(tmp_path):
+    x = clustered(4000, 16)
+    low = build_index(x, ids(4000), model_version="m", out_dir=tmp_path / "a",
+                      options=IndexOptions(mode="tree_ah", num_leaves=40, target_recall=0.5, tune_queries=200))["tuning"]
+    high = build_index(x, ids(4000), model_version="m", out_dir=tmp_path / "b",
+                       options=IndexOptions(mode="tree_ah", num_leaves=40, target_recall=0.99, tune_queries=200))["tuning"]
+    assert (low["leaves_to_search"], low["reorder"]) < (high["leaves_to_search"], high["reorder"]) or \
+        low["leaves_to_search"] * low["reorder"] < high["leaves_to_search"] * high["reorder"]
+
+
+def test_user_queries_overrides_and_brute_force(tmp_path):
+    x = clustered(2000, 16)
+    q = clustered(50, 16, seed=3)
+    m = build_index(x, ids(2000), model_version="m", out_dir=tmp_path / "a", queries=q,
+                    options=IndexOptions(mode="tree_ah", num_leaves=20, leaves_to_search=5, reorder=60))
+    assert m["tuning"]["query_source"] == "user" and m["tuning"]["num_queries"] == 50
+    assert (m["tuning"]["leaves_to_search"], m["tuning"]["reorder"]) == (5, 60)  # explicit values are kept
+    bf = build_index(x, ids(2000), model_version="m", out_dir=tmp_path / "b")
+    assert bf["build"]["mode"] == "brute_force" and bf["tuning"]["recall"] == 1.0
+
+
+def test_unreachable_target_is_flagged_not_hidden(tmp_path):
+    x = clustered(3000, 16)
+    m = build_index(x, ids(3000), model_version="m", out_dir=tmp_path / "a",
+                    options=IndexOptions(mode="tree_ah", num_leaves=30, leaves_to_search=1, reorder=10, target_recall=1.0))
+    assert m["tuning"]["target_met"] is False and m["tuning"]["recall"] < 1.0

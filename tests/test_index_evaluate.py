@@ -1,0 +1,62 @@
+import json
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from lookalike.index.builder import IndexOptions, build_index
+from lookalike.index.evaluate import evaluate_index, label_from_id, retrieval_scores
+from lookalike.index.searcher import ItemIndex
+from lookalike.pipeline.cli import main
+
+
+def test_label_from_id():
+    assert label_from_id("3/digit_0042.png") == "3"
+    assert label_from_id("cat/sub/x.jpg") == "cat"
+    with pytest.raises(ValueError, match="'plain.png' has no '<label>/' prefix"):
+        label_from_id("plain.png")
+
+
+def test_retrieval_scores_by_hand():
+    labels = np.array(["a", "a", "a", "b", "b"])
+    # query 0 (label a, R=2): neighbours a, b -> P@1 1, AP = (1/1)/2 = 0.5
+    # query 3 (label b, R=1): neighbours a -> P@1 0, AP 0
+    neighbors = np.array([[1, 3, 2], [0, 4, -1]])
+    s = retrieval_scores(neighbors, np.array(["a", "b"]), labels, ks=(1, 3))
+    assert s["precision_at_1"] == 0.5 and s["recall_at_1"] == 0.5 and s["recall_at_3"] == 1.0
+    assert s["map_at_r"] == pytest.approx(0.25)
+    # late hits count less: a, x, a for R=2 -> (1 + 2/3)/2 ... only the first R=2 results count
+    s = retrieval_scores(np.array([[1, 3, 2]]), np.array(["a"]), labels, ks=(1,))
+    assert s["map_at_r"] == pytest.approx(0.5)
+    s = retrieval_scores(np.array([[1, 2]]), np.array(["a"]), labels, ks=(1,))
+    assert s["map_at_r"] == pytest.approx(1.0)
+
+
+def test_exact_index_loses_nothing_and_a_starved_one_does(tmp_path):
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(5, 16))
+    labels = rng.integers(0, 5, 2000)
+    x = centres[labels] + 0.9 * rng.normal(size=(2000, 16))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    ids = pa.table({"id": [f"{c}/{i}.png" for i, c in enumerate(labels)]})
+    build_index(x, ids, model_version="m", out_dir=tmp_path / "bf")
+    exact = evaluate_index(ItemIndex.load(tmp_path / "bf"), k=10, max_queries=300)
+    assert exact["ann_recall_at_10"] == 1.0 and exact["approximation_loss"]["map_at_r"] == 0.0
+    assert 0.2 < exact["exact"]["map_at_r"] < 1.0 and exact["num_queries"] == 300
+    build_index(x, ids, model_version="m", out_dir=tmp_path / "ann", options=IndexOptions(
+        mode="tree_ah", num_leaves=40, leaves_to_search=1, reorder=10))
+    starved = evaluate_index(ItemIndex.load(tmp_path / "ann"), k=10, max_queries=300)
+    assert starved["ann_recall_at_10"] < 0.9
+    assert starved["exact"] == exact["exact"]  # the exact side does not depend on the ANN settings
+    assert starved["approximation_loss"]["map_at_r"] > 0.0
+
+
+def test_eval_command_on_the_pipeline_index(indexed_store, capsys):
+    assert main(["eval", "--workdir", str(indexed_store.root), "--index", "--k", "5"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["index"] == indexed_store.current_index() and report["k"] == 5
+    assert report["label_function"] == "label_from_id"
+    assert report["ann_recall_at_5"] == 1.0  # the tiny corpus gets an exact index
+    assert report["approximation_loss"]["map_at_r"] == 0.0
+    assert report["exact"]["precision_at_1"] > 0.3  # a trained model on digits beats chance (0.1)
+    assert main(["eval", "--workdir", str(indexed_store.root), "--index", "no-such-version"]) == 1

@@ -1,0 +1,101 @@
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from lookalike.index.builder import IndexOptions, build_and_publish, build_index
+from lookalike.index.exact import exact_topk
+from lookalike.index.searcher import ItemIndex
+from lookalike.index.updates import IndexUpdateError
+from lookalike.model.store import Store
+
+
+def unit_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def table(n: int, start: int = 0) -> pa.Table:
+    return pa.table({"id": [f"item-{i}" for i in range(start, start + n)], "kind": ["image"] * n})
+
+
+@pytest.mark.parametrize("options", [IndexOptions(), IndexOptions(mode="tree_ah", num_leaves=8), IndexOptions(num_shards=2)],
+                         ids=["brute_force", "tree_ah", "two_shards"])
+def test_upsert_and_delete_match_a_rebuild_and_survive_publish(tmp_path, options):
+    x, new = unit_vectors(300, 8), unit_vectors(20, 8, seed=1)
+    store = Store.at(tmp_path)
+    v1 = build_and_publish(store, x, table(300), model_version="m", options=options)
+    index = ItemIndex.load(store.index_dir(v1))
+    assert index.upsert([{"id": f"item-{i}", "kind": "frame"} for i in range(300, 320)], new) == {"inserted": 20, "updated": 0}
+    moved = unit_vectors(1, 8, seed=2)
+    assert index.upsert(pa.table({"id": ["item-5"], "kind": ["frame"]}), moved) == {"inserted": 0, "updated": 1}
+    assert index.delete(["item-0", "item-7", "item-310"]) == 3
+    assert len(index) == 317 and index.row_of("item-0") is None and index.row_of("item-310") is None
+
+    def check(ix: ItemIndex) -> None:
+        # the same corpus, rebuilt exactly, as the reference
+        ids = [it["id"] for it in ix.items]
+        assert sorted(ids) == sorted([f"item-{i}" for i in range(1, 320) if i not in (7, 310)])
+        assert ix.items[ix.row_of("item-5")]["kind"] == "frame" and ix.items[ix.row_of("item-301")]["kind"] == "frame"
+        assert np.allclose(ix.embeddings[ix.row_of("item-5")], moved[0])
+        q = unit_vectors(10, 8, seed=3)
+        rows = ix.search_rows(q, 5, leaves_to_search=8, reorder=300)[0]
+        truth = exact_topk(q, ix.embeddings, 5)[0]
+        assert [[ids[r] for r in rr] for rr in rows] == [[ids[r] for r in rr] for rr in truth]  # rows index items/embeddings
+        assert ix.search(moved, 1)[0][0].id == "item-5"
+        assert ix.similar_to("item-305", 1, include_self=True)[0].id == "item-305"
+
+    check(index)
+    v2 = index.publish(store)
+    assert store.current_index() == v2 != v1
+    reloaded = ItemIndex.load(store.index_dir(v2))
+    check(reloaded)
+    assert reloaded.manifest["updates"] == {"base_count": 300, "inserted": 20, "updated": 1, "deleted": 3, "parent_version": v1}
+    assert len(ItemIndex.load(store.index_dir(v1))) == 300  # the old version is untouched
+
+
+def test_bad_updates_are_refused_without_changes(tmp_path):
+    build_index(unit_vectors(50, 4), table(50), model_version="m", out_dir=tmp_path / "i")
+    index = ItemIndex.load(tmp_path / "i")
+    with pytest.raises(KeyError, match="cannot delete unknown item id 'nope'"):
+        index.delete(["item-1", "nope"])
+    assert len(index) == 50 and index.row_of("item-1") is not None
+    with pytest.raises(ValueError, match="item 'x' has NaN"):
+        index.upsert([{"id": "x"}], np.full((1, 4), np.nan, np.float32))
+    with pytest.raises(ValueError, match="item 'x' is a zero vector"):
+        index.upsert([{"id": "x"}], np.zeros((1, 4), np.float32))
+    with pytest.raises(IndexUpdateError, match="dim 5, the index holds 4"):
+        index.upsert([{"id": "x"}], np.ones((1, 5), np.float32))
+    with pytest.raises(ValueError, match="duplicate item id 'x'"):
+        index.upsert([{"id": "x"}, {"id": "x"}], unit_vectors(2, 4))
+    with pytest.raises(IndexUpdateError, match="item 0 of the upsert has no id"):
+        index.upsert([{"uri": "/a.png"}], unit_vectors(1, 4))
+    assert len(index) == 50 and index.health()["changed_fraction"] == 0.0
+    with pytest.raises(FileExistsError):
+        index.save(tmp_path / "i")
+
+
+def test_health_reports_drift_and_imbalance(tmp_path):
+    x = unit_vectors(2000, 8)
+    build_index(x, table(2000), model_version="m", out_dir=tmp_path / "i", options=IndexOptions(mode="tree_ah", num_leaves=20))
+    index = ItemIndex.load(tmp_path / "i")
+    fresh = index.health()
+    assert not fresh["needs_rebuild"] and fresh["changed_fraction"] == 0.0
+    assert fresh["partitions"][0]["sum_partition_sizes"] == 2000
+    # everything new lands in one corner of the space: a few partitions swell
+    corner = x[0] + 0.05 * unit_vectors(800, 8, seed=5)
+    index.upsert([{"id": f"new-{i}"} for i in range(800)], corner)
+    drifted = index.health()
+    assert drifted["needs_rebuild"] and drifted["changed_fraction"] == pytest.approx(0.4)
+    assert any("changed since the build" in r for r in drifted["reasons"])
+    assert any("partition imbalance" in r for r in drifted["reasons"])
+    assert drifted["partitions"][0]["imbalance_growth"] > 1.0
+
+
+def test_shard_skew_is_reported(tmp_path):
+    build_index(unit_vectors(200, 4), table(200), model_version="m", out_dir=tmp_path / "i", options=IndexOptions(num_shards=2))
+    index = ItemIndex.load(tmp_path / "i")
+    index.delete([f"item-{i}" for i in range(60)])  # all from shard 0
+    health = index.health()
+    assert health["shard_sizes"] == [40, 100] and health["shard_skew"] == pytest.approx(100 / 70, abs=1e-3)
+    index.upsert([{"id": f"n-{i}"} for i in range(30)], unit_vectors(30, 4, seed=9))  # new items fill the small shard
+    assert index.health()["shard_sizes"] == [70, 100]
