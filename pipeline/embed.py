@@ -31,7 +31,6 @@ from __future__ import annotations
 import glob
 import json
 import logging
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -48,7 +47,6 @@ from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from lookalike.index.builder import IndexOptions, resolve_options
-from lookalike.index.manifest import new_index_version
 from lookalike.model.artifact import read_model_meta
 from lookalike.model.preprocess import PreprocessSpec
 from lookalike.model.progress import Progress
@@ -56,7 +54,7 @@ from lookalike.model.store import Store, StoreError, check_version_name
 from lookalike.pipeline.batches import BATCH, DecodeBatchFn, bucket_of, split_tagged
 from lookalike.pipeline.cache import WriteFileIndexFn, cache_dir, write_cache_rows
 from lookalike.pipeline.failpoints import failpoint
-from lookalike.pipeline.index_shards import BuildIndexShardFn, publish_shards
+from lookalike.pipeline.index_shards import BuildIndexShardFn, collect_shard_entries
 from lookalike.pipeline.inference import FlaxEncoderHandler
 from lookalike.pipeline.sources import CACHED, DEAD, FILE, NEW, ReadSourceFn, corpus_pattern, corpus_root, expand_to_items
 from lookalike.pipeline.tfds_source import ReadTfdsRangeFn, TfdsSpec, example_ranges
@@ -307,6 +305,34 @@ def count_matches(pattern: str) -> int:
         return 0
 
 
+def summarize(run: str, run_dir: Path, model_version: str, total: int, runner: str, result: Any,
+              elapsed: float) -> EmbedSummary:
+    """Counts of a finished run, from the runner's metrics or else from what it wrote."""
+    embeddings, items = read_embeddings(run_dir)
+    from_runner = counter_values(result)
+    counts = from_runner or counts_from_items(items)
+    dead = read_dead_letters(run_dir)
+    for row in dead:
+        log.warning("skipped %s at %s: %s", row["uri"], row["stage"], row["reason"])
+    return EmbedSummary(
+        run=run,
+        run_dir=str(run_dir),
+        model_version=model_version,
+        index_version=None,
+        files_matched=total,
+        files_read=counts.get("files_read", 0 if from_runner else -1),
+        items=int(len(embeddings)),
+        embedded=counts.get("items_decoded", 0),
+        unchanged=counts.get("files_unchanged", 0),
+        duplicate_files=counts.get("duplicate_files", 0),
+        failed=len(dead),
+        elapsed_s=round(elapsed, 3),
+        items_per_s=round(len(embeddings) / elapsed, 1) if elapsed > 0 else 0.0,
+        runner=runner,
+        dead_letter_examples=dead[:20],
+    )
+
+
 def run_embed(config: EmbedConfig) -> EmbedSummary:
     """Run the pipeline, build and publish the index; raise EmbedError if nothing was embedded."""
     store = Store.at(config.workdir)
@@ -339,71 +365,55 @@ def run_embed(config: EmbedConfig) -> EmbedSummary:
         total = len(read_list_file(config.list_file)) if config.list_file else count_matches(pattern)
     log.info("embedding %d file(s) matching %s with model %s on %s", total, pattern, meta["version"], config.runner)
     started = time.perf_counter()
-    index_build, index_version, index_tmp, index_options = None, None, None, config.index
+
+    def execute(index_build: tuple[str, dict[str, Any]] | None) -> EmbedSummary:
+        """Run the pipeline and summarise it; EmbedError (summary written) if nothing was embedded."""
+        p = beam.Pipeline(options=pipeline_options(config))
+        build_pipeline(p, config, pattern, root, str(model_dir), meta, store, str(run_dir), total, index_build)
+        result = None
+        try:
+            result = p.run()
+            result.wait_until_finish()
+        finally:
+            client = getattr(result, "client", None)  # the Dask runner leaves its client open
+            if client is not None:
+                client.close()
+        summary = summarize(run, run_dir, meta["version"], total, config.runner, result, time.perf_counter() - started)
+        if summary.items == 0:
+            (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
+            raise EmbedError(
+                f"nothing embedded from {pattern}: {total} file(s) matched, {summary.failed} rejected "
+                f"(see {run_dir}/dead_letter-*.jsonl); no index published"
+            )
+        return summary
+
     if config.publish and total > 0:
-        index_version = new_index_version()
-        index_tmp = store.indexes_dir / f".tmp-{index_version}"
-        index_tmp.mkdir(parents=True)
-        num_shards = min(num_shards_for(total, config.num_shards), total)
-        index_options = replace(config.index, num_shards=num_shards)
-        index_build = (str(index_tmp), resolve_options(total, index_options))
-    p = beam.Pipeline(options=pipeline_options(config))
-    build_pipeline(p, config, pattern, root, str(model_dir), meta, store, str(run_dir), total, index_build)
-    result = None
-    try:
-        result = p.run()
-        result.wait_until_finish()
-    except BaseException:
-        if index_tmp is not None:
-            shutil.rmtree(index_tmp, ignore_errors=True)
-        raise
-    finally:
-        client = getattr(result, "client", None)  # the Dask runner leaves its client open
-        if client is not None:
-            client.close()
-    embeddings, items = read_embeddings(run_dir)
-    from_runner = counter_values(result)
-    counts = from_runner or counts_from_items(items)
-    dead = read_dead_letters(run_dir)
-    elapsed = time.perf_counter() - started
-    summary = EmbedSummary(
-        run=run,
-        run_dir=str(run_dir),
-        model_version=meta["version"],
-        index_version=None,
-        files_matched=total,
-        files_read=counts.get("files_read", 0 if from_runner else -1),
-        items=int(len(embeddings)),
-        embedded=counts.get("items_decoded", 0),
-        unchanged=counts.get("files_unchanged", 0),
-        duplicate_files=counts.get("duplicate_files", 0),
-        failed=len(dead),
-        elapsed_s=round(elapsed, 3),
-        items_per_s=round(len(embeddings) / elapsed, 1) if elapsed > 0 else 0.0,
-        runner=config.runner,
-        dead_letter_examples=dead[:20],
-    )
-    for row in dead:
-        log.warning("skipped %s at %s: %s", row["uri"], row["stage"], row["reason"])
-    if len(embeddings) == 0:
-        if index_tmp is not None:
-            shutil.rmtree(index_tmp, ignore_errors=True)
-        (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
-        raise EmbedError(
-            f"nothing embedded from {pattern}: {total} file(s) matched, {len(dead)} rejected "
-            f"(see {run_dir}/dead_letter-*.jsonl); no index published"
-        )
-    if config.publish:
+        from lookalike.index.builder import assemble_index
+        from lookalike.index.manifest import publish_atomically
         from lookalike.pipeline.versions import record_promotion
 
-        summary.index_version = publish_shards(store, index_tmp, index_version, model_version=meta["version"],
-                                               params=index_build[1], options=index_options)
-        record_promotion(store, summary.index_version, f"embed run {run}")
+        options = replace(config.index, num_shards=min(num_shards_for(total, config.num_shards), total))
+        params = resolve_options(total, options)
+        done: list[EmbedSummary] = []
+
+        def write(tmp: Path) -> None:  # the index is built into tmp shard by shard, then assembled
+            tmp.mkdir(parents=True)
+            done.append(execute((str(tmp), params)))
+            shards = collect_shard_entries(tmp)
+            assemble_index(tmp, shards, model_version=meta["version"], params={**params, "num_shards": len(shards)},
+                           options=options)
+
+        index_version = publish_atomically(store, write, make_current=True)
+        summary = done[0]
+        summary.index_version = index_version
+        record_promotion(store, index_version, f"embed run {run}")
+    else:
+        summary = execute(None)
     (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
     log.info(
         "%d item(s): %d embedded, from %d unchanged file(s) reused, %d duplicate file(s); %d failed; "
         "%.1fs (%.0f items/s); index %s",
         summary.items, summary.embedded, summary.unchanged, summary.duplicate_files, summary.failed,
-        elapsed, summary.items_per_s, summary.index_version,
+        summary.elapsed_s, summary.items_per_s, summary.index_version,
     )
     return summary

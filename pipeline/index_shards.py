@@ -3,8 +3,9 @@
 Each worker that writes an embedding shard also builds that shard's ScaNN index
 (``lookalike.index.builder.build_shard``) into the new version's temporary folder
 ``indexes/.tmp-<version>/`` and leaves its manifest entry beside it. When the pipeline
-has finished, ``publish_shards`` assembles the manifest over every shard (counts,
-checksums, model version, dim, metric), autotunes, renames the folder into
+has finished, ``run_embed`` collects the entries, assembles the manifest over every shard
+(counts, checksums, model version, dim, metric) and autotunes, all inside
+``lookalike.index.manifest.publish_atomically``, which renames the folder into
 ``indexes/<version>`` and only then moves ``CURRENT``: readers never see half an index.
 """
 
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,6 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 
-from lookalike.model.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -49,25 +48,12 @@ class BuildIndexShardFn(beam.DoFn):
         yield path
 
 
-def publish_shards(store: Store, tmp_dir: Path, version: str, *, model_version: str, params: dict[str, Any],
-                   options, make_current: bool = True) -> str:
-    """Assemble and autotune the shards in ``tmp_dir``, rename it to ``indexes/<version>``,
-    then (optionally) move CURRENT. Removes ``tmp_dir`` if anything fails."""
-    from lookalike.index.builder import assemble_index
-
-    try:
-        entry_files = sorted(tmp_dir.glob(f"*{ENTRY_SUFFIX}"))
-        if not entry_files:
-            raise RuntimeError(f"no index shard was built in {tmp_dir}")
-        shards = [json.loads(p.read_text(encoding="utf-8")) for p in entry_files]
-        for p in entry_files:
-            p.unlink()
-        params = {**params, "num_shards": len(shards)}
-        assemble_index(tmp_dir, shards, model_version=model_version, params=params, options=options)
-        tmp_dir.rename(store.index_dir(version))
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    if make_current:
-        store.set_current_index(version)
-    return version
+def collect_shard_entries(index_dir: Path) -> list[dict[str, Any]]:
+    """The manifest entries the workers left in ``index_dir`` (removed from it), by shard name."""
+    entry_files = sorted(Path(index_dir).glob(f"*{ENTRY_SUFFIX}"))
+    if not entry_files:
+        raise RuntimeError(f"no index shard was built in {index_dir}")
+    shards = [json.loads(p.read_text(encoding="utf-8")) for p in entry_files]
+    for p in entry_files:
+        p.unlink()
+    return shards
