@@ -8,6 +8,14 @@ PYTEST_ARGS ?=
 
 .PHONY: install demo test bench-quick lint sdist lock clean
 
+# Every benchmark's --quick mode (each under 5 minutes; needs ../shared/data).
+bench-quick: install
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[bench]"
+	$(BIN)/python -m bench.model --quick
+	$(BIN)/python -m bench.pipeline --quick
+	$(BIN)/python -m bench.index --quick
+	$(BIN)/python -m bench.serving --quick
+
 install: $(STAMP)
 
 # A no-op when .venv is newer than setup.py and constraints.txt.

@@ -25,7 +25,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from lookalike.model.config import TrainConfig, config_from_dict, config_to_dict
-from lookalike.model.encoder import ConvEncoder
+from lookalike.model.encoder import EncoderModule, encoder_class
 from lookalike.model.preprocess import PreprocessSpec, decode_image
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def params_hash(state: Any, config: TrainConfig) -> str:
 
 
 def save_model(
-    model: ConvEncoder,
+    model: EncoderModule,
     config: TrainConfig,
     spec: PreprocessSpec,
     models_dir: Path,
@@ -74,7 +74,7 @@ def save_model(
             "format": FORMAT,
             "version": version,
             "created_unix_s": time.time(),
-            "architecture": "ConvEncoder",
+            "architecture": type(model).__name__,
             "embed_dim": config.embed_dim,
             "config": config_to_dict(config),
             "preprocess": spec.to_dict(),
@@ -101,7 +101,7 @@ def _bucket_sizes(max_batch: int) -> list[int]:
 class Encoder:
     """A loaded model: ``embed`` [N, H, W, C] float32 -> [N, embed_dim] float32 unit vectors."""
 
-    def __init__(self, model: ConvEncoder, meta: dict[str, Any], max_batch: int = 256):
+    def __init__(self, model: EncoderModule, meta: dict[str, Any], max_batch: int = 256):
         self.meta = meta
         self.version: str = meta["version"]
         self.embed_dim: int = int(meta["embed_dim"])
@@ -152,12 +152,13 @@ def read_model_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_model(path: str | Path) -> tuple[ConvEncoder, dict[str, Any]]:
+def load_model(path: str | Path) -> tuple[EncoderModule, dict[str, Any]]:
     """Load ``models/<version>/`` as the trainable module and its metadata."""
     path = Path(path).absolute()
     meta = read_model_meta(path)
     config = config_from_dict(meta["config"])
-    abstract = nnx.eval_shape(lambda: ConvEncoder(config, rngs=nnx.Rngs(0)))
+    cls = encoder_class(config)
+    abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
     with ocp.StandardCheckpointer() as ckptr:
         state = ckptr.restore(path / "params", abstract_state)

@@ -1,7 +1,11 @@
 """Training configuration as code: one dataclass, one preset per use, CLI overrides.
 
 ``get_config("digits")`` is the default used by ``lookalike demo``; ``tiny`` keeps
-tests fast. ``apply_overrides(config, ["num_steps=200"])`` is what ``--set`` does.
+tests fast; ``omniglot`` (28x28 grayscale characters, ResNet, semi-hard triplets) and
+``photos`` (32x32 RGB, ResNet) are starting points for real data.
+``apply_overrides(config, ["num_steps=200"])`` is what ``--set`` does. Every field
+added since the first release has a default equal to the old behaviour, so older
+``model.json`` files load unchanged.
 """
 
 from __future__ import annotations
@@ -16,12 +20,24 @@ class TrainConfig:
     # Input and preprocessing (recorded in the model artifact).
     image_size: int = 16
     channels: int = 1
-    # Encoder: a small conv net, one shared-weight tower, L2-normalised output.
+    # Encoder: one shared-weight tower, L2-normalised output. "conv": conv_widths
+    # conv+pool layers then a hidden dense layer; "resnet": a stem then one stage of
+    # resnet_blocks residual blocks per entry of resnet_widths (stride 2 from the
+    # second stage), global average pooling, a dense embedding.
+    architecture: str = "conv"
     conv_widths: tuple[int, ...] = (32, 64, 64)
     hidden_dim: int = 128
+    resnet_widths: tuple[int, ...] = (32, 64, 128)
+    resnet_blocks: int = 1
     embed_dim: int = 32
-    # Contrastive loss: L = Y*D^2 + (1-Y)*max(margin - D, 0)^2.
+    # Loss. "contrastive" on balanced pairs: L = Y*D^2 + (1-Y)*max(margin - D, 0)^2.
+    # "triplet" on P x K batches (pk_classes classes, pk_images images each) with
+    # in-batch mining "batch_all" | "batch_hard" | "semi_hard".
+    loss: str = "contrastive"
+    mining: str = "semi_hard"
     margin: float = 1.0
+    pk_classes: int = 32
+    pk_images: int = 4
     # Optimiser: AdamW with warm-up and cosine decay.
     learning_rate: float = 2e-3
     weight_decay: float = 1e-4
@@ -33,8 +49,34 @@ class TrainConfig:
     log_every_steps: int = 50
     val_fraction: float = 0.2
     seed: int = 0
+    # Orbax checkpoint of the training state every N steps (0: at every evaluation);
+    # a rerun of the same training resumes from the last one.
+    checkpoint_every_steps: int = 0
+    # Batches assembled ahead of the step on a background thread.
+    prefetch_batches: int = 2
     extra: dict[str, Any] = field(default_factory=dict)
 
+
+# Omniglot characters at 28x28 (the Vinyals et al. size): ResNet, semi-hard triplets on
+# P x K batches. The step count is a placeholder; bench/model.py sets it from a time budget.
+_OMNIGLOT = TrainConfig(
+    image_size=28,
+    architecture="resnet",
+    resnet_widths=(32, 64, 128),
+    resnet_blocks=1,
+    embed_dim=64,
+    loss="triplet",
+    mining="semi_hard",
+    margin=0.5,
+    pk_classes=32,
+    pk_images=4,
+    learning_rate=2e-3,
+    warmup_steps=200,
+    num_steps=20000,
+    eval_every_steps=1000,
+    log_every_steps=100,
+    val_fraction=0.1,
+)
 
 _PRESETS: dict[str, TrainConfig] = {
     "digits": TrainConfig(),
@@ -49,7 +91,32 @@ _PRESETS: dict[str, TrainConfig] = {
         log_every_steps=10,
         warmup_steps=5,
     ),
+    "omniglot": _OMNIGLOT,
+    # Same recipe for 32x32 RGB photos: deeper stages, more images per class.
+    "photos": dataclasses.replace(_OMNIGLOT, image_size=32, channels=3, resnet_blocks=2, pk_classes=16, pk_images=8,
+                                  num_steps=5000, eval_every_steps=500, val_fraction=0.2),
 }
+
+ARCHITECTURES = ("conv", "resnet")
+LOSSES = ("contrastive", "triplet")
+MINING_CHOICES = ("batch_all", "batch_hard", "semi_hard")
+
+
+def validate_config(config: TrainConfig) -> TrainConfig:
+    """Return ``config`` or raise ValueError naming the bad field and its value."""
+    for name, value, choices in (("architecture", config.architecture, ARCHITECTURES),
+                                 ("loss", config.loss, LOSSES), ("mining", config.mining, MINING_CHOICES)):
+        if value not in choices:
+            raise ValueError(f"config {name}={value!r}: choose one of {list(choices)}")
+    for name in ("image_size", "channels", "embed_dim", "num_steps", "batch_pairs", "pk_classes",
+                 "resnet_blocks", "eval_every_steps", "log_every_steps"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"config {name}={getattr(config, name)}: must be at least 1")
+    if config.pk_images < 2:
+        raise ValueError(f"config pk_images={config.pk_images}: triplets need at least 2 images per class")
+    if not config.resnet_widths or not config.conv_widths:
+        raise ValueError("config conv_widths and resnet_widths must not be empty")
+    return config
 
 
 def preset_names() -> list[str]:
@@ -96,18 +163,23 @@ def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:
             changes[name] = _parse_value(name, getattr(config, name), text.strip())
         except ValueError as e:
             raise ValueError(f"bad override {item!r}: {e}") from None
-    return dataclasses.replace(config, **changes)
+    return validate_config(dataclasses.replace(config, **changes))
 
 
 def config_to_dict(config: TrainConfig) -> dict[str, Any]:
     d = dataclasses.asdict(config)
-    d["conv_widths"] = list(config.conv_widths)
+    for name in _TUPLE_FIELDS:
+        d[name] = list(getattr(config, name))
     return d
 
 
 def config_from_dict(d: dict[str, Any]) -> TrainConfig:
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     kwargs = {k: v for k, v in d.items() if k in known}
-    if "conv_widths" in kwargs:
-        kwargs["conv_widths"] = tuple(kwargs["conv_widths"])
+    for name in _TUPLE_FIELDS:
+        if name in kwargs:
+            kwargs[name] = tuple(kwargs[name])
     return TrainConfig(**kwargs)
+
+
+_TUPLE_FIELDS = ("conv_widths", "resnet_widths")

@@ -2,7 +2,10 @@
 
 A labelled folder has one sub-folder per class (``corpus/<label>/*.png``), exactly
 what a user brings. Unreadable files are logged and skipped; training goes on with
-the rest. ``PairSampler`` draws batches that are half similar, half dissimilar.
+the rest. ``PairSampler`` draws batches that are half similar, half dissimilar (for
+the contrastive loss); ``PKSampler`` draws P classes x K images (for triplet mining).
+Both take an optional ``rng`` per call, so a batch can be a pure function of
+(seed, step) and a resumed run sees the same batches as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -104,24 +107,75 @@ class PairSampler:
         if len(self.classes) < 2:
             raise ValueError("need at least 2 classes for dissimilar pairs")
 
-    def _pick(self, classes: np.ndarray) -> np.ndarray:
-        return np.asarray([self.rng.choice(self.by_class[int(c)]) for c in classes])
+    def _pick(self, classes: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return np.asarray([rng.choice(self.by_class[int(c)]) for c in classes])
 
-    def sample(self, batch_pairs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """-> idx_a [B], idx_b [B], similar [B] float32 (first half 1, second half 0)."""
+    def sample(self, batch_pairs: int, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """-> idx_a [B], idx_b [B], similar [B] float32 (first half 1, second half 0).
+
+        Draws from ``rng`` when given, else from the sampler's own generator."""
+        rng = self.rng if rng is None else rng
         n_pos = batch_pairs // 2
         n_neg = batch_pairs - n_pos
-        pos_c = self.rng.choice(self.pos_classes, size=n_pos)
+        pos_c = rng.choice(self.pos_classes, size=n_pos)
         pos_a, pos_b = [], []
         for c in pos_c:
-            a, b = self.rng.choice(self.by_class[int(c)], size=2, replace=False)
+            a, b = rng.choice(self.by_class[int(c)], size=2, replace=False)
             pos_a.append(a)
             pos_b.append(b)
-        neg_ca = self.rng.choice(self.classes, size=n_neg)
-        offset = self.rng.integers(1, len(self.classes), size=n_neg)
+        neg_ca = rng.choice(self.classes, size=n_neg)
+        offset = rng.integers(1, len(self.classes), size=n_neg)
         pos_of = {int(c): i for i, c in enumerate(self.classes)}
         neg_cb = self.classes[(np.asarray([pos_of[int(c)] for c in neg_ca]) + offset) % len(self.classes)]
-        idx_a = np.concatenate([np.asarray(pos_a, dtype=np.int64), self._pick(neg_ca)])
-        idx_b = np.concatenate([np.asarray(pos_b, dtype=np.int64), self._pick(neg_cb)])
+        idx_a = np.concatenate([np.asarray(pos_a, dtype=np.int64), self._pick(neg_ca, rng)])
+        idx_b = np.concatenate([np.asarray(pos_b, dtype=np.int64), self._pick(neg_cb, rng)])
         similar = np.concatenate([np.ones(n_pos, np.float32), np.zeros(n_neg, np.float32)])
         return idx_a, idx_b, similar
+
+
+class PKSampler:
+    """Class-balanced batches: ``num_classes`` (P) classes, ``per_class`` (K) images each.
+
+    Policy for data that does not fit P x K exactly (documented, logged once):
+    - a class with a single image cannot give a positive and is left out;
+    - a class with 2..K-1 images is drawn with replacement (repeated images);
+    - with fewer than P usable classes, P shrinks to the number there is
+      (``self.num_classes``); fewer than 2 usable classes is a ValueError.
+    """
+
+    def __init__(self, labels: np.ndarray, num_classes: int, per_class: int, seed: int):
+        if per_class < 2:
+            raise ValueError(f"per_class (K) = {per_class}: a triplet needs at least 2 images per class")
+        self.labels = np.asarray(labels)
+        self.rng = np.random.default_rng(seed)
+        by_class = {int(c): np.flatnonzero(self.labels == c) for c in np.unique(self.labels)}
+        singles = sorted(c for c, idx in by_class.items() if len(idx) < 2)
+        if singles:
+            log.warning("%d class(es) with a single image left out of P x K batches (e.g. label %s)",
+                        len(singles), singles[0])
+        self.by_class = {c: idx for c, idx in by_class.items() if len(idx) >= 2}
+        self.classes = np.asarray(sorted(self.by_class))
+        if len(self.classes) < 2:
+            raise ValueError(f"P x K batches need at least 2 classes with 2 or more images, found {len(self.classes)}")
+        if len(self.classes) < num_classes:
+            log.warning("only %d classes have 2+ images; P x K batches use P=%d instead of %d",
+                        len(self.classes), len(self.classes), num_classes)
+        self.num_classes = min(num_classes, len(self.classes))
+        self.per_class = per_class
+        small = sum(len(idx) < per_class for idx in self.by_class.values())
+        if small:
+            log.warning("%d class(es) have fewer than K=%d images; they are drawn with replacement", small, per_class)
+
+    @property
+    def batch_size(self) -> int:
+        return self.num_classes * self.per_class
+
+    def sample(self, rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """-> item indices [P*K] and their labels [P*K] (class-major: K in a row per class)."""
+        rng = self.rng if rng is None else rng
+        chosen = rng.choice(self.classes, size=self.num_classes, replace=False)
+        idx = np.concatenate([
+            rng.choice(self.by_class[int(c)], size=self.per_class, replace=len(self.by_class[int(c)]) < self.per_class)
+            for c in chosen
+        ])
+        return idx.astype(np.int64), self.labels[idx].astype(np.int32)

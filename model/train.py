@@ -1,19 +1,25 @@
-"""Training: balanced pairs, contrastive loss, AdamW, one jitted step, data-parallel.
+"""Training: contrastive pairs or mined triplets, AdamW, one jitted step, data-parallel.
 
 ``train_and_evaluate(config, workdir)`` reads ``workdir/corpus/<label>/*`` (or
 ``data_dir``), trains the Siamese encoder, evaluates it on a held-out split,
 calibrates the same-item distance threshold, and saves the artifact under
 ``workdir/models/<version>`` with ``LATEST`` pointing at it. The step is
 data-parallel over every local device (a 1-D ``data`` mesh): batches are sharded,
-parameters replicated, XLA inserts the gradient all-reduce.
+parameters replicated, XLA inserts the gradient all-reduce. Batches are built on a
+background thread (``Prefetcher``) from a generator seeded by (seed, step); the
+training state is checkpointed under ``models/.runs/<run-id>/`` so rerunning the same
+training after a kill resumes it, and the published weights are the best ones by
+validation MAP@R.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
-import tempfile
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,11 +32,13 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lookalike.model.artifact import save_model
-from lookalike.model.config import TrainConfig, config_to_dict
-from lookalike.model.data import LabelledImages, PairSampler, load_labelled_folder, split_train_val
-from lookalike.model.encoder import ConvEncoder, create_encoder
-from lookalike.model.losses import contrastive_pair_loss
+from lookalike.model.config import TrainConfig, config_to_dict, validate_config
+from lookalike.model.checkpoints import TrainCheckpoints
+from lookalike.model.data import LabelledImages, PairSampler, PKSampler, load_labelled_folder, split_train_val
+from lookalike.model.encoder import EncoderModule, create_encoder
+from lookalike.model.losses import contrastive_pair_loss, mined_triplet_loss
 from lookalike.model.metrics import best_f1_threshold, retrieval_metrics
+from lookalike.model.prefetch import Prefetcher
 from lookalike.model.preprocess import PreprocessSpec
 from lookalike.model.progress import Progress
 from lookalike.model.store import Store
@@ -45,7 +53,7 @@ class TrainResult:
     metrics: dict[str, Any]
 
 
-def make_optimizer(model: ConvEncoder, config: TrainConfig) -> nnx.Optimizer:
+def make_optimizer(model: EncoderModule, config: TrainConfig) -> nnx.Optimizer:
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=config.learning_rate,
@@ -57,10 +65,10 @@ def make_optimizer(model: ConvEncoder, config: TrainConfig) -> nnx.Optimizer:
 
 
 @nnx.jit
-def train_step(model: ConvEncoder, optimizer: nnx.Optimizer, x_a: jax.Array, x_b: jax.Array, similar: jax.Array, margin: jax.Array) -> jax.Array:
+def train_step(model: EncoderModule, optimizer: nnx.Optimizer, x_a: jax.Array, x_b: jax.Array, similar: jax.Array, margin: jax.Array) -> jax.Array:
     """One contrastive step on [B, H, W, C] pair sides and [B] labels; returns the mean loss."""
 
-    def loss_fn(model: ConvEncoder) -> jax.Array:
+    def loss_fn(model: EncoderModule) -> jax.Array:
         emb = model(jnp.concatenate([x_a, x_b], axis=0))
         emb_a, emb_b = jnp.split(emb, 2, axis=0)
         return contrastive_pair_loss(emb_a, emb_b, similar, margin).mean()
@@ -70,9 +78,74 @@ def train_step(model: ConvEncoder, optimizer: nnx.Optimizer, x_a: jax.Array, x_b
     return loss
 
 
+@nnx.jit(static_argnames=("mining",))
+def triplet_train_step(model: EncoderModule, optimizer: nnx.Optimizer, x: jax.Array, labels: jax.Array, margin: jax.Array, mining: str) -> jax.Array:
+    """One triplet step on a [B, H, W, C] P x K batch with [B] labels, mining in-batch."""
+
+    def loss_fn(model: EncoderModule) -> jax.Array:
+        return mined_triplet_loss(model(x), labels, margin, mining)
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss
+
+
+BEST_METRIC = "map_at_r"
+
+
+def batch_maker(
+    config: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, mesh: Mesh
+) -> tuple[Callable[[int], tuple[jax.Array, ...]], Callable[..., jax.Array], int]:
+    """-> (make_batch(step) -> device arrays, step_fn(model, optimizer, *batch), images per step).
+
+    ``make_batch`` is a pure function of (config.seed, step) and runs on the prefetch
+    thread; the batch is sharded over the ``data`` axis of ``mesh``."""
+    n_dev = mesh.devices.size
+    sharding = NamedSharding(mesh, PartitionSpec("data"))
+    margin = jnp.float32(config.margin)
+
+    def rng_for(step: int) -> np.random.Generator:
+        return np.random.default_rng([config.seed, step])
+
+    if config.loss == "triplet":
+        sampler = PKSampler(y_train, config.pk_classes, config.pk_images, seed=config.seed)
+        per_class = sampler.per_class
+        while (sampler.num_classes * per_class) % n_dev:
+            per_class += 1
+        if per_class != sampler.per_class:
+            log.info("K raised from %d to %d images per class so the batch splits over %d devices",
+                     sampler.per_class, per_class, n_dev)
+        sampler.per_class = per_class
+
+        def make_triplet_batch(step: int) -> tuple[jax.Array, ...]:
+            idx, labels = sampler.sample(rng_for(step))
+            return jax.device_put(x_train[idx], sharding), jax.device_put(labels, sharding)
+
+        def triplet_fn(model: nnx.Module, optimizer: nnx.Optimizer, x: jax.Array, labels: jax.Array) -> jax.Array:
+            return triplet_train_step(model, optimizer, x, labels, margin, config.mining)
+
+        return make_triplet_batch, triplet_fn, sampler.batch_size
+
+    pairs = PairSampler(y_train, seed=config.seed)
+    batch_pairs = -(-config.batch_pairs // (2 * n_dev)) * 2 * n_dev
+
+    def make_pair_batch(step: int) -> tuple[jax.Array, ...]:
+        ia, ib, sim = pairs.sample(batch_pairs, rng_for(step))
+        return (jax.device_put(x_train[ia], sharding), jax.device_put(x_train[ib], sharding),
+                jax.device_put(sim, sharding))
+
+    def pair_fn(model: nnx.Module, optimizer: nnx.Optimizer, x_a: jax.Array, x_b: jax.Array, sim: jax.Array) -> jax.Array:
+        return train_step(model, optimizer, x_a, x_b, sim, margin)
+
+    return make_pair_batch, pair_fn, 2 * batch_pairs
+
+
 def data_mesh() -> Mesh:
-    """A 1-D mesh named ``data`` over every local device (CPU, GPU or TPU)."""
-    return jax.make_mesh((jax.device_count(),), ("data",))
+    """A 1-D mesh named ``data`` over every local device (CPU, GPU or TPU).
+
+    Auto axis type: XLA decides the layout of the in-batch [B, B] distance matrix of
+    the triplet losses (an all-gather of the [B, D] embeddings)."""
+    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 def replicate(mesh: Mesh, *modules: nnx.Module) -> None:
@@ -81,7 +154,7 @@ def replicate(mesh: Mesh, *modules: nnx.Module) -> None:
     nnx.update(modules, jax.device_put(state, NamedSharding(mesh, PartitionSpec())))
 
 
-def embed_numpy(model: ConvEncoder, images: np.ndarray, batch: int = 512) -> np.ndarray:
+def embed_numpy(model: EncoderModule, images: np.ndarray, batch: int = 512) -> np.ndarray:
     """[N, H, W, C] -> [N, embed_dim] with the in-training model."""
     forward = nnx.jit(lambda m, x: m(x))
     out = []
@@ -92,7 +165,7 @@ def embed_numpy(model: ConvEncoder, images: np.ndarray, batch: int = 512) -> np.
     return np.concatenate(out) if out else np.zeros((0, model.out.out_features), np.float32)
 
 
-def evaluate(model: ConvEncoder, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+def evaluate(model: EncoderModule, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
     return retrieval_metrics(embed_numpy(model, images), labels)
 
 
@@ -108,7 +181,7 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(steps, losses, color="tab:blue", label="train loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("contrastive loss", color="tab:blue")
+    ax.set_ylabel("training loss", color="tab:blue")
     if evals:
         ax2 = ax.twinx()
         ax2.plot([h["step"] for h in evals], [h["precision_at_1"] for h in evals], "o-", color="tab:orange", label="val precision@1")
@@ -120,15 +193,16 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def warm_start(model: ConvEncoder, config: TrainConfig, init_from: Path) -> bool:
+def warm_start(model: EncoderModule, config: TrainConfig, init_from: Path) -> bool:
     """Copy the parameters of the model at ``init_from`` into ``model`` if the shapes match."""
     from lookalike.model.artifact import load_model
     from lookalike.model.config import config_from_dict
 
     previous, meta = load_model(init_from)
     old = config_from_dict(meta["config"])
-    same_shape = (old.image_size, old.channels, old.conv_widths, old.hidden_dim, old.embed_dim) == (
-        config.image_size, config.channels, config.conv_widths, config.hidden_dim, config.embed_dim)
+    shape_fields = ("architecture", "image_size", "channels", "conv_widths", "hidden_dim", "resnet_widths",
+                    "resnet_blocks", "embed_dim")
+    same_shape = all(getattr(old, f) == getattr(config, f) for f in shape_fields)
     if not same_shape:
         log.warning("not warm-starting from %s: its architecture differs from this config", meta["version"])
         return False
@@ -139,58 +213,80 @@ def warm_start(model: ConvEncoder, config: TrainConfig, init_from: Path) -> bool
 
 def train_on_arrays(
     config: TrainConfig, data: LabelledImages, run_dir: Path, init_from: Path | None = None
-) -> tuple[ConvEncoder, dict[str, Any], float | None]:
+) -> tuple[EncoderModule, dict[str, Any], float | None]:
     """Train on in-memory labelled images (optionally starting from the model at
-    ``init_from``); return (model, metrics, same-item threshold)."""
+    ``init_from``); return (model, metrics, same-item threshold).
+
+    Checkpoints go to ``run_dir/checkpoints``; if one is there already the run resumes
+    after its step. The returned model has the best validation MAP@R seen."""
+    validate_config(config)
     train_idx, val_idx = split_train_val(data.labels, config.val_fraction, config.seed)
     x_train, y_train = data.images[train_idx], data.labels[train_idx]
     x_val, y_val = data.images[val_idx], data.labels[val_idx]
     mesh = data_mesh()
-    n_dev = mesh.devices.size
-    batch_pairs = -(-config.batch_pairs // (2 * n_dev)) * 2 * n_dev
-    batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+    make_batch, step_fn, images_per_step = batch_maker(config, x_train, y_train, mesh)
     log.info(
-        "training on %d images of %d classes (%d held out), %d device(s), %d pairs/step, %d steps",
-        len(train_idx), len(data.class_names), len(val_idx), n_dev, batch_pairs, config.num_steps,
+        "training on %d images of %d classes (%d held out), %d device(s), %s loss, %d images/step, %d steps",
+        len(train_idx), len(data.class_names), len(val_idx), mesh.devices.size, config.loss, images_per_step,
+        config.num_steps,
     )
     model = create_encoder(config)
     warm = warm_start(model, config, init_from) if init_from else False
     optimizer = make_optimizer(model, config)
     replicate(mesh, model, optimizer)
-    sampler = PairSampler(y_train, seed=config.seed)
-    margin = jnp.float32(config.margin)
-    history: list[dict[str, Any]] = []
+    run_dir.mkdir(parents=True, exist_ok=True)
+    checkpoints = TrainCheckpoints(run_dir, BEST_METRIC)
+    start_step, history = checkpoints.restore_latest(model, optimizer)
+    ckpt_every = config.checkpoint_every_steps or config.eval_every_steps
     log_path = run_dir / "train_log.jsonl"
     progress = Progress("train", total=config.num_steps, unit="steps", logger=log)
-    with log_path.open("w", encoding="utf-8") as log_file:
-        running = []
-        for step in range(1, config.num_steps + 1):
-            ia, ib, sim = sampler.sample(batch_pairs)
-            loss = train_step(
-                model, optimizer,
-                jax.device_put(x_train[ia], batch_sharding),
-                jax.device_put(x_train[ib], batch_sharding),
-                jax.device_put(sim, batch_sharding),
-                margin,
-            )
-            running.append(loss)
+    loop_started, timed_steps, side_s = time.perf_counter(), 0, 0.0
+    with log_path.open("w", encoding="utf-8") as log_file, \
+            Prefetcher(make_batch, range(start_step + 1, config.num_steps + 1), config.prefetch_batches) as batches:
+        for record in history:
+            log_file.write(json.dumps(record) + "\n")
+        running = []  # side_s: evaluation and checkpoint time, not part of the training throughput
+        for step, batch in batches:
+            running.append(step_fn(model, optimizer, *batch))
+            if step == start_step + 1:  # exclude compilation from the throughput
+                jax.block_until_ready(running[-1])
+                loop_started, timed_steps = time.perf_counter(), 0
+            timed_steps += 1
+            evaluating = len(val_idx) > 1 and (step % config.eval_every_steps == 0 or step == config.num_steps)
+            checkpointing = step % ckpt_every == 0 or step == config.num_steps
+            if evaluating or checkpointing:
+                jax.block_until_ready(running[-1])  # the step itself counts as training time
+            side_started = time.perf_counter()
             record: dict[str, Any] = {}
             if step % config.log_every_steps == 0 or step == config.num_steps:
                 record = {"step": step, "loss": float(np.mean(jax.device_get(running)))}
                 running = []
                 if not np.isfinite(record["loss"]):
                     raise FloatingPointError(f"training diverged at step {step}: loss {record['loss']}")
-            if len(val_idx) > 1 and (step % config.eval_every_steps == 0 or step == config.num_steps):
+            if evaluating:
                 record.update({"step": step, **evaluate(model, x_val, y_val)})
             if record:
                 history.append(record)
                 log_file.write(json.dumps(record) + "\n")
                 log_file.flush()
+            if checkpointing:
+                checkpoints.save(step, model, optimizer, history)
+                _failpoint(f"train.after_checkpoint.{step}")
+            if evaluating or checkpointing:
+                side_s += time.perf_counter() - side_started
             progress.update(step, extra=f"loss {history[-1]['loss']:.4f}" if history and "loss" in history[-1] else "")
     progress.done()
+    loop_s = time.perf_counter() - loop_started - side_s
     plot_history(history, run_dir / "training.png")
     metrics: dict[str, Any] = {"train_images": int(len(train_idx)), "val_images": int(len(val_idx)),
-                               "steps": config.num_steps, "warm_start": warm}
+                               "steps": config.num_steps, "warm_start": warm, "resumed_from_step": start_step,
+                               "images_per_s": round(images_per_step * max(timed_steps - 1, 0) / max(loop_s, 1e-9), 1)}
+    best = checkpoints.best_step()
+    if best is not None and best != config.num_steps:
+        checkpoints.restore_best(model)
+        log.info("publishing the weights of step %d (best validation %s %.4f)", best, BEST_METRIC, checkpoints.best_value)
+    metrics["best_step"] = best if best is not None else config.num_steps
+    checkpoints.close()
     threshold = None
     if len(val_idx) > 1:
         val_emb = embed_numpy(model, x_val)
@@ -199,6 +295,19 @@ def train_on_arrays(
         metrics["same_item_f1"] = f1
     metrics["final_loss"] = next((h["loss"] for h in reversed(history) if "loss" in h), None)
     return model, metrics, threshold
+
+
+def _failpoint(name: str) -> None:
+    from lookalike.pipeline.failpoints import failpoint
+
+    failpoint(name)
+
+
+def run_id(config: TrainConfig, source: Path, init_from: Path | None) -> str:
+    """A stable name for one training job: the same job rerun after a kill finds its checkpoints."""
+    key = json.dumps({"config": config_to_dict(config), "source": str(Path(source).absolute()),
+                      "init_from": str(init_from) if init_from else None}, sort_keys=True)
+    return "run-" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 def train_and_evaluate(
@@ -213,21 +322,26 @@ def train_and_evaluate(
     data = load_labelled_folder(source, spec)
     if data.failures:
         log.warning("%d unreadable file(s) skipped in %s", len(data.failures), source)
-    store.models_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=store.models_dir, prefix=".run-") as run:
-        run_dir = Path(run)
-        model, metrics, threshold = train_on_arrays(config, data, run_dir, Path(init_from) if init_from else None)
-        metrics["train_seconds"] = round(time.perf_counter() - started, 2)
-        metrics["data_dir"] = str(source)
-        metrics["skipped_files"] = len(data.failures)
-        version = save_model(
-            model, config, spec, store.models_dir,
-            threshold=threshold, metrics=metrics,
-            extra_files={"train_log.jsonl": run_dir / "train_log.jsonl", "training.png": run_dir / "training.png"},
-        )
+    init_path = Path(init_from) if init_from else None
+    run_dir = store.models_dir / ".runs" / run_id(config, source, init_path)
+    model, metrics, threshold = train_on_arrays(config, data, run_dir, init_path)
+    metrics["train_seconds"] = round(time.perf_counter() - started, 2)
+    metrics["data_dir"] = str(source)
+    metrics["skipped_files"] = len(data.failures)
+    version = save_model(
+        model, config, spec, store.models_dir,
+        threshold=threshold, metrics=metrics,
+        extra_files={"train_log.jsonl": run_dir / "train_log.jsonl", "training.png": run_dir / "training.png"},
+    )
+    shutil.rmtree(run_dir, ignore_errors=True)
+    try:
+        run_dir.parent.rmdir()  # models/.runs, when no other run is in progress
+    except OSError:
+        pass
     store.set_latest_model(version)
     log.info("model %s saved (%s); metrics %s", version, store.model_dir(version), json.dumps(metrics))
     return TrainResult(version=version, model_dir=store.model_dir(version), metrics=metrics)
 
 
-__all__ = ["TrainResult", "train_and_evaluate", "train_on_arrays", "train_step", "make_optimizer", "config_to_dict"]
+__all__ = ["TrainResult", "train_and_evaluate", "train_on_arrays", "train_step", "triplet_train_step", "make_optimizer",
+           "config_to_dict", "run_id"]

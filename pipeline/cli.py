@@ -8,6 +8,7 @@
     lookalike reindex --workdir DIR                retrain, gate, re-embed, validate, promote (cron)
     lookalike versions list|promote V|rollback     manage served index versions
     lookalike eval    --workdir DIR --index [V]    ANN recall and retrieval metrics, exact vs ANN
+    lookalike eval    --workdir DIR --model [V]    a model's retrieval, ROC AUC and few-shot metrics
 """
 
 from __future__ import annotations
@@ -141,6 +142,10 @@ def cmd_versions(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.model:
+        from lookalike.model.evaluate import evaluate_model_cli
+
+        return evaluate_model_cli(args)
     from lookalike.index.evaluate import evaluate_index
     from lookalike.index.searcher import ItemIndex
     from lookalike.model.store import Store
@@ -301,16 +306,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="list as JSON")
     p.set_defaults(func=cmd_versions)
 
-    p = sub.add_parser("eval", help="how much the approximate index loses against exact search",
-                       description="For every item of an index version (its own item excluded) compares the ANN "
-                       "neighbours with exact search: ANN recall@k, and Precision@1, Recall@K and MAP@R (Musgrave "
-                       "et al. 2020) on both, labels being the first path component of the item id "
-                       "(<label>/<file>). Example: lookalike eval --workdir DIR --index --k 10")
+    p = sub.add_parser("eval", help="evaluate a model, or how much the approximate index loses against exact search",
+                       description="--index (default): for every item of an index version (its own item excluded) "
+                       "compares the ANN neighbours with exact search: ANN recall@k, and Precision@1, Recall@K and "
+                       "MAP@R (Musgrave et al. 2020) on both, labels being the first path component of the item id "
+                       "(<label>/<file>). --model: Precision@1, Recall@K, R-Precision, MAP@R, verification ROC AUC "
+                       "and N-way K-shot accuracy of a model on a labelled folder. Examples: lookalike eval "
+                       "--workdir DIR --index --k 10; lookalike eval --workdir DIR --model --n-way 5 --k-shot 1")
     _add_workdir(p)
     p.add_argument("--index", nargs="?", const="CURRENT", default="CURRENT", metavar="VERSION",
                    help="index version to evaluate (default: CURRENT)")
     p.add_argument("--k", "-k", type=int, default=10, help="k of recall@k (default 10)")
     p.add_argument("--max-queries", type=int, default=None, help="evaluate a seeded sample of this many items")
+    p.add_argument("--model", nargs="?", const="LATEST", default=None, metavar="VERSION",
+                   help="evaluate a model (default LATEST; a version or a model folder) instead of an index")
+    p.add_argument("--data", default=None, help="--model: labelled folder <label>/<file> (default WORKDIR/corpus)")
+    p.add_argument("--n-way", type=int, default=5, help="--model: classes per few-shot episode")
+    p.add_argument("--k-shot", type=int, default=1, help="--model: examples per class in an episode")
+    p.add_argument("--episodes", type=int, default=1000, help="--model: few-shot episodes")
+    p.add_argument("--max-items", type=int, default=5000, help="--model: evaluate at most this many images")
     p.set_defaults(func=cmd_eval)
     return parser
 

@@ -133,3 +133,14 @@ def test_reindex_publishes_a_new_version(tmp_path, demo_workdir):
     assert (workdir / "CURRENT").read_text().strip() == report["new_index"]
     out = run_cli("versions", "list", "--workdir", str(workdir), "--json", timeout=120)
     assert out.returncode == 0 and json.loads(out.stdout)[0]["current"] is True
+
+
+def test_eval_of_the_demo_model_and_index(demo_workdir):
+    out = run_cli("eval", "--workdir", str(demo_workdir), "--model", "--episodes", "50", timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout)
+    assert report["items"] == 1797 and report["map_at_r"] > 0.8 and report["verification_roc_auc"] > 0.9
+    out = run_cli("eval", "--workdir", str(demo_workdir), "--index", "--max-queries", "300", timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout)
+    assert report["approximation_loss"]["map_at_r"] <= 0.05

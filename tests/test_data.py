@@ -43,3 +43,33 @@ def test_folder_loader_skips_bad_files_and_keeps_the_rest(tmp_path):
 def test_folder_without_classes_names_the_folder(tmp_path):
     with pytest.raises(ValueError, match=str(tmp_path)):
         load_labelled_folder(tmp_path, SPEC)
+
+
+def test_pk_sampler_draws_p_classes_with_k_images_each():
+    from lookalike.model.data import PKSampler
+
+    labels = np.repeat(np.arange(6), 5)
+    sampler = PKSampler(labels, num_classes=4, per_class=3, seed=0)
+    idx, lab = sampler.sample()
+    assert idx.shape == (12,) and sampler.batch_size == 12
+    assert (labels[idx] == lab).all()
+    groups = lab.reshape(4, 3)
+    assert (groups == groups[:, :1]).all() and len(set(groups[:, 0].tolist())) == 4
+    assert all(len(set(idx[i * 3:(i + 1) * 3].tolist())) == 3 for i in range(4))  # no repeats when a class has >= K
+    again, _ = sampler.sample(np.random.default_rng([0, 7]))
+    np.testing.assert_array_equal(again, sampler.sample(np.random.default_rng([0, 7]))[0])
+
+
+def test_pk_sampler_policy_for_small_classes(caplog):
+    from lookalike.model.data import PKSampler
+
+    labels = np.array([0, 0, 1, 1, 1, 1, 2])  # class 0 has 2 < K images, class 2 a single one
+    sampler = PKSampler(labels, num_classes=8, per_class=4, seed=0)
+    assert sampler.num_classes == 2  # P shrinks to the usable classes
+    idx, lab = sampler.sample()
+    assert len(idx) == 8 and 2 not in lab.tolist()
+    assert "single image" in caplog.text and "replacement" in caplog.text
+    with pytest.raises(ValueError, match="at least 2 classes"):
+        PKSampler(np.array([0, 0, 1]), num_classes=2, per_class=2, seed=0)
+    with pytest.raises(ValueError, match="per_class"):
+        PKSampler(labels, num_classes=2, per_class=1, seed=0)

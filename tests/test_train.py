@@ -49,7 +49,8 @@ from lookalike.model.config import get_config, apply_overrides
 from lookalike.model.data import LabelledImages
 from lookalike.model.train import train_on_arrays, embed_numpy
 import tempfile, pathlib
-cfg = apply_overrides(get_config("tiny"), ["num_steps=10", "batch_pairs=16", "val_fraction=0"])
+import sys
+cfg = apply_overrides(get_config("tiny"), ["num_steps=10", "batch_pairs=16", "val_fraction=0", *sys.argv[1:]])
 rng = np.random.default_rng(0)
 labels = np.repeat(np.arange(4), 6).astype(np.int32)
 images = (rng.random((24, 16, 16, 1)) * 0.2 + labels[:, None, None, None] / 4).astype(np.float32)
@@ -59,15 +60,24 @@ print(json.dumps({"devices": jax.device_count(), "emb": embed_numpy(model, image
 """
 
 
-def run_with_devices(n: int) -> dict:
+def run_with_devices(n: int, *overrides: str) -> dict:
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}", "JAX_PLATFORMS": "cpu"}
-    out = subprocess.run([sys.executable, "-c", _DATA_PARALLEL_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", _DATA_PARALLEL_SCRIPT, *overrides], env=env, capture_output=True,
+                         text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def test_data_parallel_training_on_4_devices_matches_1_device():
     one, four = run_with_devices(1), run_with_devices(4)
+    assert (one["devices"], four["devices"]) == (1, 4)
+    np.testing.assert_allclose(np.asarray(four["emb"]), np.asarray(one["emb"]), atol=2e-3)
+
+
+def test_data_parallel_triplet_training_with_resnet_on_4_devices_matches_1_device():
+    overrides = ("architecture=resnet", "resnet_widths=8,16", "loss=triplet", "mining=batch_hard",
+                 "pk_classes=4", "pk_images=4")
+    one, four = run_with_devices(1, *overrides), run_with_devices(4, *overrides)
     assert (one["devices"], four["devices"]) == (1, 4)
     np.testing.assert_allclose(np.asarray(four["emb"]), np.asarray(one["emb"]), atol=2e-3)
 

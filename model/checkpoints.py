@@ -1,0 +1,97 @@
+"""Training checkpoints: resume after a kill, keep the best model by validation metric.
+
+A run folder holds two orbax ``CheckpointManager`` trees::
+
+    <run_dir>/checkpoints/latest/<step>/   model + optimizer state + history (1 kept)
+    <run_dir>/checkpoints/best/<step>/     model state of the best validation metric (1 kept)
+
+``TrainCheckpoints.restore_latest`` puts the saved state back into the live (possibly
+sharded) modules and returns the step to continue after and the metrics history so
+far. Batches are a pure function of (seed, step), so a resumed run trains on the same
+batches an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+log = logging.getLogger(__name__)
+
+
+def _abstract(state: Any) -> Any:
+    """Shape, dtype and sharding of every array of ``state`` (the restore target)."""
+    return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+
+
+class TrainCheckpoints:
+    """Latest and best training state under ``run_dir/checkpoints``."""
+
+    def __init__(self, run_dir: Path, best_metric: str):
+        root = Path(run_dir).absolute() / "checkpoints"
+        self.best_metric = best_metric
+        self._latest = ocp.CheckpointManager(root / "latest", options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+        self._best = ocp.CheckpointManager(root / "best", options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
+        best_step = self._best.latest_step()
+        self.best_value: float | None = None
+        if best_step is not None:
+            meta = self._best.restore(best_step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            self.best_value = float(meta["value"])
+
+    def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer, history: list[dict[str, Any]]) -> None:
+        """Save the latest state at ``step``; also as best if ``history[-1]`` (the record of
+        this step) has a finite metric at least as good as the best so far."""
+        self._latest.save(step, args=ocp.args.Composite(
+            model=ocp.args.StandardSave(nnx.state(model)),
+            optimizer=ocp.args.StandardSave(nnx.state(optimizer)),
+            meta=ocp.args.JsonSave({"step": step, "history": history}),
+        ))
+        value = history[-1].get(self.best_metric) if history and history[-1].get("step") == step else None
+        # NaN (e.g. MAP@R of a validation split with one item per class) is no evidence.
+        if value is not None and math.isfinite(value) and (self.best_value is None or value >= self.best_value):
+            self.best_value = float(value)
+            self._best.save(step, args=ocp.args.Composite(
+                model=ocp.args.StandardSave(nnx.state(model)),
+                meta=ocp.args.JsonSave({"step": step, "value": float(value), "metric": self.best_metric}),
+            ))
+        self._latest.wait_until_finished()
+        self._best.wait_until_finished()
+
+    def restore_latest(self, model: nnx.Module, optimizer: nnx.Optimizer) -> tuple[int, list[dict[str, Any]]]:
+        """Load the newest state into ``model`` and ``optimizer``; -> (step, history), (0, []) if none."""
+        step = self._latest.latest_step()
+        if step is None:
+            return 0, []
+        restored = self._latest.restore(step, args=ocp.args.Composite(
+            model=ocp.args.StandardRestore(_abstract(nnx.state(model))),
+            optimizer=ocp.args.StandardRestore(_abstract(nnx.state(optimizer))),
+            meta=ocp.args.JsonRestore(),
+        ))
+        nnx.update(model, restored["model"])
+        nnx.update(optimizer, restored["optimizer"])
+        log.info("resumed training from the checkpoint of step %d", step)
+        return int(restored["meta"]["step"]), list(restored["meta"]["history"])
+
+    def best_step(self) -> int | None:
+        return self._best.latest_step()
+
+    def restore_best(self, model: nnx.Module) -> int | None:
+        """Load the best state into ``model``; -> its step (None if there is none)."""
+        step = self._best.latest_step()
+        if step is None:
+            return None
+        restored = self._best.restore(step, args=ocp.args.Composite(
+            model=ocp.args.StandardRestore(_abstract(nnx.state(model))),
+        ))
+        nnx.update(model, restored["model"])
+        return step
+
+    def close(self) -> None:
+        self._latest.close()
+        self._best.close()

@@ -1,0 +1,95 @@
+"""Training resumes after a SIGKILL from its last orbax checkpoint."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+_SCRIPT = """
+import json, sys
+from lookalike.model.config import apply_overrides, get_config
+from lookalike.model.train import train_and_evaluate
+cfg = apply_overrides(get_config("tiny"), ["num_steps=30", "checkpoint_every_steps=10", "eval_every_steps=10"])
+r = train_and_evaluate(cfg, sys.argv[1], data_dir=sys.argv[2])
+print(json.dumps({"version": r.version, "metrics": r.metrics}))
+"""
+
+
+def _train(workdir, corpus, failpoint=None):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    env.pop("LOOKALIKE_FAILPOINT", None)
+    if failpoint:
+        env["LOOKALIKE_FAILPOINT"] = failpoint
+    return subprocess.run([sys.executable, "-c", _SCRIPT, str(workdir), str(corpus)], env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_training_killed_after_a_checkpoint_resumes_and_matches_an_uninterrupted_run(tmp_path, digits_corpus):
+    killed = _train(tmp_path / "a", digits_corpus, failpoint="train.after_checkpoint.20")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    runs = list((tmp_path / "a" / "models" / ".runs").iterdir())
+    assert len(runs) == 1 and (runs[0] / "checkpoints" / "latest" / "20").is_dir()
+    assert not (tmp_path / "a" / "models" / "LATEST").exists()
+
+    resumed = _train(tmp_path / "a", digits_corpus)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    out = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert out["metrics"]["resumed_from_step"] == 20 and out["metrics"]["steps"] == 30
+    model_dir = tmp_path / "a" / "models" / out["version"]
+    steps = [json.loads(line)["step"] for line in (model_dir / "train_log.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == 30 and 10 in steps  # history from before the kill kept
+    assert not runs[0].exists()  # the run folder is removed once the model is published
+
+    straight = _train(tmp_path / "b", digits_corpus)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    ref = json.loads(straight.stdout.strip().splitlines()[-1])
+    assert ref["metrics"]["resumed_from_step"] == 0
+    # Batches depend only on (seed, step) and the optimizer state is restored: same training.
+    np.testing.assert_allclose(out["metrics"]["map_at_r"], ref["metrics"]["map_at_r"], atol=1e-3)
+    assert out["metrics"]["best_step"] == ref["metrics"]["best_step"]
+    assert out["version"] == ref["version"]  # bit-identical weights (content hash)
+
+
+def test_checkpoints_keep_the_latest_and_the_best_by_validation_metric(tmp_path, tiny_config):
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from lookalike.model.checkpoints import TrainCheckpoints
+    from lookalike.model.encoder import create_encoder
+    from lookalike.model.train import make_optimizer
+
+    model = create_encoder(tiny_config)
+    optimizer = make_optimizer(model, tiny_config)
+    ckpt = TrainCheckpoints(tmp_path, "map_at_r")
+    x = jnp.ones((1, tiny_config.image_size, tiny_config.image_size, 1))
+    outputs, history = {}, []
+    for step, value in ((10, 0.5), (20, 0.8), (30, 0.6)):
+        nnx.update(model, nnx.state(create_encoder(tiny_config, seed=step)))  # different weights per step
+        outputs[step] = np.asarray(model(x))
+        history.append({"step": step, "map_at_r": value})
+        ckpt.save(step, model, optimizer, history)
+    ckpt.close()
+
+    again = TrainCheckpoints(tmp_path, "map_at_r")  # a new process sees the same state
+    fresh = create_encoder(tiny_config, seed=99)
+    step, restored_history = again.restore_latest(fresh, make_optimizer(fresh, tiny_config))
+    assert step == 30 and restored_history == history and again.best_value == 0.8
+    np.testing.assert_allclose(np.asarray(fresh(x)), outputs[30], atol=1e-6)
+    assert again.restore_best(fresh) == 20
+    np.testing.assert_allclose(np.asarray(fresh(x)), outputs[20], atol=1e-6)
+    assert sorted(p.name for p in (tmp_path / "checkpoints" / "latest").iterdir() if p.name.isdigit()) == ["30"]
+    again.close()
+
+
+def test_a_nan_validation_metric_never_becomes_the_best(tmp_path, tiny_config):
+    from lookalike.model.checkpoints import TrainCheckpoints
+    from lookalike.model.encoder import create_encoder
+    from lookalike.model.train import make_optimizer
+
+    model = create_encoder(tiny_config)
+    ckpt = TrainCheckpoints(tmp_path, "map_at_r")
+    ckpt.save(5, model, make_optimizer(model, tiny_config), [{"step": 5, "map_at_r": float("nan")}])
+    assert ckpt.best_step() is None and ckpt.best_value is None
+    ckpt.close()

@@ -1,0 +1,53 @@
+import argparse
+import json
+
+import numpy as np
+import pytest
+
+from lookalike.model.evaluate import (
+    evaluate_embeddings,
+    evaluate_model_cli,
+    few_shot_accuracy,
+    nearest_prototype_accuracy,
+    verification_roc_auc,
+)
+
+
+def test_roc_auc_matches_hand_computed_value():
+    # points 0, 1 (class 0) and 1.5 (class 1): pairs (0,1) d=1 same, (0,2) d=1.5 diff, (1,2) d=.5 diff.
+    # The one positive outranks one of the two negatives -> AUC 0.5.
+    emb, labels = np.array([[0.0], [1.0], [1.5]]), np.array([0, 0, 1])
+    assert verification_roc_auc(emb, labels) == pytest.approx(0.5)
+    assert verification_roc_auc(np.array([[0.0], [0.1], [5.0]]), labels) == 1.0
+    assert np.isnan(verification_roc_auc(emb, np.array([0, 1, 2])))
+
+
+def test_nearest_prototype_uses_the_mean_of_the_support():
+    support = np.array([[0.0], [2.0], [2.5]])  # class 0 prototype at 1.0, class 1 at 2.5
+    queries = np.array([[1.9], [1.7]])  # 1.9 is nearer 2.5 (0.6 vs 0.9); 1.7 nearer 1.0 (0.7 vs 0.8)
+    assert nearest_prototype_accuracy(support, np.array([0, 0, 1]), queries, np.array([1, 0])) == 1.0
+    assert nearest_prototype_accuracy(support, np.array([0, 0, 1]), queries, np.array([0, 1])) == 0.0
+
+
+def test_few_shot_and_full_report_on_separable_and_random_embeddings():
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), 4)
+    separable = np.eye(10)[labels] + 0.01 * rng.standard_normal((40, 10))
+    assert few_shot_accuracy(separable, labels, n_way=5, k_shot=1, episodes=50) == 1.0
+    noise = rng.standard_normal((40, 10))
+    assert few_shot_accuracy(noise, labels, n_way=5, k_shot=1, episodes=300) < 0.45  # chance is 0.2
+    report = evaluate_embeddings(separable, labels, episodes=20)
+    assert report["map_at_r"] == 1.0 and report["verification_roc_auc"] == 1.0
+    assert report["few_shot_5way_1shot_acc"] == 1.0 and report["recall_at_10"] == 1.0
+    with pytest.raises(ValueError, match="20-way"):
+        few_shot_accuracy(separable, labels, n_way=20, k_shot=1)
+
+
+def test_cli_evaluates_the_latest_model_on_the_corpus(trained_store, capsys):
+    args = argparse.Namespace(workdir=str(trained_store.root), model=None, data=None, k=5, n_way=5, k_shot=1,
+                              episodes=50, max_items=None)
+    assert evaluate_model_cli(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["model"] == trained_store.latest_model() and report["items"] > 100
+    assert 0.2 < report["map_at_r"] <= 1.0 and report["verification_roc_auc"] > 0.6
+    assert report["few_shot_5way_1shot_acc"] > 0.3  # chance is 0.2
