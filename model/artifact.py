@@ -132,6 +132,14 @@ class Encoder:
             out[start : start + len(chunk)] = np.asarray(self._forward(self._state, jnp.asarray(padded)))[: len(chunk)]
         return out
 
+    def warm_up(self, up_to: int) -> list[int]:
+        """Compile the forward for every padded batch size a batch of at most ``up_to`` images
+        can use, so no live query pays for an XLA compile; returns those sizes."""
+        sizes = [b for b in self._buckets if b <= up_to] + [next(b for b in self._buckets if b >= min(up_to, self.max_batch))]
+        for size in sorted(set(sizes)):
+            self.embed(np.zeros((size, *self.spec.shape), np.float32))
+        return sorted(set(sizes))
+
     def preprocess(self, data: bytes) -> np.ndarray:
         """Image file bytes -> [H, W, C] float32 model input (ImageDecodeError if unusable)."""
         return decode_image(data, self.spec)

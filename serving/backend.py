@@ -49,6 +49,10 @@ def check_compatible(encoder: Encoder, index: ItemIndex, workdir: str) -> None:
         )
 
 
+# The most uploaded images one model forward takes (the engine's default; see --max-embed-batch).
+DEFAULT_MAX_EMBED_BATCH = 16
+
+
 def load_backend(workdir: str | os.PathLike) -> Backend:
     """Load the CURRENT index of ``workdir`` and the model version its manifest names.
 
@@ -60,7 +64,7 @@ def load_backend(workdir: str | os.PathLike) -> Backend:
     index = ItemIndex.load(store.require_current_index())
     encoder = load_encoder(store.require_model(index.model_version))
     check_compatible(encoder, index, str(store.root))
-    encoder.embed(np.zeros((1, *encoder.spec.shape), np.float32))  # compile now, not on the first query
+    encoder.warm_up(DEFAULT_MAX_EMBED_BATCH)  # compile every batch shape now, not during live queries
     log.info(
         "backend ready in %.1fs: index %s (%d items), model %s (dim %d)",
         time.perf_counter() - started, index.version, len(index), encoder.version, encoder.embed_dim,

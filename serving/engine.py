@@ -22,14 +22,13 @@ from typing import Any
 import numpy as np
 
 from lookalike.index.searcher import Neighbor
-from lookalike.serving.backend import Backend
+from lookalike.serving.backend import DEFAULT_MAX_EMBED_BATCH, Backend
 from lookalike.serving.batcher import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_S, MicroBatcher
 from lookalike.serving.metrics import ServingMetrics
 
 
 # A CPU forward is cheapest per image around 4-16 images; at 64 the XLA CPU convolutions
 # of a wider encoder get slower per image than one at a time (measured, bench/serving.py).
-DEFAULT_MAX_EMBED_BATCH = 16
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import numpy as np
 from lookalike.index.searcher import ItemIndex
 from lookalike.model.artifact import Encoder, load_encoder
 from lookalike.model.store import Store, StoreError
-from lookalike.serving.backend import Backend, check_compatible
+from lookalike.serving.backend import DEFAULT_MAX_EMBED_BATCH, Backend, check_compatible
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +114,9 @@ class StoreReloader:
             encoder = load_encoder(model_dir)
         check_compatible(encoder, index, str(self.store.root))
         backend = Backend(encoder=encoder, index=index)
-        smoke_test(backend)  # also compiles the model for batch size 1
+        if encoder is not getattr(reuse, "encoder", None):
+            encoder.warm_up(DEFAULT_MAX_EMBED_BATCH)  # compile before the swap, not during live queries
+        smoke_test(backend)
         return backend
 
     def reload(self, slot: BackendSlot, force: bool = False) -> ReloadOutcome:

@@ -38,3 +38,14 @@ def test_wrong_input_shape_is_refused_with_shapes(encoder):
 def test_not_a_model_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="model.json"):
         read_model_meta(tmp_path)
+
+
+def test_warm_up_compiles_every_shape_a_batch_can_use(tmp_path, tiny_config):
+    model = create_encoder(tiny_config)
+    spec = PreprocessSpec(tiny_config.image_size, tiny_config.channels)
+    enc = load_encoder(tmp_path / save_model(model, tiny_config, spec, tmp_path, threshold=None, metrics={}))
+    assert enc.warm_up(10) == [1, 4, 16]
+    compiled = enc._forward._cache_size()
+    for n in (1, 2, 3, 5, 9, 16):
+        enc.embed(np.zeros((n, *spec.shape), np.float32))
+    assert enc._forward._cache_size() == compiled  # no query compiles anything new
