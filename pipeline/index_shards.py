@@ -36,12 +36,12 @@ class BuildIndexShardFn(beam.DoFn):
 
     def process(self, keyed: tuple[int, Any]):
         from lookalike.index.builder import build_shard
-        from lookalike.pipeline.writers import write_atomically
+        from lookalike.pipeline.writers import records_table, write_atomically
 
         shard, records = keyed
         rows = sorted(records, key=lambda r: r["id"])
         embeddings = np.asarray([r["embedding"] for r in rows], np.float32)
-        items = pa.Table.from_pylist([{f.name: r.get(f.name) for f in self._schema} for r in rows], schema=self._schema)
+        items = records_table(rows, self._schema)
         entry = build_shard(embeddings, items, index_dir=Path(self._index_dir), shard=shard, params=self._params)
         path = str(Path(self._index_dir) / f"{entry['name']}{ENTRY_SUFFIX}")
         write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(entry), encoding="utf-8"))

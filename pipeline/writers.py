@@ -37,6 +37,11 @@ def write_atomically(path: str, write) -> None:
         raise
 
 
+def records_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
+    """Records (dicts, extra keys ignored, missing ones null) -> a table with ``schema``."""
+    return pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)
+
+
 class WriteParquetShardFn(beam.DoFn):
     """(shard, [record, ...]) -> path of ``<prefix>-SSSSS-of-NNNNN.parquet`` (rows sorted by id)."""
 
@@ -49,7 +54,7 @@ class WriteParquetShardFn(beam.DoFn):
         shard, records = keyed
         rows = sorted(records, key=lambda r: r["id"])
         path = f"{self._prefix}-{shard:05d}-of-{self._num_shards:05d}.parquet"
-        table = pa.Table.from_pylist([{f.name: r.get(f.name) for f in self._schema} for r in rows], schema=self._schema)
+        table = records_table(rows, self._schema)
         write_atomically(path, lambda tmp: pq.write_table(table, tmp))
         yield path
 
