@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=1, help="Beam worker processes for the embed step")
     p.set_defaults(func=cmd_demo)
 
-    p = sub.add_parser("train", help="train the Siamese encoder with contrastive loss",
+    p = sub.add_parser("train", help="train the Siamese encoder (contrastive or triplet loss)",
                        description="Trains on a folder with one sub-folder per class (default WORKDIR/corpus) "
                        "and saves WORKDIR/models/<version> (orbax params + model.json), pointed to by models/LATEST. "
                        "Example: lookalike train --workdir DIR --set num_steps=800")
