@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.model", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="2.5 minutes of training, smaller evaluation")
     parser.add_argument("--minutes", type=float, default=None, help="training minutes (default 60, or 2.5 with --quick)")
+    parser.add_argument("--steps", type=int, default=None, help="train this many steps instead of a time budget")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the omniglot preset")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
              len(x_bg), len(np.unique(y_bg)), len(x_ev), t_data.s)
 
     bare_ips, step_s = bare_step_images_per_s(config, x_bg, y_bg, seconds=8.0 if args.quick else 20.0)
-    num_steps = max(20, int(minutes * 60 / step_s * 0.93))
+    num_steps = args.steps or max(20, int(minutes * 60 / step_s * 0.93))
     config = apply_overrides(config, [
         f"num_steps={num_steps}", "val_fraction=0", f"eval_every_steps={num_steps}",
         f"checkpoint_every_steps={max(num_steps // 4, 1)}", f"warmup_steps={min(config.warmup_steps, num_steps // 10 + 1)}",

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lookalike.model.augment import AugmentSpec
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,16 @@ class TrainConfig:
     checkpoint_every_steps: int = 0
     # Batches assembled ahead of the step on a background thread.
     prefetch_batches: int = 2
+    # Random distortions of training images (lookalike.model.augment; 0 / 1.0 / false
+    # switch a part off): translation and zoom as fractions of the side, rotation and
+    # shear in degrees, random-resized-crop minimum area, left-right flip, colour jitter.
+    augment_shift: float = 0.0
+    augment_scale: float = 0.0
+    augment_rotate_deg: float = 0.0
+    augment_shear_deg: float = 0.0
+    augment_crop_area: float = 1.0
+    augment_flip: bool = False
+    augment_jitter: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -116,7 +129,20 @@ def validate_config(config: TrainConfig) -> TrainConfig:
         raise ValueError(f"config pk_images={config.pk_images}: triplets need at least 2 images per class")
     if not config.resnet_widths or not config.conv_widths:
         raise ValueError("config conv_widths and resnet_widths must not be empty")
+    try:
+        augment_spec(config)
+    except ValueError as e:
+        raise ValueError(f"config: {e}") from None
     return config
+
+
+def augment_spec(config: TrainConfig) -> "AugmentSpec":
+    """The training-time augmentation ``config`` asks for."""
+    from lookalike.model.augment import AugmentSpec
+
+    return AugmentSpec(crop_area=config.augment_crop_area, shift=config.augment_shift, scale=config.augment_scale,
+                       rotate_deg=config.augment_rotate_deg, shear_deg=config.augment_shear_deg,
+                       flip=config.augment_flip, jitter=config.augment_jitter)
 
 
 def preset_names() -> list[str]:

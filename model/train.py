@@ -32,7 +32,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lookalike.model.artifact import save_model
-from lookalike.model.config import TrainConfig, config_to_dict, validate_config
+from lookalike.model.augment import augment_batch
+from lookalike.model.config import TrainConfig, augment_spec, config_to_dict, validate_config
 from lookalike.model.checkpoints import TrainCheckpoints
 from lookalike.model.data import LabelledImages, PairSampler, PKSampler, load_labelled_folder, split_train_val
 from lookalike.model.encoder import EncoderModule, create_encoder
@@ -107,6 +108,11 @@ def batch_maker(
     def rng_for(step: int) -> np.random.Generator:
         return np.random.default_rng([config.seed, step])
 
+    augment = augment_spec(config)
+
+    def images_at(idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        return augment_batch(x_train[idx], augment, rng) if augment.enabled else x_train[idx]
+
     if config.loss == "triplet":
         sampler = PKSampler(y_train, config.pk_classes, config.pk_images, seed=config.seed)
         per_class = sampler.per_class
@@ -118,8 +124,9 @@ def batch_maker(
         sampler.per_class = per_class
 
         def make_triplet_batch(step: int) -> tuple[jax.Array, ...]:
-            idx, labels = sampler.sample(rng_for(step))
-            return jax.device_put(x_train[idx], sharding), jax.device_put(labels, sharding)
+            rng = rng_for(step)
+            idx, labels = sampler.sample(rng)
+            return jax.device_put(images_at(idx, rng), sharding), jax.device_put(labels, sharding)
 
         def triplet_fn(model: nnx.Module, optimizer: nnx.Optimizer, x: jax.Array, labels: jax.Array) -> jax.Array:
             return triplet_train_step(model, optimizer, x, labels, margin, config.mining)
@@ -130,8 +137,9 @@ def batch_maker(
     batch_pairs = -(-config.batch_pairs // (2 * n_dev)) * 2 * n_dev
 
     def make_pair_batch(step: int) -> tuple[jax.Array, ...]:
-        ia, ib, sim = pairs.sample(batch_pairs, rng_for(step))
-        return (jax.device_put(x_train[ia], sharding), jax.device_put(x_train[ib], sharding),
+        rng = rng_for(step)
+        ia, ib, sim = pairs.sample(batch_pairs, rng)
+        return (jax.device_put(images_at(ia, rng), sharding), jax.device_put(images_at(ib, rng), sharding),
                 jax.device_put(sim, sharding))
 
     def pair_fn(model: nnx.Module, optimizer: nnx.Optimizer, x_a: jax.Array, x_b: jax.Array, sim: jax.Array) -> jax.Array:

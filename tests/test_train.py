@@ -94,3 +94,21 @@ def test_warm_start_copies_weights_and_refuses_other_shapes(trained_store, tiny_
     np.testing.assert_allclose(np.asarray(fresh(x)), np.asarray(previous(x)), atol=1e-6)
     other = apply_overrides(tiny_config, ["embed_dim=4"])
     assert not warm_start(create_encoder(other), other, trained_store.require_model())
+
+
+def test_augmented_batches_are_distorted_and_a_pure_function_of_the_step(tiny_config):
+    import dataclasses
+
+    from lookalike.model.train import batch_maker, data_mesh
+
+    rng = np.random.default_rng(0)
+    x = rng.random((40, 16, 16, 1)).astype(np.float32)
+    y = np.repeat(np.arange(10), 4).astype(np.int32)
+    config = dataclasses.replace(tiny_config, loss="triplet", pk_classes=4, pk_images=2, augment_shift=0.1, augment_rotate_deg=10)
+    make, _, _ = batch_maker(config, x, y, data_mesh())
+    first, again = make(3), make(3)
+    np.testing.assert_array_equal(np.asarray(first[0]), np.asarray(again[0]))
+    plain, _, _ = batch_maker(dataclasses.replace(config, augment_shift=0.0, augment_rotate_deg=0.0), x, y, data_mesh())
+    undistorted = np.asarray(plain(3)[0])
+    np.testing.assert_array_equal(np.asarray(first[1]), np.asarray(plain(3)[1]))  # same items drawn
+    assert not np.allclose(np.asarray(first[0]), undistorted)
