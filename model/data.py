@@ -93,15 +93,18 @@ def split_train_val(labels: np.ndarray, val_fraction: float, seed: int) -> tuple
 
 
 class PairSampler:
-    """Balanced batches of (index_a, index_b, similar) over items with ``labels``."""
+    """Balanced batches of (index_a, index_b, similar) over items with ``labels``.
 
-    def __init__(self, labels: np.ndarray, seed: int):
+    ``min_images=1`` also draws similar pairs from single-item classes (both sides the
+    same item: unlabelled training, where each side is augmented differently)."""
+
+    def __init__(self, labels: np.ndarray, seed: int, min_images: int = 2):
         self.labels = np.asarray(labels)
         self.rng = np.random.default_rng(seed)
         classes = np.unique(self.labels)
         self.by_class = {int(c): np.flatnonzero(self.labels == c) for c in classes}
         self.classes = np.asarray(sorted(self.by_class))
-        self.pos_classes = np.asarray([c for c in self.classes if len(self.by_class[int(c)]) >= 2])
+        self.pos_classes = np.asarray([c for c in self.classes if len(self.by_class[int(c)]) >= min_images])
         if len(self.pos_classes) == 0:
             raise ValueError("no class has 2 or more images: similar pairs are impossible")
         if len(self.classes) < 2:
@@ -120,7 +123,8 @@ class PairSampler:
         pos_c = rng.choice(self.pos_classes, size=n_pos)
         pos_a, pos_b = [], []
         for c in pos_c:
-            a, b = rng.choice(self.by_class[int(c)], size=2, replace=False)
+            members = self.by_class[int(c)]
+            a, b = rng.choice(members, size=2, replace=len(members) < 2)
             pos_a.append(a)
             pos_b.append(b)
         neg_ca = rng.choice(self.classes, size=n_neg)
@@ -141,29 +145,33 @@ class PKSampler:
     - a class with 2..K-1 images is drawn with replacement (repeated images);
     - with fewer than P usable classes, P shrinks to the number there is
       (``self.num_classes``); fewer than 2 usable classes is a ValueError.
+
+    ``min_images=1`` keeps single-image classes (unlabelled training: the K copies of an
+    image become K different augmented views) and expects repeats, so logs nothing.
     """
 
-    def __init__(self, labels: np.ndarray, num_classes: int, per_class: int, seed: int):
+    def __init__(self, labels: np.ndarray, num_classes: int, per_class: int, seed: int, min_images: int = 2):
         if per_class < 2:
             raise ValueError(f"per_class (K) = {per_class}: a triplet needs at least 2 images per class")
         self.labels = np.asarray(labels)
         self.rng = np.random.default_rng(seed)
         by_class = {int(c): np.flatnonzero(self.labels == c) for c in np.unique(self.labels)}
-        singles = sorted(c for c, idx in by_class.items() if len(idx) < 2)
+        singles = sorted(c for c, idx in by_class.items() if len(idx) < min_images)
         if singles:
             log.warning("%d class(es) with a single image left out of P x K batches (e.g. label %s)",
                         len(singles), singles[0])
-        self.by_class = {c: idx for c, idx in by_class.items() if len(idx) >= 2}
+        self.by_class = {c: idx for c, idx in by_class.items() if len(idx) >= min_images}
         self.classes = np.asarray(sorted(self.by_class))
         if len(self.classes) < 2:
-            raise ValueError(f"P x K batches need at least 2 classes with 2 or more images, found {len(self.classes)}")
+            raise ValueError(f"P x K batches need at least 2 classes with {min_images} or more images, "
+                             f"found {len(self.classes)}")
         if len(self.classes) < num_classes:
             log.warning("only %d classes have 2+ images; P x K batches use P=%d instead of %d",
                         len(self.classes), len(self.classes), num_classes)
         self.num_classes = min(num_classes, len(self.classes))
         self.per_class = per_class
         small = sum(len(idx) < per_class for idx in self.by_class.values())
-        if small:
+        if small and min_images > 1:
             log.warning("%d class(es) have fewer than K=%d images; they are drawn with replacement", small, per_class)
 
     @property

@@ -73,3 +73,15 @@ def test_pk_sampler_policy_for_small_classes(caplog):
         PKSampler(np.array([0, 0, 1]), num_classes=2, per_class=2, seed=0)
     with pytest.raises(ValueError, match="per_class"):
         PKSampler(labels, num_classes=2, per_class=1, seed=0)
+
+
+def test_samplers_keep_single_image_classes_when_asked(caplog):
+    from lookalike.model.data import PKSampler
+
+    labels = np.arange(5)  # unlabelled: each image its own instance
+    sampler = PKSampler(labels, num_classes=3, per_class=4, seed=0, min_images=1)
+    idx, lab = sampler.sample()
+    assert sampler.num_classes == 3 and (idx.reshape(3, 4) == idx.reshape(3, 4)[:, :1]).all()
+    assert "single image" not in caplog.text and "replacement" not in caplog.text
+    a, b, sim = PairSampler(labels, seed=0, min_images=1).sample(16)
+    assert (a[sim == 1] == b[sim == 1]).all() and (a[sim == 0] != b[sim == 0]).all()
