@@ -67,6 +67,13 @@ class TrainConfig:
     augment_crop_area: float = 1.0
     augment_flip: bool = False
     augment_jitter: float = 0.0
+    # Training without labels (lookalike.model.unlabelled): folder labels are ignored,
+    # each image is its own class and each window of video_window_s seconds of a video
+    # (frames every video_frame_interval_s, a new window at a shot change) is one; the
+    # positives are augmented views (augment_* if set, else augment.UNLABELLED_VIEWS).
+    unlabelled: bool = False
+    video_window_s: float = 1.0
+    video_frame_interval_s: float = 0.25
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -127,6 +134,9 @@ def validate_config(config: TrainConfig) -> TrainConfig:
             raise ValueError(f"config {name}={getattr(config, name)}: must be at least 1")
     if config.pk_images < 2:
         raise ValueError(f"config pk_images={config.pk_images}: triplets need at least 2 images per class")
+    for name in ("video_window_s", "video_frame_interval_s"):
+        if not getattr(config, name) > 0:
+            raise ValueError(f"config {name}={getattr(config, name)}: must be positive")
     if not config.resnet_widths or not config.conv_widths:
         raise ValueError("config conv_widths and resnet_widths must not be empty")
     try:

@@ -1,7 +1,8 @@
 """Training: contrastive pairs or mined triplets, AdamW, one jitted step, data-parallel.
 
 ``train_and_evaluate(config, workdir)`` reads ``workdir/corpus/<label>/*`` (or
-``data_dir``), trains the Siamese encoder, evaluates it on a held-out split,
+``data_dir``, or images and videos without labels: ``model.sources``),
+trains the Siamese encoder, evaluates it on a held-out split,
 calibrates the same-item distance threshold, and saves the artifact under
 ``workdir/models/<version>`` with ``LATEST`` pointing at it. The step is
 data-parallel over every local device (a 1-D ``data`` mesh): batches are sharded,
@@ -33,16 +34,18 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lookalike.model.artifact import save_model
 from lookalike.model.augment import augment_batch
-from lookalike.model.config import TrainConfig, augment_spec, config_to_dict, validate_config
+from lookalike.model.config import TrainConfig, config_to_dict, validate_config
 from lookalike.model.checkpoints import TrainCheckpoints
-from lookalike.model.data import LabelledImages, PairSampler, PKSampler, load_labelled_folder, split_train_val
+from lookalike.model.data import LabelledImages, PairSampler, PKSampler, split_train_val
 from lookalike.model.encoder import EncoderModule, create_encoder
 from lookalike.model.losses import contrastive_pair_loss, mined_triplet_loss
 from lookalike.model.metrics import best_f1_threshold, retrieval_metrics
 from lookalike.model.prefetch import Prefetcher
 from lookalike.model.preprocess import PreprocessSpec
 from lookalike.model.progress import Progress
+from lookalike.model.sources import load_training_data
 from lookalike.model.store import Store
+from lookalike.model.unlabelled import training_augment, view_holdout
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +103,9 @@ def batch_maker(
     """-> (make_batch(step) -> device arrays, step_fn(model, optimizer, *batch), images per step).
 
     ``make_batch`` is a pure function of (config.seed, step) and runs on the prefetch
-    thread; the batch is sharded over the ``data`` axis of ``mesh``."""
+    thread; the batch is sharded over the ``data`` axis of ``mesh``. With
+    ``config.unlabelled`` the labels are instances, usually of one image: its K copies
+    (or both sides of a similar pair) become different augmented views."""
     n_dev = mesh.devices.size
     sharding = NamedSharding(mesh, PartitionSpec("data"))
     margin = jnp.float32(config.margin)
@@ -108,13 +113,14 @@ def batch_maker(
     def rng_for(step: int) -> np.random.Generator:
         return np.random.default_rng([config.seed, step])
 
-    augment = augment_spec(config)
+    augment = training_augment(config)
+    min_images = 1 if config.unlabelled else 2
 
     def images_at(idx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         return augment_batch(x_train[idx], augment, rng) if augment.enabled else x_train[idx]
 
     if config.loss == "triplet":
-        sampler = PKSampler(y_train, config.pk_classes, config.pk_images, seed=config.seed)
+        sampler = PKSampler(y_train, config.pk_classes, config.pk_images, seed=config.seed, min_images=min_images)
         per_class = sampler.per_class
         while (sampler.num_classes * per_class) % n_dev:
             per_class += 1
@@ -133,7 +139,7 @@ def batch_maker(
 
         return make_triplet_batch, triplet_fn, sampler.batch_size
 
-    pairs = PairSampler(y_train, seed=config.seed)
+    pairs = PairSampler(y_train, seed=config.seed, min_images=min_images)
     batch_pairs = -(-config.batch_pairs // (2 * n_dev)) * 2 * n_dev
 
     def make_pair_batch(step: int) -> tuple[jax.Array, ...]:
@@ -228,15 +234,18 @@ def train_on_arrays(
     Checkpoints go to ``run_dir/checkpoints``; if one is there already the run resumes
     after its step. The returned model has the best validation MAP@R seen."""
     validate_config(config)
-    train_idx, val_idx = split_train_val(data.labels, config.val_fraction, config.seed)
+    if config.unlabelled:  # validation: retrieve augmented views of held-out instances
+        train_idx, val_idx, x_val, y_val = view_holdout(data, config)
+    else:
+        train_idx, val_idx = split_train_val(data.labels, config.val_fraction, config.seed)
+        x_val, y_val = data.images[val_idx], data.labels[val_idx]
     x_train, y_train = data.images[train_idx], data.labels[train_idx]
-    x_val, y_val = data.images[val_idx], data.labels[val_idx]
     mesh = data_mesh()
     make_batch, step_fn, images_per_step = batch_maker(config, x_train, y_train, mesh)
     log.info(
-        "training on %d images of %d classes (%d held out), %d device(s), %s loss, %d images/step, %d steps",
-        len(train_idx), len(data.class_names), len(val_idx), mesh.devices.size, config.loss, images_per_step,
-        config.num_steps,
+        "training on %d images of %d %s (%d held out), %d device(s), %s loss, %d images/step, %d steps",
+        len(train_idx), len(data.class_names), "instances" if config.unlabelled else "classes", len(val_idx),
+        mesh.devices.size, config.loss, images_per_step, config.num_steps,
     )
     model = create_encoder(config)
     warm = warm_start(model, config, init_from) if init_from else False
@@ -260,7 +269,7 @@ def train_on_arrays(
                 jax.block_until_ready(running[-1])
                 loop_started, timed_steps = time.perf_counter(), 0
             timed_steps += 1
-            evaluating = len(val_idx) > 1 and (step % config.eval_every_steps == 0 or step == config.num_steps)
+            evaluating = len(y_val) > 1 and (step % config.eval_every_steps == 0 or step == config.num_steps)
             checkpointing = step % ckpt_every == 0 or step == config.num_steps
             if evaluating or checkpointing:
                 jax.block_until_ready(running[-1])  # the step itself counts as training time
@@ -289,6 +298,8 @@ def train_on_arrays(
     metrics: dict[str, Any] = {"train_images": int(len(train_idx)), "val_images": int(len(val_idx)),
                                "steps": config.num_steps, "warm_start": warm, "resumed_from_step": start_step,
                                "images_per_s": round(images_per_step * max(timed_steps - 1, 0) / max(loop_s, 1e-9), 1)}
+    if config.unlabelled:
+        metrics["val_views"] = int(len(y_val))
     best = checkpoints.best_step()
     if best is not None and best != config.num_steps:
         checkpoints.restore_best(model)
@@ -296,7 +307,7 @@ def train_on_arrays(
     metrics["best_step"] = best if best is not None else config.num_steps
     checkpoints.close()
     threshold = None
-    if len(val_idx) > 1:
+    if len(y_val) > 1:
         val_emb = embed_numpy(model, x_val)
         metrics.update(retrieval_metrics(val_emb, y_val))
         threshold, f1 = best_f1_threshold(val_emb, y_val)
@@ -311,9 +322,12 @@ def _failpoint(name: str) -> None:
     failpoint(name)
 
 
-def run_id(config: TrainConfig, source: Path, init_from: Path | None) -> str:
-    """A stable name for one training job: the same job rerun after a kill finds its checkpoints."""
-    key = json.dumps({"config": config_to_dict(config), "source": str(Path(source).absolute()),
+def run_id(config: TrainConfig, source: str | Path, init_from: Path | None) -> str:
+    """A stable name for one training job: the same job rerun after a kill finds its checkpoints.
+
+    ``source``: a folder, or a string naming it (absolute)."""
+    where = source if isinstance(source, str) else str(Path(source).absolute())
+    key = json.dumps({"config": config_to_dict(config), "source": where,
                       "init_from": str(init_from) if init_from else None}, sort_keys=True)
     return "run-" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
@@ -322,19 +336,18 @@ def train_and_evaluate(
     config: TrainConfig, workdir: str | Path, data_dir: str | Path | None = None, init_from: str | Path | None = None
 ) -> TrainResult:
     """Train on ``data_dir`` (default ``workdir/corpus``), optionally warm-started from the
-    model folder ``init_from``, and publish the model as LATEST."""
+    model folder ``init_from``, and publish the model as LATEST. ``config.unlabelled``
+    trains on augmented views of images and video windows."""
     store = Store.at(workdir)
-    source = Path(data_dir) if data_dir else store.corpus_dir
-    spec = PreprocessSpec(image_size=config.image_size, channels=config.channels)
     started = time.perf_counter()
-    data = load_labelled_folder(source, spec)
-    if data.failures:
-        log.warning("%d unreadable file(s) skipped in %s", len(data.failures), source)
+    loaded = load_training_data(config, Path(data_dir) if data_dir else store.corpus_dir)
+    config, data = loaded.config, loaded.data
+    spec = PreprocessSpec(image_size=config.image_size, channels=config.channels)
     init_path = Path(init_from) if init_from else None
-    run_dir = store.models_dir / ".runs" / run_id(config, source, init_path)
+    run_dir = store.models_dir / ".runs" / run_id(config, loaded.source, init_path)
     model, metrics, threshold = train_on_arrays(config, data, run_dir, init_path)
     metrics["train_seconds"] = round(time.perf_counter() - started, 2)
-    metrics["data_dir"] = str(source)
+    metrics["data_dir"] = loaded.source
     metrics["skipped_files"] = len(data.failures)
     version = save_model(
         model, config, spec, store.models_dir,

@@ -45,7 +45,8 @@ def _add_train_config(p: argparse.ArgumentParser) -> None:
 def _train_config(args: argparse.Namespace):
     from lookalike.model.config import apply_overrides, get_config
 
-    return apply_overrides(get_config(args.config), args.overrides)
+    unlabelled = ["unlabelled=true"] if getattr(args, "unlabelled", False) else []
+    return apply_overrides(get_config(args.config), [*args.overrides, *unlabelled])
 
 
 def _print_json(obj) -> None:
@@ -204,12 +205,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train the Siamese encoder (contrastive or triplet loss)",
-                       description="Trains on a folder with one sub-folder per class (default WORKDIR/corpus) "
-                       "and saves WORKDIR/models/<version> (orbax params + model.json), pointed to by models/LATEST. "
-                       "Example: lookalike train --workdir DIR --set num_steps=800")
+                       description="Trains on a folder with one sub-folder per class (default WORKDIR/corpus), or on "
+                       "images and videos without labels (--unlabelled), and saves WORKDIR/models/<version> (orbax "
+                       "params + model.json), pointed to by models/LATEST. Examples: lookalike train --workdir DIR "
+                       "--set num_steps=800; lookalike train --workdir DIR --data ~/clips --unlabelled --set loss=triplet")
     _add_workdir(p)
     _add_train_config(p)
-    p.add_argument("--data", default=None, help="labelled image folder <data>/<class>/*.png (default WORKDIR/corpus)")
+    p.add_argument("--data", default=None,
+                   help="labelled image folder <data>/<class>/*.png (default WORKDIR/corpus); with --unlabelled "
+                   "any folder of images and videos")
+    p.add_argument("--unlabelled", action="store_true",
+                   help="ignore labels (same as --set unlabelled=true): each image is its own class and each "
+                   "video_window_s seconds of a video shot (frames every video_frame_interval_s) one; positives "
+                   "are augmented views (augment_* if set, else crop, flip, jitter, rotation); validation retrieves "
+                   "views of held-out images. --set loss=triplet (P x K views) learns fastest")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("embed", help="Beam pipeline: corpus -> embeddings (Parquet) -> ScaNN index",

@@ -52,6 +52,13 @@ def _histogram(gray: np.ndarray) -> np.ndarray:
     return hist / max(hist.sum(), 1.0)
 
 
+def frame_histogram(frame: Image.Image) -> np.ndarray:
+    """The shot-change signature of a sampled frame: its normalised 32-bin grayscale
+    histogram at 64x36, as ``sample_frames`` computes it; compare two with the L1 distance
+    against ``FrameSampling.shot_threshold``."""
+    return _histogram(np.asarray(frame.convert("L").resize((64, 36), Image.Resampling.BILINEAR)))
+
+
 def sample_frames(data: bytes, sampling: FrameSampling = FrameSampling()) -> Iterator[tuple[float, Image.Image]]:
     """Video file bytes -> (timestamp_s, RGB PIL frame) for each sampled frame.
 

@@ -1,0 +1,159 @@
+"""Training without labels: every image is its own class, every short video window one.
+
+A user with a folder of photos or clips and no labels can still train an encoder: the
+positive of an image is another random view of it (crop, flip, colour jitter, small
+rotation: ``augment.UNLABELLED_VIEWS``), the positive of a video frame is a nearby
+frame of the same shot (augmented too), and every other image or window is a negative
+(instance discrimination, as in SimCLR). ``load_unlabelled_folder`` turns a folder (any
+nesting; class sub-folders, if any, are ignored) into ``LabelledImages`` whose labels
+are these instances, so the training loop samples pairs or P x K batches over them as
+it does over classes and augments every image on the prefetch thread.
+
+Validation holds out whole instances and asks whether a random view of each one finds
+the other views of the same instance (view-retrieval Precision@1 and MAP@R): the same
+figures that pick the best checkpoint and calibrate the same-item threshold on
+labelled data.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from lookalike.model.augment import UNLABELLED_VIEWS, AugmentSpec, augment_batch
+from lookalike.model.config import TrainConfig, augment_spec
+from lookalike.model.data import IMAGE_SUFFIXES, LabelledImages
+from lookalike.model.preprocess import ImageDecodeError, PreprocessSpec, decode_image, image_to_array
+
+log = logging.getLogger(__name__)
+
+# Views of each held-out instance in the validation set (R = VAL_VIEWS - 1 per query).
+VAL_VIEWS = 3
+# Shot-change threshold for splitting video windows (L1 histogram distance in [0, 2]).
+SHOT_THRESHOLD = 0.5
+
+
+def training_augment(config: TrainConfig) -> AugmentSpec:
+    """The augmentation of training batches: ``augment_*`` when set; for unlabelled
+    training with none set, ``UNLABELLED_VIEWS`` (without it every positive is a copy)."""
+    spec = augment_spec(config)
+    return UNLABELLED_VIEWS if config.unlabelled and not spec.enabled else spec
+
+
+def video_windows(
+    data: bytes, spec: PreprocessSpec, window_s: float, frame_interval_s: float, shot_threshold: float = SHOT_THRESHOLD
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Video file bytes -> frames [F, H, W, C] float32, timestamps [F] seconds, window [F] int.
+
+    A frame is sampled every ``frame_interval_s`` (and at shot changes); it opens a new
+    window (0, 1, 2, ...) when ``window_s`` has passed since the window's first frame or
+    when it differs from the previous frame by more than ``shot_threshold`` (a cut), so
+    frames sharing a window are nearby frames of one shot. Raises VideoDecodeError."""
+    from lookalike.pipeline.video import FrameSampling, frame_histogram, sample_frames
+
+    sampling = FrameSampling(interval_s=frame_interval_s, shot_threshold=shot_threshold)
+    frames, times, windows = [], [], []
+    window, start, prev = -1, 0.0, None
+    for t, img in sample_frames(data, sampling):
+        hist = frame_histogram(img)
+        cut = prev is not None and float(np.abs(hist - prev).sum()) > shot_threshold
+        if window < 0 or t - start >= window_s or cut:
+            window, start = window + 1, t
+        prev = hist
+        frames.append(image_to_array(img, spec))
+        times.append(t)
+        windows.append(window)
+    return np.stack(frames), np.asarray(times, np.float64), np.asarray(windows, np.int64)
+
+
+def _is_media(path: Path) -> bool:
+    from lookalike.pipeline.video import is_video_path
+
+    return path.is_file() and (path.suffix.lower() in IMAGE_SUFFIXES or is_video_path(path.name))
+
+
+def load_unlabelled_folder(
+    root: str | Path, spec: PreprocessSpec, window_s: float = 1.0, frame_interval_s: float = 0.25
+) -> LabelledImages:
+    """Read every image and video under ``root`` (any nesting) into arrays labelled by instance.
+
+    Each image is one instance (named by its path relative to ``root``); each window of
+    a video (see ``video_windows``) is one, named ``<path>#t=<start>``. Unreadable files
+    are logged, listed in ``failures`` and skipped; fewer than 2 instances is a ValueError."""
+    from lookalike.pipeline.video import VideoDecodeError, frame_id, is_video_path
+
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"training data folder {root} does not exist")
+    files = sorted(p for p in root.rglob("*") if _is_media(p))
+    images, labels, paths, names, failures = [], [], [], [], []
+    for path in files:
+        rel = path.relative_to(root).as_posix()
+        try:
+            data = path.read_bytes()
+            if is_video_path(path.name):
+                frames, times, windows = video_windows(data, spec, window_s, frame_interval_s)
+            else:
+                frames, times, windows = decode_image(data, spec)[None], None, np.zeros(1, np.int64)
+        except (ImageDecodeError, VideoDecodeError, OSError) as e:
+            log.warning("skipping %s: %s", path, e)
+            failures.append((str(path), str(e)))
+            continue
+        first_label = len(names)
+        if times is None:
+            names.append(rel)
+            paths.append(str(path))
+        else:
+            names.extend(frame_id(rel, times[windows == w][0]) for w in range(int(windows.max()) + 1))
+            paths.extend(frame_id(str(path), t) for t in times)
+        images.extend(frames)
+        labels.extend(first_label + windows)
+    if len(names) < 2:
+        raise ValueError(
+            f"unlabelled training data {root}: {len(names)} usable image(s) or video window(s) in "
+            f"{len(files)} file(s) ({len(failures)} unreadable); need at least 2"
+        )
+    log.info("unlabelled training data %s: %d instances (%d images or frames) from %d files",
+             root, len(names), len(images), len(files) - len(failures))
+    return LabelledImages(images=np.stack(images).astype(np.float32), labels=np.asarray(labels, np.int32),
+                          class_names=names, paths=paths, failures=failures)
+
+
+def split_instances(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Item indices (train, val) holding out ``val_fraction`` of the instances whole (all
+    frames of a window go to one side); none when either side would get fewer than 2."""
+    instances = np.unique(labels)
+    n_val = int(round(len(instances) * val_fraction))
+    if n_val < 2 or len(instances) - n_val < 2:
+        n_val = 0
+    held = np.random.default_rng(seed).permutation(instances)[:n_val]
+    mask = np.isin(labels, held)
+    return np.flatnonzero(~mask), np.flatnonzero(mask)
+
+
+def view_set(
+    images: np.ndarray, labels: np.ndarray, spec: AugmentSpec, views: int = VAL_VIEWS, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """[N, H, W, C] images with [N] instance labels -> ([M * views, H, W, C] views, [M * views] labels)
+    for the M instances: each view a random member (frame) of its instance, augmented
+    with ``spec``. Seeded, so every evaluation of a run scores the same views."""
+    rng = np.random.default_rng([seed, views, len(labels)])
+    instances = np.unique(labels)
+    idx = np.concatenate([
+        rng.choice(members, size=views, replace=len(members) < views)
+        for members in (np.flatnonzero(labels == c) for c in instances)
+    ]) if len(instances) else np.zeros(0, np.int64)
+    y = np.repeat(instances, views).astype(np.int32)
+    return (augment_batch(images[idx], spec, rng) if len(idx) else images[idx]), y
+
+
+def view_holdout(
+    data: LabelledImages, config: TrainConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """-> train item indices, held-out item indices, and the validation views [V, H, W, C]
+    with their instance labels [V] (``VAL_VIEWS`` augmented views of each held-out instance)."""
+    train_idx, val_idx = split_instances(data.labels, config.val_fraction, config.seed)
+    x_val, y_val = view_set(data.images[val_idx], data.labels[val_idx], training_augment(config), seed=config.seed)
+    return train_idx, val_idx, x_val, y_val
