@@ -1,20 +1,32 @@
-"""Where ``lookalike train`` gets its images: a labelled folder, or an unlabelled folder
-of images and videos.
+"""Where ``lookalike train`` gets its images: a labelled folder, an unlabelled folder of
+images and videos, or a TFDS data set.
 
-``load_training_data`` picks the loader from the config, so the training loop sees one
-thing: ``LabelledImages`` (labels are classes, or instances when training without labels).
+``load_training_data`` picks the loader from the config and arguments, so the training
+loop sees one thing: ``LabelledImages`` (labels are classes, or instances when training
+without labels). A TFDS data set is read offline from an already prepared data_dir
+through the same builder lookup as ``lookalike embed --tfds`` (the error names the
+data_dir searched); each example goes through the embed pipeline's PNG + ``decode_image``
+path, so the model trains on exactly the pixels it will later embed. A data set without
+a ``label`` feature is trained on without labels.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
 
 from lookalike.model.config import TrainConfig
 from lookalike.model.data import LabelledImages, load_labelled_folder
-from lookalike.model.preprocess import PreprocessSpec
+from lookalike.model.preprocess import PreprocessSpec, decode_image
 from lookalike.model.unlabelled import load_unlabelled_folder
+
+if TYPE_CHECKING:
+    from lookalike.pipeline.tfds_source import TfdsSpec
 
 log = logging.getLogger(__name__)
 
@@ -22,14 +34,70 @@ log = logging.getLogger(__name__)
 @dataclass
 class TrainingData:
     data: LabelledImages
-    config: TrainConfig  # the caller's (a source without labels will switch ``unlabelled`` on)
-    source: str  # absolute folder: names the run, recorded in the metrics
+    config: TrainConfig  # the caller's, with ``unlabelled`` switched on for a source without labels
+    source: str  # absolute folder, or tfds://NAME/SPLIT@DATA_DIR: names the run, recorded in the metrics
 
 
-def load_training_data(config: TrainConfig, folder: str | Path) -> TrainingData:
-    """The training images ``config`` asks for: ``folder``'s ``<label>/*`` files, or any
-    images and videos under it when ``config.unlabelled``."""
+def load_tfds_images(tfds_spec: "TfdsSpec", spec: PreprocessSpec) -> tuple[LabelledImages, bool]:
+    """Every example of a prepared TFDS split -> (images [N, H, W, C] with labels [N], labelled).
+
+    ``labelled`` is False when the data set has no ``label`` feature; the labels are then
+    one instance per example. Raises TfdsNotAvailableError (naming the data_dir) when the
+    data set is not prepared there; examples whose image does not decode are skipped."""
+    from lookalike.pipeline.tfds_source import image_feature_name, iterate_examples, load_builder, png_bytes
+
+    builder = load_builder(tfds_spec)
+    key = image_feature_name(builder)
+    features = builder.info.features
+    labelled = "label" in features.keys()
+    total = builder.info.splits[tfds_spec.split].num_examples
+    images, labels, paths, failures = [], [], [], []
+    for index, example in iterate_examples(builder, tfds_spec.split, 0, total):
+        uri = f"{tfds_spec.root}/{index:06d}"
+        try:
+            images.append(decode_image(png_bytes(example[key]), spec))
+        except (TypeError, ValueError) as e:  # ImageDecodeError, or PIL refusing the array
+            log.warning("skipping %s: %s", uri, e)
+            failures.append((uri, str(e)))
+            continue
+        labels.append(int(example["label"]) if labelled else len(labels))
+        paths.append(uri)
+    if len(set(labels)) < 2:
+        what = "classes" if labelled else "examples"
+        raise ValueError(f"TFDS data set {tfds_spec.root} in {tfds_spec.data_dir}: {len(labels)} usable example(s), "
+                         f"{len(set(labels))} distinct {what} ({len(failures)} unreadable); need at least 2 {what}")
+    label_names = getattr(features["label"], "names", None) if labelled else paths
+    names = list(label_names) if label_names else [str(i) for i in range(max(labels) + 1)]
+    log.info("TFDS %s: %d examples, %s", tfds_spec.root, len(labels),
+             f"{len(set(labels))} classes" if labelled else "no label feature")
+    data = LabelledImages(images=np.stack(images).astype(np.float32), labels=np.asarray(labels, np.int32),
+                          class_names=names, paths=paths, failures=failures)
+    return data, labelled
+
+
+def as_instances(data: LabelledImages) -> LabelledImages:
+    """The same images with their labels dropped: each one its own instance."""
+    return dataclasses.replace(data, labels=np.arange(len(data.labels), dtype=np.int32), class_names=list(data.paths))
+
+
+def load_training_data(
+    config: TrainConfig, folder: str | Path, tfds: str | None = None, tfds_data_dir: str | None = None
+) -> TrainingData:
+    """The training images ``config`` and the source ask for: TFDS ``NAME[:SPLIT]`` when
+    ``tfds`` is given, else ``folder`` (``<label>/*`` files, or any images and videos when
+    ``config.unlabelled``)."""
     spec = PreprocessSpec(image_size=config.image_size, channels=config.channels)
+    if tfds:
+        from lookalike.pipeline.tfds_source import TfdsSpec
+
+        tfds_spec = TfdsSpec.parse(tfds, tfds_data_dir)
+        data, labelled = load_tfds_images(tfds_spec, spec)
+        if not labelled and not config.unlabelled:
+            log.info("TFDS data set %s has no label feature: training without labels (augmented views)", tfds)
+            config = dataclasses.replace(config, unlabelled=True)
+        elif labelled and config.unlabelled:
+            data = as_instances(data)
+        return TrainingData(data, config, f"{tfds_spec.root}@{tfds_spec.data_dir}")
     folder = Path(folder)
     if config.unlabelled:
         data = load_unlabelled_folder(folder, spec, config.video_window_s, config.video_frame_interval_s)

@@ -1,7 +1,7 @@
 """Training: contrastive pairs or mined triplets, AdamW, one jitted step, data-parallel.
 
 ``train_and_evaluate(config, workdir)`` reads ``workdir/corpus/<label>/*`` (or
-``data_dir``, or images and videos without labels: ``model.sources``),
+``data_dir``, a TFDS split, or images and videos without labels: ``model.sources``),
 trains the Siamese encoder, evaluates it on a held-out split,
 calibrates the same-item distance threshold, and saves the artifact under
 ``workdir/models/<version>`` with ``LATEST`` pointing at it. The step is
@@ -325,7 +325,7 @@ def _failpoint(name: str) -> None:
 def run_id(config: TrainConfig, source: str | Path, init_from: Path | None) -> str:
     """A stable name for one training job: the same job rerun after a kill finds its checkpoints.
 
-    ``source``: a folder, or a string naming it (absolute)."""
+    ``source``: a folder, or a string naming any other source (e.g. a TFDS split)."""
     where = source if isinstance(source, str) else str(Path(source).absolute())
     key = json.dumps({"config": config_to_dict(config), "source": where,
                       "init_from": str(init_from) if init_from else None}, sort_keys=True)
@@ -333,14 +333,18 @@ def run_id(config: TrainConfig, source: str | Path, init_from: Path | None) -> s
 
 
 def train_and_evaluate(
-    config: TrainConfig, workdir: str | Path, data_dir: str | Path | None = None, init_from: str | Path | None = None
+    config: TrainConfig, workdir: str | Path, data_dir: str | Path | None = None, init_from: str | Path | None = None,
+    tfds: str | None = None, tfds_data_dir: str | None = None,
 ) -> TrainResult:
-    """Train on ``data_dir`` (default ``workdir/corpus``), optionally warm-started from the
+    """Train on ``data_dir`` (default ``workdir/corpus``) or on the TFDS split ``tfds``
+    (``NAME[:SPLIT]``, prepared in ``tfds_data_dir``), optionally warm-started from the
     model folder ``init_from``, and publish the model as LATEST. ``config.unlabelled``
-    trains on augmented views of images and video windows."""
+    (switched on for a TFDS data set without labels) trains on augmented views."""
+    if tfds and data_dir:
+        raise ValueError(f"train on a folder ({data_dir}) or a TFDS data set ({tfds}), not both")
     store = Store.at(workdir)
     started = time.perf_counter()
-    loaded = load_training_data(config, Path(data_dir) if data_dir else store.corpus_dir)
+    loaded = load_training_data(config, Path(data_dir) if data_dir else store.corpus_dir, tfds, tfds_data_dir)
     config, data = loaded.config, loaded.data
     spec = PreprocessSpec(image_size=config.image_size, channels=config.channels)
     init_path = Path(init_from) if init_from else None

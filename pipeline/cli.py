@@ -56,7 +56,8 @@ def _print_json(obj) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from lookalike.model.train import train_and_evaluate
 
-    result = train_and_evaluate(_train_config(args), args.workdir, data_dir=args.data)
+    result = train_and_evaluate(_train_config(args), args.workdir, data_dir=args.data, tfds=args.tfds,
+                                tfds_data_dir=args.tfds_data_dir)
     _print_json({"model_version": result.version, "model_dir": str(result.model_dir), "metrics": result.metrics})
     return 0
 
@@ -205,15 +206,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train the Siamese encoder (contrastive or triplet loss)",
-                       description="Trains on a folder with one sub-folder per class (default WORKDIR/corpus), or on "
-                       "images and videos without labels (--unlabelled), and saves WORKDIR/models/<version> (orbax "
-                       "params + model.json), pointed to by models/LATEST. Examples: lookalike train --workdir DIR "
-                       "--set num_steps=800; lookalike train --workdir DIR --data ~/clips --unlabelled --set loss=triplet")
+                       description="Trains on a folder with one sub-folder per class (default WORKDIR/corpus), on "
+                       "images and videos without labels (--unlabelled), or on a prepared TFDS data set (--tfds), and "
+                       "saves WORKDIR/models/<version> (orbax params + model.json), pointed to by models/LATEST. "
+                       "Examples: lookalike train --workdir DIR --set num_steps=800; lookalike train --workdir DIR "
+                       "--data ~/clips --unlabelled --set loss=triplet; lookalike train --workdir DIR --tfds "
+                       "cifar10:train --tfds-data-dir ~/tensorflow_datasets --config photos")
     _add_workdir(p)
     _add_train_config(p)
-    p.add_argument("--data", default=None,
-                   help="labelled image folder <data>/<class>/*.png (default WORKDIR/corpus); with --unlabelled "
-                   "any folder of images and videos")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--data", default=None,
+                        help="labelled image folder <data>/<class>/*.png (default WORKDIR/corpus); with --unlabelled "
+                        "any folder of images and videos")
+    source.add_argument("--tfds", default=None, metavar="NAME[:SPLIT]",
+                        help="train on a TFDS data set already prepared in --tfds-data-dir (never downloaded; split "
+                        "default train); one without a 'label' feature trains as --unlabelled")
+    p.add_argument("--tfds-data-dir", default=None, help="TFDS data_dir (default ~/tensorflow_datasets)")
     p.add_argument("--unlabelled", action="store_true",
                    help="ignore labels (same as --set unlabelled=true): each image is its own class and each "
                    "video_window_s seconds of a video shot (frames every video_frame_interval_s) one; positives "

@@ -6,6 +6,7 @@ pipeline on the in-process runner, a ScaNN index. Session-scoped so it is built 
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 from pathlib import Path
@@ -106,6 +107,65 @@ def _make_audio_only(path: Path) -> Path:
         for packet in [*stream.encode(frame), *stream.encode()]:
             container.mux(packet)
     return path
+
+
+@functools.cache
+def tiny_tfds_builders() -> tuple[type, type]:
+    """Two TFDS builders prepared offline in tests (defined once: TFDS registers them by name).
+
+    ``lookalike_tiny_shapes``: 30 16x16 grayscale images of 3 classes (light, mid and dark
+    squares with noise) with a ``label`` feature. ``lookalike_tiny_patterns``: 12 16x16
+    grayscale images (stripes of varying period and phase) and no label."""
+    import numpy as np
+    import tensorflow_datasets as tfds
+
+    class LookalikeTinyShapes(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(16, 16, 1)),
+                "label": tfds.features.ClassLabel(names=["light", "mid", "dark"]),
+            }))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            rng = np.random.default_rng(0)
+            for i in range(30):
+                label = i % 3
+                image = np.clip(220 - 90 * label + rng.integers(-20, 20, (16, 16, 1)), 0, 255).astype(np.uint8)
+                yield i, {"image": image, "label": label}
+
+    class LookalikeTinyPatterns(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(16, 16, 1)),
+            }))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            x = np.arange(16)
+            for i in range(12):
+                stripes = 127 + 120 * np.sin(2 * np.pi * (x / (3 + i % 4) + i / 5))
+                yield i, {"image": np.tile(stripes, (16, 1))[:, :, None].astype(np.uint8)}
+
+    return LookalikeTinyShapes, LookalikeTinyPatterns
+
+
+@pytest.fixture(scope="session")
+def tfds_dir(tmp_path_factory) -> Path:
+    """A TFDS data_dir with ``lookalike_tiny_shapes`` and ``lookalike_tiny_patterns`` prepared (no download)."""
+    pytest.importorskip("tensorflow_datasets")
+    data_dir = tmp_path_factory.mktemp("tfds")
+    for builder in tiny_tfds_builders():
+        builder(data_dir=str(data_dir)).download_and_prepare(file_format="array_record")
+    return data_dir
 
 
 @pytest.fixture

@@ -144,3 +144,19 @@ def test_eval_of_the_demo_model_and_index(demo_workdir):
     assert out.returncode == 0, out.stderr[-2000:]
     report = json.loads(out.stdout)
     assert report["approximation_loss"]["map_at_r"] <= 0.05
+
+
+def test_train_without_labels_or_from_tfds_in_process(tmp_path, tfds_dir, capsys):
+    from lookalike.pipeline.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = capsys.readouterr().out
+    assert all(flag in help_text for flag in ("--unlabelled", "--tfds NAME[:SPLIT]", "--tfds-data-dir")), help_text
+    assert main(["train", "--workdir", str(tmp_path / "w"), "--tfds", "mnist", "--tfds-data-dir", str(tmp_path)]) == 1
+    assert f"data_dir {tmp_path}" in capsys.readouterr().err
+    assert main(["train", "--workdir", str(tmp_path / "w"), "--config", "tiny", "--set", "num_steps=5", "--unlabelled",
+                 "--tfds", "lookalike_tiny_shapes", "--tfds-data-dir", str(tfds_dir)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    model = json.loads((Path(out["model_dir"]) / "model.json").read_text())
+    assert model["config"]["unlabelled"] is True and out["metrics"]["val_views"] == 18  # 6 held-out images x 3

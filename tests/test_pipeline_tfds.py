@@ -1,4 +1,4 @@
-"""A TFDS data set as a corpus: a tiny builder prepared here (no download), then embedded."""
+"""A TFDS data set as a corpus: conftest's tiny builder prepared offline (``tfds_dir``), then embedded."""
 
 import numpy as np
 import pytest
@@ -7,38 +7,7 @@ from lookalike.index.searcher import ItemIndex
 from lookalike.pipeline.embed import EmbedConfig, run_embed
 from lookalike.pipeline.tfds_source import TfdsNotAvailableError, TfdsSpec, load_builder
 
-tfds = pytest.importorskip("tensorflow_datasets")
-
-NUM_EXAMPLES = 30
-
-
-class LookalikeTinyShapes(tfds.core.GeneratorBasedBuilder):
-    """Three classes of 16x16 grayscale images: light, mid and dark squares with noise."""
-
-    VERSION = tfds.core.Version("1.0.0")
-
-    def _info(self):
-        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(16, 16, 1)),
-            "label": tfds.features.ClassLabel(names=["light", "mid", "dark"]),
-        }))
-
-    def _split_generators(self, dl_manager):
-        return {"train": self._generate_examples()}
-
-    def _generate_examples(self):
-        rng = np.random.default_rng(0)
-        for i in range(NUM_EXAMPLES):
-            label = i % 3
-            image = np.clip(220 - 90 * label + rng.integers(-20, 20, (16, 16, 1)), 0, 255).astype(np.uint8)
-            yield i, {"image": image, "label": label}
-
-
-@pytest.fixture(scope="module")
-def tfds_dir(tmp_path_factory):
-    data_dir = tmp_path_factory.mktemp("tfds")
-    LookalikeTinyShapes(data_dir=str(data_dir)).download_and_prepare(file_format="array_record")
-    return data_dir
+pytest.importorskip("tensorflow_datasets")
 
 
 def test_tfds_split_is_embedded_with_label_first_ids(tmp_path, trained_store, tfds_dir):
@@ -47,7 +16,7 @@ def test_tfds_split_is_embedded_with_label_first_ids(tmp_path, trained_store, tf
     workdir = tmp_path / "w"
     shutil.copytree(trained_store.root / "models", workdir / "models")
     summary = run_embed(EmbedConfig(workdir=str(workdir), tfds="lookalike_tiny_shapes:train", tfds_data_dir=str(tfds_dir)))
-    assert (summary.items, summary.failed) == (NUM_EXAMPLES, 0)
+    assert (summary.items, summary.failed) == (30, 0)  # conftest's lookalike_tiny_shapes
     index = ItemIndex.load(workdir / "indexes" / summary.index_version)
     from collections import Counter
 

@@ -1,0 +1,54 @@
+"""Training sources: a TFDS data set prepared offline (conftest's ``tfds_dir``), end to end."""
+
+import json
+
+import numpy as np
+import pytest
+
+from lookalike.model.config import apply_overrides
+from lookalike.model.preprocess import PreprocessSpec
+from lookalike.model.sources import load_tfds_images, load_training_data
+from lookalike.model.train import train_and_evaluate
+from lookalike.pipeline.tfds_source import TfdsNotAvailableError, TfdsSpec
+
+pytest.importorskip("tensorflow_datasets")
+
+
+def test_tfds_examples_come_with_their_class_labels(tfds_dir):
+    tfds_spec = TfdsSpec.parse("lookalike_tiny_shapes", str(tfds_dir))
+    data, labelled = load_tfds_images(tfds_spec, PreprocessSpec(image_size=8, channels=1))
+    assert labelled and data.images.shape == (30, 8, 8, 1) and data.class_names == ["light", "mid", "dark"]
+    brightness = [data.images[data.labels == c].mean() for c in range(3)]
+    assert brightness[0] > brightness[1] > brightness[2]  # labels match the pixels
+    assert data.paths[0] == "tfds://lookalike_tiny_shapes/train/000000"
+
+
+def test_training_on_a_tfds_data_set_offline(tmp_path, tfds_dir, tiny_config):
+    result = train_and_evaluate(tiny_config, tmp_path, tfds="lookalike_tiny_shapes:train", tfds_data_dir=str(tfds_dir))
+    assert (tmp_path / "models" / "LATEST").read_text().strip() == result.version
+    assert result.metrics["data_dir"] == f"tfds://lookalike_tiny_shapes/train@{tfds_dir.resolve()}"
+    assert result.metrics["train_images"] == 24 and result.metrics["val_images"] == 6  # 2 of each class held out
+    assert result.metrics["precision_at_1"] >= 0.8, result.metrics  # light, mid and dark: easy
+
+
+def test_a_tfds_data_set_without_labels_trains_on_views(tmp_path, tfds_dir, tiny_config):
+    config = apply_overrides(tiny_config, ["num_steps=10", "eval_every_steps=10", "val_fraction=0.25"])
+    loaded = load_training_data(config, tmp_path, tfds="lookalike_tiny_patterns", tfds_data_dir=str(tfds_dir))
+    assert loaded.config.unlabelled and np.array_equal(loaded.data.labels, np.arange(12))
+    result = train_and_evaluate(config, tmp_path, tfds="lookalike_tiny_patterns", tfds_data_dir=str(tfds_dir))
+    meta = json.loads((result.model_dir / "model.json").read_text())
+    assert meta["config"]["unlabelled"] is True and result.metrics["val_views"] == 9  # 3 held-out images x 3 views
+
+
+def test_asking_for_no_labels_drops_the_tfds_labels(tmp_path, tfds_dir, tiny_config):
+    config = apply_overrides(tiny_config, ["unlabelled=true"])
+    loaded = load_training_data(config, tmp_path, tfds="lookalike_tiny_shapes", tfds_data_dir=str(tfds_dir))
+    assert len(np.unique(loaded.data.labels)) == 30 and loaded.data.class_names[0].endswith("/000000")
+
+
+def test_a_tfds_data_set_not_prepared_names_the_data_dir(tmp_path, tiny_config):
+    with pytest.raises(TfdsNotAvailableError, match=str(tmp_path)):
+        train_and_evaluate(tiny_config, tmp_path / "w", tfds="mnist:test", tfds_data_dir=str(tmp_path))
+    assert not (tmp_path / "w" / "models" / "LATEST").exists()
+    with pytest.raises(ValueError, match="not both"):
+        train_and_evaluate(tiny_config, tmp_path / "w", data_dir=tmp_path, tfds="mnist")
