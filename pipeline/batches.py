@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from concurrent.futures import Future
 from typing import Any
 
 import apache_beam as beam
@@ -21,6 +22,7 @@ from apache_beam.metrics import Metrics
 
 from lookalike.model.preprocess import ImageDecodeError, PreprocessSpec
 from lookalike.pipeline.sources import DEAD, dead_letter, decode_source
+from lookalike.pipeline.thumbnails import ThumbnailWriter
 from lookalike.pipeline.video import FrameSampling, VideoDecodeError
 
 log = logging.getLogger(__name__)
@@ -43,7 +45,9 @@ def split_tagged(pcoll: beam.PCollection, tags: tuple[str, ...], label: str) -> 
 
 class DecodeBatchFn(beam.DoFn):
     """(bucket, [(source hash, uri, bytes or None), ...]) -> ("batch", (metas, [B, H, W, C])) and
-    ("dead", letter). Bytes travel with the element only for sources that are not files (TFDS)."""
+    ("dead", letter). Bytes travel with the element only for small files and non-file sources.
+    Thumbnails are written by background threads while the bucket decodes; the batch is
+    emitted once they are on disk (a source whose thumbnail cannot be written is dead-lettered)."""
 
     def __init__(self, spec: PreprocessSpec, thumbnails_dir: str, sampling: FrameSampling):
         self._spec = spec
@@ -54,6 +58,18 @@ class DecodeBatchFn(beam.DoFn):
         self._duplicates = Metrics.counter("lookalike", "duplicate_files")
         self._batches = Metrics.counter("lookalike", "batches")
 
+    def setup(self) -> None:
+        self._writer = ThumbnailWriter()
+
+    def teardown(self) -> None:
+        self._writer.close()
+
+    def _dead(self, uris: list[str], stage: str, error: Exception):
+        self._failed.inc(len(uris))
+        for uri in uris:
+            log.warning("dead letter %s (%s): %s", uri, stage, error)
+            yield DEAD, dead_letter(uri, stage, str(error))
+
     def process(self, keyed: tuple[int, Any]):
         _, entries = keyed
         uris_by_hash: dict[str, list[str]] = defaultdict(list)
@@ -62,21 +78,27 @@ class DecodeBatchFn(beam.DoFn):
             uris_by_hash[source_hash].append(uri)
             if data is not None:
                 data_by_hash[source_hash] = data
-        metas: list[dict[str, Any]] = []
-        pixels: list[np.ndarray] = []
+        decoded: list[tuple[list[str], list[Future], list[tuple[dict[str, Any], np.ndarray]]]] = []
         for source_hash in sorted(uris_by_hash):
             uris = sorted(set(uris_by_hash[source_hash]))
             self._duplicates.inc(len(uris) - 1)
+            futures: list[Future] = []
             try:
-                decoded = list(decode_source(source_hash, uris, self._spec, self._thumbs, self._sampling,
-                                             data_by_hash.get(source_hash)))
+                items = list(decode_source(source_hash, uris, self._spec, self._thumbs, self._sampling,
+                                           data_by_hash.get(source_hash),
+                                           lambda img, path, original: futures.append(self._writer.submit(img, path, original))))
             except (ImageDecodeError, VideoDecodeError, OSError) as e:
-                self._failed.inc(len(uris))
-                for uri in uris:
-                    log.warning("dead letter %s (decode): %s", uri, e)
-                    yield DEAD, dead_letter(uri, "decode", str(e))
+                yield from self._dead(uris, "decode", e)
                 continue
-            for meta, item_pixels in decoded:
+            decoded.append((uris, futures, items))
+        metas: list[dict[str, Any]] = []
+        pixels: list[np.ndarray] = []
+        for uris, futures, items in decoded:
+            errors = [f.exception() for f in futures if f.exception() is not None]
+            if errors:
+                yield from self._dead(uris, "thumbnail", errors[0])
+                continue
+            for meta, item_pixels in items:
                 metas.append(meta)
                 pixels.append(item_pixels)
         if metas:

@@ -212,7 +212,8 @@ def build_pipeline(p: beam.Pipeline, config: EmbedConfig, pattern: str, root: st
         | "DecodeBatches" >> beam.ParDo(DecodeBatchFn(spec, thumbs, config.sampling)),
         (BATCH, DEAD), "Decoded")
     # Pre-made batches, one per RunInference call: max_batch_size=1 makes BatchElements emit in process().
-    handler = KeyedModelHandler(FlaxEncoderHandler(model_dir, min_batch_size=1, max_batch_size=1))
+    handler = KeyedModelHandler(FlaxEncoderHandler(model_dir, min_batch_size=1, max_batch_size=1,
+                                                   encoder_batch=config.max_batch_size))
     new_rows = decoded[BATCH] | "Embed" >> RunInference(handler) | "BatchRows" >> beam.ParDo(
         BatchRowsFn(total, cache, embed_dim))
     new_items = new_rows | "NewItems" >> beam.FlatMap(lambda row: expand_to_items(row["uris"], row, root, thumbs, version))

@@ -3,7 +3,10 @@
 ``FlaxEncoderHandler`` is a Beam ``ModelHandler``: Beam loads the model once per
 worker process (shared across its threads) through ``load_model``, batches examples
 (``min_batch_size``/``max_batch_size``) and calls ``run_inference``; the encoder pads
-every batch to a fixed bucket size so XLA compiles once per bucket.
+every batch to a fixed bucket size so XLA compiles once per bucket. How many examples Beam
+puts in one call and how many images go through one forward are separate: with pre-made
+[B, H, W, C] batches Beam hands over one example per call (``max_batch_size=1``) while the
+encoder still runs up to ``encoder_batch`` images per forward.
 """
 
 from __future__ import annotations
@@ -21,13 +24,14 @@ class FlaxEncoderHandler(ModelHandler[np.ndarray, PredictionResult, Encoder]):
     """Examples are [H, W, C] float32 images (inference [embed_dim]) or pre-made batches
     [B, H, W, C] (inference [B, embed_dim]); all examples of a call go through one forward."""
 
-    def __init__(self, model_dir: str, *, min_batch_size: int = 32, max_batch_size: int = 256):
+    def __init__(self, model_dir: str, *, min_batch_size: int = 32, max_batch_size: int = 256,
+                 encoder_batch: int | None = None):
         super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size)
         self._model_dir = model_dir
-        self._max_batch_size = max_batch_size
+        self._encoder_batch = encoder_batch or max_batch_size
 
     def load_model(self) -> Encoder:
-        return load_encoder(self._model_dir, max_batch=self._max_batch_size)
+        return load_encoder(self._model_dir, max_batch=self._encoder_batch)
 
     def run_inference(
         self, batch: Sequence[np.ndarray], model: Encoder, inference_args: dict[str, Any] | None = None

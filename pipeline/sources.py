@@ -30,7 +30,7 @@ from lookalike.model.data import IMAGE_SUFFIXES
 from lookalike.model.preprocess import PreprocessSpec, image_to_array, open_image
 from lookalike.model.progress import Progress
 from lookalike.pipeline.cache import load_cache, load_file_index
-from lookalike.pipeline.thumbnails import thumbnail_path, write_thumbnail
+from lookalike.pipeline.thumbnails import ThumbnailSink, thumbnail_path, write_thumbnail
 from lookalike.pipeline.video import FrameSampling, frame_id, is_video_path, sample_frames
 
 log = logging.getLogger(__name__)
@@ -131,18 +131,21 @@ class ReadSourceFn(beam.DoFn):
 
 def decode_source(
     source_hash: str, uris: list[str], spec: PreprocessSpec, thumbnails_dir: str, sampling: FrameSampling,
-    data: bytes | None = None,
+    data: bytes | None = None, thumbnail: ThumbnailSink = write_thumbnail,
 ) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
     """Decode one source's bytes (``data``, else read from ``uris[0]``) into (item meta,
-    [H, W, C] pixels) per image or sampled frame, writing a thumbnail for each. Raises
-    ImageDecodeError, VideoDecodeError or OSError with the reason."""
+    [H, W, C] pixels) per image or sampled frame, handing each item's picture to
+    ``thumbnail(img, path, (uri, bytes) of the image file or None for a frame)``. Raises ImageDecodeError,
+    VideoDecodeError or OSError with the reason."""
     data = read_bytes(uris[0]) if data is None else data
     if is_video_path(uris[0]):
         frames = ((f"{source_hash}#t={t:.3f}", "frame", t, frame) for t, frame in sample_frames(data, sampling))
+        original = None
     else:
         frames = iter([(source_hash, "image", None, open_image(data, spec.max_pixels))])
+        original = (uris[0], data)
     for content_hash, kind, t, img in frames:
-        write_thumbnail(img, thumbnail_path(thumbnails_dir, content_hash))
+        thumbnail(img, thumbnail_path(thumbnails_dir, content_hash), original)
         meta = {"source_hash": source_hash, "content_hash": content_hash, "kind": kind, "timestamp_s": t,
                 "width": img.size[0], "height": img.size[1], "uris": uris}
         yield meta, image_to_array(img, spec)

@@ -1,0 +1,63 @@
+"""Thumbnails written by the decode stage, and the encoder batch the inference handler uses."""
+
+import io
+import os
+
+import pytest
+from PIL import Image
+
+from lookalike.pipeline.inference import FlaxEncoderHandler
+from lookalike.pipeline.thumbnails import ThumbnailWriter, reusable_jpeg, thumbnail_path
+
+
+def _jpeg(size=(32, 32), mode="RGB", **save) -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size, 90 if mode == "L" else (200, 30, 40)).save(buf, format="JPEG", **save)
+    return buf.getvalue()
+
+
+def test_small_exif_free_rgb_jpeg_is_its_own_thumbnail(tmp_path):
+    data = _jpeg()
+    source = tmp_path / "a.jpg"
+    source.write_bytes(data)
+    writer = ThumbnailWriter(threads=2)
+    path = thumbnail_path(str(tmp_path / "thumbs"), "h1")
+    writer.submit(Image.open(io.BytesIO(data)), path, (str(source), data)).result()
+    writer.close()
+    assert open(path, "rb").read() == data
+    assert os.stat(path).st_ino == source.stat().st_ino  # a hard link, no new file
+
+
+@pytest.mark.parametrize("kind", ["large", "grayscale", "exif", "png", "frame"])
+def test_other_pictures_are_re_encoded_as_small_rgb_jpegs(tmp_path, kind):
+    if kind == "png":
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 32), (1, 2, 3)).save(buf, format="PNG")
+        data = buf.getvalue()
+    else:
+        exif = Image.Exif()
+        exif[0x0112] = 6  # rotated: the bytes are not the picture as shown
+        data = {"large": lambda: _jpeg((300, 200)), "grayscale": lambda: _jpeg(mode="L"),
+                "exif": lambda: _jpeg(exif=exif.tobytes()), "frame": _jpeg}[kind]()
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    original = None if kind == "frame" else (str(tmp_path / "src"), data)
+    assert not (original and reusable_jpeg(img, data))
+    writer = ThumbnailWriter(threads=2)
+    path = thumbnail_path(str(tmp_path / "thumbs"), kind)
+    writer.submit(img, path, original)
+    assert writer.wait() == 1
+    thumb = Image.open(path)
+    assert thumb.format == "JPEG" and thumb.mode == "RGB" and max(thumb.size) <= 128
+
+
+def test_a_failed_thumbnail_surfaces_in_its_future(tmp_path):
+    (tmp_path / "thumbs").write_text("a file where the folder should be")
+    writer = ThumbnailWriter(threads=1)
+    with pytest.raises(OSError):
+        writer.submit(Image.new("RGB", (8, 8)), str(tmp_path / "thumbs" / "ab" / "x.jpg"), None).result()
+
+
+def test_handler_runs_whole_batches_through_one_forward(trained_store):
+    handler = FlaxEncoderHandler(str(trained_store.require_model()), min_batch_size=1, max_batch_size=1, encoder_batch=64)
+    assert handler.load_model().max_batch == 64
