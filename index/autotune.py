@@ -3,19 +3,25 @@
 Recall@k is measured against exact search (``lookalike.index.exact``) on held-out
 queries: queries the caller provides, or a seeded sample of the corpus where each
 query's own item is removed from both the exact and the approximate result (so the
-sample behaves like unseen queries). For a tree index every ``leaves_to_search`` on a
-geometric ladder (x1.5) is tried with the smallest reorder count on a ladder that
-meets the target; AH without a tree tunes the reorder count only; brute force is exact.
-A candidate meets the target when its recall minus one standard error (over the
-queries) does. Each candidate's single-thread batched QPS is measured and the fastest one meeting the
-target wins (or, if none does, the one with the highest recall, flagged as not met).
-Explicit ``leaves_to_search`` / ``reorder`` in ``IndexOptions`` are kept fixed.
+sample behaves like unseen queries). A candidate meets the target when its recall minus
+one standard error (over the queries) does.
+
+Tuning is cheap because it uses monotonicity instead of timing everything: searching
+more leaves, or reordering more AH candidates, only adds candidates, so recall never
+drops. ``tree_exact`` has one knob: the smallest ``leaves_to_search`` that meets the
+target is the fastest, found by doubling then bisecting (recall only, no timing). ``ah``
+likewise bisects the reorder count. ``tree_ah`` bisects the smallest reorder for each
+``leaves_to_search`` on a x1.5 ladder and times only those candidates, stopping once more
+leaves get slower. Brute force is exact. If nothing meets the target, the candidate with
+the highest recall is kept and flagged. Explicit ``leaves_to_search`` / ``reorder`` in
+``IndexOptions`` are kept fixed.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -55,28 +61,63 @@ def drop_self(rows: np.ndarray, self_rows: np.ndarray | None, k: int) -> np.ndar
     return rows[keep].reshape(len(rows), -1)[:, :k]
 
 
-def measure(index: "ItemIndex", queries: np.ndarray, truth: np.ndarray, self_rows: np.ndarray | None, k: int,
-            leaves: int | None, reorder: int | None, repeats: int = 1) -> dict[str, Any]:
-    """Recall@k and single-thread batched QPS of one configuration."""
-    extra = 0 if self_rows is None else 1
-    best, spent = np.inf, 0.0
-    for i in range(100):  # best of ``repeats`` runs and of at least 50 ms, against a noisy machine
-        started = time.perf_counter()
-        rows, _ = index.search_rows(queries, k + extra, leaves_to_search=leaves, reorder=reorder)
-        elapsed = time.perf_counter() - started
-        best, spent = min(best, elapsed), spent + elapsed
-        if i + 1 >= repeats and spent >= 0.05:
-            break
+def recall_of(index: "ItemIndex", queries: np.ndarray, truth: np.ndarray, self_rows: np.ndarray | None, k: int,
+              leaves: int | None, reorder: int | None) -> dict[str, Any]:
+    """Recall@k (mean and standard error over the [Q] queries) of one configuration."""
+    rows, _ = index.search_rows(queries, k + (0 if self_rows is None else 1), leaves_to_search=leaves, reorder=reorder)
     found = drop_self(rows, self_rows, k)
     per_query = np.array([len(set(f.tolist()) & set(t.tolist())) / k for f, t in zip(found, truth)])
     stderr = float(per_query.std() / np.sqrt(len(per_query)))
     return {"leaves_to_search": leaves, "reorder": reorder, "recall": round(float(per_query.mean()), 4),
-            "recall_stderr": round(stderr, 4), "qps": round(len(queries) / best, 1)}
+            "recall_stderr": round(stderr, 4)}
+
+
+def qps_of(index: "ItemIndex", queries: np.ndarray, k: int, leaves: int | None, reorder: int | None,
+           repeats: int = 3, min_seconds: float = 0.02) -> float:
+    """Single-thread batched queries per second: best of ``repeats`` runs and at least ``min_seconds``."""
+    best, spent, i = np.inf, 0.0, 0
+    while i < repeats or (spent < min_seconds and i < 100):
+        started = time.perf_counter()
+        index.search_rows(queries, k, leaves_to_search=leaves, reorder=reorder)
+        elapsed = time.perf_counter() - started
+        best, spent, i = min(best, elapsed), spent + elapsed, i + 1
+    return round(len(queries) / best, 1)
 
 
 def meets(c: dict[str, Any], target: float) -> bool:
     """Recall reaches the target with a margin of one standard error (the queries are a sample)."""
     return c["recall"] - c["recall_stderr"] >= target or c["recall"] >= 1.0
+
+
+def smallest_meeting(values: list[int], evaluate: Callable[[int], dict[str, Any]], target: float
+                     ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """The first of the sorted ``values`` whose candidate meets ``target`` (recall is monotone in them).
+
+    Gallops (1st, 2nd, 4th, 8th, ... value) then bisects, so about 2 log2(len) evaluations.
+    Returns (that candidate or None, every candidate evaluated).
+    """
+    seen: dict[int, dict[str, Any]] = {}
+
+    def ok(i: int) -> bool:
+        if i not in seen:
+            seen[i] = evaluate(values[i])
+        return meets(seen[i], target)
+
+    lo, hi, step = -1, None, 1  # values[lo] fails (or lo = -1), values[hi] meets
+    i = 0
+    while i < len(values):
+        if ok(i):
+            hi = i
+            break
+        lo, i, step = i, i + step, step * 2
+    if hi is None:
+        if not ok(len(values) - 1):
+            return None, [seen[j] for j in sorted(seen)]
+        hi = len(values) - 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if ok(mid) else (mid, hi)
+    return seen[hi], [seen[j] for j in sorted(seen)]
 
 
 def tune_index(index: "ItemIndex", options: "IndexOptions", queries: np.ndarray | None = None) -> dict[str, Any]:
@@ -91,39 +132,58 @@ def tune_index(index: "ItemIndex", options: "IndexOptions", queries: np.ndarray 
     truth = drop_self(exact_topk(q, index.embeddings, k + extra)[0], self_rows, k)
     build = index.manifest["build"]
     mode = build["mode"]
-    record: dict[str, Any] = {"k": k, "target_recall": options.target_recall, "num_queries": int(len(q)),
+    target = options.target_recall
+    record: dict[str, Any] = {"k": k, "target_recall": target, "num_queries": int(len(q)),
                               "query_source": source, "autotuned": options.autotune and mode != "brute_force"}
-    if mode == "brute_force" or not options.autotune:
-        leaves = build.get("leaves_to_search") if mode == "tree_ah" else None
-        reorder = build.get("reorder") if mode != "brute_force" else None
-        best = measure(index, q, truth, self_rows, k, leaves, reorder, repeats=3)
-        candidates = [best]
+
+    def evaluate(leaves: int | None, reorder: int | None) -> dict[str, Any]:
+        return recall_of(index, q, truth, self_rows, k, leaves, reorder)
+
+    n_max = max(len(s.rows) for s in index.shards)
+    leaves_fixed = options.leaves_to_search or (build.get("leaves_to_search") if not options.autotune else None)
+    reorder_fixed = options.reorder or (build.get("reorder") if not options.autotune else None)
+    leaves_all = [leaves_fixed] if leaves_fixed else list(range(1, build.get("num_leaves", 1) + 1))
+    reorders = [reorder_fixed] if reorder_fixed else ladder(k, min(n_max, max(16 * k, 256)), 1.25)
+    if mode == "brute_force":
+        candidates = [evaluate(None, None)]
+    elif mode == "tree_exact":
+        pick, candidates = smallest_meeting(leaves_all, lambda leaves: evaluate(leaves, None), target)
+    elif mode == "ah":
+        pick, candidates = smallest_meeting(reorders, lambda reorder: evaluate(None, reorder), target)
     else:
-        n_max = max(len(s.rows) for s in index.shards)
-        reorders = [options.reorder] if options.reorder else ladder(k, min(n_max, max(16 * k, 256)))
-        if mode == "tree_ah":
-            leaves_list = [options.leaves_to_search] if options.leaves_to_search else ladder(1, build["num_leaves"])
-        else:
-            leaves_list = [None]
-        candidates: list[dict[str, Any]] = []
-        best_qps = 0.0
-        for leaves in leaves_list:
-            for reorder in reorders:
-                c = measure(index, q, truth, self_rows, k, leaves, reorder)
-                candidates.append(c)
-                if meets(c, options.target_recall):
-                    break
-            last = candidates[-1]
-            if meets(last, options.target_recall):
-                if last["reorder"] == reorders[0] or last["qps"] < best_qps:
-                    break  # searching more leaves only gets slower from here
-                best_qps = max(best_qps, last["qps"])
-        met = [c for c in candidates if meets(c, options.target_recall)]
-        pick = max(met, key=lambda c: c["qps"]) if met else max(candidates, key=lambda c: (c["recall"], c["qps"]))
-        best = measure(index, q, truth, self_rows, k, pick["leaves_to_search"], pick["reorder"], repeats=3)
-    record.update(best, target_met=meets(best, options.target_recall),
-                  candidates=[{**c} for c in candidates])
+        pick, candidates = tune_tree_ah(index, q, k, leaves_all if leaves_fixed else ladder(1, build["num_leaves"]),
+                                        reorders, evaluate, target)
+    met = [c for c in candidates if meets(c, target) and "qps" in c]
+    if mode == "tree_ah" and met:
+        best = max(met, key=lambda c: c["qps"])
+    elif mode in ("tree_exact", "ah") and pick is not None:
+        best = pick
+    else:
+        best = max(candidates, key=lambda c: c["recall"])
+    if "qps" not in best:
+        best["qps"] = qps_of(index, q, k + extra, best["leaves_to_search"], best["reorder"])
+    record.update(best, target_met=meets(best, target), candidates=[{**c} for c in candidates])
     if not record["target_met"]:
         log.warning("index %s: recall@%d %.3f does not reach the target %.2f (best candidate kept)",
-                    index.version, k, best["recall"], options.target_recall)
+                    index.version, k, best["recall"], target)
     return record
+
+
+def tune_tree_ah(index: "ItemIndex", q: np.ndarray, k: int, leaves_list: list[int], reorders: list[int],
+                 evaluate: Callable[[int | None, int | None], dict[str, Any]], target: float
+                 ) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """Per ``leaves_to_search``: the smallest reorder meeting ``target``, timed; stop once more leaves are slower."""
+    candidates: list[dict[str, Any]] = []
+    best: dict[str, Any] | None = None
+    for leaves in leaves_list:
+        pick, tried = smallest_meeting(reorders, lambda reorder: evaluate(leaves, reorder), target)
+        candidates += tried
+        if pick is None:
+            continue
+        pick["qps"] = qps_of(index, q, k, leaves, pick["reorder"])
+        if best is not None and pick["qps"] < best["qps"]:
+            break  # searching more leaves only gets slower from here
+        best = pick
+        if pick["reorder"] == reorders[0]:
+            break  # the fewest candidates already suffice: more leaves cannot help
+    return best, candidates

@@ -27,6 +27,8 @@ FORMAT = "lookalike-index/2"
 LEGACY_FORMAT = "lookalike-index/1"
 METRIC = "dot_product"
 SHARD_FILES = ("items.parquet", "embeddings.npy")
+TREE_MODES = ("tree_exact", "tree_ah")  # build modes searched by leaves (leaves_to_search applies)
+REORDER_MODES = ("ah", "tree_ah")  # build modes scored by AH then reordered exactly (reorder applies)
 
 
 class IndexLoadError(RuntimeError):

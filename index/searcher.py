@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from lookalike.index.manifest import IndexLoadError, read_manifest, verify_files
+from lookalike.index.manifest import REORDER_MODES, TREE_MODES, IndexLoadError, read_manifest, verify_files
 from lookalike.index.updates import UpdatableIndex
 
 log = logging.getLogger(__name__)
@@ -188,8 +188,8 @@ class ItemIndex(UpdatableIndex):
     def _shard_search(self, shard: Shard, q: np.ndarray, k: int, leaves: int | None, reorder: int | None,
                       parallel: bool) -> tuple[np.ndarray, np.ndarray]:
         count = min(k, len(shard.rows))
-        pre = -1 if reorder is None or self.mode == "brute_force" else max(int(reorder), count)
-        leaves = -1 if leaves is None or self.mode != "tree_ah" else int(leaves)
+        pre = -1 if reorder is None or self.mode not in REORDER_MODES else max(int(reorder), count)
+        leaves = -1 if leaves is None or self.mode not in TREE_MODES else int(leaves)
         idx, dist = shard.searcher.searcher.search_batched(q, count, pre, leaves, parallel, 256)
         idx, dist = np.asarray(idx, np.int64), np.asarray(dist, np.float32)
         valid = (idx >= 0) & (idx < len(shard.rows))

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from lookalike.index.manifest import file_checksums, publish_atomically, write_manifest
+from lookalike.index.manifest import TREE_MODES, file_checksums, publish_atomically, write_manifest
 from lookalike.model.store import Store
 
 log = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ class UpdatableIndex:
         if skew > REBUILD_SHARD_SKEW:
             reasons.append(f"largest shard is {skew:.2f}x the mean shard size (limit {REBUILD_SHARD_SKEW})")
         partitions = []
-        if self.mode == "tree_ah":
+        if self.mode in TREE_MODES:
             built = {e["name"]: e.get("health_at_build") or {} for e in self.manifest["shards"]}
             for shard in self.shards:
                 shard.searcher.initialize_health_stats()

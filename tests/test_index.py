@@ -18,7 +18,7 @@ def items(n: int) -> pa.Table:
     return pa.table({"id": [f"item-{i}" for i in range(n)], "uri": [f"/x/{i}.png" for i in range(n)]})
 
 
-@pytest.mark.parametrize("mode", ["brute_force", "ah", "tree_ah"])
+@pytest.mark.parametrize("mode", ["brute_force", "tree_exact", "ah", "tree_ah"])
 def test_every_item_is_its_own_nearest_neighbour(tmp_path, mode):
     emb = unit_vectors(500, 16)
     build_index(emb, items(500), model_version="m-test", out_dir=tmp_path / "i", options=IndexOptions(mode=mode, num_leaves=10, leaves_to_search=10))
@@ -43,11 +43,13 @@ def test_similar_to_excludes_the_item_and_unknown_id_raises(tmp_path):
 
 def test_auto_mode_chooses_by_size_and_overrides_win():
     assert resolve_options(1000, IndexOptions())["mode"] == "brute_force"
-    assert resolve_options(30_000, IndexOptions())["mode"] == "ah"
+    medium = resolve_options(50_000, IndexOptions())
+    assert medium["mode"] == "tree_exact" and medium["num_leaves"] == 447 and "reorder" not in medium
     big = resolve_options(1_000_000, IndexOptions())
-    assert big["mode"] == "tree_ah" and big["num_leaves"] == 1000
-    sharded = resolve_options(1_000_000, IndexOptions(num_shards=4))
-    assert sharded["mode"] == "tree_ah" and sharded["num_leaves"] == 500
+    assert big["mode"] == "tree_ah" and big["num_leaves"] == 1000 and big["ah_dims_per_block"] == 2
+    sharded = resolve_options(1_000_000, IndexOptions(num_shards=8))
+    assert sharded["mode"] == "tree_exact" and sharded["num_leaves"] == 707
+    assert resolve_options(30_000, IndexOptions(mode="ah", ah_dims_per_block=1))["ah_dims_per_block"] == 1
     forced = resolve_options(1000, IndexOptions(mode="tree_ah", num_leaves=7, leaves_to_search=3, reorder=50))
     assert (forced["mode"], forced["num_leaves"], forced["leaves_to_search"], forced["reorder"]) == ("tree_ah", 7, 3, 50)
     assert forced["requested"]["num_leaves"] == 7
@@ -55,6 +57,8 @@ def test_auto_mode_chooses_by_size_and_overrides_win():
         resolve_options(10, IndexOptions(mode="fast"))
     with pytest.raises(ValueError, match="target_recall must be in"):
         resolve_options(10, IndexOptions(target_recall=1.5))
+    with pytest.raises(ValueError, match="ah_dims_per_block must be 1, 2 or 4, got 3"):
+        resolve_options(10, IndexOptions(ah_dims_per_block=3))
 
 
 @pytest.mark.parametrize(

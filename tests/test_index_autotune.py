@@ -2,7 +2,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from lookalike.index.autotune import drop_self, ladder
+from lookalike.index.autotune import drop_self, ladder, smallest_meeting
 from lookalike.index.builder import IndexOptions, build_index
 from lookalike.index.exact import exact_topk, recall_at_k
 from lookalike.index.searcher import ItemIndex
@@ -26,6 +26,10 @@ def test_exact_topk_matches_argsort_across_blocks():
     assert (rows == expected).all()
     assert np.allclose(scores, np.take_along_axis(q @ x.T, expected, axis=1))
     assert exact_topk(q, x[:3], 5)[0].shape == (7, 3)
+    scann_rows, scann_scores = exact_topk(q, x, 5, method="scann")  # ScaNN's fused brute force: the same answer
+    assert (scann_rows == expected).all() and np.allclose(scann_scores, scores, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown exact_topk method 'fast'"):
+        exact_topk(q, x, 5, method="fast")
 
 
 def test_recall_and_helpers():
@@ -36,7 +40,7 @@ def test_recall_and_helpers():
     assert drop_self(np.array([[5, 1, 2], [1, 2, 3]]), np.array([5, 9]), 2).tolist() == [[1, 2], [1, 2]]
 
 
-@pytest.mark.parametrize("mode", ["ah", "tree_ah"])
+@pytest.mark.parametrize("mode", ["tree_exact", "ah", "tree_ah"])
 @pytest.mark.parametrize("target", [0.8, 0.99])
 def test_autotune_meets_the_recall_target_and_records_it(tmp_path, mode, target):
     both = clustered(4300, 16)
@@ -50,7 +54,7 @@ def test_autotune_meets_the_recall_target_and_records_it(tmp_path, mode, target)
     index = ItemIndex.load(tmp_path / "i")  # the tuned knobs are what search uses by default
     found = index.search_rows(q, 10)[0]
     assert recall_at_k(found, exact_topk(q, x, 10)[0]) >= target - 0.05  # held-out queries: near the corpus-sample estimate
-    if mode == "tree_ah":
+    if mode != "ah":
         assert 1 <= tuning["leaves_to_search"] <= 40
     stricter = [c for c in tuning["candidates"] if c["recall"] >= target]
     assert tuning["qps"] > 0 and stricter
@@ -82,3 +86,36 @@ def test_unreachable_target_is_flagged_not_hidden(tmp_path):
     m = build_index(x, ids(3000), model_version="m", out_dir=tmp_path / "a",
                     options=IndexOptions(mode="tree_ah", num_leaves=30, leaves_to_search=1, reorder=10, target_recall=1.0))
     assert m["tuning"]["target_met"] is False and m["tuning"]["recall"] < 1.0
+
+
+@pytest.mark.parametrize("first_ok", [0, 1, 5, 37, 99, None])
+def test_smallest_meeting_finds_the_first_value_that_meets_with_few_evaluations(first_ok):
+    values = list(range(1, 101))
+    calls = []
+
+    def evaluate(v):
+        calls.append(v)
+        ok = first_ok is not None and v >= values[first_ok]
+        return {"leaves_to_search": v, "recall": 0.99 if ok else 0.5, "recall_stderr": 0.0}
+
+    pick, tried = smallest_meeting(values, evaluate, 0.9)
+    if first_ok is None:
+        assert pick is None and all(c["recall"] < 0.9 for c in tried)
+    else:
+        assert pick["leaves_to_search"] == values[first_ok]
+    assert len(calls) == len(set(calls)) <= 2 * 7 + 1  # galloping + bisection, never a linear scan
+    assert [c["leaves_to_search"] for c in tried] == sorted(calls)
+
+
+def test_tree_exact_tunes_to_the_fewest_leaves_that_meet_the_target(tmp_path):
+    x = clustered(3000, 16)
+    manifest = build_index(x, ids(3000), model_version="m", out_dir=tmp_path / "i",
+                           options=IndexOptions(mode="tree_exact", num_leaves=60, target_recall=0.9, tune_queries=200))
+    tuning = manifest["tuning"]
+    leaves = tuning["leaves_to_search"]
+    assert tuning["target_met"] and manifest["build"]["mode"] == "tree_exact" and "reorder" not in manifest["build"]
+    by_leaves = {c["leaves_to_search"]: c for c in tuning["candidates"]}
+    assert leaves == 1 or (leaves - 1 in by_leaves and by_leaves[leaves - 1]["recall"] - by_leaves[leaves - 1]["recall_stderr"] < 0.9)
+    index = ItemIndex.load(tmp_path / "i")
+    q = index.embeddings[:50]
+    assert recall_at_k(index.search_rows(q, 10, leaves_to_search=60)[0], exact_topk(q, x, 10)[0]) == 1.0  # all leaves: exact
