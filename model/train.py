@@ -198,9 +198,12 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> None:
     ax.set_ylabel("training loss", color="tab:blue")
     if evals:
         ax2 = ax.twinx()
-        ax2.plot([h["step"] for h in evals], [h["precision_at_1"] for h in evals], "o-", color="tab:orange", label="val precision@1")
-        ax2.set_ylabel("validation precision@1", color="tab:orange")
+        ax2.plot([h["step"] for h in evals], [h["precision_at_1"] for h in evals], "o-", color="tab:orange", label="precision@1")
+        if all("map_at_r" in h for h in evals):
+            ax2.plot([h["step"] for h in evals], [h["map_at_r"] for h in evals], "s--", color="tab:green", label="MAP@R")
+        ax2.set_ylabel("validation metric")
         ax2.set_ylim(0, 1)
+        ax2.legend(loc="center right")
     ax.set_title("lookalike training")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -258,6 +261,8 @@ def train_on_arrays(
     log_path = run_dir / "train_log.jsonl"
     progress = Progress("train", total=config.num_steps, unit="steps", logger=log)
     loop_started, timed_steps, side_s = time.perf_counter(), 0, 0.0
+    deadline = loop_started + 60.0 * config.max_train_minutes if config.max_train_minutes > 0 else None
+    last_step = start_step
     with log_path.open("w", encoding="utf-8") as log_file, \
             Prefetcher(make_batch, range(start_step + 1, config.num_steps + 1), config.prefetch_batches) as batches:
         for record in history:
@@ -265,17 +270,18 @@ def train_on_arrays(
         running = []  # side_s: evaluation and checkpoint time, not part of the training throughput
         for step, batch in batches:
             running.append(step_fn(model, optimizer, *batch))
+            last = step == config.num_steps or (deadline is not None and time.perf_counter() >= deadline)
             if step == start_step + 1:  # exclude compilation from the throughput
                 jax.block_until_ready(running[-1])
                 loop_started, timed_steps = time.perf_counter(), 0
             timed_steps += 1
-            evaluating = len(y_val) > 1 and (step % config.eval_every_steps == 0 or step == config.num_steps)
-            checkpointing = step % ckpt_every == 0 or step == config.num_steps
+            evaluating = len(y_val) > 1 and (step % config.eval_every_steps == 0 or last)
+            checkpointing = step % ckpt_every == 0 or last
             if evaluating or checkpointing:
                 jax.block_until_ready(running[-1])  # the step itself counts as training time
             side_started = time.perf_counter()
             record: dict[str, Any] = {}
-            if step % config.log_every_steps == 0 or step == config.num_steps:
+            if step % config.log_every_steps == 0 or last:
                 record = {"step": step, "loss": float(np.mean(jax.device_get(running)))}
                 running = []
                 if not np.isfinite(record["loss"]):
@@ -292,19 +298,25 @@ def train_on_arrays(
             if evaluating or checkpointing:
                 side_s += time.perf_counter() - side_started
             progress.update(step, extra=f"loss {history[-1]['loss']:.4f}" if history and "loss" in history[-1] else "")
+            last_step = step
+            if last:
+                if step < config.num_steps:
+                    log.warning("time budget of %.1f min used up: training stops at step %d of %d",
+                                config.max_train_minutes, step, config.num_steps)
+                break
     progress.done()
     loop_s = time.perf_counter() - loop_started - side_s
     plot_history(history, run_dir / "training.png")
     metrics: dict[str, Any] = {"train_images": int(len(train_idx)), "val_images": int(len(val_idx)),
-                               "steps": config.num_steps, "warm_start": warm, "resumed_from_step": start_step,
+                               "steps": last_step, "planned_steps": config.num_steps, "warm_start": warm, "resumed_from_step": start_step,
                                "images_per_s": round(images_per_step * max(timed_steps - 1, 0) / max(loop_s, 1e-9), 1)}
     if config.unlabelled:
         metrics["val_views"] = int(len(y_val))
     best = checkpoints.best_step()
-    if best is not None and best != config.num_steps:
+    if best is not None and best != last_step:
         checkpoints.restore_best(model)
         log.info("publishing the weights of step %d (best validation %s %.4f)", best, BEST_METRIC, checkpoints.best_value)
-    metrics["best_step"] = best if best is not None else config.num_steps
+    metrics["best_step"] = best if best is not None else last_step
     checkpoints.close()
     threshold = None
     if len(y_val) > 1:

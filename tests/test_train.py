@@ -112,3 +112,20 @@ def test_augmented_batches_are_distorted_and_a_pure_function_of_the_step(tiny_co
     undistorted = np.asarray(plain(3)[0])
     np.testing.assert_array_equal(np.asarray(first[1]), np.asarray(plain(3)[1]))  # same items drawn
     assert not np.allclose(np.asarray(first[0]), undistorted)
+
+
+def test_a_time_budget_stops_training_early_and_keeps_a_usable_model(tiny_config, tmp_path):
+    import dataclasses
+
+    from lookalike.model.data import LabelledImages
+    from lookalike.model.train import train_on_arrays
+
+    rng = np.random.default_rng(0)
+    x = rng.random((60, 16, 16, 1)).astype(np.float32)
+    y = np.repeat(np.arange(6), 10).astype(np.int32)
+    config = dataclasses.replace(tiny_config, num_steps=100_000, eval_every_steps=50_000, max_train_minutes=0.002)
+    model, metrics, _ = train_on_arrays(config, LabelledImages(x, y, [str(c) for c in range(6)], [], []), tmp_path)
+    assert 1 <= metrics["steps"] < 100_000 and metrics["planned_steps"] == 100_000
+    assert metrics["best_step"] == metrics["steps"]  # the stopping step was evaluated and checkpointed
+    assert np.isfinite(metrics["map_at_r"])
+    assert (tmp_path / "training.png").is_file()
