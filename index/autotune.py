@@ -122,6 +122,8 @@ def smallest_meeting(values: list[int], evaluate: Callable[[int], dict[str, Any]
 
 def tune_index(index: "ItemIndex", options: "IndexOptions", queries: np.ndarray | None = None) -> dict[str, Any]:
     """Measure candidates on ``index`` and return the tuning record for the manifest."""
+    if index.num_deleted:
+        raise ValueError(f"index {index.version} has {index.num_deleted} deleted row(s) in memory; tune a saved index")
     k = min(options.tune_k, max(1, len(index) - 1))
     if queries is not None:
         q, self_rows, source = index.check_queries(queries), None, "user"

@@ -80,6 +80,9 @@ def evaluate_index(
         raise ValueError(f"index {index.version} has {n} item(s); evaluation needs at least 2")
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
+    if index.num_deleted:
+        raise ValueError(f"index {index.version} has {index.num_deleted} deleted row(s) in memory; save or publish it "
+                         "and load the result to evaluate it")
     labels = np.array([label_fn(item["id"]) for item in index.items])
     rows = np.arange(n)
     if max_queries is not None and max_queries < n:

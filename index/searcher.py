@@ -6,14 +6,19 @@ file checksums) before trusting anything, then serves ``search`` by vector and
 shards in parallel (ScaNN releases the GIL) and the per-shard top-k lists are merged
 exactly. Scores are dot products of unit vectors (cosine similarity);
 ``distance = sqrt(2 - 2 * score)`` is the L2 distance the model was trained on.
-Rows (``Neighbor.row``) index ``items`` and ``embeddings`` of this loaded object; they
-change when items are deleted, item ids never do.
+Rows (``Neighbor.row``) index ``items`` and ``embeddings`` of this loaded object and stay
+valid while other threads update it (rows are immutable: see ``lookalike.index.rows``).
+Loading reads no item into a Python dict: metadata stays an Arrow table, embeddings are
+memory-mapped, ScaNN datapoints are matched to rows in Arrow, and the id -> row map is
+built on first use.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import pickle
+import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,9 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from lookalike.index.manifest import REORDER_MODES, TREE_MODES, IndexLoadError, read_manifest, verify_files
+from lookalike.index.rows import Growable, ItemTable, ReadWriteLock
 from lookalike.index.updates import UpdatableIndex
 
 log = logging.getLogger(__name__)
@@ -52,36 +60,83 @@ class Neighbor:
 
 @dataclass
 class Shard:
-    """One ScaNN searcher and the map from its internal indices to rows of the ``ItemIndex``."""
+    """One ScaNN searcher (the raw pybind object) and the map from its datapoint indices to index rows.
+
+    ``rows`` is replaced, never modified, by updates (under the index's write lock).
+    """
 
     name: str
-    searcher: Any  # scann_ops_pybind.ScannSearcher
-    rows: np.ndarray  # int64 [searcher size]
+    searcher: Any  # scann_pybind.ScannNumpy
+    rows: np.ndarray  # int64 [searcher size]: row of each ScaNN datapoint
+    updatable: bool  # built with docids (format 2): upsert/delete allowed
 
-    @property
-    def updatable(self) -> bool:
-        return self.searcher.docids is not None
+
+def load_scann(folder: Path) -> Any:
+    """The raw ScaNN searcher serialized in ``folder`` (without the Python wrapper's docid dict)."""
+    from scann.scann_ops.py import scann_ops_pybind
+
+    assets = (folder / "scann_assets.pbtxt").read_text(encoding="utf-8")
+    return scann_ops_pybind.scann_pybind.ScannNumpy(str(folder), assets)
+
+
+def read_docids(folder: Path) -> pa.Array | None:
+    """The ids ScaNN's datapoints were built with (``scann_docids.pkl``, a list written by ScaNN), or None."""
+    path = folder / "scann_docids.pkl"
+    if not path.is_file():
+        return None
+    with path.open("rb") as f:
+        docids = pickle.load(f)  # noqa: S301 - written by us, and its SHA-256 was verified against the manifest
+    if not isinstance(docids, list):
+        raise IndexLoadError(f"{path} does not hold a list of ids")
+    return pa.array(docids, pa.string())
 
 
 class ItemIndex(UpdatableIndex):
-    """A loaded index version: ScaNN shards, item metadata ([N] dicts) and embeddings ([N, D] float32)."""
+    """A loaded index version: ScaNN shards, item metadata and embeddings, searchable while it is updated.
 
-    def __init__(self, path: Path, manifest: dict[str, Any], shards: list[Shard], items: list[dict[str, Any]],
-                 embeddings: np.ndarray, shard_of_row: np.ndarray):
+    ``items[row]`` (a dict) and ``embeddings[row]`` ([rows, D] float32) are indexed by row;
+    rows are immutable and stay valid for the life of this object (see ``lookalike.index.rows``):
+    an update adds a row, a delete marks its row deleted (``is_deleted``) until ``save``.
+    Searches and updates may run on different threads at once (a reader-writer lock).
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any], shards: list[Shard], items: pa.Table,
+                 embeddings: np.ndarray, shard_of_row: np.ndarray, slot_of_row: np.ndarray):
         self.path = path
         self.manifest = manifest
         self.version: str = path.name
         self.model_version: str = manifest["model_version"]
         self.embed_dim: int = int(manifest["embed_dim"])
         self.shards = shards
-        self.items = items
-        self.embeddings = embeddings
-        self._shard_of_row = shard_of_row
-        self._row_of = {item["id"]: i for i, item in enumerate(items)}
+        self.items = ItemTable(items)
+        self._emb = Growable(embeddings)
+        self._shard_of_row = Growable(shard_of_row)  # int32 [rows]
+        self._slot_of_row = Growable(slot_of_row)  # int64 [rows]: datapoint index in its shard, -1 once deleted
+        self._live = len(items)
+        self._row_of: dict[str, int] | None = None  # id -> live row, built on first use
+        self._row_of_lock = threading.Lock()
+        self._lock = ReadWriteLock()
         self._pool: ThreadPoolExecutor | None = None
 
     def __len__(self) -> int:
-        return len(self.items)
+        """The number of (live) items."""
+        return self._live
+
+    @property
+    def embeddings(self) -> np.ndarray:
+        """[rows, D] float32 unit embeddings (rows of deleted items included until ``save``)."""
+        return self._emb.view()
+
+    @property
+    def num_deleted(self) -> int:
+        return len(self.items) - self._live
+
+    def is_deleted(self, row: int) -> bool:
+        return bool(self._slot_of_row.view()[row] < 0)
+
+    def live_rows(self) -> np.ndarray:
+        """[len(self)] int64 rows of the items that are not deleted, ascending."""
+        return np.flatnonzero(self._slot_of_row.view() >= 0)
 
     @property
     def mode(self) -> str:
@@ -89,9 +144,12 @@ class ItemIndex(UpdatableIndex):
 
     @classmethod
     def load(cls, path: str | Path, verify_checksums: bool = True, *, model_version: str | None = None) -> "ItemIndex":
-        """Load and verify an index folder; ``model_version`` (if given) must match the manifest's."""
-        import scann
+        """Load and verify an index folder; ``model_version`` (if given) must match the manifest's.
 
+        Checksums are verified (in parallel over files) before any file is parsed;
+        embeddings are memory-mapped, metadata stays an Arrow table, and ids are matched
+        to ScaNN's docids in Arrow, so loading costs little beyond reading the files.
+        """
         path = Path(path)
         manifest = read_manifest(path)
         if model_version is not None and manifest["model_version"] != model_version:
@@ -99,42 +157,45 @@ class ItemIndex(UpdatableIndex):
                 f"index {path} was built from model {manifest['model_version']!r}, not {model_version!r}")
         verify_files(path, manifest, verify_checksums)
         dim = int(manifest["embed_dim"])
-        shards, all_items, all_emb, shard_of = [], [], [], []
+        shards, tables, all_emb, shard_of, slot_of = [], [], [], [], []
+        offset = 0
         for number, entry in enumerate(manifest["shards"]):
             folder = path / entry["name"]
-            items = pq.read_table(folder / "items.parquet").to_pylist()
+            table = pq.read_table(folder / "items.parquet")
             try:
-                emb = np.load(folder / "embeddings.npy", allow_pickle=False)
+                emb = np.load(folder / "embeddings.npy", allow_pickle=False, mmap_mode="r")
             except ValueError as e:
                 raise IndexLoadError(f"index file {folder / 'embeddings.npy'} is not a valid array: {e}") from None
-            if len(items) != entry["count"] or emb.shape != (entry["count"], dim) or emb.dtype != np.float32:
+            if table.num_rows != entry["count"] or emb.shape != (entry["count"], dim) or emb.dtype != np.float32:
                 raise IndexLoadError(
-                    f"{folder}: manifest says {entry['count']} x {dim} float32 but found {len(items)} items and "
+                    f"{folder}: manifest says {entry['count']} x {dim} float32 but found {table.num_rows} items and "
                     f"embeddings {emb.shape} {emb.dtype}")
-            searcher = scann.scann_ops_pybind.load_searcher(str(folder / "scann"))
+            searcher = load_scann(folder / "scann")
             if searcher.size() != entry["count"]:
                 raise IndexLoadError(f"{folder / 'scann'}: searcher holds {searcher.size()} items, manifest says {entry['count']}")
-            offset = len(all_items)
-            local = {item["id"]: offset + i for i, item in enumerate(items)}
-            if searcher.docids is None:
-                rows = np.arange(offset, offset + len(items), dtype=np.int64)
+            docids = read_docids(folder / "scann")
+            if docids is None or docids.equals(table.column("id").combine_chunks()):  # as built: datapoint i is row i
+                local = np.arange(table.num_rows, dtype=np.int64)
             else:
-                missing = [d for d in searcher.docids if d not in local]
-                if missing or len(searcher.docids) != len(items):
-                    raise IndexLoadError(f"{folder / 'scann' / 'scann_docids.pkl'} does not match {folder / 'items.parquet'} "
-                                         f"(e.g. unknown id {missing[:1]})")
-                rows = np.fromiter((local[d] for d in searcher.docids), np.int64, len(items))
-            shards.append(Shard(entry["name"], searcher, rows))
-            all_items.extend(items)
+                found = pc.index_in(docids, value_set=table.column("id"))
+                if len(docids) != table.num_rows or found.null_count:
+                    raise IndexLoadError(f"{folder / 'scann' / 'scann_docids.pkl'} does not match {folder / 'items.parquet'}")
+                local = found.to_numpy(zero_copy_only=False).astype(np.int64)
+            slots = np.empty(table.num_rows, np.int64)
+            slots[local] = np.arange(table.num_rows)
+            shards.append(Shard(entry["name"], searcher, local + offset, docids is not None))
+            tables.append(table)
             all_emb.append(emb)
-            shard_of.append(np.full(len(items), number, np.int32))
-        ids = [item["id"] for item in all_items]
-        if len(set(ids)) != len(ids):
+            shard_of.append(np.full(table.num_rows, number, np.int32))
+            slot_of.append(slots)
+            offset += table.num_rows
+        items = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+        if len(tables) > 1 and pc.count_distinct(items.column("id")).as_py() != items.num_rows:
             raise IndexLoadError(f"{path}: an item id appears in more than one shard")
         embeddings = np.concatenate(all_emb) if len(all_emb) > 1 else all_emb[0]
         log.info("loaded index %s: %d items in %d shard(s), dim %d, model %s",
-                 path.name, len(ids), len(shards), dim, manifest["model_version"])
-        return cls(path, manifest, shards, all_items, embeddings, np.concatenate(shard_of))
+                 path.name, items.num_rows, len(shards), dim, manifest["model_version"])
+        return cls(path, manifest, shards, items, embeddings, np.concatenate(shard_of), np.concatenate(slot_of))
 
     def check_queries(self, queries: np.ndarray, *, model_version: str | None = None) -> np.ndarray:
         """[Q, D] or [D] float queries -> [Q, D] float32; QueryError naming the reason otherwise."""
@@ -167,13 +228,14 @@ class ItemIndex(UpdatableIndex):
         leaves = leaves_to_search if leaves_to_search is not None else tuning.get("leaves_to_search")
         reorder = reorder if reorder is not None else tuning.get("reorder")
         k = max(1, int(k))
-        jobs = [(s, queries, k, leaves, reorder, parallel) for s in self.shards if len(s.rows)]
-        if len(jobs) == 1:
-            parts = [self._shard_search(*jobs[0])]
-        else:
-            if self._pool is None:
-                self._pool = ThreadPoolExecutor(min(len(self.shards), os.cpu_count() or 1), thread_name_prefix="shard")
-            parts = list(self._pool.map(lambda j: self._shard_search(*j), jobs))
+        with self._lock.read():  # no update runs while ScaNN searches and its answers are mapped to rows
+            jobs = [(s, queries, k, leaves, reorder, parallel) for s in self.shards if len(s.rows)]
+            if len(jobs) == 1:
+                parts = [self._shard_search(*jobs[0])]
+            else:
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(min(len(self.shards), os.cpu_count() or 1), thread_name_prefix="shard")
+                parts = list(self._pool.map(lambda j: self._shard_search(*j), jobs))
         rows = np.concatenate([p[0] for p in parts], axis=1) if parts else np.empty((len(queries), 0), np.int64)
         scores = np.concatenate([p[1] for p in parts], axis=1) if parts else np.empty((len(queries), 0), np.float32)
         if len(parts) > 1:
@@ -190,16 +252,17 @@ class ItemIndex(UpdatableIndex):
         count = min(k, len(shard.rows))
         pre = -1 if reorder is None or self.mode not in REORDER_MODES else max(int(reorder), count)
         leaves = -1 if leaves is None or self.mode not in TREE_MODES else int(leaves)
-        idx, dist = shard.searcher.searcher.search_batched(q, count, pre, leaves, parallel, 256)
+        idx, dist = shard.searcher.search_batched(q, count, pre, leaves, parallel, 256)
         idx, dist = np.asarray(idx, np.int64), np.asarray(dist, np.float32)
         valid = (idx >= 0) & (idx < len(shard.rows))
         rows = np.where(valid, shard.rows[np.clip(idx, 0, len(shard.rows) - 1)], -1)
         return rows, np.where(valid, dist, -np.inf).astype(np.float32)
 
     def _raw_search(self, q: np.ndarray, count: int) -> list[list[Neighbor]]:
-        rows, scores = self.search_rows(q, min(int(count), len(self.items)))
-        return [[Neighbor(int(r), self.items[int(r)]["id"], float(s)) for r, s in zip(rr, ss) if r >= 0]
-                for rr, ss in zip(rows, scores)]
+        rows, scores = self.search_rows(q, min(int(count), len(self)))
+        ids = iter(self.items.ids_of(rows[rows >= 0]))  # row-major, like the loops below
+        return [[Neighbor(int(r), next(ids), float(s)) for r, s in zip(rr, ss) if r >= 0]
+                for rr, ss in zip(rows.tolist(), scores.tolist())]
 
     def search(
         self,
@@ -227,7 +290,7 @@ class ItemIndex(UpdatableIndex):
         zero = np.flatnonzero(np.linalg.norm(q, axis=1) == 0)
         if len(zero):
             raise QueryError(f"query embedding {zero[0]} is a zero vector and has no direction")
-        if not self.items:
+        if not len(self):
             return [[] for _ in q]
         if not where and not max_per_group:
             return self._raw_search(q, k)
@@ -240,7 +303,7 @@ class ItemIndex(UpdatableIndex):
             while True:
                 found = self._raw_search(query[None, :], fetch)[0]
                 kept = self._filter(found, k, accept, max_per_group, group_by)
-                if len(kept) >= k or fetch >= len(self.items):
+                if len(kept) >= k or fetch >= len(self):
                     break
                 fetch *= 4
             out.append(kept)
@@ -266,21 +329,39 @@ class ItemIndex(UpdatableIndex):
         return kept
 
     def row_of(self, item_id: str) -> int | None:
-        return self._row_of.get(item_id)
+        """The row of a (live) item, or None; the id map is built on first use (~0.4 s per 1M items)."""
+        return self._id_map().get(item_id)
+
+    def _id_map(self, write_locked: bool = False) -> dict[str, int]:
+        """id -> live row; built under the read lock, or directly by a writer that holds the write lock."""
+        if self._row_of is None:
+            if write_locked:
+                self._row_of = self._build_id_map()
+            else:
+                with self._row_of_lock, self._lock.read():
+                    if self._row_of is None:
+                        self._row_of = self._build_id_map()
+        return self._row_of
+
+    def _build_id_map(self) -> dict[str, int]:
+        ids = self.items.ids()
+        if not self.num_deleted:
+            return dict(zip(ids, range(len(ids))))
+        return {ids[r]: int(r) for r in self.live_rows()}
 
     def similar_to(self, item_id: str, k: int, include_self: bool = False) -> list[Neighbor]:
         """The k nearest items to a stored item; KeyError if the id is unknown."""
-        row = self._row_of.get(item_id)
+        row = self.row_of(item_id)
         if row is None:
             raise KeyError(item_id)
         found = self.search(self.embeddings[row], k + (0 if include_self else 1))[0]
         if not include_self:
-            found = [n for n in found if n.row != row][:k]
+            found = [n for n in found if n.id != item_id][:k]
         return found
 
     def memory_bytes_per_vector(self) -> dict[str, float]:
         """Bytes per item of the ScaNN files (what search needs) and of the whole folder."""
         sizes = {name: (self.path / name).stat().st_size for s in self.manifest["shards"] for name in s["files"]}
-        n = max(1, len(self.items))
+        n = max(1, len(self))
         scann_bytes = sum(v for name, v in sizes.items() if "scann/" in name)
         return {"index_bytes_per_vector": round(scann_bytes / n, 1), "total_bytes_per_vector": round(sum(sizes.values()) / n, 1)}

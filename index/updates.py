@@ -1,19 +1,24 @@
 """Updates between full rebuilds: upsert and delete items by id, persist, and a health check.
 
-ScaNN searchers built with docids (item ids) accept ``upsert`` and ``delete``; this
-mixin keeps ``ItemIndex.items``/``embeddings`` and the shard row maps in step with
-them. New items go to the smallest shard; an existing id is updated in its shard.
-Updates live in memory until ``save`` (a complete new folder) or ``publish`` (a new
-version under ``indexes/`` written atomically, then CURRENT moved): index versions
-are immutable, so a server holding the old version is never disturbed and every
-checksum in every manifest stays valid. ``health()`` says when the updates have
-drifted the partitions enough that a rebuild (retraining the tree and codebooks) is
-due. Updates must not run concurrently with searches on the same object.
+ScaNN searchers built with docids (item ids) accept upserts and deletes of datapoints;
+this mixin drives the raw searcher with datapoint indices and keeps the map between
+them and ``ItemIndex`` rows itself, in numpy (ScaNN's Python wrapper keeps a dict per
+item, which costs seconds per million items at load). New items go to the smallest
+shard; an existing id is updated in its shard. Rows are immutable: an upsert appends a
+row (the old row of an updated id is marked deleted), a delete marks its row deleted,
+so rows handed out by concurrent searches stay valid. Updates take the index's write
+lock, searches its read lock: they may run on different threads at once. Updates live
+in memory until ``save`` (a complete new folder, compacted) or ``publish`` (a new version
+under ``indexes/`` written atomically, then CURRENT moved): index versions are
+immutable, so a server holding the old version is never disturbed and every checksum in
+every manifest stays valid. ``health()`` says when the updates have drifted the
+partitions enough that a rebuild (retraining the tree and codebooks) is due.
 """
 
 from __future__ import annotations
 
 import logging
+import pickle
 import shutil
 import time
 from collections.abc import Mapping, Sequence
@@ -58,65 +63,86 @@ class UpdatableIndex:
         if emb.ndim == 2 and emb.shape[1] != self.embed_dim:
             raise IndexUpdateError(f"upsert embeddings have dim {emb.shape[1]}, the index holds {self.embed_dim}")
         emb = validate_embeddings(emb, ids)
-        existing = [i for i, item_id in enumerate(ids) if item_id in self._row_of]
-        new = [i for i, item_id in enumerate(ids) if item_id not in self._row_of]
-        if existing and not self.embeddings.flags.writeable:
-            self.embeddings = self.embeddings.copy()
-        for i in existing:
-            row = self._row_of[ids[i]]
-            shard = self.shards[self._shard_of_row[row]]
-            shard.searcher.upsert([ids[i]], emb[i:i + 1])
-            self.items[row] = {**self.items[row], **rows[i], "id": ids[i]}
-            self.embeddings[row] = emb[i]
-        if new:
+        with self._lock.write():
+            row_of = self._id_map(write_locked=True)
+            old_rows = np.array([row_of.get(i, -1) for i in ids], np.int64)
+            first = len(self.items)
+            new_rows = np.arange(first, first + len(ids), dtype=np.int64)
+            shard_of_row, slot_of_row = self._shard_of_row.view(), self._slot_of_row.view()
+            targets = np.where(old_rows >= 0, shard_of_row[np.maximum(old_rows, 0)], -1).astype(np.int32)
             sizes = np.array([len(s.rows) for s in self.shards])
-            targets = []
-            for _ in new:
-                target = int(np.argmin(sizes))
-                sizes[target] += 1
-                targets.append(target)
-            for number in sorted(set(targets)):
-                picked = [i for i, t in zip(new, targets) if t == number]
-                self.shards[number].searcher.upsert([ids[i] for i in picked], emb[picked], batch_size=len(picked))
-            self.items.extend({**rows[i], "id": ids[i]} for i in new)
-            self.embeddings = np.concatenate([self.embeddings, emb[new]])
-            self._shard_of_row = np.concatenate([self._shard_of_row, np.array(targets, np.int32)])
-        self._record_update(inserted=len(new), updated=len(existing))
-        log.info("upserted %d new and %d existing item(s) into index %s", len(new), len(existing), self.version)
-        return {"inserted": len(new), "updated": len(existing)}
+            for i in np.flatnonzero(targets < 0):  # new ids fill the smallest shard
+                targets[i] = int(np.argmin(sizes))
+                sizes[targets[i]] += 1
+            slots = np.empty(len(ids), np.int64)
+            for number in np.unique(targets).tolist():
+                shard, picked = self.shards[number], np.flatnonzero(targets == number)
+                old_slots = [int(slot_of_row[r]) if r >= 0 else None for r in old_rows[picked]]
+                shard.searcher.upsert(old_slots, emb[picked], len(picked))  # None: appended, in order
+                appended = np.cumsum([s is None for s in old_slots]) - 1 + len(shard.rows)
+                slots[picked] = [s if s is not None else int(a) for s, a in zip(old_slots, appended)]
+                shard_rows = np.concatenate([shard.rows, np.full(int(sum(s is None for s in old_slots)), -1, np.int64)])
+                shard_rows[slots[picked]] = new_rows[picked]
+                shard.rows = shard_rows
+            for item, item_id in zip(rows, ids):
+                self.items.append({**item, "id": item_id})
+            self._emb.extend(emb)
+            self._shard_of_row.extend(targets)
+            self._slot_of_row.extend(slots)
+            replaced = old_rows[old_rows >= 0]
+            self._slot_of_row.set(replaced, -1)
+            row_of.update(zip(ids, new_rows.tolist()))
+            self._live += len(ids) - len(replaced)
+            self._record_update(inserted=len(ids) - len(replaced), updated=len(replaced))
+        log.info("upserted %d new and %d existing item(s) into index %s", len(ids) - len(replaced), len(replaced), self.version)
+        return {"inserted": len(ids) - len(replaced), "updated": len(replaced)}
 
     def delete(self, item_ids: Sequence[str] | str) -> int:
         """Remove items by id (KeyError naming the first unknown id; nothing is changed then). Returns the count."""
         self._check_updatable()
         ids = [item_ids] if isinstance(item_ids, str) else list(dict.fromkeys(item_ids))
-        unknown = [i for i in ids if i not in self._row_of]
-        if unknown:
-            raise KeyError(f"cannot delete unknown item id {unknown[0]!r} from index {self.version}")
-        rows = np.array([self._row_of[i] for i in ids], np.int64)
-        for number in sorted(set(self._shard_of_row[rows].tolist())):
-            self.shards[number].searcher.delete([i for i, r in zip(ids, rows) if self._shard_of_row[r] == number])
-        keep = np.ones(len(self.items), bool)
-        keep[rows] = False
-        self.items = [item for item, k in zip(self.items, keep) if k]
-        self.embeddings = self.embeddings[keep]
-        self._shard_of_row = self._shard_of_row[keep]
-        self._record_update(deleted=len(ids))
+        with self._lock.write():
+            row_of = self._id_map(write_locked=True)
+            unknown = [i for i in ids if i not in row_of]
+            if unknown:
+                raise KeyError(f"cannot delete unknown item id {unknown[0]!r} from index {self.version}")
+            rows = np.array([row_of[i] for i in ids], np.int64)
+            shard_of_row = self._shard_of_row.view()
+            for number in np.unique(shard_of_row[rows]).tolist():
+                self._delete_from_shard(self.shards[number], rows[shard_of_row[rows] == number])
+            self._slot_of_row.set(rows, -1)
+            for i in ids:
+                del row_of[i]
+            self._live -= len(ids)
+            self._record_update(deleted=len(ids))
         log.info("deleted %d item(s) from index %s", len(ids), self.version)
         return len(ids)
 
+    def _delete_from_shard(self, shard: Any, rows: np.ndarray) -> None:
+        """ScaNN deletes datapoint by datapoint, each time moving its last datapoint into the hole: mirror that."""
+        shard_rows, slot_of_row = shard.rows.copy(), self._slot_of_row
+        slots, size = [], len(shard_rows)
+        for row in rows.tolist():
+            slot = int(slot_of_row.view()[row])
+            slots.append(slot)
+            size -= 1
+            if slot != size:
+                moved = int(shard_rows[size])
+                shard_rows[slot] = moved
+                slot_of_row.set(moved, slot)
+        shard.searcher.delete(slots)
+        shard.rows = shard_rows[:size]
+
     def _record_update(self, **counts: int) -> None:
-        self._row_of = {item["id"]: i for i, item in enumerate(self.items)}
-        for shard in self.shards:
-            shard.rows = np.fromiter((self._row_of[d] for d in shard.searcher.docids), np.int64, len(shard.searcher.docids))
-        updates = self.manifest.setdefault("updates", {"base_count": len(self.items), "inserted": 0, "updated": 0, "deleted": 0})
+        updates = self.manifest.setdefault("updates", {"base_count": len(self), "inserted": 0, "updated": 0, "deleted": 0})
         for key, value in counts.items():
             updates[key] = updates.get(key, 0) + value
-        self.manifest["count"] = len(self.items)
+        self.manifest["count"] = len(self)
 
     def health(self) -> dict[str, Any]:
         """Drift since the last full build and whether a rebuild is due (``needs_rebuild`` with ``reasons``)."""
         updates = self.manifest.get("updates") or {}
-        base = max(1, int(updates.get("base_count", len(self.items))))
+        base = max(1, int(updates.get("base_count", len(self))))
         changed = (updates.get("inserted", 0) + updates.get("updated", 0) + updates.get("deleted", 0)) / base
         sizes = [len(s.rows) for s in self.shards]
         skew = max(sizes) / max(1e-9, float(np.mean(sizes)))
@@ -129,41 +155,47 @@ class UpdatableIndex:
         if self.mode in TREE_MODES:
             built = {e["name"]: e.get("health_at_build") or {} for e in self.manifest["shards"]}
             for shard in self.shards:
-                shard.searcher.initialize_health_stats()
-                now = shard.searcher.get_health_stats()
+                with self._lock.write():  # recomputes ScaNN's statistics: not while it searches
+                    shard.searcher.initialize_health_stats()
+                    now = shard.searcher.get_health_stats()
                 before = built.get(shard.name, {}).get("partition_avg_relative_positive_imbalance", 0.0)
                 growth = now["partition_avg_relative_positive_imbalance"] - before
                 partitions.append({"shard": shard.name, **now, "imbalance_growth": round(growth, 4)})
                 if growth > REBUILD_IMBALANCE_GROWTH:
                     reasons.append(f"partition imbalance of {shard.name} grew by {growth:.2f} (limit {REBUILD_IMBALANCE_GROWTH})")
-        return {"version": self.version, "count": len(self.items), "base_count": base, "changed_fraction": round(changed, 4),
+        return {"version": self.version, "count": len(self), "base_count": base, "changed_fraction": round(changed, 4),
                 "shard_sizes": sizes, "shard_skew": round(skew, 3), "partitions": partitions,
                 "needs_rebuild": bool(reasons), "reasons": reasons}
 
     def save(self, out_dir: str | Path) -> dict[str, Any]:
-        """Write this index, with its updates, as a complete new folder ``out_dir`` (must not exist)."""
+        """Write this index, with its updates, as a complete new folder ``out_dir`` (must not exist).
+
+        Deleted rows are left out (the saved index is compact); searches may go on meanwhile.
+        """
         self._check_updatable()
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True)
         try:
-            schema = pq.read_schema(self.path / self.manifest["shards"][0]["name"] / "items.parquet")
-            entries = []
-            for shard, old in zip(self.shards, self.manifest["shards"]):
-                folder = out_dir / shard.name
-                (folder / "scann").mkdir(parents=True)
-                shard.searcher.serialize(str(folder / "scann"), relative_path=True)
-                rows = np.sort(shard.rows)
-                table = pa.Table.from_pylist([self.items[r] for r in rows], schema=schema) if len(rows) else schema.empty_table()
-                pq.write_table(table, folder / "items.parquet")
-                np.save(folder / "embeddings.npy", np.ascontiguousarray(self.embeddings[rows], np.float32))
-                entries.append({**old, "count": int(len(rows)), "files": file_checksums(out_dir, shard.name)})
-            manifest = {**self.manifest, "shards": entries, "count": len(self.items), "saved_unix_s": time.time()}
+            with self._lock.read():  # a consistent snapshot: no update runs while it is written
+                entries = [self._save_shard(out_dir, shard, old) for shard, old in zip(self.shards, self.manifest["shards"])]
+                manifest = {**self.manifest, "shards": entries, "count": len(self), "saved_unix_s": time.time()}
             manifest["updates"] = {**manifest.get("updates", {}), "parent_version": self.version}
             write_manifest(out_dir, manifest)
         except BaseException:
             shutil.rmtree(out_dir, ignore_errors=True)  # we created it: leave nothing half-written
             raise
         return manifest
+
+    def _save_shard(self, out_dir: Path, shard: Any, old: dict[str, Any]) -> dict[str, Any]:
+        folder = out_dir / shard.name
+        (folder / "scann").mkdir(parents=True)
+        shard.searcher.serialize(str(folder / "scann"), True)
+        with (folder / "scann" / "scann_docids.pkl").open("wb") as f:  # ScaNN's own docid file format
+            pickle.dump(self.items.ids_of(shard.rows), f)
+        rows = np.sort(shard.rows)
+        pq.write_table(self.items.take(rows), folder / "items.parquet")
+        np.save(folder / "embeddings.npy", np.ascontiguousarray(self.embeddings[rows], np.float32))
+        return {**old, "count": int(len(rows)), "files": file_checksums(out_dir, shard.name)}
 
     def publish(self, store: Store, *, make_current: bool = True) -> str:
         """Save as a new version of ``store`` atomically (then move CURRENT); returns the version."""

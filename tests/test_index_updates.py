@@ -33,13 +33,15 @@ def test_upsert_and_delete_match_a_rebuild_and_survive_publish(tmp_path, options
 
     def check(ix: ItemIndex) -> None:
         # the same corpus, rebuilt exactly, as the reference
-        ids = [it["id"] for it in ix.items]
-        assert sorted(ids) == sorted([f"item-{i}" for i in range(1, 320) if i not in (7, 310)])
+        live = ix.live_rows()  # in memory, rows of deleted and replaced items stay (marked) until save
+        assert len(live) == len(ix) == 317 and ix.num_deleted == len(ix.items) - 317
+        ids = ix.items.ids()
+        assert sorted(ids[r] for r in live) == sorted([f"item-{i}" for i in range(1, 320) if i not in (7, 310)])
         assert ix.items[ix.row_of("item-5")]["kind"] == "frame" and ix.items[ix.row_of("item-301")]["kind"] == "frame"
         assert np.allclose(ix.embeddings[ix.row_of("item-5")], moved[0])
         q = unit_vectors(10, 8, seed=3)
         rows = ix.search_rows(q, 5, leaves_to_search=8, reorder=300)[0]
-        truth = exact_topk(q, ix.embeddings, 5)[0]
+        truth = live[exact_topk(q, ix.embeddings[live], 5)[0]]
         assert [[ids[r] for r in rr] for rr in rows] == [[ids[r] for r in rr] for rr in truth]  # rows index items/embeddings
         assert ix.search(moved, 1)[0][0].id == "item-5"
         assert ix.similar_to("item-305", 1, include_self=True)[0].id == "item-305"
@@ -99,3 +101,76 @@ def test_shard_skew_is_reported(tmp_path):
     assert health["shard_sizes"] == [40, 100] and health["shard_skew"] == pytest.approx(100 / 70, abs=1e-3)
     index.upsert([{"id": f"n-{i}"} for i in range(30)], unit_vectors(30, 4, seed=9))  # new items fill the small shard
     assert index.health()["shard_sizes"] == [70, 100]
+
+
+@pytest.mark.parametrize("options", [IndexOptions(num_shards=2), IndexOptions(mode="tree_exact", num_leaves=6, leaves_to_search=6)],
+                         ids=["brute_force_two_shards", "tree_exact"])
+def test_searches_stay_consistent_while_another_thread_upserts_and_deletes(tmp_path, options):
+    """Every result of every concurrent search names a row whose id, embedding and score agree."""
+    import threading
+
+    dim, stable = 8, 100  # items 0-99 are never touched: each must always find itself first
+    x = unit_vectors(300, dim)
+    build_index(x, table(300), model_version="m", out_dir=tmp_path / "i", options=options)
+    index = ItemIndex.load(tmp_path / "i")
+    known: dict[str, list[np.ndarray]] = {f"item-{i}": [x[i]] for i in range(300)}  # every embedding an id ever had
+    done, errors, searches, alive = threading.Event(), [], [0], set(known)
+
+    def writer():
+        try:
+            for step in range(120):
+                fresh = unit_vectors(5, dim, seed=1000 + step)
+                new_ids = [f"new-{step}-{j}" for j in range(5)]
+                moved_ids = [f"item-{stable + (7 * step + j) % 200}" for j in range(3)]
+                moved = unit_vectors(3, dim, seed=2000 + step)
+                for i, e in [*zip(new_ids, fresh), *zip(moved_ids, moved)]:
+                    known.setdefault(i, []).append(e)
+                index.upsert([{"id": i, "kind": f"v{step}"} for i in new_ids + moved_ids], np.concatenate([fresh, moved]))
+                alive.update(new_ids + moved_ids)
+                gone = [new_ids[0]] + [i for i in [f"item-{stable + (11 * step) % 200}"] if i in alive]
+                index.delete(gone)
+                alive.difference_update(gone)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(f"writer: {e!r}")
+        finally:
+            done.set()
+
+    def reader(seed):
+        try:
+            read(np.random.default_rng(seed))
+        except Exception as e:  # a crashed reader is a failure too
+            errors.append(f"reader: {e!r}")
+
+    def read(rng):
+        while not done.is_set() or searches[0] < 20:
+            probe = rng.integers(0, stable, 4)
+            q = x[probe] + 0.3 * rng.normal(size=(4, dim)).astype(np.float32)
+            for query, found in zip(q, index.search(q, 5)):
+                if len({n.id for n in found}) != len(found):
+                    errors.append(f"an id twice in one result: {[n.id for n in found]}")
+                for n in found:
+                    emb = index.embeddings[n.row]
+                    if index.items[n.row]["id"] != n.id:
+                        errors.append(f"row {n.row} is {index.items[n.row]['id']!r}, result says {n.id!r}")
+                    if not any(np.allclose(emb, e, atol=1e-5) for e in known[n.id]):
+                        errors.append(f"row {n.row} holds an embedding {n.id!r} never had")
+                    if abs(float(emb @ query) - n.score) > 1e-4:
+                        errors.append(f"score {n.score} of {n.id!r} is not its embedding's")
+            for i in probe.tolist():
+                if index.search(x[i], 1)[0][0].id != f"item-{i}":
+                    errors.append(f"untouched item-{i} did not find itself")
+            searches[0] += 1
+
+    threads = [threading.Thread(target=reader, args=(s,)) for s in range(3)] + [threading.Thread(target=writer)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not errors, errors[:5]
+    assert searches[0] >= 20
+    live = index.live_rows()
+    assert sorted(index.items[r]["id"] for r in live) == sorted(alive) and len(index) == len(alive)
+    q = unit_vectors(20, dim, seed=7)
+    ids = index.items.ids()
+    truth = live[exact_topk(q, index.embeddings[live], 5)[0]]
+    assert [[ids[r] for r in rr] for rr in index.search_rows(q, 5)[0]] == [[ids[r] for r in rr] for rr in truth]

@@ -1,0 +1,159 @@
+"""Row storage of a loaded index: item metadata, growable arrays and a reader-writer lock.
+
+Rows are append-only and immutable: a row's id, metadata and embedding never change
+once written. An update appends a row (and marks the replaced one deleted), a delete
+only marks its row deleted, so a row number returned by a search stays valid for the
+life of the ``ItemIndex`` even while other threads update it. ``save`` compacts.
+
+``ItemTable`` keeps the loaded metadata as the Arrow table it was read as (no Python
+dict per item at load: 1M items load in ~0.1 s instead of seconds) and turns single rows
+into dicts on access (~6 us); rows added by updates are kept as dicts.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any, overload
+
+import numpy as np
+import pyarrow as pa
+
+
+class ReadWriteLock:
+    """Many readers or one writer; a waiting writer blocks new readers (no writer starvation).
+
+    Not re-entrant: a thread holding the read side must not take it again.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+class Growable:
+    """An array of rows that grows by appending ([n, ...] visible, spare capacity behind it).
+
+    ``view()`` is valid forever: appends write past the visible end, or into a new
+    buffer, never into rows a reader may hold.
+    """
+
+    def __init__(self, initial: np.ndarray):
+        self._buf = initial
+        self._n = len(initial)
+
+    def view(self) -> np.ndarray:
+        return self._buf[: self._n]
+
+    def extend(self, rows: np.ndarray) -> None:
+        rows = np.asarray(rows, self._buf.dtype)
+        need = self._n + len(rows)
+        if need > len(self._buf) or not self._buf.flags.writeable:
+            grown = np.empty((max(need, self._n + self._n // 4 + 16),) + self._buf.shape[1:], self._buf.dtype)
+            grown[: self._n] = self._buf[: self._n]
+            self._buf = grown
+        self._buf[self._n:need] = rows
+        self._n = need
+
+    def set(self, index: np.ndarray | int, value: Any) -> None:
+        """Write into visible rows (copying a read-only buffer, e.g. a memory map, first)."""
+        if not self._buf.flags.writeable:
+            self._buf = self._buf[: self._n].copy()
+        self._buf[index] = value
+
+
+class ItemTable:
+    """[rows] item metadata: an Arrow table for the loaded rows, dicts for rows appended since."""
+
+    def __init__(self, table: pa.Table):
+        if "id" not in table.column_names:
+            raise ValueError(f"items table needs an 'id' column, has {table.column_names}")
+        self.table = table
+        self.schema = table.schema
+        self._base = table.num_rows
+        self._ids = table.column("id")
+        self._added: list[dict[str, Any]] = []
+
+    def __len__(self) -> int:
+        return self._base + len(self._added)
+
+    @overload
+    def __getitem__(self, row: int) -> dict[str, Any]: ...
+    @overload
+    def __getitem__(self, row: slice) -> list[dict[str, Any]]: ...
+
+    def __getitem__(self, row):
+        if isinstance(row, slice):
+            return [self[i] for i in range(*row.indices(len(self)))]
+        row = int(row)
+        if row < 0:
+            row += len(self)
+        if not 0 <= row < len(self):
+            raise IndexError(f"item row {row} out of range for {len(self)} rows")
+        if row >= self._base:
+            return self._added[row - self._base]
+        return self.table.slice(row, 1).to_pylist()[0]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.table.to_batches(max_chunksize=65_536):
+            yield from batch.to_pylist()
+        yield from list(self._added)
+
+    def append(self, item: Mapping[str, Any]) -> None:
+        self._added.append(dict(item))
+
+    def ids(self) -> list[str]:
+        """Every row's id, in row order."""
+        return self._ids.to_pylist() + [a["id"] for a in self._added]
+
+    def ids_of(self, rows: np.ndarray) -> list[str]:
+        """Ids of ``rows`` ([M] int) in one vectorised take (rows < 0 are not allowed)."""
+        rows = np.asarray(rows, np.int64)
+        if not (rows >= self._base).any():
+            return self._ids.take(pa.array(rows)).to_pylist()
+        return [self[int(r)]["id"] for r in rows]
+
+    def take(self, rows: np.ndarray) -> pa.Table:
+        """The rows ([M] int, any order) as an Arrow table with the loaded schema."""
+        rows = np.asarray(rows, np.int64)
+        base, added = rows[rows < self._base], rows[rows >= self._base]
+        parts = [self.table.take(pa.array(base))] if len(base) else []
+        if len(added):
+            parts.append(pa.Table.from_pylist([self._added[r - self._base] for r in added], schema=self.schema))
+        if not parts:
+            return self.schema.empty_table()
+        order = np.argsort(np.concatenate([np.flatnonzero(rows < self._base), np.flatnonzero(rows >= self._base)]),
+                           kind="stable")
+        return pa.concat_tables(parts).take(pa.array(order)) if len(parts) > 1 else parts[0]

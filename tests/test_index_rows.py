@@ -1,0 +1,67 @@
+import threading
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from lookalike.index.rows import Growable, ItemTable, ReadWriteLock
+
+
+def test_item_table_serves_loaded_and_appended_rows_alike():
+    items = ItemTable(pa.table({"id": ["a", "b", "c"], "kind": ["image", "frame", "image"]}))
+    items.append({"id": "d", "kind": "frame", "extra": 1})
+    assert len(items) == 4 and items[1] == {"id": "b", "kind": "frame"} and items[-1]["id"] == "d"
+    assert [i["id"] for i in items] == ["a", "b", "c", "d"] == items.ids()
+    assert [i["id"] for i in items[1:3]] == ["b", "c"]
+    assert items.ids_of(np.array([2, 0])) == ["c", "a"] and items.ids_of(np.array([3, 1])) == ["d", "b"]
+    taken = items.take(np.array([3, 0, 2]))
+    assert taken.column("id").to_pylist() == ["d", "a", "c"] and taken.schema == items.schema  # new keys are dropped
+    with pytest.raises(IndexError, match="item row 4 out of range for 4 rows"):
+        items[4]
+    with pytest.raises(ValueError, match="needs an 'id' column"):
+        ItemTable(pa.table({"uri": ["x"]}))
+
+
+def test_growable_never_changes_rows_a_reader_holds():
+    base = np.arange(6, dtype=np.float32).reshape(3, 2)
+    base.flags.writeable = False  # like a memory-mapped file
+    g = Growable(base)
+    before = g.view()
+    g.extend(np.ones((2, 2), np.float32))
+    assert before.shape == (3, 2) and g.view().shape == (5, 2) and (g.view()[3:] == 1).all()
+    held = g.view()
+    for _ in range(20):
+        g.extend(np.full((1, 2), 7, np.float32))
+    assert (held == g.view()[:5]).all() and len(g.view()) == 25
+    g.set(0, -1)
+    assert g.view()[0, 0] == -1 and base[0, 0] == 0
+
+
+def test_read_write_lock_excludes_writers_from_readers_and_each_other():
+    lock, inside, seen = ReadWriteLock(), {"readers": 0, "writers": 0}, []
+    guard = threading.Lock()
+
+    def enter(kind, other):
+        with guard:
+            inside[kind] += 1
+            seen.append((inside["readers"], inside["writers"]))
+        with guard:
+            inside[kind] -= 1
+
+    def reader():
+        for _ in range(300):
+            with lock.read():
+                enter("readers", "writers")
+
+    def writer():
+        for _ in range(300):
+            with lock.write():
+                enter("writers", "readers")
+
+    threads = [threading.Thread(target=f) for f in (reader, reader, writer, writer)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert len(seen) == 1200
+    assert all(w == 0 or (w == 1 and r == 0) for r, w in seen)  # never a writer beside anyone
