@@ -18,6 +18,7 @@ from typing import Annotated
 from fastapi import APIRouter, FastAPI, Header, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 
+from lookalike.serving.heap import SETTLE_AFTER_SWAP_S, settle
 from lookalike.serving.schemas import ErrorMessage, ReloadResult
 from lookalike.serving.swap import ReloadOutcome
 
@@ -61,6 +62,8 @@ async def reload_app(app: FastAPI, force: bool) -> ReloadOutcome:
     if outcome.status == "swapped":
         backend = app.state.slot.backend
         metrics.served(backend.index.version, backend.encoder.version, len(backend.index))
+        if app.state.settle_heap:  # once the old version's last requests are done
+            asyncio.get_running_loop().call_later(SETTLE_AFTER_SWAP_S, settle)
     return outcome
 
 

@@ -28,11 +28,11 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel
 
 from lookalike.serving.admin import AdminAuth, admin_router, watch_store
 from lookalike.serving.backend import Backend
 from lookalike.serving.engine import BatchingConfig, Filters, QueryEngine, SearchItem
+from lookalike.serving.heap import settle
 from lookalike.serving.limits import BodySizeLimit
 from lookalike.serving.metrics import CONTENT_TYPE, RequestMetrics, ServingMetrics
 from lookalike.serving.queries import (
@@ -41,8 +41,6 @@ from lookalike.serving.queries import (
     embed_image,
     filters_of,
     item_or_404,
-    group_of,
-    item_url,
     read_upload,
     search_or_422,
     search_response,
@@ -63,6 +61,7 @@ from lookalike.serving.schemas import (
     SearchResponse,
     VectorQuery,
 )
+from lookalike.serving.results import group_of, item_url, json_response
 from lookalike.serving.swap import DEFAULT_WATCH_INTERVAL_S, BackendSlot, StoreReloader
 from lookalike.serving.thumbnails import ThumbnailUnavailable, render_thumbnail
 
@@ -99,7 +98,7 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorMessage} for code in codes}
 
 
-def get_backend(request: Request) -> Backend:
+async def get_backend(request: Request) -> Backend:
     """The Backend served right now (503 if none is loaded yet); a request keeps it to the end."""
     backend = request.app.state.slot.backend
     if backend is None:
@@ -107,17 +106,13 @@ def get_backend(request: Request) -> Backend:
     return backend
 
 
-def get_engine(request: Request) -> QueryEngine:
+async def get_engine(request: Request) -> QueryEngine:
+    """The app's query engine (async, like get_backend: FastAPI runs plain ``def`` dependencies in a thread)."""
     return request.app.state.engine
 
 
 BackendDep = Annotated[Backend, Depends(get_backend)]
 EngineDep = Annotated[QueryEngine, Depends(get_engine)]
-
-
-def as_json(model: BaseModel) -> Response:
-    """Serialise a response model once, in pydantic's Rust core (FastAPI would validate it again)."""
-    return Response(model.model_dump_json(), media_type="application/json")
 
 
 def index_quality(manifest: dict[str, Any]) -> dict[str, Any]:
@@ -139,6 +134,7 @@ def create_app(
     batching: BatchingConfig = BatchingConfig(),
     admin_token: str | None = None,
     load_in_background: bool = False,
+    settle_heap: bool = False,
 ) -> FastAPI:
     """The API and page.
 
@@ -147,7 +143,9 @@ def create_app(
     done). With a ``reloader`` the app follows the store's CURRENT pointer every
     ``watch_interval_s`` seconds (None: only on ``POST /v1/admin/reload``).
     ``admin_token`` defaults to $LOOKALIKE_ADMIN_TOKEN; without one, admin endpoints
-    answer 403.
+    answer 403. ``settle_heap`` (for a server process of its own, not a test) freezes
+    the loaded objects out of garbage collection after each load
+    (``lookalike.serving.heap``).
     """
     if watch_interval_s is not None and not 0 <= watch_interval_s <= 3600:
         raise ValueError(f"watch_interval_s must be between 0 (off) and 3600 seconds, got {watch_interval_s}")
@@ -159,6 +157,8 @@ def create_app(
         started = time.perf_counter()
         backend = await run_in_threadpool(load_backend)
         slot.swap(backend)
+        if settle_heap:
+            await run_in_threadpool(settle)
         metrics.served(backend.index.version, backend.encoder.version, len(backend.index))
         log.info("serving after %.1fs of loading", time.perf_counter() - started)
 
@@ -204,6 +204,7 @@ def create_app(
     app.state.reloader = reloader
     app.state.admin = AdminAuth.from_env(admin_token)
     app.state.startup_error = None
+    app.state.settle_heap = settle_heap
     app.add_middleware(BodySizeLimit, limit=max_upload_bytes, slack=MULTIPART_OVERHEAD_BYTES)
     app.add_middleware(RequestMetrics, metrics=metrics)
     app.include_router(admin_router)
@@ -278,7 +279,7 @@ def create_app(
         query = await embed_image(engine, backend, read)
         filters = Filters.of(kind, group, max_per_group)
         neighbors = await search_or_422(engine, SearchItem(backend, query, k, filters))
-        return as_json(search_response(backend, echo("image", k, filters, filename=upload[1], bytes=len(upload[0])), neighbors))
+        return json_response(search_response(backend, echo("image", k, filters, filename=upload[1], bytes=len(upload[0])), neighbors))
 
     @app.post("/v1/search/vector", response_model=SearchResponse, tags=["search"], responses=errors(413, 422, 503))
     async def search_vector(body: VectorQuery, backend: BackendDep, engine: EngineDep) -> Response:
@@ -289,14 +290,14 @@ def create_app(
             raise HTTPException(status_code=422, detail=str(e)) from None
         filters = filters_of(body)
         neighbors = await search_or_422(engine, SearchItem(backend, query, body.k, filters))
-        return as_json(search_response(backend, echo("vector", body.k, filters, dim=len(body.vector)), neighbors))
+        return json_response(search_response(backend, echo("vector", body.k, filters, dim=len(body.vector)), neighbors))
 
     @app.post("/v1/search/batch", response_model=BatchSearchResponse, tags=["search"], responses=errors(404, 413, 422, 503))
     async def search_batch(body: BatchSearch, backend: BackendDep, engine: EngineDep) -> Response:
         """Several queries (vectors, item ids, base64 images) in one call; one response per query."""
         filters = filters_of(body)
 
-        async def one(i: int, q: BatchQuery) -> SearchResponse:
+        async def one(i: int, q: BatchQuery) -> dict[str, Any]:
             what = f"queries[{i}]: "
             exclude = None
             if q.vector is not None:
@@ -323,7 +324,7 @@ def create_app(
 
         tasks = [asyncio.ensure_future(one(i, q)) for i, q in enumerate(body.queries)]
         try:
-            return as_json(BatchSearchResponse(responses=await asyncio.gather(*tasks)))
+            return json_response({"responses": await asyncio.gather(*tasks)})
         finally:
             for task in tasks:
                 task.cancel()
@@ -342,7 +343,7 @@ def create_app(
         filters = Filters.of(kind, group, max_per_group)
         item = SearchItem(backend, backend.index.embeddings[row], k, filters, exclude_row=row)
         neighbors = await search_or_422(engine, item)
-        return as_json(search_response(backend, echo("item", k, filters, id=item_id), neighbors))
+        return json_response(search_response(backend, echo("item", k, filters, id=item_id), neighbors))
 
     @app.get(
         "/v1/items/{item_id:path}/thumbnail",

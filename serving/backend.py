@@ -12,12 +12,14 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
 from lookalike.index.searcher import ItemIndex
 from lookalike.model.artifact import Encoder, load_encoder
 from lookalike.model.store import Store, StoreError
+from lookalike.serving.results import ResultRows
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,11 @@ class Backend:
     encoder: Encoder
     index: ItemIndex
     loaded_unix_s: float = field(default_factory=time.time)
+
+    @cached_property
+    def rows(self) -> ResultRows:
+        """Per-row result metadata, read once (the loaders build it before serving)."""
+        return ResultRows(self.index.items)
 
 
 def check_compatible(encoder: Encoder, index: ItemIndex, workdir: str) -> None:
@@ -65,8 +72,10 @@ def load_backend(workdir: str | os.PathLike) -> Backend:
     encoder = load_encoder(store.require_model(index.model_version))
     check_compatible(encoder, index, str(store.root))
     encoder.warm_up(DEFAULT_MAX_EMBED_BATCH)  # compile every batch shape now, not during live queries
+    backend = Backend(encoder=encoder, index=index)
+    backend.rows  # read the result metadata now, not in the first request
     log.info(
         "backend ready in %.1fs: index %s (%d items), model %s (dim %d)",
         time.perf_counter() - started, index.version, len(index), encoder.version, encoder.embed_dim,
     )
-    return Backend(encoder=encoder, index=index)
+    return backend

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import quote
 
 import numpy as np
 from fastapi import HTTPException, Request
@@ -22,16 +21,13 @@ from lookalike.model.preprocess import ImageDecodeError
 from lookalike.serving.backend import Backend
 from lookalike.serving.engine import Filters, QueryEngine, SearchItem
 from lookalike.serving.limits import PayloadTooLarge
-from lookalike.serving.schemas import FilterFields, QueryEcho, SearchResponse, SearchResult
+from lookalike.serving.results import results_of
+from lookalike.serving.schemas import FilterFields
 
 UPLOAD_FIELD = "file"
 # Uploads up to this size are decoded on the event loop (well under a millisecond);
 # larger ones in the thread pool, so a big photo never stalls other requests.
 INLINE_DECODE_BYTES = 64 * 1024
-
-
-def item_url(item_id: str, suffix: str = "") -> str:
-    return f"/v1/items/{quote(item_id, safe='/')}{suffix}"
 
 
 def item_or_404(backend: Backend, item_id: str) -> dict[str, Any]:
@@ -41,38 +37,23 @@ def item_or_404(backend: Backend, item_id: str) -> dict[str, Any]:
     return backend.index.items[row]
 
 
-def group_of(item: dict[str, Any]) -> str | None:
-    group = item.get("group")
-    return None if group is None else str(group)
+def search_response(backend: Backend, query: dict[str, Any], neighbors: list[Neighbor]) -> dict[str, Any]:
+    """A ``SearchResponse`` as a JSON-ready dict (see ``lookalike.serving.results``)."""
+    return {
+        "query": query,
+        "results": results_of(backend.rows, backend.encoder.same_item_threshold, neighbors),
+        "model_version": backend.encoder.version,
+        "index_version": backend.index.version,
+    }
 
 
-def search_response(backend: Backend, query: QueryEcho, neighbors: list[Neighbor]) -> SearchResponse:
-    threshold = backend.encoder.same_item_threshold
-    results = []
-    for n in neighbors:
-        item = backend.index.items[n.row]
-        results.append(
-            SearchResult(
-                id=n.id,
-                score=n.score,
-                distance=n.distance,
-                same_item=threshold is not None and n.distance <= threshold,
-                kind=item.get("kind") or "image",
-                timestamp_s=item.get("timestamp_s"),
-                group=group_of(item),
-                thumbnail_url=item_url(n.id, "/thumbnail"),
-            )
-        )
-    return SearchResponse(
-        query=query, results=results, model_version=backend.encoder.version, index_version=backend.index.version
-    )
-
-
-def echo(type_: str, k: int, filters: Filters, **fields: Any) -> QueryEcho:
-    return QueryEcho(
-        type=type_, k=k, kind=filters.where.get("kind"), group=filters.where.get("group"),
-        max_per_group=filters.max_per_group, **fields,
-    )
+def echo(type_: str, k: int, filters: Filters, *, filename: str | None = None, bytes: int | None = None,
+         dim: int | None = None, id: str | None = None) -> dict[str, Any]:
+    """A ``QueryEcho``: what was searched for, as the server understood it."""
+    return {
+        "type": type_, "k": k, "filename": filename, "bytes": bytes, "dim": dim, "id": id,
+        "kind": filters.where.get("kind"), "group": filters.where.get("group"), "max_per_group": filters.max_per_group,
+    }
 
 
 def filters_of(body: FilterFields) -> Filters:

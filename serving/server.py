@@ -96,6 +96,7 @@ def serve(
         watch_interval_s=watch_interval_s,
         batching=BatchingConfig(max_batch=max_batch, max_wait_s=batch_wait_ms / 1000, max_embed_batch=max_embed_batch),
         admin_token=admin_token,
+        settle_heap=True,  # this process is the server's own
     )
     log.info("loading the model and index; then serving on %s", base_url(sock))
     try:

@@ -1,0 +1,140 @@
+"""Search responses built without pydantic: per-row metadata columns, the response
+shape against the documented schema, no thread hop for dependencies, and the heap
+settling that keeps full garbage collections short."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pytest
+from fastapi.dependencies import utils as fastapi_utils
+from fastapi.testclient import TestClient
+
+from lookalike.model.store import Store
+from lookalike.serving.app import create_app
+from lookalike.serving.backend import Backend, load_backend
+from lookalike.serving.heap import settle
+from lookalike.serving.results import ResultRows, json_response
+from lookalike.serving.schemas import BatchSearchResponse, SearchResponse
+
+ITEMS = [
+    {"id": "a", "kind": "frame", "group": "v1.mp4", "timestamp_s": 1.5},
+    {"id": "b", "kind": None, "group": None, "timestamp_s": None},
+    {"id": "c", "kind": "image", "group": 7},
+    {"id": "d", "kind": "frame", "group": "v1.mp4", "timestamp_s": 0.0},
+]
+
+
+def expected(item: dict[str, Any]) -> tuple[str, float | None, str | None]:
+    group = item.get("group")
+    return item.get("kind") or "image", item.get("timestamp_s"), None if group is None else str(group)
+
+
+class ArrowItems(list):
+    """Items backed by an Arrow table in chunks (as the index's ItemTable), plus rows added later."""
+
+    def __init__(self, rows: list[dict[str, Any]], added: list[dict[str, Any]]):
+        super().__init__(rows + added)
+        schema = pa.schema([("id", pa.string()), ("kind", pa.string()), ("group", pa.string()), ("timestamp_s", pa.float64())])
+        rows = [dict(r, group=None if r.get("group") is None else str(r["group"])) for r in rows]
+        self.table = pa.concat_tables([pa.Table.from_pylist(rows[:2], schema), pa.Table.from_pylist(rows[2:], schema)])
+
+
+def test_result_rows_from_dicts_match_the_items() -> None:
+    rows = ResultRows(ITEMS)
+    assert len(rows) == len(ITEMS)
+    assert [rows.row(i) for i in range(len(ITEMS))] == [expected(it) for it in ITEMS]
+
+
+def test_result_rows_from_an_arrow_table_and_rows_added_later() -> None:
+    added = {"id": "e", "kind": "frame", "group": "v2.mp4", "timestamp_s": 4.0}
+    rows = ResultRows(ArrowItems(ITEMS, [added]))
+    assert len(rows) == len(ITEMS)  # read from the table; the added row from the items
+    assert [rows.row(i) for i in range(len(ITEMS) + 1)] == [expected(it) for it in [*ITEMS, added]]
+
+
+def test_result_rows_without_metadata_columns() -> None:
+    items = ArrowItems([{"id": "x"}, {"id": "y"}], [])
+    items.table = pa.table({"id": ["x", "y"]})
+    assert [ResultRows(items).row(i) for i in range(2)] == [("image", None, None)] * 2
+    assert len(ResultRows([])) == 0
+
+
+def test_json_response_refuses_non_finite_numbers() -> None:
+    assert json_response({"a": [1, None, "é"]}).body == '{"a":[1,null,"é"]}'.encode()
+    with pytest.raises(ValueError):
+        json_response({"score": float("nan")})
+
+
+@pytest.fixture(scope="module")
+def backend(indexed_store: Store) -> Backend:
+    return load_backend(indexed_store.root)
+
+
+def test_responses_have_exactly_the_documented_shape(backend: Backend, indexed_store: Store, monkeypatch) -> None:
+    thread_hops = []
+    real = fastapi_utils.run_in_threadpool
+
+    async def counting(func, *args, **kwargs):
+        thread_hops.append(getattr(func, "__name__", func))
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(fastapi_utils, "run_in_threadpool", counting)
+    vector = backend.index.embeddings[3].tolist()
+    image = next((indexed_store.root / "corpus").rglob("*.png")).read_bytes()
+    item_id = backend.index.items[5]["id"]
+    with TestClient(create_app(lambda: backend)) as client:
+        answers = {
+            "vector": client.post("/v1/search/vector", json={"vector": vector, "k": 4}),
+            "image": client.post("/v1/search/image?k=3&max_per_group=2", content=image, headers={"content-type": "image/png"}),
+            "similar": client.get(f"/v1/items/{item_id}/similar", params={"k": 2, "kind": "image"}),
+        }
+        batch = client.post("/v1/search/batch", json={"queries": [{"vector": vector}, {"id": item_id}], "k": 2})
+    assert thread_hops == []  # dependencies of the search endpoints run on the event loop
+    for name, response in answers.items():
+        assert response.status_code == 200, (name, response.text)
+        body = response.json()
+        assert SearchResponse.model_validate(body).model_dump(mode="json") == body  # no missing or extra field
+        for result in body["results"]:
+            assert (result["kind"], result["timestamp_s"], result["group"]) == expected(backend.index.items[backend.index.row_of(result["id"])])
+    assert answers["vector"].json()["results"][0]["id"] == backend.index.items[3]["id"]
+    assert answers["image"].json()["query"] | {"filename": None} == {
+        "type": "image", "k": 3, "filename": None, "bytes": len(image), "dim": None, "id": None,
+        "kind": None, "group": None, "max_per_group": 2,
+    }
+    assert batch.status_code == 200
+    assert BatchSearchResponse.model_validate(batch.json()).model_dump(mode="json") == batch.json()
+
+
+def test_settle_freezes_survivors_and_frees_cycles_frozen_before() -> None:
+    class Node:
+        pass
+
+    try:
+        cycle = Node()
+        cycle.self = cycle
+        alive = weakref.ref(cycle)
+        settle()
+        assert gc.get_freeze_count() > 0
+        del cycle
+        gc.collect()
+        assert alive() is not None  # frozen: full collections no longer look at it
+        settle()  # e.g. after a hot swap: the old version's cycles are freed
+        assert alive() is None
+    finally:
+        gc.unfreeze()
+
+
+def test_app_settles_the_heap_after_loading_only_when_asked(backend: Backend) -> None:
+    try:
+        gc.unfreeze()
+        with TestClient(create_app(lambda: backend)):
+            assert gc.get_freeze_count() == 0
+        with TestClient(create_app(lambda: backend, settle_heap=True)):
+            assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
