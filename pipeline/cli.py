@@ -248,9 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="files per inference batch")
     p.add_argument("--num-shards", type=int, default=None,
                    help="embedding and index shards, each built on a worker (default: one per 50k files)")
-    p.add_argument("--index-mode", default="auto", choices=["auto", "brute_force", "ah", "tree_ah"],
-                   help="ScaNN configuration (auto: chosen by size: exact for small corpora, AH + reorder, "
-                   "then tree + AH + reorder)")
+    p.add_argument("--index-mode", default="auto", choices=["auto", "brute_force", "tree_exact", "ah", "tree_ah"],
+                   help="ScaNN configuration (auto: chosen by shard size: exact brute force under 20k items, "
+                   "tree + exact scoring of the searched leaves under 200k, then tree + AH + reorder)")
     p.add_argument("--target-recall", type=float, default=0.95,
                    help="autotune the index's search parameters to this recall@10 against exact search")
     p.add_argument("--no-publish", action="store_true", help="write embeddings only; do not build or publish an index")
