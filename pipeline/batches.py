@@ -21,6 +21,10 @@ import numpy as np
 from apache_beam.metrics import Metrics
 
 from lookalike.model.preprocess import ImageDecodeError, PreprocessSpec
+from lookalike.model.progress import Progress
+from lookalike.pipeline.cache import write_cache_table
+from lookalike.pipeline.failpoints import failpoint
+from lookalike.pipeline.items import expand_items, rows_table, split_by_shard
 from lookalike.pipeline.sources import DEAD, dead_letter, decode_source
 from lookalike.pipeline.thumbnails import ThumbnailWriter
 from lookalike.pipeline.video import FrameSampling, VideoDecodeError
@@ -105,3 +109,33 @@ class DecodeBatchFn(beam.DoFn):
             self._decoded.inc(len(metas))
             self._batches.inc()
             yield BATCH, (metas, np.stack(pixels))
+
+
+class BatchRowsFn(beam.DoFn):
+    """(metas, PredictionResult with [B, D] inference) -> (shard, items table) per shard the
+    batch's items fall in. Each batch's rows are first written to the embedding cache (one
+    file per batch, atomically), so a run killed midway keeps every finished batch for the
+    next ``--incremental`` run. Logs the embed stage's progress (items, rate, ETA)."""
+
+    def __init__(self, total_files: int, cache_dir: str, embed_dim: int, num_shards: int, **expand: Any):
+        self._total = total_files
+        self._cache_dir = cache_dir
+        self._embed_dim = embed_dim
+        self._num_shards = num_shards
+        self._expand = expand
+
+    def setup(self) -> None:
+        self._progress = Progress("embed", total=self._total or None, unit="items", logger=log)
+        self._count = 0
+        self._batches = 0
+
+    def process(self, keyed: tuple[list[dict[str, Any]], Any]):
+        metas, result = keyed
+        rows = rows_table(metas, np.asarray(result.inference, np.float32), self._embed_dim)
+        write_cache_table(self._cache_dir, rows)
+        self._batches += 1
+        failpoint(f"embed_batch_{self._batches}")
+        self._count += len(metas)
+        self._progress.update(self._count)
+        items = expand_items(rows, [m["uris"] for m in metas], reused=False, **self._expand)
+        yield from split_by_shard(items, self._num_shards)

@@ -29,9 +29,6 @@ import pyarrow.parquet as pq
 
 log = logging.getLogger(__name__)
 
-CACHE_FIELDS = ["source_hash", "content_hash", "kind", "timestamp_s", "width", "height"]
-
-
 def cache_schema(embed_dim: int) -> pa.Schema:
     return pa.schema([
         ("source_hash", pa.string()),
@@ -84,30 +81,60 @@ class WriteFileIndexFn(beam.DoFn):
         yield path
 
 
-def load_cache(directory: str | Path) -> dict[str, list[dict[str, Any]]]:
-    """source hash -> cached rows (one per item made from that source). Unreadable files are skipped."""
-    rows: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for path in sorted(glob.glob(os.path.join(str(directory), "part-*.parquet"))):
+def _cache_files(directory: str | Path) -> list[str]:
+    return sorted(glob.glob(os.path.join(str(directory), "part-*.parquet")), key=os.path.getmtime)
+
+
+def cached_hashes(directory: str | Path) -> set[str]:
+    """The source hashes the cache holds rows for (reads one column). Unreadable files are skipped."""
+    hashes: set[str] = set()
+    for path in _cache_files(directory):
         try:
-            table = pq.read_table(path)
+            hashes.update(pq.read_table(path, columns=["source_hash"]).column("source_hash").to_pylist())
         except Exception as e:  # a torn file from a crash is just not reused
             log.warning("ignoring unreadable cache file %s: %s", path, e)
-            continue
-        for row in table.to_pylist():
-            rows[row["source_hash"]].append(row)
-    for source_rows in rows.values():
-        source_rows.sort(key=lambda r: (r["timestamp_s"] is not None, r["timestamp_s"] or 0.0))
-    return dict(rows)
+    return hashes
 
 
-def write_cache_rows(directory: str, rows: list[dict[str, Any]], embed_dim: int) -> str | None:
-    """Write cache rows (meta + embedding) as one new Parquet file, atomically; return its path."""
+def load_cache_table(directory: str | Path, embed_dim: int) -> pa.Table:
+    """Every cached row (cache_schema), one per (source hash, content hash): when runs cached
+    the same item more than once, the newest row wins. Unreadable files are skipped."""
+    tables = []
+    for path in _cache_files(directory):
+        try:
+            tables.append(pq.read_table(path).cast(cache_schema(embed_dim)))
+        except Exception as e:  # a torn file from a crash is just not reused
+            log.warning("ignoring unreadable cache file %s: %s", path, e)
+    if not tables:
+        return cache_schema(embed_dim).empty_table()
+    table = pa.concat_tables(tables)
+    keys = zip(table.column("source_hash").to_pylist(), table.column("content_hash").to_pylist())
+    last = {key: i for i, key in enumerate(keys)}
+    return table.take(pa.array(sorted(last.values()), pa.int64())) if len(last) < len(table) else table
+
+
+def rows_of_files(cache: pa.Table, files: list[tuple[str, str]]) -> tuple[pa.Table, list[list[str]]]:
+    """``files`` as (uri, source hash) pairs, every hash in ``cache`` -> (the cached rows of
+    those sources, and for each row the uris holding its source)."""
+    uris_by_hash: dict[str, list[str]] = defaultdict(list)
+    for uri, source_hash in files:
+        uris_by_hash[source_hash].append(uri)
+    take: list[int] = []
+    uris: list[list[str]] = []
+    for i, source_hash in enumerate(cache.column("source_hash").to_pylist()):
+        paths = uris_by_hash.get(source_hash)
+        if paths:
+            take.append(i)
+            uris.append(sorted(set(paths)))
+    return cache.take(pa.array(take, pa.int64())), uris
+
+
+def write_cache_table(directory: str, table: pa.Table) -> str | None:
+    """Write cache rows (cache_schema) as one new Parquet file, atomically; return its path."""
     from lookalike.pipeline.writers import write_atomically
 
-    if not rows:
+    if not len(table):
         return None
-    table = pa.Table.from_pylist([{k: r[k] for k in (*CACHE_FIELDS, "embedding")} for r in rows],
-                                 schema=cache_schema(embed_dim))
     path = os.path.join(directory, f"part-{uuid.uuid4().hex}.parquet")
     write_atomically(path, lambda tmp: pq.write_table(table, tmp))
     return path

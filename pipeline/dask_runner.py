@@ -17,9 +17,6 @@ from apache_beam.internal import pickler
 from apache_beam.runners.common import DoFnInvoker
 from apache_beam.runners.dask import dask_runner, transform_evaluator
 
-DASK_RUNNER_ALIASES = {"dask", "daskrunner", "fixeddaskrunner"}
-
-
 def apply_dofn_to_bundle_fixed(items, do_fn_invoker_args, do_fn_invoker_kwargs, tagged_receivers):
     """Run a DoFn over one Dask partition, keeping outputs emitted in ``finish_bundle``."""
     do_fn_invoker_args, do_fn_invoker_kwargs, tagged_receivers = pickler.loads(

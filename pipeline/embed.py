@@ -2,17 +2,24 @@
 
 ::
 
-    MatchFiles(corpus/**) or a list file
-      -> ReadSourceFn: read + sha256 ---- dead ----------------------------------+
-           | new                  \--- cached (--incremental, same model) --+    |
-      GroupByKey(hash bucket)      (byte-identical files decoded once)      |    |
-      -> DecodeBatchFn: images / sampled video frames, thumbnails -- dead --|----+
-      -> RunInference(KeyedModelHandler(FlaxEncoderHandler)), one batch a call   |
-      -> rows (each batch also written to embeddings/cache/<model>/)       |    |
-      -> one record per path <----------------------------------------------+    |
-      -> GroupByKey(shard) -> WriteParquetShardFn (embeddings-SSSSS-of-NNNNN)    |
-                                   GroupByKey -> WriteJsonlFn (dead_letter) <----+
+    MatchFiles(corpus/**), a list file, or (--incremental) the files not known unchanged
+      -> ReadSourceFn: read + sha256 ---- dead ------------------------------------+
+           | new                  \--- cached (--incremental, same model) ---+    |
+      GroupByKey(hash bucket)      (byte-identical files decoded once)       |    |
+      -> DecodeBatchFn: images / sampled video frames, thumbnails -- dead ---|----+
+      -> RunInference(KeyedModelHandler(FlaxEncoderHandler)), one batch a call    |
+      -> BatchRowsFn: cache file per batch; Arrow items table per shard      |    |
+           |       files unchanged by path, size, mtime (listed before) --> ReusedItemsFn
+      GroupByKey(shard) <- (shard, items table) <-----------------------------+    |
+      -> concatenated, sorted by id -> WriteParquetShardFn (embeddings-SSSSS-of-NNNNN)
+                                    \-> BuildIndexShardFn (ScaNN shard)            |
+                                   GroupByKey -> WriteJsonlFn (dead_letter) <-----+
       all sinks -> Done   (one final transform: the Dask runner computes only the last)
+
+Per item, only the decode stage does Python work; after inference a batch travels as
+one Arrow table (``lookalike.pipeline.items``). An ``--incremental`` run on a corpus
+where nothing changed does not start Beam at all, and keeps the served index when it
+already holds exactly these items (``lookalike.pipeline.reuse``).
 
 After the pipeline finishes, the Parquet shards are read back, a ScaNN index is
 built and published atomically as the store's CURRENT version, and a run summary
@@ -28,7 +35,6 @@ after a GroupByKey, so the graph is correct on runners without bundle finalisati
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import time
@@ -37,9 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import apache_beam as beam
-import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from apache_beam.io import fileio
 from apache_beam.io.filesystem import FileMetadata
 from apache_beam.io.filesystems import FileSystems
@@ -49,35 +53,27 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from lookalike.index.builder import IndexOptions, resolve_options
 from lookalike.model.artifact import read_model_meta
 from lookalike.model.preprocess import PreprocessSpec
-from lookalike.model.progress import Progress
 from lookalike.model.store import Store, StoreError, check_version_name
-from lookalike.pipeline.batches import BATCH, DecodeBatchFn, bucket_of, split_tagged
-from lookalike.pipeline.cache import WriteFileIndexFn, cache_dir, write_cache_rows
-from lookalike.pipeline.failpoints import failpoint
-from lookalike.pipeline.index_shards import BuildIndexShardFn, collect_shard_entries
+from lookalike.pipeline.batches import BATCH, BatchRowsFn, DecodeBatchFn, bucket_of, split_tagged
+from lookalike.pipeline.cache import WriteFileIndexFn, cache_dir
+from lookalike.pipeline.index_shards import BuildIndexShardFn, build_index_shard, collect_shard_entries
 from lookalike.pipeline.inference import FlaxEncoderHandler
-from lookalike.pipeline.sources import CACHED, DEAD, FILE, NEW, ReadSourceFn, corpus_pattern, corpus_root, expand_to_items
+from lookalike.pipeline.items import concat_sorted, embedding_schema, split_by_shard
+from lookalike.pipeline.reuse import ReusedItemsFn, ReusePlan, current_index_if_same, list_files, plan_reuse, reused_items
+from lookalike.pipeline.sources import CACHED, DEAD, FILE, NEW, ReadSourceFn, corpus_pattern, corpus_root
+from lookalike.pipeline.summary import EmbedSummary, counter_values, read_dead_letters, read_embeddings, summarize
 from lookalike.pipeline.tfds_source import ReadTfdsRangeFn, TfdsSpec, example_ranges
-from lookalike.pipeline.writers import WriteJsonlFn, WriteParquetShardFn, shard_of
 from lookalike.pipeline.video import FrameSampling
+from lookalike.pipeline.writers import WriteJsonlFn, WriteParquetShardFn, write_items_shard
 
 log = logging.getLogger(__name__)
 
 LOCAL_RUNNER = "FnApiRunner"
+DASK_RUNNER_ALIASES = {"dask", "daskrunner", "fixeddaskrunner"}
+# Corpus listings up to this many files travel in the pipeline graph; bigger ones are matched again by Beam.
+LISTING_IN_GRAPH_MAX = 500_000
 
-EMBEDDING_SCHEMA_FIELDS = [
-    ("id", pa.string()),
-    ("uri", pa.string()),
-    ("kind", pa.string()),
-    ("timestamp_s", pa.float64()),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("content_hash", pa.string()),
-    ("group", pa.string()),
-    ("thumbnail", pa.string()),
-    ("model_version", pa.string()),
-    ("reused", pa.bool_()),  # True: embedding taken from the cache (--incremental)
-]
+__all__ = ["EmbedConfig", "EmbedError", "EmbedSummary", "read_dead_letters", "read_embeddings", "run_embed"]
 
 
 class EmbedError(RuntimeError):
@@ -105,54 +101,37 @@ class EmbedConfig:
 
 
 @dataclass
-class EmbedSummary:
-    run: str
-    run_dir: str
-    model_version: str
-    index_version: str | None
-    files_matched: int
-    files_read: int  # bytes read (an --incremental run skips unchanged path+size+mtime); -1 if unknown
-    items: int
-    embedded: int
-    unchanged: int
-    duplicate_files: int
-    failed: int
-    elapsed_s: float
-    items_per_s: float
-    runner: str
-    dead_letter_examples: list[dict[str, str]]
+class _Run:
+    """What every stage of one run needs to know."""
 
+    config: EmbedConfig
+    store: Store
+    meta: dict[str, Any]
+    model_dir: str
+    pattern: str
+    root: str
+    run_dir: Path
+    total: int
+    listing: list[FileMetadata] | None = None  # the matched corpus, listed before the run
+    plan: ReusePlan | None = None  # --incremental on a matched corpus: files split before Beam
 
-def embedding_schema(embed_dim: int) -> pa.Schema:
-    return pa.schema(EMBEDDING_SCHEMA_FIELDS + [("embedding", pa.list_(pa.float32(), embed_dim))])
+    @property
+    def cache(self) -> str:
+        return str(cache_dir(self.store.embeddings_dir, self.meta["version"]))
 
+    @property
+    def num_shards(self) -> int:
+        return num_shards_for(self.total, self.config.num_shards)
 
-class BatchRowsFn(beam.DoFn):
-    """(metas, PredictionResult with [B, D] inference) -> one cache row (meta + embedding) per
-    item. Each batch's rows are written to the embedding cache at once (one file per batch,
-    atomically), so a run killed midway keeps every finished batch for the next
-    ``--incremental`` run. Logs the embed stage's progress (items, rate, ETA)."""
+    @property
+    def schema(self) -> pa.Schema:
+        return embedding_schema(int(self.meta["embed_dim"]))
 
-    def __init__(self, total_files: int, cache_dir: str, embed_dim: int):
-        self._total = total_files
-        self._cache_dir = cache_dir
-        self._embed_dim = embed_dim
-
-    def setup(self) -> None:
-        self._progress = Progress("embed", total=self._total or None, unit="items", logger=log)
-        self._count = 0
-        self._batches = 0
-
-    def process(self, keyed: tuple[list[dict[str, Any]], Any]):
-        metas, result = keyed
-        embeddings = np.asarray(result.inference, np.float32)
-        rows = [{**meta, "embedding": emb.tolist()} for meta, emb in zip(metas, embeddings)]
-        write_cache_rows(self._cache_dir, rows, self._embed_dim)
-        self._batches += 1
-        failpoint(f"embed_batch_{self._batches}")
-        self._count += len(metas)
-        self._progress.update(self._count)
-        yield from rows
+    @property
+    def expand(self) -> dict[str, str]:
+        """How cached or embedded rows become items (``items.expand_items`` arguments)."""
+        return {"root": self.root, "thumbnails_dir": str(self.store.root / "thumbnails"),
+                "model_version": self.meta["version"]}
 
 
 def num_shards_for(total_files: int, requested: int | None) -> int:
@@ -161,10 +140,13 @@ def num_shards_for(total_files: int, requested: int | None) -> int:
 
 
 def resolve_runner(name: str) -> str:
-    """Runner names as Beam takes them; ``dask`` means our fixed Dask runner."""
-    from lookalike.pipeline.dask_runner import DASK_RUNNER_ALIASES, RUNNER_PATH
+    """Runner names as Beam takes them; ``dask`` means our fixed Dask runner (imported only
+    then: importing Beam's Dask runner takes over a second)."""
+    if name.lower() not in DASK_RUNNER_ALIASES:
+        return name
+    from lookalike.pipeline.dask_runner import RUNNER_PATH
 
-    return RUNNER_PATH if name.lower() in DASK_RUNNER_ALIASES else name
+    return RUNNER_PATH
 
 
 def pipeline_options(config: EmbedConfig) -> PipelineOptions:
@@ -174,70 +156,78 @@ def pipeline_options(config: EmbedConfig) -> PipelineOptions:
     return PipelineOptions(args)
 
 
-def build_pipeline(p: beam.Pipeline, config: EmbedConfig, pattern: str, root: str, model_dir: str,
-                   meta: dict[str, Any], store: Store, run_dir: str, total: int,
-                   index_build: tuple[str, dict[str, Any]] | None = None) -> None:
+def _read(p: beam.Pipeline, run: _Run) -> dict[str, beam.PCollection]:
+    """The source stage: ("new" | "cached" | "dead" | "file") PCollections."""
+    config = run.config
+    if config.tfds:
+        tfds_spec = TfdsSpec.parse(config.tfds, config.tfds_data_dir)
+        tagged = (p | "TfdsRanges" >> beam.Create(example_ranges(tfds_spec))
+                  | "ReadTfds" >> beam.ParDo(ReadTfdsRangeFn(tfds_spec)))
+        return split_tagged(tagged, (NEW, CACHED, DEAD, FILE), "Read")
+    if config.list_file:
+        files = p | "ListedFiles" >> beam.Create(read_list_file(config.list_file)) | "AsMetadata" >> beam.Map(
+            lambda path: FileMetadata(path, 0))
+    elif run.listing and len(run.listing) <= LISTING_IN_GRAPH_MAX:
+        # The files listed before the run (only the changed ones with --incremental), not listed again.
+        todo = run.plan.changed if run.plan is not None else run.listing
+        files = p | "ListedCorpus" >> beam.Create(todo, reshuffle=False)
+    else:
+        files = p | "MatchCorpus" >> fileio.MatchFiles(run.pattern, empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW)
+    read = files | "ReadAndHash" >> beam.ParDo(ReadSourceFn(run.cache if config.incremental else None, run.total))
+    return split_tagged(read, (NEW, CACHED, DEAD, FILE), "Read")
+
+
+def build_pipeline(p: beam.Pipeline, run: _Run, index_build: tuple[str, dict[str, Any]] | None = None) -> None:
     """Add the embed transforms to ``p``; every sink feeds the final ``Done`` transform.
     With ``index_build`` = (temporary index folder, build params), each embedding shard
     also becomes a ScaNN index shard there."""
-    spec = PreprocessSpec.from_dict(meta["preprocess"])
-    embed_dim, version = int(meta["embed_dim"]), meta["version"]
-    cache = str(cache_dir(store.embeddings_dir, version))
-    thumbs = str(store.root / "thumbnails")
-    num_buckets = max(1, -(-total // max(1, config.max_batch_size)))
-    num_shards = num_shards_for(total, config.num_shards)
-    if config.tfds:
-        tfds_spec = TfdsSpec.parse(config.tfds, config.tfds_data_dir)
-        read = split_tagged(
-            p | "TfdsRanges" >> beam.Create(example_ranges(tfds_spec)) | "ReadTfds" >> beam.ParDo(ReadTfdsRangeFn(tfds_spec)),
-            (NEW, CACHED, DEAD, FILE), "Read")
-    elif config.list_file:
-        files = p | "ListedFiles" >> beam.Create(read_list_file(config.list_file)) | "AsMetadata" >> beam.Map(
-            lambda path: FileMetadata(path, 0))
-    else:
-        files = p | "MatchCorpus" >> fileio.MatchFiles(pattern, empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW)
-    if not config.tfds:
-        read = split_tagged(files | "ReadAndHash" >> beam.ParDo(ReadSourceFn(cache if config.incremental else None, total)),
-                            (NEW, CACHED, DEAD, FILE), "Read")
+    config, embed_dim = run.config, int(run.meta["embed_dim"])
+    spec = PreprocessSpec.from_dict(run.meta["preprocess"])
+    num_buckets = max(1, -(-run.total // max(1, config.max_batch_size)))
+    read = _read(p, run)
     file_index = (
         read[FILE]
         | "FileIndexKey" >> beam.Map(lambda row: (0, row))
         | "GroupFileIndex" >> beam.GroupByKey()
-        | "WriteFileIndex" >> beam.ParDo(WriteFileIndexFn(cache))
+        | "WriteFileIndex" >> beam.ParDo(WriteFileIndexFn(run.cache))
     )
     decoded = split_tagged(
         read[NEW]
         | "ToBucket" >> beam.Map(lambda entry: (bucket_of(entry[0], num_buckets), entry))
         | "GroupBuckets" >> beam.GroupByKey()
-        | "DecodeBatches" >> beam.ParDo(DecodeBatchFn(spec, thumbs, config.sampling)),
+        | "DecodeBatches" >> beam.ParDo(DecodeBatchFn(spec, run.expand["thumbnails_dir"], config.sampling)),
         (BATCH, DEAD), "Decoded")
     # Pre-made batches, one per RunInference call: max_batch_size=1 makes BatchElements emit in process().
-    handler = KeyedModelHandler(FlaxEncoderHandler(model_dir, min_batch_size=1, max_batch_size=1,
+    handler = KeyedModelHandler(FlaxEncoderHandler(run.model_dir, min_batch_size=1, max_batch_size=1,
                                                    encoder_batch=config.max_batch_size))
-    new_rows = decoded[BATCH] | "Embed" >> RunInference(handler) | "BatchRows" >> beam.ParDo(
-        BatchRowsFn(total, cache, embed_dim))
-    new_items = new_rows | "NewItems" >> beam.FlatMap(lambda row: expand_to_items(row["uris"], row, root, thumbs, version))
-    old_items = read[CACHED] | "CachedItems" >> beam.FlatMap(
-        lambda pair: expand_to_items(pair[0], pair[1], root, thumbs, version, reused=True))
+    new_items = decoded[BATCH] | "Embed" >> RunInference(handler) | "BatchRows" >> beam.ParDo(
+        BatchRowsFn(run.total, run.cache, embed_dim, run.num_shards, **run.expand))
+    cached_files = read[CACHED] | "CachedChunk" >> beam.Map(lambda pair: [pair])
+    if run.plan is not None and run.plan.unchanged:
+        unchanged = p | "UnchangedFiles" >> beam.Create([run.plan.unchanged], reshuffle=False)
+        cached_files = (cached_files, unchanged) | "AllCached" >> beam.Flatten()
+    old_items = (
+        cached_files
+        | "CachedKey" >> beam.Map(lambda chunk: (0, chunk))
+        | "GroupCached" >> beam.GroupByKey()
+        | "ReusedItems" >> beam.ParDo(ReusedItemsFn(run.cache, embed_dim, run.num_shards, **run.expand))
+    )
+    schema = run.schema
     shards = (
         (new_items, old_items)
         | "AllItems" >> beam.Flatten()
-        | "ShardKey" >> beam.Map(lambda r: (shard_of(r["id"], num_shards), r))
         | "GroupShards" >> beam.GroupByKey()
+        | "SortShards" >> beam.Map(lambda kv: (kv[0], concat_sorted(list(kv[1]), schema)))
     )
-    parquet_files = shards | "WriteParquet" >> beam.ParDo(
-        WriteParquetShardFn(f"{run_dir}/embeddings", num_shards, embedding_schema(embed_dim)))
-    sinks = [parquet_files]
+    sinks = [shards | "WriteParquet" >> beam.ParDo(WriteParquetShardFn(f"{run.run_dir}/embeddings", run.num_shards))]
     if index_build is not None:
-        index_dir, params = index_build
-        item_schema = pa.schema([f for f in embedding_schema(embed_dim) if f.name != "embedding"])
-        sinks.append(shards | "BuildIndexShards" >> beam.ParDo(BuildIndexShardFn(index_dir, params, item_schema)))
+        sinks.append(shards | "BuildIndexShards" >> beam.ParDo(BuildIndexShardFn(*index_build)))
     dead_files = (
         (read[DEAD], decoded[DEAD])
         | "AllDead" >> beam.Flatten()
         | "DeadKey" >> beam.Map(lambda row: (0, row))
         | "GroupDead" >> beam.GroupByKey()
-        | "WriteDead" >> beam.ParDo(WriteJsonlFn(f"{run_dir}/dead_letter-00000-of-00001.jsonl"))
+        | "WriteDead" >> beam.ParDo(WriteJsonlFn(f"{run.run_dir}/dead_letter-00000-of-00001.jsonl"))
     )
     _ = (*sinks, dead_files, file_index) | "AllSinks" >> beam.Flatten() | "Done" >> beam.Map(lambda path: path)
 
@@ -252,125 +242,29 @@ def read_list_file(path: str) -> list[str]:
     return [e if e.startswith("/") or "://" in e else f"{base}/{e}" for e in entries]
 
 
-def counts_from_items(items: pa.Table) -> dict[str, int]:
-    """The summary counts, derived from the written items (for runners without metrics)."""
-    if items.num_rows == 0:
-        return {}
-    rows = items.select(["uri", "content_hash", "reused"]).to_pylist()
-    new = [r for r in rows if not r["reused"]]
-    new_sources = {r["content_hash"].split("#")[0] for r in new}
-    return {
-        "items_decoded": len({r["content_hash"] for r in new}),
-        "files_unchanged": len({r["uri"] for r in rows if r["reused"]}),
-        "duplicate_files": len({r["uri"] for r in new}) - len(new_sources),
-    }
+def write_reused(run: _Run, items: pa.Table, index_build: tuple[str, dict[str, Any]] | None) -> dict[str, int]:
+    """Nothing changed: write the reused items as the run's shards (and index shards) without
+    Beam; returns the counts the pipeline would have reported."""
+    for shard, table in split_by_shard(items, run.num_shards):
+        table = concat_sorted([table], run.schema)
+        write_items_shard(f"{run.run_dir}/embeddings", shard, run.num_shards, table)
+        if index_build is not None:
+            build_index_shard(*index_build, shard, table)
+    log.info("nothing changed in %d file(s): %d cached item(s) reused without running the pipeline",
+             len(run.plan.unchanged), len(items))
+    return {"files_read": 0, "files_unchanged": len(run.plan.unchanged)}
 
 
-def counter_values(result: Any) -> dict[str, int]:
-    """The pipeline's ``lookalike`` counters (empty where the runner does not report metrics)."""
-    try:
-        counters = result.metrics().query()["counters"]
-    except Exception:  # some runners do not support metrics queries
-        return {}
-    totals: dict[str, int] = {}
-    for c in counters:
-        if c.key.metric.namespace == "lookalike":
-            totals[c.key.metric.name] = totals.get(c.key.metric.name, 0) + int(c.committed or c.attempted or 0)
-    return totals
-
-
-def read_embeddings(run_dir: Path) -> tuple[np.ndarray, pa.Table]:
-    """Read ``embeddings-*.parquet`` of a run -> ([N, D] float32, items table without embeddings)."""
-    files = sorted(glob.glob(str(run_dir / "embeddings-*.parquet")))
-    tables = [pq.read_table(f) for f in files]
-    tables = [t for t in tables if t.num_rows]
-    if not tables:
-        return np.zeros((0, 0), np.float32), pa.table({"id": pa.array([], pa.string())})
-    table = pa.concat_tables(tables).sort_by("id")
-    emb = np.asarray(table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False), np.float32)
-    emb = emb.reshape(table.num_rows, -1)
-    return emb, table.drop(["embedding"])
-
-
-def read_dead_letters(run_dir: Path) -> list[dict[str, str]]:
-    rows = []
-    for f in sorted(glob.glob(str(run_dir / "dead_letter-*.jsonl"))):
-        rows += [json.loads(line) for line in Path(f).read_text(encoding="utf-8").splitlines() if line.strip()]
-    return rows
-
-
-def count_matches(pattern: str) -> int:
-    try:
-        return sum(len(m.metadata_list) for m in FileSystems.match([pattern]))
-    except Exception:  # an empty or unreachable pattern: the pipeline reports it
-        return 0
-
-
-def summarize(run: str, run_dir: Path, model_version: str, total: int, runner: str, result: Any,
-              elapsed: float) -> EmbedSummary:
-    """Counts of a finished run, from the runner's metrics or else from what it wrote."""
-    embeddings, items = read_embeddings(run_dir)
-    from_runner = counter_values(result)
-    counts = from_runner or counts_from_items(items)
-    dead = read_dead_letters(run_dir)
-    for row in dead:
-        log.warning("skipped %s at %s: %s", row["uri"], row["stage"], row["reason"])
-    return EmbedSummary(
-        run=run,
-        run_dir=str(run_dir),
-        model_version=model_version,
-        index_version=None,
-        files_matched=total,
-        files_read=counts.get("files_read", 0 if from_runner else -1),
-        items=int(len(embeddings)),
-        embedded=counts.get("items_decoded", 0),
-        unchanged=counts.get("files_unchanged", 0),
-        duplicate_files=counts.get("duplicate_files", 0),
-        failed=len(dead),
-        elapsed_s=round(elapsed, 3),
-        items_per_s=round(len(embeddings) / elapsed, 1) if elapsed > 0 else 0.0,
-        runner=runner,
-        dead_letter_examples=dead[:20],
-    )
-
-
-def run_embed(config: EmbedConfig) -> EmbedSummary:
-    """Run the pipeline, build and publish the index; raise EmbedError if nothing was embedded."""
-    store = Store.at(config.workdir)
-    model_dir = store.require_model(config.model_version)
-    meta = read_model_meta(model_dir)
-    corpus = config.corpus or str(store.corpus_dir)
-    if config.tfds:
-        tfds_spec = TfdsSpec.parse(config.tfds, config.tfds_data_dir)
-        corpus = tfds_spec.root
-    elif config.list_file:
-        list_file = config.list_file if "://" in config.list_file else str(Path(config.list_file).resolve())
-        if "://" not in list_file and not Path(list_file).is_file():
-            raise StoreError(f"list file {config.list_file} does not exist")
-        config = replace(config, list_file=list_file)
-        corpus = list_file.rsplit("/", 1)[0]
-    elif "://" not in corpus and not any(ch in corpus for ch in "*?[") and not Path(corpus).is_dir():
-        raise StoreError(f"corpus folder {corpus} does not exist: run `lookalike demo` or pass --corpus")
-    if "://" not in corpus:
-        corpus = str(Path(corpus).expanduser().resolve()) if not any(ch in corpus for ch in "*?[") else corpus
-    pattern, root = corpus_pattern(corpus), corpus_root(corpus)
-    run = check_version_name(config.run_name or time.strftime("e-%Y%m%dT%H%M%S", time.gmtime()))
-    run_dir = store.embedding_run_dir(run)
-    if run_dir.exists():
-        raise EmbedError(f"embedding run {run_dir} already exists; choose another --run-name")
-    run_dir.mkdir(parents=True)
-    if config.tfds:
-        ranges = example_ranges(tfds_spec)
-        total = ranges[-1][1] if ranges else 0
+def _execute(run: _Run, started: float, index_build: tuple[str, dict[str, Any]] | None,
+             reused: pa.Table | None) -> EmbedSummary:
+    """Run the pipeline (or only write ``reused``) and summarise; EmbedError (summary
+    written) if nothing was embedded."""
+    config = run.config
+    if reused is not None:
+        counted = write_reused(run, reused, index_build)
     else:
-        total = len(read_list_file(config.list_file)) if config.list_file else count_matches(pattern)
-    log.info("embedding %d file(s) matching %s with model %s on %s", total, pattern, meta["version"], config.runner)
-    started = time.perf_counter()
-
-    def execute(index_build: tuple[str, dict[str, Any]] | None) -> EmbedSummary:
-        """Run the pipeline and summarise it; EmbedError (summary written) if nothing was embedded."""
         p = beam.Pipeline(options=pipeline_options(config))
-        build_pipeline(p, config, pattern, root, str(model_dir), meta, store, str(run_dir), total, index_build)
+        build_pipeline(p, run, index_build)
         result = None
         try:
             result = p.run()
@@ -379,37 +273,71 @@ def run_embed(config: EmbedConfig) -> EmbedSummary:
             client = getattr(result, "client", None)  # the Dask runner leaves its client open
             if client is not None:
                 client.close()
-        summary = summarize(run, run_dir, meta["version"], total, config.runner, result, time.perf_counter() - started)
-        if summary.items == 0:
-            (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
-            raise EmbedError(
-                f"nothing embedded from {pattern}: {total} file(s) matched, {summary.failed} rejected "
-                f"(see {run_dir}/dead_letter-*.jsonl); no index published"
-            )
-        return summary
+        counted = counter_values(result)
+        if counted and run.plan is not None:  # files the plan kept out of the pipeline
+            counted["files_unchanged"] = counted.get("files_unchanged", 0) + len(run.plan.unchanged)
+    summary = summarize(run.run_dir.name, run.run_dir, run.meta["version"], run.total, config.runner, counted,
+                        time.perf_counter() - started)
+    if summary.items == 0:
+        (run.run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
+        raise EmbedError(
+            f"nothing embedded from {run.pattern}: {run.total} file(s) matched, {summary.failed} rejected "
+            f"(see {run.run_dir}/dead_letter-*.jsonl); no index published"
+        )
+    return summary
 
-    if config.publish and total > 0:
-        from lookalike.index.builder import assemble_index
-        from lookalike.index.manifest import publish_atomically
-        from lookalike.pipeline.versions import record_promotion
 
-        options = replace(config.index, num_shards=min(num_shards_for(total, config.num_shards), total))
-        params = resolve_options(total, options)
-        done: list[EmbedSummary] = []
+def _resolve_corpus(config: EmbedConfig, store: Store) -> tuple[EmbedConfig, str]:
+    """The config with an absolute list file, and the corpus folder or pattern (TFDS: its uri root)."""
+    corpus = config.corpus or str(store.corpus_dir)
+    if config.tfds:
+        return config, TfdsSpec.parse(config.tfds, config.tfds_data_dir).root
+    if config.list_file:
+        list_file = config.list_file if "://" in config.list_file else str(Path(config.list_file).resolve())
+        if "://" not in list_file and not Path(list_file).is_file():
+            raise StoreError(f"list file {config.list_file} does not exist")
+        return replace(config, list_file=list_file), list_file.rsplit("/", 1)[0]
+    wildcard = any(ch in corpus for ch in "*?[")
+    if "://" not in corpus and not wildcard and not Path(corpus).is_dir():
+        raise StoreError(f"corpus folder {corpus} does not exist: run `lookalike demo` or pass --corpus")
+    if "://" not in corpus and not wildcard:
+        corpus = str(Path(corpus).expanduser().resolve())
+    return config, corpus
 
-        def write(tmp: Path) -> None:  # the index is built into tmp shard by shard, then assembled
-            tmp.mkdir(parents=True)
-            done.append(execute((str(tmp), params)))
-            shards = collect_shard_entries(tmp)
-            assemble_index(tmp, shards, model_version=meta["version"], params={**params, "num_shards": len(shards)},
-                           options=options)
 
-        index_version = publish_atomically(store, write, make_current=True)
-        summary = done[0]
-        summary.index_version = index_version
-        record_promotion(store, index_version, f"embed run {run}")
+def run_embed(config: EmbedConfig) -> EmbedSummary:
+    """Run the pipeline, build and publish the index; raise EmbedError if nothing was embedded."""
+    started = time.perf_counter()
+    store = Store.at(config.workdir)
+    model_dir = store.require_model(config.model_version)
+    meta = read_model_meta(model_dir)
+    config, corpus = _resolve_corpus(config, store)
+    pattern, root = corpus_pattern(corpus), corpus_root(corpus)
+    run_name = check_version_name(config.run_name or time.strftime("e-%Y%m%dT%H%M%S", time.gmtime()))
+    run_dir = store.embedding_run_dir(run_name)
+    if run_dir.exists():
+        raise EmbedError(f"embedding run {run_dir} already exists; choose another --run-name")
+    run_dir.mkdir(parents=True)
+    run = _Run(config, store, meta, str(model_dir), pattern, root, run_dir, total=0)
+    if config.tfds:
+        ranges = example_ranges(TfdsSpec.parse(config.tfds, config.tfds_data_dir))
+        run.total = ranges[-1][1] if ranges else 0
+    elif config.list_file:
+        run.total = len(read_list_file(config.list_file))
     else:
-        summary = execute(None)
+        run.listing = list_files(pattern)
+        run.total = len(run.listing)
+        if config.incremental:
+            run.plan = plan_reuse(run.listing, run.cache)
+    log.info("embedding %d file(s) matching %s with model %s on %s%s", run.total, pattern, meta["version"], config.runner,
+             f" ({len(run.plan.unchanged)} unchanged)" if run.plan else "")
+    reused = None
+    if run.plan is not None and run.plan.unchanged and not run.plan.changed:
+        reused = reused_items(run.cache, int(meta["embed_dim"]), run.plan.unchanged, **run.expand)
+    if config.publish and run.total > 0:
+        summary = _publish(run, started, reused)
+    else:
+        summary = _execute(run, started, None, reused)
     (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
     log.info(
         "%d item(s): %d embedded, from %d unchanged file(s) reused, %d duplicate file(s); %d failed; "
@@ -417,4 +345,37 @@ def run_embed(config: EmbedConfig) -> EmbedSummary:
         summary.items, summary.embedded, summary.unchanged, summary.duplicate_files, summary.failed,
         summary.elapsed_s, summary.items_per_s, summary.index_version,
     )
+    return summary
+
+
+def _publish(run: _Run, started: float, reused: pa.Table | None) -> EmbedSummary:
+    """Embed and publish a new index as CURRENT, or keep CURRENT when ``reused`` (nothing
+    changed) is exactly what it already holds."""
+    from lookalike.index.builder import assemble_index
+    from lookalike.index.manifest import publish_atomically
+    from lookalike.pipeline.versions import record_promotion
+
+    options = replace(run.config.index, num_shards=min(run.num_shards, run.total))
+    params = resolve_options(run.total, options)
+    if reused is not None:
+        built = sum(1 for _ in split_by_shard(reused.select(["id"]), run.num_shards))
+        current = current_index_if_same(run.store, run.meta["version"], {**params, "num_shards": built}, reused)
+        if current is not None:
+            summary = _execute(run, started, None, reused)
+            summary.index_version = current
+            log.info("the corpus is unchanged and index %s already holds these items: it stays CURRENT", current)
+            return summary
+    done: list[EmbedSummary] = []
+
+    def write(tmp: Path) -> None:  # the index is built into tmp shard by shard, then assembled
+        tmp.mkdir(parents=True)
+        done.append(_execute(run, started, (str(tmp), params), reused))
+        shards = collect_shard_entries(tmp)
+        assemble_index(tmp, shards, model_version=run.meta["version"], params={**params, "num_shards": len(shards)},
+                       options=options)
+
+    index_version = publish_atomically(run.store, write, make_current=True)
+    summary = done[0]
+    summary.index_version = index_version
+    record_promotion(run.store, index_version, f"embed run {run.run_dir.name}")
     return summary

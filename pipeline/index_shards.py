@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import apache_beam as beam
-import numpy as np
 import pyarrow as pa
 
 
@@ -26,26 +25,30 @@ log = logging.getLogger(__name__)
 ENTRY_SUFFIX = ".entry.json"
 
 
-class BuildIndexShardFn(beam.DoFn):
-    """(shard, [record, ...]) -> path of the shard's manifest entry, after building it."""
+def build_index_shard(index_dir: str, params: dict[str, Any], shard: int, items: pa.Table) -> str:
+    """Build shard ``shard`` of the index in ``index_dir`` from its items table (sorted by id,
+    with embeddings); returns the path of its manifest entry."""
+    from lookalike.index.builder import build_shard
+    from lookalike.pipeline.items import embeddings_of
+    from lookalike.pipeline.writers import write_atomically
 
-    def __init__(self, index_dir: str, params: dict[str, Any], item_schema: pa.Schema):
+    entry = build_shard(embeddings_of(items), items.drop(["embedding"]), index_dir=Path(index_dir), shard=shard,
+                        params=params)
+    path = str(Path(index_dir) / f"{entry['name']}{ENTRY_SUFFIX}")
+    write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(entry), encoding="utf-8"))
+    return path
+
+
+class BuildIndexShardFn(beam.DoFn):
+    """(shard, items table sorted by id) -> path of the shard's manifest entry, after building it."""
+
+    def __init__(self, index_dir: str, params: dict[str, Any]):
         self._index_dir = index_dir
         self._params = params
-        self._schema = item_schema
 
-    def process(self, keyed: tuple[int, Any]):
-        from lookalike.index.builder import build_shard
-        from lookalike.pipeline.writers import records_table, write_atomically
-
-        shard, records = keyed
-        rows = sorted(records, key=lambda r: r["id"])
-        embeddings = np.asarray([r["embedding"] for r in rows], np.float32)
-        items = records_table(rows, self._schema)
-        entry = build_shard(embeddings, items, index_dir=Path(self._index_dir), shard=shard, params=self._params)
-        path = str(Path(self._index_dir) / f"{entry['name']}{ENTRY_SUFFIX}")
-        write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(entry), encoding="utf-8"))
-        yield path
+    def process(self, keyed: tuple[int, pa.Table]):
+        shard, items = keyed
+        yield build_index_shard(self._index_dir, self._params, shard, items)
 
 
 def collect_shard_entries(index_dir: Path) -> list[dict[str, Any]]:

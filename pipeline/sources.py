@@ -3,7 +3,8 @@
 Two steps, so that unchanged and duplicate files cost a read and a hash only:
 
 * ``ReadSourceFn``: read a matched file, hash its bytes (sha256). With an embedding
-  cache (``--incremental``), a known hash is answered from the cache (``cached``);
+  cache (``--incremental``), a known hash goes on as ``cached`` (uri, hash), to be
+  answered from the cache (``lookalike.pipeline.reuse``);
   otherwise ``(hash, uri)`` goes on (``new``). Unreadable files and files that are
   neither images nor videos become dead letters (uri, stage, reason).
 * ``decode_source``: decode an image, or sample a video's frames, into model input,
@@ -29,9 +30,9 @@ from apache_beam.metrics import Metrics
 from lookalike.model.data import IMAGE_SUFFIXES
 from lookalike.model.preprocess import PreprocessSpec, image_to_array, open_image
 from lookalike.model.progress import Progress
-from lookalike.pipeline.cache import load_cache, load_file_index
+from lookalike.pipeline.cache import cached_hashes, load_file_index
 from lookalike.pipeline.thumbnails import ThumbnailSink, thumbnail_path, write_thumbnail
-from lookalike.pipeline.video import FrameSampling, frame_id, is_video_path, sample_frames
+from lookalike.pipeline.video import FrameSampling, is_video_path, sample_frames
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,8 @@ CARRY_BYTES_MAX = 256 * 1024
 
 
 class ReadSourceFn(beam.DoFn):
-    """FileMetadata -> ("new", (source hash, uri, bytes if small else None)) | ("cached", (uri, row)) | ("dead", letter),
+    """FileMetadata -> ("new", (source hash, uri, bytes if small else None)) | ("cached", (uri, source hash))
+    | ("dead", letter),
     plus ("file", {uri, size, mtime_s, source_hash}) for the file index."""
 
     def __init__(self, cache_dir: str | None, total_files: int):
@@ -91,7 +93,7 @@ class ReadSourceFn(beam.DoFn):
 
     def setup(self) -> None:
         usable = bool(self._cache_dir and os.path.isdir(self._cache_dir))
-        self._cache = load_cache(self._cache_dir) if usable else {}
+        self._cache = cached_hashes(self._cache_dir) if usable else set()
         self._files = load_file_index(self._cache_dir) if usable else {}
         self._progress = Progress("read", total=self._total or None, unit="files", logger=log)
         self._count = 0
@@ -120,11 +122,9 @@ class ReadSourceFn(beam.DoFn):
             source_hash = hashlib.sha256(data).hexdigest()
         if size and mtime:
             yield FILE, {"uri": uri, "size": size, "mtime_s": mtime, "source_hash": source_hash}
-        cached = self._cache.get(source_hash)
-        if cached:
+        if source_hash in self._cache:
             self._reused.inc()
-            for row in cached:
-                yield CACHED, (uri, row)
+            yield CACHED, (uri, source_hash)
         else:
             yield NEW, (source_hash, uri, data if data is not None and len(data) <= CARRY_BYTES_MAX else None)
 
@@ -149,26 +149,3 @@ def decode_source(
         meta = {"source_hash": source_hash, "content_hash": content_hash, "kind": kind, "timestamp_s": t,
                 "width": img.size[0], "height": img.size[1], "uris": uris}
         yield meta, image_to_array(img, spec)
-
-
-def expand_to_items(uri_or_uris: str | list[str], row: dict[str, Any], root: str, thumbnails_dir: str,
-                    model_version: str, reused: bool = False):
-    """One cache row (image or frame) -> one output record per path holding those bytes."""
-    uris = [uri_or_uris] if isinstance(uri_or_uris, str) else uri_or_uris
-    for uri in uris:
-        base_id = item_id_for(uri, root)
-        frame = row["kind"] == "frame"
-        yield {
-            "id": frame_id(base_id, row["timestamp_s"]) if frame else base_id,
-            "uri": uri,
-            "kind": row["kind"],
-            "timestamp_s": row["timestamp_s"],
-            "width": row["width"],
-            "height": row["height"],
-            "content_hash": row["content_hash"],
-            "group": base_id if frame else None,
-            "thumbnail": thumbnail_path(thumbnails_dir, row["content_hash"]),
-            "model_version": model_version,
-            "reused": reused,
-            "embedding": row["embedding"],
-        }

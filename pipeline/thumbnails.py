@@ -46,14 +46,14 @@ def reusable_jpeg(img: Image.Image, data: bytes | None, size: int = THUMBNAIL_SI
 
 
 def write_thumbnail(img: Image.Image, path: str, original: tuple[str, bytes] | None = None,
-                    size: int = THUMBNAIL_SIZE) -> None:
+                    size: int = THUMBNAIL_SIZE, make_dirs: bool = True) -> None:
     """Write ``img`` shrunk to fit ``size`` x ``size`` (never enlarged) as JPEG, unless present.
     ``original`` (uri, bytes) is the image file ``img`` was decoded from: when
     ``reusable_jpeg`` allows, the thumbnail is a hard link to it (a copy of its bytes where
-    the file is not local or not on the same filesystem)."""
-    if os.path.exists(path):
-        return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    the file is not local or not on the same filesystem). ``make_dirs=False``: the caller
+    made the folder."""
+    if make_dirs:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
     if original is not None and reusable_jpeg(img, original[1], size):
         uri, data = original
         if "://" not in uri:
@@ -64,12 +64,16 @@ def write_thumbnail(img: Image.Image, path: str, original: tuple[str, bytes] | N
                 return
             except OSError:  # another filesystem, no link permission: copy the bytes instead
                 pass
+        if os.path.exists(path):
+            return
 
         def copy(tmp: str) -> None:
             with open(tmp, "wb") as f:
                 f.write(data)
 
         write_atomically(path, copy)
+        return
+    if os.path.exists(path):
         return
     thumb = img.convert("RGB") if img.mode != "RGB" else img.copy()
     thumb.thumbnail((size, size))
@@ -97,12 +101,12 @@ class ThumbnailWriter:
         if original is not None and reusable_jpeg(img, original[1]):
             future: Future = Future()
             try:
-                write_thumbnail(img, path, original)
+                write_thumbnail(img, path, original, make_dirs=False)
                 future.set_result(None)
             except OSError as e:
                 future.set_exception(e)
             return future
-        future = self._pool.submit(write_thumbnail, img, path, original)
+        future = self._pool.submit(write_thumbnail, img, path, original, THUMBNAIL_SIZE, False)
         with self._lock:
             self._pending.append(future)
         return future

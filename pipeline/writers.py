@@ -1,7 +1,7 @@
 """Sinks that write whole files in ``process`` after a GroupByKey, atomically.
 
-One Parquet file per embedding shard (``embeddings-SSSSS-of-NNNNN.parquet``), one
-embedding-cache file per shard of newly embedded rows, one dead-letter JSONL file.
+One Parquet file per embedding shard (``embeddings-SSSSS-of-NNNNN.parquet``, from the
+shard's Arrow table), one dead-letter JSONL file.
 Each is written under a temporary name and renamed when complete, and each DoFn
 returns the path it wrote, so the pipeline can end in one transform that depends on
 every sink (Beam's Dask runner computes only the last one).
@@ -12,17 +12,11 @@ from __future__ import annotations
 import json
 import os
 import uuid
-import zlib
 from typing import Any
 
 import apache_beam as beam
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-
-def shard_of(item_id: str, num_shards: int) -> int:
-    """Stable shard of an item id."""
-    return zlib.crc32(item_id.encode("utf-8")) % max(1, num_shards)
 
 
 def write_atomically(path: str, write) -> None:
@@ -37,26 +31,23 @@ def write_atomically(path: str, write) -> None:
         raise
 
 
-def records_table(rows: list[dict[str, Any]], schema: pa.Schema) -> pa.Table:
-    """Records (dicts, extra keys ignored, missing ones null) -> a table with ``schema``."""
-    return pa.Table.from_pylist([{f.name: r.get(f.name) for f in schema} for r in rows], schema=schema)
+def write_items_shard(prefix: str, shard: int, num_shards: int, items: pa.Table) -> str:
+    """Write one shard's items table as ``<prefix>-SSSSS-of-NNNNN.parquet``, atomically; returns the path."""
+    path = f"{prefix}-{shard:05d}-of-{num_shards:05d}.parquet"
+    write_atomically(path, lambda tmp: pq.write_table(items, tmp))
+    return path
 
 
 class WriteParquetShardFn(beam.DoFn):
-    """(shard, [record, ...]) -> path of ``<prefix>-SSSSS-of-NNNNN.parquet`` (rows sorted by id)."""
+    """(shard, items table sorted by id) -> path of ``<prefix>-SSSSS-of-NNNNN.parquet``."""
 
-    def __init__(self, prefix: str, num_shards: int, schema: pa.Schema):
+    def __init__(self, prefix: str, num_shards: int):
         self._prefix = prefix
         self._num_shards = num_shards
-        self._schema = schema
 
-    def process(self, keyed: tuple[int, Any]):
-        shard, records = keyed
-        rows = sorted(records, key=lambda r: r["id"])
-        path = f"{self._prefix}-{shard:05d}-of-{self._num_shards:05d}.parquet"
-        table = records_table(rows, self._schema)
-        write_atomically(path, lambda tmp: pq.write_table(table, tmp))
-        yield path
+    def process(self, keyed: tuple[int, pa.Table]):
+        shard, items = keyed
+        yield write_items_shard(self._prefix, shard, self._num_shards, items)
 
 
 class WriteJsonlFn(beam.DoFn):

@@ -1,0 +1,124 @@
+"""Item tables: what the embed pipeline writes, built column by column with pyarrow.
+
+After decoding, the unit of work is a batch: an inference batch becomes one Arrow table
+of items (one row per image or video frame and per path holding those bytes, embeddings
+in a ``FixedSizeList<float32>[D]`` column), split by shard; shards are concatenated,
+sorted by id and written as Parquet or built into ScaNN shards without a Python object
+per item. Items reused from the embedding cache are built the same way.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from lookalike.pipeline.sources import item_id_for
+from lookalike.pipeline.thumbnails import thumbnail_path
+from lookalike.pipeline.video import frame_id
+
+ITEM_FIELDS = [
+    ("id", pa.string()),
+    ("uri", pa.string()),
+    ("kind", pa.string()),
+    ("timestamp_s", pa.float64()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("content_hash", pa.string()),
+    ("group", pa.string()),
+    ("thumbnail", pa.string()),
+    ("model_version", pa.string()),
+    ("reused", pa.bool_()),  # True: embedding taken from the cache (--incremental)
+]
+# What a source's rows carry before they are expanded into items (the embedding cache's columns).
+ROW_FIELDS = ["source_hash", "content_hash", "kind", "timestamp_s", "width", "height"]
+
+
+def embedding_schema(embed_dim: int) -> pa.Schema:
+    """The items table: ITEM_FIELDS plus ``embedding`` (FixedSizeList<float32>[embed_dim])."""
+    return pa.schema(ITEM_FIELDS + [("embedding", pa.list_(pa.float32(), embed_dim))])
+
+
+def embedding_column(embeddings: np.ndarray) -> pa.FixedSizeListArray:
+    """[N, D] float32 -> a FixedSizeList<float32>[D] array of N rows (no copy of the values)."""
+    emb = np.ascontiguousarray(embeddings, np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1])
+
+
+def embeddings_of(table: pa.Table) -> np.ndarray:
+    """The ``embedding`` column of ``table`` as [N, D] float32."""
+    column = table.column("embedding").combine_chunks()
+    dim = column.type.list_size
+    return np.asarray(column.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(len(table), dim)
+
+
+def rows_table(metas: Sequence[dict], embeddings: np.ndarray, embed_dim: int) -> pa.Table:
+    """Item metas (ROW_FIELDS each) and their [N, D] embeddings -> a table in the cache's schema."""
+    from lookalike.pipeline.cache import cache_schema
+
+    schema = cache_schema(embed_dim)
+    columns = [pa.array([m[name] for m in metas], schema.field(name).type) for name in ROW_FIELDS]
+    return pa.Table.from_arrays([*columns, embedding_column(embeddings)], schema=schema)
+
+
+def expand_items(rows: pa.Table, uris: Sequence[Sequence[str]], *, root: str, thumbnails_dir: str,
+                 model_version: str, reused: bool) -> pa.Table:
+    """Rows of sources (cache schema, N rows) and the paths holding each row's source bytes
+    (``uris[i]`` for row i) -> the items table, one row per (row, path), in embedding_schema."""
+    take: list[int] = []
+    ids: list[str] = []
+    item_uris: list[str] = []
+    groups: list[str | None] = []
+    thumbs: list[str] = []
+    kinds = rows.column("kind").to_pylist()
+    times = rows.column("timestamp_s").to_pylist()
+    hashes = rows.column("content_hash").to_pylist()
+    for i, (kind, t, content_hash, paths) in enumerate(zip(kinds, times, hashes, uris)):
+        thumb = thumbnail_path(thumbnails_dir, content_hash)
+        for uri in paths:
+            base = item_id_for(uri, root)
+            frame = kind == "frame"
+            take.append(i)
+            ids.append(frame_id(base, t) if frame else base)
+            item_uris.append(uri)
+            groups.append(base if frame else None)
+            thumbs.append(thumb)
+    picked = rows.take(pa.array(take, pa.int64()))
+    n = len(take)
+    schema = embedding_schema(picked.schema.field("embedding").type.list_size)
+    return pa.table({
+        "id": pa.array(ids, pa.string()),
+        "uri": pa.array(item_uris, pa.string()),
+        "kind": picked.column("kind"),
+        "timestamp_s": picked.column("timestamp_s"),
+        "width": picked.column("width"),
+        "height": picked.column("height"),
+        "content_hash": picked.column("content_hash"),
+        "group": pa.array(groups, pa.string()),
+        "thumbnail": pa.array(thumbs, pa.string()),
+        "model_version": pa.array([model_version] * n, pa.string()),
+        "reused": pa.array([reused] * n, pa.bool_()),
+        "embedding": picked.column("embedding"),
+    }, schema=schema)
+
+
+def shard_of(item_id: str, num_shards: int) -> int:
+    """Stable shard of an item id."""
+    return zlib.crc32(item_id.encode("utf-8")) % max(1, num_shards)
+
+
+def split_by_shard(items: pa.Table, num_shards: int) -> Iterator[tuple[int, pa.Table]]:
+    """(shard, the rows of ``items`` whose id falls in it) for every shard that has rows."""
+    shards = np.fromiter((shard_of(i, num_shards) for i in items.column("id").to_pylist()), np.int64, len(items))
+    for shard in np.unique(shards):
+        yield int(shard), items.take(pa.array(np.flatnonzero(shards == shard)))
+
+
+def concat_sorted(tables: Sequence[pa.Table], schema: pa.Schema) -> pa.Table:
+    """Tables of one shard -> one table sorted by id (an empty one in ``schema`` if none)."""
+    tables = [t for t in tables if len(t)]
+    if not tables:
+        return schema.empty_table()
+    return pa.concat_tables(tables).combine_chunks().sort_by("id")

@@ -1,0 +1,117 @@
+"""``--incremental``: what an earlier run of the same model already embedded is not redone.
+
+Before the pipeline starts, the corpus listing (path, size, mtime) is compared with the
+embedding cache's file index (``plan_reuse``): files known unchanged are not even handed
+to Beam; only the others go through read, hash, decode and inference. Their cached rows
+become items column by column (``reused_items``, Arrow, no object per item) and join the
+new items by shard, inside the pipeline (``ReusedItemsFn``; files whose bytes are known
+under another path or mtime arrive there too) or, when nothing at all changed, without
+starting Beam. An unchanged corpus whose items equal those of the served index built by
+the same model with the same parameters keeps that index (``current_index_if_same``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import apache_beam as beam
+import pyarrow as pa
+import pyarrow.parquet as pq
+from apache_beam.io.filesystem import FileMetadata
+
+from lookalike.model.store import Store
+from lookalike.pipeline.cache import cached_hashes, load_cache_table, load_file_index, rows_of_files
+from lookalike.pipeline.items import expand_items, split_by_shard
+from lookalike.pipeline.sources import is_image_path
+from lookalike.pipeline.video import is_video_path
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReusePlan:
+    """The corpus listing split by the embedding cache."""
+
+    changed: list[FileMetadata] = field(default_factory=list)  # new, edited or unknown: read in the pipeline
+    unchanged: list[tuple[str, str]] = field(default_factory=list)  # (uri, source hash): same path, size, mtime
+
+
+def list_files(pattern: str) -> list[FileMetadata]:
+    """Every file matching ``pattern`` (any Beam filesystem) with size and mtime, by path."""
+    from apache_beam.io.filesystems import FileSystems
+
+    try:
+        matched = FileSystems.match([pattern])
+    except Exception as e:  # an empty or unreachable pattern: the run reports 0 files
+        log.warning("no files match %s: %s", pattern, e)
+        return []
+    return sorted((m for result in matched for m in result.metadata_list), key=lambda m: m.path)
+
+
+def plan_reuse(files: list[FileMetadata], cache_dir: str) -> ReusePlan:
+    """Split ``files``: a media file whose path, size and mtime the file index recorded, with
+    that hash still in the cache, is unchanged; everything else is read in the pipeline."""
+    if not os.path.isdir(cache_dir):
+        return ReusePlan(changed=list(files))
+    known, hashes = load_file_index(cache_dir), cached_hashes(cache_dir)
+    plan = ReusePlan()
+    for m in files:
+        entry = known.get(m.path)
+        size, mtime = int(m.size_in_bytes or 0), float(getattr(m, "last_updated_in_seconds", 0) or 0)
+        if (entry and size and mtime and entry[:2] == (size, mtime) and entry[2] in hashes
+                and (is_image_path(m.path) or is_video_path(m.path))):
+            plan.unchanged.append((m.path, entry[2]))
+        else:
+            plan.changed.append(m)
+    return plan
+
+
+def reused_items(cache_dir: str, embed_dim: int, files: list[tuple[str, str]], *, root: str, thumbnails_dir: str,
+                 model_version: str) -> pa.Table:
+    """(uri, source hash) pairs of cached sources -> their items table (``reused`` set)."""
+    rows, uris = rows_of_files(load_cache_table(cache_dir, embed_dim), files)
+    return expand_items(rows, uris, root=root, thumbnails_dir=thumbnails_dir, model_version=model_version, reused=True)
+
+
+class ReusedItemsFn(beam.DoFn):
+    """(key, [[(uri, source hash), ...], ...]) -> (shard, items table) per shard, from the cache."""
+
+    def __init__(self, cache_dir: str, embed_dim: int, num_shards: int, **expand: Any):
+        self._cache_dir = cache_dir
+        self._embed_dim = embed_dim
+        self._num_shards = num_shards
+        self._expand = expand
+
+    def process(self, keyed: tuple[Any, Any]):
+        _, chunks = keyed
+        files = [pair for chunk in chunks for pair in chunk]
+        if files:
+            yield from split_by_shard(reused_items(self._cache_dir, self._embed_dim, files, **self._expand),
+                                      self._num_shards)
+
+
+def current_index_if_same(store: Store, model_version: str, params: dict[str, Any], items: pa.Table) -> str | None:
+    """The CURRENT index version when it was built by ``model_version`` with ``params`` and
+    holds exactly ``items`` (same ids, uris and content hashes), else None."""
+    version = store.current_index()
+    if not version:
+        return None
+    folder = Path(store.index_dir(version))
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+        same_params = manifest.get("build") == json.loads(json.dumps(params, default=lambda o: o.item()))
+        edited = (manifest.get("updates") or {}).get("parent_version")  # upserts/deletes since the build
+        if manifest.get("model_version") != model_version or not same_params or edited:
+            return None
+        columns = ["id", "uri", "content_hash"]
+        tables = [pq.read_table(folder / s["name"] / "items.parquet", columns=columns) for s in manifest["shards"]]
+    except (OSError, ValueError, KeyError, pa.ArrowException) as e:
+        log.info("the current index %s cannot be compared (%s): building a new one", version, e)
+        return None
+    served = pa.concat_tables(tables).sort_by("id")
+    return version if served.equals(items.select(columns).sort_by("id")) else None

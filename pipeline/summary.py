@@ -1,0 +1,109 @@
+"""What an embed run wrote and counted: its embeddings, dead letters and summary."""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lookalike.pipeline.items import embeddings_of
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EmbedSummary:
+    run: str
+    run_dir: str
+    model_version: str
+    index_version: str | None
+    files_matched: int
+    files_read: int  # bytes read (an --incremental run skips unchanged path+size+mtime); -1 if unknown
+    items: int
+    embedded: int
+    unchanged: int
+    duplicate_files: int
+    failed: int
+    elapsed_s: float
+    items_per_s: float
+    runner: str
+    dead_letter_examples: list[dict[str, str]]
+
+
+def counts_from_items(items: pa.Table) -> dict[str, int]:
+    """The summary counts, derived from the written items (for runners without metrics)."""
+    if items.num_rows == 0:
+        return {}
+    rows = items.select(["uri", "content_hash", "reused"]).to_pylist()
+    new = [r for r in rows if not r["reused"]]
+    new_sources = {r["content_hash"].split("#")[0] for r in new}
+    return {
+        "items_decoded": len({r["content_hash"] for r in new}),
+        "files_unchanged": len({r["uri"] for r in rows if r["reused"]}),
+        "duplicate_files": len({r["uri"] for r in new}) - len(new_sources),
+    }
+
+
+def counter_values(result: Any) -> dict[str, int]:
+    """The pipeline's ``lookalike`` counters (empty where the runner does not report metrics)."""
+    try:
+        counters = result.metrics().query()["counters"]
+    except Exception:  # some runners do not support metrics queries
+        return {}
+    totals: dict[str, int] = {}
+    for c in counters:
+        if c.key.metric.namespace == "lookalike":
+            totals[c.key.metric.name] = totals.get(c.key.metric.name, 0) + int(c.committed or c.attempted or 0)
+    return totals
+
+
+def read_embeddings(run_dir: Path) -> tuple[np.ndarray, pa.Table]:
+    """Read ``embeddings-*.parquet`` of a run -> ([N, D] float32, items table without embeddings)."""
+    files = sorted(glob.glob(str(Path(run_dir) / "embeddings-*.parquet")))
+    tables = [t for t in (pq.read_table(f) for f in files) if t.num_rows]
+    if not tables:
+        return np.zeros((0, 0), np.float32), pa.table({"id": pa.array([], pa.string())})
+    table = pa.concat_tables(tables).sort_by("id")
+    return embeddings_of(table), table.drop(["embedding"])
+
+
+def read_dead_letters(run_dir: Path) -> list[dict[str, str]]:
+    rows = []
+    for f in sorted(glob.glob(str(Path(run_dir) / "dead_letter-*.jsonl"))):
+        rows += [json.loads(line) for line in Path(f).read_text(encoding="utf-8").splitlines() if line.strip()]
+    return rows
+
+
+def summarize(run: str, run_dir: Path, model_version: str, total: int, runner: str, counted: dict[str, int],
+              elapsed: float) -> EmbedSummary:
+    """Counts of a finished run: ``counted`` (the runner's counters, plus what was decided
+    before it started), else derived from what it wrote."""
+    embeddings, items = read_embeddings(run_dir)
+    counts = counted or counts_from_items(items)
+    dead = read_dead_letters(run_dir)
+    for row in dead:
+        log.warning("skipped %s at %s: %s", row["uri"], row["stage"], row["reason"])
+    return EmbedSummary(
+        run=run,
+        run_dir=str(run_dir),
+        model_version=model_version,
+        index_version=None,
+        files_matched=total,
+        files_read=counts.get("files_read", 0 if counted else -1),
+        items=int(len(embeddings)),
+        embedded=counts.get("items_decoded", 0),
+        unchanged=counts.get("files_unchanged", 0),
+        duplicate_files=counts.get("duplicate_files", 0),
+        failed=len(dead),
+        elapsed_s=round(elapsed, 3),
+        items_per_s=round(len(embeddings) / elapsed, 1) if elapsed > 0 else 0.0,
+        runner=runner,
+        dead_letter_examples=dead[:20],
+    )

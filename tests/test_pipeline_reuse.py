@@ -1,0 +1,87 @@
+"""Columnar item tables and --incremental reuse decided before the pipeline starts."""
+
+import shutil
+
+import apache_beam as beam
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from lookalike.pipeline.embed import EmbedConfig, read_embeddings, run_embed
+from lookalike.pipeline.items import concat_sorted, embedding_schema, embeddings_of, expand_items, rows_table, split_by_shard
+
+
+@pytest.fixture
+def corpus_store(tmp_path, trained_store, digits_corpus):
+    """A store with the tiny model and 3 digit classes as its corpus (no run yet)."""
+    workdir = tmp_path / "w"
+    shutil.copytree(trained_store.root / "models", workdir / "models")
+    for label in ("0", "1", "2"):
+        shutil.copytree(digits_corpus / label, workdir / "corpus" / label)
+    return workdir
+
+
+def _no_beam(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the pipeline was started")
+
+    monkeypatch.setattr(beam, "Pipeline", refuse)
+
+
+def test_items_table_has_one_row_per_path_and_frame_ids():
+    metas = [
+        {"source_hash": "a" * 64, "content_hash": "a" * 64, "kind": "image", "timestamp_s": None, "width": 8, "height": 9},
+        {"source_hash": "b" * 64, "content_hash": "b" * 64 + "#t=1.500", "kind": "frame", "timestamp_s": 1.5,
+         "width": 64, "height": 48},
+    ]
+    emb = np.arange(2 * 4, dtype=np.float32).reshape(2, 4)
+    rows = rows_table(metas, emb, 4)
+    items = expand_items(rows, [["/c/x/a.png", "/c/y/copy.png"], ["/c/v.mp4"]], root="/c", thumbnails_dir="/t",
+                         model_version="m-1", reused=False)
+    assert items.schema == embedding_schema(4)
+    assert items.column("id").to_pylist() == ["x/a.png", "y/copy.png", "v.mp4#t=1.500"]
+    assert items.column("group").to_pylist() == [None, None, "v.mp4"]
+    np.testing.assert_array_equal(embeddings_of(items), emb[[0, 0, 1]])
+    parts = dict(split_by_shard(items, 3))
+    merged = concat_sorted(list(parts.values()), items.schema)
+    assert merged.column("id").to_pylist() == sorted(items.column("id").to_pylist())
+    assert all(len(t) for t in parts.values()) and sum(len(t) for t in parts.values()) == 3
+    assert concat_sorted([], items.schema).num_rows == 0
+
+
+def test_unchanged_corpus_reuses_items_and_index_without_the_pipeline(corpus_store, monkeypatch):
+    first = run_embed(EmbedConfig(workdir=str(corpus_store), run_name="first"))
+    _no_beam(monkeypatch)
+    again = run_embed(EmbedConfig(workdir=str(corpus_store), run_name="again", incremental=True))
+    assert again.index_version == first.index_version  # CURRENT kept, nothing rebuilt
+    assert (again.files_read, again.embedded, again.unchanged, again.items) == (0, 0, first.items, first.items)
+    emb1, items1 = read_embeddings(corpus_store / "embeddings" / "first")
+    emb2, items2 = read_embeddings(corpus_store / "embeddings" / "again")
+    assert items2.column("id").to_pylist() == items1.column("id").to_pylist()
+    assert items2.column("thumbnail").to_pylist() == items1.column("thumbnail").to_pylist()
+    assert all(items2.column("reused").to_pylist())
+    np.testing.assert_array_equal(emb2, emb1)
+    versions = sorted(p.name for p in (corpus_store / "indexes").iterdir())
+    assert versions == [first.index_version]
+
+
+def test_unchanged_corpus_with_other_index_options_builds_a_new_index(corpus_store, monkeypatch):
+    first = run_embed(EmbedConfig(workdir=str(corpus_store), run_name="first"))
+    _no_beam(monkeypatch)
+    again = run_embed(EmbedConfig(workdir=str(corpus_store), run_name="again", incremental=True, num_shards=2))
+    assert again.index_version != first.index_version and again.files_read == 0
+    from lookalike.index.searcher import ItemIndex
+
+    index = ItemIndex.load(corpus_store / "indexes" / again.index_version)
+    assert len(index.manifest["shards"]) == 2 and len(index) == first.items
+
+
+def test_items_cached_twice_are_reused_once(corpus_store):
+    run_embed(EmbedConfig(workdir=str(corpus_store), run_name="a", publish=False))
+    run_embed(EmbedConfig(workdir=str(corpus_store), run_name="b", publish=False))  # caches every item again
+    (corpus_store / "corpus" / "2" / "new.png").write_bytes((corpus_store / "corpus" / "0").glob("*.png").__next__().read_bytes())
+    rerun = run_embed(EmbedConfig(workdir=str(corpus_store), run_name="c", publish=False, incremental=True))
+    _, items = read_embeddings(corpus_store / "embeddings" / "c")
+    ids = items.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == rerun.items and rerun.embedded == 0 and rerun.files_read == 1
+    assert pa.compute.all(items.column("reused")).as_py()
