@@ -11,7 +11,10 @@ subprocess on 127.0.0.1, and drives it from this process with asyncio clients at
 time. Baselines are measured in the same run: an in-process ``ItemIndex.search`` of
 the same index (vector overhead) and the same server with micro-batching off
 (``max_batch=1``, one forward per image). A hot swap is done under load and every
-failed request counted. Writes bench/results/serving.json and serving.png.
+failed request counted. Every run also reports the CPU time the server and the load
+generator (``bench.loadgen``) spent per request, and ``in_process_costs_ms`` what a
+forward, a search and a decode cost here, which bound what batching can gain. Writes
+bench/results/serving.json and serving.png.
 """
 
 from __future__ import annotations
@@ -34,13 +37,15 @@ import httpx
 import numpy as np
 import pyarrow as pa
 
+from bench.loadgen import DESCRIPTION as LOAD_GENERATOR
+from bench.loadgen import load
+
 log = logging.getLogger("bench.serving")
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serving.json"
 HOST = "127.0.0.1"
 K = 10
 LEVELS = (1, 8, 32, 64)
-MAX_REQUESTS_PER_RUN = 20_000
 
 
 def free_port() -> int:
@@ -123,83 +128,6 @@ class Server:
             self.proc.kill()
 
 
-class RawConnection:
-    """A minimal keep-alive HTTP/1.1 client over asyncio streams: a load generator whose own
-    overhead stays far below the server's (httpx at 64 connections costs more than the server)."""
-
-    def __init__(self, host: str, port: int):
-        self.host, self.port = host, port
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def request(self, method: str, path: str, body: bytes, content_type: str) -> tuple[int, bytes]:
-        if self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        head = (
-            f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: {content_type}\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n"
-        ).encode()
-        self.writer.write(head + body)
-        await self.writer.drain()
-        status_line = await self.reader.readline()
-        if not status_line:
-            await self.close()
-            raise ConnectionError("server closed the connection")
-        status = int(status_line.split()[1])
-        length = 0
-        while (line := await self.reader.readline()) not in (b"\r\n", b""):
-            name, _, value = line.decode("latin-1").partition(":")
-            if name.strip().lower() == "content-length":
-                length = int(value)
-        return status, await self.reader.readexactly(length)
-
-    async def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = self.reader = None
-
-
-async def load(url: str, make_request, clients: int, duration_s: float) -> dict:
-    """``clients`` concurrent loops for ``duration_s``; latency percentiles, throughput, failures."""
-    host, port = url.rsplit("//", 1)[1].split(":")
-    latencies: list[float] = []
-    failures: list[str] = []
-    stop_at = time.perf_counter() + duration_s
-
-    async def client(i: int) -> None:
-        conn = RawConnection(host, int(port))
-        n = 0
-        try:
-            while time.perf_counter() < stop_at and len(latencies) < MAX_REQUESTS_PER_RUN:
-                started = time.perf_counter()
-                try:
-                    status, body = await conn.request(*make_request(i, n))
-                    if status == 200:
-                        latencies.append(time.perf_counter() - started)
-                    else:
-                        failures.append(f"{status}: {body[:120]!r}")
-                except (OSError, ValueError, asyncio.IncompleteReadError) as e:
-                    failures.append(f"{type(e).__name__}: {e}")
-                    await conn.close()
-                n += 1
-        finally:
-            await conn.close()
-
-    started = time.perf_counter()
-    await asyncio.gather(*(client(i) for i in range(clients)))
-    elapsed = time.perf_counter() - started
-    lat_ms = np.asarray(latencies) * 1000
-    return {
-        "clients": clients,
-        "requests": len(latencies),
-        "failed": len(failures),
-        "failures_sample": failures[:3],
-        "throughput_rps": round(len(latencies) / elapsed, 1),
-        "p50_ms": round(float(np.percentile(lat_ms, 50)), 3) if len(lat_ms) else None,
-        "p99_ms": round(float(np.percentile(lat_ms, 99)), 3) if len(lat_ms) else None,
-    }
-
-
 def vector_request(vectors: np.ndarray):
     payloads = [json.dumps({"vector": v.tolist(), "k": K}).encode() for v in vectors]
 
@@ -230,6 +158,34 @@ def in_process_p50_ms(workdir: Path, vectors: np.ndarray, repeats: int) -> float
     return float(np.percentile(np.asarray(times) * 1000, 50))
 
 
+def in_process_costs_ms(workdir: Path, images: list[bytes], vectors: np.ndarray) -> dict:
+    """What batching can amortise, measured in this process: one forward of N images (N in the
+    encoder's batch buckets up to 64), one search of N queries, and decoding one upload."""
+    from lookalike.index.searcher import ItemIndex
+    from lookalike.model.artifact import load_encoder
+    from lookalike.model.store import Store
+
+    store = Store.at(workdir)
+    index = ItemIndex.load(store.require_current_index())
+    encoder = load_encoder(store.require_model(index.model_version))
+
+    def best_of(fn, repeats: int = 30) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - started)
+        return round(float(np.percentile(np.asarray(times) * 1000, 25)), 4)  # a busy machine only adds time
+
+    pixels = np.stack([encoder.preprocess(images[i % len(images)]) for i in range(64)])
+    return {
+        "decode_per_image": best_of(lambda: encoder.preprocess(images[0]), 200),
+        "forward": {n: best_of(lambda n=n: encoder.embed(pixels[:n])) for n in (1, 4, 16, 64)},
+        "search": {n: best_of(lambda n=n: index.search(vectors[:n], K)) for n in (1, 16, 64)},
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="20k items, 3 s per level (under 5 minutes)")
@@ -249,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     overrides = ["num_steps=60", "eval_every_steps=60", *args.overrides]  # weights' quality does not matter here
     bench_started = time.perf_counter()
     workdir = Path(tempfile.mkdtemp(prefix="lookalike-bench-serving-"))
-    result: dict = {"items": items, "seconds_per_level": seconds, "model_preset": preset, "model_overrides": overrides, "k": K, "cpu_count": os.cpu_count()}
+    result: dict = {"items": items, "seconds_per_level": seconds, "model_preset": preset, "model_overrides": overrides, "k": K, "cpu_count": os.cpu_count(),
+                    "load_generator": LOAD_GENERATOR}
     try:
         image_paths, _ = make_store(workdir, items, preset, overrides)
         images = [p.read_bytes() for p in image_paths[:256]]
@@ -261,19 +218,21 @@ def main(argv: list[str] | None = None) -> int:
         vectors = rng.standard_normal((512, dim)).astype(np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         result["in_process_search_p50_ms"] = round(in_process_p50_ms(workdir, vectors, 2000), 4)
+        result["in_process_costs_ms"] = in_process_costs_ms(workdir, images, vectors)
+        log.info("in-process costs (ms): %s", result["in_process_costs_ms"])
 
         runs: dict = {"vector": {}, "image": {}, "image_unbatched": {}}
         with Server(workdir, max_batch=64, max_embed_batch=16) as server:
             for kind, make in (("vector", vector_request(vectors)), ("image", image_request(images))):
                 asyncio.run(load(server.url, make, 4, 1.0))  # warm-up (compiles batch buckets)
                 for clients in LEVELS:
-                    runs[kind][clients] = asyncio.run(load(server.url, make, clients, seconds))
+                    runs[kind][clients] = asyncio.run(load(server.url, make, clients, seconds, server.proc.pid))
                     log.info("%s x%d: %s", kind, clients, runs[kind][clients])
             result["swap"] = swap_under_load(server, workdir, items, vectors, images, seconds)
             log.info("swap: %s", result["swap"])
         with Server(workdir, max_batch=1, max_embed_batch=1, batch_wait_ms=0) as server:
             asyncio.run(load(server.url, image_request(images), 4, 1.0))
-            runs["image_unbatched"][32] = asyncio.run(load(server.url, image_request(images), 32, seconds))
+            runs["image_unbatched"][32] = asyncio.run(load(server.url, image_request(images), 32, seconds, server.proc.pid))
             log.info("image unbatched x32: %s", runs["image_unbatched"][32])
         result["runs"] = runs
         v1 = runs["vector"][1]["p50_ms"]
@@ -282,6 +241,10 @@ def main(argv: list[str] | None = None) -> int:
         result["image_batching_speedup"] = round(
             runs["image"][32]["throughput_rps"] / max(runs["image_unbatched"][32]["throughput_rps"], 1e-9), 2
         )
+        result["image_batching_cpu_ratio"] = round(  # server CPU per request, unbatched / batched (robust to a busy machine)
+            runs["image_unbatched"][32]["server_cpu_ms_per_request"] / max(runs["image"][32]["server_cpu_ms_per_request"], 1e-9), 2
+        )
+        result["max_client_cpu_util"] = max(r["client_cpu_util"] for kind in runs.values() for r in kind.values())
         result["failed_requests_during_swap"] = result["swap"]["failed"]
         result["p99_ms_at_32"] = {"vector": runs["vector"][32]["p99_ms"], "image": runs["image"][32]["p99_ms"]}
         result["failed_requests_total"] = sum(r["failed"] for kind in runs.values() for r in kind.values())
@@ -297,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     if "runs" in result:
         plot(result, args.out.with_suffix(".png"))
-    summary = {k: result[k] for k in ("vector_p50_overhead_ms", "image_batching_speedup", "failed_requests_during_swap", "p99_ms_at_32")}
+    summary = {k: result[k] for k in ("vector_p50_overhead_ms", "image_batching_speedup", "image_batching_cpu_ratio",
+                                       "max_client_cpu_util", "failed_requests_during_swap", "p99_ms_at_32")}
     print(json.dumps(summary, indent=2))
     print(f"wrote {args.out}")
     return 0
