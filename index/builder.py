@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from lookalike.index.manifest import (
     FORMAT, METRIC, REORDER_MODES, TREE_MODES, file_checksums, publish_atomically, shard_name, write_manifest,
 )
+from lookalike.index.simd import enable_scann_simd
 from lookalike.model.store import Store
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,7 @@ def build_searcher(embeddings: np.ndarray, params: dict[str, Any], docids: list[
     """A ScaNN searcher over [N, D] float32 unit vectors with dot-product scores (docids enable updates)."""
     import scann
 
+    enable_scann_simd()
     builder = scann.scann_ops_pybind.builder(embeddings, params["num_neighbors"], METRIC)
     mode = params["mode"]
     if mode in TREE_MODES:
@@ -204,7 +206,7 @@ def assemble_index(
     count = sum(s["count"] for s in shards)
     manifest: dict[str, Any] = {
         "format": FORMAT, "model_version": model_version, "count": count, "embed_dim": dims.pop(), "metric": METRIC,
-        "build": params, "build_seconds": round(sum(s["build_seconds"] for s in shards), 3),
+        "build": params, "scann_kernels": enable_scann_simd(), "build_seconds": round(sum(s["build_seconds"] for s in shards), 3),
         "created_unix_s": time.time(), "shards": shards,
         "updates": {"base_count": count, "inserted": 0, "updated": 0, "deleted": 0, "parent_version": None},
     }

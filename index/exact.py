@@ -42,6 +42,10 @@ def exact_topk(queries: np.ndarray, corpus: np.ndarray, k: int, *, block_rows: i
 def _scann_topk(q: np.ndarray, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     import scann
 
+    from lookalike.index.simd import enable_scann_simd
+
+    enable_scann_simd()
+
     searcher = scann.scann_ops_pybind.builder(np.ascontiguousarray(x), k, "dot_product").score_brute_force().build()
     searcher.set_num_threads(os.cpu_count() or 1)
     rows, scores = searcher.searcher.search_batched(q, k, -1, -1, len(q) >= 512, 256)

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 
 from lookalike.index.manifest import REORDER_MODES, TREE_MODES, IndexLoadError, read_manifest, verify_files
 from lookalike.index.rows import Growable, ItemTable, ReadWriteLock
+from lookalike.index.simd import enable_scann_simd
 from lookalike.index.updates import UpdatableIndex
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ def load_scann(folder: Path) -> Any:
     """The raw ScaNN searcher serialized in ``folder`` (without the Python wrapper's docid dict)."""
     from scann.scann_ops.py import scann_ops_pybind
 
+    enable_scann_simd()
     assets = (folder / "scann_assets.pbtxt").read_text(encoding="utf-8")
     return scann_ops_pybind.scann_pybind.ScannNumpy(str(folder), assets)
 
@@ -253,7 +255,9 @@ class ItemIndex(UpdatableIndex):
         pre = -1 if reorder is None or self.mode not in REORDER_MODES else max(int(reorder), count)
         leaves = -1 if leaves is None or self.mode not in TREE_MODES else int(leaves)
         idx, dist = shard.searcher.search_batched(q, count, pre, leaves, parallel, 256)
-        idx, dist = np.asarray(idx, np.int64), np.asarray(dist, np.float32)
+        idx, dist = np.asarray(idx), np.asarray(dist, np.float32)
+        if idx.size and 0 <= idx.min() and idx.max() < len(shard.rows):  # the usual case: every slot filled
+            return shard.rows[idx], dist
         valid = (idx >= 0) & (idx < len(shard.rows))
         rows = np.where(valid, shard.rows[np.clip(idx, 0, len(shard.rows) - 1)], -1)
         return rows, np.where(valid, dist, -np.inf).astype(np.float32)
