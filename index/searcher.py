@@ -256,9 +256,11 @@ class ItemIndex(UpdatableIndex):
         leaves = -1 if leaves is None or self.mode not in TREE_MODES else int(leaves)
         idx, dist = shard.searcher.search_batched(q, count, pre, leaves, parallel, 256)
         idx, dist = np.asarray(idx), np.asarray(dist, np.float32)
-        if idx.size and 0 <= idx.min() and idx.max() < len(shard.rows):  # the usual case: every slot filled
+        # ScaNN pads a result with fewer than ``count`` neighbours (small searched leaves) with datapoint 0 and NaN
+        nan = np.isnan(dist)
+        if idx.size and 0 <= idx.min() and idx.max() < len(shard.rows) and not nan.any():  # the usual case
             return shard.rows[idx], dist
-        valid = (idx >= 0) & (idx < len(shard.rows))
+        valid = (idx >= 0) & (idx < len(shard.rows)) & ~nan
         rows = np.where(valid, shard.rows[np.clip(idx, 0, len(shard.rows) - 1)], -1)
         return rows, np.where(valid, dist, -np.inf).astype(np.float32)
 

@@ -29,6 +29,23 @@ def test_every_item_is_its_own_nearest_neighbour(tmp_path, mode):
     assert index.manifest["build"]["mode"] == mode
 
 
+@pytest.mark.parametrize("mode", ["tree_exact", "tree_ah"])
+def test_a_short_result_is_padded_not_filled_with_item_zero(tmp_path, mode):
+    # one searched leaf of ~12 items cannot give 40 neighbours: ScaNN pads with datapoint 0 and NaN scores
+    emb = unit_vectors(300, 8)
+    build_index(emb, items(300), model_version="m", out_dir=tmp_path / "i",
+                options=IndexOptions(mode=mode, num_leaves=25, leaves_to_search=1, reorder=40, autotune=False))
+    index = ItemIndex.load(tmp_path / "i")
+    rows, scores = index.search_rows(emb[1:30], 40)
+    assert (rows == -1).any()  # some results are short
+    for rr, ss in zip(rows, scores):
+        found = rr[rr >= 0]
+        assert len(set(found.tolist())) == len(found) and np.isfinite(ss[rr >= 0]).all()
+        assert (ss[rr < 0] == -np.inf).all()
+    for q, found in zip(emb[1:30], index.search(emb[1:30], 40)):  # every neighbour is real: its score is its dot product
+        assert [n.score for n in found] == pytest.approx([float(q @ emb[n.row]) for n in found], abs=1e-3)
+
+
 def test_similar_to_excludes_the_item_and_unknown_id_raises(tmp_path):
     emb = unit_vectors(50, 8)
     build_index(emb, items(50), model_version="m", out_dir=tmp_path / "i")
