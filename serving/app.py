@@ -32,6 +32,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from lookalike.serving.admin import AdminAuth, admin_router, watch_store
 from lookalike.serving.backend import Backend
 from lookalike.serving.engine import BatchingConfig, Filters, QueryEngine, SearchItem
+from lookalike.serving.fastpath import FastRoute, json_body, search_params, set_fast_path
 from lookalike.serving.heap import settle
 from lookalike.serving.limits import BodySizeLimit
 from lookalike.serving.metrics import CONTENT_TYPE, RequestMetrics, ServingMetrics
@@ -198,6 +199,7 @@ def create_app(
         version="1",
         lifespan=lifespan,
     )
+    app.router.route_class = FastRoute  # the search endpoints get fast paths below
     app.state.slot = slot
     app.state.engine = engine
     app.state.metrics = metrics
@@ -266,10 +268,13 @@ def create_app(
         responses=errors(413, 422, 503),
     )
     async def search_image(
-        request: Request, backend: BackendDep, engine: EngineDep, k: K = DEFAULT_K,
+        request: Request, backend: BackendDep, k: K = DEFAULT_K,
         kind: KindFilter = None, group: GroupFilter = None, max_per_group: PerGroup = None,
     ) -> Response:
         """Items that look like the uploaded image, most similar first."""
+        return await image_search(request, backend, k, Filters.of(kind, group, max_per_group))
+
+    async def image_search(request: Request, backend: Backend, k: int, filters: Filters) -> Response:
         upload: list[Any] = []
 
         async def read() -> bytes:
@@ -277,13 +282,21 @@ def create_app(
             return upload[0]
 
         query = await embed_image(engine, backend, read)
-        filters = Filters.of(kind, group, max_per_group)
         neighbors = await search_or_422(engine, SearchItem(backend, query, k, filters))
         return json_response(search_response(backend, echo("image", k, filters, filename=upload[1], bytes=len(upload[0])), neighbors))
 
+    async def search_image_fast(request: Request) -> Response | None:
+        backend, params = slot.backend, search_params(request.scope["query_string"])
+        if backend is None or params is None:
+            return None
+        return await image_search(request, backend, *params)
+
     @app.post("/v1/search/vector", response_model=SearchResponse, tags=["search"], responses=errors(413, 422, 503))
-    async def search_vector(body: VectorQuery, backend: BackendDep, engine: EngineDep) -> Response:
+    async def search_vector(body: VectorQuery, backend: BackendDep) -> Response:
         """Items nearest to a query embedding (normalised to unit length)."""
+        return await vector_search(body, backend)
+
+    async def vector_search(body: VectorQuery, backend: Backend) -> Response:
         try:
             query = unit_query(backend, body.vector)
         except ValueError as e:
@@ -291,6 +304,21 @@ def create_app(
         filters = filters_of(body)
         neighbors = await search_or_422(engine, SearchItem(backend, query, body.k, filters))
         return json_response(search_response(backend, echo("vector", body.k, filters, dim=len(body.vector)), neighbors))
+
+    async def search_vector_fast(request: Request) -> Response | None:
+        backend = slot.backend
+        if backend is None:
+            return None
+        try:
+            body = VectorQuery.model_validate(json_body(request, await request.body()))
+        except HTTPException:  # 413 while reading
+            raise
+        except Exception:  # anything else (not JSON, invalid, client gone): FastAPI's answer
+            return None
+        return await vector_search(body, backend)
+
+    set_fast_path(app, "/v1/search/image", "POST", search_image_fast)
+    set_fast_path(app, "/v1/search/vector", "POST", search_vector_fast)
 
     @app.post("/v1/search/batch", response_model=BatchSearchResponse, tags=["search"], responses=errors(404, 413, 422, 503))
     async def search_batch(body: BatchSearch, backend: BackendDep, engine: EngineDep) -> Response:
