@@ -163,16 +163,19 @@ class QueryEngine:
             "search", self._timed(run_search_batch, "search"), max_batch=batching.max_batch,
             max_wait_s=batching.max_wait_s, on_batch=metrics.batch_observer("search"),
         )
+        self._observe_decode = metrics.stage_observer("decode")
         metrics.watch_queue("embed", lambda: self.embedder.queue_depth)
         metrics.watch_queue("search", lambda: self.searcher.queue_depth)
 
     def _timed(self, run, stage: str):
+        observe = self.metrics.stage_observer(stage)
+
         def timed(items):
             started = time.perf_counter()
             try:
                 return run(items)
             finally:
-                self.metrics.observe_stage(stage, time.perf_counter() - started)
+                observe(time.perf_counter() - started)
 
         return timed
 
@@ -186,8 +189,11 @@ class QueryEngine:
 
     def decode(self, backend: Backend, data: bytes) -> np.ndarray:
         """Image bytes -> [H, W, C] model input (blocking; ImageDecodeError if unusable)."""
-        with self.metrics.stage("decode"):
+        started = time.perf_counter()
+        try:
             return backend.encoder.preprocess(data)
+        finally:
+            self._observe_decode(time.perf_counter() - started)
 
     async def search(self, item: SearchItem) -> list[Neighbor]:
         return await self.searcher.submit(item)

@@ -13,6 +13,7 @@ import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -48,6 +49,8 @@ class ServingMetrics:
         )
         self.index_items = Gauge("lookalike_index_items", "items in the served index", registry=r)
         self.reloads = Counter("lookalike_reloads", "hot-swap attempts by outcome", ["outcome"], registry=r)
+        self._stage_observers: dict[str, Callable[[float], None]] = {}
+        self._request_observers: dict[tuple[str, str, int], tuple[Callable[[], None], Callable[[float], None]]] = {}
 
     def watch_queue(self, batcher: str, depth: Callable[[], int]) -> None:
         self.queue_depth.labels(batcher).set_function(depth)
@@ -67,10 +70,28 @@ class ServingMetrics:
         try:
             yield
         finally:
-            self.stage_seconds.labels(name).observe(time.perf_counter() - started)
+            self.observe_stage(name, time.perf_counter() - started)
 
     def observe_stage(self, name: str, seconds: float) -> None:
-        self.stage_seconds.labels(name).observe(seconds)
+        self.stage_observer(name)(seconds)
+
+    def stage_observer(self, name: str) -> Callable[[float], None]:
+        """``observe(seconds)`` for stage ``name`` (the labelled child looked up once, not per call)."""
+        observe = self._stage_observers.get(name)
+        if observe is None:
+            observe = self._stage_observers[name] = self.stage_seconds.labels(name).observe
+        return observe
+
+    def request_observers(self, endpoint: str, method: str, status: int) -> tuple[Callable[[], None], Callable[[float], None]]:
+        """(count, observe latency) for requests to ``endpoint``, looked up once per label set."""
+        key = (endpoint, method, status)
+        observers = self._request_observers.get(key)
+        if observers is None:
+            observers = self._request_observers[key] = (
+                self.requests.labels(endpoint, method, str(status)).inc,
+                self.request_seconds.labels(endpoint).observe,
+            )
+        return observers
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -99,7 +120,16 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_with_status)
         finally:
-            route = scope.get("route")
-            endpoint = _CONVERTOR.sub(r"{\1}", getattr(route, "path", None) or "unmatched")
-            self.metrics.requests.labels(endpoint, scope["method"], str(status)).inc()
-            self.metrics.request_seconds.labels(endpoint).observe(time.perf_counter() - started)
+            count, observe = self.metrics.request_observers(endpoint_of(scope.get("route")), scope["method"], status)
+            count()
+            observe(time.perf_counter() - started)
+
+
+@lru_cache(maxsize=1024)
+def _endpoint(path: str) -> str:
+    return _CONVERTOR.sub(r"{\1}", path)
+
+
+def endpoint_of(route: object) -> str:
+    """The ``endpoint`` label of a request: its route's template, as in the OpenAPI spec."""
+    return _endpoint(getattr(route, "path", None) or "unmatched")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 from typing import Any
 from urllib.parse import quote
 
@@ -30,6 +31,12 @@ Row = tuple[str, float | None, str | None]  # kind, timestamp_s, group
 
 def item_url(item_id: str, suffix: str = "") -> str:
     return f"/v1/items/{quote(item_id, safe='/')}{suffix}"
+
+
+@lru_cache(maxsize=1 << 16)
+def thumbnail_url(item_id: str) -> str:
+    """``item_url(item_id, "/thumbnail")``, remembered for the most recently answered ids."""
+    return item_url(item_id, "/thumbnail")
 
 
 def group_of(item: dict[str, Any]) -> str | None:
@@ -106,12 +113,14 @@ def results_of(rows: ResultRows, threshold: float | None, neighbors: list[Neighb
             "kind": kind,
             "timestamp_s": timestamp_s,
             "group": group,
-            "thumbnail_url": item_url(n.id, "/thumbnail"),
+            "thumbnail_url": thumbnail_url(n.id),
         })
     return out
 
 
+_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
 def json_response(content: Any) -> Response:
     """``content`` (dicts, lists, str, finite numbers, None) as an application/json response."""
-    return Response(json.dumps(content, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode(),
-                    media_type="application/json")
+    return Response(_JSON.encode(content).encode(), media_type="application/json")
