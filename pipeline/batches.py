@@ -24,7 +24,7 @@ from lookalike.model.preprocess import ImageDecodeError, PreprocessSpec
 from lookalike.model.progress import Progress
 from lookalike.pipeline.cache import write_cache_table
 from lookalike.pipeline.failpoints import failpoint
-from lookalike.pipeline.items import expand_items, rows_table, split_by_shard
+from lookalike.pipeline.items import expand_items, items_of_batch, rows_table, split_by_shard
 from lookalike.pipeline.sources import DEAD, dead_letter, decode_source
 from lookalike.pipeline.thumbnails import ThumbnailWriter
 from lookalike.pipeline.video import FrameSampling, VideoDecodeError
@@ -137,5 +137,5 @@ class BatchRowsFn(beam.DoFn):
         failpoint(f"embed_batch_{self._batches}")
         self._count += len(metas)
         self._progress.update(self._count)
-        items = expand_items(rows, [m["uris"] for m in metas], reused=False, **self._expand)
+        items = expand_items(rows, *items_of_batch(metas), reused=False, **self._expand)
         yield from split_by_shard(items, self._num_shards)

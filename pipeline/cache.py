@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import apache_beam as beam
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -113,20 +114,16 @@ def load_cache_table(directory: str | Path, embed_dim: int) -> pa.Table:
     return table.take(pa.array(sorted(last.values()), pa.int64())) if len(last) < len(table) else table
 
 
-def rows_of_files(cache: pa.Table, files: list[tuple[str, str]]) -> tuple[pa.Table, list[list[str]]]:
-    """``files`` as (uri, source hash) pairs, every hash in ``cache`` -> (the cached rows of
-    those sources, and for each row the uris holding its source)."""
-    uris_by_hash: dict[str, list[str]] = defaultdict(list)
-    for uri, source_hash in files:
-        uris_by_hash[source_hash].append(uri)
-    take: list[int] = []
-    uris: list[list[str]] = []
-    for i, source_hash in enumerate(cache.column("source_hash").to_pylist()):
-        paths = uris_by_hash.get(source_hash)
-        if paths:
-            take.append(i)
-            uris.append(sorted(set(paths)))
-    return cache.take(pa.array(take, pa.int64())), uris
+def rows_of_files(cache: pa.Table, files: list[tuple[str, str]]) -> tuple[list[int], list[str]]:
+    """``files`` as (uri, source hash) pairs -> (row of ``cache``, uri) for every cached row of
+    each file's source (``items.expand_items``' take and uris), joined column-wise."""
+    if not files or not len(cache):
+        return [], []
+    uris, hashes = zip(*files)
+    wanted = pa.table({"uri": pa.array(uris, pa.string()), "source_hash": pa.array(hashes, pa.string())})
+    rows = pa.table({"source_hash": cache.column("source_hash"), "row": pa.array(np.arange(len(cache), dtype=np.int64))})
+    joined = wanted.join(rows, "source_hash", join_type="inner")
+    return joined.column("row").to_pylist(), joined.column("uri").to_pylist()
 
 
 def write_cache_table(directory: str, table: pa.Table) -> str | None:

@@ -55,7 +55,7 @@ from lookalike.model.artifact import read_model_meta
 from lookalike.model.preprocess import PreprocessSpec
 from lookalike.model.store import Store, StoreError, check_version_name
 from lookalike.pipeline.batches import BATCH, BatchRowsFn, DecodeBatchFn, bucket_of, split_tagged
-from lookalike.pipeline.cache import WriteFileIndexFn, cache_dir
+from lookalike.pipeline.cache import WriteFileIndexFn, cache_dir, load_cache_table
 from lookalike.pipeline.index_shards import BuildIndexShardFn, build_index_shard, collect_shard_entries
 from lookalike.pipeline.inference import FlaxEncoderHandler
 from lookalike.pipeline.items import concat_sorted, embedding_schema, split_by_shard
@@ -327,13 +327,15 @@ def run_embed(config: EmbedConfig) -> EmbedSummary:
     else:
         run.listing = list_files(pattern)
         run.total = len(run.listing)
-        if config.incremental:
-            run.plan = plan_reuse(run.listing, run.cache)
+        if config.incremental:  # the cache is read once here: little besides it when nothing changed
+            cache_table = load_cache_table(run.cache, int(meta["embed_dim"]))
+            hashes = set(cache_table.column("source_hash").to_pylist())
+            run.plan = plan_reuse(run.listing, run.cache, hashes)
     log.info("embedding %d file(s) matching %s with model %s on %s%s", run.total, pattern, meta["version"], config.runner,
              f" ({len(run.plan.unchanged)} unchanged)" if run.plan else "")
     reused = None
     if run.plan is not None and run.plan.unchanged and not run.plan.changed:
-        reused = reused_items(run.cache, int(meta["embed_dim"]), run.plan.unchanged, **run.expand)
+        reused = reused_items(cache_table, run.plan.unchanged, **run.expand)
     if config.publish and run.total > 0:
         summary = _publish(run, started, reused)
     else:

@@ -63,45 +63,50 @@ def rows_table(metas: Sequence[dict], embeddings: np.ndarray, embed_dim: int) ->
     return pa.Table.from_arrays([*columns, embedding_column(embeddings)], schema=schema)
 
 
-def expand_items(rows: pa.Table, uris: Sequence[Sequence[str]], *, root: str, thumbnails_dir: str,
+def expand_items(rows: pa.Table, take: Sequence[int], uris: Sequence[str], *, root: str, thumbnails_dir: str,
                  model_version: str, reused: bool) -> pa.Table:
-    """Rows of sources (cache schema, N rows) and the paths holding each row's source bytes
-    (``uris[i]`` for row i) -> the items table, one row per (row, path), in embedding_schema."""
-    take: list[int] = []
-    ids: list[str] = []
-    item_uris: list[str] = []
-    groups: list[str | None] = []
-    thumbs: list[str] = []
-    kinds = rows.column("kind").to_pylist()
-    times = rows.column("timestamp_s").to_pylist()
-    hashes = rows.column("content_hash").to_pylist()
-    for i, (kind, t, content_hash, paths) in enumerate(zip(kinds, times, hashes, uris)):
-        thumb = thumbnail_path(thumbnails_dir, content_hash)
-        for uri in paths:
-            base = item_id_for(uri, root)
-            frame = kind == "frame"
-            take.append(i)
-            ids.append(frame_id(base, t) if frame else base)
-            item_uris.append(uri)
-            groups.append(base if frame else None)
-            thumbs.append(thumb)
+    """Rows of sources (cache schema) -> the items table (embedding_schema): item k is row
+    ``take[k]`` found at path ``uris[k]`` (a source held by several paths gives an item per path)."""
     picked = rows.take(pa.array(take, pa.int64()))
-    n = len(take)
+    ids: list[str] = []
+    groups: list[str | None] = []
+    thumbs: dict[str, str] = {}
+    kinds = picked.column("kind").to_pylist()
+    times = picked.column("timestamp_s").to_pylist()
+    hashes = picked.column("content_hash").to_pylist()
+    for kind, t, uri in zip(kinds, times, uris):
+        base = item_id_for(uri, root)
+        if kind == "frame":
+            ids.append(frame_id(base, t))
+            groups.append(base)
+        else:
+            ids.append(base)
+            groups.append(None)
+    for content_hash in hashes:
+        if content_hash not in thumbs:
+            thumbs[content_hash] = thumbnail_path(thumbnails_dir, content_hash)
+    n = len(ids)
     schema = embedding_schema(picked.schema.field("embedding").type.list_size)
     return pa.table({
         "id": pa.array(ids, pa.string()),
-        "uri": pa.array(item_uris, pa.string()),
+        "uri": pa.array(list(uris), pa.string()),
         "kind": picked.column("kind"),
         "timestamp_s": picked.column("timestamp_s"),
         "width": picked.column("width"),
         "height": picked.column("height"),
         "content_hash": picked.column("content_hash"),
         "group": pa.array(groups, pa.string()),
-        "thumbnail": pa.array(thumbs, pa.string()),
+        "thumbnail": pa.array([thumbs[h] for h in hashes], pa.string()),
         "model_version": pa.array([model_version] * n, pa.string()),
         "reused": pa.array([reused] * n, pa.bool_()),
         "embedding": picked.column("embedding"),
     }, schema=schema)
+
+
+def items_of_batch(metas: Sequence[dict]) -> tuple[list[int], list[str]]:
+    """``expand_items``' (take, uris) for a decoded batch whose metas carry their ``uris``."""
+    take = [i for i, m in enumerate(metas) for _ in m["uris"]]
+    return take, [uri for m in metas for uri in m["uris"]]
 
 
 def shard_of(item_id: str, num_shards: int) -> int:

@@ -42,9 +42,14 @@ class ReusePlan:
 
 
 def list_files(pattern: str) -> list[FileMetadata]:
-    """Every file matching ``pattern`` (any Beam filesystem) with size and mtime, by path."""
+    """Every file matching ``pattern`` (any Beam filesystem) with size and mtime, by path. A
+    local ``<folder>/**`` is walked here with one stat per file (Beam's match takes two and a
+    regex test per file for the same list)."""
     from apache_beam.io.filesystems import FileSystems
 
+    folder = pattern[:-3] if pattern.endswith("/**") else None
+    if folder and "://" not in folder and not any(ch in folder for ch in "*?[") and os.path.isdir(folder):
+        return sorted(_walk(folder), key=lambda m: m.path)
     try:
         matched = FileSystems.match([pattern])
     except Exception as e:  # an empty or unreachable pattern: the run reports 0 files
@@ -53,12 +58,28 @@ def list_files(pattern: str) -> list[FileMetadata]:
     return sorted((m for result in matched for m in result.metadata_list), key=lambda m: m.path)
 
 
-def plan_reuse(files: list[FileMetadata], cache_dir: str) -> ReusePlan:
+def _walk(folder: str) -> list[FileMetadata]:
+    """Files under ``folder`` as Beam's local match lists them (os.walk, symlinked files followed)."""
+    found = []
+    for dirpath, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            try:
+                st = os.stat(path)
+            except OSError:  # vanished meanwhile, or a dangling link
+                continue
+            found.append(FileMetadata(path, st.st_size, st.st_mtime))
+    return found
+
+
+def plan_reuse(files: list[FileMetadata], cache_dir: str, hashes: set[str] | None = None) -> ReusePlan:
     """Split ``files``: a media file whose path, size and mtime the file index recorded, with
-    that hash still in the cache, is unchanged; everything else is read in the pipeline."""
+    that hash still in the cache (``hashes``: the cache's source hashes, read if None), is
+    unchanged; everything else is read in the pipeline."""
     if not os.path.isdir(cache_dir):
         return ReusePlan(changed=list(files))
-    known, hashes = load_file_index(cache_dir), cached_hashes(cache_dir)
+    known = load_file_index(cache_dir)
+    hashes = cached_hashes(cache_dir) if hashes is None else hashes
     plan = ReusePlan()
     for m in files:
         entry = known.get(m.path)
@@ -71,11 +92,13 @@ def plan_reuse(files: list[FileMetadata], cache_dir: str) -> ReusePlan:
     return plan
 
 
-def reused_items(cache_dir: str, embed_dim: int, files: list[tuple[str, str]], *, root: str, thumbnails_dir: str,
+def reused_items(cache: pa.Table, files: list[tuple[str, str]], *, root: str, thumbnails_dir: str,
                  model_version: str) -> pa.Table:
-    """(uri, source hash) pairs of cached sources -> their items table (``reused`` set)."""
-    rows, uris = rows_of_files(load_cache_table(cache_dir, embed_dim), files)
-    return expand_items(rows, uris, root=root, thumbnails_dir=thumbnails_dir, model_version=model_version, reused=True)
+    """(uri, source hash) pairs of sources in ``cache`` (``load_cache_table``) -> their items
+    table (``reused`` set)."""
+    take, uris = rows_of_files(cache, files)
+    return expand_items(cache, take, uris, root=root, thumbnails_dir=thumbnails_dir, model_version=model_version,
+                        reused=True)
 
 
 class ReusedItemsFn(beam.DoFn):
@@ -91,8 +114,8 @@ class ReusedItemsFn(beam.DoFn):
         _, chunks = keyed
         files = [pair for chunk in chunks for pair in chunk]
         if files:
-            yield from split_by_shard(reused_items(self._cache_dir, self._embed_dim, files, **self._expand),
-                                      self._num_shards)
+            cache = load_cache_table(self._cache_dir, self._embed_dim)
+            yield from split_by_shard(reused_items(cache, files, **self._expand), self._num_shards)
 
 
 def current_index_if_same(store: Store, model_version: str, params: dict[str, Any], items: pa.Table) -> str | None:

@@ -34,7 +34,7 @@ ThumbnailSink = Callable[[Image.Image, str, "tuple[str, bytes] | None"], object]
 def thumbnail_path(thumbnails_dir: str, content_hash: str) -> str:
     """``<dir>/<h[:2]>/<h>.jpg`` with h a filename-safe digest of the content hash."""
     h = hashlib.sha256(content_hash.encode()).hexdigest()[:40]
-    return os.path.join(thumbnails_dir, h[:2], f"{h}.jpg")
+    return f"{thumbnails_dir.rstrip('/')}/{h[:2]}/{h}.jpg" if thumbnails_dir else f"{h[:2]}/{h}.jpg"
 
 
 def reusable_jpeg(img: Image.Image, data: bytes | None, size: int = THUMBNAIL_SIZE) -> bool:

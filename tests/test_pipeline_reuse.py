@@ -1,5 +1,7 @@
 """Columnar item tables and --incremental reuse decided before the pipeline starts."""
 
+import hashlib
+import os
 import shutil
 
 import apache_beam as beam
@@ -8,7 +10,10 @@ import pyarrow as pa
 import pytest
 
 from lookalike.pipeline.embed import EmbedConfig, read_embeddings, run_embed
-from lookalike.pipeline.items import concat_sorted, embedding_schema, embeddings_of, expand_items, rows_table, split_by_shard
+from lookalike.pipeline.reuse import list_files
+from lookalike.pipeline.thumbnails import thumbnail_path
+from lookalike.pipeline.items import (concat_sorted, embedding_schema, embeddings_of, expand_items, items_of_batch, rows_table,
+                                      split_by_shard)
 
 
 @pytest.fixture
@@ -36,11 +41,13 @@ def test_items_table_has_one_row_per_path_and_frame_ids():
     ]
     emb = np.arange(2 * 4, dtype=np.float32).reshape(2, 4)
     rows = rows_table(metas, emb, 4)
-    items = expand_items(rows, [["/c/x/a.png", "/c/y/copy.png"], ["/c/v.mp4"]], root="/c", thumbnails_dir="/t",
-                         model_version="m-1", reused=False)
+    take, uris = items_of_batch([{**metas[0], "uris": ["/c/x/a.png", "/c/y/copy.png"]}, {**metas[1], "uris": ["/c/v.mp4"]}])
+    items = expand_items(rows, take, uris, root="/c", thumbnails_dir="/t", model_version="m-1", reused=False)
     assert items.schema == embedding_schema(4)
     assert items.column("id").to_pylist() == ["x/a.png", "y/copy.png", "v.mp4#t=1.500"]
     assert items.column("group").to_pylist() == [None, None, "v.mp4"]
+    h = hashlib.sha256(("a" * 64).encode()).hexdigest()[:40]
+    assert items.column("thumbnail").to_pylist()[0] == thumbnail_path("/t/", "a" * 64) == os.path.join("/t", h[:2], f"{h}.jpg")
     np.testing.assert_array_equal(embeddings_of(items), emb[[0, 0, 1]])
     parts = dict(split_by_shard(items, 3))
     merged = concat_sorted(list(parts.values()), items.schema)
@@ -85,3 +92,16 @@ def test_items_cached_twice_are_reused_once(corpus_store):
     ids = items.column("id").to_pylist()
     assert len(ids) == len(set(ids)) == rerun.items and rerun.embedded == 0 and rerun.files_read == 1
     assert pa.compute.all(items.column("reused")).as_py()
+
+
+def test_local_folder_listing_equals_beams_match(tmp_path):
+    from apache_beam.io.filesystems import FileSystems
+
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for name in ("a/x.jpg", "a/b/y.png", ".hidden.jpg", "top.txt"):
+        (tmp_path / name).write_bytes(b"12345")
+    ours = [(m.path, m.size_in_bytes, m.last_updated_in_seconds) for m in list_files(f"{tmp_path}/**")]
+    beams = sorted((m.path, m.size_in_bytes, m.last_updated_in_seconds)
+                   for r in FileSystems.match([f"{tmp_path}/**"]) for m in r.metadata_list)
+    assert ours == beams and len(ours) == 4
+    assert [m.path for m in list_files(f"{tmp_path}/a/*.jpg")] == [f"{tmp_path}/a/x.jpg"]  # other patterns: Beam's match
