@@ -62,7 +62,7 @@ from lookalike.serving.schemas import (
     SearchResponse,
     VectorQuery,
 )
-from lookalike.serving.results import group_of, item_url, json_response
+from lookalike.serving.results import group_of, item_url, json_text_response
 from lookalike.serving.swap import DEFAULT_WATCH_INTERVAL_S, BackendSlot, StoreReloader
 from lookalike.serving.thumbnails import ThumbnailUnavailable, render_thumbnail
 
@@ -283,7 +283,7 @@ def create_app(
 
         query = await embed_image(engine, backend, read)
         neighbors = await search_or_422(engine, SearchItem(backend, query, k, filters))
-        return json_response(search_response(backend, echo("image", k, filters, filename=upload[1], bytes=len(upload[0])), neighbors))
+        return json_text_response(search_response(backend, echo("image", k, filters, filename=upload[1], bytes=len(upload[0])), neighbors))
 
     async def search_image_fast(request: Request) -> Response | None:
         backend, params = slot.backend, search_params(request.scope["query_string"])
@@ -303,7 +303,7 @@ def create_app(
             raise HTTPException(status_code=422, detail=str(e)) from None
         filters = filters_of(body)
         neighbors = await search_or_422(engine, SearchItem(backend, query, body.k, filters))
-        return json_response(search_response(backend, echo("vector", body.k, filters, dim=len(body.vector)), neighbors))
+        return json_text_response(search_response(backend, echo("vector", body.k, filters, dim=len(body.vector)), neighbors))
 
     async def search_vector_fast(request: Request) -> Response | None:
         backend = slot.backend
@@ -325,7 +325,7 @@ def create_app(
         """Several queries (vectors, item ids, base64 images) in one call; one response per query."""
         filters = filters_of(body)
 
-        async def one(i: int, q: BatchQuery) -> dict[str, Any]:
+        async def one(i: int, q: BatchQuery) -> str:
             what = f"queries[{i}]: "
             exclude = None
             if q.vector is not None:
@@ -352,7 +352,7 @@ def create_app(
 
         tasks = [asyncio.ensure_future(one(i, q)) for i, q in enumerate(body.queries)]
         try:
-            return json_response({"responses": await asyncio.gather(*tasks)})
+            return json_text_response('{"responses":[' + ",".join(await asyncio.gather(*tasks)) + "]}")
         finally:
             for task in tasks:
                 task.cancel()
@@ -371,7 +371,7 @@ def create_app(
         filters = Filters.of(kind, group, max_per_group)
         item = SearchItem(backend, backend.index.embeddings[row], k, filters, exclude_row=row)
         neighbors = await search_or_422(engine, item)
-        return json_response(search_response(backend, echo("item", k, filters, id=item_id), neighbors))
+        return json_text_response(search_response(backend, echo("item", k, filters, id=item_id), neighbors))
 
     @app.get(
         "/v1/items/{item_id:path}/thumbnail",

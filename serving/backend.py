@@ -19,7 +19,7 @@ import numpy as np
 from lookalike.index.searcher import ItemIndex
 from lookalike.model.artifact import Encoder, load_encoder
 from lookalike.model.store import Store, StoreError
-from lookalike.serving.results import ResultRows
+from lookalike.serving.results import ResultRows, ResultsJSON
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,11 @@ class Backend:
     def rows(self) -> ResultRows:
         """Per-row result metadata, read once (the loaders build it before serving)."""
         return ResultRows(self.index.items)
+
+    @cached_property
+    def results_json(self) -> ResultsJSON:
+        """Search results written as JSON, with per-row fields encoded once (built with ``rows``)."""
+        return ResultsJSON(self.rows)
 
 
 def check_compatible(encoder: Encoder, index: ItemIndex, workdir: str) -> None:
@@ -73,7 +78,7 @@ def load_backend(workdir: str | os.PathLike) -> Backend:
     check_compatible(encoder, index, str(store.root))
     encoder.warm_up(DEFAULT_MAX_EMBED_BATCH)  # compile every batch shape now, not during live queries
     backend = Backend(encoder=encoder, index=index)
-    backend.rows  # read the result metadata now, not in the first request
+    backend.results_json  # read the result metadata now, not in the first request
     log.info(
         "backend ready in %.1fs: index %s (%d items), model %s (dim %d)",
         time.perf_counter() - started, index.version, len(index), encoder.version, encoder.embed_dim,

@@ -21,7 +21,7 @@ from lookalike.model.preprocess import ImageDecodeError
 from lookalike.serving.backend import Backend
 from lookalike.serving.engine import Filters, QueryEngine, SearchItem
 from lookalike.serving.limits import PayloadTooLarge
-from lookalike.serving.results import results_of
+from lookalike.serving.results import search_json
 from lookalike.serving.schemas import FilterFields
 
 UPLOAD_FIELD = "file"
@@ -37,14 +37,10 @@ def item_or_404(backend: Backend, item_id: str) -> dict[str, Any]:
     return backend.index.items[row]
 
 
-def search_response(backend: Backend, query: dict[str, Any], neighbors: list[Neighbor]) -> dict[str, Any]:
-    """A ``SearchResponse`` as a JSON-ready dict (see ``lookalike.serving.results``)."""
-    return {
-        "query": query,
-        "results": results_of(backend.rows, backend.encoder.same_item_threshold, neighbors),
-        "model_version": backend.encoder.version,
-        "index_version": backend.index.version,
-    }
+def search_response(backend: Backend, query: dict[str, Any], neighbors: list[Neighbor]) -> str:
+    """A ``SearchResponse`` as JSON text (see ``lookalike.serving.results``)."""
+    results = backend.results_json.encode(backend.encoder.same_item_threshold, neighbors)
+    return search_json(query, results, backend.encoder.version, backend.index.version)
 
 
 def echo(type_: str, k: int, filters: Filters, *, filename: str | None = None, bytes: int | None = None,

@@ -5,9 +5,10 @@ per result and serialising it again costs more than the search itself, and readi
 an item's metadata row from the index's items table costs a table slice per result.
 So each Backend keeps a ``ResultRows``: the per-row fields a result shows (kind,
 video timestamp, group), read from the items once when the backend is loaded, in
-compact columns (dictionary codes and a float array, not a dict per item). Responses
-are plain dicts with exactly the ``SearchResponse`` shape of ``schemas.py`` (which
-documents them in /openapi.json; the tests validate responses against it).
+compact columns (dictionary codes and a float array, not a dict per item), and a
+``ResultsJSON`` that writes results straight to JSON text, each row's fixed fields
+encoded once. Responses have exactly the ``SearchResponse`` shape of ``schemas.py``
+(which documents them in /openapi.json; the tests validate responses against it).
 """
 
 from __future__ import annotations
@@ -31,12 +32,6 @@ Row = tuple[str, float | None, str | None]  # kind, timestamp_s, group
 
 def item_url(item_id: str, suffix: str = "") -> str:
     return f"/v1/items/{quote(item_id, safe='/')}{suffix}"
-
-
-@lru_cache(maxsize=1 << 16)
-def thumbnail_url(item_id: str) -> str:
-    """``item_url(item_id, "/thumbnail")``, remembered for the most recently answered ids."""
-    return item_url(item_id, "/thumbnail")
 
 
 def group_of(item: dict[str, Any]) -> str | None:
@@ -99,28 +94,49 @@ class ResultRows:
         )
 
 
-def results_of(rows: ResultRows, threshold: float | None, neighbors: list[Neighbor]) -> list[dict[str, Any]]:
-    """The ``results`` list of a SearchResponse."""
-    out = []
-    for n in neighbors:
-        kind, timestamp_s, group = rows.row(n.row)
-        distance = n.distance
-        out.append({
-            "id": n.id,
-            "score": float(n.score),
-            "distance": distance,
-            "same_item": threshold is not None and distance <= threshold,
-            "kind": kind,
-            "timestamp_s": timestamp_s,
-            "group": group,
-            "thumbnail_url": thumbnail_url(n.id),
-        })
-    return out
-
-
 _JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+_encode = _JSON.encode
+# Pre-encoded result fields of the most recently answered rows (key: row and id).
+ROW_FRAGMENTS_CACHED = 1 << 16
 
 
-def json_response(content: Any) -> Response:
-    """``content`` (dicts, lists, str, finite numbers, None) as an application/json response."""
-    return Response(_JSON.encode(content).encode(), media_type="application/json")
+class ResultsJSON:
+    """The ``results`` of SearchResponses, written straight to JSON text.
+
+    The fields a row always shows (id, kind, timestamp, group, thumbnail URL) are
+    encoded once per row and remembered for recently answered rows; per result only
+    the score, distance and same-item flag are written (as ``json`` writes floats:
+    ``repr``; non-finite numbers raise ValueError, as ``json`` with allow_nan=False).
+    """
+
+    def __init__(self, rows: ResultRows):
+        self.rows = rows
+        self._fragments = lru_cache(maxsize=ROW_FRAGMENTS_CACHED)(self._fragment)
+
+    def _fragment(self, row: int, item_id: str) -> tuple[str, str]:
+        kind, timestamp_s, group = self.rows.row(row)
+        tail = _encode({"kind": kind, "timestamp_s": timestamp_s, "group": group, "thumbnail_url": item_url(item_id, "/thumbnail")})
+        return '{"id":' + _encode(item_id) + ',"score":', tail[1:]
+
+    def encode(self, threshold: float | None, neighbors: list[Neighbor]) -> str:
+        """The ``results`` list of a SearchResponse, as JSON text."""
+        out = []
+        for n in neighbors:
+            score, distance = float(n.score), n.distance
+            if not (math.isfinite(score) and math.isfinite(distance)):
+                raise ValueError(f"Out of range float values are not JSON compliant: {score!r}, {distance!r}")
+            head, tail = self._fragments(n.row, n.id) if n.row < len(self.rows) else self._fragment(n.row, n.id)
+            same = "true" if threshold is not None and distance <= threshold else "false"
+            out.append(f'{head}{score!r},"distance":{distance!r},"same_item":{same},{tail}')
+        return "[" + ",".join(out) + "]"
+
+
+def search_json(query: dict[str, Any], results: str, model_version: str, index_version: str) -> str:
+    """A SearchResponse as JSON text, ``results`` already written (``ResultsJSON.encode``)."""
+    return (f'{{"query":{_encode(query)},"results":{results},'
+            f'"model_version":{_encode(model_version)},"index_version":{_encode(index_version)}}}')
+
+
+def json_text_response(text: str) -> Response:
+    """JSON text already written as an application/json response."""
+    return Response(text.encode(), media_type="application/json")

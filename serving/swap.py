@@ -117,7 +117,7 @@ class StoreReloader:
         if encoder is not getattr(reuse, "encoder", None):
             encoder.warm_up(DEFAULT_MAX_EMBED_BATCH)  # compile before the swap, not during live queries
         smoke_test(backend)
-        backend.rows  # read the result metadata before the swap, not in the first request
+        backend.results_json  # read the result metadata before the swap, not in the first request
         return backend
 
     def reload(self, slot: BackendSlot, force: bool = False) -> ReloadOutcome:

@@ -5,20 +5,23 @@ settling that keeps full garbage collections short."""
 from __future__ import annotations
 
 import gc
+import json
 import weakref
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pyarrow as pa
 import pytest
 from fastapi.dependencies import utils as fastapi_utils
 from fastapi.testclient import TestClient
 
+from lookalike.index.searcher import Neighbor
 from lookalike.model.store import Store
 from lookalike.serving.app import create_app
 from lookalike.serving.backend import Backend, load_backend
 from lookalike.serving.heap import settle
-from lookalike.serving.results import ResultRows, json_response
+from lookalike.serving.results import ResultRows, ResultsJSON, search_json
 from lookalike.serving.schemas import BatchSearchResponse, SearchResponse
 
 ITEMS = [
@@ -64,10 +67,32 @@ def test_result_rows_without_metadata_columns() -> None:
     assert len(ResultRows([])) == 0
 
 
-def test_json_response_refuses_non_finite_numbers() -> None:
-    assert json_response({"a": [1, None, "é"]}).body == '{"a":[1,null,"é"]}'.encode()
-    with pytest.raises(ValueError):
-        json_response({"score": float("nan")})
+def test_results_json_writes_what_json_writes() -> None:
+    items = [*ITEMS, {"id": "e f/é?#1", "kind": "frame", "group": "v 2", "timestamp_s": 2.25}]
+    added = {"id": "g", "kind": "frame", "group": "v1.mp4", "timestamp_s": 9.5}
+    results = ResultsJSON(ResultRows(ArrowItems(items, [added])))
+    neighbors = [Neighbor(row, it["id"], score) for row, it, score in
+                 zip(range(6), [*items, added], [1.0000001192092896, 0.5, -0.25, 0.1 + 0.2, 0.9999, 0.75])]
+    for threshold in (None, 0.8):
+        expected_results = []
+        for n in neighbors:
+            kind, timestamp_s, group = expected([*items, added][n.row])
+            expected_results.append({
+                "id": n.id, "score": n.score, "distance": n.distance,
+                "same_item": threshold is not None and n.distance <= threshold, "kind": kind,
+                "timestamp_s": timestamp_s, "group": group, "thumbnail_url": f"/v1/items/{quote(n.id, safe='/')}/thumbnail",
+            })
+        for _ in range(2):  # written, then from the remembered row fragments
+            text = results.encode(threshold, neighbors)
+            assert text == json.dumps(expected_results, ensure_ascii=False, separators=(",", ":"))
+    query = {"type": "image", "k": 3, "filename": "é.png", "group": ["a"]}
+    response = search_json(query, results.encode(0.8, neighbors[:2]), "m-1", "i-\"2")
+    assert json.loads(response) == {"query": query, "results": json.loads(results.encode(0.8, neighbors[:2])),
+                                    "model_version": "m-1", "index_version": 'i-"2'}
+    assert results.encode(None, []) == "[]"
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError):
+            results.encode(None, [Neighbor(0, "a", bad)])
 
 
 @pytest.fixture(scope="module")
