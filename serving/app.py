@@ -32,7 +32,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from lookalike.serving.admin import AdminAuth, admin_router, watch_store
 from lookalike.serving.backend import Backend
 from lookalike.serving.engine import BatchingConfig, Filters, QueryEngine, SearchItem
-from lookalike.serving.fastpath import FastRoute, json_body, search_params, set_fast_path
+from lookalike.serving.fastpath import FastRoute, fast_routes_first, json_body, search_params, set_fast_path
 from lookalike.serving.heap import settle
 from lookalike.serving.limits import BodySizeLimit
 from lookalike.serving.metrics import CONTENT_TYPE, RequestMetrics, ServingMetrics
@@ -404,4 +404,5 @@ def create_app(
             similar_url=item_url(item_id, "/similar"),
         )
 
+    fast_routes_first(app)
     return app

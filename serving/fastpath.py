@@ -23,6 +23,7 @@ from fastapi import FastAPI
 from fastapi.routing import APIRoute
 from starlette.datastructures import QueryParams
 from starlette.requests import Request
+from starlette.routing import Match
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
 
@@ -72,6 +73,25 @@ def set_fast_path(app: FastAPI, path: str, method: str, fast: FastHandler) -> No
             route.fast = fast
             return
     raise LookupError(f"no FastRoute for {method} {path}")
+
+
+def fast_routes_first(app: FastAPI) -> None:
+    """Move the routes with fast handlers to the front of the routing table, so their
+    requests are matched at once rather than after every other route's pattern.
+
+    Only routes whose path no other route matches move, so the route answering any
+    request stays the same; /openapi.json is written first, so it lists the
+    operations in the order they were declared.
+    """
+    app.openapi()
+    routes = app.router.routes
+    fast = [r for r in routes if isinstance(r, FastRoute) and r.fast is not None]
+    for route in fast:
+        probe = {"type": "http", "path": route.path, "root_path": "", "method": next(iter(route.methods))}
+        others = [other for other in routes if other is not route and other.matches(dict(probe))[0] != Match.NONE]
+        if others:
+            raise ValueError(f"{route.path} is also matched by {[getattr(o, 'path', o) for o in others]}: it cannot move first")
+    routes[:] = fast + [r for r in routes if not any(r is f for f in fast)]
 
 
 def _count(values: list[str]) -> int | None:

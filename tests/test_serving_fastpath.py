@@ -19,7 +19,7 @@ from lookalike.model.store import Store
 from lookalike.serving.app import create_app
 from lookalike.serving.backend import Backend, load_backend
 from lookalike.serving.engine import NO_FILTERS, Filters
-from lookalike.serving.fastpath import FastRoute, search_params
+from lookalike.serving.fastpath import FastRoute, fast_routes_first, search_params, set_fast_path
 from lookalike.serving.schemas import DEFAULT_K, MAX_K
 from lookalike.serving.server import serve_in_thread
 
@@ -169,3 +169,31 @@ def test_search_params_read_what_fastapi_reads() -> None:
     assert search_params(b"k=100&max_per_group=100") == (100, Filters.of(max_per_group=100))
     for refused in (b"k=0", b"k=101", b"k=007", b"k=-1", b"k=1.0", b"kind=", b"max_per_group=101"):
         assert search_params(refused) is None, refused
+
+
+def test_fast_routes_are_matched_first_and_documented_in_declared_order(backend: Backend) -> None:
+    app = create_app(lambda: backend)
+    assert [route.path for route in app.router.routes[:2]] == ["/v1/search/image", "/v1/search/vector"]
+    paths = list(app.openapi()["paths"])
+    assert paths.index("/v1/info") < paths.index("/v1/search/image") < paths.index("/v1/search/vector") < paths.index("/v1/search/batch")
+
+
+def test_a_fast_route_another_route_also_matches_stays_in_place() -> None:
+    app = FastAPI()
+    app.router.route_class = FastRoute
+
+    @app.get("/{anything:path}")
+    def catch_all(anything: str) -> str:
+        return anything
+
+    @app.get("/x")
+    def x() -> str:
+        return "x"
+
+    async def fast(request):
+        return None
+
+    set_fast_path(app, "/x", "GET", fast)
+    with pytest.raises(ValueError, match="also matched"):
+        fast_routes_first(app)
+    assert [route.path for route in app.router.routes][-2:] == ["/{anything:path}", "/x"]
