@@ -19,7 +19,6 @@ import glob
 import logging
 import os
 import uuid
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
