@@ -47,6 +47,7 @@ setup(
         "python-multipart",
         "httpx",
         "pillow",
+        "simplejpeg",
         "av",
         "pyarrow",
         "numpy",

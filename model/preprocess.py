@@ -4,6 +4,12 @@ Every image, whatever its format or mode, goes through ``decode_image``: safe
 against decompression bombs, EXIF orientation applied, converted to the model's
 channel count (alpha composited on white), resized on the short side and centre-
 cropped to ``image_size``, scaled to [0, 1] float32.
+
+Plain JPEGs (no EXIF, so no orientation to apply; colour for an RGB model, grayscale
+for a grayscale one) take a fast path: libjpeg-turbo through ``simplejpeg``, the same
+library and IDCT as Pillow's decoder, so the pixels are identical, at about a sixth of
+the cost for small images (10 vs 65 us for a CIFAR JPEG). Anything else, including every
+JPEG the fast path refuses or finds corrupt, goes through Pillow, which names the problem.
 """
 
 from __future__ import annotations
@@ -13,6 +19,11 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+try:
+    import simplejpeg
+except ImportError:  # an optional speed-up: Pillow decodes everything without it
+    simplejpeg = None
 
 # Refuse images claiming more pixels than this before decoding them.
 DEFAULT_MAX_PIXELS = 64_000_000
@@ -76,6 +87,38 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     return img
 
 
+_JPEG_SOI = b"\xff\xd8\xff"
+_FAST_COLORSPACES = {1: ("Gray",), 3: ("YCbCr", "RGB")}
+
+
+def decode_plain_jpeg(data: bytes, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray | None:
+    """[H, W, channels] uint8 pixels of a plain JPEG, decoded exactly as Pillow would, or
+    None when the fast path does not apply (not a JPEG, EXIF present, a colour space that
+    needs converting, outside the size limits, corrupt): the caller then uses Pillow."""
+    if simplejpeg is None or not data.startswith(_JPEG_SOI) or b"Exif\x00\x00" in data[:65536]:
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        if colorspace not in _FAST_COLORSPACES[channels] or min(width, height) < MIN_SIDE_PX or width * height > max_pixels:
+            return None
+        pixels = simplejpeg.decode_jpeg(data, colorspace="GRAY" if channels == 1 else "RGB")
+    except ValueError:  # corrupt or unsupported: Pillow decides, and explains
+        return None
+    return pixels.reshape(height, width, channels)
+
+
+def pixels_to_image(pixels: np.ndarray) -> Image.Image:
+    """[H, W, 1 or 3] uint8 pixels -> a PIL image of mode L or RGB."""
+    return Image.fromarray(pixels[..., 0], "L") if pixels.shape[-1] == 1 else Image.fromarray(pixels, "RGB")
+
+
+def pixels_to_array(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
+    """[H, W, C] uint8 pixels (C = ``spec.channels``) -> float32 array of ``spec.shape`` in [0, 1]."""
+    if pixels.shape == spec.shape:
+        return np.asarray(pixels, dtype=np.float32) / 255.0
+    return image_to_array(pixels_to_image(pixels), spec)
+
+
 def to_mode(img: Image.Image, channels: int) -> Image.Image:
     """Convert any PIL mode (palette, CMYK, 16-bit, alpha) to L or RGB."""
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -102,11 +145,16 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
 
 def image_to_array(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     """PIL image -> float32 array of shape ``spec.shape`` with values in [0, 1]."""
-    img = resize_center_crop(to_mode(img, spec.channels), spec.image_size)
+    img = to_mode(img, spec.channels) if img.mode != ("L" if spec.channels == 1 else "RGB") else img
+    if img.size != (spec.image_size, spec.image_size):  # Pillow's same-size resize is a copy
+        img = resize_center_crop(img, spec.image_size)
     arr = np.asarray(img, dtype=np.float32) / 255.0
     return arr.reshape(spec.shape)
 
 
 def decode_image(data: bytes, spec: PreprocessSpec) -> np.ndarray:
     """Image file bytes -> float32 [H, W, C] model input; ImageDecodeError if unusable."""
+    pixels = decode_plain_jpeg(data, spec.channels, spec.max_pixels)
+    if pixels is not None:
+        return pixels_to_array(pixels, spec)
     return image_to_array(open_image(data, spec.max_pixels), spec)

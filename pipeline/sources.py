@@ -28,7 +28,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from lookalike.model.data import IMAGE_SUFFIXES
-from lookalike.model.preprocess import PreprocessSpec, image_to_array, open_image
+from lookalike.model.preprocess import (PreprocessSpec, decode_plain_jpeg, image_to_array, open_image,
+                                        pixels_to_array, pixels_to_image)
 from lookalike.model.progress import Progress
 from lookalike.pipeline.cache import cached_hashes, load_file_index
 from lookalike.pipeline.thumbnails import ThumbnailSink, thumbnail_path, write_thumbnail
@@ -140,12 +141,16 @@ def decode_source(
     data = read_bytes(uris[0]) if data is None else data
     if is_video_path(uris[0]):
         frames = ((f"{source_hash}#t={t:.3f}", "frame", t, frame) for t, frame in sample_frames(data, sampling))
-        original = None
+        original, pixels = None, None
     else:
-        frames = iter([(source_hash, "image", None, open_image(data, spec.max_pixels))])
+        pixels = decode_plain_jpeg(data, spec.channels, spec.max_pixels)  # the fast path, same pixels
+        if pixels is not None:
+            frames = iter([(source_hash, "image", None, pixels_to_image(pixels))])
+        else:
+            frames = iter([(source_hash, "image", None, open_image(data, spec.max_pixels))])
         original = (uris[0], data)
     for content_hash, kind, t, img in frames:
         thumbnail(img, thumbnail_path(thumbnails_dir, content_hash), original)
         meta = {"source_hash": source_hash, "content_hash": content_hash, "kind": kind, "timestamp_s": t,
                 "width": img.size[0], "height": img.size[1], "uris": uris}
-        yield meta, image_to_array(img, spec)
+        yield meta, (pixels_to_array(pixels, spec) if pixels is not None else image_to_array(img, spec))

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lookalike.model.preprocess import ImageDecodeError, PreprocessSpec, decode_image
+from lookalike.model.preprocess import ImageDecodeError, PreprocessSpec, decode_image, decode_plain_jpeg, image_to_array, open_image
 
 SPEC_RGB = PreprocessSpec(image_size=16, channels=3)
 SPEC_GRAY = PreprocessSpec(image_size=16, channels=1)
@@ -79,3 +79,52 @@ def test_decompression_bomb_refused_before_decoding():
     bomb = png_claiming(50000, 50000)
     with pytest.raises(ImageDecodeError, match="decompression bomb|exceeds"):
         decode_image(bomb, SPEC_RGB)
+
+
+# --- the libjpeg-turbo fast path for plain JPEGs -------------------------------------
+
+def _jpeg(mode: str, size=(41, 29), seed: int = 0, **save) -> bytes:
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray((rng.random((size[1], size[0], 3)) * 255).astype("uint8")).convert(mode)
+    buf = io.BytesIO()
+    img.save(buf, "JPEG", **save)
+    return buf.getvalue()
+
+
+def _pillow_only(data: bytes, spec):
+    return image_to_array(open_image(data, spec.max_pixels), spec)
+
+
+@pytest.mark.parametrize("mode,save", [("RGB", {}), ("RGB", {"progressive": True}), ("RGB", {"subsampling": 0}),
+                                       ("L", {}), ("RGB", {"quality": 30})])
+@pytest.mark.parametrize("size,channels", [(16, 3), (29, 3), (16, 1)])
+def test_fast_jpeg_path_gives_pillows_pixels(mode, save, size, channels):
+    spec = PreprocessSpec(image_size=size, channels=channels)
+    data = _jpeg(mode, **save)
+    np.testing.assert_array_equal(decode_image(data, spec), _pillow_only(data, spec))
+
+
+def test_fast_path_takes_plain_jpegs_and_leaves_the_rest_to_pillow():
+    assert decode_plain_jpeg(_jpeg("RGB"), 3).shape == (29, 41, 3)
+    assert decode_plain_jpeg(_jpeg("L"), 1).shape == (29, 41, 1)
+    assert decode_plain_jpeg(_jpeg("RGB"), 1) is None  # colour -> gray conversion: Pillow's formula
+    assert decode_plain_jpeg(_jpeg("L"), 3) is None
+    assert decode_plain_jpeg(_jpeg("RGB")[:200], 3) is None  # truncated: Pillow reports it
+    assert decode_plain_jpeg(_jpeg("RGB", size=(3, 40)), 3) is None  # below the minimum side
+    assert decode_plain_jpeg(_jpeg("RGB"), 3, max_pixels=100) is None
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90
+    assert decode_plain_jpeg(_jpeg("RGB", exif=exif.tobytes()), 3) is None
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, "PNG")
+    assert decode_plain_jpeg(png.getvalue(), 3) is None
+
+
+def test_exif_orientation_and_corrupt_jpegs_still_go_through_pillow():
+    spec = PreprocessSpec(image_size=16, channels=3)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = decode_image(_jpeg("RGB", size=(40, 20), exif=exif.tobytes()), spec)
+    assert rotated.shape == (16, 16, 3)
+    with pytest.raises(ImageDecodeError, match="truncated|corrupt"):
+        decode_image(_jpeg("RGB")[:300], spec)
