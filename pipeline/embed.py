@@ -315,6 +315,11 @@ def run_embed(config: EmbedConfig) -> EmbedSummary:
     pattern, root = corpus_pattern(corpus), corpus_root(corpus)
     run_name = check_version_name(config.run_name or time.strftime("e-%Y%m%dT%H%M%S", time.gmtime()))
     run_dir = store.embedding_run_dir(run_name)
+    for n in range(2, 100):  # a default name already taken (a run killed within the same second): number it
+        if config.run_name or not run_dir.exists():
+            break
+        run_dir = store.embedding_run_dir(f"{run_name}-{n}")
+    run_name = run_dir.name
     if run_dir.exists():
         raise EmbedError(f"embedding run {run_dir} already exists; choose another --run-name")
     run_dir.mkdir(parents=True)

@@ -245,3 +245,17 @@ def test_index_is_built_shard_by_shard_in_the_pipeline(workdir_with_model, digit
     found = index.search(emb, k=1)
     assert [f[0].id for f in found] == items.column("id").to_pylist()  # every item finds itself across shards
     assert not list((workdir_with_model / "indexes").glob(".tmp-*"))
+
+
+def test_a_default_run_name_already_taken_gets_a_number(workdir_with_model, digits_corpus):
+    import time
+
+    corpus = workdir_with_model / "corpus"
+    shutil.copytree(digits_corpus, corpus)
+    now = time.time()
+    taken = {time.strftime("e-%Y%m%dT%H%M%S", time.gmtime(now + s)) for s in range(0, 4)}
+    for name in taken:
+        (workdir_with_model / "embeddings" / name).mkdir(parents=True)
+    summary = run_embed(EmbedConfig(workdir=str(workdir_with_model), publish=False))
+    assert summary.run.rsplit("-", 1)[0] in taken and summary.run.endswith("-2"), summary.run
+    assert summary.items == len(list_images(corpus))
