@@ -11,10 +11,11 @@ augmentation), then evaluates:
 - ``map_at_r``: MAP@R (Musgrave et al. 2020) over evaluation characters.
 - ``loop_vs_bare_step_ratio``: images/s of the full training loop (sampling,
   prefetch thread, sharded step) over a bare jitted step fed one batch from memory,
-  both measured in this run.
+  both measured in this run, as the median of 3 alternating rounds (a busy machine's
+  drifting load would otherwise bias one side).
 
-    python -m bench.model --quick            # about 4 minutes, 2.5 of them training
-    python -m bench.model --minutes 60       # the full run
+    python -m bench.model --quick            # about 4.5 minutes, 2.5 of them training
+    python -m bench.model --minutes 60       # the full run (training capped at 60 minutes)
 
 Images go through the library's preprocessing (``image_to_array``), so the figures
 hold for a model served by ``lookalike``.
@@ -115,6 +116,33 @@ def bare_step_images_per_s(config: Any, x: np.ndarray, y: np.ndarray, seconds: f
     return images_per_step / step_s, step_s
 
 
+def loop_vs_bare_rounds(config: Any, x: np.ndarray, y: np.ndarray, rounds: int, seconds: float) -> dict[str, Any]:
+    """Training-loop images/s over bare-step images/s, measured in ``rounds`` alternating
+    pairs of about ``seconds`` each (bare step, then ``train_on_arrays`` for as many steps),
+    so a machine whose load drifts during the benchmark biases neither side: -> the median
+    per-round ratio and the per-round figures."""
+    from lookalike.model.config import apply_overrides
+    from lookalike.model.data import LabelledImages
+    from lookalike.model.train import train_on_arrays
+
+    per_round = []
+    for r in range(rounds):
+        bare_ips, step_s = bare_step_images_per_s(config, x, y, seconds)
+        steps = max(20, int(seconds / step_s))
+        loop_config = apply_overrides(config, [f"num_steps={steps}", "val_fraction=0", f"eval_every_steps={steps}",
+                                               f"checkpoint_every_steps={steps}", f"log_every_steps={max(1, steps // 4)}",
+                                               f"warmup_steps={steps // 10 + 1}", f"seed={r}"])
+        run_dir = Path(tempfile.mkdtemp(prefix="bench-model-loop-"))
+        try:
+            _, metrics, _ = train_on_arrays(loop_config, LabelledImages(x, y, [], [], []), run_dir)
+        finally:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        per_round.append({"bare_images_per_s": round(bare_ips, 1), "loop_images_per_s": metrics["images_per_s"],
+                          "ratio": round(metrics["images_per_s"] / bare_ips, 3)})
+        log.info("loop vs bare, round %d: %s", r + 1, per_round[-1])
+    return {"ratio": float(np.median([p["ratio"] for p in per_round])), "rounds": per_round}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.model", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="2.5 minutes of training, smaller evaluation")
@@ -143,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("data: %d background images of %d classes, %d evaluation images, %.1f s",
              len(x_bg), len(np.unique(y_bg)), len(x_ev), t_data.s)
 
+    throughput = loop_vs_bare_rounds(config, x_bg, y_bg, rounds=3, seconds=6.0 if args.quick else 15.0)
     bare_ips, step_s = bare_step_images_per_s(config, x_bg, y_bg, seconds=8.0 if args.quick else 20.0)
     num_steps = args.steps or max(20, int(minutes * 60 / step_s * 0.93))
     config = apply_overrides(config, [
@@ -181,9 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         "train_minutes": round(t_train.s / 60, 2),
         "train_steps": metrics["steps"],
         "planned_steps": num_steps,
-        "loop_images_per_s": metrics["images_per_s"],
-        "bare_step_images_per_s": round(bare_ips, 1),
-        "loop_vs_bare_step_ratio": round(metrics["images_per_s"] / bare_ips, 3),
+        "loop_vs_bare_step_ratio": round(throughput["ratio"], 3),
+        "loop_vs_bare_rounds": throughput["rounds"],
+        "training_loop_images_per_s": metrics["images_per_s"],
+        "bare_step_images_per_s_before_training": round(bare_ips, 1),
         "final_loss": metrics["final_loss"],
         "eval_seconds": round(t_eval.s, 1),
         "anchors": {"koch2015_lake_acc": 0.92, "protonets_vinyals_20way1shot_acc": 0.96},
