@@ -32,8 +32,6 @@ ITEM_FIELDS = [
     ("model_version", pa.string()),
     ("reused", pa.bool_()),  # True: embedding taken from the cache (--incremental)
 ]
-# What a source's rows carry before they are expanded into items (the embedding cache's columns).
-ROW_FIELDS = ["source_hash", "content_hash", "kind", "timestamp_s", "width", "height"]
 
 
 def embedding_schema(embed_dim: int) -> pa.Schema:
@@ -55,11 +53,12 @@ def embeddings_of(table: pa.Table) -> np.ndarray:
 
 
 def rows_table(metas: Sequence[dict], embeddings: np.ndarray, embed_dim: int) -> pa.Table:
-    """Item metas (ROW_FIELDS each) and their [N, D] embeddings -> a table in the cache's schema."""
+    """Item metas (a value for each column of ``cache_schema`` but the embedding) and their
+    [N, D] embeddings -> a table in the cache's schema."""
     from lookalike.pipeline.cache import cache_schema
 
     schema = cache_schema(embed_dim)
-    columns = [pa.array([m[name] for m in metas], schema.field(name).type) for name in ROW_FIELDS]
+    columns = [pa.array([m[name] for m in metas], schema.field(name).type) for name in schema.names if name != "embedding"]
     return pa.Table.from_arrays([*columns, embedding_column(embeddings)], schema=schema)
 
 
