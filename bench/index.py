@@ -113,8 +113,7 @@ def run_scann(x, queries, truth, tmp: Path) -> tuple[dict, list[dict]]:
     tuning = manifest["tuning"]
 
     def search(q, threads, leaves=None, reorder=None):
-        for s in index.shards:
-            s.searcher.set_num_threads(threads)
+        index.set_search_threads(threads)
         return index.search_rows(q, K, leaves_to_search=leaves, reorder=reorder, parallel=threads > 1)[0]
 
     tuned = curve_point("scann", {"leaves_to_search": tuning["leaves_to_search"], "reorder": tuning["reorder"]},

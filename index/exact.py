@@ -42,13 +42,16 @@ def exact_topk(queries: np.ndarray, corpus: np.ndarray, k: int, *, block_rows: i
 def _scann_topk(q: np.ndarray, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     import scann
 
+    from lookalike.index.searcher import parallel_batch_size
     from lookalike.index.simd import enable_scann_simd
 
     enable_scann_simd()
 
     searcher = scann.scann_ops_pybind.builder(np.ascontiguousarray(x), k, "dot_product").score_brute_force().build()
-    searcher.set_num_threads(os.cpu_count() or 1)
-    rows, scores = searcher.searcher.search_batched(q, k, -1, -1, len(q) >= 512, 256)
+    threads = os.cpu_count() or 1
+    searcher.set_num_threads(max(1, threads - 1))  # ScaNN's parallel search also runs on the calling thread
+    parallel = threads > 1 and len(q) >= 512
+    rows, scores = searcher.searcher.search_batched(q, k, -1, -1, parallel, parallel_batch_size(len(q), threads))
     return np.asarray(rows, np.int64), np.asarray(scores, np.float32)
 
 

@@ -5,7 +5,7 @@ import pyarrow as pa
 import pytest
 
 from lookalike.index.builder import IndexOptions, build_and_publish, build_index, resolve_options
-from lookalike.index.searcher import IncompatibleQueryError, IndexLoadError, ItemIndex, QueryError
+from lookalike.index.searcher import IncompatibleQueryError, IndexLoadError, ItemIndex, QueryError, parallel_batch_size
 from lookalike.model.store import Store
 
 
@@ -44,6 +44,40 @@ def test_a_short_result_is_padded_not_filled_with_item_zero(tmp_path, mode):
         assert (ss[rr < 0] == -np.inf).all()
     for q, found in zip(emb[1:30], index.search(emb[1:30], 40)):  # every neighbour is real: its score is its dot product
         assert [n.score for n in found] == pytest.approx([float(q @ emb[n.row]) for n in found], abs=1e-3)
+
+
+def process_threads() -> int:
+    import os
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.parametrize("mode", ["brute_force", "tree_exact"])
+def test_parallel_search_uses_the_calling_thread_plus_n_minus_1_pool_threads(tmp_path, mode):
+    emb = unit_vectors(3000, 16)
+    build_index(emb, items(3000), model_version="m", out_dir=tmp_path / "i",
+                options=IndexOptions(mode=mode, num_leaves=30, leaves_to_search=6, autotune=False))
+    index = ItemIndex.load(tmp_path / "i")
+    serial_rows, serial_scores = index.search_rows(emb[:700], 10)
+    index.set_search_threads(1)
+    before = process_threads()
+    index.set_search_threads(3)  # ScaNN runs the caller too: a pool of 2, not 3
+    assert process_threads() - before == 1
+    rows, scores = index.search_rows(emb[:700], 10, parallel=True)
+    np.testing.assert_array_equal(rows, serial_rows)
+    np.testing.assert_allclose(scores, serial_scores, atol=1e-5)
+    with pytest.raises(ValueError, match="at least 1, got 0"):
+        index.set_search_threads(0)
+
+
+@pytest.mark.parametrize("queries, threads, expected", [
+    (1000, 2, 250),  # 4 equal mini-batches: each of 2 threads takes 2
+    (1000, 1, 256),  # capped
+    (100, 2, 32),  # no mini-batch under 32 queries
+    (20, 2, 20),
+    (5000, 2, 256),
+])
+def test_parallel_batch_size_gives_every_thread_an_equal_share(queries, threads, expected):
+    assert parallel_batch_size(queries, threads) == expected
 
 
 def test_similar_to_excludes_the_item_and_unknown_id_raises(tmp_path):
