@@ -128,6 +128,7 @@ class ItemIndex(UpdatableIndex):
         self._lock = ReadWriteLock()
         self._pool: ThreadPoolExecutor | None = None
         self._search_threads = 1
+        self._pools_sized = False  # ScaNN's own default pool until set_search_threads
 
     def set_search_threads(self, num_threads: int) -> None:
         """Threads one ``search_rows(..., parallel=True)`` call uses per shard, the calling thread included.
@@ -139,9 +140,10 @@ class ItemIndex(UpdatableIndex):
         """
         if num_threads < 1:
             raise ValueError(f"num_threads must be at least 1, got {num_threads}")
-        for shard in self.shards:
-            shard.searcher.set_num_threads(max(1, num_threads - 1))
-        self._search_threads = int(num_threads)
+        if num_threads != self._search_threads or not self._pools_sized:  # a new pool costs thread starts
+            for shard in self.shards:
+                shard.searcher.set_num_threads(max(1, num_threads - 1))
+            self._search_threads, self._pools_sized = int(num_threads), True
 
     def __len__(self) -> int:
         """The number of (live) items."""
