@@ -5,8 +5,9 @@ the caller passes in (the server passes ``lambda: load_backend(workdir)``; a tes
 pass anything that returns a Backend). Endpoints read the served Backend from a
 ``BackendSlot`` once, at their start, and use that reference to the end, so a hot
 swap (``lookalike.serving.swap``) never changes the version under a request.
-Image queries are decoded (``lookalike.serving.queries``), then embedded and
-searched through the micro-batchers of a ``QueryEngine`` (``lookalike.serving.engine``).
+Image queries are decoded, embedded and searched in batches, other searches batched
+too, by the micro-batchers of a ``QueryEngine`` (``lookalike.serving.engine``,
+``lookalike.serving.queries``).
 
 Bad input is always a 4xx with a reason: 413 for an oversized body, 422 for bytes
 that are not an image, vectors of the wrong length or with NaN, or ``k`` out of
@@ -39,10 +40,10 @@ from lookalike.serving.metrics import CONTENT_TYPE, RequestMetrics, ServingMetri
 from lookalike.serving.queries import (
     UPLOAD_FIELD,
     echo,
-    embed_image,
     filters_of,
     item_or_404,
     read_upload,
+    search_by_image,
     search_or_422,
     search_response,
     unit_query,
@@ -281,8 +282,7 @@ def create_app(
             upload.extend(await read_upload(request, max_upload_bytes))
             return upload[0]
 
-        query = await embed_image(engine, backend, read)
-        neighbors = await search_or_422(engine, SearchItem(backend, query, k, filters))
+        neighbors = await search_by_image(engine, backend, read, k, filters)
         return json_text_response(search_response(backend, echo("image", k, filters, filename=upload[1], bytes=len(upload[0])), neighbors))
 
     async def search_image_fast(request: Request) -> Response | None:
@@ -345,8 +345,8 @@ def create_app(
                     data = base64.b64decode(q.image_base64 or "", validate=True)
                 except (binascii.Error, ValueError) as e:
                     raise HTTPException(status_code=422, detail=f"{what}image_base64 is not valid base64: {e}") from None
-                query = await embed_image(engine, backend, data, what)
-                echoed = echo("image", body.k, filters, bytes=len(data))
+                neighbors = await search_by_image(engine, backend, data, body.k, filters, what)
+                return search_response(backend, echo("image", body.k, filters, bytes=len(data)), neighbors)
             neighbors = await search_or_422(engine, SearchItem(backend, query, body.k, filters, exclude), what)
             return search_response(backend, echoed, neighbors)
 

@@ -1,9 +1,13 @@
-"""The query path behind the endpoints: decode -> embed (batched) -> search (batched).
+"""The query path behind the endpoints: image queries (decode -> embed -> search, batched)
+and vector or item queries (search, batched).
 
-``QueryEngine`` owns two micro-batchers: one turns concurrent image queries into
-one encoder forward, the other turns concurrent searches into one ScaNN call. Every
-item carries the Backend its request started with, and a batch is split by backend,
-so a request in flight during a hot swap is answered entirely by the old version.
+``QueryEngine`` owns two micro-batchers. One takes concurrent image queries as they
+arrive (the upload's bytes) and answers a batch in its worker thread: decodes every
+upload, embeds them in one encoder forward and searches them in one ScaNN call, so
+the event loop only reads and writes HTTP. The other turns concurrent vector and
+item searches into one ScaNN call. Every item carries the Backend its request
+started with, and a batch is split by backend, so a request in flight during a hot
+swap is answered entirely by the old version.
 
 Batched answers equal one-at-a-time answers: unfiltered queries of one backend go
 through one ``search`` call with the largest ``k`` of the batch and each is cut to
@@ -67,6 +71,17 @@ class Filters:
 
 
 NO_FILTERS = Filters()
+
+
+@dataclass(frozen=True)
+class ImageQuery:
+    """An image search: the uploaded bytes (decoded in the batch) or, for a large upload
+    decoded beforehand, its [H, W, C] model input."""
+
+    backend: Backend
+    image: bytes | np.ndarray
+    k: int
+    filters: Filters = NO_FILTERS
 
 
 @dataclass(frozen=True)
@@ -150,22 +165,64 @@ def run_embed_batch(items: list[tuple[Backend, np.ndarray]]) -> list[np.ndarray 
 
 
 class QueryEngine:
-    """Batched embedding and search for one app (start/stop on its event loop)."""
+    """Batched image queries and searches for one app (start/stop on its event loop)."""
 
     def __init__(self, metrics: ServingMetrics, batching: BatchingConfig = BatchingConfig()):
         self.metrics = metrics
         self.batching = batching
-        self.embedder: MicroBatcher[tuple[Backend, np.ndarray], np.ndarray] = MicroBatcher(
-            "embed", self._timed(run_embed_batch, "embed"), max_batch=batching.max_embed_batch,
-            max_wait_s=batching.max_wait_s, on_batch=metrics.batch_observer("embed"),
+        # Image queries: the "embed" batcher (its batch sizes are images per forward).
+        self.images: MicroBatcher[ImageQuery, list[Neighbor]] = MicroBatcher(
+            "embed", self.run_image_batch, max_batch=batching.max_embed_batch, max_wait_s=batching.max_wait_s,
         )
         self.searcher: MicroBatcher[SearchItem, list[Neighbor]] = MicroBatcher(
             "search", self._timed(run_search_batch, "search"), max_batch=batching.max_batch,
             max_wait_s=batching.max_wait_s, on_batch=metrics.batch_observer("search"),
         )
         self._observe_decode = metrics.stage_observer("decode")
-        metrics.watch_queue("embed", lambda: self.embedder.queue_depth)
+        self._observe_embed = metrics.stage_observer("embed")
+        self._observe_search = metrics.stage_observer("search")
+        self._observe_embed_batch = metrics.batch_observer("embed")
+        metrics.watch_queue("embed", lambda: self.images.queue_depth)
         metrics.watch_queue("search", lambda: self.searcher.queue_depth)
+
+    def run_image_batch(self, items: list[ImageQuery]) -> list[list[Neighbor] | BaseException]:
+        """Decode, embed (one forward per encoder) and search (one ScaNN call per backend) a
+        batch of image queries; an upload that is not an image fails alone (ImageDecodeError)."""
+        results: list[list[Neighbor] | BaseException | None] = [None] * len(items)
+        pixels: list[np.ndarray | None] = [None] * len(items)
+        clock, observe_decode = time.perf_counter, self._observe_decode
+        for i, item in enumerate(items):
+            if isinstance(item.image, np.ndarray):
+                pixels[i] = item.image
+                continue
+            started = clock()
+            try:
+                pixels[i] = item.backend.encoder.preprocess(item.image)
+            except Exception as e:
+                results[i] = e
+            finally:
+                observe_decode(clock() - started)
+        decoded = [i for i in range(len(items)) if results[i] is None]
+        if not decoded:
+            return results  # type: ignore[return-value]
+        self._observe_embed_batch(len(decoded))
+        started = clock()
+        vectors = run_embed_batch([(items[i].backend, pixels[i]) for i in decoded])
+        self._observe_embed(clock() - started)
+        searches, positions = [], []
+        for i, vector in zip(decoded, vectors):
+            if isinstance(vector, BaseException):
+                results[i] = vector
+            else:
+                item = items[i]
+                searches.append(SearchItem(item.backend, vector, item.k, item.filters))
+                positions.append(i)
+        if searches:
+            started = clock()
+            for i, found in zip(positions, run_search_batch(searches)):
+                results[i] = found
+            self._observe_search(clock() - started)
+        return results  # type: ignore[return-value]
 
     def _timed(self, run, stage: str):
         observe = self.metrics.stage_observer(stage)
@@ -180,11 +237,11 @@ class QueryEngine:
         return timed
 
     def start(self) -> None:
-        self.embedder.start()
+        self.images.start()
         self.searcher.start()
 
     async def stop(self) -> None:
-        await self.embedder.stop()
+        await self.images.stop()
         await self.searcher.stop()
 
     def decode(self, backend: Backend, data: bytes) -> np.ndarray:

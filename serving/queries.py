@@ -8,7 +8,7 @@ video timestamp and group, same-item flag, thumbnail URL; never the server's fil
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
@@ -19,14 +19,14 @@ from starlette.datastructures import UploadFile
 from lookalike.index.searcher import Neighbor
 from lookalike.model.preprocess import ImageDecodeError
 from lookalike.serving.backend import Backend
-from lookalike.serving.engine import Filters, QueryEngine, SearchItem
+from lookalike.serving.engine import Filters, ImageQuery, QueryEngine, SearchItem
 from lookalike.serving.limits import PayloadTooLarge
 from lookalike.serving.results import search_json
 from lookalike.serving.schemas import FilterFields
 
 UPLOAD_FIELD = "file"
-# Uploads up to this size are decoded on the event loop (well under a millisecond);
-# larger ones in the thread pool, so a big photo never stalls other requests.
+# Uploads up to this size are decoded in the image batch (well under a millisecond each);
+# larger ones in the thread pool before they join a batch, so a big photo never stalls others.
 INLINE_DECODE_BYTES = 64 * 1024
 
 
@@ -83,19 +83,24 @@ async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str | No
     return data, name
 
 
-async def embed_image(engine: QueryEngine, backend: Backend, data: bytes | Callable[[], Any], what: str = "") -> np.ndarray:
-    """Image bytes (or an async callable giving them) -> [D] embedding, via the embed batcher."""
-    with engine.embedder.expect() as expected:
+async def search_by_image(engine: QueryEngine, backend: Backend, data: bytes | Callable[[], Awaitable[bytes]], k: int,
+                       filters: Filters, what: str = "") -> list[Neighbor]:
+    """Image bytes (or an async callable giving them) -> neighbours, through the image batcher:
+    the upload is decoded, embedded and searched in the batcher's worker thread, together
+    with the other image queries of its batch (a large upload is decoded beforehand, in the
+    thread pool, so it never holds up a batch). 422 with the reason for an unusable image."""
+    with engine.images.expect() as expected:
         if callable(data):
             data = await data()
         try:
-            if len(data) <= INLINE_DECODE_BYTES:  # cheaper than a thread hop, and no GIL convoy under load
-                pixels = engine.decode(backend, data)
-            else:
-                pixels = await run_in_threadpool(engine.decode, backend, data)
+            image: bytes | np.ndarray = data
+            if len(data) > INLINE_DECODE_BYTES:
+                image = await run_in_threadpool(engine.decode, backend, data)
+            return await expected.submit(ImageQuery(backend, image, k, filters))
         except ImageDecodeError as e:
             raise HTTPException(status_code=422, detail=f"{what}not a usable image: {e}") from None
-        return await expected.submit((backend, pixels))
+        except ValueError as e:  # the search refused the query
+            raise HTTPException(status_code=422, detail=f"{what}{e}") from None
 
 
 async def search_or_422(engine: QueryEngine, item: SearchItem, what: str = "") -> list[Neighbor]:
