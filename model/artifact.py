@@ -98,6 +98,29 @@ def _bucket_sizes(max_batch: int) -> list[int]:
     return sizes + [max_batch]
 
 
+def _as_array(values: np.ndarray) -> np.ndarray:
+    return values
+
+
+class PendingEmbeddings:
+    """Embeddings being computed (``Encoder.embed_async``): ``np.asarray(pending)`` waits and
+    returns [N, embed_dim] float32; pickling waits too and gives the numpy array."""
+
+    def __init__(self, padded: jax.Array, n: int):
+        self._padded = padded
+        self._n = n
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        values = np.asarray(self._padded)[: self._n]
+        return values if dtype is None else values.astype(dtype, copy=False)
+
+    def __reduce__(self):
+        return _as_array, (np.asarray(self),)
+
+
 class Encoder:
     """A loaded model: ``embed`` [N, H, W, C] float32 -> [N, embed_dim] float32 unit vectors."""
 
@@ -131,6 +154,22 @@ class Encoder:
             padded[: len(chunk)] = chunk
             out[start : start + len(chunk)] = np.asarray(self._forward(self._state, jnp.asarray(padded)))[: len(chunk)]
         return out
+
+    def embed_async(self, images: np.ndarray) -> "PendingEmbeddings":
+        """Start embedding [N, H, W, C] float32 images, N <= ``max_batch``, padded to
+        ``max_batch`` (one compiled shape), and return at once: JAX dispatches the forward
+        asynchronously, so the caller can prepare the next batch while XLA computes this one.
+        ``np.asarray(result)`` waits for and returns the [N, embed_dim] embeddings."""
+        images = np.asarray(images, dtype=np.float32)
+        if images.ndim != 4 or images.shape[1:] != self.spec.shape or len(images) > self.max_batch:
+            raise ValueError(f"expected [N <= {self.max_batch}, {', '.join(map(str, self.spec.shape))}] images, "
+                             f"got {images.shape}")
+        n = len(images)
+        if n < self.max_batch:
+            padded = np.zeros((self.max_batch, *self.spec.shape), np.float32)
+            padded[:n] = images
+            images = padded
+        return PendingEmbeddings(self._forward(self._state, jnp.asarray(images)), n)
 
     def warm_up(self, up_to: int) -> list[int]:
         """Compile the forward for every padded batch size a batch of at most ``up_to`` images

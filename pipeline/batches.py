@@ -18,14 +18,18 @@ from typing import Any
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
 from apache_beam.metrics import Metrics
+from apache_beam.transforms.window import GlobalWindow
+from apache_beam.utils.timestamp import MIN_TIMESTAMP
+from apache_beam.utils.windowed_value import WindowedValue
 
 from lookalike.model.preprocess import ImageDecodeError, PreprocessSpec
 from lookalike.model.progress import Progress
 from lookalike.pipeline.cache import write_cache_table
 from lookalike.pipeline.failpoints import failpoint
 from lookalike.pipeline.items import expand_items, items_of_batch, rows_table, split_by_shard
-from lookalike.pipeline.sources import DEAD, dead_letter, decode_source
+from lookalike.pipeline.sources import CACHED, DEAD, FILE, NEW, ReadSourceFn, dead_letter, decode_source
 from lookalike.pipeline.thumbnails import ThumbnailWriter
 from lookalike.pipeline.video import FrameSampling, VideoDecodeError
 
@@ -47,16 +51,37 @@ def split_tagged(pcoll: beam.PCollection, tags: tuple[str, ...], label: str) -> 
     }
 
 
+def stack_model_input(arrays: list[np.ndarray]) -> np.ndarray:
+    """Items' model input (float32, or uint8 pixels of the model's shape: see
+    ``sources.decode_source``) -> one float32 [B, H, W, C] batch, uint8 ones converted together
+    exactly as ``model.preprocess.pixels_to_array`` converts one."""
+    if all(a.dtype == np.uint8 for a in arrays):
+        batch = np.stack(arrays).astype(np.float32)
+        batch /= 255.0
+        return batch
+    return np.stack([a if a.dtype != np.uint8 else np.asarray(a, dtype=np.float32) / 255.0 for a in arrays])
+
+
+def in_global_window(value: Any) -> WindowedValue:
+    """An output of ``finish_bundle`` (Beam wants it windowed; the pipeline is in the global window)."""
+    return WindowedValue(value, MIN_TIMESTAMP, [GlobalWindow()])
+
+
 class DecodeBatchFn(beam.DoFn):
     """(bucket, [(source hash, uri, bytes or None), ...]) -> ("batch", (metas, [B, H, W, C])) and
     ("dead", letter). Bytes travel with the element only for small files and non-file sources.
+    Decoded sources are carried over from bucket to bucket, and a batch is emitted as soon as
+    the next source would not fit in ``batch_size`` items (the rest in ``finish_bundle``), so
+    inference batches are full and have one shape; a source's items (a video's frames) stay
+    in one batch, so each lands in the embedding cache whole.
     Thumbnails are written by background threads while the bucket decodes; the batch is
     emitted once they are on disk (a source whose thumbnail cannot be written is dead-lettered)."""
 
-    def __init__(self, spec: PreprocessSpec, thumbnails_dir: str, sampling: FrameSampling):
+    def __init__(self, spec: PreprocessSpec, thumbnails_dir: str, sampling: FrameSampling, batch_size: int = 256):
         self._spec = spec
         self._thumbs = thumbnails_dir
         self._sampling = sampling
+        self._batch_size = max(1, batch_size)
         self._decoded = Metrics.counter("lookalike", "items_decoded")
         self._failed = Metrics.counter("lookalike", "files_failed")
         self._duplicates = Metrics.counter("lookalike", "duplicate_files")
@@ -68,11 +93,33 @@ class DecodeBatchFn(beam.DoFn):
     def teardown(self) -> None:
         self._writer.close()
 
+    def start_bundle(self) -> None:
+        self._pending: list[tuple[list[str], list[Future], list[tuple[dict[str, Any], np.ndarray]]]] = []
+        self._pending_items = 0
+
     def _dead(self, uris: list[str], stage: str, error: Exception):
         self._failed.inc(len(uris))
         for uri in uris:
             log.warning("dead letter %s (%s): %s", uri, stage, error)
             yield DEAD, dead_letter(uri, stage, str(error))
+
+    def _emit(self):
+        """The pending sources as one batch (after their thumbnails), plus their dead letters."""
+        pending, self._pending, self._pending_items = self._pending, [], 0
+        metas: list[dict[str, Any]] = []
+        pixels: list[np.ndarray] = []
+        for uris, futures, items in pending:
+            errors = [f.exception() for f in futures if f.exception() is not None]
+            if errors:
+                yield from self._dead(uris, "thumbnail", errors[0])
+                continue
+            for meta, item_pixels in items:
+                metas.append(meta)
+                pixels.append(item_pixels)
+        if metas:
+            self._decoded.inc(len(metas))
+            self._batches.inc()
+            yield BATCH, (metas, stack_model_input(pixels))
 
     def process(self, keyed: tuple[int, Any]):
         _, entries = keyed
@@ -82,7 +129,6 @@ class DecodeBatchFn(beam.DoFn):
             uris_by_hash[source_hash].append(uri)
             if data is not None:
                 data_by_hash[source_hash] = data
-        decoded: list[tuple[list[str], list[Future], list[tuple[dict[str, Any], np.ndarray]]]] = []
         for source_hash in sorted(uris_by_hash):
             uris = sorted(set(uris_by_hash[source_hash]))
             self._duplicates.inc(len(uris) - 1)
@@ -94,26 +140,21 @@ class DecodeBatchFn(beam.DoFn):
             except (ImageDecodeError, VideoDecodeError, OSError) as e:
                 yield from self._dead(uris, "decode", e)
                 continue
-            decoded.append((uris, futures, items))
-        metas: list[dict[str, Any]] = []
-        pixels: list[np.ndarray] = []
-        for uris, futures, items in decoded:
-            errors = [f.exception() for f in futures if f.exception() is not None]
-            if errors:
-                yield from self._dead(uris, "thumbnail", errors[0])
-                continue
-            for meta, item_pixels in items:
-                metas.append(meta)
-                pixels.append(item_pixels)
-        if metas:
-            self._decoded.inc(len(metas))
-            self._batches.inc()
-            yield BATCH, (metas, np.stack(pixels))
+            if self._pending and self._pending_items + len(items) > self._batch_size:
+                yield from self._emit()
+            self._pending.append((uris, futures, items))
+            self._pending_items += len(items)
+            if self._pending_items >= self._batch_size:
+                yield from self._emit()
+
+    def finish_bundle(self):
+        for output in self._emit():
+            yield in_global_window(output)
 
 
 class BatchRowsFn(beam.DoFn):
     """(metas, PredictionResult with [B, D] inference) -> (shard, items table) per shard the
-    batch's items fall in. Each batch's rows are first written to the embedding cache (one
+    batch's items fall in, one batch behind (the last in ``finish_bundle``). Each batch's rows are first written to the embedding cache (one
     file per batch, atomically), so a run killed midway keeps every finished batch for the
     next ``--incremental`` run. Logs the embed stage's progress (items, rate, ETA)."""
 
@@ -129,7 +170,23 @@ class BatchRowsFn(beam.DoFn):
         self._count = 0
         self._batches = 0
 
+    def start_bundle(self) -> None:
+        self._held = None
+
     def process(self, keyed: tuple[list[dict[str, Any]], Any]):
+        # One batch behind: the inference of ``keyed`` is still being computed (dispatched
+        # asynchronously), so the previous batch is written while the next one decodes.
+        held, self._held = self._held, keyed
+        if held is not None:
+            yield from self._rows(held)
+
+    def finish_bundle(self):
+        held, self._held = self._held, None
+        if held is not None:
+            for output in self._rows(held):
+                yield in_global_window(output)
+
+    def _rows(self, keyed: tuple[list[dict[str, Any]], Any]):
         metas, result = keyed
         rows = rows_table(metas, np.asarray(result.inference, np.float32), self._embed_dim)
         write_cache_table(self._cache_dir, rows)
@@ -139,3 +196,80 @@ class BatchRowsFn(beam.DoFn):
         self._progress.update(self._count)
         items = expand_items(rows, *items_of_batch(metas), reused=False, **self._expand)
         yield from split_by_shard(items, self._num_shards)
+
+
+# Files per read chunk (a chunk ends where the file size changes, so it may hold more).
+CHUNK_FILES = 1024
+# Bytes of a chunk's files kept in memory between hashing and decoding; files past it are read again.
+CHUNK_CARRY_BYTES = 64 * 1024 * 1024
+
+
+def write_listing(path: str, files: list[Any], chunk_files: int = CHUNK_FILES) -> list[tuple[int, int]]:
+    """Write ``files`` (FileMetadata) to ``path`` (Arrow IPC: path, size, mtime), sorted by size
+    then path, and return chunks as [start, stop) row ranges. Chunks end only where the size
+    changes, so byte-identical files (same size) always share a chunk, where they are decoded
+    and embedded once. The listing stays out of the pipeline graph (Beam would pickle and
+    bz2-compress every entry into it)."""
+    rows = sorted(((int(m.size_in_bytes or 0), m.path, float(getattr(m, "last_updated_in_seconds", 0) or 0))
+                   for m in files))
+    table = pa.table({"path": pa.array([r[1] for r in rows], pa.string()),
+                      "size": pa.array([r[0] for r in rows], pa.int64()),
+                      "mtime_s": pa.array([r[2] for r in rows], pa.float64())})
+    with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+    chunks, start = [], 0
+    for i in range(1, len(rows) + 1):
+        if i == len(rows) or (i - start >= chunk_files and rows[i][0] != rows[i - 1][0]):
+            chunks.append((start, i))
+            start = i
+    return chunks
+
+
+def read_listing(path: str) -> tuple[list[str], list[int], list[float]]:
+    with pa.memory_map(path) as source:
+        table = pa.ipc.open_file(source).read_all()
+    return (table.column("path").to_pylist(), table.column("size").to_pylist(), table.column("mtime_s").to_pylist())
+
+
+class ReadChunkFn(DecodeBatchFn):
+    """[start, stop) rows of a listing file (``write_listing``) -> read, hash and decode in one
+    step: ("batch", (metas, [B, H, W, C])) as DecodeBatchFn, ("dead", letter), ("cached", [(uri,
+    source hash), ...]) and ("file", [file index row, ...]) per chunk. Reading, decoding and
+    inference run in one fused stage (no GroupByKey between them), so they overlap: inference is
+    dispatched asynchronously while the next files are read and decoded."""
+
+    def __init__(self, listing: str, cache_dir: str | None, total_files: int, spec: PreprocessSpec,
+                 thumbnails_dir: str, sampling: FrameSampling, batch_size: int = 256):
+        super().__init__(spec, thumbnails_dir, sampling, batch_size)
+        self._listing = listing
+        self._reader = ReadSourceFn(cache_dir, total_files)
+
+    def setup(self) -> None:
+        super().setup()
+        self._reader.setup()
+        self._paths, self._sizes, self._mtimes = read_listing(self._listing)
+
+    def process(self, bounds: tuple[int, int]):
+        start, stop = bounds
+        entries: list[tuple[str, str, bytes | None]] = []
+        cached: list[tuple[str, str]] = []
+        files: list[dict[str, Any]] = []
+        carried = 0
+        for i in range(start, stop):
+            for tag, value in self._reader.read_one(self._paths[i], self._sizes[i], self._mtimes[i],
+                                                    carry=carried < CHUNK_CARRY_BYTES):
+                if tag == NEW:
+                    entries.append(value)
+                    carried += len(value[2]) if value[2] is not None else 0
+                elif tag == FILE:
+                    files.append(value)
+                elif tag == CACHED:
+                    cached.append(value)
+                else:
+                    yield tag, value
+        self._reader.advance(stop - start)
+        if files:
+            yield FILE, files
+        if cached:
+            yield CACHED, cached
+        yield from super().process((None, entries))

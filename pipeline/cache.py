@@ -66,7 +66,7 @@ def load_file_index(directory: str | Path) -> dict[str, tuple[int, float, str]]:
 
 
 class WriteFileIndexFn(beam.DoFn):
-    """(key, [file row, ...]) -> path of a new ``files-*.parquet`` (uri, size, mtime, hash)."""
+    """(key, [[file row, ...], ...]) -> path of a new ``files-*.parquet`` (uri, size, mtime, hash)."""
 
     def __init__(self, directory: str):
         self._directory = directory
@@ -75,7 +75,7 @@ class WriteFileIndexFn(beam.DoFn):
         from lookalike.pipeline.writers import write_atomically
 
         _, rows = keyed
-        table = pa.Table.from_pylist(list(rows), schema=FILE_INDEX_SCHEMA)
+        table = pa.Table.from_pylist([row for chunk in rows for row in chunk], schema=FILE_INDEX_SCHEMA)
         path = os.path.join(self._directory, f"files-{uuid.uuid4().hex}.parquet")
         write_atomically(path, lambda tmp: pq.write_table(table, tmp))
         yield path

@@ -2,19 +2,24 @@
 
 ::
 
-    MatchFiles(corpus/**), a list file, or (--incremental) the files not known unchanged
-      -> ReadSourceFn: read + sha256 ---- dead ------------------------------------+
-           | new                  \--- cached (--incremental, same model) ---+    |
-      GroupByKey(hash bucket)      (byte-identical files decoded once)       |    |
-      -> DecodeBatchFn: images / sampled video frames, thumbnails -- dead ---|----+
-      -> RunInference(KeyedModelHandler(FlaxEncoderHandler)), one batch a call    |
-      -> BatchRowsFn: cache file per batch; Arrow items table per shard      |    |
+    corpus listed before the run (only the files not known unchanged with --incremental),
+    written to a listing file sorted by size and cut into chunks of equal-size runs
+      -> ReadChunkFn: read + sha256 + decode (byte-identical files share a chunk: decoded
+         once), thumbnails, full batches carried over between chunks ---- dead -----+
+           |  \--- cached (--incremental, bytes known to the cache) ---------+      |
+      -> RunInference(KeyedModelHandler(FlaxEncoderHandler)), one batch a call,    |
+         dispatched asynchronously (JAX), fused with reading and decoding    |      |
+      -> BatchRowsFn (one batch behind): cache file per batch; Arrow items table per shard
            |       files unchanged by path, size, mtime (listed before) --> ReusedItemsFn
-      GroupByKey(shard) <- (shard, items table) <-----------------------------+    |
+      GroupByKey(shard) <- (shard, items table) <-----------------------------+      |
       -> concatenated, sorted by id -> WriteParquetShardFn (embeddings-SSSSS-of-NNNNN)
-                                    \-> BuildIndexShardFn (ScaNN shard)            |
-                                   GroupByKey -> WriteJsonlFn (dead_letter) <-----+
+                                    \-> BuildIndexShardFn (ScaNN shard)              |
+                                   GroupByKey -> WriteJsonlFn (dead_letter) <-------+
       all sinks -> Done   (one final transform: the Dask runner computes only the last)
+
+A TFDS data set, a list file or a corpus too big to list first is read file by file
+(``ReadSourceFn``: read + sha256), grouped by content-hash bucket (byte-identical files
+meet), and decoded into batches by ``DecodeBatchFn``; the rest of the graph is the same.
 
 Per item, only the decode stage does Python work; after inference a batch travels as
 one Arrow table (``lookalike.pipeline.items``). An ``--incremental`` run on a corpus
@@ -54,7 +59,8 @@ from lookalike.index.builder import IndexOptions, resolve_options
 from lookalike.model.artifact import read_model_meta
 from lookalike.model.preprocess import PreprocessSpec
 from lookalike.model.store import Store, StoreError, check_version_name
-from lookalike.pipeline.batches import BATCH, BatchRowsFn, DecodeBatchFn, bucket_of, split_tagged
+from lookalike.pipeline.batches import (BATCH, BatchRowsFn, DecodeBatchFn, ReadChunkFn, bucket_of, split_tagged,
+                                        write_listing)
 from lookalike.pipeline.cache import WriteFileIndexFn, cache_dir, load_cache_table
 from lookalike.pipeline.index_shards import BuildIndexShardFn, build_index_shard, collect_shard_entries
 from lookalike.pipeline.inference import FlaxEncoderHandler
@@ -114,6 +120,8 @@ class _Run:
     total: int
     listing: list[FileMetadata] | None = None  # the matched corpus, listed before the run
     plan: ReusePlan | None = None  # --incremental on a matched corpus: files split before Beam
+    listing_file: str | None = None  # the files to read (listed before the run), chunked by size
+    chunks: list[tuple[int, int]] | None = None  # [start, stop) rows of listing_file, one element each
 
     @property
     def cache(self) -> str:
@@ -167,14 +175,44 @@ def _read(p: beam.Pipeline, run: _Run) -> dict[str, beam.PCollection]:
     if config.list_file:
         files = p | "ListedFiles" >> beam.Create(read_list_file(config.list_file)) | "AsMetadata" >> beam.Map(
             lambda path: FileMetadata(path, 0))
-    elif run.listing and len(run.listing) <= LISTING_IN_GRAPH_MAX:
-        # The files listed before the run (only the changed ones with --incremental), not listed again.
-        todo = run.plan.changed if run.plan is not None else run.listing
-        files = p | "ListedCorpus" >> beam.Create(todo, reshuffle=False)
     else:
         files = p | "MatchCorpus" >> fileio.MatchFiles(run.pattern, empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW)
     read = files | "ReadAndHash" >> beam.ParDo(ReadSourceFn(run.cache if config.incremental else None, run.total))
     return split_tagged(read, (NEW, CACHED, DEAD, FILE), "Read")
+
+
+def _read_and_decode(p: beam.Pipeline, run: _Run, spec: PreprocessSpec) -> dict[str, beam.PCollection]:
+    """Sources to decoded batches: "batch" ((metas, pixels)), "dead" (letters), "cached" (lists of
+    (uri, source hash)) and "file" (lists of file index rows).
+
+    A corpus listed before the run (a folder or glob of at most LISTING_IN_GRAPH_MAX files)
+    is read in chunks of files of equal sizes (``batches.write_listing``): read, hash and
+    decode in one DoFn, fused with inference. Other sources (TFDS, a list file, bigger
+    corpora) are read file by file and grouped by content-hash bucket before decoding."""
+    config = run.config
+    thumbnails = run.expand["thumbnails_dir"]
+    if run.listing_file is not None:
+        chunks = run.chunks or []
+        reshuffle = len(chunks) > 1 and not (config.runner == LOCAL_RUNNER and config.num_workers == 1)
+        tagged = (p | "ListedChunks" >> beam.Create(chunks, reshuffle=reshuffle)
+                  | "ReadAndDecode" >> beam.ParDo(ReadChunkFn(
+                      run.listing_file, run.cache if config.incremental else None, run.total, spec, thumbnails,
+                      config.sampling, config.max_batch_size)))
+        return split_tagged(tagged, (BATCH, DEAD, CACHED, FILE), "Chunk")
+    read = _read(p, run)
+    num_buckets = max(1, -(-run.total // max(1, config.max_batch_size)))
+    decoded = split_tagged(
+        read[NEW]
+        | "ToBucket" >> beam.Map(lambda entry: (bucket_of(entry[0], num_buckets), entry))
+        | "GroupBuckets" >> beam.GroupByKey()
+        | "DecodeBatches" >> beam.ParDo(DecodeBatchFn(spec, thumbnails, config.sampling, config.max_batch_size)),
+        (BATCH, DEAD), "Decoded")
+    return {
+        BATCH: decoded[BATCH],
+        DEAD: (read[DEAD], decoded[DEAD]) | "ReadOrDecodeDead" >> beam.Flatten(),
+        CACHED: read[CACHED] | "CachedChunk" >> beam.Map(lambda pair: [pair]),
+        FILE: read[FILE] | "FileRowChunk" >> beam.Map(lambda row: [row]),
+    }
 
 
 def build_pipeline(p: beam.Pipeline, run: _Run, index_build: tuple[str, dict[str, Any]] | None = None) -> None:
@@ -183,26 +221,19 @@ def build_pipeline(p: beam.Pipeline, run: _Run, index_build: tuple[str, dict[str
     also becomes a ScaNN index shard there."""
     config, embed_dim = run.config, int(run.meta["embed_dim"])
     spec = PreprocessSpec.from_dict(run.meta["preprocess"])
-    num_buckets = max(1, -(-run.total // max(1, config.max_batch_size)))
-    read = _read(p, run)
+    read = _read_and_decode(p, run, spec)
     file_index = (
         read[FILE]
-        | "FileIndexKey" >> beam.Map(lambda row: (0, row))
+        | "FileIndexKey" >> beam.Map(lambda rows: (0, rows))
         | "GroupFileIndex" >> beam.GroupByKey()
         | "WriteFileIndex" >> beam.ParDo(WriteFileIndexFn(run.cache))
     )
-    decoded = split_tagged(
-        read[NEW]
-        | "ToBucket" >> beam.Map(lambda entry: (bucket_of(entry[0], num_buckets), entry))
-        | "GroupBuckets" >> beam.GroupByKey()
-        | "DecodeBatches" >> beam.ParDo(DecodeBatchFn(spec, run.expand["thumbnails_dir"], config.sampling)),
-        (BATCH, DEAD), "Decoded")
     # Pre-made batches, one per RunInference call: max_batch_size=1 makes BatchElements emit in process().
     handler = KeyedModelHandler(FlaxEncoderHandler(run.model_dir, min_batch_size=1, max_batch_size=1,
                                                    encoder_batch=config.max_batch_size))
-    new_items = decoded[BATCH] | "Embed" >> RunInference(handler) | "BatchRows" >> beam.ParDo(
+    new_items = read[BATCH] | "Embed" >> RunInference(handler) | "BatchRows" >> beam.ParDo(
         BatchRowsFn(run.total, run.cache, embed_dim, run.num_shards, **run.expand))
-    cached_files = read[CACHED] | "CachedChunk" >> beam.Map(lambda pair: [pair])
+    cached_files = read[CACHED]
     if run.plan is not None and run.plan.unchanged:
         unchanged = p | "UnchangedFiles" >> beam.Create([run.plan.unchanged], reshuffle=False)
         cached_files = (cached_files, unchanged) | "AllCached" >> beam.Flatten()
@@ -223,8 +254,7 @@ def build_pipeline(p: beam.Pipeline, run: _Run, index_build: tuple[str, dict[str
     if index_build is not None:
         sinks.append(shards | "BuildIndexShards" >> beam.ParDo(BuildIndexShardFn(*index_build)))
     dead_files = (
-        (read[DEAD], decoded[DEAD])
-        | "AllDead" >> beam.Flatten()
+        read[DEAD]
         | "DeadKey" >> beam.Map(lambda row: (0, row))
         | "GroupDead" >> beam.GroupByKey()
         | "WriteDead" >> beam.ParDo(WriteJsonlFn(f"{run.run_dir}/dead_letter-00000-of-00001.jsonl"))
@@ -263,6 +293,10 @@ def _execute(run: _Run, started: float, index_build: tuple[str, dict[str, Any]] 
     if reused is not None:
         counted = write_reused(run, reused, index_build)
     else:
+        if run.listing is not None and len(run.listing) <= LISTING_IN_GRAPH_MAX:
+            todo = run.plan.changed if run.plan is not None else run.listing
+            run.listing_file = str(run.run_dir / ".listing.arrow")
+            run.chunks = write_listing(run.listing_file, todo)
         p = beam.Pipeline(options=pipeline_options(config))
         build_pipeline(p, run, index_build)
         result = None
@@ -273,6 +307,8 @@ def _execute(run: _Run, started: float, index_build: tuple[str, dict[str, Any]] 
             client = getattr(result, "client", None)  # the Dask runner leaves its client open
             if client is not None:
                 client.close()
+            if run.listing_file is not None:
+                Path(run.listing_file).unlink(missing_ok=True)
         counted = counter_values(result)
         if counted and run.plan is not None:  # files the plan kept out of the pipeline
             counted["files_unchanged"] = counted.get("files_unchanged", 0) + len(run.plan.unchanged)

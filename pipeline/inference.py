@@ -6,7 +6,9 @@ worker process (shared across its threads) through ``load_model``, batches examp
 every batch to a fixed bucket size so XLA compiles once per bucket. How many examples Beam
 puts in one call and how many images go through one forward are separate: with pre-made
 [B, H, W, C] batches Beam hands over one example per call (``max_batch_size=1``) while the
-encoder still runs up to ``encoder_batch`` images per forward.
+encoder still runs up to ``encoder_batch`` images per forward. Such a batch is dispatched
+asynchronously (``Encoder.embed_async``): the inference is ready when converted with
+``np.asarray``, which ``batches.BatchRowsFn`` does one batch later.
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ class FlaxEncoderHandler(ModelHandler[np.ndarray, PredictionResult, Encoder]):
     def run_inference(
         self, batch: Sequence[np.ndarray], model: Encoder, inference_args: dict[str, Any] | None = None
     ) -> Iterable[PredictionResult]:
+        if len(batch) == 1 and batch[0].ndim == 4 and len(batch[0]) <= model.max_batch:
+            # One pre-made batch: dispatched without waiting (the inference is a PendingEmbeddings,
+            # which np.asarray turns into [B, embed_dim]), so the caller decodes the next batch
+            # while XLA computes this one; padded to encoder_batch, a single compiled shape.
+            return [PredictionResult(batch[0], model.embed_async(batch[0]), model_id=model.version)]
         stacked = [x if x.ndim == 4 else x[None] for x in batch]
         embeddings = model.embed(np.concatenate(stacked))
         results, start = [], 0

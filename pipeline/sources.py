@@ -28,8 +28,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from lookalike.model.data import IMAGE_SUFFIXES
-from lookalike.model.preprocess import (PreprocessSpec, decode_plain_jpeg, image_to_array, open_image,
-                                        pixels_to_array, pixels_to_image)
+from lookalike.model.preprocess import PreprocessSpec, decode_plain_jpeg, image_to_array, open_image, pixels_to_array
 from lookalike.model.progress import Progress
 from lookalike.pipeline.cache import cached_hashes, load_file_index
 from lookalike.pipeline.thumbnails import ThumbnailSink, thumbnail_path, write_thumbnail
@@ -70,6 +69,9 @@ def dead_letter(uri: str, stage: str, reason: str) -> dict[str, str]:
 
 
 def read_bytes(uri: str) -> bytes:
+    if "://" not in uri:  # a local file: plain open, without Beam's per-call filesystem dispatch
+        with open(uri, "rb") as f:
+            return f.read()
     with FileSystems.open(uri, compression_type="uncompressed") as f:
         return f.read()
 
@@ -99,15 +101,22 @@ class ReadSourceFn(beam.DoFn):
         self._progress = Progress("read", total=self._total or None, unit="files", logger=log)
         self._count = 0
 
-    def process(self, metadata: Any):
-        uri = metadata.path
-        self._count += 1
+    def advance(self, files: int) -> None:
+        """Count ``files`` more as read (progress)."""
+        self._count += files
         self._progress.update(self._count)
+
+    def process(self, metadata: Any):
+        self.advance(1)
+        yield from self.read_one(metadata.path, int(metadata.size_in_bytes or 0),
+                                 float(getattr(metadata, "last_updated_in_seconds", 0) or 0))
+
+    def read_one(self, uri: str, size: int, mtime: float, carry: bool = True):
+        """One file's outputs (see the class); ``carry=False``: never pass its bytes on."""
         if not (is_image_path(uri) or is_video_path(uri)):
             self._failed.inc()
             yield DEAD, dead_letter(uri, "filter", "not an image or video file (unsupported suffix)")
             return
-        size, mtime = int(metadata.size_in_bytes or 0), float(getattr(metadata, "last_updated_in_seconds", 0) or 0)
         known = self._files.get(uri)
         data = None
         if known and size and mtime and known[:2] == (size, mtime) and known[2] in self._cache:
@@ -127,7 +136,7 @@ class ReadSourceFn(beam.DoFn):
             self._reused.inc()
             yield CACHED, (uri, source_hash)
         else:
-            yield NEW, (source_hash, uri, data if data is not None and len(data) <= CARRY_BYTES_MAX else None)
+            yield NEW, (source_hash, uri, data if carry and data is not None and len(data) <= CARRY_BYTES_MAX else None)
 
 
 def decode_source(
@@ -135,8 +144,10 @@ def decode_source(
     data: bytes | None = None, thumbnail: ThumbnailSink = write_thumbnail,
 ) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
     """Decode one source's bytes (``data``, else read from ``uris[0]``) into (item meta,
-    [H, W, C] pixels) per image or sampled frame, handing each item's picture to
-    ``thumbnail(img, path, (uri, bytes) of the image file or None for a frame)``. Raises ImageDecodeError,
+    [H, W, C] model input) per image or sampled frame, handing each item's picture (a PIL image,
+    or uint8 pixels for a plain JPEG) to ``thumbnail(picture, path, (uri, bytes) of the image
+    file or None for a frame)``. Model input is float32 in [0, 1], or the uint8 pixels
+    (``model.preprocess.pixels_to_array`` makes them float32) when they already have the model's shape. Raises ImageDecodeError,
     VideoDecodeError or OSError with the reason."""
     data = read_bytes(uris[0]) if data is None else data
     if is_video_path(uris[0]):
@@ -144,13 +155,18 @@ def decode_source(
         original, pixels = None, None
     else:
         pixels = decode_plain_jpeg(data, spec.channels, spec.max_pixels)  # the fast path, same pixels
-        if pixels is not None:
-            frames = iter([(source_hash, "image", None, pixels_to_image(pixels))])
-        else:
-            frames = iter([(source_hash, "image", None, open_image(data, spec.max_pixels))])
+        if pixels is not None:  # no PIL image unless a thumbnail has to be re-encoded
+            height, width = pixels.shape[:2]
+            thumbnail(pixels, thumbnail_path(thumbnails_dir, source_hash), (uris[0], data))
+            meta = {"source_hash": source_hash, "content_hash": source_hash, "kind": "image", "timestamp_s": None,
+                    "width": width, "height": height, "uris": uris}
+            # Pixels of exactly the model's shape stay uint8: the batch is converted at once (DecodeBatchFn).
+            yield meta, (pixels if pixels.shape == spec.shape else pixels_to_array(pixels, spec))
+            return
+        frames = iter([(source_hash, "image", None, open_image(data, spec.max_pixels))])
         original = (uris[0], data)
     for content_hash, kind, t, img in frames:
         thumbnail(img, thumbnail_path(thumbnails_dir, content_hash), original)
         meta = {"source_hash": source_hash, "content_hash": content_hash, "kind": kind, "timestamp_s": t,
                 "width": img.size[0], "height": img.size[1], "uris": uris}
-        yield meta, (pixels_to_array(pixels, spec) if pixels is not None else image_to_array(img, spec))
+        yield meta, image_to_array(img, spec)

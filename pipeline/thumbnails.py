@@ -17,7 +17,10 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import numpy as np
 from PIL import Image
+
+from lookalike.model.preprocess import pixels_to_image
 
 from lookalike.pipeline.writers import write_atomically
 
@@ -28,7 +31,7 @@ THUMBNAIL_SIZE = 128
 COPY_MAX_BYTES = 32 * 1024
 
 # Where a decoded item's picture goes: (image, thumbnail path, (source uri, its bytes) for an image file).
-ThumbnailSink = Callable[[Image.Image, str, "tuple[str, bytes] | None"], object]
+ThumbnailSink = Callable[["Image.Image | np.ndarray", str, "tuple[str, bytes] | None"], object]
 
 
 def thumbnail_path(thumbnails_dir: str, content_hash: str) -> str:
@@ -37,17 +40,20 @@ def thumbnail_path(thumbnails_dir: str, content_hash: str) -> str:
     return f"{thumbnails_dir.rstrip('/')}/{h[:2]}/{h}.jpg" if thumbnails_dir else f"{h[:2]}/{h}.jpg"
 
 
-def reusable_jpeg(img: Image.Image, data: bytes | None, size: int = THUMBNAIL_SIZE) -> bool:
-    """True when ``data`` (the bytes ``img`` was decoded from) can serve as the thumbnail
-    unchanged: a JPEG of at most ``size`` pixels a side and COPY_MAX_BYTES, RGB, with no EXIF
-    (so no orientation to apply)."""
-    return (data is not None and data[:3] == b"\xff\xd8\xff" and len(data) <= COPY_MAX_BYTES
-            and img.mode == "RGB" and max(img.size) <= size and "exif" not in img.info)
+def reusable_jpeg(img: Image.Image | np.ndarray, data: bytes | None, size: int = THUMBNAIL_SIZE) -> bool:
+    """True when ``data`` (the bytes ``img`` was decoded from: a PIL image, or [H, W, C] uint8
+    pixels) can serve as the thumbnail unchanged: a JPEG of at most ``size`` pixels a side and
+    COPY_MAX_BYTES, RGB, with no EXIF (so no orientation to apply)."""
+    if data is None or data[:3] != b"\xff\xd8\xff" or len(data) > COPY_MAX_BYTES:
+        return False
+    if isinstance(img, np.ndarray):
+        return img.ndim == 3 and img.shape[2] == 3 and max(img.shape[:2]) <= size and b"Exif\x00\x00" not in data
+    return img.mode == "RGB" and max(img.size) <= size and "exif" not in img.info
 
 
-def write_thumbnail(img: Image.Image, path: str, original: tuple[str, bytes] | None = None,
+def write_thumbnail(img: Image.Image | np.ndarray, path: str, original: tuple[str, bytes] | None = None,
                     size: int = THUMBNAIL_SIZE, make_dirs: bool = True) -> None:
-    """Write ``img`` shrunk to fit ``size`` x ``size`` (never enlarged) as JPEG, unless present.
+    """Write ``img`` (a PIL image or [H, W, 1 or 3] uint8 pixels) shrunk to fit ``size`` x ``size`` (never enlarged) as JPEG, unless present.
     ``original`` (uri, bytes) is the image file ``img`` was decoded from: when
     ``reusable_jpeg`` allows, the thumbnail is a hard link to it (a copy of its bytes where
     the file is not local or not on the same filesystem). ``make_dirs=False``: the caller
@@ -75,9 +81,15 @@ def write_thumbnail(img: Image.Image, path: str, original: tuple[str, bytes] | N
         return
     if os.path.exists(path):
         return
+    if isinstance(img, np.ndarray):
+        img = pixels_to_image(img)
     thumb = img.convert("RGB") if img.mode != "RGB" else img.copy()
     thumb.thumbnail((size, size))
     write_atomically(path, lambda tmp: thumb.save(tmp, format="JPEG", quality=85))
+
+
+_DONE: Future = Future()  # what ``submit`` returns for a thumbnail written at once
+_DONE.set_result(None)
 
 
 class ThumbnailWriter:
@@ -90,7 +102,7 @@ class ThumbnailWriter:
         self._lock = threading.Lock()
         self._dirs: set[str] = set()
 
-    def submit(self, img: Image.Image, path: str, original: tuple[str, bytes] | None = None) -> Future:
+    def submit(self, img: Image.Image | np.ndarray, path: str, original: tuple[str, bytes] | None = None) -> Future:
         """Queue ``img`` (not modified afterwards by the caller) for ``path``; the future
         raises what writing it raised. A reusable JPEG is linked at once (cheaper than a
         thread hand-off)."""
@@ -99,13 +111,13 @@ class ThumbnailWriter:
             os.makedirs(directory, exist_ok=True)
             self._dirs.add(directory)
         if original is not None and reusable_jpeg(img, original[1]):
-            future: Future = Future()
             try:
                 write_thumbnail(img, path, original, make_dirs=False)
-                future.set_result(None)
             except OSError as e:
+                future: Future = Future()
                 future.set_exception(e)
-            return future
+                return future
+            return _DONE
         future = self._pool.submit(write_thumbnail, img, path, original, THUMBNAIL_SIZE, False)
         with self._lock:
             self._pending.append(future)
