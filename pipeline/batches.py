@@ -12,6 +12,8 @@ and merges tagged outputs.
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 from collections import defaultdict
 from concurrent.futures import Future
 from typing import Any
@@ -67,6 +69,9 @@ def in_global_window(value: Any) -> WindowedValue:
     return WindowedValue(value, MIN_TIMESTAMP, [GlobalWindow()])
 
 
+_INC, _OUT, _ERR, _END = "inc", "out", "err", "end"
+
+
 class DecodeBatchFn(beam.DoFn):
     """(bucket, [(source hash, uri, bytes or None), ...]) -> ("batch", (metas, [B, H, W, C])) and
     ("dead", letter). Bytes travel with the element only for small files and non-file sources.
@@ -86,9 +91,16 @@ class DecodeBatchFn(beam.DoFn):
         self._failed = Metrics.counter("lookalike", "files_failed")
         self._duplicates = Metrics.counter("lookalike", "duplicate_files")
         self._batches = Metrics.counter("lookalike", "batches")
+        self._deferred: queue.Queue | None = None
 
     def setup(self) -> None:
         self._writer = ThumbnailWriter()
+
+    def _inc(self, counter: Any, n: int = 1) -> None:
+        if self._deferred is not None:  # work on a background thread: Beam counts on the bundle's thread
+            self._deferred.put((_INC, counter, n))
+        else:
+            counter.inc(n)
 
     def teardown(self) -> None:
         self._writer.close()
@@ -98,7 +110,7 @@ class DecodeBatchFn(beam.DoFn):
         self._pending_items = 0
 
     def _dead(self, uris: list[str], stage: str, error: Exception):
-        self._failed.inc(len(uris))
+        self._inc(self._failed, len(uris))
         for uri in uris:
             log.warning("dead letter %s (%s): %s", uri, stage, error)
             yield DEAD, dead_letter(uri, stage, str(error))
@@ -117,8 +129,8 @@ class DecodeBatchFn(beam.DoFn):
                 metas.append(meta)
                 pixels.append(item_pixels)
         if metas:
-            self._decoded.inc(len(metas))
-            self._batches.inc()
+            self._inc(self._decoded, len(metas))
+            self._inc(self._batches)
             yield BATCH, (metas, stack_model_input(pixels))
 
     def process(self, keyed: tuple[int, Any]):
@@ -131,7 +143,7 @@ class DecodeBatchFn(beam.DoFn):
                 data_by_hash[source_hash] = data
         for source_hash in sorted(uris_by_hash):
             uris = sorted(set(uris_by_hash[source_hash]))
-            self._duplicates.inc(len(uris) - 1)
+            self._inc(self._duplicates, len(uris) - 1)
             futures: list[Future] = []
             try:
                 items = list(decode_source(source_hash, uris, self._spec, self._thumbs, self._sampling,
@@ -200,6 +212,8 @@ class BatchRowsFn(beam.DoFn):
 
 # Files per read chunk (a chunk ends where the file size changes, so it may hold more).
 CHUNK_FILES = 1024
+# Batches decoded ahead of inference (ReadChunkFn's background thread).
+DECODE_AHEAD = 2
 # Bytes of a chunk's files kept in memory between hashing and decoding; files past it are read again.
 CHUNK_CARRY_BYTES = 64 * 1024 * 1024
 
@@ -250,6 +264,49 @@ class ReadChunkFn(DecodeBatchFn):
         self._paths, self._sizes, self._mtimes = read_listing(self._listing)
 
     def process(self, bounds: tuple[int, int]):
+        """Reads and decodes on a background thread, at most DECODE_AHEAD batches ahead of
+        inference: while this thread waits for XLA (the GIL released), the next batch decodes.
+        Outputs and counter updates are handed back here in order."""
+        results: queue.Queue = queue.Queue()
+        room = threading.Semaphore(DECODE_AHEAD)
+        stop = threading.Event()
+
+        def work() -> None:
+            try:
+                for output in self._chunk_outputs(bounds):
+                    if output[0] == BATCH:
+                        room.acquire()
+                    if stop.is_set():
+                        return
+                    results.put((_OUT, output))
+            except BaseException as e:  # raised again on the bundle's thread
+                results.put((_ERR, e))
+            finally:
+                results.put((_END, None))
+
+        self._deferred = self._reader._deferred = results
+        worker = threading.Thread(target=work, name="read-decode", daemon=True)
+        worker.start()
+        try:
+            while True:
+                kind, *value = results.get()
+                if kind == _INC:
+                    value[0].inc(value[1])
+                elif kind == _OUT:
+                    yield value[0]
+                    if value[0][0] == BATCH:
+                        room.release()
+                elif kind == _ERR:
+                    raise value[0]
+                else:
+                    break
+        finally:
+            stop.set()
+            room.release()
+            worker.join()
+            self._deferred = self._reader._deferred = None
+
+    def _chunk_outputs(self, bounds: tuple[int, int]):
         start, stop = bounds
         entries: list[tuple[str, str, bytes | None]] = []
         cached: list[tuple[str, str]] = []

@@ -132,5 +132,8 @@ def write_cache_table(directory: str, table: pa.Table) -> str | None:
     if not len(table):
         return None
     path = os.path.join(directory, f"part-{uuid.uuid4().hex}.parquet")
-    write_atomically(path, lambda tmp: pq.write_table(table, tmp))
+    # Hashes are unique and embeddings do not compress: no dictionary, statistics or compression
+    # (a 256-row batch in 0.6 instead of 1.9 ms of CPU).
+    write_atomically(path, lambda tmp: pq.write_table(table, tmp, use_dictionary=False, write_statistics=False,
+                                                      compression="none"))
     return path

@@ -93,6 +93,13 @@ class ReadSourceFn(beam.DoFn):
         self._read = Metrics.counter("lookalike", "files_read")
         self._reused = Metrics.counter("lookalike", "files_unchanged")
         self._failed = Metrics.counter("lookalike", "files_failed")
+        self._deferred = None  # a queue while a background thread reads for batches.ReadChunkFn
+
+    def _inc(self, counter: Any) -> None:
+        if self._deferred is not None:  # Beam counts on the bundle's thread
+            self._deferred.put(("inc", counter, 1))
+        else:
+            counter.inc()
 
     def setup(self) -> None:
         usable = bool(self._cache_dir and os.path.isdir(self._cache_dir))
@@ -114,7 +121,7 @@ class ReadSourceFn(beam.DoFn):
     def read_one(self, uri: str, size: int, mtime: float, carry: bool = True):
         """One file's outputs (see the class); ``carry=False``: never pass its bytes on."""
         if not (is_image_path(uri) or is_video_path(uri)):
-            self._failed.inc()
+            self._inc(self._failed)
             yield DEAD, dead_letter(uri, "filter", "not an image or video file (unsupported suffix)")
             return
         known = self._files.get(uri)
@@ -125,15 +132,15 @@ class ReadSourceFn(beam.DoFn):
             try:
                 data = read_bytes(uri)
             except Exception as e:  # unreadable path, permissions, vanished file
-                self._failed.inc()
+                self._inc(self._failed)
                 yield DEAD, dead_letter(uri, "read", f"{type(e).__name__}: {e}")
                 return
-            self._read.inc()
+            self._inc(self._read)
             source_hash = hashlib.sha256(data).hexdigest()
         if size and mtime:
             yield FILE, {"uri": uri, "size": size, "mtime_s": mtime, "source_hash": source_hash}
         if source_hash in self._cache:
-            self._reused.inc()
+            self._inc(self._reused)
             yield CACHED, (uri, source_hash)
         else:
             yield NEW, (source_hash, uri, data if carry and data is not None and len(data) <= CARRY_BYTES_MAX else None)
