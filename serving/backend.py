@@ -65,8 +65,9 @@ def check_compatible(encoder: Encoder, index: ItemIndex, workdir: str) -> None:
 DEFAULT_MAX_EMBED_BATCH = 16
 
 
-def load_backend(workdir: str | os.PathLike) -> Backend:
-    """Load the CURRENT index of ``workdir`` and the model version its manifest names.
+def load_backend(workdir: str | os.PathLike, max_embed_batch: int = DEFAULT_MAX_EMBED_BATCH) -> Backend:
+    """Load the CURRENT index of ``workdir`` and the model version its manifest names, its
+    forward compiled for every batch of up to ``max_embed_batch`` images.
 
     Raises StoreError (the message says which step to run) when the index or the
     model is missing, and BackendMismatchError when they do not fit together.
@@ -76,7 +77,7 @@ def load_backend(workdir: str | os.PathLike) -> Backend:
     index = ItemIndex.load(store.require_current_index())
     encoder = load_encoder(store.require_model(index.model_version))
     check_compatible(encoder, index, str(store.root))
-    encoder.warm_up(DEFAULT_MAX_EMBED_BATCH)  # compile every batch shape now, not during live queries
+    encoder.warm_up(max_embed_batch)  # compile every batch shape now, not during live queries
     backend = Backend(encoder=encoder, index=index)
     backend.results_json  # read the result metadata now, not in the first request
     log.info(

@@ -91,8 +91,8 @@ def serve(
     Store.at(workdir).require_current_index()
     sock = bind_socket(host, port)
     app = create_app(
-        lambda: load_backend(workdir),
-        reloader=StoreReloader(workdir),
+        lambda: load_backend(workdir, max_embed_batch),
+        reloader=StoreReloader(workdir, max_embed_batch),
         watch_interval_s=watch_interval_s,
         batching=BatchingConfig(max_batch=max_batch, max_wait_s=batch_wait_ms / 1000, max_embed_batch=max_embed_batch),
         admin_token=admin_token,

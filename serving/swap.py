@@ -94,8 +94,9 @@ def smoke_test(backend: Backend) -> None:
 class StoreReloader:
     """Loads the CURRENT version of a store into a Backend, checked, ready to swap in."""
 
-    def __init__(self, workdir: str | os.PathLike):
+    def __init__(self, workdir: str | os.PathLike, max_embed_batch: int = DEFAULT_MAX_EMBED_BATCH):
         self.store = Store.at(workdir)
+        self.max_embed_batch = max_embed_batch  # a new model's forward is compiled up to this batch before the swap
         self._lock = threading.Lock()  # one load at a time (watcher and admin endpoint)
 
     def current_version(self) -> str | None:
@@ -115,7 +116,7 @@ class StoreReloader:
         check_compatible(encoder, index, str(self.store.root))
         backend = Backend(encoder=encoder, index=index)
         if encoder is not getattr(reuse, "encoder", None):
-            encoder.warm_up(DEFAULT_MAX_EMBED_BATCH)  # compile before the swap, not during live queries
+            encoder.warm_up(self.max_embed_batch)  # compile before the swap, not during live queries
         smoke_test(backend)
         backend.results_json  # read the result metadata before the swap, not in the first request
         return backend
