@@ -84,7 +84,7 @@ async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str | No
 
 
 async def search_by_image(engine: QueryEngine, backend: Backend, data: bytes | Callable[[], Awaitable[bytes]], k: int,
-                       filters: Filters, what: str = "") -> list[Neighbor]:
+                          filters: Filters, what: str = "") -> list[Neighbor]:
     """Image bytes (or an async callable giving them) -> neighbours, through the image batcher:
     the upload is decoded, embedded and searched in the batcher's worker thread, together
     with the other image queries of its batch (a large upload is decoded beforehand, in the

@@ -17,7 +17,18 @@ from lookalike.model.store import Store
 from lookalike.serving.app import create_app
 from lookalike.serving.backend import Backend, load_backend
 from lookalike.serving.batcher import MicroBatcher
-from lookalike.serving.engine import BatchingConfig, Filters, SearchItem, run_embed_batch, run_search_batch, search_one
+from lookalike.model.preprocess import ImageDecodeError
+from lookalike.serving.engine import (
+    BatchingConfig,
+    Filters,
+    ImageQuery,
+    QueryEngine,
+    SearchItem,
+    run_embed_batch,
+    run_search_batch,
+    search_one,
+)
+from lookalike.serving.metrics import ServingMetrics
 from lookalike.serving.server import serve_in_thread
 
 
@@ -144,6 +155,36 @@ def test_a_batch_spanning_two_backends_answers_each_from_its_own(backend: Backen
     embedded = run_embed_batch([(b, p) for b, p in zip([backend, other, backend, other], pixels)])
     for p, vector in zip(pixels, embedded):
         np.testing.assert_allclose(vector, backend.encoder.embed(p[None])[0], atol=1e-5)
+
+
+def test_an_image_batch_answers_each_query_as_if_alone(backend: Backend, indexed_store: Store) -> None:
+    workdir = indexed_store.root
+    ids = [item["id"] for item in backend.index.items[:5]]
+    uploads = [(workdir / "corpus" / i).read_bytes() for i in ids]
+    items = [
+        ImageQuery(backend, uploads[0], 3),
+        ImageQuery(backend, b"not an image", 3),  # fails alone
+        ImageQuery(backend, uploads[1], 7, Filters.of(max_per_group=1)),
+        ImageQuery(backend, backend.encoder.preprocess(uploads[2]), 5),  # a large upload arrives decoded
+        ImageQuery(backend, uploads[3], 4, Filters.of(kind="frame")),
+        ImageQuery(backend, uploads[4], 10),
+    ]
+    metrics = ServingMetrics()
+    results = QueryEngine(metrics).run_image_batch(items)
+    assert isinstance(results[1], ImageDecodeError)
+    for i, (item, got) in enumerate(zip(items, results)):
+        if i == 1:
+            continue
+        pixels = item.image if isinstance(item.image, np.ndarray) else backend.encoder.preprocess(item.image)
+        alone = search_one(SearchItem(backend, backend.encoder.embed(pixels[None])[0], item.k, item.filters))
+        assert [n.id for n in got] == [n.id for n in alone]
+        np.testing.assert_allclose([n.score for n in got], [n.score for n in alone], atol=1e-5)
+    # One forward of the five decoded images, one search stage, a decode for each of the five uploads.
+    text = metrics.render().decode()
+    assert 'lookalike_batch_size_sum{batcher="embed"} 5.0' in text
+    assert 'lookalike_stage_seconds_count{stage="decode"} 5.0' in text
+    assert 'lookalike_stage_seconds_count{stage="search"} 1.0' in text
+    assert QueryEngine(metrics).run_image_batch([ImageQuery(backend, b"", 3)])[0].__class__ is ImageDecodeError
 
 
 def test_concurrent_http_queries_equal_sequential_ones(backend: Backend, indexed_store: Store) -> None:
