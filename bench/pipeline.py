@@ -84,7 +84,10 @@ def cpu_s() -> float:
     return time.process_time()
 
 
-def bare_encoder_rate(store: Store, files: list[Path], batch: int = 256, repeats: int = 3) -> tuple[float, float]:
+BARE_BATCH = EmbedConfig.max_batch_size  # 256: the pipeline's inference batch
+
+
+def bare_encoder_rate(store: Store, files: list[Path], batch: int = BARE_BATCH, repeats: int = 3) -> tuple[float, float]:
     """(best images/s, CPU microseconds per image of that repeat) of the jitted encoder on decoded images."""
     encoder = load_encoder(store.require_model())
     images = np.stack([decode_image(f.read_bytes(), encoder.spec) for f in files])
@@ -122,6 +125,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true",
                         help="the 10,000 CIFAR-10 test images instead of the 50,000 train images (under 5 minutes)")
+    parser.add_argument("--images", type=int, default=None,
+                        help="embed this many CIFAR-10 images instead (test split up to 10,000, else train)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary store")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -129,7 +134,8 @@ def main() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     tmp = Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     try:
-        files = extract_cifar(tmp / "cifar", 10_000 if args.quick else 50_000, "test" if args.quick else "train")
+        count = args.images or (10_000 if args.quick else 50_000)
+        files = extract_cifar(tmp / "cifar", count, "test" if count <= 10_000 else "train")
         store = make_store(tmp / "store")
         bare, bare_cpu_us = bare_encoder_rate(store, files)
         log.info("bare encoder: %.0f images/s on %d decoded images", bare, len(files))
@@ -149,6 +155,7 @@ def main() -> None:
             "quick": args.quick,
             "images": len(files),
             "cores": os.cpu_count(),
+            "inference_batch": BARE_BATCH,  # the bare encoder's batch; the pipeline's (max_batch_size) is the same
             "bare_encoder_images_per_s": round(bare, 1),
             "images_per_s": round(best_rate, 1),
             "pipeline_vs_bare_ratio": round(best_rate / bare, 3),

@@ -91,14 +91,14 @@ class DecodeBatchFn(beam.DoFn):
         self._failed = Metrics.counter("lookalike", "files_failed")
         self._duplicates = Metrics.counter("lookalike", "duplicate_files")
         self._batches = Metrics.counter("lookalike", "batches")
-        self._deferred: queue.Queue | None = None
+        self._deferred: list[tuple[Any, int]] | None = None  # counter updates made on a background thread
 
     def setup(self) -> None:
         self._writer = ThumbnailWriter()
 
     def _inc(self, counter: Any, n: int = 1) -> None:
         if self._deferred is not None:  # work on a background thread: Beam counts on the bundle's thread
-            self._deferred.put((_INC, counter, n))
+            self._deferred.append((counter, n))
         else:
             counter.inc(n)
 
@@ -270,6 +270,12 @@ class ReadChunkFn(DecodeBatchFn):
         results: queue.Queue = queue.Queue()
         room = threading.Semaphore(DECODE_AHEAD)
         stop = threading.Event()
+        counts: list[tuple[Any, int]] = []
+
+        def hand_over_counts() -> None:
+            if counts:
+                results.put((_INC, counts[:]))
+                counts.clear()
 
         def work() -> None:
             try:
@@ -278,26 +284,32 @@ class ReadChunkFn(DecodeBatchFn):
                         room.acquire()
                     if stop.is_set():
                         return
+                    hand_over_counts()
                     results.put((_OUT, output))
+                hand_over_counts()
             except BaseException as e:  # raised again on the bundle's thread
                 results.put((_ERR, e))
             finally:
                 results.put((_END, None))
 
-        self._deferred = self._reader._deferred = results
+        self._deferred = self._reader._deferred = counts
         worker = threading.Thread(target=work, name="read-decode", daemon=True)
         worker.start()
         try:
             while True:
-                kind, *value = results.get()
+                kind, value = results.get()
                 if kind == _INC:
-                    value[0].inc(value[1])
+                    totals: dict[int, list] = {}
+                    for counter, n in value:
+                        totals.setdefault(id(counter), [counter, 0])[1] += n
+                    for counter, n in totals.values():
+                        counter.inc(n)
                 elif kind == _OUT:
-                    yield value[0]
-                    if value[0][0] == BATCH:
+                    yield value
+                    if value[0] == BATCH:
                         room.release()
                 elif kind == _ERR:
-                    raise value[0]
+                    raise value
                 else:
                     break
         finally:

@@ -93,11 +93,11 @@ class ReadSourceFn(beam.DoFn):
         self._read = Metrics.counter("lookalike", "files_read")
         self._reused = Metrics.counter("lookalike", "files_unchanged")
         self._failed = Metrics.counter("lookalike", "files_failed")
-        self._deferred = None  # a queue while a background thread reads for batches.ReadChunkFn
+        self._deferred = None  # a list of counter updates while a background thread reads (batches.ReadChunkFn)
 
     def _inc(self, counter: Any) -> None:
         if self._deferred is not None:  # Beam counts on the bundle's thread
-            self._deferred.put(("inc", counter, 1))
+            self._deferred.append((counter, 1))
         else:
             counter.inc()
 

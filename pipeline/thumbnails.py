@@ -51,6 +51,28 @@ def reusable_jpeg(img: Image.Image | np.ndarray, data: bytes | None, size: int =
     return img.mode == "RGB" and max(img.size) <= size and "exif" not in img.info
 
 
+def link_or_copy(original: tuple[str, bytes], path: str) -> None:
+    """Make ``path`` a hard link to the file ``original`` = (uri, bytes), or a copy of the bytes
+    where a link is impossible (not local, another filesystem); nothing if ``path`` exists."""
+    uri, data = original
+    if "://" not in uri:
+        try:
+            os.link(uri, path)
+            return
+        except FileExistsError:
+            return
+        except OSError:  # another filesystem, no link permission: copy the bytes instead
+            pass
+    if os.path.exists(path):
+        return
+
+    def copy(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+
+    write_atomically(path, copy)
+
+
 def write_thumbnail(img: Image.Image | np.ndarray, path: str, original: tuple[str, bytes] | None = None,
                     size: int = THUMBNAIL_SIZE, make_dirs: bool = True) -> None:
     """Write ``img`` (a PIL image or [H, W, 1 or 3] uint8 pixels) shrunk to fit ``size`` x ``size`` (never enlarged) as JPEG, unless present.
@@ -61,23 +83,7 @@ def write_thumbnail(img: Image.Image | np.ndarray, path: str, original: tuple[st
     if make_dirs:
         os.makedirs(os.path.dirname(path), exist_ok=True)
     if original is not None and reusable_jpeg(img, original[1], size):
-        uri, data = original
-        if "://" not in uri:
-            try:
-                os.link(uri, path)
-                return
-            except FileExistsError:
-                return
-            except OSError:  # another filesystem, no link permission: copy the bytes instead
-                pass
-        if os.path.exists(path):
-            return
-
-        def copy(tmp: str) -> None:
-            with open(tmp, "wb") as f:
-                f.write(data)
-
-        write_atomically(path, copy)
+        link_or_copy(original, path)
         return
     if os.path.exists(path):
         return
@@ -112,7 +118,7 @@ class ThumbnailWriter:
             self._dirs.add(directory)
         if original is not None and reusable_jpeg(img, original[1]):
             try:
-                write_thumbnail(img, path, original, make_dirs=False)
+                link_or_copy(original, path)
             except OSError as e:
                 future: Future = Future()
                 future.set_exception(e)
