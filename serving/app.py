@@ -33,7 +33,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from lookalike.serving.admin import AdminAuth, admin_router, watch_store
 from lookalike.serving.backend import Backend
 from lookalike.serving.engine import BatchingConfig, Filters, QueryEngine, SearchItem
-from lookalike.serving.fastpath import FastRoute, fast_routes_first, json_body, search_params, set_fast_path
+from lookalike.serving.fastpath import FastRoute, dispatch_fast_first, fast_routes_first, json_body, search_params, set_fast_path
 from lookalike.serving.heap import settle
 from lookalike.serving.limits import BodySizeLimit
 from lookalike.serving.metrics import CONTENT_TYPE, RequestMetrics, ServingMetrics
@@ -405,4 +405,5 @@ def create_app(
         )
 
     fast_routes_first(app)
+    dispatch_fast_first(app, metrics, max_body=max_upload_bytes + MULTIPART_OVERHEAD_BYTES)
     return app

@@ -10,22 +10,31 @@ request itself, or returns None to hand the request to FastAPI unchanged. A fast
 handler accepts only what FastAPI would accept with the same values (see
 ``search_params``) and leaves everything else, every error included, to FastAPI, so
 responses and error bodies are the same on both paths (tests compare them).
+
+``dispatch_fast_first`` also puts a ``FastDispatch`` outside the app's middleware
+stack, so those requests skip the ten or so ASGI layers in front of the router
+(error and exception middleware, metrics, body limit, routing): about 0.05 ms of CPU
+per request on the event loop, a tenth of a batched image query. It does itself
+what those layers would do for a request the fast handler answers.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException
 from starlette.datastructures import QueryParams
 from starlette.requests import Request
 from starlette.routing import Match
 from starlette.responses import Response
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lookalike.serving.engine import NO_FILTERS, Filters
 from lookalike.serving.schemas import DEFAULT_K, KINDS, MAX_K
@@ -38,6 +47,10 @@ _PLAIN_COUNT = re.compile(r"[1-9][0-9]{0,2}")
 _FILTER_PARAMS = ("kind", "group", "max_per_group")
 
 
+# Set in the scope of a request whose fast handler already declined it (see FastDispatch).
+FAST_DECLINED = "lookalike.fast_declined"
+
+
 class FastRoute(APIRoute):
     """An APIRoute that first offers each request to its ``fast`` handler (if it has one)."""
 
@@ -45,7 +58,7 @@ class FastRoute(APIRoute):
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         fast = self.fast
-        if fast is None or scope["method"] not in self.methods:
+        if fast is None or scope["method"] not in self.methods or scope.get(FAST_DECLINED):
             await super().handle(scope, receive, send)
             return
         consumed: list[Message] = []
@@ -64,6 +77,94 @@ class FastRoute(APIRoute):
             return consumed.pop(0) if consumed else await receive()
 
         await super().handle(scope, replay, send)
+
+
+class FastDispatch:
+    """The outermost layer of an app's middleware stack: a request to a route with a fast
+    handler is offered to that handler before any middleware runs (``dispatch_fast_first``).
+
+    What the layers skipped would do for a request the handler answers is done here: the
+    request is counted and timed in ``metrics`` as ``RequestMetrics`` does, a body declared
+    larger than ``max_body`` (or not declared) is left to the full stack (``BodySizeLimit``
+    answers 413), and an HTTPException the handler raises is answered by the app's own
+    exception handler, as ``ExceptionMiddleware`` would. A request the handler declines
+    (None) or fails on otherwise goes through the whole stack, with what the handler read
+    of its body replayed, and FastRoute does not offer it to the handler again.
+    """
+
+    def __init__(self, app: ASGIApp, fastapi_app: FastAPI, metrics: Any, max_body: int):
+        self.app = app
+        self.fastapi_app = fastapi_app
+        self.metrics = metrics
+        self.max_body = max_body
+        self.routes: dict[tuple[str, str], FastRoute] = {
+            (route.path, method): route
+            for route in fastapi_app.router.routes if isinstance(route, FastRoute) and "{" not in route.path
+            for method in route.methods
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = self.routes.get((scope.get("path"), scope.get("method"))) if scope["type"] == "http" else None
+        fast = route.fast if route is not None else None
+        if fast is None or scope.get("root_path") or not self._declared_within_limit(scope["headers"]):
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        consumed: list[Message] = []
+
+        async def recording_receive() -> Message:
+            message = await receive()
+            consumed.append(message)
+            return message
+
+        request = Request(scope, recording_receive, send)
+        try:
+            response = await fast(request)
+        except HTTPException as e:
+            response = await self._handled(request, e)
+        except Exception:  # the full stack answers (500 for a bug), as without the fast path
+            response = None
+        if response is None:
+            scope[FAST_DECLINED] = True
+
+            async def replay() -> Message:
+                return consumed.pop(0) if consumed else await receive()
+
+            await self.app(scope, replay, send)
+            return
+        status = response.status_code
+        try:
+            await response(scope, receive, send)
+        finally:
+            count, observe = self.metrics.request_observers(route.path, scope["method"], status)
+            count()
+            observe(time.perf_counter() - started)
+
+    def _declared_within_limit(self, headers: list[tuple[bytes, bytes]]) -> bool:
+        declared = None
+        for name, value in headers:
+            if name == b"content-length":
+                declared = value
+        return declared is not None and declared.isdigit() and int(declared) <= self.max_body
+
+    async def _handled(self, request: Request, exc: HTTPException) -> Response | None:
+        """The app's answer to ``exc`` (its exception handler's), None if it has none."""
+        handlers = self.fastapi_app.exception_handlers
+        for cls in type(exc).__mro__:
+            if cls in handlers:
+                response = handlers[cls](request, exc)
+                return await response if inspect.isawaitable(response) else response
+        return None
+
+
+def dispatch_fast_first(app: FastAPI, metrics: Any, max_body: int) -> None:
+    """Put a ``FastDispatch`` outside ``app``'s middleware stack (built at its first request)."""
+    build = app.build_middleware_stack
+
+    def build_middleware_stack() -> ASGIApp:
+        return FastDispatch(build(), app, metrics, max_body)
+
+    app.build_middleware_stack = build_middleware_stack  # type: ignore[method-assign]
 
 
 def set_fast_path(app: FastAPI, path: str, method: str, fast: FastHandler) -> None:

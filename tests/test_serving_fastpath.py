@@ -197,3 +197,24 @@ def test_a_fast_route_another_route_also_matches_stays_in_place() -> None:
     with pytest.raises(ValueError, match="also matched"):
         fast_routes_first(app)
     assert [route.path for route in app.router.routes][-2:] == ["/{anything:path}", "/x"]
+
+
+def test_a_fast_handler_that_fails_leaves_the_request_to_fastapi_once(backend: Backend) -> None:
+    """FastDispatch (outside the middleware) hands a request its fast handler failed on to the
+    full stack, body replayed, and FastRoute does not offer it to the handler a second time."""
+    app = create_app(lambda: backend)
+    calls: list[bytes] = []
+
+    async def broken(request):
+        calls.append(await request.body())
+        raise RuntimeError("a bug in the fast path")
+
+    set_fast_path(app, "/v1/search/vector", "POST", broken)
+    vector = backend.index.embeddings[0].tolist()
+    with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as http:
+        response = http.post("/v1/search/vector", json={"vector": vector, "k": 2})
+        metrics = http.get("/metrics").text
+    assert response.status_code == 200, response.text
+    assert len(response.json()["results"]) == 2
+    assert len(calls) == 1 and json.loads(calls[0])["k"] == 2
+    assert 'lookalike_requests_total{endpoint="/v1/search/vector",method="POST",status="200"} 1.0' in metrics
