@@ -166,9 +166,11 @@ class DecodeBatchFn(beam.DoFn):
 
 class BatchRowsFn(beam.DoFn):
     """(metas, PredictionResult with [B, D] inference) -> (shard, items table) per shard the
-    batch's items fall in, one batch behind (the last in ``finish_bundle``). Each batch's rows are first written to the embedding cache (one
-    file per batch, atomically), so a run killed midway keeps every finished batch for the
-    next ``--incremental`` run. Logs the embed stage's progress (items, rate, ETA)."""
+    batch's items fall in, one batch behind (the last in ``finish_bundle``), so that an
+    inference dispatched asynchronously is waited for only when the next batch is in. Each
+    batch's rows are first written to the embedding cache (one file per batch, atomically), so
+    a run killed midway keeps every finished batch for the next ``--incremental`` run. Logs the
+    embed stage's progress (items, rate, ETA)."""
 
     def __init__(self, total_files: int, cache_dir: str, embed_dim: int, num_shards: int, **expand: Any):
         self._total = total_files

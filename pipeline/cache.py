@@ -19,6 +19,7 @@ import glob
 import logging
 import os
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +57,12 @@ def load_file_index(directory: str | Path) -> dict[str, tuple[int, float, str]]:
     paths = sorted(glob.glob(os.path.join(str(directory), "files-*.parquet")), key=os.path.getmtime)
     for path in paths:
         try:
-            rows = pq.read_table(path).to_pylist()
+            table = pq.read_table(path)
+            columns = [table.column(name).to_pylist() for name in ("uri", "size", "mtime_s", "source_hash")]
         except Exception as e:
             log.warning("ignoring unreadable file index %s: %s", path, e)
             continue
-        for row in rows:
-            index[row["uri"]] = (row["size"], row["mtime_s"], row["source_hash"])
+        index.update(zip(columns[0], zip(*columns[1:])))
     return index
 
 
@@ -99,12 +100,18 @@ def cached_hashes(directory: str | Path) -> set[str]:
 def load_cache_table(directory: str | Path, embed_dim: int) -> pa.Table:
     """Every cached row (cache_schema), one per (source hash, content hash): when runs cached
     the same item more than once, the newest row wins. Unreadable files are skipped."""
-    tables = []
-    for path in _cache_files(directory):
+    schema = cache_schema(embed_dim)
+
+    def read(path: str) -> pa.Table | None:
         try:
-            tables.append(pq.read_table(path).cast(cache_schema(embed_dim)))
+            return pq.read_table(path).cast(schema)
         except Exception as e:  # a torn file from a crash is just not reused
             log.warning("ignoring unreadable cache file %s: %s", path, e)
+            return None
+
+    paths = _cache_files(directory)
+    with ThreadPoolExecutor(max_workers=max(1, min(8, len(paths)))) as pool:  # Parquet reads release the GIL
+        tables = [t for t in pool.map(read, paths) if t is not None]  # in file order: the newest row wins
     if not tables:
         return cache_schema(embed_dim).empty_table()
     table = pa.concat_tables(tables)

@@ -62,8 +62,9 @@ def _walk(folder: str) -> list[FileMetadata]:
     """Files under ``folder`` as Beam's local match lists them (os.walk, symlinked files followed)."""
     found = []
     for dirpath, _, names in os.walk(folder):
+        prefix = dirpath if dirpath.endswith(os.sep) else dirpath + os.sep  # os.path.join, without its cost per file
         for name in names:
-            path = os.path.join(dirpath, name)
+            path = prefix + name
             try:
                 st = os.stat(path)
             except OSError:  # vanished meanwhile, or a dangling link
