@@ -220,12 +220,13 @@ DECODE_AHEAD = 2
 CHUNK_CARRY_BYTES = 64 * 1024 * 1024
 
 
-def write_listing(path: str, files: list[Any], chunk_files: int = CHUNK_FILES) -> list[tuple[int, int]]:
+def write_listing(path: str, files: list[Any], chunk_files: int | None = None) -> list[tuple[int, int]]:
     """Write ``files`` (FileMetadata) to ``path`` (Arrow IPC: path, size, mtime), sorted by size
     then path, and return chunks as [start, stop) row ranges. Chunks end only where the size
     changes, so byte-identical files (same size) always share a chunk, where they are decoded
     and embedded once. The listing stays out of the pipeline graph (Beam would pickle and
-    bz2-compress every entry into it)."""
+    bz2-compress every entry into it). ``chunk_files``: default CHUNK_FILES."""
+    chunk_files = chunk_files or CHUNK_FILES
     rows = sorted(((int(m.size_in_bytes or 0), m.path, float(getattr(m, "last_updated_in_seconds", 0) or 0))
                    for m in files))
     table = pa.table({"path": pa.array([r[1] for r in rows], pa.string()),

@@ -153,9 +153,10 @@ def decode_source(
     """Decode one source's bytes (``data``, else read from ``uris[0]``) into (item meta,
     [H, W, C] model input) per image or sampled frame, handing each item's picture (a PIL image,
     or uint8 pixels for a plain JPEG) to ``thumbnail(picture, path, (uri, bytes) of the image
-    file or None for a frame)``. Model input is float32 in [0, 1], or the uint8 pixels
-    (``model.preprocess.pixels_to_array`` makes them float32) when they already have the model's shape. Raises ImageDecodeError,
-    VideoDecodeError or OSError with the reason."""
+    file or None for a frame)``. Model input is float32 in [0, 1], or the uint8 pixels when
+    they already have the model's shape (``batches.stack_model_input`` converts them as
+    ``model.preprocess.pixels_to_array`` would). Raises ImageDecodeError, VideoDecodeError or
+    OSError with the reason."""
     data = read_bytes(uris[0]) if data is None else data
     if is_video_path(uris[0]):
         frames = ((f"{source_hash}#t={t:.3f}", "frame", t, frame) for t, frame in sample_frames(data, sampling))

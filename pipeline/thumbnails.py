@@ -21,7 +21,6 @@ import numpy as np
 from PIL import Image
 
 from lookalike.model.preprocess import pixels_to_image
-
 from lookalike.pipeline.writers import write_atomically
 
 log = logging.getLogger(__name__)
@@ -75,7 +74,8 @@ def link_or_copy(original: tuple[str, bytes], path: str) -> None:
 
 def write_thumbnail(img: Image.Image | np.ndarray, path: str, original: tuple[str, bytes] | None = None,
                     size: int = THUMBNAIL_SIZE, make_dirs: bool = True) -> None:
-    """Write ``img`` (a PIL image or [H, W, 1 or 3] uint8 pixels) shrunk to fit ``size`` x ``size`` (never enlarged) as JPEG, unless present.
+    """Write ``img`` (a PIL image or [H, W, 1 or 3] uint8 pixels) shrunk to fit ``size`` x
+    ``size`` (never enlarged) as JPEG, unless present.
     ``original`` (uri, bytes) is the image file ``img`` was decoded from: when
     ``reusable_jpeg`` allows, the thumbnail is a hard link to it (a copy of its bytes where
     the file is not local or not on the same filesystem). ``make_dirs=False``: the caller

@@ -1,0 +1,72 @@
+"""Batching in the embed pipeline: chunked listings, full batches, asynchronous inference."""
+
+import pickle
+import shutil
+
+import numpy as np
+from apache_beam.io.filesystem import FileMetadata
+from PIL import Image
+
+from lookalike.model.preprocess import PreprocessSpec, pixels_to_array
+from lookalike.pipeline.batches import read_listing, stack_model_input, write_listing
+from lookalike.pipeline.embed import EmbedConfig, read_embeddings, run_embed
+from lookalike.pipeline.inference import FlaxEncoderHandler
+
+
+def test_listing_chunks_never_split_files_of_one_size(tmp_path):
+    sizes = [5] * 7 + [3] * 2 + [9] * 4 + [1]
+    files = [FileMetadata(f"/c/{i:02d}.png", size, 100.0 + i) for i, size in enumerate(sizes)]
+    chunks = write_listing(str(tmp_path / "l.arrow"), files, chunk_files=3)
+    paths, got_sizes, mtimes = read_listing(str(tmp_path / "l.arrow"))
+    assert got_sizes == sorted(sizes) and sorted(paths) == sorted(f.path for f in files)
+    assert chunks[0][0] == 0 and chunks[-1][1] == len(files)
+    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))  # contiguous, nothing left out
+    for start, stop in chunks[:-1]:
+        assert got_sizes[stop - 1] != got_sizes[stop]  # a size never spans two chunks
+    assert mtimes[paths.index("/c/13.png")] == 113.0
+    assert write_listing(str(tmp_path / "empty.arrow"), []) == []
+
+
+def test_uint8_batches_convert_exactly_as_one_image():
+    spec = PreprocessSpec(8, 3)
+    rng = np.random.default_rng(0)
+    pixels = [rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) for _ in range(5)]
+    expected = np.stack([pixels_to_array(p, spec) for p in pixels])
+    np.testing.assert_array_equal(stack_model_input(pixels), expected)
+    mixed = [pixels[0], pixels_to_array(pixels[1], spec)]
+    np.testing.assert_array_equal(stack_model_input(mixed), expected[:2])
+    assert stack_model_input(pixels).dtype == np.float32
+
+
+def test_async_inference_equals_embed_and_pickles_as_an_array(trained_store, encoder):
+    handler = FlaxEncoderHandler(str(trained_store.require_model()), min_batch_size=1, max_batch_size=1,
+                                 encoder_batch=16)
+    model = handler.load_model()
+    images = np.random.default_rng(1).random((11, *model.spec.shape), dtype=np.float32)
+    [result] = handler.run_inference([images], model)
+    assert len(result.inference) == 11
+    np.testing.assert_allclose(np.asarray(result.inference), encoder.embed(images), atol=1e-6)
+    np.testing.assert_array_equal(pickle.loads(pickle.dumps(result.inference)), np.asarray(result.inference))
+    [big] = handler.run_inference([np.concatenate([images, images])], model)  # over encoder_batch: in chunks
+    np.testing.assert_allclose(np.asarray(big.inference)[11:], encoder.embed(images), atol=1e-6)
+
+
+def test_duplicates_are_embedded_once_across_many_chunks(tmp_path, trained_store, monkeypatch):
+    import lookalike.pipeline.batches as batches
+
+    monkeypatch.setattr(batches, "CHUNK_FILES", 4)  # many chunks, many batches
+    workdir = tmp_path / "w"
+    shutil.copytree(trained_store.root / "models", workdir / "models")
+    corpus = workdir / "corpus"
+    corpus.mkdir()
+    for i in range(23):
+        Image.new("RGB", (32, 32), (i * 10, 255 - i * 10, 7)).save(corpus / f"img{i:02d}.jpg", quality=90)
+    for i in (0, 5, 17):  # byte-identical copies under other names
+        shutil.copy(corpus / f"img{i:02d}.jpg", corpus / f"copy{i:02d}.jpg")
+    summary = run_embed(EmbedConfig(workdir=str(workdir), run_name="r", publish=False, max_batch_size=5))
+    assert (summary.items, summary.embedded, summary.duplicate_files, summary.failed) == (26, 23, 3, 0)
+    emb, items = read_embeddings(workdir / "embeddings" / "r")
+    by_id = dict(zip(items.column("id").to_pylist(), emb))
+    for i in (0, 5, 17):
+        np.testing.assert_array_equal(by_id[f"copy{i:02d}.jpg"], by_id[f"img{i:02d}.jpg"])
+    assert not (workdir / "embeddings" / "r" / ".listing.arrow").exists()
