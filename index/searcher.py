@@ -127,8 +127,7 @@ class ItemIndex(UpdatableIndex):
         self._row_of_lock = threading.Lock()
         self._lock = ReadWriteLock()
         self._pool: ThreadPoolExecutor | None = None
-        self._search_threads = 1
-        self._pools_sized = False  # ScaNN's own default pool until set_search_threads
+        self._search_threads = os.cpu_count() or 1  # ScaNN's default pool: a thread per CPU but one
 
     def set_search_threads(self, num_threads: int) -> None:
         """Threads one ``search_rows(..., parallel=True)`` call uses per shard, the calling thread included.
@@ -136,14 +135,15 @@ class ItemIndex(UpdatableIndex):
         ScaNN's parallel batched search runs mini-batches on the calling thread *and* on
         every thread of the searcher's pool, so each pool gets ``num_threads - 1``
         threads. (ScaNN's own ``set_num_threads(n)`` means n + 1 workers: on 2 cores,
-        4 mini-batches over 3 workers took 2.5 mini-batch times instead of 2.)
+        4 mini-batches over 3 workers took 2.5 mini-batch times instead of 2.) The default,
+        one thread per CPU, is what ScaNN's own default pool of CPUs - 1 threads gives.
         """
         if num_threads < 1:
             raise ValueError(f"num_threads must be at least 1, got {num_threads}")
-        if num_threads != self._search_threads or not self._pools_sized:  # a new pool costs thread starts
+        if num_threads != self._search_threads:  # a new pool costs thread starts
             for shard in self.shards:
                 shard.searcher.set_num_threads(max(1, num_threads - 1))
-            self._search_threads, self._pools_sized = int(num_threads), True
+            self._search_threads = int(num_threads)
 
     def __len__(self) -> int:
         """The number of (live) items."""
