@@ -129,6 +129,11 @@ class ItemIndex(UpdatableIndex):
         self._pool: ThreadPoolExecutor | None = None
         self._search_threads = os.cpu_count() or 1  # ScaNN's default pool: a thread per CPU but one
 
+    @property
+    def search_threads(self) -> int:
+        """Threads a ``search_rows(..., parallel=True)`` call uses per shard (see ``set_search_threads``)."""
+        return self._search_threads
+
     def set_search_threads(self, num_threads: int) -> None:
         """Threads one ``search_rows(..., parallel=True)`` call uses per shard, the calling thread included.
 

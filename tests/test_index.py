@@ -1,4 +1,5 @@
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -58,6 +59,7 @@ def test_parallel_search_uses_the_calling_thread_plus_n_minus_1_pool_threads(tmp
                 options=IndexOptions(mode=mode, num_leaves=30, leaves_to_search=6, autotune=False))
     index = ItemIndex.load(tmp_path / "i")
     serial_rows, serial_scores = index.search_rows(emb[:700], 10)
+    assert index.search_threads == (os.cpu_count() or 1)  # ScaNN's default pool plus the caller: parallel is on
     index.set_search_threads(1)
     before = process_threads()
     index.set_search_threads(3)  # ScaNN runs the caller too: a pool of 2, not 3
