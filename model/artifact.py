@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
@@ -113,6 +112,11 @@ class PendingEmbeddings:
     def __len__(self) -> int:
         return self._n
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the [N, embed_dim] float32 result, known without waiting for it."""
+        return self._n * int(np.prod(self._padded.shape[1:])) * 4
+
     def __array__(self, dtype=None, copy=None) -> np.ndarray:
         values = np.asarray(self._padded)[: self._n]
         return values if dtype is None else values.astype(dtype, copy=False)
@@ -152,14 +156,15 @@ class Encoder:
             size = next(b for b in self._buckets if b >= len(chunk))
             padded = np.zeros((size, *self.spec.shape), np.float32)
             padded[: len(chunk)] = chunk
-            out[start : start + len(chunk)] = np.asarray(self._forward(self._state, jnp.asarray(padded)))[: len(chunk)]
+            out[start : start + len(chunk)] = np.asarray(self._forward(self._state, padded))[: len(chunk)]
         return out
 
     def embed_async(self, images: np.ndarray) -> "PendingEmbeddings":
         """Start embedding [N, H, W, C] float32 images, N <= ``max_batch``, padded to
         ``max_batch`` (one compiled shape), and return at once: JAX dispatches the forward
         asynchronously, so the caller can prepare the next batch while XLA computes this one.
-        ``np.asarray(result)`` waits for and returns the [N, embed_dim] embeddings."""
+        ``np.asarray(result)`` waits for and returns the [N, embed_dim] embeddings. XLA reads a
+        full float32 batch in place, so the caller must not modify ``images`` before then."""
         images = np.asarray(images, dtype=np.float32)
         if images.ndim != 4 or images.shape[1:] != self.spec.shape or len(images) > self.max_batch:
             raise ValueError(f"expected [N <= {self.max_batch}, {', '.join(map(str, self.spec.shape))}] images, "
@@ -169,7 +174,9 @@ class Encoder:
             padded = np.zeros((self.max_batch, *self.spec.shape), np.float32)
             padded[:n] = images
             images = padded
-        return PendingEmbeddings(self._forward(self._state, jnp.asarray(images)), n)
+        # The numpy batch goes to the jitted forward as is: jnp.asarray would copy it on XLA's
+        # thread pool first, which waits behind the forward of the previous batch (tens of ms).
+        return PendingEmbeddings(self._forward(self._state, images), n)
 
     def warm_up(self, up_to: int) -> list[int]:
         """Compile the forward for every padded batch size a batch of at most ``up_to`` images
