@@ -29,6 +29,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 from lookalike.model.preprocess import ImageDecodeError, PreprocessSpec
 from lookalike.model.progress import Progress
 from lookalike.pipeline.cache import write_cache_table
+from lookalike.pipeline.elements import ItemBatch, Routed
 from lookalike.pipeline.failpoints import failpoint
 from lookalike.pipeline.items import expand_items, items_of_batch, rows_table, split_by_shard
 from lookalike.pipeline.sources import CACHED, DEAD, FILE, NEW, ReadSourceFn, dead_letter, decode_source
@@ -45,12 +46,17 @@ def bucket_of(source_hash: str, num_buckets: int) -> int:
     return int(source_hash[:12], 16) % max(1, num_buckets)
 
 
-def split_tagged(pcoll: beam.PCollection, tags: tuple[str, ...], label: str) -> dict[str, beam.PCollection]:
-    """``(tag, value)`` elements -> one PCollection of values per tag."""
-    return {
-        tag: pcoll | f"{label}_{tag}" >> beam.FlatMap(lambda element, t=tag: [element[1]] if element[0] == t else [])
-        for tag in tags
-    }
+def split_tagged(pcoll: beam.PCollection, tags: tuple[str, ...], label: str,
+                 types: dict[str, type] | None = None) -> dict[str, beam.PCollection]:
+    """``(tag, value)`` elements -> one PCollection of values per tag; ``types`` declares the
+    element type of some of them (so Beam uses that type's coder: ``lookalike.pipeline.elements``)."""
+    out = {}
+    for tag in tags:
+        split = beam.FlatMap(lambda element, t=tag: [element[1]] if element[0] == t else [])
+        if types and tag in types:
+            split = split.with_output_types(types[tag])
+        out[tag] = pcoll | f"{label}_{tag}" >> split
+    return out
 
 
 def stack_model_input(arrays: list[np.ndarray]) -> np.ndarray:
@@ -113,7 +119,7 @@ class DecodeBatchFn(beam.DoFn):
         self._inc(self._failed, len(uris))
         for uri in uris:
             log.warning("dead letter %s (%s): %s", uri, stage, error)
-            yield DEAD, dead_letter(uri, stage, str(error))
+            yield Routed(DEAD, dead_letter(uri, stage, str(error)))
 
     def _emit(self):
         """The pending sources as one batch (after their thumbnails), plus their dead letters."""
@@ -131,7 +137,7 @@ class DecodeBatchFn(beam.DoFn):
         if metas:
             self._inc(self._decoded, len(metas))
             self._inc(self._batches)
-            yield BATCH, (metas, stack_model_input(pixels))
+            yield Routed(BATCH, ItemBatch(metas, stack_model_input(pixels)))
 
     def process(self, keyed: tuple[int, Any]):
         _, entries = keyed
@@ -308,7 +314,7 @@ class ReadChunkFn(DecodeBatchFn):
                     for counter, n in totals.values():
                         counter.inc(n)
                 elif kind == _OUT:
-                    yield value
+                    yield value if isinstance(value, Routed) else Routed(*value)
                     if value[0] == BATCH:
                         room.release()
                 elif kind == _ERR:
@@ -322,12 +328,19 @@ class ReadChunkFn(DecodeBatchFn):
             self._deferred = self._reader._deferred = None
 
     def _chunk_outputs(self, bounds: tuple[int, int]):
+        """Files are read in listing order (by size) and decoded in groups of at least a
+        batch of files that end where the size changes: byte-identical files, which have one
+        size, meet in one group and are decoded once, and the first batch of a chunk is ready
+        after a batch of files is read, not the whole chunk."""
         start, stop = bounds
         entries: list[tuple[str, str, bytes | None]] = []
         cached: list[tuple[str, str]] = []
         files: list[dict[str, Any]] = []
         carried = 0
         for i in range(start, stop):
+            if len(entries) >= self._batch_size and self._sizes[i] != self._sizes[i - 1]:
+                yield from super().process((None, entries))
+                entries, carried = [], 0
             for tag, value in self._reader.read_one(self._paths[i], self._sizes[i], self._mtimes[i],
                                                     carry=carried < CHUNK_CARRY_BYTES):
                 if tag == NEW:

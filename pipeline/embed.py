@@ -7,7 +7,7 @@
       -> ReadChunkFn: read + sha256 + decode (byte-identical files share a chunk: decoded
          once), thumbnails, full batches carried over between chunks ---- dead -----+
            |  \--- cached (--incremental, bytes known to the cache) ---------+      |
-      -> RunInference(KeyedModelHandler(FlaxEncoderHandler)), one batch a call,    |
+      -> RunInference(FlaxEncoderHandler), one ItemBatch (metas, pixels) a call,   |
          dispatched asynchronously (JAX), fused with reading and decoding    |      |
       -> BatchRowsFn (one batch behind): cache file per batch; Arrow items table per shard
            |       files unchanged by path, size, mtime (listed before) --> ReusedItemsFn
@@ -52,7 +52,7 @@ import pyarrow as pa
 from apache_beam.io import fileio
 from apache_beam.io.filesystem import FileMetadata
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from lookalike.index.builder import IndexOptions, resolve_options
@@ -63,6 +63,7 @@ from lookalike.pipeline.batches import (BATCH, BatchRowsFn, DecodeBatchFn, ReadC
                                         write_listing)
 from lookalike.pipeline.cache import WriteFileIndexFn, cache_dir, load_cache_table
 from lookalike.pipeline.index_shards import BuildIndexShardFn, build_index_shard, collect_shard_entries
+from lookalike.pipeline.elements import EmbeddedBatch, ItemBatch, Routed
 from lookalike.pipeline.inference import FlaxEncoderHandler
 from lookalike.pipeline.items import concat_sorted, embedding_schema, split_by_shard
 from lookalike.pipeline.reuse import ReusedItemsFn, ReusePlan, current_index_if_same, list_files, plan_reuse, reused_items
@@ -197,16 +198,17 @@ def _read_and_decode(p: beam.Pipeline, run: _Run, spec: PreprocessSpec) -> dict[
         tagged = (p | "ListedChunks" >> beam.Create(chunks, reshuffle=reshuffle)
                   | "ReadAndDecode" >> beam.ParDo(ReadChunkFn(
                       run.listing_file, run.cache if config.incremental else None, run.total, spec, thumbnails,
-                      config.sampling, config.max_batch_size)))
-        return split_tagged(tagged, (BATCH, DEAD, CACHED, FILE), "Chunk")
+                      config.sampling, config.max_batch_size)).with_output_types(Routed))
+        return split_tagged(tagged, (BATCH, DEAD, CACHED, FILE), "Chunk", {BATCH: ItemBatch})
     read = _read(p, run)
     num_buckets = max(1, -(-run.total // max(1, config.max_batch_size)))
     decoded = split_tagged(
         read[NEW]
         | "ToBucket" >> beam.Map(lambda entry: (bucket_of(entry[0], num_buckets), entry))
         | "GroupBuckets" >> beam.GroupByKey()
-        | "DecodeBatches" >> beam.ParDo(DecodeBatchFn(spec, thumbnails, config.sampling, config.max_batch_size)),
-        (BATCH, DEAD), "Decoded")
+        | "DecodeBatches" >> beam.ParDo(DecodeBatchFn(spec, thumbnails, config.sampling, config.max_batch_size))
+        .with_output_types(Routed),
+        (BATCH, DEAD), "Decoded", {BATCH: ItemBatch})
     return {
         BATCH: decoded[BATCH],
         DEAD: (read[DEAD], decoded[DEAD]) | "ReadOrDecodeDead" >> beam.Flatten(),
@@ -229,9 +231,8 @@ def build_pipeline(p: beam.Pipeline, run: _Run, index_build: tuple[str, dict[str
         | "WriteFileIndex" >> beam.ParDo(WriteFileIndexFn(run.cache))
     )
     # Pre-made batches, one per RunInference call: max_batch_size=1 makes BatchElements emit in process().
-    handler = KeyedModelHandler(FlaxEncoderHandler(run.model_dir, min_batch_size=1, max_batch_size=1,
-                                                   encoder_batch=config.max_batch_size))
-    new_items = read[BATCH] | "Embed" >> RunInference(handler) | "BatchRows" >> beam.ParDo(
+    handler = FlaxEncoderHandler(run.model_dir, min_batch_size=1, max_batch_size=1, encoder_batch=config.max_batch_size)
+    new_items = read[BATCH] | "Embed" >> RunInference(handler).with_output_types(EmbeddedBatch) | "BatchRows" >> beam.ParDo(
         BatchRowsFn(run.total, run.cache, embed_dim, run.num_shards, **run.expand))
     cached_files = read[CACHED]
     if run.plan is not None and run.plan.unchanged:

@@ -8,7 +8,10 @@ puts in one call and how many images go through one forward are separate: with p
 [B, H, W, C] batches Beam hands over one example per call (``max_batch_size=1``) while the
 encoder still runs up to ``encoder_batch`` images per forward. Such a batch is dispatched
 asynchronously (``Encoder.embed_async``): the inference is ready when converted with
-``np.asarray``, which ``batches.BatchRowsFn`` does one batch later.
+``np.asarray``, which ``batches.BatchRowsFn`` does one batch later. The embed pipeline's
+examples are ``ItemBatch`` (metas, pixels) and its results ``EmbeddedBatch`` (metas,
+result), so the handler is keyed by the batch's metadata without Beam's
+``KeyedModelHandler`` (which pickles every batch's keys to count their bytes).
 """
 
 from __future__ import annotations
@@ -20,11 +23,15 @@ import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from lookalike.model.artifact import Encoder, load_encoder
+from lookalike.pipeline.elements import EmbeddedBatch, ItemBatch
 
 
 class FlaxEncoderHandler(ModelHandler[np.ndarray, PredictionResult, Encoder]):
-    """Examples are [H, W, C] float32 images (inference [embed_dim]) or pre-made batches
-    [B, H, W, C] (inference [B, embed_dim]); all examples of a call go through one forward."""
+    """Examples are [H, W, C] float32 images (inference [embed_dim]), pre-made batches
+    [B, H, W, C] (inference [B, embed_dim]), or ``ItemBatch`` (metas, [B, H, W, C]) whose
+    result is ``EmbeddedBatch`` (metas, PredictionResult with inference [B, embed_dim] and no
+    example: nothing downstream needs the pixels again); all examples of a call go through
+    one forward."""
 
     def __init__(self, model_dir: str, *, min_batch_size: int = 32, max_batch_size: int = 256,
                  encoder_batch: int | None = None):
@@ -36,8 +43,12 @@ class FlaxEncoderHandler(ModelHandler[np.ndarray, PredictionResult, Encoder]):
         return load_encoder(self._model_dir, max_batch=self._encoder_batch)
 
     def run_inference(
-        self, batch: Sequence[np.ndarray], model: Encoder, inference_args: dict[str, Any] | None = None
-    ) -> Iterable[PredictionResult]:
+        self, batch: Sequence[np.ndarray | ItemBatch], model: Encoder, inference_args: dict[str, Any] | None = None
+    ) -> Iterable[PredictionResult | EmbeddedBatch]:
+        if batch and all(isinstance(x, ItemBatch) for x in batch):
+            results = self.run_inference([x.pixels for x in batch], model, inference_args)
+            return [EmbeddedBatch(x.metas, PredictionResult(None, r.inference, model_id=r.model_id))
+                    for x, r in zip(batch, results)]
         if len(batch) == 1 and batch[0].ndim == 4 and len(batch[0]) <= model.max_batch:
             # One pre-made batch: dispatched without waiting (the inference is a PendingEmbeddings,
             # which np.asarray turns into [B, embed_dim]), so the caller decodes the next batch
@@ -52,8 +63,8 @@ class FlaxEncoderHandler(ModelHandler[np.ndarray, PredictionResult, Encoder]):
             results.append(PredictionResult(example, emb if example.ndim == 4 else emb[0], model_id=model.version))
         return results
 
-    def get_num_bytes(self, batch: Sequence[np.ndarray]) -> int:
-        return int(sum(x.nbytes for x in batch))
+    def get_num_bytes(self, batch: Sequence[np.ndarray | ItemBatch]) -> int:
+        return int(sum(x.pixels.nbytes if isinstance(x, ItemBatch) else x.nbytes for x in batch))
 
     def get_metrics_namespace(self) -> str:
         return "lookalike_flax_encoder"

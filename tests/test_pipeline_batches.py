@@ -4,6 +4,7 @@ import pickle
 import shutil
 
 import numpy as np
+import pytest
 from apache_beam.io.filesystem import FileMetadata
 from PIL import Image
 
@@ -51,19 +52,24 @@ def test_async_inference_equals_embed_and_pickles_as_an_array(trained_store, enc
     np.testing.assert_allclose(np.asarray(big.inference)[11:], encoder.embed(images), atol=1e-6)
 
 
-def test_duplicates_are_embedded_once_across_many_chunks(tmp_path, trained_store, monkeypatch):
+@pytest.mark.parametrize("chunk_files, batch_size", [(4, 5), (1000, 2)])
+def test_duplicates_are_embedded_once_across_many_chunks(tmp_path, trained_store, monkeypatch, chunk_files, batch_size):
+    """(4, 5): many chunks, many batches; (1000, 2): one chunk decoded in many groups."""
     import lookalike.pipeline.batches as batches
 
-    monkeypatch.setattr(batches, "CHUNK_FILES", 4)  # many chunks, many batches
+    monkeypatch.setattr(batches, "CHUNK_FILES", chunk_files)
     workdir = tmp_path / "w"
     shutil.copytree(trained_store.root / "models", workdir / "models")
     corpus = workdir / "corpus"
     corpus.mkdir()
     for i in range(23):
-        Image.new("RGB", (32, 32), (i * 10, 255 - i * 10, 7)).save(corpus / f"img{i:02d}.jpg", quality=90)
+        img = Image.new("RGB", (32, 32), (i * 10, 255 - i * 10, 7))
+        for x in range(i):  # file sizes differ: several size runs in one chunk
+            img.putpixel((x, (x * 7) % 32), (255, 255, 255))
+        img.save(corpus / f"img{i:02d}.jpg", quality=90)
     for i in (0, 5, 17):  # byte-identical copies under other names
         shutil.copy(corpus / f"img{i:02d}.jpg", corpus / f"copy{i:02d}.jpg")
-    summary = run_embed(EmbedConfig(workdir=str(workdir), run_name="r", publish=False, max_batch_size=5))
+    summary = run_embed(EmbedConfig(workdir=str(workdir), run_name="r", publish=False, max_batch_size=batch_size))
     assert (summary.items, summary.embedded, summary.duplicate_files, summary.failed) == (26, 23, 3, 0)
     emb, items = read_embeddings(workdir / "embeddings" / "r")
     by_id = dict(zip(items.column("id").to_pylist(), emb))
