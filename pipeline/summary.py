@@ -74,6 +74,19 @@ def read_embeddings(run_dir: Path) -> tuple[np.ndarray, pa.Table]:
     return embeddings_of(table), table.drop(["embedding"])
 
 
+def count_items(run_dir: Path) -> int:
+    """Items in a run's ``embeddings-*.parquet``, from the files' metadata (no data read)."""
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in glob.glob(str(Path(run_dir) / "embeddings-*.parquet")))
+
+
+def read_items(run_dir: Path) -> pa.Table:
+    """A run's items table without the embeddings (the columns the counts need)."""
+    files = sorted(glob.glob(str(Path(run_dir) / "embeddings-*.parquet")))
+    tables = [pq.read_table(f, columns=["uri", "content_hash", "reused"]) for f in files]
+    tables = [t for t in tables if t.num_rows]
+    return pa.concat_tables(tables) if tables else pa.table({"uri": pa.array([], pa.string())})
+
+
 def read_dead_letters(run_dir: Path) -> list[dict[str, str]]:
     rows = []
     for f in sorted(glob.glob(str(Path(run_dir) / "dead_letter-*.jsonl"))):
@@ -85,8 +98,12 @@ def summarize(run: str, run_dir: Path, model_version: str, total: int, runner: s
               elapsed: float) -> EmbedSummary:
     """Counts of a finished run: ``counted`` (the runner's counters, plus what was decided
     before it started), else derived from what it wrote."""
-    embeddings, items = read_embeddings(run_dir)
-    counts = counted or counts_from_items(items)
+    if counted:  # the runner counted: only the number of items is needed, from the shards' footers
+        num_items = count_items(run_dir)
+        counts = counted
+    else:
+        items = read_items(run_dir)
+        num_items, counts = items.num_rows, counts_from_items(items)
     dead = read_dead_letters(run_dir)
     for row in dead:
         log.warning("skipped %s at %s: %s", row["uri"], row["stage"], row["reason"])
@@ -97,13 +114,13 @@ def summarize(run: str, run_dir: Path, model_version: str, total: int, runner: s
         index_version=None,
         files_matched=total,
         files_read=counts.get("files_read", 0 if counted else -1),
-        items=int(len(embeddings)),
+        items=int(num_items),
         embedded=counts.get("items_decoded", 0),
         unchanged=counts.get("files_unchanged", 0),
         duplicate_files=counts.get("duplicate_files", 0),
         failed=len(dead),
         elapsed_s=round(elapsed, 3),
-        items_per_s=round(len(embeddings) / elapsed, 1) if elapsed > 0 else 0.0,
+        items_per_s=round(num_items / elapsed, 1) if elapsed > 0 else 0.0,
         runner=runner,
         dead_letter_examples=dead[:20],
     )
