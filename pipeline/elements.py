@@ -43,13 +43,11 @@ def estimate_nbytes(value: Any) -> int:
         return len(value)
     if isinstance(value, dict):
         return sum(estimate_nbytes(k) + estimate_nbytes(v) for k, v in value.items())
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, (list, tuple)):  # NamedTuples too, such as Beam's PredictionResult
         if len(value) <= SIZE_SAMPLE_ITEMS:
             return sum(estimate_nbytes(v) for v in value)
         sample = value[:SIZE_SAMPLE_ITEMS]
         return sum(estimate_nbytes(v) for v in sample) * len(value) // len(sample)
-    if hasattr(value, "_asdict"):  # a NamedTuple such as Beam's PredictionResult
-        return estimate_nbytes(tuple(value))
     return SMALL_VALUE_BYTES
 
 
