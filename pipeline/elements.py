@@ -51,17 +51,23 @@ def estimate_nbytes(value: Any) -> int:
     return SMALL_VALUE_BYTES
 
 
-class Routed(tuple):
+class _Pair(tuple):
+    """A 2-tuple of a named kind: unpacks like a tuple, pickles as its own type."""
+
+    __slots__ = ()
+
+    def __new__(cls, first: Any, second: Any):
+        return tuple.__new__(cls, (first, second))
+
+    def __getnewargs__(self) -> tuple[Any, Any]:
+        return tuple(self)
+
+
+class Routed(_Pair):
     """(tag, value): an output of a DoFn with several kinds of outputs, routed by tag
     (``batches.split_tagged``)."""
 
     __slots__ = ()
-
-    def __new__(cls, tag: str, value: Any) -> "Routed":
-        return tuple.__new__(cls, (tag, value))
-
-    def __getnewargs__(self) -> tuple[str, Any]:
-        return tuple(self)
 
     @property
     def tag(self) -> str:
@@ -72,17 +78,11 @@ class Routed(tuple):
         return self[1]
 
 
-class ItemBatch(tuple):
+class ItemBatch(_Pair):
     """(metas, pixels): one inference batch, a list of B item metadata dicts and the
     [B, H, W, C] float32 model input."""
 
     __slots__ = ()
-
-    def __new__(cls, metas: list[dict[str, Any]], pixels: np.ndarray) -> "ItemBatch":
-        return tuple.__new__(cls, (metas, pixels))
-
-    def __getnewargs__(self) -> tuple[list[dict[str, Any]], np.ndarray]:
-        return tuple(self)
 
     @property
     def metas(self) -> list[dict[str, Any]]:
@@ -93,17 +93,11 @@ class ItemBatch(tuple):
         return self[1]
 
 
-class EmbeddedBatch(tuple):
+class EmbeddedBatch(_Pair):
     """(metas, result): an inference batch's metadata and Beam's ``PredictionResult``
     whose ``inference`` is [B, embed_dim] (a ``PendingEmbeddings`` while computing)."""
 
     __slots__ = ()
-
-    def __new__(cls, metas: list[dict[str, Any]], result: Any) -> "EmbeddedBatch":
-        return tuple.__new__(cls, (metas, result))
-
-    def __getnewargs__(self) -> tuple[list[dict[str, Any]], Any]:
-        return tuple(self)
 
     @property
     def metas(self) -> list[dict[str, Any]]:
@@ -115,9 +109,9 @@ class EmbeddedBatch(tuple):
 
 
 class _SizedTupleCoder(coders.Coder):
-    """Pickles one of the tuple types above; sizes it with ``estimate_nbytes``."""
+    """Pickles one of the pair types above; sizes it with ``estimate_nbytes``."""
 
-    element_type: type = tuple
+    element_type: type = _Pair
 
     def encode(self, value: tuple) -> bytes:
         return pickle.dumps(tuple(value), protocol=pickle.HIGHEST_PROTOCOL)

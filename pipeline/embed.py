@@ -62,8 +62,8 @@ from lookalike.model.store import Store, StoreError, check_version_name
 from lookalike.pipeline.batches import (BATCH, BatchRowsFn, DecodeBatchFn, ReadChunkFn, bucket_of, split_tagged,
                                         write_listing)
 from lookalike.pipeline.cache import WriteFileIndexFn, cache_dir, load_cache_table
-from lookalike.pipeline.index_shards import BuildIndexShardFn, build_index_shard, collect_shard_entries
 from lookalike.pipeline.elements import EmbeddedBatch, ItemBatch, Routed
+from lookalike.pipeline.index_shards import BuildIndexShardFn, build_index_shard, collect_shard_entries
 from lookalike.pipeline.inference import FlaxEncoderHandler
 from lookalike.pipeline.items import concat_sorted, embedding_schema, split_by_shard
 from lookalike.pipeline.reuse import ReusedItemsFn, ReusePlan, current_index_if_same, list_files, plan_reuse, reused_items
