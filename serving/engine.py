@@ -31,6 +31,8 @@ from lookalike.serving.batcher import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_S, Mic
 from lookalike.serving.metrics import ServingMetrics
 
 
+# A lone search shorter than this runs on the event loop (a ScaNN search of 100k items: ~0.1-0.2 ms).
+DEFAULT_INLINE_SEARCH_MAX_S = 0.001
 # A CPU forward is cheapest per image around 4-16 images; at 64 the XLA CPU convolutions
 # of a wider encoder get slower per image than one at a time (measured, bench/serving.py).
 
@@ -38,11 +40,15 @@ from lookalike.serving.metrics import ServingMetrics
 @dataclass(frozen=True)
 class BatchingConfig:
     """Micro-batching limits: searches per ScaNN call, images per encoder forward, and the
-    longest wait for announced queries. Both maxima at 1 turn batching off."""
+    longest wait for announced queries. Both maxima at 1 turn batching off.
+    ``inline_search_max_s``: a lone unfiltered search runs on the event loop, skipping
+    the hand-off to the search thread, while such searches take at most this long
+    (0: never; see ``lookalike.serving.batcher``)."""
 
     max_batch: int = DEFAULT_MAX_BATCH
     max_wait_s: float = DEFAULT_MAX_WAIT_S
     max_embed_batch: int = DEFAULT_MAX_EMBED_BATCH
+    inline_search_max_s: float = DEFAULT_INLINE_SEARCH_MAX_S
 
     @classmethod
     def off(cls) -> "BatchingConfig":
@@ -134,7 +140,8 @@ def run_search_batch(items: list[SearchItem]) -> list[list[Neighbor] | BaseExcep
         extra = [0 if it.exclude_row is None else 1 for it in group]
         count = max(it.k + e for it, e in zip(group, extra))
         try:
-            found = group[0].backend.index.search(np.stack([it.query for it in group]), count)
+            queries = group[0].query[None, :] if len(group) == 1 else np.stack([it.query for it in group])
+            found = group[0].backend.index.search(queries, count)
         except Exception:  # e.g. one bad query: answer one by one so only its caller fails
             for i in positions:
                 try:
@@ -177,6 +184,7 @@ class QueryEngine:
         self.searcher: MicroBatcher[SearchItem, list[Neighbor]] = MicroBatcher(
             "search", self._timed(run_search_batch, "search"), max_batch=batching.max_batch,
             max_wait_s=batching.max_wait_s, on_batch=metrics.batch_observer("search"),
+            inline_max_s=batching.inline_search_max_s,
         )
         self._observe_decode = metrics.stage_observer("decode")
         self._observe_embed = metrics.stage_observer("embed")
@@ -253,4 +261,6 @@ class QueryEngine:
             self._observe_decode(time.perf_counter() - started)
 
     async def search(self, item: SearchItem) -> list[Neighbor]:
-        return await self.searcher.submit(item)
+        """``item``'s neighbours; a lone unfiltered search may run on the loop (filtered ones
+        widen their fetch until k are found, which can take long)."""
+        return await self.searcher.submit(item, inline=not item.filters.active)

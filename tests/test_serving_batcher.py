@@ -121,6 +121,61 @@ def test_errors_reach_only_their_caller() -> None:
         create_app(lambda: None, watch_interval_s=-1)
 
 
+def test_a_lone_item_runs_inline_and_concurrent_ones_are_batched_in_the_worker() -> None:
+    calls: list[tuple[int, bool]] = []  # (batch size, ran on the event loop's thread)
+    loop_thread: list[threading.Thread] = []
+
+    def double(items: list[int]) -> list[object]:
+        calls.append((len(items), threading.current_thread() is loop_thread[0]))
+        return [ValueError(f"bad {i}") if i < 0 else 2 * i for i in items]
+
+    async def main() -> None:
+        loop_thread.append(threading.current_thread())
+        batcher = MicroBatcher("t", double, max_batch=8, max_wait_s=0.0, inline_max_s=0.5)
+        batcher.start()
+        assert await batcher.submit(1, inline=True) == 2
+        assert calls == [(1, True)] and batcher.inline_runs == 1
+        with pytest.raises(ValueError, match="bad -1"):  # an inline item's error reaches its caller
+            await batcher.submit(-1, inline=True)
+        assert await batcher.submit(2) == 4  # not allowed inline: the worker thread
+        assert calls[-1] == (1, False)
+        # Submitted together (as requests read in one loop iteration): one batch, in the worker.
+        calls.clear()
+        assert await asyncio.gather(*(batcher.submit(i, inline=True) for i in range(5))) == [0, 2, 4, 6, 8]
+        assert calls == [(5, False)] and batcher.inline_runs == 2
+        # Announced items on their way (an image being decoded) keep a lone item off the loop.
+        with batcher.expect():
+            assert await batcher.submit(3, inline=True) == 6
+        assert calls[-1] == (1, False)
+        await batcher.stop()
+
+    run(main())
+
+
+def test_inline_stops_while_lone_items_are_slow() -> None:
+    ran_inline: list[bool] = []
+    delays = iter([0.03, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+
+    def slow(items: list[int]) -> list[int]:
+        ran_inline.append(threading.current_thread() is threading.main_thread())
+        threading.Event().wait(next(delays))
+        return items
+
+    async def main() -> None:
+        batcher = MicroBatcher("t", slow, inline_max_s=0.002)
+        batcher.start()
+        for i in range(12):
+            await batcher.submit(i, inline=True)
+        await batcher.stop()
+
+    run(main())
+    # The first (30 ms) ran inline; the running average then exceeded 2 ms, so the next ones
+    # went to the worker until fast items brought the average back under the limit.
+    assert ran_inline[0] and not ran_inline[1] and ran_inline[-1]
+    with pytest.raises(ValueError, match="inline_max_s"):
+        MicroBatcher("t", slow, inline_max_s=2.0)
+
+
 # --- batch functions over the real backend ------------------------------------
 
 
@@ -143,6 +198,27 @@ def test_batched_search_equals_one_at_a_time(backend: Backend) -> None:
     assert 3 not in [n.row for n in batched[5]]
     bad = run_search_batch([SearchItem(backend, np.full(8, np.nan, np.float32), 3), items[0]])
     assert isinstance(bad[0], ValueError) and bad[1][0].row == 0  # one bad query fails alone... in its group
+
+
+def test_the_engine_runs_only_lone_unfiltered_searches_inline(backend: Backend) -> None:
+    query = backend.index.embeddings[5]
+
+    async def main() -> None:
+        engine = QueryEngine(ServingMetrics())
+        engine.start()
+        plain = await engine.search(SearchItem(backend, query, 3))
+        crowded = await engine.search(SearchItem(backend, query, 3, Filters.of(max_per_group=1)))
+        await engine.stop()
+        assert engine.searcher.inline_runs == 1  # the filtered one, whose fetch may widen, went to the thread
+        assert [n.id for n in plain] == [n.id for n in search_one(SearchItem(backend, query, 3))]
+        assert [n.id for n in crowded] == [n.id for n in search_one(SearchItem(backend, query, 3, Filters.of(max_per_group=1)))]
+        off = QueryEngine(ServingMetrics(), BatchingConfig(inline_search_max_s=0.0))
+        off.start()
+        await off.search(SearchItem(backend, query, 3))
+        await off.stop()
+        assert off.searcher.inline_runs == 0
+
+    run(main())
 
 
 def test_a_batch_spanning_two_backends_answers_each_from_its_own(backend: Backend, indexed_store: Store) -> None:
