@@ -16,6 +16,7 @@ built on first use.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pickle
 import threading
@@ -56,7 +57,7 @@ class Neighbor:
 
     @property
     def distance(self) -> float:
-        return float(np.sqrt(max(0.0, 2.0 - 2.0 * self.score)))
+        return math.sqrt(max(0.0, 2.0 - 2.0 * self.score))
 
 
 @dataclass

@@ -8,6 +8,7 @@ video timestamp and group, same-item flag, thumbnail URL; never the server's fil
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -61,11 +62,12 @@ def unit_query(backend: Backend, vector: list[float]) -> np.ndarray:
     if len(vector) != backend.index.embed_dim:
         raise ValueError(f"vector has {len(vector)} values but the index holds {backend.index.embed_dim}-dimensional embeddings")
     with np.errstate(over="ignore"):  # values beyond float32 become inf, refused below
-        q = backend.index.check_queries(np.asarray(vector, dtype=np.float32))[0]
-    norm = float(np.linalg.norm(q))
-    if not np.isfinite(norm) or norm == 0.0:
+        q = np.asarray(vector, dtype=np.float32)
+        norm = math.sqrt(float(np.dot(q, q)))  # NaN or inf when any value is
+    if not math.isfinite(norm) or norm == 0.0:
+        backend.index.check_queries(q)  # raises naming NaN or infinite values
         raise ValueError("query vector has zero (or overflowing) length and no direction")
-    return q / norm
+    return q / np.float32(norm)
 
 
 async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str | None]:

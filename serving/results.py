@@ -121,13 +121,15 @@ class ResultsJSON:
     def encode(self, threshold: float | None, neighbors: list[Neighbor]) -> str:
         """The ``results`` list of a SearchResponse, as JSON text."""
         out = []
+        loaded, fragments, isfinite, sqrt = len(self.rows), self._fragments, math.isfinite, math.sqrt
+        limit = -math.inf if threshold is None else threshold  # no threshold: never the same item
         for n in neighbors:
-            score, distance = float(n.score), n.distance
-            if not (math.isfinite(score) and math.isfinite(distance)):
-                raise ValueError(f"Out of range float values are not JSON compliant: {score!r}, {distance!r}")
-            head, tail = self._fragments(n.row, n.id) if n.row < len(self.rows) else self._fragment(n.row, n.id)
-            same = "true" if threshold is not None and distance <= threshold else "false"
-            out.append(f'{head}{score!r},"distance":{distance!r},"same_item":{same},{tail}')
+            score = float(n.score)
+            if not isfinite(score):
+                raise ValueError(f"Out of range float values are not JSON compliant: {score!r}")
+            distance = sqrt(max(0.0, 2.0 - 2.0 * score))  # Neighbor.distance, finite with the score
+            head, tail = fragments(n.row, n.id) if n.row < loaded else self._fragment(n.row, n.id)
+            out.append(f'{head}{score!r},"distance":{distance!r},"same_item":{"true" if distance <= limit else "false"},{tail}')
         return "[" + ",".join(out) + "]"
 
 
