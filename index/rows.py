@@ -94,6 +94,22 @@ class Growable:
         self._buf[index] = value
 
 
+def string_slices(column: pa.ChunkedArray) -> tuple[np.ndarray, memoryview] | None:
+    """A string column without nulls as ([rows + 1] offsets, UTF-8 bytes): value i is
+    ``data[offsets[i]:offsets[i + 1]]``. Slicing out the ten ids of a search result this
+    way takes ~4 us, an Arrow ``take`` ~12 us. None for other columns. A column of
+    several chunks is combined (a copy of its bytes)."""
+    if column.null_count or not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        return None
+    array = column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()
+    _, offsets, data = array.buffers()
+    dtype = np.int64 if pa.types.is_large_string(array.type) else np.int32
+    if offsets is None:  # an empty array
+        return np.zeros(1, dtype), memoryview(b"")
+    offsets = np.frombuffer(offsets, dtype)[array.offset: array.offset + len(array) + 1]
+    return offsets, memoryview(data if data is not None else b"")
+
+
 class ItemTable:
     """[rows] item metadata: an Arrow table for the loaded rows, dicts for rows appended since."""
 
@@ -104,6 +120,7 @@ class ItemTable:
         self.schema = table.schema
         self._base = table.num_rows
         self._ids = table.column("id")
+        self._id_slices = string_slices(self._ids)
         self._added: list[dict[str, Any]] = []
 
     def __len__(self) -> int:
@@ -142,6 +159,9 @@ class ItemTable:
         """Ids of ``rows`` ([M] int) in one vectorised take (rows < 0 are not allowed)."""
         rows = np.asarray(rows, np.int64)
         if not (rows >= self._base).any():
+            if self._id_slices is not None:
+                offsets, data = self._id_slices
+                return [str(data[a:b], "utf-8") for a, b in zip(offsets[rows].tolist(), offsets[rows + 1].tolist())]
             return self._ids.take(pa.array(rows)).to_pylist()
         return [self[int(r)]["id"] for r in rows]
 

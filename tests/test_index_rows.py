@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from lookalike.index.rows import Growable, ItemTable, ReadWriteLock
+from lookalike.index.rows import Growable, ItemTable, ReadWriteLock, string_slices
 
 
 def test_item_table_serves_loaded_and_appended_rows_alike():
@@ -20,6 +20,22 @@ def test_item_table_serves_loaded_and_appended_rows_alike():
         items[4]
     with pytest.raises(ValueError, match="needs an 'id' column"):
         ItemTable(pa.table({"uri": ["x"]}))
+
+
+@pytest.mark.parametrize("column", [
+    pa.chunked_array([pa.array(["a/1", "bé/2", ""]), pa.array(["c/3", "d/4"])]),  # shards' tables concatenated
+    pa.chunked_array([pa.array(["x", "y", "z", "w"]).slice(1)]),  # a slice: offsets start past 0
+    pa.chunked_array([pa.array(["p", "q", "r"], pa.large_string())]),
+])
+def test_ids_are_sliced_from_the_columns_bytes(column: pa.ChunkedArray) -> None:
+    items = ItemTable(pa.table({"id": column}))
+    rows = np.arange(len(column))[::-1]
+    assert string_slices(column) is not None
+    assert items.ids_of(rows) == [column.to_pylist()[r] for r in rows] == column.take(pa.array(rows)).to_pylist()
+    assert string_slices(pa.chunked_array([pa.array(["a", None])])) is None  # nulls: Arrow's take instead
+    assert string_slices(pa.chunked_array([pa.array([1, 2])])) is None
+    numeric = ItemTable(pa.table({"id": pa.array([7, 8])}))
+    assert numeric.ids_of(np.array([1])) == [8]
 
 
 def test_growable_never_changes_rows_a_reader_holds():
