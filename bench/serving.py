@@ -10,9 +10,9 @@ subprocess on 127.0.0.1, and drives it from this process with asyncio clients at
 8, 32 and 64 concurrent requests, for vector and image queries, each level bounded in
 time. Baselines are measured in the same run: an in-process ``ItemIndex.search`` of
 the same index (vector overhead) and the same server with micro-batching off
-(``max_batch=1``, one forward per image); the gain of running a lone search on the
+(``max_batch=1``, one forward per image); the gain of running a lone query on the
 event loop is shown by the batched server with that off, at one client
-(``vector_p50_ms_at_1_search_thread``). A hot swap is done under load and every
+(``p50_ms_at_1_without_inline``). A hot swap is done under load and every
 failed request counted. Every run also reports the CPU time the server and the load
 generator (``bench.loadgen``) spent per request, and ``in_process_costs_ms`` what a
 forward, a search and a decode cost here, which bound what batching can gain. Writes
@@ -49,11 +49,11 @@ HOST = "127.0.0.1"
 K = 10
 LEVELS = (1, 8, 32, 64)
 # The two servers image_batching_speedup compares: the same code, micro-batching on and off.
-BATCHED = {"max_batch": 64, "max_embed_batch": 16, "batch_wait_ms": 2.0, "inline_search_max_ms": 1.0}
-ONE_FORWARD_PER_QUERY = {"max_batch": 1, "max_embed_batch": 1, "batch_wait_ms": 0.0, "inline_search_max_ms": 1.0}
-# The batched server with every search handed to the search thread: what running a lone
-# search on the event loop saves at one client (vector_p50_ms_at_1_search_thread).
-SEARCH_THREAD_ONLY = dict(BATCHED, inline_search_max_ms=0.0)
+BATCHED = {"max_batch": 64, "max_embed_batch": 16, "batch_wait_ms": 2.0, "inline_max_ms": 2.0}
+ONE_FORWARD_PER_QUERY = {"max_batch": 1, "max_embed_batch": 1, "batch_wait_ms": 0.0, "inline_max_ms": 2.0}
+# The batched server with every query handed to a batcher's thread: what running a lone
+# query on the event loop saves at one client (p50_ms_at_1_without_inline).
+NO_INLINE = dict(BATCHED, inline_max_ms=0.0)
 
 
 def free_port() -> int:
@@ -102,7 +102,7 @@ class Server:
     """``lookalike serve`` in a subprocess (bound to 127.0.0.1)."""
 
     def __init__(self, workdir: Path, max_batch: int, max_embed_batch: int, batch_wait_ms: float = 2.0,
-                 inline_search_max_ms: float = 1.0, watch_interval_s: float = 0.5):
+                 inline_max_ms: float = 2.0, watch_interval_s: float = 0.5):
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
         code = (
@@ -110,7 +110,7 @@ class Server:
             "from lookalike.serving.server import serve;"
             f"serve({str(workdir)!r}, host={HOST!r}, port={self.port}, log_level='warning', "
             f"max_batch={max_batch}, max_embed_batch={max_embed_batch}, batch_wait_ms={batch_wait_ms}, "
-            f"inline_search_max_ms={inline_search_max_ms}, "
+            f"inline_max_ms={inline_max_ms}, "
             f"watch_interval_s={watch_interval_s})"
         )
         self.proc = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2"))
@@ -230,11 +230,11 @@ def main(argv: list[str] | None = None) -> int:
         result["in_process_costs_ms"] = in_process_costs_ms(workdir, images, vectors)
         log.info("in-process costs (ms): %s", result["in_process_costs_ms"])
 
-        runs: dict = {"vector": {}, "image": {}, "image_unbatched": {}, "vector_search_thread": {}}
+        runs: dict = {"vector": {}, "image": {}, "image_unbatched": {}, "vector_no_inline": {}, "image_no_inline": {}}
         result["servers"] = {  # how each side of image_batching_speedup is configured (the same server otherwise)
             "batched": dict(BATCHED),
             "one_forward_per_query": dict(ONE_FORWARD_PER_QUERY),
-            "search_thread_only": dict(SEARCH_THREAD_ONLY),
+            "no_inline": dict(NO_INLINE),
             "image_path": "decode, forward and search of an image query run in the image batcher's worker thread, "
                           "up to max_embed_batch queries per forward and ScaNN call (1 for one_forward_per_query)",
         }
@@ -250,15 +250,17 @@ def main(argv: list[str] | None = None) -> int:
             asyncio.run(load(server.url, image_request(images), 4, 1.0))
             runs["image_unbatched"][32] = asyncio.run(load(server.url, image_request(images), 32, seconds, server.proc.pid))
             log.info("image unbatched x32: %s", runs["image_unbatched"][32])
-        with Server(workdir, **SEARCH_THREAD_ONLY) as server:
-            asyncio.run(load(server.url, vector_request(vectors), 4, 1.0))
-            runs["vector_search_thread"][1] = asyncio.run(load(server.url, vector_request(vectors), 1, seconds, server.proc.pid))
-            log.info("vector x1, every search in the search thread: %s", runs["vector_search_thread"][1])
+        with Server(workdir, **NO_INLINE) as server:
+            for kind, make in (("vector", vector_request(vectors)), ("image", image_request(images))):
+                asyncio.run(load(server.url, make, 4, 1.0))
+                runs[f"{kind}_no_inline"][1] = asyncio.run(load(server.url, make, 1, seconds, server.proc.pid))
+                log.info("%s x1, every query in a batcher's thread: %s", kind, runs[f"{kind}_no_inline"][1])
         result["runs"] = runs
         v1 = runs["vector"][1]["p50_ms"]
         result["vector_p50_ms_at_1"] = v1
         result["vector_p50_overhead_ms"] = round(v1 - result["in_process_search_p50_ms"], 3)
-        result["vector_p50_ms_at_1_search_thread"] = runs["vector_search_thread"][1]["p50_ms"]
+        result["p50_ms_at_1"] = {kind: runs[kind][1]["p50_ms"] for kind in ("vector", "image")}
+        result["p50_ms_at_1_without_inline"] = {kind: runs[f"{kind}_no_inline"][1]["p50_ms"] for kind in ("vector", "image")}
         result["image_batching_speedup"] = round(
             runs["image"][32]["throughput_rps"] / max(runs["image_unbatched"][32]["throughput_rps"], 1e-9), 2
         )
@@ -281,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     if "runs" in result:
         plot(result, args.out.with_suffix(".png"))
-    summary = {k: result[k] for k in ("vector_p50_overhead_ms", "vector_p50_ms_at_1", "vector_p50_ms_at_1_search_thread", "image_batching_speedup", "image_batching_cpu_ratio",
+    summary = {k: result[k] for k in ("vector_p50_overhead_ms", "p50_ms_at_1", "p50_ms_at_1_without_inline", "image_batching_speedup", "image_batching_cpu_ratio",
                                        "max_client_cpu_util", "failed_requests_during_swap", "p99_ms_at_32")}
     summary["image_x32"] = {side: {k: runs[32][k] for k in ("throughput_rps", "server_cpu_ms_per_request", "server_cpu_util")}
                             for side, runs in (("batched", result["runs"]["image"]), ("one_forward_per_query", result["runs"]["image_unbatched"]))}

@@ -85,7 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     serve(args.workdir, host=args.host, port=args.port, watch_interval_s=args.watch_interval_s or None,
           max_batch=args.max_batch, max_embed_batch=args.max_embed_batch, batch_wait_ms=args.batch_wait_ms,
-          inline_search_max_ms=args.inline_search_max_ms)
+          inline_max_ms=args.inline_max_ms)
     return 0
 
 
@@ -277,9 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-embed-batch", type=int, default=16,
                    help="most uploaded images embedded in one model forward (1: no batching)")
     p.add_argument("--batch-wait-ms", type=float, default=2.0, help="longest wait for announced queries to join a batch")
-    p.add_argument("--inline-search-max-ms", type=float, default=1.0,
-                   help="a lone search (no other request in progress) that takes at most this long runs on the event "
-                        "loop instead of the search thread, saving two thread hand-offs (0: never)")
+    p.add_argument("--inline-max-ms", type=float, default=2.0,
+                   help="a lone unfiltered query (no other request arriving or in progress) whose work recently took at "
+                        "most this long runs on the event loop instead of a batcher's thread, saving two thread "
+                        "hand-offs (0: never)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("query", help="ask a running server for similar images",

@@ -257,7 +257,7 @@ def create_app(
             reload_count=slot.reload_count,
             batching={
                 "max_batch": batching.max_batch, "max_embed_batch": batching.max_embed_batch,
-                "max_wait_ms": batching.max_wait_s * 1000, "inline_search_max_ms": batching.inline_search_max_s * 1000,
+                "max_wait_ms": batching.max_wait_s * 1000, "inline_max_ms": batching.inline_max_s * 1000,
             },
         )
 

@@ -54,9 +54,9 @@ class Expected(Generic[T, R]):
         self._open = True
         batcher._announce(+1)
 
-    async def submit(self, item: T) -> R:
+    async def submit(self, item: T, *, inline: bool = False) -> R:
         self._close()
-        return await self._batcher.submit(item)
+        return await self._batcher.submit(item, inline=inline)
 
     def _close(self) -> None:
         if self._open:

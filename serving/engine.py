@@ -31,8 +31,9 @@ from lookalike.serving.batcher import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_S, Mic
 from lookalike.serving.metrics import ServingMetrics
 
 
-# A lone search shorter than this runs on the event loop (a ScaNN search of 100k items: ~0.1-0.2 ms).
-DEFAULT_INLINE_SEARCH_MAX_S = 0.001
+# A lone query shorter than this runs on the event loop: a ScaNN search of 100k items takes
+# ~0.1-0.6 ms here, an image query of the digits model (decode, forward, search) ~0.5-1.5 ms.
+DEFAULT_INLINE_MAX_S = 0.002
 # A CPU forward is cheapest per image around 4-16 images; at 64 the XLA CPU convolutions
 # of a wider encoder get slower per image than one at a time (measured, bench/serving.py).
 
@@ -41,14 +42,14 @@ DEFAULT_INLINE_SEARCH_MAX_S = 0.001
 class BatchingConfig:
     """Micro-batching limits: searches per ScaNN call, images per encoder forward, and the
     longest wait for announced queries. Both maxima at 1 turn batching off.
-    ``inline_search_max_s``: a lone unfiltered search runs on the event loop, skipping
-    the hand-off to the search thread, while such searches take at most this long
-    (0: never; see ``lookalike.serving.batcher``)."""
+    ``inline_max_s``: a lone unfiltered query (a search, or an image's decode, forward and
+    search) runs on the event loop, skipping the hand-off to the batcher's thread, while
+    such queries take at most this long (0: never; see ``lookalike.serving.batcher``)."""
 
     max_batch: int = DEFAULT_MAX_BATCH
     max_wait_s: float = DEFAULT_MAX_WAIT_S
     max_embed_batch: int = DEFAULT_MAX_EMBED_BATCH
-    inline_search_max_s: float = DEFAULT_INLINE_SEARCH_MAX_S
+    inline_max_s: float = DEFAULT_INLINE_MAX_S
 
     @classmethod
     def off(cls) -> "BatchingConfig":
@@ -180,11 +181,12 @@ class QueryEngine:
         # Image queries: the "embed" batcher (its batch sizes are images per forward).
         self.images: MicroBatcher[ImageQuery, list[Neighbor]] = MicroBatcher(
             "embed", self.run_image_batch, max_batch=batching.max_embed_batch, max_wait_s=batching.max_wait_s,
+            inline_max_s=batching.inline_max_s,
         )
         self.searcher: MicroBatcher[SearchItem, list[Neighbor]] = MicroBatcher(
             "search", self._timed(run_search_batch, "search"), max_batch=batching.max_batch,
             max_wait_s=batching.max_wait_s, on_batch=metrics.batch_observer("search"),
-            inline_max_s=batching.inline_search_max_s,
+            inline_max_s=batching.inline_max_s,
         )
         self._observe_decode = metrics.stage_observer("decode")
         self._observe_embed = metrics.stage_observer("embed")

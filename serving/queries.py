@@ -98,7 +98,7 @@ async def search_by_image(engine: QueryEngine, backend: Backend, data: bytes | C
             image: bytes | np.ndarray = data
             if len(data) > INLINE_DECODE_BYTES:
                 image = await run_in_threadpool(engine.decode, backend, data)
-            return await expected.submit(ImageQuery(backend, image, k, filters))
+            return await expected.submit(ImageQuery(backend, image, k, filters), inline=not filters.active)
         except ImageDecodeError as e:
             raise HTTPException(status_code=422, detail=f"{what}not a usable image: {e}") from None
         except ValueError as e:  # the search refused the query

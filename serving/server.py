@@ -25,7 +25,7 @@ from lookalike.model.store import Store
 from lookalike.serving.app import create_app
 from lookalike.serving.backend import load_backend
 from lookalike.serving.batcher import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_S
-from lookalike.serving.engine import DEFAULT_INLINE_SEARCH_MAX_S, DEFAULT_MAX_EMBED_BATCH, BatchingConfig
+from lookalike.serving.engine import DEFAULT_INLINE_MAX_S, DEFAULT_MAX_EMBED_BATCH, BatchingConfig
 from lookalike.serving.swap import DEFAULT_WATCH_INTERVAL_S, StoreReloader
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def serve(
     max_batch: int = DEFAULT_MAX_BATCH,
     max_embed_batch: int = DEFAULT_MAX_EMBED_BATCH,
     batch_wait_ms: float = DEFAULT_MAX_WAIT_S * 1000,
-    inline_search_max_ms: float = DEFAULT_INLINE_SEARCH_MAX_S * 1000,
+    inline_max_ms: float = DEFAULT_INLINE_MAX_S * 1000,
     admin_token: str | None = None,
 ) -> None:
     """Serve the CURRENT index of ``workdir`` until interrupted, following CURRENT as it moves.
@@ -86,8 +86,8 @@ def serve(
     ``watch_interval_s`` (None or 0: never) is how often CURRENT is checked for a new
     version; ``max_batch`` (searches per ScaNN call), ``max_embed_batch`` (images per
     forward) and ``batch_wait_ms`` bound micro-batching (both maxima 1: off);
-    ``inline_search_max_ms`` (0: never) lets a lone search that fast skip the search
-    thread; ``admin_token`` defaults to $LOOKALIKE_ADMIN_TOKEN. Raises
+    ``inline_max_ms`` (0: never) lets a lone query that fast run on the event loop
+    rather than a batcher's thread; ``admin_token`` defaults to $LOOKALIKE_ADMIN_TOKEN. Raises
     StoreError (saying which step to run) before loading anything when the workdir has
     no published index, ServerStartError when the port is taken.
     """
@@ -98,7 +98,7 @@ def serve(
         reloader=StoreReloader(workdir, max_embed_batch),
         watch_interval_s=watch_interval_s,
         batching=BatchingConfig(max_batch=max_batch, max_wait_s=batch_wait_ms / 1000, max_embed_batch=max_embed_batch,
-                                inline_search_max_s=inline_search_max_ms / 1000),
+                                inline_max_s=inline_max_ms / 1000),
         admin_token=admin_token,
         settle_heap=True,  # this process is the server's own
     )

@@ -20,6 +20,7 @@ from lookalike.serving.batcher import MicroBatcher
 from lookalike.model.preprocess import ImageDecodeError
 from lookalike.serving.engine import (
     BatchingConfig,
+    NO_FILTERS,
     Filters,
     ImageQuery,
     QueryEngine,
@@ -29,6 +30,7 @@ from lookalike.serving.engine import (
     search_one,
 )
 from lookalike.serving.metrics import ServingMetrics
+from lookalike.serving.queries import search_by_image
 from lookalike.serving.server import serve_in_thread
 
 
@@ -200,23 +202,29 @@ def test_batched_search_equals_one_at_a_time(backend: Backend) -> None:
     assert isinstance(bad[0], ValueError) and bad[1][0].row == 0  # one bad query fails alone... in its group
 
 
-def test_the_engine_runs_only_lone_unfiltered_searches_inline(backend: Backend) -> None:
+def test_the_engine_runs_only_lone_unfiltered_queries_inline(backend: Backend, indexed_store: Store) -> None:
     query = backend.index.embeddings[5]
+    upload = (indexed_store.root / "corpus" / backend.index.items[5]["id"]).read_bytes()
 
     async def main() -> None:
         engine = QueryEngine(ServingMetrics())
         engine.start()
         plain = await engine.search(SearchItem(backend, query, 3))
         crowded = await engine.search(SearchItem(backend, query, 3, Filters.of(max_per_group=1)))
+        by_image = await search_by_image(engine, backend, upload, 3, NO_FILTERS)
+        await search_by_image(engine, backend, upload, 3, Filters.of(kind="image"))
         await engine.stop()
         assert engine.searcher.inline_runs == 1  # the filtered one, whose fetch may widen, went to the thread
+        assert engine.images.inline_runs == 1
+        assert [n.id for n in by_image] == [n.id for n in search_one(SearchItem(backend, backend.encoder.embed_bytes([upload])[0], 3))]
         assert [n.id for n in plain] == [n.id for n in search_one(SearchItem(backend, query, 3))]
         assert [n.id for n in crowded] == [n.id for n in search_one(SearchItem(backend, query, 3, Filters.of(max_per_group=1)))]
-        off = QueryEngine(ServingMetrics(), BatchingConfig(inline_search_max_s=0.0))
+        off = QueryEngine(ServingMetrics(), BatchingConfig(inline_max_s=0.0))
         off.start()
         await off.search(SearchItem(backend, query, 3))
+        await search_by_image(off, backend, upload, 3, NO_FILTERS)
         await off.stop()
-        assert off.searcher.inline_runs == 0
+        assert off.searcher.inline_runs == off.images.inline_runs == 0
 
     run(main())
 
