@@ -280,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inline-max-ms", type=float, default=2.0,
                    help="a lone unfiltered query (no other request arriving or in progress) whose work recently took at "
                         "most this long runs on the event loop instead of a batcher's thread, saving two thread "
-                        "hand-offs (0: never)")
+                        "hand-offs (default 2; 0: never)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("query", help="ask a running server for similar images",

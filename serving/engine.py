@@ -34,6 +34,7 @@ from lookalike.serving.metrics import ServingMetrics
 # A lone query shorter than this runs on the event loop: a ScaNN search of 100k items takes
 # ~0.1-0.6 ms here, an image query of the digits model (decode, forward, search) ~0.5-1.5 ms.
 DEFAULT_INLINE_MAX_S = 0.002
+
 # A CPU forward is cheapest per image around 4-16 images; at 64 the XLA CPU convolutions
 # of a wider encoder get slower per image than one at a time (measured, bench/serving.py).
 

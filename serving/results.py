@@ -121,13 +121,13 @@ class ResultsJSON:
     def encode(self, threshold: float | None, neighbors: list[Neighbor]) -> str:
         """The ``results`` list of a SearchResponse, as JSON text."""
         out = []
-        loaded, fragments, isfinite, sqrt = len(self.rows), self._fragments, math.isfinite, math.sqrt
+        loaded, fragments = len(self.rows), self._fragments
         limit = -math.inf if threshold is None else threshold  # no threshold: never the same item
         for n in neighbors:
             score = float(n.score)
-            if not isfinite(score):
+            if not math.isfinite(score):  # the distance, derived from the score, is finite with it
                 raise ValueError(f"Out of range float values are not JSON compliant: {score!r}")
-            distance = sqrt(max(0.0, 2.0 - 2.0 * score))  # Neighbor.distance, finite with the score
+            distance = n.distance
             head, tail = fragments(n.row, n.id) if n.row < loaded else self._fragment(n.row, n.id)
             out.append(f'{head}{score!r},"distance":{distance!r},"same_item":{"true" if distance <= limit else "false"},{tail}')
         return "[" + ",".join(out) + "]"
