@@ -156,7 +156,7 @@ class ItemTable:
         return self._ids.to_pylist() + [a["id"] for a in self._added]
 
     def ids_of(self, rows: np.ndarray) -> list[str]:
-        """Ids of ``rows`` ([M] int) in one vectorised take (rows < 0 are not allowed)."""
+        """Ids of ``rows`` ([M] int), sliced from the id column's bytes (rows < 0 are not allowed)."""
         rows = np.asarray(rows, np.int64)
         if not (rows >= self._base).any():
             if self._id_slices is not None:
