@@ -29,11 +29,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from lookalike.index.manifest import (
     FORMAT, METRIC, REORDER_MODES, TREE_MODES, file_checksums, publish_atomically, shard_name, write_manifest,
 )
+from lookalike.index.rows import write_items_parquet
 from lookalike.index.simd import enable_scann_simd
 from lookalike.model.store import Store
 
@@ -179,7 +179,7 @@ def build_shard(embeddings: np.ndarray, items: pa.Table, *, index_dir: Path, sha
     out = Path(index_dir) / name
     (out / "scann").mkdir(parents=True)
     searcher.serialize(str(out / "scann"), relative_path=True)
-    pq.write_table(items, out / "items.parquet")
+    write_items_parquet(items, out / "items.parquet")
     np.save(out / "embeddings.npy", emb)
     log.info("built %s shard %s of %d x %d in %.2fs", params["mode"], name, len(emb), emb.shape[1], build_s)
     return {"name": name, "count": int(len(emb)), "embed_dim": int(emb.shape[1]), "build_seconds": round(build_s, 3),

@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from lookalike.index.manifest import TREE_MODES, file_checksums, publish_atomically, write_manifest
+from lookalike.index.rows import write_items_parquet
 from lookalike.model.store import Store
 
 log = logging.getLogger(__name__)
@@ -193,7 +193,7 @@ class UpdatableIndex:
         with (folder / "scann" / "scann_docids.pkl").open("wb") as f:  # ScaNN's own docid file format
             pickle.dump(self.items.ids_of(shard.rows), f)
         rows = np.sort(shard.rows)
-        pq.write_table(self.items.take(rows), folder / "items.parquet")
+        write_items_parquet(self.items.take(rows), folder / "items.parquet")
         np.save(folder / "embeddings.npy", np.ascontiguousarray(self.embeddings[rows], np.float32))
         return {**old, "count": int(len(rows)), "files": file_checksums(out_dir, shard.name)}
 

@@ -16,7 +16,8 @@ from typing import Any
 
 import apache_beam as beam
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+from lookalike.index.rows import write_items_parquet
 
 
 def write_atomically(path: str, write) -> None:
@@ -34,7 +35,7 @@ def write_atomically(path: str, write) -> None:
 def write_items_shard(prefix: str, shard: int, num_shards: int, items: pa.Table) -> str:
     """Write one shard's items table as ``<prefix>-SSSSS-of-NNNNN.parquet``, atomically; returns the path."""
     path = f"{prefix}-{shard:05d}-of-{num_shards:05d}.parquet"
-    write_atomically(path, lambda tmp: pq.write_table(items, tmp))
+    write_atomically(path, lambda tmp: write_items_parquet(items, tmp))
     return path
 
 

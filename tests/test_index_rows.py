@@ -4,7 +4,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from lookalike.index.rows import Growable, ItemTable, ReadWriteLock, string_slices
+import pyarrow.parquet as pq
+
+from lookalike.index.rows import Growable, ItemTable, ReadWriteLock, string_slices, write_items_parquet
 
 
 def test_item_table_serves_loaded_and_appended_rows_alike():
@@ -81,3 +83,24 @@ def test_read_write_lock_excludes_writers_from_readers_and_each_other():
         t.join(timeout=30)
     assert len(seen) == 1200
     assert all(w == 0 or (w == 1 and r == 0) for r, w in seen)  # never a writer beside anyone
+
+
+def test_items_parquet_round_trips_with_dictionaries_only_where_values_repeat(tmp_path):
+    n, dim = 300, 8
+    emb = np.random.default_rng(0).random((n, dim), dtype=np.float32)
+    items = pa.table({
+        "id": pa.array([f"photos/{i:04d}.jpg" for i in range(n)]),
+        "kind": pa.array(["frame" if i % 3 else "image" for i in range(n)]),
+        "timestamp_s": pa.array([float(i) if i % 3 else None for i in range(n)], pa.float64()),
+        "model_version": pa.array(["m-1"] * n),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), dim),
+    })
+    path = tmp_path / "items.parquet"
+    write_items_parquet(items, path)
+    assert pq.read_table(path).equals(items)
+    columns = pq.ParquetFile(path).metadata.row_group(0)
+    chunk = {columns.column(i).path_in_schema.split(".")[0]: columns.column(i) for i in range(columns.num_columns)}
+    dictionary = {name for name, c in chunk.items() if c.has_dictionary_page}
+    assert dictionary == {"kind", "model_version"}
+    assert chunk["embedding"].compression == "UNCOMPRESSED" and chunk["id"].compression == "SNAPPY"
+    assert not any(c.is_stats_set for c in chunk.values())
