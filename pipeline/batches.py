@@ -28,7 +28,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from lookalike.model.preprocess import ImageDecodeError, PreprocessSpec
 from lookalike.model.progress import Progress
-from lookalike.pipeline.cache import write_cache_table
+from lookalike.pipeline.cache import file_index_table, write_cache_table
 from lookalike.pipeline.elements import ItemBatch, Routed
 from lookalike.pipeline.failpoints import failpoint
 from lookalike.pipeline.items import expand_items, items_of_batch, rows_table, split_by_shard
@@ -257,9 +257,9 @@ def read_listing(path: str) -> tuple[list[str], list[int], list[float]]:
 class ReadChunkFn(DecodeBatchFn):
     """[start, stop) rows of a listing file (``write_listing``) -> read, hash and decode in one
     step: ("batch", (metas, [B, H, W, C])) as DecodeBatchFn, ("dead", letter), ("cached", [(uri,
-    source hash), ...]) and ("file", [file index row, ...]) per chunk. Reading, decoding and
-    inference run in one fused stage (no GroupByKey between them), so they overlap: inference is
-    dispatched asynchronously while the next files are read and decoded."""
+    source hash), ...]) and ("file", ``cache.file_index_table``) per chunk. Reading, decoding
+    and inference run in one fused stage (no GroupByKey between them), so they overlap:
+    inference is dispatched asynchronously while the next files are read and decoded."""
 
     def __init__(self, listing: str, cache_dir: str | None, total_files: int, spec: PreprocessSpec,
                  thumbnails_dir: str, sampling: FrameSampling, batch_size: int = 256):
@@ -354,7 +354,7 @@ class ReadChunkFn(DecodeBatchFn):
                     yield tag, value
         self._reader.advance(stop - start)
         if files:
-            yield FILE, files
+            yield FILE, file_index_table(files)
         if cached:
             yield CACHED, cached
         yield from super().process((None, entries))

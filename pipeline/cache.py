@@ -66,8 +66,14 @@ def load_file_index(directory: str | Path) -> dict[str, tuple[int, float, str]]:
     return index
 
 
+def file_index_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """File index rows (uri, size, mtime_s, source_hash dicts) -> a FILE_INDEX_SCHEMA table."""
+    return pa.Table.from_pylist(rows, schema=FILE_INDEX_SCHEMA)
+
+
 class WriteFileIndexFn(beam.DoFn):
-    """(key, [[file row, ...], ...]) -> path of a new ``files-*.parquet`` (uri, size, mtime, hash)."""
+    """(key, [chunk, ...]) -> path of a new ``files-*.parquet`` (uri, size, mtime, hash); a
+    chunk is a ``file_index_table`` or a list of its rows."""
 
     def __init__(self, directory: str):
         self._directory = directory
@@ -75,8 +81,9 @@ class WriteFileIndexFn(beam.DoFn):
     def process(self, keyed: tuple[Any, Any]):
         from lookalike.pipeline.writers import write_atomically
 
-        _, rows = keyed
-        table = pa.Table.from_pylist([row for chunk in rows for row in chunk], schema=FILE_INDEX_SCHEMA)
+        _, chunks = keyed
+        tables = [c if isinstance(c, pa.Table) else file_index_table(c) for c in chunks]
+        table = pa.concat_tables(tables) if tables else FILE_INDEX_SCHEMA.empty_table()
         path = os.path.join(self._directory, f"files-{uuid.uuid4().hex}.parquet")
         write_atomically(path, lambda tmp: pq.write_table(table, tmp))
         yield path

@@ -62,7 +62,7 @@ from lookalike.model.store import Store, StoreError, check_version_name
 from lookalike.pipeline.batches import (BATCH, BatchRowsFn, DecodeBatchFn, ReadChunkFn, bucket_of, split_tagged,
                                         write_listing)
 from lookalike.pipeline.cache import WriteFileIndexFn, cache_dir, load_cache_table
-from lookalike.pipeline.elements import EmbeddedBatch, ItemBatch, Routed
+from lookalike.pipeline.elements import EmbeddedBatch, ItemBatch, Routed, ShardTable
 from lookalike.pipeline.index_shards import BuildIndexShardFn, build_index_shard, collect_shard_entries
 from lookalike.pipeline.inference import FlaxEncoderHandler
 from lookalike.pipeline.items import concat_sorted, embedding_schema, split_by_shard
@@ -184,7 +184,7 @@ def _read(p: beam.Pipeline, run: _Run) -> dict[str, beam.PCollection]:
 
 def _read_and_decode(p: beam.Pipeline, run: _Run, spec: PreprocessSpec) -> dict[str, beam.PCollection]:
     """Sources to decoded batches: "batch" ((metas, pixels)), "dead" (letters), "cached" (lists of
-    (uri, source hash)) and "file" (lists of file index rows).
+    (uri, source hash)) and "file" (file index tables, or lists of rows).
 
     A corpus listed before the run (a folder or glob of at most LISTING_IN_GRAPH_MAX files)
     is read in chunks of files of equal sizes (``batches.write_listing``): read, hash and
@@ -232,24 +232,26 @@ def build_pipeline(p: beam.Pipeline, run: _Run, index_build: tuple[str, dict[str
     )
     # Pre-made batches, one per RunInference call: max_batch_size=1 makes BatchElements emit in process().
     handler = FlaxEncoderHandler(run.model_dir, min_batch_size=1, max_batch_size=1, encoder_batch=config.max_batch_size)
-    new_items = read[BATCH] | "Embed" >> RunInference(handler).with_output_types(EmbeddedBatch) | "BatchRows" >> beam.ParDo(
-        BatchRowsFn(run.total, run.cache, embed_dim, run.num_shards, **run.expand))
-    cached_files = read[CACHED]
-    if run.plan is not None and run.plan.unchanged:
-        unchanged = p | "UnchangedFiles" >> beam.Create([run.plan.unchanged], reshuffle=False)
-        cached_files = (cached_files, unchanged) | "AllCached" >> beam.Flatten()
-    old_items = (
-        cached_files
-        | "CachedKey" >> beam.Map(lambda chunk: (0, chunk))
-        | "GroupCached" >> beam.GroupByKey()
-        | "ReusedItems" >> beam.ParDo(ReusedItemsFn(run.cache, embed_dim, run.num_shards, **run.expand))
-    )
+    items = read[BATCH] | "Embed" >> RunInference(handler).with_output_types(EmbeddedBatch) | "BatchRows" >> beam.ParDo(
+        BatchRowsFn(run.total, run.cache, embed_dim, run.num_shards, **run.expand)).with_output_types(ShardTable)
+    if config.incremental:  # only an incremental run has cached files (a Flatten costs a stage of its own)
+        cached_files = read[CACHED]
+        if run.plan is not None and run.plan.unchanged:
+            unchanged = p | "UnchangedFiles" >> beam.Create([run.plan.unchanged], reshuffle=False)
+            cached_files = (cached_files, unchanged) | "AllCached" >> beam.Flatten()
+        old_items = (
+            cached_files
+            | "CachedKey" >> beam.Map(lambda chunk: (0, chunk))
+            | "GroupCached" >> beam.GroupByKey()
+            | "ReusedItems" >> beam.ParDo(ReusedItemsFn(run.cache, embed_dim, run.num_shards, **run.expand))
+            .with_output_types(ShardTable)
+        )
+        items = (items, old_items) | "AllItems" >> beam.Flatten()
     schema = run.schema
     shards = (
-        (new_items, old_items)
-        | "AllItems" >> beam.Flatten()
+        items
         | "GroupShards" >> beam.GroupByKey()
-        | "SortShards" >> beam.Map(lambda kv: (kv[0], concat_sorted(list(kv[1]), schema)))
+        | "SortShards" >> beam.Map(lambda kv: (kv[0], concat_sorted(list(kv[1]), schema))).with_output_types(ShardTable)
     )
     sinks = [shards | "WriteParquet" >> beam.ParDo(WriteParquetShardFn(f"{run.run_dir}/embeddings", run.num_shards))]
     if index_build is not None:

@@ -3,6 +3,7 @@
 import apache_beam as beam
 import jax.numpy as jnp
 import numpy as np
+import pyarrow as pa
 import pytest
 from apache_beam.coders import registry
 from apache_beam.ml.inference.base import PredictionResult, RunInference
@@ -10,8 +11,8 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from lookalike.model.artifact import PendingEmbeddings
 from lookalike.pipeline.batches import split_tagged
-from lookalike.pipeline.elements import (EmbeddedBatch, EmbeddedBatchCoder, ItemBatch, ItemBatchCoder, Routed,
-                                         RoutedCoder, estimate_nbytes)
+from lookalike.pipeline.elements import (ArrowTableCoder, EmbeddedBatch, EmbeddedBatchCoder, ItemBatch, ItemBatchCoder,
+                                         Routed, RoutedCoder, ShardTable, estimate_nbytes)
 from lookalike.pipeline.embed import EmbedConfig, pipeline_options
 from lookalike.pipeline.inference import FlaxEncoderHandler
 
@@ -87,3 +88,33 @@ def test_declared_batches_flow_through_run_inference_with_these_coders(trained_s
         assert isinstance(registry.get_coder(embedded.element_type), EmbeddedBatchCoder)
         rows = embedded | beam.Map(lambda b: (b.metas[0]["i"], np.round(np.asarray(b.result.inference), 4).tolist()))
         assert_that(rows, equal_to([(i, np.round(e, 4).tolist()) for i, e in expected]))
+
+
+def items_table(n: int, dim: int = 4) -> pa.Table:
+    emb = np.arange(n * dim, dtype=np.float32).reshape(n, dim)
+    return pa.table({
+        "id": pa.array([f"a/{i}.jpg" for i in range(n)]),
+        "timestamp_s": pa.array([None if i % 2 else i * 0.5 for i in range(n)], pa.float64()),
+        "embedding": pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), dim),
+    })
+
+
+def test_shard_tables_travel_as_arrow_ipc_and_round_trip_exactly():
+    coder = registry.get_coder(ShardTable)
+    assert isinstance(coder.coders()[1], ArrowTableCoder)
+    table = items_table(5)
+    shard, decoded = coder.decode(coder.encode((3, table)))
+    assert shard == 3 and decoded.equals(table) and decoded.schema == table.schema
+    empty = ArrowTableCoder().decode(ArrowTableCoder().encode(table.schema.empty_table()))
+    assert len(empty) == 0 and empty.schema == table.schema
+    assert ArrowTableCoder().estimate_size(table) == table.nbytes == estimate_nbytes(table)
+
+
+def test_shard_tables_group_by_shard_on_the_in_process_runner():
+    """Tables declared ShardTable cross a GroupByKey with the Arrow coder and arrive whole."""
+    tables = [(i % 2, items_table(3 + i)) for i in range(4)]
+    with beam.Pipeline(options=pipeline_options(EmbedConfig(workdir="unused"))) as p:
+        keyed = p | beam.Create(tables).with_output_types(ShardTable)
+        assert isinstance(registry.get_coder(keyed.element_type).coders()[1], ArrowTableCoder)
+        grouped = keyed | beam.GroupByKey() | beam.MapTuple(lambda shard, ts: (shard, sorted(len(t) for t in ts)))
+        assert_that(grouped, equal_to([(0, [3, 5]), (1, [4, 6])]))

@@ -7,8 +7,10 @@ import shutil
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+from lookalike.pipeline.cache import WriteFileIndexFn, file_index_table, load_file_index
 from lookalike.pipeline.embed import EmbedConfig, read_embeddings, run_embed
 from lookalike.pipeline.reuse import list_files
 from lookalike.pipeline.thumbnails import thumbnail_path
@@ -105,3 +107,13 @@ def test_local_folder_listing_equals_beams_match(tmp_path):
                    for r in FileSystems.match([f"{tmp_path}/**"]) for m in r.metadata_list)
     assert ours == beams and len(ours) == 4
     assert [m.path for m in list_files(f"{tmp_path}/a/*.jpg")] == [f"{tmp_path}/a/x.jpg"]  # other patterns: Beam's match
+
+
+def test_file_index_chunks_as_tables_or_rows_land_in_one_index_file(tmp_path):
+    """The chunked reader hands over file index rows as a table, the file-by-file reader as lists
+    of rows: one index file holds both, and the newest entry of a path wins on load."""
+    rows = [{"uri": f"/c/{i}.jpg", "size": 100 + i, "mtime_s": 1.5 * i, "source_hash": f"h{i}"} for i in range(5)]
+    chunks = [file_index_table(rows[:3]), rows[3:]]
+    (path,) = WriteFileIndexFn(str(tmp_path)).process((0, chunks))
+    assert pq.read_table(path).num_rows == 5
+    assert load_file_index(tmp_path) == {r["uri"]: (r["size"], r["mtime_s"], r["source_hash"]) for r in rows}
