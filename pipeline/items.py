@@ -115,6 +115,10 @@ def shard_of(item_id: str, num_shards: int) -> int:
 
 def split_by_shard(items: pa.Table, num_shards: int) -> Iterator[tuple[int, pa.Table]]:
     """(shard, the rows of ``items`` whose id falls in it) for every shard that has rows."""
+    if num_shards <= 1:  # every id falls in shard 0: no hashing, no copy
+        if len(items):
+            yield 0, items
+        return
     shards = np.fromiter((shard_of(i, num_shards) for i in items.column("id").to_pylist()), np.int64, len(items))
     for shard in np.unique(shards):
         yield int(shard), items.take(pa.array(np.flatnonzero(shards == shard)))

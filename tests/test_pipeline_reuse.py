@@ -15,7 +15,7 @@ from lookalike.pipeline.embed import EmbedConfig, read_embeddings, run_embed
 from lookalike.pipeline.reuse import list_files
 from lookalike.pipeline.thumbnails import thumbnail_path
 from lookalike.pipeline.items import (concat_sorted, embedding_schema, embeddings_of, expand_items, items_of_batch, rows_table,
-                                      split_by_shard)
+                                      shard_of, split_by_shard)
 
 
 @pytest.fixture
@@ -55,6 +55,9 @@ def test_items_table_has_one_row_per_path_and_frame_ids():
     merged = concat_sorted(list(parts.values()), items.schema)
     assert merged.column("id").to_pylist() == sorted(items.column("id").to_pylist())
     assert all(len(t) for t in parts.values()) and sum(len(t) for t in parts.values()) == 3
+    assert all(shard_of(i, 3) == shard for shard, t in parts.items() for i in t.column("id").to_pylist())
+    assert [(shard, t.equals(items)) for shard, t in split_by_shard(items, 1)] == [(0, True)]
+    assert list(split_by_shard(items.slice(0, 0), 1)) == list(split_by_shard(items.slice(0, 0), 3)) == []
     assert concat_sorted([], items.schema).num_rows == 0
 
 
