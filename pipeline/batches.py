@@ -31,6 +31,7 @@ from lookalike.model.progress import Progress
 from lookalike.pipeline.cache import file_index_table, write_cache_table
 from lookalike.pipeline.elements import ItemBatch, Routed
 from lookalike.pipeline.failpoints import failpoint
+from lookalike.pipeline.state_sampling import shorten_state_sampling
 from lookalike.pipeline.items import expand_items, items_of_batch, rows_table, split_by_shard
 from lookalike.pipeline.sources import CACHED, DEAD, FILE, NEW, ReadSourceFn, dead_letter, decode_source
 from lookalike.pipeline.thumbnails import ThumbnailWriter
@@ -39,6 +40,7 @@ from lookalike.pipeline.video import FrameSampling, VideoDecodeError
 log = logging.getLogger(__name__)
 
 BATCH = "batch"
+shorten_state_sampling()  # here too: every worker process imports this module to run our DoFns
 
 
 def bucket_of(source_hash: str, num_buckets: int) -> int:
@@ -233,18 +235,21 @@ def write_listing(path: str, files: list[Any], chunk_files: int | None = None) -
     and embedded once. The listing stays out of the pipeline graph (Beam would pickle and
     bz2-compress every entry into it). ``chunk_files``: default CHUNK_FILES."""
     chunk_files = chunk_files or CHUNK_FILES
-    rows = sorted(((int(m.size_in_bytes or 0), m.path, float(getattr(m, "last_updated_in_seconds", 0) or 0))
-                   for m in files))
-    table = pa.table({"path": pa.array([r[1] for r in rows], pa.string()),
-                      "size": pa.array([r[0] for r in rows], pa.int64()),
-                      "mtime_s": pa.array([r[2] for r in rows], pa.float64())})
+    table = pa.table({
+        "path": pa.array([m.path for m in files], pa.string()),
+        "size": pa.array([int(m.size_in_bytes or 0) for m in files], pa.int64()),
+        "mtime_s": pa.array([float(getattr(m, "last_updated_in_seconds", 0) or 0) for m in files], pa.float64()),
+    }).sort_by([("size", "ascending"), ("path", "ascending")])
     with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
+    sizes = table.column("size").to_numpy()
     chunks, start = [], 0
-    for i in range(1, len(rows) + 1):
-        if i == len(rows) or (i - start >= chunk_files and rows[i][0] != rows[i - 1][0]):
-            chunks.append((start, i))
-            start = i
+    for i in np.flatnonzero(sizes[1:] != sizes[:-1]) + 1:  # rows where the size changes
+        if i - start >= chunk_files:
+            chunks.append((start, int(i)))
+            start = int(i)
+    if len(table):
+        chunks.append((start, len(table)))
     return chunks
 
 
