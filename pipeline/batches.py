@@ -31,6 +31,7 @@ from lookalike.model.progress import Progress
 from lookalike.pipeline.cache import file_index_table, write_cache_table
 from lookalike.pipeline.elements import ItemBatch, Routed
 from lookalike.pipeline.failpoints import failpoint
+from lookalike.pipeline.memory import keep_freed_memory
 from lookalike.pipeline.state_sampling import shorten_state_sampling
 from lookalike.pipeline.items import expand_items, items_of_batch, rows_table, split_by_shard
 from lookalike.pipeline.sources import CACHED, DEAD, FILE, NEW, ReadSourceFn, dead_letter, decode_source
@@ -102,6 +103,7 @@ class DecodeBatchFn(beam.DoFn):
         self._deferred: list[tuple[Any, int]] | None = None  # counter updates made on a background thread
 
     def setup(self) -> None:
+        keep_freed_memory()  # in every worker process
         self._writer = ThumbnailWriter()
 
     def _inc(self, counter: Any, n: int = 1) -> None:

@@ -66,6 +66,7 @@ from lookalike.pipeline.elements import EmbeddedBatch, ItemBatch, Routed, ShardT
 from lookalike.pipeline.index_shards import BuildIndexShardFn, build_index_shard, collect_shard_entries
 from lookalike.pipeline.inference import FlaxEncoderHandler
 from lookalike.pipeline.items import concat_sorted, embedding_schema, split_by_shard
+from lookalike.pipeline.memory import keep_freed_memory
 from lookalike.pipeline.reuse import ReusedItemsFn, ReusePlan, current_index_if_same, list_files, plan_reuse, reused_items
 from lookalike.pipeline.sources import CACHED, DEAD, FILE, NEW, ReadSourceFn, corpus_pattern, corpus_root
 from lookalike.pipeline.summary import EmbedSummary, counter_values, read_dead_letters, read_embeddings, summarize
@@ -347,6 +348,7 @@ def _resolve_corpus(config: EmbedConfig, store: Store) -> tuple[EmbedConfig, str
 def run_embed(config: EmbedConfig) -> EmbedSummary:
     """Run the pipeline, build and publish the index; raise EmbedError if nothing was embedded."""
     started = time.perf_counter()
+    keep_freed_memory()
     store = Store.at(config.workdir)
     model_dir = store.require_model(config.model_version)
     meta = read_model_meta(model_dir)
