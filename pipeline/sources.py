@@ -68,12 +68,25 @@ def dead_letter(uri: str, stage: str, reason: str) -> dict[str, str]:
     return {"uri": uri, "stage": stage, "reason": reason}
 
 
-def read_bytes(uri: str) -> bytes:
-    if "://" not in uri:  # a local file: plain open, without Beam's per-call filesystem dispatch
-        with open(uri, "rb") as f:
+def read_bytes(uri: str, size_hint: int = 0) -> bytes:
+    """The bytes of ``uri``. A local file is read with plain system calls, sized by
+    ``size_hint`` (its size when listed): no Beam filesystem dispatch and no buffered file
+    object (7.5 instead of 11.5 us for a small file). OSError (naming the path) if unreadable."""
+    if "://" in uri:
+        with FileSystems.open(uri, compression_type="uncompressed") as f:
             return f.read()
-    with FileSystems.open(uri, compression_type="uncompressed") as f:
-        return f.read()
+    fd = os.open(uri, os.O_RDONLY)
+    try:
+        parts = [os.read(fd, size_hint + 1 if size_hint > 0 else 1 << 20)]
+        while parts[-1]:  # a short read is the end, unless the file grew since it was listed
+            if len(parts) == 1 and size_hint > 0 and len(parts[0]) <= size_hint:
+                break
+            parts.append(os.read(fd, 1 << 20))
+    except OSError as e:
+        raise type(e)(e.errno, e.strerror, uri) from None
+    finally:
+        os.close(fd)
+    return b"".join(parts) if len(parts) > 1 else parts[0]
 
 
 NEW = "new"
@@ -130,7 +143,7 @@ class ReadSourceFn(beam.DoFn):
             source_hash = known[2]  # unchanged path, size and mtime: not even read
         else:
             try:
-                data = read_bytes(uri)
+                data = read_bytes(uri, size)
             except Exception as e:  # unreadable path, permissions, vanished file
                 self._inc(self._failed)
                 yield DEAD, dead_letter(uri, "read", f"{type(e).__name__}: {e}")
