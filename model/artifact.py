@@ -25,6 +25,7 @@ from flax import nnx
 
 from lookalike.model.config import TrainConfig, config_from_dict, config_to_dict
 from lookalike.model.encoder import EncoderModule, encoder_class
+from lookalike.model.memory import keep_freed_memory
 from lookalike.model.preprocess import PreprocessSpec, decode_image
 
 log = logging.getLogger(__name__)
@@ -220,6 +221,8 @@ def load_model(path: str | Path) -> tuple[EncoderModule, dict[str, Any]]:
 
 
 def load_encoder(path: str | Path, max_batch: int = 256) -> Encoder:
-    """Load ``models/<version>/`` into an Encoder ready to embed."""
+    """Load ``models/<version>/`` into an Encoder ready to embed (malloc set to keep freed
+    memory: ``memory.keep_freed_memory``)."""
+    keep_freed_memory()
     model, meta = load_model(path)
     return Encoder(model, meta, max_batch=max_batch)

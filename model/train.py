@@ -39,6 +39,7 @@ from lookalike.model.checkpoints import TrainCheckpoints
 from lookalike.model.data import LabelledImages, PairSampler, PKSampler, split_train_val
 from lookalike.model.encoder import EncoderModule, create_encoder
 from lookalike.model.losses import contrastive_pair_loss, mined_triplet_loss
+from lookalike.model.memory import keep_freed_memory
 from lookalike.model.metrics import best_f1_threshold, retrieval_metrics
 from lookalike.model.prefetch import Prefetcher
 from lookalike.model.preprocess import PreprocessSpec
@@ -354,6 +355,7 @@ def train_and_evaluate(
     (switched on for a TFDS data set without labels) trains on augmented views."""
     if tfds and data_dir:
         raise ValueError(f"train on a folder ({data_dir}) or a TFDS data set ({tfds}), not both")
+    keep_freed_memory()
     store = Store.at(workdir)
     started = time.perf_counter()
     loaded = load_training_data(config, Path(data_dir) if data_dir else store.corpus_dir, tfds, tfds_data_dir)

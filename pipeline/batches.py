@@ -26,12 +26,12 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
+from lookalike.model.memory import keep_freed_memory
 from lookalike.model.preprocess import ImageDecodeError, PreprocessSpec
 from lookalike.model.progress import Progress
 from lookalike.pipeline.cache import file_index_table, write_cache_table
 from lookalike.pipeline.elements import ItemBatch, Routed
 from lookalike.pipeline.failpoints import failpoint
-from lookalike.pipeline.memory import keep_freed_memory
 from lookalike.pipeline.state_sampling import shorten_state_sampling
 from lookalike.pipeline.items import expand_items, items_of_batch, rows_table, split_by_shard
 from lookalike.pipeline.sources import CACHED, DEAD, FILE, NEW, ReadSourceFn, dead_letter, decode_source

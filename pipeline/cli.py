@@ -20,6 +20,8 @@ import os
 import sys
 from collections.abc import Sequence
 
+from lookalike.model.memory import keep_freed_memory
+
 log = logging.getLogger("lookalike")
 
 DEFAULT_WORKDIR = os.environ.get("LOOKALIKE_WORKDIR", "./lookalike-data")
@@ -367,6 +369,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.beam_args = unknown
     configure_logging(args.verbose)
+    keep_freed_memory()  # every job runs the encoder or moves batches: see lookalike.model.memory
     from lookalike.model.store import StoreError
 
     try:

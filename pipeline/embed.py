@@ -57,6 +57,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from lookalike.index.builder import IndexOptions, resolve_options
 from lookalike.model.artifact import read_model_meta
+from lookalike.model.memory import keep_freed_memory
 from lookalike.model.preprocess import PreprocessSpec
 from lookalike.model.store import Store, StoreError, check_version_name
 from lookalike.pipeline.batches import (BATCH, BatchRowsFn, DecodeBatchFn, ReadChunkFn, bucket_of, split_tagged,
@@ -66,7 +67,6 @@ from lookalike.pipeline.elements import EmbeddedBatch, ItemBatch, Routed, ShardT
 from lookalike.pipeline.index_shards import BuildIndexShardFn, build_index_shard, collect_shard_entries
 from lookalike.pipeline.inference import FlaxEncoderHandler
 from lookalike.pipeline.items import concat_sorted, embedding_schema, split_by_shard
-from lookalike.pipeline.memory import keep_freed_memory
 from lookalike.pipeline.reuse import ReusedItemsFn, ReusePlan, current_index_if_same, list_files, plan_reuse, reused_items
 from lookalike.pipeline.sources import CACHED, DEAD, FILE, NEW, ReadSourceFn, corpus_pattern, corpus_root
 from lookalike.pipeline.summary import EmbedSummary, counter_values, read_dead_letters, read_embeddings, summarize

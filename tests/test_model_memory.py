@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from lookalike.pipeline.memory import keep_freed_memory
+from lookalike.model.memory import keep_freed_memory
 
 # A fresh process allocates and frees 24 blocks of 1 MiB, 20 times over, and prints how many
 # page faults that took (every page would fault again if freed memory went back to the OS).
@@ -14,9 +14,12 @@ PAGES_PER_BATCH = 24 * (1 << 20) // 4096
 SCRIPT = f"""
 import resource, sys
 import numpy as np
-from lookalike.pipeline.memory import keep_freed_memory
 if sys.argv[1] == "keep":
+    from lookalike.model.memory import keep_freed_memory
     assert keep_freed_memory()
+elif sys.argv[1] == "encoder":  # loading an encoder to run it sets malloc up as well
+    from lookalike.model.artifact import load_encoder
+    load_encoder(sys.argv[2])
 def faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 for _ in range(3):
@@ -30,15 +33,24 @@ print(faults() - before)
 """
 
 
-def page_faults(mode: str) -> int:
-    out = subprocess.run([sys.executable, "-c", SCRIPT, mode], capture_output=True, text=True, check=True)
+def page_faults(*args: str) -> int:
+    out = subprocess.run([sys.executable, "-c", SCRIPT, *args], capture_output=True, text=True, check=True)
     return int(out.stdout.split()[-1])
 
 
-def test_batches_reuse_freed_memory_without_page_faults():
+@pytest.fixture(scope="module")
+def glibc():
     if not keep_freed_memory():
         pytest.skip("malloc is not glibc's: nothing to set")
+
+
+def test_batches_reuse_freed_memory_without_page_faults(glibc):
     kept = page_faults("keep")
     assert kept < BATCHES * PAGES_PER_BATCH // 20, f"{kept} page faults for {BATCHES} batches of {PAGES_PER_BATCH} pages"
     # glibc's defaults hand the freed blocks back and fault them in again, batch after batch.
-    assert page_faults("default") > kept
+    assert page_faults("default") > BATCHES * PAGES_PER_BATCH // 2
+
+
+def test_loading_an_encoder_keeps_freed_memory(glibc, trained_store):
+    kept = page_faults("encoder", str(trained_store.require_model()))
+    assert kept < BATCHES * PAGES_PER_BATCH // 20
