@@ -122,9 +122,12 @@ def load_cache_table(directory: str | Path, embed_dim: int) -> pa.Table:
     if not tables:
         return cache_schema(embed_dim).empty_table()
     table = pa.concat_tables(tables)
-    keys = zip(table.column("source_hash").to_pylist(), table.column("content_hash").to_pylist())
-    last = {key: i for i, key in enumerate(keys)}
-    return table.take(pa.array(sorted(last.values()), pa.int64())) if len(last) < len(table) else table
+    rows = pa.table({"source_hash": table.column("source_hash"), "content_hash": table.column("content_hash"),
+                     "row": pa.array(np.arange(len(table), dtype=np.int64))})
+    last = rows.group_by(["source_hash", "content_hash"], use_threads=False).aggregate([("row", "max")])
+    if len(last) == len(table):
+        return table
+    return table.take(pa.array(np.sort(last.column("row_max").to_numpy()), pa.int64()))
 
 
 def rows_of_files(cache: pa.Table, files: list[tuple[str, str]]) -> tuple[list[int], list[str]]:

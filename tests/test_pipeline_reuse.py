@@ -10,7 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lookalike.pipeline.cache import WriteFileIndexFn, file_index_table, load_file_index
+from lookalike.pipeline.cache import (WriteFileIndexFn, file_index_table, load_cache_table, load_file_index,
+                                      write_cache_table)
 from lookalike.pipeline.embed import EmbedConfig, read_embeddings, run_embed
 from lookalike.pipeline.reuse import list_files
 from lookalike.pipeline.thumbnails import thumbnail_path
@@ -120,3 +121,19 @@ def test_file_index_chunks_as_tables_or_rows_land_in_one_index_file(tmp_path):
     (path,) = WriteFileIndexFn(str(tmp_path)).process((0, chunks))
     assert pq.read_table(path).num_rows == 5
     assert load_file_index(tmp_path) == {r["uri"]: (r["size"], r["mtime_s"], r["source_hash"]) for r in rows}
+
+
+def test_the_newest_cached_row_of_an_item_wins(tmp_path):
+    """Rows cached by several runs (files in modification order) come back once each, with
+    the embedding of the newest file."""
+    def rows(value: float, hashes: list[str]) -> pa.Table:
+        metas = [{"source_hash": h, "content_hash": h, "kind": "image", "timestamp_s": None, "width": 4, "height": 4}
+                 for h in hashes]
+        return rows_table(metas, np.full((len(hashes), 2), value, np.float32), 2)
+
+    for age_s, (value, hashes) in enumerate([(3.0, ["a", "b"]), (2.0, ["b", "c"]), (1.0, ["a"])]):
+        path = write_cache_table(str(tmp_path), rows(value, hashes))
+        os.utime(path, (1_000_000 - age_s * 10, 1_000_000 - age_s * 10))  # the first written is the newest
+    table = load_cache_table(tmp_path, 2)
+    got = dict(zip(table.column("source_hash").to_pylist(), embeddings_of(table)[:, 0].tolist()))
+    assert got == {"a": 3.0, "b": 3.0, "c": 2.0} and len(table) == 3
