@@ -32,9 +32,9 @@ from lookalike.model.progress import Progress
 from lookalike.pipeline.cache import file_index_table, write_cache_table
 from lookalike.pipeline.elements import ItemBatch, Routed
 from lookalike.pipeline.failpoints import failpoint
-from lookalike.pipeline.state_sampling import shorten_state_sampling
 from lookalike.pipeline.items import expand_items, items_of_batch, rows_table, split_by_shard
 from lookalike.pipeline.sources import CACHED, DEAD, FILE, NEW, ReadSourceFn, dead_letter, decode_source
+from lookalike.pipeline.state_sampling import shorten_state_sampling
 from lookalike.pipeline.thumbnails import ThumbnailWriter
 from lookalike.pipeline.video import FrameSampling, VideoDecodeError
 
