@@ -4,10 +4,11 @@ Every forward of the encoder makes XLA allocate and free its temporary buffers, 
 batch of the embed pipeline allocates and frees the same few megabytes (pixels, Arrow
 tables). glibc's malloc serves large blocks with fresh mappings and hands freed memory
 back to the OS, so each batch touches new pages: a forward of 256 CIFAR-size images through
-the default conv net took 18,900 page faults (74 MB of new pages) and ran at 3,600-4,200
-images/s; with this setting, 0 faults and 5,800-6,200 images/s, a third less CPU per image.
-The thresholds glibc adapts on its own settled only sometimes, which is why the same
-benchmark used to swing between ~3,300 and ~6,600 images/s from run to run.
+the pipeline benchmark's small conv net took 18,900 page faults (74 MB of new pages) and ran
+at 3,600-4,200 images/s on the development VM; with this setting, 0 faults and 5,100-6,200
+images/s, a third less CPU per image. The thresholds glibc adapts on its own settle only
+sometimes, which likely is why that benchmark's bare encoder used to swing between ~3,300
+and ~6,600 images/s from run to run.
 
 ``keep_freed_memory`` fixes the mmap threshold at glibc's maximum (32 MiB: smaller blocks
 come from the heap) and trims the heap only beyond 1 GiB of free memory, so a process keeps
