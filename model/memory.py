@@ -12,9 +12,9 @@ and ~6,600 images/s from run to run.
 
 ``keep_freed_memory`` fixes the mmap threshold at glibc's maximum (32 MiB: smaller blocks
 come from the heap) and trims the heap only beyond 1 GiB of free memory, so a process keeps
-what it freed for reuse. Loading an encoder (``artifact.load_encoder``), training, the embed
-job and the CLI call it; it acts once per process. Only glibc has ``mallopt``; elsewhere it
-does nothing.
+what it freed for reuse. Loading an encoder (``artifact.load_encoder``: serving, evaluation
+and every pipeline worker, through the Beam model handler), training and the embed job call
+it; it acts once per process. Only glibc has ``mallopt``; elsewhere it does nothing.
 """
 
 from __future__ import annotations

@@ -26,7 +26,6 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
-from lookalike.model.memory import keep_freed_memory
 from lookalike.model.preprocess import ImageDecodeError, PreprocessSpec
 from lookalike.model.progress import Progress
 from lookalike.pipeline.cache import file_index_table, write_cache_table
@@ -103,7 +102,6 @@ class DecodeBatchFn(beam.DoFn):
         self._deferred: list[tuple[Any, int]] | None = None  # counter updates made on a background thread
 
     def setup(self) -> None:
-        keep_freed_memory()  # in every worker process
         self._writer = ThumbnailWriter()
 
     def _inc(self, counter: Any, n: int = 1) -> None:

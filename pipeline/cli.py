@@ -20,7 +20,6 @@ import os
 import sys
 from collections.abc import Sequence
 
-from lookalike.model.memory import keep_freed_memory
 
 log = logging.getLogger("lookalike")
 
@@ -369,7 +368,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.beam_args = unknown
     configure_logging(args.verbose)
-    keep_freed_memory()  # every job runs the encoder or moves batches: see lookalike.model.memory
     from lookalike.model.store import StoreError
 
     try:
