@@ -77,16 +77,17 @@ def read_bytes(uri: str, size_hint: int = 0) -> bytes:
             return f.read()
     fd = os.open(uri, os.O_RDONLY)
     try:
-        parts = [os.read(fd, size_hint + 1 if size_hint > 0 else 1 << 20)]
-        while parts[-1]:  # a short read is the end, unless the file grew since it was listed
-            if len(parts) == 1 and size_hint > 0 and len(parts[0]) <= size_hint:
-                break
+        data = os.read(fd, size_hint + 1 if size_hint > 0 else 1 << 20)
+        if 0 < size_hint and len(data) <= size_hint:  # read short of the listed size + 1: the whole file
+            return data
+        parts = [data]  # size unknown, or the file grew since it was listed: read to the end
+        while parts[-1]:
             parts.append(os.read(fd, 1 << 20))
+        return b"".join(parts)
     except OSError as e:
         raise type(e)(e.errno, e.strerror, uri) from None
     finally:
         os.close(fd)
-    return b"".join(parts) if len(parts) > 1 else parts[0]
 
 
 NEW = "new"
