@@ -4,7 +4,9 @@
 same-item threshold, metrics, version) and ``params/`` (an orbax checkpoint). The
 version is a content hash of config and parameters, so the same weights always get
 the same name. ``load_encoder(path)`` returns an ``Encoder`` whose jitted batch
-embed pads to a few fixed batch sizes, so XLA compiles a handful of times at most.
+embed pads to a few fixed batch sizes, so XLA compiles a handful of times at most. With
+several local devices (GPUs, TPU cores) the encoder is data-parallel: parameters are
+replicated and every padded batch is split over all of them (``jax.sharding``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lookalike.model.config import TrainConfig, config_from_dict, config_to_dict
 from lookalike.model.encoder import EncoderModule, encoder_class
@@ -90,12 +93,14 @@ def save_model(
     return version
 
 
-def _bucket_sizes(max_batch: int) -> list[int]:
+def _bucket_sizes(max_batch: int, num_devices: int = 1) -> list[int]:
+    """Padded batch sizes 1, 4, 16, ... up to ``max_batch``, each rounded up to a multiple of
+    ``num_devices`` (so a batch splits evenly over the devices)."""
     sizes, s = [], 1
     while s < max_batch:
         sizes.append(s)
         s *= 4
-    return sizes + [max_batch]
+    return sorted({-(-b // num_devices) * num_devices for b in sizes + [max_batch]})
 
 
 def _as_array(values: np.ndarray) -> np.ndarray:
@@ -127,24 +132,39 @@ class PendingEmbeddings:
 
 
 class Encoder:
-    """A loaded model: ``embed`` [N, H, W, C] float32 -> [N, embed_dim] float32 unit vectors."""
+    """A loaded model: ``embed`` [N, H, W, C] float32 -> [N, embed_dim] float32 unit vectors.
 
-    def __init__(self, model: EncoderModule, meta: dict[str, Any], max_batch: int = 256):
+    Runs on every local device of the default backend (``devices``): one device as is;
+    several (GPUs, TPU cores, or CPU devices simulated with
+    ``XLA_FLAGS=--xla_force_host_platform_device_count=N``) data-parallel, the parameters
+    replicated and each padded batch split over a 1-D ``data`` mesh.
+    """
+
+    def __init__(self, model: EncoderModule, meta: dict[str, Any], max_batch: int = 256,
+                 devices: list[Any] | None = None):
         self.meta = meta
         self.version: str = meta["version"]
         self.embed_dim: int = int(meta["embed_dim"])
         self.spec = PreprocessSpec.from_dict(meta["preprocess"])
         self.same_item_threshold: float | None = meta.get("same_item_threshold")
         self.max_batch = max_batch
-        self._buckets = _bucket_sizes(max_batch)
+        self.devices = list(devices or jax.local_devices())
+        self._buckets = _bucket_sizes(max_batch, len(self.devices))
         graphdef, state = nnx.split(model)
-        self._state = state
 
-        @jax.jit
-        def _forward(state, x):
+        def forward(state, x):
             return nnx.merge(graphdef, state)(x)
 
-        self._forward = _forward
+        if len(self.devices) == 1:
+            self._state = jax.device_put(state, self.devices[0])
+            self._forward = jax.jit(forward)
+        else:
+            mesh = Mesh(np.asarray(self.devices), ("data",))
+            replicated, split = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("data"))
+            self._state = jax.device_put(state, replicated)
+            self._forward = jax.jit(forward, in_shardings=(replicated, split), out_shardings=split)
+            log.info("encoder %s runs data-parallel on %d devices (%s)", self.version, len(self.devices),
+                     self.devices[0].platform)
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         """[N, H, W, C] float32 in [0, 1] -> [N, embed_dim] float32 (N may be 0)."""
@@ -161,8 +181,9 @@ class Encoder:
         return out
 
     def embed_async(self, images: np.ndarray) -> "PendingEmbeddings":
-        """Start embedding [N, H, W, C] float32 images, N <= ``max_batch``, padded to
-        ``max_batch`` (one compiled shape), and return at once: JAX dispatches the forward
+        """Start embedding [N, H, W, C] float32 images, N <= ``max_batch``, padded to the
+        largest bucket (``max_batch``, rounded up to a multiple of the device count: one
+        compiled shape), and return at once: JAX dispatches the forward
         asynchronously, so the caller can prepare the next batch while XLA computes this one.
         ``np.asarray(result)`` waits for and returns the [N, embed_dim] embeddings. XLA reads a
         full float32 batch in place, so the caller must not modify ``images`` before then."""
@@ -171,8 +192,8 @@ class Encoder:
             raise ValueError(f"expected [N <= {self.max_batch}, {', '.join(map(str, self.spec.shape))}] images, "
                              f"got {images.shape}")
         n = len(images)
-        if n < self.max_batch:
-            padded = np.zeros((self.max_batch, *self.spec.shape), np.float32)
+        if n < self._buckets[-1]:
+            padded = np.zeros((self._buckets[-1], *self.spec.shape), np.float32)
             padded[:n] = images
             images = padded
         # The numpy batch goes to the jitted forward as is: jnp.asarray would copy it on XLA's

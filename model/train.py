@@ -170,13 +170,20 @@ def replicate(mesh: Mesh, *modules: nnx.Module) -> None:
 
 
 def embed_numpy(model: EncoderModule, images: np.ndarray, batch: int = 512) -> np.ndarray:
-    """[N, H, W, C] -> [N, embed_dim] with the in-training model."""
+    """[N, H, W, C] -> [N, embed_dim] with the in-training model. A model replicated over
+    several devices (``replicate``) embeds data-parallel: each batch is split over them."""
     forward = nnx.jit(lambda m, x: m(x))
+    devices = jax.tree_util.tree_leaves(nnx.state(model))[0].sharding.device_set
+    split = None
+    if len(devices) > 1:
+        split = NamedSharding(Mesh(np.asarray(sorted(devices, key=lambda d: d.id)), ("data",)), PartitionSpec("data"))
+        batch = -(-batch // len(devices)) * len(devices)
     out = []
     for s in range(0, len(images), batch):
         chunk = images[s : s + batch]
-        pad = np.zeros((batch - len(chunk), *chunk.shape[1:]), np.float32)
-        out.append(np.asarray(forward(model, jnp.asarray(np.concatenate([chunk, pad]))))[: len(chunk)])
+        padded = np.concatenate([chunk, np.zeros((batch - len(chunk), *chunk.shape[1:]), np.float32)])
+        x = jax.device_put(padded, split) if split is not None else jnp.asarray(padded)
+        out.append(np.asarray(forward(model, x))[: len(chunk)])
     return np.concatenate(out) if out else np.zeros((0, model.out.out_features), np.float32)
 
 

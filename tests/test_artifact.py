@@ -49,3 +49,40 @@ def test_warm_up_compiles_every_shape_a_batch_can_use(tmp_path, tiny_config):
     for n in (1, 2, 3, 5, 9, 16):
         enc.embed(np.zeros((n, *spec.shape), np.float32))
     assert enc._forward._cache_size() == compiled  # no query compiles anything new
+
+
+_DEVICES_SCRIPT = """
+import json, sys, numpy as np, jax
+from lookalike.model.artifact import load_encoder
+enc = load_encoder(sys.argv[1], max_batch=8)
+x = np.load(sys.argv[2])
+padded = np.zeros((enc._buckets[-1], *enc.spec.shape), np.float32)
+out = enc._forward(enc._state, padded)
+print(json.dumps({"devices": len(enc.devices), "buckets": enc._buckets, "output_devices": len(out.sharding.device_set),
+                  "emb": enc.embed(x).tolist(), "async": np.asarray(enc.embed_async(x[:5])).tolist()}))
+"""
+
+
+@pytest.mark.parametrize("num_devices", [3])
+def test_encoder_is_data_parallel_over_every_device_with_the_same_embeddings(tmp_path, tiny_config, num_devices):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    model = create_encoder(tiny_config)
+    spec = PreprocessSpec(tiny_config.image_size, tiny_config.channels)
+    model_dir = tmp_path / save_model(model, tiny_config, spec, tmp_path, threshold=None, metrics={})
+    x = np.random.default_rng(2).random((11, *spec.shape)).astype(np.float32)  # 8 + 3: a full and a padded batch
+    np.save(tmp_path / "x.npy", x)
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={num_devices}", "JAX_PLATFORMS": "cpu"}
+    run = subprocess.run([sys.executable, "-c", _DEVICES_SCRIPT, str(model_dir), str(tmp_path / "x.npy")], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["devices"] == got["output_devices"] == num_devices  # every batch is split over all of them
+    assert got["buckets"] == [3, 6, 9]  # 1, 4 and 8 rounded up to multiples of 3
+    one_device = load_encoder(model_dir, max_batch=8)
+    assert len(one_device.devices) == 1 and one_device._buckets == [1, 4, 8]
+    np.testing.assert_allclose(np.asarray(got["emb"]), one_device.embed(x), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got["async"]), one_device.embed(x[:5]), atol=1e-5)

@@ -56,7 +56,9 @@ labels = np.repeat(np.arange(4), 6).astype(np.int32)
 images = (rng.random((24, 16, 16, 1)) * 0.2 + labels[:, None, None, None] / 4).astype(np.float32)
 data = LabelledImages(images, labels, list("abcd"), [], [])
 model, metrics, _ = train_on_arrays(cfg, data, pathlib.Path(tempfile.mkdtemp()))
-print(json.dumps({"devices": jax.device_count(), "emb": embed_numpy(model, images[:4]).tolist()}))
+from flax import nnx
+on = len(jax.tree_util.tree_leaves(nnx.state(model))[0].sharding.device_set)  # embed_numpy splits batches over these
+print(json.dumps({"devices": jax.device_count(), "params_on": on, "emb": embed_numpy(model, images[:4], batch=6).tolist()}))
 """
 
 
@@ -70,7 +72,7 @@ def run_with_devices(n: int, *overrides: str) -> dict:
 
 def test_data_parallel_training_on_4_devices_matches_1_device():
     one, four = run_with_devices(1), run_with_devices(4)
-    assert (one["devices"], four["devices"]) == (1, 4)
+    assert (one["devices"], four["devices"]) == (1, 4) and four["params_on"] == 4
     np.testing.assert_allclose(np.asarray(four["emb"]), np.asarray(one["emb"]), atol=2e-3)
 
 
