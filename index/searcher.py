@@ -94,12 +94,20 @@ def read_docids(folder: Path) -> pa.Array | None:
     return pa.array(docids, pa.string())
 
 
-def parallel_batch_size(num_queries: int, num_threads: int, max_batch: int = 256) -> int:
-    """Mini-batch size for ScaNN's parallel batched search: 2 mini-batches per thread (fewer only when
-    that would make them smaller than 32 queries), at most ``max_batch``: equal shares for every thread.
+def parallel_batch_size(num_queries: int, num_threads: int, max_batch: int = 1024) -> int:
+    """Mini-batch size for ScaNN's parallel batched search: as few mini-batches as give every
+    thread an equal share of at most ``max_batch`` queries (one per thread for up to
+    ``num_threads * max_batch`` queries), none under 32 queries.
+
+    Large mini-batches, because a tree searches a batch leaf by leaf, scoring all the
+    batch's queries that chose a leaf at once: on CIFAR-10 (50k x 64, 7 of 447 leaves, one
+    thread) 1,000 queries ran at 122k QPS in one batch, 117k in batches of 500, 107k of 250
+    and 95k of 125.
     """
-    per_batch = -(-num_queries // (2 * max(1, num_threads)))
-    return int(min(max_batch, max(1, min(num_queries, max(32, per_batch)))))
+    threads = max(1, num_threads)
+    per_thread = -(-num_queries // threads)
+    batches = threads * -(-per_thread // max_batch)
+    return int(max(1, min(num_queries, max(32, -(-num_queries // batches)))))
 
 
 class ItemIndex(UpdatableIndex):

@@ -72,11 +72,14 @@ def test_parallel_search_uses_the_calling_thread_plus_n_minus_1_pool_threads(tmp
 
 
 @pytest.mark.parametrize("queries, threads, expected", [
-    (1000, 2, 250),  # 4 equal mini-batches: each of 2 threads takes 2
-    (1000, 1, 256),  # capped
-    (100, 2, 32),  # no mini-batch under 32 queries
+    (1000, 2, 500),  # one mini-batch per thread
+    (1001, 2, 501),
+    (1000, 1, 1000),
+    (100, 2, 50),
+    (40, 2, 32),  # no mini-batch under 32 queries
     (20, 2, 20),
-    (5000, 2, 256),
+    (5000, 2, 834),  # 6 equal mini-batches of at most 1,024: each of 2 threads takes 3
+    (2048, 2, 1024),
 ])
 def test_parallel_batch_size_gives_every_thread_an_equal_share(queries, threads, expected):
     assert parallel_batch_size(queries, threads) == expected
