@@ -77,6 +77,26 @@ def test_multi_process_runner_gives_the_same_embeddings(tmp_path, indexed_store)
     np.testing.assert_allclose(emb2, emb1, atol=1e-5)
 
 
+def test_embed_job_on_two_simulated_devices_splits_batches_and_gives_the_same_embeddings(tmp_path, indexed_store):
+    """The whole ``lookalike embed`` job where JAX sees two devices (as on a 2-GPU machine)."""
+    import os
+    import subprocess
+    import sys
+
+    workdir = tmp_path / "w"
+    shutil.copytree(indexed_store.root / "models", workdir / "models")
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    run = subprocess.run([sys.executable, "-m", "lookalike.pipeline.cli", "embed", "--workdir", str(workdir),
+                          "--corpus", str(indexed_store.corpus_dir), "--run-name", "two", "--no-publish"],
+                         env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "runs data-parallel on 2 devices" in run.stderr
+    emb2, items2 = read_embeddings(workdir / "embeddings" / "two")
+    emb1, items1 = read_embeddings(next(indexed_store.embeddings_dir.glob("e-*")))
+    assert items2.column("id").to_pylist() == items1.column("id").to_pylist()
+    np.testing.assert_allclose(emb2, emb1, atol=1e-5)
+
+
 def test_corpus_patterns_and_ids():
     assert corpus_pattern("/data/imgs") == "/data/imgs/**"
     assert corpus_pattern("/data/imgs/*.jpg") == "/data/imgs/*.jpg"
