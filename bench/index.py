@@ -355,7 +355,7 @@ def main(argv=None) -> int:
     parser.add_argument("--cifar-cache", type=Path, default=None,
                         help="an .npz keeping the CIFAR-10 embeddings between runs (written if absent, else read)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(force=True, level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     n = args.n or (100_000 if args.quick else 1_000_000)
     dim, num_queries = 128, 1000
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="train this many steps instead of a time budget")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the omniglot preset")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(force=True, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every checkpoint file at INFO
 
     from lookalike.model.artifact import Encoder

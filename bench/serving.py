@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         help="model config override, e.g. --set conv_widths=64,128,128 (repeatable)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.basicConfig(force=True, level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for noisy in ("httpx", "httpcore", "absl"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     items = args.items or (20_000 if args.quick else 100_000)
