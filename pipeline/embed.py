@@ -65,7 +65,7 @@ from lookalike.pipeline.batches import (BATCH, BatchRowsFn, DecodeBatchFn, ReadC
 from lookalike.pipeline.cache import WriteFileIndexFn, cache_dir, load_cache_table
 from lookalike.pipeline.elements import EmbeddedBatch, ItemBatch, Routed, ShardTable
 from lookalike.pipeline.index_shards import BuildIndexShardFn, build_index_shard, collect_shard_entries
-from lookalike.pipeline.inference import FlaxEncoderHandler
+from lookalike.pipeline.inference import FlaxEncoderHandler, discard_preloaded, preload_encoder
 from lookalike.pipeline.items import concat_sorted, embedding_schema, split_by_shard
 from lookalike.pipeline.reuse import ReusedItemsFn, ReusePlan, current_index_if_same, list_files, plan_reuse, reused_items
 from lookalike.pipeline.sources import CACHED, DEAD, FILE, NEW, ReadSourceFn, corpus_pattern, corpus_root
@@ -365,6 +365,21 @@ def run_embed(config: EmbedConfig) -> EmbedSummary:
         raise EmbedError(f"embedding run {run_dir} already exists; choose another --run-name")
     run_dir.mkdir(parents=True)
     run = _Run(config, store, meta, str(model_dir), pattern, root, run_dir, total=0)
+    try:
+        return _list_and_run(run, started)
+    finally:
+        discard_preloaded()
+
+
+def _list_and_run(run: _Run, started: float) -> EmbedSummary:
+    """List the corpus, plan reuse, run the pipeline and write the summary. On the in-process
+    runner the encoder loads and compiles meanwhile (``inference.preload_encoder``): from the
+    start, or for ``--incremental`` once the plan shows files to embed (a rerun with nothing
+    new never pays for it)."""
+    config, meta, pattern, run_dir = run.config, run.meta, run.pattern, run.run_dir
+    in_process = config.runner == LOCAL_RUNNER and config.num_workers <= 1
+    if in_process and not config.incremental:
+        preload_encoder(run.model_dir, config.max_batch_size)
     if config.tfds:
         ranges = example_ranges(TfdsSpec.parse(config.tfds, config.tfds_data_dir))
         run.total = ranges[-1][1] if ranges else 0
@@ -377,6 +392,8 @@ def run_embed(config: EmbedConfig) -> EmbedSummary:
             cache_table = load_cache_table(run.cache, int(meta["embed_dim"]))
             hashes = set(cache_table.column("source_hash").to_pylist())
             run.plan = plan_reuse(run.listing, run.cache, hashes)
+    if in_process and config.incremental and (run.plan is None or run.plan.changed):
+        preload_encoder(run.model_dir, config.max_batch_size)
     log.info("embedding %d file(s) matching %s with model %s on %s%s", run.total, pattern, meta["version"], config.runner,
              f" ({len(run.plan.unchanged)} unchanged)" if run.plan else "")
     reused = None

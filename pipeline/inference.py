@@ -12,11 +12,19 @@ asynchronously (``Encoder.embed_async``): the inference is ready when converted 
 examples are ``ItemBatch`` (metas, pixels) and its results ``EmbeddedBatch`` (metas,
 result), so the handler is keyed by the batch's metadata without Beam's
 ``KeyedModelHandler`` (which pickles every batch's keys to count their bytes).
+
+A run on the in-process runner starts loading and compiling its encoder on a background
+thread (``preload_encoder``) while it lists the corpus and builds the pipeline; the
+handler's ``load_model`` in that process then takes it (``take_preloaded``) instead of
+loading it a second time, so the first batch does not wait for the model.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
@@ -24,6 +32,59 @@ from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from lookalike.model.artifact import Encoder, load_encoder
 from lookalike.pipeline.elements import EmbeddedBatch, ItemBatch
+
+log = logging.getLogger(__name__)
+
+# Encoders being loaded in this process for a run about to start, by (model dir, encoder batch).
+_preloads: dict[tuple[str, int], Future] = {}
+_preloads_lock = threading.Lock()
+
+
+def _load_and_compile(model_dir: str, encoder_batch: int) -> Encoder:
+    encoder = load_encoder(model_dir, max_batch=encoder_batch)
+    np.asarray(encoder.embed_async(np.zeros((1, *encoder.spec.shape), np.float32)))  # compiles the one batch shape
+    return encoder
+
+
+def preload_encoder(model_dir: str, encoder_batch: int) -> None:
+    """Start loading and compiling the encoder on a background thread (at most one per key)."""
+    key = (str(model_dir), int(encoder_batch))
+    with _preloads_lock:
+        if key in _preloads:
+            return
+        future: Future = Future()
+        _preloads[key] = future
+
+    def work() -> None:
+        try:
+            future.set_result(_load_and_compile(*key))
+        except BaseException as e:  # the handler loads it again, and raises then
+            future.set_exception(e)
+
+    threading.Thread(target=work, name="preload-encoder", daemon=True).start()
+
+
+def take_preloaded(model_dir: str, encoder_batch: int) -> Encoder | None:
+    """The preloaded encoder for this key (waiting for it), or None if none was started or it failed."""
+    with _preloads_lock:
+        future = _preloads.pop((str(model_dir), int(encoder_batch)), None)
+    if future is None:
+        return None
+    try:
+        return future.result()
+    except Exception as e:
+        log.warning("preloading the encoder from %s failed (%s); loading it again", model_dir, e)
+        return None
+
+
+def discard_preloaded() -> int:
+    """Forget every preload nobody took (a run that embedded nothing, or ran on other processes)."""
+    with _preloads_lock:
+        dropped = list(_preloads.values())
+        _preloads.clear()
+    for future in dropped:
+        future.add_done_callback(lambda f: f.exception())  # a failure is not reported again
+    return len(dropped)
 
 
 class FlaxEncoderHandler(ModelHandler[np.ndarray, PredictionResult, Encoder]):
@@ -40,7 +101,8 @@ class FlaxEncoderHandler(ModelHandler[np.ndarray, PredictionResult, Encoder]):
         self._encoder_batch = encoder_batch or max_batch_size
 
     def load_model(self) -> Encoder:
-        return load_encoder(self._model_dir, max_batch=self._encoder_batch)
+        preloaded = take_preloaded(self._model_dir, self._encoder_batch)
+        return preloaded if preloaded is not None else load_encoder(self._model_dir, max_batch=self._encoder_batch)
 
     def run_inference(
         self, batch: Sequence[np.ndarray | ItemBatch], model: Encoder, inference_args: dict[str, Any] | None = None
