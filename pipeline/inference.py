@@ -80,11 +80,9 @@ def take_preloaded(model_dir: str, encoder_batch: int) -> Encoder | None:
 def discard_preloaded() -> int:
     """Forget every preload nobody took (a run that embedded nothing, or ran on other processes)."""
     with _preloads_lock:
-        dropped = list(_preloads.values())
+        dropped = len(_preloads)
         _preloads.clear()
-    for future in dropped:
-        future.add_done_callback(lambda f: f.exception())  # a failure is not reported again
-    return len(dropped)
+    return dropped
 
 
 class FlaxEncoderHandler(ModelHandler[np.ndarray, PredictionResult, Encoder]):
