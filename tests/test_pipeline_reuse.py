@@ -137,3 +137,30 @@ def test_the_newest_cached_row_of_an_item_wins(tmp_path):
     table = load_cache_table(tmp_path, 2)
     got = dict(zip(table.column("source_hash").to_pylist(), embeddings_of(table)[:, 0].tolist()))
     assert got == {"a": 3.0, "b": 3.0, "c": 2.0} and len(table) == 3
+
+
+def _cache_rows(value: float, hashes: list[str]) -> pa.Table:
+    metas = [{"source_hash": h, "content_hash": h, "kind": "image", "timestamp_s": None, "width": 4, "height": 4}
+             for h in hashes]
+    return rows_table(metas, np.full((len(hashes), 2), value, np.float32), 2)
+
+
+def test_many_cache_files_read_in_one_scan_keep_file_order(tmp_path):
+    """60 runs cached item "a" (and one item of their own): the newest file's row wins."""
+    for i in range(60):
+        path = write_cache_table(str(tmp_path), _cache_rows(float(i), ["a", f"own-{i}"]))
+        os.utime(path, (1_000_000 + i, 1_000_000 + i))  # written in order i
+    table = load_cache_table(tmp_path, 2)
+    got = dict(zip(table.column("source_hash").to_pylist(), embeddings_of(table)[:, 0].tolist()))
+    assert len(table) == 61 and got["a"] == 59.0 and got["own-7"] == 7.0
+
+
+def test_a_torn_cache_file_is_skipped_and_the_rest_read(tmp_path, caplog):
+    good = write_cache_table(str(tmp_path), _cache_rows(1.0, ["a", "b"]))
+    torn = write_cache_table(str(tmp_path), _cache_rows(2.0, ["c"]))
+    with open(torn, "r+b") as f:  # a crash mid-write: the footer is gone
+        f.truncate(os.path.getsize(torn) // 2)
+    os.utime(good, (1_000_000, 1_000_000))
+    table = load_cache_table(tmp_path, 2)
+    assert sorted(table.column("source_hash").to_pylist()) == ["a", "b"]
+    assert f"ignoring unreadable cache file {torn}" in caplog.text
