@@ -52,19 +52,30 @@ FILE_INDEX_SCHEMA = pa.schema([
 ])
 
 
-def load_file_index(directory: str | Path) -> dict[str, tuple[int, float, str]]:
-    """uri -> (size, mtime_s, source hash) as last seen; newer index files win."""
-    index: dict[str, tuple[int, float, str]] = {}
-    paths = sorted(glob.glob(os.path.join(str(directory), "files-*.parquet")), key=os.path.getmtime)
-    for path in paths:
+def load_file_index_table(directory: str | Path) -> pa.Table:
+    """The file index (FILE_INDEX_SCHEMA), one row per uri as last seen: newer index files win.
+    Unreadable index files are skipped."""
+    tables = []
+    for path in sorted(glob.glob(os.path.join(str(directory), "files-*.parquet")), key=os.path.getmtime):
         try:
-            table = pq.read_table(path)
-            columns = [table.column(name).to_pylist() for name in ("uri", "size", "mtime_s", "source_hash")]
+            tables.append(pq.read_table(path).select(FILE_INDEX_SCHEMA.names).cast(FILE_INDEX_SCHEMA))
         except Exception as e:
             log.warning("ignoring unreadable file index %s: %s", path, e)
-            continue
-        index.update(zip(columns[0], zip(*columns[1:])))
-    return index
+    if not tables:
+        return FILE_INDEX_SCHEMA.empty_table()
+    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    rows = pa.table({"uri": table.column("uri"), "row": pa.array(np.arange(len(table), dtype=np.int64))})
+    last = rows.group_by("uri", use_threads=False).aggregate([("row", "max")])
+    if len(last) == len(table):
+        return table
+    return table.take(pa.array(np.sort(last.column("row_max").to_numpy()), pa.int64()))
+
+
+def load_file_index(directory: str | Path) -> dict[str, tuple[int, float, str]]:
+    """uri -> (size, mtime_s, source hash) as last seen; newer index files win."""
+    table = load_file_index_table(directory)
+    columns = [table.column(name).to_pylist() for name in FILE_INDEX_SCHEMA.names]
+    return dict(zip(columns[0], zip(*columns[1:])))
 
 
 def file_index_table(rows: list[dict[str, Any]]) -> pa.Table:

@@ -390,8 +390,7 @@ def _list_and_run(run: _Run, started: float) -> EmbedSummary:
         run.total = len(run.listing)
         if config.incremental:  # the cache is read once here: little besides it when nothing changed
             cache_table = load_cache_table(run.cache, int(meta["embed_dim"]))
-            hashes = set(cache_table.column("source_hash").to_pylist())
-            run.plan = plan_reuse(run.listing, run.cache, hashes)
+            run.plan = plan_reuse(run.listing, run.cache, cache_table.column("source_hash"))
     if in_process and config.incremental and (run.plan is None or run.plan.changed):
         preload_encoder(run.model_dir, config.max_batch_size)
     log.info("embedding %d file(s) matching %s with model %s on %s%s", run.total, pattern, meta["version"], config.runner,

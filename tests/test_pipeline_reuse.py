@@ -164,3 +164,27 @@ def test_a_torn_cache_file_is_skipped_and_the_rest_read(tmp_path, caplog):
     table = load_cache_table(tmp_path, 2)
     assert sorted(table.column("source_hash").to_pylist()) == ["a", "b"]
     assert f"ignoring unreadable cache file {torn}" in caplog.text
+
+
+def test_plan_reuse_keeps_only_files_whose_path_size_mtime_and_hash_are_known(tmp_path):
+    from apache_beam.io.filesystem import FileMetadata
+
+    from lookalike.pipeline.reuse import plan_reuse
+
+    def index(rows: list[tuple[str, int, float, str]], age_s: int) -> None:
+        (path,) = WriteFileIndexFn(str(tmp_path)).process(
+            (0, [[{"uri": u, "size": s, "mtime_s": m, "source_hash": h} for u, s, m, h in rows]]))
+        os.utime(path, (1_000_000 - age_s, 1_000_000 - age_s))
+
+    index([("/c/a.jpg", 10, 5.0, "ha"), ("/c/b.JPG", 20, 5.0, "old")], age_s=10)
+    index([("/c/b.JPG", 20, 6.0, "hb"), ("/c/c.png", 30, 5.0, "hc"), ("/c/d.png", 40, 5.0, "gone"),
+           ("/c/notes.txt", 5, 5.0, "ht"), ("/c/e.mp4", 50, 5.0, "he")], age_s=0)
+    files = [FileMetadata("/c/e.mp4", 50, 5.0), FileMetadata("/c/a.jpg", 10, 5.0), FileMetadata("/c/b.JPG", 20, 6.0),
+             FileMetadata("/c/c.png", 31, 5.0), FileMetadata("/c/d.png", 40, 5.0), FileMetadata("/c/notes.txt", 5, 5.0),
+             FileMetadata("/c/new.jpg", 1, 1.0), FileMetadata("/c/a-again.jpg", 10, 0.0)]
+    hashes = {"ha", "hb", "hc", "ht", "he", "old"}
+    plan = plan_reuse(files, str(tmp_path), hashes)
+    assert plan.unchanged == [("/c/e.mp4", "he"), ("/c/a.jpg", "ha"), ("/c/b.JPG", "hb")]  # listing order; newest index row
+    assert [m.path for m in plan.changed] == ["/c/c.png", "/c/d.png", "/c/notes.txt", "/c/new.jpg", "/c/a-again.jpg"]
+    assert plan_reuse(files, str(tmp_path), pa.array(sorted(hashes))).unchanged == plan.unchanged
+    assert [m.path for m in plan_reuse(files, str(tmp_path / "none")).changed] == [m.path for m in files]
