@@ -14,9 +14,10 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from lookalike.pipeline.sources import item_id_for
-from lookalike.pipeline.thumbnails import thumbnail_path
+from lookalike.pipeline.thumbnails import thumbnail_paths
 from lookalike.pipeline.video import frame_id
 
 ITEM_FIELDS = [
@@ -67,35 +68,37 @@ def expand_items(rows: pa.Table, take: Sequence[int], uris: Sequence[str], *, ro
     """Rows of sources (cache schema) -> the items table (embedding_schema): item k is row
     ``take[k]`` found at path ``uris[k]`` (a source held by several paths gives an item per path)."""
     picked = rows.take(pa.array(take, pa.int64()))
-    ids: list[str] = []
-    groups: list[str | None] = []
-    thumbs: dict[str, str] = {}
-    kinds = picked.column("kind").to_pylist()
-    times = picked.column("timestamp_s").to_pylist()
-    hashes = picked.column("content_hash").to_pylist()
-    for kind, t, uri in zip(kinds, times, uris):
-        base = item_id_for(uri, root)
-        if kind == "frame":
-            ids.append(frame_id(base, t))
-            groups.append(base)
-        else:
-            ids.append(base)
-            groups.append(None)
-    for content_hash in hashes:
-        if content_hash not in thumbs:
-            thumbs[content_hash] = thumbnail_path(thumbnails_dir, content_hash)
+    uri_array = pa.array(list(uris), pa.string())
+    prefix = root.rstrip("/") + "/"
+    if len(uri_array) and pc.all(pc.starts_with(uri_array, prefix)).as_py():  # the usual case: ids in Arrow
+        bases = pc.utf8_slice_codeunits(uri_array, len(prefix))
+    else:
+        bases = pa.array([item_id_for(uri, root) for uri in uris], pa.string())
+    frames = pc.fill_null(pc.equal(picked.column("kind"), "frame"), False)
+    if pc.any(frames).as_py():
+        ids_list, groups_list = bases.to_pylist(), []
+        for i, (is_frame, t) in enumerate(zip(frames.to_pylist(), picked.column("timestamp_s").to_pylist())):
+            groups_list.append(ids_list[i] if is_frame else None)
+            if is_frame:
+                ids_list[i] = frame_id(ids_list[i], t)
+        ids, groups = pa.array(ids_list, pa.string()), pa.array(groups_list, pa.string())
+    else:
+        ids, groups = bases, pa.nulls(len(bases), pa.string())
+    hashes = picked.column("content_hash").combine_chunks()
+    unique = pc.unique(hashes)
+    thumbs = pa.array(thumbnail_paths(thumbnails_dir, unique.to_pylist()), pa.string())
     n = len(ids)
     schema = embedding_schema(picked.schema.field("embedding").type.list_size)
     return pa.table({
-        "id": pa.array(ids, pa.string()),
-        "uri": pa.array(list(uris), pa.string()),
+        "id": ids,
+        "uri": uri_array,
         "kind": picked.column("kind"),
         "timestamp_s": picked.column("timestamp_s"),
         "width": picked.column("width"),
         "height": picked.column("height"),
         "content_hash": picked.column("content_hash"),
-        "group": pa.array(groups, pa.string()),
-        "thumbnail": pa.array([thumbs[h] for h in hashes], pa.string()),
+        "group": groups,
+        "thumbnail": thumbs.take(pc.index_in(hashes, value_set=unique)),
         "model_version": pa.array([model_version] * n, pa.string()),
         "reused": pa.array([reused] * n, pa.bool_()),
         "embedding": picked.column("embedding"),

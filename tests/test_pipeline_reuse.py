@@ -188,3 +188,20 @@ def test_plan_reuse_keeps_only_files_whose_path_size_mtime_and_hash_are_known(tm
     assert [m.path for m in plan.changed] == ["/c/c.png", "/c/d.png", "/c/notes.txt", "/c/new.jpg", "/c/a-again.jpg"]
     assert plan_reuse(files, str(tmp_path), pa.array(sorted(hashes))).unchanged == plan.unchanged
     assert [m.path for m in plan_reuse(files, str(tmp_path / "none")).changed] == [m.path for m in files]
+
+
+def test_expanded_items_ids_groups_and_thumbnails(tmp_path):
+    """Paths under the root get relative ids (computed in Arrow), others their file name; a
+    frame's id carries its time and its group is its video's id; a source under two paths gives
+    two items sharing a thumbnail."""
+    metas = [{"source_hash": "v", "content_hash": "v#t=1.500", "kind": "frame", "timestamp_s": 1.5, "width": 4, "height": 4},
+             {"source_hash": "p", "content_hash": "p", "kind": "image", "timestamp_s": None, "width": 4, "height": 4}]
+    rows = rows_table(metas, np.ones((2, 2), np.float32), 2)
+    expand = {"root": "/c", "thumbnails_dir": str(tmp_path), "model_version": "m", "reused": True}
+    items = expand_items(rows, [0, 1, 1], ["/c/clips/v.mp4", "/c/a/p.jpg", "/c/b/p.jpg"], **expand)
+    assert items.column("id").to_pylist() == ["clips/v.mp4#t=1.500", "a/p.jpg", "b/p.jpg"]
+    assert items.column("group").to_pylist() == ["clips/v.mp4", None, None]
+    assert items.column("thumbnail").to_pylist() == [thumbnail_path(str(tmp_path), h) for h in ("v#t=1.500", "p", "p")]
+    elsewhere = expand_items(rows, [1, 1], ["/c/a/p.jpg", "/elsewhere/q.jpg"], **expand)
+    assert elsewhere.column("id").to_pylist() == ["a/p.jpg", "q.jpg"]
+    assert elsewhere.column("reused").to_pylist() == [True, True] and len(expand_items(rows, [], [], **expand)) == 0

@@ -61,3 +61,11 @@ def test_a_failed_thumbnail_surfaces_in_its_future(tmp_path):
 def test_handler_runs_whole_batches_through_one_forward(trained_store):
     handler = FlaxEncoderHandler(str(trained_store.require_model()), min_batch_size=1, max_batch_size=1, encoder_batch=64)
     assert handler.load_model().max_batch == 64
+
+
+def test_thumbnail_paths_in_one_loop_match_thumbnail_path():
+    from lookalike.pipeline.thumbnails import thumbnail_path, thumbnail_paths
+
+    hashes = ["ab" * 32, "ab" * 32 + "#t=1.500", "x"]
+    for folder in ("/w/thumbnails/", "/w/thumbnails", ""):
+        assert thumbnail_paths(folder, hashes) == [thumbnail_path(folder, h) for h in hashes]
