@@ -80,11 +80,13 @@ def _walk(folder: str) -> list[FileMetadata]:
 _MEDIA_SUFFIX = "(" + "|".join(sorted(re.escape(s) for s in IMAGE_SUFFIXES | VIDEO_SUFFIXES)) + ")$"
 
 
-def plan_reuse(files: list[FileMetadata], cache_dir: str, hashes: set[str] | pa.Array | pa.ChunkedArray | None = None) -> ReusePlan:
+def plan_reuse(files: list[FileMetadata], cache_dir: str,
+               hashes: set[str] | pa.Array | pa.ChunkedArray | None = None) -> ReusePlan:
     """Split ``files``: a media file whose path, size and mtime the file index recorded, with
     that hash still in the cache (``hashes``: the cache's source hashes, read if None), is
     unchanged; everything else is read in the pipeline. Both lists keep the listing's order.
-    The comparison is an Arrow join (50k files in ~0.05 s; a loop over them took 0.26-0.31 s)."""
+    The comparison is an Arrow join: 50k files, the file index read included, in 0.15-0.31
+    instead of 0.49 s with a loop over them."""
     if not os.path.isdir(cache_dir):
         return ReusePlan(changed=list(files))
     index = load_file_index_table(cache_dir)
