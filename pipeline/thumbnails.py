@@ -35,12 +35,12 @@ ThumbnailSink = Callable[["Image.Image | np.ndarray", str, "tuple[str, bytes] | 
 
 def thumbnail_path(thumbnails_dir: str, content_hash: str) -> str:
     """``<dir>/<h[:2]>/<h>.jpg`` with h a filename-safe digest of the content hash."""
-    h = hashlib.sha256(content_hash.encode()).hexdigest()[:40]
-    return f"{thumbnails_dir.rstrip('/')}/{h[:2]}/{h}.jpg" if thumbnails_dir else f"{h[:2]}/{h}.jpg"
+    return thumbnail_paths(thumbnails_dir, [content_hash])[0]
 
 
 def thumbnail_paths(thumbnails_dir: str, content_hashes: list[str]) -> list[str]:
-    """``thumbnail_path`` of each content hash, in one loop (about half the time per item)."""
+    """``thumbnail_path`` of each content hash, in one loop (about half the time per item of
+    calling it once per hash)."""
     prefix = f"{thumbnails_dir.rstrip('/')}/" if thumbnails_dir else ""
     sha256 = hashlib.sha256
     return [f"{prefix}{h[:2]}/{h}.jpg" for h in (sha256(c.encode()).hexdigest()[:40] for c in content_hashes)]
