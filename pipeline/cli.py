@@ -246,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-name", default=None, help="name of the embeddings run (default e-<UTC time>)")
     p.add_argument("--runner", default="FnApiRunner",
                    help="Beam runner (default FnApiRunner: in-process, no Prism download)")
-    p.add_argument("--num-workers", type=int, default=1, help="local runner: worker processes (multi-process mode if > 1)")
+    p.add_argument("--num-workers", type=int, default=1, help="local runner: worker processes (multi-process mode if > 1; each runs XLA on CPUs/N threads)")
     p.add_argument("--batch-size", type=int, default=256, help="files per inference batch")
     p.add_argument("--num-shards", type=int, default=None,
                    help="embedding and index shards, each built on a worker (default: one per 50k files)")

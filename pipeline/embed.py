@@ -33,7 +33,8 @@ nothing could be embedded fails with a clear message and publishes nothing.
 
 Locally the runner is Beam's in-process ``FnApiRunner``, named explicitly: the
 DirectRunner would first try to download a Prism binary. ``num_workers > 1``
-switches it to its multi-process mode. ``--runner dask`` runs the same graph on a
+switches it to its multi-process mode, each worker's XLA thread pool sized to its share of
+the CPUs (``lookalike.model.cpu_threads``). ``--runner dask`` runs the same graph on a
 dask.distributed cluster (``lookalike.pipeline.dask_runner``). Sinks write whole files
 after a GroupByKey, so the graph is correct on runners without bundle finalisation.
 """
@@ -57,6 +58,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from lookalike.index.builder import IndexOptions, resolve_options
 from lookalike.model.artifact import read_model_meta
+from lookalike.model.cpu_threads import threads_per_worker
 from lookalike.model.memory import keep_freed_memory
 from lookalike.model.preprocess import PreprocessSpec
 from lookalike.model.store import Store, StoreError, check_version_name
@@ -232,7 +234,10 @@ def build_pipeline(p: beam.Pipeline, run: _Run, index_build: tuple[str, dict[str
         | "WriteFileIndex" >> beam.ParDo(WriteFileIndexFn(run.cache))
     )
     # Pre-made batches, one per RunInference call: max_batch_size=1 makes BatchElements emit in process().
-    handler = FlaxEncoderHandler(run.model_dir, min_batch_size=1, max_batch_size=1, encoder_batch=config.max_batch_size)
+    # Worker processes on this machine share its CPUs: each gets an equal part for XLA's thread pool.
+    local_workers = config.num_workers if config.runner == LOCAL_RUNNER and config.num_workers > 1 else None
+    handler = FlaxEncoderHandler(run.model_dir, min_batch_size=1, max_batch_size=1, encoder_batch=config.max_batch_size,
+                                 xla_cpu_threads=threads_per_worker(local_workers) if local_workers else None)
     items = read[BATCH] | "Embed" >> RunInference(handler).with_output_types(EmbeddedBatch) | "BatchRows" >> beam.ParDo(
         BatchRowsFn(run.total, run.cache, embed_dim, run.num_shards, **run.expand)).with_output_types(ShardTable)
     if config.incremental:  # only an incremental run has cached files (a Flatten costs a stage of its own)

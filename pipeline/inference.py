@@ -31,6 +31,7 @@ import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from lookalike.model.artifact import Encoder, load_encoder
+from lookalike.model.cpu_threads import limit_xla_cpu_threads
 from lookalike.pipeline.elements import EmbeddedBatch, ItemBatch
 
 log = logging.getLogger(__name__)
@@ -93,12 +94,18 @@ class FlaxEncoderHandler(ModelHandler[np.ndarray, PredictionResult, Encoder]):
     one forward."""
 
     def __init__(self, model_dir: str, *, min_batch_size: int = 32, max_batch_size: int = 256,
-                 encoder_batch: int | None = None):
+                 encoder_batch: int | None = None, xla_cpu_threads: int | None = None):
+        """``xla_cpu_threads``: size of XLA's CPU thread pool in each worker process that loads
+        the model before anything else there starts JAX (``model.cpu_threads``); None keeps
+        JAX's one thread per CPU."""
         super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size)
         self._model_dir = model_dir
         self._encoder_batch = encoder_batch or max_batch_size
+        self._xla_cpu_threads = xla_cpu_threads
 
     def load_model(self) -> Encoder:
+        if self._xla_cpu_threads is not None:
+            limit_xla_cpu_threads(self._xla_cpu_threads)
         preloaded = take_preloaded(self._model_dir, self._encoder_batch)
         return preloaded if preloaded is not None else load_encoder(self._model_dir, max_batch=self._encoder_batch)
 

@@ -1,6 +1,7 @@
 """The Beam embed pipeline on a tiny real corpus, on the in-process runner."""
 
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 from PIL import Image
 
 from lookalike.index.searcher import ItemIndex
+from lookalike.model.cpu_threads import available_cpus, threads_per_worker
 from lookalike.model.data import list_images
 from lookalike.pipeline.embed import EmbedConfig, EmbedError, read_embeddings, run_embed
 from lookalike.pipeline.sources import corpus_pattern, corpus_root, item_id_for
@@ -67,10 +69,15 @@ def test_all_bad_corpus_fails_and_publishes_nothing(tmp_path, trained_store):
     assert not list((workdir / "indexes").glob("*"))  # no half-built index left behind
 
 
-def test_multi_process_runner_gives_the_same_embeddings(tmp_path, indexed_store):
+def test_multi_process_runner_gives_the_same_embeddings(tmp_path, indexed_store, caplog):
     workdir = tmp_path / "w"
     shutil.copytree(indexed_store.root / "models", workdir / "models")
-    summary = run_embed(EmbedConfig(workdir=str(workdir), corpus=str(indexed_store.corpus_dir), num_workers=2, publish=False))
+    with caplog.at_level(logging.INFO):
+        summary = run_embed(EmbedConfig(workdir=str(workdir), corpus=str(indexed_store.corpus_dir), num_workers=2, publish=False))
+    # each worker process gave XLA its share of the CPUs before its first computation
+    expected = "XLA CPU threads of this process (pid "
+    sized = [r.getMessage() for r in caplog.records if expected in r.getMessage()]
+    assert sized and all(f"): {threads_per_worker(2)} of {available_cpus()} CPUs" in m for m in sized), sized
     emb2, items2 = read_embeddings(workdir / "embeddings" / summary.run)
     emb1, items1 = read_embeddings(next(indexed_store.embeddings_dir.glob("e-*")))
     assert items2.column("id").to_pylist() == items1.column("id").to_pylist()
