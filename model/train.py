@@ -354,12 +354,14 @@ def run_id(config: TrainConfig, source: str | Path, init_from: Path | None) -> s
 
 def train_and_evaluate(
     config: TrainConfig, workdir: str | Path, data_dir: str | Path | None = None, init_from: str | Path | None = None,
-    tfds: str | None = None, tfds_data_dir: str | None = None,
+    tfds: str | None = None, tfds_data_dir: str | None = None, set_latest: bool = True,
 ) -> TrainResult:
     """Train on ``data_dir`` (default ``workdir/corpus``) or on the TFDS split ``tfds``
     (``NAME[:SPLIT]``, prepared in ``tfds_data_dir``), optionally warm-started from the
-    model folder ``init_from``, and publish the model as LATEST. ``config.unlabelled``
-    (switched on for a TFDS data set without labels) trains on augmented views."""
+    model folder ``init_from``, and save the model; ``set_latest``: make it the store's
+    LATEST (the model ``embed`` uses by default; the reindex job does that only once the
+    model is promoted). ``config.unlabelled`` (switched on for a TFDS data set without
+    labels) trains on augmented views."""
     if tfds and data_dir:
         raise ValueError(f"train on a folder ({data_dir}) or a TFDS data set ({tfds}), not both")
     keep_freed_memory()
@@ -384,7 +386,8 @@ def train_and_evaluate(
         run_dir.parent.rmdir()  # models/.runs, when no other run is in progress
     except OSError:
         pass
-    store.set_latest_model(version)
+    if set_latest:
+        store.set_latest_model(version)
     log.info("model %s saved (%s); metrics %s", version, store.model_dir(version), json.dumps(metrics))
     return TrainResult(version=version, model_dir=store.model_dir(version), metrics=metrics)
 

@@ -4,7 +4,9 @@ Steps (each timed, logged and written into the run report):
 
 1. ``train``: a candidate model, warm-started from the served one, on the corpus.
 2. ``evaluate``: candidate and current model on the frozen evaluation set
-   (``DIR/eval/frozen.json``, made on the first run): MAP@R and Recall@K. The candidate
+   (``DIR/eval/frozen.json``: readable images of each class, made on the first run and
+   checked before training; images gone or unreadable since are left out, and a set with
+   less than half left is made again): MAP@R and Recall@K. The candidate
    goes on only if its MAP@R beats the current one by ``min_improvement`` (or ``force``).
 3. ``embed``: the Beam pipeline, incremental (the cache is per model version, so a new
    model re-embeds everything and an unchanged one embeds only new or changed media).
@@ -12,7 +14,9 @@ Steps (each timed, logged and written into the run report):
 5. ``validate``: ANN recall at or above target, every matched file either indexed or
    dead-lettered, overlap@k of canary queries (``DIR/eval/canaries.json``) between the
    served and the new index at or above ``min_canary_overlap``, encoder and index compatible.
-6. ``promote``: ``CURRENT`` replaced atomically (a running server hot-swaps to it).
+6. ``promote``: ``CURRENT`` replaced atomically (a running server hot-swaps to it), and
+   ``models/LATEST`` set to its model. Only then: a rejected or failed candidate never
+   becomes the model a later ``lookalike embed`` uses by default.
 7. ``prune``: keep the newest ``keep_versions`` versions.
 
 The store lock allows one run at a time and detects a dead run's lock; temporary folders
@@ -82,27 +86,74 @@ class ReindexReport:
         return {"promoted": EXIT_PROMOTED, "kept_current": EXIT_KEPT_CURRENT}.get(self.outcome, EXIT_FAILED)
 
 
+def usable_eval_ids(corpus: Path, ids: list[str]) -> tuple[list[str], dict[str, str]]:
+    """(ids whose file under ``corpus`` exists and decodes as an image, {other id: reason})."""
+    from lookalike.model.preprocess import ImageDecodeError, open_image
+
+    usable, rejected = [], {}
+    for i in ids:
+        try:
+            open_image((corpus / i).read_bytes())
+        except FileNotFoundError:
+            rejected[i] = "file is gone"
+        except OSError as e:
+            rejected[i] = f"unreadable: {e.strerror or e}"
+        except ImageDecodeError as e:
+            rejected[i] = str(e)
+        else:
+            usable.append(i)
+    return usable, rejected
+
+
+def _sample_eval_set(corpus: Path, per_class: int, seed: int) -> list[str]:
+    """Up to ``per_class`` readable images of each class folder, at random (unreadable ones skipped)."""
+    rng = np.random.default_rng(seed)
+    by_class: dict[str, list[str]] = {}
+    for f in list_images(corpus):
+        rel = f.relative_to(corpus).as_posix()
+        if "/" in rel:
+            by_class.setdefault(rel.split("/", 1)[0], []).append(rel)
+    ids = []
+    for members in by_class.values():
+        chosen: list[str] = []
+        for rel in rng.permutation(members).tolist():
+            if len(chosen) == per_class:
+                break
+            if usable_eval_ids(corpus, [rel])[0]:
+                chosen.append(rel)
+        ids += chosen
+    return sorted(ids)
+
+
 def frozen_eval_set(store: Store, corpus: Path, per_class: int, seed: int = 0) -> list[str]:
-    """Corpus-relative ids of the frozen evaluation images (made once, then reused)."""
+    """Corpus-relative ids of the frozen evaluation images: made once (``per_class`` readable
+    images of each class folder) and reused, so runs compare models on the same images.
+
+    Images that are gone or no longer decode are left out, with a warning naming them
+    (candidate and current model are still compared on the same images). When fewer than
+    half of the set (or fewer than 2 images) are usable, a new set is made from the corpus.
+    StoreError if the corpus has no 2 readable images in class folders."""
     path = store.root / "eval" / "frozen.json"
     if path.is_file():
-        ids = json.loads(path.read_text(encoding="utf-8"))["ids"]
-    else:
-        rng = np.random.default_rng(seed)
-        by_class: dict[str, list[str]] = {}
-        for f in list_images(corpus):
-            rel = f.relative_to(corpus).as_posix()
-            if "/" in rel:
-                by_class.setdefault(rel.split("/", 1)[0], []).append(rel)
-        ids = sorted(i for members in by_class.values() for i in rng.permutation(members)[:per_class].tolist())
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"ids": ids, "created_unix_s": time.time()}, indent=1) + "\n")
+        try:
+            ids = [str(i) for i in json.loads(path.read_text(encoding="utf-8"))["ids"]]
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("evaluation set %s is unreadable (%s): making a new one", path, e)
+            ids = []
+        usable, rejected = usable_eval_ids(corpus, ids)
+        if rejected:
+            first = next(iter(rejected.items()))
+            log.warning("evaluation set %s: %d of %d images left out (e.g. %s: %s)", path, len(rejected), len(ids), *first)
+        if len(usable) >= 2 and 2 * len(usable) >= len(ids):
+            return usable
+        log.warning("evaluation set %s has %d usable image(s) of %d: making a new one from %s", path, len(usable), len(ids), corpus)
+    ids = _sample_eval_set(corpus, per_class, seed)
     if len(ids) < 2:
-        raise StoreError(f"evaluation set {path} is empty or has one image: delete it to make a new one from the corpus")
-    missing = [i for i in ids if not (corpus / i).is_file()]
-    if missing:
-        raise StoreError(f"evaluation set {path} no longer matches the corpus {corpus}: {len(missing)} of {len(ids)} "
-                         f"files are gone (e.g. {missing[0]}); delete it to make a new one")
+        raise StoreError(f"no evaluation set can be made from {corpus}: it needs at least 2 readable images in "
+                         f"class sub-folders, found {len(ids)}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"ids": ids, "created_unix_s": time.time()}, indent=1) + "\n")
+    log.info("evaluation set %s: %d images of %s", path, len(ids), corpus)
     return ids
 
 
@@ -208,11 +259,17 @@ def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport) -> No
     current_index = ItemIndex.load(store.require_current_index()) if report.previous_index else None
     report.current_model = current_index.model_version if current_index else None
     current_model_dir = store.require_model(report.current_model) if report.current_model else None
+    ids = frozen_eval_set(store, corpus, config.eval_per_class)  # a corpus that cannot be evaluated fails before training
     with step("train"):
-        trained = train_and_evaluate(config.train, store.root, data_dir=corpus, init_from=current_model_dir)
+        # not LATEST yet: a candidate that is rejected or fails validation must not become what `embed` uses
+        trained = train_and_evaluate(config.train, store.root, data_dir=corpus, init_from=current_model_dir,
+                                     set_latest=False)
         report.candidate_model = trained.version
     with step("evaluate"):
-        ids = frozen_eval_set(store, corpus, config.eval_per_class)
+        ids, gone = usable_eval_ids(corpus, ids)  # files that went away while training are left out of both
+        if len(ids) < 2:
+            raise StoreError(f"evaluation images in {corpus} went away during training: {len(gone)} unusable, "
+                             f"{len(ids)} left (e.g. {next(iter(gone.items()), ('-', '-'))})")
         cand = evaluate_model(trained.model_dir, corpus, ids)
         report.metrics["candidate"] = cand
         accept = True
@@ -222,8 +279,10 @@ def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport) -> No
             accept = config.force or cand["map_at_r"] > cur["map_at_r"] + config.min_improvement
         report.chosen_model = trained.version if accept else report.current_model
         report.metrics["candidate_accepted"] = accept
-        log.info("candidate %s %s (MAP@R %.4f vs current %s)", trained.version, "accepted" if accept else "rejected",
-                 cand["map_at_r"], report.metrics.get("current", {}).get("map_at_r"))
+        current_map = report.metrics.get("current", {}).get("map_at_r")
+        log.info("candidate %s %s (MAP@R %.4f vs current %s, on %d evaluation images)", trained.version,
+                 "accepted" if accept else "rejected", cand["map_at_r"],
+                 "none" if current_map is None else f"{current_map:.4f}", len(ids))
     with step("embed"):
         summary = run_embed(EmbedConfig(workdir=str(store.root), corpus=str(corpus), model_version=report.chosen_model,
                                         incremental=True, publish=False, num_workers=config.num_workers))
@@ -242,6 +301,8 @@ def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport) -> No
         validate(store, report, summary, current_index, config)
     with step("promote"):
         promote(store, report.new_index, reason=f"reindex: model {report.chosen_model}")
+        if store.latest_model() != report.chosen_model:
+            store.set_latest_model(report.chosen_model)  # the served model is the one `embed` uses next
         report.outcome = "promoted"
         report.reason = ("new model " if report.chosen_model != report.current_model else "same model, updated corpus ") + str(report.chosen_model)
     with step("prune"):

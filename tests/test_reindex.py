@@ -49,6 +49,7 @@ def test_growing_corpus_embeds_only_new_media_and_rollback_restores_answers(stor
     forced = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, force=True, min_canary_overlap=0.0))
     assert forced.outcome == "promoted" and forced.exit_code == 0, forced.reason
     assert forced.chosen_model == forced.candidate_model and store.current_index() == forced.new_index
+    assert store.latest_model() == forced.chosen_model  # promoted: the model `embed` uses next
     assert (store.root / "reports").is_dir() and list((store.root / "reports").glob("*/examples.png"))
     add_images(store, 3)
     grown = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, min_improvement=1.0,
@@ -72,6 +73,9 @@ def test_worse_candidate_is_rejected_and_current_kept(store, tiny_config):
     assert report.metrics["candidate"]["map_at_r"] < report.metrics["current"]["map_at_r"]
     assert (report.outcome, report.exit_code) == ("kept_current", 3)
     assert store.current_index() == before
+    # the rejected candidate is saved (inspectable) but is not what a later `lookalike embed` uses
+    assert (store.models_dir / report.candidate_model).is_dir()
+    assert store.latest_model() == report.current_model != report.candidate_model
 
 
 def run_cli_reindex(store: Store, env_extra: dict[str, str]) -> subprocess.CompletedProcess:
@@ -119,16 +123,48 @@ def test_corrupt_current_version_fails_and_promotes_nothing(store, tiny_config):
     assert store.current_index() == current
 
 
-@pytest.mark.parametrize("damage", ["empty", "stale"])
-def test_bad_evaluation_set_fails_and_promotes_nothing(store, tiny_config, damage):
-    current = store.current_index()
+@pytest.mark.parametrize("damage", ["empty", "stale", "garbage"])
+def test_unusable_evaluation_set_is_made_again(store, tiny_config, damage):
     frozen = store.root / "eval" / "frozen.json"
     frozen.parent.mkdir(parents=True, exist_ok=True)
-    ids = [] if damage == "empty" else ["0/gone_1.png", "1/gone_2.png"]
-    frozen.write_text(json.dumps({"ids": ids}))
-    report = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, force=True))
-    assert report.outcome == "failed"
-    assert ("empty" in report.reason) if damage == "empty" else ("no longer matches" in report.reason)
+    ids = [] if damage == "empty" else ["0/gone_1.png", "1/gone_2.png", "0/gone_3.png"]
+    frozen.write_text("{not json" if damage == "garbage" else json.dumps({"ids": ids}))
+    report = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, force=True, min_canary_overlap=0.0))
+    assert report.outcome == "promoted", report.reason
+    remade = json.loads(frozen.read_text())["ids"]
+    assert len(remade) >= 2 and all((store.corpus_dir / i).is_file() for i in remade)
+
+
+def test_evaluation_leaves_out_gone_and_unreadable_images(store, tiny_config, caplog):
+    """A file deleted from the corpus, or one that stopped decoding, is left out of the frozen
+    set with a warning; the run goes on, and a new set never takes unreadable files."""
+    run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, force=True, min_canary_overlap=0.0))
+    frozen = store.root / "eval" / "frozen.json"
+    ids = json.loads(frozen.read_text())["ids"]
+    (store.corpus_dir / ids[0]).unlink()
+    (store.corpus_dir / ids[1]).write_bytes(b"")  # now an empty file
+    (store.corpus_dir / "0" / "text.png").write_text("not an image")
+    with caplog.at_level("WARNING", logger="lookalike.pipeline.reindex"):
+        report = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, force=True,
+                                           min_canary_overlap=0.0))
+    assert report.outcome == "promoted", report.reason
+    assert json.loads(frozen.read_text())["ids"] == ids  # the same set, minus what is unusable this run
+    warned = " ".join(r.getMessage() for r in caplog.records)
+    assert "2 of" in warned and "left out" in warned
+    frozen.unlink()  # a new set: sampled from readable images only
+    run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, force=True, min_canary_overlap=0.0))
+    remade = json.loads(frozen.read_text())["ids"]
+    assert ids[0] not in remade and ids[1] not in remade and "0/text.png" not in remade
+
+
+def test_corpus_without_evaluation_images_fails_before_training(store, tiny_config, tmp_path):
+    corpus = tmp_path / "flat"
+    corpus.mkdir()
+    (corpus / "a.png").write_bytes(b"")
+    current = store.current_index()
+    report = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, corpus=str(corpus), force=True))
+    assert report.outcome == "failed" and "no evaluation set can be made" in report.reason
+    assert not report.steps  # not even training started
     assert store.current_index() == current
 
 
