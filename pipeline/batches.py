@@ -28,7 +28,7 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from lookalike.model.preprocess import ImageDecodeError, PreprocessSpec
 from lookalike.model.progress import Progress
-from lookalike.pipeline.cache import file_index_table, write_cache_table
+from lookalike.pipeline.cache import file_index_table, write_cache_table, write_failed_table
 from lookalike.pipeline.elements import ItemBatch, Routed
 from lookalike.pipeline.failpoints import failpoint
 from lookalike.pipeline.items import expand_items, items_of_batch, rows_table, split_by_shard
@@ -88,9 +88,13 @@ class DecodeBatchFn(beam.DoFn):
     inference batches are full and have one shape; a source's items (a video's frames) stay
     in one batch, so each lands in the embedding cache whole.
     Thumbnails are written by background threads while the bucket decodes; the batch is
-    emitted once they are on disk (a source whose thumbnail cannot be written is dead-lettered)."""
+    emitted once they are on disk (a source whose thumbnail cannot be written is dead-lettered).
+    Sources whose bytes cannot be decoded are recorded in ``failures_dir`` (the embedding
+    cache: ``cache.write_failed_table``) when the bundle ends, so later runs skip them."""
 
-    def __init__(self, spec: PreprocessSpec, thumbnails_dir: str, sampling: FrameSampling, batch_size: int = 256):
+    def __init__(self, spec: PreprocessSpec, thumbnails_dir: str, sampling: FrameSampling, batch_size: int = 256,
+                 failures_dir: str | None = None):
+        self._failures_dir = failures_dir
         self._spec = spec
         self._thumbs = thumbnails_dir
         self._sampling = sampling
@@ -116,6 +120,7 @@ class DecodeBatchFn(beam.DoFn):
     def start_bundle(self) -> None:
         self._pending: list[tuple[list[str], list[Future], list[tuple[dict[str, Any], np.ndarray]]]] = []
         self._pending_items = 0
+        self._undecodable: list[dict[str, str]] = []  # (source_hash, stage, reason) to record
 
     def _dead(self, uris: list[str], stage: str, error: Exception):
         self._inc(self._failed, len(uris))
@@ -158,6 +163,8 @@ class DecodeBatchFn(beam.DoFn):
                                            data_by_hash.get(source_hash),
                                            lambda img, path, original: futures.append(self._writer.submit(img, path, original))))
             except (ImageDecodeError, VideoDecodeError, OSError) as e:
+                if not isinstance(e, OSError):  # the bytes themselves are bad: the same next time
+                    self._undecodable.append({"source_hash": source_hash, "stage": "decode", "reason": str(e)})
                 yield from self._dead(uris, "decode", e)
                 continue
             if self._pending and self._pending_items + len(items) > self._batch_size:
@@ -168,6 +175,9 @@ class DecodeBatchFn(beam.DoFn):
                 yield from self._emit()
 
     def finish_bundle(self):
+        if self._failures_dir and self._undecodable:
+            write_failed_table(self._failures_dir, self._undecodable)
+            self._undecodable = []
         for output in self._emit():
             yield in_global_window(output)
 
@@ -267,10 +277,10 @@ class ReadChunkFn(DecodeBatchFn):
     inference is dispatched asynchronously while the next files are read and decoded."""
 
     def __init__(self, listing: str, cache_dir: str | None, total_files: int, spec: PreprocessSpec,
-                 thumbnails_dir: str, sampling: FrameSampling, batch_size: int = 256):
-        super().__init__(spec, thumbnails_dir, sampling, batch_size)
+                 thumbnails_dir: str, sampling: FrameSampling, batch_size: int = 256, failures_dir: str | None = None):
+        super().__init__(spec, thumbnails_dir, sampling, batch_size, failures_dir)
         self._listing = listing
-        self._reader = ReadSourceFn(cache_dir, total_files)
+        self._reader = ReadSourceFn(cache_dir, total_files, sampling)
 
     def setup(self) -> None:
         super().setup()

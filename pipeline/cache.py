@@ -7,7 +7,9 @@ here and reuses the rows instead of decoding and embedding again; because groups
 as they finish, a rerun after a crash redoes only the unfinished work.
 
 A file index (``files-*.parquet``: uri, size, mtime, content hash) lets an incremental
-run skip even reading a file whose path, size and modification time are unchanged.
+run skip even reading a file whose path, size and modification time are unchanged, and
+failure records (``failed-*.parquet``: content hash, stage, reason) let it report a file
+that could not be decoded again without reading or decoding it.
 
 A row describes one item made from a source file: an image (one row) or a video frame
 (one row per sampled frame, ``timestamp_s`` set).
@@ -99,6 +101,40 @@ class WriteFileIndexFn(beam.DoFn):
         path = os.path.join(self._directory, f"files-{uuid.uuid4().hex}.parquet")
         write_atomically(path, lambda tmp: pq.write_table(table, tmp))
         yield path
+
+
+# Sources that failed to decode, by content hash: bytes that cannot be decoded now cannot be
+# decoded later (by the same model's preprocessing), so an --incremental run reports them
+# again without reading or decoding them.
+FAILED_SCHEMA = pa.schema([("source_hash", pa.string()), ("stage", pa.string()), ("reason", pa.string())])
+
+
+def write_failed_table(directory: str, rows: list[dict[str, str]]) -> str | None:
+    """Record failed sources (source_hash, stage, reason dicts) as one new ``failed-*.parquet``."""
+    from lookalike.pipeline.writers import write_atomically
+
+    if not rows:
+        return None
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"failed-{uuid.uuid4().hex}.parquet")
+    table = pa.Table.from_pylist(rows, schema=FAILED_SCHEMA)
+    write_atomically(path, lambda tmp: pq.write_table(table, tmp))
+    return path
+
+
+def load_failed(directory: str | Path) -> dict[str, tuple[str, str]]:
+    """source hash -> (stage, reason) of every recorded failure (newer files win); unreadable
+    files are skipped."""
+    failed: dict[str, tuple[str, str]] = {}
+    for path in sorted(glob.glob(os.path.join(str(directory), "failed-*.parquet")), key=os.path.getmtime):
+        try:
+            table = pq.read_table(path).select(FAILED_SCHEMA.names)
+        except Exception as e:
+            log.warning("ignoring unreadable failure record %s: %s", path, e)
+            continue
+        columns = [table.column(name).to_pylist() for name in FAILED_SCHEMA.names]
+        failed.update((h, (stage, reason)) for h, stage, reason in zip(*columns))
+    return failed
 
 
 def _cache_files(directory: str | Path) -> list[str]:

@@ -74,7 +74,7 @@ from lookalike.pipeline.sources import CACHED, DEAD, FILE, NEW, ReadSourceFn, co
 from lookalike.pipeline.summary import EmbedSummary, counter_values, read_dead_letters, read_embeddings, summarize
 from lookalike.pipeline.tfds_source import ReadTfdsRangeFn, TfdsSpec, example_ranges
 from lookalike.pipeline.video import FrameSampling
-from lookalike.pipeline.writers import WriteJsonlFn, WriteParquetShardFn, write_items_shard
+from lookalike.pipeline.writers import WriteJsonlFn, WriteParquetShardFn, write_items_shard, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def _read(p: beam.Pipeline, run: _Run) -> dict[str, beam.PCollection]:
             lambda path: FileMetadata(path, 0))
     else:
         files = p | "MatchCorpus" >> fileio.MatchFiles(run.pattern, empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW)
-    read = files | "ReadAndHash" >> beam.ParDo(ReadSourceFn(run.cache if config.incremental else None, run.total))
+    read = files | "ReadAndHash" >> beam.ParDo(ReadSourceFn(run.cache if config.incremental else None, run.total, config.sampling))
     return split_tagged(read, (NEW, CACHED, DEAD, FILE), "Read")
 
 
@@ -201,7 +201,7 @@ def _read_and_decode(p: beam.Pipeline, run: _Run, spec: PreprocessSpec) -> dict[
         tagged = (p | "ListedChunks" >> beam.Create(chunks, reshuffle=reshuffle)
                   | "ReadAndDecode" >> beam.ParDo(ReadChunkFn(
                       run.listing_file, run.cache if config.incremental else None, run.total, spec, thumbnails,
-                      config.sampling, config.max_batch_size)).with_output_types(Routed))
+                      config.sampling, config.max_batch_size, failures_dir=run.cache)).with_output_types(Routed))
         return split_tagged(tagged, (BATCH, DEAD, CACHED, FILE), "Chunk", {BATCH: ItemBatch})
     read = _read(p, run)
     num_buckets = max(1, -(-run.total // max(1, config.max_batch_size)))
@@ -209,7 +209,8 @@ def _read_and_decode(p: beam.Pipeline, run: _Run, spec: PreprocessSpec) -> dict[
         read[NEW]
         | "ToBucket" >> beam.Map(lambda entry: (bucket_of(entry[0], num_buckets), entry))
         | "GroupBuckets" >> beam.GroupByKey()
-        | "DecodeBatches" >> beam.ParDo(DecodeBatchFn(spec, thumbnails, config.sampling, config.max_batch_size))
+        | "DecodeBatches" >> beam.ParDo(DecodeBatchFn(spec, thumbnails, config.sampling, config.max_batch_size,
+                                                      failures_dir=run.cache))
         .with_output_types(Routed),
         (BATCH, DEAD), "Decoded", {BATCH: ItemBatch})
     return {
@@ -395,11 +396,13 @@ def _list_and_run(run: _Run, started: float) -> EmbedSummary:
         run.total = len(run.listing)
         if config.incremental:  # the cache is read once here: little besides it when nothing changed
             cache_table = load_cache_table(run.cache, int(meta["embed_dim"]))
-            run.plan = plan_reuse(run.listing, run.cache, cache_table.column("source_hash"))
+            run.plan = plan_reuse(run.listing, run.cache, cache_table.column("source_hash"), config.sampling)
+            if run.plan.dead:  # not media, or bytes that failed before: reported again, not read
+                write_jsonl(run_dir / "dead_letter-unread.jsonl", run.plan.dead)
     if in_process and config.incremental and (run.plan is None or run.plan.changed):
         preload_encoder(run.model_dir, config.max_batch_size)
     log.info("embedding %d file(s) matching %s with model %s on %s%s", run.total, pattern, meta["version"], config.runner,
-             f" ({len(run.plan.unchanged)} unchanged)" if run.plan else "")
+             f" ({len(run.plan.unchanged)} unchanged, {len(run.plan.dead)} known to fail)" if run.plan else "")
     reused = None
     if run.plan is not None and run.plan.unchanged and not run.plan.changed:
         reused = reused_items(cache_table, run.plan.unchanged, **run.expand)

@@ -4,7 +4,8 @@ Two steps, so that unchanged and duplicate files cost a read and a hash only:
 
 * ``ReadSourceFn``: read a matched file, hash its bytes (sha256). With an embedding
   cache (``--incremental``), a known hash goes on as ``cached`` (uri, hash), to be
-  answered from the cache (``lookalike.pipeline.reuse``);
+  answered from the cache (``lookalike.pipeline.reuse``), and a hash whose bytes failed to
+  decode in an earlier run becomes its dead letter again (not decoded);
   otherwise ``(hash, uri)`` goes on (``new``). Unreadable files and files that are
   neither images nor videos become dead letters (uri, stage, reason).
 * ``decode_source``: decode an image, or sample a video's frames, into model input,
@@ -30,14 +31,15 @@ from apache_beam.metrics import Metrics
 from lookalike.model.data import IMAGE_SUFFIXES
 from lookalike.model.preprocess import PreprocessSpec, decode_plain_jpeg, image_to_array, open_image, pixels_to_array
 from lookalike.model.progress import Progress
-from lookalike.pipeline.cache import cached_hashes, load_file_index
+from lookalike.pipeline.cache import cached_hashes, load_failed, load_file_index
 from lookalike.pipeline.thumbnails import ThumbnailSink, thumbnail_path, write_thumbnail
-from lookalike.pipeline.video import FrameSampling, is_video_path, sample_frames
+from lookalike.pipeline.video import FrameSampling, is_video_path, reusable_source_hashes, sample_frames, video_source_hash
 
 log = logging.getLogger(__name__)
 
 DEAD = "dead"
 CACHED = "cached"
+NOT_MEDIA_REASON = "not an image or video file (unsupported suffix)"
 
 
 def corpus_pattern(corpus: str) -> str:
@@ -66,6 +68,11 @@ def is_image_path(path: str) -> bool:
 
 def dead_letter(uri: str, stage: str, reason: str) -> dict[str, str]:
     return {"uri": uri, "stage": stage, "reason": reason}
+
+
+def known_failure_letter(uri: str, stage: str, reason: str) -> dict[str, str]:
+    """The dead letter of a file whose bytes failed at ``stage`` in an earlier run (recorded in the cache)."""
+    return dead_letter(uri, stage, f"{reason} (the same bytes failed in an earlier run)")
 
 
 def read_bytes(uri: str, size_hint: int = 0) -> bytes:
@@ -101,9 +108,10 @@ class ReadSourceFn(beam.DoFn):
     | ("dead", letter),
     plus ("file", {uri, size, mtime_s, source_hash}) for the file index."""
 
-    def __init__(self, cache_dir: str | None, total_files: int):
+    def __init__(self, cache_dir: str | None, total_files: int, sampling: FrameSampling = FrameSampling()):
         self._cache_dir = cache_dir
         self._total = total_files
+        self._sampling = sampling  # part of a video's source hash
         self._read = Metrics.counter("lookalike", "files_read")
         self._reused = Metrics.counter("lookalike", "files_unchanged")
         self._failed = Metrics.counter("lookalike", "files_failed")
@@ -117,8 +125,9 @@ class ReadSourceFn(beam.DoFn):
 
     def setup(self) -> None:
         usable = bool(self._cache_dir and os.path.isdir(self._cache_dir))
-        self._cache = cached_hashes(self._cache_dir) if usable else set()
+        self._cache = reusable_source_hashes(cached_hashes(self._cache_dir), self._sampling) if usable else set()
         self._files = load_file_index(self._cache_dir) if usable else {}
+        self._undecodable = load_failed(self._cache_dir) if usable else {}
         self._progress = Progress("read", total=self._total or None, unit="files", logger=log)
         self._count = 0
 
@@ -136,11 +145,11 @@ class ReadSourceFn(beam.DoFn):
         """One file's outputs (see the class); ``carry=False``: never pass its bytes on."""
         if not (is_image_path(uri) or is_video_path(uri)):
             self._inc(self._failed)
-            yield DEAD, dead_letter(uri, "filter", "not an image or video file (unsupported suffix)")
+            yield DEAD, dead_letter(uri, "filter", NOT_MEDIA_REASON)
             return
         known = self._files.get(uri)
         data = None
-        if known and size and mtime and known[:2] == (size, mtime) and known[2] in self._cache:
+        if known and mtime and known[:2] == (size, mtime) and (known[2] in self._cache or known[2] in self._undecodable):
             source_hash = known[2]  # unchanged path, size and mtime: not even read
         else:
             try:
@@ -151,9 +160,14 @@ class ReadSourceFn(beam.DoFn):
                 return
             self._inc(self._read)
             source_hash = hashlib.sha256(data).hexdigest()
-        if size and mtime:
+            if is_video_path(uri):
+                source_hash = video_source_hash(source_hash, self._sampling)
+        if mtime:  # a known modification time (an empty file has size 0)
             yield FILE, {"uri": uri, "size": size, "mtime_s": mtime, "source_hash": source_hash}
-        if source_hash in self._cache:
+        if source_hash in self._undecodable:  # these bytes failed to decode in an earlier run
+            self._inc(self._failed)
+            yield DEAD, known_failure_letter(uri, *self._undecodable[source_hash])
+        elif source_hash in self._cache:
             self._inc(self._reused)
             yield CACHED, (uri, source_hash)
         else:

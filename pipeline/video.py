@@ -4,15 +4,18 @@ A frame is kept when ``interval_s`` has passed since the last kept frame, or whe
 cheap shot-change test fires: the L1 distance between normalised 32-bin grayscale
 histograms of consecutive (downscaled) frames exceeds ``shot_threshold``. Each kept
 frame becomes an item ``<video id>#t=<seconds>`` with its timestamp, so the server can
-say where in the video the match is.
+say where in the video the match is. A video's source hash includes the key of these
+settings (``video_source_hash``): its cached frames are reused only for the same sampling.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -36,6 +39,38 @@ class FrameSampling:
     def __post_init__(self) -> None:
         if self.interval_s <= 0:
             raise ValueError(f"interval_s must be positive, got {self.interval_s}")
+
+    @property
+    def key(self) -> str:
+        """12 hex digits that change with any setting the sampled frames depend on."""
+        text = f"{float(self.interval_s)!r},{float(self.shot_threshold)!r},{float(self.min_shot_gap_s)!r},{int(self.max_frames)}"
+        return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+SAMPLING_KEY_SEPARATOR = "~"
+
+
+def video_source_hash(bytes_sha256: str, sampling: FrameSampling) -> str:
+    """A video's source hash: the sha256 of its bytes and the key of how its frames are
+    sampled (``<sha256>~<key>``), so the embedding cache holds a video's frames per sampling
+    and an ``--incremental`` run with other ``--frame-interval-s`` or ``--shot-threshold``
+    samples it again instead of reusing (or mixing in) frames sampled otherwise."""
+    return f"{bytes_sha256}{SAMPLING_KEY_SEPARATOR}{sampling.key}"
+
+
+def reusable_source_hashes(hashes: Any, sampling: FrameSampling) -> Any:
+    """The cached source hashes a run sampling videos with ``sampling`` may reuse: every
+    image's, and a video's only when sampled the same way. ``hashes``: a set, or an Arrow
+    string array (returned as an Arrow array)."""
+    suffix = SAMPLING_KEY_SEPARATOR + sampling.key
+    if isinstance(hashes, (set, frozenset, list, tuple)):
+        return {h for h in hashes if SAMPLING_KEY_SEPARATOR not in h or h.endswith(suffix)}
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    array = hashes.combine_chunks() if isinstance(hashes, pa.ChunkedArray) else hashes
+    keep = pc.or_(pc.invert(pc.match_substring(array, SAMPLING_KEY_SEPARATOR)), pc.ends_with(array, suffix))
+    return array.filter(pc.fill_null(keep, False))
 
 
 def is_video_path(path: str) -> bool:

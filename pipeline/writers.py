@@ -51,6 +51,17 @@ class WriteParquetShardFn(beam.DoFn):
         yield write_items_shard(self._prefix, shard, self._num_shards, items)
 
 
+def write_jsonl(path: str | os.PathLike, rows: list[dict[str, Any]]) -> None:
+    """One JSONL file with a line per dict (sorted), written atomically."""
+    lines = sorted(json.dumps(r, sort_keys=True) for r in rows)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write("".join(line + "\n" for line in lines))
+
+    write_atomically(str(path), write)
+
+
 class WriteJsonlFn(beam.DoFn):
     """(key, [dict, ...]) -> path of one JSONL file with a line per dict (sorted)."""
 
@@ -59,11 +70,5 @@ class WriteJsonlFn(beam.DoFn):
 
     def process(self, keyed: tuple[Any, Any]):
         _, rows = keyed
-        lines = sorted(json.dumps(r, sort_keys=True) for r in rows)
-
-        def write(tmp: str) -> None:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write("".join(line + "\n" for line in lines))
-
-        write_atomically(self._path, write)
+        write_jsonl(self._path, list(rows))
         yield self._path

@@ -3,6 +3,7 @@
 import hashlib
 import os
 import shutil
+from pathlib import Path
 
 import apache_beam as beam
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 
 from lookalike.pipeline.cache import (WriteFileIndexFn, file_index_table, load_cache_table, load_file_index,
                                       write_cache_table)
-from lookalike.pipeline.embed import EmbedConfig, read_embeddings, run_embed
+from lookalike.pipeline.embed import EmbedConfig, read_dead_letters, read_embeddings, run_embed
 from lookalike.pipeline.reuse import list_files
 from lookalike.pipeline.thumbnails import thumbnail_path
 from lookalike.pipeline.items import (concat_sorted, embedding_schema, embeddings_of, expand_items, items_of_batch, rows_table,
@@ -76,6 +77,34 @@ def test_unchanged_corpus_reuses_items_and_index_without_the_pipeline(corpus_sto
     np.testing.assert_array_equal(emb2, emb1)
     versions = sorted(p.name for p in (corpus_store / "indexes").iterdir())
     assert versions == [first.index_version]
+
+
+def test_unchanged_bad_files_are_reported_again_without_reading_and_current_is_kept(corpus_store, monkeypatch):
+    good = next((corpus_store / "corpus" / "0").glob("*.png")).read_bytes()
+    bad = corpus_store / "corpus" / "bad"
+    bad.mkdir()
+    (bad / "empty.png").write_bytes(b"")
+    (bad / "text.jpg").write_text("not a picture")
+    (bad / "cut.png").write_bytes(good[: len(good) // 2])
+    (bad / "README.txt").write_text("notes")
+    first = run_embed(EmbedConfig(workdir=str(corpus_store), run_name="first", incremental=True))
+    assert first.failed == 4
+    reasons = {Path(r["uri"]).name: r for r in read_dead_letters(corpus_store / "embeddings" / "first")}
+    _no_beam(monkeypatch)
+    again = run_embed(EmbedConfig(workdir=str(corpus_store), run_name="again", incremental=True))
+    assert again.index_version == first.index_version  # CURRENT kept: the same items
+    assert (again.files_read, again.embedded, again.failed, again.items) == (0, 0, 4, first.items)
+    letters = {Path(r["uri"]).name: r for r in read_dead_letters(corpus_store / "embeddings" / "again")}
+    assert letters["README.txt"] == reasons["README.txt"]
+    for name in ("empty.png", "text.jpg", "cut.png"):
+        assert letters[name]["stage"] == reasons[name]["stage"] == "decode"
+        assert letters[name]["reason"] == reasons[name]["reason"] + " (the same bytes failed in an earlier run)"
+    monkeypatch.undo()
+    (bad / "cut-copy.png").write_bytes((bad / "cut.png").read_bytes())  # new path, known bad bytes: read, not decoded
+    third = run_embed(EmbedConfig(workdir=str(corpus_store), run_name="third", incremental=True))
+    assert (third.files_read, third.embedded, third.failed) == (1, 0, 5)
+    letters = {Path(r["uri"]).name: r for r in read_dead_letters(corpus_store / "embeddings" / "third")}
+    assert letters["cut-copy.png"]["reason"].endswith("(the same bytes failed in an earlier run)")
 
 
 def test_unchanged_corpus_with_other_index_options_builds_a_new_index(corpus_store, monkeypatch):
@@ -166,6 +195,31 @@ def test_a_torn_cache_file_is_skipped_and_the_rest_read(tmp_path, caplog):
     assert f"ignoring unreadable cache file {torn}" in caplog.text
 
 
+def test_video_frames_are_reused_only_for_the_same_frame_sampling(corpus_store, make_video):
+    """--frame-interval-s (or the shot threshold) changed: an --incremental run samples the video
+    again, and going back reuses the first sampling's frames, never a mix of both."""
+    from lookalike.pipeline.video import FrameSampling
+
+    (corpus_store / "corpus" / "clips").mkdir()
+    make_video(corpus_store / "corpus" / "clips" / "v.mp4", seconds=5.0, cut_at_s=None)
+
+    def frames(run: str, interval_s: float):
+        summary = run_embed(EmbedConfig(workdir=str(corpus_store), run_name=run, publish=False, incremental=True,
+                                        sampling=FrameSampling(interval_s=interval_s)))
+        _, items = read_embeddings(corpus_store / "embeddings" / run)
+        kept = items.filter(pa.compute.equal(items.column("kind"), "frame"))
+        return summary, sorted(round(t, 1) for t in kept.column("timestamp_s").to_pylist())
+
+    first, every_2s = frames("a", 2.0)
+    assert every_2s == [0.0, 2.0, 4.0]
+    finer, every_1s = frames("b", 1.0)
+    assert every_1s == [0.0, 1.0, 2.0, 3.0, 4.0]
+    assert finer.files_read == 1 and finer.embedded == 5  # only the video, sampled again
+    back, again_2s = frames("c", 2.0)
+    # the first sampling's frames, reused (the file is read to hash it: its file index row was for the 1 s run)
+    assert again_2s == every_2s and back.embedded == 0 and back.files_read == 1
+
+
 def test_plan_reuse_keeps_only_files_whose_path_size_mtime_and_hash_are_known(tmp_path):
     from apache_beam.io.filesystem import FileMetadata
 
@@ -185,9 +239,27 @@ def test_plan_reuse_keeps_only_files_whose_path_size_mtime_and_hash_are_known(tm
     hashes = {"ha", "hb", "hc", "ht", "he", "old"}
     plan = plan_reuse(files, str(tmp_path), hashes)
     assert plan.unchanged == [("/c/e.mp4", "he"), ("/c/a.jpg", "ha"), ("/c/b.JPG", "hb")]  # listing order; newest index row
-    assert [m.path for m in plan.changed] == ["/c/c.png", "/c/d.png", "/c/notes.txt", "/c/new.jpg", "/c/a-again.jpg"]
+    assert [m.path for m in plan.changed] == ["/c/c.png", "/c/d.png", "/c/new.jpg", "/c/a-again.jpg"]
+    assert plan.dead == [{"uri": "/c/notes.txt", "stage": "filter", "reason": "not an image or video file (unsupported suffix)"}]
     assert plan_reuse(files, str(tmp_path), pa.array(sorted(hashes))).unchanged == plan.unchanged
-    assert [m.path for m in plan_reuse(files, str(tmp_path / "none")).changed] == [m.path for m in files]
+    assert [m.path for m in plan_reuse(files, str(tmp_path / "none")).changed] == [m.path for m in files if m.path != "/c/notes.txt"]
+    # unchanged bytes that failed to decode before: a dead letter at once, not read again
+    failed = plan_reuse(files, str(tmp_path), hashes - {"hc"}, failed={"gone": ("decode", "empty file (0 bytes)")})
+    assert [m.path for m in failed.changed] == ["/c/c.png", "/c/new.jpg", "/c/a-again.jpg"]
+    assert failed.dead[0] == {"uri": "/c/d.png", "stage": "decode",
+                              "reason": "empty file (0 bytes) (the same bytes failed in an earlier run)"}
+    # a video's hash carries its frame sampling: cached frames of another sampling are not reused
+    from lookalike.pipeline.video import FrameSampling, video_source_hash
+
+    now, before = FrameSampling(interval_s=1.0), FrameSampling(interval_s=2.0)
+    index([("/c/now.mp4", 60, 5.0, video_source_hash("hn", now)), ("/c/before.mp4", 70, 5.0, video_source_hash("hb4", before))],
+          age_s=0)
+    videos = [FileMetadata("/c/now.mp4", 60, 5.0), FileMetadata("/c/before.mp4", 70, 5.0), FileMetadata("/c/a.jpg", 10, 5.0)]
+    known = {"ha", video_source_hash("hn", now), video_source_hash("hb4", before)}
+    for given in (known, pa.array(sorted(known))):
+        plan = plan_reuse(videos, str(tmp_path), given, now)
+        assert plan.unchanged == [("/c/now.mp4", video_source_hash("hn", now)), ("/c/a.jpg", "ha")]
+        assert [m.path for m in plan.changed] == ["/c/before.mp4"]
 
 
 def test_expanded_items_ids_groups_and_thumbnails(tmp_path):
