@@ -128,14 +128,24 @@ def evaluate_model_cli(args: argparse.Namespace) -> int:
     else:
         model_path = store.require_model(None if choice == "LATEST" else choice)
     folder = Path(getattr(args, "data", None) or store.corpus_dir)
-    k = int(getattr(args, "k", None) or 10)
+    if not folder.is_dir():
+        raise ValueError(f"evaluation folder {folder} does not exist (--data: a folder with one sub-folder per label)")
+
+    def option(name: str, default: int, low: int) -> int:  # None means the default; 0 is not "unset"
+        value = getattr(args, name, None)
+        value = default if value is None else int(value)
+        if value < low:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+        return value
+
+    k = option("k", 10, 1)
     report = evaluate_model(
         model_path, folder,
         ks=tuple(sorted({1, 5, k})),
-        n_way=int(getattr(args, "n_way", None) or 5),
-        k_shot=int(getattr(args, "k_shot", None) or 1),
-        episodes=int(getattr(args, "episodes", None) or 1000),
-        max_items=int(getattr(args, "max_items", None) or 5000),
+        n_way=option("n_way", 5, 2),
+        k_shot=option("k_shot", 1, 1),
+        episodes=option("episodes", 1000, 1),
+        max_items=option("max_items", 5000, 2),
     )
     print(json.dumps(report, indent=2, sort_keys=True))
     return 0

@@ -27,6 +27,37 @@ DEFAULT_WORKDIR = os.environ.get("LOOKALIKE_WORKDIR", "./lookalike-data")
 DEFAULT_PORT = 8765
 
 
+def _int_at_least(low: int):
+    """An argparse type: an integer >= ``low`` (argparse names the option in its error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _float_in(low: float, high: float, *, low_open: bool = False):
+    """An argparse type: a number in [low, high] (or (low, high] with ``low_open``)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (low < value if low_open else low <= value) or not value <= high:
+            raise argparse.ArgumentTypeError(f"must be in {'(' if low_open else '['}{low:g}, {high:g}], got {value:g}")
+        return value
+
+    return parse
+
+
+POSITIVE = _int_at_least(1)
+
+
 def _add_workdir(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workdir", default=DEFAULT_WORKDIR,
@@ -101,7 +132,11 @@ def cmd_query(args: argparse.Namespace) -> int:
     elif args.id:
         response = client.similar(args.id, k=args.k, **filters)
     else:
-        response = client.search_vector([float(v) for v in args.vector.split(",")], k=args.k, **filters)
+        try:
+            vector = [float(v) for v in args.vector.split(",")]
+        except ValueError:
+            raise ValueError(f"--vector expects comma-separated numbers, got {args.vector[:80]!r}") from None
+        response = client.search_vector(vector, k=args.k, **filters)
     print(json.dumps(response, indent=2) if args.json else format_results(response))
     return 0
 
@@ -126,6 +161,8 @@ def cmd_versions(args: argparse.Namespace) -> int:
     from lookalike.model.store import Store
     from lookalike.pipeline import versions
 
+    if args.version and args.action != "promote":
+        raise ValueError(f"versions {args.action} takes no VERSION (got {args.version!r})")
     store = Store.at(args.workdir)
     if args.action == "list":
         rows = versions.list_versions(store)
@@ -146,6 +183,8 @@ def cmd_versions(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.model and args.index:
+        raise ValueError("--model and --index evaluate different things: give one of them")
     if args.model:
         from lookalike.model.evaluate import evaluate_model_cli
 
@@ -155,7 +194,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lookalike.model.store import Store
 
     store = Store.at(args.workdir)
-    path = store.require_current_index() if args.index == "CURRENT" else store.index_dir(args.index)
+    path = store.require_current_index() if args.index in (None, "CURRENT") else store.index_dir(args.index)
     _print_json(evaluate_index(ItemIndex.load(path), k=args.k, max_queries=args.max_queries))
     return 0
 
@@ -204,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-serve", action="store_true", help="stop after the index is published (exit 0)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
-    p.add_argument("--num-workers", type=int, default=1, help="Beam worker processes for the embed step")
+    p.add_argument("--num-workers", type=POSITIVE, default=1, help="Beam worker processes for the embed step")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("train", help="train the Siamese encoder (contrastive or triplet loss)",
@@ -246,20 +285,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-name", default=None, help="name of the embeddings run (default e-<UTC time>)")
     p.add_argument("--runner", default="FnApiRunner",
                    help="Beam runner (default FnApiRunner: in-process, no Prism download)")
-    p.add_argument("--num-workers", type=int, default=1, help="local runner: worker processes (multi-process mode if > 1; each runs XLA on CPUs/N threads)")
-    p.add_argument("--batch-size", type=int, default=256, help="files per inference batch")
-    p.add_argument("--num-shards", type=int, default=None,
+    p.add_argument("--num-workers", type=POSITIVE, default=1, help="local runner: worker processes (multi-process mode if > 1; each runs XLA on CPUs/N threads)")
+    p.add_argument("--batch-size", type=POSITIVE, default=256, help="files per inference batch")
+    p.add_argument("--num-shards", type=POSITIVE, default=None,
                    help="embedding and index shards, each built on a worker (default: one per 50k files)")
     p.add_argument("--index-mode", default="auto", choices=["auto", "brute_force", "tree_exact", "ah", "tree_ah"],
                    help="ScaNN configuration (auto: chosen by shard size: exact brute force under 20k items, "
                    "tree + exact scoring of the searched leaves under 200k, then tree + AH + reorder)")
-    p.add_argument("--target-recall", type=float, default=0.95,
+    p.add_argument("--target-recall", type=_float_in(0.0, 1.0, low_open=True), default=0.95,
                    help="autotune the index's search parameters to this recall@10 against exact search")
     p.add_argument("--no-publish", action="store_true", help="write embeddings only; do not build or publish an index")
     p.add_argument("--incremental", action="store_true",
                    help="reuse embeddings of files whose bytes this model already embedded (embeddings/cache/)")
-    p.add_argument("--frame-interval-s", type=float, default=2.0, help="videos: sample a frame every N seconds")
-    p.add_argument("--shot-threshold", type=float, default=0.5,
+    p.add_argument("--frame-interval-s", type=_float_in(0.0, float("inf"), low_open=True), default=2.0, help="videos: sample a frame every N seconds")
+    p.add_argument("--shot-threshold", type=_float_in(0.0, 2.0), default=0.5,
                    help="videos: also sample on a shot change (grayscale histogram L1 distance above this, 0-2)")
     p.set_defaults(func=cmd_embed)
 
@@ -274,8 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     p.add_argument("--watch-interval-s", type=float, default=2.0,
                    help="how often to check CURRENT for a new index version (0: never; POST /v1/admin/reload still works)")
-    p.add_argument("--max-batch", type=int, default=64, help="most searches answered by one ScaNN call (1: no batching)")
-    p.add_argument("--max-embed-batch", type=int, default=16,
+    p.add_argument("--max-batch", type=POSITIVE, default=64, help="most searches answered by one ScaNN call (1: no batching)")
+    p.add_argument("--max-embed-batch", type=POSITIVE, default=16,
                    help="most uploaded images embedded in one model forward (1: no batching)")
     p.add_argument("--batch-wait-ms", type=float, default=2.0, help="longest wait for announced queries to join a batch")
     p.add_argument("--inline-max-ms", type=float, default=2.0,
@@ -292,10 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--image", help="search by this image file")
     what.add_argument("--id", help="search by a stored item id")
     what.add_argument("--vector", help="search by an embedding, comma-separated floats")
-    p.add_argument("-k", type=int, default=10, help="number of results (1-100)")
+    p.add_argument("-k", type=POSITIVE, default=10, help="number of results (1-100)")
     p.add_argument("--kind", choices=["image", "frame"], default=None, help="only images or only video frames")
     p.add_argument("--group", action="append", default=[], help="only this group / video id (repeatable)")
-    p.add_argument("--max-per-group", type=int, default=None, help="at most M results per video or group")
+    p.add_argument("--max-per-group", type=POSITIVE, default=None, help="at most M results per video or group")
     p.add_argument("--json", action="store_true", help="print the raw JSON response")
     p.set_defaults(func=cmd_query)
 
@@ -312,11 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-improvement", type=float, default=0.0,
                    help="the candidate's MAP@R must beat the served model's by more than this (default 0)")
     p.add_argument("--force", action="store_true", help="use the candidate even if it is not better")
-    p.add_argument("--target-recall", type=float, default=0.95, help="ANN recall@10 the new index must reach")
-    p.add_argument("--min-canary-overlap", type=float, default=0.2,
+    p.add_argument("--target-recall", type=_float_in(0.0, 1.0, low_open=True), default=0.95, help="ANN recall@10 the new index must reach")
+    p.add_argument("--min-canary-overlap", type=_float_in(0.0, 1.0), default=0.2,
                    help="least mean overlap@10 of canary queries between served and new index (0-1)")
-    p.add_argument("--num-workers", type=int, default=1, help="Beam worker processes for the embed step")
-    p.add_argument("--keep", type=int, default=5, help="index versions to keep (default 5)")
+    p.add_argument("--num-workers", type=POSITIVE, default=1, help="Beam worker processes for the embed step")
+    p.add_argument("--keep", type=POSITIVE, default=5, help="index versions to keep (default 5)")
     p.set_defaults(func=cmd_reindex)
 
     p = sub.add_parser("versions", help="list, promote or roll back index versions",
@@ -337,17 +376,17 @@ def build_parser() -> argparse.ArgumentParser:
                        "and N-way K-shot accuracy of a model on a labelled folder. Examples: lookalike eval "
                        "--workdir DIR --index --k 10; lookalike eval --workdir DIR --model --n-way 5 --k-shot 1")
     _add_workdir(p)
-    p.add_argument("--index", nargs="?", const="CURRENT", default="CURRENT", metavar="VERSION",
+    p.add_argument("--index", nargs="?", const="CURRENT", default=None, metavar="VERSION",
                    help="index version to evaluate (default: CURRENT)")
-    p.add_argument("--k", "-k", type=int, default=10, help="k of recall@k (default 10)")
-    p.add_argument("--max-queries", type=int, default=None, help="evaluate a seeded sample of this many items")
+    p.add_argument("--k", "-k", type=POSITIVE, default=10, help="k of recall@k (default 10)")
+    p.add_argument("--max-queries", type=POSITIVE, default=None, help="evaluate a seeded sample of this many items")
     p.add_argument("--model", nargs="?", const="LATEST", default=None, metavar="VERSION",
                    help="evaluate a model (default LATEST; a version or a model folder) instead of an index")
     p.add_argument("--data", default=None, help="--model: labelled folder <label>/<file> (default WORKDIR/corpus)")
-    p.add_argument("--n-way", type=int, default=5, help="--model: classes per few-shot episode")
-    p.add_argument("--k-shot", type=int, default=1, help="--model: examples per class in an episode")
-    p.add_argument("--episodes", type=int, default=1000, help="--model: few-shot episodes")
-    p.add_argument("--max-items", type=int, default=5000, help="--model: evaluate at most this many images")
+    p.add_argument("--n-way", type=_int_at_least(2), default=5, help="--model: classes per few-shot episode")
+    p.add_argument("--k-shot", type=POSITIVE, default=1, help="--model: examples per class in an episode")
+    p.add_argument("--episodes", type=POSITIVE, default=1000, help="--model: few-shot episodes")
+    p.add_argument("--max-items", type=_int_at_least(2), default=5000, help="--model: evaluate at most this many images")
     p.set_defaults(func=cmd_eval)
     return parser
 
@@ -374,6 +413,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as other Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
+        return 141
     except (StoreError, ValueError, FileNotFoundError, RuntimeError) as e:
         if args.verbose:
             log.exception("failed")

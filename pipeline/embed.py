@@ -326,11 +326,34 @@ def _execute(run: _Run, started: float, index_build: tuple[str, dict[str, Any]] 
                         time.perf_counter() - started)
     if summary.items == 0:
         (run.run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
+        if run.total == 0:
+            raise EmbedError(f"nothing embedded: no files found in {_source_name(run)}; no index published")
         raise EmbedError(
-            f"nothing embedded from {run.pattern}: {run.total} file(s) matched, {summary.failed} rejected "
+            f"nothing embedded from {_source_name(run)}: {run.total} file(s) found, {summary.failed} rejected "
             f"(see {run.run_dir}/dead_letter-*.jsonl); no index published"
         )
     return summary
+
+
+def _source_name(run: _Run) -> str:
+    """What the run reads, as the user named it: a TFDS data set, a list file, or a corpus pattern."""
+    if run.config.tfds:
+        return f"TFDS data set {run.config.tfds}"
+    if run.config.list_file:
+        return f"the files listed in {run.config.list_file}"
+    return run.pattern
+
+
+def validate_config(config: EmbedConfig) -> None:
+    """ValueError naming the setting, before anything is written."""
+    for name in ("num_workers", "max_batch_size"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
+    if config.num_shards is not None and config.num_shards < 1:
+        raise ValueError(f"num_shards must be at least 1, got {config.num_shards}")
+    if sum(bool(x) for x in (config.corpus, config.list_file, config.tfds)) > 1:
+        raise ValueError("give one source: a corpus, a list file or a TFDS data set")
+    resolve_options(1, replace(config.index, num_shards=1))  # the index options (target recall, mode, ...)
 
 
 def _resolve_corpus(config: EmbedConfig, store: Store) -> tuple[EmbedConfig, str]:
@@ -354,6 +377,7 @@ def _resolve_corpus(config: EmbedConfig, store: Store) -> tuple[EmbedConfig, str
 def run_embed(config: EmbedConfig) -> EmbedSummary:
     """Run the pipeline, build and publish the index; raise EmbedError if nothing was embedded."""
     started = time.perf_counter()
+    validate_config(config)
     keep_freed_memory()
     store = Store.at(config.workdir)
     model_dir = store.require_model(config.model_version)
@@ -401,8 +425,9 @@ def _list_and_run(run: _Run, started: float) -> EmbedSummary:
                 write_jsonl(run_dir / "dead_letter-unread.jsonl", run.plan.dead)
     if in_process and config.incremental and (run.plan is None or run.plan.changed):
         preload_encoder(run.model_dir, config.max_batch_size)
-    log.info("embedding %d file(s) matching %s with model %s on %s%s", run.total, pattern, meta["version"], config.runner,
-             f" ({len(run.plan.unchanged)} unchanged, {len(run.plan.dead)} known to fail)" if run.plan else "")
+    log.info("embedding %d file(s) from %s with model %s on %s%s", run.total, _source_name(run), meta["version"], config.runner,
+             f" ({len(run.plan.unchanged)} unchanged by path, size and mtime; {len(run.plan.dead)} known to fail)"
+             if run.plan else "")
     reused = None
     if run.plan is not None and run.plan.unchanged and not run.plan.changed:
         reused = reused_items(cache_table, run.plan.unchanged, **run.expand)
@@ -415,7 +440,7 @@ def _list_and_run(run: _Run, started: float) -> EmbedSummary:
         "%d item(s): %d embedded, from %d unchanged file(s) reused, %d duplicate file(s); %d failed; "
         "%.1fs (%.0f items/s); index %s",
         summary.items, summary.embedded, summary.unchanged, summary.duplicate_files, summary.failed,
-        summary.elapsed_s, summary.items_per_s, summary.index_version,
+        summary.elapsed_s, summary.items_per_s, summary.index_version or "not built (--no-publish)",
     )
     return summary
 

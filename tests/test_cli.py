@@ -160,3 +160,70 @@ def test_train_without_labels_or_from_tfds_in_process(tmp_path, tfds_dir, capsys
     out = json.loads(capsys.readouterr().out)
     model = json.loads((Path(out["model_dir"]) / "model.json").read_text())
     assert model["config"]["unlabelled"] is True and out["metrics"]["val_views"] == 18  # 6 held-out images x 3
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--model", "--k-shot", "0"], "argument --k-shot: must be at least 1, got 0"),
+    (["eval", "--model", "--n-way", "1"], "argument --n-way: must be at least 2, got 1"),
+    (["eval", "--model", "--episodes", "0"], "argument --episodes: must be at least 1, got 0"),
+    (["embed", "--target-recall", "2"], "argument --target-recall: must be in (0, 1], got 2"),
+    (["embed", "--shot-threshold", "5"], "argument --shot-threshold: must be in [0, 2], got 5"),
+    (["embed", "--frame-interval-s", "-1"], "argument --frame-interval-s: must be in (0, inf], got -1"),
+    (["embed", "--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+    (["embed", "--num-shards", "x"], "argument --num-shards: expected an integer, got 'x'"),
+    (["query", "--id", "a", "-k", "0"], "argument -k: must be at least 1, got 0"),
+    (["reindex", "--min-canary-overlap", "1.5"], "argument --min-canary-overlap: must be in [0, 1], got 1.5"),
+])
+def test_out_of_range_options_are_refused_naming_the_option(argv, message, capsys):
+    from lookalike.pipeline.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--model", "--index"], "--model and --index evaluate different things"),
+    (["versions", "list", "extra"], "versions list takes no VERSION (got 'extra')"),
+    (["query", "--url", "http://127.0.0.1:9", "--vector", "0.1,abc"], "--vector expects comma-separated numbers, got '0.1,abc'"),
+])
+def test_contradictory_or_malformed_input_is_a_clear_error(argv, message, tmp_path, capsys):
+    from lookalike.pipeline.cli import main
+
+    assert main([*argv, *(["--workdir", str(tmp_path)] if argv[0] != "query" else [])]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_model_evaluation_refuses_zero_instead_of_using_defaults(demo_workdir):
+    import argparse
+
+    from lookalike.model.evaluate import evaluate_model_cli
+
+    args = argparse.Namespace(workdir=str(demo_workdir), model="LATEST", k_shot=0, n_way=5, episodes=10)
+    with pytest.raises(ValueError, match="--k-shot must be at least 1, got 0"):
+        evaluate_model_cli(args)
+    with pytest.raises(ValueError, match="evaluation folder .*nope does not exist"):
+        evaluate_model_cli(argparse.Namespace(workdir=str(demo_workdir), model="LATEST", data=str(demo_workdir / "nope")))
+
+
+def test_an_empty_corpus_is_named_and_nothing_is_written(tmp_path, demo_workdir):
+    from lookalike.index.builder import IndexOptions
+    from lookalike.pipeline.embed import EmbedConfig, EmbedError, run_embed
+
+    workdir = tmp_path / "w"
+    shutil.copytree(demo_workdir / "models", workdir / "models")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EmbedError, match=r"no files found in .*empty/\*\*; no index published"):
+        run_embed(EmbedConfig(workdir=str(workdir), corpus=str(tmp_path / "empty")))
+    with pytest.raises(ValueError, match=r"target_recall must be in \(0, 1\], got 2"):
+        run_embed(EmbedConfig(workdir=str(workdir), corpus=str(tmp_path / "empty"), index=IndexOptions(target_recall=2)))
+    assert len(list((workdir / "embeddings").iterdir())) == 1  # the empty corpus's run; the bad option wrote nothing
+
+
+def test_output_piped_into_a_reader_that_stops_early_is_not_a_traceback(demo_workdir):
+    proc = subprocess.Popen([lookalike_exe(), "versions", "list", "--json", "--workdir", str(demo_workdir)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # like `| head` that has read enough, before the command writes
+    stderr = proc.communicate(timeout=120)[1].decode()
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr[-2000:]
+    assert proc.returncode == 141
