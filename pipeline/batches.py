@@ -188,7 +188,8 @@ class BatchRowsFn(beam.DoFn):
     inference dispatched asynchronously is waited for only when the next batch is in. Each
     batch's rows are first written to the embedding cache (one file per batch, atomically), so
     a run killed midway keeps every finished batch for the next ``--incremental`` run. Logs the
-    embed stage's progress (items, rate, ETA)."""
+    embed stage's progress in files, like the read stage (a video's frames count as its one
+    file), with rate and ETA."""
 
     def __init__(self, total_files: int, cache_dir: str, embed_dim: int, num_shards: int, **expand: Any):
         self._total = total_files
@@ -198,7 +199,7 @@ class BatchRowsFn(beam.DoFn):
         self._expand = expand
 
     def setup(self) -> None:
-        self._progress = Progress("embed", total=self._total or None, unit="items", logger=log)
+        self._progress = Progress("embed", total=self._total or None, unit="files", logger=log)
         self._count = 0
         self._batches = 0
 
@@ -224,7 +225,8 @@ class BatchRowsFn(beam.DoFn):
         write_cache_table(self._cache_dir, rows)
         self._batches += 1
         failpoint(f"embed_batch_{self._batches}")
-        self._count += len(metas)
+        files_of_source = {m["source_hash"]: len(m["uris"]) for m in metas}  # a video's frames are one file
+        self._count += sum(files_of_source.values())
         self._progress.update(self._count)
         items = expand_items(rows, *items_of_batch(metas), reused=False, **self._expand)
         yield from split_by_shard(items, self._num_shards)

@@ -391,12 +391,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _LibraryNoise(logging.Filter):
+    """Drops warnings Beam logs through the root logger on every run that say nothing about
+    the user's job (optional Google Cloud clients absent; no ``resource`` module stats)."""
+
+    PREFIXES = ("apitools not found", "Resource module is not available")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "root" and str(record.msg).startswith(self.PREFIXES))
+
+
 def configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     if not verbose:
         for noisy in ("apache_beam", "absl", "jax", "orbax", "matplotlib", "httpx", "tensorflow"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_LibraryNoise())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -128,6 +128,11 @@ class _Run:
     chunks: list[tuple[int, int]] | None = None  # [start, stop) rows of listing_file, one element each
 
     @property
+    def files_to_read(self) -> int:
+        """Files the pipeline reads (the progress logs' totals): all, or those the plan did not settle."""
+        return len(self.plan.changed) if self.plan is not None else self.total
+
+    @property
     def cache(self) -> str:
         return str(cache_dir(self.store.embeddings_dir, self.meta["version"]))
 
@@ -181,7 +186,7 @@ def _read(p: beam.Pipeline, run: _Run) -> dict[str, beam.PCollection]:
             lambda path: FileMetadata(path, 0))
     else:
         files = p | "MatchCorpus" >> fileio.MatchFiles(run.pattern, empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW)
-    read = files | "ReadAndHash" >> beam.ParDo(ReadSourceFn(run.cache if config.incremental else None, run.total, config.sampling))
+    read = files | "ReadAndHash" >> beam.ParDo(ReadSourceFn(run.cache if config.incremental else None, run.files_to_read, config.sampling))
     return split_tagged(read, (NEW, CACHED, DEAD, FILE), "Read")
 
 
@@ -200,7 +205,7 @@ def _read_and_decode(p: beam.Pipeline, run: _Run, spec: PreprocessSpec) -> dict[
         reshuffle = len(chunks) > 1 and not (config.runner == LOCAL_RUNNER and config.num_workers == 1)
         tagged = (p | "ListedChunks" >> beam.Create(chunks, reshuffle=reshuffle)
                   | "ReadAndDecode" >> beam.ParDo(ReadChunkFn(
-                      run.listing_file, run.cache if config.incremental else None, run.total, spec, thumbnails,
+                      run.listing_file, run.cache if config.incremental else None, run.files_to_read, spec, thumbnails,
                       config.sampling, config.max_batch_size, failures_dir=run.cache)).with_output_types(Routed))
         return split_tagged(tagged, (BATCH, DEAD, CACHED, FILE), "Chunk", {BATCH: ItemBatch})
     read = _read(p, run)
@@ -240,7 +245,7 @@ def build_pipeline(p: beam.Pipeline, run: _Run, index_build: tuple[str, dict[str
     handler = FlaxEncoderHandler(run.model_dir, min_batch_size=1, max_batch_size=1, encoder_batch=config.max_batch_size,
                                  xla_cpu_threads=threads_per_worker(local_workers) if local_workers else None)
     items = read[BATCH] | "Embed" >> RunInference(handler).with_output_types(EmbeddedBatch) | "BatchRows" >> beam.ParDo(
-        BatchRowsFn(run.total, run.cache, embed_dim, run.num_shards, **run.expand)).with_output_types(ShardTable)
+        BatchRowsFn(run.files_to_read, run.cache, embed_dim, run.num_shards, **run.expand)).with_output_types(ShardTable)
     if config.incremental:  # only an incremental run has cached files (a Flatten costs a stage of its own)
         cached_files = read[CACHED]
         if run.plan is not None and run.plan.unchanged:

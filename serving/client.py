@@ -157,9 +157,10 @@ def format_results(response: dict[str, Any]) -> str:
     if not results:
         return lines[0]
     width = max(len("id"), *(len(r["id"]) for r in results))
-    lines.append(f"{'#':>3}  {'id':<{width}}  {'score':>7}  {'distance':>8}  same item")
+    frames = any(r.get("timestamp_s") is not None for r in results)  # a video time column only when there are frames
+    lines.append(f"{'#':>3}  {'id':<{width}}  {'score':>7}  {'distance':>8}  {'same item':<9}" + ("  video time" if frames else ""))
     for rank, r in enumerate(results, 1):
-        when = f" @ {r['timestamp_s']:.2f}s" if r.get("timestamp_s") is not None else ""
         same = "yes" if r.get("same_item") else "-"
-        lines.append(f"{rank:>3}  {r['id']:<{width}}  {r['score']:>7.4f}  {r['distance']:>8.4f}  {same}{when}")
+        when = f"  {r['timestamp_s']:>9.2f}s" if r.get("timestamp_s") is not None else ""
+        lines.append(f"{rank:>3}  {r['id']:<{width}}  {r['score']:>7.4f}  {r['distance']:>8.4f}  {same:<9}{when}".rstrip())
     return "\n".join(lines)

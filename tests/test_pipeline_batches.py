@@ -76,3 +76,20 @@ def test_duplicates_are_embedded_once_across_many_chunks(tmp_path, trained_store
     for i in (0, 5, 17):
         np.testing.assert_array_equal(by_id[f"copy{i:02d}.jpg"], by_id[f"img{i:02d}.jpg"])
     assert not (workdir / "embeddings" / "r" / ".listing.arrow").exists()
+
+
+def test_embed_progress_counts_files_not_items(tmp_path):
+    """A video's frames are one file: the embed stage's count never passes the files read."""
+    from apache_beam.ml.inference.base import PredictionResult
+
+    from lookalike.pipeline.batches import BatchRowsFn
+
+    image = {"source_hash": "a" * 64, "content_hash": "a" * 64, "kind": "image", "timestamp_s": None, "width": 8,
+             "height": 8, "uris": ["/c/x/a.png", "/c/y/copy.png"]}
+    frames = [{"source_hash": "b" * 64, "content_hash": f"{'b' * 64}#t={t:.3f}", "kind": "frame", "timestamp_s": t,
+               "width": 8, "height": 8, "uris": ["/c/v.mp4"]} for t in (0.0, 2.0, 4.0)]
+    fn = BatchRowsFn(3, str(tmp_path), 4, 1, root="/c", thumbnails_dir="/t", model_version="m-1")
+    fn.setup()
+    metas = [image, *frames]
+    list(fn._rows((metas, PredictionResult(None, np.ones((len(metas), 4), np.float32)))))
+    assert fn._count == 3  # two paths of one image + one video, not 5 items

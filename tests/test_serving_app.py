@@ -380,3 +380,8 @@ def test_format_results_table(client: SearchClient) -> None:
     assert len(lines) == 5 and lines[2].split()[0] == "1"
     empty = format_results({"query": {"type": "vector", "dim": 8, "k": 1}, "results": []})
     assert "0 result(s)" in empty
+    frames = format_results({"query": {"type": "id", "id": "v.mp4#t=0.000", "k": 2}, "results": [
+        {"id": "v.mp4#t=2.000", "score": 0.9, "distance": 0.4, "same_item": True, "timestamp_s": 2.0},
+        {"id": "a.png", "score": 0.5, "distance": 1.0, "same_item": False, "timestamp_s": None}]}).splitlines()
+    assert frames[1].split()[-2:] == ["video", "time"]  # the time has a column of its own, not the "same item" one
+    assert frames[2].split()[-2:] == ["yes", "2.00s"] and frames[3].split()[-1] == "-"
