@@ -58,6 +58,17 @@ def _float_in(low: float, high: float, *, low_open: bool = False):
 POSITIVE = _int_at_least(1)
 
 
+class _DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the text already gives it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or "default" in text or action.default in (None, False, argparse.SUPPRESS)
+                or "%(default)" in text):
+            return text
+        return f"{text} (default %(default)s)"
+
+
 def _add_workdir(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workdir", default=DEFAULT_WORKDIR,
@@ -363,7 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "the same checks as reindex (index loads, model matches, smoke query) and switch CURRENT "
                        "atomically; a running server hot-swaps.")
     _add_workdir(p)
-    p.add_argument("action", choices=["list", "promote", "rollback"])
+    p.add_argument("action", choices=["list", "promote", "rollback"],
+                   help="list: every index version (* = CURRENT); promote VERSION: check it and make it CURRENT; "
+                   "rollback: make the version served before CURRENT current again")
     p.add_argument("version", nargs="?", help="the index version to promote")
     p.add_argument("--json", action="store_true", help="list as JSON")
     p.set_defaults(func=cmd_versions)
@@ -388,6 +401,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--episodes", type=POSITIVE, default=1000, help="--model: few-shot episodes")
     p.add_argument("--max-items", type=_int_at_least(2), default=5000, help="--model: evaluate at most this many images")
     p.set_defaults(func=cmd_eval)
+    for command in sub.choices.values():
+        command.formatter_class = _DefaultsHelpFormatter
     return parser
 
 

@@ -80,6 +80,10 @@ def test_every_subcommand_has_help():
         assert out.returncode == 0 and "--" in out.stdout, (command, out.stderr)
         if command != "query":
             assert "--workdir" in out.stdout
+        if command == "embed":  # defaults are shown, once
+            flat = " ".join(out.stdout.split())
+            assert "files per inference batch (default 256)" in flat and "(default 0.95)" in flat
+            assert "(default: one per 50k files)" in flat and "(default: one per 50k files) (default" not in flat
 
 
 def test_demo_leaves_model_embeddings_and_published_index(demo_workdir):
