@@ -64,7 +64,13 @@ def load_labelled_folder(root: str | Path, spec: PreprocessSpec) -> LabelledImag
             paths.append(str(path))
             count += 1
         if count == 0:
-            log.warning("class %r in %s has no readable images; ignored", class_dir.name, root)
+            from lookalike.pipeline.video import is_video_path  # as model.unlabelled does
+
+            videos = not files and any(p.is_file() and is_video_path(p.name) for p in class_dir.rglob("*"))
+            log.warning("class %r in %s has %s; ignored", class_dir.name, root,
+                        "no readable images" if files else
+                        "videos but no images (labelled training uses images; --unlabelled also learns from videos)"
+                        if videos else "no images")
             continue
         if count == 1:
             log.warning("class %r has a single image: usable only in dissimilar pairs", class_dir.name)

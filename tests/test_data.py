@@ -40,6 +40,23 @@ def test_folder_loader_skips_bad_files_and_keeps_the_rest(tmp_path):
     assert sorted(p.rsplit("/", 1)[-1] for p, _ in data.failures) == ["broken.png", "empty.jpg"]
 
 
+def test_a_class_of_videos_only_is_explained(tmp_path, caplog):
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        for i in range(2):
+            Image.new("L", (8, 8), 40 * i).save(tmp_path / label / f"{i}.png")
+    (tmp_path / "clips").mkdir()
+    (tmp_path / "clips" / "v.mp4").write_bytes(b"\x00" * 16)
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "x.png").write_bytes(b"")
+    with caplog.at_level("WARNING"):
+        data = load_labelled_folder(tmp_path, SPEC)
+    assert data.class_names == ["a", "b"]
+    warned = "\n".join(r.getMessage() for r in caplog.records)
+    assert "class 'clips'" in warned and "videos but no images" in warned and "--unlabelled" in warned
+    assert "class 'broken'" in warned and "no readable images" in warned
+
+
 def test_folder_without_classes_names_the_folder(tmp_path):
     with pytest.raises(ValueError, match=str(tmp_path)):
         load_labelled_folder(tmp_path, SPEC)
