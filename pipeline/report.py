@@ -17,6 +17,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from lookalike.model.preprocess import to_mode
 from lookalike.model.store import Store
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ def _tile(item: dict[str, Any]) -> Image.Image:
         if path and Path(str(path)).is_file():
             try:
                 with Image.open(path) as img:
-                    return img.convert("RGB").resize((TILE, TILE), Image.Resampling.NEAREST)
+                    return to_mode(img, 3).resize((TILE, TILE), Image.Resampling.NEAREST)
             except OSError:
                 continue
     return Image.new("RGB", (TILE, TILE), (200, 200, 200))

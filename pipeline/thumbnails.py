@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 from PIL import Image
 
-from lookalike.model.preprocess import pixels_to_image
+from lookalike.model.preprocess import pixels_to_image, to_mode
 from lookalike.pipeline.writers import write_atomically
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def write_thumbnail(img: Image.Image | np.ndarray, path: str, original: tuple[st
         return
     if isinstance(img, np.ndarray):
         img = pixels_to_image(img)
-    thumb = img.convert("RGB") if img.mode != "RGB" else img.copy()
+    thumb = to_mode(img, 3)  # a copy: alpha on white, 16-bit scaled, palette and CMYK to RGB, as the model sees it
     thumb.thumbnail((size, size))
     write_atomically(path, lambda tmp: thumb.save(tmp, format="JPEG", quality=85))
 

@@ -69,3 +69,31 @@ def test_thumbnail_paths_in_one_loop_match_thumbnail_path():
     hashes = ["ab" * 32, "ab" * 32 + "#t=1.500", "x"]
     for folder in ("/w/thumbnails/", "/w/thumbnails", ""):
         assert thumbnail_paths(folder, hashes) == [thumbnail_path(folder, h) for h in hashes]
+
+
+@pytest.mark.parametrize("kind", ["gray16", "rgba", "palette_transparent"])
+def test_thumbnails_show_16_bit_and_transparent_pictures_as_the_model_sees_them(tmp_path, kind):
+    """16-bit grayscale scaled to 8 bits (not clipped to white); transparency on white."""
+    import numpy as np
+
+    from lookalike.model.preprocess import to_mode
+
+    if kind == "gray16":
+        img = Image.fromarray((np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16).astype(np.uint16), "I;16")
+    elif kind == "rgba":
+        img = Image.new("RGBA", (64, 64), (0, 0, 255, 0))  # fully transparent blue: white where it shows
+        img.paste((255, 0, 0, 255), (0, 0, 32, 64))
+    else:
+        img = Image.new("P", (64, 64), 0)
+        img.putpalette([0, 0, 255] + [255, 0, 0] * 255)
+        img.paste(1, (0, 0, 32, 64))
+        img.info["transparency"] = 0
+    path = tmp_path / f"{kind}.jpg"
+    ThumbnailWriter(threads=1).submit(img, str(path)).result()
+    thumb = np.asarray(Image.open(path).convert("RGB"), np.float64)
+    expected = np.asarray(to_mode(img, 3), np.float64)
+    assert np.abs(thumb - expected).mean() < 6  # JPEG noise only
+    if kind == "gray16":
+        assert 60 < thumb.mean() < 200  # the old convert("RGB") made it almost all white
+    else:
+        assert thumb[:, 40:].mean() > 240  # transparent: white, not the hidden blue
