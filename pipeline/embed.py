@@ -43,10 +43,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import apache_beam as beam
 import pyarrow as pa
@@ -278,13 +280,38 @@ def build_pipeline(p: beam.Pipeline, run: _Run, index_build: tuple[str, dict[str
 
 
 def read_list_file(path: str) -> list[str]:
-    """Paths listed one per line (blank lines and # comments ignored); relative ones are
-    taken relative to the list file's folder."""
+    """Paths listed one per line (blank lines and # comments ignored, a path listed twice kept
+    once); relative ones are taken relative to the list file's folder, ``file://`` URLs are
+    local paths, and local paths are normalised (``a/../b`` is ``b``)."""
     base = path.rsplit("/", 1)[0] if "/" in path else "."
     with FileSystems.open(path, compression_type="uncompressed") as f:
         lines = f.read().decode("utf-8").splitlines()
-    entries = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
-    return [e if e.startswith("/") or "://" in e else f"{base}/{e}" for e in entries]
+    paths: dict[str, None] = {}
+    for line in lines:
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        if entry.startswith("file://"):
+            entry = unquote(entry[len("file://"):])
+        if "://" not in entry:
+            entry = os.path.normpath(entry if entry.startswith("/") else f"{base}/{entry}")
+        paths.setdefault(entry, None)
+    return list(paths)
+
+
+def common_folder(paths: list[str]) -> str:
+    """The deepest folder holding every path (of any filesystem: compared by '/' parts); item
+    ids are paths relative to it, so files listed from different folders never share an id."""
+    parts = [p.split("/")[:-1] for p in paths]
+    if not parts:
+        return ""
+    common = parts[0]
+    for other in parts[1:]:
+        n = 0
+        while n < min(len(common), len(other)) and common[n] == other[n]:
+            n += 1
+        common = common[:n]
+    return "/".join(common) or "/"
 
 
 def write_reused(run: _Run, items: pa.Table, index_build: tuple[str, dict[str, Any]] | None) -> dict[str, int]:
@@ -370,7 +397,8 @@ def _resolve_corpus(config: EmbedConfig, store: Store) -> tuple[EmbedConfig, str
         list_file = config.list_file if "://" in config.list_file else str(Path(config.list_file).resolve())
         if "://" not in list_file and not Path(list_file).is_file():
             raise StoreError(f"list file {config.list_file} does not exist")
-        return replace(config, list_file=list_file), list_file.rsplit("/", 1)[0]
+        listed = read_list_file(list_file)  # ids are relative to the listed files' common folder
+        return replace(config, list_file=list_file), common_folder(listed) if listed else list_file.rsplit("/", 1)[0]
     wildcard = any(ch in corpus for ch in "*?[")
     if "://" not in corpus and not wildcard and not Path(corpus).is_dir():
         raise StoreError(f"corpus folder {corpus} does not exist: run `lookalike demo` or pass --corpus")

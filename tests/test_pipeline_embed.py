@@ -191,6 +191,20 @@ def test_listed_paths_include_unreadable_ones(workdir_with_model, digits_corpus)
     assert summary.dead_letter_examples[0]["stage"] == "read"
 
 
+def test_listed_files_from_different_folders_get_distinct_ids(workdir_with_model, digits_corpus, tmp_path):
+    """Same file names in different folders, a file:// URL, a relative path, a path listed twice."""
+    sources = list_images(digits_corpus)
+    for i, folder in enumerate(("o1/a", "o2/a", "lists/sub")):
+        (tmp_path / folder).mkdir(parents=True)
+        shutil.copy(sources[i], tmp_path / folder / "x.png")
+    listing = tmp_path / "lists" / "list.txt"
+    listing.write_text(f"{tmp_path}/o1/a/x.png\nfile://{tmp_path}/o2/a/x.png\nsub/x.png\n\n{tmp_path}/o1/a/../a/x.png\n")
+    summary = run_embed(EmbedConfig(workdir=str(workdir_with_model), list_file=str(listing)))
+    assert (summary.files_matched, summary.items, summary.failed) == (3, 3, 0)
+    index = ItemIndex.load(workdir_with_model / "indexes" / summary.index_version)
+    assert sorted(item["id"] for item in index.items) == ["lists/sub/x.png", "o1/a/x.png", "o2/a/x.png"]
+
+
 def test_videos_become_timestamped_frames_with_thumbnails(workdir_with_model, make_video, digits_corpus):
     corpus = workdir_with_model / "corpus"
     (corpus / "clips").mkdir(parents=True)
