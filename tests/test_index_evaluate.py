@@ -51,6 +51,18 @@ def test_exact_index_loses_nothing_and_a_starved_one_does(tmp_path):
     assert starved["approximation_loss"]["map_at_r"] > 0.0
 
 
+def test_unlabelled_items_still_get_ann_recall(tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(300, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids = pa.table({"id": [f"{i % 3}/{i}.png" for i in range(299)] + ["top-level.png"]})
+    build_index(x, ids, model_version="m", out_dir=tmp_path / "i")
+    report = evaluate_index(ItemIndex.load(tmp_path / "i"), k=5)
+    assert report["ann_recall_at_5"] == 1.0 and "exact" not in report
+    assert "'top-level.png' has no '<label>/' prefix" in report["label_metrics"]
+    assert json.dumps(report).count("-0.0") == 0
+
+
 def test_eval_command_on_the_pipeline_index(indexed_store, capsys):
     assert main(["eval", "--workdir", str(indexed_store.root), "--index", "--k", "5"]) == 0
     report = json.loads(capsys.readouterr().out)
