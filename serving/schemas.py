@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_K = 100
 DEFAULT_K = 10
@@ -50,7 +50,10 @@ class SearchResponse(BaseModel):
 
 
 class FilterFields(BaseModel):
-    """Metadata filters and crowding, shared by the JSON search bodies."""
+    """Metadata filters and crowding, shared by the JSON search bodies. A field the API does not
+    know (a typo such as ``kinds``) is a 422 error, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid")
 
     kind: Kind | None = Field(None, description="only items of this kind ('image' or 'frame')")
     group: list[str] | None = Field(None, max_length=MAX_K, description="only items of these groups (video ids)")
@@ -63,7 +66,10 @@ class VectorQuery(FilterFields):
 
 
 class BatchQuery(BaseModel):
-    """One query of a batch: exactly one of ``vector``, ``id`` or ``image_base64``."""
+    """One query of a batch: exactly one of ``vector``, ``id`` or ``image_base64``. ``k`` and the
+    filters are the batch's, for all its queries (given here they are a 422 error)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     vector: list[float] | None = Field(None, description="a query embedding")
     id: str | None = Field(None, description="an indexed item id: items like it (itself excluded)")

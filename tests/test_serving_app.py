@@ -220,6 +220,18 @@ def test_vector_search_rejects_bad_vectors(http: httpx.Client, content: str, rea
     assert reason in detail_of(response)
 
 
+@pytest.mark.parametrize("path, body, where", [
+    ("/v1/search/vector", {"vector": [0.1] * 8, "kinds": "image"}, ["body", "kinds"]),
+    ("/v1/search/batch", {"queries": [{"id": QUERY_ID, "k": 2}]}, ["body", "queries", 0, "k"]),
+    ("/v1/search/batch", {"queries": [{"id": QUERY_ID}], "knd": "frame"}, ["body", "knd"]),
+])
+def test_unknown_body_fields_are_422_not_ignored(http: httpx.Client, path: str, body: dict, where: list) -> None:
+    """A typo, or k given per query of a batch (it is the batch's), must not be silently dropped."""
+    response = http.post(path, json=body)
+    assert response.status_code == 422, response.text
+    assert any(e["loc"] == where and e["type"] == "extra_forbidden" for e in response.json()["detail"]), response.text
+
+
 @pytest.mark.parametrize("k", [0, -1, 101, 1000])
 def test_k_out_of_range_is_422(http: httpx.Client, query_bytes: bytes, k: int) -> None:
     assert http.post("/v1/search/image", params={"k": k}, content=query_bytes).status_code == 422
