@@ -65,15 +65,28 @@ def list_files(pattern: str) -> list[FileMetadata]:
 
 
 def _walk(folder: str) -> list[FileMetadata]:
-    """Files under ``folder`` as Beam's local match lists them (os.walk, symlinked files followed)."""
+    """Files under ``folder`` as Beam's local match lists them (os.walk, symlinked files
+    followed), and also under symlinked folders (each real folder walked once, so a link
+    loop ends). A path that cannot be stat'ed (a dangling link, a file gone meanwhile) is
+    listed with size and mtime 0, so reading it fails and it is dead-lettered, not lost."""
     found = []
-    for dirpath, _, names in os.walk(folder):
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, names in os.walk(folder, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in seen:  # reached again through a link: already walked
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         prefix = dirpath if dirpath.endswith(os.sep) else dirpath + os.sep  # os.path.join, without its cost per file
         for name in names:
             path = prefix + name
             try:
                 st = os.stat(path)
-            except OSError:  # vanished meanwhile, or a dangling link
+            except OSError:  # a dangling link, or gone: the reader reports it
+                found.append(FileMetadata(path, 0, 0.0))
                 continue
             found.append(FileMetadata(path, st.st_size, st.st_mtime))
     return found

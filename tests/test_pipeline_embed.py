@@ -191,6 +191,19 @@ def test_listed_paths_include_unreadable_ones(workdir_with_model, digits_corpus)
     assert summary.dead_letter_examples[0]["stage"] == "read"
 
 
+def test_a_dangling_link_in_the_corpus_is_a_dead_letter(workdir_with_model, digits_corpus):
+    import os
+
+    corpus = workdir_with_model / "corpus"
+    corpus.mkdir(parents=True, exist_ok=True)
+    shutil.copy(list_images(digits_corpus)[0], corpus / "one.png")
+    os.symlink(corpus / "gone.png", corpus / "dangling.png")
+    summary = run_embed(EmbedConfig(workdir=str(workdir_with_model), publish=False))
+    assert (summary.files_matched, summary.items, summary.failed) == (2, 1, 1)
+    letter = summary.dead_letter_examples[0]
+    assert letter["uri"].endswith("dangling.png") and letter["stage"] == "read" and "No such file" in letter["reason"]
+
+
 def test_listed_files_from_different_folders_get_distinct_ids(workdir_with_model, digits_corpus, tmp_path):
     """Same file names in different folders, a file:// URL, a relative path, a path listed twice."""
     sources = list_images(digits_corpus)

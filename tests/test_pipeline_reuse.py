@@ -142,6 +142,20 @@ def test_local_folder_listing_equals_beams_match(tmp_path):
     assert [m.path for m in list_files(f"{tmp_path}/a/*.jpg")] == [f"{tmp_path}/a/x.jpg"]  # other patterns: Beam's match
 
 
+def test_listing_follows_folder_links_once_and_keeps_dangling_links(tmp_path):
+    (tmp_path / "real" / "deep").mkdir(parents=True)
+    (tmp_path / "real" / "deep" / "a.jpg").write_bytes(b"1")
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "b.jpg").write_bytes(b"22")
+    os.symlink(tmp_path / "real", tmp_path / "corpus" / "linked")  # a linked folder: walked
+    os.symlink(tmp_path / "corpus", tmp_path / "real" / "loop")  # a loop back: each folder once
+    os.symlink(tmp_path / "nowhere.jpg", tmp_path / "corpus" / "dangling.jpg")
+    listed = {m.path[len(str(tmp_path / "corpus")) + 1:]: (m.size_in_bytes, m.last_updated_in_seconds)
+              for m in list_files(f"{tmp_path / 'corpus'}/**")}
+    assert sorted(listed) == ["b.jpg", "dangling.jpg", "linked/deep/a.jpg"]
+    assert listed["linked/deep/a.jpg"][0] == 1 and listed["dangling.jpg"] == (0, 0.0)
+
+
 def test_file_index_chunks_as_tables_or_rows_land_in_one_index_file(tmp_path):
     """The chunked reader hands over file index rows as a table, the file-by-file reader as lists
     of rows: one index file holds both, and the newest entry of a path wins on load."""
