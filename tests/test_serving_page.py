@@ -92,6 +92,11 @@ def test_upload_results_click_and_footer(site, browser, tmp_path: Path) -> None:
     ids = result_ids(page)
     assert target not in ids and ids == [n.id for n in backend.index.similar_to(target, 20)]
 
+    # After a hot swap the footer follows: a response from another index version reloads it.
+    page.evaluate("() => { shownIndex = 'i-before-swap'; document.querySelector('#footer .index-version').textContent = 'i-before-swap'; }")
+    results.locator(".result").first.click()
+    expect(footer.locator(".index-version")).to_have_text(backend.index.version)
+
     # Typing an id works too; bad input shows the server's reason, not a crash.
     page.fill("#item-id", QUERY_ID)
     page.select_option("#k", "5")
@@ -101,6 +106,8 @@ def test_upload_results_click_and_footer(site, browser, tmp_path: Path) -> None:
     page.fill("#item-id", "9/no_such_digit.png")
     page.click("#similar-button")
     expect(page.locator("#status")).to_have_text("unknown item id '9/no_such_digit.png'")
+    expect(results.locator(".result")).to_have_count(0)  # not the previous query's results
+    expect(page.locator("#preview")).to_contain_text("no preview")  # not a broken image
     not_image = tmp_path / "notes.png"
     not_image.write_text("not an image")
     page.set_input_files("#file-input", str(not_image))
