@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lookalike.index.exact import exact_topk
+from lookalike.index.exact import exact_topk, recall_per_query
 
 if TYPE_CHECKING:
     from lookalike.index.builder import IndexOptions
@@ -66,7 +66,7 @@ def recall_of(index: "ItemIndex", queries: np.ndarray, truth: np.ndarray, self_r
     """Recall@k (mean and standard error over the [Q] queries) of one configuration."""
     rows, _ = index.search_rows(queries, k + (0 if self_rows is None else 1), leaves_to_search=leaves, reorder=reorder)
     found = drop_self(rows, self_rows, k)
-    per_query = np.array([len(set(f.tolist()) & set(t.tolist())) / k for f, t in zip(found, truth)])
+    per_query = recall_per_query(found, truth, queries, index.embeddings)  # ties with the k-th count
     stderr = float(per_query.std() / np.sqrt(len(per_query)))
     return {"leaves_to_search": leaves, "reorder": reorder, "recall": round(float(per_query.mean()), 4),
             "recall_stderr": round(stderr, 4)}

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lookalike.index.autotune import drop_self
-from lookalike.index.exact import exact_topk, recall_at_k
+from lookalike.index.exact import exact_topk, recall_per_query
 
 if TYPE_CHECKING:
     from lookalike.index.searcher import ItemIndex
@@ -105,7 +105,7 @@ def evaluate_index(
     result: dict[str, Any] = {
         "index": index.version, "mode": index.mode, "count": n, "num_queries": int(len(rows)), "k": k,
         # the share of the exact k nearest neighbours the index finds (not a label metric)
-        f"ann_recall_at_{k}": round(recall_at_k(ann[:, :k], exact[:, :k]), 4),
+        f"ann_recall_at_{k}": round(float(recall_per_query(ann[:, :k], exact[:, :k], queries, index.embeddings).mean()), 4),
     }
     if labels is None:
         result["label_metrics"] = f"not computed: {no_labels}"

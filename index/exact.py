@@ -77,6 +77,26 @@ def _numpy_topk(q: np.ndarray, x: np.ndarray, k: int, block_rows: int) -> tuple[
     return np.take_along_axis(best_rows, order, axis=1), np.take_along_axis(best_scores, order, axis=1)
 
 
+TIE_EPS = 1e-5  # float32 dot products of unit vectors agree to ~1e-7; identical embeddings score the same
+
+
+def recall_per_query(found_rows: np.ndarray, true_rows: np.ndarray, queries: np.ndarray, corpus: np.ndarray) -> np.ndarray:
+    """[Q] recall@k of the found rows ([Q, >=k]; -1 = none) against the exact top-k ``true_rows``
+    ([Q, k]), counting ties: a found row is correct when it is a true row or scores at least as
+    high as the k-th true neighbour (the ann-benchmarks rule). Byte-identical files have
+    identical embeddings under different ids; either is an exact answer, so an exact index
+    reports recall 1.0 rather than ~0.997 whichever of the tied ids it returns."""
+    k = true_rows.shape[1]
+    q = np.asarray(queries, np.float32)
+    kth = np.einsum("qd,qd->q", q, corpus[true_rows[:, -1]]) - TIE_EPS
+    out = np.empty(len(true_rows))
+    for i, (found, truth) in enumerate(zip(found_rows[:, :k], true_rows)):
+        found = np.unique(found[found >= 0])
+        good = np.isin(found, truth) | (corpus[found] @ q[i] >= kth[i])
+        out[i] = min(k, int(good.sum())) / k
+    return out
+
+
 def recall_at_k(found_rows: np.ndarray, true_rows: np.ndarray) -> float:
     """Mean fraction of the true top-k rows ([Q, k]) present among the found rows ([Q, >=k]; -1 = none)."""
     if len(true_rows) == 0:

@@ -40,6 +40,32 @@ def test_recall_and_helpers():
     assert drop_self(np.array([[5, 1, 2], [1, 2, 3]]), np.array([5, 9]), 2).tolist() == [[1, 2], [1, 2]]
 
 
+def test_recall_counts_ties_with_the_kth_neighbour():
+    """Identical embeddings under other ids (byte-identical files) are exact answers too."""
+    from lookalike.index.exact import recall_per_query
+
+    corpus = np.array([[1, 0], [1, 0], [0.8, 0.6], [0, 1]], np.float32)  # rows 0 and 1 are identical
+    q = np.array([[1, 0]], np.float32)
+    assert recall_per_query(np.array([[1, 2]]), np.array([[0, 2]]), q, corpus).tolist() == [1.0]  # 1 ties with 0
+    assert recall_per_query(np.array([[0, 1]]), np.array([[0, 1]]), q, corpus).tolist() == [1.0]
+    assert recall_per_query(np.array([[0, 3]]), np.array([[0, 1]]), q, corpus).tolist() == [0.5]  # 3 is worse
+    assert recall_per_query(np.array([[0, 0]]), np.array([[0, 1]]), q, corpus).tolist() == [0.5]  # a row counts once
+    assert recall_per_query(np.array([[2, -1]]), np.array([[0, 1]]), q, corpus).tolist() == [0.0]
+
+
+def test_brute_force_on_duplicated_embeddings_reports_full_recall(tmp_path):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(400, 8)).astype(np.float32)
+    x = np.concatenate([x, x[:200]])  # 200 items whose embedding another item has too
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    manifest = build_index(x, pa.table({"id": [f"c{i % 4}/{i}" for i in range(len(x))]}), model_version="m",
+                           out_dir=tmp_path / "i")
+    assert manifest["build"]["mode"] == "brute_force" and manifest["tuning"]["recall"] == 1.0
+    from lookalike.index.evaluate import evaluate_index
+
+    assert evaluate_index(ItemIndex.load(tmp_path / "i"), k=10)["ann_recall_at_10"] == 1.0
+
+
 @pytest.mark.parametrize("mode", ["tree_exact", "ah", "tree_ah"])
 @pytest.mark.parametrize("target", [0.8, 0.99])
 def test_autotune_meets_the_recall_target_and_records_it(tmp_path, mode, target):
