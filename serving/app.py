@@ -46,6 +46,7 @@ from lookalike.serving.queries import (
     search_by_image,
     search_or_422,
     search_response,
+    unknown_item,
     unit_query,
 )
 from lookalike.serving.schemas import (
@@ -367,7 +368,7 @@ def create_app(
         """Items that look like an indexed item (the item itself excluded)."""
         row = backend.index.row_of(item_id)
         if row is None:
-            raise HTTPException(status_code=404, detail=f"unknown item id {item_id!r}")
+            raise unknown_item(item_id)
         filters = Filters.of(kind, group, max_per_group)
         item = SearchItem(backend, backend.index.embeddings[row], k, filters, exclude_row=row)
         neighbors = await search_or_422(engine, item)

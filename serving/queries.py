@@ -31,10 +31,20 @@ UPLOAD_FIELD = "file"
 INLINE_DECODE_BYTES = 64 * 1024
 
 
+def unknown_item(item_id: str) -> HTTPException:
+    """The 404 for an id the index does not hold; for a video's path, how its frames are named
+    (a '#' sent unescaped starts the URL's fragment, which never reaches the server)."""
+    from lookalike.pipeline.video import is_video_path
+
+    hint = (f": a video's frames are the items '{item_id}#t=<seconds>' (in a URL, send '#' as %23)"
+            if is_video_path(item_id) else "")
+    return HTTPException(status_code=404, detail=f"unknown item id {item_id!r}{hint}")
+
+
 def item_or_404(backend: Backend, item_id: str) -> dict[str, Any]:
     row = backend.index.row_of(item_id)
     if row is None:
-        raise HTTPException(status_code=404, detail=f"unknown item id {item_id!r}")
+        raise unknown_item(item_id)
     return backend.index.items[row]
 
 

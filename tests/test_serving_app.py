@@ -245,6 +245,13 @@ def test_unknown_item_is_404(http: httpx.Client, suffix: str) -> None:
     assert detail_of(response) == "unknown item id '9/no_such_digit.png'"
 
 
+def test_unknown_video_id_explains_frame_ids(http: httpx.Client) -> None:
+    response = http.get("/v1/items/clips/walk.mp4/similar")
+    assert response.status_code == 404
+    assert detail_of(response) == ("unknown item id 'clips/walk.mp4': a video's frames are the items "
+                                   "'clips/walk.mp4#t=<seconds>' (in a URL, send '#' as %23)")
+
+
 @pytest.mark.parametrize("item_id", ["../../../../etc/passwd", "/etc/passwd", "3/../3/digit_0003.png", "ABSOLUTE"])
 def test_thumbnail_never_follows_paths_from_the_request(http: httpx.Client, workdir: Path, item_id: str) -> None:
     if item_id == "ABSOLUTE":  # a real file's absolute path is still not an id
