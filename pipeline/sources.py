@@ -21,6 +21,7 @@ import logging
 import os
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import unquote
 
 import numpy as np
 
@@ -206,3 +207,38 @@ def decode_source(
         meta = {"source_hash": source_hash, "content_hash": content_hash, "kind": kind, "timestamp_s": t,
                 "width": img.size[0], "height": img.size[1], "uris": uris}
         yield meta, image_to_array(img, spec)
+
+
+def read_list_file(path: str) -> list[str]:
+    """Paths listed one per line (blank lines and # comments ignored, a path listed twice kept
+    once); relative ones are taken relative to the list file's folder, ``file://`` URLs are
+    local paths, and local paths are normalised (``a/../b`` is ``b``)."""
+    base = path.rsplit("/", 1)[0] if "/" in path else "."
+    with FileSystems.open(path, compression_type="uncompressed") as f:
+        lines = f.read().decode("utf-8").splitlines()
+    paths: dict[str, None] = {}
+    for line in lines:
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        if entry.startswith("file://"):
+            entry = unquote(entry[len("file://"):])
+        if "://" not in entry:
+            entry = os.path.normpath(entry if entry.startswith("/") else f"{base}/{entry}")
+        paths.setdefault(entry, None)
+    return list(paths)
+
+
+def common_folder(paths: list[str]) -> str:
+    """The deepest folder holding every path (of any filesystem: compared by '/' parts); item
+    ids are paths relative to it, so files listed from different folders never share an id."""
+    parts = [p.split("/")[:-1] for p in paths]
+    if not parts:
+        return ""
+    common = parts[0]
+    for other in parts[1:]:
+        n = 0
+        while n < min(len(common), len(other)) and common[n] == other[n]:
+            n += 1
+        common = common[:n]
+    return "/".join(common) or "/"
