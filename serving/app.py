@@ -338,7 +338,7 @@ def create_app(
             elif q.id is not None:
                 exclude = backend.index.row_of(q.id)
                 if exclude is None:
-                    raise HTTPException(status_code=404, detail=f"{what}unknown item id {q.id!r}")
+                    raise HTTPException(status_code=404, detail=f"{what}{unknown_item(q.id).detail}")
                 query = backend.index.embeddings[exclude]
                 echoed = echo("item", body.k, filters, id=q.id)
             else:
