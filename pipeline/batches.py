@@ -125,7 +125,7 @@ class DecodeBatchFn(beam.DoFn):
     def _dead(self, uris: list[str], stage: str, error: Exception):
         self._inc(self._failed, len(uris))
         for uri in uris:
-            log.warning("dead letter %s (%s): %s", uri, stage, error)
+            log.debug("dead letter %s (%s): %s", uri, stage, error)  # listed by the run summary
             yield Routed(DEAD, dead_letter(uri, stage, str(error)))
 
     def _emit(self):

@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 from lookalike.pipeline.items import embeddings_of
 
 log = logging.getLogger(__name__)
+DEAD_LETTERS_SHOWN = 20  # skipped files named in the log and in summary.json; all are in dead_letter-*.jsonl
 
 
 @dataclass
@@ -94,6 +95,15 @@ def read_dead_letters(run_dir: Path) -> list[dict[str, str]]:
     return rows
 
 
+def log_dead_letters(dead: list[dict[str, str]], run_dir: Path, shown: int = DEAD_LETTERS_SHOWN) -> None:
+    """One warning per skipped file, for the first ``shown``; the rest are counted, with where to find them."""
+    for row in dead[:shown]:
+        log.warning("skipped %s at %s: %s", row["uri"], row["stage"], row["reason"])
+    if len(dead) > shown:
+        log.warning("... and %d more skipped file(s): all %d are listed in %s", len(dead) - shown, len(dead),
+                    Path(run_dir) / "dead_letter-*.jsonl")
+
+
 def summarize(run: str, run_dir: Path, model_version: str, total: int, runner: str, counted: dict[str, int],
               elapsed: float) -> EmbedSummary:
     """Counts of a finished run: ``counted`` (the runner's counters, plus what was decided
@@ -105,8 +115,7 @@ def summarize(run: str, run_dir: Path, model_version: str, total: int, runner: s
         items = read_items(run_dir)
         num_items, counts = items.num_rows, counts_from_items(items)
     dead = read_dead_letters(run_dir)
-    for row in dead:
-        log.warning("skipped %s at %s: %s", row["uri"], row["stage"], row["reason"])
+    log_dead_letters(dead, run_dir)
     return EmbedSummary(
         run=run,
         run_dir=str(run_dir),
@@ -122,5 +131,5 @@ def summarize(run: str, run_dir: Path, model_version: str, total: int, runner: s
         elapsed_s=round(elapsed, 3),
         items_per_s=round(num_items / elapsed, 1) if elapsed > 0 else 0.0,
         runner=runner,
-        dead_letter_examples=dead[:20],
+        dead_letter_examples=dead[:DEAD_LETTERS_SHOWN],
     )

@@ -39,7 +39,7 @@ def test_published_index_answers_each_item_with_itself(indexed_store):
         assert index.search(index.embeddings[row], k=1)[0][0].id == index.items[row]["id"]
 
 
-def test_bad_files_are_dead_lettered_and_the_rest_indexed(tmp_path, trained_store):
+def test_bad_files_are_dead_lettered_and_the_rest_indexed(tmp_path, trained_store, caplog):
     workdir = tmp_path / "w"
     shutil.copytree(trained_store.root, workdir)
     corpus = workdir / "corpus"
@@ -50,8 +50,12 @@ def test_bad_files_are_dead_lettered_and_the_rest_indexed(tmp_path, trained_stor
     (corpus / "1" / "zero.png").write_bytes(b"")
     (corpus / "2" / "text.jpg").write_text("just text")
     (corpus / "notes.txt").write_text("not an image")
-    summary = run_embed(EmbedConfig(workdir=str(workdir), run_name="with-bad"))
+    with caplog.at_level(logging.INFO):
+        summary = run_embed(EmbedConfig(workdir=str(workdir), run_name="with-bad"))
     assert (summary.embedded, summary.failed) == (good, 4)
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    for name in ("truncated.jpg", "zero.png", "text.jpg", "notes.txt"):  # each named once, with its reason
+        assert len([m for m in warned if name in m]) == 1, warned
     dead = {row["uri"].rsplit("/", 1)[-1]: row for row in summary.dead_letter_examples}
     assert set(dead) == {"truncated.jpg", "zero.png", "text.jpg", "notes.txt"}
     assert "empty" in dead["zero.png"]["reason"] and dead["notes.txt"]["stage"] == "filter"
