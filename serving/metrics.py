@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from functools import lru_cache
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -120,7 +121,7 @@ class RequestMetrics:
         try:
             await self.app(scope, receive, send_with_status)
         finally:
-            count, observe = self.metrics.request_observers(endpoint_of(scope.get("route")), scope["method"], status)
+            count, observe = self.metrics.request_observers(endpoint_of(scope), scope["method"], status)
             count()
             observe(time.perf_counter() - started)
 
@@ -130,6 +131,16 @@ def _endpoint(path: str) -> str:
     return _CONVERTOR.sub(r"{\1}", path)
 
 
-def endpoint_of(route: object) -> str:
-    """The ``endpoint`` label of a request: its route's template, as in the OpenAPI spec."""
+def endpoint_of(scope: Scope) -> str:
+    """The ``endpoint`` label of a request: its route's template, as in the OpenAPI spec.
+
+    FastAPI records the route of its own endpoints in the scope, not of plain Starlette
+    routes (``/openapi.json``, ``/docs``, mounts): those are matched here against the app's
+    routes. A path no route matches is ``unmatched``."""
+    route = scope.get("route")
+    if route is None:
+        for candidate in getattr(scope.get("app"), "routes", ()):
+            if candidate.matches(scope)[0] is not Match.NONE:
+                route = candidate
+                break
     return _endpoint(getattr(route, "path", None) or "unmatched")
