@@ -19,6 +19,7 @@ from typing import Any, overload
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 
@@ -180,6 +181,27 @@ class ItemTable:
             return self._ids.take(pa.array(rows)).to_pylist()
         return [self[int(r)]["id"] for r in rows]
 
+    def rows_where(self, accept: Mapping[str, set]) -> np.ndarray:
+        """[M] int64 rows (deleted ones included) whose ``key`` value is in ``accept[key]``
+        for every key; a missing column or a null is the value None."""
+        mask = np.ones(len(self), bool)
+        for key, values in accept.items():
+            if key in self.table.column_names:
+                mask[: self._base] &= _column_in(self.table.column(key), values)
+            elif None not in values:
+                mask[: self._base] = False
+            if self._added:
+                mask[self._base:] &= np.array([_value_in(a.get(key), values) for a in self._added], bool)
+        return np.flatnonzero(mask)
+
+    def column_values(self, key: str, rows: np.ndarray) -> list[Any]:
+        """Column ``key`` of ``rows`` ([M] int) as Python values (None where absent)."""
+        if key not in self.table.column_names and not self._added:
+            return [None] * len(rows)
+        if key not in self.table.column_names:
+            return [self._added[r - self._base].get(key) if r >= self._base else None for r in np.asarray(rows).tolist()]
+        return self.take(rows).column(key).to_pylist()
+
     def take(self, rows: np.ndarray) -> pa.Table:
         """The rows ([M] int, any order) as an Arrow table with the loaded schema."""
         rows = np.asarray(rows, np.int64)
@@ -192,3 +214,23 @@ class ItemTable:
         order = np.argsort(np.concatenate([np.flatnonzero(rows < self._base), np.flatnonzero(rows >= self._base)]),
                            kind="stable")
         return pa.concat_tables(parts).take(pa.array(order)) if len(parts) > 1 else parts[0]
+
+
+def _value_in(value: Any, values: set) -> bool:
+    try:
+        return value in values
+    except TypeError:  # an unhashable value (a list column) equals no filter value
+        return False
+
+
+def _column_in(column: pa.ChunkedArray, values: set) -> np.ndarray:
+    """[rows] bool: which values of ``column`` are in ``values`` (Python equality, None for null)."""
+    value_type = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
+    try:
+        value_set = pa.array([v for v in values if v is not None], type=value_type)
+        mask = pc.is_in(column, value_set=value_set).fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError, ValueError, OverflowError):
+        return np.array([_value_in(v, values) for v in column.to_pylist()], bool)  # e.g. "1" asked of an int column
+    if None in values:
+        mask |= column.is_null().to_numpy(zero_copy_only=False).astype(bool)
+    return mask

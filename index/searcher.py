@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from lookalike.index.filtered import filtered_search
 from lookalike.index.manifest import REORDER_MODES, TREE_MODES, IndexLoadError, read_manifest, verify_files
 from lookalike.index.rows import Growable, ItemTable, ReadWriteLock
 from lookalike.index.simd import enable_scann_simd
@@ -321,6 +322,7 @@ class ItemIndex(UpdatableIndex):
         max_per_group: int | None = None,
         group_by: str = "group",
         model_version: str | None = None,
+        exclude_row: int | None = None,
     ) -> list[list[Neighbor]]:
         """[Q, D] queries -> Q lists of the k nearest items, best first.
 
@@ -328,9 +330,11 @@ class ItemIndex(UpdatableIndex):
         mismatch with the index raises ``IncompatibleQueryError``. ``where`` keeps items
         whose metadata column equals the value (or is in the list of values), e.g.
         ``{"kind": "frame"}``; ``max_per_group`` keeps at most M results per value of
-        ``group_by`` (an item without that column is its own group). Both are done by
-        over-fetching and filtering, widening the fetch until k results are found or
-        the corpus is exhausted.
+        ``group_by`` (an item without that column is its own group). A selective filter
+        scores its matching items exactly; otherwise results are over-fetched and filtered,
+        widening the fetch and the searched tree leaves until k results are found or the
+        corpus is exhausted (``lookalike.index.filtered``). ``exclude_row`` is left out of
+        the results (a similar-item query's own item) and takes no slot of its group.
         """
         q = self.check_queries(queries, model_version=model_version)
         if k < 1:
@@ -340,41 +344,13 @@ class ItemIndex(UpdatableIndex):
             raise QueryError(f"query embedding {zero[0]} is a zero vector and has no direction")
         if not len(self):
             return [[] for _ in q]
-        if not where and not max_per_group:
-            return self._raw_search(q, k)
         if max_per_group is not None and max_per_group < 1:
             raise QueryError(f"max_per_group must be at least 1, got {max_per_group}")
-        accept = {key: set(v) if isinstance(v, (list, tuple, set)) else {v} for key, v in (where or {}).items()}
-        out = []
-        for query in q:
-            fetch = max(4 * k, 32)
-            while True:
-                found = self._raw_search(query[None, :], fetch)[0]
-                kept = self._filter(found, k, accept, max_per_group, group_by)
-                if len(kept) >= k or fetch >= len(self):
-                    break
-                fetch *= 4
-            out.append(kept)
-        return out
-
-    def _filter(
-        self, found: list[Neighbor], k: int, accept: dict[str, set], max_per_group: int | None, group_by: str
-    ) -> list[Neighbor]:
-        kept: list[Neighbor] = []
-        per_group: dict[Any, int] = {}
-        for n in found:
-            item = self.items[n.row]
-            if any(item.get(key) not in values for key, values in accept.items()):
-                continue
-            if max_per_group:
-                group = item.get(group_by) or item["id"]
-                if per_group.get(group, 0) >= max_per_group:
-                    continue
-                per_group[group] = per_group.get(group, 0) + 1
-            kept.append(n)
-            if len(kept) == k:
-                break
-        return kept
+        if not where and not max_per_group:
+            if exclude_row is None:
+                return self._raw_search(q, k)
+            return [[n for n in found if n.row != exclude_row][:k] for found in self._raw_search(q, k + 1)]
+        return filtered_search(self, q, k, where, max_per_group, group_by, exclude_row)
 
     def row_of(self, item_id: str) -> int | None:
         """The row of a (live) item, or None; the id map is built on first use (~0.4 s per 1M items)."""

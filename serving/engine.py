@@ -102,27 +102,9 @@ class SearchItem:
 
 
 def search_one(item: SearchItem) -> list[Neighbor]:
-    f, index = item.filters, item.backend.index
-    if item.exclude_row is None or f.max_per_group is None:
-        extra = 0 if item.exclude_row is None else 1
-        found = index.search(item.query[None, :], item.k + extra, where=f.where or None, max_per_group=f.max_per_group)[0]
-        return [n for n in found if n.row != item.exclude_row][: item.k]
-    # Crowding around an item that is itself left out: the item must not take a slot of
-    # its group, so crowd here, over filtered results, widening until k are found.
-    fetch = 4 * (item.k + 1)
-    while True:
-        found = index.search(item.query[None, :], fetch, where=f.where or None)[0]
-        kept, per_group = [], {}
-        for n in found:
-            if n.row == item.exclude_row:
-                continue
-            group = index.items[n.row].get("group") or n.id
-            if per_group.get(group, 0) < f.max_per_group:
-                per_group[group] = per_group.get(group, 0) + 1
-                kept.append(n)
-        if len(kept) >= item.k or fetch >= len(index):
-            return kept[: item.k]
-        fetch *= 4
+    f = item.filters
+    return item.backend.index.search(item.query[None, :], item.k, where=f.where or None, max_per_group=f.max_per_group,
+                                     exclude_row=item.exclude_row)[0]
 
 
 def run_search_batch(items: list[SearchItem]) -> list[list[Neighbor] | BaseException]:

@@ -205,6 +205,53 @@ def test_filters_and_crowding_widen_until_k_found(tmp_path):
     assert index.search(emb[1], k=5, where={"kind": "none"})[0] == []
 
 
+@pytest.mark.parametrize("mode", ["brute_force", "tree_exact", "tree_ah"])
+def test_filters_find_k_on_every_mode_even_outside_the_searched_leaves(tmp_path, mode):
+    n = 3000
+    emb = unit_vectors(n, 16, seed=3)
+    rng = np.random.default_rng(3)
+    kinds = np.where(rng.random(n) < 0.01, "frame", "image")  # ~30 rare frames all over the space
+    groups = np.where(rng.random(n) < 0.2, "g-wide", np.array([f"g-{i % 50}" for i in range(n)]))  # ~20 %: widening
+    table = items(n).append_column("kind", pa.array(kinds.tolist())).append_column("group", pa.array(groups.tolist()))
+    build_index(emb, table, model_version="m", out_dir=tmp_path / "i",
+                options=IndexOptions(mode=mode, num_leaves=60, leaves_to_search=1, reorder=20, autotune=False))
+    index = ItemIndex.load(tmp_path / "i")
+    index.delete([f"item-{np.flatnonzero(kinds == 'frame')[0]}"])  # a deleted item is never a result
+    query = unit_vectors(1, 16, seed=4)[0]
+
+    def exact(mask: np.ndarray, k: int) -> list[str]:
+        live = mask & np.array([not index.is_deleted(r) for r in range(n)])
+        rows = np.flatnonzero(live)
+        return [f"item-{r}" for r in rows[np.argsort(-(emb[rows] @ query), kind="stable")][:k]]
+
+    frames = index.search(query, k=10, where={"kind": "frame"})[0]
+    assert [f.id for f in frames] == exact(kinds == "frame", 10)  # selective: scored exactly
+    wide = index.search(query, k=25, where={"group": "g-wide"})[0]
+    assert len(wide) == 25 and all(index.items[f.row]["group"] == "g-wide" for f in wide)
+    assert [f.score for f in wide] == pytest.approx(sorted((float(emb[f.row] @ query) for f in wide), reverse=True), abs=1e-3)
+    chosen = [f"item-{i}" for i in range(0, n, 60)]
+    assert [f.id for f in index.search(query, k=50, where={"id": chosen})[0]] == exact(np.isin(np.arange(n), range(0, n, 60)), 50)
+    crowded = index.search(query, k=60, max_per_group=1)[0]  # 51 groups, the corpus is exhausted before 60
+    assert len(crowded) == 51 and len({index.items[f.row]["group"] for f in crowded}) == 51
+    frames_per_group = index.search(query, k=10, where={"kind": "frame"}, max_per_group=1)[0]
+    assert len({index.items[f.row]["group"] for f in frames_per_group}) == len(frames_per_group) == 10
+
+
+@pytest.mark.parametrize("where", [None, {"kind": "image"}])
+def test_an_excluded_row_takes_no_result_and_no_group_slot(tmp_path, where):
+    emb = unit_vectors(2000, 16, seed=5)
+    groups = [f"g-{i % 7}" for i in range(2000)]
+    table = items(2000).append_column("kind", pa.array(["image"] * 2000)).append_column("group", pa.array(groups))
+    build_index(emb, table, model_version="m", out_dir=tmp_path / "i",
+                options=IndexOptions(mode="tree_exact", num_leaves=50, leaves_to_search=1, autotune=False))
+    index = ItemIndex.load(tmp_path / "i")
+    found = index.search(emb[3], k=10, where=where, max_per_group=1, exclude_row=3)[0]
+    assert len(found) == 7 and 3 not in [n.row for n in found]  # g-3 still gets its slot, by another item
+    assert sorted(index.items[n.row]["group"] for n in found) == sorted(set(groups))
+    plain = index.search(emb[3], k=5, exclude_row=3)[0]
+    assert len(plain) == 5 and 3 not in [n.row for n in plain]
+
+
 def test_a_build_failing_late_leaves_nothing(tmp_path):
     """Bad tuning queries are only noticed after the shards are written: the folder must go."""
     with pytest.raises(ValueError, match=r"expected \[N, 4\]"):

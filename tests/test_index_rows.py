@@ -104,3 +104,21 @@ def test_items_parquet_round_trips_with_dictionaries_only_where_values_repeat(tm
     assert dictionary == {"kind", "model_version"}
     assert chunk["embedding"].compression == "UNCOMPRESSED" and chunk["id"].compression == "SNAPPY"
     assert not any(c.is_stats_set for c in chunk.values())
+
+
+def test_rows_where_matches_like_python_equality_on_every_column_kind():
+    table = pa.table({"id": ["a", "b", "c", "d"],
+                      "kind": pa.array(["image", "frame", None, "frame"]).dictionary_encode(),
+                      "width": pa.array([1, 2, 3, None], pa.int32()),
+                      "tags": pa.array([["x"], ["y"], [], None])})
+    items = ItemTable(table)
+    items.append({"id": "e", "kind": "frame", "width": 2, "tags": ["x"]})
+    assert items.rows_where({"kind": {"frame"}}).tolist() == [1, 3, 4]
+    assert items.rows_where({"kind": {None}}).tolist() == [2]  # a null is the value None
+    assert items.rows_where({"width": {2, "x"}}).tolist() == [1, 4]  # mixed types: compared in Python
+    assert items.rows_where({"width": {"2"}}).tolist() == []
+    assert items.rows_where({"kind": {"frame"}, "width": {2}}).tolist() == [1, 4]
+    assert items.rows_where({"missing": {None}}).tolist() == [0, 1, 2, 3, 4]
+    assert items.rows_where({"missing": {1}}).tolist() == []
+    assert items.rows_where({"tags": {"x"}}).tolist() == []  # a list equals no single value
+    assert items.column_values("kind", np.array([4, 1, 2])) == ["frame", "frame", None]
