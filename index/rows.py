@@ -13,7 +13,7 @@ into dicts on access (~6 us); rows added by updates are kept as dicts.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, overload
 
@@ -166,6 +166,36 @@ class ItemTable:
 
     def append(self, item: Mapping[str, Any]) -> None:
         self._added.append(dict(item))
+
+    def check_new_rows(self, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Raise ValueError naming the item and field when a value does not fit its column's
+        type; fields the table lacks become new columns (typed from these rows, null in
+        the others), so what an update adds is kept when the index is written."""
+        names = {f for row in rows for f in row}
+        for name in sorted(names):
+            values = [row.get(name) for row in rows]
+            if name in self.schema.names:
+                column_type = self.schema.field(name).type
+                value_type = column_type.value_type if pa.types.is_dictionary(column_type) else column_type
+                try:
+                    pa.array(values, type=value_type)
+                except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+                    for row, value in zip(rows, values):
+                        try:
+                            pa.array([value], type=value_type)
+                        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError):
+                            raise ValueError(f"item {row.get('id')!r}: {name}={value!r} is not a {value_type} "
+                                             f"(the type of the index's {name!r} column)") from None
+                    raise
+                continue
+            try:
+                column_type = pa.array(values).type
+            except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError, ValueError, OverflowError) as e:
+                raise ValueError(f"new field {name!r} has values of different types ({e})") from None
+            if pa.types.is_null(column_type):
+                continue  # only None: nothing to keep
+            self.schema = self.schema.append(pa.field(name, column_type))
+            self.table = self.table.append_column(self.schema.field(name), pa.nulls(self.table.num_rows, column_type))
 
     def ids(self) -> list[str]:
         """Every row's id, in row order."""

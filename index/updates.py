@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 REBUILD_CHANGED_FRACTION = 0.2  # inserted + updated + deleted, relative to the build
 REBUILD_IMBALANCE_GROWTH = 0.25  # growth of ScaNN's partition imbalance since the build
 REBUILD_SHARD_SKEW = 1.5  # largest shard / mean shard size
+# Items a search scans per searched leaf (1 + ScaNN's size-weighted partition imbalance),
+# relative to the build: updates crowding into a few leaves make every query near them slower.
+REBUILD_SCAN_GROWTH = 1.5
 
 
 class IndexUpdateError(ValueError):
@@ -59,11 +62,19 @@ class UpdatableIndex:
         ids = [str(r.get("id") or "") for r in rows]
         if "" in ids:
             raise IndexUpdateError(f"item {ids.index('')} of the upsert has no id")
+        if len(set(ids)) < len(ids):
+            seen: set[str] = set()
+            twice = next(i for i in ids if i in seen or seen.add(i))
+            raise IndexUpdateError(f"item id {twice!r} appears twice in the upsert")
         emb = np.asarray(embeddings)
         if emb.ndim == 2 and emb.shape[1] != self.embed_dim:
             raise IndexUpdateError(f"upsert embeddings have dim {emb.shape[1]}, the index holds {self.embed_dim}")
         emb = validate_embeddings(emb, ids)
         with self._lock.write():
+            try:
+                self.items.check_new_rows([{**r, "id": i} for r, i in zip(rows, ids)])
+            except ValueError as e:
+                raise IndexUpdateError(f"upsert into index {self.version}: {e}") from None
             row_of = self._id_map(write_locked=True)
             old_rows = np.array([row_of.get(i, -1) for i in ids], np.int64)
             first = len(self.items)
@@ -158,11 +169,17 @@ class UpdatableIndex:
                 with self._lock.write():  # recomputes ScaNN's statistics: not while it searches
                     shard.searcher.initialize_health_stats()
                     now = shard.searcher.get_health_stats()
-                before = built.get(shard.name, {}).get("partition_avg_relative_positive_imbalance", 0.0)
-                growth = now["partition_avg_relative_positive_imbalance"] - before
-                partitions.append({"shard": shard.name, **now, "imbalance_growth": round(growth, 4)})
+                at_build = built.get(shard.name, {})
+                growth = now["partition_avg_relative_positive_imbalance"] - at_build.get("partition_avg_relative_positive_imbalance", 0.0)
+                scan_growth = ((1 + now["partition_weighted_avg_relative_imbalance"])
+                               / (1 + at_build.get("partition_weighted_avg_relative_imbalance", 0.0)))
+                partitions.append({"shard": shard.name, **now, "imbalance_growth": round(growth, 4),
+                                   "scan_growth": round(scan_growth, 3)})
                 if growth > REBUILD_IMBALANCE_GROWTH:
                     reasons.append(f"partition imbalance of {shard.name} grew by {growth:.2f} (limit {REBUILD_IMBALANCE_GROWTH})")
+                if scan_growth > REBUILD_SCAN_GROWTH:
+                    reasons.append(f"a search of {shard.name} scans {scan_growth:.2f}x as many items per searched leaf as "
+                                   f"at build (limit {REBUILD_SCAN_GROWTH}x)")
         return {"version": self.version, "count": len(self), "base_count": base, "changed_fraction": round(changed, 4),
                 "shard_sizes": sizes, "shard_skew": round(skew, 3), "partitions": partitions,
                 "needs_rebuild": bool(reasons), "reasons": reasons}

@@ -67,13 +67,32 @@ def test_bad_updates_are_refused_without_changes(tmp_path):
         index.upsert([{"id": "x"}], np.zeros((1, 4), np.float32))
     with pytest.raises(IndexUpdateError, match="dim 5, the index holds 4"):
         index.upsert([{"id": "x"}], np.ones((1, 5), np.float32))
-    with pytest.raises(ValueError, match="duplicate item id 'x'"):
-        index.upsert([{"id": "x"}, {"id": "x"}], unit_vectors(2, 4))
+    with pytest.raises(IndexUpdateError, match="item id 'x' appears twice in the upsert"):
+        index.upsert([{"id": "x"}, {"id": "y"}, {"id": "x"}], unit_vectors(3, 4))
+    with pytest.raises(IndexUpdateError, match=r"item 'y': kind=3 is not a string \(the type of the index's 'kind' column\)"):
+        index.upsert([{"id": "x", "kind": "image"}, {"id": "y", "kind": 3}], unit_vectors(2, 4))
+    with pytest.raises(IndexUpdateError, match="new field 'width' has values of different types"):
+        index.upsert([{"id": "x", "width": 3}, {"id": "y", "width": "wide"}], unit_vectors(2, 4))
     with pytest.raises(IndexUpdateError, match="item 0 of the upsert has no id"):
         index.upsert([{"uri": "/a.png"}], unit_vectors(1, 4))
     assert len(index) == 50 and index.health()["changed_fraction"] == 0.0
     with pytest.raises(FileExistsError):
         index.save(tmp_path / "i")
+
+
+def test_new_fields_of_an_upsert_are_kept_by_publish_and_filterable(tmp_path):
+    store = Store.at(tmp_path)
+    v1 = build_and_publish(store, unit_vectors(50, 4), table(50), model_version="m")
+    index = ItemIndex.load(store.index_dir(v1))
+    index.upsert([{"id": "new-1", "kind": "image", "source": "upload", "tags": ["cat", "red"]},
+                  {"id": "new-2", "kind": "image", "source": None}], unit_vectors(2, 4, seed=1))
+    with pytest.raises(IndexUpdateError, match=r"item 'new-3': source=7 is not a string"):
+        index.upsert([{"id": "new-3", "source": 7}], unit_vectors(1, 4, seed=2))
+    before = [n.id for n in index.search(unit_vectors(1, 4, seed=1), 5, where={"source": "upload"})[0]]
+    reloaded = ItemIndex.load(store.index_dir(index.publish(store)))
+    assert before == [n.id for n in reloaded.search(unit_vectors(1, 4, seed=1), 5, where={"source": "upload"})[0]] == ["new-1"]
+    assert reloaded.items[reloaded.row_of("new-1")]["tags"] == ["cat", "red"]
+    assert reloaded.items[reloaded.row_of("item-3")]["source"] is None
 
 
 def test_health_reports_drift_and_imbalance(tmp_path):
@@ -91,6 +110,19 @@ def test_health_reports_drift_and_imbalance(tmp_path):
     assert any("changed since the build" in r for r in drifted["reasons"])
     assert any("partition imbalance" in r for r in drifted["reasons"])
     assert drifted["partitions"][0]["imbalance_growth"] > 1.0
+
+
+def test_health_notices_when_updates_crowd_a_few_leaves(tmp_path):
+    """Spread-out leaves keep their relative imbalance, but a search near the crowded ones scans far more items."""
+    x = unit_vectors(10_000, 16)
+    build_index(x, table(10_000), model_version="m", out_dir=tmp_path / "i", options=IndexOptions(mode="tree_exact"))
+    index = ItemIndex.load(tmp_path / "i")
+    assert index.health()["partitions"][0]["scan_growth"] == pytest.approx(1.0)
+    crowd = x[0] + 0.02 * unit_vectors(1900, 16, seed=5)
+    index.upsert([{"id": f"new-{i}"} for i in range(1900)], crowd / np.linalg.norm(crowd, axis=1, keepdims=True))
+    health = index.health()
+    assert health["changed_fraction"] < 0.2 and health["partitions"][0]["scan_growth"] > 1.5
+    assert any("scans" in r and "as many items per searched leaf" in r for r in health["reasons"]), health["reasons"]
 
 
 def test_shard_skew_is_reported(tmp_path):
