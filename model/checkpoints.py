@@ -45,23 +45,31 @@ class TrainCheckpoints:
             self.best_value = float(meta["value"])
 
     def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer, history: list[dict[str, Any]]) -> None:
-        """Save the latest state at ``step``; also as best if ``history[-1]`` (the record of
-        this step) has a finite metric at least as good as the best so far."""
+        """Save the latest state at ``step`` (what a resumed run continues from)."""
         self._latest.save(step, args=ocp.args.Composite(
             model=ocp.args.StandardSave(nnx.state(model)),
             optimizer=ocp.args.StandardSave(nnx.state(optimizer)),
             meta=ocp.args.JsonSave({"step": step, "history": history}),
         ))
-        value = history[-1].get(self.best_metric) if history and history[-1].get("step") == step else None
-        # NaN (e.g. MAP@R of a validation split with one item per class) is no evidence.
-        if value is not None and math.isfinite(value) and (self.best_value is None or value >= self.best_value):
-            self.best_value = float(value)
-            self._best.save(step, args=ocp.args.Composite(
-                model=ocp.args.StandardSave(nnx.state(model)),
-                meta=ocp.args.JsonSave({"step": step, "value": float(value), "metric": self.best_metric}),
-            ))
         self._latest.wait_until_finished()
+
+    def offer_best(self, step: int, model: nnx.Module, record: dict[str, Any]) -> bool:
+        """Save the model as the best if ``record`` (the evaluation of ``step``) has a finite
+        metric at least as good as the best so far; called at every evaluation, whether or
+        not the step is also checkpointed. -> whether it was saved."""
+        value = record.get(self.best_metric)
+        # NaN (e.g. MAP@R of a validation split with one item per class) is no evidence.
+        if value is None or not math.isfinite(value) or (self.best_value is not None and value < self.best_value):
+            return False
+        self.best_value = float(value)
+        if step in self._best.all_steps():  # a resumed run evaluating a step again (past its latest checkpoint)
+            self._best.delete(step)
+        self._best.save(step, args=ocp.args.Composite(
+            model=ocp.args.StandardSave(nnx.state(model)),
+            meta=ocp.args.JsonSave({"step": step, "value": float(value), "metric": self.best_metric}),
+        ), force=True)
         self._best.wait_until_finished()
+        return True
 
     def restore_latest(self, model: nnx.Module, optimizer: nnx.Optimizer) -> tuple[int, list[dict[str, Any]]]:
         """Load the newest state into ``model`` and ``optimizer``; -> (step, history), (0, []) if none."""

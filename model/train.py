@@ -296,6 +296,7 @@ def train_on_arrays(
                     raise FloatingPointError(f"training diverged at step {step}: loss {record['loss']}")
             if evaluating:
                 record.update({"step": step, **evaluate(model, x_val, y_val)})
+                checkpoints.offer_best(step, model, record)
             if record:
                 history.append(record)
                 log_file.write(json.dumps(record) + "\n")

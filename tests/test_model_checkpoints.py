@@ -7,6 +7,8 @@ import sys
 
 import numpy as np
 
+from lookalike.model.config import get_config
+
 _SCRIPT = """
 import json, sys
 from lookalike.model.config import apply_overrides, get_config
@@ -69,6 +71,7 @@ def test_checkpoints_keep_the_latest_and_the_best_by_validation_metric(tmp_path,
         nnx.update(model, nnx.state(create_encoder(tiny_config, seed=step)))  # different weights per step
         outputs[step] = np.asarray(model(x))
         history.append({"step": step, "map_at_r": value})
+        ckpt.offer_best(step, model, history[-1])
         ckpt.save(step, model, optimizer, history)
     ckpt.close()
 
@@ -90,6 +93,31 @@ def test_a_nan_validation_metric_never_becomes_the_best(tmp_path, tiny_config):
 
     model = create_encoder(tiny_config)
     ckpt = TrainCheckpoints(tmp_path, "map_at_r")
-    ckpt.save(5, model, make_optimizer(model, tiny_config), [{"step": 5, "map_at_r": float("nan")}])
+    assert not ckpt.offer_best(5, model, {"step": 5, "map_at_r": float("nan")})
     assert ckpt.best_step() is None and ckpt.best_value is None
     ckpt.close()
+
+
+def test_the_best_evaluation_is_published_even_on_a_step_without_a_checkpoint(tmp_path, monkeypatch):
+    """Evaluating every 20 steps, checkpointing every 60: the best MAP@R (step 40) must win."""
+    import dataclasses
+
+    import lookalike.model.train as train
+    from lookalike.model.data import LabelledImages
+
+    scores = {20: 0.3, 40: 0.9, 60: 0.5, 80: 0.4, 100: 0.45, 120: 0.5}
+    evaluated: list[float] = []
+
+    def scripted_evaluate(model, x, y):  # the validation metric, scripted; training itself is real
+        value = scores[20 * (len(evaluated) + 1)]
+        evaluated.append(value)
+        return {"precision_at_1": value, "map_at_r": value}
+
+    monkeypatch.setattr(train, "evaluate", scripted_evaluate)
+    rng = np.random.default_rng(0)
+    data = LabelledImages(rng.random((200, 16, 16, 1), dtype=np.float32), np.repeat(np.arange(10), 20).astype(np.int32),
+                          [str(i) for i in range(10)], [], [])
+    config = dataclasses.replace(get_config("tiny"), num_steps=120, eval_every_steps=20, checkpoint_every_steps=60,
+                                 log_every_steps=20)
+    _, metrics, _ = train.train_on_arrays(config, data, tmp_path / "run")
+    assert len(evaluated) == 6 and metrics["best_step"] == 40
