@@ -13,8 +13,12 @@ batches an uninterrupted one would have.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +27,43 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 log = logging.getLogger(__name__)
+
+
+class RunInUseError(RuntimeError):
+    """Another process is training in the same run folder."""
+
+
+@contextmanager
+def exclusive_run(run_dir: Path) -> Iterator[None]:
+    """Hold ``run_dir/.lock`` while a training run uses ``run_dir`` (created if needed): two
+    runs of the same job (same config, data and workdir) would write the same checkpoints.
+    An ``flock``, so the kernel releases it when the holder dies: a killed run never blocks
+    the rerun."""
+    lock_path = run_dir / ".lock"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise RunInUseError(f"another training is using {run_dir} (the same config and data in this workdir); "
+                                "wait for it to finish, or change the config (e.g. --set seed=1)") from None
+        try:
+            if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # the file was removed by a run that just finished: lock the new one
+    try:
+        yield
+    finally:
+        try:
+            os.unlink(lock_path)  # already gone if the run folder was removed
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(fd)
 
 
 def _abstract(state: Any) -> Any:

@@ -35,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from lookalike.model.artifact import save_model
 from lookalike.model.augment import augment_batch
 from lookalike.model.config import TrainConfig, config_to_dict, validate_config
-from lookalike.model.checkpoints import TrainCheckpoints
+from lookalike.model.checkpoints import TrainCheckpoints, exclusive_run
 from lookalike.model.data import LabelledImages, PairSampler, PKSampler, split_train_val
 from lookalike.model.encoder import EncoderModule, create_encoder
 from lookalike.model.losses import contrastive_pair_loss, mined_triplet_loss
@@ -264,69 +264,71 @@ def train_on_arrays(
     replicate(mesh, model, optimizer)
     run_dir.mkdir(parents=True, exist_ok=True)
     checkpoints = TrainCheckpoints(run_dir, BEST_METRIC)
-    start_step, history = checkpoints.restore_latest(model, optimizer)
-    ckpt_every = config.checkpoint_every_steps or config.eval_every_steps
-    log_path = run_dir / "train_log.jsonl"
-    progress = Progress("train", total=config.num_steps, unit="steps", logger=log)
-    loop_started, timed_steps, side_s = time.perf_counter(), 0, 0.0
-    deadline = loop_started + 60.0 * config.max_train_minutes if config.max_train_minutes > 0 else None
-    last_step = start_step
-    with log_path.open("w", encoding="utf-8") as log_file, \
-            Prefetcher(make_batch, range(start_step + 1, config.num_steps + 1), config.prefetch_batches) as batches:
-        for record in history:
-            log_file.write(json.dumps(record) + "\n")
-        running = []  # side_s: evaluation and checkpoint time, not part of the training throughput
-        for step, batch in batches:
-            running.append(step_fn(model, optimizer, *batch))
-            last = step == config.num_steps or (deadline is not None and time.perf_counter() >= deadline)
-            if step == start_step + 1:  # exclude compilation from the throughput
-                jax.block_until_ready(running[-1])
-                loop_started, timed_steps = time.perf_counter(), 0
-            timed_steps += 1
-            evaluating = len(y_val) > 1 and (step % config.eval_every_steps == 0 or last)
-            checkpointing = step % ckpt_every == 0 or last
-            if evaluating or checkpointing:
-                jax.block_until_ready(running[-1])  # the step itself counts as training time
-            side_started = time.perf_counter()
-            record: dict[str, Any] = {}
-            if step % config.log_every_steps == 0 or last:
-                record = {"step": step, "loss": float(np.mean(jax.device_get(running)))}
-                running = []
-                if not np.isfinite(record["loss"]):
-                    raise FloatingPointError(f"training diverged at step {step}: loss {record['loss']}")
-            if evaluating:
-                record.update({"step": step, **evaluate(model, x_val, y_val)})
-                checkpoints.offer_best(step, model, record)
-            if record:
-                history.append(record)
+    try:
+        start_step, history = checkpoints.restore_latest(model, optimizer)
+        ckpt_every = config.checkpoint_every_steps or config.eval_every_steps
+        log_path = run_dir / "train_log.jsonl"
+        progress = Progress("train", total=config.num_steps, unit="steps", logger=log)
+        loop_started, timed_steps, side_s = time.perf_counter(), 0, 0.0
+        deadline = loop_started + 60.0 * config.max_train_minutes if config.max_train_minutes > 0 else None
+        last_step = start_step
+        with log_path.open("w", encoding="utf-8") as log_file, \
+                Prefetcher(make_batch, range(start_step + 1, config.num_steps + 1), config.prefetch_batches) as batches:
+            for record in history:
                 log_file.write(json.dumps(record) + "\n")
-                log_file.flush()
-            if checkpointing:
-                checkpoints.save(step, model, optimizer, history)
-                _failpoint(f"train.after_checkpoint.{step}")
-            if evaluating or checkpointing:
-                side_s += time.perf_counter() - side_started
-            progress.update(step, extra=f"loss {history[-1]['loss']:.4f}" if history and "loss" in history[-1] else "")
-            last_step = step
-            if last:
-                if step < config.num_steps:
-                    log.warning("time budget of %.1f min used up: training stops at step %d of %d",
-                                config.max_train_minutes, step, config.num_steps)
-                break
-    progress.done()
-    loop_s = time.perf_counter() - loop_started - side_s
-    plot_history(history, run_dir / "training.png")
-    metrics: dict[str, Any] = {"train_images": int(len(train_idx)), "val_images": int(len(val_idx)),
-                               "steps": last_step, "planned_steps": config.num_steps, "warm_start": warm, "resumed_from_step": start_step,
-                               "images_per_s": round(images_per_step * max(timed_steps - 1, 0) / max(loop_s, 1e-9), 1)}
-    if config.unlabelled:
-        metrics["val_views"] = int(len(y_val))
-    best = checkpoints.best_step()
-    if best is not None and best != last_step:
-        checkpoints.restore_best(model)
-        log.info("publishing the weights of step %d (best validation %s %.4f)", best, BEST_METRIC, checkpoints.best_value)
-    metrics["best_step"] = best if best is not None else last_step
-    checkpoints.close()
+            running = []  # side_s: evaluation and checkpoint time, not part of the training throughput
+            for step, batch in batches:
+                running.append(step_fn(model, optimizer, *batch))
+                last = step == config.num_steps or (deadline is not None and time.perf_counter() >= deadline)
+                if step == start_step + 1:  # exclude compilation from the throughput
+                    jax.block_until_ready(running[-1])
+                    loop_started, timed_steps = time.perf_counter(), 0
+                timed_steps += 1
+                evaluating = len(y_val) > 1 and (step % config.eval_every_steps == 0 or last)
+                checkpointing = step % ckpt_every == 0 or last
+                if evaluating or checkpointing:
+                    jax.block_until_ready(running[-1])  # the step itself counts as training time
+                side_started = time.perf_counter()
+                record: dict[str, Any] = {}
+                if step % config.log_every_steps == 0 or last:
+                    record = {"step": step, "loss": float(np.mean(jax.device_get(running)))}
+                    running = []
+                    if not np.isfinite(record["loss"]):
+                        raise FloatingPointError(f"training diverged at step {step}: loss {record['loss']}")
+                if evaluating:
+                    record.update({"step": step, **evaluate(model, x_val, y_val)})
+                    checkpoints.offer_best(step, model, record)
+                if record:
+                    history.append(record)
+                    log_file.write(json.dumps(record) + "\n")
+                    log_file.flush()
+                if checkpointing:
+                    checkpoints.save(step, model, optimizer, history)
+                    _failpoint(f"train.after_checkpoint.{step}")
+                if evaluating or checkpointing:
+                    side_s += time.perf_counter() - side_started
+                progress.update(step, extra=f"loss {history[-1]['loss']:.4f}" if history and "loss" in history[-1] else "")
+                last_step = step
+                if last:
+                    if step < config.num_steps:
+                        log.warning("time budget of %.1f min used up: training stops at step %d of %d",
+                                    config.max_train_minutes, step, config.num_steps)
+                    break
+        progress.done()
+        loop_s = time.perf_counter() - loop_started - side_s
+        plot_history(history, run_dir / "training.png")
+        metrics: dict[str, Any] = {"train_images": int(len(train_idx)), "val_images": int(len(val_idx)),
+                                   "steps": last_step, "planned_steps": config.num_steps, "warm_start": warm, "resumed_from_step": start_step,
+                                   "images_per_s": round(images_per_step * max(timed_steps - 1, 0) / max(loop_s, 1e-9), 1)}
+        if config.unlabelled:
+            metrics["val_views"] = int(len(y_val))
+        best = checkpoints.best_step()
+        if best is not None and best != last_step:
+            checkpoints.restore_best(model)
+            log.info("publishing the weights of step %d (best validation %s %.4f)", best, BEST_METRIC, checkpoints.best_value)
+        metrics["best_step"] = best if best is not None else last_step
+    finally:
+        checkpoints.close()  # orbax's threads would otherwise hold the process after an error
     threshold = None
     if len(y_val) > 1:
         val_emb = embed_numpy(model, x_val)
@@ -373,20 +375,28 @@ def train_and_evaluate(
     spec = PreprocessSpec(image_size=config.image_size, channels=config.channels)
     init_path = Path(init_from) if init_from else None
     run_dir = store.models_dir / ".runs" / run_id(config, loaded.source, init_path)
-    model, metrics, threshold = train_on_arrays(config, data, run_dir, init_path)
-    metrics["train_seconds"] = round(time.perf_counter() - started, 2)
-    metrics["data_dir"] = loaded.source
-    metrics["skipped_files"] = len(data.failures)
-    version = save_model(
-        model, config, spec, store.models_dir,
-        threshold=threshold, metrics=metrics,
-        extra_files={"train_log.jsonl": run_dir / "train_log.jsonl", "training.png": run_dir / "training.png"},
-    )
-    shutil.rmtree(run_dir, ignore_errors=True)
     try:
-        run_dir.parent.rmdir()  # models/.runs, when no other run is in progress
-    except OSError:
-        pass
+        with exclusive_run(run_dir):
+            try:
+                model, metrics, threshold = train_on_arrays(config, data, run_dir, init_path)
+            except BaseException:
+                if run_dir.is_dir() and not any((run_dir / "checkpoints" / "latest").glob("[0-9]*")):
+                    shutil.rmtree(run_dir, ignore_errors=True)  # nothing to resume from: leave no empty run behind
+                raise
+            metrics["train_seconds"] = round(time.perf_counter() - started, 2)
+            metrics["data_dir"] = loaded.source
+            metrics["skipped_files"] = len(data.failures)
+            version = save_model(
+                model, config, spec, store.models_dir,
+                threshold=threshold, metrics=metrics,
+                extra_files={"train_log.jsonl": run_dir / "train_log.jsonl", "training.png": run_dir / "training.png"},
+            )
+            shutil.rmtree(run_dir, ignore_errors=True)
+    finally:
+        try:
+            run_dir.parent.rmdir()  # models/.runs, when no other run is in progress
+        except OSError:
+            pass
     if set_latest:
         store.set_latest_model(version)
     log.info("model %s saved (%s); metrics %s", version, store.model_dir(version), json.dumps(metrics))

@@ -166,6 +166,18 @@ def test_train_without_labels_or_from_tfds_in_process(tmp_path, tfds_dir, capsys
     assert model["config"]["unlabelled"] is True and out["metrics"]["val_views"] == 18  # 6 held-out images x 3
 
 
+def test_a_diverging_training_is_a_one_line_error_and_leaves_no_empty_run(tmp_path, digits_corpus, capsys):
+    from lookalike.pipeline.cli import main
+
+    workdir = tmp_path / "w"
+    assert main(["train", "--workdir", str(workdir), "--data", str(digits_corpus), "--config", "tiny",
+                 "--set", "num_steps=20", "--set", "log_every_steps=5", "--set", "checkpoint_every_steps=100",
+                 "--set", "learning_rate=1e38", "--set", "warmup_steps=1"]) == 1
+    err = capsys.readouterr().err
+    assert "lookalike train: error: training diverged at step 5: loss nan" in err and "Traceback" not in err
+    assert not (workdir / "models" / ".runs").exists()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["eval", "--model", "--k-shot", "0"], "argument --k-shot: must be at least 1, got 0"),
     (["eval", "--model", "--n-way", "1"], "argument --n-way: must be at least 2, got 1"),

@@ -121,3 +121,27 @@ def test_the_best_evaluation_is_published_even_on_a_step_without_a_checkpoint(tm
                                  log_every_steps=20)
     _, metrics, _ = train.train_on_arrays(config, data, tmp_path / "run")
     assert len(evaluated) == 6 and metrics["best_step"] == 40
+
+
+def test_a_second_training_of_the_same_run_is_refused_until_the_first_dies(tmp_path):
+    import pytest
+
+    from lookalike.model.checkpoints import RunInUseError, exclusive_run
+
+    run_dir = tmp_path / "models" / ".runs" / "run-x"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time, pathlib\n"
+        "from lookalike.model.checkpoints import exclusive_run\n"
+        f"with exclusive_run(pathlib.Path({str(run_dir)!r})):\n"
+        "    print('held', flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunInUseError, match="another training is using .*run-x"):
+            with exclusive_run(run_dir):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with exclusive_run(run_dir):  # the kernel released the dead holder's lock
+        assert (run_dir / ".lock").exists()
+    assert not (run_dir / ".lock").exists()
