@@ -29,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from lookalike.model.config import TrainConfig, config_from_dict, config_to_dict
 from lookalike.model.encoder import EncoderModule, encoder_class
 from lookalike.model.memory import keep_freed_memory
+from lookalike.model.metrics import json_ready
 from lookalike.model.preprocess import PreprocessSpec, decode_image
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ def save_model(
             "same_item_threshold": threshold,
             "metrics": metrics,
         }
-        (tmp / MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        (tmp / MODEL_JSON).write_text(json.dumps(json_ready(meta), indent=2, allow_nan=False) + "\n", encoding="utf-8")
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)
     except BaseException:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import rankdata
 
-from lookalike.model.metrics import pairwise_sq_distances, retrieval_metrics
+from lookalike.model.metrics import json_ready, pairwise_sq_distances, retrieval_metrics
 
 log = logging.getLogger(__name__)
 
@@ -147,5 +147,5 @@ def evaluate_model_cli(args: argparse.Namespace) -> int:
         episodes=option("episodes", 1000, 1),
         max_items=option("max_items", 5000, 2),
     )
-    print(json.dumps(report, indent=2, sort_keys=True))
+    print(json.dumps(json_ready(report), indent=2, sort_keys=True, allow_nan=False))
     return 0

@@ -12,7 +12,23 @@ near-duplicates.
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import numpy as np
+
+
+def json_ready(value: Any) -> Any:
+    """``value`` with every NaN or infinite float (a metric with no evidence, e.g. MAP@R
+    when every class has one item) turned into None: JSON has no NaN, and strict parsers
+    (JavaScript's JSON.parse, Go, Rust) refuse Python's ``NaN``."""
+    if isinstance(value, float) or isinstance(value, np.floating):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value
 
 
 def pairwise_sq_distances(emb: np.ndarray) -> np.ndarray:

@@ -40,7 +40,7 @@ from lookalike.model.data import LabelledImages, PairSampler, PKSampler, split_t
 from lookalike.model.encoder import EncoderModule, create_encoder
 from lookalike.model.losses import contrastive_pair_loss, mined_triplet_loss
 from lookalike.model.memory import keep_freed_memory
-from lookalike.model.metrics import best_f1_threshold, retrieval_metrics
+from lookalike.model.metrics import best_f1_threshold, json_ready, retrieval_metrics
 from lookalike.model.prefetch import Prefetcher
 from lookalike.model.preprocess import PreprocessSpec
 from lookalike.model.progress import Progress
@@ -275,7 +275,7 @@ def train_on_arrays(
         with log_path.open("w", encoding="utf-8") as log_file, \
                 Prefetcher(make_batch, range(start_step + 1, config.num_steps + 1), config.prefetch_batches) as batches:
             for record in history:
-                log_file.write(json.dumps(record) + "\n")
+                log_file.write(json.dumps(json_ready(record)) + "\n")
             running = []  # side_s: evaluation and checkpoint time, not part of the training throughput
             for step, batch in batches:
                 running.append(step_fn(model, optimizer, *batch))
@@ -300,7 +300,7 @@ def train_on_arrays(
                     checkpoints.offer_best(step, model, record)
                 if record:
                     history.append(record)
-                    log_file.write(json.dumps(record) + "\n")
+                    log_file.write(json.dumps(json_ready(record)) + "\n")
                     log_file.flush()
                 if checkpointing:
                     checkpoints.save(step, model, optimizer, history)

@@ -93,7 +93,9 @@ def _train_config(args: argparse.Namespace):
 
 
 def _print_json(obj) -> None:
-    print(json.dumps(obj, indent=2, default=str))
+    from lookalike.model.metrics import json_ready
+
+    print(json.dumps(json_ready(obj), indent=2, default=str, allow_nan=False))
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -51,3 +51,21 @@ def test_cli_evaluates_the_latest_model_on_the_corpus(trained_store, capsys):
     assert report["model"] == trained_store.latest_model() and report["items"] > 100
     assert 0.2 < report["map_at_r"] <= 1.0 and report["verification_roc_auc"] > 0.6
     assert report["few_shot_5way_1shot_acc"] > 0.3  # chance is 0.2
+
+
+def test_a_report_without_evidence_is_strict_json_with_nulls(trained_store, capsys):
+    """Two items of different classes: no class has a second item, so MAP@R and ROC AUC are undefined."""
+    args = argparse.Namespace(workdir=str(trained_store.root), model=None, data=None, k=5, n_way=2, k_shot=1,
+                              episodes=3, max_items=2)
+    assert evaluate_model_cli(args) == 0
+    out = capsys.readouterr().out
+    assert "NaN" not in out
+    report = json.loads(out, parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
+    assert report["map_at_r"] is None and report["verification_roc_auc"] is None
+
+
+def test_json_ready_turns_every_non_finite_float_into_null():
+    from lookalike.model.metrics import json_ready
+
+    value = {"a": float("nan"), "b": [np.float32("inf"), 1.5, {"c": -float("inf")}], "d": "NaN", "e": 2}
+    assert json_ready(value) == {"a": None, "b": [None, 1.5, {"c": None}], "d": "NaN", "e": 2}
