@@ -251,6 +251,7 @@ def train_on_arrays(
         train_idx, val_idx = split_train_val(data.labels, config.val_fraction, config.seed)
         x_val, y_val = data.images[val_idx], data.labels[val_idx]
     x_train, y_train = data.images[train_idx], data.labels[train_idx]
+    validating = can_validate(y_val)
     mesh = data_mesh()
     make_batch, step_fn, images_per_step = batch_maker(config, x_train, y_train, mesh)
     log.info(
@@ -284,7 +285,7 @@ def train_on_arrays(
                     jax.block_until_ready(running[-1])
                     loop_started, timed_steps = time.perf_counter(), 0
                 timed_steps += 1
-                evaluating = len(y_val) > 1 and (step % config.eval_every_steps == 0 or last)
+                evaluating = validating and (step % config.eval_every_steps == 0 or last)
                 checkpointing = step % ckpt_every == 0 or last
                 if evaluating or checkpointing:
                     jax.block_until_ready(running[-1])  # the step itself counts as training time
@@ -330,13 +331,26 @@ def train_on_arrays(
     finally:
         checkpoints.close()  # orbax's threads would otherwise hold the process after an error
     threshold = None
-    if len(y_val) > 1:
+    if validating:
         val_emb = embed_numpy(model, x_val)
         metrics.update(retrieval_metrics(val_emb, y_val))
         threshold, f1 = best_f1_threshold(val_emb, y_val)
         metrics["same_item_f1"] = f1
     metrics["final_loss"] = next((h["loss"] for h in reversed(history) if "loss" in h), None)
     return model, metrics, threshold
+
+
+def can_validate(y_val: np.ndarray) -> bool:
+    """Whether held-out items with labels ``y_val`` can measure retrieval: at least two
+    classes, one of them with two items; else metrics and the same-item threshold would
+    be computed on one class (perfect scores, a threshold that flags everything) and are
+    left out, with a warning."""
+    classes, counts = np.unique(y_val, return_counts=True)
+    if len(classes) >= 2 and (counts >= 2).any():
+        return True
+    log.warning("validation holds %d image(s) of %d class(es) (classes of 3 or fewer images train only): no validation "
+                "metrics, best-step choice or same-item threshold; add images to more classes", len(y_val), len(classes))
+    return False
 
 
 def _failpoint(name: str) -> None:

@@ -131,3 +131,21 @@ def test_a_time_budget_stops_training_early_and_keeps_a_usable_model(tiny_config
     assert metrics["best_step"] == metrics["steps"]  # the stopping step was evaluated and checkpointed
     assert np.isfinite(metrics["map_at_r"])
     assert (tmp_path / "training.png").is_file()
+
+
+def test_a_validation_split_of_one_class_reports_no_metrics_and_no_threshold(tiny_config, tmp_path, caplog):
+    """200 cats and 3 dogs: the dogs all train, so validation is cats only: any model would score 1.0."""
+    import dataclasses
+    import logging
+
+    from lookalike.model.data import LabelledImages
+    from lookalike.model.train import train_on_arrays
+
+    rng = np.random.default_rng(0)
+    x = rng.random((203, 16, 16, 1)).astype(np.float32)
+    y = np.array([0] * 200 + [1] * 3, np.int32)
+    config = dataclasses.replace(tiny_config, num_steps=10, eval_every_steps=5)
+    with caplog.at_level(logging.WARNING):
+        _, metrics, threshold = train_on_arrays(config, LabelledImages(x, y, ["cat", "dog"], [], []), tmp_path)
+    assert threshold is None and "map_at_r" not in metrics and "precision_at_1" not in metrics
+    assert "validation holds 40 image(s) of 1 class(es)" in caplog.text
