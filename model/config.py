@@ -11,6 +11,7 @@ added since the first release has a default equal to the old behaviour, so older
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -137,10 +138,25 @@ def validate_config(config: TrainConfig) -> TrainConfig:
                                  ("loss", config.loss, LOSSES), ("mining", config.mining, MINING_CHOICES)):
         if value not in choices:
             raise ValueError(f"config {name}={value!r}: choose one of {list(choices)}")
-    for name in ("image_size", "channels", "embed_dim", "num_steps", "batch_pairs", "pk_classes",
-                 "resnet_blocks", "eval_every_steps", "log_every_steps"):
+    for name in ("image_size", "channels", "embed_dim", "hidden_dim", "num_steps", "batch_pairs", "pk_classes",
+                 "resnet_blocks", "eval_every_steps", "log_every_steps", "prefetch_batches"):
         if getattr(config, name) < 1:
             raise ValueError(f"config {name}={getattr(config, name)}: must be at least 1")
+    for name in ("seed", "warmup_steps", "checkpoint_every_steps", "max_train_minutes", "weight_decay"):
+        if not getattr(config, name) >= 0:
+            raise ValueError(f"config {name}={getattr(config, name)}: must not be negative")
+    for name in ("learning_rate", "margin"):
+        if not (getattr(config, name) > 0 and math.isfinite(getattr(config, name))):
+            raise ValueError(f"config {name}={getattr(config, name)}: must be a positive number")
+    if not 0 <= config.val_fraction < 1:
+        raise ValueError(f"config val_fraction={config.val_fraction}: must be in [0, 1)")
+    for name in ("conv_widths", "resnet_widths"):
+        if any(w < 1 for w in getattr(config, name)):
+            raise ValueError(f"config {name}={','.join(map(str, getattr(config, name)))}: every width must be at least 1")
+    smallest = 2 ** len(config.conv_widths)
+    if config.architecture == "conv" and config.image_size < smallest:
+        raise ValueError(f"config image_size={config.image_size}: the conv encoder halves it {len(config.conv_widths)} "
+                         f"times (conv_widths={','.join(map(str, config.conv_widths))}), so it must be at least {smallest}")
     if config.pk_images < 2:
         raise ValueError(f"config pk_images={config.pk_images}: triplets need at least 2 images per class")
     for name in ("video_window_s", "video_frame_interval_s"):

@@ -381,6 +381,7 @@ def train_and_evaluate(
     labels) trains on augmented views."""
     if tfds and data_dir:
         raise ValueError(f"train on a folder ({data_dir}) or a TFDS data set ({tfds}), not both")
+    validate_config(config)  # before the images are decoded
     keep_freed_memory()
     store = Store.at(workdir)
     started = time.perf_counter()

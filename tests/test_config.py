@@ -18,3 +18,30 @@ def test_bad_override_names_the_input(bad):
 def test_unknown_preset_lists_the_known_ones():
     with pytest.raises(ValueError, match="digits"):
         get_config("huge")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("val_fraction=-0.2", r"val_fraction=-0.2: must be in \[0, 1\)"),
+    ("val_fraction=1.5", r"val_fraction=1.5: must be in \[0, 1\)"),
+    ("learning_rate=-1", "learning_rate=-1.0: must be a positive number"),
+    ("learning_rate=nan", "learning_rate=nan: must be a positive number"),
+    ("margin=0", "margin=0.0: must be a positive number"),
+    ("seed=-1", "seed=-1: must not be negative"),
+    ("weight_decay=-0.1", "weight_decay=-0.1: must not be negative"),
+    ("prefetch_batches=0", "prefetch_batches=0: must be at least 1"),
+    ("hidden_dim=0", "hidden_dim=0: must be at least 1"),
+    ("conv_widths=8,0", "conv_widths=8,0: every width must be at least 1"),
+    ("image_size=3", "image_size=3: the conv encoder halves it 2 times .* must be at least 4"),
+])
+def test_out_of_range_values_name_the_field_before_any_work(override, message):
+    from lookalike.model.config import validate_config
+
+    with pytest.raises(ValueError, match=message):
+        validate_config(apply_overrides(get_config("tiny"), [override]))
+
+
+def test_every_preset_is_valid():
+    from lookalike.model.config import preset_names, validate_config
+
+    for name in preset_names():
+        validate_config(get_config(name))
