@@ -11,6 +11,8 @@ Both take an optional ``rng`` per call, so a batch can be a pure function of
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,9 +34,27 @@ class LabelledImages:
     failures: list[tuple[str, str]]  # (path, reason) of skipped files
 
 
+def walk_folders(root: str | Path) -> Iterator[tuple[str, list[str]]]:
+    """(folder, file names) of ``root`` and every folder below it, symlinked folders
+    included: each real folder once, so a link loop ends (``os.walk`` order)."""
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, names in os.walk(root, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in seen:  # reached again through a link: already walked
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        yield dirpath, names
+
+
 def list_images(root: Path) -> list[Path]:
-    """Every image file under ``root`` (by suffix), sorted for reproducibility."""
-    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    """Every image file under ``root`` (by suffix; symlinked files and folders followed, as
+    the embed pipeline does), sorted for reproducibility."""
+    return sorted(Path(folder) / name for folder, names in walk_folders(root) for name in names
+                  if Path(name).suffix.lower() in IMAGE_SUFFIXES and os.path.isfile(os.path.join(folder, name)))
 
 
 def load_labelled_folder(root: str | Path, spec: PreprocessSpec) -> LabelledImages:

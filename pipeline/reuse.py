@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystem import FileMetadata
 
 from lookalike.model.store import Store
-from lookalike.model.data import IMAGE_SUFFIXES
+from lookalike.model.data import IMAGE_SUFFIXES, walk_folders
 from lookalike.pipeline.cache import cached_hashes, load_cache_table, load_failed, load_file_index_table, rows_of_files
 from lookalike.pipeline.items import expand_items, split_by_shard
 from lookalike.pipeline.sources import NOT_MEDIA_REASON, dead_letter, known_failure_letter
@@ -70,16 +70,7 @@ def _walk(folder: str) -> list[FileMetadata]:
     loop ends). A path that cannot be stat'ed (a dangling link, a file gone meanwhile) is
     listed with size and mtime 0, so reading it fails and it is dead-lettered, not lost."""
     found = []
-    seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, names in os.walk(folder, followlinks=True):
-        try:
-            st = os.stat(dirpath)
-        except OSError:
-            continue
-        if (st.st_dev, st.st_ino) in seen:  # reached again through a link: already walked
-            dirnames[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
+    for dirpath, names in walk_folders(folder):
         prefix = dirpath if dirpath.endswith(os.sep) else dirpath + os.sep  # os.path.join, without its cost per file
         for name in names:
             path = prefix + name

@@ -102,3 +102,21 @@ def test_samplers_keep_single_image_classes_when_asked(caplog):
     assert "single image" not in caplog.text and "replacement" not in caplog.text
     a, b, sim = PairSampler(labels, seed=0, min_images=1).sample(16)
     assert (a[sim == 1] == b[sim == 1]).all() and (a[sim == 0] != b[sim == 0]).all()
+
+
+def test_symlinked_folders_inside_a_class_are_read_once(tmp_path):
+    import os
+
+    def write(folder, count, shade):
+        folder.mkdir(parents=True)
+        for i in range(count):
+            Image.new("L", (8, 8), shade + i).save(folder / f"{i}.png")
+
+    write(tmp_path / "elsewhere" / "dogs", 3, 10)
+    write(tmp_path / "data" / "cat", 2, 200)
+    write(tmp_path / "data" / "dog", 1, 100)
+    os.symlink(tmp_path / "elsewhere" / "dogs", tmp_path / "data" / "dog" / "more")
+    os.symlink(tmp_path / "data" / "dog", tmp_path / "elsewhere" / "dogs" / "loop")  # a loop: each folder once
+    data = load_labelled_folder(tmp_path / "data", PreprocessSpec(image_size=8, channels=1))
+    assert sorted(np.bincount(data.labels).tolist()) == [2, 4]
+    assert len(set(data.paths)) == len(data.paths) == 6
