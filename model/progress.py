@@ -14,17 +14,20 @@ def format_seconds(seconds: float) -> str:
 
 
 class Progress:
-    """Logs ``name: done/total unit, rate/s, ETA`` at most every ``every_s`` seconds."""
+    """Logs ``name: done/total unit, rate/s, ETA`` at most every ``every_s`` seconds;
+    ``already``: done before this process started (a resumed run), counted as done but not
+    in the rate."""
 
-    def __init__(self, name: str, total: int | None, unit: str, logger: logging.Logger, every_s: float = 2.0):
+    def __init__(self, name: str, total: int | None, unit: str, logger: logging.Logger, every_s: float = 2.0,
+                 already: int = 0):
         self.name, self.total, self.unit, self.log, self.every_s = name, total, unit, logger, every_s
         self.start = time.perf_counter()
         self.last = self.start
-        self.count = 0
+        self.already = self.count = already
 
     def line(self, extra: str = "") -> str:
         elapsed = time.perf_counter() - self.start
-        rate = self.count / elapsed if elapsed > 0 else 0.0
+        rate = (self.count - self.already) / elapsed if elapsed > 0 else 0.0
         text = f"{self.name}: {self.count}"
         if self.total:
             text += f"/{self.total} {self.unit} ({100.0 * self.count / self.total:.0f}%)"

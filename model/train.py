@@ -269,7 +269,7 @@ def train_on_arrays(
         start_step, history = checkpoints.restore_latest(model, optimizer)
         ckpt_every = config.checkpoint_every_steps or config.eval_every_steps
         log_path = run_dir / "train_log.jsonl"
-        progress = Progress("train", total=config.num_steps, unit="steps", logger=log)
+        progress = Progress("train", total=config.num_steps, unit="steps", logger=log, already=start_step)
         loop_started, timed_steps, side_s = time.perf_counter(), 0, 0.0
         deadline = loop_started + 60.0 * config.max_train_minutes if config.max_train_minutes > 0 else None
         last_step = start_step
