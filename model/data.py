@@ -57,8 +57,10 @@ def list_images(root: Path) -> list[Path]:
                   if Path(name).suffix.lower() in IMAGE_SUFFIXES and os.path.isfile(os.path.join(folder, name)))
 
 
-def load_labelled_folder(root: str | Path, spec: PreprocessSpec) -> LabelledImages:
-    """Read ``root/<label>/*`` into arrays; raise ValueError if nothing trainable is there."""
+def load_labelled_folder(root: str | Path, spec: PreprocessSpec, max_items: int | None = None,
+                         seed: int = 0) -> LabelledImages:
+    """Read ``root/<label>/*`` into arrays; raise ValueError if nothing trainable is there.
+    ``max_items``: decode only a seeded sample of that many of the listed images."""
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"training data folder {root} does not exist")
@@ -68,9 +70,18 @@ def load_labelled_folder(root: str | Path, spec: PreprocessSpec) -> LabelledImag
             f"training data folder {root} needs one sub-folder per class and at least 2 classes, "
             f"found {len(class_dirs)}"
         )
+    listed = [list_images(class_dir) for class_dir in class_dirs]
+    sampled = max_items is not None and sum(map(len, listed)) > max_items
+    if sampled:
+        flat = [(c, path) for c, files in enumerate(listed) for path in files]
+        keep = np.random.default_rng(seed).choice(len(flat), size=max_items, replace=False)
+        chosen = {flat[i] for i in keep.tolist()}
+        log.info("reading a seeded sample of %d of the %d images in %s", max_items, len(flat), root)
+        listed = [[p for p in files if (c, p) in chosen] for c, files in enumerate(listed)]
     images, labels, paths, failures, names = [], [], [], [], []
-    for class_dir in class_dirs:
-        files = list_images(class_dir)
+    for class_dir, files in zip(class_dirs, listed):
+        if sampled and not files:
+            continue  # none of its images in the sample
         label = len(names)
         count = 0
         for path in files:

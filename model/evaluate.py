@@ -103,12 +103,8 @@ def evaluate_model(
     from lookalike.model.data import load_labelled_folder
 
     encoder = load_encoder(model_path)
-    data = load_labelled_folder(folder, encoder.spec)
-    idx = np.arange(len(data.labels))
-    if len(idx) > max_items:
-        idx = np.sort(np.random.default_rng(seed).choice(idx, size=max_items, replace=False))
-        log.info("evaluating a seeded sample of %d of %d items", max_items, len(data.labels))
-    report = evaluate_embeddings(encoder.embed(data.images[idx]), data.labels[idx], seed=seed, **kwargs)
+    data = load_labelled_folder(folder, encoder.spec, max_items=max_items, seed=seed)  # only the sample is decoded
+    report = evaluate_embeddings(encoder.embed(data.images), data.labels, seed=seed, **kwargs)
     report.update({"model": encoder.version, "data_dir": str(folder), "skipped_files": len(data.failures)})
     return report
 

@@ -120,3 +120,17 @@ def test_symlinked_folders_inside_a_class_are_read_once(tmp_path):
     data = load_labelled_folder(tmp_path / "data", PreprocessSpec(image_size=8, channels=1))
     assert sorted(np.bincount(data.labels).tolist()) == [2, 4]
     assert len(set(data.paths)) == len(data.paths) == 6
+
+
+def test_a_sample_decodes_only_the_sampled_files(tmp_path):
+    for label, shade in (("a", 10), ("b", 200)):
+        (tmp_path / label).mkdir()
+        for i in range(10):
+            Image.new("L", (8, 8), shade).save(tmp_path / label / f"{i}.png")
+            (tmp_path / label / f"bad{i}.png").write_bytes(b"not a png")
+    spec = PreprocessSpec(image_size=8, channels=1)
+    sample = load_labelled_folder(tmp_path, spec, max_items=6, seed=1)
+    assert len(sample.labels) + len(sample.failures) == 6  # 40 files listed, 6 decoded
+    again = load_labelled_folder(tmp_path, spec, max_items=6, seed=1)
+    assert again.paths == sample.paths  # seeded
+    assert len(load_labelled_folder(tmp_path, spec).labels) == 20
