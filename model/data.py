@@ -104,7 +104,8 @@ def load_labelled_folder(root: str | Path, spec: PreprocessSpec, max_items: int 
                         if videos else "no images")
             continue
         if count == 1:
-            log.warning("class %r has a single image: usable only in dissimilar pairs", class_dir.name)
+            log.warning("class %r has a single image: it forms no similar pair (contrastive loss uses it only in "
+                        "dissimilar pairs, triplet loss leaves it out)", class_dir.name)
         names.append(class_dir.name)
     if len(names) < 2:
         raise ValueError(f"training data folder {root}: fewer than 2 classes have readable images")
@@ -187,7 +188,8 @@ class PKSampler:
     image become K different augmented views) and expects repeats, so logs nothing.
     """
 
-    def __init__(self, labels: np.ndarray, num_classes: int, per_class: int, seed: int, min_images: int = 2):
+    def __init__(self, labels: np.ndarray, num_classes: int, per_class: int, seed: int, min_images: int = 2,
+                 class_names: list[str] | None = None):
         if per_class < 2:
             raise ValueError(f"per_class (K) = {per_class}: a triplet needs at least 2 images per class")
         self.labels = np.asarray(labels)
@@ -195,16 +197,16 @@ class PKSampler:
         by_class = {int(c): np.flatnonzero(self.labels == c) for c in np.unique(self.labels)}
         singles = sorted(c for c, idx in by_class.items() if len(idx) < min_images)
         if singles:
-            log.warning("%d class(es) with a single image left out of P x K batches (e.g. label %s)",
-                        len(singles), singles[0])
+            log.warning("%d class(es) with a single image left out of P x K batches (e.g. %r)",
+                        len(singles), class_names[singles[0]] if class_names else singles[0])
         self.by_class = {c: idx for c, idx in by_class.items() if len(idx) >= min_images}
         self.classes = np.asarray(sorted(self.by_class))
         if len(self.classes) < 2:
             raise ValueError(f"P x K batches need at least 2 classes with {min_images} or more images, "
                              f"found {len(self.classes)}")
         if len(self.classes) < num_classes:
-            log.warning("only %d classes have 2+ images; P x K batches use P=%d instead of %d",
-                        len(self.classes), len(self.classes), num_classes)
+            log.warning("%d class(es) with 2+ images, fewer than pk_classes=%d: P x K batches use P=%d",
+                        len(self.classes), num_classes, len(self.classes))
         self.num_classes = min(num_classes, len(self.classes))
         self.per_class = per_class
         small = sum(len(idx) < per_class for idx in self.by_class.values())

@@ -99,7 +99,7 @@ BEST_METRIC = "map_at_r"
 
 
 def batch_maker(
-    config: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, mesh: Mesh
+    config: TrainConfig, x_train: np.ndarray, y_train: np.ndarray, mesh: Mesh, class_names: list[str] | None = None
 ) -> tuple[Callable[[int], tuple[jax.Array, ...]], Callable[..., jax.Array], int]:
     """-> (make_batch(step) -> device arrays, step_fn(model, optimizer, *batch), images per step).
 
@@ -121,7 +121,8 @@ def batch_maker(
         return augment_batch(x_train[idx], augment, rng) if augment.enabled else x_train[idx]
 
     if config.loss == "triplet":
-        sampler = PKSampler(y_train, config.pk_classes, config.pk_images, seed=config.seed, min_images=min_images)
+        sampler = PKSampler(y_train, config.pk_classes, config.pk_images, seed=config.seed, min_images=min_images,
+                            class_names=class_names)
         per_class = sampler.per_class
         while (sampler.num_classes * per_class) % n_dev:
             per_class += 1
@@ -253,7 +254,7 @@ def train_on_arrays(
     x_train, y_train = data.images[train_idx], data.labels[train_idx]
     validating = can_validate(y_val)
     mesh = data_mesh()
-    make_batch, step_fn, images_per_step = batch_maker(config, x_train, y_train, mesh)
+    make_batch, step_fn, images_per_step = batch_maker(config, x_train, y_train, mesh, data.class_names)
     log.info(
         "training on %d images of %d %s (%d held out), %d device(s), %s loss, %d images/step, %d steps",
         len(train_idx), len(data.class_names), "instances" if config.unlabelled else "classes", len(val_idx),

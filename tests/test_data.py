@@ -81,11 +81,12 @@ def test_pk_sampler_policy_for_small_classes(caplog):
     from lookalike.model.data import PKSampler
 
     labels = np.array([0, 0, 1, 1, 1, 1, 2])  # class 0 has 2 < K images, class 2 a single one
-    sampler = PKSampler(labels, num_classes=8, per_class=4, seed=0)
+    sampler = PKSampler(labels, num_classes=8, per_class=4, seed=0, class_names=["ant", "bee", "cat"])
     assert sampler.num_classes == 2  # P shrinks to the usable classes
     idx, lab = sampler.sample()
     assert len(idx) == 8 and 2 not in lab.tolist()
-    assert "single image" in caplog.text and "replacement" in caplog.text
+    assert "single image left out of P x K batches (e.g. 'cat')" in caplog.text and "replacement" in caplog.text
+    assert "2 class(es) with 2+ images, fewer than pk_classes=8: P x K batches use P=2" in caplog.text
     with pytest.raises(ValueError, match="at least 2 classes"):
         PKSampler(np.array([0, 0, 1]), num_classes=2, per_class=2, seed=0)
     with pytest.raises(ValueError, match="per_class"):
