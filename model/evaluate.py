@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +122,9 @@ def evaluate_model_cli(args: argparse.Namespace) -> int:
     choice = getattr(args, "model", None) or "LATEST"
     if Path(choice).is_dir():
         model_path = Path(choice)
+    elif os.sep in choice or (os.altsep and os.altsep in choice):
+        raise FileNotFoundError(f"model folder {choice} does not exist (give a folder, a version of "
+                                f"{store.models_dir}, or nothing for LATEST)")
     else:
         model_path = store.require_model(None if choice == "LATEST" else choice)
     folder = Path(getattr(args, "data", None) or store.corpus_dir)

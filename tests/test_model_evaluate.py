@@ -69,3 +69,10 @@ def test_json_ready_turns_every_non_finite_float_into_null():
 
     value = {"a": float("nan"), "b": [np.float32("inf"), 1.5, {"c": -float("inf")}], "d": "NaN", "e": 2}
     assert json_ready(value) == {"a": None, "b": [None, 1.5, {"c": None}], "d": "NaN", "e": 2}
+
+
+def test_a_mistyped_model_folder_is_named_as_a_missing_folder(trained_store, tmp_path):
+    args = argparse.Namespace(workdir=str(trained_store.root), model=str(tmp_path / "models" / "m-x"), data=None, k=5,
+                              n_way=5, k_shot=1, episodes=5, max_items=None)
+    with pytest.raises(FileNotFoundError, match=f"model folder {tmp_path}/models/m-x does not exist"):
+        evaluate_model_cli(args)
