@@ -44,6 +44,7 @@ from lookalike.model.metrics import best_f1_threshold, json_ready, retrieval_met
 from lookalike.model.prefetch import Prefetcher
 from lookalike.model.preprocess import PreprocessSpec
 from lookalike.model.progress import Progress
+from lookalike.model.sharding import data_mesh, embed_numpy, replicate
 from lookalike.model.sources import load_training_data
 from lookalike.model.store import Store
 from lookalike.model.unlabelled import training_augment, view_holdout
@@ -154,38 +155,6 @@ def batch_maker(
         return train_step(model, optimizer, x_a, x_b, sim, margin)
 
     return make_pair_batch, pair_fn, 2 * batch_pairs
-
-
-def data_mesh() -> Mesh:
-    """A 1-D mesh named ``data`` over every local device (CPU, GPU or TPU).
-
-    Auto axis type: XLA decides the layout of the in-batch [B, B] distance matrix of
-    the triplet losses (an all-gather of the [B, D] embeddings)."""
-    return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-
-
-def replicate(mesh: Mesh, *modules: nnx.Module) -> None:
-    """Place every variable of ``modules`` on all devices of ``mesh``."""
-    state = nnx.state(modules)
-    nnx.update(modules, jax.device_put(state, NamedSharding(mesh, PartitionSpec())))
-
-
-def embed_numpy(model: EncoderModule, images: np.ndarray, batch: int = 512) -> np.ndarray:
-    """[N, H, W, C] -> [N, embed_dim] with the in-training model. A model replicated over
-    several devices (``replicate``) embeds data-parallel: each batch is split over them."""
-    forward = nnx.jit(lambda m, x: m(x))
-    devices = jax.tree_util.tree_leaves(nnx.state(model))[0].sharding.device_set
-    split = None
-    if len(devices) > 1:
-        split = NamedSharding(Mesh(np.asarray(sorted(devices, key=lambda d: d.id)), ("data",)), PartitionSpec("data"))
-        batch = -(-batch // len(devices)) * len(devices)
-    out = []
-    for s in range(0, len(images), batch):
-        chunk = images[s : s + batch]
-        padded = np.concatenate([chunk, np.zeros((batch - len(chunk), *chunk.shape[1:]), np.float32)])
-        x = jax.device_put(padded, split) if split is not None else jnp.asarray(padded)
-        out.append(np.asarray(forward(model, x))[: len(chunk)])
-    return np.concatenate(out) if out else np.zeros((0, model.out.out_features), np.float32)
 
 
 def evaluate(model: EncoderModule, images: np.ndarray, labels: np.ndarray) -> dict[str, float]:
@@ -420,4 +389,5 @@ def train_and_evaluate(
 
 
 __all__ = ["TrainResult", "train_and_evaluate", "train_on_arrays", "train_step", "triplet_train_step", "make_optimizer",
+           "batch_maker", "data_mesh", "embed_numpy", "replicate",
            "config_to_dict", "run_id"]
