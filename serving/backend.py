@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass, field
 from functools import cached_property
 
-
 from lookalike.index.searcher import ItemIndex
 from lookalike.model.artifact import Encoder, load_encoder
 from lookalike.model.store import Store, StoreError
