@@ -11,6 +11,8 @@ result is only short when the corpus has no more matching items.
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
     from lookalike.index.searcher import ItemIndex, Neighbor
 
 EXACT_FILTER_MAX_FRACTION = 0.1
+MATCH_CACHE_SIZE = 16  # filters whose matching rows are kept per index (1 byte per item each)
 
 
 def filtered_search(index: ItemIndex, queries: np.ndarray, k: int, where: Mapping[str, Any] | None,
@@ -30,21 +33,37 @@ def filtered_search(index: ItemIndex, queries: np.ndarray, k: int, where: Mappin
     first; ``exclude_row`` (the item of a similar-item query) is never a result nor takes a
     slot of its group."""
     accept = {key: set(v) if isinstance(v, (list, tuple, set)) else {v} for key, v in (where or {}).items()}
-    matching = None
-    if accept:
-        matching = index.items.rows_where(accept)
-        matching = matching[[not index.is_deleted(r) for r in matching.tolist()]] if index.num_deleted else matching
-        matching = matching[matching != exclude_row] if exclude_row is not None else matching
-        if len(matching) <= max(EXACT_FILTER_MAX_FRACTION * len(index), 4 * k):
-            return [exact_among(index, query, matching, k, max_per_group, group_by) for query in queries]
     mask = None
-    if matching is not None:
-        mask = np.zeros(len(index.items), bool)
-        mask[matching] = True
-    elif exclude_row is not None:
-        mask = np.ones(len(index.items), bool)
-        mask[exclude_row] = False
-    return [widening_search(index, query, k, mask, max_per_group, group_by) for query in queries]
+    if accept:
+        mask, matching = live_matches(index, accept)
+        if len(matching) <= max(EXACT_FILTER_MAX_FRACTION * len(index), 4 * k):
+            if exclude_row is not None:
+                matching = matching[matching != exclude_row]
+            return [exact_among(index, query, matching, k, max_per_group, group_by) for query in queries]
+    return [widening_search(index, query, k, mask, max_per_group, group_by, exclude_row) for query in queries]
+
+
+def live_matches(index: ItemIndex, accept: dict[str, set]) -> tuple[np.ndarray, np.ndarray]:
+    """([rows] bool, [M] rows) of the live items passing ``accept``. Cached per index and
+    filter (the last ``MATCH_CACHE_SIZE``): rows are append-only and every update appends a
+    row or deletes one, so (rows, deleted) identifies the index's state."""
+    key = (len(index.items), index.num_deleted, tuple(sorted((k, frozenset(v)) for k, v in accept.items())))
+    lock = index.__dict__.setdefault("_match_lock", threading.Lock())
+    with lock:
+        cache: OrderedDict = index.__dict__.setdefault("_match_cache", OrderedDict())
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+    mask = np.zeros(len(index.items), bool)
+    mask[index.items.rows_where(accept)] = True
+    if index.num_deleted:
+        mask &= index.live_mask()[: len(mask)]
+    found = (mask, np.flatnonzero(mask))
+    with lock:
+        cache[key] = found
+        while len(cache) > MATCH_CACHE_SIZE:
+            cache.popitem(last=False)
+    return found
 
 
 def exact_among(index: ItemIndex, query: np.ndarray, rows: np.ndarray, k: int, max_per_group: int | None,
@@ -60,9 +79,10 @@ def exact_among(index: ItemIndex, query: np.ndarray, rows: np.ndarray, k: int, m
 
 
 def widening_search(index: ItemIndex, query: np.ndarray, k: int, mask: np.ndarray | None,
-                    max_per_group: int | None, group_by: str) -> list[Neighbor]:
-    """Over-fetch from ScaNN and keep rows where ``mask`` ([rows] bool, None: all) holds,
-    widening the fetch and the searched leaves until k are kept or every item was searched."""
+                    max_per_group: int | None, group_by: str, exclude_row: int | None = None) -> list[Neighbor]:
+    """Over-fetch from ScaNN and keep rows where ``mask`` ([rows] bool, None: all) holds but
+    ``exclude_row``, widening the fetch and the searched leaves until k are kept or every
+    item was searched."""
     fetch = max(4 * k, 32)
     leaves = (index.manifest.get("tuning") or {}).get("leaves_to_search")
     while True:
@@ -70,7 +90,7 @@ def widening_search(index: ItemIndex, query: np.ndarray, k: int, mask: np.ndarra
         if exhaustive and index.mode in TREE_MODES:
             leaves = len(index.items)  # more than a shard's leaves: ScaNN searches them all
         rows, scores = index.search_rows(query[None, :], min(fetch, len(index)), leaves_to_search=leaves)
-        found = rows[0] >= 0
+        found = (rows[0] >= 0) & (rows[0] != (-1 if exclude_row is None else exclude_row))
         kept = keep(index, rows[0][found], scores[0][found], k, mask, max_per_group, group_by)
         if len(kept) >= k or exhaustive:
             return kept

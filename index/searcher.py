@@ -178,7 +178,11 @@ class ItemIndex(UpdatableIndex):
 
     def live_rows(self) -> np.ndarray:
         """[len(self)] int64 rows of the items that are not deleted, ascending."""
-        return np.flatnonzero(self._slot_of_row.view() >= 0)
+        return np.flatnonzero(self.live_mask())
+
+    def live_mask(self) -> np.ndarray:
+        """[rows] bool: which rows are items that are not deleted."""
+        return self._slot_of_row.view() >= 0
 
     @property
     def mode(self) -> str:

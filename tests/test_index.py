@@ -226,6 +226,9 @@ def test_filters_find_k_on_every_mode_even_outside_the_searched_leaves(tmp_path,
 
     frames = index.search(query, k=10, where={"kind": "frame"})[0]
     assert [f.id for f in frames] == exact(kinds == "frame", 10)  # selective: scored exactly
+    index.delete([frames[0].id])  # the filter's cached rows follow updates
+    frames = index.search(query, k=10, where={"kind": "frame"})[0]
+    assert [f.id for f in frames] == exact(kinds == "frame", 10)
     wide = index.search(query, k=25, where={"group": "g-wide"})[0]
     assert len(wide) == 25 and all(index.items[f.row]["group"] == "g-wide" for f in wide)
     assert [f.score for f in wide] == pytest.approx(sorted((float(emb[f.row] @ query) for f in wide), reverse=True), abs=1e-3)
