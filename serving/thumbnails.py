@@ -48,30 +48,44 @@ def stored_thumbnail(item: dict[str, Any]) -> bytes | None:
 def render_thumbnail(item: dict[str, Any], size: int = THUMBNAIL_SIZE) -> bytes:
     """PNG bytes of the item's image, at most ``size`` pixels on its long side: from the
     original file when it is a small image (crisp, cheap), else from the stored thumbnail
-    (no large decode per request; the only picture of a video frame)."""
+    (no large decode per request; the only picture of a video frame). The stored thumbnail
+    also stands in for a small image whose original is not a readable local file (a
+    ``tfds://`` or other remote uri, or a local file since moved or deleted)."""
     small_image = item.get("kind", "image") == "image" and max(item.get("width") or 0, item.get("height") or 0) <= size
-    stored = None if small_image else stored_thumbnail(item)
-    if stored is not None:
-        try:
-            img = open_image(stored, DEFAULT_MAX_PIXELS)
-        except ImageDecodeError:
-            img = None
+    if not small_image:
+        img = _stored_image(item)
         if img is not None:
             return _png(img, size)
     if item.get("kind") == "frame":
         raise ThumbnailUnavailable(f"video frame {item['id']!r} has no stored thumbnail")
     uri = item.get("uri")
-    if not uri:
-        raise ThumbnailUnavailable(f"item {item['id']!r} has no file recorded")
     try:
+        if not uri:
+            raise ThumbnailUnavailable(f"item {item['id']!r} has no file recorded")
         data = local_path(str(uri)).read_bytes()
-    except OSError as e:
+    except (OSError, ThumbnailUnavailable) as e:
+        img = _stored_image(item) if small_image else None
+        if img is not None:
+            return _png(img, size)
+        if isinstance(e, ThumbnailUnavailable):
+            raise
         raise ThumbnailUnavailable(f"file of item {item['id']!r} cannot be read: {e.strerror or e}") from None
     try:
         img = open_image(data, DEFAULT_MAX_PIXELS)
     except ImageDecodeError as e:
         raise ThumbnailUnavailable(f"file of item {item['id']!r} is not a readable image: {e}") from None
     return _png(img, size)
+
+
+def _stored_image(item: dict[str, Any]) -> Image.Image | None:
+    """The item's stored thumbnail decoded, or None when there is none or it is unreadable."""
+    stored = stored_thumbnail(item)
+    if stored is None:
+        return None
+    try:
+        return open_image(stored, DEFAULT_MAX_PIXELS)
+    except ImageDecodeError:
+        return None
 
 
 def _png(img: Image.Image, size: int) -> bytes:

@@ -6,6 +6,7 @@ import shutil
 import httpx
 from PIL import Image
 
+from lookalike.index.searcher import ItemIndex
 from lookalike.model.data import list_images
 from lookalike.pipeline.embed import EmbedConfig, run_embed
 from lookalike.serving.app import create_app
@@ -31,3 +32,29 @@ def test_frames_and_images_have_thumbnails(tmp_path, trained_store, digits_corpu
         assert Image.open(io.BytesIO(thumb.content)).convert("L").getpixel((5, 5)) > 150  # the bright shot
         image = http.get("/v1/items/one.png/thumbnail")
         assert image.status_code == 200 and Image.open(io.BytesIO(image.content)).size == (32, 32)
+        (workdir / "corpus" / "one.png").unlink()  # the original is gone: the stored thumbnail stands in
+        gone = http.get("/v1/items/one.png/thumbnail")
+        assert gone.status_code == 200, gone.text
+        assert Image.open(io.BytesIO(gone.content)).size == (32, 32)
+
+
+def test_tfds_items_have_thumbnails(tmp_path, trained_store, tfds_dir):
+    """A TFDS item's uri (tfds://...) is no local file: its stored thumbnail is served."""
+    import numpy as np
+
+    workdir = tmp_path / "w"
+    shutil.copytree(trained_store.root / "models", workdir / "models")
+    summary = run_embed(EmbedConfig(workdir=str(workdir), tfds="lookalike_tiny_shapes:train", tfds_data_dir=str(tfds_dir)))
+    items = ItemIndex.load(workdir / "indexes" / summary.index_version).items
+    with serve_in_thread(create_app(lambda: load_backend(workdir))) as url, httpx.Client(base_url=url) as http:
+        brightness = {}
+        for label in ("light", "dark"):
+            item = next(i for i in items if i["id"].startswith(label + "/"))
+            assert item["uri"].startswith("tfds://")
+            thumb = http.get(f"/v1/items/{item['id']}/thumbnail")
+            assert thumb.status_code == 200, thumb.text
+            assert thumb.headers["content-type"] == "image/png"
+            img = Image.open(io.BytesIO(thumb.content))
+            assert img.size == (16, 16)
+            brightness[label] = np.asarray(img.convert("L")).mean()
+        assert brightness["light"] > brightness["dark"] + 50
