@@ -6,6 +6,10 @@ histograms of consecutive (downscaled) frames exceeds ``shot_threshold``. Each k
 frame becomes an item ``<video id>#t=<seconds>`` with its timestamp, so the server can
 say where in the video the match is. A video's source hash includes the key of these
 settings (``video_source_hash``): its cached frames are reused only for the same sampling.
+Frames are turned upright as the video's display matrix says (a phone video recorded in
+portrait is stored sideways with a rotation of 90 or -90 degrees), like the EXIF
+orientation of an image, so frames, thumbnails and their width and height are as a player
+shows them.
 """
 
 from __future__ import annotations
@@ -29,6 +33,12 @@ class VideoDecodeError(ValueError):
     """The bytes are not a decodable video with a video stream; the message says why."""
 
 
+# How frames are decoded, beyond the sampling settings; part of FrameSampling.key, so raising
+# it makes --incremental sample every cached video again. 2: frames turned upright by the
+# display rotation (they were cached sideways).
+FRAME_DECODING_VERSION = 2
+
+
 @dataclass(frozen=True)
 class FrameSampling:
     interval_s: float = 2.0
@@ -42,8 +52,11 @@ class FrameSampling:
 
     @property
     def key(self) -> str:
-        """12 hex digits that change with any setting the sampled frames depend on."""
+        """12 hex digits that change with any setting the sampled frames depend on, and with
+        ``FRAME_DECODING_VERSION``."""
         text = f"{float(self.interval_s)!r},{float(self.shot_threshold)!r},{float(self.min_shot_gap_s)!r},{int(self.max_frames)}"
+        if FRAME_DECODING_VERSION > 1:
+            text += f",v{FRAME_DECODING_VERSION}"
         return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
@@ -82,6 +95,31 @@ def frame_id(video_id: str, timestamp_s: float) -> str:
     return f"{video_id}#t={timestamp_s:.3f}"
 
 
+_QUARTER_TURNS = {1: Image.Transpose.ROTATE_90, 2: Image.Transpose.ROTATE_180, 3: Image.Transpose.ROTATE_270}
+
+
+def display_rotation(frame: Any) -> int:
+    """Counter-clockwise quarter turns (0-3) that show ``frame`` (a PyAV VideoFrame) upright:
+    its display matrix's rotation (``frame.rotation``, degrees counter-clockwise) rounded to
+    a right angle; 0 without a display matrix or for an angle that is not a right angle."""
+    try:
+        degrees = float(frame.rotation)
+    except (AttributeError, ValueError, OverflowError):  # no such attribute, or a degenerate matrix (NaN)
+        return 0
+    turns = round(degrees / 90)
+    if abs(degrees - 90 * turns) > 1:
+        log.debug("ignoring a display rotation of %.1f degrees (not a right angle)", degrees)
+        return 0
+    return turns % 4
+
+
+def upright_image(frame: Any) -> Image.Image:
+    """``frame`` as an RGB PIL image, turned as its display matrix says (``display_rotation``)."""
+    img = frame.to_image().convert("RGB")
+    turns = display_rotation(frame)
+    return img.transpose(_QUARTER_TURNS[turns]) if turns else img
+
+
 def _histogram(gray: np.ndarray) -> np.ndarray:
     hist = np.bincount((gray.ravel() >> 3).astype(np.int64), minlength=32).astype(np.float64)
     return hist / max(hist.sum(), 1.0)
@@ -95,7 +133,7 @@ def frame_histogram(frame: Image.Image) -> np.ndarray:
 
 
 def sample_frames(data: bytes, sampling: FrameSampling = FrameSampling()) -> Iterator[tuple[float, Image.Image]]:
-    """Video file bytes -> (timestamp_s, RGB PIL frame) for each sampled frame.
+    """Video file bytes -> (timestamp_s, upright RGB PIL frame) for each sampled frame.
 
     Raises VideoDecodeError for bytes that are not a video, a container with no video
     stream (audio only), or a stream that yields no decodable frame.
@@ -134,7 +172,7 @@ def sample_frames(data: bytes, sampling: FrameSampling = FrameSampling()) -> Ite
                         last_shot = t
                     last_kept = t
                     kept += 1
-                    yield t, frame.to_image().convert("RGB")
+                    yield t, upright_image(frame)
                     if kept >= sampling.max_frames:
                         log.warning("stopping after %d frames (max_frames)", kept)
                         return

@@ -76,14 +76,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _make_video(path: Path, seconds: float = 3.0, fps: int = 10, cut_at_s: float | None = 1.5) -> Path:
-    """An H.264 MP4 of textured frames: dark before ``cut_at_s``, bright after (a shot change)."""
+def _make_video(path: Path, seconds: float = 3.0, fps: int = 10, cut_at_s: float | None = 1.5,
+                rotation: int | None = None) -> Path:
+    """An H.264 MP4 of 64x48 textured frames: dark before ``cut_at_s``, bright after (a shot
+    change); with ``rotation``, a display matrix turning them that many degrees counter-clockwise."""
     import av
     import numpy as np
 
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        if rotation is not None:
+            stream.set_display_rotation(rotation)
         rng = np.random.default_rng(0)
         for i in range(int(seconds * fps)):
             base = 230 if cut_at_s is not None and i / fps >= cut_at_s else 25
@@ -170,7 +174,7 @@ def tfds_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def make_video():
-    """``make_video(path, seconds=3.0, fps=10, cut_at_s=1.5)`` writes a real H.264 MP4."""
+    """``make_video(path, seconds=3.0, fps=10, cut_at_s=1.5, rotation=None)`` writes a real H.264 MP4."""
     return _make_video
 
 

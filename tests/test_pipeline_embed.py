@@ -226,13 +226,17 @@ def test_videos_become_timestamped_frames_with_thumbnails(workdir_with_model, ma
     corpus = workdir_with_model / "corpus"
     (corpus / "clips").mkdir(parents=True)
     make_video(corpus / "clips" / "a.mp4", seconds=5.0, cut_at_s=1.5)
+    make_video(corpus / "clips" / "portrait.mp4", seconds=1.0, rotation=-90)  # a phone's portrait video: stored 64x48
     shutil.copy(list_images(digits_corpus)[0], corpus / "one.png")
     summary = run_embed(EmbedConfig(workdir=str(workdir_with_model)))
     index = ItemIndex.load(workdir_with_model / "indexes" / summary.index_version)
-    frames = [item for item in index.items if item["kind"] == "frame"]
+    frames = [item for item in index.items if item["group"] == "clips/a.mp4"]
     assert {round(f["timestamp_s"], 1) for f in frames} >= {0.0, 1.5}
-    assert all(f["id"] == f"clips/a.mp4#t={f['timestamp_s']:.3f}" and f["group"] == "clips/a.mp4" for f in frames)
+    assert all(f["id"] == f"clips/a.mp4#t={f['timestamp_s']:.3f}" and f["kind"] == "frame" for f in frames)
     assert all(Image.open(item["thumbnail"]).size[0] <= 128 for item in index.items)
+    portrait = [item for item in index.items if item["group"] == "clips/portrait.mp4"]
+    assert portrait and all((f["width"], f["height"]) == (48, 64) for f in portrait)  # upright, as a player shows it
+    assert all(Image.open(f["thumbnail"]).size == (48, 64) for f in portrait)
 
 
 def test_incremental_rerun_embeds_only_new_files_and_duplicates_once(workdir_with_model, digits_corpus):

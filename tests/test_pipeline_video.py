@@ -38,6 +38,39 @@ def test_bad_videos_raise_with_reason(tmp_path, make, reason, make_audio_only):
         list(sample_frames(path.read_bytes()))
 
 
+def _marked_video(path, rotation: int) -> bytes:
+    """Five 64x48 H.264 frames, white in their top 12 rows and black below, with a display
+    matrix turning them ``rotation`` degrees counter-clockwise (as a phone records portrait)."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.set_display_rotation(rotation)
+        pixels = np.zeros((48, 64, 3), np.uint8)
+        pixels[:12] = 255
+        for _ in range(5):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("rotation, size, white_side", [
+    (0, (64, 48), "top"), (90, (48, 64), "left"), (-90, (48, 64), "right"), (180, (64, 48), "bottom"),
+])
+def test_frames_are_turned_upright_by_the_display_rotation(tmp_path, rotation, size, white_side):
+    import numpy as np
+
+    (_, frame), = sample_frames(_marked_video(tmp_path / "r.mp4", rotation), FrameSampling(interval_s=10.0))
+    assert frame.size == size and frame.mode == "RGB"
+    gray = np.asarray(frame.convert("L"), np.float32)
+    sides = {"top": gray[:6].mean(), "bottom": gray[-6:].mean(), "left": gray[:, :6].mean(), "right": gray[:, -6:].mean()}
+    assert max(sides, key=sides.get) == white_side, sides
+
+
 def test_frame_ids_carry_the_timestamp():
     assert frame_id("clips/a.mp4", 2.5) == "clips/a.mp4#t=2.500"
 
