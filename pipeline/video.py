@@ -35,8 +35,9 @@ class VideoDecodeError(ValueError):
 
 # How frames are decoded, beyond the sampling settings; part of FrameSampling.key, so raising
 # it makes --incremental sample every cached video again. 2: frames turned upright by the
-# display rotation (they were cached sideways).
-FRAME_DECODING_VERSION = 2
+# display rotation (they were cached sideways). 3: timestamps count from the start of the
+# video (they included the container's start time, e.g. 0.54 s in an MPEG program stream).
+FRAME_DECODING_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -132,8 +133,20 @@ def frame_histogram(frame: Image.Image) -> np.ndarray:
     return _histogram(np.asarray(frame.convert("L").resize((64, 36), Image.Resampling.BILINEAR)))
 
 
+def start_offset_s(container: Any, stream: Any) -> float:
+    """Seconds to subtract from a frame's presentation time to count from the start of the
+    video, as players do: the container's start time (its earliest stream; an MPEG program
+    stream typically starts at 0.5 s), else the video stream's; 0 when unknown or negative."""
+    if container.start_time is not None:  # AV_TIME_BASE units (microseconds)
+        return max(float(container.start_time) / 1_000_000, 0.0)
+    if stream.start_time is not None and stream.time_base:
+        return max(float(stream.start_time * stream.time_base), 0.0)
+    return 0.0
+
+
 def sample_frames(data: bytes, sampling: FrameSampling = FrameSampling()) -> Iterator[tuple[float, Image.Image]]:
-    """Video file bytes -> (timestamp_s, upright RGB PIL frame) for each sampled frame.
+    """Video file bytes -> (timestamp_s, upright RGB PIL frame) for each sampled frame; times
+    count from the start of the video (``start_offset_s``), never negative.
 
     Raises VideoDecodeError for bytes that are not a video, a container with no video
     stream (audio only), or a stream that yields no decodable frame.
@@ -151,6 +164,7 @@ def sample_frames(data: bytes, sampling: FrameSampling = FrameSampling()) -> Ite
             raise VideoDecodeError("no video stream (audio-only or empty container)")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
+        start_s = start_offset_s(container, stream)
         last_kept: float | None = None
         last_shot: float = -1e9
         prev_hist: np.ndarray | None = None
@@ -159,7 +173,8 @@ def sample_frames(data: bytes, sampling: FrameSampling = FrameSampling()) -> Ite
         try:
             for frame in container.decode(stream):
                 decoded += 1
-                t = float(frame.time) if frame.time is not None else decoded / float(stream.average_rate or 25)
+                t = float(frame.time) - start_s if frame.time is not None else (decoded - 1) / float(stream.average_rate or 25)
+                t = max(t, 0.0)
                 hist = _histogram(frame.reformat(width=64, height=36, format="gray").to_ndarray())
                 shot = (
                     prev_hist is not None

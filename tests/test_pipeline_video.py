@@ -71,6 +71,27 @@ def test_frames_are_turned_upright_by_the_display_rotation(tmp_path, rotation, s
     assert max(sides, key=sides.get) == white_side, sides
 
 
+def test_times_count_from_the_start_of_the_video(tmp_path):
+    """An MPEG program stream starts at 0.54 s (the muxer's preload): its first frame is t=0."""
+    import av
+    import numpy as np
+
+    path = tmp_path / "clip.mpg"
+    with av.open(str(path), "w", format="mpeg") as container:
+        stream = container.add_stream("mpeg1video", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(50):  # dark for 1 s, then bright
+            frame = np.full((48, 64, 3), 25 if i < 25 else 230, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with av.open(str(path)) as container:
+        assert container.start_time / 1e6 > 0.1  # the offset this test is about
+    times = [round(t, 3) for t, _ in sample_frames(path.read_bytes(), FrameSampling(interval_s=5.0))]
+    assert times == [0.0, 1.0]  # the start, then the cut
+
+
 def test_frame_ids_carry_the_timestamp():
     assert frame_id("clips/a.mp4", 2.5) == "clips/a.mp4#t=2.500"
 
