@@ -43,7 +43,8 @@ def load_tfds_images(tfds_spec: "TfdsSpec", spec: PreprocessSpec) -> tuple[Label
 
     ``labelled`` is False when the data set has no ``label`` feature; the labels are then
     one instance per example. Raises TfdsNotAvailableError (naming the data_dir) when the
-    data set is not prepared there; examples whose image does not decode are skipped."""
+    data set is not prepared there; examples whose image cannot be converted (``png_bytes``:
+    e.g. float values outside [0, 1]) or does not decode are skipped with a warning naming them."""
     from lookalike.pipeline.tfds_source import image_feature_name, iterate_examples, load_builder, png_bytes
 
     builder = load_builder(tfds_spec)
@@ -56,8 +57,8 @@ def load_tfds_images(tfds_spec: "TfdsSpec", spec: PreprocessSpec) -> tuple[Label
         uri = f"{tfds_spec.root}/{index:06d}"
         try:
             images.append(decode_image(png_bytes(example[key]), spec))
-        except (TypeError, ValueError) as e:  # ImageDecodeError, or PIL refusing the array
-            log.warning("skipping %s: %s", uri, e)
+        except (TypeError, ValueError, OSError) as e:  # cannot be converted (png_bytes), or ImageDecodeError
+            log.warning("skipping TFDS example %s: %s", uri, e)
             failures.append((uri, str(e)))
             continue
         labels.append(int(example["label"]) if labelled else len(labels))

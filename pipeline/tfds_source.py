@@ -3,7 +3,8 @@
 Works offline when the data set is already prepared in ``data_dir`` (lookalike never
 downloads); otherwise a clear error names the data set and the folder searched. Each
 example's image is encoded losslessly (PNG) so it gets a content hash and flows through
-the same decode, embed and write stages as a file. Item ids put the class label first
+the same decode, embed and write stages as a file; float images (values in [0, 1]) become
+8-bit, and an example whose image cannot be converted is dead-lettered. Item ids put the class label first
 when the data set has one (``<label>/<name>-<split>-<index>.png``), like a folder corpus.
 """
 
@@ -18,6 +19,7 @@ from typing import Any
 
 import apache_beam as beam
 import numpy as np
+from apache_beam.metrics import Metrics
 from PIL import Image
 
 log = logging.getLogger(__name__)
@@ -105,19 +107,50 @@ def iterate_examples(builder, split: str, start: int, stop: int):
 
 
 def png_bytes(image: np.ndarray) -> bytes:
+    """An example's image as lossless PNG bytes.
+
+    uint8 images are kept as they are, and single-channel uint16 ones at 16 bits; a
+    float image (``tfds.features.Image(dtype=float32)``) must hold values in [0, 1],
+    which become 0-255 (``x * 255`` rounded). Raises ValueError with the reason for an image
+    that cannot be converted: float values outside [0, 1] or not finite, an empty array,
+    a shape or dtype PNG cannot hold."""
     arr = np.asarray(image)
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
+    if arr.ndim not in (2, 3) or arr.size == 0:
+        raise ValueError(f"image of shape {tuple(np.shape(image))} is not a picture (H x W, or H x W x channels)")
+    if arr.dtype.kind == "f":
+        arr = float_to_uint8(arr)
+    elif arr.dtype == np.uint16 and arr.ndim == 3:  # PIL has no 16-bit colour mode: keep the high bytes
+        arr = (arr >> 8).astype(np.uint8)
+    elif arr.dtype == np.bool_:
+        arr = arr.astype(np.uint8) * 255
     buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
+    try:
+        Image.fromarray(arr).save(buf, format="PNG")
+    except (TypeError, ValueError, OSError) as e:  # a dtype or channel count PIL or PNG cannot hold
+        raise ValueError(f"image of dtype {arr.dtype} and shape {tuple(np.shape(image))} cannot be encoded: {e}") from None
     return buf.getvalue()
 
 
+def float_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """A float image with values in [0, 1] as uint8 0-255; ValueError for other values."""
+    finite = np.isfinite(arr)
+    if not finite.all():
+        raise ValueError(f"float image has {int(arr.size - finite.sum())} NaN or infinite value(s)")
+    low, high = float(arr.min()), float(arr.max())
+    if low < 0.0 or high > 1.0:
+        raise ValueError(f"float image values must be in [0, 1], found {low:g} to {high:g}")
+    return np.rint(arr.astype(np.float64) * 255.0).astype(np.uint8)
+
+
 class ReadTfdsRangeFn(beam.DoFn):
-    """(start, stop) -> ("new", (hash, uri, png bytes)) per example, like ReadSourceFn for files."""
+    """(start, stop) -> ("new", (hash, uri, png bytes)) per example, like ReadSourceFn for files;
+    ("dead", letter) for an example whose image cannot be converted (``png_bytes``)."""
 
     def __init__(self, spec: TfdsSpec):
         self._spec = spec
+        self._failed = Metrics.counter("lookalike", "files_failed")
 
     def setup(self) -> None:
         self._builder = load_builder(self._spec)
@@ -133,8 +166,14 @@ class ReadTfdsRangeFn(beam.DoFn):
         return f"{self._spec.root}/{base}"
 
     def process(self, bounds: tuple[int, int]):
-        from lookalike.pipeline.sources import NEW
+        from lookalike.pipeline.sources import DEAD, NEW, dead_letter
 
         for index, example in iterate_examples(self._builder, self._spec.split, *bounds):
-            data = png_bytes(example[self._image_key])
-            yield NEW, (hashlib.sha256(data).hexdigest(), self.item_uri(index, example), data)
+            uri = self.item_uri(index, example)
+            try:
+                data = png_bytes(example[self._image_key])
+            except ValueError as e:  # listed by the run summary, as a file that does not decode
+                self._failed.inc()
+                yield DEAD, dead_letter(uri, "read", str(e))
+                continue
+            yield NEW, (hashlib.sha256(data).hexdigest(), uri, data)

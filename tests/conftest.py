@@ -115,11 +115,13 @@ def _make_audio_only(path: Path) -> Path:
 
 @functools.cache
 def tiny_tfds_builders() -> tuple[type, type]:
-    """Two TFDS builders prepared offline in tests (defined once: TFDS registers them by name).
+    """Three TFDS builders prepared offline in tests (defined once: TFDS registers them by name).
 
     ``lookalike_tiny_shapes``: 30 16x16 grayscale images of 3 classes (light, mid and dark
     squares with noise) with a ``label`` feature. ``lookalike_tiny_patterns``: 12 16x16
-    grayscale images (stripes of varying period and phase) and no label."""
+    grayscale images (stripes of varying period and phase) and no label. ``lookalike_tiny_floats``:
+    12 16x16 float32 grayscale images in [0, 1] (light and dark) with a ``label``, except
+    example 5 (a value of 3.0) and example 8 (all NaN), which cannot be converted."""
     import numpy as np
     import tensorflow_datasets as tfds
 
@@ -159,12 +161,34 @@ def tiny_tfds_builders() -> tuple[type, type]:
                 stripes = 127 + 120 * np.sin(2 * np.pi * (x / (3 + i % 4) + i / 5))
                 yield i, {"image": np.tile(stripes, (16, 1))[:, :, None].astype(np.uint8)}
 
-    return LookalikeTinyShapes, LookalikeTinyPatterns
+    class LookalikeTinyFloats(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(16, 16, 1), dtype=np.float32),
+                "label": tfds.features.ClassLabel(names=["light", "dark"]),
+            }))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples()}
+
+        def _generate_examples(self):
+            rng = np.random.default_rng(0)
+            for i in range(12):
+                image = np.clip(0.85 - 0.7 * (i % 2) + rng.uniform(-0.1, 0.1, (16, 16, 1)), 0, 1).astype(np.float32)
+                if i == 5:
+                    image[0, 0] = 3.0  # outside [0, 1]: not an image lookalike can convert
+                if i == 8:
+                    image[:] = np.nan
+                yield i, {"image": image, "label": i % 2}
+
+    return LookalikeTinyShapes, LookalikeTinyPatterns, LookalikeTinyFloats
 
 
 @pytest.fixture(scope="session")
 def tfds_dir(tmp_path_factory) -> Path:
-    """A TFDS data_dir with ``lookalike_tiny_shapes`` and ``lookalike_tiny_patterns`` prepared (no download)."""
+    """A TFDS data_dir with conftest's tiny data sets prepared (no download)."""
     pytest.importorskip("tensorflow_datasets")
     data_dir = tmp_path_factory.mktemp("tfds")
     for builder in tiny_tfds_builders():

@@ -23,6 +23,22 @@ def test_tfds_examples_come_with_their_class_labels(tfds_dir):
     assert data.paths[0] == "tfds://lookalike_tiny_shapes/train/000000"
 
 
+def test_float_tfds_images_are_converted_and_bad_ones_skipped_by_name(tfds_dir, caplog):
+    import logging
+
+    tfds_spec = TfdsSpec.parse("lookalike_tiny_floats", str(tfds_dir))
+    with caplog.at_level(logging.WARNING):
+        data, labelled = load_tfds_images(tfds_spec, PreprocessSpec(image_size=8, channels=1))
+    assert labelled and data.images.shape == (10, 8, 8, 1)  # conftest: 2 of 12 cannot be converted
+    assert data.images[data.labels == 0].mean() > data.images[data.labels == 1].mean() + 0.4  # light vs dark, in [0, 1]
+    reasons = sorted(reason for _, reason in data.failures)
+    assert len(reasons) == 2 and "NaN" in reasons[0] and "must be in [0, 1], found" in reasons[1]
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    for uri, _ in data.failures:
+        assert uri.startswith("tfds://lookalike_tiny_floats/train/")
+        assert len([m for m in warned if uri in m]) == 1, warned
+
+
 def test_training_on_a_tfds_data_set_offline(tmp_path, tfds_dir, tiny_config):
     result = train_and_evaluate(tiny_config, tmp_path, tfds="lookalike_tiny_shapes:train", tfds_data_dir=str(tfds_dir))
     assert (tmp_path / "models" / "LATEST").read_text().strip() == result.version

@@ -5,7 +5,7 @@ import pytest
 
 from lookalike.index.searcher import ItemIndex
 from lookalike.pipeline.embed import EmbedConfig, run_embed
-from lookalike.pipeline.tfds_source import TfdsNotAvailableError, TfdsSpec, load_builder
+from lookalike.pipeline.tfds_source import TfdsNotAvailableError, TfdsSpec, load_builder, png_bytes
 
 pytest.importorskip("tensorflow_datasets")
 
@@ -31,6 +31,40 @@ def test_tfds_split_is_embedded_with_label_first_ids(tmp_path, trained_store, tf
         for label in labels
     }
     assert brightness["light"] > brightness["mid"] > brightness["dark"]  # labels match the pixels
+
+
+def test_float_images_are_embedded_and_unconvertible_ones_dead_lettered(tmp_path, trained_store, tfds_dir):
+    import shutil
+
+    workdir = tmp_path / "w"
+    shutil.copytree(trained_store.root / "models", workdir / "models")
+    summary = run_embed(EmbedConfig(workdir=str(workdir), tfds="lookalike_tiny_floats", tfds_data_dir=str(tfds_dir)))
+    assert (summary.items, summary.failed) == (10, 2)  # conftest: values of 3.0 in one, NaN in another
+    reasons = sorted(row["reason"] for row in summary.dead_letter_examples)
+    assert "NaN" in reasons[0] and "must be in [0, 1], found" in reasons[1] and " to 3" in reasons[1]
+    assert all(row["uri"].startswith("tfds://lookalike_tiny_floats/train/") for row in summary.dead_letter_examples)
+    assert len(ItemIndex.load(workdir / "indexes" / summary.index_version)) == 10
+
+
+def test_png_bytes_converts_float_and_16_bit_images():
+    import io
+
+    from PIL import Image
+
+    def pixels(data: bytes) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(data)))
+
+    ramp = np.array([[0.0, 0.5, 1.0]], np.float32)
+    np.testing.assert_array_equal(pixels(png_bytes(ramp[:, :, None])), [[0, 128, 255]])
+    colour16 = np.full((2, 2, 3), 0x8001, np.uint16)
+    np.testing.assert_array_equal(pixels(png_bytes(colour16)), np.full((2, 2, 3), 0x80))
+    gray16 = np.array([[0, 1000, 65535]], np.uint16)
+    np.testing.assert_array_equal(pixels(png_bytes(gray16)), gray16)  # kept at 16 bits
+    for bad, reason in [(ramp * 2, r"must be in \[0, 1\], found 0 to 2"), (ramp - 0.5, "found -0.5 to 0.5"),
+                        (np.full((2, 2), np.inf, np.float32), "4 NaN or infinite"),
+                        (np.zeros((0, 4), np.uint8), "not a picture"), (np.zeros((2, 2, 5), np.uint8), "cannot be encoded")]:
+        with pytest.raises(ValueError, match=reason):
+            png_bytes(bad)
 
 
 def test_missing_or_unprepared_data_sets_name_the_data_dir(tmp_path):
