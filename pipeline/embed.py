@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -43,6 +44,9 @@ __all__ = ["EmbedConfig", "EmbedError", "EmbedSummary", "pipeline_options", "rea
            "run_embed"]
 
 
+LISTING_FILE_NAME = ".listing.arrow"  # the files to read, in the run folder while the pipeline runs
+
+
 class EmbedError(RuntimeError):
     """The embed job could not produce an index; the message says why."""
 
@@ -70,7 +74,7 @@ def _execute(run: EmbedRun, started: float, index_build: tuple[str, dict[str, An
     else:
         if run.listing is not None and len(run.listing) <= LISTING_IN_GRAPH_MAX:
             todo = run.plan.changed if run.plan is not None else run.listing
-            run.listing_file = str(run.run_dir / ".listing.arrow")
+            run.listing_file = str(run.run_dir / LISTING_FILE_NAME)
             run.chunks = write_listing(run.listing_file, todo)
         p = beam.Pipeline(options=pipeline_options(config))
         build_pipeline(p, run, index_build)
@@ -159,12 +163,33 @@ def run_embed(config: EmbedConfig) -> EmbedSummary:
     run_name = run_dir.name
     if run_dir.exists():
         raise EmbedError(f"embedding run {run_dir} already exists; choose another --run-name")
+    # The source is checked before the run folder exists: a missing data set or split is an error, not a folder.
+    tfds_ranges = example_ranges(TfdsSpec.parse(config.tfds, config.tfds_data_dir)) if config.tfds else None
     run_dir.mkdir(parents=True)
-    run = EmbedRun(config, store, meta, str(model_dir), pattern, root, run_dir, total=0)
+    run = EmbedRun(config, store, meta, str(model_dir), pattern, root, run_dir, total=0, tfds_ranges=tfds_ranges)
     try:
         return _list_and_run(run, started)
+    except BaseException:
+        remove_if_unused(run_dir)
+        raise
     finally:
         discard_preloaded()
+
+
+def remove_if_unused(run_dir: Path) -> bool:
+    """Remove the folder of a failed run that wrote nothing worth keeping (nothing, or only
+    its corpus listing), so its name can be used again; True if removed. A run that wrote
+    dead letters, a summary or embedding shards keeps them for the user to read. (The
+    embedding cache, which lets ``--incremental`` resume after a crash, is not in here.)"""
+    try:
+        kept = [p.name for p in run_dir.iterdir() if p.name != LISTING_FILE_NAME]
+    except OSError:
+        return False
+    if kept:
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    log.info("removed the folder of the failed run %s: it holds no output", run_dir)
+    return not run_dir.exists()
 
 
 def _list_and_run(run: EmbedRun, started: float) -> EmbedSummary:
@@ -177,7 +202,7 @@ def _list_and_run(run: EmbedRun, started: float) -> EmbedSummary:
     if in_process and not config.incremental:
         preload_encoder(run.model_dir, config.max_batch_size)
     if config.tfds:
-        ranges = example_ranges(TfdsSpec.parse(config.tfds, config.tfds_data_dir))
+        ranges = run.tfds_ranges or []
         run.total = ranges[-1][1] if ranges else 0
     elif config.list_file:
         run.total = len(read_list_file(config.list_file))

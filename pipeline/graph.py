@@ -107,6 +107,7 @@ class EmbedRun:
     plan: ReusePlan | None = None  # --incremental on a matched corpus: files split before Beam
     listing_file: str | None = None  # the files to read (listed before the run), chunked by size
     chunks: list[tuple[int, int]] | None = None  # [start, stop) rows of listing_file, one element each
+    tfds_ranges: list[tuple[int, int]] | None = None  # a TFDS source's [start, stop) example ranges, one element each
 
     @property
     def files_to_read(self) -> int:
@@ -159,7 +160,8 @@ def read_sources(p: beam.Pipeline, run: EmbedRun) -> dict[str, beam.PCollection]
     config = run.config
     if config.tfds:
         tfds_spec = TfdsSpec.parse(config.tfds, config.tfds_data_dir)
-        tagged = (p | "TfdsRanges" >> beam.Create(example_ranges(tfds_spec))
+        ranges = run.tfds_ranges if run.tfds_ranges is not None else example_ranges(tfds_spec)
+        tagged = (p | "TfdsRanges" >> beam.Create(ranges)
                   | "ReadTfds" >> beam.ParDo(ReadTfdsRangeFn(tfds_spec)))
         return split_tagged(tagged, (NEW, CACHED, DEAD, FILE), "Read")
     if config.list_file:

@@ -68,9 +68,26 @@ def test_all_bad_corpus_fails_and_publishes_nothing(tmp_path, trained_store):
     (workdir / "bad" / "x").mkdir(parents=True)
     (workdir / "bad" / "x" / "a.png").write_text("nope")
     with pytest.raises(EmbedError, match="nothing embedded"):
-        run_embed(EmbedConfig(workdir=str(workdir), corpus=str(workdir / "bad")))
+        run_embed(EmbedConfig(workdir=str(workdir), corpus=str(workdir / "bad"), run_name="all-bad"))
     assert not (workdir / "CURRENT").exists()
     assert not list((workdir / "indexes").glob("*"))  # no half-built index left behind
+    kept = workdir / "embeddings" / "all-bad"  # the failed run's dead letters and summary are kept to be read
+    assert (kept / "summary.json").is_file() and list(kept.glob("dead_letter-*.jsonl"))
+
+
+def test_a_failed_run_leaves_no_empty_run_folder(workdir_with_model, digits_corpus, tfds_dir):
+    from lookalike.pipeline.tfds_source import TfdsNotAvailableError
+
+    shutil.copytree(digits_corpus, workdir_with_model / "corpus")
+    runs = workdir_with_model / "embeddings"
+    with pytest.raises(TfdsNotAvailableError, match="no split 'nope'"):  # the source is checked before the folder exists
+        run_embed(EmbedConfig(workdir=str(workdir_with_model), tfds="lookalike_tiny_shapes:nope", tfds_data_dir=str(tfds_dir)))
+    assert not list(runs.glob("e-*"))
+    with pytest.raises(ValueError, match="NoSuchRunner"):  # fails once the corpus is listed into the run folder
+        run_embed(EmbedConfig(workdir=str(workdir_with_model), run_name="again", runner="NoSuchRunner", publish=False))
+    assert not (runs / "again").exists()
+    summary = run_embed(EmbedConfig(workdir=str(workdir_with_model), run_name="again", publish=False))  # the name is free
+    assert summary.items == len(list_images(digits_corpus))
 
 
 def test_multi_process_runner_gives_the_same_embeddings(tmp_path, indexed_store, caplog, capfd):
