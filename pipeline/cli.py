@@ -445,7 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as other Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
         return 141
-    except (StoreError, ValueError, FileNotFoundError, RuntimeError, FloatingPointError) as e:
+    except (StoreError, ValueError, OSError, RuntimeError, FloatingPointError) as e:  # OSError: unreadable files, a runner's connection
         if args.verbose:
             log.exception("failed")
         print(f"lookalike {args.command}: error: {e}", file=sys.stderr)

@@ -4,7 +4,6 @@ worker processes on 127.0.0.1, started here; same result as the in-process runne
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ import pytest
 from lookalike.pipeline.embed import EmbedConfig, read_embeddings, run_embed
 
 distributed = pytest.importorskip("distributed", reason="dask.distributed is not installed")
+DASK = [sys.executable, "-m", "dask"]  # the dask CLI, wherever the venv keeps its scripts
 
 
 def free_port() -> int:
@@ -25,15 +25,14 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def dask_cluster(tmp_path_factory):
     """tcp address of a scheduler with two single-threaded worker processes."""
-    dask_exe = str(Path(sys.executable).with_name("dask"))
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     logs = tmp_path_factory.mktemp("dask")
-    procs = [subprocess.Popen([dask_exe, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+    procs = [subprocess.Popen([*DASK, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
                               stdout=open(logs / "scheduler.log", "w"), stderr=subprocess.STDOUT)]
     for i in range(2):
         procs.append(subprocess.Popen(
-            [dask_exe, "worker", address, "--host", "127.0.0.1", "--nthreads", "1", "--no-dashboard", "--name", f"w{i}"],
+            [*DASK, "worker", address, "--host", "127.0.0.1", "--nthreads", "1", "--no-dashboard", "--name", f"w{i}"],
             stdout=open(logs / f"worker{i}.log", "w"), stderr=subprocess.STDOUT))
     try:
         with distributed.Client(address, timeout=60) as client:
@@ -72,3 +71,44 @@ def test_dask_cluster_gives_the_same_embeddings_and_dead_letters(tmp_path, index
     index = ItemIndex.load(workdir / "indexes" / summary.index_version)  # built shard by shard on the workers
     assert len(index.manifest["shards"]) == 2 and len(index) == len(items_local)
     assert index.search(emb_dask[:5], k=1)[0][0].id == items_dask.column("id")[0].as_py()
+
+
+def test_an_unreachable_scheduler_is_a_one_line_error(tmp_path, trained_store, capsys):
+    from lookalike.pipeline.cli import main
+
+    workdir = tmp_path / "w"
+    shutil.copytree(trained_store.root, workdir)
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    code = main(["embed", "--workdir", str(workdir), "--runner", "dask", "--run-name", "r",
+                 f"--dask_client_address={address}", "--dask_connection_timeout=2"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("lookalike embed: error: cannot connect to the Dask scheduler at " + address), line
+    assert not (workdir / "embeddings" / "r").exists()
+
+
+def test_a_scheduler_without_workers_warns_then_fails_clearly(tmp_path, trained_store, caplog):
+    import logging
+
+    from lookalike.pipeline.dask_runner import DaskRunnerError
+
+    workdir = tmp_path / "w"
+    shutil.copytree(trained_store.root, workdir)
+    port = free_port()
+    scheduler = subprocess.Popen(
+        [*DASK, "scheduler", "--host", "127.0.0.1", "--port", str(port),
+         "--no-dashboard"], stdout=open(tmp_path / "scheduler.log", "w"), stderr=subprocess.STDOUT)
+    try:
+        with distributed.Client(f"tcp://127.0.0.1:{port}", timeout=60):
+            pass  # the scheduler is up
+        with caplog.at_level(logging.WARNING), pytest.raises(DaskRunnerError, match="no Dask worker connected .* within 3 s"):
+            run_embed(EmbedConfig(workdir=str(workdir), runner="dask", publish=False, beam_args=[
+                f"--dask_client_address=127.0.0.1:{port}", "--dask_worker_timeout_s=3"]))
+        assert any("no Dask workers are connected" in r.getMessage() for r in caplog.records), caplog.text
+    finally:
+        scheduler.terminate()
+        try:
+            scheduler.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            scheduler.kill()
