@@ -11,7 +11,7 @@ too, by the micro-batchers of a ``QueryEngine`` (``lookalike.serving.engine``,
 
 Bad input is always a 4xx with a reason: 413 for an oversized body, 422 for bytes
 that are not an image, vectors of the wrong length or with NaN, or ``k`` out of
-range, 404 for an unknown item id.
+range, or a query parameter the endpoint does not take, 404 for an unknown item id.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ from lookalike.serving.queries import (
     echo,
     filters_of,
     item_or_404,
+    no_unknown_query_params,
     read_upload,
     search_by_image,
     search_or_422,
@@ -115,6 +116,7 @@ async def get_engine(request: Request) -> QueryEngine:
 
 
 BackendDep = Annotated[Backend, Depends(get_backend)]
+STRICT_QUERY = [Depends(no_unknown_query_params)]  # search and item endpoints: an unknown query parameter is a 422
 EngineDep = Annotated[QueryEngine, Depends(get_engine)]
 
 
@@ -266,6 +268,7 @@ def create_app(
         "/v1/search/image",
         response_model=SearchResponse,
         tags=["search"],
+        dependencies=STRICT_QUERY,
         openapi_extra=IMAGE_REQUEST_BODY,
         responses=errors(413, 422, 503),
     )
@@ -292,7 +295,8 @@ def create_app(
             return None
         return await image_search(request, backend, *params)
 
-    @app.post("/v1/search/vector", response_model=SearchResponse, tags=["search"], responses=errors(413, 422, 503))
+    @app.post("/v1/search/vector", response_model=SearchResponse, tags=["search"], responses=errors(413, 422, 503),
+              dependencies=STRICT_QUERY)
     async def search_vector(body: VectorQuery, backend: BackendDep) -> Response:
         """Items nearest to a query embedding (normalised to unit length)."""
         return await vector_search(body, backend)
@@ -308,7 +312,7 @@ def create_app(
 
     async def search_vector_fast(request: Request) -> Response | None:
         backend = slot.backend
-        if backend is None:
+        if backend is None or request.scope["query_string"]:  # it takes no query parameter: FastAPI's 422
             return None
         try:
             body = VectorQuery.model_validate(json_body(request, await request.body()))
@@ -321,7 +325,8 @@ def create_app(
     set_fast_path(app, "/v1/search/image", "POST", search_image_fast)
     set_fast_path(app, "/v1/search/vector", "POST", search_vector_fast)
 
-    @app.post("/v1/search/batch", response_model=BatchSearchResponse, tags=["search"], responses=errors(404, 413, 422, 503))
+    @app.post("/v1/search/batch", response_model=BatchSearchResponse, tags=["search"], responses=errors(404, 413, 422, 503),
+              dependencies=STRICT_QUERY)
     async def search_batch(body: BatchSearch, backend: BackendDep, engine: EngineDep) -> Response:
         """Several queries (vectors, item ids, base64 images) in one call; one response per query."""
         filters = filters_of(body)
@@ -360,7 +365,8 @@ def create_app(
 
     # The /similar and /thumbnail routes come before the catch-all metadata route:
     # {item_id:path} would otherwise swallow the suffix.
-    @app.get("/v1/items/{item_id:path}/similar", response_model=SearchResponse, tags=["items"], responses=errors(404, 422, 503))
+    @app.get("/v1/items/{item_id:path}/similar", response_model=SearchResponse, tags=["items"], responses=errors(404, 422, 503),
+             dependencies=STRICT_QUERY)
     async def similar(
         item_id: ItemId, backend: BackendDep, engine: EngineDep, k: K = DEFAULT_K,
         kind: KindFilter = None, group: GroupFilter = None, max_per_group: PerGroup = None,
@@ -378,7 +384,8 @@ def create_app(
         "/v1/items/{item_id:path}/thumbnail",
         response_class=Response,
         tags=["items"],
-        responses={200: {"content": {"image/png": {}}}, **errors(404, 503)},
+        responses={200: {"content": {"image/png": {}}}, **errors(404, 422, 503)},
+        dependencies=STRICT_QUERY,
     )
     def thumbnail(item_id: ItemId, backend: BackendDep) -> Response:
         """A PNG preview of the item's image (never upscaled)."""
@@ -389,7 +396,8 @@ def create_app(
             raise HTTPException(status_code=404, detail=str(e)) from None
         return Response(png, media_type="image/png", headers={"Cache-Control": "public, max-age=3600"})
 
-    @app.get("/v1/items/{item_id:path}", response_model=ItemMetadata, tags=["items"], responses=errors(404, 503))
+    @app.get("/v1/items/{item_id:path}", response_model=ItemMetadata, tags=["items"], responses=errors(404, 422, 503),
+             dependencies=STRICT_QUERY)
     def item_metadata(item_id: ItemId, backend: BackendDep) -> ItemMetadata:
         """What the index knows about an item (its file path on the server is not exposed)."""
         item = item_or_404(backend, item_id)

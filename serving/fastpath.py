@@ -45,6 +45,7 @@ FastHandler = Callable[[Request], Awaitable[Response | None]]
 # same by int() and by pydantic; anything else goes to FastAPI for its verdict.
 _PLAIN_COUNT = re.compile(r"[1-9][0-9]{0,2}")
 _FILTER_PARAMS = ("kind", "group", "max_per_group")
+_SEARCH_PARAMS = frozenset(("k", *_FILTER_PARAMS))
 
 
 # Set in the scope of a request whose fast handler already declined it (see FastDispatch).
@@ -206,11 +207,13 @@ def _count(values: list[str]) -> int | None:
 def search_params(query_string: bytes) -> tuple[int, Filters] | None:
     """``k`` and the filters of a search's query string when FastAPI would accept them with
     these very values (``k``, ``kind``, ``group``, ``max_per_group`` as declared in
-    ``lookalike.serving.app``); None for anything else, errors included. Other
-    parameters are ignored, as FastAPI ignores them."""
+    ``lookalike.serving.app``); None for anything else, errors included, and for any
+    other parameter (FastAPI answers 422 naming it: ``queries.no_unknown_query_params``)."""
     if not query_string:
         return DEFAULT_K, NO_FILTERS
     params = QueryParams(query_string)
+    if any(name not in _SEARCH_PARAMS for name in params.keys()):
+        return None
     k = DEFAULT_K
     if "k" in params:
         k = _count(params.getlist("k"))

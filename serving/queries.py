@@ -1,9 +1,10 @@
 """Between HTTP and the query engine: request inputs become queries, neighbours become responses.
 
-Shared by every search endpoint: unit-length query vectors (422 reasons for bad
-ones), upload reading (multipart or raw body, size checked exactly), image decoding
-through the embed batcher, and the response shape with per-result metadata (kind,
-video timestamp and group, same-item flag, thumbnail URL; never the server's file path).
+Shared by every search endpoint: unknown query parameters refused (422), unit-length
+query vectors (422 reasons for bad ones), upload reading (multipart or raw body, size
+checked exactly), image decoding through the embed batcher, and the response shape with
+per-result metadata (kind, video timestamp and group, same-item flag, thumbnail URL;
+never the server's file path).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
@@ -29,6 +31,40 @@ UPLOAD_FIELD = "file"
 # Uploads up to this size are decoded in the image batch (well under a millisecond each);
 # larger ones in the thread pool before they join a batch, so a big photo never stalls others.
 INLINE_DECODE_BYTES = 64 * 1024
+
+
+def declared_query_params(route: Any) -> frozenset[str]:
+    """The query parameter names ``route`` (a FastAPI APIRoute) declares, its dependencies'
+    included; remembered on the route."""
+    names = getattr(route, "_lookalike_query_names", None)
+    if names is None:
+        found: set[str] = set()
+        pending = [route.dependant]
+        while pending:
+            dependant = pending.pop()
+            found.update(field.alias for field in dependant.query_params)
+            pending.extend(dependant.dependencies)
+        names = route._lookalike_query_names = frozenset(found)
+    return names
+
+
+async def no_unknown_query_params(request: Request) -> None:
+    """A route dependency: 422 naming each query parameter the endpoint does not declare, as
+    for unknown JSON body fields, so a typo (``max_per_grop=1``) is not silently an unfiltered
+    search. (Async: FastAPI runs a plain ``def`` dependency in a thread.)"""
+    params = request.query_params
+    if not params:
+        return
+    route = request.scope.get("route")
+    allowed = declared_query_params(route) if route is not None else frozenset(params.keys())
+    unknown = [name for name in dict.fromkeys(params.keys()) if name not in allowed]
+    if unknown:
+        takes = ", ".join(sorted(allowed)) if allowed else "none"
+        raise RequestValidationError([
+            {"type": "extra_forbidden", "loc": ("query", name), "input": params.get(name),
+             "msg": f"unknown query parameter {name!r} (this endpoint takes: {takes})"}
+            for name in unknown
+        ])
 
 
 def unknown_item(item_id: str) -> HTTPException:

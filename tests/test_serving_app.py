@@ -232,6 +232,32 @@ def test_unknown_body_fields_are_422_not_ignored(http: httpx.Client, path: str, 
     assert any(e["loc"] == where and e["type"] == "extra_forbidden" for e in response.json()["detail"]), response.text
 
 
+@pytest.mark.parametrize("method, path, params, unknown", [
+    ("POST", "/v1/search/image", "k=2&max_per_grop=1", "max_per_grop"),
+    ("POST", "/v1/search/vector", "k=2", "k"),  # k goes in the body of a vector search
+    ("POST", "/v1/search/batch", "kind=image", "kind"),
+    ("GET", f"/v1/items/{QUERY_ID}/similar", "k=2&knd=frame&group=3", "knd"),
+    ("GET", f"/v1/items/{QUERY_ID}/thumbnail", "size=64", "size"),
+    ("GET", f"/v1/items/{QUERY_ID}", "fields=all", "fields"),
+])
+def test_unknown_query_parameters_are_422_not_ignored(http: httpx.Client, query_bytes: bytes, workdir: Path,
+                                                        method: str, path: str, params: str, unknown: str) -> None:
+    """A typo in a filter must not silently run an unfiltered search: the 422 names the parameter."""
+    body = {}
+    if path == "/v1/search/image":
+        body = {"content": query_bytes}
+    elif path == "/v1/search/vector":
+        body = {"json": {"vector": [0.1] * load_backend(workdir).index.embed_dim}}
+    elif path == "/v1/search/batch":
+        body = {"json": {"queries": [{"id": QUERY_ID}]}}
+    response = http.request(method, f"{path}?{params}", **body)
+    assert response.status_code == 422, response.text
+    errors = response.json()["detail"]
+    assert [e["loc"] for e in errors] == [["query", unknown]], response.text
+    assert errors[0]["type"] == "extra_forbidden" and repr(unknown) in errors[0]["msg"]
+    assert http.request(method, path, **body).status_code == 200  # the same request without it is fine
+
+
 @pytest.mark.parametrize("k", [0, -1, 101, 1000])
 def test_k_out_of_range_is_422(http: httpx.Client, query_bytes: bytes, k: int) -> None:
     assert http.post("/v1/search/image", params={"k": k}, content=query_bytes).status_code == 422
