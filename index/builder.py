@@ -267,11 +267,13 @@ def build_and_publish(
     model_version: str,
     options: IndexOptions = IndexOptions(),
     make_current: bool = True,
+    version: str | None = None,
 ) -> str:
-    """Build in a temporary folder, rename into ``indexes/<version>``, then move CURRENT."""
+    """Build in a temporary folder, rename into ``indexes/<version>`` (default: a new name),
+    then move CURRENT (recorded in the store's history)."""
     version = publish_atomically(
         store, lambda tmp: build_index(embeddings, items, model_version=model_version, out_dir=tmp, options=options),
-        make_current=make_current,
+        make_current=make_current, reason=f"build: model {model_version}", version=version,
     )
     log.info("published index %s%s in %s", version, " as CURRENT" if make_current else "", store.root)
     return version

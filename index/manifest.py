@@ -125,13 +125,15 @@ def new_index_version() -> str:
     return time.strftime("i-%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
 
-def publish_atomically(store: Store, write: Callable[[Path], Any], *, make_current: bool = True) -> str:
-    """Run ``write(tmp_dir)``, rename ``tmp_dir`` to ``indexes/<new version>``, then move CURRENT.
+def publish_atomically(store: Store, write: Callable[[Path], Any], *, make_current: bool = True,
+                       reason: str = "publish", version: str | None = None) -> str:
+    """Run ``write(tmp_dir)``, rename ``tmp_dir`` to ``indexes/<version>`` (default: a new
+    version name), then move CURRENT (recorded in history.jsonl with ``reason``).
 
     Nothing is left behind if ``write`` raises.
     """
     store.indexes_dir.mkdir(parents=True, exist_ok=True)
-    version = new_index_version()
+    version = version or new_index_version()
     tmp = store.indexes_dir / f".tmp-{version}"
     try:
         write(tmp)
@@ -140,5 +142,5 @@ def publish_atomically(store: Store, write: Callable[[Path], Any], *, make_curre
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if make_current:
-        store.set_current_index(version)
+        store.set_current_index(version, reason)
     return version

@@ -215,7 +215,9 @@ class UpdatableIndex:
         return {**old, "count": int(len(rows)), "files": file_checksums(out_dir, shard.name)}
 
     def publish(self, store: Store, *, make_current: bool = True) -> str:
-        """Save as a new version of ``store`` atomically (then move CURRENT); returns the version."""
-        version = publish_atomically(store, self.save, make_current=make_current)
+        """Save as a new version of ``store`` atomically (then move CURRENT, recorded in the
+        store's history so rollback returns to it); returns the version."""
+        version = publish_atomically(store, self.save, make_current=make_current,
+                                     reason=f"publish: updated from {self.version}")
         log.info("published updated index %s (from %s)", version, self.version)
         return version

@@ -8,8 +8,10 @@ Layout (``--workdir DIR``)::
     DIR/embeddings/<run>/           Parquet embeddings, dead letters, run summary
     DIR/indexes/<version>/          ScaNN index versions (manifest.json + files)
     DIR/CURRENT                     the index version being served
+    DIR/history.jsonl               every move of CURRENT (version, time, reason)
 
-Pointer files are replaced atomically (write a temporary file, fsync, rename), so
+Every path that moves CURRENT goes through ``Store.set_current_index``, which appends the
+move to ``history.jsonl`` (rollback and pruning read it). Pointer files are replaced atomically (write a temporary file, fsync, rename), so
 a reader sees either the old or the new version, never half of one. Only local
 paths are supported today; ``gs://`` and friends are refused with a clear error
 rather than misbehaving.
@@ -17,17 +19,28 @@ rather than misbehaving.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import re
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+log = logging.getLogger(__name__)
+
+HISTORY = "history.jsonl"
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class StoreError(RuntimeError):
     """The store lacks what a job needs; the message says which step to run."""
+
+
+class PointerError(StoreError, ValueError):
+    """A pointer file (CURRENT, models/LATEST) holds something that is not a version name
+    (a ValueError too, as the version-name check raised before)."""
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -100,7 +113,17 @@ class Store:
             text = path.read_text(encoding="utf-8").strip()
         except FileNotFoundError:
             return None
-        return check_version_name(text) if text else None
+        except UnicodeDecodeError as e:
+            raise PointerError(f"{path} is garbled ({e}): {self._repair_hint(path)}") from None
+        try:
+            return check_version_name(text) if text else None
+        except ValueError as e:
+            raise PointerError(f"{path} is garbled: {e}; {self._repair_hint(path)}") from None
+
+    def _repair_hint(self, path: Path) -> str:
+        if path.name == "CURRENT":
+            return f"repair it with `lookalike versions promote VERSION --workdir {self.root}`"
+        return f"repair it with `lookalike train --workdir {self.root}` or by writing a model version into it"
 
     def latest_model(self) -> str | None:
         return self._read_pointer(self.models_dir / "LATEST")
@@ -111,12 +134,57 @@ class Store:
         atomic_write_text(self.models_dir / "LATEST", version + "\n")
 
     def current_index(self) -> str | None:
+        """The served index version (None: no CURRENT); PointerError if CURRENT is garbled."""
         return self._read_pointer(self.root / "CURRENT")
 
-    def set_current_index(self, version: str) -> None:
+    def current_index_or_none(self) -> str | None:
+        """Like ``current_index`` but a garbled CURRENT is logged and reads as None (for error
+        paths and for commands that repair it)."""
+        try:
+            return self.current_index()
+        except PointerError as e:
+            log.warning("%s", e)
+            return None
+
+    def set_current_index(self, version: str, reason: str = "set CURRENT") -> None:
+        """Point CURRENT at ``version`` (atomically) and append the move to history.jsonl."""
         if not (self.index_dir(version) / "manifest.json").is_file():
             raise StoreError(f"index {version!r} is not complete in {self.indexes_dir}")
         atomic_write_text(self.root / "CURRENT", version + "\n")
+        self.record_history(version, reason)
+
+    # --- promotion history ---------------------------------------------------
+    @property
+    def history_path(self) -> Path:
+        return self.root / HISTORY
+
+    def record_history(self, version: str, reason: str) -> None:
+        entry = {"version": check_version_name(version), "unix_s": time.time(), "reason": reason}
+        with self.history_path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def history(self) -> list[dict]:
+        """Every recorded move of CURRENT, oldest first. Lines that are not a complete entry
+        (e.g. truncated by a crash) are skipped with a warning naming the file and line."""
+        try:
+            lines = self.history_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        except FileNotFoundError:
+            return []
+        entries = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+                check_version_name(entry["version"])
+            except (ValueError, KeyError, TypeError) as e:
+                log.warning("%s line %d is not a history entry (%s): skipped", self.history_path, number,
+                            e if not isinstance(e, KeyError) else f"no {e}")
+                continue
+            entries.append(entry)
+        return entries
 
     # --- lookups with helpful errors -----------------------------------------
     def require_model(self, version: str | None = None) -> Path:

@@ -241,7 +241,6 @@ def _publish(run: EmbedRun, started: float, reused: pa.Table | None) -> EmbedSum
     changed) is exactly what it already holds."""
     from lookalike.index.builder import assemble_index
     from lookalike.index.manifest import publish_atomically
-    from lookalike.pipeline.versions import record_promotion
 
     options = replace(run.config.index, num_shards=min(run.num_shards, run.total))
     params = resolve_options(run.total, options)
@@ -262,8 +261,7 @@ def _publish(run: EmbedRun, started: float, reused: pa.Table | None) -> EmbedSum
         assemble_index(tmp, shards, model_version=run.meta["version"], params={**params, "num_shards": len(shards)},
                        options=options)
 
-    index_version = publish_atomically(run.store, write, make_current=True)
+    index_version = publish_atomically(run.store, write, make_current=True, reason=f"embed run {run.run_dir.name}")
     summary = done[0]
     summary.index_version = index_version
-    record_promotion(run.store, index_version, f"embed run {run.run_dir.name}")
     return summary

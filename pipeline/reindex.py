@@ -236,7 +236,7 @@ def run_reindex(config: ReindexConfig) -> ReindexReport:
             _run_steps(config, store, report)
         except Exception as e:
             report.outcome, report.reason = "failed", f"{type(e).__name__}: {e}"
-            log.error("reindex failed, CURRENT unchanged (%s): %s", store.current_index(), report.reason)
+            log.error("reindex failed, CURRENT unchanged (%s): %s", store.current_index_or_none(), report.reason)
         finally:
             from lookalike.pipeline.report import write_report
 

@@ -1,6 +1,7 @@
 """Index versions of a store: list, check, promote, roll back (``lookalike versions``).
 
-Every promotion is appended to ``DIR/history.jsonl`` (version, time, reason), so
+Every move of CURRENT (promotion, rollback, ``embed``, ``ItemIndex.publish``) is appended
+to ``DIR/history.jsonl`` (version, time, reason) by ``Store.set_current_index``, so
 ``rollback`` knows which version served before the current one; rollbacks are recorded
 too and pop the stack, so repeated rollbacks walk further back. Promotion always goes
 through the same checks: the index loads (manifest, checksums, counts), the model the
@@ -16,11 +17,9 @@ import shutil
 import time
 from typing import Any
 
-from lookalike.model.store import Store, StoreError
+from lookalike.model.store import HISTORY, Store, StoreError  # noqa: F401 (HISTORY: re-exported)
 
 log = logging.getLogger(__name__)
-
-HISTORY = "history.jsonl"
 
 
 class PromotionError(RuntimeError):
@@ -29,7 +28,7 @@ class PromotionError(RuntimeError):
 
 def list_versions(store: Store) -> list[dict[str, Any]]:
     """Index versions, oldest first, with their manifest figures and whether they serve."""
-    current = store.current_index()
+    current = store.current_index_or_none()
     rows = []
     if not store.indexes_dir.is_dir():
         return rows
@@ -73,17 +72,12 @@ def check_version(store: Store, version: str) -> dict[str, Any]:
 
 
 def record_promotion(store: Store, version: str, reason: str) -> None:
-    entry = {"version": version, "unix_s": time.time(), "reason": reason}
-    with (store.root / HISTORY).open("a", encoding="utf-8") as f:
-        f.write(json.dumps(entry) + "\n")
-        f.flush()
+    store.record_history(version, reason)
 
 
 def history(store: Store) -> list[dict[str, Any]]:
-    path = store.root / HISTORY
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """Every recorded move of CURRENT, oldest first (truncated lines skipped with a warning)."""
+    return store.history()
 
 
 def promote(store: Store, version: str, reason: str = "manual") -> dict[str, Any]:
@@ -91,9 +85,8 @@ def promote(store: Store, version: str, reason: str = "manual") -> dict[str, Any
     if not store.index_dir(version).is_dir():
         raise PromotionError(f"no index version {version!r} in {store.indexes_dir}")
     checked = check_version(store, version)
-    previous = store.current_index()
-    store.set_current_index(version)
-    record_promotion(store, version, reason if previous != version else f"{reason} (already current)")
+    previous = store.current_index_or_none()  # a garbled CURRENT is repaired by promoting a good version
+    store.set_current_index(version, reason if previous != version else f"{reason} (already current)")
     log.info("promoted index %s (was %s): %s", version, previous, reason)
     return {**checked, "previous": previous}
 

@@ -206,3 +206,20 @@ def test_searches_stay_consistent_while_another_thread_upserts_and_deletes(tmp_p
     ids = index.items.ids()
     truth = live[exact_topk(q, index.embeddings[live], 5)[0]]
     assert [[ids[r] for r in rr] for rr in index.search_rows(q, 5)[0]] == [[ids[r] for r in rr] for rr in truth]
+
+
+def test_publish_records_each_version_in_the_history(tmp_path):
+    """ItemIndex.publish moves CURRENT like a promotion: rollback must find what it served."""
+    from lookalike.pipeline.versions import promotion_stack
+
+    store = Store.at(tmp_path)
+    a = build_and_publish(store, unit_vectors(40, 8), table(40), model_version="m")
+    index = ItemIndex.load(store.index_dir(a))
+    index.delete(["item-0"])
+    b = index.publish(store)
+    index = ItemIndex.load(store.index_dir(b))
+    index.upsert(table(1, start=40), unit_vectors(1, 8, seed=3))
+    c = index.publish(store)
+    assert store.current_index() == c
+    assert [e["version"] for e in store.history()] == [a, b, c]
+    assert promotion_stack(store) == [a, b, c]

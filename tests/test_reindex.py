@@ -213,3 +213,31 @@ def test_read_only_store_is_refused_before_anything_runs(tmp_path, indexed_store
             run_reindex(ReindexConfig(workdir=str(mount_point / "store"), train=tiny_config))
     finally:
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_rollback_returns_to_a_version_published_by_item_index(store):
+    """ItemIndex.publish (upsert/delete then publish) is recorded: rollback goes C -> B, not C -> A."""
+    a = store.current_index()
+    index = ItemIndex.load(store.index_dir(a))
+    index.delete([index.items[0]["id"]])
+    b = index.publish(store)
+    index = ItemIndex.load(store.index_dir(b))
+    index.delete([index.items[0]["id"]])
+    c = index.publish(store)
+    assert store.current_index() == c
+    rollback(store)
+    assert store.current_index() == b
+    rollback(store)
+    assert store.current_index() == a
+
+
+def test_garbled_current_is_named_and_promote_repairs_it(store, tiny_config):
+    good = store.current_index()
+    (store.root / "CURRENT").write_text("../etc\n")
+    report = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config))  # fails cleanly, no crash
+    assert report.outcome == "failed" and f"{store.root / 'CURRENT'} is garbled" in report.reason
+    with pytest.raises(StoreError, match="CURRENT is garbled"):
+        rollback(store)
+    assert [r["version"] for r in list_versions(store)] == [good]  # list still works
+    promote(store, good, reason="repair")
+    assert store.current_index() == good

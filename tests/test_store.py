@@ -40,3 +40,27 @@ def test_version_names_cannot_escape_the_store(bad):
 def test_remote_store_is_refused_clearly():
     with pytest.raises(ValueError, match="only local paths"):
         Store.at("gs://bucket/lookalike")
+
+
+def test_garbled_current_names_the_file_and_how_to_repair(tmp_path, caplog):
+    store = Store.at(tmp_path)
+    (tmp_path / "CURRENT").write_text("../etc\n")
+    with pytest.raises(StoreError, match=r"CURRENT is garbled: invalid version name '\.\./etc'.*versions promote"):
+        store.current_index()
+    with caplog.at_level("WARNING", logger="lookalike.model.store"):
+        assert store.current_index_or_none() is None
+    assert str(tmp_path / "CURRENT") in caplog.text
+
+
+def test_set_current_records_history_and_truncated_lines_are_skipped(tmp_path, caplog):
+    store = Store.at(tmp_path)
+    for v in ("i-1", "i-2"):
+        store.index_dir(v).mkdir(parents=True)
+        (store.index_dir(v) / "manifest.json").write_text("{}")
+        store.set_current_index(v, reason=f"test {v}")
+    with store.history_path.open("a") as f:
+        f.write('{"version": "i-3", "unix')  # a crash mid-write
+    with caplog.at_level("WARNING", logger="lookalike.model.store"):
+        entries = store.history()
+    assert [(e["version"], e["reason"]) for e in entries] == [("i-1", "test i-1"), ("i-2", "test i-2")]
+    assert f"{store.history_path} line 3" in caplog.text
