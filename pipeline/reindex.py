@@ -42,7 +42,9 @@ from lookalike.model.data import list_images
 from lookalike.model.store import Store, StoreError
 from lookalike.pipeline.failpoints import failpoint
 from lookalike.pipeline.lock import StoreLock
-from lookalike.pipeline.versions import clean_partial, promote, prune
+from lookalike.pipeline.versions import (
+    clean_candidates, clean_partial, discard_candidate, mark_candidate, promote, prune, unmark_candidate,
+)
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +235,8 @@ def run_reindex(config: ReindexConfig) -> ReindexReport:
         if lock.took_over_stale:
             log.warning("a previous run died; removed its leftovers: %s", clean_partial(store) or "none")
         try:
+            if leftover := clean_candidates(store):
+                log.warning("removed index candidate(s) an earlier run built but never promoted: %s", ", ".join(leftover))
             _run_steps(config, store, report)
         except Exception as e:
             report.outcome, report.reason = "failed", f"{type(e).__name__}: {e}"
@@ -247,6 +251,7 @@ def run_reindex(config: ReindexConfig) -> ReindexReport:
 
 def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport) -> None:
     from lookalike.index.builder import IndexOptions, build_and_publish
+    from lookalike.index.manifest import new_index_version
     from lookalike.index.searcher import ItemIndex
     from lookalike.model.train import train_and_evaluate
     from lookalike.pipeline.embed import EmbedConfig, read_embeddings, run_embed
@@ -293,18 +298,25 @@ def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport) -> No
             and new_items == {(i["id"], i.get("content_hash")) for i in current_index.items}:
         report.outcome, report.reason = "kept_current", "candidate not better and the corpus is unchanged"
         return
-    with step("build"):
-        options = IndexOptions(target_recall=config.target_recall)
-        report.new_index = build_and_publish(store, embeddings, items, model_version=report.chosen_model,
-                                             options=options, make_current=False)
-    with step("validate"):
-        validate(store, report, summary, current_index, config)
-    with step("promote"):
-        promote(store, report.new_index, reason=f"reindex: model {report.chosen_model}")
-        if store.latest_model() != report.chosen_model:
-            store.set_latest_model(report.chosen_model)  # the served model is the one `embed` uses next
-        report.outcome = "promoted"
-        report.reason = ("new model " if report.chosen_model != report.current_model else "same model, updated corpus ") + str(report.chosen_model)
+    candidate = new_index_version()
+    mark_candidate(store, candidate)  # a kill from here to promotion leaves it for the next run to remove
+    try:
+        with step("build"):
+            options = IndexOptions(target_recall=config.target_recall)
+            report.new_index = build_and_publish(store, embeddings, items, model_version=report.chosen_model,
+                                                 options=options, make_current=False, version=candidate)
+        with step("validate"):
+            validate(store, report, summary, current_index, config)
+        with step("promote"):
+            promote(store, report.new_index, reason=f"reindex: model {report.chosen_model}")
+    except Exception:
+        discard_candidate(store, candidate)  # a failed candidate never serves and never counts as kept
+        raise
+    unmark_candidate(store, candidate)
+    if store.latest_model() != report.chosen_model:
+        store.set_latest_model(report.chosen_model)  # the served model is the one `embed` uses next
+    report.outcome = "promoted"
+    report.reason = ("new model " if report.chosen_model != report.current_model else "same model, updated corpus ") + str(report.chosen_model)
     with step("prune"):
         report.metrics["pruned"] = prune(store, config.keep_versions)
 

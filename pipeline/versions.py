@@ -104,7 +104,8 @@ def promotion_stack(store: Store) -> list[str]:
 
 def rollback(store: Store) -> dict[str, Any]:
     """Promote the version that served before the current one; repeated calls walk further
-    back (per the promotion history, else the next older version by name)."""
+    back. Only versions the promotion history shows were served are candidates (never one
+    that was built but not promoted, e.g. a candidate that failed validation)."""
     current = store.current_index()
     if current is None:
         raise PromotionError(f"nothing to roll back: {store.root} has no CURRENT index")
@@ -114,21 +115,34 @@ def rollback(store: Store) -> dict[str, Any]:
         stack.pop()
     earlier = [v for v in stack if v in available and v != current]
     if not earlier:
-        earlier = sorted(v for v in available if v < current)
-    if not earlier:
-        raise PromotionError(f"no earlier version to roll back to from {current}")
+        raise PromotionError(f"no earlier version to roll back to from {current}: none of the versions served "
+                             f"before it ({store.history_path}) is still in {store.indexes_dir}; promote one "
+                             "explicitly with `lookalike versions promote VERSION`")
     return promote(store, earlier[-1], reason=f"rollback from {current}")
 
 
-def prune(store: Store, keep: int) -> list[str]:
-    """Delete all but the newest ``keep`` index versions (never CURRENT), and models no kept
-    index uses (never LATEST)."""
-    versions = [r["version"] for r in list_versions(store)]
-    current = store.current_index()
-    removed = [v for v in versions[: max(0, len(versions) - keep)] if v != current]
+def promoted_versions(store: Store) -> list[str]:
+    """Versions that ever served (per the history) and still exist, most recently promoted first."""
+    last: dict[str, int] = {}
+    for i, entry in enumerate(history(store)):
+        last[entry["version"]] = i
+    present = {r["version"] for r in list_versions(store)}
+    return sorted((v for v in last if v in present), key=lambda v: -last[v])
+
+
+def prune(store: Store, keep: int, keep_models: tuple[str, ...] = ()) -> list[str]:
+    """Delete promoted index versions beyond the ``keep`` most recently promoted ones (never
+    CURRENT), and models no remaining index uses (never LATEST nor ``keep_models``).
+
+    Versions that never served (not in the history) are neither counted nor deleted here:
+    reindex removes its own unpromoted candidates (``clean_candidates``)."""
+    current = store.current_index_or_none()
+    promoted = promoted_versions(store)
+    kept = set(promoted[:keep]) | {current}
+    removed = [v for v in promoted if v not in kept]
     for v in removed:
         shutil.rmtree(store.index_dir(v), ignore_errors=True)
-    used = {r.get("model_version") for r in list_versions(store)} | {store.latest_model()}
+    used = {r.get("model_version") for r in list_versions(store)} | {store.latest_model(), *keep_models}
     if store.models_dir.is_dir():
         for model in store.models_dir.iterdir():
             if model.is_dir() and not model.name.startswith(".") and model.name not in used:
@@ -136,6 +150,44 @@ def prune(store: Store, keep: int) -> list[str]:
                 removed.append(model.name)
     if removed:
         log.info("pruned %s", ", ".join(removed))
+    return removed
+
+
+CANDIDATE_MARK = ".candidate-"
+
+
+def mark_candidate(store: Store, version: str) -> None:
+    """Note that index ``version`` is about to be built as an unpromoted candidate: if the run
+    dies before promoting or discarding it, the next run removes it (``clean_candidates``)."""
+    store.indexes_dir.mkdir(parents=True, exist_ok=True)
+    (store.indexes_dir / f"{CANDIDATE_MARK}{store.index_dir(version).name}").touch()
+
+
+def unmark_candidate(store: Store, version: str) -> None:
+    """The candidate was promoted: it is an ordinary version now."""
+    (store.indexes_dir / f"{CANDIDATE_MARK}{version}").unlink(missing_ok=True)
+
+
+def discard_candidate(store: Store, version: str) -> None:
+    """Remove an unpromoted candidate's folder (it must never serve or count as kept)."""
+    if store.current_index_or_none() == version:
+        unmark_candidate(store, version)
+        return
+    shutil.rmtree(store.index_dir(version), ignore_errors=True)
+    unmark_candidate(store, version)
+    log.info("removed index candidate %s (not promoted)", version)
+
+
+def clean_candidates(store: Store) -> list[str]:
+    """Remove candidates a killed run built but never promoted (call only while holding the
+    store lock); a candidate that did become CURRENT just loses its mark."""
+    removed = []
+    if store.indexes_dir.is_dir():
+        for mark in store.indexes_dir.glob(f"{CANDIDATE_MARK}*"):
+            version = mark.name[len(CANDIDATE_MARK):]
+            if store.current_index_or_none() != version and store.index_dir(version).exists():
+                removed.append(version)
+            discard_candidate(store, version)
     return removed
 
 

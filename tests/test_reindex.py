@@ -101,6 +101,8 @@ def test_sigkill_at_each_step_leaves_the_served_version_answering(store):
     assert again.returncode == 0, again.stderr[-3000:]
     assert not list(store.indexes_dir.glob(".tmp-*")) and not list(store.models_dir.glob(".run-*"))
     assert not (store.root / ".reindex.lock").exists()
+    served = {e["version"] for e in store.history()}
+    assert {r["version"] for r in list_versions(store)} <= served  # candidates killed before promotion are gone
 
 
 def test_one_run_at_a_time(store, tiny_config):
@@ -241,3 +243,52 @@ def test_garbled_current_is_named_and_promote_repairs_it(store, tiny_config):
     assert [r["version"] for r in list_versions(store)] == [good]  # list still works
     promote(store, good, reason="repair")
     assert store.current_index() == good
+
+
+def test_candidate_failing_validation_is_removed_and_never_rolled_back_to(store, tiny_config):
+    first = store.current_index()
+    promoted = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, force=True, min_canary_overlap=0.0))
+    assert promoted.outcome == "promoted", promoted.reason
+    failed = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, force=True, min_canary_overlap=1.0))
+    assert (failed.outcome, failed.exit_code) == ("failed", 1) and "canary" in failed.reason
+    assert not store.index_dir(failed.new_index).exists()  # removed: it can neither serve nor count as kept
+    assert [r["version"] for r in list_versions(store)] == sorted([first, promoted.new_index])
+    rollback(store)
+    assert store.current_index() == first
+
+
+def test_candidate_left_by_a_killed_run_is_removed_by_the_next_run(store, tiny_config, tmp_path):
+    from lookalike.index.builder import build_and_publish
+    from lookalike.pipeline.versions import mark_candidate
+
+    index = ItemIndex.load(store.require_current_index())
+    mark_candidate(store, "i-killed-candidate")  # what a run killed between build and promote leaves
+    build_and_publish(store, index.embeddings, index.items.table, model_version=index.model_version,
+                      make_current=False, version="i-killed-candidate")
+    assert store.index_dir("i-killed-candidate").is_dir()
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, corpus=str(flat)))  # fails early
+    assert not store.index_dir("i-killed-candidate").exists()
+    assert not list(store.indexes_dir.glob(".candidate-*"))
+
+
+def test_prune_keeps_the_most_recently_promoted_versions_not_the_newest_names(store):
+    from lookalike.index.builder import build_and_publish
+    from lookalike.pipeline.versions import prune
+
+    a = store.current_index()
+    index = ItemIndex.load(store.index_dir(a))
+
+    def publish(make_current: bool = True) -> str:
+        return build_and_publish(store, index.embeddings, index.items.table, model_version=index.model_version,
+                                 make_current=make_current)
+
+    b = publish()
+    c = publish()
+    unpromoted = publish(make_current=False)  # newest name, never served: must not count as kept
+    assert prune(store, keep=2) == [a]
+    assert {r["version"] for r in list_versions(store)} == {b, c, unpromoted}
+    promote(store, b, reason="manual")  # b is the most recently promoted now, then c
+    assert prune(store, keep=1) == [c]
+    assert {r["version"] for r in list_versions(store)} == {b, unpromoted}
