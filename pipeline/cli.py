@@ -160,11 +160,12 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     report = run_reindex(ReindexConfig(
         workdir=args.workdir, train=_train_config(args), corpus=args.corpus, min_improvement=args.min_improvement,
         force=args.force, target_recall=args.target_recall, min_canary_overlap=args.min_canary_overlap,
+        min_canary_self=args.min_canary_self, min_items_ratio=args.min_items_ratio,
         keep_versions=args.keep, num_workers=args.num_workers,
     ))
     data = report_dict(report)
     _print_json({k: data[k] for k in ("outcome", "reason", "exit_code", "previous_index", "new_index",
-                                      "current_model", "candidate_model", "chosen_model")})
+                                      "current_model", "candidate_model", "chosen_model", "candidate_error")})
     if report.outcome == "failed":
         print(f"lookalike reindex: failed, nothing promoted: {report.reason}", file=sys.stderr)
     return report.exit_code
@@ -354,9 +355,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reindex", help="retrain, evaluate, re-embed, validate and promote (the cron job)",
                        description="Trains a candidate (warm start from the served model), keeps it only if it beats "
                        "the served model on the frozen evaluation set, embeds the corpus incrementally, builds and "
-                       "autotunes a new index, validates it (recall, item count, canary churn, compatibility) and "
-                       "promotes it atomically; a running server hot-swaps to it. Exit codes: 0 promoted, 3 kept "
-                       "current, 1 failed (nothing promoted). Example crontab line: "
+                       "autotunes a new index, validates it (recall, item count, canaries, compatibility) and "
+                       "promotes it atomically; a running server hot-swaps to it. A rejected or failing candidate "
+                       "model still lets the corpus update embedded with the served model be promoted. Exit codes: "
+                       "0 promoted (new model), 4 corpus updated with the served model, 3 kept current (nothing "
+                       "new), 1 failed (nothing promoted). Example crontab line: "
                        "0 3 * * * lookalike reindex --workdir /srv/lookalike")
     _add_workdir(p)
     _add_train_config(p)
@@ -366,7 +369,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="use the candidate even if it is not better")
     p.add_argument("--target-recall", type=_float_in(0.0, 1.0, low_open=True), default=0.95, help="ANN recall@10 the new index must reach")
     p.add_argument("--min-canary-overlap", type=_float_in(0.0, 1.0), default=0.2,
-                   help="least mean overlap@10 of canary queries between served and new index (0-1)")
+                   help="same model as served: least mean overlap@10 of canary queries between served and new "
+                   "index (0-1)")
+    p.add_argument("--min-canary-self", type=_float_in(0.0, 1.0), default=0.9,
+                   help="new model: least share of canary queries the new index returns first for their own "
+                   "embedding (0-1)")
+    p.add_argument("--min-items-ratio", type=_float_in(0.0, 1.0), default=0.5,
+                   help="refuse a new index holding fewer than this share of the served index's items (0-1; "
+                   "0 accepts any shrink)")
     p.add_argument("--num-workers", type=POSITIVE, default=1, help="Beam worker processes for the embed step")
     p.add_argument("--keep", type=POSITIVE, default=5, help="index versions to keep (default 5)")
     p.set_defaults(func=cmd_reindex)

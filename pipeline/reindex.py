@@ -12,12 +12,19 @@ Steps (each timed, logged and written into the run report):
    model re-embeds everything and an unchanged one embeds only new or changed media).
 4. ``build``: a new index version, autotuned, written aside (not yet served).
 5. ``validate``: ANN recall at or above target, every matched file either indexed or
-   dead-lettered, overlap@k of canary queries (``DIR/eval/canaries.json``) between the
-   served and the new index at or above ``min_canary_overlap``, encoder and index compatible.
+   dead-lettered, encoder and index compatible, at least ``min_items_ratio`` of the served
+   index's items. Same model as served: overlap@k of canary queries (``DIR/eval/canaries.json``)
+   between the served and the new index at or above ``min_canary_overlap``. New model: each
+   canary's own embedding finds it first (``min_canary_self``); its quality was judged in 2.
 6. ``promote``: ``CURRENT`` replaced atomically (a running server hot-swaps to it), and
    ``models/LATEST`` set to its model. Only then: a rejected or failed candidate never
-   becomes the model a later ``lookalike embed`` uses by default.
-7. ``prune``: keep the newest ``keep_versions`` versions.
+   becomes the model a later ``lookalike embed`` uses by default. A candidate index that
+   fails 4-6 is deleted.
+7. ``prune``: keep the ``keep_versions`` most recently promoted versions.
+
+When the candidate model is rejected in 2, or fails 3-6, steps 3-6 run again with the
+served model: the corpus update is still published (outcome ``corpus_updated``, exit 4)
+if it validates; an unchanged corpus keeps the current version (``kept_current``, exit 3).
 
 The store lock allows one run at a time and detects a dead run's lock; temporary folders
 a killed run left are removed. A kill at any step leaves ``CURRENT`` untouched, because
@@ -47,7 +54,7 @@ from lookalike.pipeline.versions import (
 
 log = logging.getLogger(__name__)
 
-EXIT_PROMOTED, EXIT_FAILED, EXIT_KEPT_CURRENT = 0, 1, 3
+EXIT_PROMOTED, EXIT_FAILED, EXIT_KEPT_CURRENT, EXIT_CORPUS_UPDATED = 0, 1, 3, 4
 STEPS = ("train", "evaluate", "embed", "build", "validate", "promote", "prune")
 
 
@@ -59,7 +66,9 @@ class ReindexConfig:
     min_improvement: float = 0.0  # candidate MAP@R must exceed current by more than this
     force: bool = False
     target_recall: float = 0.95
-    min_canary_overlap: float = 0.2
+    min_canary_overlap: float = 0.2  # same model: neighbour overlap@10 of canaries, served vs new index
+    min_canary_self: float = 0.9  # new model: share of canaries found first by their own embedding
+    min_items_ratio: float = 0.5  # the new index must hold at least this share of the served one's items
     keep_versions: int = 5
     num_workers: int = 1
     eval_per_class: int = 30
@@ -68,19 +77,21 @@ class ReindexConfig:
 
 @dataclass
 class ReindexReport:
-    outcome: str = "failed"  # promoted | kept_current | failed
+    outcome: str = "failed"  # promoted | corpus_updated | kept_current | failed
     reason: str = ""
     current_model: str | None = None
     candidate_model: str | None = None
     chosen_model: str | None = None
     previous_index: str | None = None
     new_index: str | None = None
+    candidate_error: str | None = None  # why a candidate model that passed the gate was not promoted
     metrics: dict[str, Any] = field(default_factory=dict)
     steps: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
-        return {"promoted": EXIT_PROMOTED, "kept_current": EXIT_KEPT_CURRENT}.get(self.outcome, EXIT_FAILED)
+        return {"promoted": EXIT_PROMOTED, "corpus_updated": EXIT_CORPUS_UPDATED,
+                "kept_current": EXIT_KEPT_CURRENT}.get(self.outcome, EXIT_FAILED)
 
 
 class _Steps:
@@ -136,11 +147,8 @@ def run_reindex(config: ReindexConfig) -> ReindexReport:
 
 
 def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport) -> None:
-    from lookalike.index.builder import IndexOptions, build_and_publish
-    from lookalike.index.manifest import new_index_version
     from lookalike.index.searcher import ItemIndex
     from lookalike.model.train import train_and_evaluate
-    from lookalike.pipeline.embed import EmbedConfig, read_embeddings, run_embed
 
     step = _Steps(report)
     corpus = Path(config.corpus).resolve() if config.corpus else store.corpus_dir
@@ -174,37 +182,72 @@ def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport) -> No
         log.info("candidate %s %s (MAP@R %.4f vs current %s, on %d evaluation images)", trained.version,
                  "accepted" if accept else "rejected", cand["map_at_r"],
                  "none" if current_map is None else f"{current_map:.4f}", len(ids))
+    if accept:
+        try:
+            _embed_build_promote(config, store, report, step, corpus, trained.version, current_index)
+            report.outcome = "promoted"
+            report.reason = f"new model {trained.version}"
+        except Exception as e:
+            if current_index is None:
+                raise
+            report.candidate_error = f"{type(e).__name__}: {e}"
+            log.warning("candidate model %s was not promoted (%s): publishing the corpus update embedded with the "
+                        "served model %s instead", trained.version, report.candidate_error, report.current_model)
+            report.chosen_model, report.new_index = report.current_model, None
+            why = f"candidate model {trained.version} failed: {report.candidate_error}"
+    else:
+        why = (f"candidate model {trained.version} not better (MAP@R {cand['map_at_r']:.4f} vs served "
+               f"{report.metrics['current']['map_at_r']:.4f})")
+    if report.outcome != "promoted":
+        try:
+            updated = _embed_build_promote(config, store, report, step, corpus, report.current_model, current_index)
+        except Exception as e:
+            raise RuntimeError(f"{why}; and the corpus update with the served model failed: {type(e).__name__}: {e}") from e
+        report.outcome = "corpus_updated" if updated else "kept_current"
+        report.reason = f"{why}; " + (f"corpus update embedded with the served model {report.current_model} promoted"
+                                      if updated else "the corpus is unchanged")
+        if not updated:
+            return
+    with step("prune"):
+        report.metrics["pruned"] = prune(store, config.keep_versions)
+
+
+def _embed_build_promote(config: ReindexConfig, store: Store, report: ReindexReport, step: "_Steps", corpus: Path,
+                         model: str, current_index) -> bool:
+    """Embed the corpus with ``model`` (incremental), build a candidate index, validate and
+    promote it; False (nothing built) when ``model`` is the served one and the corpus is
+    unchanged. A candidate that fails is removed, and the error raised."""
+    from lookalike.index.builder import IndexOptions, build_and_publish
+    from lookalike.index.manifest import new_index_version
+    from lookalike.pipeline.embed import EmbedConfig, read_embeddings, run_embed
+
     with step("embed"):
-        summary = run_embed(EmbedConfig(workdir=str(store.root), corpus=str(corpus), model_version=report.chosen_model,
+        summary = run_embed(EmbedConfig(workdir=str(store.root), corpus=str(corpus), model_version=model,
                                         incremental=True, publish=False, num_workers=config.num_workers))
         report.metrics["embed"] = {k: getattr(summary, k) for k in ("run", "files_matched", "items", "embedded", "unchanged", "failed")}
         embeddings, items = read_embeddings(Path(summary.run_dir))
     new_items = set(zip(items.column("id").to_pylist(), items.column("content_hash").to_pylist()))
-    if current_index is not None and report.chosen_model == report.current_model \
+    if current_index is not None and model == current_index.model_version \
             and new_items == {(i["id"], i.get("content_hash")) for i in current_index.items}:
-        report.outcome, report.reason = "kept_current", "candidate not better and the corpus is unchanged"
-        return
+        return False
     candidate = new_index_version()
     mark_candidate(store, candidate)  # a kill from here to promotion leaves it for the next run to remove
     try:
         with step("build"):
             options = IndexOptions(target_recall=config.target_recall)
-            report.new_index = build_and_publish(store, embeddings, items, model_version=report.chosen_model,
+            report.new_index = build_and_publish(store, embeddings, items, model_version=model,
                                                  options=options, make_current=False, version=candidate)
         with step("validate"):
-            validate(store, report, summary, current_index, config)
+            validate(store, report, summary, current_index, config, model_changed=model != report.current_model)
         with step("promote"):
-            promote(store, report.new_index, reason=f"reindex: model {report.chosen_model}")
+            promote(store, report.new_index, reason=f"reindex: model {model}")
     except Exception:
         discard_candidate(store, candidate)  # a failed candidate never serves and never counts as kept
         raise
     unmark_candidate(store, candidate)
-    if store.latest_model() != report.chosen_model:
-        store.set_latest_model(report.chosen_model)  # the served model is the one `embed` uses next
-    report.outcome = "promoted"
-    report.reason = ("new model " if report.chosen_model != report.current_model else "same model, updated corpus ") + str(report.chosen_model)
-    with step("prune"):
-        report.metrics["pruned"] = prune(store, config.keep_versions)
+    if store.latest_model() != model:
+        store.set_latest_model(model)  # the served model is the one `embed` uses next
+    return True
 
 
 def report_dict(report: ReindexReport) -> dict[str, Any]:

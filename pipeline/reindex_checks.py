@@ -47,14 +47,24 @@ def usable_eval_ids(corpus: Path, ids: list[str]) -> tuple[list[str], dict[str, 
     return usable, rejected
 
 
-def _sample_eval_set(corpus: Path, per_class: int, seed: int) -> list[str]:
-    """Up to ``per_class`` readable images of each class folder, at random (unreadable ones skipped)."""
-    rng = np.random.default_rng(seed)
+def _images_by_class(corpus: Path) -> dict[str, list[str]]:
     by_class: dict[str, list[str]] = {}
     for f in list_images(corpus):
         rel = f.relative_to(corpus).as_posix()
         if "/" in rel:
             by_class.setdefault(rel.split("/", 1)[0], []).append(rel)
+    return by_class
+
+
+def _sample_size(by_class: dict[str, list[str]], per_class: int) -> int:
+    """How many images a new set would take (before dropping unreadable ones)."""
+    return sum(min(per_class, len(members)) for members in by_class.values())
+
+
+def _sample_eval_set(corpus: Path, per_class: int, seed: int) -> list[str]:
+    """Up to ``per_class`` readable images of each class folder, at random (unreadable ones skipped)."""
+    rng = np.random.default_rng(seed)
+    by_class = _images_by_class(corpus)
     ids = []
     for members in by_class.values():
         chosen: list[str] = []
@@ -73,8 +83,10 @@ def frozen_eval_set(store: Store, corpus: Path, per_class: int, seed: int = 0) -
 
     Images that are gone or no longer decode are left out, with a warning naming them
     (candidate and current model are still compared on the same images). When fewer than
-    half of the set (or fewer than 2 images) are usable, a new set is made from the corpus.
-    StoreError if the corpus has no 2 readable images in class folders."""
+    half of the set (or fewer than 2 images) are usable, a new set is made from the corpus;
+    likewise when the set is smaller than a new one would be by half or more (it was made
+    while the corpus was small, e.g. mostly vanished, and the corpus has grown since), so a
+    tiny set does not stay for good. StoreError if the corpus has no 2 readable images in class folders."""
     path = store.root / "eval" / "frozen.json"
     if path.is_file():
         try:
@@ -87,8 +99,14 @@ def frozen_eval_set(store: Store, corpus: Path, per_class: int, seed: int = 0) -
             first = next(iter(rejected.items()))
             log.warning("evaluation set %s: %d of %d images left out (e.g. %s: %s)", path, len(rejected), len(ids), *first)
         if len(usable) >= 2 and 2 * len(usable) >= len(ids):
-            return usable
-        log.warning("evaluation set %s has %d usable image(s) of %d: making a new one from %s", path, len(usable), len(ids), corpus)
+            possible = _sample_size(_images_by_class(corpus), per_class)
+            if 2 * possible < 3 * len(usable):
+                return usable
+            log.info("evaluation set %s has %d image(s) and the corpus now gives %d: making a new one", path,
+                     len(usable), possible)
+        else:
+                log.warning("evaluation set %s has %d usable image(s) of %d: making a new one from %s", path, len(usable),
+                        len(ids), corpus)
     ids = _sample_eval_set(corpus, per_class, seed)
     if len(ids) < 2:
         raise StoreError(f"no evaluation set can be made from {corpus}: it needs at least 2 readable images in "
@@ -114,31 +132,70 @@ def evaluate_model(model_dir: Path, corpus: Path, ids: list[str], k: int = 10) -
     return retrieval_scores(neighbors, labels, labels, tuple(sorted({1, min(k, depth)})))
 
 
-def canary_overlap(store: Store, old_version: str, new_version: str, k: int, count: int) -> float | None:
-    """Mean overlap@k of the canaries' neighbours in the old and new index (None: no canaries)."""
-    from lookalike.index.searcher import ItemIndex
+CANARIES = "canaries.json"
 
-    old, new = ItemIndex.load(store.index_dir(old_version)), ItemIndex.load(store.index_dir(new_version))
-    path = store.root / "eval" / "canaries.json"
+
+def canary_ids(store: Store, indexes: list, count: int) -> list[str]:
+    """The canary queries (``DIR/eval/canaries.json``) that every one of ``indexes`` holds.
+
+    When fewer than half of the stored canaries are left in them (the corpus changed under
+    them) or none are stored, ``count`` new ones are picked at random from the items all of
+    ``indexes`` hold, saved, and a warning says so. [] only when the indexes share no item."""
+    path = store.root / "eval" / CANARIES
+    stored: list[str] = []
     if path.is_file():
-        canaries = json.loads(path.read_text(encoding="utf-8"))["ids"]
-    else:
-        rng = np.random.default_rng(0)
-        canaries = sorted(old.items[i]["id"] for i in rng.choice(len(old), size=min(count, len(old)), replace=False))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"ids": canaries}, indent=1) + "\n")
+        try:
+            stored = [str(i) for i in json.loads(path.read_text(encoding="utf-8"))["ids"]]
+        except (ValueError, KeyError, TypeError) as e:
+            log.warning("canaries %s are unreadable (%s): picking new ones", path, e)
+    present = [i for i in stored if all(ix.row_of(i) is not None for ix in indexes)]
+    if present and 2 * len(present) >= len(stored):
+        return present
+    common = sorted(set(indexes[0].items.ids()).intersection(*(ix.items.ids() for ix in indexes[1:])))
+    common = [i for i in common if all(ix.row_of(i) is not None for ix in indexes)]  # not deleted
+    if not common:
+        return []
+    rng = np.random.default_rng(0)
+    chosen = sorted(common[i] for i in rng.choice(len(common), size=min(count, len(common)), replace=False))
+    if stored:
+        log.warning("canaries %s: %d of %d left in the indexes compared: picked %d new ones", path, len(present),
+                    len(stored), len(chosen))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"ids": chosen}, indent=1) + "\n")
+    return chosen
+
+
+def canary_overlap(store: Store, old, new, k: int, count: int) -> float | None:
+    """Mean overlap@k of the canaries' neighbours in the old and new index (None: the two
+    indexes share no item to ask about)."""
     overlaps = []
-    for item_id in canaries:
-        if old.row_of(item_id) is None or new.row_of(item_id) is None:
-            continue
+    for item_id in canary_ids(store, [old, new], count):
         a = {n.id for n in old.similar_to(item_id, k)}
         b = {n.id for n in new.similar_to(item_id, k)}
         overlaps.append(len(a & b) / max(1, min(k, len(a), len(b))))
     return float(np.mean(overlaps)) if overlaps else None
 
 
-def validate(store: Store, report: "ReindexReport", summary, current_index, config: "ReindexConfig") -> None:
-    """Raise ValidationError unless the new index is fit to serve."""
+def canary_self_retrieval(store: Store, index, count: int) -> float | None:
+    """Share of the canaries that ``index`` returns first when asked with their own stored
+    embedding: what must hold for any sane model and index, whatever the model (None: no
+    canary). A collapsed model (everything alike) or a broken index fails it."""
+    hits = []
+    for item_id in canary_ids(store, [index], count):
+        found = index.search(index.embeddings[index.row_of(item_id)], k=1)[0]
+        hits.append(bool(found) and found[0].id == item_id)
+    return float(np.mean(hits)) if hits else None
+
+
+def validate(store: Store, report: "ReindexReport", summary, current_index, config: "ReindexConfig",
+             model_changed: bool) -> None:
+    """Raise ValidationError unless the new index is fit to serve.
+
+    Always: ANN recall, every file indexed or dead-lettered, index and model compatible, and
+    (with a served index) not shrunk below ``min_items_ratio`` of it. Same model as served:
+    canary neighbours overlap the served ones by ``min_canary_overlap`` (re-embedding must not
+    change answers much). New model: each canary finds itself first (``min_canary_self``);
+    whether its answers are better was judged by the evaluation gate."""
     from lookalike.index.searcher import ItemIndex
     from lookalike.pipeline.versions import check_version
 
@@ -152,9 +209,23 @@ def validate(store: Store, report: "ReindexReport", summary, current_index, conf
     if indexed_files + summary.failed != summary.files_matched:
         raise ValidationError(f"{summary.files_matched} files matched but {indexed_files} indexed + {summary.failed} dead-lettered")
     check_version(store, report.new_index)
-    if current_index is not None:
-        overlap = canary_overlap(store, current_index.version, report.new_index, k=10, count=config.num_canaries)
+    if current_index is not None and len(new) < config.min_items_ratio * len(current_index):
+        raise ValidationError(f"the new index has {len(new)} items, fewer than {config.min_items_ratio:g} of the "
+                              f"{len(current_index)} served by {current_index.version}: has most of the corpus "
+                              "vanished? (use --min-items-ratio 0 to accept)")
+    if model_changed:
+        share = canary_self_retrieval(store, new, count=config.num_canaries)
+        report.metrics["canary_self_at_1"] = share
+        if share is None or share < config.min_canary_self:
+            raise ValidationError(f"canary self-retrieval@1 {share if share is None else f'{share:.3f}'} is below "
+                                  f"{config.min_canary_self}: the new model or index does not find items by their own "
+                                  "embedding (use --min-canary-self to accept)")
+    elif current_index is not None:
+        overlap = canary_overlap(store, current_index, new, k=10, count=config.num_canaries)
         report.metrics["canary_overlap_at_10"] = overlap
-        if overlap is not None and overlap < config.min_canary_overlap:
-            raise ValidationError(f"canary overlap@10 {overlap:.3f} is below {config.min_canary_overlap}: the new "
-                                  "neighbours changed too much (use --min-canary-overlap to accept)")
+        if overlap is None:
+            raise ValidationError(f"no canary query is left: the served index {current_index.version} and the new one "
+                                  "share no item")
+        if overlap < config.min_canary_overlap:
+            raise ValidationError(f"canary overlap@10 {overlap:.3f} is below {config.min_canary_overlap}: with the same "
+                                  "model the neighbours changed too much (use --min-canary-overlap to accept)")

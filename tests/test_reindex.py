@@ -46,16 +46,18 @@ def test_growing_corpus_embeds_only_new_media_and_rollback_restores_answers(stor
     ids = probe_ids(store)
     before = answers(store, ids)
     first_version = store.current_index()
-    forced = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, force=True, min_canary_overlap=0.0))
+    forced = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, force=True))  # default checks
     assert forced.outcome == "promoted" and forced.exit_code == 0, forced.reason
+    assert forced.metrics["canary_self_at_1"] >= 0.9 and "canary_overlap_at_10" not in forced.metrics
     assert forced.chosen_model == forced.candidate_model and store.current_index() == forced.new_index
     assert store.latest_model() == forced.chosen_model  # promoted: the model `embed` uses next
     assert (store.root / "reports").is_dir() and list((store.root / "reports").glob("*/examples.png"))
     add_images(store, 3)
-    grown = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, min_improvement=1.0,
-                                      min_canary_overlap=0.0))
-    assert grown.outcome == "promoted", grown.reason
-    assert grown.chosen_model == forced.chosen_model  # candidate not better: model kept
+    grown = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, min_improvement=1.0))
+    # candidate not better: the corpus update is embedded with the served model, its own outcome
+    assert (grown.outcome, grown.exit_code) == ("corpus_updated", 4), grown.reason
+    assert grown.chosen_model == forced.chosen_model != grown.candidate_model and "not better" in grown.reason
+    assert grown.metrics["canary_overlap_at_10"] >= 0.2  # same model: the neighbour-overlap check applies
     assert grown.metrics["embed"]["embedded"] == 3  # only the new media
     assert len(ItemIndex.load(store.require_current_index())) == len(ItemIndex.load(store.index_dir(first_version))) + 3
     rollback(store)
@@ -81,8 +83,8 @@ def test_worse_candidate_is_rejected_and_current_kept(store, tiny_config):
 def run_cli_reindex(store: Store, env_extra: dict[str, str]) -> subprocess.CompletedProcess:
     exe = str(Path(sys.executable).with_name("lookalike"))
     env = {**os.environ, **env_extra}
-    return subprocess.run([exe, "reindex", "--workdir", str(store.root), "--config", "tiny", "--force",
-                           "--min-canary-overlap", "0"], capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run([exe, "reindex", "--workdir", str(store.root), "--config", "tiny", "--force"],
+                          capture_output=True, text=True, env=env, timeout=600)
 
 
 def test_sigkill_at_each_step_leaves_the_served_version_answering(store):
@@ -131,7 +133,7 @@ def test_unusable_evaluation_set_is_made_again(store, tiny_config, damage):
     frozen.parent.mkdir(parents=True, exist_ok=True)
     ids = [] if damage == "empty" else ["0/gone_1.png", "1/gone_2.png", "0/gone_3.png"]
     frozen.write_text("{not json" if damage == "garbage" else json.dumps({"ids": ids}))
-    report = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, force=True, min_canary_overlap=0.0))
+    report = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, force=True))
     assert report.outcome == "promoted", report.reason
     remade = json.loads(frozen.read_text())["ids"]
     assert len(remade) >= 2 and all((store.corpus_dir / i).is_file() for i in remade)
@@ -140,21 +142,20 @@ def test_unusable_evaluation_set_is_made_again(store, tiny_config, damage):
 def test_evaluation_leaves_out_gone_and_unreadable_images(store, tiny_config, caplog):
     """A file deleted from the corpus, or one that stopped decoding, is left out of the frozen
     set with a warning; the run goes on, and a new set never takes unreadable files."""
-    run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, force=True, min_canary_overlap=0.0))
+    run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, force=True))
     frozen = store.root / "eval" / "frozen.json"
     ids = json.loads(frozen.read_text())["ids"]
     (store.corpus_dir / ids[0]).unlink()
     (store.corpus_dir / ids[1]).write_bytes(b"")  # now an empty file
     (store.corpus_dir / "0" / "text.png").write_text("not an image")
     with caplog.at_level("WARNING", logger="lookalike.pipeline.reindex"):
-        report = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, force=True,
-                                           min_canary_overlap=0.0))
+        report = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, force=True))
     assert report.outcome == "promoted", report.reason
     assert json.loads(frozen.read_text())["ids"] == ids  # the same set, minus what is unusable this run
     warned = " ".join(r.getMessage() for r in caplog.records)
     assert "2 of" in warned and "left out" in warned
     frozen.unlink()  # a new set: sampled from readable images only
-    run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, force=True, min_canary_overlap=0.0))
+    run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, force=True))
     remade = json.loads(frozen.read_text())["ids"]
     assert ids[0] not in remade and ids[1] not in remade and "0/text.png" not in remade
 
@@ -247,14 +248,51 @@ def test_garbled_current_is_named_and_promote_repairs_it(store, tiny_config):
 
 def test_candidate_failing_validation_is_removed_and_never_rolled_back_to(store, tiny_config):
     first = store.current_index()
-    promoted = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, force=True, min_canary_overlap=0.0))
+    promoted = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, force=True))
     assert promoted.outcome == "promoted", promoted.reason
-    failed = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, force=True, min_canary_overlap=1.0))
-    assert (failed.outcome, failed.exit_code) == ("failed", 1) and "canary" in failed.reason
+    add_images(store, 3)  # same model (candidate rejected), the corpus grew, and an impossible overlap bar
+    failed = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, min_improvement=1.0,
+                                       min_canary_overlap=1.01))
+    assert (failed.outcome, failed.exit_code) == ("failed", 1) and "canary overlap" in failed.reason
     assert not store.index_dir(failed.new_index).exists()  # removed: it can neither serve nor count as kept
     assert [r["version"] for r in list_versions(store)] == sorted([first, promoted.new_index])
     rollback(store)
     assert store.current_index() == first
+
+
+def test_new_model_is_not_held_to_neighbour_overlap_and_a_failing_one_still_publishes_the_corpus(store, tiny_config):
+    """A retrained model changes neighbours (low overlap, by design): it is checked by canary
+    self-retrieval instead. When the new model fails its checks, the corpus update embedded
+    with the served model is published as its own outcome."""
+    served_model = store.latest_model()
+    other = apply_overrides(tiny_config, ["num_steps=1", "embed_dim=4"])  # a very different model
+    # the strictest overlap bar does not apply to a new model (its neighbours are meant to change)
+    changed = run_reindex(ReindexConfig(workdir=str(store.root), train=other, force=True, min_canary_overlap=1.0))
+    assert changed.outcome == "promoted", changed.reason
+    assert changed.metrics["canary_self_at_1"] >= 0.9 and store.latest_model() == changed.candidate_model
+    assert "canary_overlap_at_10" not in changed.metrics
+    served_model, served_index = changed.candidate_model, store.current_index()
+    add_images(store, 3)
+    fallback = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, force=True,
+                                         min_canary_self=1.01))  # the new model cannot pass
+    assert (fallback.outcome, fallback.exit_code) == ("corpus_updated", 4), fallback.reason
+    assert "canary self-retrieval" in fallback.candidate_error and "failed" in fallback.reason
+    assert fallback.chosen_model == served_model == store.latest_model() != fallback.candidate_model
+    assert store.current_index() == fallback.new_index != served_index
+    index = ItemIndex.load(store.require_current_index())
+    assert index.model_version == served_model and index.row_of("0/new_2.png") is not None
+    assert {r["version"] for r in list_versions(store)} <= {e["version"] for e in store.history()}
+
+
+def test_corpus_that_mostly_vanished_is_not_promoted(store, tiny_config):
+    before = store.current_index()
+    files = sorted(store.corpus_dir.rglob("*.png"))
+    for f in files[: int(len(files) * 0.7)]:
+        f.unlink()
+    report = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, min_improvement=1.0))
+    assert (report.outcome, report.exit_code) == ("failed", 1) and "vanished" in report.reason
+    assert store.current_index() == before
+    assert [r["version"] for r in list_versions(store)] == [before]
 
 
 def test_candidate_left_by_a_killed_run_is_removed_by_the_next_run(store, tiny_config, tmp_path):

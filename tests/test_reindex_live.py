@@ -114,14 +114,13 @@ def test_reindex_twice_under_a_live_server(live, tiny_config):
     hammer = Hammer(url, ids)
     hammer.start()
     try:
-        first = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, force=True, min_canary_overlap=0.0))
+        first = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, force=True))
         assert first.outcome == "promoted", first.reason
         wait_for_version(url, first.new_index)
         for i in range(3):  # the corpus grows
             Image.new("L", (32, 32), 40 + 60 * i).save(store.corpus_dir / "5" / f"grown_{i}.png")
-        second = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, min_improvement=1.0,
-                                           min_canary_overlap=0.0))
-        assert second.outcome == "promoted" and second.metrics["embed"]["embedded"] == 3, second.reason
+        second = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, min_improvement=1.0))
+        assert second.outcome == "corpus_updated" and second.metrics["embed"]["embedded"] == 3, second.reason
         wait_for_version(url, second.new_index)
         worse = apply_overrides(tiny_config, ["num_steps=1", "embed_dim=4"])
         rejected = run_reindex(ReindexConfig(workdir=str(store.root), train=worse))
