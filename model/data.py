@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,9 +58,10 @@ def list_images(root: Path) -> list[Path]:
 
 
 def load_labelled_folder(root: str | Path, spec: PreprocessSpec, max_items: int | None = None,
-                         seed: int = 0) -> LabelledImages:
+                         seed: int = 0, exclude: Collection[str] = ()) -> LabelledImages:
     """Read ``root/<label>/*`` into arrays; raise ValueError if nothing trainable is there.
-    ``max_items``: decode only a seeded sample of that many of the listed images."""
+    Files whose ``root``-relative path is in ``exclude`` (e.g. held-out evaluation images)
+    are left out; ``max_items``: decode only a seeded sample of that many of the others."""
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"training data folder {root} does not exist")
@@ -70,7 +71,9 @@ def load_labelled_folder(root: str | Path, spec: PreprocessSpec, max_items: int 
             f"training data folder {root} needs one sub-folder per class and at least 2 classes, "
             f"found {len(class_dirs)}"
         )
-    listed = [list_images(class_dir) for class_dir in class_dirs]
+    excluded = frozenset(exclude)
+    listed = [[p for p in list_images(class_dir) if p.relative_to(root).as_posix() not in excluded]
+              for class_dir in class_dirs]
     sampled = max_items is not None and sum(map(len, listed)) > max_items
     if sampled:
         flat = [(c, path) for c, files in enumerate(listed) for path in files]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass
+from collections.abc import Collection
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -82,13 +83,16 @@ def as_instances(data: LabelledImages) -> LabelledImages:
 
 
 def load_training_data(
-    config: TrainConfig, folder: str | Path, tfds: str | None = None, tfds_data_dir: str | None = None
+    config: TrainConfig, folder: str | Path, tfds: str | None = None, tfds_data_dir: str | None = None,
+    exclude: Collection[str] = (),
 ) -> TrainingData:
     """The training images ``config`` and the source ask for: TFDS ``NAME[:SPLIT]`` when
     ``tfds`` is given, else ``folder`` (``<label>/*`` files, or any images and videos when
-    ``config.unlabelled``)."""
+    ``config.unlabelled``), without the ``folder``-relative paths in ``exclude``."""
     spec = PreprocessSpec(image_size=config.image_size, channels=config.channels)
     if tfds:
+        if exclude:
+            raise ValueError(f"exclude applies to a training folder, not to the TFDS data set {tfds}")
         from lookalike.pipeline.tfds_source import TfdsSpec
 
         tfds_spec = TfdsSpec.parse(tfds, tfds_data_dir)
@@ -101,9 +105,9 @@ def load_training_data(
         return TrainingData(data, config, f"{tfds_spec.root}@{tfds_spec.data_dir}")
     folder = Path(folder)
     if config.unlabelled:
-        data = load_unlabelled_folder(folder, spec, config.video_window_s, config.video_frame_interval_s)
+        data = load_unlabelled_folder(folder, spec, config.video_window_s, config.video_frame_interval_s, exclude)
     else:
-        data = load_labelled_folder(folder, spec)
+        data = load_labelled_folder(folder, spec, exclude)
     if data.failures:
         log.warning("%d unreadable file(s) skipped in %s", len(data.failures), folder)
     return TrainingData(data, config, str(folder.absolute()))

@@ -20,7 +20,7 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -342,20 +342,22 @@ def run_id(config: TrainConfig, source: str | Path, init_from: Path | None) -> s
 def train_and_evaluate(
     config: TrainConfig, workdir: str | Path, data_dir: str | Path | None = None, init_from: str | Path | None = None,
     tfds: str | None = None, tfds_data_dir: str | None = None, set_latest: bool = True,
+    exclude: Collection[str] = (),
 ) -> TrainResult:
     """Train on ``data_dir`` (default ``workdir/corpus``) or on the TFDS split ``tfds``
     (``NAME[:SPLIT]``, prepared in ``tfds_data_dir``), optionally warm-started from the
     model folder ``init_from``, and save the model; ``set_latest``: make it the store's
     LATEST (the model ``embed`` uses by default; the reindex job does that only once the
     model is promoted). ``config.unlabelled`` (switched on for a TFDS data set without
-    labels) trains on augmented views."""
+    labels) trains on augmented views. ``exclude``: ``data_dir``-relative paths left out of
+    training (the reindex job's held-out evaluation images)."""
     if tfds and data_dir:
         raise ValueError(f"train on a folder ({data_dir}) or a TFDS data set ({tfds}), not both")
     validate_config(config)  # before the images are decoded
     keep_freed_memory()
     store = Store.at(workdir)
     started = time.perf_counter()
-    loaded = load_training_data(config, Path(data_dir) if data_dir else store.corpus_dir, tfds, tfds_data_dir)
+    loaded = load_training_data(config, Path(data_dir) if data_dir else store.corpus_dir, tfds, tfds_data_dir, exclude)
     config, data = loaded.config, loaded.data
     spec = PreprocessSpec(image_size=config.image_size, channels=config.channels)
     init_path = Path(init_from) if init_from else None
@@ -371,6 +373,7 @@ def train_and_evaluate(
             metrics["train_seconds"] = round(time.perf_counter() - started, 2)
             metrics["data_dir"] = loaded.source
             metrics["skipped_files"] = len(data.failures)
+            metrics["training_files"], metrics["held_out_files"] = len(data.paths), len(exclude)
             version = save_model(
                 model, config, spec, store.models_dir,
                 threshold=threshold, metrics=metrics,

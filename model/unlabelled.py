@@ -18,6 +18,7 @@ labelled data.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -75,19 +76,22 @@ def _is_media(path: Path) -> bool:
 
 
 def load_unlabelled_folder(
-    root: str | Path, spec: PreprocessSpec, window_s: float = 1.0, frame_interval_s: float = 0.25
+    root: str | Path, spec: PreprocessSpec, window_s: float = 1.0, frame_interval_s: float = 0.25,
+    exclude: Collection[str] = (),
 ) -> LabelledImages:
     """Read every image and video under ``root`` (any nesting) into arrays labelled by instance.
 
     Each image is one instance (named by its path relative to ``root``); each window of
     a video (see ``video_windows``) is one, named ``<path>#t=<start>``. Unreadable files
-    are logged, listed in ``failures`` and skipped; fewer than 2 instances is a ValueError."""
+    are logged, listed in ``failures`` and skipped; fewer than 2 instances is a ValueError.
+    Files whose ``root``-relative path is in ``exclude`` (e.g. held-out evaluation images) are left out."""
     from lookalike.pipeline.video import VideoDecodeError, frame_id, is_video_path
 
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"training data folder {root} does not exist")
-    files = sorted(p for p in root.rglob("*") if _is_media(p))
+    excluded = frozenset(exclude)
+    files = sorted(p for p in root.rglob("*") if _is_media(p) and p.relative_to(root).as_posix() not in excluded)
     images, labels, paths, names, failures = [], [], [], [], []
     for path in files:
         rel = path.relative_to(root).as_posix()

@@ -2,7 +2,8 @@
 
 Steps (each timed, logged and written into the run report):
 
-1. ``train``: a candidate model, warm-started from the served one, on the corpus.
+1. ``train``: a candidate model, warm-started from the served one, on the corpus without
+   the frozen evaluation images (held out, so the gate does not reward memorisation).
 2. ``evaluate``: candidate and current model on the frozen evaluation set
    (``DIR/eval/frozen.json``: readable images of each class, made on the first run and
    checked before training; images gone or unreadable since are left out, and a set with
@@ -161,8 +162,9 @@ def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport) -> No
     ids = frozen_eval_set(store, corpus, config.eval_per_class)  # a corpus that cannot be evaluated fails before training
     with step("train"):
         # not LATEST yet: a candidate that is rejected or fails validation must not become what `embed` uses
+        # without the evaluation images: the gate must measure generalisation, not memorisation
         trained = train_and_evaluate(config.train, store.root, data_dir=corpus, init_from=current_model_dir,
-                                     set_latest=False)
+                                     set_latest=False, exclude=ids)
         report.candidate_model = trained.version
     with step("evaluate"):
         ids, gone = usable_eval_ids(corpus, ids)  # files that went away while training are left out of both

@@ -56,20 +56,26 @@ def _images_by_class(corpus: Path) -> dict[str, list[str]]:
     return by_class
 
 
+def _held_out(per_class: int, class_size: int) -> int:
+    """Evaluation images taken from a class: at most half of it, the rest is for training."""
+    return min(per_class, class_size // 2)
+
+
 def _sample_size(by_class: dict[str, list[str]], per_class: int) -> int:
     """How many images a new set would take (before dropping unreadable ones)."""
-    return sum(min(per_class, len(members)) for members in by_class.values())
+    return sum(_held_out(per_class, len(members)) for members in by_class.values())
 
 
 def _sample_eval_set(corpus: Path, per_class: int, seed: int) -> list[str]:
-    """Up to ``per_class`` readable images of each class folder, at random (unreadable ones skipped)."""
+    """Up to ``per_class`` readable images of each class folder (at most half of it), at
+    random (unreadable ones skipped)."""
     rng = np.random.default_rng(seed)
     by_class = _images_by_class(corpus)
     ids = []
     for members in by_class.values():
         chosen: list[str] = []
         for rel in rng.permutation(members).tolist():
-            if len(chosen) == per_class:
+            if len(chosen) == _held_out(per_class, len(members)):
                 break
             if usable_eval_ids(corpus, [rel])[0]:
                 chosen.append(rel)
@@ -79,7 +85,10 @@ def _sample_eval_set(corpus: Path, per_class: int, seed: int) -> list[str]:
 
 def frozen_eval_set(store: Store, corpus: Path, per_class: int, seed: int = 0) -> list[str]:
     """Corpus-relative ids of the frozen evaluation images: made once (``per_class`` readable
-    images of each class folder) and reused, so runs compare models on the same images.
+    images of each class folder, at most half of it) and reused, so runs compare models on
+    the same images. They are held out: the reindex job trains candidates without them, so
+    the gate does not reward memorising them. A set made before sets were held out (no
+    ``held_out`` mark; it may hold whole classes) is made again.
 
     Images that are gone or no longer decode are left out, with a warning naming them
     (candidate and current model are still compared on the same images). When fewer than
@@ -90,29 +99,35 @@ def frozen_eval_set(store: Store, corpus: Path, per_class: int, seed: int = 0) -
     path = store.root / "eval" / "frozen.json"
     if path.is_file():
         try:
-            ids = [str(i) for i in json.loads(path.read_text(encoding="utf-8"))["ids"]]
+            stored = json.loads(path.read_text(encoding="utf-8"))
+            ids = [str(i) for i in stored["ids"]]
         except (ValueError, KeyError, TypeError) as e:
             log.warning("evaluation set %s is unreadable (%s): making a new one", path, e)
-            ids = []
-        usable, rejected = usable_eval_ids(corpus, ids)
-        if rejected:
-            first = next(iter(rejected.items()))
-            log.warning("evaluation set %s: %d of %d images left out (e.g. %s: %s)", path, len(rejected), len(ids), *first)
-        if len(usable) >= 2 and 2 * len(usable) >= len(ids):
-            possible = _sample_size(_images_by_class(corpus), per_class)
-            if 2 * possible < 3 * len(usable):
-                return usable
-            log.info("evaluation set %s has %d image(s) and the corpus now gives %d: making a new one", path,
-                     len(usable), possible)
+            ids, stored = [], {}
+        if ids and not stored.get("held_out"):
+            log.info("evaluation set %s was made before evaluation images were held out of training: "
+                     "making a new one", path)
         else:
-                log.warning("evaluation set %s has %d usable image(s) of %d: making a new one from %s", path, len(usable),
-                        len(ids), corpus)
+            usable, rejected = usable_eval_ids(corpus, ids)
+            if rejected:
+                first = next(iter(rejected.items()))
+                log.warning("evaluation set %s: %d of %d images left out (e.g. %s: %s)", path, len(rejected), len(ids),
+                            *first)
+            if len(usable) >= 2 and 2 * len(usable) >= len(ids):
+                possible = _sample_size(_images_by_class(corpus), per_class)
+                if 2 * possible < 3 * len(usable):
+                    return usable
+                log.info("evaluation set %s has %d image(s) and the corpus now gives %d: making a new one", path,
+                         len(usable), possible)
+            else:
+                log.warning("evaluation set %s has %d usable image(s) of %d: making a new one from %s", path,
+                            len(usable), len(ids), corpus)
     ids = _sample_eval_set(corpus, per_class, seed)
     if len(ids) < 2:
         raise StoreError(f"no evaluation set can be made from {corpus}: it needs at least 2 readable images in "
                          f"class sub-folders, found {len(ids)}")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"ids": ids, "created_unix_s": time.time()}, indent=1) + "\n")
+    path.write_text(json.dumps({"ids": ids, "held_out": True, "created_unix_s": time.time()}, indent=1) + "\n")
     log.info("evaluation set %s: %d images of %s", path, len(ids), corpus)
     return ids
 

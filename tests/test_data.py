@@ -40,6 +40,16 @@ def test_folder_loader_skips_bad_files_and_keeps_the_rest(tmp_path):
     assert sorted(p.rsplit("/", 1)[-1] for p, _ in data.failures) == ["broken.png", "empty.jpg"]
 
 
+def test_folder_loader_leaves_out_excluded_files(tmp_path):
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        for i in range(3):
+            Image.new("L", (8, 8), 40 * i).save(tmp_path / label / f"{i}.png")
+    data = load_labelled_folder(tmp_path, SPEC, exclude=["a/0.png", "b/2.png", "c/9.png"])
+    assert sorted(p.split(str(tmp_path) + "/")[1] for p in data.paths) == ["a/1.png", "a/2.png", "b/0.png", "b/1.png"]
+    assert data.images.shape[0] == 4
+
+
 def test_a_class_of_videos_only_is_explained(tmp_path, caplog):
     for label in ("a", "b"):
         (tmp_path / label).mkdir()

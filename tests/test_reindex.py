@@ -67,6 +67,17 @@ def test_growing_corpus_embeds_only_new_media_and_rollback_restores_answers(stor
     assert answers(store, ids) == before
 
 
+def test_candidate_is_trained_without_the_evaluation_images(store, tiny_config):
+    """The gate evaluates on the frozen set: training on it would reward memorisation."""
+    report = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, force=True))
+    assert report.outcome == "promoted", report.reason
+    frozen = json.loads((store.root / "eval" / "frozen.json").read_text())["ids"]
+    metrics = json.loads((store.model_dir(report.candidate_model) / "model.json").read_text())["metrics"]
+    corpus = sorted(p.relative_to(store.corpus_dir).as_posix() for p in store.corpus_dir.rglob("*.png"))
+    assert metrics["held_out_files"] == len(frozen) > 0
+    assert metrics["training_files"] == len(corpus) - len(frozen)
+
+
 def test_worse_candidate_is_rejected_and_current_kept(store, tiny_config):
     before = store.current_index()
     barely = apply_overrides(tiny_config, ["num_steps=1", "embed_dim=4"])  # other shape: no warm start

@@ -74,3 +74,13 @@ def test_frozen_set_grows_back_when_the_corpus_does(tmp_path):
     grown = frozen_eval_set(store, corpus, per_class=10)
     assert len(grown) == 20 and json.loads((store.root / "eval" / "frozen.json").read_text())["ids"] == grown
     assert frozen_eval_set(store, corpus, per_class=10) == grown  # and then stays frozen
+
+
+def test_frozen_set_is_at_most_half_of_each_class_and_marked_held_out(tmp_path):
+    store, corpus = Store.at(tmp_path / "store"), tmp_path / "corpus"
+    write_corpus(corpus, per_class=6)
+    ids = frozen_eval_set(store, corpus, per_class=10)
+    assert sorted(i.split("/")[0] for i in ids) == ["0"] * 3 + ["1"] * 3  # the other half is for training
+    assert json.loads((store.root / "eval" / "frozen.json").read_text())["held_out"] is True
+    (store.root / "eval" / "frozen.json").write_text(json.dumps({"ids": [f"0/{i}.png" for i in range(6)]}))
+    assert len(frozen_eval_set(store, corpus, per_class=10)) == 6  # a set from before held-out sets is remade
