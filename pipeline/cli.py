@@ -77,10 +77,11 @@ def _add_workdir(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_train_config(p: argparse.ArgumentParser) -> None:
+def _add_train_config(p: argparse.ArgumentParser, default: str | None = "digits",
+                      config_help: str = "training preset (default: digits)") -> None:
     from lookalike.model.config import preset_names
 
-    p.add_argument("--config", default="digits", choices=preset_names(), help="training preset (default: digits)")
+    p.add_argument("--config", default=default, choices=preset_names(), help=config_help)
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set num_steps=200 --set conv_widths=16,32 (repeatable)")
 
@@ -158,7 +159,8 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     from lookalike.pipeline.reindex import ReindexConfig, report_dict, run_reindex
 
     report = run_reindex(ReindexConfig(
-        workdir=args.workdir, train=_train_config(args), corpus=args.corpus, min_improvement=args.min_improvement,
+        workdir=args.workdir, train=_train_config(args) if args.config else None, train_overrides=args.overrides,
+        corpus=args.corpus, min_improvement=args.min_improvement,
         force=args.force, target_recall=args.target_recall, min_canary_overlap=args.min_canary_overlap,
         min_canary_self=args.min_canary_self, min_items_ratio=args.min_items_ratio,
         keep_versions=args.keep, num_workers=args.num_workers,
@@ -362,7 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "new), 1 failed (nothing promoted). Example crontab line: "
                        "0 3 * * * lookalike reindex --workdir /srv/lookalike")
     _add_workdir(p)
-    _add_train_config(p)
+    _add_train_config(p, default=None, config_help="training preset (default: the served model's own config, "
+                      "from its model.json, so the candidate warm-starts; digits when nothing is served yet); "
+                      "--set overrides apply either way")
     p.add_argument("--corpus", default=None, help="labelled image folder (default WORKDIR/corpus)")
     p.add_argument("--min-improvement", type=float, default=0.0,
                    help="the candidate's MAP@R must beat the served model's by more than this (default 0)")

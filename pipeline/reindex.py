@@ -62,7 +62,8 @@ STEPS = ("train", "evaluate", "embed", "build", "validate", "promote", "prune")
 @dataclass
 class ReindexConfig:
     workdir: str
-    train: TrainConfig
+    train: TrainConfig | None = None  # None: the served model's own config (else the digits preset)
+    train_overrides: list[str] = field(default_factory=list)  # KEY=VALUE applied when ``train`` is None
     corpus: str | None = None
     min_improvement: float = 0.0  # candidate MAP@R must exceed current by more than this
     force: bool = False
@@ -160,10 +161,11 @@ def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport) -> No
     report.current_model = current_index.model_version if current_index else None
     current_model_dir = store.require_model(report.current_model) if report.current_model else None
     ids = frozen_eval_set(store, corpus, config.eval_per_class)  # a corpus that cannot be evaluated fails before training
+    train_config = resolve_train_config(config, current_model_dir)
     with step("train"):
         # not LATEST yet: a candidate that is rejected or fails validation must not become what `embed` uses
         # without the evaluation images: the gate must measure generalisation, not memorisation
-        trained = train_and_evaluate(config.train, store.root, data_dir=corpus, init_from=current_model_dir,
+        trained = train_and_evaluate(train_config, store.root, data_dir=corpus, init_from=current_model_dir,
                                      set_latest=False, exclude=ids)
         report.candidate_model = trained.version
     with step("evaluate"):
@@ -212,6 +214,23 @@ def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport) -> No
             return
     with step("prune"):
         report.metrics["pruned"] = prune(store, config.keep_versions)
+
+
+def resolve_train_config(config: ReindexConfig, current_model_dir: Path | None) -> TrainConfig:
+    """``config.train`` if given, else the served model's own config (from its model.json,
+    so the candidate has its architecture and can warm-start), else the digits preset;
+    ``config.train_overrides`` applied to the latter two."""
+    from lookalike.model.artifact import read_model_meta
+    from lookalike.model.config import apply_overrides, config_from_dict, get_config
+
+    if config.train is not None:
+        return config.train
+    if current_model_dir is not None:
+        base, source = config_from_dict(read_model_meta(current_model_dir)["config"]), f"served model {current_model_dir.name}"
+    else:
+        base, source = get_config("digits"), "preset digits (no served model)"
+    log.info("training config: %s%s", source, f", with {' '.join(config.train_overrides)}" if config.train_overrides else "")
+    return apply_overrides(base, list(config.train_overrides))
 
 
 def _embed_build_promote(config: ReindexConfig, store: Store, report: ReindexReport, step: "_Steps", corpus: Path,

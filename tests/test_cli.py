@@ -189,6 +189,8 @@ def test_a_diverging_training_is_a_one_line_error_and_leaves_no_empty_run(tmp_pa
     (["embed", "--num-shards", "x"], "argument --num-shards: expected an integer, got 'x'"),
     (["query", "--id", "a", "-k", "0"], "argument -k: must be at least 1, got 0"),
     (["reindex", "--min-canary-overlap", "1.5"], "argument --min-canary-overlap: must be in [0, 1], got 1.5"),
+    (["reindex", "--min-items-ratio", "2"], "argument --min-items-ratio: must be in [0, 1], got 2"),
+    (["reindex", "--min-canary-self", "-1"], "argument --min-canary-self: must be in [0, 1], got -1"),
 ])
 def test_out_of_range_options_are_refused_naming_the_option(argv, message, capsys):
     from lookalike.pipeline.cli import main
@@ -196,6 +198,14 @@ def test_out_of_range_options_are_refused_naming_the_option(argv, message, capsy
     with pytest.raises(SystemExit) as exited:
         main(argv)
     assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_reindex_config_defaults_to_the_served_models():
+    from lookalike.pipeline.cli import build_parser
+
+    assert build_parser().parse_args(["reindex"]).config is None  # resolved from the served model's model.json
+    assert build_parser().parse_args(["reindex", "--config", "tiny"]).config == "tiny"
+    assert build_parser().parse_args(["train"]).config == "digits"
 
 
 @pytest.mark.parametrize("argv, message", [

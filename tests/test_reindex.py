@@ -78,6 +78,16 @@ def test_candidate_is_trained_without_the_evaluation_images(store, tiny_config):
     assert metrics["training_files"] == len(corpus) - len(frozen)
 
 
+def test_default_training_config_is_the_served_models_own(store, tiny_config):
+    """Without a config, the candidate is trained with the served model's config (here the
+    tiny preset, not the digits default), so it warm-starts; --set overrides still apply."""
+    served = json.loads((store.require_model() / "model.json").read_text())["config"]
+    report = run_reindex(ReindexConfig(workdir=str(store.root), train_overrides=["num_steps=3"], force=True))
+    assert report.outcome == "promoted", report.reason
+    candidate = json.loads((store.model_dir(report.candidate_model) / "model.json").read_text())["config"]
+    assert candidate == {**served, "num_steps": 3}
+
+
 def test_worse_candidate_is_rejected_and_current_kept(store, tiny_config):
     before = store.current_index()
     barely = apply_overrides(tiny_config, ["num_steps=1", "embed_dim=4"])  # other shape: no warm start
