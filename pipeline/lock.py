@@ -1,13 +1,20 @@
-"""One reindex run at a time per store: an exclusive lock file with stale-lock detection.
+"""One writer at a time per store: ``DIR/.reindex.lock``, held with an OS file lock.
 
-``DIR/.reindex.lock`` is created with O_EXCL and holds the owner's host, pid and start
-time. A lock whose process no longer exists on this host (killed, even with SIGKILL),
-or that is older than ``stale_after_s``, is stale: it is removed and taken over, and
-the caller is told so it can clean up what the dead run left.
+The lock is ``flock(LOCK_EX | LOCK_NB)`` on the lock file, so taking it is atomic and the
+kernel releases it when the holder dies (even by SIGKILL): no two live processes can hold
+it, and no stale-lock guesswork (pid checks, ages, check-then-unlink) is needed. The file
+holds the owner's host, pid and start time for messages; a holder checks after locking that
+the file it locked is still the one at the path (a releasing owner unlinks it), else it
+tries again. Content left in the file by an owner that did not release it (it died) sets
+``took_over_stale``, so the caller can clean up what the dead run left.
+
+Reindex and ``lookalike versions promote|rollback`` take it; local stores only (flock does
+not reach across hosts on network file systems).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -24,63 +31,66 @@ class LockHeldError(RuntimeError):
     """Another live run holds the store's lock."""
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 class StoreLock:
     """Context manager: ``with StoreLock(root) as lock: ...``; ``lock.took_over_stale`` says
-    whether a dead run's lock was replaced."""
+    whether a dead run's lock was taken over."""
 
-    def __init__(self, root: Path, stale_after_s: float = 24 * 3600):
+    def __init__(self, root: Path, purpose: str = "reindex"):
         self.path = Path(root) / LOCK_NAME
-        self.stale_after_s = stale_after_s
+        self.purpose = purpose
         self.took_over_stale = False
+        self._fd: int | None = None
 
-    def _read(self) -> dict:
+    def _owner(self, fd: int) -> dict:
         try:
-            return json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            return {}
-
-    def _is_stale(self, owner: dict) -> bool:
-        if not owner:
-            return True  # unreadable or half-written lock: its writer died mid-write
-        if time.time() - float(owner.get("started_unix_s", 0)) > self.stale_after_s:
-            return True
-        return owner.get("host") == socket.gethostname() and not _pid_alive(int(owner.get("pid", -1)))
+            data = os.pread(fd, 4096, 0)
+            owner = json.loads(data.decode("utf-8")) if data.strip() else {}
+        except (OSError, ValueError):
+            return {"unreadable": True}
+        return owner if isinstance(owner, dict) else {"unreadable": True}
 
     def acquire(self) -> "StoreLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = {"host": socket.gethostname(), "pid": os.getpid(), "started_unix_s": time.time()}
-        for _ in range(2):
+        for _ in range(100):
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                owner = self._read()
-                if not self._is_stale(owner):
-                    raise LockHeldError(
-                        f"another reindex run holds {self.path} (pid {owner.get('pid')} on {owner.get('host')}, "
-                        f"started {time.ctime(owner.get('started_unix_s', 0))})"
-                    ) from None
-                log.warning("removing stale lock %s left by %s", self.path, owner or "an unreadable owner")
-                self.path.unlink(missing_ok=True)
-                self.took_over_stale = True
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = self._owner(fd)
+                os.close(fd)
+                started = owner.get("started_unix_s")
+                raise LockHeldError(
+                    f"another run holds {self.path} ({owner.get('purpose', 'reindex')}, pid {owner.get('pid')} on "
+                    f"{owner.get('host')}, started {time.ctime(started) if started else 'just now'}): "
+                    "try again when it has finished"
+                ) from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # the previous holder unlinked the file while releasing it: lock the new one
+                os.close(fd)
                 continue
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(me, f)
+            owner = self._owner(fd)
+            if owner:
+                self.took_over_stale = True
+                log.warning("taking over the lock %s left by a run that died: %s", self.path, owner)
+            me = {"host": socket.gethostname(), "pid": os.getpid(), "started_unix_s": time.time(), "purpose": self.purpose}
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, json.dumps(me).encode("utf-8"), 0)
+            os.fsync(fd)
+            self._fd = fd
             return self
-        raise LockHeldError(f"could not take {self.path}: another run raced for it")
+        raise LockHeldError(f"could not take {self.path}: it kept being replaced")
 
     def release(self) -> None:
-        if self._read().get("pid") == os.getpid():
-            self.path.unlink(missing_ok=True)
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)  # while still locked: a waiter re-checks the path's inode
+        finally:
+            os.close(self._fd)
+            self._fd = None
 
     def __enter__(self) -> "StoreLock":
         return self.acquire()

@@ -130,7 +130,7 @@ def test_sigkill_at_each_step_leaves_the_served_version_answering(store):
 
 def test_one_run_at_a_time(store, tiny_config):
     with StoreLock(store.root):
-        with pytest.raises(LockHeldError, match="another reindex run"):
+        with pytest.raises(LockHeldError, match="another run holds"):
             run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config))
 
 
