@@ -213,7 +213,7 @@ def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport) -> No
         if not updated:
             return
     with step("prune"):
-        report.metrics["pruned"] = prune(store, config.keep_versions)
+        report.metrics["pruned"] = prune(store, config.keep_versions, locked=True)
 
 
 def resolve_train_config(config: ReindexConfig, current_model_dir: Path | None) -> TrainConfig:
@@ -261,7 +261,7 @@ def _embed_build_promote(config: ReindexConfig, store: Store, report: ReindexRep
         with step("validate"):
             validate(store, report, summary, current_index, config, model_changed=model != report.current_model)
         with step("promote"):
-            promote(store, report.new_index, reason=f"reindex: model {model}")
+            promote(store, report.new_index, reason=f"reindex: model {model}", locked=True)
     except Exception:
         discard_candidate(store, candidate)  # a failed candidate never serves and never counts as kept
         raise

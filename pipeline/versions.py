@@ -15,6 +15,8 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from lookalike.model.store import HISTORY, Store, StoreError  # noqa: F401 (HISTORY: re-exported)
@@ -24,6 +26,21 @@ log = logging.getLogger(__name__)
 
 class PromotionError(RuntimeError):
     """A version failed its checks and was not promoted; CURRENT is unchanged."""
+
+
+@contextmanager
+def _store_lock(store: Store, locked: bool, purpose: str) -> Iterator[None]:
+    """Hold the store lock (the one reindex holds) unless the caller already does
+    (``locked``); LockHeldError when another run holds it."""
+    if locked:
+        yield
+        return
+    from lookalike.pipeline.lock import StoreLock
+
+    if not store.root.is_dir():
+        raise StoreError(f"store {store.root} does not exist")
+    with StoreLock(store.root, purpose=purpose):
+        yield
 
 
 def list_versions(store: Store) -> list[dict[str, Any]]:
@@ -80,8 +97,17 @@ def history(store: Store) -> list[dict[str, Any]]:
     return store.history()
 
 
-def promote(store: Store, version: str, reason: str = "manual") -> dict[str, Any]:
-    """Check ``version`` and make it CURRENT (atomic); raise PromotionError otherwise."""
+def promote(store: Store, version: str, reason: str = "manual", *, locked: bool = False) -> dict[str, Any]:
+    """Check ``version`` and make it CURRENT (atomic); raise PromotionError otherwise.
+    Holds the store lock (LockHeldError while a reindex runs) unless ``locked``: the
+    caller already holds it."""
+    if not store.index_dir(version).is_dir():
+        raise PromotionError(f"no index version {version!r} in {store.indexes_dir}")
+    with _store_lock(store, locked, f"versions promote {version}"):
+        return _promote(store, version, reason)
+
+
+def _promote(store: Store, version: str, reason: str) -> dict[str, Any]:
     if not store.index_dir(version).is_dir():
         raise PromotionError(f"no index version {version!r} in {store.indexes_dir}")
     checked = check_version(store, version)
@@ -102,10 +128,16 @@ def promotion_stack(store: Store) -> list[str]:
     return stack
 
 
-def rollback(store: Store) -> dict[str, Any]:
+def rollback(store: Store, *, locked: bool = False) -> dict[str, Any]:
     """Promote the version that served before the current one; repeated calls walk further
     back. Only versions the promotion history shows were served are candidates (never one
-    that was built but not promoted, e.g. a candidate that failed validation)."""
+    that was built but not promoted, e.g. a candidate that failed validation). Holds the
+    store lock unless ``locked``."""
+    with _store_lock(store, locked, "versions rollback"):
+        return _rollback(store)
+
+
+def _rollback(store: Store) -> dict[str, Any]:
     current = store.current_index()
     if current is None:
         raise PromotionError(f"nothing to roll back: {store.root} has no CURRENT index")
@@ -118,7 +150,7 @@ def rollback(store: Store) -> dict[str, Any]:
         raise PromotionError(f"no earlier version to roll back to from {current}: none of the versions served "
                              f"before it ({store.history_path}) is still in {store.indexes_dir}; promote one "
                              "explicitly with `lookalike versions promote VERSION`")
-    return promote(store, earlier[-1], reason=f"rollback from {current}")
+    return _promote(store, earlier[-1], reason=f"rollback from {current}")
 
 
 def promoted_versions(store: Store) -> list[str]:
@@ -130,12 +162,18 @@ def promoted_versions(store: Store) -> list[str]:
     return sorted((v for v in last if v in present), key=lambda v: -last[v])
 
 
-def prune(store: Store, keep: int, keep_models: tuple[str, ...] = ()) -> list[str]:
+def prune(store: Store, keep: int, keep_models: tuple[str, ...] = (), *, locked: bool = False) -> list[str]:
     """Delete promoted index versions beyond the ``keep`` most recently promoted ones (never
     CURRENT), and models no remaining index uses (never LATEST nor ``keep_models``).
 
     Versions that never served (not in the history) are neither counted nor deleted here:
-    reindex removes its own unpromoted candidates (``clean_candidates``)."""
+    reindex removes its own unpromoted candidates (``clean_candidates``). Holds the store
+    lock unless ``locked``."""
+    with _store_lock(store, locked, "prune"):
+        return _prune(store, keep, keep_models)
+
+
+def _prune(store: Store, keep: int, keep_models: tuple[str, ...]) -> list[str]:
     current = store.current_index_or_none()
     promoted = promoted_versions(store)
     kept = set(promoted[:keep]) | {current}

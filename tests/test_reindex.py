@@ -351,3 +351,20 @@ def test_prune_keeps_the_most_recently_promoted_versions_not_the_newest_names(st
     promote(store, b, reason="manual")  # b is the most recently promoted now, then c
     assert prune(store, keep=1) == [c]
     assert {r["version"] for r in list_versions(store)} == {b, unpromoted}
+
+
+def test_versions_commands_refuse_while_a_reindex_holds_the_lock(store):
+    """A rollback during a reindex would be silently undone by the reindex's promotion."""
+    from lookalike.index.builder import build_and_publish
+    from lookalike.pipeline.versions import prune
+
+    first = store.current_index()
+    index = ItemIndex.load(store.index_dir(first))
+    second = build_and_publish(store, index.embeddings, index.items.table, model_version=index.model_version)
+    with StoreLock(store.root):
+        for attempt in (lambda: rollback(store), lambda: promote(store, first), lambda: prune(store, keep=1)):
+            with pytest.raises(LockHeldError, match="another run holds"):
+                attempt()
+        assert store.current_index() == second and store.index_dir(first).is_dir()
+    rollback(store)
+    assert store.current_index() == first
