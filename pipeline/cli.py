@@ -459,6 +459,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as other Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit
         return 141
+    except PermissionError as e:  # e.g. a store written by another user
+        if args.verbose:
+            log.exception("failed")
+        where = f" {e.filename}" if e.filename else ""
+        print(f"lookalike {args.command}: error: permission denied:{where} ({e.strerror or e}): run as a user that "
+              "can read and write the store, or fix its permissions", file=sys.stderr)
+        return 1
     except (StoreError, ValueError, OSError, RuntimeError, FloatingPointError) as e:  # OSError: unreadable files, a runner's connection
         if args.verbose:
             log.exception("failed")

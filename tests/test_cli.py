@@ -253,3 +253,37 @@ def test_output_piped_into_a_reader_that_stops_early_is_not_a_traceback(demo_wor
     stderr = proc.communicate(timeout=120)[1].decode()
     assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr[-2000:]
     assert proc.returncode == 141
+
+
+def test_store_written_by_root_is_readable_by_another_user_and_denials_name_the_file():
+    """Pointer files follow the umask (a server as another user reads them); a file it may
+    not read is a one-line error naming it, not a traceback."""
+    import os
+    import tempfile
+
+    from lookalike.model.store import Store
+
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to run a command as another user")
+    root = Path(tempfile.mkdtemp(prefix="lookalike-perm-", dir="/tmp"))
+    old = os.umask(0o022)
+    try:
+        root.chmod(0o755)
+        store = Store.at(root / "store")
+        store.index_dir("i-1").mkdir(parents=True)
+        (store.index_dir("i-1") / "manifest.json").write_text("{}")
+        store.set_current_index("i-1")
+
+        def as_nobody(*args: str) -> subprocess.CompletedProcess:
+            return subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", lookalike_exe(),
+                                   *args], capture_output=True, text=True, timeout=120, cwd="/tmp")
+
+        listed = as_nobody("versions", "list", "--workdir", str(store.root))
+        assert listed.returncode == 0 and listed.stdout.startswith("* i-1"), listed.stderr[-2000:]
+        (store.root / "CURRENT").chmod(0o600)  # as a store written with mkstemp's mode was
+        denied = as_nobody("versions", "list", "--workdir", str(store.root))
+        assert denied.returncode == 1 and "Traceback" not in denied.stderr
+        assert f"lookalike versions: error: permission denied: {store.root / 'CURRENT'}" in denied.stderr
+    finally:
+        os.umask(old)
+        shutil.rmtree(root, ignore_errors=True)

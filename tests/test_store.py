@@ -1,3 +1,6 @@
+import os
+import stat
+
 import pytest
 
 from lookalike.model.store import Store, StoreError, atomic_write_text, check_version_name
@@ -64,3 +67,17 @@ def test_set_current_records_history_and_truncated_lines_are_skipped(tmp_path, c
         entries = store.history()
     assert [(e["version"], e["reason"]) for e in entries] == [("i-1", "test i-1"), ("i-2", "test i-2")]
     assert f"{store.history_path} line 3" in caplog.text
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
+def test_pointer_files_get_the_umask_mode_like_open(tmp_path, umask, mode):
+    """A server running as another user must be able to read CURRENT (mkstemp made it 0600)."""
+    old = os.umask(umask)
+    try:
+        store = Store.at(tmp_path)
+        store.index_dir("i-1").mkdir(parents=True)
+        (store.index_dir("i-1") / "manifest.json").write_text("{}")
+        store.set_current_index("i-1")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "CURRENT").stat().st_mode) == mode
