@@ -5,6 +5,7 @@ Layout (``--workdir DIR``)::
     DIR/corpus/<label>/*.png        images (the demo writes the digits here)
     DIR/models/<version>/           trained encoders (model.json + orbax params)
     DIR/models/LATEST               version of the newest trained model
+    DIR/models/REJECTED             the latest candidate reindex did not promote (kept for inspection)
     DIR/embeddings/<run>/           Parquet embeddings, dead letters, run summary
     DIR/indexes/<version>/          ScaNN index versions (manifest.json + files)
     DIR/CURRENT                     the index version being served
@@ -142,6 +143,17 @@ class Store:
         if not (self.model_dir(version) / "model.json").is_file():
             raise StoreError(f"model {version!r} is not complete in {self.models_dir}")
         atomic_write_text(self.models_dir / "LATEST", version + "\n")
+
+    def rejected_model(self) -> str | None:
+        """The latest candidate model reindex rejected or could not promote (None if none or unreadable)."""
+        try:
+            return self._read_pointer(self.models_dir / "REJECTED")
+        except PointerError as e:
+            log.warning("%s", e)
+            return None
+
+    def set_rejected_model(self, version: str) -> None:
+        atomic_write_text(self.models_dir / "REJECTED", check_version_name(version) + "\n")
 
     def current_index(self) -> str | None:
         """The served index version (None: no CURRENT); PointerError if CURRENT is garbled."""

@@ -203,6 +203,7 @@ def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport) -> No
         why = (f"candidate model {trained.version} not better (MAP@R {cand['map_at_r']:.4f} vs served "
                f"{report.metrics['current']['map_at_r']:.4f})")
     if report.outcome != "promoted":
+        store.set_rejected_model(trained.version)  # kept for inspection: pruning spares the latest rejected one
         try:
             updated = _embed_build_promote(config, store, report, step, corpus, report.current_model, current_index)
         except Exception as e:

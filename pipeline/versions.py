@@ -164,7 +164,8 @@ def promoted_versions(store: Store) -> list[str]:
 
 def prune(store: Store, keep: int, keep_models: tuple[str, ...] = (), *, locked: bool = False) -> list[str]:
     """Delete promoted index versions beyond the ``keep`` most recently promoted ones (never
-    CURRENT), and models no remaining index uses (never LATEST nor ``keep_models``).
+    CURRENT), and models no remaining index uses (never LATEST, models/REJECTED, the latest
+    rejected candidate kept for inspection, nor ``keep_models``).
 
     Versions that never served (not in the history) are neither counted nor deleted here:
     reindex removes its own unpromoted candidates (``clean_candidates``). Holds the store
@@ -180,7 +181,8 @@ def _prune(store: Store, keep: int, keep_models: tuple[str, ...]) -> list[str]:
     removed = [v for v in promoted if v not in kept]
     for v in removed:
         shutil.rmtree(store.index_dir(v), ignore_errors=True)
-    used = {r.get("model_version") for r in list_versions(store)} | {store.latest_model(), *keep_models}
+    used = {r.get("model_version") for r in list_versions(store)} | {store.latest_model(), store.rejected_model(),
+                                                                      *keep_models}
     if store.models_dir.is_dir():
         for model in store.models_dir.iterdir():
             if model.is_dir() and not model.name.startswith(".") and model.name not in used:

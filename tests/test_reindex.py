@@ -58,6 +58,8 @@ def test_growing_corpus_embeds_only_new_media_and_rollback_restores_answers(stor
     assert (grown.outcome, grown.exit_code) == ("corpus_updated", 4), grown.reason
     assert grown.chosen_model == forced.chosen_model != grown.candidate_model and "not better" in grown.reason
     assert grown.metrics["canary_overlap_at_10"] >= 0.2  # same model: the neighbour-overlap check applies
+    # the rejected candidate stays for inspection (the README says so), though this run pruned
+    assert (store.models_dir / grown.candidate_model).is_dir() and store.rejected_model() == grown.candidate_model
     assert grown.metrics["embed"]["embedded"] == 3  # only the new media
     assert len(ItemIndex.load(store.require_current_index())) == len(ItemIndex.load(store.index_dir(first_version))) + 3
     rollback(store)
