@@ -155,19 +155,30 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_reindex(args: argparse.Namespace) -> int:
-    from lookalike.pipeline.reindex import ReindexConfig, report_dict, run_reindex
+REPORT_KEYS = ("outcome", "reason", "exit_code", "previous_index", "new_index", "current_model", "candidate_model",
+               "chosen_model", "candidate_error")
 
-    report = run_reindex(ReindexConfig(
+
+def cmd_reindex(args: argparse.Namespace) -> int:
+    from lookalike.pipeline.lock import LockHeldError
+    from lookalike.pipeline.reindex import EXIT_LOCKED, ReindexConfig, report_dict, run_reindex
+
+    config = ReindexConfig(
         workdir=args.workdir, train=_train_config(args) if args.config else None, train_overrides=args.overrides,
         corpus=args.corpus, min_improvement=args.min_improvement,
         force=args.force, target_recall=args.target_recall, min_canary_overlap=args.min_canary_overlap,
         min_canary_self=args.min_canary_self, min_items_ratio=args.min_items_ratio,
         keep_versions=args.keep, num_workers=args.num_workers,
-    ))
+    )
+    try:
+        report = run_reindex(config)
+    except LockHeldError as e:  # not a failure of this run: another one is at work
+        log.warning("reindex skipped: %s", e)
+        locked = {"outcome": "locked", "reason": str(e), "exit_code": EXIT_LOCKED}
+        _print_json({key: locked.get(key) for key in REPORT_KEYS})
+        return EXIT_LOCKED
     data = report_dict(report)
-    _print_json({k: data[k] for k in ("outcome", "reason", "exit_code", "previous_index", "new_index",
-                                      "current_model", "candidate_model", "chosen_model", "candidate_error")})
+    _print_json({k: data[k] for k in REPORT_KEYS})
     if report.outcome == "failed":
         print(f"lookalike reindex: failed, nothing promoted: {report.reason}", file=sys.stderr)
     return report.exit_code
@@ -361,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "promotes it atomically; a running server hot-swaps to it. A rejected or failing candidate "
                        "model still lets the corpus update embedded with the served model be promoted. Exit codes: "
                        "0 promoted (new model), 4 corpus updated with the served model, 3 kept current (nothing "
-                       "new), 1 failed (nothing promoted). Example crontab line: "
+                       "new), 1 failed (nothing promoted), 75 another run holds the store lock (nothing done). "
+                       "Example crontab line: "
                        "0 3 * * * lookalike reindex --workdir /srv/lookalike")
     _add_workdir(p)
     _add_train_config(p, default=None, config_help="training preset (default: the served model's own config, "
@@ -434,7 +446,7 @@ class _LibraryNoise(logging.Filter):
 
 def configure_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
     if not verbose:
         for noisy in ("apache_beam", "absl", "jax", "orbax", "matplotlib", "httpx", "tensorflow"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -451,9 +463,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.beam_args = unknown
     configure_logging(args.verbose)
     from lookalike.model.store import StoreError
+    from lookalike.pipeline.lock import LockHeldError
+    from lookalike.pipeline.reindex import EXIT_LOCKED
 
     try:
         return args.func(args)
+    except LockHeldError as e:  # versions promote/rollback during a reindex: try again later
+        print(f"lookalike {args.command}: error: {e}", file=sys.stderr)
+        return EXIT_LOCKED
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as other Unix tools do

@@ -56,6 +56,7 @@ from lookalike.pipeline.versions import (
 log = logging.getLogger(__name__)
 
 EXIT_PROMOTED, EXIT_FAILED, EXIT_KEPT_CURRENT, EXIT_CORPUS_UPDATED = 0, 1, 3, 4
+EXIT_LOCKED = 75  # EX_TEMPFAIL: another run holds the store lock; nothing was done, try again later
 STEPS = ("train", "evaluate", "embed", "build", "validate", "promote", "prune")
 
 

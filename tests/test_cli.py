@@ -287,3 +287,19 @@ def test_store_written_by_root_is_readable_by_another_user_and_denials_name_the_
     finally:
         os.umask(old)
         shutil.rmtree(root, ignore_errors=True)
+
+
+def test_lock_conflict_has_its_own_exit_code_and_json_line(tmp_path):
+    """Cron must tell 'another run is at work' from a failure; log lines carry the date."""
+    import re
+
+    from lookalike.pipeline.lock import StoreLock
+
+    with StoreLock(tmp_path):
+        out = run_cli("reindex", "--workdir", str(tmp_path), timeout=120)
+        assert out.returncode == 75, out.stderr[-2000:]
+        report = json.loads(out.stdout)
+        assert report["outcome"] == "locked" and report["exit_code"] == 75 and "another run holds" in report["reason"]
+        assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d WARNING lookalike: reindex skipped", out.stderr, re.M), out.stderr
+        out = run_cli("versions", "rollback", "--workdir", str(tmp_path), timeout=120)
+        assert out.returncode == 75 and "another run holds" in out.stderr, out.stderr[-2000:]
