@@ -182,8 +182,11 @@ class Store:
 
     def record_history(self, version: str, reason: str) -> None:
         entry = {"version": check_version_name(version), "unix_s": time.time(), "reason": reason}
-        with self.history_path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(entry) + "\n")
+        with self.history_path.open("a+b") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell() and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
+                f.write(b"\n")  # end a line a crash truncated, or this entry would be lost with it
+            f.write((json.dumps(entry) + "\n").encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())
 

@@ -67,6 +67,8 @@ def test_set_current_records_history_and_truncated_lines_are_skipped(tmp_path, c
         entries = store.history()
     assert [(e["version"], e["reason"]) for e in entries] == [("i-1", "test i-1"), ("i-2", "test i-2")]
     assert f"{store.history_path} line 3" in caplog.text
+    store.set_current_index("i-1", reason="after the crash")  # not glued onto the truncated line
+    assert [e["reason"] for e in store.history()][-1] == "after the crash"
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o002, 0o664), (0o077, 0o600)])
