@@ -197,8 +197,9 @@ def cmd_versions(args: argparse.Namespace) -> int:
             _print_json(rows)
         for r in rows if not args.json else []:
             mark = "*" if r.get("current") else " "
+            never = "" if r.get("served") or r.get("current") else "never served"
             print(f"{mark} {r['version']}  model {r.get('model_version')}  {r.get('count')} items  "
-                  f"recall@10 {r.get('recall_at_10')}  {r.get('created')}  {r.get('error', '')}".rstrip())
+                  f"recall@10 {r.get('recall_at_10')}  {r.get('created')}  {never}  {r.get('error', '')}".rstrip())
         return 0
     if args.action == "promote":
         if not args.version:

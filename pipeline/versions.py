@@ -44,13 +44,15 @@ def _store_lock(store: Store, locked: bool, purpose: str) -> Iterator[None]:
 
 
 def list_versions(store: Store) -> list[dict[str, Any]]:
-    """Index versions, oldest first, with their manifest figures and whether they serve."""
+    """Index versions, oldest first, with their manifest figures, whether they serve and
+    whether they ever served (``served``: in the history; rollback and prune consider only those)."""
     current = store.current_index_or_none()
     rows = []
     if not store.indexes_dir.is_dir():
         return rows
+    served = {entry["version"] for entry in store.history()}
     for path in sorted(p for p in store.indexes_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        row: dict[str, Any] = {"version": path.name, "current": path.name == current}
+        row: dict[str, Any] = {"version": path.name, "current": path.name == current, "served": path.name in served}
         try:
             manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:

@@ -349,7 +349,7 @@ def test_prune_keeps_the_most_recently_promoted_versions_not_the_newest_names(st
     c = publish()
     unpromoted = publish(make_current=False)  # newest name, never served: must not count as kept
     assert prune(store, keep=2) == [a]
-    assert {r["version"] for r in list_versions(store)} == {b, c, unpromoted}
+    assert {r["version"]: r["served"] for r in list_versions(store)} == {b: True, c: True, unpromoted: False}
     promote(store, b, reason="manual")  # b is the most recently promoted now, then c
     assert prune(store, keep=1) == [c]
     assert {r["version"] for r in list_versions(store)} == {b, unpromoted}
