@@ -86,8 +86,12 @@ def write_report(store: Store, report, started_unix_s: float) -> Path:
     if index:
         md += [f"Index: {index.get('mode')}, {index.get('count')} items, recall@10 {index.get('recall')}, "
                f"{index.get('qps')} queries/s", ""]
+    if report.candidate_error:
+        md += [f"Candidate model {report.candidate_model} not promoted: {report.candidate_error}", ""]
+    if "canary_self_at_1" in report.metrics:
+        md += [f"Canary self-retrieval@1 (new model): {report.metrics['canary_self_at_1']}", ""]
     if "canary_overlap_at_10" in report.metrics:
-        md += [f"Canary overlap@10 (served vs new): {report.metrics['canary_overlap_at_10']}", ""]
+        md += [f"Canary overlap@10 (served vs new, same model): {report.metrics['canary_overlap_at_10']}", ""]
     md += ["| step | seconds | ok |", "|---|---|---|"] + [
         f"| {s['step']} | {s['seconds']} | {'yes' if s['ok'] else 'no: ' + s.get('error', '')} |" for s in report.steps]
     try:

@@ -300,6 +300,8 @@ def test_new_model_is_not_held_to_neighbour_overlap_and_a_failing_one_still_publ
                                          min_canary_self=1.01))  # the new model cannot pass
     assert (fallback.outcome, fallback.exit_code) == ("corpus_updated", 4), fallback.reason
     assert "canary self-retrieval" in fallback.candidate_error and "failed" in fallback.reason
+    report_md = max((store.root / "reports").glob("*/report.md"), key=lambda p: p.stat().st_mtime).read_text()
+    assert "**Outcome: corpus_updated** (exit 4)" in report_md and "not promoted: ValidationError" in report_md
     assert fallback.chosen_model == served_model == store.latest_model() != fallback.candidate_model
     assert store.current_index() == fallback.new_index != served_index
     index = ItemIndex.load(store.require_current_index())
