@@ -235,7 +235,7 @@ def resolve_train_config(config: ReindexConfig, current_model_dir: Path | None) 
     return apply_overrides(base, list(config.train_overrides))
 
 
-def _embed_build_promote(config: ReindexConfig, store: Store, report: ReindexReport, step: "_Steps", corpus: Path,
+def _embed_build_promote(config: ReindexConfig, store: Store, report: ReindexReport, step: _Steps, corpus: Path,
                          model: str, current_index) -> bool:
     """Embed the corpus with ``model`` (incremental), build a candidate index, validate and
     promote it; False (nothing built) when ``model`` is the served one and the corpus is

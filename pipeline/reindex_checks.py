@@ -202,7 +202,7 @@ def canary_self_retrieval(store: Store, index, count: int) -> float | None:
     return float(np.mean(hits)) if hits else None
 
 
-def validate(store: Store, report: "ReindexReport", summary, current_index, config: "ReindexConfig",
+def validate(store: Store, report: ReindexReport, summary, current_index, config: ReindexConfig,
              model_changed: bool) -> None:
     """Raise ValidationError unless the new index is fit to serve.
 

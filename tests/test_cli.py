@@ -276,7 +276,7 @@ def test_store_written_by_root_is_readable_by_another_user_and_denials_name_the_
 
         def as_nobody(*args: str) -> subprocess.CompletedProcess:
             return subprocess.run(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", lookalike_exe(),
-                                   *args], capture_output=True, text=True, timeout=120, cwd="/tmp")
+                                   *args], capture_output=True, text=True, timeout=120, cwd="/tmp", check=False)
 
         listed = as_nobody("versions", "list", "--workdir", str(store.root))
         assert listed.returncode == 0 and listed.stdout.startswith("* i-1"), listed.stderr[-2000:]
@@ -300,6 +300,6 @@ def test_lock_conflict_has_its_own_exit_code_and_json_line(tmp_path):
         assert out.returncode == 75, out.stderr[-2000:]
         report = json.loads(out.stdout)
         assert report["outcome"] == "locked" and report["exit_code"] == 75 and "another run holds" in report["reason"]
-        assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d WARNING lookalike: reindex skipped", out.stderr, re.M), out.stderr
+        assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d WARNING lookalike: reindex skipped", out.stderr, re.MULTILINE), out.stderr
         out = run_cli("versions", "rollback", "--workdir", str(tmp_path), timeout=120)
         assert out.returncode == 75 and "another run holds" in out.stderr, out.stderr[-2000:]

@@ -57,10 +57,10 @@ def test_concurrent_processes_never_both_hold_the_lock(tmp_path, stale_lock):
 
 
 def test_a_sigkilled_holder_is_taken_over_and_a_live_one_is_refused(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\n"
-                               "from lookalike.pipeline.lock import StoreLock\n"
-                               "StoreLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)",
-                               str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    code = ("import sys, time\n"
+            "from lookalike.pipeline.lock import StoreLock\n"
+            "StoreLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(LockHeldError, match=rf"another run holds .*pid {holder.pid}"):
