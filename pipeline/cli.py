@@ -20,84 +20,13 @@ import os
 import sys
 from collections.abc import Sequence
 
+from lookalike.pipeline.cli_options import (  # noqa: F401 (DEFAULT_WORKDIR, _float_in: re-exported)
+    DEFAULT_PORT, DEFAULT_WORKDIR, POSITIVE, _add_train_config, _add_workdir, _DefaultsHelpFormatter, _float_in,
+    _int_at_least, _print_json, _train_config,
+)
+from lookalike.pipeline.cli_store import add_store_commands
 
 log = logging.getLogger("lookalike")
-
-DEFAULT_WORKDIR = os.environ.get("LOOKALIKE_WORKDIR", "./lookalike-data")
-DEFAULT_PORT = 8765
-
-
-def _int_at_least(low: int):
-    """An argparse type: an integer >= ``low`` (argparse names the option in its error)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-
-    return parse
-
-
-def _float_in(low: float, high: float, *, low_open: bool = False):
-    """An argparse type: a number in [low, high] (or (low, high] with ``low_open``)."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if not (low < value if low_open else low <= value) or not value <= high:
-            raise argparse.ArgumentTypeError(f"must be in {'(' if low_open else '['}{low:g}, {high:g}], got {value:g}")
-        return value
-
-    return parse
-
-
-POSITIVE = _int_at_least(1)
-
-
-class _DefaultsHelpFormatter(argparse.HelpFormatter):
-    """Every option's help ends with its default, unless the text already gives it."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        text = action.help or ""
-        if (not action.option_strings or "default" in text or action.default in (None, False, argparse.SUPPRESS)
-                or "%(default)" in text):
-            return text
-        return f"{text} (default %(default)s)"
-
-
-def _add_workdir(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--workdir", default=DEFAULT_WORKDIR,
-        help="artifact store: corpus/, models/, embeddings/, indexes/, CURRENT "
-        "(default: $LOOKALIKE_WORKDIR or ./lookalike-data)",
-    )
-
-
-def _add_train_config(p: argparse.ArgumentParser, default: str | None = "digits",
-                      config_help: str = "training preset (default: digits)") -> None:
-    from lookalike.model.config import preset_names
-
-    p.add_argument("--config", default=default, choices=preset_names(), help=config_help)
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config field, e.g. --set num_steps=200 --set conv_widths=16,32 (repeatable)")
-
-
-def _train_config(args: argparse.Namespace):
-    from lookalike.model.config import apply_overrides, get_config
-
-    unlabelled = ["unlabelled=true"] if getattr(args, "unlabelled", False) else []
-    return apply_overrides(get_config(args.config), [*args.overrides, *unlabelled])
-
-
-def _print_json(obj) -> None:
-    from lookalike.model.metrics import json_ready
-
-    print(json.dumps(json_ready(obj), indent=2, default=str, allow_nan=False))
-
 
 def cmd_train(args: argparse.Namespace) -> int:
     from lookalike.model.train import train_and_evaluate
@@ -152,61 +81,6 @@ def cmd_query(args: argparse.Namespace) -> int:
             raise ValueError(f"--vector expects comma-separated numbers, got {args.vector[:80]!r}") from None
         response = client.search_vector(vector, k=args.k, **filters)
     print(json.dumps(response, indent=2) if args.json else format_results(response))
-    return 0
-
-
-REPORT_KEYS = ("outcome", "reason", "exit_code", "previous_index", "new_index", "current_model", "candidate_model",
-               "chosen_model", "candidate_error")
-
-
-def cmd_reindex(args: argparse.Namespace) -> int:
-    from lookalike.pipeline.lock import LockHeldError
-    from lookalike.pipeline.reindex import EXIT_LOCKED, ReindexConfig, report_dict, run_reindex
-
-    config = ReindexConfig(
-        workdir=args.workdir, train=_train_config(args) if args.config else None, train_overrides=args.overrides,
-        corpus=args.corpus, min_improvement=args.min_improvement,
-        force=args.force, target_recall=args.target_recall, min_canary_overlap=args.min_canary_overlap,
-        min_canary_self=args.min_canary_self, min_items_ratio=args.min_items_ratio,
-        keep_versions=args.keep, num_workers=args.num_workers,
-    )
-    try:
-        report = run_reindex(config)
-    except LockHeldError as e:  # not a failure of this run: another one is at work
-        log.warning("reindex skipped: %s", e)
-        locked = {"outcome": "locked", "reason": str(e), "exit_code": EXIT_LOCKED}
-        _print_json({key: locked.get(key) for key in REPORT_KEYS})
-        return EXIT_LOCKED
-    data = report_dict(report)
-    _print_json({k: data[k] for k in REPORT_KEYS})
-    if report.outcome == "failed":
-        print(f"lookalike reindex: failed, nothing promoted: {report.reason}", file=sys.stderr)
-    return report.exit_code
-
-
-def cmd_versions(args: argparse.Namespace) -> int:
-    from lookalike.model.store import Store
-    from lookalike.pipeline import versions
-
-    if args.version and args.action != "promote":
-        raise ValueError(f"versions {args.action} takes no VERSION (got {args.version!r})")
-    store = Store.at(args.workdir)
-    if args.action == "list":
-        rows = versions.list_versions(store)
-        if args.json:
-            _print_json(rows)
-        for r in rows if not args.json else []:
-            mark = "*" if r.get("current") else " "
-            never = "" if r.get("served") or r.get("current") else "never served"
-            print(f"{mark} {r['version']}  model {r.get('model_version')}  {r.get('count')} items  "
-                  f"recall@10 {r.get('recall_at_10')}  {r.get('created')}  {never}  {r.get('error', '')}".rstrip())
-        return 0
-    if args.action == "promote":
-        if not args.version:
-            raise ValueError("versions promote needs a VERSION (see `lookalike versions list`)")
-        _print_json(versions.promote(store, args.version, reason="manual promote"))
-    else:
-        _print_json(versions.rollback(store))
     return 0
 
 
@@ -366,49 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the raw JSON response")
     p.set_defaults(func=cmd_query)
 
-    p = sub.add_parser("reindex", help="retrain, evaluate, re-embed, validate and promote (the cron job)",
-                       description="Trains a candidate (warm start from the served model), keeps it only if it beats "
-                       "the served model on the frozen evaluation set, embeds the corpus incrementally, builds and "
-                       "autotunes a new index, validates it (recall, item count, canaries, compatibility) and "
-                       "promotes it atomically; a running server hot-swaps to it. A rejected or failing candidate "
-                       "model still lets the corpus update embedded with the served model be promoted. Exit codes: "
-                       "0 promoted (new model), 4 corpus updated with the served model, 3 kept current (nothing "
-                       "new), 1 failed (nothing promoted), 75 another run holds the store lock (nothing done). "
-                       "Example crontab line: "
-                       "0 3 * * * lookalike reindex --workdir /srv/lookalike")
-    _add_workdir(p)
-    _add_train_config(p, default=None, config_help="training preset (default: the served model's own config, "
-                      "from its model.json, so the candidate warm-starts; digits when nothing is served yet); "
-                      "--set overrides apply either way")
-    p.add_argument("--corpus", default=None, help="labelled image folder (default WORKDIR/corpus)")
-    p.add_argument("--min-improvement", type=float, default=0.0,
-                   help="the candidate's MAP@R must beat the served model's by more than this (default 0)")
-    p.add_argument("--force", action="store_true", help="use the candidate even if it is not better")
-    p.add_argument("--target-recall", type=_float_in(0.0, 1.0, low_open=True), default=0.95, help="ANN recall@10 the new index must reach")
-    p.add_argument("--min-canary-overlap", type=_float_in(0.0, 1.0), default=0.2,
-                   help="same model as served: least mean overlap@10 of canary queries between served and new "
-                   "index (0-1)")
-    p.add_argument("--min-canary-self", type=_float_in(0.0, 1.0), default=0.9,
-                   help="new model: least share of canary queries the new index returns first for their own "
-                   "embedding (0-1)")
-    p.add_argument("--min-items-ratio", type=_float_in(0.0, 1.0), default=0.5,
-                   help="refuse a new index holding fewer than this share of the served index's items (0-1; "
-                   "0 accepts any shrink)")
-    p.add_argument("--num-workers", type=POSITIVE, default=1, help="Beam worker processes for the embed step")
-    p.add_argument("--keep", type=POSITIVE, default=5, help="index versions to keep (default 5)")
-    p.set_defaults(func=cmd_reindex)
-
-    p = sub.add_parser("versions", help="list, promote or roll back index versions",
-                       description="lookalike versions list | promote VERSION | rollback. Promote and rollback run "
-                       "the same checks as reindex (index loads, model matches, smoke query) and switch CURRENT "
-                       "atomically; a running server hot-swaps.")
-    _add_workdir(p)
-    p.add_argument("action", choices=["list", "promote", "rollback"],
-                   help="list: every index version (* = CURRENT); promote VERSION: check it and make it CURRENT; "
-                   "rollback: make the version served before CURRENT current again")
-    p.add_argument("version", nargs="?", help="the index version to promote")
-    p.add_argument("--json", action="store_true", help="list as JSON")
-    p.set_defaults(func=cmd_versions)
+    add_store_commands(sub)
 
     p = sub.add_parser("eval", help="evaluate a model, or how much the approximate index loses against exact search",
                        description="--index (default): for every item of an index version (its own item excluded) "

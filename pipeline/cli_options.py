@@ -1,0 +1,83 @@
+"""Shared pieces of the ``lookalike`` command line: argparse value types, the options
+several commands take (--workdir, --config/--set) and JSON output."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+DEFAULT_WORKDIR = os.environ.get("LOOKALIKE_WORKDIR", "./lookalike-data")
+DEFAULT_PORT = 8765
+
+
+def _int_at_least(low: int):
+    """An argparse type: an integer >= ``low`` (argparse names the option in its error)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _float_in(low: float, high: float, *, low_open: bool = False):
+    """An argparse type: a number in [low, high] (or (low, high] with ``low_open``)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (low < value if low_open else low <= value) or not value <= high:
+            raise argparse.ArgumentTypeError(f"must be in {'(' if low_open else '['}{low:g}, {high:g}], got {value:g}")
+        return value
+
+    return parse
+
+
+POSITIVE = _int_at_least(1)
+
+
+class _DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the text already gives it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or "default" in text or action.default in (None, False, argparse.SUPPRESS)
+                or "%(default)" in text):
+            return text
+        return f"{text} (default %(default)s)"
+
+
+def _add_workdir(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--workdir", default=DEFAULT_WORKDIR,
+        help="artifact store: corpus/, models/, embeddings/, indexes/, CURRENT "
+        "(default: $LOOKALIKE_WORKDIR or ./lookalike-data)",
+    )
+
+
+def _add_train_config(p: argparse.ArgumentParser, default: str | None = "digits",
+                      config_help: str = "training preset (default: digits)") -> None:
+    from lookalike.model.config import preset_names
+
+    p.add_argument("--config", default=default, choices=preset_names(), help=config_help)
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set num_steps=200 --set conv_widths=16,32 (repeatable)")
+
+
+def _train_config(args: argparse.Namespace):
+    from lookalike.model.config import apply_overrides, get_config
+
+    unlabelled = ["unlabelled=true"] if getattr(args, "unlabelled", False) else []
+    return apply_overrides(get_config(args.config), [*args.overrides, *unlabelled])
+
+
+def _print_json(obj) -> None:
+    from lookalike.model.metrics import json_ready
+
+    print(json.dumps(json_ready(obj), indent=2, default=str, allow_nan=False))
