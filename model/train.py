@@ -329,13 +329,15 @@ def _failpoint(name: str) -> None:
     failpoint(name)
 
 
-def run_id(config: TrainConfig, source: str | Path, init_from: Path | None) -> str:
+def run_id(config: TrainConfig, source: str | Path, init_from: Path | None, exclude: Collection[str] = ()) -> str:
     """A stable name for one training job: the same job rerun after a kill finds its checkpoints.
 
-    ``source``: a folder, or a string naming any other source (e.g. a TFDS split)."""
+    ``source``: a folder, or a string naming any other source (e.g. a TFDS split);
+    ``exclude``: the files held out of it (another held-out set is another job)."""
     where = source if isinstance(source, str) else str(Path(source).absolute())
     key = json.dumps({"config": config_to_dict(config), "source": where,
-                      "init_from": str(init_from) if init_from else None}, sort_keys=True)
+                      "init_from": str(init_from) if init_from else None,
+                      **({"exclude": sorted(exclude)} if exclude else {})}, sort_keys=True)
     return "run-" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
@@ -361,7 +363,7 @@ def train_and_evaluate(
     config, data = loaded.config, loaded.data
     spec = PreprocessSpec(image_size=config.image_size, channels=config.channels)
     init_path = Path(init_from) if init_from else None
-    run_dir = store.models_dir / ".runs" / run_id(config, loaded.source, init_path)
+    run_dir = store.models_dir / ".runs" / run_id(config, loaded.source, init_path, exclude)
     try:
         with exclusive_run(run_dir):
             try:

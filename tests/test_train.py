@@ -149,3 +149,12 @@ def test_a_validation_split_of_one_class_reports_no_metrics_and_no_threshold(tin
         _, metrics, threshold = train_on_arrays(config, LabelledImages(x, y, ["cat", "dog"], [], []), tmp_path)
     assert threshold is None and "map_at_r" not in metrics and "precision_at_1" not in metrics
     assert "validation holds 40 image(s) of 1 class(es)" in caplog.text
+
+
+def test_a_job_with_other_held_out_files_is_another_run(tiny_config, tmp_path):
+    from lookalike.model.train import run_id
+
+    same = run_id(tiny_config, tmp_path, None)
+    assert run_id(tiny_config, tmp_path, None, ()) == same  # no exclusion: the name runs had before
+    held_out = run_id(tiny_config, tmp_path, None, ["a/1.png", "b/2.png"])
+    assert held_out != same and held_out == run_id(tiny_config, tmp_path, None, ["b/2.png", "a/1.png"])
