@@ -57,7 +57,7 @@ def list_images(root: Path) -> list[Path]:
                   if Path(name).suffix.lower() in IMAGE_SUFFIXES and os.path.isfile(os.path.join(folder, name)))
 
 
-def load_labelled_folder(root: str | Path, spec: PreprocessSpec, max_items: int | None = None,
+def load_labelled_folder(root: str | Path, spec: PreprocessSpec, *, max_items: int | None = None,
                          seed: int = 0, exclude: Collection[str] = ()) -> LabelledImages:
     """Read ``root/<label>/*`` into arrays; raise ValueError if nothing trainable is there.
     Files whose ``root``-relative path is in ``exclude`` (e.g. held-out evaluation images)

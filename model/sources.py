@@ -107,7 +107,7 @@ def load_training_data(
     if config.unlabelled:
         data = load_unlabelled_folder(folder, spec, config.video_window_s, config.video_frame_interval_s, exclude)
     else:
-        data = load_labelled_folder(folder, spec, exclude)
+        data = load_labelled_folder(folder, spec, exclude=exclude)
     if data.failures:
         log.warning("%d unreadable file(s) skipped in %s", len(data.failures), folder)
     return TrainingData(data, config, str(folder.absolute()))
