@@ -42,16 +42,18 @@ class TrainingData:
 def load_tfds_images(tfds_spec: "TfdsSpec", spec: PreprocessSpec) -> tuple[LabelledImages, bool]:
     """Every example of a prepared TFDS split -> (images [N, H, W, C] with labels [N], labelled).
 
-    ``labelled`` is False when the data set has no ``label`` feature; the labels are then
-    one instance per example. Raises TfdsNotAvailableError (naming the data_dir) when the
-    data set is not prepared there; examples whose image cannot be converted (``png_bytes``:
+    ``labelled`` is False when the data set has no ``label`` feature usable as classes
+    (``tfds_source.label_feature``: a ClassLabel, or an integer scalar whose distinct values
+    become the classes, named by value); the labels are then one instance per example.
+    Raises TfdsNotAvailableError (naming the data_dir) when the data set is not prepared
+    there; examples whose image cannot be converted (``png_bytes``:
     e.g. float values outside [0, 1]) or does not decode are skipped with a warning naming them."""
-    from lookalike.pipeline.tfds_source import image_feature_name, iterate_examples, load_builder, png_bytes
+    from lookalike.pipeline.tfds_source import image_feature_name, iterate_examples, label_feature, load_builder, png_bytes
 
     builder = load_builder(tfds_spec)
     key = image_feature_name(builder)
-    features = builder.info.features
-    labelled = "label" in features.keys()
+    label = label_feature(builder)  # the classes embed puts first in item ids
+    labelled = label is not None
     total = builder.info.splits[tfds_spec.split].num_examples
     images, labels, paths, failures = [], [], [], []
     for index, example in iterate_examples(builder, tfds_spec.split, 0, total):
@@ -68,8 +70,15 @@ def load_tfds_images(tfds_spec: "TfdsSpec", spec: PreprocessSpec) -> tuple[Label
         what = "classes" if labelled else "examples"
         raise ValueError(f"TFDS data set {tfds_spec.root} in {tfds_spec.data_dir}: {len(labels)} usable example(s), "
                          f"{len(set(labels))} distinct {what} ({len(failures)} unreadable); need at least 2 {what}")
-    label_names = getattr(features["label"], "names", None) if labelled else paths
-    names = list(label_names) if label_names else [str(i) for i in range(max(labels) + 1)]
+    if not labelled:
+        names = paths
+    elif label.names is not None:
+        names = list(label.names)
+    else:  # an integer label: its distinct values, in order, named as embed names them
+        values = sorted(set(labels))
+        position = {v: i for i, v in enumerate(values)}
+        labels = [position[v] for v in labels]
+        names = [label.name(v) for v in values]
     log.info("TFDS %s: %d examples, %s", tfds_spec.root, len(labels),
              f"{len(set(labels))} classes" if labelled else "no label feature")
     data = LabelledImages(images=np.stack(images).astype(np.float32), labels=np.asarray(labels, np.int32),

@@ -5,7 +5,8 @@ downloads); otherwise a clear error names the data set and the folder searched. 
 example's image is encoded losslessly (PNG) so it gets a content hash and flows through
 the same decode, embed and write stages as a file; float images (values in [0, 1]) become
 8-bit, and an example whose image cannot be converted is dead-lettered. Item ids put the class label first
-when the data set has one (``<label>/<name>-<split>-<index>.png``), like a folder corpus.
+when the data set has one (``<label>/<name>-<split>-<index>.png``), like a folder corpus: a ClassLabel's
+name, or an integer label's value (``LabelFeature``, the classes ``lookalike train --tfds`` uses).
 """
 
 from __future__ import annotations
@@ -92,6 +93,38 @@ def image_feature_name(builder) -> str:
     return "image" if "image" in names else names[0]
 
 
+@dataclass(frozen=True)
+class LabelFeature:
+    """A data set's ``label`` feature as classes, named alike by ``train`` and ``embed``: a
+    ClassLabel by its names, an integer scalar (``tf.int64`` Tensor) by its decimal value."""
+
+    names: tuple[str, ...] | None  # a ClassLabel's names; None: an integer label, named by its value
+
+    def name(self, value: Any) -> str:
+        """The class name of a label value: the first part of an embedded item's id, a training class."""
+        return self.names[int(value)] if self.names is not None else str(int(value))
+
+
+def label_feature(builder) -> LabelFeature | None:
+    """The data set's ``label`` feature as classes, or None when it has none; a label feature
+    that is neither a ClassLabel nor an integer scalar (a string, a float, a vector) is not
+    used as classes, with a warning naming it."""
+    import tensorflow_datasets as tfds
+
+    features = builder.info.features
+    if "label" not in features.keys():
+        return None
+    label = features["label"]
+    if isinstance(label, tfds.features.ClassLabel):
+        return LabelFeature(tuple(label.names))
+    dtype = np.dtype(getattr(label, "np_dtype", None) or np.void)
+    if isinstance(label, tfds.features.Tensor) and tuple(label.shape) == () and dtype.kind in "iu":
+        return LabelFeature(None)
+    log.warning("TFDS data set %r: its 'label' feature (%s) is neither a ClassLabel nor an integer scalar; "
+                "it is not used as classes", builder.name, label)
+    return None
+
+
 def iterate_examples(builder, split: str, start: int, stop: int):
     """(index, example dict of numpy values) for examples [start, stop) of ``split``."""
     import tensorflow_datasets as tfds
@@ -155,14 +188,12 @@ class ReadTfdsRangeFn(beam.DoFn):
     def setup(self) -> None:
         self._builder = load_builder(self._spec)
         self._image_key = image_feature_name(self._builder)
-        features = self._builder.info.features
-        label = features["label"] if "label" in features.keys() else None
-        self._label_names = getattr(label, "names", None)
+        self._label = label_feature(self._builder)
 
     def item_uri(self, index: int, example: dict[str, Any]) -> str:
         base = f"{self._spec.name}-{self._spec.split}-{index:06d}.png"
-        if self._label_names is not None and "label" in example:
-            return f"{self._spec.root}/{self._label_names[int(example['label'])]}/{base}"
+        if self._label is not None and "label" in example:
+            return f"{self._spec.root}/{self._label.name(example['label'])}/{base}"
         return f"{self._spec.root}/{base}"
 
     def process(self, bounds: tuple[int, int]):

@@ -114,14 +114,16 @@ def _make_audio_only(path: Path) -> Path:
 
 
 @functools.cache
-def tiny_tfds_builders() -> tuple[type, type]:
-    """Three TFDS builders prepared offline in tests (defined once: TFDS registers them by name).
+def tiny_tfds_builders() -> tuple[type, ...]:
+    """Four TFDS builders prepared offline in tests (defined once: TFDS registers them by name).
 
     ``lookalike_tiny_shapes``: 30 16x16 grayscale images of 3 classes (light, mid and dark
     squares with noise) with a ``label`` feature. ``lookalike_tiny_patterns``: 12 16x16
     grayscale images (stripes of varying period and phase) and no label. ``lookalike_tiny_floats``:
     12 16x16 float32 grayscale images in [0, 1] (light and dark) with a ``label``, except
-    example 5 (a value of 3.0) and example 8 (all NaN), which cannot be converted."""
+    example 5 (a value of 3.0) and example 8 (all NaN), which cannot be converted.
+    ``lookalike_tiny_counts``: a ``train`` split of 12 and a ``test`` split of 6 distinct 16x16
+    grayscale images whose ``label`` is a plain int64 (no ClassLabel): 3 for light, 7 for dark."""
     import numpy as np
     import tensorflow_datasets as tfds
 
@@ -183,7 +185,26 @@ def tiny_tfds_builders() -> tuple[type, type]:
                     image[:] = np.nan
                 yield i, {"image": image, "label": i % 2}
 
-    return LookalikeTinyShapes, LookalikeTinyPatterns, LookalikeTinyFloats
+    class LookalikeTinyCounts(tfds.core.GeneratorBasedBuilder):
+        VERSION = tfds.core.Version("1.0.0")
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+                "image": tfds.features.Image(shape=(16, 16, 1)),
+                "label": np.int64,  # a plain integer Tensor feature, not a ClassLabel
+            }))
+
+        def _split_generators(self, dl_manager):
+            return {"train": self._generate_examples(12, seed=0), "test": self._generate_examples(6, seed=1)}
+
+        def _generate_examples(self, n, seed):
+            rng = np.random.default_rng(seed)
+            for i in range(n):
+                dark = i % 2
+                image = np.clip(210 - 150 * dark + rng.integers(-25, 25, (16, 16, 1)), 0, 255).astype(np.uint8)
+                yield i, {"image": image, "label": 7 if dark else 3}
+
+    return LookalikeTinyShapes, LookalikeTinyPatterns, LookalikeTinyFloats, LookalikeTinyCounts
 
 
 @pytest.fixture(scope="session")

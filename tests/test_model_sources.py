@@ -23,6 +23,14 @@ def test_tfds_examples_come_with_their_class_labels(tfds_dir):
     assert data.paths[0] == "tfds://lookalike_tiny_shapes/train/000000"
 
 
+def test_an_integer_tfds_label_gives_classes_named_by_value(tfds_dir):
+    tfds_spec = TfdsSpec.parse("lookalike_tiny_counts", str(tfds_dir))
+    data, labelled = load_tfds_images(tfds_spec, PreprocessSpec(image_size=8, channels=1))
+    assert labelled and data.images.shape == (12, 8, 8, 1)
+    assert data.class_names == ["3", "7"] and sorted(np.unique(data.labels)) == [0, 1]  # conftest: labels 3 and 7
+    assert data.images[data.labels == 0].mean() > data.images[data.labels == 1].mean() + 0.3  # 3 is light, 7 dark
+
+
 def test_float_tfds_images_are_converted_and_bad_ones_skipped_by_name(tfds_dir, caplog):
     import logging
 

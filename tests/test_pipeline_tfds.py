@@ -77,3 +77,23 @@ def test_missing_or_unprepared_data_sets_name_the_data_dir(tmp_path):
 def test_unknown_split_lists_the_splits(tfds_dir):
     with pytest.raises(TfdsNotAvailableError, match="'train'"):
         load_builder(TfdsSpec.parse("lookalike_tiny_shapes:validation", str(tfds_dir)))
+
+
+def test_an_integer_label_comes_first_in_ids_as_train_names_its_classes(tmp_path, trained_store, tfds_dir):
+    import shutil
+    from collections import Counter
+
+    from lookalike.index.evaluate import evaluate_index
+    from lookalike.model.preprocess import PreprocessSpec
+    from lookalike.model.sources import load_tfds_images
+
+    workdir = tmp_path / "w"
+    shutil.copytree(trained_store.root / "models", workdir / "models")
+    summary = run_embed(EmbedConfig(workdir=str(workdir), tfds="lookalike_tiny_counts", tfds_data_dir=str(tfds_dir)))
+    index = ItemIndex.load(workdir / "indexes" / summary.index_version)
+    assert sorted(item["id"] for item in index.items)[:2] == ["3/lookalike_tiny_counts-train-000000.png",
+                                                              "3/lookalike_tiny_counts-train-000002.png"]
+    assert Counter(item["id"].split("/")[0] for item in index.items) == {"3": 6, "7": 6}  # conftest: a plain int64 label
+    data, labelled = load_tfds_images(TfdsSpec.parse("lookalike_tiny_counts", str(tfds_dir)), PreprocessSpec(8, 1))
+    assert labelled and data.class_names == ["3", "7"]  # train's classes are the ids' first parts
+    assert "exact" in evaluate_index(index, k=3)  # `lookalike eval --index` has labels
