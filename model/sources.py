@@ -40,7 +40,8 @@ class TrainingData:
 
 
 def load_tfds_images(tfds_spec: "TfdsSpec", spec: PreprocessSpec) -> tuple[LabelledImages, bool]:
-    """Every example of a prepared TFDS split -> (images [N, H, W, C] with labels [N], labelled).
+    """Every example of a prepared TFDS split (or slice: ``tfds_source.split_ranges``) -> (images
+    [N, H, W, C] with labels [N], labelled); ``paths`` are ``tfds://NAME/<base split>/<index>``.
 
     ``labelled`` is False when the data set has no ``label`` feature usable as classes
     (``tfds_source.label_feature``: a ClassLabel, or an integer scalar whose distinct values
@@ -48,16 +49,18 @@ def load_tfds_images(tfds_spec: "TfdsSpec", spec: PreprocessSpec) -> tuple[Label
     Raises TfdsNotAvailableError (naming the data_dir) when the data set is not prepared
     there; examples whose image cannot be converted (``png_bytes``:
     e.g. float values outside [0, 1]) or does not decode are skipped with a warning naming them."""
-    from lookalike.pipeline.tfds_source import image_feature_name, iterate_examples, label_feature, load_builder, png_bytes
+    from lookalike.pipeline.tfds_source import (URI_SCHEME, image_feature_name, iterate_examples, label_feature,
+                                                load_builder, png_bytes, split_ranges)
 
     builder = load_builder(tfds_spec)
     key = image_feature_name(builder)
     label = label_feature(builder)  # the classes embed puts first in item ids
     labelled = label is not None
-    total = builder.info.splits[tfds_spec.split].num_examples
     images, labels, paths, failures = [], [], [], []
-    for index, example in iterate_examples(builder, tfds_spec.split, 0, total):
-        uri = f"{tfds_spec.root}/{index:06d}"
+    examples = ((split, index, example) for split, start, stop in split_ranges(builder, tfds_spec)
+                for index, example in iterate_examples(builder, split, start, stop))
+    for split, index, example in examples:
+        uri = f"{URI_SCHEME}{tfds_spec.name}/{split}/{index:06d}"  # the base split's index: the same in any slice
         try:
             images.append(decode_image(png_bytes(example[key]), spec))
         except (TypeError, ValueError, OSError) as e:  # cannot be converted (png_bytes), or ImageDecodeError
@@ -68,7 +71,7 @@ def load_tfds_images(tfds_spec: "TfdsSpec", spec: PreprocessSpec) -> tuple[Label
         paths.append(uri)
     if len(set(labels)) < 2:
         what = "classes" if labelled else "examples"
-        raise ValueError(f"TFDS data set {tfds_spec.root} in {tfds_spec.data_dir}: {len(labels)} usable example(s), "
+        raise ValueError(f"TFDS data set {tfds_spec.source} in {tfds_spec.data_dir}: {len(labels)} usable example(s), "
                          f"{len(set(labels))} distinct {what} ({len(failures)} unreadable); need at least 2 {what}")
     if not labelled:
         names = paths
@@ -79,7 +82,7 @@ def load_tfds_images(tfds_spec: "TfdsSpec", spec: PreprocessSpec) -> tuple[Label
         position = {v: i for i, v in enumerate(values)}
         labels = [position[v] for v in labels]
         names = [label.name(v) for v in values]
-    log.info("TFDS %s: %d examples, %s", tfds_spec.root, len(labels),
+    log.info("TFDS %s: %d examples, %s", tfds_spec.source, len(labels),
              f"{len(set(labels))} classes" if labelled else "no label feature")
     data = LabelledImages(images=np.stack(images).astype(np.float32), labels=np.asarray(labels, np.int32),
                           class_names=names, paths=paths, failures=failures)
@@ -111,7 +114,7 @@ def load_training_data(
             config = dataclasses.replace(config, unlabelled=True)
         elif labelled and config.unlabelled:
             data = as_instances(data)
-        return TrainingData(data, config, f"{tfds_spec.root}@{tfds_spec.data_dir}")
+        return TrainingData(data, config, f"{tfds_spec.source}@{tfds_spec.data_dir}")
     folder = Path(folder)
     if config.unlabelled:
         data = load_unlabelled_folder(folder, spec, config.video_window_s, config.video_frame_interval_s, exclude)

@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "any folder of images and videos")
     source.add_argument("--tfds", default=None, metavar="NAME[:SPLIT]",
                         help="train on a TFDS data set already prepared in --tfds-data-dir (never downloaded; split "
-                        "default train); one without a 'label' feature trains as --unlabelled")
+                        "default train, TFDS split syntax: train[:80%%], train+test); one without a 'label' feature "
+                        "trains as --unlabelled")
     p.add_argument("--tfds-data-dir", default=None, help="TFDS data_dir (default ~/tensorflow_datasets)")
     p.add_argument("--unlabelled", action="store_true",
                    help="ignore labels (same as --set unlabelled=true): each image is its own class and each "
@@ -181,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", default=None, help="image folder or glob (default WORKDIR/corpus)")
     p.add_argument("--list-file", default=None, help="a text file listing image/video paths or file:// URLs, one per line, relative ones from its folder (instead of --corpus)")
     p.add_argument("--tfds", default=None, metavar="NAME[:SPLIT]",
-                   help="embed a TFDS data set already prepared in --tfds-data-dir (never downloaded)")
+                   help="embed a TFDS data set already prepared in --tfds-data-dir (never downloaded; split default "
+                   "train, TFDS split syntax: train[:100], train[10%%:20%%], train+test)")
     p.add_argument("--tfds-data-dir", default=None, help="TFDS data_dir (default ~/tensorflow_datasets)")
     p.add_argument("--model", default=None, help="model version (default models/LATEST)")
     p.add_argument("--run-name", default=None, help="name of the embeddings run (default e-<UTC time>)")

@@ -202,8 +202,7 @@ def _list_and_run(run: EmbedRun, started: float) -> EmbedSummary:
     if in_process and not config.incremental:
         preload_encoder(run.model_dir, config.max_batch_size)
     if config.tfds:
-        ranges = run.tfds_ranges or []
-        run.total = ranges[-1][1] if ranges else 0
+        run.total = sum(stop - start for _, start, stop in run.tfds_ranges or [])
     elif config.list_file:
         run.total = len(read_list_file(config.list_file))
     else:

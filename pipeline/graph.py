@@ -107,7 +107,7 @@ class EmbedRun:
     plan: ReusePlan | None = None  # --incremental on a matched corpus: files split before Beam
     listing_file: str | None = None  # the files to read (listed before the run), chunked by size
     chunks: list[tuple[int, int]] | None = None  # [start, stop) rows of listing_file, one element each
-    tfds_ranges: list[tuple[int, int]] | None = None  # a TFDS source's [start, stop) example ranges, one element each
+    tfds_ranges: list[tuple[str, int, int]] | None = None  # a TFDS source's (split, start, stop) example ranges, one element each
 
     @property
     def files_to_read(self) -> int:

@@ -1,11 +1,15 @@
 """A TFDS data set as a corpus: ``lookalike embed --tfds NAME[:SPLIT] --tfds-data-dir DIR``.
 
+SPLIT takes TFDS's split syntax (``train``, ``train[:100]``, ``train[10%:20%]``,
+``train+test``; ``split_ranges``). An example is named by its base split and its index in
+it, whatever slice selects it, so its item id is the same in every run that includes it.
+
 Works offline when the data set is already prepared in ``data_dir`` (lookalike never
 downloads); otherwise a clear error names the data set and the folder searched. Each
 example's image is encoded losslessly (PNG) so it gets a content hash and flows through
 the same decode, embed and write stages as a file; float images (values in [0, 1]) become
 8-bit, and an example whose image cannot be converted is dead-lettered. Item ids put the class label first
-when the data set has one (``<label>/<name>-<split>-<index>.png``), like a folder corpus: a ClassLabel's
+when the data set has one (``<label>/<name>-<split>-<index>.png``, ``split`` the base split), like a folder corpus: a ClassLabel's
 name, or an integer label's value (``LabelFeature``, the classes ``lookalike train --tfds`` uses).
 """
 
@@ -49,7 +53,14 @@ class TfdsSpec:
 
     @property
     def root(self) -> str:
-        """The prefix item ids are made relative to."""
+        """The prefix item ids are made relative to: the data set, not the split or slice, so
+        an example's id does not depend on the slice that selects it (its uri is
+        ``<root>/[<label>/]<name>-<base split>-<index>.png``)."""
+        return f"{URI_SCHEME}{self.name}"
+
+    @property
+    def source(self) -> str:
+        """The data set and split as asked for (``tfds://NAME/SPLIT``, slices included): names a training run."""
         return f"{URI_SCHEME}{self.name}/{self.split}"
 
 
@@ -72,16 +83,68 @@ def load_builder(spec: TfdsSpec):
             f"lookalike never downloads: run `tfds build {spec.name} --data_dir {spec.data_dir}` where there is "
             "network access and copy the folder here"
         )
-    if spec.split not in builder.info.splits:
-        raise TfdsNotAvailableError(
-            f"TFDS data set {spec.name!r} has no split {spec.split!r}; it has {sorted(builder.info.splits)}"
-        )
+    split_ranges(builder, spec)  # the split exists and its slices fit: checked before anything runs
     return builder
 
 
-def example_ranges(spec: TfdsSpec) -> list[tuple[int, int]]:
-    total = load_builder(spec).info.splits[spec.split].num_examples
-    return [(start, min(start + RANGE_SIZE, total)) for start in range(0, total, RANGE_SIZE)]
+def _split_names(instruction) -> list[str]:
+    """The base split names of a (possibly composite: ``a+b``) ``tfds.core.ReadInstruction``."""
+    if hasattr(instruction, "left") and hasattr(instruction, "right"):
+        return _split_names(instruction.left) + _split_names(instruction.right)
+    return [instruction.split_name]
+
+
+def split_ranges(builder, spec: TfdsSpec) -> list[tuple[str, int, int]]:
+    """The examples ``spec.split`` selects, as (base split, start, stop) ranges of indices in
+    that split. ``spec.split`` takes TFDS's split syntax (``tfds.core.ReadInstruction``):
+    ``train``, ``train[:100]``, ``train[-10:]``, ``train[10%:20%]``, ``train+test``.
+    Overlapping or adjacent ranges of one split are merged, so each example is read once
+    and item ids stay unique. Raises TfdsNotAvailableError naming the splits the data set
+    has for an unknown base split, and ValueError naming the input for bad syntax or a
+    slice beyond the split."""
+    import tensorflow_datasets as tfds
+
+    splits = builder.info.splits
+    asked = f"--tfds {spec.name}:{spec.split}"
+    try:
+        instruction = tfds.core.ReadInstruction.from_spec(spec.split)
+    except (ValueError, AssertionError):
+        raise ValueError(
+            f"{asked}: {spec.split!r} is not a TFDS split: expected SPLIT, SPLIT[FROM:TO] (example numbers or "
+            "percentages, e.g. train[:100] or train[10%:20%]) or SPLIT+SPLIT; see "
+            "https://www.tensorflow.org/datasets/splits") from None
+    unknown = [name for name in _split_names(instruction) if name not in splits]
+    if unknown:
+        within = f" (in {spec.split!r})" if unknown[0] != spec.split else ""
+        raise TfdsNotAvailableError(
+            f"TFDS data set {spec.name!r} has no split {unknown[0]!r}{within}; it has {sorted(splits)}")
+    try:
+        absolute = instruction.to_absolute(splits)
+    except ValueError as e:  # e.g. "Requested slice [:50] incompatible with 30 examples."
+        raise ValueError(f"{asked}: {e}") from None
+    spans: dict[str, list[list[int]]] = {}
+    for part in absolute:
+        start = part.from_ or 0
+        stop = splits[part.splitname].num_examples if part.to is None else part.to
+        if stop > start:
+            spans.setdefault(part.splitname, []).append([start, stop])
+    ranges = []
+    for name, parts in spans.items():
+        merged: list[list[int]] = []
+        for start, stop in sorted(parts):
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], stop)
+            else:
+                merged.append([start, stop])
+        ranges += [(name, start, stop) for start, stop in merged]
+    return ranges
+
+
+def example_ranges(spec: TfdsSpec) -> list[tuple[str, int, int]]:
+    """``split_ranges`` cut into (base split, start, stop) ranges of at most RANGE_SIZE examples."""
+    return [(name, start, min(start + RANGE_SIZE, stop))
+            for name, first, stop in split_ranges(load_builder(spec), spec)
+            for start in range(first, stop, RANGE_SIZE)]
 
 
 def image_feature_name(builder) -> str:
@@ -126,7 +189,7 @@ def label_feature(builder) -> LabelFeature | None:
 
 
 def iterate_examples(builder, split: str, start: int, stop: int):
-    """(index, example dict of numpy values) for examples [start, stop) of ``split``."""
+    """(index, example dict of numpy values) for examples [start, stop) of ``split`` (a base split's name)."""
     import tensorflow_datasets as tfds
 
     try:
@@ -178,7 +241,7 @@ def float_to_uint8(arr: np.ndarray) -> np.ndarray:
 
 
 class ReadTfdsRangeFn(beam.DoFn):
-    """(start, stop) -> ("new", (hash, uri, png bytes)) per example, like ReadSourceFn for files;
+    """(base split, start, stop) -> ("new", (hash, uri, png bytes)) per example, like ReadSourceFn for files;
     ("dead", letter) for an example whose image cannot be converted (``png_bytes``)."""
 
     def __init__(self, spec: TfdsSpec):
@@ -190,17 +253,19 @@ class ReadTfdsRangeFn(beam.DoFn):
         self._image_key = image_feature_name(self._builder)
         self._label = label_feature(self._builder)
 
-    def item_uri(self, index: int, example: dict[str, Any]) -> str:
-        base = f"{self._spec.name}-{self._spec.split}-{index:06d}.png"
+    def item_uri(self, split: str, index: int, example: dict[str, Any]) -> str:
+        """``tfds://<name>/[<label>/]<name>-<base split>-<index>.png``: the same whatever slice selects the example."""
+        base = f"{self._spec.name}-{split}-{index:06d}.png"
         if self._label is not None and "label" in example:
             return f"{self._spec.root}/{self._label.name(example['label'])}/{base}"
         return f"{self._spec.root}/{base}"
 
-    def process(self, bounds: tuple[int, int]):
+    def process(self, bounds: tuple[str, int, int]):
         from lookalike.pipeline.sources import DEAD, NEW, dead_letter
 
-        for index, example in iterate_examples(self._builder, self._spec.split, *bounds):
-            uri = self.item_uri(index, example)
+        split, start, stop = bounds
+        for index, example in iterate_examples(self._builder, split, start, stop):
+            uri = self.item_uri(split, index, example)
             try:
                 data = png_bytes(example[self._image_key])
             except ValueError as e:  # listed by the run summary, as a file that does not decode

@@ -31,6 +31,22 @@ def test_an_integer_tfds_label_gives_classes_named_by_value(tfds_dir):
     assert data.images[data.labels == 0].mean() > data.images[data.labels == 1].mean() + 0.3  # 3 is light, 7 dark
 
 
+def test_a_tfds_slice_trains_on_its_examples_named_by_their_base_split(tfds_dir, tiny_config):
+    def load(split: str):
+        tfds_spec = TfdsSpec.parse(f"lookalike_tiny_counts:{split}", str(tfds_dir))
+        return load_tfds_images(tfds_spec, PreprocessSpec(image_size=8, channels=1))[0]
+
+    whole = load("train+test")  # conftest: 12 + 6 examples
+    sliced = load("train[:4]+test[-2:]")
+    assert sliced.paths == [f"tfds://lookalike_tiny_counts/train/{i:06d}" for i in range(4)] + [
+        f"tfds://lookalike_tiny_counts/test/{i:06d}" for i in (4, 5)]
+    rows = [whole.paths.index(path) for path in sliced.paths]  # the same examples, named alike in any slice
+    np.testing.assert_array_equal(sliced.images, whole.images[rows])
+    assert [sliced.class_names[c] for c in sliced.labels] == [whole.class_names[whole.labels[r]] for r in rows]
+    with pytest.raises(TfdsNotAvailableError, match=r"no split 'valid' \(in 'valid\[:4\]'\); it has \['test', 'train'\]"):
+        load_training_data(tiny_config, tfds_dir, tfds="lookalike_tiny_counts:valid[:4]", tfds_data_dir=str(tfds_dir))
+
+
 def test_float_tfds_images_are_converted_and_bad_ones_skipped_by_name(tfds_dir, caplog):
     import logging
 

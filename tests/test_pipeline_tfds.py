@@ -5,7 +5,7 @@ import pytest
 
 from lookalike.index.searcher import ItemIndex
 from lookalike.pipeline.embed import EmbedConfig, run_embed
-from lookalike.pipeline.tfds_source import TfdsNotAvailableError, TfdsSpec, load_builder, png_bytes
+from lookalike.pipeline.tfds_source import TfdsNotAvailableError, TfdsSpec, load_builder, png_bytes, split_ranges
 
 pytest.importorskip("tensorflow_datasets")
 
@@ -42,7 +42,8 @@ def test_float_images_are_embedded_and_unconvertible_ones_dead_lettered(tmp_path
     assert (summary.items, summary.failed) == (10, 2)  # conftest: values of 3.0 in one, NaN in another
     reasons = sorted(row["reason"] for row in summary.dead_letter_examples)
     assert "NaN" in reasons[0] and "must be in [0, 1], found" in reasons[1] and " to 3" in reasons[1]
-    assert all(row["uri"].startswith("tfds://lookalike_tiny_floats/train/") for row in summary.dead_letter_examples)
+    assert all(row["uri"].startswith("tfds://lookalike_tiny_floats/") and "-train-" in row["uri"]
+               for row in summary.dead_letter_examples)
     assert len(ItemIndex.load(workdir / "indexes" / summary.index_version)) == 10
 
 
@@ -77,6 +78,51 @@ def test_missing_or_unprepared_data_sets_name_the_data_dir(tmp_path):
 def test_unknown_split_lists_the_splits(tfds_dir):
     with pytest.raises(TfdsNotAvailableError, match="'train'"):
         load_builder(TfdsSpec.parse("lookalike_tiny_shapes:validation", str(tfds_dir)))
+    with pytest.raises(TfdsNotAvailableError, match=r"no split 'validation' \(in 'train\+validation\[:5\]'\); "
+                                                    r"it has \['test', 'train'\]"):
+        load_builder(TfdsSpec.parse("lookalike_tiny_counts:train+validation[:5]", str(tfds_dir)))
+
+
+def test_tfds_split_syntax_selects_ranges_of_the_base_splits(tfds_dir):
+    def ranges(text: str) -> list[tuple[str, int, int]]:
+        spec = TfdsSpec.parse(text, str(tfds_dir))
+        return split_ranges(load_builder(spec), spec)
+
+    assert ranges("lookalike_tiny_shapes") == [("train", 0, 30)]  # conftest: 30 examples
+    assert ranges("lookalike_tiny_shapes:train[:5]") == [("train", 0, 5)]
+    assert ranges("lookalike_tiny_shapes:train[10%:20%]") == [("train", 3, 6)]
+    assert ranges("lookalike_tiny_shapes:train[-2:]") == [("train", 28, 30)]
+    assert ranges("lookalike_tiny_shapes:train[:5]+train[3:8]+train[20:22]") == [("train", 0, 8), ("train", 20, 22)]
+    assert ranges("lookalike_tiny_counts:train[:2]+test[50%:]") == [("train", 0, 2), ("test", 3, 6)]
+    assert ranges("lookalike_tiny_shapes:train[5:5]") == []
+    with pytest.raises(ValueError, match=r"--tfds lookalike_tiny_shapes:train\[:abc\]: 'train\[:abc\]' is not a TFDS split"):
+        ranges("lookalike_tiny_shapes:train[:abc]")
+    with pytest.raises(ValueError, match=r"--tfds lookalike_tiny_shapes:train\[:50\]: .*incompatible with 30 examples"):
+        ranges("lookalike_tiny_shapes:train[:50]")
+
+
+def test_a_slice_is_embedded_with_the_ids_of_its_whole_split(tmp_path, trained_store, tfds_dir):
+    import shutil
+
+    from lookalike.pipeline.embed import read_embeddings
+
+    workdir = tmp_path / "w"
+    shutil.copytree(trained_store.root / "models", workdir / "models")
+    summary = run_embed(EmbedConfig(workdir=str(workdir), tfds="lookalike_tiny_counts:train[:5]+train[3:6]+test[50%:]",
+                                    tfds_data_dir=str(tfds_dir), publish=False))
+    _, items = read_embeddings(workdir / "embeddings" / summary.run)
+    from lookalike.model.preprocess import PreprocessSpec
+    from lookalike.model.sources import load_tfds_images
+
+    whole, _ = load_tfds_images(TfdsSpec.parse("lookalike_tiny_counts:train+test", str(tfds_dir)), PreprocessSpec(8, 1))
+    label_of = {path.removeprefix("tfds://lookalike_tiny_counts/"): whole.class_names[label]  # e.g. 'train/000003'
+                for path, label in zip(whole.paths, whole.labels)}
+    expected = [f"{label_of[f'{split}/{i:06d}']}/lookalike_tiny_counts-{split}-{i:06d}.png"
+                for split, indices in (("train", range(6)), ("test", range(3, 6))) for i in indices]
+    assert (summary.files_matched, summary.items) == (9, 9)  # train 0-5 once, though two slices overlap
+    assert items.column("id").to_pylist() == sorted(expected)
+    assert all(uri == f"tfds://lookalike_tiny_counts/{i}" for uri, i in zip(items.column("uri").to_pylist(),
+                                                                             items.column("id").to_pylist()))
 
 
 def test_an_integer_label_comes_first_in_ids_as_train_names_its_classes(tmp_path, trained_store, tfds_dir):
@@ -91,9 +137,10 @@ def test_an_integer_label_comes_first_in_ids_as_train_names_its_classes(tmp_path
     shutil.copytree(trained_store.root / "models", workdir / "models")
     summary = run_embed(EmbedConfig(workdir=str(workdir), tfds="lookalike_tiny_counts", tfds_data_dir=str(tfds_dir)))
     index = ItemIndex.load(workdir / "indexes" / summary.index_version)
-    assert sorted(item["id"] for item in index.items)[:2] == ["3/lookalike_tiny_counts-train-000000.png",
-                                                              "3/lookalike_tiny_counts-train-000002.png"]
     assert Counter(item["id"].split("/")[0] for item in index.items) == {"3": 6, "7": 6}  # conftest: a plain int64 label
     data, labelled = load_tfds_images(TfdsSpec.parse("lookalike_tiny_counts", str(tfds_dir)), PreprocessSpec(8, 1))
-    assert labelled and data.class_names == ["3", "7"]  # train's classes are the ids' first parts
+    assert labelled and data.class_names == ["3", "7"]  # train's classes are the ids' first parts, example by example
+    assert sorted(item["id"] for item in index.items) == sorted(
+        f"{data.class_names[label]}/lookalike_tiny_counts-train-{path.rsplit('/', 1)[1]}.png"
+        for path, label in zip(data.paths, data.labels))
     assert "exact" in evaluate_index(index, k=3)  # `lookalike eval --index` has labels
