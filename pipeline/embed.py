@@ -5,7 +5,9 @@ graph (``lookalike.pipeline.graph``, where the stages are drawn), then builds an
 the index atomically as the store's CURRENT version and writes a run summary (counts,
 elapsed, items per second) beside the embeddings. A corpus where nothing could be embedded
 fails with a clear message and publishes nothing; an ``--incremental`` run on a corpus where
-nothing changed does not start Beam at all (``lookalike.pipeline.reuse``).
+nothing changed does not start Beam at all (``lookalike.pipeline.reuse``), and one whose
+pipeline embedded nothing new (a TFDS data set, a list file: sources not planned before
+Beam) keeps CURRENT when it already holds the same items.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ from lookalike.pipeline.inference import discard_preloaded, preload_encoder
 from lookalike.pipeline.items import concat_sorted, split_by_shard
 from lookalike.pipeline.reuse import current_index_if_same, list_files, plan_reuse, reused_items
 from lookalike.pipeline.sources import common_folder, corpus_pattern, corpus_root, read_list_file
-from lookalike.pipeline.summary import EmbedSummary, counter_values, read_dead_letters, read_embeddings, summarize
+from lookalike.pipeline.summary import (EmbedSummary, counter_values, read_dead_letters, read_embeddings, read_items,
+                                        summarize)
 from lookalike.pipeline.tfds_source import TfdsSpec, example_ranges
 from lookalike.pipeline.writers import write_items_shard, write_jsonl
 
@@ -49,6 +52,14 @@ LISTING_FILE_NAME = ".listing.arrow"  # the files to read, in the run folder whi
 
 class EmbedError(RuntimeError):
     """The embed job could not produce an index; the message says why."""
+
+
+class _KeepCurrent(Exception):
+    """Raised inside ``publish_atomically`` to drop the index just built: CURRENT already holds these items."""
+
+    def __init__(self, version: str):
+        super().__init__(version)
+        self.version = version
 
 
 def write_reused(run: EmbedRun, items: pa.Table, index_build: tuple[str, dict[str, Any]] | None) -> dict[str, int]:
@@ -257,10 +268,23 @@ def _publish(run: EmbedRun, started: float, reused: pa.Table | None) -> EmbedSum
         tmp.mkdir(parents=True)
         done.append(_execute(run, started, (str(tmp), params), reused))
         shards = collect_shard_entries(tmp)
-        assemble_index(tmp, shards, model_version=run.meta["version"], params={**params, "num_shards": len(shards)},
-                       options=options)
+        built = {**params, "num_shards": len(shards)}
+        if reused is None and run.config.incremental and done[0].embedded == 0:
+            # Nothing new embedded (a source the plan could not settle before the pipeline, such
+            # as a TFDS data set, every item taken from the cache): CURRENT stays if it holds these items.
+            items = read_items(run.run_dir, ("id", "uri", "content_hash"))
+            current = current_index_if_same(run.store, run.meta["version"], built, items)
+            if current is not None:
+                raise _KeepCurrent(current)
+        assemble_index(tmp, shards, model_version=run.meta["version"], params=built, options=options)
 
-    index_version = publish_atomically(run.store, write, make_current=True, reason=f"embed run {run.run_dir.name}")
+    try:
+        index_version = publish_atomically(run.store, write, make_current=True, reason=f"embed run {run.run_dir.name}")
+    except _KeepCurrent as keep:  # publish_atomically removed the index built meanwhile
+        summary = done[0]
+        summary.index_version = keep.version
+        log.info("nothing new was embedded and index %s already holds these items: it stays CURRENT", keep.version)
+        return summary
     summary = done[0]
     summary.index_version = index_version
     return summary

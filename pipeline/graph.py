@@ -18,8 +18,10 @@
       all sinks -> Done   (one final transform: the Dask runner computes only the last)
 
 A TFDS data set, a list file or a corpus too big to list first is read file by file
-(``ReadSourceFn``: read + sha256), grouped by content-hash bucket (byte-identical files
-meet), and decoded into batches by ``DecodeBatchFn``; the rest of the graph is the same.
+(``ReadSourceFn``: read + sha256; ``ReadTfdsRangeFn``: a range of examples, each encoded as
+PNG + sha256; with --incremental both send bytes the cache knows down the "cached" path),
+grouped by content-hash bucket (byte-identical files meet), and decoded into batches by
+``DecodeBatchFn``; the rest of the graph is the same.
 
 Per item, only the decode stage does Python work; after inference a batch travels as
 one Arrow table (``lookalike.pipeline.items``). Index shards are built on the workers
@@ -162,7 +164,7 @@ def read_sources(p: beam.Pipeline, run: EmbedRun) -> dict[str, beam.PCollection]
         tfds_spec = TfdsSpec.parse(config.tfds, config.tfds_data_dir)
         ranges = run.tfds_ranges if run.tfds_ranges is not None else example_ranges(tfds_spec)
         tagged = (p | "TfdsRanges" >> beam.Create(ranges)
-                  | "ReadTfds" >> beam.ParDo(ReadTfdsRangeFn(tfds_spec)))
+                  | "ReadTfds" >> beam.ParDo(ReadTfdsRangeFn(tfds_spec, run.cache if config.incremental else None)))
         return split_tagged(tagged, (NEW, CACHED, DEAD, FILE), "Read")
     if config.list_file:
         files = p | "ListedFiles" >> beam.Create(read_list_file(config.list_file)) | "AsMetadata" >> beam.Map(

@@ -7,7 +7,9 @@ become items column by column (``reused_items``, Arrow, no object per item) and 
 new items by shard, inside the pipeline (``ReusedItemsFn``; files whose bytes are known
 under another path or mtime arrive there too) or, when nothing at all changed, without
 starting Beam. An unchanged corpus whose items equal those of the served index built by
-the same model with the same parameters keeps that index (``current_index_if_same``).
+the same model with the same parameters keeps that index (``current_index_if_same``); so
+does a run whose pipeline embedded nothing new (``embed._publish``: TFDS examples and
+listed files are only known unchanged once read and hashed).
 """
 
 from __future__ import annotations

@@ -80,10 +80,10 @@ def count_items(run_dir: Path) -> int:
     return sum(pq.ParquetFile(f).metadata.num_rows for f in glob.glob(str(Path(run_dir) / "embeddings-*.parquet")))
 
 
-def read_items(run_dir: Path) -> pa.Table:
-    """A run's items table without the embeddings (the columns the counts need)."""
+def read_items(run_dir: Path, columns: tuple[str, ...] = ("uri", "content_hash", "reused")) -> pa.Table:
+    """``columns`` of a run's items table (default: those the counts need; never the embeddings)."""
     files = sorted(glob.glob(str(Path(run_dir) / "embeddings-*.parquet")))
-    tables = [pq.read_table(f, columns=["uri", "content_hash", "reused"]) for f in files]
+    tables = [pq.read_table(f, columns=list(columns)) for f in files]
     tables = [t for t in tables if t.num_rows]
     return pa.concat_tables(tables) if tables else pa.table({"uri": pa.array([], pa.string())})
 

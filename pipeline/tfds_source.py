@@ -6,8 +6,11 @@ it, whatever slice selects it, so its item id is the same in every run that incl
 
 Works offline when the data set is already prepared in ``data_dir`` (lookalike never
 downloads); otherwise a clear error names the data set and the folder searched. Each
-example's image is encoded losslessly (PNG) so it gets a content hash and flows through
-the same decode, embed and write stages as a file; float images (values in [0, 1]) become
+example's image is encoded losslessly (PNG) so it gets a content hash (sha256 of the PNG
+bytes) and flows through the same decode, embed and write stages as a file: with
+``--incremental``, an example whose hash the embedding cache holds for the model is
+reused, not decoded or embedded again, and one whose bytes failed to decode before is
+dead-lettered again; float images (values in [0, 1]) become
 8-bit, and an example whose image cannot be converted is dead-lettered. Item ids put the class label first
 when the data set has one (``<label>/<name>-<split>-<index>.png``, ``split`` the base split), like a folder corpus: a ClassLabel's
 name, or an integer label's value (``LabelFeature``, the classes ``lookalike train --tfds`` uses).
@@ -18,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -242,13 +246,23 @@ def float_to_uint8(arr: np.ndarray) -> np.ndarray:
 
 class ReadTfdsRangeFn(beam.DoFn):
     """(base split, start, stop) -> ("new", (hash, uri, png bytes)) per example, like ReadSourceFn for files;
-    ("dead", letter) for an example whose image cannot be converted (``png_bytes``)."""
+    ("dead", letter) for an example whose image cannot be converted (``png_bytes``). With an
+    embedding cache (``--incremental``), an example whose hash the cache holds goes on as
+    ("cached", (uri, hash)) (``reuse.ReusedItemsFn``), and one whose bytes failed to decode in
+    an earlier run as its dead letter again."""
 
-    def __init__(self, spec: TfdsSpec):
+    def __init__(self, spec: TfdsSpec, cache_dir: str | None = None):
         self._spec = spec
+        self._cache_dir = cache_dir
         self._failed = Metrics.counter("lookalike", "files_failed")
+        self._reused = Metrics.counter("lookalike", "files_unchanged")
 
     def setup(self) -> None:
+        from lookalike.pipeline.cache import cached_hashes, load_failed
+
+        usable = bool(self._cache_dir and os.path.isdir(self._cache_dir))
+        self._cache = cached_hashes(self._cache_dir) if usable else set()
+        self._undecodable = load_failed(self._cache_dir) if usable else {}
         self._builder = load_builder(self._spec)
         self._image_key = image_feature_name(self._builder)
         self._label = label_feature(self._builder)
@@ -261,7 +275,7 @@ class ReadTfdsRangeFn(beam.DoFn):
         return f"{self._spec.root}/{base}"
 
     def process(self, bounds: tuple[str, int, int]):
-        from lookalike.pipeline.sources import DEAD, NEW, dead_letter
+        from lookalike.pipeline.sources import CACHED, DEAD, NEW, dead_letter, known_failure_letter
 
         split, start, stop = bounds
         for index, example in iterate_examples(self._builder, split, start, stop):
@@ -272,4 +286,12 @@ class ReadTfdsRangeFn(beam.DoFn):
                 self._failed.inc()
                 yield DEAD, dead_letter(uri, "read", str(e))
                 continue
-            yield NEW, (hashlib.sha256(data).hexdigest(), uri, data)
+            source_hash = hashlib.sha256(data).hexdigest()
+            if source_hash in self._undecodable:  # these bytes failed to decode in an earlier run
+                self._failed.inc()
+                yield DEAD, known_failure_letter(uri, *self._undecodable[source_hash])
+            elif source_hash in self._cache:
+                self._reused.inc()
+                yield CACHED, (uri, source_hash)
+            else:
+                yield NEW, (source_hash, uri, data)

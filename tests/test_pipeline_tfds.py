@@ -144,3 +144,27 @@ def test_an_integer_label_comes_first_in_ids_as_train_names_its_classes(tmp_path
         f"{data.class_names[label]}/lookalike_tiny_counts-train-{path.rsplit('/', 1)[1]}.png"
         for path, label in zip(data.paths, data.labels))
     assert "exact" in evaluate_index(index, k=3)  # `lookalike eval --index` has labels
+
+
+def test_an_unchanged_incremental_tfds_rerun_embeds_nothing_and_keeps_current(tmp_path, trained_store, tfds_dir):
+    import shutil
+
+    from lookalike.pipeline.embed import read_embeddings
+
+    workdir = tmp_path / "w"
+    shutil.copytree(trained_store.root / "models", workdir / "models")
+    config = EmbedConfig(workdir=str(workdir), tfds="lookalike_tiny_floats", tfds_data_dir=str(tfds_dir), incremental=True)
+    first = run_embed(EmbedConfig(**{**vars(config), "run_name": "first"}))
+    again = run_embed(EmbedConfig(**{**vars(config), "run_name": "again"}))
+    assert (again.embedded, again.unchanged, again.items, again.failed) == (0, 10, 10, 2)  # conftest: 2 unconvertible
+    assert again.index_version == first.index_version  # nothing new: CURRENT kept, no index built
+    assert [p.name for p in (workdir / "indexes").iterdir()] == [first.index_version]
+    emb1, items1 = read_embeddings(workdir / "embeddings" / "first")
+    emb2, items2 = read_embeddings(workdir / "embeddings" / "again")
+    assert items2.column("id").to_pylist() == items1.column("id").to_pylist() and all(items2.column("reused").to_pylist())
+    np.testing.assert_array_equal(emb2, emb1)
+    part = run_embed(EmbedConfig(**{**vars(config), "run_name": "part", "tfds": "lookalike_tiny_floats:train[:4]"}))
+    assert part.embedded == 0 and part.unchanged == part.items > 0  # a slice: cached, but other items: a new index
+    assert part.index_version != first.index_version
+    _, items3 = read_embeddings(workdir / "embeddings" / "part")
+    assert set(items3.column("id").to_pylist()) < set(items1.column("id").to_pylist())
