@@ -103,7 +103,8 @@ def _execute(run: EmbedRun, started: float, index_build: tuple[str, dict[str, An
         if counted and run.plan is not None:  # files the plan kept out of the pipeline
             counted["files_unchanged"] = counted.get("files_unchanged", 0) + len(run.plan.unchanged)
     summary = summarize(run.run_dir.name, run.run_dir, run.meta["version"], run.total, config.runner, counted,
-                        time.perf_counter() - started)
+                        time.perf_counter() - started,
+                        files_read=run.total if config.tfds else None)  # TFDS: every selected example is read
     if summary.items == 0:
         (run.run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
         if run.total == 0:

@@ -25,8 +25,12 @@ class EmbedSummary:
     run_dir: str
     model_version: str
     index_version: str | None
-    files_matched: int
-    files_read: int  # bytes read (an --incremental run skips unchanged path+size+mtime); -1 if unknown
+    files_matched: int  # files listed; for a TFDS source, the examples its split or slice selects
+    # Files whose bytes were read (an --incremental run skips those unchanged by path, size and
+    # mtime); for a TFDS source, the examples read from the data set (all of them, --incremental
+    # too: an example is only known unchanged once read and hashed). -1: unknown, when the runner
+    # reports no metrics (the Dask runner) and the source's count is not known before the run.
+    files_read: int
     items: int
     embedded: int
     unchanged: int
@@ -105,9 +109,11 @@ def log_dead_letters(dead: list[dict[str, str]], run_dir: Path, shown: int = DEA
 
 
 def summarize(run: str, run_dir: Path, model_version: str, total: int, runner: str, counted: dict[str, int],
-              elapsed: float) -> EmbedSummary:
+              elapsed: float, files_read: int | None = None) -> EmbedSummary:
     """Counts of a finished run: ``counted`` (the runner's counters, plus what was decided
-    before it started), else derived from what it wrote."""
+    before it started), else derived from what it wrote. ``files_read``: the number of files
+    read when it is known before the run (a TFDS source reads every example it selects), for
+    runners without metrics; otherwise such a run's ``files_read`` is -1 (unknown)."""
     if counted:  # the runner counted: only the number of items is needed, from the shards' footers
         num_items = count_items(run_dir)
         counts = counted
@@ -122,7 +128,7 @@ def summarize(run: str, run_dir: Path, model_version: str, total: int, runner: s
         model_version=model_version,
         index_version=None,
         files_matched=total,
-        files_read=counts.get("files_read", 0 if counted else -1),
+        files_read=counts.get("files_read", 0 if counted else (-1 if files_read is None else files_read)),
         items=int(num_items),
         embedded=counts.get("items_decoded", 0),
         unchanged=counts.get("files_unchanged", 0),

@@ -254,6 +254,7 @@ class ReadTfdsRangeFn(beam.DoFn):
     def __init__(self, spec: TfdsSpec, cache_dir: str | None = None):
         self._spec = spec
         self._cache_dir = cache_dir
+        self._read = Metrics.counter("lookalike", "files_read")  # examples read (summary.json's files_read)
         self._failed = Metrics.counter("lookalike", "files_failed")
         self._reused = Metrics.counter("lookalike", "files_unchanged")
 
@@ -280,6 +281,7 @@ class ReadTfdsRangeFn(beam.DoFn):
         split, start, stop = bounds
         for index, example in iterate_examples(self._builder, split, start, stop):
             uri = self.item_uri(split, index, example)
+            self._read.inc()
             try:
                 data = png_bytes(example[self._image_key])
             except ValueError as e:  # listed by the run summary, as a file that does not decode

@@ -73,6 +73,15 @@ def test_dask_cluster_gives_the_same_embeddings_and_dead_letters(tmp_path, index
     assert index.search(emb_dask[:5], k=1)[0][0].id == items_dask.column("id")[0].as_py()
 
 
+def test_a_tfds_run_on_dask_reports_the_examples_read(tmp_path, trained_store, tfds_dir, dask_cluster):
+    workdir = tmp_path / "w"
+    shutil.copytree(trained_store.root / "models", workdir / "models")
+    summary = run_embed(EmbedConfig(workdir=str(workdir), tfds="lookalike_tiny_floats", tfds_data_dir=str(tfds_dir),
+                                    runner="dask", beam_args=[f"--dask_client_address={dask_cluster}"], publish=False))
+    # The Dask runner reports no metrics: a TFDS source's count is known (every selected example is read).
+    assert (summary.files_matched, summary.files_read, summary.items, summary.failed) == (12, 12, 10, 2)
+
+
 def test_an_unreachable_scheduler_is_a_one_line_error(tmp_path, trained_store, capsys):
     from lookalike.pipeline.cli import main
 

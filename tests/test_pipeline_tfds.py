@@ -17,6 +17,7 @@ def test_tfds_split_is_embedded_with_label_first_ids(tmp_path, trained_store, tf
     shutil.copytree(trained_store.root / "models", workdir / "models")
     summary = run_embed(EmbedConfig(workdir=str(workdir), tfds="lookalike_tiny_shapes:train", tfds_data_dir=str(tfds_dir)))
     assert (summary.items, summary.failed) == (30, 0)  # conftest's lookalike_tiny_shapes
+    assert (summary.files_matched, summary.files_read) == (30, 30)  # examples selected, examples read
     index = ItemIndex.load(workdir / "indexes" / summary.index_version)
     from collections import Counter
 
@@ -40,6 +41,7 @@ def test_float_images_are_embedded_and_unconvertible_ones_dead_lettered(tmp_path
     shutil.copytree(trained_store.root / "models", workdir / "models")
     summary = run_embed(EmbedConfig(workdir=str(workdir), tfds="lookalike_tiny_floats", tfds_data_dir=str(tfds_dir)))
     assert (summary.items, summary.failed) == (10, 2)  # conftest: values of 3.0 in one, NaN in another
+    assert summary.files_read == 12  # the unconvertible examples were read too
     reasons = sorted(row["reason"] for row in summary.dead_letter_examples)
     assert "NaN" in reasons[0] and "must be in [0, 1], found" in reasons[1] and " to 3" in reasons[1]
     assert all(row["uri"].startswith("tfds://lookalike_tiny_floats/") and "-train-" in row["uri"]
@@ -119,7 +121,7 @@ def test_a_slice_is_embedded_with_the_ids_of_its_whole_split(tmp_path, trained_s
                 for path, label in zip(whole.paths, whole.labels)}
     expected = [f"{label_of[f'{split}/{i:06d}']}/lookalike_tiny_counts-{split}-{i:06d}.png"
                 for split, indices in (("train", range(6)), ("test", range(3, 6))) for i in indices]
-    assert (summary.files_matched, summary.items) == (9, 9)  # train 0-5 once, though two slices overlap
+    assert (summary.files_matched, summary.files_read, summary.items) == (9, 9, 9)  # train 0-5 once, though two slices overlap
     assert items.column("id").to_pylist() == sorted(expected)
     assert all(uri == f"tfds://lookalike_tiny_counts/{i}" for uri, i in zip(items.column("uri").to_pylist(),
                                                                              items.column("id").to_pylist()))
@@ -157,6 +159,7 @@ def test_an_unchanged_incremental_tfds_rerun_embeds_nothing_and_keeps_current(tm
     first = run_embed(EmbedConfig(**{**vars(config), "run_name": "first"}))
     again = run_embed(EmbedConfig(**{**vars(config), "run_name": "again"}))
     assert (again.embedded, again.unchanged, again.items, again.failed) == (0, 10, 10, 2)  # conftest: 2 unconvertible
+    assert again.files_read == 12  # every example is read and hashed to be known unchanged
     assert again.index_version == first.index_version  # nothing new: CURRENT kept, no index built
     assert [p.name for p in (workdir / "indexes").iterdir()] == [first.index_version]
     emb1, items1 = read_embeddings(workdir / "embeddings" / "first")
@@ -165,6 +168,7 @@ def test_an_unchanged_incremental_tfds_rerun_embeds_nothing_and_keeps_current(tm
     np.testing.assert_array_equal(emb2, emb1)
     part = run_embed(EmbedConfig(**{**vars(config), "run_name": "part", "tfds": "lookalike_tiny_floats:train[:4]"}))
     assert part.embedded == 0 and part.unchanged == part.items > 0  # a slice: cached, but other items: a new index
+    assert part.files_read == 4
     assert part.index_version != first.index_version
     _, items3 = read_embeddings(workdir / "embeddings" / "part")
     assert set(items3.column("id").to_pylist()) < set(items1.column("id").to_pylist())
