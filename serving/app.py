@@ -24,9 +24,9 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from importlib import resources
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
@@ -37,12 +37,22 @@ from lookalike.serving.fastpath import FastRoute, dispatch_fast_first, fast_rout
 from lookalike.serving.heap import settle
 from lookalike.serving.limits import BodySizeLimit
 from lookalike.serving.metrics import CONTENT_TYPE, RequestMetrics, ServingMetrics
+from lookalike.serving.params import (
+    IMAGE_REQUEST_BODY,
+    K,
+    STRICT_QUERY,
+    BackendDep,
+    EngineDep,
+    GroupFilter,
+    ItemId,
+    KindFilter,
+    PerGroup,
+    errors,
+)
 from lookalike.serving.queries import (
-    UPLOAD_FIELD,
     echo,
     filters_of,
     item_or_404,
-    no_unknown_query_params,
     read_upload,
     search_by_image,
     search_or_422,
@@ -52,15 +62,12 @@ from lookalike.serving.queries import (
 )
 from lookalike.serving.schemas import (
     DEFAULT_K,
-    MAX_K,
     BatchQuery,
     BatchSearch,
     BatchSearchResponse,
-    ErrorMessage,
     Health,
     Info,
     ItemMetadata,
-    Kind,
     Ready,
     SearchResponse,
     VectorQuery,
@@ -74,51 +81,6 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 # Room for multipart boundaries and part headers on top of the image itself.
 MULTIPART_OVERHEAD_BYTES = 16 * 1024
-
-K = Annotated[int, Query(ge=1, le=MAX_K, description="number of results")]
-ItemId = Annotated[str, Path(description="item id as listed in search results (may contain '/')")]
-KindFilter = Annotated[Kind | None, Query(description="only items of this kind")]
-GroupFilter = Annotated[list[str] | None, Query(max_length=MAX_K, description="only items of these groups (video ids); repeatable")]
-PerGroup = Annotated[int | None, Query(ge=1, le=MAX_K, description="at most this many results per group (video)")]
-
-_BINARY = {"schema": {"type": "string", "format": "binary"}}
-IMAGE_REQUEST_BODY = {
-    "requestBody": {
-        "required": True,
-        "description": f"an image file, as multipart field {UPLOAD_FIELD!r} or as the raw request body",
-        "content": {
-            "multipart/form-data": {
-                "schema": {"type": "object", "required": [UPLOAD_FIELD], "properties": {UPLOAD_FIELD: _BINARY["schema"]}}
-            },
-            "image/*": _BINARY,
-            "application/octet-stream": _BINARY,
-        },
-    }
-}
-
-
-def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI entries for error responses carrying ``{"detail": "reason"}``."""
-    return {code: {"model": ErrorMessage} for code in codes}
-
-
-async def get_backend(request: Request) -> Backend:
-    """The Backend served right now (503 if none is loaded yet); a request keeps it to the end."""
-    backend = request.app.state.slot.backend
-    if backend is None:
-        raise HTTPException(status_code=503, detail="the model and index are still loading")
-    return backend
-
-
-async def get_engine(request: Request) -> QueryEngine:
-    """The app's query engine (async, like get_backend: FastAPI runs plain ``def`` dependencies in a thread)."""
-    return request.app.state.engine
-
-
-BackendDep = Annotated[Backend, Depends(get_backend)]
-STRICT_QUERY = [Depends(no_unknown_query_params)]  # search and item endpoints: an unknown query parameter is a 422
-EngineDep = Annotated[QueryEngine, Depends(get_engine)]
-
 
 def index_quality(manifest: dict[str, Any]) -> dict[str, Any]:
     """The recall (and its k and target) measured when the index was built, from its manifest."""

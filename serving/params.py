@@ -1,0 +1,58 @@
+"""The endpoints' inputs as FastAPI declares them: query and path parameters (with the
+limits and descriptions /openapi.json shows), the image upload body, error responses,
+and the dependencies that hand an endpoint the served backend and the query engine."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Depends, HTTPException, Path, Query, Request
+
+from lookalike.serving.backend import Backend
+from lookalike.serving.engine import QueryEngine
+from lookalike.serving.queries import UPLOAD_FIELD, no_unknown_query_params
+from lookalike.serving.schemas import MAX_K, ErrorMessage, Kind
+
+K = Annotated[int, Query(ge=1, le=MAX_K, description="number of results")]
+ItemId = Annotated[str, Path(description="item id as listed in search results (may contain '/')")]
+KindFilter = Annotated[Kind | None, Query(description="only items of this kind")]
+GroupFilter = Annotated[list[str] | None, Query(max_length=MAX_K, description="only items of these groups (video ids); repeatable")]
+PerGroup = Annotated[int | None, Query(ge=1, le=MAX_K, description="at most this many results per group (video)")]
+
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+IMAGE_REQUEST_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": f"an image file, as multipart field {UPLOAD_FIELD!r} or as the raw request body",
+        "content": {
+            "multipart/form-data": {
+                "schema": {"type": "object", "required": [UPLOAD_FIELD], "properties": {UPLOAD_FIELD: _BINARY["schema"]}}
+            },
+            "image/*": _BINARY,
+            "application/octet-stream": _BINARY,
+        },
+    }
+}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for error responses carrying ``{"detail": "reason"}``."""
+    return {code: {"model": ErrorMessage} for code in codes}
+
+
+async def get_backend(request: Request) -> Backend:
+    """The Backend served right now (503 if none is loaded yet); a request keeps it to the end."""
+    backend = request.app.state.slot.backend
+    if backend is None:
+        raise HTTPException(status_code=503, detail="the model and index are still loading")
+    return backend
+
+
+async def get_engine(request: Request) -> QueryEngine:
+    """The app's query engine (async, like get_backend: FastAPI runs plain ``def`` dependencies in a thread)."""
+    return request.app.state.engine
+
+
+BackendDep = Annotated[Backend, Depends(get_backend)]
+STRICT_QUERY = [Depends(no_unknown_query_params)]  # search and item endpoints: an unknown query parameter is a 422
+EngineDep = Annotated[QueryEngine, Depends(get_engine)]
