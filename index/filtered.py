@@ -105,7 +105,11 @@ def keep(index: ItemIndex, rows: np.ndarray, scores: np.ndarray, k: int, mask: n
     from lookalike.index.searcher import Neighbor
 
     if mask is not None:
-        rows, scores = rows[mask[rows]], scores[mask[rows]]
+        # rows an update appended after the mask was made are left out: this search's snapshot
+        passing = np.zeros(len(rows), bool)
+        inside = rows < len(mask)
+        passing[inside] = mask[rows[inside]]
+        rows, scores = rows[passing], scores[passing]
     if not max_per_group:
         rows, scores = rows[:k], scores[:k]
     ids = index.items.ids_of(rows)

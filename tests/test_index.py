@@ -264,3 +264,15 @@ def test_a_build_failing_late_leaves_nothing(tmp_path):
     with pytest.raises(ValueError, match="num_shards must be between 1 and the item count 3"):
         build_and_publish(store, unit_vectors(3, 4), items(3), model_version="m", options=IndexOptions(num_shards=4))
     assert store.current_index() is None and not [p for p in store.indexes_dir.iterdir()]
+
+
+def test_rows_appended_after_a_filter_mask_was_made_are_left_out_not_an_error(tmp_path):
+    from lookalike.index.filtered import keep
+
+    emb = unit_vectors(50, 8)
+    build_index(emb, items(50), model_version="m", out_dir=tmp_path / "i")
+    index = ItemIndex.load(tmp_path / "i")
+    mask = np.ones(50, bool)  # made before an update appended rows 50 and 51
+    index.upsert([{"id": "new-a"}, {"id": "new-b"}], unit_vectors(2, 8, seed=1))
+    kept = keep(index, np.array([51, 3, 50, 7]), np.array([0.9, 0.8, 0.7, 0.6], np.float32), 3, mask, None, "group")
+    assert [n.row for n in kept] == [3, 7]
