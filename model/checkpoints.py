@@ -13,10 +13,8 @@ batches an uninterrupted one would have.
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import math
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +23,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
+
+from lookalike.model.filelock import try_lock, unlock
 
 log = logging.getLogger(__name__)
 
@@ -41,29 +41,14 @@ def exclusive_run(run_dir: Path) -> Iterator[None]:
     the rerun."""
     lock_path = run_dir / ".lock"
     run_dir.mkdir(parents=True, exist_ok=True)
-    while True:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise RunInUseError(f"another training is using {run_dir} (the same config and data in this workdir); "
-                                "wait for it to finish, or change the config (e.g. --set seed=1)") from None
-        try:
-            if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        os.close(fd)  # the file was removed by a run that just finished: lock the new one
+    fd = try_lock(lock_path)
+    if fd is None:
+        raise RunInUseError(f"another training is using {run_dir} (the same config and data in this workdir); "
+                            "wait for it to finish, or change the config (e.g. --set seed=1)")
     try:
         yield
     finally:
-        try:
-            os.unlink(lock_path)  # already gone if the run folder was removed
-        except FileNotFoundError:
-            pass
-        finally:
-            os.close(fd)
+        unlock(lock_path, fd)  # already gone if the run folder was removed
 
 
 def _abstract(state: Any) -> Any:

@@ -14,13 +14,14 @@ not reach across hosts on network file systems).
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
 import socket
 import time
 from pathlib import Path
+
+from lookalike.model.filelock import try_lock, unlock
 
 log = logging.getLogger(__name__)
 
@@ -51,46 +52,37 @@ class StoreLock:
 
     def acquire(self) -> "StoreLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(100):
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = try_lock(self.path)
+        if fd is None:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                owner = self._owner(fd)
-                os.close(fd)
-                started = owner.get("started_unix_s")
-                raise LockHeldError(
-                    f"another run holds {self.path} ({owner.get('purpose', 'reindex')}, pid {owner.get('pid')} on "
-                    f"{owner.get('host')}, started {time.ctime(started) if started else 'just now'}): "
-                    "try again when it has finished"
-                ) from None
-            try:
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+                held = os.open(self.path, os.O_RDONLY)
             except FileNotFoundError:
-                same = False
-            if not same:  # the previous holder unlinked the file while releasing it: lock the new one
-                os.close(fd)
-                continue
-            owner = self._owner(fd)
-            if owner:
-                self.took_over_stale = True
-                log.warning("taking over the lock %s left by a run that died: %s", self.path, owner)
-            me = {"host": socket.gethostname(), "pid": os.getpid(), "started_unix_s": time.time(), "purpose": self.purpose}
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(me).encode("utf-8"), 0)
-            os.fsync(fd)
-            self._fd = fd
-            return self
-        raise LockHeldError(f"could not take {self.path}: it kept being replaced")
+                owner = {}
+            else:
+                owner = self._owner(held)
+                os.close(held)
+            started = owner.get("started_unix_s")
+            raise LockHeldError(
+                f"another run holds {self.path} ({owner.get('purpose', 'reindex')}, pid {owner.get('pid')} on "
+                f"{owner.get('host')}, started {time.ctime(started) if started else 'just now'}): "
+                "try again when it has finished"
+            )
+        owner = self._owner(fd)
+        if owner:
+            self.took_over_stale = True
+            log.warning("taking over the lock %s left by a run that died: %s", self.path, owner)
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "started_unix_s": time.time(), "purpose": self.purpose}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode("utf-8"), 0)
+        os.fsync(fd)
+        self._fd = fd
+        return self
 
     def release(self) -> None:
         if self._fd is None:
             return
-        try:
-            self.path.unlink(missing_ok=True)  # while still locked: a waiter re-checks the path's inode
-        finally:
-            os.close(self._fd)
-            self._fd = None
+        fd, self._fd = self._fd, None
+        unlock(self.path, fd)  # while still locked: a waiter re-checks the path's inode
 
     def __enter__(self) -> "StoreLock":
         return self.acquire()
