@@ -74,7 +74,7 @@ from lookalike.serving.schemas import (
 )
 from lookalike.serving.results import group_of, item_url, json_text_response
 from lookalike.serving.swap import DEFAULT_WATCH_INTERVAL_S, BackendSlot, StoreReloader
-from lookalike.serving.thumbnails import ThumbnailUnavailable, render_thumbnail
+from lookalike.serving.thumbnails import ThumbnailUnavailable, etag_matches, render_thumbnail
 
 log = logging.getLogger(__name__)
 
@@ -342,21 +342,29 @@ def create_app(
         neighbors = await search_or_422(engine, item)
         return json_text_response(search_response(backend, echo("item", k, filters, id=item_id), neighbors))
 
-    @app.get(
+    # A static resource: GET and HEAD, conditional on its ETag, and a query string (a page's
+    # cache-busting ?v=...) is ignored rather than refused.
+    @app.api_route(
         "/v1/items/{item_id:path}/thumbnail",
+        methods=["GET", "HEAD"],
         response_class=Response,
         tags=["items"],
-        responses={200: {"content": {"image/png": {}}}, **errors(404, 422, 503)},
-        dependencies=STRICT_QUERY,
+        responses={200: {"content": {"image/png": {}}}, 304: {"description": "not modified (If-None-Match)"},
+                   **errors(404, 503)},
     )
-    def thumbnail(item_id: ItemId, backend: BackendDep) -> Response:
+    def thumbnail(item_id: ItemId, backend: BackendDep, request: Request) -> Response:
         """A PNG preview of the item's image (never upscaled)."""
         item = item_or_404(backend, item_id)
+        headers = {"Cache-Control": "public, max-age=3600"}
+        if item.get("content_hash"):  # same bytes, same preview: no need to render to compare
+            headers["ETag"] = f'"{item["content_hash"][:32]}-{item.get("timestamp_s") or 0}"'
+            if etag_matches(request.headers.get("if-none-match"), headers["ETag"]):
+                return Response(status_code=304, headers=headers)
         try:
             png = render_thumbnail(item)
         except ThumbnailUnavailable as e:
             raise HTTPException(status_code=404, detail=str(e)) from None
-        return Response(png, media_type="image/png", headers={"Cache-Control": "public, max-age=3600"})
+        return Response(png, media_type="image/png", headers=headers)
 
     @app.get("/v1/items/{item_id:path}", response_model=ItemMetadata, tags=["items"], responses=errors(404, 422, 503),
              dependencies=STRICT_QUERY)
