@@ -34,7 +34,7 @@ class EmbedSummary:
     items: int
     embedded: int
     unchanged: int
-    duplicate_files: int
+    duplicate_files: int  # files read in this run whose bytes another file read in it has
     failed: int
     elapsed_s: float
     items_per_s: float
