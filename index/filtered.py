@@ -1,5 +1,7 @@
 """Filtered and crowded search: metadata filters (``where``) and at most M results per group.
 
+``where`` maps a column to a value or a list of values (any of them; AND across columns); a
+list column (``tags``) passes when its list contains one (``rows.ItemTable.rows_where``).
 ScaNN knows nothing of metadata, so a filter is applied to its results. How depends on
 how many items the filter keeps: a selective one (at most ``EXACT_FILTER_MAX_FRACTION``
 of the items: the frames of one video, a list of ids) is answered by scoring exactly the

@@ -213,7 +213,9 @@ class ItemTable:
 
     def rows_where(self, accept: Mapping[str, set]) -> np.ndarray:
         """[M] int64 rows (deleted ones included) whose ``key`` value is in ``accept[key]``
-        for every key; a missing column or a null is the value None."""
+        for every key (AND across keys, any of a key's values); a missing column or a null
+        is the value None. A list value (a ``list<...>`` column such as ``tags``) matches
+        when it contains any of the key's values; a null or missing list matches only None."""
         mask = np.ones(len(self), bool)
         for key, values in accept.items():
             if key in self.table.column_names:
@@ -247,20 +249,60 @@ class ItemTable:
 
 
 def _value_in(value: Any, values: set) -> bool:
+    """Whether one row's ``value`` passes: equal to one of ``values``, or for a list (a row of
+    a list column) containing one of them (its None elements never match)."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return any(_hashable_in(v, values) for v in value if v is not None)
+    return _hashable_in(value, values)
+
+
+def _hashable_in(value: Any, values: set) -> bool:
     try:
         return value in values
-    except TypeError:  # an unhashable value (a list column) equals no filter value
+    except TypeError:  # an unhashable value (a nested list, a dict) equals no filter value
         return False
 
 
+def _is_list_type(column_type: pa.DataType) -> bool:
+    return pa.types.is_list(column_type) or pa.types.is_large_list(column_type) or pa.types.is_fixed_size_list(column_type)
+
+
 def _column_in(column: pa.ChunkedArray, values: set) -> np.ndarray:
-    """[rows] bool: which values of ``column`` are in ``values`` (Python equality, None for null)."""
+    """[rows] bool: which values of ``column`` are in ``values`` (Python equality, None for
+    null); for a list column, which lists contain one of ``values`` (``_list_column_in``)."""
+    if _is_list_type(column.type):
+        return _list_column_in(column, values)
     value_type = column.type.value_type if pa.types.is_dictionary(column.type) else column.type
     try:
         value_set = pa.array([v for v in values if v is not None], type=value_type)
         mask = pc.is_in(column, value_set=value_set).fill_null(False).to_numpy(zero_copy_only=False).astype(bool)
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError, ValueError, OverflowError):
         return np.array([_value_in(v, values) for v in column.to_pylist()], bool)  # e.g. "1" asked of an int column
+    if None in values:
+        mask |= column.is_null().to_numpy(zero_copy_only=False).astype(bool)
+    return mask
+
+
+def _list_column_in(column: pa.ChunkedArray, values: set) -> np.ndarray:
+    """[rows] bool for a list column: the rows whose list holds one of ``values`` (its
+    elements flattened, tested with ``is_in`` and mapped back to their rows by
+    ``list_parent_indices``: no Python per row), or that are null when None is asked."""
+    mask = np.zeros(len(column), bool)
+    element_type = column.type.value_type
+    if pa.types.is_dictionary(element_type):
+        element_type = element_type.value_type
+    wanted = [v for v in values if v is not None]
+    if wanted:
+        try:
+            value_set = pa.array(wanted, type=element_type)
+            hits = pc.is_in(pc.list_flatten(column), value_set=value_set).fill_null(False)
+            parents = pc.list_parent_indices(column)  # global row numbers, across chunks
+        except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError, TypeError, ValueError, OverflowError):
+            return np.array([_value_in(v, values) if v is not None else None in values for v in column.to_pylist()], bool)
+        rows = pc.filter(parents, hits)
+        if isinstance(rows, pa.ChunkedArray):
+            rows = rows.combine_chunks()
+        mask[rows.to_numpy(zero_copy_only=False).astype(np.int64)] = True
     if None in values:
         mask |= column.is_null().to_numpy(zero_copy_only=False).astype(bool)
     return mask

@@ -333,7 +333,9 @@ class ItemIndex(UpdatableIndex):
         ``model_version`` (recommended) is the model that embedded the queries; a
         mismatch with the index raises ``IncompatibleQueryError``. ``where`` keeps items
         whose metadata column equals the value (or is in the list of values), e.g.
-        ``{"kind": "frame"}``; ``max_per_group`` keeps at most M results per value of
+        ``{"kind": "frame"}``, for every key; a list column (``tags``) keeps items whose
+        list contains the value (or one of the values), e.g. ``{"tags": ["cat", "dog"]}``;
+        a missing column or a null is the value None; ``max_per_group`` keeps at most M results per value of
         ``group_by`` (an item without that column is its own group). A selective filter
         scores its matching items exactly; otherwise results are over-fetched and filtered,
         widening the fetch and the searched tree leaves until k results are found or the

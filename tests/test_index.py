@@ -276,3 +276,44 @@ def test_rows_appended_after_a_filter_mask_was_made_are_left_out_not_an_error(tm
     index.upsert([{"id": "new-a"}, {"id": "new-b"}], unit_vectors(2, 8, seed=1))
     kept = keep(index, np.array([51, 3, 50, 7]), np.array([0.9, 0.8, 0.7, 0.6], np.float32), 3, mask, None, "group")
     assert [n.row for n in kept] == [3, 7]
+
+
+@pytest.mark.parametrize("mode", ["brute_force", "tree_exact"])
+def test_a_list_column_filters_by_membership_on_built_and_upserted_rows(tmp_path, mode):
+    n = 3000
+    emb = unit_vectors(n, 16, seed=6)
+    rng = np.random.default_rng(6)
+    vocab = ["cat", "dog", "red", "rare"]
+    tags = [[t for t in vocab[:3] if rng.random() < 0.3] + (["rare"] if rng.random() < 0.005 else []) for _ in range(n)]
+    tags[7] = None
+    table = items(n).append_column("tags", pa.array(tags, pa.list_(pa.string())))
+    build_index(emb, table, model_version="m", out_dir=tmp_path / "i",
+                options=IndexOptions(mode=mode, num_leaves=60, leaves_to_search=1, autotune=False))
+    index = ItemIndex.load(tmp_path / "i")
+    query = unit_vectors(1, 16, seed=7)[0]
+
+    def exact(keep, k: int) -> list[str]:
+        rows = np.flatnonzero([keep(t) for t in tags])
+        return [f"item-{r}" for r in rows[np.argsort(-(emb[rows] @ query), kind="stable")][:k]]
+
+    rare = index.search(query, k=10, where={"tags": "rare"})[0]  # selective: scored exactly
+    assert [f.id for f in rare] == exact(lambda t: t is not None and "rare" in t, 10) and rare
+    dogs = index.search(query, k=20, where={"tags": "dog"})[0]  # broad: over-fetch and widen
+    assert len(dogs) == 20 and all("dog" in index.items[f.row]["tags"] for f in dogs)
+    either = index.search(query, k=20, where={"tags": ["rare", "red"]})[0]
+    assert all({"rare", "red"} & set(index.items[f.row]["tags"]) for f in either) and len(either) == 20
+    assert [f.id for f in index.search(query, k=5, where={"tags": None})[0]] == ["item-7"]
+    assert index.search(query, k=5, where={"tags": "absent"})[0] == []
+    assert index.search(query, k=5, where={"no_such_column": "x"})[0] == []
+    index.upsert([{"id": "new-1", "tags": ["rare", "new"]}, {"id": "new-2", "tags": ["dog"]}, {"id": "new-3", "tags": None}],
+                 np.stack([query, query, query]))
+    assert [f.id for f in index.search(query, k=3, where={"tags": "rare"})[0]][0] == "new-1"
+    assert [f.id for f in index.search(query, k=3, where={"tags": "new"})[0]] == ["new-1"]
+    from lookalike.index.filtered import live_matches
+
+    assert index.row_of("new-2") in live_matches(index, {"tags": {"dog"}})[1]  # broad: the upserted row passes
+    dogs = index.search(query, k=20, where={"tags": "dog"})[0]
+    assert len(dogs) == 20 and all("dog" in index.items[f.row]["tags"] for f in dogs)
+    if mode == "brute_force":  # a tree searching one leaf need not reach an upserted row's leaf in the first round
+        assert dogs[0].id == "new-2"
+    assert {f.id for f in index.search(query, k=5, where={"tags": None})[0]} == {"item-7", "new-3"}

@@ -120,5 +120,42 @@ def test_rows_where_matches_like_python_equality_on_every_column_kind():
     assert items.rows_where({"kind": {"frame"}, "width": {2}}).tolist() == [1, 4]
     assert items.rows_where({"missing": {None}}).tolist() == [0, 1, 2, 3, 4]
     assert items.rows_where({"missing": {1}}).tolist() == []
-    assert items.rows_where({"tags": {"x"}}).tolist() == []  # a list equals no single value
+    assert items.rows_where({"tags": {"x"}}).tolist() == [0, 4]  # a list matches the values it contains
     assert items.column_values("kind", np.array([4, 1, 2])) == ["frame", "frame", None]
+
+
+def test_list_columns_match_by_membership_on_loaded_and_appended_rows():
+    tags = pa.chunked_array([pa.array([["x", "y"], [], None]), pa.array([["y", None], ["z", "x"]])])  # two chunks
+    table = pa.table({"id": list("abcde"), "tags": tags,
+                      "sizes": pa.array([[1, 2], [3], None, [], [1]], pa.large_list(pa.int64()))})
+    items = ItemTable(table.slice(0))
+    items.append({"id": "f", "tags": ["x"], "sizes": [3]})
+    items.append({"id": "g", "tags": None})
+    items.append({"id": "h", "tags": ("z",)})
+    assert items.rows_where({"tags": {"x"}}).tolist() == [0, 4, 5]
+    assert items.rows_where({"tags": {"y", "z"}}).tolist() == [0, 3, 4, 7]  # any of a key's values
+    assert items.rows_where({"tags": {None}}).tolist() == [2, 6]  # only a null list is None; [] and [None] are not
+    assert items.rows_where({"tags": {"x"}, "sizes": {1}}).tolist() == [0, 4]  # keys AND together
+    assert items.rows_where({"sizes": {3}}).tolist() == [1, 5]
+    assert items.rows_where({"sizes": {"3"}}).tolist() == []  # Python equality, as for scalar columns
+    assert items.rows_where({"tags": {1}}).tolist() == []
+
+
+def test_list_membership_is_vectorised_on_a_large_table():
+    import time
+
+    n = 300_000
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(0, 4, n)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
+    values = pa.array(np.array([f"t{i}" for i in range(50)])[rng.integers(0, 50, int(lengths.sum()))])
+    tags = pa.ListArray.from_arrays(offsets, values)
+    items = ItemTable(pa.table({"id": pa.array(np.arange(n).astype(str)), "tags": tags}))
+    started = time.perf_counter()
+    rows = items.rows_where({"tags": {"t3"}})
+    elapsed = time.perf_counter() - started
+    started = time.perf_counter()
+    python_rows = tags.to_pylist()  # what any loop over the rows in Python has to do first
+    to_python = time.perf_counter() - started
+    np.testing.assert_array_equal(rows, np.flatnonzero([("t3" in row) for row in python_rows]))
+    assert elapsed < to_python, f"{elapsed:.3f}s, slower than converting the column to Python ({to_python:.3f}s)"
