@@ -194,8 +194,10 @@ def assemble_index(
     params: dict[str, Any],
     options: IndexOptions = IndexOptions(),
     queries: np.ndarray | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write the manifest over built shards, verify by loading, autotune, record results. Returns the manifest."""
+    """Write the manifest over built shards, verify by loading, autotune, record results. Returns the manifest.
+    ``metadata`` (the embed run's metadata file: path, sha256, ...) is recorded as is."""
     from lookalike.index.autotune import tune_index
     from lookalike.index.searcher import ItemIndex
 
@@ -210,6 +212,8 @@ def assemble_index(
         "created_unix_s": time.time(), "shards": shards,
         "updates": {"base_count": count, "inserted": 0, "updated": 0, "deleted": 0, "parent_version": None},
     }
+    if metadata is not None:
+        manifest["metadata"] = metadata
     write_manifest(index_dir, manifest)
     index = ItemIndex.load(index_dir)
     started = time.perf_counter()
@@ -234,6 +238,7 @@ def build_index(
     out_dir: Path,
     options: IndexOptions = IndexOptions(),
     queries: np.ndarray | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write a complete index into ``out_dir`` (created; must not exist). Returns the manifest.
 
@@ -253,7 +258,8 @@ def build_index(
             build_shard(emb[a:b], items.slice(a, b - a), index_dir=out_dir, shard=i, params=params)
             for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))
         ]
-        return assemble_index(out_dir, shards, model_version=model_version, params=params, options=options, queries=queries)
+        return assemble_index(out_dir, shards, model_version=model_version, params=params, options=options, queries=queries,
+                              metadata=metadata)
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)  # we created it: leave nothing half-written
         raise
@@ -268,11 +274,13 @@ def build_and_publish(
     options: IndexOptions = IndexOptions(),
     make_current: bool = True,
     version: str | None = None,
+    metadata: dict[str, Any] | None = None,
 ) -> str:
     """Build in a temporary folder, rename into ``indexes/<version>`` (default: a new name),
-    then move CURRENT (recorded in the store's history)."""
+    then move CURRENT (recorded in the store's history). ``metadata``: see ``assemble_index``."""
     version = publish_atomically(
-        store, lambda tmp: build_index(embeddings, items, model_version=model_version, out_dir=tmp, options=options),
+        store, lambda tmp: build_index(embeddings, items, model_version=model_version, out_dir=tmp, options=options,
+                                       metadata=metadata),
         make_current=make_current, reason=f"build: model {model_version}", version=version,
     )
     log.info("published index %s%s in %s", version, " as CURRENT" if make_current else "", store.root)

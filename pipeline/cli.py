@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from lookalike.pipeline.cli_options import (  # noqa: F401 (DEFAULT_WORKDIR, _float_in: re-exported)
     DEFAULT_PORT, DEFAULT_WORKDIR, POSITIVE, _add_train_config, _add_workdir, _DefaultsHelpFormatter, _float_in,
-    _int_at_least, _print_json, _train_config,
+    _int_at_least, _print_json, _train_config, add_metadata_option,
 )
 from lookalike.pipeline.cli_store import add_store_commands
 
@@ -48,7 +48,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         workdir=args.workdir, corpus=args.corpus, list_file=args.list_file, tfds=args.tfds, tfds_data_dir=args.tfds_data_dir, model_version=args.model, run_name=args.run_name,
         runner=args.runner, num_workers=args.num_workers, max_batch_size=args.batch_size, num_shards=args.num_shards,
         index=IndexOptions(mode=args.index_mode, target_recall=args.target_recall), beam_args=args.beam_args, publish=not args.no_publish,
-        incremental=args.incremental,
+        incremental=args.incremental, metadata=args.metadata,
         sampling=FrameSampling(interval_s=args.frame_interval_s, shot_threshold=args.shot_threshold),
     ))
     _print_json(asdict(summary))
@@ -201,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-publish", action="store_true", help="write embeddings only; do not build or publish an index")
     p.add_argument("--incremental", action="store_true",
                    help="reuse embeddings of files whose bytes this model already embedded (embeddings/cache/)")
+    add_metadata_option(p)
     p.add_argument("--frame-interval-s", type=_float_in(0.0, float("inf"), low_open=True), default=2.0, help="videos: sample a frame every N seconds")
     p.add_argument("--shot-threshold", type=_float_in(0.0, 2.0), default=0.5,
                    help="videos: also sample on a shot change (grayscale histogram L1 distance above this, 0-2)")

@@ -70,6 +70,14 @@ def _add_train_config(p: argparse.ArgumentParser, default: str | None = "digits"
                    help="override a config field, e.g. --set num_steps=200 --set conv_widths=16,32 (repeatable)")
 
 
+def add_metadata_option(p: argparse.ArgumentParser) -> None:
+    """``--metadata FILE`` of the commands that embed the corpus (embed, reindex)."""
+    p.add_argument("--metadata", default=None, metavar="FILE",
+                   help="item metadata to index with the embeddings: a .jsonl, .csv or .parquet file with an 'id' "
+                   "column (item ids, e.g. 3/digit_0042.png; a video's id covers all its frames) and any other columns "
+                   "(source, tags, ...), which searches can filter on; tags: a JSON list, or in CSV a ';'-separated string")
+
+
 def _train_config(args: argparse.Namespace):
     from lookalike.model.config import apply_overrides, get_config
 

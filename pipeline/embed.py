@@ -3,7 +3,9 @@
 ``run_embed`` lists the corpus, plans what an ``--incremental`` run can reuse, runs the Beam
 graph (``lookalike.pipeline.graph``, where the stages are drawn), then builds and publishes
 the index atomically as the store's CURRENT version and writes a run summary (counts,
-elapsed, items per second) beside the embeddings. A corpus where nothing could be embedded
+elapsed, items per second, the ``--metadata`` file and its sha256) beside the embeddings.
+A ``--metadata`` file is checked before anything is written and joined onto every shard
+(``lookalike.pipeline.metadata``). A corpus where nothing could be embedded
 fails with a clear message and publishes nothing; an ``--incremental`` run on a corpus where
 nothing changed does not start Beam at all (``lookalike.pipeline.reuse``), and one whose
 pipeline embedded nothing new (a TFDS data set, a list file: sources not planned before
@@ -33,7 +35,8 @@ from lookalike.pipeline.graph import (LISTING_IN_GRAPH_MAX, LOCAL_RUNNER, EmbedC
                                       pipeline_options)
 from lookalike.pipeline.index_shards import build_index_shard, collect_shard_entries
 from lookalike.pipeline.inference import discard_preloaded, preload_encoder
-from lookalike.pipeline.items import concat_sorted, split_by_shard
+from lookalike.pipeline.items import split_by_shard
+from lookalike.pipeline.metadata import prepare_metadata, report_unmatched, with_metadata
 from lookalike.pipeline.reuse import current_index_if_same, list_files, plan_reuse, reused_items
 from lookalike.pipeline.sources import common_folder, corpus_pattern, corpus_root, read_list_file
 from lookalike.pipeline.summary import (EmbedSummary, counter_values, read_dead_letters, read_embeddings, read_items,
@@ -66,7 +69,7 @@ def write_reused(run: EmbedRun, items: pa.Table, index_build: tuple[str, dict[st
     """Nothing changed: write the reused items as the run's shards (and index shards) without
     Beam; returns the counts the pipeline would have reported."""
     for shard, table in split_by_shard(items, run.num_shards):
-        table = concat_sorted([table], run.schema)
+        table = with_metadata([table], run.schema, run.metadata)
         write_items_shard(f"{run.run_dir}/embeddings", shard, run.num_shards, table)
         if index_build is not None:
             build_index_shard(*index_build, shard, table)
@@ -105,6 +108,9 @@ def _execute(run: EmbedRun, started: float, index_build: tuple[str, dict[str, An
     summary = summarize(run.run_dir.name, run.run_dir, run.meta["version"], run.total, config.runner, counted,
                         time.perf_counter() - started,
                         files_read=run.total if config.tfds else None)  # TFDS: every selected example is read
+    if run.metadata is not None and summary.items:
+        unmatched = report_unmatched(run.metadata, read_items(run.run_dir, ("id", "group")))
+        summary.metadata = {**run.metadata.record(), "unmatched_ids": unmatched}
     if summary.items == 0:
         (run.run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
         if run.total == 0:
@@ -165,6 +171,7 @@ def run_embed(config: EmbedConfig) -> EmbedSummary:
     model_dir = store.require_model(config.model_version)
     meta = read_model_meta(model_dir)
     config, corpus = _resolve_corpus(config, store)
+    metadata = prepare_metadata(config.metadata) if config.metadata else None  # checked before anything is written
     pattern, root = corpus_pattern(corpus), corpus_root(corpus)
     run_name = check_version_name(config.run_name or time.strftime("e-%Y%m%dT%H%M%S", time.gmtime()))
     run_dir = store.embedding_run_dir(run_name)
@@ -178,7 +185,8 @@ def run_embed(config: EmbedConfig) -> EmbedSummary:
     # The source is checked before the run folder exists: a missing data set or split is an error, not a folder.
     tfds_ranges = example_ranges(TfdsSpec.parse(config.tfds, config.tfds_data_dir)) if config.tfds else None
     run_dir.mkdir(parents=True)
-    run = EmbedRun(config, store, meta, str(model_dir), pattern, root, run_dir, total=0, tfds_ranges=tfds_ranges)
+    run = EmbedRun(config, store, meta, str(model_dir), pattern, root, run_dir, total=0, tfds_ranges=tfds_ranges,
+                   metadata=metadata)
     try:
         return _list_and_run(run, started)
     except BaseException:
@@ -255,9 +263,11 @@ def _publish(run: EmbedRun, started: float, reused: pa.Table | None) -> EmbedSum
 
     options = replace(run.config.index, num_shards=min(run.num_shards, run.total))
     params = resolve_options(run.total, options)
+    metadata_sha256 = run.metadata.sha256 if run.metadata is not None else None
     if reused is not None:
         built = sum(1 for _ in split_by_shard(reused.select(["id"]), run.num_shards))
-        current = current_index_if_same(run.store, run.meta["version"], {**params, "num_shards": built}, reused)
+        current = current_index_if_same(run.store, run.meta["version"], {**params, "num_shards": built}, reused,
+                                        metadata_sha256)
         if current is not None:
             summary = _execute(run, started, None, reused)
             summary.index_version = current
@@ -274,10 +284,11 @@ def _publish(run: EmbedRun, started: float, reused: pa.Table | None) -> EmbedSum
             # Nothing new embedded (a source the plan could not settle before the pipeline, such
             # as a TFDS data set, every item taken from the cache): CURRENT stays if it holds these items.
             items = read_items(run.run_dir, ("id", "uri", "content_hash"))
-            current = current_index_if_same(run.store, run.meta["version"], built, items)
+            current = current_index_if_same(run.store, run.meta["version"], built, items, metadata_sha256)
             if current is not None:
                 raise _KeepCurrent(current)
-        assemble_index(tmp, shards, model_version=run.meta["version"], params=built, options=options)
+        assemble_index(tmp, shards, model_version=run.meta["version"], params=built, options=options,
+                       metadata=run.metadata.record() if run.metadata is not None else None)
 
     try:
         index_version = publish_atomically(run.store, write, make_current=True, reason=f"embed run {run.run_dir.name}")

@@ -12,7 +12,7 @@
       -> BatchRowsFn (one batch behind): cache file per batch; Arrow items table per shard
            |       files unchanged by path, size, mtime (listed before) --> ReusedItemsFn
       GroupByKey(shard) <- (shard, items table) <-----------------------------+      |
-      -> concatenated, sorted by id -> WriteParquetShardFn (embeddings-SSSSS-of-NNNNN)
+      -> concatenated, sorted by id, --metadata joined -> WriteParquetShardFn (embeddings-SSSSS-of-NNNNN)
                                     \-> BuildIndexShardFn (ScaNN shard)              |
                                    GroupByKey -> WriteJsonlFn (dead_letter) <-------+
       all sinks -> Done   (one final transform: the Dask runner computes only the last)
@@ -59,7 +59,8 @@ from lookalike.pipeline.cache import WriteFileIndexFn, cache_dir
 from lookalike.pipeline.elements import EmbeddedBatch, ItemBatch, Routed, ShardTable
 from lookalike.pipeline.index_shards import BuildIndexShardFn
 from lookalike.pipeline.inference import FlaxEncoderHandler
-from lookalike.pipeline.items import concat_sorted, embedding_schema
+from lookalike.pipeline.items import embedding_schema
+from lookalike.pipeline.metadata import MetadataSpec, with_metadata
 from lookalike.pipeline.reuse import ReusedItemsFn, ReusePlan
 from lookalike.pipeline.sources import CACHED, DEAD, FILE, NEW, ReadSourceFn, read_list_file
 from lookalike.pipeline.tfds_source import ReadTfdsRangeFn, TfdsSpec, example_ranges
@@ -91,6 +92,7 @@ class EmbedConfig:
     publish: bool = True
     incremental: bool = False
     sampling: FrameSampling = field(default_factory=FrameSampling)
+    metadata: str | None = None  # a JSONL, CSV or Parquet file of item metadata, joined by id (pipeline.metadata)
 
 
 @dataclass
@@ -110,6 +112,7 @@ class EmbedRun:
     listing_file: str | None = None  # the files to read (listed before the run), chunked by size
     chunks: list[tuple[int, int]] | None = None  # [start, stop) rows of listing_file, one element each
     tfds_ranges: list[tuple[str, int, int]] | None = None  # a TFDS source's (split, start, stop) example ranges, one element each
+    metadata: MetadataSpec | None = None  # the checked --metadata file, joined onto every shard
 
     @property
     def files_to_read(self) -> int:
@@ -244,11 +247,12 @@ def build_pipeline(p: beam.Pipeline, run: EmbedRun, index_build: tuple[str, dict
             .with_output_types(ShardTable)
         )
         items = (items, old_items) | "AllItems" >> beam.Flatten()
-    schema = run.schema
+    schema, metadata = run.schema, run.metadata
     shards = (
         items
         | "GroupShards" >> beam.GroupByKey()
-        | "SortShards" >> beam.Map(lambda kv: (kv[0], concat_sorted(list(kv[1]), schema))).with_output_types(ShardTable)
+        | "SortShards" >> beam.Map(lambda kv: (kv[0], with_metadata(list(kv[1]), schema, metadata)))
+        .with_output_types(ShardTable)
     )
     sinks = [shards | "WriteParquet" >> beam.ParDo(WriteParquetShardFn(f"{run.run_dir}/embeddings", run.num_shards))]
     if index_build is not None:

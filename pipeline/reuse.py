@@ -7,7 +7,8 @@ become items column by column (``reused_items``, Arrow, no object per item) and 
 new items by shard, inside the pipeline (``ReusedItemsFn``; files whose bytes are known
 under another path or mtime arrive there too) or, when nothing at all changed, without
 starting Beam. An unchanged corpus whose items equal those of the served index built by
-the same model with the same parameters keeps that index (``current_index_if_same``); so
+the same model with the same parameters and the same ``--metadata`` file (by sha256) keeps
+that index (``current_index_if_same``); so
 does a run whose pipeline embedded nothing new (``embed._publish``: TFDS examples and
 listed files are only known unchanged once read and hashed).
 """
@@ -167,9 +168,11 @@ class ReusedItemsFn(beam.DoFn):
             yield from split_by_shard(reused_items(cache, files, **self._expand), self._num_shards)
 
 
-def current_index_if_same(store: Store, model_version: str, params: dict[str, Any], items: pa.Table) -> str | None:
-    """The CURRENT index version when it was built by ``model_version`` with ``params`` and
-    holds exactly ``items`` (same ids, uris and content hashes), else None."""
+def current_index_if_same(store: Store, model_version: str, params: dict[str, Any], items: pa.Table,
+                          metadata_sha256: str | None = None) -> str | None:
+    """The CURRENT index version when it was built by ``model_version`` with ``params``, with
+    the metadata file of sha256 ``metadata_sha256`` (None: none), and holds exactly ``items``
+    (same ids, uris and content hashes), else None."""
     version = store.current_index()
     if not version:
         return None
@@ -179,6 +182,10 @@ def current_index_if_same(store: Store, model_version: str, params: dict[str, An
         same_params = manifest.get("build") == json.loads(json.dumps(params, default=lambda o: o.item()))
         edited = (manifest.get("updates") or {}).get("parent_version")  # upserts/deletes since the build
         if manifest.get("model_version") != model_version or not same_params or edited:
+            return None
+        if (manifest.get("metadata") or {}).get("sha256") != metadata_sha256:
+            log.info("the current index %s was built with %s: building a new one", version,
+                     "another metadata file" if metadata_sha256 else "a metadata file, this run has none")
             return None
         columns = ["id", "uri", "content_hash"]
         tables = [pq.read_table(folder / s["name"] / "items.parquet", columns=columns) for s in manifest["shards"]]

@@ -40,6 +40,9 @@ class EmbedSummary:
     items_per_s: float
     runner: str
     dead_letter_examples: list[dict[str, str]]
+    # The --metadata file joined onto the items: path, sha256, rows, columns and how many of
+    # its ids matched no item (unmatched_ids); None without one.
+    metadata: dict[str, Any] | None = None
 
 
 def counts_from_items(items: pa.Table) -> dict[str, int]:

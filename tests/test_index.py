@@ -307,7 +307,7 @@ def test_a_list_column_filters_by_membership_on_built_and_upserted_rows(tmp_path
     assert index.search(query, k=5, where={"no_such_column": "x"})[0] == []
     index.upsert([{"id": "new-1", "tags": ["rare", "new"]}, {"id": "new-2", "tags": ["dog"]}, {"id": "new-3", "tags": None}],
                  np.stack([query, query, query]))
-    assert [f.id for f in index.search(query, k=3, where={"tags": "rare"})[0]][0] == "new-1"
+    assert index.search(query, k=3, where={"tags": "rare"})[0][0].id == "new-1"
     assert [f.id for f in index.search(query, k=3, where={"tags": "new"})[0]] == ["new-1"]
     from lookalike.index.filtered import live_matches
 

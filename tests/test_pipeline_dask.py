@@ -54,10 +54,13 @@ def test_dask_cluster_gives_the_same_embeddings_and_dead_letters(tmp_path, index
     shutil.copytree(indexed_store.root / "models", workdir / "models")
     corpus = tmp_path / "corpus"
     shutil.copytree(indexed_store.corpus_dir, corpus)
+    tagged = sorted(p.relative_to(corpus).as_posix() for p in corpus.rglob("*.png"))[::3]
     (corpus / "0" / "broken.png").write_text("not an image")
+    metadata = tmp_path / "meta.csv"  # read by path on the workers
+    metadata.write_text("id,source,tags\n" + "".join(f"{i},dask,a;b\n" for i in tagged))
     summary = run_embed(EmbedConfig(
         workdir=str(workdir), corpus=str(corpus), runner="dask",
-        beam_args=[f"--dask_client_address={dask_cluster}"], num_shards=2,
+        beam_args=[f"--dask_client_address={dask_cluster}"], num_shards=2, metadata=str(metadata),
     ))
     assert summary.failed == 1 and summary.dead_letter_examples[0]["uri"].endswith("broken.png")
     emb_dask, items_dask = read_embeddings(workdir / "embeddings" / summary.run)
@@ -71,6 +74,8 @@ def test_dask_cluster_gives_the_same_embeddings_and_dead_letters(tmp_path, index
     index = ItemIndex.load(workdir / "indexes" / summary.index_version)  # built shard by shard on the workers
     assert len(index.manifest["shards"]) == 2 and len(index) == len(items_local)
     assert index.search(emb_dask[:5], k=1)[0][0].id == items_dask.column("id")[0].as_py()
+    found = index.search(emb_dask[0], k=len(index), where={"tags": "b", "source": "dask"})[0]
+    assert sorted(n.id for n in found) == tagged and summary.metadata["unmatched_ids"] == 0
 
 
 def test_a_tfds_run_on_dask_reports_the_examples_read(tmp_path, trained_store, tfds_dir, dask_cluster):
