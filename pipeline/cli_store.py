@@ -7,7 +7,8 @@ import argparse
 import logging
 import sys
 
-from lookalike.pipeline.cli_options import POSITIVE, _add_train_config, _add_workdir, _float_in, _print_json, _train_config
+from lookalike.pipeline.cli_options import (POSITIVE, _add_train_config, _add_workdir, _float_in, _print_json, _train_config,
+                                            add_metadata_option)
 
 log = logging.getLogger("lookalike")
 
@@ -24,7 +25,7 @@ def cmd_reindex(args: argparse.Namespace) -> int:
         corpus=args.corpus, min_improvement=args.min_improvement,
         force=args.force, target_recall=args.target_recall, min_canary_overlap=args.min_canary_overlap,
         min_canary_self=args.min_canary_self, min_items_ratio=args.min_items_ratio,
-        keep_versions=args.keep, num_workers=args.num_workers,
+        keep_versions=args.keep, num_workers=args.num_workers, metadata=args.metadata,
     )
     try:
         report = run_reindex(config)
@@ -84,6 +85,7 @@ def add_store_commands(sub) -> None:
                       "from its model.json, so the candidate warm-starts; digits when nothing is served yet); "
                       "--set overrides apply either way")
     p.add_argument("--corpus", default=None, help="labelled image folder (default WORKDIR/corpus)")
+    add_metadata_option(p)
     p.add_argument("--min-improvement", type=float, default=0.0,
                    help="the candidate's MAP@R must beat the served model's by more than this (default 0)")
     p.add_argument("--force", action="store_true", help="use the candidate even if it is not better")

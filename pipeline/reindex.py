@@ -10,7 +10,8 @@ Steps (each timed, logged and written into the run report):
    less than half left is made again): MAP@R and Recall@K. The candidate
    goes on only if its MAP@R beats the current one by ``min_improvement`` (or ``force``).
 3. ``embed``: the Beam pipeline, incremental (the cache is per model version, so a new
-   model re-embeds everything and an unchanged one embeds only new or changed media).
+   model re-embeds everything and an unchanged one embeds only new or changed media),
+   with the ``metadata`` file joined onto the items (a changed file alone is an update).
 4. ``build``: a new index version, autotuned, written aside (not yet served).
 5. ``validate``: ANN recall at or above target, every matched file either indexed or
    dead-lettered, encoder and index compatible, at least ``min_items_ratio`` of the served
@@ -76,6 +77,7 @@ class ReindexConfig:
     num_workers: int = 1
     eval_per_class: int = 30
     num_canaries: int = 20
+    metadata: str | None = None  # item metadata joined by id (embed --metadata); a changed file publishes a new index
 
 
 @dataclass
@@ -246,11 +248,15 @@ def _embed_build_promote(config: ReindexConfig, store: Store, report: ReindexRep
 
     with step("embed"):
         summary = run_embed(EmbedConfig(workdir=str(store.root), corpus=str(corpus), model_version=model,
-                                        incremental=True, publish=False, num_workers=config.num_workers))
+                                        incremental=True, publish=False, num_workers=config.num_workers,
+                                        metadata=config.metadata))
         report.metrics["embed"] = {k: getattr(summary, k) for k in ("run", "files_matched", "items", "embedded", "unchanged", "failed")}
         embeddings, items = read_embeddings(Path(summary.run_dir))
     new_items = set(zip(items.column("id").to_pylist(), items.column("content_hash").to_pylist()))
-    if current_index is not None and model == current_index.model_version \
+    metadata = {k: v for k, v in summary.metadata.items() if k != "unmatched_ids"} if summary.metadata else None
+    same_metadata = (current_index.manifest.get("metadata") or {}).get("sha256") == (metadata or {}).get("sha256") \
+        if current_index is not None else False
+    if current_index is not None and model == current_index.model_version and same_metadata \
             and new_items == {(i["id"], i.get("content_hash")) for i in current_index.items}:
         return False
     candidate = new_index_version()
@@ -258,8 +264,8 @@ def _embed_build_promote(config: ReindexConfig, store: Store, report: ReindexRep
     try:
         with step("build"):
             options = IndexOptions(target_recall=config.target_recall)
-            report.new_index = build_and_publish(store, embeddings, items, model_version=model,
-                                                 options=options, make_current=False, version=candidate)
+            report.new_index = build_and_publish(store, embeddings, items, model_version=model, options=options,
+                                                 make_current=False, version=candidate, metadata=metadata)
         with step("validate"):
             validate(store, report, summary, current_index, config, model_changed=model != report.current_model)
         with step("promote"):

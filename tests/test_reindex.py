@@ -372,3 +372,20 @@ def test_versions_commands_refuse_while_a_reindex_holds_the_lock(store):
         assert store.current_index() == second and store.index_dir(first).is_dir()
     rollback(store)
     assert store.current_index() == first
+
+
+def test_a_changed_metadata_file_alone_publishes_and_an_unchanged_one_keeps_current(store, tiny_config, tmp_path):
+    barely = apply_overrides(tiny_config, ["num_steps=1", "embed_dim=4"])  # rejected: the served model re-embeds
+    ids = probe_ids(store)
+    metadata = tmp_path / "meta.jsonl"
+    metadata.write_text("".join(json.dumps({"id": i, "source": "lab", "tags": ["probe"]}) + "\n" for i in ids))
+    config = ReindexConfig(workdir=str(store.root), train=barely, metadata=str(metadata))
+    tagged = run_reindex(config)
+    assert (tagged.outcome, tagged.exit_code) == ("corpus_updated", 4), tagged.reason
+    index = ItemIndex.load(store.require_current_index())
+    assert index.manifest["metadata"]["path"] == str(metadata) and tagged.metrics["embed"]["embedded"] == 0
+    found = index.search(index.embeddings[0], k=10, where={"tags": "probe", "source": "lab"})[0]
+    assert sorted(n.id for n in found) == sorted(ids)
+    again = run_reindex(config)
+    assert (again.outcome, again.exit_code) == ("kept_current", 3), again.reason
+    assert store.current_index() == tagged.new_index
