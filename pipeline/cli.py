@@ -68,8 +68,9 @@ def cmd_query(args: argparse.Namespace) -> int:
     from lookalike.serving.client import SearchClient, format_results
 
     client = SearchClient(args.url)
-    filters = {key: value for key, value in (("kind", args.kind), ("group", args.group or None),
-                                              ("max_per_group", args.max_per_group)) if value is not None}
+    filters = {key: value for key, value in (("kind", args.kind), ("group", args.group or None), ("source", args.source or None),
+                                              ("tag", args.tag or None), ("max_per_group", args.max_per_group))
+               if value is not None}
     if args.image:
         response = client.search_image(args.image, k=args.k, **filters)
     elif args.id:
@@ -239,6 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-k", type=POSITIVE, default=10, help="number of results (1-100)")
     p.add_argument("--kind", choices=["image", "frame"], default=None, help="only images or only video frames")
     p.add_argument("--group", action="append", default=[], help="only this group / video id (repeatable)")
+    p.add_argument("--source", action="append", default=[], help="only items of this source (metadata; repeatable)")
+    p.add_argument("--tag", action="append", default=[], help="only items with this tag (metadata; repeatable: any of them)")
     p.add_argument("--max-per-group", type=POSITIVE, default=None, help="at most M results per video or group")
     p.add_argument("--json", action="store_true", help="print the raw JSON response")
     p.set_defaults(func=cmd_query)

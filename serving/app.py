@@ -47,6 +47,8 @@ from lookalike.serving.params import (
     ItemId,
     KindFilter,
     PerGroup,
+    SourceFilter,
+    TagFilter,
     errors,
 )
 from lookalike.serving.queries import (
@@ -235,11 +237,11 @@ def create_app(
         responses=errors(413, 422, 503),
     )
     async def search_image(
-        request: Request, backend: BackendDep, k: K = DEFAULT_K,
-        kind: KindFilter = None, group: GroupFilter = None, max_per_group: PerGroup = None,
+        request: Request, backend: BackendDep, k: K = DEFAULT_K, kind: KindFilter = None, group: GroupFilter = None,
+        source: SourceFilter = None, tag: TagFilter = None, max_per_group: PerGroup = None,
     ) -> Response:
         """Items that look like the uploaded image, most similar first."""
-        return await image_search(request, backend, k, Filters.of(kind, group, max_per_group))
+        return await image_search(request, backend, k, Filters.of(kind, group, max_per_group, source, tag))
 
     async def image_search(request: Request, backend: Backend, k: int, filters: Filters) -> Response:
         upload: list[Any] = []
@@ -330,14 +332,14 @@ def create_app(
     @app.get("/v1/items/{item_id:path}/similar", response_model=SearchResponse, tags=["items"], responses=errors(404, 422, 503),
              dependencies=STRICT_QUERY)
     async def similar(
-        item_id: ItemId, backend: BackendDep, engine: EngineDep, k: K = DEFAULT_K,
-        kind: KindFilter = None, group: GroupFilter = None, max_per_group: PerGroup = None,
+        item_id: ItemId, backend: BackendDep, engine: EngineDep, k: K = DEFAULT_K, kind: KindFilter = None,
+        group: GroupFilter = None, source: SourceFilter = None, tag: TagFilter = None, max_per_group: PerGroup = None,
     ) -> Response:
         """Items that look like an indexed item (the item itself excluded)."""
         row = backend.index.row_of(item_id)
         if row is None:
             raise unknown_item(item_id)
-        filters = Filters.of(kind, group, max_per_group)
+        filters = Filters.of(kind, group, max_per_group, source, tag)
         item = SearchItem(backend, backend.index.embeddings[row], k, filters, exclude_row=row)
         neighbors = await search_or_422(engine, item)
         return json_text_response(search_response(backend, echo("item", k, filters, id=item_id), neighbors))

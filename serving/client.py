@@ -77,7 +77,7 @@ class SearchClient:
         return self._request("GET", "/v1/info")
 
     def search_image(self, image: str | os.PathLike | bytes, k: int = 10, **filters: Any) -> dict[str, Any]:
-        """Search by an image file (path) or its bytes; ``filters``: kind, group (list), max_per_group."""
+        """Search by an image file (path) or its bytes; ``filters``: kind, group, source and tag (lists), max_per_group."""
         name, data = read_image(image)
         files = {"file": (name, data, "application/octet-stream")}
         return self._request("POST", "/v1/search/image", params=query_params(k, filters), files=files)
@@ -113,10 +113,13 @@ class SearchClient:
         return self._request("GET", f"/v1/items/{quote(item_id, safe='')}")
 
 
+SEARCH_FILTERS = ("kind", "group", "source", "tag", "max_per_group")
+
+
 def drop_none(filters: dict[str, Any]) -> dict[str, Any]:
-    unknown = set(filters) - {"kind", "group", "max_per_group"}
+    unknown = set(filters) - set(SEARCH_FILTERS)
     if unknown:
-        raise TypeError(f"unknown search filter(s) {sorted(unknown)}: use kind, group or max_per_group")
+        raise TypeError(f"unknown search filter(s) {sorted(unknown)}: use {', '.join(SEARCH_FILTERS)}")
     return {key: value for key, value in filters.items() if value is not None}
 
 

@@ -65,12 +65,19 @@ class Filters:
     max_per_group: int | None = None
 
     @classmethod
-    def of(cls, kind: str | None = None, group: Sequence[str] | None = None, max_per_group: int | None = None) -> "Filters":
+    def of(cls, kind: str | None = None, group: Sequence[str] | None = None, max_per_group: int | None = None,
+           source: Sequence[str] | None = None, tag: Sequence[str] | None = None) -> "Filters":
+        """The filters of a request: ``kind`` (one), ``group``, ``source`` and ``tag`` (any of the
+        values given; the ``tags`` column's lists must hold one), ANDed together."""
         where: dict[str, Any] = {}
         if kind is not None:
             where["kind"] = kind
         if group:
             where["group"] = list(group)
+        if source:
+            where["source"] = list(source)
+        if tag:
+            where["tags"] = list(tag)
         return cls(where, max_per_group)
 
     @property

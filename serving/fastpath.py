@@ -44,7 +44,7 @@ FastHandler = Callable[[Request], Awaitable[Response | None]]
 # A count in 1..999 written plainly (no sign, space, leading zero or underscore): read the
 # same by int() and by pydantic; anything else goes to FastAPI for its verdict.
 _PLAIN_COUNT = re.compile(r"[1-9][0-9]{0,2}")
-_FILTER_PARAMS = ("kind", "group", "max_per_group")
+_FILTER_PARAMS = ("kind", "group", "source", "tag", "max_per_group")
 _SEARCH_PARAMS = frozenset(("k", *_FILTER_PARAMS))
 
 
@@ -206,7 +206,7 @@ def _count(values: list[str]) -> int | None:
 
 def search_params(query_string: bytes) -> tuple[int, Filters] | None:
     """``k`` and the filters of a search's query string when FastAPI would accept them with
-    these very values (``k``, ``kind``, ``group``, ``max_per_group`` as declared in
+    these very values (``k``, ``kind``, ``group``, ``source``, ``tag``, ``max_per_group`` as declared in
     ``lookalike.serving.app``); None for anything else, errors included, and for any
     other parameter (FastAPI answers 422 naming it: ``queries.no_unknown_query_params``)."""
     if not query_string:
@@ -227,14 +227,14 @@ def search_params(query_string: bytes) -> tuple[int, Filters] | None:
         if len(kinds) != 1 or kinds[0] not in KINDS:
             return None
         kind = kinds[0]
-    group = params.getlist("group") or None
-    if group is not None and len(group) > MAX_K:
+    group, source, tag = (params.getlist(name) or None for name in ("group", "source", "tag"))
+    if any(values is not None and len(values) > MAX_K for values in (group, source, tag)):
         return None
     if "max_per_group" in params:
         max_per_group = _count(params.getlist("max_per_group"))
         if max_per_group is None:
             return None
-    return k, Filters.of(kind, group, max_per_group)
+    return k, Filters.of(kind, group, max_per_group, source, tag)
 
 
 def json_body(request: Request, body: bytes) -> Any:

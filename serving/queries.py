@@ -95,12 +95,13 @@ def echo(type_: str, k: int, filters: Filters, *, filename: str | None = None, b
     """A ``QueryEcho``: what was searched for, as the server understood it."""
     return {
         "type": type_, "k": k, "filename": filename, "bytes": bytes, "dim": dim, "id": id,
-        "kind": filters.where.get("kind"), "group": filters.where.get("group"), "max_per_group": filters.max_per_group,
+        "kind": filters.where.get("kind"), "group": filters.where.get("group"), "source": filters.where.get("source"),
+        "tag": filters.where.get("tags"), "max_per_group": filters.max_per_group,
     }
 
 
 def filters_of(body: FilterFields) -> Filters:
-    return Filters.of(body.kind, body.group, body.max_per_group)
+    return Filters.of(body.kind, body.group, body.max_per_group, body.source, body.tag)
 
 
 def unit_query(backend: Backend, vector: list[float]) -> np.ndarray:

@@ -28,6 +28,8 @@ class QueryEcho(BaseModel):
     id: str | None = Field(None, description="item id (similar-item queries)")
     kind: Kind | None = Field(None, description="only items of this kind were searched")
     group: list[str] | None = Field(None, description="only items of these groups (videos) were searched")
+    source: list[str] | None = Field(None, description="only items of these sources were searched")
+    tag: list[str] | None = Field(None, description="only items holding one of these tags were searched")
     max_per_group: int | None = Field(None, description="at most this many results per group (video)")
 
 
@@ -57,6 +59,12 @@ class FilterFields(BaseModel):
 
     kind: Kind | None = Field(None, description="only items of this kind ('image' or 'frame')")
     group: list[str] | None = Field(None, max_length=MAX_K, description="only items of these groups (video ids)")
+    source: list[str] | None = Field(None, max_length=MAX_K, description=(
+        "only items whose 'source' metadata is one of these values (from `lookalike embed --metadata FILE`; "
+        "an index without it matches nothing)"))
+    tag: list[str] | None = Field(None, max_length=MAX_K, description=(
+        "only items whose 'tags' metadata list holds one of these tags (from `lookalike embed --metadata FILE`; "
+        "an index without it matches nothing)"))
     max_per_group: int | None = Field(None, ge=1, le=MAX_K, description="at most this many results per group (video)")
 
 

@@ -68,6 +68,37 @@ def indexed_store(tmp_path_factory, trained_store):
     return Store.at(workdir)
 
 
+def digit_metadata(item_id: str) -> dict | None:
+    """The sidecar metadata ``tagged_store`` gives an item of the digits corpus: source
+    'scanner' for even digits and 'web' for odd ones, tags ['even'] or ['odd'] plus 'three'
+    for the 3s; the 9s get no row (null metadata)."""
+    digit = int(item_id.split("/")[0])
+    if digit == 9:
+        return None
+    tags = ["odd" if digit % 2 else "even"] + (["three"] if digit == 3 else [])
+    return {"id": item_id, "source": "web" if digit % 2 else "scanner", "tags": tags}
+
+
+@pytest.fixture(scope="session")
+def tagged_store(tmp_path_factory, indexed_store):
+    """A copy of ``indexed_store`` whose CURRENT index carries ``digit_metadata``, joined by
+    ``embed --metadata`` (incremental: every embedding reused from the cache)."""
+    import json
+
+    from lookalike.model.store import Store
+    from lookalike.pipeline.embed import EmbedConfig, run_embed
+
+    workdir = tmp_path_factory.mktemp("tagged")
+    shutil.copytree(indexed_store.root, workdir, dirs_exist_ok=True)
+    ids = sorted(p.relative_to(workdir / "corpus").as_posix() for p in (workdir / "corpus").rglob("*.png"))
+    rows = [row for row in map(digit_metadata, ids) if row is not None]
+    metadata = workdir / "metadata.jsonl"
+    metadata.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    summary = run_embed(EmbedConfig(workdir=str(workdir), metadata=str(metadata), incremental=True))
+    assert summary.embedded == 0 and summary.metadata["unmatched_ids"] == 0
+    return Store.at(workdir)
+
+
 def free_port() -> int:
     import socket
 

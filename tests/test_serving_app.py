@@ -122,7 +122,7 @@ def test_image_search_multipart_finds_the_file_itself(http: httpx.Client, query_
     body = check_found_itself(response, 5)
     assert body["query"] == {
         "type": "image", "k": 5, "filename": "q.png", "bytes": len(query_bytes), "dim": None, "id": None,
-        "kind": None, "group": None, "max_per_group": None,
+        "kind": None, "group": None, "source": None, "tag": None, "max_per_group": None,
     }
     assert body["model_version"] == backend.encoder.version
     assert body["index_version"] == backend.index.version

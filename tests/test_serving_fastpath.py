@@ -27,8 +27,9 @@ QUERY_ID = "3/digit_0003.png"
 
 
 @pytest.fixture(scope="module")
-def backend(indexed_store: Store) -> Backend:
-    return load_backend(indexed_store.root)
+def backend(tagged_store: Store) -> Backend:
+    """The tiny store with source and tags metadata (conftest's ``tagged_store``)."""
+    return load_backend(tagged_store.root)
 
 
 def fast_routes(app: FastAPI) -> dict[str, FastRoute]:
@@ -83,15 +84,17 @@ def same_answer(servers, method: str, url: str, **kwargs) -> tuple[httpx.Respons
 
 
 @pytest.fixture(scope="module")
-def query_png(indexed_store: Store) -> bytes:
-    return (indexed_store.corpus_dir / QUERY_ID).read_bytes()
+def query_png(tagged_store: Store) -> bytes:
+    return (tagged_store.corpus_dir / QUERY_ID).read_bytes()
 
 
 ACCEPTED_QUERIES = ["", "k=5", "k=1", f"k={MAX_K}", "kind=image", "kind=frame&k=3", "group=3&group=7", "group=",
-                    "max_per_group=2", "k=%35", "kind=image&group=3&max_per_group=1&k=7"]
+                    "max_per_group=2", "k=%35", "kind=image&group=3&max_per_group=1&k=7", "tag=odd", "tag=three&tag=even&k=20",
+                    "source=web", "source=web&source=scanner&tag=odd&kind=image&max_per_group=1", "tag=", "source=nowhere"]
 REFUSED_QUERIES = ["k=0", f"k={MAX_K + 1}", "k=05", "k=+5", "k=%205", "k=5&k=6", "k=", "k=1e1", "k=five", "kind=video",
                    "kind=image&kind=frame", "max_per_group=0", "max_per_group=x", "max_per_group=1&max_per_group=2",
-                   "&".join(["group=g"] * (MAX_K + 1)), "k=4&unknown=x", "max_per_grop=1", "k=4&K=5"]
+                   "&".join(["group=g"] * (MAX_K + 1)), "k=4&unknown=x", "max_per_grop=1", "k=4&K=5",
+                   "&".join(["tag=t"] * (MAX_K + 1)), "&".join(["source=s"] * (MAX_K + 1)), "tags=odd", "Tag=odd"]
 
 
 @pytest.mark.parametrize("query", ACCEPTED_QUERIES + REFUSED_QUERIES)
@@ -125,6 +128,7 @@ def vector_bodies(dim: int) -> list[tuple[bytes, str, bool]]:
         (json.dumps({"vector": v}), "application/json"),
         (json.dumps({"vector": v, "k": 3, "kind": "image", "max_per_group": 1}), "application/json"),
         (json.dumps({"vector": v, "k": "4", "group": ["3"]}), "application/json; charset=utf-8"),
+        (json.dumps({"vector": v, "k": 9, "tag": ["three", "even"], "source": ["web"]}), "application/json"),
         (json.dumps({"vector": [str(x) for x in v]}), "Application/JSON"),
         (json.dumps({"vector": [0.0] * dim}), "application/json"),  # 422 from the endpoint itself, on both paths
         (json.dumps({"vector": v[:-1]}), "application/json"),  # wrong length: same
@@ -135,6 +139,8 @@ def vector_bodies(dim: int) -> list[tuple[bytes, str, bool]]:
         (json.dumps({"vector": v, "k": MAX_K + 1}), "application/json"),
         (json.dumps({"vector": v, "kind": "video"}), "application/json"),
         (json.dumps({"vector": v, "extra": True}), "application/json"),  # unknown fields: FastAPI's 422
+        (json.dumps({"vector": v, "tags": ["odd"]}), "application/json"),
+        (json.dumps({"vector": v, "tag": "odd"}), "application/json"),  # a list, as group
         (json.dumps({"k": 3}), "application/json"),
         (json.dumps([v]), "application/json"),
         ("{not json", "application/json"),
@@ -176,6 +182,8 @@ def test_search_params_read_what_fastapi_reads() -> None:
     assert search_params(b"kind=frame&group=a&group=b%2Fc&max_per_group=2") == (
         DEFAULT_K, Filters.of("frame", ["a", "b/c"], 2))
     assert search_params(b"k=100&max_per_group=100") == (100, Filters.of(max_per_group=100))
+    assert search_params(b"tag=a&source=s&tag=b%20c") == (DEFAULT_K, Filters.of(source=["s"], tag=["a", "b c"]))
+    assert Filters.of(source=["s"], tag=["a"]).where == {"source": ["s"], "tags": ["a"]}  # tag filters the tags column
     for refused in (b"k=0", b"k=101", b"k=007", b"k=-1", b"k=1.0", b"kind=", b"max_per_group=101"):
         assert search_params(refused) is None, refused
 
@@ -227,3 +235,13 @@ def test_a_fast_handler_that_fails_leaves_the_request_to_fastapi_once(backend: B
     assert len(response.json()["results"]) == 2
     assert len(calls) == 1 and json.loads(calls[0])["k"] == 2
     assert 'lookalike_requests_total{endpoint="/v1/search/vector",method="POST",status="200"} 1.0' in metrics
+
+
+def test_source_and_tag_are_answered_on_the_fast_path_with_filtered_results(servers, query_png: bytes, backend: Backend) -> None:
+    response, outcomes = same_answer(servers, "POST", "/v1/search/image?k=25&tag=odd&source=web", content=query_png,
+                                     headers={"content-type": "image/png"})
+    assert outcomes == [("/v1/search/image", True)]
+    results = response.json()["results"]
+    tags = {item["id"]: item["tags"] for item in backend.index.items}
+    assert len(results) == 25 and all("odd" in tags[r["id"]] for r in results)
+    assert response.json()["query"]["source"] == ["web"]

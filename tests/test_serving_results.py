@@ -129,7 +129,7 @@ def test_responses_have_exactly_the_documented_shape(backend: Backend, indexed_s
     assert answers["vector"].json()["results"][0]["id"] == backend.index.items[3]["id"]
     assert answers["image"].json()["query"] | {"filename": None} == {
         "type": "image", "k": 3, "filename": None, "bytes": len(image), "dim": None, "id": None,
-        "kind": None, "group": None, "max_per_group": 2,
+        "kind": None, "group": None, "source": None, "tag": None, "max_per_group": 2,
     }
     assert batch.status_code == 200
     assert BatchSearchResponse.model_validate(batch.json()).model_dump(mode="json") == batch.json()

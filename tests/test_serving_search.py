@@ -1,11 +1,13 @@
 """Filters, crowding and batch search over HTTP, on an index that mixes images and
 video frames: the tiny store's embeddings republished with 60 items relabelled as
-frames of three videos (ids ``video<n>#t=<seconds>``, group = video id).
+frames of three videos (ids ``video<n>#t=<seconds>``, group = video id); and the
+``source`` and ``tag`` filters on conftest's ``tagged_store`` (``embed --metadata``).
 """
 
 from __future__ import annotations
 
 import base64
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +22,7 @@ from lookalike.index.searcher import ItemIndex
 from lookalike.model.store import Store
 from lookalike.serving.app import create_app
 from lookalike.serving.backend import Backend, load_backend
-from lookalike.serving.schemas import MAX_BATCH_QUERIES
+from lookalike.serving.schemas import MAX_BATCH_QUERIES, MAX_K
 from lookalike.serving.server import serve_in_thread
 
 FRAMES = 60
@@ -135,3 +137,84 @@ def test_batch_rejects_bad_queries(http: httpx.Client, body: dict, status: int, 
     response = http.post("/v1/search/batch", json=body)
     assert response.status_code == status, response.text
     assert reason in response.text
+
+
+# --- sidecar metadata: source and tag ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tagged(tagged_store: Store) -> Iterator[tuple[httpx.Client, Backend]]:
+    """The real server on ``tagged_store`` (conftest: digits with source and tags from ``embed --metadata``)."""
+    backend = load_backend(tagged_store.root)
+    with serve_in_thread(create_app(lambda: backend)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        yield client, backend
+
+
+def digits_of(results: list[dict]) -> set[int]:
+    return {int(r["id"].split("/")[0]) for r in results}
+
+
+def test_source_and_tag_filter_every_search_endpoint(tagged) -> None:
+    http, backend = tagged
+    query_id = "3/digit_0003.png"
+    png = Path(backend.index.items[backend.index.row_of(query_id)]["uri"]).read_bytes()
+    vector = backend.index.embeddings[backend.index.row_of(query_id)].tolist()
+    odd = http.post("/v1/search/image", params=[("k", 30), ("tag", "odd")], content=png).json()
+    assert len(odd["results"]) == 30 and digits_of(odd["results"]) <= {1, 3, 5, 7}  # 9s have no metadata
+    assert odd["query"]["tag"] == ["odd"] and odd["query"]["source"] is None
+    either = http.post("/v1/search/image?k=40&tag=three&tag=even", content=png).json()["results"]
+    assert len(either) == 40 and digits_of(either) <= {0, 2, 3, 4, 6, 8} and 3 in digits_of(either)
+    assert http.post("/v1/search/image?k=5&source=web&tag=even", content=png).json()["results"] == []  # AND
+    sources = http.post("/v1/search/image?k=40&source=scanner&source=web", content=png).json()["results"]
+    assert len(sources) == 40 and 9 not in digits_of(sources)
+    threes = http.post("/v1/search/vector", json={"vector": vector, "k": 50, "tag": ["three"], "source": ["web"]}).json()
+    assert digits_of(threes["results"]) == {3} and threes["results"][0]["id"] == query_id
+    assert len(threes["results"]) == sum(1 for item in backend.index.items if item["id"].startswith("3/"))
+    assert threes["query"]["source"] == ["web"]
+    similar = http.get(f"/v1/items/{query_id}/similar", params=[("k", 10), ("tag", "three")]).json()
+    assert len(similar["results"]) == 10 and digits_of(similar["results"]) == {3}
+    assert query_id not in [r["id"] for r in similar["results"]] and similar["query"]["tag"] == ["three"]
+    batch = http.post("/v1/search/batch", json={"queries": [{"vector": vector}, {"id": query_id}], "k": 8,
+                                                "source": ["scanner"], "kind": "image"}).json()["responses"]
+    assert all(len(r["results"]) == 8 and digits_of(r["results"]) <= {0, 2, 4, 6, 8} for r in batch)
+    assert http.post("/v1/search/image?k=5&tag=purple", content=png).json()["results"] == []
+
+
+def test_a_metadata_filter_on_an_index_without_that_column_matches_nothing(http: httpx.Client, backend: Backend) -> None:
+    vector = backend.index.embeddings[0].tolist()
+    response = http.post("/v1/search/vector", json={"vector": vector, "k": 5, "tag": ["odd"]})
+    assert response.status_code == 200 and response.json()["results"] == []
+    item_id = quote(backend.index.items[0]["id"], safe="")
+    assert http.get(f"/v1/items/{item_id}/similar?source=web").json()["results"] == []
+
+
+def test_source_and_tag_are_documented_and_checked(tagged) -> None:
+    http, _ = tagged
+    spec = http.get("/openapi.json").json()
+    for path, method in (("/v1/search/image", "post"), ("/v1/items/{item_id}/similar", "get")):
+        params = {p["name"]: p for p in spec["paths"][path][method]["parameters"]}
+        assert "repeatable" in params["tag"]["description"] and "tags" in params["tag"]["description"]
+        assert "source" in params["source"]["description"] and params["source"]["schema"]["anyOf"][0]["type"] == "array"
+    for model in ("VectorQuery", "BatchSearch"):
+        fields = spec["components"]["schemas"][model]["properties"]
+        assert "--metadata" in fields["tag"]["description"] and "--metadata" in fields["source"]["description"]
+    typo = http.post("/v1/search/image?k=2&tags=odd", content=b"x")
+    assert typo.status_code == 422 and "(this endpoint takes: group, k, kind, max_per_group, source, tag)" in typo.text
+    too_many = http.post("/v1/search/vector", json={"vector": [1.0] * 8, "tag": ["t"] * (MAX_K + 1)})
+    assert too_many.status_code == 422
+
+
+def test_client_and_query_command_pass_source_and_tag(tagged, capsys) -> None:
+    from lookalike.pipeline.cli import main
+    from lookalike.serving.client import SearchClient
+
+    http, _ = tagged
+    url = str(http.base_url).rstrip("/")
+    with SearchClient(url) as client:
+        found = client.similar("3/digit_0003.png", k=5, tag=["three"], source=["web"])
+    assert digits_of(found["results"]) == {3} and found["query"]["tag"] == ["three"]
+    assert main(["query", "--url", url, "--id", "2/digit_0002.png", "-k", "4", "--tag", "odd", "--tag", "three",
+                 "--source", "web", "--json"]) == 0
+    response = json.loads(capsys.readouterr().out)
+    assert len(response["results"]) == 4 and digits_of(response["results"]) <= {1, 3, 5, 7}
+    assert response["query"]["tag"] == ["odd", "three"]
