@@ -161,3 +161,23 @@ def test_frames_show_their_video_and_timestamp(indexed_store, browser, tmp_path:
         assert first["t"].count(":") == 1
         page.close()
     assert target.startswith("clip1.mp4")
+
+
+def test_the_tag_box_filters_image_and_item_searches(tagged_store, browser) -> None:
+    """conftest's tagged_store: odd digits are tagged 'odd', the 3s also 'three'."""
+    backend = load_backend(tagged_store.root)
+    with serve_in_thread(create_app(lambda: backend)) as url:
+        page = browser.new_page()
+        page.goto(url)
+        page.fill("#tag", "three")
+        page.fill("#item-id", "2/digit_0002.png")
+        page.click("#similar-button")
+        page.wait_for_function("() => document.querySelectorAll('#results .result').length > 0")
+        ids = result_ids(page)
+        assert ids and all(i.startswith("3/") for i in ids)
+        page.fill("#tag", " odd, three ,")  # several tags: any of them
+        page.set_input_files("#file-input", str(tagged_store.corpus_dir / "0" / "digit_0000.png"))
+        page.wait_for_function("() => document.querySelector('#results').dataset.query === 'image:digit_0000.png'")
+        ids = result_ids(page)
+        assert len(ids) == 20 and {int(i.split("/")[0]) for i in ids} <= {1, 3, 5, 7}
+        page.close()
