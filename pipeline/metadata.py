@@ -66,6 +66,16 @@ class MetadataSpec:
 
 _loaded: dict[tuple[str, str], pa.Table] = {}  # (path, sha256) -> metadata table, per process
 _lock = threading.Lock()
+LOADED_KEPT = 4  # metadata tables a process keeps (a long-lived process runs many embed jobs)
+
+
+def _remember(key: tuple[str, str], table: pa.Table) -> pa.Table:
+    """Keep ``table`` for ``key`` (caller holds ``_lock``), forgetting the oldest beyond LOADED_KEPT."""
+    _loaded.pop(key, None)
+    _loaded[key] = table
+    while len(_loaded) > LOADED_KEPT:
+        _loaded.pop(next(iter(_loaded)))
+    return table
 
 
 def prepare_metadata(path: str) -> MetadataSpec:
@@ -76,7 +86,7 @@ def prepare_metadata(path: str) -> MetadataSpec:
     sha256 = hashlib.sha256(data).hexdigest()
     table = parse_metadata(data, path)
     with _lock:
-        _loaded[(path, sha256)] = table
+        _remember((path, sha256), table)
     spec = MetadataSpec(path, sha256, table.num_rows, tuple(n for n in table.column_names if n != "id"))
     log.info("metadata %s: %d row(s), column(s) %s (sha256 %s)", path, spec.rows, ", ".join(spec.columns) or "none",
              sha256[:12])
@@ -96,8 +106,7 @@ def load_metadata(spec: MetadataSpec) -> pa.Table:
         if actual != spec.sha256:
             raise MetadataError(f"metadata file {spec.path} changed while the run was going on (sha256 {actual[:12]}, "
                                 f"expected {spec.sha256[:12]}): run again")
-        table = _loaded[key] = parse_metadata(data, spec.path)
-        return table
+        return _remember(key, parse_metadata(data, spec.path))
 
 
 def _read_bytes(path: str) -> bytes:

@@ -64,6 +64,20 @@ def test_a_parquet_id_column_must_hold_strings(tmp_path):
         parse_metadata((tmp_path / "m.parquet").read_bytes(), str(tmp_path / "m.parquet"))
 
 
+def test_workers_read_the_file_by_path_and_refuse_one_changed_since_the_run_began(tmp_path):
+    from lookalike.pipeline import metadata as module
+
+    path = write_jsonl(tmp_path / "m.jsonl", [{"id": "a.png", "tags": ["x"]}])
+    spec = module.prepare_metadata(str(path))
+    assert (spec.path, spec.rows, spec.columns) == (str(path), 1, ("tags",))
+    module._loaded.clear()  # as in a worker process, which has not read it yet
+    assert module.load_metadata(spec).column("tags").to_pylist() == [["x"]]
+    module._loaded.clear()
+    write_jsonl(path, [{"id": "a.png", "tags": ["y"]}])
+    with pytest.raises(MetadataError, match=rf"metadata file {path} changed while the run was going on"):
+        module.load_metadata(spec)
+
+
 def test_the_join_gives_frames_their_videos_row_and_others_nulls():
     items = pa.table({"id": ["a.png", "v.mp4#t=0.000", "v.mp4#t=2.000", "w.mp4#t=0.000", "z.png"],
                       "group": [None, "v.mp4", "v.mp4", "w.mp4", None]})
