@@ -254,11 +254,10 @@ def _embed_build_promote(config: ReindexConfig, store: Store, report: ReindexRep
         embeddings, items = read_embeddings(Path(summary.run_dir))
     new_items = set(zip(items.column("id").to_pylist(), items.column("content_hash").to_pylist()))
     metadata = {k: v for k, v in summary.metadata.items() if k != "unmatched_ids"} if summary.metadata else None
-    same_metadata = (current_index.manifest.get("metadata") or {}).get("sha256") == (metadata or {}).get("sha256") \
-        if current_index is not None else False
-    if current_index is not None and model == current_index.model_version and same_metadata \
+    if current_index is not None and model == current_index.model_version \
+            and (current_index.manifest.get("metadata") or {}).get("sha256") == (metadata or {}).get("sha256") \
             and new_items == {(i["id"], i.get("content_hash")) for i in current_index.items}:
-        return False
+        return False  # same model, items and metadata file: nothing to publish
     candidate = new_index_version()
     mark_candidate(store, candidate)  # a kill from here to promotion leaves it for the next run to remove
     try:
