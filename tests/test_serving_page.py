@@ -181,3 +181,32 @@ def test_the_tag_box_filters_image_and_item_searches(tagged_store, browser) -> N
         ids = result_ids(page)
         assert len(ids) == 20 and {int(i.split("/")[0]) for i in ids} <= {1, 3, 5, 7}
         page.close()
+
+
+# Makes the page's image searches slow (as a big upload is): the request leaves after `ms`.
+SLOW_IMAGE_SEARCH = """ms => {
+  const fetch0 = window.fetch;
+  window.fetch = (url, options) => String(url).includes("/v1/search/image")
+    ? new Promise((resolve) => setTimeout(resolve, ms)).then(() => fetch0(url, options))
+    : fetch0(url, options);
+}"""
+
+
+def test_a_slow_earlier_search_never_overwrites_a_later_one(site, browser) -> None:
+    from playwright.sync_api import expect
+
+    url, workdir, backend = site
+    page = browser.new_page()
+    page.goto(url)
+    page.evaluate(SLOW_IMAGE_SEARCH, 1500)
+    page.set_input_files("#file-input", str(workdir / "corpus" / QUERY_ID))  # slow
+    other = next(i for i in backend.index.items.ids() if i != QUERY_ID)
+    page.fill("#item-id", other)
+    page.click("#similar-button")  # fast, and the one the user wants now
+    results = page.locator("#results")
+    expect(results).to_have_attribute("data-query", f"item:{other}")
+    page.wait_for_timeout(2500)  # the upload's answer would have arrived by now
+    expect(results).to_have_attribute("data-query", f"item:{other}")
+    expect(page.locator("#status")).to_contain_text(f"items like {other}")
+    assert result_ids(page) == [n.id for n in backend.index.similar_to(other, 20)]
+    page.close()
