@@ -120,8 +120,8 @@ def test_upload_results_click_and_footer(site, browser, tmp_path: Path) -> None:
     page.close()
 
 
-def test_frames_show_their_video_and_timestamp(indexed_store, browser, tmp_path: Path) -> None:
-    """Republish the tiny index with some items as video frames; the cards say which video and when."""
+def republish_as_frames(indexed_store, root: Path, video: str = "clip{}.mp4") -> tuple[Path, list[dict]]:
+    """A copy of the tiny store whose items are frames of two videos (``video.format(0 or 1)``), 1.5 s apart."""
     import shutil
 
     import pyarrow as pa
@@ -130,15 +130,21 @@ def test_frames_show_their_video_and_timestamp(indexed_store, browser, tmp_path:
     from lookalike.index.searcher import ItemIndex
     from lookalike.model.store import Store
 
-    store = Store.at(tmp_path / "store")
+    store = Store.at(root)
     shutil.copytree(indexed_store.root, store.root, symlinks=True)
     index = ItemIndex.load(store.require_current_index())
     items = [
-        dict(item, id=f"clip{r % 2}.mp4#t={r * 1.5:.1f}", kind="frame", group=f"clip{r % 2}.mp4", timestamp_s=r * 1.5)
+        dict(item, id=f"{video.format(r % 2)}#t={r * 1.5:.1f}", kind="frame", group=video.format(r % 2), timestamp_s=r * 1.5)
         for r, item in enumerate(index.items)
     ]
     build_and_publish(store, index.embeddings, pa.Table.from_pylist(items), model_version=index.model_version)
-    backend = load_backend(store.root)
+    return store.root, items
+
+
+def test_frames_show_their_video_and_timestamp(indexed_store, browser, tmp_path: Path) -> None:
+    """Republish the tiny index with some items as video frames; the cards say which video and when."""
+    root, items = republish_as_frames(indexed_store, tmp_path / "store")
+    backend = load_backend(root)
     with serve_in_thread(create_app(lambda: backend)) as url:
         page = browser.new_page()
         page.goto(url)
@@ -210,3 +216,37 @@ def test_a_slow_earlier_search_never_overwrites_a_later_one(site, browser) -> No
     expect(page.locator("#status")).to_contain_text(f"items like {other}")
     assert result_ids(page) == [n.id for n in backend.index.similar_to(other, 20)]
     page.close()
+
+
+def test_frame_cards_always_show_the_time(indexed_store, browser, tmp_path: Path) -> None:
+    """Long video names lose their middle, never the frame's time: a badge on the thumbnail
+    and the end of the id and video lines stay visible, on a wide screen and on a phone."""
+    root, items = republish_as_frames(indexed_store, tmp_path / "store", "clips/skvideo_bikes_at_the_crossing_{}.mp4")
+    backend = load_backend(root)
+    with serve_in_thread(create_app(lambda: backend)) as url:
+        for width in (1200, 390):
+            page = browser.new_page(viewport={"width": width, "height": 900})
+            page.goto(url)
+            page.fill("#item-id", items[45]["id"])
+            page.click("#similar-button")
+            page.locator("#results .result").first.wait_for()
+            cards = page.locator("#results .result").evaluate_all("""cards => cards.map(card => {
+              const box = (s) => (s === ".result" ? card : card.querySelector(s)).getBoundingClientRect();
+              const inside = (s, outer) => { const b = box(s), o = box(outer); return b.width > 0 && b.left >= o.left - 0.5 && b.right <= o.right + 0.5 && b.top >= o.top - 0.5 && b.bottom <= o.bottom + 0.5; };
+              return {id: card.dataset.id, time: card.querySelector(".time").textContent,
+                      timeShown: inside(".time", "img"), idTail: card.querySelector(".id .tail").textContent,
+                      idTailShown: inside(".id .tail", ".result"), videoTail: card.querySelector(".video .tail").textContent,
+                      videoTailShown: inside(".video .tail", ".result"),
+                      clipped: card.querySelector(".video .head").scrollWidth > card.querySelector(".video .head").clientWidth};
+            })""")
+            page.screenshot(path=str(tmp_path / f"frames_{width}.png"))
+            assert len(cards) == 20
+            by_id = {item["id"]: item for item in items}
+            for card in cards:
+                t = by_id[card["id"]]["timestamp_s"]
+                clock = f"{int(t // 60)}:{t % 60:05.2f}"
+                assert card["time"] == clock and card["timeShown"], card
+                assert card["idTail"].endswith(card["id"][card["id"].index("#t="):]) and card["idTailShown"], card
+                assert card["videoTail"].endswith(".mp4 @ " + clock) and card["videoTailShown"], card
+            assert width > 1000 or any(c["clipped"] for c in cards), "the names are long enough to be cut on a phone"
+            page.close()
