@@ -26,6 +26,7 @@ from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -88,6 +89,17 @@ def index_quality(manifest: dict[str, Any]) -> dict[str, Any]:
     """The recall (and its k and target) measured when the index was built, from its manifest."""
     tuning = manifest.get("tuning") or {}
     return {key: value for key, value in tuning.items() if value is None or isinstance(value, (int, float, str))}
+
+
+def item_summary(index: Any) -> dict[str, Any]:
+    """How many live items are video frames, and one live item's id (None for an empty index)."""
+    live = index.live_mask()
+    frames = index.items.rows_where({"kind": {"frame"}})
+    first = np.flatnonzero(live)[:1]
+    return {
+        "frame_count": int(np.count_nonzero(live[frames])),
+        "example_item_id": index.items.ids_of(first)[0] if len(first) else None,
+    }
 
 
 def load_page() -> str:
@@ -226,6 +238,7 @@ def create_app(
                 "max_batch": batching.max_batch, "max_embed_batch": batching.max_embed_batch,
                 "max_wait_ms": batching.max_wait_s * 1000, "inline_max_ms": batching.inline_max_s * 1000,
             },
+            **item_summary(index),
         )
 
     @app.post(

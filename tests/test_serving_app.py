@@ -76,6 +76,8 @@ def test_healthz_and_info(http: httpx.Client, backend: Backend, workdir: Path) -
     assert info["same_item_threshold"] == pytest.approx(backend.encoder.same_item_threshold)
     assert info["index_quality"]["recall"] == backend.index.manifest["tuning"]["recall"]  # measured at build
     assert info["last_reload_error"] is None and info["reload_count"] == 0
+    assert info["frame_count"] == 0  # digits only
+    assert backend.index.row_of(info["example_item_id"]) is not None
 
 
 def test_page_is_self_contained_html(http: httpx.Client) -> None:
