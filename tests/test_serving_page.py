@@ -143,6 +143,8 @@ def republish_as_frames(indexed_store, root: Path, video: str = "clip{}.mp4") ->
 
 def test_frames_show_their_video_and_timestamp(indexed_store, browser, tmp_path: Path) -> None:
     """Republish the tiny index with some items as video frames; the cards say which video and when."""
+    from playwright.sync_api import expect
+
     root, items = republish_as_frames(indexed_store, tmp_path / "store")
     backend = load_backend(root)
     with serve_in_thread(create_app(lambda: backend)) as url:
@@ -156,7 +158,8 @@ def test_frames_show_their_video_and_timestamp(indexed_store, browser, tmp_path:
         assert len(videos) == 20 and all(v.startswith("▶ clip") and ".mp4 @ " in v for v in videos)
         page.locator("#preview img").wait_for()
         assert page.locator("#preview img").evaluate("i => i.complete && i.naturalWidth > 0")  # '#' escaped
-        # "one per video": only the two clips remain.
+        # "one per video" (offered since the index has frames): only the two clips remain.
+        expect(page.locator("#per-video-option")).to_be_visible()
         page.check("#per-video")
         page.click("#similar-button")
         page.wait_for_function("() => document.querySelectorAll('#results .result').length === 2")
@@ -250,3 +253,55 @@ def test_frame_cards_always_show_the_time(indexed_store, browser, tmp_path: Path
                 assert card["videoTail"].endswith(".mp4 @ " + clock) and card["videoTailShown"], card
             assert width > 1000 or any(c["clipped"] for c in cards), "the names are long enough to be cut on a phone"
             page.close()
+
+
+def test_options_rerun_an_upload_and_id_searches_live_in_the_url(site, browser) -> None:
+    from urllib.parse import parse_qs, quote, urlsplit
+
+    from playwright.sync_api import expect
+
+    url, workdir, backend = site
+    page = browser.new_page()
+    page.goto(url)
+    example = page.evaluate("() => fetch('/v1/info').then(r => r.json()).then(i => i.example_item_id)")
+    assert backend.index.row_of(example) is not None
+    expect(page.locator("#item-id")).to_have_attribute("placeholder", f"e.g. {example}")  # not a digit for every corpus
+    expect(page.locator("#per-video-option")).to_be_hidden()  # digits only: no videos to crowd
+
+    # Changing "show" after an upload and pressing Find similar re-runs the image search.
+    results = page.locator("#results")
+    page.set_input_files("#file-input", str(workdir / "corpus" / QUERY_ID))
+    expect(results).to_have_attribute("data-query", "image:digit_0003.png")
+    expect(results.locator(".result")).to_have_count(20)
+    page.select_option("#k", "5")
+    page.click("#similar-button")
+    expect(results.locator(".result")).to_have_count(5)
+    expect(results).to_have_attribute("data-query", "image:digit_0003.png")
+
+    # An id search is in the address bar, and back goes back to the search before it.
+    query = lambda: parse_qs(urlsplit(page.url).query)  # noqa: E731
+    other = next(i for i in backend.index.items.ids() if i != QUERY_ID)
+    page.fill("#item-id", other)
+    page.click("#similar-button")
+    expect(results).to_have_attribute("data-query", f"item:{other}")
+    assert query() == {"id": [other], "k": ["5"]}
+    clicked = results.locator(".result").nth(2).get_attribute("data-id")
+    results.locator(".result").nth(2).click()
+    expect(results).to_have_attribute("data-query", f"item:{clicked}")
+    assert query()["id"] == [clicked]
+    page.go_back()
+    expect(results).to_have_attribute("data-query", f"item:{other}")
+    expect(page.locator("#item-id")).to_have_value(other)
+    page.go_back()  # the upload: searched again with the kept image
+    expect(results).to_have_attribute("data-query", "image:digit_0003.png")
+    expect(page.locator("#item-id")).to_have_value("")
+    page.go_forward()
+    expect(results).to_have_attribute("data-query", f"item:{other}")
+
+    # A shared link opens with its search and options.
+    page.goto(f"{url}/?id={quote(QUERY_ID, safe='')}&k=10")
+    expect(results).to_have_attribute("data-query", f"item:{QUERY_ID}")
+    expect(results.locator(".result")).to_have_count(10)
+    expect(page.locator("#k")).to_have_value("10")
+    expect(page.locator("#item-id")).to_have_value(QUERY_ID)
+    page.close()
