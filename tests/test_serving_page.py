@@ -305,3 +305,53 @@ def test_options_rerun_an_upload_and_id_searches_live_in_the_url(site, browser) 
     expect(page.locator("#k")).to_have_value("10")
     expect(page.locator("#item-id")).to_have_value(QUERY_ID)
     page.close()
+
+
+def test_feedback_when_the_server_is_down_stuck_or_a_thumbnail_broken(site, browser) -> None:
+    from playwright.sync_api import expect
+
+    url, workdir, backend = site
+    results, status = None, None
+
+    # Down: the page says the server cannot be reached (not "Failed to fetch").
+    with serve_in_thread(create_app(lambda: backend)) as gone:
+        page = browser.new_page()
+        page.goto(gone)
+        expect(page.locator("#footer .index-version")).to_have_text(backend.index.version)
+    page.fill("#item-id", QUERY_ID)
+    page.click("#similar-button")
+    status = page.locator("#status")
+    expect(status).to_have_attribute("data-state", "error")
+    expect(status).to_contain_text("Cannot reach the server at " + gone.split("//")[1])
+    page.close()
+
+    # Stuck: the old results are marked stale at once, then a timeout says so and clears them.
+    page = browser.new_page()
+    page.goto(url)
+    results, status = page.locator("#results"), page.locator("#status")
+    page.fill("#item-id", QUERY_ID)
+    page.click("#similar-button")
+    expect(results.locator(".result")).to_have_count(20)
+    held = []
+    page.route(lambda u: "/similar" in u, lambda r: held.append(r))  # never answered
+    page.evaluate("() => { searchTimeoutMs = 1500; }")
+    results.locator(".result").first.click()
+    expect(results).to_have_class("stale")
+    expect(status).to_contain_text("Searching")
+    expect(status).to_contain_text("did not answer within 1.5 s", timeout=5000)
+    expect(status).to_have_attribute("data-state", "error")
+    expect(results.locator(".result")).to_have_count(0)
+    expect(results).not_to_have_class("stale")
+    assert held, "the search was sent"
+    page.unroute_all(behavior="ignoreErrors")
+
+    # A thumbnail that does not load: "no preview" in its place, no broken-image icon or alt text.
+    page.route(lambda u: "/thumbnail" in u and "/similar" not in u, lambda r: r.fulfill(status=404, body="gone"))
+    page.fill("#item-id", QUERY_ID)
+    page.click("#similar-button")
+    expect(results.locator(".result")).to_have_count(20)
+    expect(results.locator(".result .none")).to_have_count(20)
+    expect(results.locator(".result img")).to_have_count(0)
+    box = results.locator(".result .none").first.bounding_box()
+    assert box["width"] >= 96 and abs(box["width"] - box["height"]) < 2, "it keeps the thumbnail's square"
+    page.close()
