@@ -355,3 +355,34 @@ def test_feedback_when_the_server_is_down_stuck_or_a_thumbnail_broken(site, brow
     box = results.locator(".result .none").first.bounding_box()
     assert box["width"] >= 96 and abs(box["width"] - box["height"]) < 2, "it keeps the thumbnail's square"
     page.close()
+
+
+def test_keyboard_search_from_a_result_keeps_focus_on_the_results(site, browser) -> None:
+    from playwright.sync_api import expect
+
+    url, workdir, backend = site
+    page = browser.new_page()
+    page.goto(url)
+    results = page.locator("#results")
+    page.fill("#item-id", QUERY_ID)
+    page.press("#item-id", "Enter")
+    expect(results.locator(".result")).to_have_count(20)
+    expect(page.locator("#status")).to_have_attribute("aria-live", "polite")  # results are announced
+    target = results.locator(".result").nth(3)
+    target_id = target.get_attribute("data-id")
+    target.focus()
+    page.keyboard.press("Enter")
+    expect(results).to_have_attribute("data-query", f"item:{target_id}")
+    first = results.locator(".result").first
+    expect(first).to_be_focused()  # not <body>: no tabbing through the form again
+    page.keyboard.press("Tab")
+    expect(results.locator(".result").nth(1)).to_be_focused()
+    page.keyboard.press("Space")  # and again, with Space
+    expect(results).not_to_have_attribute("data-query", f"item:{target_id}")
+    expect(results.locator(".result").first).to_be_focused()
+    # A failed search from a result leaves focus on the message.
+    page.route(lambda u: "/similar" in u, lambda r: r.fulfill(status=404, json={"detail": "unknown item id 'x'"}))
+    page.keyboard.press("Enter")
+    expect(page.locator("#status")).to_have_text("unknown item id 'x'")
+    expect(page.locator("#status")).to_be_focused()
+    page.close()
