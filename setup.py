@@ -41,6 +41,7 @@ setup(
         "importlib_resources",  # TFDS needs it for builders defined outside a package
         "apache-beam",
         "fastapi",
+        "fastapi-offline",  # Swagger UI and ReDoc files for /docs and /redoc, served without a CDN
         "uvicorn",
         "httptools",  # uvicorn's fast HTTP parser (about 2x vector-query throughput)
         "uvloop",

@@ -30,6 +30,7 @@ import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 
 from lookalike.serving.admin import AdminAuth, admin_router, watch_store
 from lookalike.serving.backend import Backend
@@ -173,7 +174,11 @@ def create_app(
             await asyncio.gather(*tasks, return_exceptions=True)
             await engine.stop()
 
-    app = FastAPI(
+    # FastAPIOffline: FastAPI whose /docs (Swagger UI) loads its script and styles from this
+    # server (/static-offline-docs), not from a CDN, so it works offline. No /redoc: ReDoc
+    # still fetches its logo from cdn.redoc.ly.
+    app = FastAPIOffline(
+        redoc_url=None,
         title="lookalike",
         summary="Visual similarity search: find the indexed images that look like a query.",
         version="1",

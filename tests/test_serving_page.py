@@ -386,3 +386,31 @@ def test_keyboard_search_from_a_result_keeps_focus_on_the_results(site, browser)
     expect(page.locator("#status")).to_have_text("unknown item id 'x'")
     expect(page.locator("#status")).to_be_focused()
     page.close()
+
+
+def test_api_docs_render_offline(site, browser) -> None:
+    """/docs (Swagger UI) shows the operations with every request kept on the server
+    (FastAPI's default loads it from cdn.jsdelivr.net: a blank page offline)."""
+    from playwright.sync_api import expect
+
+    url, workdir, backend = site
+    page = browser.new_page()
+    outside = []
+
+    def local_only(route) -> None:
+        if route.request.url.startswith(url + "/"):
+            route.continue_()
+        else:
+            outside.append(route.request.url)
+            route.abort()  # as with no internet
+
+    page.route("**/*", local_only)
+    page.goto(url + "/docs")
+    expect(page.locator(".opblock-summary-path").first).to_be_visible()  # Swagger UI ran
+    paths = page.locator(".opblock-summary-path").all_text_contents()
+    assert "/v1/search/image" in paths and "/v1/info" in paths
+    assert outside == []
+    assert page.request.get(url + "/redoc").status == 404  # ReDoc would fetch its logo from cdn.redoc.ly
+    page.goto(url + "/")
+    expect(page.locator("#footer a[href='/docs']")).to_be_visible()  # the page links the docs
+    page.close()
