@@ -279,7 +279,9 @@ def test_options_rerun_an_upload_and_id_searches_live_in_the_url(site, browser) 
     expect(results).to_have_attribute("data-query", "image:digit_0003.png")
 
     # An id search is in the address bar, and back goes back to the search before it.
-    query = lambda: parse_qs(urlsplit(page.url).query)  # noqa: E731
+    def query() -> dict[str, list[str]]:
+        return parse_qs(urlsplit(page.url).query)
+
     other = next(i for i in backend.index.items.ids() if i != QUERY_ID)
     page.fill("#item-id", other)
     page.click("#similar-button")
@@ -310,8 +312,7 @@ def test_options_rerun_an_upload_and_id_searches_live_in_the_url(site, browser) 
 def test_feedback_when_the_server_is_down_stuck_or_a_thumbnail_broken(site, browser) -> None:
     from playwright.sync_api import expect
 
-    url, workdir, backend = site
-    results, status = None, None
+    url, _, backend = site
 
     # Down: the page says the server cannot be reached (not "Failed to fetch").
     with serve_in_thread(create_app(lambda: backend)) as gone:
@@ -360,7 +361,7 @@ def test_feedback_when_the_server_is_down_stuck_or_a_thumbnail_broken(site, brow
 def test_keyboard_search_from_a_result_keeps_focus_on_the_results(site, browser) -> None:
     from playwright.sync_api import expect
 
-    url, workdir, backend = site
+    url = site[0]
     page = browser.new_page()
     page.goto(url)
     results = page.locator("#results")
@@ -393,7 +394,7 @@ def test_api_docs_render_offline(site, browser) -> None:
     (FastAPI's default loads it from cdn.jsdelivr.net: a blank page offline)."""
     from playwright.sync_api import expect
 
-    url, workdir, backend = site
+    url = site[0]
     page = browser.new_page()
     outside = []
 
