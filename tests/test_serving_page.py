@@ -254,6 +254,29 @@ def test_frame_cards_always_show_the_time(indexed_store, browser, tmp_path: Path
             assert width > 1000 or any(c["clipped"] for c in cards), "the names are long enough to be cut on a phone"
             page.close()
 
+        # A video's wide frame is letterboxed in the square box: the badges sit on the picture, not in the bands.
+        import io
+
+        from PIL import Image
+
+        wide = io.BytesIO()
+        Image.new("RGB", (64, 16), (40, 120, 200)).save(wide, "PNG")
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.route(lambda u: u.endswith("/thumbnail"), lambda r: r.fulfill(body=wide.getvalue(), content_type="image/png"))
+        page.goto(url)
+        page.fill("#item-id", items[45]["id"])
+        page.click("#similar-button")
+        page.wait_for_function("() => [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth)")
+        placed = page.locator("#results .result").first.evaluate("""card => {
+          const img = card.querySelector("img").getBoundingClientRect();
+          const h = img.width * 16 / 64, top = img.top + (img.height - h) / 2, bottom = top + h;
+          const on = (s) => { const b = card.querySelector(s).getBoundingClientRect(); return b.top >= top - 0.5 && b.bottom <= bottom + 0.5; };
+          return {time: on(".time"), rank: on(".rank")};
+        }""")
+        assert placed == {"time": True, "rank": True}
+        page.screenshot(path=str(tmp_path / "frames_wide.png"))
+        page.close()
+
 
 def test_options_rerun_an_upload_and_id_searches_live_in_the_url(site, browser) -> None:
     from urllib.parse import parse_qs, quote, urlsplit
