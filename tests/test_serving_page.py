@@ -184,6 +184,9 @@ def test_the_tag_box_filters_image_and_item_searches(tagged_store, browser) -> N
         page.wait_for_function("() => document.querySelectorAll('#results .result').length > 0")
         ids = result_ids(page)
         assert ids and all(i.startswith("3/") for i in ids)
+        page.reload()  # the tag is part of the search's address, like k
+        page.wait_for_function("() => document.querySelectorAll('#results .result').length > 0")
+        assert page.input_value("#tag") == "three" and result_ids(page) == ids
         page.fill("#tag", " odd, three ,")  # several tags: any of them
         page.set_input_files("#file-input", str(tagged_store.corpus_dir / "0" / "digit_0000.png"))
         page.wait_for_function("() => document.querySelector('#results').dataset.query === 'image:digit_0000.png'")
