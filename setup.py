@@ -41,7 +41,7 @@ setup(
         "importlib_resources",  # TFDS needs it for builders defined outside a package
         "apache-beam",
         "fastapi",
-        "fastapi-offline",  # Swagger UI and ReDoc files for /docs and /redoc, served without a CDN
+        "fastapi-offline",  # Swagger UI files for /docs, served without a CDN (/redoc is off: it fetches a logo)
         "uvicorn",
         "httptools",  # uvicorn's fast HTTP parser (about 2x vector-query throughput)
         "uvloop",
