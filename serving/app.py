@@ -29,13 +29,15 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi_offline import FastAPIOffline
 
 from lookalike.serving.admin import AdminAuth, admin_router, watch_store
+from lookalike.serving.items import items_router
 from lookalike.serving.backend import Backend
 from lookalike.serving.engine import BatchingConfig, Filters, QueryEngine, SearchItem
-from lookalike.serving.fastpath import FastRoute, dispatch_fast_first, fast_routes_first, json_body, search_params, set_fast_path
+from lookalike.serving.fastpath import FastRoute, dispatch_fast_first, fast_routes_first, search_params, set_fast_path
 from lookalike.serving.heap import settle
 from lookalike.serving.limits import BodySizeLimit
 from lookalike.serving.metrics import CONTENT_TYPE, RequestMetrics, ServingMetrics
@@ -44,9 +46,7 @@ from lookalike.serving.params import (
     K,
     STRICT_QUERY,
     BackendDep,
-    EngineDep,
     GroupFilter,
-    ItemId,
     KindFilter,
     PerGroup,
     SourceFilter,
@@ -56,7 +56,6 @@ from lookalike.serving.params import (
 from lookalike.serving.queries import (
     echo,
     filters_of,
-    item_or_404,
     read_upload,
     search_by_image,
     search_or_422,
@@ -71,14 +70,13 @@ from lookalike.serving.schemas import (
     BatchSearchResponse,
     Health,
     Info,
-    ItemMetadata,
     Ready,
     SearchResponse,
     VectorQuery,
 )
-from lookalike.serving.results import group_of, item_url, json_text_response
+from lookalike.serving.results import json_text_response
 from lookalike.serving.swap import DEFAULT_WATCH_INTERVAL_S, BackendSlot, StoreReloader
-from lookalike.serving.thumbnails import ThumbnailUnavailable, etag_matches, render_thumbnail
+from lookalike.serving.validation import parse_json_body, validation_error_handler
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +193,7 @@ def create_app(
     app.add_middleware(BodySizeLimit, limit=max_upload_bytes, slack=MULTIPART_OVERHEAD_BYTES)
     app.add_middleware(RequestMetrics, metrics=metrics)
     app.include_router(admin_router)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)  # type: ignore[arg-type]
     page = load_page()
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
@@ -296,21 +295,26 @@ def create_app(
         backend = slot.backend
         if backend is None or request.scope["query_string"]:  # it takes no query parameter: FastAPI's 422
             return None
-        try:
-            body = VectorQuery.model_validate(json_body(request, await request.body()))
-        except HTTPException:  # 413 while reading
-            raise
-        except Exception:  # anything else (not JSON, invalid, client gone): FastAPI's answer
-            return None
-        return await vector_search(body, backend)
+        body = await parse_json_body(request, VectorQuery)  # 413 while reading, 422 when invalid
+        return None if body is None else await vector_search(body, backend)
 
     set_fast_path(app, "/v1/search/image", "POST", search_image_fast)
     set_fast_path(app, "/v1/search/vector", "POST", search_vector_fast)
 
     @app.post("/v1/search/batch", response_model=BatchSearchResponse, tags=["search"], responses=errors(404, 413, 422, 503),
               dependencies=STRICT_QUERY)
-    async def search_batch(body: BatchSearch, backend: BackendDep, engine: EngineDep) -> Response:
+    async def search_batch(body: BatchSearch, backend: BackendDep) -> Response:
         """Several queries (vectors, item ids, base64 images) in one call; one response per query."""
+        return await batch_search(body, backend)
+
+    async def search_batch_fast(request: Request) -> Response | None:
+        backend = slot.backend
+        if backend is None or request.scope["query_string"]:  # it takes no query parameter: FastAPI's 422
+            return None
+        body = await parse_json_body(request, BatchSearch)  # 413 while reading, 422 when invalid
+        return None if body is None else await batch_search(body, backend)
+
+    async def batch_search(body: BatchSearch, backend: Backend) -> Response:
         filters = filters_of(body)
 
         async def one(i: int, q: BatchQuery) -> str:
@@ -345,63 +349,9 @@ def create_app(
             for task in tasks:
                 task.cancel()
 
-    # The /similar and /thumbnail routes come before the catch-all metadata route:
-    # {item_id:path} would otherwise swallow the suffix.
-    @app.get("/v1/items/{item_id:path}/similar", response_model=SearchResponse, tags=["items"], responses=errors(404, 422, 503),
-             dependencies=STRICT_QUERY)
-    async def similar(
-        item_id: ItemId, backend: BackendDep, engine: EngineDep, k: K = DEFAULT_K, kind: KindFilter = None,
-        group: GroupFilter = None, source: SourceFilter = None, tag: TagFilter = None, max_per_group: PerGroup = None,
-    ) -> Response:
-        """Items that look like an indexed item (the item itself excluded)."""
-        row = backend.index.row_of(item_id)
-        if row is None:
-            raise unknown_item(item_id)
-        filters = Filters.of(kind, group, max_per_group, source, tag)
-        item = SearchItem(backend, backend.index.embeddings[row], k, filters, exclude_row=row)
-        neighbors = await search_or_422(engine, item)
-        return json_text_response(search_response(backend, echo("item", k, filters, id=item_id), neighbors))
 
-    # A static resource: GET and HEAD, conditional on its ETag, and a query string (a page's
-    # cache-busting ?v=...) is ignored rather than refused.
-    @app.api_route(
-        "/v1/items/{item_id:path}/thumbnail",
-        methods=["GET", "HEAD"],
-        response_class=Response,
-        tags=["items"],
-        responses={200: {"content": {"image/png": {}}}, 304: {"description": "not modified (If-None-Match)"},
-                   **errors(404, 503)},
-    )
-    def thumbnail(item_id: ItemId, backend: BackendDep, request: Request) -> Response:
-        """A PNG preview of the item's image (never upscaled)."""
-        item = item_or_404(backend, item_id)
-        headers = {"Cache-Control": "public, max-age=3600"}
-        if item.get("content_hash"):  # same bytes, same preview: no need to render to compare
-            headers["ETag"] = f'"{item["content_hash"][:32]}-{item.get("timestamp_s") or 0}"'
-            if etag_matches(request.headers.get("if-none-match"), headers["ETag"]):
-                return Response(status_code=304, headers=headers)
-        try:
-            png = render_thumbnail(item)
-        except ThumbnailUnavailable as e:
-            raise HTTPException(status_code=404, detail=str(e)) from None
-        return Response(png, media_type="image/png", headers=headers)
-
-    @app.get("/v1/items/{item_id:path}", response_model=ItemMetadata, tags=["items"], responses=errors(404, 422, 503),
-             dependencies=STRICT_QUERY)
-    def item_metadata(item_id: ItemId, backend: BackendDep) -> ItemMetadata:
-        """What the index knows about an item (its file path on the server is not exposed)."""
-        item = item_or_404(backend, item_id)
-        return ItemMetadata(
-            id=item_id,
-            kind=item.get("kind") or "image",
-            width=item.get("width"),
-            height=item.get("height"),
-            content_hash=item.get("content_hash"),
-            timestamp_s=item.get("timestamp_s"),
-            group=group_of(item),
-            thumbnail_url=item_url(item_id, "/thumbnail"),
-            similar_url=item_url(item_id, "/similar"),
-        )
+    set_fast_path(app, "/v1/search/batch", "POST", search_batch_fast)
+    app.include_router(items_router)
 
     fast_routes_first(app)
     dispatch_fast_first(app, metrics, max_body=max_upload_bytes + MULTIPART_OVERHEAD_BYTES)

@@ -21,13 +21,13 @@ what those layers would do for a request the fast handler answers.
 from __future__ import annotations
 
 import inspect
-import json
 import re
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 from starlette.datastructures import QueryParams
@@ -121,7 +121,7 @@ class FastDispatch:
         request = Request(scope, recording_receive, send)
         try:
             response = await fast(request)
-        except HTTPException as e:
+        except (HTTPException, RequestValidationError) as e:
             response = await self._handled(request, e)
         except Exception:  # the full stack answers (500 for a bug), as without the fast path
             response = None
@@ -148,7 +148,7 @@ class FastDispatch:
                 declared = value
         return declared is not None and declared.isdigit() and int(declared) <= self.max_body
 
-    async def _handled(self, request: Request, exc: HTTPException) -> Response | None:
+    async def _handled(self, request: Request, exc: Exception) -> Response | None:
         """The app's answer to ``exc`` (its exception handler's), None if it has none."""
         handlers = self.fastapi_app.exception_handlers
         for cls in type(exc).__mro__:
@@ -235,15 +235,3 @@ def search_params(query_string: bytes) -> tuple[int, Filters] | None:
         if max_per_group is None:
             return None
     return k, Filters.of(kind, group, max_per_group, source, tag)
-
-
-def json_body(request: Request, body: bytes) -> Any:
-    """``body`` parsed as FastAPI parses a JSON body (json.loads), when the request says it is
-    ``application/json``; None when it does not or the body is not JSON (FastAPI decides then)."""
-    content_type = request.headers.get("content-type", "")
-    if content_type.partition(";")[0].strip().lower() != "application/json" or not body:
-        return None
-    try:
-        return json.loads(body)
-    except Exception:  # FastAPI answers 422 (bad JSON) or 400 (e.g. nested too deep)
-        return None

@@ -13,6 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 MAX_K = 100
 DEFAULT_K = 10
 MAX_BATCH_QUERIES = 64
+# Longest query vector accepted: checked before any element is, so a huge array is refused at once.
+MAX_DIM = 8192
 KINDS = ("image", "frame")
 Kind = Literal["image", "frame"]
 
@@ -69,7 +71,7 @@ class FilterFields(BaseModel):
 
 
 class VectorQuery(FilterFields):
-    vector: list[float] = Field(description="a query embedding of the index's dimension (see /v1/info)")
+    vector: list[float] = Field(max_length=MAX_DIM, description="a query embedding of the index's dimension (see /v1/info)")
     k: int = Field(DEFAULT_K, ge=1, le=MAX_K)
 
 
@@ -79,7 +81,7 @@ class BatchQuery(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    vector: list[float] | None = Field(None, description="a query embedding")
+    vector: list[float] | None = Field(None, max_length=MAX_DIM, description="a query embedding of the index's dimension")
     id: str | None = Field(None, description="an indexed item id: items like it (itself excluded)")
     image_base64: str | None = Field(None, description="an image file, base64-encoded")
 

@@ -64,7 +64,7 @@ class Outcomes:
 @pytest.fixture(scope="module")
 def servers(backend: Backend) -> Iterator[tuple[httpx.Client, httpx.Client, Outcomes]]:
     fast_app, plain_app = create_app(lambda: backend), create_app(lambda: backend)
-    assert set(fast_routes(fast_app)) == {"/v1/search/image", "/v1/search/vector"}
+    assert set(fast_routes(fast_app)) == {"/v1/search/image", "/v1/search/vector", "/v1/search/batch"}
     for route in fast_routes(plain_app).values():
         route.fast = None  # plain FastAPI
     outcomes = Outcomes(fast_app)
@@ -133,16 +133,17 @@ def vector_bodies(dim: int) -> list[tuple[bytes, str, bool]]:
         (json.dumps({"vector": [0.0] * dim}), "application/json"),  # 422 from the endpoint itself, on both paths
         (json.dumps({"vector": v[:-1]}), "application/json"),  # wrong length: same
         ('{"vector": [NaN' + ", 0" * (dim - 1) + "]}", "application/json"),
-    ]
-    refused = [
+        # invalid JSON bodies: the fast path raises FastAPI's 422 itself (not validating twice)
         (json.dumps({"vector": v, "k": 0}), "application/json"),
         (json.dumps({"vector": v, "k": MAX_K + 1}), "application/json"),
         (json.dumps({"vector": v, "kind": "video"}), "application/json"),
-        (json.dumps({"vector": v, "extra": True}), "application/json"),  # unknown fields: FastAPI's 422
+        (json.dumps({"vector": v, "extra": True}), "application/json"),  # unknown fields
         (json.dumps({"vector": v, "tags": ["odd"]}), "application/json"),
         (json.dumps({"vector": v, "tag": "odd"}), "application/json"),  # a list, as group
         (json.dumps({"k": 3}), "application/json"),
         (json.dumps([v]), "application/json"),
+    ]
+    refused = [
         ("{not json", "application/json"),
         ("", "application/json"),
         (json.dumps({"vector": v}), "text/plain"),
@@ -158,6 +159,20 @@ def test_vector_search_answers_as_fastapi(servers, backend: Backend) -> None:
                                          headers={"content-type": content_type})
         # (and a fallback's FastAPI saw the body the fast path had already read: same answer)
         assert outcomes == [("/v1/search/vector", fast)], (body[:80], content_type)
+
+
+def test_batch_search_answers_as_fastapi(servers, backend: Backend) -> None:
+    v = [1.0] + [0.0] * (backend.index.embed_dim - 1)
+    bodies = [
+        ({"queries": [{"vector": v}, {"id": QUERY_ID}], "k": 3}, True),
+        ({"queries": [{"vector": v[:-1]}]}, True),  # the endpoint's own 422
+        ({"queries": [{"id": "no/such.png"}]}, True),  # 404
+        ({"queries": [{"id": QUERY_ID, "k": 2}]}, True),  # invalid: the fast path raises the same 422
+        ({"queries": []}, True),
+    ]
+    for body, fast in bodies:
+        response, outcomes = same_answer(servers, "POST", "/v1/search/batch", json=body)
+        assert outcomes == [("/v1/search/batch", fast)], body
 
 
 def test_vector_search_with_a_query_string_answers_as_fastapi(servers, backend: Backend) -> None:

@@ -1,0 +1,89 @@
+"""The item endpoints: items like an indexed one, its thumbnail and its metadata."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException, Request
+from fastapi.responses import Response
+
+from lookalike.serving.engine import Filters, SearchItem
+from lookalike.serving.params import (
+    K,
+    STRICT_QUERY,
+    BackendDep,
+    EngineDep,
+    GroupFilter,
+    ItemId,
+    KindFilter,
+    PerGroup,
+    SourceFilter,
+    TagFilter,
+    errors,
+)
+from lookalike.serving.queries import echo, item_or_404, search_or_422, search_response, unknown_item
+from lookalike.serving.results import group_of, item_url, json_text_response
+from lookalike.serving.schemas import DEFAULT_K, ItemMetadata, SearchResponse
+from lookalike.serving.thumbnails import ThumbnailUnavailable, etag_matches, render_thumbnail
+
+items_router = APIRouter()
+
+
+# The /similar and /thumbnail routes come before the catch-all metadata route:
+# {item_id:path} would otherwise swallow the suffix.
+@items_router.get("/v1/items/{item_id:path}/similar", response_model=SearchResponse, tags=["items"], responses=errors(404, 422, 503),
+    dependencies=STRICT_QUERY)
+async def similar(
+    item_id: ItemId, backend: BackendDep, engine: EngineDep, k: K = DEFAULT_K, kind: KindFilter = None,
+    group: GroupFilter = None, source: SourceFilter = None, tag: TagFilter = None, max_per_group: PerGroup = None,
+) -> Response:
+    """Items that look like an indexed item (the item itself excluded)."""
+    row = backend.index.row_of(item_id)
+    if row is None:
+        raise unknown_item(item_id)
+    filters = Filters.of(kind, group, max_per_group, source, tag)
+    item = SearchItem(backend, backend.index.embeddings[row], k, filters, exclude_row=row)
+    neighbors = await search_or_422(engine, item)
+    return json_text_response(search_response(backend, echo("item", k, filters, id=item_id), neighbors))
+
+
+# A static resource: GET and HEAD, conditional on its ETag, and a query string (a page's
+# cache-busting ?v=...) is ignored rather than refused.
+@items_router.api_route(
+    "/v1/items/{item_id:path}/thumbnail",
+    methods=["GET", "HEAD"],
+    response_class=Response,
+    tags=["items"],
+    responses={200: {"content": {"image/png": {}}}, 304: {"description": "not modified (If-None-Match)"},
+               **errors(404, 503)},
+)
+def thumbnail(item_id: ItemId, backend: BackendDep, request: Request) -> Response:
+    """A PNG preview of the item's image (never upscaled)."""
+    item = item_or_404(backend, item_id)
+    headers = {"Cache-Control": "public, max-age=3600"}
+    if item.get("content_hash"):  # same bytes, same preview: no need to render to compare
+        headers["ETag"] = f'"{item["content_hash"][:32]}-{item.get("timestamp_s") or 0}"'
+        if etag_matches(request.headers.get("if-none-match"), headers["ETag"]):
+            return Response(status_code=304, headers=headers)
+    try:
+        png = render_thumbnail(item)
+    except ThumbnailUnavailable as e:
+        raise HTTPException(status_code=404, detail=str(e)) from None
+    return Response(png, media_type="image/png", headers=headers)
+
+
+@items_router.get("/v1/items/{item_id:path}", response_model=ItemMetadata, tags=["items"], responses=errors(404, 422, 503),
+    dependencies=STRICT_QUERY)
+def item_metadata(item_id: ItemId, backend: BackendDep) -> ItemMetadata:
+    """What the index knows about an item (its file path on the server is not exposed)."""
+    item = item_or_404(backend, item_id)
+    return ItemMetadata(
+        id=item_id,
+        kind=item.get("kind") or "image",
+        width=item.get("width"),
+        height=item.get("height"),
+        content_hash=item.get("content_hash"),
+        timestamp_s=item.get("timestamp_s"),
+        group=group_of(item),
+        thumbnail_url=item_url(item_id, "/thumbnail"),
+        similar_url=item_url(item_id, "/similar"),
+    )
+

@@ -1,0 +1,96 @@
+"""Bounded request validation: 422 bodies of a bounded size, JSON bodies parsed off the event loop.
+
+A JSON body of a few megabytes that is wrong in every element (a vector of a million
+strings) must not cost the server seconds of event-loop time nor answer with one
+error per element each echoing its input: ``validation_error_handler`` reports the
+first ``MAX_REPORTED_ERRORS`` errors (and ``error_count``, all of them) with long
+inputs shortened, and ``parse_json_body`` parses and validates a large body in a worker
+thread. Vector fields declare a ``max_length`` (``lookalike.serving.schemas.MAX_DIM``), which
+pydantic checks before it validates any element.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, TypeVar
+
+from fastapi.concurrency import run_in_threadpool
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+MAX_REPORTED_ERRORS = 10
+MAX_ECHO_CHARS = 100
+# JSON bodies larger than this are parsed and validated in the thread pool, not on the event loop.
+OFFLOOP_JSON_BYTES = 64 * 1024
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def short_input(value: Any, depth: int = 0) -> Any:
+    """``value`` (an error's ``input``) small enough to echo: long strings cut, large
+    arrays and objects summarised."""
+    if isinstance(value, str):
+        return value if len(value) <= MAX_ECHO_CHARS else value[:MAX_ECHO_CHARS] + f"... ({len(value)} characters)"
+    if isinstance(value, (bytes, bytearray)):
+        return short_input(bytes(value[: MAX_ECHO_CHARS + 1]).decode("utf-8", "replace"), depth) if len(value) <= MAX_ECHO_CHARS \
+            else f"<{len(value)} bytes>"
+    if isinstance(value, (list, tuple)):
+        if len(value) > 10 or depth >= 2:
+            return f"<array of {len(value)} values>"
+        return [short_input(v, depth + 1) for v in value]
+    if isinstance(value, dict):
+        if len(value) > 10 or depth >= 2:
+            return f"<object of {len(value)} fields>"
+        return {short_input(str(k), depth + 1): short_input(v, depth + 1) for k, v in value.items()}
+    return value
+
+
+def bounded_errors(errors: Any) -> tuple[list[dict[str, Any]], int]:
+    """The first MAX_REPORTED_ERRORS of ``errors`` with their inputs shortened, and how many there were."""
+    errors = list(errors)
+    shown = []
+    for error in errors[:MAX_REPORTED_ERRORS]:
+        error = dict(error)
+        if "input" in error:
+            error["input"] = short_input(error["input"])
+        if isinstance(error.get("ctx"), dict):
+            error["ctx"] = {key: short_input(value) for key, value in error["ctx"].items()}
+        shown.append(error)
+    return shown, len(errors)
+
+
+async def validation_error_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 ``{"detail": [first errors], "error_count": n}`` (FastAPI's shape, bounded)."""
+    shown, count = bounded_errors(exc.errors())
+    return JSONResponse({"detail": jsonable_encoder(shown), "error_count": count}, status_code=422)
+
+
+def is_json(request: Request) -> bool:
+    content_type = request.headers.get("content-type", "")
+    return content_type.partition(";")[0].strip().lower() == "application/json"
+
+
+def _parse(model: type[M], body: bytes) -> M | None:
+    try:
+        data = json.loads(body)
+    except Exception:  # FastAPI answers: 422 for bad JSON, 400 for e.g. nesting too deep
+        return None
+    try:
+        return model.model_validate(data, from_attributes=True)  # as FastAPI validates a body
+    except ValidationError as e:  # as FastAPI reports a body's errors, bounded by the handler
+        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors(include_url=False)]) from None
+
+
+async def parse_json_body(request: Request, model: type[M]) -> M | None:
+    """The request's JSON body validated as ``model``; None when it is not JSON (FastAPI then
+    answers as it would); RequestValidationError (FastAPI's 422, same errors) when invalid. A
+    body over OFFLOOP_JSON_BYTES is parsed and validated in the thread pool."""
+    body = await request.body()
+    if not body or not is_json(request):
+        return None
+    if len(body) > OFFLOOP_JSON_BYTES:
+        return await run_in_threadpool(_parse, model, body)
+    return _parse(model, body)

@@ -1,0 +1,92 @@
+"""Malformed JSON bodies cost bounded work and get bounded answers: a huge invalid vector is
+refused by its length before any element is validated, a 422 reports at most the first
+errors (and how many there were) without echoing huge inputs, and the server keeps
+answering other requests meanwhile. Real server on 127.0.0.1, the tiny store from conftest."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from lookalike.model.store import Store
+from lookalike.serving.app import create_app
+from lookalike.serving.backend import Backend, load_backend
+from lookalike.serving.schemas import MAX_DIM
+from lookalike.serving.server import serve_in_thread
+from lookalike.serving.validation import MAX_REPORTED_ERRORS, short_input
+
+QUERY_ID = "3/digit_0003.png"
+
+
+@pytest.fixture(scope="module")
+def backend(indexed_store: Store) -> Backend:
+    return load_backend(indexed_store.root)
+
+
+@pytest.fixture(scope="module")
+def http(backend: Backend) -> Iterator[httpx.Client]:
+    with serve_in_thread(create_app(lambda: backend)) as url, httpx.Client(base_url=url, timeout=60) as client:
+        yield client
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/search/vector", {"vector": ["x"] * 1_000_000}),
+    ("/v1/search/batch", {"queries": [{"vector": ["x"] * 200_000}] * 3}),
+])
+def test_a_huge_invalid_vector_is_refused_by_its_length(http: httpx.Client, path: str, body: dict) -> None:
+    content = json.dumps(body).encode()
+    started = time.perf_counter()
+    response = http.post(path, content=content, headers={"content-type": "application/json"})
+    elapsed = time.perf_counter() - started
+    assert response.status_code == 422, response.text[:500]
+    assert len(response.content) < 10_000, len(response.content)
+    errors = response.json()["detail"]
+    assert errors[0]["type"] == "too_long" and str(MAX_DIM) in errors[0]["msg"], errors[0]
+    assert "array of" in str(errors[0]["input"])  # summarised, not echoed
+    assert elapsed < 5, elapsed
+
+
+def test_many_errors_are_capped_and_counted(http: httpx.Client, backend: Backend) -> None:
+    dim = backend.index.embed_dim
+    body = {"queries": [{"vector": ["x" * 10_000] * dim} for _ in range(20)]}
+    response = http.post("/v1/search/batch", json=body)
+    assert response.status_code == 422
+    payload = response.json()
+    assert len(payload["detail"]) == MAX_REPORTED_ERRORS
+    assert payload["error_count"] == 20 * dim
+    assert all(len(str(e["input"])) < 200 for e in payload["detail"])
+    assert payload["detail"][0]["loc"] == ["body", "queries", 0, "vector", 0]
+
+
+def test_the_server_answers_while_a_large_body_is_validated(http: httpx.Client, backend: Backend) -> None:
+    """A batch of valid-looking but wrong vectors near the body limit: /healthz stays quick meanwhile."""
+    content = json.dumps({"queries": [{"vector": [0.5] * MAX_DIM}] * 64}).encode()  # ~3 MB of floats
+    done = threading.Event()
+    results: list[int] = []
+
+    def post() -> None:
+        results.append(http.post("/v1/search/batch", content=content, headers={"content-type": "application/json"}).status_code)
+        done.set()
+
+    thread = threading.Thread(target=post)
+    thread.start()
+    worst = 0.0
+    while not done.is_set():
+        started = time.perf_counter()
+        assert http.get("/healthz").status_code == 200
+        worst = max(worst, time.perf_counter() - started)
+    thread.join()
+    assert results == [422]  # wrong dimension
+    assert worst < 1.0, worst
+
+
+def test_short_input() -> None:
+    assert short_input("x" * 5) == "x" * 5
+    assert short_input("x" * 1000).endswith("(1000 characters)")
+    assert short_input(list(range(100))) == "<array of 100 values>"
+    assert short_input({"a": [1, 2]}) == {"a": [1, 2]}
