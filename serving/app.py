@@ -17,8 +17,6 @@ range, or a query parameter the endpoint does not take, 404 for an unknown item 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -54,6 +52,7 @@ from lookalike.serving.params import (
     errors,
 )
 from lookalike.serving.queries import (
+    batch_images,
     echo,
     filters_of,
     read_upload,
@@ -316,6 +315,7 @@ def create_app(
 
     async def batch_search(body: BatchSearch, backend: Backend) -> Response:
         filters = filters_of(body)
+        images = batch_images(body.queries, backend.encoder.spec.max_pixels)  # 422 or 413 before any work
 
         async def one(i: int, q: BatchQuery) -> str:
             what = f"queries[{i}]: "
@@ -333,10 +333,7 @@ def create_app(
                 query = backend.index.embeddings[exclude]
                 echoed = echo("item", body.k, filters, id=q.id)
             else:
-                try:
-                    data = base64.b64decode(q.image_base64 or "", validate=True)
-                except (binascii.Error, ValueError) as e:
-                    raise HTTPException(status_code=422, detail=f"{what}image_base64 is not valid base64: {e}") from None
+                data = images[i]
                 neighbors = await search_by_image(engine, backend, data, body.k, filters, what)
                 return search_response(backend, echo("image", body.k, filters, bytes=len(data)), neighbors)
             neighbors = await search_or_422(engine, SearchItem(backend, query, body.k, filters, exclude), what)
@@ -348,7 +345,6 @@ def create_app(
         finally:
             for task in tasks:
                 task.cancel()
-
 
     set_fast_path(app, "/v1/search/batch", "POST", search_batch_fast)
     app.include_router(items_router)

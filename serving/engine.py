@@ -28,6 +28,7 @@ import numpy as np
 from lookalike.index.searcher import Neighbor
 from lookalike.serving.backend import DEFAULT_MAX_EMBED_BATCH, Backend
 from lookalike.serving.batcher import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_S, MicroBatcher
+from lookalike.serving.decode import DecodeSlots, decode_query
 from lookalike.serving.metrics import ServingMetrics
 
 
@@ -168,6 +169,7 @@ class QueryEngine:
     def __init__(self, metrics: ServingMetrics, batching: BatchingConfig = BatchingConfig()):
         self.metrics = metrics
         self.batching = batching
+        self.decode_slots = DecodeSlots()  # large images decode one per CPU at most
         # Image queries: the "embed" batcher (its batch sizes are images per forward).
         self.images: MicroBatcher[ImageQuery, list[Neighbor]] = MicroBatcher(
             "embed", self.run_image_batch, max_batch=batching.max_embed_batch, max_wait_s=batching.max_wait_s,
@@ -245,10 +247,11 @@ class QueryEngine:
         await self.searcher.stop()
 
     def decode(self, backend: Backend, data: bytes) -> np.ndarray:
-        """Image bytes -> [H, W, C] model input (blocking; ImageDecodeError if unusable)."""
+        """Image bytes -> [H, W, C] model input (blocking; ImageDecodeError if unusable); a large
+        image is shrunk while decoding (``lookalike.serving.decode``)."""
         started = time.perf_counter()
         try:
-            return backend.encoder.preprocess(data)
+            return decode_query(data, backend.encoder.spec)
         finally:
             self._observe_decode(time.perf_counter() - started)
 

@@ -9,6 +9,8 @@ never the server's file path).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -20,17 +22,20 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from lookalike.index.searcher import Neighbor
-from lookalike.model.preprocess import ImageDecodeError
+from lookalike.model.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError
 from lookalike.serving.backend import Backend
+from lookalike.serving.decode import LARGE_IMAGE_PIXELS, image_pixels, looks_like_video
 from lookalike.serving.engine import Filters, ImageQuery, QueryEngine, SearchItem
 from lookalike.serving.limits import PayloadTooLarge
 from lookalike.serving.results import search_json
-from lookalike.serving.schemas import FilterFields
+from lookalike.serving.schemas import BatchQuery, FilterFields
 
 UPLOAD_FIELD = "file"
 # Uploads up to this size are decoded in the image batch (well under a millisecond each);
 # larger ones in the thread pool before they join a batch, so a big photo never stalls others.
 INLINE_DECODE_BYTES = 64 * 1024
+# The image queries of one batch request may have this many pixels in all (one image's limit).
+MAX_BATCH_PIXELS = DEFAULT_MAX_PIXELS
 
 
 def declared_query_params(route: Any) -> frozenset[str]:
@@ -143,13 +148,44 @@ async def search_by_image(engine: QueryEngine, backend: Backend, data: bytes | C
             data = await data()
         try:
             image: bytes | np.ndarray = data
-            if len(data) > INLINE_DECODE_BYTES:
+            size = image_pixels(data, backend.encoder.spec.max_pixels)
+            if size is not None and size[0] * size[1] > LARGE_IMAGE_PIXELS:
+                async with engine.decode_slots:  # a bounded number at once: each costs hundreds of MB
+                    image = await run_in_threadpool(engine.decode, backend, data)
+            elif len(data) > INLINE_DECODE_BYTES:
                 image = await run_in_threadpool(engine.decode, backend, data)
             return await expected.submit(ImageQuery(backend, image, k, filters), inline=not filters.active)
         except ImageDecodeError as e:
-            raise HTTPException(status_code=422, detail=f"{what}not a usable image: {e}") from None
+            reason = str(e)
+            if looks_like_video(data):  # (bytes by now)
+                reason = "a video is not accepted as a query: search one of its frames by id (GET /v1/items/<video id>%23t=<seconds>/similar)"
+            raise HTTPException(status_code=422, detail=f"{what}not a usable image: {reason}") from None
         except ValueError as e:  # the search refused the query
             raise HTTPException(status_code=422, detail=f"{what}{e}") from None
+
+
+def batch_images(queries: list[BatchQuery], max_pixels: int) -> dict[int, bytes]:
+    """The decoded ``image_base64`` of a batch's queries by position: 422 for bad base64 or an
+    image over ``max_pixels``, 413 when their pixels add up to more than MAX_BATCH_PIXELS
+    (each costs memory and CPU to decode: one request must not hold many large images)."""
+    images, total = {}, 0
+    for i, q in enumerate(queries):
+        if q.image_base64 is None:
+            continue
+        what = f"queries[{i}]: "
+        try:
+            data = images[i] = base64.b64decode(q.image_base64, validate=True)
+        except (binascii.Error, ValueError) as e:
+            raise HTTPException(status_code=422, detail=f"{what}image_base64 is not valid base64: {e}") from None
+        try:
+            size = image_pixels(data, max_pixels)
+        except ImageDecodeError as e:
+            raise HTTPException(status_code=422, detail=f"{what}not a usable image: {e}") from None
+        total += size[0] * size[1] if size is not None else 0
+    if total > MAX_BATCH_PIXELS:
+        raise HTTPException(status_code=413, detail=f"the batch's images have {total} pixels in all, over the limit of "
+                                                    f"{MAX_BATCH_PIXELS} pixels per request (send fewer or smaller images)")
+    return images
 
 
 async def search_or_422(engine: QueryEngine, item: SearchItem, what: str = "") -> list[Neighbor]:

@@ -1,0 +1,132 @@
+"""Decoding query images with bounded memory and CPU.
+
+An image of many pixels is cheap to upload (an 8000x8000 PNG of one colour is 200 KB)
+and expensive to decode: hundreds of MB and a second of CPU each. The server therefore
+
+* reads the pixel count from the file's header first (``image_pixels``), refusing too
+  many pixels with one message naming both numbers (``check_pixels``), whatever the format;
+* decodes a large image shrunk (``decode_query``): a JPEG at a reduced DCT scale (Pillow's
+  ``draft``), anything else reduced by an integer factor right after decoding, before its
+  mode is converted, so only one full-size copy ever exists (the embed pipeline decodes
+  with ``lookalike.model.preprocess.decode_image``; small images take exactly that path here too);
+* lets at most ``DecodeSlots`` (one per CPU) large decodes run at once; others wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import os
+import re
+import struct
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from lookalike.model.preprocess import (
+    MIN_SIDE_PX,
+    ImageDecodeError,
+    PreprocessSpec,
+    decode_image,
+    image_to_array,
+    to_mode,
+)
+
+# Images of more pixels than this are decoded shrunk, and count against the decode slots.
+LARGE_IMAGE_PIXELS = 4_000_000
+# A large image is shrunk to no less than this many times the model's input size per side.
+SHRINK_TO_INPUT_SIDES = 8
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_VIDEO_SIGNATURES = (b"\x1aE\xdf\xa3",)  # Matroska / WebM; MP4 and MOV: 'ftyp' at offset 4
+_ORIENTATION_TAG = 0x0112
+_UNREDUCIBLE = ("1", "P", "I;16", "I;16B", "I;16L")
+_TRANSPOSES = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def image_pixels(data: bytes, max_pixels: int) -> tuple[int, int] | None:
+    """(width, height) from ``data``'s header without decoding it; None if it is not an image
+    Pillow can open (the decoder then explains why); ImageDecodeError naming the pixels and
+    ``max_pixels`` when it has more pixels than that."""
+    size = None
+    if data.startswith(_PNG_SIGNATURE) and data[12:16] == b"IHDR" and len(data) >= 24:
+        size = struct.unpack(">II", data[16:24])
+    else:
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                size = img.size
+        except Image.DecompressionBombError as e:  # over Pillow's own limit: "Image size (N pixels) exceeds ..."
+            found = re.search(r"\((\d+) pixels\)", str(e))
+            if found and int(found.group(1)) > max_pixels:
+                raise ImageDecodeError(f"image of {found.group(1)} pixels exceeds the limit of {max_pixels} pixels "
+                                      "(decompression bomb?)") from None
+            return None
+        except Exception:  # not an image, or a damaged header: the decoder says which
+            return None
+    width, height = size
+    if width * height > max_pixels:
+        raise ImageDecodeError(too_many_pixels(width, height, max_pixels))
+    return size
+
+
+def too_many_pixels(width: int, height: int, limit: int) -> str:
+    return f"image of {width}x{height} = {width * height} pixels exceeds the limit of {limit} pixels (decompression bomb?)"
+
+
+def looks_like_video(data: bytes) -> bool:
+    return data[4:8] == b"ftyp" or data.startswith(_VIDEO_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"AVI ")
+
+
+def decode_query(data: bytes, spec: PreprocessSpec) -> np.ndarray:
+    """Image bytes -> float32 [H, W, C] model input, like ``decode_image`` but shrinking a
+    large image while decoding it; ImageDecodeError with the reason if unusable."""
+    size = image_pixels(data, spec.max_pixels)
+    if size is None:
+        return decode_image(data, spec)  # raises, saying why
+    width, height = size
+    if width * height <= LARGE_IMAGE_PIXELS or min(width, height) < MIN_SIDE_PX:
+        return decode_image(data, spec)
+    return image_to_array(open_shrunk(data, spec), spec)
+
+
+def open_shrunk(data: bytes, spec: PreprocessSpec) -> Image.Image:
+    """``data`` decoded to a short side of at least SHRINK_TO_INPUT_SIDES model inputs (and no
+    more than twice that when it can be reduced), EXIF orientation applied."""
+    target = SHRINK_TO_INPUT_SIDES * spec.image_size
+    try:
+        img = Image.open(io.BytesIO(data))
+        orientation = img.getexif().get(_ORIENTATION_TAG)
+        if img.format == "JPEG":
+            img.draft("L" if spec.channels == 1 else "RGB", (target, target))
+        img.seek(0)
+        img.load()
+        factor = min(img.size) // target
+        if factor >= 2:
+            if img.mode in _UNREDUCIBLE:  # (to the mode the model converts them to anyway)
+                img = to_mode(img, spec.channels) if img.mode != "P" else img.convert("RGBA")
+            img = img.reduce(factor)
+    except UnidentifiedImageError:
+        raise ImageDecodeError("not a recognised image format") from None
+    except Exception as e:  # damaged data
+        raise ImageDecodeError(f"corrupt or truncated image data ({type(e).__name__}: {e})") from None
+    if orientation in _TRANSPOSES:
+        img = img.transpose(_TRANSPOSES[orientation])
+    return img
+
+
+class DecodeSlots:
+    """At most ``count`` large image decodes at once, server-wide (default: one per CPU);
+    ``async with slots:`` waits for one."""
+
+    def __init__(self, count: int | None = None):
+        self.count = count or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+        self._semaphore = asyncio.Semaphore(self.count)
+
+    async def __aenter__(self) -> None:
+        await self._semaphore.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._semaphore.release()

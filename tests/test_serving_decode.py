@@ -1,0 +1,148 @@
+"""Query images of many pixels cost bounded memory: a large image is decoded shrunk (JPEG
+draft, reduce before converting), large decodes take one of a few server-wide slots, a batch
+request's images have a pixel budget (413 naming it), and every too-many-pixels image gets
+one message naming its pixels and the limit. Real server on 127.0.0.1 (conftest's tiny store)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from lookalike.model.preprocess import PreprocessSpec, decode_image
+from lookalike.model.store import Store
+from lookalike.serving.app import create_app
+from lookalike.serving.backend import Backend, load_backend
+from lookalike.serving.decode import DecodeSlots, decode_query
+from lookalike.serving.queries import MAX_BATCH_PIXELS
+from lookalike.serving.server import serve_in_thread
+
+
+@pytest.fixture(scope="module")
+def backend(indexed_store: Store) -> Backend:
+    return load_backend(indexed_store.root)
+
+
+@pytest.fixture(scope="module")
+def http(backend: Backend) -> Iterator[httpx.Client]:
+    with serve_in_thread(create_app(lambda: backend)) as url, httpx.Client(base_url=url, timeout=60) as client:
+        yield client
+
+
+def encoded(img: Image.Image, fmt: str, **kwargs) -> bytes:
+    out = io.BytesIO()
+    img.save(out, format=fmt, **kwargs)
+    return out.getvalue()
+
+
+def gradient(width: int, height: int, mode: str = "RGB") -> Image.Image:
+    x = np.linspace(0, 255, width, dtype=np.float32)[None, :]
+    y = np.linspace(0, 255, height, dtype=np.float32)[:, None]
+    g = ((x + y) / 2).astype(np.uint8)
+    return Image.fromarray(np.stack([g, 255 - g, g // 2], -1) if mode == "RGB" else g, mode)
+
+
+@pytest.mark.parametrize("fmt, mode", [("JPEG", "RGB"), ("PNG", "RGB"), ("PNG", "P")])
+def test_a_large_image_decodes_shrunk_to_nearly_the_same_input(fmt: str, mode: str) -> None:
+    img = gradient(3000, 2000)
+    if mode == "P":
+        img = img.convert("P")
+    data = encoded(img, fmt)
+    spec = PreprocessSpec(image_size=32, channels=3)
+    full, shrunk = decode_image(data, spec), decode_query(data, spec)
+    assert shrunk.shape == full.shape == spec.shape
+    assert float(np.abs(shrunk - full).mean()) < 0.02
+    small = encoded(gradient(300, 200), fmt)
+    assert np.array_equal(decode_query(small, spec), decode_image(small, spec))  # small images: the pipeline's path
+
+
+def test_decoding_an_8k_jpeg_stays_small_in_memory(tmp_path: Path) -> None:
+    path = tmp_path / "big.jpg"
+    path.write_bytes(encoded(gradient(8000, 8000), "JPEG", quality=50))
+    script = (
+        "import resource, sys\n"
+        "from lookalike.model.preprocess import PreprocessSpec\n"
+        "from lookalike.serving.decode import decode_query\n"
+        "data = open(sys.argv[1], 'rb').read()\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "decode_query(data, PreprocessSpec(image_size=32, channels=3))\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
+    )
+    grown_kb = int(subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True,
+                                  check=True).stdout)
+    assert grown_kb < 60_000, f"decoding grew the process by {grown_kb} kB (a full decode is ~190 MB)"
+
+
+def test_large_uploads_search_and_share_the_decode_slots(http: httpx.Client) -> None:
+    data = encoded(gradient(4000, 3000), "PNG")
+    response = http.post("/v1/search/image?k=2", content=data)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["results"]) == 2
+
+
+def test_decode_slots_bound_concurrency() -> None:
+    async def run() -> int:
+        slots, running, peak = DecodeSlots(2), [0], [0]
+
+        async def decode() -> None:
+            async with slots:
+                running[0] += 1
+                peak[0] = max(peak[0], running[0])
+                await asyncio.sleep(0.01)
+                running[0] -= 1
+
+        await asyncio.gather(*(decode() for _ in range(8)))
+        return peak[0]
+
+    assert asyncio.run(run()) == 2
+    assert DecodeSlots().count >= 1
+
+
+def test_a_batch_has_a_pixel_budget(http: httpx.Client) -> None:
+    side = int((MAX_BATCH_PIXELS // 2) ** 0.5) + 10  # two of these are over the budget
+    image = base64.b64encode(encoded(Image.new("L", (side, side), 128), "PNG")).decode()
+    response = http.post("/v1/search/batch", json={"queries": [{"image_base64": image}] * 2})
+    assert response.status_code == 413, response.text
+    assert f"over the limit of {MAX_BATCH_PIXELS} pixels per request" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("width, height", [(13_000, 13_000), (20_000, 20_000)])  # under and over Pillow's own limit
+def test_too_many_pixels_is_one_message(http: httpx.Client, width: int, height: int) -> None:
+    for payload in (png_header_only(width, height), jpeg_header_only(width, height)):
+        response = http.post("/v1/search/image", content=payload)
+        assert response.status_code == 422, response.text
+        detail = response.json()["detail"]
+        assert f"{width * height} pixels exceeds the limit of 64000000 pixels" in detail, detail
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG declaring ``width`` x ``height`` (a tiny real PNG's IHDR rewritten)."""
+    data = bytearray(encoded(Image.new("L", (16, 16)), "PNG"))
+    data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+    return bytes(data)
+
+
+def jpeg_header_only(width: int, height: int) -> bytes:
+    """A JPEG whose SOF marker declares ``width`` x ``height`` (the rest is a tiny real JPEG's)."""
+    data = bytearray(encoded(Image.new("L", (16, 16)), "JPEG"))
+    at = data.index(b"\xff\xc0") + 5
+    data[at:at + 4] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+def test_a_video_is_not_a_query(http: httpx.Client, tmp_path: Path, make_video) -> None:
+    video = make_video(tmp_path / "clip.mp4").read_bytes()
+    response = http.post("/v1/search/image", content=video, headers={"content-type": "video/mp4"})
+    assert response.status_code == 422
+    assert "a video is not accepted as a query" in response.json()["detail"]
+    assert json.dumps(response.json())
