@@ -10,6 +10,11 @@ Layout (``--workdir DIR``)::
     DIR/indexes/<version>/          ScaNN index versions (manifest.json + files)
     DIR/CURRENT                     the index version being served
     DIR/history.jsonl               every move of CURRENT (version, time, reason)
+    DIR/thumbnails/                 JPEG previews written by the embed pipeline
+
+Paths the index records for files inside the store (thumbnails) are relative to DIR, so a
+store moved or copied elsewhere still finds them; ``resolve_in_store`` reads them, and
+also finds a file an older index recorded by its absolute path under the store's old location.
 
 Every path that moves CURRENT goes through ``Store.set_current_index``, which appends the
 move to ``history.jsonl`` (rollback and pruning read it). Pointer files are replaced atomically (write a temporary file, fsync, rename), so
@@ -33,6 +38,31 @@ log = logging.getLogger(__name__)
 
 HISTORY = "history.jsonl"
 _VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+# Folders of the store whose files an index may record (by absolute path, before relative paths).
+STORE_FILE_FOLDERS = ("thumbnails", "corpus")
+
+
+def resolve_in_store(path: str | os.PathLike, root: Path | None) -> Path:
+    """The file a path recorded in an index names: a relative path is relative to the store
+    ``root``; an absolute one that no longer exists but went through one of the store's own
+    folders (``.../corpus/3/x.png``) is looked for at the same place under ``root`` (the
+    store was moved or copied); otherwise the path as it is."""
+    path = Path(path)
+    if root is None:
+        return path
+    if not path.is_absolute():
+        return root / path
+    if path.exists():
+        return path
+    parts = path.parts
+    for i, part in enumerate(parts[:-1]):
+        if part in STORE_FILE_FOLDERS:
+            candidate = root.joinpath(*parts[i:])
+            if candidate.exists():
+                return candidate
+    return path
 
 
 class StoreError(RuntimeError):

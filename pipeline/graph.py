@@ -70,6 +70,7 @@ from lookalike.pipeline.writers import WriteJsonlFn, WriteParquetShardFn
 log = logging.getLogger(__name__)
 
 LOCAL_RUNNER = "FnApiRunner"
+THUMBNAILS_FOLDER = "thumbnails"  # under the store root
 DASK_RUNNER_ALIASES = {"dask", "daskrunner", "fixeddaskrunner"}
 # Corpus listings up to this many files travel in the pipeline graph; bigger ones are matched again by Beam.
 LISTING_IN_GRAPH_MAX = 500_000
@@ -133,8 +134,9 @@ class EmbedRun:
 
     @property
     def expand(self) -> dict[str, str]:
-        """How cached or embedded rows become items (``items.expand_items`` arguments)."""
-        return {"root": self.root, "thumbnails_dir": str(self.store.root / "thumbnails"),
+        """How cached or embedded rows become items (``items.expand_items`` arguments): thumbnail
+        paths are recorded relative to the store root, so a moved or copied store finds them."""
+        return {"root": self.root, "thumbnails_dir": THUMBNAILS_FOLDER,
                 "model_version": self.meta["version"]}
 
 
@@ -187,7 +189,7 @@ def read_and_decode(p: beam.Pipeline, run: EmbedRun, spec: PreprocessSpec) -> di
     decode in one DoFn, fused with inference. Other sources (TFDS, a list file, bigger
     corpora) are read file by file and grouped by content-hash bucket before decoding."""
     config = run.config
-    thumbnails = run.expand["thumbnails_dir"]
+    thumbnails = str(run.store.root / THUMBNAILS_FOLDER)
     if run.listing_file is not None:
         chunks = run.chunks or []
         reshuffle = len(chunks) > 1 and not (config.runner == LOCAL_RUNNER and config.num_workers == 1)

@@ -18,17 +18,17 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from lookalike.model.preprocess import to_mode
-from lookalike.model.store import Store
+from lookalike.model.store import Store, resolve_in_store
 
 log = logging.getLogger(__name__)
 
 TILE = 64
 
 
-def _tile(item: dict[str, Any]) -> Image.Image:
+def _tile(item: dict[str, Any], root: Path) -> Image.Image:
     for key in ("thumbnail", "uri"):
-        path = item.get(key)
-        if path and Path(str(path)).is_file():
+        path = resolve_in_store(str(item[key]), root) if item.get(key) else None
+        if path and path.is_file():
             try:
                 with Image.open(path) as img:
                     return to_mode(img, 3).resize((TILE, TILE), Image.Resampling.NEAREST)
@@ -50,12 +50,12 @@ def example_grid(store: Store, old_version: str | None, new_version: str, path: 
     draw.text((4, 4), f"query | served {old_version or '-'} | new {new_version}", fill="black")
     for r, item in enumerate(picks):
         y = 20 + r * (TILE + 8)
-        canvas.paste(_tile(item), (0, y))
+        canvas.paste(_tile(item, store.root), (0, y))
         for c, index in enumerate((old, new)):
             if index is None or index.row_of(item["id"]) is None:
                 continue
             for j, n in enumerate(index.similar_to(item["id"], k)):
-                canvas.paste(_tile(index.items[n.row]), (TILE + 8 + c * (k * TILE + 8) + j * TILE, y))
+                canvas.paste(_tile(index.items[n.row], store.root), (TILE + 8 + c * (k * TILE + 8) + j * TILE, y))
     canvas.save(path)
 
 

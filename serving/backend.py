@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from functools import cached_property
 
@@ -33,6 +34,11 @@ class Backend:
     encoder: Encoder
     index: ItemIndex
     loaded_unix_s: float = field(default_factory=time.time)
+
+    @property
+    def store_root(self) -> Path:
+        """The store the index was loaded from (DIR of DIR/indexes/<version>)."""
+        return self.index.path.parent.parent
 
     @cached_property
     def rows(self) -> ResultRows:

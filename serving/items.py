@@ -64,7 +64,7 @@ def thumbnail(item_id: ItemId, backend: BackendDep, request: Request) -> Respons
         if etag_matches(request.headers.get("if-none-match"), headers["ETag"]):
             return Response(status_code=304, headers=headers)
     try:
-        png = render_thumbnail(item)
+        png = render_thumbnail(item, backend.store_root)
     except ThumbnailUnavailable as e:
         raise HTTPException(status_code=404, detail=str(e)) from None
     return Response(png, media_type="image/png", headers=headers)

@@ -16,6 +16,7 @@ from typing import Any
 from PIL import Image
 
 from lookalike.model.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, open_image, to_mode
+from lookalike.model.store import resolve_in_store
 
 THUMBNAIL_SIZE = 256
 
@@ -24,36 +25,38 @@ class ThumbnailUnavailable(LookupError):
     """The item exists but its preview cannot be made; the message says why."""
 
 
-def local_path(uri: str) -> Path:
-    """The local file behind ``uri`` (a plain path or file:// URL)."""
+def local_path(uri: str, root: Path | None = None) -> Path:
+    """The local file behind ``uri`` (a plain path or file:// URL), a relative path (a file
+    inside the store) relative to the store ``root`` (see ``resolve_in_store``)."""
     if uri.startswith("file://"):
-        return Path(uri[len("file://"):])
-    if "://" in uri:
+        uri = uri[len("file://"):]
+    elif "://" in uri:
         raise ThumbnailUnavailable(f"item file {uri!r} is not on the local disk")
-    return Path(uri)
+    return resolve_in_store(uri, root)
 
 
-def stored_thumbnail(item: dict[str, Any]) -> bytes | None:
+def stored_thumbnail(item: dict[str, Any], root: Path | None = None) -> bytes | None:
     """The JPEG thumbnail the embed pipeline wrote for the item (the only picture of a video
     frame), or None when the index predates thumbnails or the file is gone."""
     path = item.get("thumbnail")
     if not path:
         return None
     try:
-        return local_path(str(path)).read_bytes()
+        return local_path(str(path), root).read_bytes()
     except (OSError, ThumbnailUnavailable):
         return None
 
 
-def render_thumbnail(item: dict[str, Any], size: int = THUMBNAIL_SIZE) -> bytes:
+def render_thumbnail(item: dict[str, Any], root: Path | None = None, size: int = THUMBNAIL_SIZE) -> bytes:
     """PNG bytes of the item's image, at most ``size`` pixels on its long side: from the
     original file when it is a small image (crisp, cheap), else from the stored thumbnail
     (no large decode per request; the only picture of a video frame). The stored thumbnail
     also stands in for a small image whose original is not a readable local file (a
-    ``tfds://`` or other remote uri, or a local file since moved or deleted)."""
+    ``tfds://`` or other remote uri, or a local file since moved or deleted). Paths are
+    resolved against the store ``root`` (``resolve_in_store``)."""
     small_image = item.get("kind", "image") == "image" and max(item.get("width") or 0, item.get("height") or 0) <= size
     if not small_image:
-        img = _stored_image(item)
+        img = _stored_image(item, root)
         if img is not None:
             return _png(img, size)
     if item.get("kind") == "frame":
@@ -62,9 +65,9 @@ def render_thumbnail(item: dict[str, Any], size: int = THUMBNAIL_SIZE) -> bytes:
     try:
         if not uri:
             raise ThumbnailUnavailable(f"item {item['id']!r} has no file recorded")
-        data = local_path(str(uri)).read_bytes()
+        data = local_path(str(uri), root).read_bytes()
     except (OSError, ThumbnailUnavailable) as e:
-        img = _stored_image(item) if small_image else None
+        img = _stored_image(item, root) if small_image else None
         if img is not None:
             return _png(img, size)
         if isinstance(e, ThumbnailUnavailable):
@@ -77,9 +80,9 @@ def render_thumbnail(item: dict[str, Any], size: int = THUMBNAIL_SIZE) -> bytes:
     return _png(img, size)
 
 
-def _stored_image(item: dict[str, Any]) -> Image.Image | None:
+def _stored_image(item: dict[str, Any], root: Path | None) -> Image.Image | None:
     """The item's stored thumbnail decoded, or None when there is none or it is unreadable."""
-    stored = stored_thumbnail(item)
+    stored = stored_thumbnail(item, root)
     if stored is None:
         return None
     try:

@@ -250,10 +250,10 @@ def test_videos_become_timestamped_frames_with_thumbnails(workdir_with_model, ma
     frames = [item for item in index.items if item["group"] == "clips/a.mp4"]
     assert {round(f["timestamp_s"], 1) for f in frames} >= {0.0, 1.5}
     assert all(f["id"] == f"clips/a.mp4#t={f['timestamp_s']:.3f}" and f["kind"] == "frame" for f in frames)
-    assert all(Image.open(item["thumbnail"]).size[0] <= 128 for item in index.items)
+    assert all(Image.open(workdir_with_model / item["thumbnail"]).size[0] <= 128 for item in index.items)
     portrait = [item for item in index.items if item["group"] == "clips/portrait.mp4"]
     assert portrait and all((f["width"], f["height"]) == (48, 64) for f in portrait)  # upright, as a player shows it
-    assert all(Image.open(f["thumbnail"]).size == (48, 64) for f in portrait)
+    assert all(Image.open(workdir_with_model / f["thumbnail"]).size == (48, 64) for f in portrait)
 
 
 def test_incremental_rerun_embeds_only_new_files_and_duplicates_once(workdir_with_model, digits_corpus):

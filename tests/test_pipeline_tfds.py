@@ -27,7 +27,7 @@ def test_tfds_split_is_embedded_with_label_first_ids(tmp_path, trained_store, tf
     assert labels == {"light": 10, "mid": 10, "dark": 10}
     assert all(item["id"].split("/")[1].startswith("lookalike_tiny_shapes-train-") for item in index.items)
     brightness = {
-        label: np.mean([np.asarray(Image.open(i["thumbnail"]).convert("L")).mean()
+        label: np.mean([np.asarray(Image.open(workdir / i["thumbnail"]).convert("L")).mean()
                         for i in index.items if i["id"].startswith(label + "/")])
         for label in labels
     }

@@ -58,3 +58,25 @@ def test_tfds_items_have_thumbnails(tmp_path, trained_store, tfds_dir):
             assert img.size == (16, 16)
             brightness[label] = np.asarray(img.convert("L")).mean()
         assert brightness["light"] > brightness["dark"] + 50
+
+
+def test_a_moved_store_serves_its_thumbnails(tmp_path, trained_store, digits_corpus, make_video):
+    """Thumbnails are recorded relative to the store; a corpus file recorded by its absolute
+    path is found at the same place under the store's new location."""
+    old = tmp_path / "old"
+    shutil.copytree(trained_store.root / "models", old / "models")
+    (old / "corpus" / "clips").mkdir(parents=True)
+    make_video(old / "corpus" / "clips" / "a.mp4", seconds=1.0, cut_at_s=None)
+    shutil.copy(list_images(digits_corpus)[0], old / "corpus" / "one.png")
+    summary = run_embed(EmbedConfig(workdir=str(old)))
+    items = ItemIndex.load(old / "indexes" / summary.index_version).items
+    assert all(item["thumbnail"].startswith("thumbnails/") for item in items)  # relative to the store
+    moved = tmp_path / "moved"
+    old.rename(moved)  # mv old moved: nothing is left at the recorded absolute paths
+    with serve_in_thread(create_app(lambda: load_backend(moved))) as url, httpx.Client(base_url=url) as http:
+        image = http.get("/v1/items/one.png/thumbnail")  # small image: from its corpus file
+        assert image.status_code == 200, image.text
+        frame = http.get("/v1/items/clips/a.mp4%23t=0.000/thumbnail")  # a frame: its stored thumbnail
+        assert frame.status_code == 200, frame.text
+        (moved / "corpus" / "one.png").unlink()
+        assert http.get("/v1/items/one.png/thumbnail").status_code == 200  # the stored thumbnail stands in

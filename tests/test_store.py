@@ -1,5 +1,6 @@
 import os
 import stat
+from pathlib import Path
 
 import pytest
 
@@ -83,3 +84,18 @@ def test_pointer_files_get_the_umask_mode_like_open(tmp_path, umask, mode):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "CURRENT").stat().st_mode) == mode
+
+
+def test_resolve_in_store(tmp_path) -> None:
+    from lookalike.model.store import resolve_in_store
+
+    root = tmp_path / "new"
+    (root / "corpus" / "3").mkdir(parents=True)
+    (root / "corpus" / "3" / "x.png").write_bytes(b"x")
+    assert resolve_in_store("thumbnails/ab/c.jpg", root) == root / "thumbnails" / "ab" / "c.jpg"
+    assert resolve_in_store("/gone/old/corpus/3/x.png", root) == root / "corpus" / "3" / "x.png"  # moved store
+    assert resolve_in_store("/gone/old/corpus/3/y.png", root) == Path("/gone/old/corpus/3/y.png")  # not there either
+    assert resolve_in_store("/gone/photos/3/x.png", root) == Path("/gone/photos/3/x.png")  # outside the store's folders
+    existing = tmp_path / "elsewhere.png"
+    existing.write_bytes(b"x")
+    assert resolve_in_store(existing, root) == existing
