@@ -20,9 +20,9 @@ from lookalike.serving.params import (
     errors,
 )
 from lookalike.serving.queries import echo, item_or_404, search_or_422, search_response, unknown_item
-from lookalike.serving.results import group_of, item_url, json_text_response
+from lookalike.serving.results import group_of, item_url, json_text_response, thumbnail_url
 from lookalike.serving.schemas import DEFAULT_K, ItemMetadata, SearchResponse
-from lookalike.serving.thumbnails import ThumbnailUnavailable, etag_matches, render_thumbnail
+from lookalike.serving.thumbnails import ThumbnailUnavailable, etag_matches, render_thumbnail, thumbnail_version
 
 items_router = APIRouter()
 
@@ -58,7 +58,11 @@ async def similar(
 def thumbnail(item_id: ItemId, backend: BackendDep, request: Request) -> Response:
     """A PNG preview of the item's image (never upscaled)."""
     item = item_or_404(backend, item_id)
-    headers = {"Cache-Control": "public, max-age=3600"}
+    version = thumbnail_version(item)
+    # A URL naming the picture's version (as results and metadata link it) always shows that
+    # picture: cache it for long. Any other URL may show another picture tomorrow: revalidate.
+    current = version is not None and request.query_params.get("v") == version
+    headers = {"Cache-Control": "public, max-age=31536000, immutable" if current else "public, no-cache"}
     if item.get("content_hash"):  # same bytes, same preview: no need to render to compare
         headers["ETag"] = f'"{item["content_hash"][:32]}-{item.get("timestamp_s") or 0}"'
         if etag_matches(request.headers.get("if-none-match"), headers["ETag"]):
@@ -83,7 +87,7 @@ def item_metadata(item_id: ItemId, backend: BackendDep) -> ItemMetadata:
         content_hash=item.get("content_hash"),
         timestamp_s=item.get("timestamp_s"),
         group=group_of(item),
-        thumbnail_url=item_url(item_id, "/thumbnail"),
+        thumbnail_url=thumbnail_url(item_id, item.get("content_hash")),
         similar_url=item_url(item_id, "/similar"),
     )
 

@@ -30,8 +30,15 @@ from lookalike.index.searcher import Neighbor
 Row = tuple[str, float | None, str | None]  # kind, timestamp_s, group
 
 
-def item_url(item_id: str, suffix: str = "") -> str:
-    return f"/v1/items/{quote(item_id, safe='/')}{suffix}"
+def item_url(item_id: str, suffix: str = "", version: str | None = None) -> str:
+    """The URL of an item (``suffix``: of its thumbnail or similar items), with ``?v=version``."""
+    return f"/v1/items/{quote(item_id, safe='/')}{suffix}" + (f"?v={version}" if version else "")
+
+
+def thumbnail_url(item_id: str, content_hash: str | None) -> str:
+    """An item's thumbnail URL, versioned by its content (``?v=`` and the first 12 hex of the
+    hash): a replaced picture gets a new URL, so the old one can be cached for long."""
+    return item_url(item_id, "/thumbnail", content_hash[:12] if content_hash else None)
 
 
 def group_of(item: dict[str, Any]) -> str | None:
@@ -64,7 +71,8 @@ class ResultRows:
         table = getattr(items, "table", None)
         if not isinstance(table, pa.Table):
             table = pa.Table.from_pylist([
-                {"kind": it.get("kind"), "group": group_of(it), "timestamp_s": it.get("timestamp_s")} for it in items
+                {"kind": it.get("kind"), "group": group_of(it), "timestamp_s": it.get("timestamp_s"),
+                 "content_hash": it.get("content_hash")} for it in items
             ]) if len(items) else pa.table({})
         self._base = table.num_rows
 
@@ -75,12 +83,19 @@ class ResultRows:
 
         self._kind_codes, self._kinds = _coded(column("kind", pa.string()))
         self._group_codes, self._groups = _coded(column("group", pa.string()), convert=str)
+        self._hashes = column("content_hash", pa.string())
         stamps = column("timestamp_s", pa.float64()).cast(pa.float64())
         self._stamp_valid = np.asarray(stamps.is_valid(), dtype=bool)
         self._stamps = np.asarray(stamps.fill_null(math.nan), dtype=np.float64)
 
     def __len__(self) -> int:
         return self._base
+
+    def content_hash(self, row: int) -> str | None:
+        if row >= self._base:
+            value = self._items[row].get("content_hash")
+            return None if value is None else str(value)
+        return self._hashes[row].as_py()
 
     def row(self, row: int) -> Row:
         if row >= self._base:
@@ -115,7 +130,8 @@ class ResultsJSON:
 
     def _fragment(self, row: int, item_id: str) -> tuple[str, str]:
         kind, timestamp_s, group = self.rows.row(row)
-        tail = _encode({"kind": kind, "timestamp_s": timestamp_s, "group": group, "thumbnail_url": item_url(item_id, "/thumbnail")})
+        tail = _encode({"kind": kind, "timestamp_s": timestamp_s, "group": group,
+                        "thumbnail_url": thumbnail_url(item_id, self.rows.content_hash(row))})
         return '{"id":' + _encode(item_id) + ',"score":', tail[1:]
 
     def encode(self, threshold: float | None, neighbors: list[Neighbor]) -> str:

@@ -1,5 +1,6 @@
 """Small PNG previews of indexed items: the thumbnail the embed pipeline stored for the
-item (the only picture a video frame has), else made on request from the item's file.
+item (what the index holds; the only picture a video frame has), else made on request
+from the item's file.
 
 Files are found through the index metadata (``thumbnail``/``uri`` recorded at embed time),
 never from a path in the request, so a crafted id cannot reach other files. Images
@@ -49,35 +50,34 @@ def stored_thumbnail(item: dict[str, Any], root: Path | None = None) -> bytes | 
 
 def render_thumbnail(item: dict[str, Any], root: Path | None = None, size: int = THUMBNAIL_SIZE) -> bytes:
     """PNG bytes of the item's image, at most ``size`` pixels on its long side: from the
-    original file when it is a small image (crisp, cheap), else from the stored thumbnail
-    (no large decode per request; the only picture of a video frame). The stored thumbnail
-    also stands in for a small image whose original is not a readable local file (a
-    ``tfds://`` or other remote uri, or a local file since moved or deleted). Paths are
-    resolved against the store ``root`` (``resolve_in_store``)."""
-    small_image = item.get("kind", "image") == "image" and max(item.get("width") or 0, item.get("height") or 0) <= size
-    if not small_image:
-        img = _stored_image(item, root)
-        if img is not None:
-            return _png(img, size)
+    thumbnail the pipeline stored when it indexed the item (it shows what the index holds,
+    even after the file was replaced; the only picture of a video frame), else, for an index
+    without one, from the item's file. Paths are resolved against the store ``root``
+    (``resolve_in_store``)."""
+    img = _stored_image(item, root)
+    if img is not None:
+        return _png(img, size)
     if item.get("kind") == "frame":
         raise ThumbnailUnavailable(f"video frame {item['id']!r} has no stored thumbnail")
     uri = item.get("uri")
+    if not uri:
+        raise ThumbnailUnavailable(f"item {item['id']!r} has no file recorded")
     try:
-        if not uri:
-            raise ThumbnailUnavailable(f"item {item['id']!r} has no file recorded")
         data = local_path(str(uri), root).read_bytes()
-    except (OSError, ThumbnailUnavailable) as e:
-        img = _stored_image(item, root) if small_image else None
-        if img is not None:
-            return _png(img, size)
-        if isinstance(e, ThumbnailUnavailable):
-            raise
+    except OSError as e:
         raise ThumbnailUnavailable(f"file of item {item['id']!r} cannot be read: {e.strerror or e}") from None
     try:
         img = open_image(data, DEFAULT_MAX_PIXELS)
     except ImageDecodeError as e:
         raise ThumbnailUnavailable(f"file of item {item['id']!r} is not a readable image: {e}") from None
     return _png(img, size)
+
+
+def thumbnail_version(item: dict[str, Any]) -> str | None:
+    """What a thumbnail URL carries as ``?v=``: the start of the item's content hash, so a
+    replaced picture gets a new URL (and a cached old one is never shown for it)."""
+    content_hash = item.get("content_hash")
+    return str(content_hash)[:12] if content_hash else None
 
 
 def _stored_image(item: dict[str, Any], root: Path | None) -> Image.Image | None:

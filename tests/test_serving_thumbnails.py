@@ -80,3 +80,28 @@ def test_a_moved_store_serves_its_thumbnails(tmp_path, trained_store, digits_cor
         assert frame.status_code == 200, frame.text
         (moved / "corpus" / "one.png").unlink()
         assert http.get("/v1/items/one.png/thumbnail").status_code == 200  # the stored thumbnail stands in
+
+
+def test_a_replaced_photo_never_shows_a_stale_thumbnail(tmp_path, trained_store, digits_corpus):
+    """The thumbnail shows what the index holds (the stored one), and its URL carries the
+    content's version: cached for long when versioned, revalidated otherwise."""
+    workdir = tmp_path / "w"
+    shutil.copytree(trained_store.root / "models", workdir / "models")
+    (workdir / "corpus").mkdir()
+    for i, name in enumerate(("one.png", "two.png", "three.png")):
+        shutil.copy(list_images(digits_corpus)[i], workdir / "corpus" / name)
+    run_embed(EmbedConfig(workdir=str(workdir)))
+    with serve_in_thread(create_app(lambda: load_backend(workdir))) as url, httpx.Client(base_url=url) as http:
+        meta = http.get("/v1/items/one.png").json()
+        versioned = meta["thumbnail_url"]
+        assert versioned == f"/v1/items/one.png/thumbnail?v={meta['content_hash'][:12]}"
+        similar = http.get("/v1/items/one.png/similar", params={"k": 1})
+        assert similar.status_code == 200
+        before = http.get(versioned)
+        assert before.status_code == 200 and "immutable" in before.headers["cache-control"]
+        for other in ("/v1/items/one.png/thumbnail", "/v1/items/one.png/thumbnail?v=000000000000"):
+            assert http.get(other).headers["cache-control"] == "public, no-cache"
+        Image.new("L", (20, 20), 255).save(workdir / "corpus" / "one.png")  # replaced, not yet re-indexed
+        after = http.get("/v1/items/one.png/thumbnail")
+        assert after.status_code == 200 and after.content == before.content  # the indexed picture
+        assert Image.open(io.BytesIO(after.content)).size == (32, 32)
