@@ -36,6 +36,7 @@ from lookalike.serving.items import items_router
 from lookalike.serving.backend import Backend
 from lookalike.serving.engine import BatchingConfig, Filters, QueryEngine, SearchItem
 from lookalike.serving.fastpath import FastRoute, dispatch_fast_first, fast_routes_first, search_params, set_fast_path
+from lookalike.serving.head import HeadAsGet
 from lookalike.serving.heap import settle
 from lookalike.serving.limits import BodySizeLimit
 from lookalike.serving.metrics import CONTENT_TYPE, RequestMetrics, ServingMetrics
@@ -191,6 +192,7 @@ def create_app(
     app.state.settle_heap = settle_heap
     app.add_middleware(BodySizeLimit, limit=max_upload_bytes, slack=MULTIPART_OVERHEAD_BYTES)
     app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(HeadAsGet)  # HEAD on every GET resource, without a second operation per route
     app.include_router(admin_router)
     app.add_exception_handler(RequestValidationError, validation_error_handler)  # type: ignore[arg-type]
     page = load_page()
@@ -250,7 +252,7 @@ def create_app(
         tags=["search"],
         dependencies=STRICT_QUERY,
         openapi_extra=IMAGE_REQUEST_BODY,
-        responses=errors(413, 422, 503),
+        responses=errors(400, 413, 422, 503),  # 400: a malformed multipart form (no boundary, more than one file)
     )
     async def search_image(
         request: Request, backend: BackendDep, k: K = DEFAULT_K, kind: KindFilter = None, group: GroupFilter = None,

@@ -45,15 +45,14 @@ async def similar(
     return json_text_response(search_response(backend, echo("item", k, filters, id=item_id), neighbors))
 
 
-# A static resource: GET and HEAD, conditional on its ETag, and a query string (a page's
-# cache-busting ?v=...) is ignored rather than refused.
-@items_router.api_route(
+# A static resource: GET (and HEAD, as every GET resource: ``lookalike.serving.head``),
+# conditional on its ETag, and a query string (``?v=`` versions) is not refused.
+@items_router.get(
     "/v1/items/{item_id:path}/thumbnail",
-    methods=["GET", "HEAD"],
     response_class=Response,
     tags=["items"],
     responses={200: {"content": {"image/png": {}}}, 304: {"description": "not modified (If-None-Match)"},
-               **errors(404, 503)},
+               **errors(404, 422, 503)},
 )
 def thumbnail(item_id: ItemId, backend: BackendDep, request: Request) -> Response:
     """A PNG preview of the item's image (never upscaled)."""

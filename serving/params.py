@@ -11,7 +11,7 @@ from fastapi import Depends, HTTPException, Path, Query, Request
 from lookalike.serving.backend import Backend
 from lookalike.serving.engine import QueryEngine
 from lookalike.serving.queries import UPLOAD_FIELD, no_unknown_query_params
-from lookalike.serving.schemas import MAX_K, ErrorMessage, Kind
+from lookalike.serving.schemas import MAX_K, ErrorMessage, Kind, ValidationErrorMessage
 
 K = Annotated[int, Query(ge=1, le=MAX_K, description="number of results")]
 ItemId = Annotated[str, Path(description="item id as listed in search results (may contain '/')")]
@@ -42,8 +42,9 @@ IMAGE_REQUEST_BODY = {
 
 
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI entries for error responses carrying ``{"detail": "reason"}``."""
-    return {code: {"model": ErrorMessage} for code in codes}
+    """OpenAPI entries for error responses carrying ``{"detail": "reason"}``; a 422's detail
+    may instead be the list of invalid fields (``ValidationErrorMessage``)."""
+    return {code: {"model": ValidationErrorMessage if code == 422 else ErrorMessage} for code in codes}
 
 
 async def get_backend(request: Request) -> Backend:

@@ -152,3 +152,21 @@ class Ready(BaseModel):
 
 class ErrorMessage(BaseModel):
     detail: str
+
+
+class ValidationIssue(BaseModel):
+    """One reason a request was invalid, as FastAPI (pydantic) reports it."""
+
+    type: str
+    loc: list[str | int] = Field(description="where: 'body', 'query' or 'path', then field names and positions")
+    msg: str
+    input: Any = Field(None, description="the offending value (long values shortened)")
+    ctx: dict[str, Any] | None = None
+
+
+class ValidationErrorMessage(BaseModel):
+    """A 422: a reason (a string) from the endpoint, or the list of what was invalid in the
+    request (the first 10; ``error_count`` says how many there were)."""
+
+    detail: str | list[ValidationIssue]
+    error_count: int | None = Field(None, description="how many errors the request had (with a list)")

@@ -1,0 +1,75 @@
+"""/openapi.json describes what the server answers (422 bodies, multipart 400s, one
+operation per route and method) and every GET resource answers HEAD. Real server on
+127.0.0.1, conftest's tiny store."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from lookalike.model.store import Store
+from lookalike.serving.app import create_app
+from lookalike.serving.backend import Backend, load_backend
+from lookalike.serving.server import serve_in_thread
+
+QUERY_ID = "3/digit_0003.png"
+
+
+@pytest.fixture(scope="module")
+def backend(indexed_store: Store) -> Backend:
+    return load_backend(indexed_store.root)
+
+
+@pytest.fixture(scope="module")
+def http(backend: Backend) -> Iterator[httpx.Client]:
+    with serve_in_thread(create_app(lambda: backend)) as url, httpx.Client(base_url=url, timeout=60) as client:
+        yield client
+
+
+def test_operation_ids_are_unique_and_no_warning(backend: Backend) -> None:
+    app = create_app(lambda: backend)
+    app.openapi_schema = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # FastAPI warns "Duplicate Operation ID"
+        spec = app.openapi()
+    ids = [op["operationId"] for path in spec["paths"].values() for op in path.values()]
+    assert len(ids) == len(set(ids)), ids
+    assert list(spec["paths"]["/v1/items/{item_id}/thumbnail"]) == ["get"]
+
+
+def test_422_is_documented_as_answered(http: httpx.Client) -> None:
+    spec = http.get("/openapi.json").json()
+    ref = spec["paths"]["/v1/search/vector"]["post"]["responses"]["422"]["content"]["application/json"]["schema"]["$ref"]
+    schema = spec["components"]["schemas"][ref.rsplit("/", 1)[-1]]
+    detail_types = {option.get("type") for option in schema["properties"]["detail"]["anyOf"]}
+    assert detail_types == {"string", "array"}
+    assert "error_count" in schema["properties"]
+    listed = http.post("/v1/search/vector", json={"vector": "no"})
+    assert listed.status_code == 422 and isinstance(listed.json()["detail"], list)
+    reason = http.post("/v1/search/vector", json={"vector": [1.0]})
+    assert reason.status_code == 422 and isinstance(reason.json()["detail"], str)
+
+
+def test_multipart_400s_are_documented(http: httpx.Client) -> None:
+    spec = http.get("/openapi.json").json()
+    assert "400" in spec["paths"]["/v1/search/image"]["post"]["responses"]
+    response = http.post("/v1/search/image", content=b"x", headers={"content-type": "multipart/form-data"})
+    assert response.status_code == 400 and "boundary" in response.json()["detail"].lower()
+
+
+@pytest.mark.parametrize("path", ["/", "/healthz", "/readyz", "/v1/info", "/metrics", "/openapi.json",
+                                  f"/v1/items/{QUERY_ID}", f"/v1/items/{QUERY_ID}/thumbnail"])
+def test_head_on_get_resources(http: httpx.Client, path: str) -> None:
+    get, head = http.get(path), http.head(path)
+    assert get.status_code == 200 and head.status_code == 200, head.text
+    assert head.content == b""
+    assert head.headers["content-type"] == get.headers["content-type"]
+    if path.endswith("/thumbnail"):
+        assert head.headers["content-length"] == get.headers["content-length"] and head.headers["etag"] == get.headers["etag"]
+
+
+def test_head_on_a_post_endpoint_is_405(http: httpx.Client) -> None:
+    assert http.head("/v1/search/vector").status_code == 405
