@@ -140,7 +140,8 @@ def create_app(
         if settle_heap:
             await run_in_threadpool(settle)
         metrics.served(backend.index.version, backend.encoder.version, len(backend.index))
-        log.info("serving after %.1fs of loading", time.perf_counter() - started)
+        log.info("ready: index %s (%d items), model %s, after %.1fs of loading",
+                 backend.index.version, len(backend.index), backend.encoder.version, time.perf_counter() - started)
 
     async def background_load() -> None:
         try:
@@ -148,6 +149,10 @@ def create_app(
         except Exception as e:
             log.exception("loading the model and index failed")
             slot.refuse(None, f"loading failed: {type(e).__name__}: {e}")
+            app.state.startup_error = e
+            stop = app.state.stop_server  # the server exits (non-zero) rather than serving nothing
+            if stop is not None:
+                stop()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -189,6 +194,7 @@ def create_app(
     app.state.reloader = reloader
     app.state.admin = AdminAuth.from_env(admin_token)
     app.state.startup_error = None
+    app.state.stop_server = None  # set by whoever runs the app: called if a background first load fails
     app.state.settle_heap = settle_heap
     app.add_middleware(BodySizeLimit, limit=max_upload_bytes, slack=MULTIPART_OVERHEAD_BYTES)
     app.add_middleware(RequestMetrics, metrics=metrics)

@@ -54,7 +54,9 @@ def base_url(sock: socket.socket) -> str:
 
 
 def run_server(app: FastAPI, sock: socket.socket, server: uvicorn.Server) -> None:
-    """Run ``server`` on ``sock`` until it stops; re-raise the app's startup error if it had one."""
+    """Run ``server`` on ``sock`` until it stops; re-raise the app's startup error if it had one
+    (during the lifespan, or in a first load running in the background)."""
+    app.state.stop_server = lambda: setattr(server, "should_exit", True)
     try:
         server.run(sockets=[sock])
     except SystemExit as e:  # uvicorn exits the process when startup fails
@@ -62,10 +64,26 @@ def run_server(app: FastAPI, sock: socket.socket, server: uvicorn.Server) -> Non
         raise ServerStartError(f"server failed to start: {cause or f'uvicorn exit code {e.code}'}") from cause
     finally:
         sock.close()
+    cause = app.state.startup_error
+    if cause is not None:
+        raise ServerStartError(f"server failed to start: {cause}") from cause
 
 
-def make_server(app: FastAPI, log_level: str, **config: Any) -> uvicorn.Server:
-    return uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on", **config))
+class _Server(uvicorn.Server):
+    """A uvicorn server that logs its URL once it accepts connections."""
+
+    url = ""
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self.url:
+            log.info("serving on %s", self.url)
+
+
+def make_server(app: FastAPI, log_level: str, url: str = "", **config: Any) -> uvicorn.Server:
+    server = _Server(uvicorn.Config(app, log_level=log_level, lifespan="on", **config))
+    server.url = url
+    return server
 
 
 def serve(
@@ -87,9 +105,12 @@ def serve(
     version; ``max_batch`` (searches per ScaNN call), ``max_embed_batch`` (images per
     forward) and ``batch_wait_ms`` bound micro-batching (both maxima 1: off);
     ``inline_max_ms`` (0: never) lets a lone query that fast run on the event loop
-    rather than a batcher's thread; ``admin_token`` defaults to $LOOKALIKE_ADMIN_TOKEN. Raises
-    StoreError (saying which step to run) before loading anything when the workdir has
-    no published index, ServerStartError when the port is taken.
+    rather than a batcher's thread; ``admin_token`` defaults to $LOOKALIKE_ADMIN_TOKEN. The
+    server accepts connections at once and loads the model and index in the background
+    (/healthz 200, /readyz and searches 503 meanwhile). Raises StoreError (saying which step
+    to run) before loading anything when the workdir has no published index,
+    ServerStartError when the port is taken, and the load's own error (the server stops)
+    when the first load fails.
     """
     Store.at(workdir).require_current_index()
     sock = bind_socket(host, port)
@@ -100,11 +121,12 @@ def serve(
         batching=BatchingConfig(max_batch=max_batch, max_wait_s=batch_wait_ms / 1000, max_embed_batch=max_embed_batch,
                                 inline_max_s=inline_max_ms / 1000),
         admin_token=admin_token,
+        load_in_background=True,  # /healthz answers at once, /readyz (and searches) 503 until loaded
         settle_heap=True,  # this process is the server's own
     )
-    log.info("loading the model and index; then serving on %s", base_url(sock))
+    log.info("loading the model and index in the background")
     try:
-        run_server(app, sock, make_server(app, log_level))
+        run_server(app, sock, make_server(app, log_level, base_url(sock)))
     except ServerStartError as e:
         if e.__cause__ is not None:
             raise e.__cause__ from None  # e.g. StoreError: the CLI prints its message

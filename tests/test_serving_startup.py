@@ -1,0 +1,102 @@
+"""``serve`` accepts connections at once and loads in the background: /healthz answers 200
+and /readyz 503 while the model and index load, then 200; a failed first load stops the
+server with its error (the CLI then exits non-zero). The real ``serve`` in a thread, on
+127.0.0.1, with the tiny store from conftest and a load slowed down (or failing) on purpose."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import httpx
+import pytest
+
+import lookalike.serving.server as server_module
+from lookalike.model.store import Store, StoreError
+from lookalike.serving.backend import load_backend
+
+from .conftest import free_port  # noqa: TID252
+
+
+def start(workdir, monkeypatch, load) -> tuple[str, threading.Thread, list, list]:
+    servers, failures = [], []
+    make = server_module.make_server
+
+    def capturing_make_server(*args, **kwargs):
+        servers.append(make(*args, **kwargs))
+        return servers[-1]
+
+    monkeypatch.setattr(server_module, "make_server", capturing_make_server)
+    monkeypatch.setattr(server_module, "load_backend", load)
+    port = free_port()
+
+    def run() -> None:
+        try:
+            server_module.serve(workdir, port=port, log_level="warning", watch_interval_s=None)
+        except BaseException as e:  # checked by the test
+            failures.append(e)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return f"http://127.0.0.1:{port}", thread, servers, failures
+
+
+def wait_for(url: str, path: str, timeout_s: float = 30) -> httpx.Response:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return httpx.get(url + path, timeout=5)
+        except httpx.TransportError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
+
+
+def test_health_answers_while_loading(indexed_store: Store, monkeypatch) -> None:
+    loading = threading.Event()
+
+    def slow_load(workdir, max_embed_batch):
+        loading.wait(30)
+        return load_backend(workdir, max_embed_batch)
+
+    url, thread, servers, failures = start(indexed_store.root, monkeypatch, slow_load)
+    try:
+        assert wait_for(url, "/healthz").status_code == 200
+        ready = httpx.get(url + "/readyz")
+        assert ready.status_code == 503 and "loading" in ready.json()["detail"]
+        search = httpx.post(url + "/v1/search/vector", json={"vector": [1.0] * 8})
+        assert search.status_code == 503 and "still loading" in search.json()["detail"]
+        loading.set()
+        deadline = time.monotonic() + 60
+        while httpx.get(url + "/readyz").status_code != 200:
+            assert time.monotonic() < deadline and not failures
+            time.sleep(0.05)
+    finally:
+        loading.set()
+        if servers:
+            servers[0].should_exit = True
+        thread.join(30)
+    assert not failures
+
+
+def test_a_failed_first_load_stops_the_server(indexed_store: Store, monkeypatch) -> None:
+    loading = threading.Event()
+
+    def failing_load(workdir, max_embed_batch):
+        loading.wait(30)
+        raise StoreError("model m-x is missing: run `lookalike train`")
+
+    url, thread, servers, failures = start(indexed_store.root, monkeypatch, failing_load)
+    try:
+        assert wait_for(url, "/healthz").status_code == 200
+        assert httpx.get(url + "/readyz").status_code == 503
+        loading.set()
+        thread.join(30)
+    finally:
+        loading.set()
+        if servers and thread.is_alive():
+            servers[0].should_exit = True
+    assert not thread.is_alive()
+    assert len(failures) == 1 and isinstance(failures[0], StoreError), failures
+    with pytest.raises(httpx.TransportError):
+        httpx.get(url + "/healthz", timeout=2)
