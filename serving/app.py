@@ -75,7 +75,7 @@ from lookalike.serving.schemas import (
     VectorQuery,
 )
 from lookalike.serving.results import json_text_response
-from lookalike.serving.swap import DEFAULT_WATCH_INTERVAL_S, BackendSlot, StoreReloader
+from lookalike.serving.swap import DEFAULT_WATCH_INTERVAL_S, BackendSlot, StoreReloader, without_store_root
 from lookalike.serving.validation import parse_json_body, validation_error_handler
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,8 @@ def create_app(
             await first_load()
         except Exception as e:
             log.exception("loading the model and index failed")
-            slot.refuse(None, f"loading failed: {type(e).__name__}: {e}")
+            reason = f"loading failed: {type(e).__name__}: {e}"
+            slot.refuse(None, without_store_root(reason, reloader.store.root) if reloader is not None else reason)
             app.state.startup_error = e
             stop = app.state.stop_server  # the server exits (non-zero) rather than serving nothing
             if stop is not None:

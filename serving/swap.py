@@ -67,10 +67,22 @@ class BackendSlot:
         self.last_reload_unix_s = time.time()
         return old
 
+    def settled(self) -> None:
+        """The served version is the one CURRENT names: no refusal is pending any more."""
+        self.last_reload_error = None
+        self.last_refused_version = None
+
     def refuse(self, version: str | None, reason: str) -> None:
         self.last_reload_error = reason
         self.last_refused_version = version
         self.last_reload_unix_s = time.time()
+
+
+def without_store_root(text: str, root: os.PathLike | str) -> str:
+    """``text`` with paths inside the store written relative to it (for /v1/info and /readyz,
+    which any client reads), and the store root itself as 'the store'."""
+    root = str(root).rstrip("/")
+    return text.replace(root + "/", "").replace(root, "the store")
 
 
 def smoke_test(backend: Backend) -> None:
@@ -131,6 +143,7 @@ class StoreReloader:
             except (OSError, ValueError) as e:
                 version, problem = None, f"cannot read the CURRENT pointer in {self.store.root}: {e}"
             if served is not None and served.index.version == version:
+                slot.settled()  # CURRENT points back at the served version: an earlier refusal is over
                 return ReloadOutcome("unchanged", version, served.encoder.version)
             if not force and slot.last_reload_error is not None and version == slot.last_refused_version:
                 return ReloadOutcome("skipped", version, None, slot.last_reload_error)  # logged once already
@@ -151,6 +164,6 @@ class StoreReloader:
     def _refused(self, slot: BackendSlot, version: str | None, error: str, started: float) -> ReloadOutcome:
         served = slot.backend.index.version if slot.backend else None
         log.error("%s; still serving %s", error, served)
-        slot.refuse(version, error)
+        slot.refuse(version, without_store_root(error, self.store.root))  # clients see no server paths
         return ReloadOutcome("refused", version, None, error, time.perf_counter() - started)
 

@@ -214,3 +214,38 @@ def test_a_missing_current_pointer_is_refused_once(store: Store) -> None:
     assert first.status == "refused" and "no CURRENT pointer" in first.error
     assert reloader.reload(slot).status == "skipped"  # not logged again every watch interval
     assert slot.backend is not None  # still serving
+
+
+def test_pointing_current_back_clears_the_reload_error(live) -> None:
+    """After a refused version, CURRENT pointed back at the served one clears last_reload_error
+    (the watcher, and POST /v1/admin/reload), which never shows the server's paths."""
+    url, store = live
+    http = httpx.Client(base_url=url, timeout=30)
+    served = http.get("/v1/info").json()["index_version"]
+    bad = publish_subset(store, 100, make_current=False)
+    tamper(store, bad)
+    store.set_current_index(bad)
+    info = wait_for(lambda: (i := http.get("/v1/info").json())["last_reload_error"] and i)
+    assert "checksum" in info["last_reload_error"]
+    assert str(store.root) not in info["last_reload_error"], info["last_reload_error"]
+    assert f"indexes/{bad}/" in info["last_reload_error"]
+    store.set_current_index(served)  # back to the good one: the watcher clears the error
+    wait_for(lambda: http.get("/v1/info").json()["last_reload_error"] is None)
+    store.set_current_index(bad)
+    wait_for(lambda: http.get("/v1/info").json()["last_reload_error"])
+    store.set_current_index(served)
+    reload = http.post("/v1/admin/reload", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert reload.status_code == 200 and reload.json()["status"] == "unchanged"
+    assert http.get("/v1/info").json()["last_reload_error"] is None
+    http.close()
+
+
+def test_an_unchanged_reload_clears_a_refusal(store: Store) -> None:
+    reloader, slot = StoreReloader(store.root), BackendSlot()
+    served = reloader.reload(slot).index_version
+    store.root.joinpath("CURRENT").unlink()
+    assert reloader.reload(slot).status == "refused"
+    assert slot.last_reload_error == "no CURRENT pointer in the store"  # no server path
+    store.set_current_index(served)
+    assert reloader.reload(slot, force=True).status == "unchanged"  # as POST /v1/admin/reload does
+    assert slot.last_reload_error is None
