@@ -53,6 +53,7 @@ from lookalike.serving.params import (
     errors,
 )
 from lookalike.serving.queries import (
+    check_model_version,
     batch_images,
     echo,
     filters_of,
@@ -284,13 +285,14 @@ def create_app(
             return None
         return await image_search(request, backend, *params)
 
-    @app.post("/v1/search/vector", response_model=SearchResponse, tags=["search"], responses=errors(413, 422, 503),
+    @app.post("/v1/search/vector", response_model=SearchResponse, tags=["search"], responses=errors(409, 413, 422, 503),
               dependencies=STRICT_QUERY)
     async def search_vector(body: VectorQuery, backend: BackendDep) -> Response:
         """Items nearest to a query embedding (normalised to unit length)."""
         return await vector_search(body, backend)
 
     async def vector_search(body: VectorQuery, backend: Backend) -> Response:
+        check_model_version(backend, body.model_version)
         try:
             query = unit_query(backend, body.vector)
         except ValueError as e:
@@ -309,7 +311,7 @@ def create_app(
     set_fast_path(app, "/v1/search/image", "POST", search_image_fast)
     set_fast_path(app, "/v1/search/vector", "POST", search_vector_fast)
 
-    @app.post("/v1/search/batch", response_model=BatchSearchResponse, tags=["search"], responses=errors(404, 413, 422, 503),
+    @app.post("/v1/search/batch", response_model=BatchSearchResponse, tags=["search"], responses=errors(404, 409, 413, 422, 503),
               dependencies=STRICT_QUERY)
     async def search_batch(body: BatchSearch, backend: BackendDep) -> Response:
         """Several queries (vectors, item ids, base64 images) in one call; one response per query."""
@@ -324,6 +326,8 @@ def create_app(
 
     async def batch_search(body: BatchSearch, backend: Backend) -> Response:
         filters = filters_of(body)
+        if any(q.vector is not None for q in body.queries):
+            check_model_version(backend, body.model_version)
         images = batch_images(body.queries, backend.encoder.spec.max_pixels)  # 422 or 413 before any work
 
         async def one(i: int, q: BatchQuery) -> str:

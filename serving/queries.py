@@ -109,6 +109,15 @@ def filters_of(body: FilterFields) -> Filters:
     return Filters.of(body.kind, body.group, body.max_per_group, body.source, body.tag)
 
 
+def check_model_version(backend: Backend, model_version: str | None) -> None:
+    """409 when query embeddings made by ``model_version`` are not of the served model's space."""
+    served = backend.encoder.version
+    if model_version is not None and model_version != served:
+        raise HTTPException(status_code=409, detail=(
+            f"the query embeddings are from model {model_version!r} but the index serves model {served!r}: "
+            f"embed the query with {served!r} (see /v1/info)"))
+
+
 def unit_query(backend: Backend, vector: list[float]) -> np.ndarray:
     """A [D] unit-length query; ValueError with the reason if it cannot be one."""
     if len(vector) != backend.index.embed_dim:

@@ -70,9 +70,15 @@ class FilterFields(BaseModel):
     max_per_group: int | None = Field(None, ge=1, le=MAX_K, description="at most this many results per group (video)")
 
 
+MODEL_VERSION_FIELD = Field(
+    None, description="the model that made the query embeddings (see /v1/info): a different one is a 409, not a "
+                      "search in the wrong space")
+
+
 class VectorQuery(FilterFields):
     vector: list[float] = Field(max_length=MAX_DIM, description="a query embedding of the index's dimension (see /v1/info)")
     k: int = Field(DEFAULT_K, ge=1, le=MAX_K)
+    model_version: str | None = MODEL_VERSION_FIELD
 
 
 class BatchQuery(BaseModel):
@@ -96,6 +102,7 @@ class BatchQuery(BaseModel):
 class BatchSearch(FilterFields):
     queries: list[BatchQuery] = Field(min_length=1, max_length=MAX_BATCH_QUERIES)
     k: int = Field(DEFAULT_K, ge=1, le=MAX_K)
+    model_version: str | None = MODEL_VERSION_FIELD
 
 
 class BatchSearchResponse(BaseModel):

@@ -90,3 +90,19 @@ def test_short_input() -> None:
     assert short_input("x" * 1000).endswith("(1000 characters)")
     assert short_input(list(range(100))) == "<array of 100 values>"
     assert short_input({"a": [1, 2]}) == {"a": [1, 2]}
+
+
+def test_vector_queries_may_name_their_model(http: httpx.Client, backend: Backend) -> None:
+    v = [1.0] + [0.0] * (backend.index.embed_dim - 1)
+    served = backend.encoder.version
+    ok = http.post("/v1/search/vector", json={"vector": v, "k": 2, "model_version": served})
+    assert ok.status_code == 200, ok.text
+    for path, body in [
+        ("/v1/search/vector", {"vector": v, "model_version": "m-000000000000"}),
+        ("/v1/search/batch", {"queries": [{"vector": v}], "model_version": "m-000000000000"}),
+    ]:
+        response = http.post(path, json=body)
+        assert response.status_code == 409, response.text
+        assert "m-000000000000" in response.json()["detail"] and served in response.json()["detail"]
+    batch = http.post("/v1/search/batch", json={"queries": [{"vector": v}, {"id": QUERY_ID}], "model_version": served})
+    assert batch.status_code == 200, batch.text
