@@ -259,6 +259,8 @@ class Store:
 
     def require_current_index(self) -> Path:
         """Directory of the served index version, or a StoreError saying what to run."""
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(f"workdir {self.root} is not a folder: give the store's folder (the one holding CURRENT)")
         if not self.root.is_dir():
             raise StoreError(
                 f"workdir {self.root} does not exist: run `lookalike demo --workdir {self.root} "

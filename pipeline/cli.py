@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 
 from lookalike.pipeline.cli_options import (  # noqa: F401 (DEFAULT_WORKDIR, _float_in: re-exported)
-    DEFAULT_PORT, DEFAULT_WORKDIR, POSITIVE, _add_train_config, _add_workdir, _DefaultsHelpFormatter, _float_in,
+    DEFAULT_PORT, DEFAULT_WORKDIR, PORT, POSITIVE, _add_train_config, _add_workdir, _DefaultsHelpFormatter, _float_in,
     _int_at_least, _print_json, _train_config, add_metadata_option,
 )
 from lookalike.pipeline.cli_store import add_store_commands
@@ -136,6 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lookalike", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, including Beam and JAX")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.set_defaults(subparsers=sub.choices)  # main() reports a command's unknown options with its own usage
 
     p = sub.add_parser("demo", help="write the bundled digits as images, train, embed, index and serve",
                        description="Runs the whole system on scikit-learn's bundled handwritten digits "
@@ -145,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_config(p)
     p.add_argument("--no-serve", action="store_true", help="stop after the index is published (exit 0)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    p.add_argument("--port", type=PORT, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     p.add_argument("--num-workers", type=POSITIVE, default=1, help="Beam worker processes for the embed step")
     p.set_defaults(func=cmd_demo)
 
@@ -216,14 +217,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "Example: lookalike serve --workdir DIR --port 8765")
     _add_workdir(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; use 0.0.0.0 deliberately)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    p.add_argument("--port", type=PORT, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
     p.add_argument("--watch-interval-s", type=float, default=2.0,
                    help="how often to check CURRENT for a new index version (0: never; POST /v1/admin/reload still works)")
     p.add_argument("--max-batch", type=POSITIVE, default=64, help="most searches answered by one ScaNN call (1: no batching)")
     p.add_argument("--max-embed-batch", type=POSITIVE, default=16,
                    help="most uploaded images embedded in one model forward (1: no batching)")
-    p.add_argument("--batch-wait-ms", type=float, default=2.0, help="longest wait for announced queries to join a batch")
-    p.add_argument("--inline-max-ms", type=float, default=2.0,
+    p.add_argument("--batch-wait-ms", type=_float_in(0.0, 1000.0), default=2.0,
+                   help="longest wait for announced queries to join a batch (0-1000)")
+    p.add_argument("--inline-max-ms", type=_float_in(0.0, 1000.0), default=2.0,
                    help="a lone unfiltered query (no other request arriving or in progress) whose work recently took at "
                         "most this long runs on the event loop instead of a batcher's thread, saving two thread "
                         "hand-offs (default 2; 0: never)")
@@ -298,7 +300,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown and args.command != "embed":
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        parser_of_command = args.subparsers.get(args.command, parser)
+        parser_of_command.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.beam_args = unknown
     configure_logging(args.verbose)
     from lookalike.model.store import StoreError

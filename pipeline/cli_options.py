@@ -42,6 +42,14 @@ def _float_in(low: float, high: float, *, low_open: bool = False):
 POSITIVE = _int_at_least(1)
 
 
+def PORT(text: str) -> int:  # noqa: N802 (an argparse type, named like POSITIVE)
+    """An argparse type: a TCP port, 0 (any free one) to 65535."""
+    value = _int_at_least(0)(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be a port between 0 and 65535, got {value}")
+    return value
+
+
 class _DefaultsHelpFormatter(argparse.HelpFormatter):
     """Every option's help ends with its default, unless the text already gives it."""
 

@@ -9,6 +9,7 @@ yields its base URL, for tests and for programs that embed the server.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -42,9 +43,21 @@ def bind_socket(host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
+    except socket.gaierror as e:
+        sock.close()
+        raise ServerStartError(f"cannot listen on {host}:{port}: host {host!r} is not a known name or address "
+                               f"({e.strerror or e})") from None
     except OSError as e:
         sock.close()
-        raise ServerStartError(f"cannot listen on {host}:{port}: {e.strerror or e} (is another server using it?)") from None
+        if e.errno == errno.EADDRINUSE:
+            hint = " (is another server using it?)"
+        elif e.errno == errno.EADDRNOTAVAIL:
+            hint = f" (host {host!r} is not an address of this machine; 127.0.0.1 or 0.0.0.0 are)"
+        elif e.errno == errno.EACCES:
+            hint = " (ports below 1024 need privileges)"
+        else:
+            hint = ""
+        raise ServerStartError(f"cannot listen on {host}:{port}: {e.strerror or e}{hint}") from None
     return sock
 
 
