@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import HTTPException, Request
+from fastapi._compat.shared import field_annotation_is_sequence
 from fastapi.exceptions import RequestValidationError
 from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -31,6 +32,7 @@ from lookalike.serving.results import search_json
 from lookalike.serving.schemas import BatchQuery, FilterFields
 
 UPLOAD_FIELD = "file"
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 # Uploads up to this size are decoded in the image batch (well under a millisecond each);
 # larger ones in the thread pool before they join a batch, so a big photo never stalls others.
 INLINE_DECODE_BYTES = 64 * 1024
@@ -38,18 +40,22 @@ INLINE_DECODE_BYTES = 64 * 1024
 MAX_BATCH_PIXELS = DEFAULT_MAX_PIXELS
 
 
-def declared_query_params(route: Any) -> frozenset[str]:
+def declared_query_params(route: Any) -> tuple[frozenset[str], frozenset[str]]:
     """The query parameter names ``route`` (a FastAPI APIRoute) declares, its dependencies'
-    included; remembered on the route."""
+    included, and those of them that take a single value (not a list); remembered on the route."""
     names = getattr(route, "_lookalike_query_names", None)
     if names is None:
         found: set[str] = set()
+        single: set[str] = set()
         pending = [route.dependant]
         while pending:
             dependant = pending.pop()
-            found.update(field.alias for field in dependant.query_params)
+            for field in dependant.query_params:
+                found.add(field.alias)
+                if not field_annotation_is_sequence(field.field_info.annotation):
+                    single.add(field.alias)
             pending.extend(dependant.dependencies)
-        names = route._lookalike_query_names = frozenset(found)
+        names = route._lookalike_query_names = (frozenset(found), frozenset(single))
     return names
 
 
@@ -61,7 +67,7 @@ async def no_unknown_query_params(request: Request) -> None:
     if not params:
         return
     route = request.scope.get("route")
-    allowed = declared_query_params(route) if route is not None else frozenset(params.keys())
+    allowed, single = declared_query_params(route) if route is not None else (frozenset(params.keys()), frozenset())
     unknown = [name for name in dict.fromkeys(params.keys()) if name not in allowed]
     if unknown:
         takes = ", ".join(sorted(allowed)) if allowed else "none"
@@ -69,6 +75,13 @@ async def no_unknown_query_params(request: Request) -> None:
             {"type": "extra_forbidden", "loc": ("query", name), "input": params.get(name),
              "msg": f"unknown query parameter {name!r} (this endpoint takes: {takes})"}
             for name in unknown
+        ])
+    repeated = [name for name in dict.fromkeys(params.keys()) if name in single and len(params.getlist(name)) > 1]
+    if repeated:  # ?k=5&k=6 would silently use the last one
+        raise RequestValidationError([
+            {"type": "repeated", "loc": ("query", name), "input": params.getlist(name),
+             "msg": f"query parameter {name!r} takes one value, got {len(params.getlist(name))}"}
+            for name in repeated
         ])
 
 
@@ -119,16 +132,24 @@ def check_model_version(backend: Backend, model_version: str | None) -> None:
 
 
 def unit_query(backend: Backend, vector: list[float]) -> np.ndarray:
-    """A [D] unit-length query; ValueError with the reason if it cannot be one."""
+    """A [D] unit-length float32 query; ValueError with the reason if it cannot be one. The
+    length is computed in float64 on the vector scaled by its largest value, so large values
+    (1e20) normalise fine; values beyond float32's range are refused as such."""
     if len(vector) != backend.index.embed_dim:
         raise ValueError(f"vector has {len(vector)} values but the index holds {backend.index.embed_dim}-dimensional embeddings")
-    with np.errstate(over="ignore"):  # values beyond float32 become inf, refused below
-        q = np.asarray(vector, dtype=np.float32)
-        norm = math.sqrt(float(np.dot(q, q)))  # NaN or inf when any value is
-    if not math.isfinite(norm) or norm == 0.0:
-        backend.index.check_queries(q)  # raises naming NaN or infinite values
-        raise ValueError("query vector has zero (or overflowing) length and no direction")
-    return q / np.float32(norm)
+    q = np.asarray(vector, dtype=np.float64)
+    finite = np.isfinite(q)
+    if not finite.all():
+        at = int(np.flatnonzero(~finite)[0])
+        raise ValueError(f"vector has NaN or infinite values (the first at position {at})")
+    largest = float(np.abs(q).max()) if len(q) else 0.0
+    if largest > FLOAT32_MAX:
+        at = int(np.argmax(np.abs(q)))
+        raise ValueError(f"vector value {q[at]!r} at position {at} overflows float32 (largest magnitude {FLOAT32_MAX:.4g})")
+    if largest == 0.0:
+        raise ValueError("query vector has zero length and no direction")
+    scaled = q / largest
+    return (scaled / math.sqrt(float(np.dot(scaled, scaled)))).astype(np.float32)
 
 
 async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str | None]:

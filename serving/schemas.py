@@ -57,7 +57,7 @@ class FilterFields(BaseModel):
     """Metadata filters and crowding, shared by the JSON search bodies. A field the API does not
     know (a typo such as ``kinds``) is a 422 error, not silently ignored."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # strict: "k": true or "5" or 5.0 is an error, not 1 or 5
 
     kind: Kind | None = Field(None, description="only items of this kind ('image' or 'frame')")
     group: list[str] | None = Field(None, max_length=MAX_K, description="only items of these groups (video ids)")
@@ -85,7 +85,7 @@ class BatchQuery(BaseModel):
     """One query of a batch: exactly one of ``vector``, ``id`` or ``image_base64``. ``k`` and the
     filters are the batch's, for all its queries (given here they are a 422 error)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     vector: list[float] | None = Field(None, max_length=MAX_DIM, description="a query embedding of the index's dimension")
     id: str | None = Field(None, description="an indexed item id: items like it (itself excluded)")

@@ -106,3 +106,44 @@ def test_vector_queries_may_name_their_model(http: httpx.Client, backend: Backen
         assert "m-000000000000" in response.json()["detail"] and served in response.json()["detail"]
     batch = http.post("/v1/search/batch", json={"queries": [{"vector": v}, {"id": QUERY_ID}], "model_version": served})
     assert batch.status_code == 200, batch.text
+
+
+def test_large_values_normalise_and_messages_are_exact(http: httpx.Client, backend: Backend) -> None:
+    dim = backend.index.embed_dim
+    big = http.post("/v1/search/vector", json={"vector": [1e20] + [0.0] * (dim - 1), "k": 1})
+    assert big.status_code == 200, big.text  # its length overflows float32, not float64
+    small = http.post("/v1/search/vector", json={"vector": [1.0] + [0.0] * (dim - 1), "k": 1})
+    assert big.json()["results"] == small.json()["results"]
+    overflow = http.post("/v1/search/vector", json={"vector": [1e39] + [1.0] * (dim - 1)})
+    assert overflow.status_code == 422 and "overflows float32" in overflow.json()["detail"]
+    nan = http.post("/v1/search/vector", content='{"vector": [1, NaN' + ", 1" * (dim - 2) + "]}",
+                    headers={"content-type": "application/json"})
+    assert nan.status_code == 422
+    assert "position 1" in nan.json()["detail"] and "query embedding 0" not in nan.json()["detail"]
+
+
+@pytest.mark.parametrize("body", [
+    {"k": True}, {"k": "5"}, {"k": 5.0}, {"vector": ["1"]}, {"vector": [True]}, {"max_per_group": "2"},
+])
+def test_json_bodies_are_strictly_typed(http: httpx.Client, backend: Backend, body: dict) -> None:
+    dim = backend.index.embed_dim
+    full = {"vector": [1.0] * dim, **body}
+    if "vector" in body:
+        full["vector"] = body["vector"] * dim
+    response = http.post("/v1/search/vector", json=full)
+    assert response.status_code == 422, response.text
+    batch = {"queries": [{"vector": full["vector"]}], **{k: v for k, v in body.items() if k != "vector"}}
+    assert http.post("/v1/search/batch", json=batch).status_code == 422
+
+
+@pytest.mark.parametrize("method, path", [
+    ("GET", f"/v1/items/{QUERY_ID}/similar?k=5&k=6"),
+    ("POST", "/v1/search/image?k=5&k=6"),
+    ("GET", f"/v1/items/{QUERY_ID}/similar?kind=image&kind=frame"),
+])
+def test_a_repeated_single_query_parameter_is_422(http: httpx.Client, indexed_store: Store, method: str, path: str) -> None:
+    content = (indexed_store.corpus_dir / QUERY_ID).read_bytes() if method == "POST" else None
+    response = http.request(method, path, content=content)
+    assert response.status_code == 422, response.text
+    assert "takes one value" in response.json()["detail"][0]["msg"]
+    assert http.get(f"/v1/items/{QUERY_ID}/similar?group=3&group=7&k=2").status_code == 200  # lists repeat
