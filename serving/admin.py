@@ -15,10 +15,11 @@ import os
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import APIRouter, FastAPI, Header, HTTPException, Request
+from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 
 from lookalike.serving.heap import SETTLE_AFTER_SWAP_S, settle
+from lookalike.serving.queries import no_unknown_query_params
 from lookalike.serving.schemas import ErrorMessage, ReloadResult
 from lookalike.serving.swap import ReloadOutcome
 
@@ -86,6 +87,7 @@ admin_router = APIRouter(prefix="/v1/admin", tags=["admin"])
     "/reload",
     response_model=ReloadResult,
     responses={code: {"model": ErrorMessage} for code in (401, 403, 404, 409)},
+    dependencies=[Depends(no_unknown_query_params)],  # ?force=true is a 422, as on other endpoints
 )
 async def admin_reload(request: Request, authorization: Annotated[str | None, Header()] = None) -> ReloadResult:
     """Load the store's CURRENT version now and swap it in (409 with the reason if refused)."""

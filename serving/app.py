@@ -53,6 +53,7 @@ from lookalike.serving.params import (
     errors,
 )
 from lookalike.serving.queries import (
+    row_of,
     check_model_version,
     batch_images,
     echo,
@@ -340,7 +341,7 @@ def create_app(
                     raise HTTPException(status_code=422, detail=f"{what}{e}") from None
                 echoed = echo("vector", body.k, filters, dim=len(q.vector))
             elif q.id is not None:
-                exclude = backend.index.row_of(q.id)
+                exclude = row_of(backend, q.id)
                 if exclude is None:
                     raise HTTPException(status_code=404, detail=f"{what}{unknown_item(q.id).detail}")
                 query = backend.index.embeddings[exclude]

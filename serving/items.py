@@ -19,7 +19,7 @@ from lookalike.serving.params import (
     TagFilter,
     errors,
 )
-from lookalike.serving.queries import echo, item_or_404, search_or_422, search_response, unknown_item
+from lookalike.serving.queries import echo, item_or_404, row_of, search_or_422, search_response, unknown_item
 from lookalike.serving.results import group_of, item_url, json_text_response, thumbnail_url
 from lookalike.serving.schemas import DEFAULT_K, ItemMetadata, SearchResponse
 from lookalike.serving.thumbnails import ThumbnailUnavailable, etag_matches, render_thumbnail, thumbnail_version
@@ -36,7 +36,7 @@ async def similar(
     group: GroupFilter = None, source: SourceFilter = None, tag: TagFilter = None, max_per_group: PerGroup = None,
 ) -> Response:
     """Items that look like an indexed item (the item itself excluded)."""
-    row = backend.index.row_of(item_id)
+    row = row_of(backend, item_id)
     if row is None:
         raise unknown_item(item_id)
     filters = Filters.of(kind, group, max_per_group, source, tag)
@@ -78,6 +78,7 @@ def thumbnail(item_id: ItemId, backend: BackendDep, request: Request) -> Respons
 def item_metadata(item_id: ItemId, backend: BackendDep) -> ItemMetadata:
     """What the index knows about an item (its file path on the server is not exposed)."""
     item = item_or_404(backend, item_id)
+    item_id = str(item["id"])  # as the index writes it (a frame's seconds with three decimals)
     return ItemMetadata(
         id=item_id,
         kind=item.get("kind") or "image",

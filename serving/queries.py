@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -95,8 +96,23 @@ def unknown_item(item_id: str) -> HTTPException:
     return HTTPException(status_code=404, detail=f"unknown item id {item_id!r}{hint}")
 
 
-def item_or_404(backend: Backend, item_id: str) -> dict[str, Any]:
+_FRAME_TIME = re.compile(r"^(?P<video>.+)#t=(?P<seconds>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)$")
+
+
+def row_of(backend: Backend, item_id: str) -> int | None:
+    """The index row of ``item_id``; a frame id whose seconds are written otherwise than the
+    index writes them (``clip.mp4#t=1.2`` for ``clip.mp4#t=1.200``) finds that frame too."""
     row = backend.index.row_of(item_id)
+    if row is None and (frame := _FRAME_TIME.match(item_id)):
+        from lookalike.pipeline.video import frame_id
+
+        canonical = frame_id(frame["video"], float(frame["seconds"]))
+        row = backend.index.row_of(canonical) if canonical != item_id else None
+    return row
+
+
+def item_or_404(backend: Backend, item_id: str) -> dict[str, Any]:
+    row = row_of(backend, item_id)
     if row is None:
         raise unknown_item(item_id)
     return backend.index.items[row]
@@ -154,7 +170,7 @@ def unit_query(backend: Backend, vector: list[float]) -> np.ndarray:
 
 async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str | None]:
     """The uploaded image bytes and file name, from a multipart form or the raw body."""
-    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+    if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):  # media types ignore case
         async with request.form(max_files=1, max_fields=16) as form:
             upload = form.get(UPLOAD_FIELD)
             if not isinstance(upload, UploadFile):

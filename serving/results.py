@@ -143,7 +143,8 @@ class ResultsJSON:
             score = float(n.score)
             if not math.isfinite(score):  # the distance, derived from the score, is finite with it
                 raise ValueError(f"Out of range float values are not JSON compliant: {score!r}")
-            distance = n.distance
+            # float32 rounding puts an identical item's cosine a hair above 1: clip to what they can be
+            score, distance = min(1.0, max(-1.0, score)), max(0.0, float(n.distance))
             head, tail = fragments(n.row, n.id) if n.row < loaded else self._fragment(n.row, n.id)
             out.append(f'{head}{score!r},"distance":{distance!r},"same_item":{"true" if distance <= limit else "false"},{tail}')
         return "[" + ",".join(out) + "]"

@@ -136,7 +136,7 @@ class Info(BaseModel):
     last_reload_error: str | None = Field(None, description="why the newest CURRENT version was refused (the old one keeps serving)")
     last_reload_unix_s: float | None = None
     reload_count: int = Field(0, description="hot swaps since the server started")
-    batching: dict[str, float] = Field(default_factory=dict, description="micro-batching limits")
+    batching: dict[str, int | float] = Field(default_factory=dict, description="micro-batching limits (counts, milliseconds)")
     frame_count: int = Field(0, description="how many of the items are video frames (the rest are images)")
     example_item_id: str | None = Field(None, description="the id of one indexed item, to show as an example")
 

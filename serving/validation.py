@@ -63,14 +63,32 @@ def bounded_errors(errors: Any) -> tuple[list[dict[str, Any]], int]:
 
 
 async def validation_error_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
-    """422 ``{"detail": [first errors], "error_count": n}`` (FastAPI's shape, bounded)."""
-    shown, count = bounded_errors(exc.errors())
+    """422 ``{"detail": [first errors], "error_count": n}`` (FastAPI's shape, bounded); a JSON
+    endpoint's body sent without a JSON content type is a 422 saying so."""
+    errors = exc.errors()
+    if request.method == "POST" and not is_json(request) and any(tuple(e.get("loc", ())) == ("body",) for e in errors) \
+            and not media_type(request).startswith("multipart/"):
+        got = media_type(request) or "no Content-Type"
+        return JSONResponse({"detail": f"the body must be JSON sent with 'Content-Type: application/json' (got {got})"},
+                            status_code=422)
+    shown, count = bounded_errors(errors)
     return JSONResponse({"detail": jsonable_encoder(shown), "error_count": count}, status_code=422)
 
 
+def media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").partition(";")[0].strip().lower()
+
+
 def is_json(request: Request) -> bool:
-    content_type = request.headers.get("content-type", "")
-    return content_type.partition(";")[0].strip().lower() == "application/json"
+    return media_type(request) == "application/json"
+
+
+def json_like(request: Request, body: bytes) -> bool:
+    """A JSON body: declared so, or sent with no content type or curl -d's form type but
+    looking like a JSON object or array."""
+    if is_json(request):
+        return True
+    return media_type(request) in ("", "application/x-www-form-urlencoded") and body.lstrip()[:1] in (b"{", b"[")
 
 
 def _parse(model: type[M], body: bytes) -> M | None:
@@ -86,10 +104,11 @@ def _parse(model: type[M], body: bytes) -> M | None:
 
 async def parse_json_body(request: Request, model: type[M]) -> M | None:
     """The request's JSON body validated as ``model``; None when it is not JSON (FastAPI then
-    answers as it would); RequestValidationError (FastAPI's 422, same errors) when invalid. A
+    answers as it would; a body that looks like JSON is taken as JSON without a content type
+    or with curl -d's ``application/x-www-form-urlencoded``); RequestValidationError (FastAPI's 422, same errors) when invalid. A
     body over OFFLOOP_JSON_BYTES is parsed and validated in the thread pool."""
     body = await request.body()
-    if not body or not is_json(request):
+    if not body or not json_like(request, body):
         return None
     if len(body) > OFFLOOP_JSON_BYTES:
         return await run_in_threadpool(_parse, model, body)

@@ -27,6 +27,10 @@ def test_frames_and_images_have_thumbnails(tmp_path, trained_store, digits_corpu
         frame_id = "clips/a.mp4#t=1.500"
         meta = http.get(f"/v1/items/{frame_id.replace('#', '%23')}")
         assert meta.status_code == 200 and meta.json()["kind"] == "frame", meta.text
+        for loose in ("clips/a.mp4%23t=1.5", "clips/a.mp4%23t=1.50000"):  # seconds written otherwise: the same frame
+            assert http.get(f"/v1/items/{loose}").json()["id"] == frame_id
+            assert http.get(f"/v1/items/{loose}/similar", params={"k": 1}).status_code == 200
+        assert http.get("/v1/items/clips/a.mp4%23t=1.4/similar").status_code == 404  # no frame there
         thumb = http.get(f"/v1/items/{frame_id.replace('#', '%23')}/thumbnail")
         assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/png"
         assert Image.open(io.BytesIO(thumb.content)).convert("L").getpixel((5, 5)) > 150  # the bright shot
