@@ -58,14 +58,15 @@ def server_url(demo_workdir):
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             pytest.fail(f"server exited with {proc.returncode}: {proc.stdout.read()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+        try:  # /healthz answers at once, /readyz once the model and index are loaded
+            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
                 break
         except httpx.HTTPError:
-            time.sleep(0.3)
+            pass
+        time.sleep(0.3)
     else:
         proc.kill()
-        pytest.fail("server did not answer /healthz within 120 s")
+        pytest.fail("server was not ready (/readyz) within 120 s")
     yield url
     proc.terminate()
     try:
