@@ -94,7 +94,10 @@ def json_like(request: Request, body: bytes) -> bool:
 def _parse(model: type[M], body: bytes) -> M | None:
     try:
         data = json.loads(body)
-    except Exception:  # FastAPI answers: 422 for bad JSON, 400 for e.g. nesting too deep
+    except json.JSONDecodeError as e:  # FastAPI's 422 for bad JSON, without parsing it again on the event loop
+        raise RequestValidationError([{"type": "json_invalid", "loc": ("body", e.pos), "msg": "JSON decode error",
+                                       "input": {}, "ctx": {"error": e.msg}}]) from None
+    except Exception:  # FastAPI answers: 400 for e.g. nesting too deep
         return None
     try:
         return model.model_validate(data, from_attributes=True)  # as FastAPI validates a body

@@ -147,3 +147,10 @@ def test_a_repeated_single_query_parameter_is_422(http: httpx.Client, indexed_st
     assert response.status_code == 422, response.text
     assert "takes one value" in response.json()["detail"][0]["msg"]
     assert http.get(f"/v1/items/{QUERY_ID}/similar?group=3&group=7&k=2").status_code == 200  # lists repeat
+
+
+def test_broken_json_is_parsed_once(http: httpx.Client) -> None:
+    content = b'{"queries": [' + b'{"id": "x"},' * 200_000  # ~2.4 MB, never closed
+    response = http.post("/v1/search/batch", content=content, headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["type"] == "json_invalid"
