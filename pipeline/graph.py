@@ -135,8 +135,9 @@ class EmbedRun:
     @property
     def expand(self) -> dict[str, str]:
         """How cached or embedded rows become items (``items.expand_items`` arguments): thumbnail
-        paths are recorded relative to the store root, so a moved or copied store finds them."""
-        return {"root": self.root, "thumbnails_dir": THUMBNAILS_FOLDER,
+        paths, and the uris of files inside the store (its corpus/), are recorded relative to
+        the store root, so a moved or copied store finds them."""
+        return {"root": self.root, "thumbnails_dir": THUMBNAILS_FOLDER, "store_root": str(self.store.root),
                 "model_version": self.meta["version"]}
 
 

@@ -64,9 +64,11 @@ def rows_table(metas: Sequence[dict], embeddings: np.ndarray, embed_dim: int) ->
 
 
 def expand_items(rows: pa.Table, take: Sequence[int], uris: Sequence[str], *, root: str, thumbnails_dir: str,
-                 model_version: str, reused: bool) -> pa.Table:
+                 model_version: str, reused: bool, store_root: str | None = None) -> pa.Table:
     """Rows of sources (cache schema) -> the items table (embedding_schema): item k is row
-    ``take[k]`` found at path ``uris[k]`` (a source held by several paths gives an item per path)."""
+    ``take[k]`` found at path ``uris[k]`` (a source held by several paths gives an item per path).
+    A uri inside ``store_root`` is recorded relative to it (as thumbnails are, under
+    ``thumbnails_dir`` when that is relative), so a moved or copied store still finds its files."""
     picked = rows.take(pa.array(take, pa.int64()))
     uri_array = pa.array(list(uris), pa.string())
     prefix = root.rstrip("/") + "/"
@@ -84,6 +86,11 @@ def expand_items(rows: pa.Table, take: Sequence[int], uris: Sequence[str], *, ro
         ids, groups = pa.array(ids_list, pa.string()), pa.array(groups_list, pa.string())
     else:
         ids, groups = bases, pa.nulls(len(bases), pa.string())
+    recorded_uris = uri_array
+    if store_root and len(uri_array):
+        inside = store_root.rstrip("/") + "/"
+        recorded_uris = pc.if_else(pc.starts_with(uri_array, inside), pc.utf8_slice_codeunits(uri_array, len(inside)),
+                                   uri_array)
     hashes = picked.column("content_hash").combine_chunks()
     unique = pc.unique(hashes)
     thumbs = pa.array(thumbnail_paths(thumbnails_dir, unique.to_pylist()), pa.string())
@@ -91,7 +98,7 @@ def expand_items(rows: pa.Table, take: Sequence[int], uris: Sequence[str], *, ro
     schema = embedding_schema(picked.schema.field("embedding").type.list_size)
     return pa.table({
         "id": ids,
-        "uri": uri_array,
+        "uri": recorded_uris,
         "kind": picked.column("kind"),
         "timestamp_s": picked.column("timestamp_s"),
         "width": picked.column("width"),

@@ -143,12 +143,12 @@ def plan_reuse(files: list[FileMetadata], cache_dir: str,
 
 
 def reused_items(cache: pa.Table, files: list[tuple[str, str]], *, root: str, thumbnails_dir: str,
-                 model_version: str) -> pa.Table:
+                 model_version: str, store_root: str | None = None) -> pa.Table:
     """(uri, source hash) pairs of sources in ``cache`` (``load_cache_table``) -> their items
     table (``reused`` set)."""
     take, uris = rows_of_files(cache, files)
     return expand_items(cache, take, uris, root=root, thumbnails_dir=thumbnails_dir, model_version=model_version,
-                        reused=True)
+                        reused=True, store_root=store_root)
 
 
 class ReusedItemsFn(beam.DoFn):

@@ -10,7 +10,6 @@ import base64
 import json
 import shutil
 from collections.abc import Iterator
-from pathlib import Path
 from urllib.parse import quote
 
 import httpx
@@ -83,7 +82,7 @@ def test_crowding_and_group_filter(http: httpx.Client, backend: Backend) -> None
     assert len(only) == FRAMES // VIDEOS and {r["group"] for r in only} == {"video1"}
     image_query = http.post(
         "/v1/search/image", params=[("k", 5), ("group", "video2"), ("max_per_group", 3)],
-        content=Path(backend.index.items[FRAMES]["uri"]).read_bytes(),
+        content=(backend.store_root / backend.index.items[FRAMES]["uri"]).read_bytes(),
     ).json()
     assert [r["group"] for r in image_query["results"]] == ["video2"] * 3
     assert image_query["query"]["group"] == ["video2"] and image_query["query"]["max_per_group"] == 3
@@ -94,7 +93,7 @@ def test_crowding_and_group_filter(http: httpx.Client, backend: Backend) -> None
 
 def test_batch_mixes_vectors_ids_and_images(http: httpx.Client, backend: Backend) -> None:
     image_item = backend.index.items[FRAMES + 5]
-    png = Path(image_item["uri"]).read_bytes()
+    png = (backend.store_root / image_item["uri"]).read_bytes()
     vector = backend.index.embeddings[7].tolist()
     frame_id = backend.index.items[frame_row(backend)]["id"]
     body = {
@@ -157,7 +156,7 @@ def digits_of(results: list[dict]) -> set[int]:
 def test_source_and_tag_filter_every_search_endpoint(tagged) -> None:
     http, backend = tagged
     query_id = "3/digit_0003.png"
-    png = Path(backend.index.items[backend.index.row_of(query_id)]["uri"]).read_bytes()
+    png = (backend.store_root / backend.index.items[backend.index.row_of(query_id)]["uri"]).read_bytes()
     vector = backend.index.embeddings[backend.index.row_of(query_id)].tolist()
     odd = http.post("/v1/search/image", params=[("k", 30), ("tag", "odd")], content=png).json()
     assert len(odd["results"]) == 30 and digits_of(odd["results"]) <= {1, 3, 5, 7}  # 9s have no metadata

@@ -75,6 +75,7 @@ def test_a_moved_store_serves_its_thumbnails(tmp_path, trained_store, digits_cor
     summary = run_embed(EmbedConfig(workdir=str(old)))
     items = ItemIndex.load(old / "indexes" / summary.index_version).items
     assert all(item["thumbnail"].startswith("thumbnails/") for item in items)  # relative to the store
+    assert sorted(item["uri"] for item in items if item["kind"] == "image") == ["corpus/one.png"]  # so is the corpus
     moved = tmp_path / "moved"
     old.rename(moved)  # mv old moved: nothing is left at the recorded absolute paths
     with serve_in_thread(create_app(lambda: load_backend(moved))) as url, httpx.Client(base_url=url) as http:
