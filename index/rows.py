@@ -23,6 +23,30 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 
+# The built-in columns of an index's items, written by the embed pipeline for every item
+# (lookalike.pipeline.items) besides its embedding; any other column is user metadata
+# (embed --metadata, upsert), which search results show as ``metadata``.
+ITEM_FIELDS = [
+    ("id", pa.string()),
+    ("uri", pa.string()),
+    ("kind", pa.string()),
+    ("timestamp_s", pa.float64()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("content_hash", pa.string()),
+    ("group", pa.string()),
+    ("thumbnail", pa.string()),
+    ("model_version", pa.string()),
+    ("reused", pa.bool_()),  # True: embedding taken from the cache (--incremental)
+]
+BUILT_IN_COLUMNS = frozenset([name for name, _ in ITEM_FIELDS] + ["embedding"])
+
+
+def user_columns(names: Sequence[str]) -> list[str]:
+    """The user metadata among column (or field) ``names``: those not built in."""
+    return [n for n in names if n not in BUILT_IN_COLUMNS]
+
+
 # Items columns with few distinct values; ids, paths, hashes and embeddings are unique per row.
 LOW_CARDINALITY_COLUMNS = ("kind", "model_version", "group", "reused")
 

@@ -16,23 +16,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from lookalike.index.rows import ITEM_FIELDS
 from lookalike.pipeline.sources import item_id_for
 from lookalike.pipeline.thumbnails import thumbnail_paths
 from lookalike.pipeline.video import frame_id
-
-ITEM_FIELDS = [
-    ("id", pa.string()),
-    ("uri", pa.string()),
-    ("kind", pa.string()),
-    ("timestamp_s", pa.float64()),
-    ("width", pa.int32()),
-    ("height", pa.int32()),
-    ("content_hash", pa.string()),
-    ("group", pa.string()),
-    ("thumbnail", pa.string()),
-    ("model_version", pa.string()),
-    ("reused", pa.bool_()),  # True: embedding taken from the cache (--incremental)
-]
 
 
 def embedding_schema(embed_dim: int) -> pa.Schema:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response
 
+from lookalike.index.rows import user_columns
 from lookalike.serving.engine import Filters, SearchItem
 from lookalike.serving.params import (
     K,
@@ -89,5 +90,6 @@ def item_metadata(item_id: ItemId, backend: BackendDep) -> ItemMetadata:
         group=group_of(item),
         thumbnail_url=thumbnail_url(item_id, item.get("content_hash")),
         similar_url=item_url(item_id, "/similar"),
+        metadata={key: item[key] for key in user_columns(list(item)) if item[key] is not None} or None,
     )
 

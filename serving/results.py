@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from fastapi.responses import Response
 
+from lookalike.index.rows import user_columns
 from lookalike.index.searcher import Neighbor
 
 Row = tuple[str, float | None, str | None]  # kind, timestamp_s, group
@@ -69,7 +70,8 @@ class ResultRows:
     def __init__(self, items: Sequence[dict[str, Any]]):
         self._items = items
         table = getattr(items, "table", None)
-        if not isinstance(table, pa.Table):
+        self._from_dicts = not isinstance(table, pa.Table)  # user metadata is then read from the item dicts
+        if self._from_dicts:
             table = pa.Table.from_pylist([
                 {"kind": it.get("kind"), "group": group_of(it), "timestamp_s": it.get("timestamp_s"),
                  "content_hash": it.get("content_hash")} for it in items
@@ -84,6 +86,7 @@ class ResultRows:
         self._kind_codes, self._kinds = _coded(column("kind", pa.string()))
         self._group_codes, self._groups = _coded(column("group", pa.string()), convert=str)
         self._hashes = column("content_hash", pa.string())
+        self._user = table.select(user_columns(table.column_names))
         stamps = column("timestamp_s", pa.float64()).cast(pa.float64())
         self._stamp_valid = np.asarray(stamps.is_valid(), dtype=bool)
         self._stamps = np.asarray(stamps.fill_null(math.nan), dtype=np.float64)
@@ -96,6 +99,19 @@ class ResultRows:
             value = self._items[row].get("content_hash")
             return None if value is None else str(value)
         return self._hashes[row].as_py()
+
+    def metadata(self, row: int) -> dict[str, Any] | None:
+        """The row's user metadata (columns not built in: ``source``, ``tags``, ... from embed
+        --metadata or upsert) without its nulls; None when it has none."""
+        if row >= self._base or self._from_dicts:
+            item = self._items[row]
+            values = {key: item[key] for key in user_columns(list(item))}
+        elif self._user.num_columns:
+            values = self._user.slice(row, 1).to_pylist()[0]
+        else:
+            return None
+        values = {key: value for key, value in values.items() if value is not None}
+        return values or None
 
     def row(self, row: int) -> Row:
         if row >= self._base:
@@ -130,8 +146,9 @@ class ResultsJSON:
 
     def _fragment(self, row: int, item_id: str) -> tuple[str, str]:
         kind, timestamp_s, group = self.rows.row(row)
-        tail = _encode({"kind": kind, "timestamp_s": timestamp_s, "group": group,
-                        "thumbnail_url": thumbnail_url(item_id, self.rows.content_hash(row))})
+        fields = {"kind": kind, "timestamp_s": timestamp_s, "group": group,
+                  "thumbnail_url": thumbnail_url(item_id, self.rows.content_hash(row)), "metadata": self.rows.metadata(row)}
+        tail = _encode(fields)
         return '{"id":' + _encode(item_id) + ',"score":', tail[1:]
 
     def encode(self, threshold: float | None, neighbors: list[Neighbor]) -> str:

@@ -12,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_K = 100
 DEFAULT_K = 10
+METADATA_DESCRIPTION = ("the item's user metadata without its nulls (`source`, `tags`, ...: from `lookalike embed "
+                        "--metadata` or an upsert); null when it has none")
 MAX_BATCH_QUERIES = 64
 # Longest query vector accepted: checked before any element is, so a huge array is refused at once.
 MAX_DIM = 8192
@@ -44,6 +46,7 @@ class SearchResult(BaseModel):
     timestamp_s: float | None = Field(None, description="position in a video; null for images")
     group: str | None = Field(None, description="the item's group: the video a frame comes from")
     thumbnail_url: str
+    metadata: dict[str, Any] | None = Field(None, description=METADATA_DESCRIPTION)
 
 
 class SearchResponse(BaseModel):
@@ -119,6 +122,7 @@ class ItemMetadata(BaseModel):
     group: str | None = None
     thumbnail_url: str
     similar_url: str
+    metadata: dict[str, Any] | None = Field(None, description=METADATA_DESCRIPTION)
 
 
 class Info(BaseModel):

@@ -79,6 +79,12 @@ def digit_metadata(item_id: str) -> dict | None:
     return {"id": item_id, "source": "web" if digit % 2 else "scanner", "tags": tags}
 
 
+@pytest.fixture(name="digit_metadata", scope="session")
+def digit_metadata_fixture():
+    """``digit_metadata``, the rule ``tagged_store`` tags items by, for tests to compare with."""
+    return digit_metadata
+
+
 @pytest.fixture(scope="session")
 def tagged_store(tmp_path_factory, indexed_store):
     """A copy of ``indexed_store`` whose CURRENT index carries ``digit_metadata``, joined by

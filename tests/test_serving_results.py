@@ -42,7 +42,8 @@ class ArrowItems(list):
 
     def __init__(self, rows: list[dict[str, Any]], added: list[dict[str, Any]]):
         super().__init__(rows + added)
-        schema = pa.schema([("id", pa.string()), ("kind", pa.string()), ("group", pa.string()), ("timestamp_s", pa.float64())])
+        schema = pa.schema([("id", pa.string()), ("kind", pa.string()), ("group", pa.string()), ("timestamp_s", pa.float64()),
+                            ("tags", pa.list_(pa.string()))])
         rows = [dict(r, group=None if r.get("group") is None else str(r["group"])) for r in rows]
         self.table = pa.concat_tables([pa.Table.from_pylist(rows[:2], schema), pa.Table.from_pylist(rows[2:], schema)])
 
@@ -51,6 +52,7 @@ def test_result_rows_from_dicts_match_the_items() -> None:
     rows = ResultRows(ITEMS)
     assert len(rows) == len(ITEMS)
     assert [rows.row(i) for i in range(len(ITEMS))] == [expected(it) for it in ITEMS]
+    assert ResultRows([{"id": "a", "kind": "image", "source": "web", "tags": None}]).metadata(0) == {"source": "web"}
 
 
 def test_result_rows_from_an_arrow_table_and_rows_added_later() -> None:
@@ -68,8 +70,8 @@ def test_result_rows_without_metadata_columns() -> None:
 
 
 def test_results_json_writes_what_json_writes() -> None:
-    items = [*ITEMS, {"id": "e f/é?#1", "kind": "frame", "group": "v 2", "timestamp_s": 2.25}]
-    added = {"id": "g", "kind": "frame", "group": "v1.mp4", "timestamp_s": 9.5}
+    items = [*ITEMS, {"id": "e f/é?#1", "kind": "frame", "group": "v 2", "timestamp_s": 2.25, "tags": ["x", "ü"]}]
+    added = {"id": "g", "kind": "frame", "group": "v1.mp4", "timestamp_s": 9.5, "source": "cam", "tags": None}
     results = ResultsJSON(ResultRows(ArrowItems(items, [added])))
     neighbors = [Neighbor(row, it["id"], score) for row, it, score in
                  zip(range(6), [*items, added], [1.0000001192092896, 0.5, -0.25, 0.1 + 0.2, 0.9999, 0.75])]
@@ -81,6 +83,7 @@ def test_results_json_writes_what_json_writes() -> None:
                 "id": n.id, "score": min(1.0, n.score), "distance": n.distance,  # float32's 1.0000001 is 1
                 "same_item": threshold is not None and n.distance <= threshold, "kind": kind,
                 "timestamp_s": timestamp_s, "group": group, "thumbnail_url": f"/v1/items/{quote(n.id, safe='/')}/thumbnail",
+                "metadata": {"e f/é?#1": {"tags": ["x", "ü"]}, "g": {"source": "cam"}}.get(n.id),  # user columns, no nulls
             })
         for _ in range(2):  # written, then from the remembered row fragments
             text = results.encode(threshold, neighbors)

@@ -179,6 +179,22 @@ def test_source_and_tag_filter_every_search_endpoint(tagged) -> None:
     assert http.post("/v1/search/image?k=5&tag=purple", content=png).json()["results"] == []
 
 
+def test_results_and_item_metadata_show_the_user_metadata(tagged, http: httpx.Client, backend: Backend,
+                                                           digit_metadata) -> None:
+    """What a search filtered on is shown with each result (nulls left out); none without metadata."""
+    tagged_http, tagged_backend = tagged
+    vector = tagged_backend.index.embeddings[tagged_backend.index.row_of("3/digit_0003.png")].tolist()
+    results = tagged_http.post("/v1/search/vector", json={"vector": vector, "k": 100}).json()["results"]
+    for result in results:
+        digit = int(result["id"].split("/")[0])
+        expected = digit_metadata(result["id"])
+        assert result["metadata"] == (None if expected is None else {"source": expected["source"], "tags": expected["tags"]})
+    assert tagged_http.get("/v1/items/3/digit_0003.png").json()["metadata"] == {"source": "web", "tags": ["odd", "three"]}
+    assert tagged_http.get("/v1/items/9/digit_0009.png").json()["metadata"] is None
+    plain = http.post("/v1/search/vector", json={"vector": backend.index.embeddings[0].tolist(), "k": 5}).json()["results"]
+    assert plain and all(r["metadata"] is None for r in plain)
+
+
 def test_a_metadata_filter_on_an_index_without_that_column_matches_nothing(http: httpx.Client, backend: Backend) -> None:
     vector = backend.index.embeddings[0].tolist()
     response = http.post("/v1/search/vector", json={"vector": vector, "k": 5, "tag": ["odd"]})
