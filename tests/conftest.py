@@ -68,6 +68,26 @@ def indexed_store(tmp_path_factory, trained_store):
     return Store.at(workdir)
 
 
+
+@pytest.fixture(scope="module")
+def backend(indexed_store):
+    """``indexed_store`` loaded for serving (a test module may define its own ``backend``)."""
+    from lookalike.serving.backend import load_backend
+
+    return load_backend(indexed_store.root)
+
+
+@pytest.fixture(scope="module")
+def http(backend):
+    """An HTTP client of the real server on 127.0.0.1 serving ``backend``."""
+    import httpx
+
+    from lookalike.serving.app import create_app
+    from lookalike.serving.server import serve_in_thread
+
+    with serve_in_thread(create_app(lambda: backend)) as url, httpx.Client(base_url=url, timeout=60) as client:
+        yield client
+
 def digit_metadata(item_id: str) -> dict | None:
     """The sidecar metadata ``tagged_store`` gives an item of the digits corpus: source
     'scanner' for even digits and 'web' for odd ones, tags ['even'] or ['odd'] plus 'three'

@@ -181,11 +181,6 @@ def test_inline_stops_while_lone_items_are_slow() -> None:
 # --- batch functions over the real backend ------------------------------------
 
 
-@pytest.fixture(scope="module")
-def backend(indexed_store: Store) -> Backend:
-    return load_backend(indexed_store.root)
-
-
 def test_batched_search_equals_one_at_a_time(backend: Backend) -> None:
     index = backend.index
     rows = [0, 5, 17, 40, 99]

@@ -11,7 +11,6 @@ import io
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -20,23 +19,8 @@ import pytest
 from PIL import Image
 
 from lookalike.model.preprocess import PreprocessSpec, decode_image
-from lookalike.model.store import Store
-from lookalike.serving.app import create_app
-from lookalike.serving.backend import Backend, load_backend
 from lookalike.serving.decode import DecodeSlots, decode_query
 from lookalike.serving.queries import MAX_BATCH_PIXELS
-from lookalike.serving.server import serve_in_thread
-
-
-@pytest.fixture(scope="module")
-def backend(indexed_store: Store) -> Backend:
-    return load_backend(indexed_store.root)
-
-
-@pytest.fixture(scope="module")
-def http(backend: Backend) -> Iterator[httpx.Client]:
-    with serve_in_thread(create_app(lambda: backend)) as url, httpx.Client(base_url=url, timeout=60) as client:
-        yield client
 
 
 def encoded(img: Image.Image, fmt: str, **kwargs) -> bytes:

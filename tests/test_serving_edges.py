@@ -12,16 +12,11 @@ import pytest
 
 from lookalike.model.store import Store
 from lookalike.serving.app import create_app
-from lookalike.serving.backend import Backend, load_backend
+from lookalike.serving.backend import Backend
 from lookalike.serving.server import serve_in_thread
 
 QUERY_ID = "3/digit_0003.png"
 TOKEN = "edge-token-123"
-
-
-@pytest.fixture(scope="module")
-def backend(indexed_store: Store) -> Backend:
-    return load_backend(indexed_store.root)
 
 
 @pytest.fixture(scope="module")

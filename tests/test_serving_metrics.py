@@ -14,15 +14,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from lookalike.model.store import Store
 from lookalike.serving.app import create_app
-from lookalike.serving.backend import Backend, load_backend
+from lookalike.serving.backend import Backend
 from lookalike.serving.server import serve_in_thread
 
 QUERY_ID = "3/digit_0003.png"
-
-
-@pytest.fixture(scope="module")
-def backend(indexed_store: Store) -> Backend:
-    return load_backend(indexed_store.root)
 
 
 @pytest.fixture(scope="module")
@@ -101,16 +96,3 @@ def test_readyz_waits_for_the_backend(backend: Backend) -> None:
             threading.Event().wait(0.05)
         assert ready.json() == {"status": "ready", "index_version": backend.index.version}
         assert http.get(f"/v1/items/{QUERY_ID}/similar").status_code == 200
-
-
-def test_readyz_reports_a_failed_background_load() -> None:
-    def broken() -> Backend:
-        raise RuntimeError("no index here")
-
-    with serve_in_thread(create_app(broken, load_in_background=True)) as url, httpx.Client(base_url=url) as http:
-        for _ in range(200):
-            r = http.get("/readyz")
-            if "no index here" in r.text:
-                break
-            threading.Event().wait(0.05)
-        assert r.status_code == 503 and "loading failed: RuntimeError: no index here" in r.json()["detail"]

@@ -5,28 +5,14 @@ operation per route and method) and every GET resource answers HEAD. Real server
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from lookalike.model.store import Store
 from lookalike.serving.app import create_app
-from lookalike.serving.backend import Backend, load_backend
-from lookalike.serving.server import serve_in_thread
+from lookalike.serving.backend import Backend
 
 QUERY_ID = "3/digit_0003.png"
-
-
-@pytest.fixture(scope="module")
-def backend(indexed_store: Store) -> Backend:
-    return load_backend(indexed_store.root)
-
-
-@pytest.fixture(scope="module")
-def http(backend: Backend) -> Iterator[httpx.Client]:
-    with serve_in_thread(create_app(lambda: backend)) as url, httpx.Client(base_url=url, timeout=60) as client:
-        yield client
 
 
 def test_operation_ids_are_unique_and_no_warning(backend: Backend) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 import gc
 import json
 import weakref
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -19,7 +18,7 @@ from fastapi.testclient import TestClient
 from lookalike.index.searcher import Neighbor
 from lookalike.model.store import Store
 from lookalike.serving.app import create_app
-from lookalike.serving.backend import Backend, load_backend
+from lookalike.serving.backend import Backend
 from lookalike.serving.heap import settle
 from lookalike.serving.results import ResultRows, ResultsJSON, search_json
 from lookalike.serving.schemas import BatchSearchResponse, SearchResponse
@@ -96,11 +95,6 @@ def test_results_json_writes_what_json_writes() -> None:
     for bad in (float("nan"), float("inf")):
         with pytest.raises(ValueError):
             results.encode(None, [Neighbor(0, "a", bad)])
-
-
-@pytest.fixture(scope="module")
-def backend(indexed_store: Store) -> Backend:
-    return load_backend(indexed_store.root)
 
 
 def test_responses_have_exactly_the_documented_shape(backend: Backend, indexed_store: Store, monkeypatch) -> None:

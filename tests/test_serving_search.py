@@ -186,7 +186,6 @@ def test_results_and_item_metadata_show_the_user_metadata(tagged, http: httpx.Cl
     vector = tagged_backend.index.embeddings[tagged_backend.index.row_of("3/digit_0003.png")].tolist()
     results = tagged_http.post("/v1/search/vector", json={"vector": vector, "k": 100}).json()["results"]
     for result in results:
-        digit = int(result["id"].split("/")[0])
         expected = digit_metadata(result["id"])
         assert result["metadata"] == (None if expected is None else {"source": expected["source"], "tags": expected["tags"]})
     assert tagged_http.get("/v1/items/3/digit_0003.png").json()["metadata"] == {"source": "web", "tags": ["odd", "three"]}

@@ -8,30 +8,16 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
 
 from lookalike.model.store import Store
-from lookalike.serving.app import create_app
-from lookalike.serving.backend import Backend, load_backend
+from lookalike.serving.backend import Backend
 from lookalike.serving.schemas import MAX_DIM
-from lookalike.serving.server import serve_in_thread
 from lookalike.serving.validation import MAX_REPORTED_ERRORS, short_input
 
 QUERY_ID = "3/digit_0003.png"
-
-
-@pytest.fixture(scope="module")
-def backend(indexed_store: Store) -> Backend:
-    return load_backend(indexed_store.root)
-
-
-@pytest.fixture(scope="module")
-def http(backend: Backend) -> Iterator[httpx.Client]:
-    with serve_in_thread(create_app(lambda: backend)) as url, httpx.Client(base_url=url, timeout=60) as client:
-        yield client
 
 
 @pytest.mark.parametrize("path, body", [
