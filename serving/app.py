@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
@@ -302,28 +302,24 @@ def create_app(
         neighbors = await search_or_422(engine, SearchItem(backend, query, body.k, filters))
         return json_text_response(search_response(backend, echo("vector", body.k, filters, dim=len(body.vector)), neighbors))
 
-    async def search_vector_fast(request: Request) -> Response | None:
-        backend = slot.backend
-        if backend is None or request.scope["query_string"]:  # it takes no query parameter: FastAPI's 422
-            return None
-        body = await parse_json_body(request, VectorQuery)  # 413 while reading, 422 when invalid
-        return None if body is None else await vector_search(body, backend)
+    def json_fast_path(model: type, search: Callable[[Any, Backend], Awaitable[Response]]):
+        """The fast handler of a JSON-body search that takes no query parameter (FastAPI's 422)."""
+        async def fast(request: Request) -> Response | None:
+            backend = slot.backend
+            if backend is None or request.scope["query_string"]:
+                return None
+            body = await parse_json_body(request, model)  # 413 while reading, 422 when invalid
+            return None if body is None else await search(body, backend)
+        return fast
 
     set_fast_path(app, "/v1/search/image", "POST", search_image_fast)
-    set_fast_path(app, "/v1/search/vector", "POST", search_vector_fast)
+    set_fast_path(app, "/v1/search/vector", "POST", json_fast_path(VectorQuery, vector_search))
 
     @app.post("/v1/search/batch", response_model=BatchSearchResponse, tags=["search"], responses=errors(404, 409, 413, 422, 503),
               dependencies=STRICT_QUERY)
     async def search_batch(body: BatchSearch, backend: BackendDep) -> Response:
         """Several queries (vectors, item ids, base64 images) in one call; one response per query."""
         return await batch_search(body, backend)
-
-    async def search_batch_fast(request: Request) -> Response | None:
-        backend = slot.backend
-        if backend is None or request.scope["query_string"]:  # it takes no query parameter: FastAPI's 422
-            return None
-        body = await parse_json_body(request, BatchSearch)  # 413 while reading, 422 when invalid
-        return None if body is None else await batch_search(body, backend)
 
     async def batch_search(body: BatchSearch, backend: Backend) -> Response:
         filters = filters_of(body)
@@ -360,7 +356,7 @@ def create_app(
             for task in tasks:
                 task.cancel()
 
-    set_fast_path(app, "/v1/search/batch", "POST", search_batch_fast)
+    set_fast_path(app, "/v1/search/batch", "POST", json_fast_path(BatchSearch, batch_search))
     app.include_router(items_router)
 
     fast_routes_first(app)
