@@ -59,6 +59,11 @@ class PreprocessSpec:
         return cls(**{k: d[k] for k in ("image_size", "channels", "max_pixels") if k in d})
 
 
+def too_many_pixels(width: int, height: int, limit: int) -> str:
+    """The reason an image of ``width`` x ``height`` is refused, the same for every decoder."""
+    return f"image of {width}x{height} = {width * height} pixels exceeds the limit of {limit} pixels (decompression bomb?)"
+
+
 def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Open and fully decode ``data`` as a PIL image (first frame), or raise ImageDecodeError."""
     if not data:
@@ -75,9 +80,7 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     if min(width, height) < MIN_SIDE_PX:
         raise ImageDecodeError(f"image of {width}x{height} pixels is smaller than the {MIN_SIDE_PX}x{MIN_SIDE_PX} minimum")
     if width * height > max_pixels:
-        raise ImageDecodeError(
-            f"image of {width}x{height} pixels exceeds the limit of {max_pixels} (decompression bomb?)"
-        )
+        raise ImageDecodeError(too_many_pixels(width, height, max_pixels))
     try:
         img.seek(0)
         img.load()

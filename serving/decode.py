@@ -31,6 +31,7 @@ from lookalike.model.preprocess import (
     decode_image,
     image_to_array,
     to_mode,
+    too_many_pixels,
 )
 
 # Images of more pixels than this are decoded shrunk, and count against the decode slots.
@@ -83,10 +84,6 @@ def _jpeg_header(data: bytes) -> tuple[int, int] | None:
     except ValueError:  # damaged: Pillow decides
         return None
     return height, width
-
-
-def too_many_pixels(width: int, height: int, limit: int) -> str:
-    return f"image of {width}x{height} = {width * height} pixels exceeds the limit of {limit} pixels (decompression bomb?)"
 
 
 def looks_like_video(data: bytes) -> bool:
