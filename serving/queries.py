@@ -13,12 +13,13 @@ import base64
 import binascii
 import math
 import re
+import types
+import typing
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 import numpy as np
 from fastapi import HTTPException, Request
-from fastapi._compat.shared import field_annotation_is_sequence
 from fastapi.exceptions import RequestValidationError
 from fastapi.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
@@ -41,6 +42,12 @@ INLINE_DECODE_BYTES = 64 * 1024
 MAX_BATCH_PIXELS = DEFAULT_MAX_PIXELS
 
 
+def _takes_many(annotation: Any) -> bool:
+    """Whether a query parameter's annotation is a list (``list[str] | None`` included)."""
+    options = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
+    return any(typing.get_origin(option) in (list, tuple, set, frozenset) for option in options)
+
+
 def declared_query_params(route: Any) -> tuple[frozenset[str], frozenset[str]]:
     """The query parameter names ``route`` (a FastAPI APIRoute) declares, its dependencies'
     included, and those of them that take a single value (not a list); remembered on the route."""
@@ -53,7 +60,7 @@ def declared_query_params(route: Any) -> tuple[frozenset[str], frozenset[str]]:
             dependant = pending.pop()
             for field in dependant.query_params:
                 found.add(field.alias)
-                if not field_annotation_is_sequence(field.field_info.annotation):
+                if not _takes_many(field.field_info.annotation):
                     single.add(field.alias)
             pending.extend(dependant.dependencies)
         names = route._lookalike_query_names = (frozenset(found), frozenset(single))
