@@ -14,11 +14,14 @@ import time
 from pathlib import Path
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import TYPE_CHECKING
 
 from lookalike.index.searcher import ItemIndex
-from lookalike.model.artifact import Encoder, load_encoder
 from lookalike.model.store import Store, StoreError
 from lookalike.serving.results import ResultRows, ResultsJSON
+
+if TYPE_CHECKING:  # JAX, Flax and orbax are imported when a model loads, so the server listens first
+    from lookalike.model.artifact import Encoder
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +79,8 @@ def load_backend(workdir: str | os.PathLike, max_embed_batch: int = DEFAULT_MAX_
     Raises StoreError (the message says which step to run) when the index or the
     model is missing, and BackendMismatchError when they do not fit together.
     """
+    from lookalike.model.artifact import load_encoder
+
     started = time.perf_counter()
     store = Store.at(workdir)
     index = ItemIndex.load(store.require_current_index())

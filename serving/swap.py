@@ -20,12 +20,16 @@ import threading
 import time
 from dataclasses import dataclass
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from lookalike.index.searcher import ItemIndex
-from lookalike.model.artifact import Encoder, load_encoder
 from lookalike.model.store import Store, StoreError
 from lookalike.serving.backend import DEFAULT_MAX_EMBED_BATCH, Backend, check_compatible
+
+if TYPE_CHECKING:  # imported when a model loads (``load``), not before the server listens
+    from lookalike.model.artifact import Encoder
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +120,8 @@ class StoreReloader:
 
     def load(self, version: str, reuse: Backend | None = None) -> Backend:
         """Load index ``version`` and its model (reusing ``reuse.encoder`` when it is that model)."""
+        from lookalike.model.artifact import load_encoder
+
         index = ItemIndex.load(self.store.index_dir(version))
         encoder: Encoder
         if reuse is not None and reuse.encoder.version == index.model_version:

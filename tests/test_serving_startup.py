@@ -100,3 +100,15 @@ def test_a_failed_first_load_stops_the_server(indexed_store: Store, monkeypatch)
     assert len(failures) == 1 and isinstance(failures[0], StoreError), failures
     with pytest.raises(httpx.TransportError):
         httpx.get(url + "/healthz", timeout=2)
+
+
+def test_the_server_imports_no_jax_before_it_listens() -> None:
+    """`lookalike serve` listens (and answers /healthz) after importing FastAPI and uvicorn;
+    JAX, Flax and orbax (2-3 s of imports) come with the model, in the background load."""
+    import subprocess
+    import sys
+
+    code = ("import sys, lookalike.serving.server, lookalike.pipeline.cli; "
+            "print(sorted(m for m in ('jax', 'flax', 'orbax', 'tensorflow', 'scann') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
