@@ -184,6 +184,10 @@ def test_the_tag_box_filters_image_and_item_searches(tagged_store, browser) -> N
         page.wait_for_function("() => document.querySelectorAll('#results .result').length > 0")
         ids = result_ids(page)
         assert ids and all(i.startswith("3/") for i in ids)
+        # each card shows its item's source and tags, every field in its tooltip
+        lines = page.eval_on_selector_all("#results .result .meta", "els => els.map(e => [e.textContent, e.title])")
+        assert lines and len(lines) == len(ids)
+        assert {tuple(line) for line in lines} == {("web · #odd #three", "source: web\ntags: odd, three")}
         page.reload()  # the tag is part of the search's address, like k
         page.wait_for_function("() => document.querySelectorAll('#results .result').length > 0")
         assert page.input_value("#tag") == "three" and result_ids(page) == ids
@@ -192,6 +196,13 @@ def test_the_tag_box_filters_image_and_item_searches(tagged_store, browser) -> N
         page.wait_for_function("() => document.querySelector('#results').dataset.query === 'image:digit_0000.png'")
         ids = result_ids(page)
         assert len(ids) == 20 and {int(i.split("/")[0]) for i in ids} <= {1, 3, 5, 7}
+        page.fill("#tag", "")  # the 9s have no metadata: no line on their cards
+        page.fill("#item-id", "9/digit_0009.png")
+        page.click("#similar-button")
+        page.wait_for_function("() => document.querySelector('#results').dataset.query === 'item:9/digit_0009.png'")
+        cards = page.eval_on_selector_all("#results .result", "els => els.map(e => [e.dataset.id, !!e.querySelector('.meta')])")
+        assert {has for item, has in cards if item.startswith("9/")} == {False}
+        assert {has for item, has in cards if not item.startswith("9/")} <= {True}
         page.close()
 
 
