@@ -5,8 +5,17 @@ against decompression bombs, EXIF orientation applied, converted to the model's
 channel count (alpha composited on white), resized on the short side and centre-
 cropped to ``image_size``, scaled to [0, 1] float32.
 
+A large image is decoded shrunk (``open_image`` with ``min_side_px``, which
+``decode_image`` sets from the model's input size: ``decode_side_px``): a JPEG at a reduced
+DCT scale (Pillow's ``draft``), anything else reduced by an integer factor right after
+decoding, before its mode is converted, to a short side of at least eight model inputs (and
+256 px) that the resize then brings down to ``image_size``. A 12-megapixel photo decodes in a
+third of the time and a fraction of the memory, with inputs within 1/255 of a full-size
+decode's; training, the embed pipeline and the server's queries all decode this way, so
+the same file gives the same input everywhere.
+
 Plain JPEGs (no EXIF, so no orientation to apply; colour for an RGB model, grayscale
-for a grayscale one) take a fast path: libjpeg-turbo through ``simplejpeg``, the same
+for a grayscale one) that need no shrinking take a fast path: libjpeg-turbo through ``simplejpeg``, the same
 library and IDCT as Pillow's decoder, so the pixels are identical, at about a sixth of
 the cost for small images (10 vs 65 us for a CIFAR JPEG). Anything else, including every
 JPEG the fast path refuses or finds corrupt, goes through Pillow, which names the problem.
@@ -29,6 +38,17 @@ except ImportError:  # an optional speed-up: Pillow decodes everything without i
 DEFAULT_MAX_PIXELS = 64_000_000
 # Refuse images with a side shorter than this: nothing to compare in them.
 MIN_SIDE_PX = 4
+# A large image is decoded shrunk to a short side of no less than this many model inputs ...
+SHRINK_TO_INPUT_SIDES = 8
+# ... and no less than this (thumbnails are made from the same decoded picture).
+SHRINK_MIN_SIDE_PX = 256
+_ORIENTATION_TAG = 0x0112
+_TRANSPOSES = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_UNREDUCIBLE = ("1", "P", "I;16", "I;16B", "I;16L")  # modes Pillow's reduce() refuses
 
 
 class ImageDecodeError(ValueError):
@@ -64,8 +84,17 @@ def too_many_pixels(width: int, height: int, limit: int) -> str:
     return f"image of {width}x{height} = {width * height} pixels exceeds the limit of {limit} pixels (decompression bomb?)"
 
 
-def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """Open and fully decode ``data`` as a PIL image (first frame), or raise ImageDecodeError."""
+def decode_side_px(spec: PreprocessSpec) -> int:
+    """The short side an image of model input ``spec`` is decoded to at the least (``open_image``)."""
+    return max(SHRINK_TO_INPUT_SIDES * spec.image_size, SHRINK_MIN_SIDE_PX)
+
+
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side_px: int | None = None) -> Image.Image:
+    """Open and decode ``data`` as a PIL image (first frame), EXIF orientation applied, or
+    raise ImageDecodeError. With ``min_side_px``, an image whose short side is at least twice
+    that is decoded shrunk to a short side between ``min_side_px`` and twice it (a JPEG at a
+    reduced DCT scale, anything else reduced right after decoding); ``original_size`` then
+    gives its upright size as stored."""
     if not data:
         raise ImageDecodeError("empty file (0 bytes)")
     try:
@@ -81,6 +110,8 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
         raise ImageDecodeError(f"image of {width}x{height} pixels is smaller than the {MIN_SIDE_PX}x{MIN_SIDE_PX} minimum")
     if width * height > max_pixels:
         raise ImageDecodeError(too_many_pixels(width, height, max_pixels))
+    if min_side_px and min(width, height) >= 2 * min_side_px:
+        return _open_shrunk(img, min_side_px)
     try:
         img.seek(0)
         img.load()
@@ -90,19 +121,53 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     return img
 
 
+def _open_shrunk(img: Image.Image, min_side_px: int) -> Image.Image:
+    """``img`` (opened, not decoded) decoded to a short side in [min_side_px, 2 min_side_px)
+    where it can be reduced, upright; its upright full size in ``original_size``."""
+    try:
+        orientation = img.getexif().get(_ORIENTATION_TAG)
+        full_size = img.size
+        if img.format == "JPEG":
+            img.draft(img.mode, (min_side_px, min_side_px))  # the scale only: colours convert as unshrunk
+        img.seek(0)
+        img.load()
+        factor = min(img.size) // min_side_px
+        if factor >= 2:
+            if img.mode in _UNREDUCIBLE:  # to a mode the model input is converted from anyway
+                img = img.convert("RGBA") if img.mode == "P" else to_mode(img, 1)
+            img = img.reduce(factor)
+    except Exception as e:  # damaged data
+        raise ImageDecodeError(f"corrupt or truncated image data ({type(e).__name__}: {e})") from None
+    if orientation in _TRANSPOSES:
+        img = img.transpose(_TRANSPOSES[orientation])
+        if orientation >= 5:  # a quarter turn
+            full_size = full_size[::-1]
+    img.info["original_size"] = full_size
+    return img
+
+
+def original_size(img: Image.Image) -> tuple[int, int]:
+    """(width, height) of the upright image ``img`` was decoded from (``open_image``)."""
+    return img.info.get("original_size", img.size)
+
+
 _JPEG_SOI = b"\xff\xd8\xff"
 _FAST_COLORSPACES = {1: ("Gray",), 3: ("YCbCr", "RGB")}
 
 
-def decode_plain_jpeg(data: bytes, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray | None:
+def decode_plain_jpeg(data: bytes, channels: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+                      min_side_px: int | None = None) -> np.ndarray | None:
     """[H, W, channels] uint8 pixels of a plain JPEG, decoded exactly as Pillow would, or
     None when the fast path does not apply (not a JPEG, EXIF present, a colour space that
-    needs converting, outside the size limits, corrupt): the caller then uses Pillow."""
+    needs converting, outside the size limits, large enough to be decoded shrunk with
+    ``min_side_px``, corrupt): the caller then uses Pillow (``open_image``)."""
     if simplejpeg is None or not data.startswith(_JPEG_SOI) or b"Exif\x00\x00" in data[:65536]:
         return None
     try:
         height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
         if colorspace not in _FAST_COLORSPACES[channels] or min(width, height) < MIN_SIDE_PX or width * height > max_pixels:
+            return None
+        if min_side_px and min(width, height) >= 2 * min_side_px:  # decoded shrunk, by Pillow
             return None
         pixels = simplejpeg.decode_jpeg(data, colorspace="GRAY" if channels == 1 else "RGB")
     except ValueError:  # corrupt or unsupported: Pillow decides, and explains
@@ -156,8 +221,10 @@ def image_to_array(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
 
 
 def decode_image(data: bytes, spec: PreprocessSpec) -> np.ndarray:
-    """Image file bytes -> float32 [H, W, C] model input; ImageDecodeError if unusable."""
-    pixels = decode_plain_jpeg(data, spec.channels, spec.max_pixels)
+    """Image file bytes -> float32 [H, W, C] model input (a large image decoded shrunk:
+    ``decode_side_px``); ImageDecodeError if unusable."""
+    side = decode_side_px(spec)
+    pixels = decode_plain_jpeg(data, spec.channels, spec.max_pixels, side)
     if pixels is not None:
         return pixels_to_array(pixels, spec)
-    return image_to_array(open_image(data, spec.max_pixels), spec)
+    return image_to_array(open_image(data, spec.max_pixels, side), spec)

@@ -30,7 +30,15 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from lookalike.model.data import IMAGE_SUFFIXES
-from lookalike.model.preprocess import PreprocessSpec, decode_plain_jpeg, image_to_array, open_image, pixels_to_array
+from lookalike.model.preprocess import (
+    PreprocessSpec,
+    decode_plain_jpeg,
+    decode_side_px,
+    image_to_array,
+    open_image,
+    original_size,
+    pixels_to_array,
+)
 from lookalike.model.progress import Progress
 from lookalike.pipeline.cache import cached_hashes, load_failed, load_file_index
 from lookalike.pipeline.thumbnails import ThumbnailSink, thumbnail_path, write_thumbnail
@@ -191,7 +199,8 @@ def decode_source(
         frames = ((f"{source_hash}#t={t:.3f}", "frame", t, frame) for t, frame in sample_frames(data, sampling))
         original, pixels = None, None
     else:
-        pixels = decode_plain_jpeg(data, spec.channels, spec.max_pixels)  # the fast path, same pixels
+        side = decode_side_px(spec)  # a large image is decoded shrunk, as the server decodes queries
+        pixels = decode_plain_jpeg(data, spec.channels, spec.max_pixels, side)  # the fast path, same pixels
         if pixels is not None:  # no PIL image unless a thumbnail has to be re-encoded
             height, width = pixels.shape[:2]
             thumbnail(pixels, thumbnail_path(thumbnails_dir, source_hash), (uris[0], data))
@@ -200,12 +209,13 @@ def decode_source(
             # Pixels of exactly the model's shape stay uint8: the batch is converted at once (DecodeBatchFn).
             yield meta, (pixels if pixels.shape == spec.shape else pixels_to_array(pixels, spec))
             return
-        frames = iter([(source_hash, "image", None, open_image(data, spec.max_pixels))])
+        frames = iter([(source_hash, "image", None, open_image(data, spec.max_pixels, side))])
         original = (uris[0], data)
     for content_hash, kind, t, img in frames:
         thumbnail(img, thumbnail_path(thumbnails_dir, content_hash), original)
+        width, height = original_size(img)  # the file's size, not the shrunk picture's
         meta = {"source_hash": source_hash, "content_hash": content_hash, "kind": kind, "timestamp_s": t,
-                "width": img.size[0], "height": img.size[1], "uris": uris}
+                "width": width, "height": height, "uris": uris}
         yield meta, image_to_array(img, spec)
 
 

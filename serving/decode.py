@@ -5,10 +5,11 @@ and expensive to decode: hundreds of MB and a second of CPU each. The server the
 
 * reads the pixel count from the file's header first (``image_pixels``), refusing too
   many pixels with one message naming both numbers (``check_pixels``), whatever the format;
-* decodes a large image shrunk (``decode_query``): a JPEG at a reduced DCT scale (Pillow's
-  ``draft``), anything else reduced by an integer factor right after decoding, before its
-  mode is converted, so only one full-size copy ever exists (the embed pipeline decodes
-  with ``lookalike.model.preprocess.decode_image``; small images take exactly that path here too);
+* decodes with ``lookalike.model.preprocess.decode_image``, as training and the embed
+  pipeline do: a large image is decoded shrunk (a JPEG at a reduced DCT scale, anything
+  else reduced by an integer factor right after decoding, before its mode is converted),
+  so only one full-size copy ever exists, and an upload of an indexed file gets exactly
+  the model input the pipeline embedded;
 * lets at most ``DecodeSlots`` (one per CPU) large decodes run at once; others wait.
 """
 
@@ -20,34 +21,15 @@ import os
 import re
 import struct
 
-import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from lookalike.model.preprocess import (
-    MIN_SIDE_PX,
-    simplejpeg,
-    ImageDecodeError,
-    PreprocessSpec,
-    decode_image,
-    image_to_array,
-    to_mode,
-    too_many_pixels,
-)
+from lookalike.model.preprocess import ImageDecodeError, simplejpeg, too_many_pixels
 
-# Images of more pixels than this are decoded shrunk, and count against the decode slots.
+# Images of more pixels than this count against the decode slots (and are decoded shrunk).
 LARGE_IMAGE_PIXELS = 4_000_000
-# A large image is shrunk to no less than this many times the model's input size per side.
-SHRINK_TO_INPUT_SIDES = 8
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _JPEG_SOI = b"\xff\xd8\xff"
 _VIDEO_SIGNATURES = (b"\x1aE\xdf\xa3",)  # Matroska / WebM; MP4 and MOV: 'ftyp' at offset 4
-_ORIENTATION_TAG = 0x0112
-_UNREDUCIBLE = ("1", "P", "I;16", "I;16B", "I;16L")
-_TRANSPOSES = {
-    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-    8: Image.Transpose.ROTATE_90,
-}
 
 
 def image_pixels(data: bytes, max_pixels: int) -> tuple[int, int] | None:
@@ -88,43 +70,6 @@ def _jpeg_header(data: bytes) -> tuple[int, int] | None:
 
 def looks_like_video(data: bytes) -> bool:
     return data[4:8] == b"ftyp" or data.startswith(_VIDEO_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"AVI ")
-
-
-def decode_query(data: bytes, spec: PreprocessSpec) -> np.ndarray:
-    """Image bytes -> float32 [H, W, C] model input, like ``decode_image`` but shrinking a
-    large image while decoding it; ImageDecodeError with the reason if unusable."""
-    size = image_pixels(data, spec.max_pixels)
-    if size is None:
-        return decode_image(data, spec)  # raises, saying why
-    width, height = size
-    if width * height <= LARGE_IMAGE_PIXELS or min(width, height) < MIN_SIDE_PX:
-        return decode_image(data, spec)
-    return image_to_array(open_shrunk(data, spec), spec)
-
-
-def open_shrunk(data: bytes, spec: PreprocessSpec) -> Image.Image:
-    """``data`` decoded to a short side of at least SHRINK_TO_INPUT_SIDES model inputs (and no
-    more than twice that when it can be reduced), EXIF orientation applied."""
-    target = SHRINK_TO_INPUT_SIDES * spec.image_size
-    try:
-        img = Image.open(io.BytesIO(data))
-        orientation = img.getexif().get(_ORIENTATION_TAG)
-        if img.format == "JPEG":
-            img.draft("L" if spec.channels == 1 else "RGB", (target, target))
-        img.seek(0)
-        img.load()
-        factor = min(img.size) // target
-        if factor >= 2:
-            if img.mode in _UNREDUCIBLE:  # (to the mode the model converts them to anyway)
-                img = to_mode(img, spec.channels) if img.mode != "P" else img.convert("RGBA")
-            img = img.reduce(factor)
-    except UnidentifiedImageError:
-        raise ImageDecodeError("not a recognised image format") from None
-    except Exception as e:  # damaged data
-        raise ImageDecodeError(f"corrupt or truncated image data ({type(e).__name__}: {e})") from None
-    if orientation in _TRANSPOSES:
-        img = img.transpose(_TRANSPOSES[orientation])
-    return img
 
 
 class DecodeSlots:

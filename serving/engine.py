@@ -26,9 +26,10 @@ from typing import Any
 import numpy as np
 
 from lookalike.index.searcher import Neighbor
+from lookalike.model.preprocess import decode_image
 from lookalike.serving.backend import DEFAULT_MAX_EMBED_BATCH, Backend
 from lookalike.serving.batcher import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_S, MicroBatcher
-from lookalike.serving.decode import DecodeSlots, decode_query
+from lookalike.serving.decode import DecodeSlots
 from lookalike.serving.metrics import ServingMetrics
 
 
@@ -248,10 +249,10 @@ class QueryEngine:
 
     def decode(self, backend: Backend, data: bytes) -> np.ndarray:
         """Image bytes -> [H, W, C] model input (blocking; ImageDecodeError if unusable); a large
-        image is shrunk while decoding (``lookalike.serving.decode``)."""
+        image is shrunk while decoding (``lookalike.model.preprocess.decode_image``)."""
         started = time.perf_counter()
         try:
-            return decode_query(data, backend.encoder.spec)
+            return decode_image(data, backend.encoder.spec)
         finally:
             self._observe_decode(time.perf_counter() - started)
 

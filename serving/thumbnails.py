@@ -16,7 +16,7 @@ from typing import Any
 
 from PIL import Image
 
-from lookalike.model.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError, open_image, to_mode
+from lookalike.model.preprocess import DEFAULT_MAX_PIXELS, SHRINK_MIN_SIDE_PX, ImageDecodeError, open_image, to_mode
 from lookalike.model.store import resolve_in_store
 
 THUMBNAIL_SIZE = 256
@@ -67,7 +67,7 @@ def render_thumbnail(item: dict[str, Any], root: Path | None = None, size: int =
     except OSError as e:
         raise ThumbnailUnavailable(f"file of item {item['id']!r} cannot be read: {e.strerror or e}") from None
     try:
-        img = open_image(data, DEFAULT_MAX_PIXELS)
+        img = open_image(data, DEFAULT_MAX_PIXELS, max(size, SHRINK_MIN_SIDE_PX))  # a large photo decoded shrunk
     except ImageDecodeError as e:
         raise ThumbnailUnavailable(f"file of item {item['id']!r} is not a readable image: {e}") from None
     return _png(img, size)

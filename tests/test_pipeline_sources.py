@@ -24,3 +24,35 @@ def test_unreadable_paths_raise_errors_naming_them(tmp_path):
     (tmp_path / "folder.jpg").mkdir()
     with pytest.raises(IsADirectoryError, match="folder.jpg"):
         read_bytes(str(tmp_path / "folder.jpg"), 4096)
+
+
+def test_a_large_photo_is_embedded_from_the_servers_input_and_recorded_at_its_size(tmp_path):
+    """The pipeline decodes a large image shrunk, exactly as training and the server's
+    queries do (``decode_image``), so an upload of an indexed file is its exact twin; the
+    item keeps the photo's upright size, and its thumbnail comes from the shrunk picture."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from lookalike.model.preprocess import PreprocessSpec, decode_image
+    from lookalike.pipeline.sources import decode_source
+    from lookalike.pipeline.thumbnails import write_thumbnail
+    from lookalike.pipeline.video import FrameSampling
+
+    y, x = np.mgrid[0:900, 0:1600].astype(np.float32)
+    photo = Image.fromarray(np.stack([x / 1600 * 255, y / 900 * 255, (x + y) % 256], -1).astype(np.uint8))
+    exif = Image.Exif()
+    exif[0x0112] = 8  # shown turned a quarter: 900 wide, 1600 high
+    for name, save in (("plain.jpg", {}), ("turned.jpg", {"exif": exif.tobytes()}), ("photo.png", {})):
+        buf = io.BytesIO()
+        photo.save(buf, "PNG" if name.endswith("png") else "JPEG", **save)
+        data = buf.getvalue()
+        spec = PreprocessSpec(image_size=32, channels=3)
+        thumbs = tmp_path / "thumbs" / name
+        [(meta, model_input)] = decode_source("h" + name, [str(tmp_path / name)], spec, str(thumbs), FrameSampling(), data,
+                                              write_thumbnail)
+        assert (meta["width"], meta["height"]) == ((900, 1600) if name == "turned.jpg" else (1600, 900))
+        np.testing.assert_array_equal(model_input, decode_image(data, spec))
+        [written] = list(thumbs.rglob("*.jpg"))
+        assert max(Image.open(written).size) == 128

@@ -4,7 +4,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lookalike.model.preprocess import ImageDecodeError, PreprocessSpec, decode_image, decode_plain_jpeg, image_to_array, open_image
+from lookalike.model.preprocess import (
+    ImageDecodeError,
+    PreprocessSpec,
+    decode_image,
+    decode_plain_jpeg,
+    decode_side_px,
+    image_to_array,
+    open_image,
+    original_size,
+)
 
 SPEC_RGB = PreprocessSpec(image_size=16, channels=3)
 SPEC_GRAY = PreprocessSpec(image_size=16, channels=1)
@@ -128,3 +137,47 @@ def test_exif_orientation_and_corrupt_jpegs_still_go_through_pillow():
     assert rotated.shape == (16, 16, 3)
     with pytest.raises(ImageDecodeError, match="truncated|corrupt"):
         decode_image(_jpeg("RGB")[:300], spec)
+
+
+def _photo(width: int, height: int, mode: str = "RGB") -> Image.Image:
+    """Smooth colour ramps with some grain: compresses and shrinks like a photo."""
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    grain = np.random.default_rng(0).normal(0, 8, (height, width, 1))
+    rgb = np.stack([x / width * 255, y / height * 255, (x + y) % 256], -1) + grain
+    img = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
+    if mode == "I;16":
+        return Image.fromarray(np.asarray(img.convert("L"), np.uint16) * 250)
+    return img.convert(mode)
+
+
+@pytest.mark.parametrize("mode, fmt, orientation", [
+    ("RGB", "JPEG", None), ("RGB", "JPEG", 6), ("L", "JPEG", None), ("CMYK", "JPEG", None),
+    ("RGB", "PNG", None), ("P", "PNG", None), ("I;16", "PNG", None), ("RGBA", "WEBP", None),
+])
+@pytest.mark.parametrize("channels", [3, 1])
+def test_a_large_image_is_decoded_shrunk_to_nearly_a_full_decode(mode, fmt, orientation, channels):
+    spec = PreprocessSpec(image_size=16, channels=channels)
+    side = decode_side_px(spec)
+    assert side == 256  # eight model inputs, but no less than 256 px
+    save = {}
+    if orientation:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        save["exif"] = exif.tobytes()
+    data = encode(_photo(1200, 700, mode), fmt, **save)
+    upright = (700, 1200) if orientation == 6 else (1200, 700)
+    full = open_image(data)
+    assert full.size == upright and original_size(full) == upright
+    shrunk = open_image(data, min_side_px=side)
+    assert side <= min(shrunk.size) < 2 * side and original_size(shrunk) == upright
+    assert (shrunk.size[0] > shrunk.size[1]) == (upright[0] > upright[1])  # turned upright too
+    difference = np.abs(decode_image(data, spec) - image_to_array(full, spec))
+    assert float(difference.mean()) < 0.01 and float(difference.max()) <= 0.1
+    assert decode_plain_jpeg(data, channels, min_side_px=side) is None  # large: never the unshrunk fast path
+
+
+def test_an_image_below_twice_the_decode_side_is_decoded_whole():
+    spec = PreprocessSpec(image_size=16, channels=3)
+    data = _jpeg("RGB", size=(1000, decode_side_px(spec) * 2 - 1))
+    assert decode_plain_jpeg(data, 3, min_side_px=decode_side_px(spec)).shape == (511, 1000, 3)
+    np.testing.assert_array_equal(decode_image(data, spec), _pillow_only(data, spec))

@@ -1,5 +1,5 @@
 """Query images of many pixels cost bounded memory: a large image is decoded shrunk (JPEG
-draft, reduce before converting), large decodes take one of a few server-wide slots, a batch
+draft, reduce before converting: ``model.preprocess.decode_image``), large decodes take one of a few server-wide slots, a batch
 request's images have a pixel budget (413 naming it), and every too-many-pixels image gets
 one message naming its pixels and the limit. Real server on 127.0.0.1 (conftest's tiny store)."""
 
@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lookalike.model.preprocess import PreprocessSpec, decode_image
-from lookalike.serving.decode import DecodeSlots, decode_query
+from lookalike.model.preprocess import PreprocessSpec, decode_image, image_to_array, open_image
+from lookalike.serving.decode import DecodeSlots
 from lookalike.serving.queries import MAX_BATCH_PIXELS
 
 
@@ -43,11 +43,11 @@ def test_a_large_image_decodes_shrunk_to_nearly_the_same_input(fmt: str, mode: s
         img = img.convert("P")
     data = encoded(img, fmt)
     spec = PreprocessSpec(image_size=32, channels=3)
-    full, shrunk = decode_image(data, spec), decode_query(data, spec)
+    full, shrunk = image_to_array(open_image(data), spec), decode_image(data, spec)
     assert shrunk.shape == full.shape == spec.shape
     assert float(np.abs(shrunk - full).mean()) < 0.02
-    small = encoded(gradient(300, 200), fmt)
-    assert np.array_equal(decode_query(small, spec), decode_image(small, spec))  # small images: the pipeline's path
+    small = encoded(gradient(300, 200), fmt)  # not shrunk
+    assert np.array_equal(decode_image(small, spec), image_to_array(open_image(small), spec))
 
 
 def test_decoding_an_8k_jpeg_stays_small_in_memory(tmp_path: Path) -> None:
@@ -56,10 +56,10 @@ def test_decoding_an_8k_jpeg_stays_small_in_memory(tmp_path: Path) -> None:
     script = (
         "import resource, sys\n"
         "from lookalike.model.preprocess import PreprocessSpec\n"
-        "from lookalike.serving.decode import decode_query\n"
+        "from lookalike.model.preprocess import decode_image\n"
         "data = open(sys.argv[1], 'rb').read()\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "decode_query(data, PreprocessSpec(image_size=32, channels=3))\n"
+        "decode_image(data, PreprocessSpec(image_size=32, channels=3))\n"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n"
     )
     grown_kb = int(subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True,
