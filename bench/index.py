@@ -37,6 +37,7 @@ from threadpoolctl import threadpool_limits
 
 from lookalike.index.builder import IndexOptions, build_index
 from lookalike.index.exact import exact_topk, recall_at_k
+from lookalike.index.scann_module import scann_ops_pybind
 from lookalike.index.searcher import ItemIndex
 from lookalike.index.simd import enable_scann_simd
 
@@ -257,11 +258,9 @@ def cifar_embeddings(tmp: Path, num_queries: int, train_per_class: int = 1000, n
 
 def bruteforce_vs_matmul(dim: int, num_queries: int, n: int = 20_000) -> dict:
     """ScaNN brute force top-10 (our small-corpus mode) vs numpy Q @ X.T on the same data, 1 thread."""
-    import scann
-
     enable_scann_simd()  # as our brute_force mode runs it
     x, q = clustered(n, dim, num_queries, seed=1)
-    searcher = scann.scann_ops_pybind.builder(x, K, "dot_product").score_brute_force().build()
+    searcher = scann_ops_pybind().builder(x, K, "dot_product").score_brute_force().build()
     searcher.set_num_threads(1)
     with threadpool_limits(1):
         matmul_s, _ = timed(lambda: q @ x.T, repeats=3)
@@ -387,9 +386,10 @@ def main(argv=None) -> int:
     bf = bruteforce_vs_matmul(dim, num_queries)
     at95 = cmp["0.95"]["qps_1t"]
     datasets = {"cifar10": {"skipped": "not in --quick"} if args.quick else run_cifar(num_queries, args.cifar_cache)}
+    from importlib.metadata import version
+
     import faiss
     import hnswlib
-    import scann
 
     result = {
         "recall_at_10": builds["scann"]["autotuned"]["recall"],
@@ -403,7 +403,7 @@ def main(argv=None) -> int:
         "build_s_vs_fastest_peer": cmp["0.95"]["build_s_vs_fastest_peer"],
         "dataset": {"name": "clustered", "n": n, "dim": dim, "queries": num_queries, "seed": 0, "noise": NOISE},
         "compare": cmp, "builds": builds, "bruteforce": bf, "curves": points, "datasets": datasets,
-        "versions": {"scann": getattr(scann, "__version__", "?"), "faiss": faiss.__version__,
+        "versions": {"scann": version("scann"), "faiss": faiss.__version__,
                      "hnswlib": getattr(hnswlib, "__version__", "0.8.0"), "numpy": np.__version__},
         "cpu_count": os.cpu_count(), "wall_s": round(time.perf_counter() - started, 1), "quick": args.quick,
     }

@@ -137,10 +137,10 @@ def resolve_options(n: int, options: IndexOptions) -> dict[str, Any]:
 
 def build_searcher(embeddings: np.ndarray, params: dict[str, Any], docids: list[str] | None = None):
     """A ScaNN searcher over [N, D] float32 unit vectors with dot-product scores (docids enable updates)."""
-    import scann
+    from lookalike.index.scann_module import scann_ops_pybind
 
     enable_scann_simd()
-    builder = scann.scann_ops_pybind.builder(embeddings, params["num_neighbors"], METRIC)
+    builder = scann_ops_pybind().builder(embeddings, params["num_neighbors"], METRIC)
     mode = params["mode"]
     if mode in TREE_MODES:
         builder = builder.tree(
@@ -166,7 +166,9 @@ def build_shard(embeddings: np.ndarray, items: pa.Table, *, index_dir: Path, sha
     """
     ids = item_ids(items)
     emb = validate_embeddings(embeddings, ids)
-    import scann  # noqa: F401  (slow first import; not part of the build time)
+    from lookalike.index.scann_module import scann_ops_pybind
+
+    scann_ops_pybind()  # the first import is not part of the build time
 
     started = time.perf_counter()
     searcher = build_searcher(emb, params, docids=list(ids))

@@ -40,14 +40,13 @@ def exact_topk(queries: np.ndarray, corpus: np.ndarray, k: int, *, block_rows: i
 
 
 def _scann_topk(q: np.ndarray, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    import scann
-
+    from lookalike.index.scann_module import scann_ops_pybind
     from lookalike.index.searcher import parallel_batch_size
     from lookalike.index.simd import enable_scann_simd
 
     enable_scann_simd()
 
-    searcher = scann.scann_ops_pybind.builder(np.ascontiguousarray(x), k, "dot_product").score_brute_force().build()
+    searcher = scann_ops_pybind().builder(np.ascontiguousarray(x), k, "dot_product").score_brute_force().build()
     threads = os.cpu_count() or 1
     searcher.set_num_threads(max(1, threads - 1))  # ScaNN's parallel search also runs on the calling thread
     parallel = threads > 1 and len(q) >= 512

@@ -76,11 +76,11 @@ class Shard:
 
 def load_scann(folder: Path) -> Any:
     """The raw ScaNN searcher serialized in ``folder`` (without the Python wrapper's docid dict)."""
-    from scann.scann_ops.py import scann_ops_pybind
+    from lookalike.index.scann_module import scann_ops_pybind
 
     enable_scann_simd()
     assets = (folder / "scann_assets.pbtxt").read_text(encoding="utf-8")
-    return scann_ops_pybind.scann_pybind.ScannNumpy(str(folder), assets)
+    return scann_ops_pybind().scann_pybind.ScannNumpy(str(folder), assets)
 
 
 def read_docids(folder: Path) -> pa.Array | None:

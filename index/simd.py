@@ -54,10 +54,10 @@ def enable_scann_simd(features: dict[str, bool] | None = None) -> str:
     with _lock:
         if _state is not None and features is None:
             return scann_kernels(_state)
-        from scann.scann_ops.py import scann_ops_pybind
+        from lookalike.index.scann_module import scann_ops_pybind
 
         try:
-            lib = ctypes.CDLL(scann_ops_pybind.scann_pybind.__file__)
+            lib = ctypes.CDLL(scann_ops_pybind().scann_pybind.__file__)
             switches = {name: _switch(lib, name) for name in SWITCHES}
         except (OSError, ValueError, AttributeError) as e:  # another ScaNN build without these symbols
             log.info("ScaNN kernel switches not found (%s); keeping ScaNN's own kernel choice", e)
