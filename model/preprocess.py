@@ -15,9 +15,9 @@ decode's; training, the embed pipeline and the server's queries all decode this 
 the same file gives the same input everywhere.
 
 Plain JPEGs (no EXIF, so no orientation to apply; colour for an RGB model, grayscale
-for a grayscale one) that need no shrinking take a fast path: libjpeg-turbo through ``simplejpeg``, the same
-library and IDCT as Pillow's decoder, so the pixels are identical, at about a sixth of
-the cost for small images (10 vs 65 us for a CIFAR JPEG). Anything else, including every
+for a grayscale one) that need no shrinking take a fast path: libjpeg-turbo through
+``simplejpeg``, the same library and IDCT as Pillow's decoder, so the pixels are identical,
+at about a sixth of the cost for small images (10 vs 65 us for a CIFAR JPEG). Anything else, including every
 JPEG the fast path refuses or finds corrupt, goes through Pillow, which names the problem.
 """
 
