@@ -38,6 +38,11 @@ except ImportError:  # an optional speed-up: Pillow decodes everything without i
 DEFAULT_MAX_PIXELS = 64_000_000
 # Refuse images with a side shorter than this: nothing to compare in them.
 MIN_SIDE_PX = 4
+# How images are turned into model input, beyond the PreprocessSpec: part of the embedding
+# cache's key (``pipeline.cache.cache_dir``), so a change makes --incremental embed every file
+# again rather than mix embeddings of two decoders. 2: a large image is decoded shrunk
+# (``decode_side_px``), and 16-bit pictures are scaled by their bit depth, not their maximum.
+IMAGE_DECODING_VERSION = 2
 # A large image is decoded shrunk to a short side of no less than this many model inputs ...
 SHRINK_TO_INPUT_SIDES = 8
 # ... and no less than this (thumbnails are made from the same decoded picture).

@@ -1,6 +1,7 @@
 """The embedding cache: what a (source bytes, model version) pair already embedded to.
 
-Every run appends what it embeds to ``DIR/embeddings/cache/<model version>/`` in
+Every run appends what it embeds to ``DIR/embeddings/cache/<model version>~d<N>/`` (N:
+the image decoding's version, ``cache_dir``) in
 Parquet files, one per inference batch, each written to a temporary name and renamed
 when complete. A later ``--incremental`` run looks each file's content hash up
 here and reuses the rows instead of decoding and embedding again; because groups land
@@ -46,7 +47,15 @@ def cache_schema(embed_dim: int) -> pa.Schema:
 
 
 def cache_dir(embeddings_dir: str | Path, model_version: str) -> Path:
-    return Path(embeddings_dir) / "cache" / model_version
+    """The cache of ``model_version``'s embeddings made with this version's image decoding:
+    ``cache/<model version>`` for the first decoding, ``cache/<model version>~d<N>`` after
+    (``model.preprocess.IMAGE_DECODING_VERSION``), so no run reuses an embedding of a
+    picture decoded otherwise; the decoding only changes with an upgrade, after which the
+    first ``--incremental`` run embeds everything again once (as a new model does)."""
+    from lookalike.model.preprocess import IMAGE_DECODING_VERSION
+
+    name = model_version if IMAGE_DECODING_VERSION <= 1 else f"{model_version}~d{IMAGE_DECODING_VERSION}"
+    return Path(embeddings_dir) / "cache" / name
 
 
 FILE_INDEX_SCHEMA = pa.schema([

@@ -340,3 +340,17 @@ def test_a_default_run_name_already_taken_gets_a_number(workdir_with_model, digi
     summary = run_embed(EmbedConfig(workdir=str(workdir_with_model), publish=False))
     assert summary.run.rsplit("-", 1)[0] in taken and summary.run.endswith("-2"), summary.run
     assert summary.items == len(list_images(corpus))
+
+
+def test_the_embedding_cache_is_keyed_by_the_image_decoding(tmp_path, monkeypatch) -> None:
+    """Embeddings made by another image decoding (an earlier version) are never reused: the
+    cache folder names the decoding's version."""
+    from lookalike.model import preprocess
+    from lookalike.pipeline.cache import cache_dir
+
+    now = cache_dir(tmp_path, "m-1")
+    assert now == tmp_path / "cache" / f"m-1~d{preprocess.IMAGE_DECODING_VERSION}"
+    monkeypatch.setattr(preprocess, "IMAGE_DECODING_VERSION", preprocess.IMAGE_DECODING_VERSION + 1)
+    assert cache_dir(tmp_path, "m-1") != now
+    monkeypatch.setattr(preprocess, "IMAGE_DECODING_VERSION", 1)
+    assert cache_dir(tmp_path, "m-1") == tmp_path / "cache" / "m-1"  # stores written before the key existed
