@@ -3,9 +3,14 @@
 Creating a file costs a disk round trip that dwarfs encoding a small JPEG, so the decode
 stage hands thumbnails to a ``ThumbnailWriter``: a few threads write them while decoding
 goes on. A source file that already is a small RGB JPEG without EXIF is its own
-thumbnail: it is hard-linked (a new directory entry, no new file to allocate and write;
-copied where a link is impossible) instead of re-encoded. Creating a file costs about
-0.5 ms of CPU on the development VM's ext4 disk, a link 10 us.
+thumbnail: its bytes (already in memory) are written unchanged instead of re-encoded.
+They are written as the store's own file, never hard-linked to the source: a link would
+share the source's inode, so editing the file in place (``cp other.jpg a.jpg``) would
+change the thumbnail stored for its old content, in every index version that shows it.
+A thumbnail is complete or absent: written under a temporary name in its folder, then
+linked as its path (an existing one is never replaced). That costs ~50-200 us of CPU
+per new thumbnail on the development VM's ext4 disk (a hard link cost ~15), on the
+writer's threads, off the decode thread.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import hashlib
 import logging
 import os
 import threading
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -57,26 +63,28 @@ def reusable_jpeg(img: Image.Image | np.ndarray, data: bytes | None, size: int =
     return img.mode == "RGB" and max(img.size) <= size and "exif" not in img.info
 
 
-def link_or_copy(original: tuple[str, bytes], path: str) -> None:
-    """Make ``path`` a hard link to the file ``original`` = (uri, bytes), or a copy of the bytes
-    where a link is impossible (not local, another filesystem); nothing if ``path`` exists."""
-    uri, data = original
-    if "://" not in uri:
-        try:
-            os.link(uri, path)
-            return
-        except FileExistsError:
-            return
-        except OSError:  # another filesystem, no link permission: copy the bytes instead
-            pass
+def write_copy(data: bytes, path: str) -> None:
+    """Write ``data`` (a reusable JPEG's bytes) as ``path``, the store's own file, unless it
+    exists. Written under a temporary name in ``path``'s folder and then hard-linked as
+    ``path``, so a crash never leaves a truncated thumbnail that later runs would take as
+    written, and a concurrent writer of the same thumbnail (same bytes) is never replaced."""
     if os.path.exists(path):
         return
-
-    def copy(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            f.write(data)
-
-    write_atomically(path, copy)
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}-{name}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+        os.link(tmp, path)
+    except FileExistsError:  # written meanwhile by another worker: the same bytes
+        pass
+    finally:
+        os.unlink(tmp)
 
 
 def write_thumbnail(img: Image.Image | np.ndarray, path: str, original: tuple[str, bytes] | None = None,
@@ -84,13 +92,12 @@ def write_thumbnail(img: Image.Image | np.ndarray, path: str, original: tuple[st
     """Write ``img`` (a PIL image or [H, W, 1 or 3] uint8 pixels) shrunk to fit ``size`` x
     ``size`` (never enlarged) as JPEG, unless present.
     ``original`` (uri, bytes) is the image file ``img`` was decoded from: when
-    ``reusable_jpeg`` allows, the thumbnail is a hard link to it (a copy of its bytes where
-    the file is not local or not on the same filesystem). ``make_dirs=False``: the caller
-    made the folder."""
+    ``reusable_jpeg`` allows, the thumbnail is a copy of its bytes (``write_copy``).
+    ``make_dirs=False``: the caller made the folder."""
     if make_dirs:
         os.makedirs(os.path.dirname(path), exist_ok=True)
     if original is not None and reusable_jpeg(img, original[1], size):
-        link_or_copy(original, path)
+        write_copy(original[1], path)
         return
     if os.path.exists(path):
         return
@@ -101,7 +108,7 @@ def write_thumbnail(img: Image.Image | np.ndarray, path: str, original: tuple[st
     write_atomically(path, lambda tmp: thumb.save(tmp, format="JPEG", quality=85))
 
 
-_DONE: Future = Future()  # what ``submit`` returns for a thumbnail written at once
+_DONE: Future = Future()  # what ``submit`` returns for a thumbnail already present
 _DONE.set_result(None)
 
 
@@ -117,19 +124,13 @@ class ThumbnailWriter:
 
     def submit(self, img: Image.Image | np.ndarray, path: str, original: tuple[str, bytes] | None = None) -> Future:
         """Queue ``img`` (not modified afterwards by the caller) for ``path``; the future
-        raises what writing it raised. A reusable JPEG is linked at once (cheaper than a
-        thread hand-off)."""
+        raises what writing it raised. A present thumbnail is skipped at once (a stat, cheaper
+        than a thread hand-off)."""
         directory = os.path.dirname(path)
         if directory not in self._dirs:  # one mkdir per folder, not per thumbnail
             os.makedirs(directory, exist_ok=True)
             self._dirs.add(directory)
-        if original is not None and reusable_jpeg(img, original[1]):
-            try:
-                link_or_copy(original, path)
-            except OSError as e:
-                future: Future = Future()
-                future.set_exception(e)
-                return future
+        if os.path.exists(path):
             return _DONE
         future = self._pool.submit(write_thumbnail, img, path, original, THUMBNAIL_SIZE, False)
         with self._lock:

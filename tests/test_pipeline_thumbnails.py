@@ -16,8 +16,10 @@ def _jpeg(size=(32, 32), mode="RGB", **save) -> bytes:
     return buf.getvalue()
 
 
-def test_small_exif_free_rgb_jpeg_is_its_own_thumbnail(tmp_path):
-    data = _jpeg()
+def test_small_exif_free_rgb_jpeg_is_its_own_thumbnail_in_a_file_of_the_stores_own(tmp_path):
+    """Its bytes unchanged, but not a hard link: editing the source in place (as ``cp`` over it
+    does, keeping its inode) must not change the thumbnail stored for its old content."""
+    data, other = _jpeg(), _jpeg(size=(24, 24))
     source = tmp_path / "a.jpg"
     source.write_bytes(data)
     writer = ThumbnailWriter(threads=2)
@@ -25,7 +27,23 @@ def test_small_exif_free_rgb_jpeg_is_its_own_thumbnail(tmp_path):
     writer.submit(Image.open(io.BytesIO(data)), path, (str(source), data)).result()
     writer.close()
     assert open(path, "rb").read() == data
-    assert os.stat(path).st_ino == source.stat().st_ino  # a hard link, no new file
+    assert os.stat(path).st_ino != source.stat().st_ino and os.stat(path).st_nlink == 1
+    with open(source, "r+b") as f:  # an in-place edit: same inode, new picture
+        f.write(other)
+        f.truncate()
+    assert open(path, "rb").read() == data
+    assert os.listdir(os.path.dirname(path)) == [os.path.basename(path)]  # no temporary file left
+
+
+def test_a_present_thumbnail_is_kept(tmp_path):
+    from lookalike.pipeline.thumbnails import write_copy
+
+    path = thumbnail_path(str(tmp_path / "thumbs"), "h2")
+    os.makedirs(os.path.dirname(path))
+    write_copy(b"first", path)
+    write_copy(b"second", path)  # another writer of the same thumbnail: the first one stays
+    assert open(path, "rb").read() == b"first"
+    assert sorted(os.listdir(os.path.dirname(path))) == [os.path.basename(path)]
 
 
 @pytest.mark.parametrize("kind", ["large", "grayscale", "exif", "png", "frame"])
@@ -97,3 +115,4 @@ def test_thumbnails_show_16_bit_and_transparent_pictures_as_the_model_sees_them(
         assert 60 < thumb.mean() < 200  # the old convert("RGB") made it almost all white
     else:
         assert thumb[:, 40:].mean() > 240  # transparent: white, not the hidden blue
+
