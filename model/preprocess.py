@@ -54,6 +54,7 @@ _TRANSPOSES = {
     8: Image.Transpose.ROTATE_90,
 }
 _UNREDUCIBLE = ("1", "P", "I;16", "I;16B", "I;16L")  # modes Pillow's reduce() refuses
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I")  # scaled to 8 bits by bit depth (``to_mode``)
 
 
 class ImageDecodeError(ValueError):
@@ -193,11 +194,19 @@ def pixels_to_array(pixels: np.ndarray, spec: PreprocessSpec) -> np.ndarray:
 
 
 def to_mode(img: Image.Image, channels: int) -> Image.Image:
-    """Convert any PIL mode (palette, CMYK, 16-bit, alpha) to L or RGB."""
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        hi = arr.max() if arr.size and arr.max() > 255 else 255.0
-        img = Image.fromarray(np.clip(arr * (255.0 / hi), 0, 255).astype(np.uint8), "L")
+    """Convert any PIL mode (palette, CMYK, 16-bit, alpha) to L or RGB.
+
+    16-bit samples (modes I;16, I;16B, I;16L) are scaled by their bit depth, 65535 -> 255
+    (v / 257, rounded), never by the image's own maximum: a dark 16-bit picture stays as dark
+    as its 8-bit original, and an 8-bit picture saved as 16-bit (v * 257) gives exactly its
+    8-bit pixels. Mode I (32-bit integers: how Pillow opens some 16-bit PGM, PNG and TIFF
+    files) is taken as 16-bit samples too: 0..65535 scaled the same way, negative values
+    black, values over 65535 white."""
+    if img.mode in _SIXTEEN_BIT:
+        arr = np.asarray(img)
+        if img.mode == "I":
+            arr = np.clip(arr, 0, 65535)
+        img = Image.fromarray(((arr.astype(np.uint32) + 128) // 257).astype(np.uint8), "L")
     if img.mode == "P":
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):

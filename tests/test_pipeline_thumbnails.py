@@ -116,3 +116,15 @@ def test_thumbnails_show_16_bit_and_transparent_pictures_as_the_model_sees_them(
     else:
         assert thumb[:, 40:].mean() > 240  # transparent: white, not the hidden blue
 
+
+def test_a_dark_16_bit_picture_has_the_thumbnail_of_its_8_bit_original(tmp_path):
+    """Scaled by bit depth like the model input (to_mode), not stretched to its own maximum."""
+    import numpy as np
+
+    pixels = np.random.default_rng(0).integers(0, 41, (40, 48), dtype=np.uint8)  # dark: at most 40
+    writer = ThumbnailWriter(threads=1)
+    for name, img in (("eight", Image.fromarray(pixels, "L")), ("sixteen", Image.fromarray(pixels.astype(np.uint16) * 257))):
+        writer.submit(img, str(tmp_path / f"{name}.jpg"))
+    writer.close()
+    eight, sixteen = (np.asarray(Image.open(tmp_path / f"{n}.jpg").convert("L")) for n in ("eight", "sixteen"))
+    np.testing.assert_array_equal(sixteen, eight)

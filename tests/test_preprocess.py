@@ -46,6 +46,32 @@ def test_any_mode_and_format_becomes_model_input(img, fmt, spec):
     assert 0.0 <= x.min() <= x.max() <= 1.0
 
 
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+@pytest.mark.parametrize("brightest", [255, 40])  # 40: a dark picture, max 40 * 257 as 16-bit
+@pytest.mark.parametrize("size", [(24, 20), (600, 520)])  # (600, 520): decoded shrunk
+@pytest.mark.parametrize("spec", [SPEC_RGB, SPEC_GRAY])
+def test_a_16_bit_copy_of_an_8_bit_picture_gives_the_same_model_input(fmt, brightest, size, spec):
+    """16 bits are scaled by bit depth (v * 257 -> v), not stretched to the picture's maximum."""
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, brightest + 1, size[::-1], dtype=np.uint8)
+    eight = decode_image(encode(Image.fromarray(pixels, "L"), fmt), spec)
+    sixteen = pixels.astype(np.uint16) * 257
+    assert Image.open(io.BytesIO(encode(Image.fromarray(sixteen), fmt))).mode.startswith("I;16")
+    np.testing.assert_allclose(decode_image(encode(Image.fromarray(sixteen), fmt), spec), eight, atol=1 / 255)
+    # 32-bit integers (mode I, as some TIFFs hold them) are taken as 16-bit samples too
+    as_int32 = Image.fromarray(sixteen.astype(np.int32))
+    np.testing.assert_allclose(decode_image(encode(as_int32, "TIFF"), spec), eight, atol=1 / 255)
+
+
+def test_16_bit_samples_scale_by_bit_depth_rounded_and_mode_i_is_clipped():
+    from lookalike.model.preprocess import to_mode
+
+    values = np.array([[0, 128, 129, 257, 32896, 65535]], np.uint16)
+    assert np.asarray(to_mode(Image.fromarray(values), 1)).tolist() == [[0, 0, 1, 1, 128, 255]]
+    wide = Image.fromarray(np.array([[-5, 0, 65535, 70000]], np.int32))
+    assert np.asarray(to_mode(wide, 1)).tolist() == [[0, 0, 255, 255]]
+
+
 def test_transparent_pixels_become_white():
     x = decode_image(encode(Image.new("RGBA", (4, 4), (0, 0, 0, 0))), SPEC_GRAY)
     np.testing.assert_allclose(x, 1.0)
