@@ -36,6 +36,12 @@ except ImportError:  # an optional speed-up: Pillow decodes everything without i
 
 # Refuse images claiming more pixels than this before decoding them.
 DEFAULT_MAX_PIXELS = 64_000_000
+# Every image lookalike decodes is checked against its own limit (DEFAULT_MAX_PIXELS, or the
+# model's ``PreprocessSpec.max_pixels``) from the header, before decoding: ``open_image``, and
+# ``serving.decode.image_pixels`` for queries. Pillow's own check would print a
+# DecompressionBombWarning to stderr over 89 MP (even for an image within a raised limit) and
+# refuse over 179 MP, quoting a second limit, so it is off: the one refusal users see is ours.
+Image.MAX_IMAGE_PIXELS = None
 # Refuse images with a side shorter than this: nothing to compare in them.
 MIN_SIDE_PX = 4
 # How images are turned into model input, beyond the PreprocessSpec: part of the embedding

@@ -17,7 +17,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from lookalike.model.preprocess import to_mode
+from lookalike.model.preprocess import DEFAULT_MAX_PIXELS, to_mode
 from lookalike.model.store import Store, resolve_in_store
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,8 @@ def _tile(item: dict[str, Any], root: Path) -> Image.Image:
         if path and path.is_file():
             try:
                 with Image.open(path) as img:
+                    if img.width * img.height > DEFAULT_MAX_PIXELS:  # Pillow's own check is off (preprocess)
+                        continue
                     return to_mode(img, 3).resize((TILE, TILE), Image.Resampling.NEAREST)
             except OSError:
                 continue

@@ -116,6 +116,24 @@ def test_decompression_bomb_refused_before_decoding():
         decode_image(bomb, SPEC_RGB)
 
 
+@pytest.mark.parametrize("width, height", [(10_000, 9_000), (20_000, 10_000)])  # over Pillow's 89 MP, 179 MP
+def test_only_our_pixel_limit_is_quoted_and_pillow_prints_no_warning(width, height):
+    """Pillow's DecompressionBombWarning (over 89 MP) and its own refusal (over 179 MP, quoting
+    178956970 pixels) never reach the user: our limit, our message, before decoding."""
+    import warnings
+
+    from lookalike.model.preprocess import DEFAULT_MAX_PIXELS, too_many_pixels
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a warning fails the test
+        with pytest.raises(ImageDecodeError) as refused:
+            open_image(png_claiming(width, height))
+        assert str(refused.value) == too_many_pixels(width, height, DEFAULT_MAX_PIXELS)
+        # within a model's raised limit: no warning either (the header's 90 MP are never decoded: no data)
+        with pytest.raises(ImageDecodeError, match="corrupt or truncated"):
+            open_image(png_claiming(width, height), max_pixels=width * height)
+
+
 # --- the libjpeg-turbo fast path for plain JPEGs -------------------------------------
 
 def _jpeg(mode: str, size=(41, 29), seed: int = 0, **save) -> bytes:

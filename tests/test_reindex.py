@@ -389,3 +389,17 @@ def test_a_changed_metadata_file_alone_publishes_and_an_unchanged_one_keeps_curr
     again = run_reindex(config)
     assert (again.outcome, again.exit_code) == ("kept_current", 3), again.reason
     assert store.current_index() == tagged.new_index
+
+
+
+def test_report_tiles_refuse_images_over_the_pixel_limit(tmp_path, monkeypatch):
+    """Pillow's own bomb check is off (lookalike.model.preprocess): the grid's tiles check ours
+    (lowered here to 100 pixels, so a real 20x20 picture stands for a huge one)."""
+    from lookalike.pipeline import report
+
+    Image.new("RGB", (20, 20), (0, 90, 0)).save(tmp_path / "big.png")
+    Image.new("RGB", (8, 8), (0, 90, 0)).save(tmp_path / "small.png")
+    monkeypatch.setattr(report, "DEFAULT_MAX_PIXELS", 100)
+    placeholder = report._tile({"thumbnail": "big.png", "uri": None}, tmp_path)
+    assert placeholder.size == (report.TILE, report.TILE) and placeholder.getpixel((0, 0)) == (200, 200, 200)
+    assert report._tile({"thumbnail": "small.png", "uri": None}, tmp_path).getpixel((0, 0)) == (0, 90, 0)
