@@ -8,13 +8,16 @@ They are written as the store's own file, never hard-linked to the source: a lin
 share the source's inode, so editing the file in place (``cp other.jpg a.jpg``) would
 change the thumbnail stored for its old content, in every index version that shows it.
 A thumbnail is complete or absent: written under a temporary name in its folder, then
-linked as its path (an existing one is never replaced). That costs ~50-200 us of CPU
-per new thumbnail on the development VM's ext4 disk (a hard link cost ~15), on the
-writer's threads, off the decode thread.
+linked as its path (an existing one is never replaced, except one an earlier version
+hard-linked to its source: it is replaced by a copy the next time the file is read). That
+costs 50-330 us of CPU per new thumbnail on the development VM's ext4 disk, nearly all of
+it creating the inode (a hard link cost 13-20 us), on the writer's threads, off the decode
+thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -67,12 +70,19 @@ def write_copy(data: bytes, path: str) -> None:
     """Write ``data`` (a reusable JPEG's bytes) as ``path``, the store's own file, unless it
     exists. Written under a temporary name in ``path``'s folder and then hard-linked as
     ``path``, so a crash never leaves a truncated thumbnail that later runs would take as
-    written, and a concurrent writer of the same thumbnail (same bytes) is never replaced."""
-    if os.path.exists(path):
-        return
+    written, and a concurrent writer of the same thumbnail (same bytes) is never replaced.
+    A present ``path`` with other links (earlier versions hard-linked the source file, which
+    may since have been edited in place) is replaced by the copy, atomically."""
+    try:
+        if os.stat(path).st_nlink == 1:
+            return
+        linked = True
+    except FileNotFoundError:
+        linked = False
     folder, name = os.path.split(path)
     tmp = os.path.join(folder, f".tmp-{uuid.uuid4().hex}-{name}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    moved = False
     try:
         try:
             view = memoryview(data)
@@ -80,11 +90,15 @@ def write_copy(data: bytes, path: str) -> None:
                 view = view[os.write(fd, view):]
         finally:
             os.close(fd)
-        os.link(tmp, path)
-    except FileExistsError:  # written meanwhile by another worker: the same bytes
-        pass
+        if linked:
+            os.replace(tmp, path)
+            moved = True
+        else:
+            with contextlib.suppress(FileExistsError):  # written meanwhile by another worker: the same bytes
+                os.link(tmp, path)
     finally:
-        os.unlink(tmp)
+        if not moved:
+            os.unlink(tmp)
 
 
 def write_thumbnail(img: Image.Image | np.ndarray, path: str, original: tuple[str, bytes] | None = None,
@@ -130,8 +144,11 @@ class ThumbnailWriter:
         if directory not in self._dirs:  # one mkdir per folder, not per thumbnail
             os.makedirs(directory, exist_ok=True)
             self._dirs.add(directory)
-        if os.path.exists(path):
-            return _DONE
+        try:
+            if os.stat(path).st_nlink == 1:  # present (one with other links: see ``write_copy``)
+                return _DONE
+        except FileNotFoundError:
+            pass
         future = self._pool.submit(write_thumbnail, img, path, original, THUMBNAIL_SIZE, False)
         with self._lock:
             self._pending.append(future)

@@ -46,6 +46,22 @@ def test_a_present_thumbnail_is_kept(tmp_path):
     assert sorted(os.listdir(os.path.dirname(path))) == [os.path.basename(path)]
 
 
+def test_a_thumbnail_an_earlier_version_hard_linked_to_its_source_becomes_a_copy(tmp_path):
+    data = _jpeg()
+    source = tmp_path / "a.jpg"
+    source.write_bytes(data)
+    path = thumbnail_path(str(tmp_path / "thumbs"), "h3")
+    os.makedirs(os.path.dirname(path))
+    os.link(source, path)  # as written before thumbnails were copies
+    writer = ThumbnailWriter(threads=1)
+    writer.submit(Image.open(io.BytesIO(data)), path, (str(source), data)).result()
+    writer.close()
+    assert os.stat(path).st_nlink == 1 and source.stat().st_nlink == 1
+    source.write_bytes(_jpeg(size=(24, 24)))  # edited in place
+    assert open(path, "rb").read() == data
+    assert os.listdir(os.path.dirname(path)) == [os.path.basename(path)]
+
+
 @pytest.mark.parametrize("kind", ["large", "grayscale", "exif", "png", "frame"])
 def test_other_pictures_are_re_encoded_as_small_rgb_jpegs(tmp_path, kind):
     if kind == "png":
