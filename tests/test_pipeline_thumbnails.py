@@ -35,14 +35,19 @@ def test_small_exif_free_rgb_jpeg_is_its_own_thumbnail_in_a_file_of_the_stores_o
     assert os.listdir(os.path.dirname(path)) == [os.path.basename(path)]  # no temporary file left
 
 
-def test_a_present_thumbnail_is_kept(tmp_path):
+def test_a_present_thumbnail_is_kept_and_a_short_one_rewritten(tmp_path):
     from lookalike.pipeline.thumbnails import write_copy
 
     path = thumbnail_path(str(tmp_path / "thumbs"), "h2")
     os.makedirs(os.path.dirname(path))
-    write_copy(b"first", path)
-    write_copy(b"second", path)  # another writer of the same thumbnail: the first one stays
-    assert open(path, "rb").read() == b"first"
+    write_copy(b"thumbnail", path)
+    first = os.stat(path).st_ino
+    write_copy(b"thumbnail", path)  # another writer of the same thumbnail: the first file stays
+    assert open(path, "rb").read() == b"thumbnail" and os.stat(path).st_ino == first
+    with open(path, "wb") as f:  # as a run killed while writing it leaves it
+        f.write(b"thumb")
+    write_copy(b"thumbnail", path)
+    assert open(path, "rb").read() == b"thumbnail"
     assert sorted(os.listdir(os.path.dirname(path))) == [os.path.basename(path)]
 
 
