@@ -67,7 +67,7 @@ def load_file_index_table(directory: str | Path) -> pa.Table:
     """The file index (FILE_INDEX_SCHEMA), one row per uri as last seen: newer index files win.
     Unreadable index files are skipped."""
     tables = []
-    for path in sorted(glob.glob(os.path.join(str(directory), "files-*.parquet")), key=os.path.getmtime):
+    for path in sorted(glob.glob(os.path.join(glob.escape(str(directory)), "files-*.parquet")), key=os.path.getmtime):
         try:
             tables.append(pq.read_table(path).select(FILE_INDEX_SCHEMA.names).cast(FILE_INDEX_SCHEMA))
         except Exception as e:
@@ -135,7 +135,7 @@ def load_failed(directory: str | Path) -> dict[str, tuple[str, str]]:
     """source hash -> (stage, reason) of every recorded failure (newer files win); unreadable
     files are skipped."""
     failed: dict[str, tuple[str, str]] = {}
-    for path in sorted(glob.glob(os.path.join(str(directory), "failed-*.parquet")), key=os.path.getmtime):
+    for path in sorted(glob.glob(os.path.join(glob.escape(str(directory)), "failed-*.parquet")), key=os.path.getmtime):
         try:
             table = pq.read_table(path).select(FAILED_SCHEMA.names)
         except Exception as e:
@@ -147,7 +147,7 @@ def load_failed(directory: str | Path) -> dict[str, tuple[str, str]]:
 
 
 def _cache_files(directory: str | Path) -> list[str]:
-    return sorted(glob.glob(os.path.join(str(directory), "part-*.parquet")), key=os.path.getmtime)
+    return sorted(glob.glob(os.path.join(glob.escape(str(directory)), "part-*.parquet")), key=os.path.getmtime)
 
 
 def cached_hashes(directory: str | Path) -> set[str]:

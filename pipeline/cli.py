@@ -181,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "a ScaNN index and publishes it as CURRENT. Unknown options are passed to Beam, e.g. "
                        "--runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp --setup_file=./setup.py")
     _add_workdir(p)
-    p.add_argument("--corpus", default=None, help="image folder or glob (default WORKDIR/corpus)")
+    p.add_argument("--corpus", default=None, help="image folder or glob (default WORKDIR/corpus); an existing folder is taken literally, even "
+                   "if its name holds [ ] ? or *")
     p.add_argument("--list-file", default=None, help="a text file listing image/video paths or file:// URLs, one per line, relative ones from its folder (instead of --corpus)")
     p.add_argument("--tfds", default=None, metavar="NAME[:SPLIT]",
                    help="embed a TFDS data set already prepared in --tfds-data-dir (never downloaded; split default "

@@ -38,7 +38,8 @@ from lookalike.pipeline.inference import discard_preloaded, preload_encoder
 from lookalike.pipeline.items import split_by_shard
 from lookalike.pipeline.metadata import prepare_metadata, report_unmatched, with_metadata
 from lookalike.pipeline.reuse import current_index_if_same, list_files, plan_reuse, reused_items
-from lookalike.pipeline.sources import common_folder, corpus_pattern, corpus_root, read_list_file
+from lookalike.pipeline.sources import (GLOB_CHARS, common_folder, corpus_pattern, corpus_root, literal_folder,
+                                       read_list_file)
 from lookalike.pipeline.summary import (EmbedSummary, counter_values, read_dead_letters, read_embeddings, read_items,
                                         summarize)
 from lookalike.pipeline.tfds_source import TfdsSpec, example_ranges
@@ -128,7 +129,8 @@ def _source_name(run: EmbedRun) -> str:
         return f"TFDS data set {run.config.tfds}"
     if run.config.list_file:
         return f"the files listed in {run.config.list_file}"
-    return run.pattern
+    folder = literal_folder(run.pattern)  # a folder as the user named it, not its escaped pattern
+    return f"{folder}/**" if folder is not None and "://" not in folder else run.pattern
 
 
 def validate_config(config: EmbedConfig) -> None:
@@ -154,12 +156,13 @@ def _resolve_corpus(config: EmbedConfig, store: Store) -> tuple[EmbedConfig, str
             raise StoreError(f"list file {config.list_file} does not exist")
         listed = read_list_file(list_file)  # ids are relative to the listed files' common folder
         return replace(config, list_file=list_file), common_folder(listed) if listed else list_file.rsplit("/", 1)[0]
-    wildcard = any(ch in corpus for ch in "*?[")
-    if "://" not in corpus and not wildcard and not Path(corpus).is_dir():
-        raise StoreError(f"corpus folder {corpus} does not exist: run `lookalike demo` or pass --corpus")
-    if "://" not in corpus and not wildcard:
-        corpus = str(Path(corpus).expanduser().resolve())
-    return config, corpus
+    if "://" in corpus:
+        return config, corpus
+    if Path(corpus).expanduser().is_dir():  # an existing folder is never a pattern, whatever its name holds
+        return config, str(Path(corpus).expanduser().resolve())
+    if any(ch in corpus for ch in GLOB_CHARS):
+        return config, corpus
+    raise StoreError(f"corpus folder {corpus} does not exist: run `lookalike demo` or pass --corpus")
 
 
 def run_embed(config: EmbedConfig) -> EmbedSummary:

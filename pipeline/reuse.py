@@ -34,7 +34,7 @@ from lookalike.model.store import Store
 from lookalike.model.data import IMAGE_SUFFIXES, walk_folders
 from lookalike.pipeline.cache import cached_hashes, load_cache_table, load_failed, load_file_index_table, rows_of_files
 from lookalike.pipeline.items import expand_items, split_by_shard
-from lookalike.pipeline.sources import NOT_MEDIA_REASON, dead_letter, known_failure_letter
+from lookalike.pipeline.sources import NOT_MEDIA_REASON, dead_letter, known_failure_letter, literal_folder
 from lookalike.pipeline.video import VIDEO_SUFFIXES, FrameSampling, reusable_source_hashes
 
 log = logging.getLogger(__name__)
@@ -52,12 +52,12 @@ class ReusePlan:
 
 def list_files(pattern: str) -> list[FileMetadata]:
     """Every file matching ``pattern`` (any Beam filesystem) with size and mtime, by path. A
-    local ``<folder>/**`` is walked here with one stat per file (Beam's match takes two and a
-    regex test per file for the same list)."""
+    local ``<folder>/**`` (its wildcards escaped: ``sources.corpus_pattern``) is walked here
+    with one stat per file (Beam's match takes two and a regex test per file for the same list)."""
     from apache_beam.io.filesystems import FileSystems
 
-    folder = pattern[:-3] if pattern.endswith("/**") else None
-    if folder and "://" not in folder and not any(ch in folder for ch in "*?[") and os.path.isdir(folder):
+    folder = literal_folder(pattern)
+    if folder and "://" not in folder and os.path.isdir(folder):
         return sorted(_walk(folder), key=lambda m: m.path)
     try:
         matched = FileSystems.match([pattern])

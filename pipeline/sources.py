@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 from collections.abc import Iterator
 from typing import Any
 from urllib.parse import unquote
@@ -51,16 +52,47 @@ CACHED = "cached"
 NOT_MEDIA_REASON = "not an image or video file (unsupported suffix)"
 
 
+GLOB_CHARS = "*?["  # a corpus naming no existing folder and holding one of these is a pattern
+
+
+def is_local_folder(corpus: str) -> bool:
+    """An existing local folder: always taken literally, whatever characters its name holds."""
+    return "://" not in corpus and os.path.isdir(corpus)
+
+
+def escape_glob(path: str) -> str:
+    """``path`` as a Beam match pattern matching only itself (``[`` -> ``[[]``, ``*`` -> ``[*]``,
+    ``?`` -> ``[?]``): Beam's patterns have no other way to quote a wildcard."""
+    return re.sub(r"[*?\[]", lambda m: f"[{m.group(0)}]", path)
+
+
+def literal_folder(pattern: str) -> str | None:
+    """The folder of a pattern ``corpus_pattern`` made from a folder (``<escaped folder>/**``),
+    unescaped, or None for any other pattern."""
+    if not pattern.endswith("/**") or not _ESCAPED.fullmatch(pattern[:-3]):
+        return None
+    return re.sub(r"\[([*?\[])\]", r"\1", pattern[:-3])
+
+
+_ESCAPED = re.compile(r"(?:[^*?\[]|\[[*?\[]\])*")  # literal characters and escaped wildcards only
+
+
 def corpus_pattern(corpus: str) -> str:
-    """A folder becomes a recursive glob; a pattern is kept as given."""
-    if any(ch in corpus for ch in "*?["):
+    """A folder becomes a recursive glob (an existing local folder is escaped, so ``photos [2024]``
+    or ``what?`` match themselves); a pattern is kept as given."""
+    if is_local_folder(corpus):
+        return escape_glob(corpus.rstrip("/")) + "/**"
+    if any(ch in corpus for ch in GLOB_CHARS):
         return corpus
     return corpus.rstrip("/") + "/**"
 
 
 def corpus_root(corpus: str) -> str:
-    """The folder ids are made relative to (the part of a pattern before any wildcard)."""
-    cut = min((corpus.find(ch) for ch in "*?[" if ch in corpus), default=None)
+    """The folder ids are made relative to: an existing local folder or a plain path as given,
+    else the part of a pattern before any wildcard."""
+    if is_local_folder(corpus):
+        return corpus.rstrip("/")
+    cut = min((corpus.find(ch) for ch in GLOB_CHARS if ch in corpus), default=None)
     return corpus.rstrip("/") if cut is None else corpus[:cut].rsplit("/", 1)[0]
 
 

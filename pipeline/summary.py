@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 from dataclasses import dataclass
@@ -45,6 +44,11 @@ class EmbedSummary:
     metadata: dict[str, Any] | None = None
 
 
+def _run_files(run_dir: str | Path, pattern: str) -> list[str]:
+    """Paths of the files named ``pattern`` in ``run_dir`` (a folder name with ``[`` or ``?`` is no pattern)."""
+    return sorted(str(p) for p in Path(run_dir).glob(pattern))
+
+
 def counts_from_items(items: pa.Table) -> dict[str, int]:
     """The summary counts, derived from the written items (for runners without metrics)."""
     if items.num_rows == 0:
@@ -74,7 +78,7 @@ def counter_values(result: Any) -> dict[str, int]:
 
 def read_embeddings(run_dir: Path) -> tuple[np.ndarray, pa.Table]:
     """Read ``embeddings-*.parquet`` of a run -> ([N, D] float32, items table without embeddings)."""
-    files = sorted(glob.glob(str(Path(run_dir) / "embeddings-*.parquet")))
+    files = sorted(_run_files(run_dir, "embeddings-*.parquet"))
     tables = [t for t in (pq.read_table(f) for f in files) if t.num_rows]
     if not tables:
         return np.zeros((0, 0), np.float32), pa.table({"id": pa.array([], pa.string())})
@@ -84,12 +88,12 @@ def read_embeddings(run_dir: Path) -> tuple[np.ndarray, pa.Table]:
 
 def count_items(run_dir: Path) -> int:
     """Items in a run's ``embeddings-*.parquet``, from the files' metadata (no data read)."""
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in glob.glob(str(Path(run_dir) / "embeddings-*.parquet")))
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in _run_files(run_dir, "embeddings-*.parquet"))
 
 
 def read_items(run_dir: Path, columns: tuple[str, ...] = ("uri", "content_hash", "reused")) -> pa.Table:
     """``columns`` of a run's items table (default: those the counts need; never the embeddings)."""
-    files = sorted(glob.glob(str(Path(run_dir) / "embeddings-*.parquet")))
+    files = sorted(_run_files(run_dir, "embeddings-*.parquet"))
     tables = [pq.read_table(f, columns=list(columns)) for f in files]
     tables = [t for t in tables if t.num_rows]
     return pa.concat_tables(tables) if tables else pa.table({"uri": pa.array([], pa.string())})
@@ -97,7 +101,7 @@ def read_items(run_dir: Path, columns: tuple[str, ...] = ("uri", "content_hash",
 
 def read_dead_letters(run_dir: Path) -> list[dict[str, str]]:
     rows = []
-    for f in sorted(glob.glob(str(Path(run_dir) / "dead_letter-*.jsonl"))):
+    for f in sorted(_run_files(run_dir, "dead_letter-*.jsonl")):
         rows += [json.loads(line) for line in Path(f).read_text(encoding="utf-8").splitlines() if line.strip()]
     return rows
 

@@ -134,6 +134,43 @@ def test_corpus_patterns_and_ids():
     assert item_id_for("/data/imgs/a/b.png", "/data/imgs") == "a/b.png"
 
 
+def test_an_existing_folder_is_taken_literally_whatever_its_name_holds(tmp_path):
+    from apache_beam.io.filesystems import FileSystems
+
+    from lookalike.pipeline.reuse import list_files
+
+    for name in ("photos [2024]", "what?", "a*b"):
+        folder = tmp_path / name / "sub"
+        folder.mkdir(parents=True)
+        (folder / "x.png").write_bytes(b"x")
+        (tmp_path / f"{name[0]}-sibling.png").write_bytes(b"y")  # the glob reading of the name would not match it
+        corpus = str(tmp_path / name)
+        pattern = corpus_pattern(corpus)
+        assert corpus_root(corpus) == corpus
+        assert [m.path for m in list_files(pattern)] == [f"{corpus}/sub/x.png"]  # walked
+        matched = FileSystems.match([pattern])[0].metadata_list  # Beam's match (corpora too big to list first)
+        assert [m.path for m in matched] == [f"{corpus}/sub/x.png"]
+    (tmp_path / "p1").mkdir()
+    (tmp_path / "p1" / "y.png").write_bytes(b"y")
+    assert corpus_pattern(f"{tmp_path}/p[0-9]/*.png") == f"{tmp_path}/p[0-9]/*.png"  # a real glob stays one
+    assert [m.path for m in list_files(f"{tmp_path}/p[0-9]/*.png")] == [f"{tmp_path}/p1/y.png"]
+
+
+def test_corpus_and_workdir_named_with_wildcards_are_embedded(tmp_path, trained_store):
+    workdir = tmp_path / "w [1]?"
+    shutil.copytree(trained_store.root, workdir)
+    corpus = tmp_path / "photos [2024]"
+    shutil.copytree(workdir / "corpus" / "3", corpus / "3")
+    summary = run_embed(EmbedConfig(workdir=str(workdir), corpus=str(corpus), run_name="brackets", incremental=True))
+    files = sorted(p.relative_to(corpus).as_posix() for p in corpus.rglob("*.png"))
+    assert summary.embedded == len(files) > 0
+    _, items = read_embeddings(workdir / "embeddings" / "brackets")
+    assert sorted(items.column("id").to_pylist()) == files  # ids relative to the folder
+    again = run_embed(EmbedConfig(workdir=str(workdir), run_name="again", incremental=True))  # default corpus, in the store
+    assert again.embedded == len(list_images(workdir / "corpus")) - len(files)  # its folder 3 came from the cache
+    assert again.unchanged == len(files)
+
+
 CIFAR_TEST = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10" / "cifar10_test_jpg.tar.gz"
 
 
