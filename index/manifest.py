@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from lookalike.model.filelock import try_lock, unlock
 from lookalike.model.store import Store, atomic_write_text
 
 MANIFEST = "manifest.json"
@@ -125,22 +126,40 @@ def new_index_version() -> str:
     return time.strftime("i-%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
 
+WRITER_LOCK_SUFFIX = ".lock"  # indexes/.tmp-<version>.lock: held by the live writer of indexes/.tmp-<version>
+
+
+def writer_lock_path(tmp: Path) -> Path:
+    """The lock file a writer of the temporary folder ``tmp`` holds while it lives."""
+    return tmp.with_name(tmp.name + WRITER_LOCK_SUFFIX)
+
+
 def publish_atomically(store: Store, write: Callable[[Path], Any], *, make_current: bool = True,
                        reason: str = "publish", version: str | None = None) -> str:
     """Run ``write(tmp_dir)``, rename ``tmp_dir`` to ``indexes/<version>`` (default: a new
     version name), then move CURRENT (recorded in history.jsonl with ``reason``).
 
-    Nothing is left behind if ``write`` raises.
+    Nothing is left behind if ``write`` raises. From before ``tmp_dir`` exists until it is
+    renamed or removed, this process holds an OS lock on ``writer_lock_path(tmp_dir)`` (the
+    kernel releases it if the process is killed): a folder whose lock can be taken has no live
+    writer, and ``pipeline.versions.clean_partial_indexes`` may remove it.
     """
     store.indexes_dir.mkdir(parents=True, exist_ok=True)
     version = version or new_index_version()
     tmp = store.indexes_dir / f".tmp-{version}"
+    lock = writer_lock_path(tmp)
+    fd = try_lock(lock)
+    if fd is None:
+        raise RuntimeError(f"cannot write index {version}: another live process is writing {tmp}")
     try:
-        write(tmp)
-        tmp.rename(store.index_dir(version))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        try:
+            write(tmp)
+            tmp.rename(store.index_dir(version))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        unlock(lock, fd)
     if make_current:
         store.set_current_index(version, reason)
     return version

@@ -38,3 +38,16 @@ def unlock(path: Path, fd: int) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def try_lock_folder(path: Path) -> int | None:
+    """Lock the existing folder ``path`` itself (``flock`` on its descriptor): the descriptor,
+    or None when another live process holds it. Release with ``os.close``; the kernel releases
+    it when the holder dies, so a folder whose lock can be taken has no live writer."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd

@@ -17,6 +17,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
@@ -37,6 +38,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Terminated:
+    """SIGTERM ends an embed run as Ctrl-C does: its cleanup runs (a run folder without output,
+    the partial index and Beam's temp folder are removed) instead of the process vanishing
+    mid-write. Beam reports the exit raised inside a stage as its own error, so the signal is
+    remembered here for the exit status (128 + signal)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self, signum: int, frame: object) -> None:
+        self.signum = signum
+        raise SystemExit(128 + signum)
+
+
 def cmd_embed(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
@@ -44,13 +59,23 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from lookalike.pipeline.embed import EmbedConfig, run_embed
     from lookalike.pipeline.video import FrameSampling
 
-    summary = run_embed(EmbedConfig(
-        workdir=args.workdir, corpus=args.corpus, list_file=args.list_file, tfds=args.tfds, tfds_data_dir=args.tfds_data_dir, model_version=args.model, run_name=args.run_name,
-        runner=args.runner, num_workers=args.num_workers, max_batch_size=args.batch_size, num_shards=args.num_shards,
-        index=IndexOptions(mode=args.index_mode, target_recall=args.target_recall), beam_args=args.beam_args, publish=not args.no_publish,
-        incremental=args.incremental, metadata=args.metadata,
-        sampling=FrameSampling(interval_s=args.frame_interval_s, shot_threshold=args.shot_threshold),
-    ))
+    terminated = _Terminated()
+    signal.signal(signal.SIGTERM, terminated)
+    try:
+        summary = run_embed(EmbedConfig(
+            workdir=args.workdir, corpus=args.corpus, list_file=args.list_file, tfds=args.tfds,
+            tfds_data_dir=args.tfds_data_dir, model_version=args.model, run_name=args.run_name,
+            runner=args.runner, num_workers=args.num_workers, max_batch_size=args.batch_size,
+            num_shards=args.num_shards, index=IndexOptions(mode=args.index_mode, target_recall=args.target_recall),
+            beam_args=args.beam_args, publish=not args.no_publish, incremental=args.incremental,
+            metadata=args.metadata,
+            sampling=FrameSampling(interval_s=args.frame_interval_s, shot_threshold=args.shot_threshold),
+        ))
+    except BaseException:
+        if terminated.signum is None:
+            raise
+        log.warning("embed stopped by signal %d; what the run had written is cleaned up", terminated.signum)
+        return 128 + terminated.signum
     _print_json(asdict(summary))
     return 0
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import asdict, replace
@@ -27,6 +28,7 @@ import pyarrow as pa
 
 from lookalike.index.builder import resolve_options
 from lookalike.model.artifact import read_model_meta
+from lookalike.model.filelock import try_lock_folder
 from lookalike.model.memory import keep_freed_memory
 from lookalike.model.store import Store, StoreError, check_version_name
 from lookalike.pipeline.batches import write_listing
@@ -43,6 +45,7 @@ from lookalike.pipeline.sources import (GLOB_CHARS, common_folder, corpus_patter
 from lookalike.pipeline.summary import (EmbedSummary, counter_values, read_dead_letters, read_embeddings, read_items,
                                         summarize)
 from lookalike.pipeline.tfds_source import TfdsSpec, example_ranges
+from lookalike.pipeline.versions import clean_partial_indexes
 from lookalike.pipeline.writers import write_items_shard, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -92,12 +95,13 @@ def _execute(run: EmbedRun, started: float, index_build: tuple[str, dict[str, An
             run.listing_file = str(run.run_dir / LISTING_FILE_NAME)
             run.chunks = write_listing(run.listing_file, todo)
         p = beam.Pipeline(options=pipeline_options(config))
-        build_pipeline(p, run, index_build)
         result = None
         try:
+            build_pipeline(p, run, index_build)
             result = p.run()
             result.wait_until_finish()
         finally:
+            shutil.rmtree(p.local_tempdir, ignore_errors=True)  # Beam's own (empty) temp folder, also on failure
             client = getattr(result, "client", None)  # the Dask runner leaves its client open
             if client is not None:
                 client.close()
@@ -183,11 +187,12 @@ def run_embed(config: EmbedConfig) -> EmbedSummary:
             break
         run_dir = store.embedding_run_dir(f"{run_name}-{n}")
     run_name = run_dir.name
-    if run_dir.exists():
+    if run_dir.exists() and not _holds_only_a_listing(run_dir):
         raise EmbedError(f"embedding run {run_dir} already exists; choose another --run-name")
     # The source is checked before the run folder exists: a missing data set or split is an error, not a folder.
     tfds_ranges = example_ranges(TfdsSpec.parse(config.tfds, config.tfds_data_dir)) if config.tfds else None
-    run_dir.mkdir(parents=True)
+    clean_partial_indexes(store)  # never one a running embed is writing
+    held = _claim_run_dir(run_dir)
     run = EmbedRun(config, store, meta, str(model_dir), pattern, root, run_dir, total=0, tfds_ranges=tfds_ranges,
                    metadata=metadata)
     try:
@@ -196,7 +201,36 @@ def run_embed(config: EmbedConfig) -> EmbedSummary:
         remove_if_unused(run_dir)
         raise
     finally:
+        os.close(held)
         discard_preloaded()
+
+
+def _holds_only_a_listing(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds nothing but a corpus listing (or nothing): what a run killed
+    before writing any output leaves."""
+    try:
+        return all(p.name == LISTING_FILE_NAME for p in run_dir.iterdir())
+    except OSError:
+        return False
+
+
+def _claim_run_dir(run_dir: Path) -> int:
+    """Create ``run_dir`` (or take over the folder a killed run left, holding only its listing)
+    and lock it for this run's lifetime (``filelock.try_lock_folder``; the kernel releases the
+    lock of a killed run): the descriptor to close when the run ends. EmbedError when a live
+    run holds the folder."""
+    existed = run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = try_lock_folder(run_dir)
+    if fd is None:
+        raise EmbedError(f"embedding run {run_dir} is being written by another running embed; choose another --run-name")
+    if existed:
+        if not _holds_only_a_listing(run_dir):  # written meanwhile by a run that has ended since
+            os.close(fd)
+            raise EmbedError(f"embedding run {run_dir} already exists; choose another --run-name")
+        (run_dir / LISTING_FILE_NAME).unlink(missing_ok=True)
+        log.info("reusing the folder of embedding run %s: a killed run left nothing there but its corpus listing", run_dir)
+    return fd
 
 
 def remove_if_unused(run_dir: Path) -> bool:

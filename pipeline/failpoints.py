@@ -15,7 +15,9 @@ log = logging.getLogger(__name__)
 
 
 def failpoint(name: str) -> None:
-    """SIGKILL this process if ``LOOKALIKE_FAILPOINT`` equals ``name``."""
-    if os.environ.get("LOOKALIKE_FAILPOINT") == name:
-        log.warning("failpoint %s: killing this process", name)
-        os.kill(os.getpid(), signal.SIGKILL)
+    """SIGKILL this process if ``LOOKALIKE_FAILPOINT`` equals ``name`` (SIGTERM if it equals
+    ``name:SIGTERM``: a polite stop, as by ``kill`` or a service manager)."""
+    wanted = os.environ.get("LOOKALIKE_FAILPOINT")
+    if wanted in (name, f"{name}:SIGTERM"):
+        log.warning("failpoint %s: killing this process", wanted)
+        os.kill(os.getpid(), signal.SIGTERM if wanted.endswith(":SIGTERM") else signal.SIGKILL)

@@ -106,6 +106,7 @@ def promote(store: Store, version: str, reason: str = "manual", *, locked: bool 
     if not store.index_dir(version).is_dir():
         raise PromotionError(f"no index version {version!r} in {store.indexes_dir}")
     with _store_lock(store, locked, f"versions promote {version}"):
+        clean_partial_indexes(store)
         return _promote(store, version, reason)
 
 
@@ -136,6 +137,7 @@ def rollback(store: Store, *, locked: bool = False) -> dict[str, Any]:
     that was built but not promoted, e.g. a candidate that failed validation). Holds the
     store lock unless ``locked``."""
     with _store_lock(store, locked, "versions rollback"):
+        clean_partial_indexes(store)
         return _rollback(store)
 
 
@@ -233,13 +235,44 @@ def clean_candidates(store: Store) -> list[str]:
     return removed
 
 
-def clean_partial(store: Store) -> list[str]:
-    """Remove temporary folders a killed run left (call only while holding the store lock)."""
+def clean_partial_indexes(store: Store) -> list[str]:
+    """Remove the ``indexes/.tmp-*`` folders that killed runs left, never one still being
+    written: its writer holds the OS lock of ``.tmp-<version>.lock`` from before the folder
+    exists until it is renamed or removed (``index.manifest.publish_atomically``), so a folder
+    whose lock this process can take has no live writer. Safe without the store lock, so
+    ``embed`` (which does not take it) cleans up too. Logs what it removed."""
+    from lookalike.index.manifest import WRITER_LOCK_SUFFIX, writer_lock_path
+    from lookalike.model.filelock import try_lock, unlock
+
+    if not store.indexes_dir.is_dir():
+        return []
+    folders = {p.name.removesuffix(WRITER_LOCK_SUFFIX) for p in store.indexes_dir.iterdir()
+               if p.name.startswith(".tmp-")}
     removed = []
-    for parent in (store.indexes_dir, store.models_dir):
-        if parent.is_dir():
-            for tmp in parent.iterdir():
-                if tmp.name.startswith((".tmp-", ".run-")):
-                    shutil.rmtree(tmp, ignore_errors=True)
-                    removed.append(str(tmp))
+    for name in sorted(folders):
+        tmp = store.indexes_dir / name
+        lock = writer_lock_path(tmp)
+        fd = try_lock(lock)
+        if fd is None:  # a live run is writing it
+            continue
+        try:
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+                removed.append(str(tmp))
+        finally:
+            unlock(lock, fd)  # and removes the lock file a killed writer left
+    if removed:
+        log.warning("removed partial index folder(s) that killed runs left: %s", ", ".join(removed))
+    return removed
+
+
+def clean_partial(store: Store) -> list[str]:
+    """Remove temporary folders a killed run left (call only while holding the store lock):
+    partial indexes no live run writes (``clean_partial_indexes``), and partial models."""
+    removed = clean_partial_indexes(store)
+    if store.models_dir.is_dir():
+        for tmp in store.models_dir.iterdir():
+            if tmp.name.startswith((".tmp-", ".run-")):
+                shutil.rmtree(tmp, ignore_errors=True)
+                removed.append(str(tmp))
     return removed

@@ -342,15 +342,56 @@ def test_rerun_after_a_crash_redoes_only_unfinished_work(workdir_with_model, dig
     corpus = workdir_with_model / "corpus"
     shutil.copytree(digits_corpus, corpus)
     exe = str(Path(sys.executable).with_name("lookalike"))
-    killed = subprocess.run([exe, "embed", "--workdir", str(workdir_with_model), "--batch-size", "32"],
+    killed = subprocess.run([exe, "embed", "--workdir", str(workdir_with_model), "--batch-size", "32", "--run-name", "s1"],
                             env={**os.environ, "LOOKALIKE_FAILPOINT": "embed_batch_2"}, capture_output=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (workdir_with_model / "CURRENT").exists()
+    assert [p.name for p in (workdir_with_model / "embeddings" / "s1").iterdir()] == [".listing.arrow"]
+    assert [p for p in (workdir_with_model / "indexes").iterdir() if p.is_dir() and p.name.startswith(".tmp-")]
     cached = sum(pq.read_metadata(p).num_rows for p in (workdir_with_model / "embeddings" / "cache").rglob("part-*.parquet"))
     total = len(list_images(corpus))
     assert 0 < cached < total  # the two finished batches survived the kill
-    rerun = run_embed(EmbedConfig(workdir=str(workdir_with_model), incremental=True, max_batch_size=32))
+    # The killed run's name is free again, and its partial index folder (no live writer) is removed.
+    rerun = run_embed(EmbedConfig(workdir=str(workdir_with_model), incremental=True, max_batch_size=32, run_name="s1"))
     assert (rerun.embedded, rerun.unchanged, rerun.items) == (total - cached, cached, total)
+    assert not [p.name for p in (workdir_with_model / "indexes").iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_a_terminated_run_removes_its_folder_partial_index_and_beam_temp(workdir_with_model, digits_corpus, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    shutil.copytree(digits_corpus, workdir_with_model / "corpus")
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    exe = str(Path(sys.executable).with_name("lookalike"))
+    stopped = subprocess.run([exe, "embed", "--workdir", str(workdir_with_model), "--batch-size", "32", "--run-name", "t1"],
+                             env={**os.environ, "LOOKALIKE_FAILPOINT": "embed_batch_2:SIGTERM", "TMPDIR": str(temp)},
+                             capture_output=True, timeout=300)
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    assert not (workdir_with_model / "embeddings" / "t1").exists()
+    assert not [p.name for p in (workdir_with_model / "indexes").iterdir() if p.name.startswith(".tmp-")]
+    assert not list(temp.glob("beam-pipeline-temp*"))
+
+
+def test_a_run_folder_being_written_is_not_taken_over(workdir_with_model, digits_corpus):
+    from lookalike.model.filelock import try_lock_folder
+
+    shutil.copytree(digits_corpus, workdir_with_model / "corpus")
+    live = workdir_with_model / "embeddings" / "live"
+    live.mkdir(parents=True)
+    (live / ".listing.arrow").write_bytes(b"")
+    fd = try_lock_folder(live)  # as a running embed holds it
+    try:
+        with pytest.raises(EmbedError, match="being written by another running embed"):
+            run_embed(EmbedConfig(workdir=str(workdir_with_model), run_name="live"))
+    finally:
+        import os
+
+        os.close(fd)
+    assert (live / ".listing.arrow").exists()
 
 
 def test_index_is_built_shard_by_shard_in_the_pipeline(workdir_with_model, digits_corpus):

@@ -403,3 +403,27 @@ def test_report_tiles_refuse_images_over_the_pixel_limit(tmp_path, monkeypatch):
     placeholder = report._tile({"thumbnail": "big.png", "uri": None}, tmp_path)
     assert placeholder.size == (report.TILE, report.TILE) and placeholder.getpixel((0, 0)) == (200, 200, 200)
     assert report._tile({"thumbnail": "small.png", "uri": None}, tmp_path).getpixel((0, 0)) == (0, 90, 0)
+
+
+def test_partial_index_folders_of_killed_runs_are_removed_but_never_one_being_written(store):
+    from lookalike.index.manifest import publish_atomically
+    from lookalike.pipeline.versions import clean_partial_indexes
+
+    stale = store.indexes_dir / ".tmp-i-killed"
+    (stale / "shard-00000").mkdir(parents=True)
+    (store.indexes_dir / ".tmp-i-killed2.lock").write_text("")  # a killed writer's lock file, its folder never made
+    source = store.index_dir(store.current_index())
+    seen = {}
+
+    def write(tmp: Path) -> None:  # a live writer: another cleaner runs meanwhile
+        shutil.copytree(source, tmp)
+        seen["removed"] = clean_partial_indexes(store)
+        seen["kept"] = tmp.is_dir()
+
+    version = publish_atomically(store, write, make_current=False)
+    assert seen == {"removed": [str(stale)], "kept": True}
+    assert store.index_dir(version).is_dir()
+    assert not [p.name for p in store.indexes_dir.iterdir() if p.name.startswith(".tmp-")]
+    (stale / "x").mkdir(parents=True)
+    promote(store, version)  # versions promote/rollback clean up too
+    assert not stale.exists()
