@@ -107,6 +107,25 @@ def test_unchanged_bad_files_are_reported_again_without_reading_and_current_is_k
     assert letters["cut-copy.png"]["reason"].endswith("(the same bytes failed in an earlier run)")
 
 
+def test_unchanged_corpus_with_a_dangling_link_takes_the_fast_path_and_the_link_is_embedded_once_valid(
+        corpus_store, monkeypatch):
+    target = corpus_store / "elsewhere" / "x.png"
+    os.symlink(target, corpus_store / "corpus" / "0" / "dangling.png")
+    first = run_embed(EmbedConfig(workdir=str(corpus_store), run_name="first", incremental=True))
+    assert first.failed == 1
+    _no_beam(monkeypatch)
+    again = run_embed(EmbedConfig(workdir=str(corpus_store), run_name="again", incremental=True))
+    assert again.index_version == first.index_version  # CURRENT kept, the pipeline not started
+    assert (again.files_read, again.embedded, again.failed, again.items) == (0, 0, 1, first.items)
+    (letter,) = read_dead_letters(corpus_store / "embeddings" / "again")
+    assert letter["uri"].endswith("0/dangling.png") and letter["stage"] == "read" and "No such file" in letter["reason"]
+    monkeypatch.undo()
+    target.parent.mkdir()
+    shutil.copy(next((corpus_store / "corpus" / "1").glob("*.png")), target)  # the link is valid now
+    third = run_embed(EmbedConfig(workdir=str(corpus_store), run_name="third", incremental=True))
+    assert (third.files_read, third.failed, third.items) == (1, 0, first.items + 1)
+
+
 def test_unchanged_corpus_with_other_index_options_builds_a_new_index(corpus_store, monkeypatch):
     first = run_embed(EmbedConfig(workdir=str(corpus_store), run_name="first"))
     _no_beam(monkeypatch)
