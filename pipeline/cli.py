@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_workdir(p)
     p.add_argument("--corpus", default=None, help="image folder or glob (default WORKDIR/corpus); an existing folder is taken literally, even "
                    "if its name holds [ ] ? or *")
-    p.add_argument("--list-file", default=None, help="a text file listing image/video paths or file:// URLs, one per line, relative ones from its folder (instead of --corpus)")
+    p.add_argument("--list-file", default=None, help="a text file listing image/video paths or file:// URLs, one per line, relative ones from its folder; '#' after a space or at line start begins a comment (instead of --corpus)")
     p.add_argument("--tfds", default=None, metavar="NAME[:SPLIT]",
                    help="embed a TFDS data set already prepared in --tfds-data-dir (never downloaded; split default "
                    "train, TFDS split syntax: train[:100], train[10%%:20%%], train+test)")

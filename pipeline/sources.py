@@ -251,17 +251,23 @@ def decode_source(
         yield meta, image_to_array(img, spec)
 
 
+_COMMENT = re.compile(r"(?:^|\s)#")  # a '#' at the start of a line or after whitespace starts a comment
+
+
 def read_list_file(path: str) -> list[str]:
-    """Paths listed one per line (blank lines and # comments ignored, a path listed twice kept
-    once); relative ones are taken relative to the list file's folder, ``file://`` URLs are
-    local paths, and local paths are normalised (``a/../b`` is ``b``)."""
+    """Paths listed one per line (blank lines ignored, a path listed twice kept once); ``#``
+    starts a comment at the start of a line or after whitespace (``a.jpg  # five``), while a
+    ``#`` inside a name (``clip#2.jpg``) is part of it; a path holding `` #`` is written as a
+    ``file://`` URL (``%20%23``). A UTF-8 byte order mark is skipped. Relative paths are taken
+    relative to the list file's folder, ``file://`` URLs are local paths, and local paths are
+    normalised (``a/../b`` is ``b``)."""
     base = path.rsplit("/", 1)[0] if "/" in path else "."
     with FileSystems.open(path, compression_type="uncompressed") as f:
-        lines = f.read().decode("utf-8").splitlines()
+        lines = f.read().decode("utf-8-sig").splitlines()
     paths: dict[str, None] = {}
     for line in lines:
-        entry = line.strip()
-        if not entry or entry.startswith("#"):
+        entry = _COMMENT.split(line, 1)[0].strip()
+        if not entry:
             continue
         if entry.startswith("file://"):
             entry = unquote(entry[len("file://"):])

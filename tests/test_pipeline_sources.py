@@ -56,3 +56,19 @@ def test_a_large_photo_is_embedded_from_the_servers_input_and_recorded_at_its_si
         np.testing.assert_array_equal(model_input, decode_image(data, spec))
         [written] = list(thumbs.rglob("*.jpg"))
         assert max(Image.open(written).size) == 128
+
+
+def test_list_file_comments_byte_order_mark_and_hashes_in_names(tmp_path):
+    from lookalike.pipeline.sources import read_list_file
+
+    listing = tmp_path / "list.txt"
+    listing.write_bytes("\ufeff../mix/dog/d1.jpg\n"  # a BOM, as Windows editors write
+                        "# a whole-line comment\n"
+                        "  ../mix/dog/d5.jpg # five\n"
+                        "../mix/dog/d6.jpg\t# six\n"
+                        "../mix/clip#2.jpg\n"  # '#' inside a name is part of it
+                        "file:///data/odd%20%23name.jpg\n"
+                        "\n".encode("utf-8"))
+    mix = str(tmp_path.parent / "mix")
+    assert read_list_file(str(listing)) == [f"{mix}/dog/d1.jpg", f"{mix}/dog/d5.jpg", f"{mix}/dog/d6.jpg",
+                                            f"{mix}/clip#2.jpg", "/data/odd #name.jpg"]
