@@ -166,6 +166,10 @@ def _resolve_corpus(config: EmbedConfig, store: Store) -> tuple[EmbedConfig, str
         return config, str(Path(corpus).expanduser().resolve())
     if any(ch in corpus for ch in GLOB_CHARS):
         return config, corpus
+    if Path(corpus).expanduser().exists():
+        folder = Path(corpus).expanduser().resolve().parent
+        raise StoreError(f"corpus {corpus} is a file, not a folder: pass its folder (--corpus {folder}), or list the "
+                         "files to embed in a text file passed as --list-file")
     raise StoreError(f"corpus folder {corpus} does not exist: run `lookalike demo` or pass --corpus")
 
 

@@ -432,3 +432,13 @@ def test_the_embedding_cache_is_keyed_by_the_image_decoding(tmp_path, monkeypatc
     assert cache_dir(tmp_path, "m-1") != now
     monkeypatch.setattr(preprocess, "IMAGE_DECODING_VERSION", 1)
     assert cache_dir(tmp_path, "m-1") == tmp_path / "cache" / "m-1"  # stores written before the key existed
+
+
+def test_a_corpus_that_is_a_file_is_named_as_such(workdir_with_model, digits_corpus):
+    from lookalike.model.store import StoreError
+
+    picture = next((digits_corpus / "0").glob("*.png"))
+    with pytest.raises(StoreError, match=rf"corpus {picture} is a file, not a folder: pass its folder "
+                                         rf"\(--corpus {picture.parent}\), or .*--list-file"):
+        run_embed(EmbedConfig(workdir=str(workdir_with_model), corpus=str(picture)))
+    assert not (workdir_with_model / "embeddings").exists()
