@@ -277,7 +277,7 @@ def _list_and_run(run: EmbedRun, started: float) -> EmbedSummary:
     if in_process and config.incremental and (run.plan is None or run.plan.changed):
         preload_encoder(run.model_dir, config.max_batch_size)
     log.info("embedding %d file(s) from %s with model %s on %s%s", run.total, _source_name(run), meta["version"], config.runner,
-             f" ({len(run.plan.unchanged)} unchanged by path, size and mtime; {len(run.plan.dead)} known to fail)"
+             f" ({len(run.plan.unchanged)} not read: same path, size and mtime as cached; {len(run.plan.dead)} known to fail)"
              if run.plan else "")
     reused = None
     if run.plan is not None and run.plan.unchanged and not run.plan.changed:
@@ -288,7 +288,8 @@ def _list_and_run(run: EmbedRun, started: float) -> EmbedSummary:
         summary = _execute(run, started, None, reused)
     (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
     log.info(
-        "%d item(s): %d embedded, from %d unchanged file(s) reused, %d duplicate file(s); %d failed; "
+        "%d item(s): %d embedded, from %d file(s) whose bytes were embedded before reused, %d duplicate file(s); "
+        "%d failed; "
         "%.1fs (%.0f items/s); index %s",
         summary.items, summary.embedded, summary.unchanged, summary.duplicate_files, summary.failed,
         summary.elapsed_s, summary.items_per_s, summary.index_version or "not built (--no-publish)",

@@ -1,6 +1,7 @@
 """Columnar item tables and --incremental reuse decided before the pipeline starts."""
 
 import hashlib
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -124,6 +125,19 @@ def test_unchanged_corpus_with_a_dangling_link_takes_the_fast_path_and_the_link_
     shutil.copy(next((corpus_store / "corpus" / "1").glob("*.png")), target)  # the link is valid now
     third = run_embed(EmbedConfig(workdir=str(corpus_store), run_name="third", incremental=True))
     assert (third.files_read, third.failed, third.items) == (1, 0, first.items + 1)
+
+
+def test_start_line_and_summary_name_their_counts_alike_when_files_are_renamed_or_touched(corpus_store, caplog):
+    first = run_embed(EmbedConfig(workdir=str(corpus_store), run_name="first", incremental=True, publish=False))
+    pictures = sorted((corpus_store / "corpus" / "0").glob("*.png"))
+    pictures[0].rename(pictures[0].with_name("renamed.png"))
+    os.utime(pictures[1], (1_000_000, 1_000_000))  # touched: read again, its bytes found in the cache
+    with caplog.at_level(logging.INFO, logger="lookalike"):
+        again = run_embed(EmbedConfig(workdir=str(corpus_store), run_name="again", incremental=True, publish=False))
+    total = first.files_matched
+    assert (again.files_read, again.embedded, again.unchanged) == (2, 0, total)
+    assert f"({total - 2} not read: same path, size and mtime as cached; 0 known to fail)" in caplog.text
+    assert f"from {total} file(s) whose bytes were embedded before reused" in caplog.text
 
 
 def test_unchanged_corpus_with_other_index_options_builds_a_new_index(corpus_store, monkeypatch):
