@@ -144,6 +144,15 @@ def start_offset_s(container: Any, stream: Any) -> float:
     return 0.0
 
 
+def _reason(e: Exception) -> str:
+    """An error's type and message; for FFmpeg's, its message alone: PyAV's str() adds FFmpeg's
+    error code and the file name, which for bytes in memory is a meaningless '<none>'."""
+    import av  # already imported by the caller
+
+    message = e.strerror if isinstance(e, av.error.FFmpegError) else None
+    return f"{type(e).__name__}: {message or e}"
+
+
 def sample_frames(data: bytes, sampling: FrameSampling = FrameSampling()) -> Iterator[tuple[float, Image.Image]]:
     """Video file bytes -> (timestamp_s, upright RGB PIL frame) for each sampled frame; times
     count from the start of the video (``start_offset_s``), never negative.
@@ -158,7 +167,7 @@ def sample_frames(data: bytes, sampling: FrameSampling = FrameSampling()) -> Ite
     try:
         container = av.open(io.BytesIO(data))
     except Exception as e:
-        raise VideoDecodeError(f"not a decodable video ({type(e).__name__}: {e})") from None
+        raise VideoDecodeError(f"not a decodable video ({_reason(e)})") from None
     with container:
         if not container.streams.video:
             raise VideoDecodeError("no video stream (audio-only or empty container)")
@@ -193,7 +202,7 @@ def sample_frames(data: bytes, sampling: FrameSampling = FrameSampling()) -> Ite
                         return
         except av.error.FFmpegError as e:
             if kept == 0:
-                raise VideoDecodeError(f"corrupt video stream ({type(e).__name__}: {e})") from None
-            log.warning("video stream broken after %d decoded frames; keeping the %d sampled: %s", decoded, kept, e)
+                raise VideoDecodeError(f"corrupt video stream ({_reason(e)})") from None
+            log.warning("video stream broken after %d decoded frames; keeping the %d sampled: %s", decoded, kept, _reason(e))
         if kept == 0:
             raise VideoDecodeError("the video stream has no decodable frames")

@@ -38,6 +38,12 @@ def test_bad_videos_raise_with_reason(tmp_path, make, reason, make_audio_only):
         list(sample_frames(path.read_bytes()))
 
 
+def test_a_broken_video_reason_has_no_meaningless_file_name():
+    with pytest.raises(VideoDecodeError) as caught:
+        list(sample_frames(b"\x00\x01garbage" * 100))
+    assert str(caught.value) == "not a decodable video (InvalidDataError: Invalid data found when processing input)"
+
+
 def _marked_video(path, rotation: int) -> bytes:
     """Five 64x48 H.264 frames, white in their top 12 rows and black below, with a display
     matrix turning them ``rotation`` degrees counter-clockwise (as a phone records portrait)."""
