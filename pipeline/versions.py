@@ -149,7 +149,11 @@ def _rollback(store: Store) -> dict[str, Any]:
     stack = promotion_stack(store)
     if stack and stack[-1] == current:
         stack.pop()
-    earlier = [v for v in stack if v in available and v != current]
+    served_before = [v for v in stack if v != current]
+    if not served_before:
+        raise PromotionError(f"no earlier version to roll back to: {current} is the first version this store has "
+                             f"served (per {store.history_path})")
+    earlier = [v for v in served_before if v in available]
     if not earlier:
         raise PromotionError(f"no earlier version to roll back to from {current}: none of the versions served "
                              f"before it ({store.history_path}) is still in {store.indexes_dir}; promote one "

@@ -219,8 +219,9 @@ def test_versions_list_and_bad_promotion(store):
     assert [r["current"] for r in rows] == [True] and rows[0]["count"] > 0
     with pytest.raises(PromotionError, match="no index version"):
         promote(store, "i-does-not-exist")
-    with pytest.raises(PromotionError, match="no earlier version"):
-        rollback(store)
+    with pytest.raises(PromotionError, match=rf"no earlier version to roll back to: {rows[0]['version']} is the "
+                                             "first version this store has served"):
+        rollback(store)  # not "none ... is still in indexes": there never was one
     promote(store, rows[0]["version"], reason="again")  # promoting the current one is harmless
     assert store.current_index() == rows[0]["version"]
 
