@@ -6,7 +6,8 @@ holding the ids the pipeline gives items (paths relative to the corpus folder, e
 of the items table, of the embedding Parquet files and of the published index, so
 ``ItemIndex.search(where=...)`` and the server's filters can use it. A row whose id is a
 video's id applies to every frame of that video (frames carry the video id in ``group``);
-a row for a frame's own id (``clips/a.mp4#t=2.000``) wins over its video's. Items without a
+a row for a frame's own id (``clips/a.mp4#t=2.000``, or ``#t=2``: seconds written any way, as
+the server takes them) wins over its video's. Items without a
 row get nulls. ``tags`` is always ``list<string>``: a JSON list in JSONL and Parquet, a
 ``;``-separated string (in CSV, or anywhere) split, trimmed and without empty parts.
 
@@ -34,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from lookalike.pipeline.items import ITEM_FIELDS, concat_sorted
+from lookalike.pipeline.video import canonical_frame_id
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +221,7 @@ def _checked(table: pa.Table, path: str, where) -> pa.Table:
     empty = pc.fill_null(pc.equal(ids, ""), True).to_numpy(zero_copy_only=False)
     if empty.any():
         raise MetadataError(f"metadata file {path} {where(int(np.flatnonzero(empty)[0]))}: empty 'id'")
+    ids = _canonical_frame_ids(ids)
     _refuse_duplicates(ids, path, where)
     columns = {"id": ids}
     for name in table.column_names:
@@ -231,6 +234,18 @@ def _checked(table: pa.Table, path: str, where) -> pa.Table:
             column = column.cast(pa.string())  # every value missing: typed, so shards agree
         columns[name] = column
     return pa.table(columns)
+
+
+def _canonical_frame_ids(ids: pa.Array) -> pa.Array:
+    """[N] ids with frame ids written as the pipeline writes them (``clip.mp4#t=1.2`` ->
+    ``clip.mp4#t=1.200``, as the server accepts them); only ids holding ``#t=`` are looked at."""
+    frames = np.flatnonzero(pc.match_substring(ids, "#t=").to_numpy(zero_copy_only=False))
+    if not len(frames):
+        return ids
+    values = ids.to_pylist()
+    for i in frames:
+        values[i] = canonical_frame_id(values[i])
+    return pa.array(values, pa.string())
 
 
 def _refuse_duplicates(ids: pa.Array, path: str, where) -> None:

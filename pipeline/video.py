@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -94,6 +95,17 @@ def is_video_path(path: str) -> bool:
 
 def frame_id(video_id: str, timestamp_s: float) -> str:
     return f"{video_id}#t={timestamp_s:.3f}"
+
+
+# A frame id with its seconds written any way (``clip.mp4#t=1.2``, ``#t=1.200``, ``#t=.5``).
+FRAME_TIME = re.compile(r"^(?P<video>.+)#t=(?P<seconds>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)$")
+
+
+def canonical_frame_id(item_id: str) -> str:
+    """``item_id`` as the pipeline writes it: a frame id's seconds with three decimals
+    (``clip.mp4#t=1.2`` -> ``clip.mp4#t=1.200``); any other id unchanged."""
+    frame = FRAME_TIME.match(item_id)
+    return frame_id(frame["video"], float(frame["seconds"])) if frame else item_id
 
 
 _QUARTER_TURNS = {1: Image.Transpose.ROTATE_90, 2: Image.Transpose.ROTATE_180, 3: Image.Transpose.ROTATE_270}

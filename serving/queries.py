@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import binascii
 import math
-import re
 import types
 import typing
 from collections.abc import Awaitable, Callable
@@ -103,17 +102,14 @@ def unknown_item(item_id: str) -> HTTPException:
     return HTTPException(status_code=404, detail=f"unknown item id {item_id!r}{hint}")
 
 
-_FRAME_TIME = re.compile(r"^(?P<video>.+)#t=(?P<seconds>[0-9]+(?:\.[0-9]*)?|\.[0-9]+)$")
-
-
 def row_of(backend: Backend, item_id: str) -> int | None:
     """The index row of ``item_id``; a frame id whose seconds are written otherwise than the
     index writes them (``clip.mp4#t=1.2`` for ``clip.mp4#t=1.200``) finds that frame too."""
     row = backend.index.row_of(item_id)
-    if row is None and (frame := _FRAME_TIME.match(item_id)):
-        from lookalike.pipeline.video import frame_id
+    if row is None:
+        from lookalike.pipeline.video import canonical_frame_id
 
-        canonical = frame_id(frame["video"], float(frame["seconds"]))
+        canonical = canonical_frame_id(item_id)
         row = backend.index.row_of(canonical) if canonical != item_id else None
     return row
 

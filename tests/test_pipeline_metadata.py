@@ -93,6 +93,16 @@ def test_the_join_gives_frames_their_videos_row_and_others_nulls():
     assert empty.schema == joined.schema and empty.num_rows == 0
 
 
+def test_frame_ids_are_matched_however_their_seconds_are_written():
+    items = pa.table({"id": ["v.mp4#t=0.000", "v.mp4#t=1.200", "v.mp4#t=2.500"], "group": ["v.mp4"] * 3})
+    metadata = parse("id,source\nv.mp4#t=1.2,one point two\nv.mp4#t=2.50,two and a half\nv.mp4#t=x,odd\n", "m.csv")
+    assert metadata.column("id").to_pylist() == ["v.mp4#t=1.200", "v.mp4#t=2.500", "v.mp4#t=x"]
+    assert join_metadata(items, metadata).column("source").to_pylist() == [None, "one point two", "two and a half"]
+    assert unmatched_ids(metadata, items).to_pylist() == ["v.mp4#t=x"]
+    with pytest.raises(MetadataError, match=r"duplicate id 'v.mp4#t=1.200'"):  # the same frame written twice
+        parse('{"id": "v.mp4#t=1.2"}\n{"id": "v.mp4#t=1.200"}\n', "m.jsonl")
+
+
 @pytest.fixture
 def corpus_store(tmp_path, trained_store, digits_corpus):
     """A store with the trained model and two classes of digits (about 40 images)."""
