@@ -330,7 +330,7 @@ def _publish(run: EmbedRun, started: float, reused: pa.Table | None) -> EmbedSum
             if current is not None:
                 raise _KeepCurrent(current)
         assemble_index(tmp, shards, model_version=run.meta["version"], params=built, options=options,
-                       metadata=run.metadata.record() if run.metadata is not None else None)
+                       metadata=done[0].metadata if run.metadata is not None else None)  # with unmatched_ids
 
     try:
         index_version = publish_atomically(run.store, write, make_current=True, reason=f"embed run {run.run_dir.name}")

@@ -156,9 +156,10 @@ def test_embed_with_jsonl_metadata_filters_on_tags_and_source(corpus_store, tmp_
 def test_embed_with_csv_metadata_and_the_incremental_rule(corpus_store, tmp_path):
     ids = sorted(str(f.relative_to(corpus_store / "corpus")) for f in list_images(corpus_store / "corpus"))
     metadata = tmp_path / "meta.csv"
-    metadata.write_text("id,source,tags\n" + "".join(f"{i},lab,blue; round\n" for i in ids[:3]))
+    metadata.write_text("id,source,tags\n" + "".join(f"{i},lab,blue; round\n" for i in ids[:3]) + "gone.png,lab,\n")
     first = run_embed(EmbedConfig(workdir=str(corpus_store), metadata=str(metadata), incremental=True))
     index = ItemIndex.load(corpus_store / "indexes" / first.index_version)
+    assert index.manifest["metadata"] == first.metadata and first.metadata["unmatched_ids"] == 1  # as README says
     query = index.embeddings[index.row_of(ids[-1])]
     assert sorted(n.id for n in index.search(query, k=10, where={"tags": "round"})[0]) == ids[:3]
     assert sorted(n.id for n in index.search(query, k=10, where={"source": "lab"})[0]) == ids[:3]
