@@ -50,9 +50,9 @@ def dask_cluster(tmp_path_factory):
 
 
 def test_dask_cluster_gives_the_same_embeddings_and_dead_letters(tmp_path, indexed_store, dask_cluster):
-    workdir = tmp_path / "w"
+    workdir = tmp_path / "w [1]"  # folder names with glob characters are folders, on the workers too
     shutil.copytree(indexed_store.root / "models", workdir / "models")
-    corpus = tmp_path / "corpus"
+    corpus = tmp_path / "photos [2024]?"
     shutil.copytree(indexed_store.corpus_dir, corpus)
     tagged = sorted(p.relative_to(corpus).as_posix() for p in corpus.rglob("*.png"))[::3]
     (corpus / "0" / "broken.png").write_text("not an image")
