@@ -60,7 +60,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from lookalike.pipeline.video import FrameSampling
 
     terminated = _Terminated()
-    signal.signal(signal.SIGTERM, terminated)
+    previous = signal.signal(signal.SIGTERM, terminated)
     try:
         summary = run_embed(EmbedConfig(
             workdir=args.workdir, corpus=args.corpus, list_file=args.list_file, tfds=args.tfds,
@@ -76,6 +76,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
             raise
         log.warning("embed stopped by signal %d; what the run had written is cleaned up", terminated.signum)
         return 128 + terminated.signum
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     _print_json(asdict(summary))
     return 0
 
