@@ -392,7 +392,6 @@ def test_a_changed_metadata_file_alone_publishes_and_an_unchanged_one_keeps_curr
     assert store.current_index() == tagged.new_index
 
 
-
 def test_report_tiles_refuse_images_over_the_pixel_limit(tmp_path, monkeypatch):
     """Pillow's own bomb check is off (lookalike.model.preprocess): the grid's tiles check ours
     (lowered here to 100 pixels, so a real 20x20 picture stands for a huge one)."""
