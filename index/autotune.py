@@ -14,7 +14,9 @@ likewise bisects the reorder count. ``tree_ah`` bisects the smallest reorder for
 ``leaves_to_search`` on a x1.5 ladder and times only those candidates, stopping once more
 leaves get slower. Brute force is exact. If nothing meets the target, the candidate with
 the highest recall is kept and flagged. Explicit ``leaves_to_search`` / ``reorder`` in
-``IndexOptions`` are kept fixed.
+``IndexOptions`` are kept fixed. A one-item corpus tuned on its own sample has no
+held-out neighbour to measure: tuning is skipped, every leaf is searched (exact), and the
+record says so (``skipped``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lookalike.index.exact import exact_topk, recall_per_query
+from lookalike.index.manifest import REORDER_MODES, TREE_MODES
 
 if TYPE_CHECKING:
     from lookalike.index.builder import IndexOptions
@@ -124,6 +127,8 @@ def tune_index(index: "ItemIndex", options: "IndexOptions", queries: np.ndarray 
     """Measure candidates on ``index`` and return the tuning record for the manifest."""
     if index.num_deleted:
         raise ValueError(f"index {index.version} has {index.num_deleted} deleted row(s) in memory; tune a saved index")
+    if queries is None and len(index) < 2:
+        return untuned_record(index, options)
     k = min(options.tune_k, max(1, len(index) - 1))
     if queries is not None:
         q, self_rows, source = index.check_queries(queries), None, "user"
@@ -169,6 +174,24 @@ def tune_index(index: "ItemIndex", options: "IndexOptions", queries: np.ndarray 
         log.warning("index %s: recall@%d %.3f does not reach the target %.2f (best candidate kept)",
                     index.version, k, best["recall"], target)
     return record
+
+
+def untuned_record(index: "ItemIndex", options: "IndexOptions") -> dict[str, Any]:
+    """The tuning record of an index too small to measure: with a single item and no user
+    queries, a held-out corpus query has no neighbour left once its own item is excluded,
+    so there is no recall to measure. Every leaf is searched and every candidate reordered
+    (with one item that is exact and costs nothing), and the record says tuning was skipped."""
+    build = index.manifest["build"]
+    mode = build["mode"]
+    leaves = build.get("num_leaves") if mode in TREE_MODES else None
+    reorder = max(1, len(index)) if mode in REORDER_MODES else None
+    reason = f"{len(index)} item(s): no held-out neighbour to measure recall against; every item is searched (exact)"
+    log.info("index %s: autotuning skipped (%s)", index.version, reason)
+    q = index.embeddings[:1]
+    return {"k": 1, "target_recall": options.target_recall, "num_queries": 0, "query_source": None,
+            "autotuned": False, "skipped": reason, "leaves_to_search": leaves, "reorder": reorder,
+            "recall": 1.0, "recall_stderr": 0.0, "qps": qps_of(index, q, 1, leaves, reorder) if len(q) else 0.0,
+            "target_met": True, "candidates": []}
 
 
 def tune_tree_ah(index: "ItemIndex", q: np.ndarray, k: int, leaves_list: list[int], reorders: list[int],

@@ -145,3 +145,19 @@ def test_tree_exact_tunes_to_the_fewest_leaves_that_meet_the_target(tmp_path):
     index = ItemIndex.load(tmp_path / "i")
     q = index.embeddings[:50]
     assert recall_at_k(index.search_rows(q, 10, leaves_to_search=60)[0], exact_topk(q, x, 10)[0]) == 1.0  # all leaves: exact
+
+
+@pytest.mark.parametrize("mode", ["brute_force", "tree_exact", "ah"])
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_a_tiny_corpus_publishes_a_searchable_index(tmp_path, mode, n):
+    """One item leaves a held-out query no neighbour: tuning is skipped (and recorded as such), not a crash."""
+    x = clustered(n, 8, seed=4)
+    manifest = build_index(x, ids(n), model_version="m", out_dir=tmp_path / "i", options=IndexOptions(mode=mode))
+    tuning = manifest["tuning"]
+    assert tuning["target_met"] and tuning["recall"] == 1.0
+    assert ("skipped" in tuning) == (n == 1) and tuning["autotuned"] == (n > 1 and mode != "brute_force")
+    index = ItemIndex.load(tmp_path / "i")
+    found = index.search(x, 10)
+    assert [len(f) for f in found] == [n] * n and all(f[0].row == i for i, f in enumerate(found))
+    if n == 1:
+        assert index.similar_to("item-0", 5) == []

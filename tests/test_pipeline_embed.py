@@ -442,3 +442,20 @@ def test_a_corpus_that_is_a_file_is_named_as_such(workdir_with_model, digits_cor
                                          rf"\(--corpus {picture.parent}\), or .*--list-file"):
         run_embed(EmbedConfig(workdir=str(workdir_with_model), corpus=str(picture)))
     assert not (workdir_with_model / "embeddings").exists()
+
+
+@pytest.mark.parametrize("mode", ["auto", "tree_exact"])
+def test_a_corpus_of_one_decodable_image_publishes_a_searchable_index(workdir_with_model, digits_corpus, mode):
+    from lookalike.index.builder import IndexOptions
+
+    corpus = workdir_with_model / "one"
+    corpus.mkdir()
+    Image.open(next((digits_corpus / "0").glob("*.png"))).convert("RGB").save(corpus / "only.jpg", quality=95)
+    (corpus / "broken.jpg").write_text("not a jpeg")  # only one file decodes
+    summary = run_embed(EmbedConfig(workdir=str(workdir_with_model), corpus=str(corpus), run_name="one",
+                                    index=IndexOptions(mode=mode)))
+    assert (summary.items, summary.failed) == (1, 1)
+    assert (workdir_with_model / "embeddings" / "one" / "summary.json").is_file()
+    index = ItemIndex.load(workdir_with_model / "indexes" / summary.index_version)
+    assert "skipped" in index.manifest["tuning"] and index.manifest["tuning"]["target_met"]
+    assert [n.id for n in index.search(index.embeddings[0], 10)[0]] == ["only.jpg"]
