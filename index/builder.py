@@ -44,6 +44,7 @@ TREE_EXACT_MAX_ITEMS = 200_000  # per shard: below this exact scoring of the sea
 TREE_EXACT_LEAVES_PER_SQRT_N = 2.0  # smaller leaves: fewer vectors scanned for the same recall (CIFAR-10: 448 > 224)
 TRAINING_SAMPLE_MIN = 30_000
 TRAINING_SAMPLE_PER_LEAF = 100  # below ~100 per leaf the k-means partitions lose recall badly
+TREE_AH_MIN_ITEMS = 16  # ScaNN trains 16 AH centres per block on a tree shard's residuals: fewer items cannot
 MODES = ("auto", "brute_force", "tree_exact", "ah", "tree_ah")
 
 
@@ -119,8 +120,16 @@ def resolve_options(n: int, options: IndexOptions) -> dict[str, Any]:
     if mode == "auto":
         mode = ("brute_force" if per_shard < BRUTE_FORCE_MAX_ITEMS else
                 "tree_exact" if per_shard < TREE_EXACT_MAX_ITEMS else "tree_ah")
+    fallback = None
+    if mode == "tree_ah" and n // options.num_shards < TREE_AH_MIN_ITEMS:
+        fallback = (f"tree_ah needs at least {TREE_AH_MIN_ITEMS} items per shard (AH trains {TREE_AH_MIN_ITEMS} "
+                    f"centres per block), got {n} item(s) in {options.num_shards} shard(s): built brute_force (exact)")
+        log.warning("index mode %s", fallback)
+        mode = "brute_force"
     params: dict[str, Any] = {"mode": mode, "num_neighbors": options.num_neighbors, "num_shards": options.num_shards,
                               "requested": {k: v for k, v in asdict(options).items() if v is not None}}
+    if fallback:
+        params["fallback"] = fallback
     per_sqrt = TREE_EXACT_LEAVES_PER_SQRT_N if mode == "tree_exact" else 1.0
     leaves = min(options.num_leaves or max(2, int(round(per_sqrt * math.sqrt(per_shard)))), per_shard)
     if mode != "brute_force":
@@ -166,6 +175,9 @@ def build_shard(embeddings: np.ndarray, items: pa.Table, *, index_dir: Path, sha
     """
     ids = item_ids(items)
     emb = validate_embeddings(embeddings, ids)
+    if params["mode"] == "tree_ah" and len(emb) < TREE_AH_MIN_ITEMS:
+        raise ValueError(f"index shard {shard} has {len(emb)} item(s): mode tree_ah needs at least {TREE_AH_MIN_ITEMS} "
+                         "per shard (AH trains 16 centres per block); use fewer shards or another index mode")
     from lookalike.index.scann_module import scann_ops_pybind
 
     scann_ops_pybind()  # the first import is not part of the build time

@@ -30,6 +30,18 @@ def test_every_item_is_its_own_nearest_neighbour(tmp_path, mode):
     assert index.manifest["build"]["mode"] == mode
 
 
+
+def test_tree_ah_on_fewer_items_than_ah_centres_builds_brute_force_and_says_why(tmp_path):
+    """ScaNN trains 16 AH centres per block on a tree_ah shard: under 16 items it cannot build."""
+    emb = unit_vectors(15, 8)
+    manifest = build_index(emb, items(15), model_version="m", out_dir=tmp_path / "i", options=IndexOptions(mode="tree_ah"))
+    assert manifest["build"]["mode"] == "brute_force" and "at least 16 items per shard" in manifest["build"]["fallback"]
+    assert manifest["build"]["requested"]["mode"] == "tree_ah"
+    assert [r[0].id for r in ItemIndex.load(tmp_path / "i").search(emb, 1)] == [f"item-{i}" for i in range(15)]
+    assert resolve_options(32, IndexOptions(mode="tree_ah", num_shards=2))["mode"] == "tree_ah"
+    assert "fallback" not in resolve_options(32, IndexOptions(mode="tree_ah", num_shards=2))
+
+
 @pytest.mark.parametrize("mode", ["tree_exact", "tree_ah"])
 def test_a_short_result_is_padded_not_filled_with_item_zero(tmp_path, mode):
     # one searched leaf of ~12 items cannot give 40 neighbours: ScaNN pads with datapoint 0 and NaN scores
