@@ -2,7 +2,9 @@
 
 For every item (or a seeded sample) used as a query, its own item excluded, the
 neighbours are taken twice: by exact search over the index's embeddings and by the
-index's ANN search with its tuned settings. Reported: ANN recall@k against exact, and
+index's ANN search with its tuned settings (ANN recall@k, Precision@1 and Recall@K from a
+k-deep search as served; MAP@R from a search R deep, for which the index widens its searched tree
+leaves, and a report naming any list still short of R). Reported: ANN recall@k against exact, and
 the retrieval metrics of Musgrave et al. 2020 ("A Metric Learning Reality Check") on
 both result lists, with their difference as the approximation loss:
 
@@ -102,11 +104,19 @@ def evaluate_index(
     exact = drop_self(exact_topk(queries, index.embeddings, depth + 1)[0], rows, depth)
     ann = drop_self(index.search_rows(queries, depth + 1)[0], rows, depth)
     k = min(k, depth)
+    # a k-deep search as served: a deeper one searches more tree leaves (ItemIndex.search_rows)
+    ann_k = ann[:, :k] if depth == k else drop_self(index.search_rows(queries, k + 1)[0], rows, k)
     result: dict[str, Any] = {
         "index": index.version, "mode": index.mode, "count": n, "num_queries": int(len(rows)), "k": k,
         # the share of the exact k nearest neighbours the index finds (not a label metric)
-        f"ann_recall_at_{k}": round(float(recall_per_query(ann[:, :k], exact[:, :k], queries, index.embeddings).mean()), 4),
+        f"ann_recall_at_{k}": round(float(recall_per_query(ann_k, exact[:, :k], queries, index.embeddings).mean()), 4),
+        "depth": depth,  # neighbours compared per query: MAP@R needs R, the other items of the query's label
     }
+    short = int((ann < 0).any(axis=1).sum())
+    if short:  # the ANN side is not comparable at full depth: say so rather than report a loss that is not one
+        result["ann_short_lists"] = (f"{short} of {len(rows)} ANN result lists hold fewer than {depth} neighbours: "
+                                     "metrics past their end count the missing results as misses")
+        log.warning("eval %s: %s", index.version, result["ann_short_lists"])
     if labels is None:
         result["label_metrics"] = f"not computed: {no_labels}"
         log.info("eval %s: ANN recall@%d %.4f (no label metrics: %s)", index.version, k, result[f"ann_recall_at_{k}"], no_labels)
@@ -114,6 +124,8 @@ def evaluate_index(
     ks = tuple(sorted({1, k}))
     exact_scores = retrieval_scores(exact, labels[rows], labels, ks)
     ann_scores = retrieval_scores(ann, labels[rows], labels, ks)
+    served = retrieval_scores(ann_k, labels[rows], labels, ks)  # Precision@1, Recall@K as a k-deep search finds them
+    ann_scores.update({m: v for m, v in served.items() if m != "map_at_r"})
     result.update({
         "label_function": getattr(label_fn, "__name__", repr(label_fn)),
         "exact": exact_scores, "ann": ann_scores,

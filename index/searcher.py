@@ -111,6 +111,19 @@ def parallel_batch_size(num_queries: int, num_threads: int, max_batch: int = 102
     return int(max(1, min(num_queries, max(32, -(-num_queries // batches)))))
 
 
+LEAF_SLACK = 4  # widened leaves hold ~4x the candidates asked for: leaves differ in size, and depth needs spares
+
+
+def deep_leaves(leaves: int, candidates: int, size: int, num_leaves: int) -> int:
+    """The tuned ``leaves`` of a shard of ``size`` items in ``num_leaves`` leaves, or, when they
+    cannot hold ``LEAF_SLACK`` x ``candidates`` items of the mean leaf size, enough leaves that
+    can (at most ``num_leaves``). A 20k-item shard of 283 leaves tuned to 7 for k=10 keeps 7 up
+    to k=123; k=1000 searches 57 leaves (7 held ~500 items: ScaNN returned ~500 results)."""
+    num_leaves = min(num_leaves, size)
+    need = -(-LEAF_SLACK * candidates * num_leaves // size)
+    return leaves if need <= leaves else min(need, num_leaves)
+
+
 class ItemIndex(UpdatableIndex):
     """A loaded index version: ScaNN shards, item metadata and embeddings, searchable while it is updated.
 
@@ -269,14 +282,19 @@ class ItemIndex(UpdatableIndex):
 
         ``leaves_to_search`` and ``reorder`` default to the autotuned values in the
         manifest; ``parallel`` splits a batch into mini-batches over ``set_search_threads``
-        threads (a multiple of them, so no thread idles while another finishes).
+        threads (a multiple of them, so no thread idles while another finishes). The
+        tuned leaves hold enough items for the tuned k (10), not for a deep k: for a larger k
+        they are widened to hold ``LEAF_SLACK`` x k items (``deep_leaves``), and a query still short
+        of min(k, shard size) results is searched again over every leaf, so a full list
+        comes back. Explicit ``leaves_to_search`` is searched as given (short lists padded).
         """
         tuning = self.manifest.get("tuning") or {}
         leaves = leaves_to_search if leaves_to_search is not None else tuning.get("leaves_to_search")
         reorder = reorder if reorder is not None else tuning.get("reorder")
         k = max(1, int(k))
+        all_leaves = self.manifest.get("build", {}).get("num_leaves") if leaves_to_search is None and leaves else None
         with self._lock.read():  # no update runs while ScaNN searches and its answers are mapped to rows
-            jobs = [(s, queries, k, leaves, reorder, parallel) for s in self.shards if len(s.rows)]
+            jobs = [(s, queries, k, leaves, reorder, parallel, all_leaves) for s in self.shards if len(s.rows)]
             if len(jobs) == 1:
                 parts = [self._shard_search(*jobs[0])]
             else:
@@ -295,10 +313,14 @@ class ItemIndex(UpdatableIndex):
         return rows, scores
 
     def _shard_search(self, shard: Shard, q: np.ndarray, k: int, leaves: int | None, reorder: int | None,
-                      parallel: bool) -> tuple[np.ndarray, np.ndarray]:
+                      parallel: bool, all_leaves: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """One shard's top min(k, size) of [Q, D] queries; ``all_leaves`` (its tree's leaf count, when the
+        leaves are the tuned default) allows widening the leaves for a deep k and searching short results again."""
         count = min(k, len(shard.rows))
         pre = -1 if reorder is None or self.mode not in REORDER_MODES else max(int(reorder), count)
         leaves = -1 if leaves is None or self.mode not in TREE_MODES else int(leaves)
+        if all_leaves and leaves > 0 and count > (self.manifest.get("tuning") or {}).get("k", 10) + 1:
+            leaves = deep_leaves(leaves, count, len(shard.rows), all_leaves)  # tuned for k (+ 1: self) results
         parallel = parallel and self._search_threads > 1 and len(q) > 1
         idx, dist = shard.searcher.search_batched(q, count, pre, leaves, parallel,
                                                   parallel_batch_size(len(q), self._search_threads))
@@ -309,7 +331,11 @@ class ItemIndex(UpdatableIndex):
             return shard.rows[idx], dist
         valid = (idx >= 0) & (idx < len(shard.rows)) & ~nan
         rows = np.where(valid, shard.rows[np.clip(idx, 0, len(shard.rows) - 1)], -1)
-        return rows, np.where(valid, dist, -np.inf).astype(np.float32)
+        scores = np.where(valid, dist, -np.inf).astype(np.float32)
+        short = np.flatnonzero(valid.sum(axis=1) < count) if all_leaves and 0 < leaves < all_leaves else []
+        if len(short):  # the searched leaves held too few items for these queries: search every leaf
+            rows[short], scores[short] = self._shard_search(shard, q[short], k, all_leaves, reorder, parallel)
+        return rows, scores
 
     def _raw_search(self, q: np.ndarray, count: int) -> list[list[Neighbor]]:
         rows, scores = self.search_rows(q, min(int(count), len(self)))

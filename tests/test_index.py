@@ -49,7 +49,7 @@ def test_a_short_result_is_padded_not_filled_with_item_zero(tmp_path, mode):
     build_index(emb, items(300), model_version="m", out_dir=tmp_path / "i",
                 options=IndexOptions(mode=mode, num_leaves=25, leaves_to_search=1, reorder=40, autotune=False))
     index = ItemIndex.load(tmp_path / "i")
-    rows, scores = index.search_rows(emb[1:30], 40)
+    rows, scores = index.search_rows(emb[1:30], 40, leaves_to_search=1)  # as given: not widened
     assert (rows == -1).any()  # some results are short
     for rr, ss in zip(rows, scores):
         found = rr[rr >= 0]
@@ -57,6 +57,33 @@ def test_a_short_result_is_padded_not_filled_with_item_zero(tmp_path, mode):
         assert (ss[rr < 0] == -np.inf).all()
     for q, found in zip(emb[1:30], index.search(emb[1:30], 40)):  # every neighbour is real: its score is its dot product
         assert [n.score for n in found] == pytest.approx([float(q @ emb[n.row]) for n in found], abs=1e-3)
+    assert (index.search_rows(emb[1:30], 40)[0] >= 0).all()  # the tuned leaves are widened: full lists
+
+
+@pytest.mark.parametrize("mode", ["tree_exact", "tree_ah"])
+def test_a_deep_k_gets_k_results_and_k_10_is_unchanged(tmp_path, mode):
+    """Leaves tuned for k=10 hold a few hundred items: a deep k searches more leaves, not fewer results."""
+    rng = np.random.default_rng(7)
+    centres = rng.normal(size=(30, 16))
+    emb = centres[rng.integers(0, 30, 4000)] + 0.4 * rng.normal(size=(4000, 16))
+    emb = (emb / np.linalg.norm(emb, axis=1, keepdims=True)).astype(np.float32)
+    build_index(emb, items(4000), model_version="m", out_dir=tmp_path / "i", options=IndexOptions(mode=mode))
+    index = ItemIndex.load(tmp_path / "i")
+    tuned = index.manifest["tuning"]
+    q = emb[:40]
+    short, _ = index.search_rows(q, 2000, leaves_to_search=tuned["leaves_to_search"])
+    assert (short < 0).any()  # what the tuned leaves alone hold: fewer than 2000 items
+    for k in (1000, 2000, 3999, 4000, 5000):
+        rows, scores = index.search_rows(q, k)
+        assert (rows[:, :min(k, 4000)] >= 0).all() and np.isfinite(scores[:, :min(k, 4000)]).all(), k
+        assert all(len(set(r.tolist())) == min(k, 4000) for r in rows[:, :min(k, 4000)])
+    rows, _ = index.search_rows(q, 2000)
+    from lookalike.index.exact import exact_topk, recall_per_query
+
+    assert recall_per_query(rows, exact_topk(q, emb, 2000)[0], q, emb).mean() >= 0.95
+    assert [len(f) for f in index.search(q, 2000)] == [2000] * 40
+    for k in (10, 11):  # the tuned path: the same leaves, the same answers
+        assert (index.search_rows(q, k)[0] == index.search_rows(q, k, leaves_to_search=tuned["leaves_to_search"])[0]).all()
 
 
 def process_threads() -> int:

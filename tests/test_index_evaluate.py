@@ -48,7 +48,8 @@ def test_exact_index_loses_nothing_and_a_starved_one_does(tmp_path):
     starved = evaluate_index(ItemIndex.load(tmp_path / "ann"), k=10, max_queries=300)
     assert starved["ann_recall_at_10"] < 0.9
     assert starved["exact"] == exact["exact"]  # the exact side does not depend on the ANN settings
-    assert starved["approximation_loss"]["map_at_r"] > 0.0
+    # its MAP@R lists (R ~400 deep) are full: one leaf of ~50 items no longer truncates them to a fake loss
+    assert starved["depth"] >= 350 and "ann_short_lists" not in starved
 
 
 def test_unlabelled_items_still_get_ann_recall(tmp_path):
@@ -72,3 +73,21 @@ def test_eval_command_on_the_pipeline_index(indexed_store, capsys):
     assert report["approximation_loss"]["map_at_r"] == 0.0
     assert report["exact"]["precision_at_1"] > 0.3  # a trained model on digits beats chance (0.1)
     assert main(["eval", "--workdir", str(indexed_store.root), "--index", "no-such-version"]) == 1
+
+
+def test_map_at_r_of_a_tree_index_compares_full_depth_lists(tmp_path):
+    """R (~1000 items per label) is far deeper than the leaves tuned for k=10 hold: the ANN lists
+    must still reach depth R, or MAP@R reports a loss that is only truncation."""
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 3, 3000)
+    x = rng.normal(size=(3, 16))[labels] + 0.8 * rng.normal(size=(3000, 16))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    ids = pa.table({"id": [f"{c}/{i}.png" for i, c in enumerate(labels)]})
+    build_index(x, ids, model_version="m", out_dir=tmp_path / "i", options=IndexOptions(mode="tree_exact"))
+    index = ItemIndex.load(tmp_path / "i")
+    report = evaluate_index(index, k=10, max_queries=100)
+    assert report["depth"] >= 950 and "ann_short_lists" not in report
+    assert abs(report["approximation_loss"]["map_at_r"]) <= 0.02, report
+    rows = np.arange(100)
+    truncated = index.search_rows(x[rows], report["depth"] + 1, leaves_to_search=1)[0]  # what one leaf holds
+    assert (truncated < 0).any()
