@@ -14,7 +14,8 @@ both result lists, with their difference as the approximation loss:
   ``(1/R) * sum_{i<=R} P(i) * rel(i)`` over the R nearest neighbours, where P(i) is the
   precision of the first i results and rel(i) is 1 when result i has the label.
 
-Labels come from an explicit function of the item id; for a labelled corpus laid out
+Labels come from a metadata column (``label_column``, ``eval --label-column``) or an
+explicit function of the item id; for a labelled corpus laid out
 as ``<label>/<file>`` (the digits and CIFAR-10 corpora) that is ``label_from_id``. When
 some item has no label (a file at the corpus's top level), only the ANN recall is
 reported, with the reason.
@@ -42,8 +43,24 @@ def label_from_id(item_id: str) -> str:
     """The first path component of an item id: ``'3/digit_0042.png' -> '3'``."""
     head, sep, _ = item_id.partition("/")
     if not sep or not head:
-        raise ValueError(f"item id {item_id!r} has no '<label>/' prefix; pass a label function for this corpus")
+        raise ValueError(f"item id {item_id!r} has no '<label>/' prefix: lay the corpus out as <label>/<file>, "
+                         "or name a metadata column that holds each item's label (lookalike eval --index "
+                         "--label-column COLUMN, e.g. a column joined by embed --metadata)")
     return head
+
+
+def column_labels(index: "ItemIndex", column: str) -> Callable[[str], str]:
+    """A label function reading the items' metadata ``column`` (ValueError naming an item without a value)."""
+    values = dict(zip(index.items.ids(), index.items.column_values(column, np.arange(len(index.items)))))
+
+    def label(item_id: str) -> str:
+        value = values.get(item_id)
+        if value is None or value == "":
+            raise ValueError(f"item {item_id!r} has no value in the label column {column!r}")
+        return str(value)
+
+    label.__name__ = f"column {column}"
+    return label
 
 
 def retrieval_scores(neighbors: np.ndarray, query_labels: np.ndarray, labels: np.ndarray, ks: tuple[int, ...]) -> dict[str, float]:
@@ -75,10 +92,14 @@ def evaluate_index(
     *,
     k: int = 10,
     label_fn: Callable[[str], str] = label_from_id,
+    label_column: str | None = None,
     max_queries: int | None = None,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """ANN recall@k vs exact, and Precision@1 / Recall@{1,k} / MAP@R on exact and ANN neighbours."""
+    """ANN recall@k vs exact, and Precision@1 / Recall@{1,k} / MAP@R on exact and ANN neighbours.
+
+    Labels come from ``label_column`` (a metadata column of the items) when given, else
+    from ``label_fn`` of each item id."""
     n = len(index)
     if n < 2:
         raise ValueError(f"index {index.version} has {n} item(s); evaluation needs at least 2")
@@ -87,8 +108,10 @@ def evaluate_index(
     if index.num_deleted:
         raise ValueError(f"index {index.version} has {index.num_deleted} deleted row(s) in memory; save or publish it "
                          "and load the result to evaluate it")
+    if label_column is not None:
+        label_fn = column_labels(index, label_column)
     try:
-        labels: np.ndarray | None = np.array([label_fn(item["id"]) for item in index.items])
+        labels: np.ndarray | None = np.array([label_fn(item_id) for item_id in index.items.ids()])
         no_labels = None
     except ValueError as e:  # e.g. a file at the corpus top level: ANN recall needs no labels
         labels, no_labels = None, str(e)

@@ -125,7 +125,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     store = Store.at(args.workdir)
     path = store.require_current_index() if args.index in (None, "CURRENT") else store.index_dir(args.index)
-    _print_json(evaluate_index(ItemIndex.load(path), k=args.k, max_queries=args.max_queries))
+    _print_json(evaluate_index(ItemIndex.load(path), k=args.k, max_queries=args.max_queries, label_column=args.label_column))
     return 0
 
 
@@ -282,14 +282,18 @@ def build_parser() -> argparse.ArgumentParser:
                        description="--index (default): for every item of an index version (its own item excluded) "
                        "compares the ANN neighbours with exact search: ANN recall@k, and Precision@1, Recall@K and "
                        "MAP@R (Musgrave et al. 2020) on both, labels being the first path component of the item id "
-                       "(<label>/<file>). --model: Precision@1, Recall@K, R-Precision, MAP@R, verification ROC AUC "
-                       "and N-way K-shot accuracy of a model on a labelled folder. Examples: lookalike eval "
+                       "(<label>/<file>) or a metadata column (--label-column). --model: Precision@1, Recall@K, "
+                       "R-Precision, MAP@R, verification ROC AUC and N-way K-shot accuracy of a model on a labelled "
+                       "folder. Examples: lookalike eval "
                        "--workdir DIR --index --k 10; lookalike eval --workdir DIR --model --n-way 5 --k-shot 1")
     _add_workdir(p)
     p.add_argument("--index", nargs="?", const="CURRENT", default=None, metavar="VERSION",
                    help="index version to evaluate (default: CURRENT)")
     p.add_argument("--k", "-k", type=POSITIVE, default=10, help="k of recall@k (default 10)")
     p.add_argument("--max-queries", type=POSITIVE, default=None, help="evaluate a seeded sample of this many items")
+    p.add_argument("--label-column", default=None, metavar="COLUMN",
+                   help="--index: take each item's label from this metadata column (e.g. one joined by embed "
+                   "--metadata) instead of the first path component of its id")
     p.add_argument("--model", nargs="?", const="LATEST", default=None, metavar="VERSION",
                    help="evaluate a model (default LATEST; a version or a model folder) instead of an index")
     p.add_argument("--data", default=None, help="--model: labelled folder <label>/<file> (default WORKDIR/corpus)")

@@ -72,6 +72,8 @@ def test_eval_command_on_the_pipeline_index(indexed_store, capsys):
     assert report["ann_recall_at_5"] == 1.0  # the tiny corpus gets an exact index
     assert report["approximation_loss"]["map_at_r"] == 0.0
     assert report["exact"]["precision_at_1"] > 0.3  # a trained model on digits beats chance (0.1)
+    assert main(["eval", "--workdir", str(indexed_store.root), "--index", "--k", "5", "--label-column", "kind"]) == 0
+    assert json.loads(capsys.readouterr().out)["label_function"] == "column kind"  # every item an image: one label
     assert main(["eval", "--workdir", str(indexed_store.root), "--index", "no-such-version"]) == 1
 
 
@@ -91,3 +93,22 @@ def test_map_at_r_of_a_tree_index_compares_full_depth_lists(tmp_path):
     rows = np.arange(100)
     truncated = index.search_rows(x[rows], report["depth"] + 1, leaves_to_search=1)[0]  # what one leaf holds
     assert (truncated < 0).any()
+
+
+def test_labels_from_a_metadata_column(tmp_path):
+    """A corpus not laid out as <label>/<file> gets label metrics from a column (eval --label-column)."""
+    rng = np.random.default_rng(3)
+    labels = rng.integers(0, 3, 300)
+    x = rng.normal(size=(3, 8))[labels] + 0.5 * rng.normal(size=(300, 8))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    species = [f"s{c}" for c in labels]
+    build_index(x, pa.table({"id": [f"img{i}.png" for i in range(300)], "species": species}), model_version="m",
+                out_dir=tmp_path / "i")
+    index = ItemIndex.load(tmp_path / "i")
+    no_labels = evaluate_index(index, k=5)
+    assert "--label-column COLUMN" in no_labels["label_metrics"]  # what a command-line user can do
+    report = evaluate_index(index, k=5, label_column="species")
+    assert report["label_function"] == "column species" and report["exact"]["precision_at_1"] > 0.5
+    assert report["approximation_loss"]["map_at_r"] == 0.0
+    missing = evaluate_index(index, k=5, label_column="colour")
+    assert "item 'img0.png' has no value in the label column 'colour'" in missing["label_metrics"]
