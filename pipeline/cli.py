@@ -26,6 +26,7 @@ from lookalike.pipeline.cli_options import (  # noqa: F401 (DEFAULT_WORKDIR, _fl
     _int_at_least, _print_json, _train_config, add_metadata_option,
 )
 from lookalike.pipeline.cli_store import add_store_commands
+from lookalike.pipeline.logs import configure_logging
 
 log = logging.getLogger("lookalike")
 
@@ -305,26 +306,6 @@ def build_parser() -> argparse.ArgumentParser:
     for command in sub.choices.values():
         command.formatter_class = _DefaultsHelpFormatter
     return parser
-
-
-class _LibraryNoise(logging.Filter):
-    """Drops warnings Beam logs through the root logger on every run that say nothing about
-    the user's job (optional Google Cloud clients absent; no ``resource`` module stats)."""
-
-    PREFIXES = ("apitools not found", "Resource module is not available")
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.name == "root" and str(record.msg).startswith(self.PREFIXES))
-
-
-def configure_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
-    if not verbose:
-        for noisy in ("apache_beam", "absl", "jax", "orbax", "matplotlib", "httpx", "tensorflow"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
-        for handler in logging.getLogger().handlers:
-            handler.addFilter(_LibraryNoise())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

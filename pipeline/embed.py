@@ -34,7 +34,7 @@ from lookalike.model.store import Store, StoreError, check_version_name
 from lookalike.pipeline.batches import write_listing
 from lookalike.pipeline.cache import load_cache_table
 from lookalike.pipeline.graph import (LISTING_IN_GRAPH_MAX, LOCAL_RUNNER, EmbedConfig, EmbedRun, build_pipeline,
-                                      pipeline_options)
+                                      local_runner, pipeline_options)
 from lookalike.pipeline.index_shards import build_index_shard, collect_shard_entries
 from lookalike.pipeline.inference import discard_preloaded, preload_encoder
 from lookalike.pipeline.items import split_by_shard
@@ -94,7 +94,7 @@ def _execute(run: EmbedRun, started: float, index_build: tuple[str, dict[str, An
             todo = run.plan.changed if run.plan is not None else run.listing
             run.listing_file = str(run.run_dir / LISTING_FILE_NAME)
             run.chunks = write_listing(run.listing_file, todo)
-        p = beam.Pipeline(options=pipeline_options(config))
+        p = beam.Pipeline(runner=local_runner(config), options=pipeline_options(config))
         result = None
         try:
             build_pipeline(p, run, index_build)

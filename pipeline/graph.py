@@ -30,7 +30,8 @@ one Arrow table (``lookalike.pipeline.items``). Index shards are built on the wo
 Locally the runner is Beam's in-process ``FnApiRunner``, named explicitly: the
 DirectRunner would first try to download a Prism binary. ``num_workers > 1``
 switches it to its multi-process mode, each worker's XLA thread pool sized to its share of
-the CPUs (``lookalike.model.cpu_threads``). ``--runner dask`` runs the same graph on a
+the CPUs (``lookalike.model.cpu_threads``) and its logging set up like this process's
+(``lookalike.pipeline.workers``). ``--runner dask`` runs the same graph on a
 dask.distributed cluster (``lookalike.pipeline.dask_runner``). Sinks write whole files
 after a GroupByKey, so the graph is correct on runners without bundle finalisation.
 """
@@ -49,6 +50,7 @@ from apache_beam.io import fileio
 from apache_beam.io.filesystem import FileMetadata
 from apache_beam.ml.inference.base import RunInference
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.runners.runner import PipelineRunner
 
 from lookalike.index.builder import IndexOptions
 from lookalike.model.cpu_threads import threads_per_worker
@@ -154,6 +156,16 @@ def resolve_runner(name: str) -> str:
     from lookalike.pipeline.dask_runner import RUNNER_PATH
 
     return RUNNER_PATH
+
+
+def local_runner(config: EmbedConfig) -> PipelineRunner | None:
+    """The runner object for the local runner (``workers.LocalRunner``: its worker processes log
+    like this one), else None: Beam makes the runner the options name."""
+    if config.runner != LOCAL_RUNNER:
+        return None
+    from lookalike.pipeline.workers import LocalRunner
+
+    return LocalRunner()
 
 
 def pipeline_options(config: EmbedConfig) -> PipelineOptions:
@@ -270,4 +282,4 @@ def build_pipeline(p: beam.Pipeline, run: EmbedRun, index_build: tuple[str, dict
 
 
 __all__ = ["DASK_RUNNER_ALIASES", "EmbedConfig", "EmbedRun", "LISTING_IN_GRAPH_MAX", "LOCAL_RUNNER", "build_pipeline",
-           "num_shards_for", "pipeline_options", "resolve_runner"]
+           "local_runner", "num_shards_for", "pipeline_options", "resolve_runner"]

@@ -96,8 +96,7 @@ def test_multi_process_runner_gives_the_same_embeddings(tmp_path, indexed_store,
     with caplog.at_level(logging.INFO):
         summary = run_embed(EmbedConfig(workdir=str(workdir), corpus=str(indexed_store.corpus_dir), num_workers=2, publish=False))
     # Each worker process gave XLA its share of the CPUs before its first computation. A
-    # worker logs to the stderr it inherited, and Beam forwards its records to this process
-    # (where another test may have raised the level of Beam's loggers): either will do.
+    # worker logs to the stderr it inherited (lookalike.pipeline.worker_main).
     logged = capfd.readouterr().err.splitlines() + [r.getMessage() for r in caplog.records]
     sized = [line for line in logged if "XLA CPU threads of this process (pid " in line]
     assert sized and all(f"): {threads_per_worker(2)} of {available_cpus()} CPUs" in line for line in sized), sized
@@ -105,6 +104,33 @@ def test_multi_process_runner_gives_the_same_embeddings(tmp_path, indexed_store,
     emb1, items1 = read_embeddings(next(indexed_store.embeddings_dir.glob("e-*")))
     assert items2.column("id").to_pylist() == items1.column("id").to_pylist()
     np.testing.assert_allclose(emb2, emb1, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def two_worker_log(tmp_path_factory, trained_store, digits_corpus) -> list[str]:
+    """The stderr lines of ``lookalike embed --num-workers 2`` on the digits corpus."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    workdir = tmp_path_factory.mktemp("two-workers") / "w"
+    shutil.copytree(trained_store.root / "models", workdir / "models")
+    exe = str(Path(sys.executable).with_name("lookalike"))
+    run = subprocess.run([exe, "embed", "--workdir", str(workdir), "--corpus", str(digits_corpus), "--num-workers", "2",
+                          "--no-publish"], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return [line for line in run.stderr.splitlines() if line.strip()]
+
+
+def test_worker_processes_log_like_the_cli_without_harness_noise(two_worker_log):
+    import re
+
+    lines = two_worker_log
+    assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: ", line)
+               for line in lines), lines
+    assert len([line for line in lines if "XLA CPU threads of this process (pid " in line]) == 2, lines  # the workers'
+    for noise in ("sdk harness", "semi_persistent_directory", "apitools", "Resource module", "Worker: severity"):
+        assert not [line for line in lines if noise in line], (noise, lines)
 
 
 def test_embed_job_on_two_simulated_devices_splits_batches_and_gives_the_same_embeddings(tmp_path, indexed_store):

@@ -1,0 +1,30 @@
+"""Entry point of one worker process of the local multi-process runner (``workers.LocalRunner``):
+``python -m lookalike.pipeline.worker_main``. Logging is configured before Beam is imported,
+so the warnings Beam logs while it imports get the same format and noise filter as in the
+``lookalike`` process; then Beam's worker harness runs unchanged."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from lookalike.pipeline.logs import configure_logging
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run one Beam worker harness with lookalike's logging."""
+    parser = argparse.ArgumentParser(prog="python -m lookalike.pipeline.worker_main")
+    parser.add_argument("--verbose", action="store_true", help="DEBUG lines, and every library's INFO lines")
+    verbose = parser.parse_known_args(argv)[0].verbose
+    configure_logging(verbose)  # before Beam's harness is imported: its import-time warnings get our filter
+    logging.getLogger("lookalike").setLevel(logging.DEBUG if verbose else logging.INFO)  # the harness resets the root level
+    os.environ.pop("LOGGING_API_SERVICE_DESCRIPTOR", None)  # log here only, not a second time through the runner
+    from apache_beam.runners.worker import sdk_worker_main
+
+    sdk_worker_main.main(sys.argv)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
