@@ -36,6 +36,7 @@ from lookalike.pipeline.sources import CACHED, DEAD, FILE, NEW, ReadSourceFn, de
 from lookalike.pipeline.state_sampling import shorten_state_sampling
 from lookalike.pipeline.thumbnails import ThumbnailWriter
 from lookalike.pipeline.video import FrameSampling, VideoDecodeError
+from lookalike.pipeline.workers import worker_label
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,7 @@ class BatchRowsFn(beam.DoFn):
     batch's rows are first written to the embedding cache (one file per batch, atomically), so
     a run killed midway keeps every finished batch for the next ``--incremental`` run. Logs the
     embed stage's progress in files, like the read stage (a video's frames count as its one
-    file), with rate and ETA."""
+    file), with rate and ETA, or this worker's share without a total (``total_files`` 0)."""
 
     def __init__(self, total_files: int, cache_dir: str, embed_dim: int, num_shards: int, **expand: Any):
         self._total = total_files
@@ -199,7 +200,8 @@ class BatchRowsFn(beam.DoFn):
         self._expand = expand
 
     def setup(self) -> None:
-        self._progress = Progress("embed", total=self._total or None, unit="files", logger=log)
+        self._progress = Progress("embed" if self._total else f"embed ({worker_label()})", total=self._total or None,
+                                  unit="files", logger=log)  # no total: this worker's share of a multi-worker run
         self._count = 0
         self._batches = 0
 

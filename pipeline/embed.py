@@ -30,6 +30,7 @@ from lookalike.index.builder import resolve_options
 from lookalike.model.artifact import read_model_meta
 from lookalike.model.filelock import try_lock_folder
 from lookalike.model.memory import keep_freed_memory
+from lookalike.model.progress import format_seconds
 from lookalike.model.store import Store, StoreError, check_version_name
 from lookalike.pipeline.batches import write_listing
 from lookalike.pipeline.cache import load_cache_table
@@ -108,6 +109,11 @@ def _execute(run: EmbedRun, started: float, index_build: tuple[str, dict[str, An
             if run.listing_file is not None:
                 Path(run.listing_file).unlink(missing_ok=True)
         counted = counter_values(result)
+        if not run.progress_total and run.files_to_read:  # the workers logged their shares: the whole, once
+            workers = f"{config.num_workers} worker processes" if config.runner == LOCAL_RUNNER else "the workers"
+            log.info("read and embed: all %d file(s) done by %s in %s (%d item(s) in %d batch(es), %d file(s) failed)",
+                     run.files_to_read, workers, format_seconds(time.perf_counter() - started),
+                     counted.get("items_decoded", 0), counted.get("batches", 0), counted.get("files_failed", 0))
         if counted and run.plan is not None:  # files the plan kept out of the pipeline
             counted["files_unchanged"] = counted.get("files_unchanged", 0) + len(run.plan.unchanged)
     summary = summarize(run.run_dir.name, run.run_dir, run.meta["version"], run.total, config.runner, counted,

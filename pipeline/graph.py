@@ -31,7 +31,8 @@ Locally the runner is Beam's in-process ``FnApiRunner``, named explicitly: the
 DirectRunner would first try to download a Prism binary. ``num_workers > 1``
 switches it to its multi-process mode, each worker's XLA thread pool sized to its share of
 the CPUs (``lookalike.model.cpu_threads``) and its logging set up like this process's
-(``lookalike.pipeline.workers``). ``--runner dask`` runs the same graph on a
+(``lookalike.pipeline.workers``); each worker logs the progress of its own share, and
+``lookalike.pipeline.embed`` the overall count once the run ends. ``--runner dask`` runs the same graph on a
 dask.distributed cluster (``lookalike.pipeline.dask_runner``). Sinks write whole files
 after a GroupByKey, so the graph is correct on runners without bundle finalisation.
 """
@@ -123,6 +124,14 @@ class EmbedRun:
         return len(self.plan.changed) if self.plan is not None else self.total
 
     @property
+    def progress_total(self) -> int:
+        """The total the read and embed progress lines count towards: ``files_to_read`` when one
+        process does all the work, else 0: each worker process then logs its own share, without
+        a percentage or ETA it cannot know (the main process logs the overall count at the end)."""
+        one_process = self.config.runner == LOCAL_RUNNER and self.config.num_workers == 1
+        return self.files_to_read if one_process else 0
+
+    @property
     def cache(self) -> str:
         return str(cache_dir(self.store.embeddings_dir, self.meta["version"]))
 
@@ -189,7 +198,7 @@ def read_sources(p: beam.Pipeline, run: EmbedRun) -> dict[str, beam.PCollection]
             lambda path: FileMetadata(path, 0))
     else:
         files = p | "MatchCorpus" >> fileio.MatchFiles(run.pattern, empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW)
-    read = files | "ReadAndHash" >> beam.ParDo(ReadSourceFn(run.cache if config.incremental else None, run.files_to_read, config.sampling))
+    read = files | "ReadAndHash" >> beam.ParDo(ReadSourceFn(run.cache if config.incremental else None, run.progress_total, config.sampling))
     return split_tagged(read, (NEW, CACHED, DEAD, FILE), "Read")
 
 
@@ -208,7 +217,7 @@ def read_and_decode(p: beam.Pipeline, run: EmbedRun, spec: PreprocessSpec) -> di
         reshuffle = len(chunks) > 1 and not (config.runner == LOCAL_RUNNER and config.num_workers == 1)
         tagged = (p | "ListedChunks" >> beam.Create(chunks, reshuffle=reshuffle)
                   | "ReadAndDecode" >> beam.ParDo(ReadChunkFn(
-                      run.listing_file, run.cache if config.incremental else None, run.files_to_read, spec, thumbnails,
+                      run.listing_file, run.cache if config.incremental else None, run.progress_total, spec, thumbnails,
                       config.sampling, config.max_batch_size, failures_dir=run.cache)).with_output_types(Routed))
         return split_tagged(tagged, (BATCH, DEAD, CACHED, FILE), "Chunk", {BATCH: ItemBatch})
     read = read_sources(p, run)
@@ -248,7 +257,7 @@ def build_pipeline(p: beam.Pipeline, run: EmbedRun, index_build: tuple[str, dict
     handler = FlaxEncoderHandler(run.model_dir, min_batch_size=1, max_batch_size=1, encoder_batch=config.max_batch_size,
                                  xla_cpu_threads=threads_per_worker(local_workers) if local_workers else None)
     items = read[BATCH] | "Embed" >> RunInference(handler).with_output_types(EmbeddedBatch) | "BatchRows" >> beam.ParDo(
-        BatchRowsFn(run.files_to_read, run.cache, embed_dim, run.num_shards, **run.expand)).with_output_types(ShardTable)
+        BatchRowsFn(run.progress_total, run.cache, embed_dim, run.num_shards, **run.expand)).with_output_types(ShardTable)
     if config.incremental:  # only an incremental run has cached files (a Flatten costs a stage of its own)
         cached_files = read[CACHED]
         if run.plan is not None and run.plan.unchanged:

@@ -44,6 +44,7 @@ from lookalike.model.progress import Progress
 from lookalike.pipeline.cache import cached_hashes, load_failed, load_file_index
 from lookalike.pipeline.thumbnails import ThumbnailSink, thumbnail_path, write_thumbnail
 from lookalike.pipeline.video import FrameSampling, is_video_path, reusable_source_hashes, sample_frames, video_source_hash
+from lookalike.pipeline.workers import worker_label
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +151,7 @@ class ReadSourceFn(beam.DoFn):
     plus ("file", {uri, size, mtime_s, source_hash}) for the file index."""
 
     def __init__(self, cache_dir: str | None, total_files: int, sampling: FrameSampling = FrameSampling()):
+        """``total_files``: the run's files to read, or 0 when several workers share them (see ``graph.EmbedRun.progress_total``)."""
         self._cache_dir = cache_dir
         self._total = total_files
         self._sampling = sampling  # part of a video's source hash
@@ -169,7 +171,8 @@ class ReadSourceFn(beam.DoFn):
         self._cache = reusable_source_hashes(cached_hashes(self._cache_dir), self._sampling) if usable else set()
         self._files = load_file_index(self._cache_dir) if usable else {}
         self._undecodable = load_failed(self._cache_dir) if usable else {}
-        self._progress = Progress("read", total=self._total or None, unit="files", logger=log)
+        self._progress = Progress("read" if self._total else f"read ({worker_label()})", total=self._total or None,
+                                  unit="files", logger=log)  # no total: this worker's share of a multi-worker run
         self._count = 0
 
     def advance(self, files: int) -> None:

@@ -14,6 +14,7 @@ runs Beam's harness unchanged.
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import sys
 from typing import Any
@@ -22,6 +23,11 @@ from apache_beam.portability import python_urns
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
 log = logging.getLogger(__name__)
+
+
+def worker_label() -> str:
+    """This process's name in per-worker progress lines: Beam's worker id in a worker process, else the pid."""
+    return os.environ.get("WORKER_ID") or f"pid {os.getpid()}"
 
 
 def worker_command(verbose: bool) -> str:
@@ -42,4 +48,4 @@ class LocalRunner(FnApiRunner):
         return pipeline_proto
 
 
-__all__ = ["LocalRunner", "worker_command"]
+__all__ = ["LocalRunner", "worker_command", "worker_label"]

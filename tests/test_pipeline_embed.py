@@ -133,6 +133,15 @@ def test_worker_processes_log_like_the_cli_without_harness_noise(two_worker_log)
         assert not [line for line in lines if noise in line], (noise, lines)
 
 
+def test_each_worker_counts_its_own_share_and_the_main_process_the_whole(two_worker_log, digits_corpus):
+    import re
+
+    lines = two_worker_log
+    assert not [line for line in lines if re.search(r"(read|embed)( \(worker_\d+\))?: \d+/", line)], lines  # no global total
+    total = len(list_images(digits_corpus))
+    assert [line for line in lines if f"read and embed: all {total} file(s) done by 2 worker processes in " in line], lines
+
+
 def test_embed_job_on_two_simulated_devices_splits_batches_and_gives_the_same_embeddings(tmp_path, indexed_store):
     """The whole ``lookalike embed`` job where JAX sees two devices (as on a 2-GPU machine)."""
     import os
