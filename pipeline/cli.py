@@ -326,7 +326,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except LockHeldError as e:  # versions promote/rollback during a reindex: try again later
         print(f"lookalike {args.command}: error: {e}", file=sys.stderr)
         return EXIT_LOCKED
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback (the local runner stopped its workers)
+        if args.command == "embed":
+            print(f"lookalike {args.command}: interrupted: nothing published; every finished batch is in the "
+                  "embedding cache: rerun with --incremental to resume where it stopped", file=sys.stderr)
         return 130
     except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as other Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit

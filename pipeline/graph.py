@@ -30,10 +30,11 @@ one Arrow table (``lookalike.pipeline.items``). Index shards are built on the wo
 Locally the runner is Beam's in-process ``FnApiRunner``, named explicitly: the
 DirectRunner would first try to download a Prism binary. ``num_workers > 1``
 switches it to its multi-process mode, each worker's XLA thread pool sized to its share of
-the CPUs (``lookalike.model.cpu_threads``) and its logging set up like this process's
-(``lookalike.pipeline.workers``); each worker logs the progress of its own share, and
-``lookalike.pipeline.embed`` the overall count once the run ends. ``--runner dask`` runs the same graph on a
-dask.distributed cluster (``lookalike.pipeline.dask_runner``). Sinks write whole files
+the CPUs (``lookalike.model.cpu_threads``), its logging set up like this process's and
+Ctrl-C stopping it (``lookalike.pipeline.workers``); each worker logs the progress of its
+own share, and ``lookalike.pipeline.embed`` the overall count once the run ends.
+``--runner dask`` runs the same graph on a dask.distributed cluster
+(``lookalike.pipeline.dask_runner``). Sinks write whole files
 after a GroupByKey, so the graph is correct on runners without bundle finalisation.
 """
 
@@ -169,7 +170,7 @@ def resolve_runner(name: str) -> str:
 
 def local_runner(config: EmbedConfig) -> PipelineRunner | None:
     """The runner object for the local runner (``workers.LocalRunner``: its worker processes log
-    like this one), else None: Beam makes the runner the options name."""
+    like this one and stop on Ctrl-C), else None: Beam makes the runner the options name."""
     if config.runner != LOCAL_RUNNER:
         return None
     from lookalike.pipeline.workers import LocalRunner

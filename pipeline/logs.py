@@ -41,4 +41,4 @@ def configure_logging(verbose: bool) -> None:
             handler.addFilter(LibraryNoise())
 
 
-__all__ = ["DATE_FORMAT", "LOG_FORMAT", "LibraryNoise", "NOISY_LOGGERS", "configure_logging"]
+__all__ = ["DATE_FORMAT", "LOG_FORMAT", "NOISY_LOGGERS", "LibraryNoise", "configure_logging"]

@@ -8,19 +8,26 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from lookalike.pipeline.logs import configure_logging
 
+WORKER_PIDS_ENV = "LOOKALIKE_WORKER_PIDS"  # the folder where each worker process registers its pid (workers.stop_workers)
+
 
 def main(argv: list[str] | None = None) -> None:
-    """Run one Beam worker harness with lookalike's logging."""
+    """Run one Beam worker harness with lookalike's logging; SIGINT is left to the ``lookalike`` process."""
     parser = argparse.ArgumentParser(prog="python -m lookalike.pipeline.worker_main")
     parser.add_argument("--verbose", action="store_true", help="DEBUG lines, and every library's INFO lines")
     verbose = parser.parse_known_args(argv)[0].verbose
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     configure_logging(verbose)  # before Beam's harness is imported: its import-time warnings get our filter
     logging.getLogger("lookalike").setLevel(logging.DEBUG if verbose else logging.INFO)  # the harness resets the root level
     os.environ.pop("LOGGING_API_SERVICE_DESCRIPTOR", None)  # log here only, not a second time through the runner
+    pids_dir = os.environ.get(WORKER_PIDS_ENV)
+    if pids_dir and os.path.isdir(pids_dir):
+        open(os.path.join(pids_dir, str(os.getpid())), "w").close()
     from apache_beam.runners.worker import sdk_worker_main
 
     sdk_worker_main.main(sys.argv)

@@ -429,6 +429,41 @@ def test_a_run_folder_being_written_is_not_taken_over(workdir_with_model, digits
     assert (live / ".listing.arrow").exists()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ctrl_c_stops_the_run_in_one_line_leaves_no_worker_and_keeps_finished_batches(workdir_with_model, digits_corpus,
+                                                                                      workers):
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    corpus = workdir_with_model / "corpus"
+    shutil.copytree(digits_corpus, corpus)
+    exe = str(Path(sys.executable).with_name("lookalike"))
+    job = subprocess.Popen([exe, "embed", "--workdir", str(workdir_with_model), "--batch-size", "32", "--num-workers",
+                            str(workers)], env={**os.environ, "LOOKALIKE_FAILPOINT": "embed_batch_2:wait"},
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    seen = []
+    while not any("failpoint embed_batch_2: waiting" in line for line in seen):  # two batches are in the cache
+        line = job.stderr.readline()
+        assert line, "".join(seen)[-3000:]  # the run ended before the failpoint
+        seen.append(line)
+    os.killpg(job.pid, signal.SIGINT)  # as a terminal's Ctrl-C: every process of the job
+    _, err = job.communicate(timeout=120)
+    err = "".join(seen) + err
+    assert job.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == ("lookalike embed: interrupted: nothing published; every finished batch is in "
+                                            "the embedding cache: rerun with --incremental to resume where it stopped")
+    with pytest.raises(ProcessLookupError):  # no worker process of the job is left
+        os.killpg(job.pid, 0)
+    assert not (workdir_with_model / "CURRENT").exists()
+    rerun = run_embed(EmbedConfig(workdir=str(workdir_with_model), incremental=True, max_batch_size=32))
+    total = len(list_images(corpus))
+    assert rerun.unchanged >= 2 * 32 and rerun.items == total and rerun.embedded == total - rerun.unchanged
+
+
 def test_index_is_built_shard_by_shard_in_the_pipeline(workdir_with_model, digits_corpus):
     shutil.copytree(digits_corpus, workdir_with_model / "corpus")
     summary = run_embed(EmbedConfig(workdir=str(workdir_with_model), num_shards=3))
