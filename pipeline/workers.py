@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from apache_beam.options.pipeline_options import DirectOptions
 from apache_beam.portability import python_urns
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
@@ -49,9 +50,9 @@ def worker_command(pids_dir: str, verbose: bool) -> str:
 
 
 def stop_workers(pids_dir: str) -> int:
-    """SIGTERM every worker process registered in ``pids_dir``; how many were signalled."""
+    """SIGTERM every worker process registered in ``pids_dir`` (none if ""); how many were signalled."""
     stopped = 0
-    for name in os.listdir(pids_dir) if os.path.isdir(pids_dir) else []:
+    for name in os.listdir(pids_dir) if pids_dir and os.path.isdir(pids_dir) else []:
         try:
             os.kill(int(name), signal.SIGTERM)
             stopped += 1
@@ -76,12 +77,14 @@ class LocalRunner(FnApiRunner):
         return pipeline_proto
 
     def run_via_runner_api(self, pipeline_proto: Any, options: Any) -> Any:
-        self._pids_dir = tempfile.mkdtemp(prefix="lookalike-workers-")
+        processes = options.view_as(DirectOptions).direct_running_mode == "multi_processing"
+        self._pids_dir = tempfile.mkdtemp(prefix="lookalike-workers-") if processes else ""
         try:
             with _interrupt_stops_workers(self._pids_dir):
                 return super().run_via_runner_api(pipeline_proto, options)
         finally:
-            shutil.rmtree(self._pids_dir, ignore_errors=True)
+            if self._pids_dir:
+                shutil.rmtree(self._pids_dir, ignore_errors=True)
 
 
 class _AfterInterrupt(logging.Filter):
