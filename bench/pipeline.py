@@ -13,8 +13,7 @@
   Every run's ratio is in ``runs``. Target 0.8.
 * ``lean_loop_vs_bare_ratio``: a ceiling for that figure, measured the same way: the
   per-image work no pipeline can skip (open and read each file, sha256 it, decode the
-  JPEG, write its bytes as its thumbnail: the store's own file, as the pipeline writes
-  it, not a hard link to the source) in the leanest Python loop, a background thread feeding
+  JPEG, hard-link it as its thumbnail, as the pipeline does) in the leanest Python loop, a background thread feeding
   batches to the same encoder one batch ahead: no Beam, no item metadata, no outputs.
   One measurement on up to 10k images, so the VM's drift can put a pipeline run above it.
 * ``multiprocess_speedup``: 2 worker processes vs 1 (in-process runner's multi-process mode).
@@ -125,14 +124,14 @@ def timed_embed(store: Store, corpus: Path, **kwargs) -> tuple[float, object, fl
 def lean_loop_rate(store: Store, files: list[Path], workdir: Path, batch: int = BARE_BATCH) -> float:
     """Images/s of the leanest overlapped read + hash + decode + thumbnail + embed loop over
     ``files`` (plain JPEGs of the model's shape): the least work the pipeline must do per image.
-    The thumbnail is the file's bytes written as the store's own file (``write_copy``, as the
-    pipeline writes a small plain JPEG's), on the reading thread."""
+    The thumbnail is a hard link to the file (``link_or_copy``, as the pipeline makes a small
+    plain JPEG's), on the reading thread."""
     import hashlib
     import queue
     import threading
 
     from lookalike.model.preprocess import decode_plain_jpeg
-    from lookalike.pipeline.thumbnails import write_copy
+    from lookalike.pipeline.thumbnails import link_or_copy
 
     encoder = load_encoder(store.require_model())
     encoder.embed(np.zeros((batch, *encoder.spec.shape), np.float32))  # compile
@@ -152,7 +151,7 @@ def lean_loop_rate(store: Store, files: list[Path], workdir: Path, batch: int = 
                     os.close(fd)
                 digest = hashlib.sha256(data).hexdigest()
                 pixels[i] = decode_plain_jpeg(data, encoder.spec.channels)
-                write_copy(data, f"{thumbs}/{digest}.jpg")
+                link_or_copy((paths[start + i], data), f"{thumbs}/{digest}.jpg")
             x = pixels.astype(np.float32)
             x /= 255.0
             batches.put(x)

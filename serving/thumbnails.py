@@ -10,7 +10,9 @@ with ``image-rendering: pixelated``.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import os
 from pathlib import Path
 from typing import Any
 
@@ -38,14 +40,34 @@ def local_path(uri: str, root: Path | None = None) -> Path:
 
 def stored_thumbnail(item: dict[str, Any], root: Path | None = None) -> bytes | None:
     """The JPEG thumbnail the embed pipeline wrote for the item (the only picture of a video
-    frame), or None when the index predates thumbnails or the file is gone."""
+    frame), or None when the index predates thumbnails or the file is gone.
+
+    A small plain JPEG's thumbnail is a hard link to its source file (``lookalike.pipeline.
+    thumbnails``): while that file exists (more than one link), it is served only if its bytes
+    are still the item's (their sha256 is the content hash); ThumbnailUnavailable if the source
+    was edited in place since, rather than show the new picture for the old item."""
     path = item.get("thumbnail")
     if not path:
         return None
     try:
-        return local_path(str(path), root).read_bytes()
+        with open(local_path(str(path), root), "rb") as f:
+            data = f.read()
+            linked = os.fstat(f.fileno()).st_nlink > 1
     except (OSError, ThumbnailUnavailable):
         return None
+    if linked and not holds_content(item, data):
+        raise ThumbnailUnavailable(f"the file of item {item['id']!r} was changed in place after it was indexed: "
+                                   "its picture is gone (embed the corpus again to index the new one)")
+    return data
+
+
+def holds_content(item: dict[str, Any], data: bytes) -> bool:
+    """Whether ``data`` are the bytes the item was embedded from: their sha256 is its content
+    hash (an image's; True when the item has no such hash to compare, e.g. a video frame)."""
+    content_hash = str(item.get("content_hash") or "")
+    if len(content_hash) != 64:
+        return True
+    return hashlib.sha256(data).hexdigest() == content_hash
 
 
 def render_thumbnail(item: dict[str, Any], root: Path | None = None, size: int = THUMBNAIL_SIZE) -> bytes:
@@ -66,6 +88,9 @@ def render_thumbnail(item: dict[str, Any], root: Path | None = None, size: int =
         data = local_path(str(uri), root).read_bytes()
     except OSError as e:
         raise ThumbnailUnavailable(f"file of item {item['id']!r} cannot be read: {e.strerror or e}") from None
+    if not holds_content(item, data):
+        raise ThumbnailUnavailable(f"the file of item {item['id']!r} was replaced after it was indexed: "
+                                   "its picture is gone (embed the corpus again to index the new one)")
     try:
         img = open_image(data, DEFAULT_MAX_PIXELS, max(size, SHRINK_MIN_SIDE_PX))  # a large photo decoded shrunk
     except ImageDecodeError as e:

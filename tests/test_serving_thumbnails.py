@@ -110,3 +110,29 @@ def test_a_replaced_photo_never_shows_a_stale_thumbnail(tmp_path, trained_store,
         after = http.get("/v1/items/one.png/thumbnail")
         assert after.status_code == 200 and after.content == before.content  # the indexed picture
         assert Image.open(io.BytesIO(after.content)).size == (32, 32)
+
+
+def test_a_linked_thumbnail_survives_its_source_moving_but_never_shows_an_edit(tmp_path, trained_store, digits_corpus):
+    """A small plain JPEG's thumbnail is a hard link to it: it outlives a rename or delete of
+    the source, and when the source is edited in place (same inode: the thumbnail's bytes
+    change too) the server says the picture is gone instead of showing the new one."""
+    workdir = tmp_path / "w"
+    shutil.copytree(trained_store.root / "models", workdir / "models")
+    corpus = workdir / "corpus"
+    corpus.mkdir()
+    for i, name in enumerate(("a.jpg", "b.jpg", "c.jpg")):
+        Image.open(list_images(digits_corpus)[i]).convert("RGB").resize((32, 32)).save(corpus / name, quality=90)
+    run_embed(EmbedConfig(workdir=str(workdir)))
+    with serve_in_thread(create_app(lambda: load_backend(workdir))) as url, httpx.Client(base_url=url) as http:
+        before = {name: http.get(f"/v1/items/{name}/thumbnail") for name in ("a.jpg", "b.jpg")}
+        assert all(r.status_code == 200 for r in before.values())
+        (corpus / "a.jpg").rename(tmp_path / "moved.jpg")  # moved away: the link keeps the picture
+        assert http.get("/v1/items/a.jpg/thumbnail").content == before["a.jpg"].content
+        with open(corpus / "b.jpg", "r+b") as f:  # edited in place, as `cp other.jpg b.jpg` does
+            other = io.BytesIO()
+            Image.new("RGB", (32, 32), (250, 0, 0)).save(other, format="JPEG")
+            f.write(other.getvalue())
+            f.truncate()
+        gone = http.get("/v1/items/b.jpg/thumbnail")
+        assert gone.status_code == 404 and "changed in place" in gone.json()["detail"]
+        assert http.get("/v1/items/c.jpg/thumbnail").status_code == 200
