@@ -36,7 +36,7 @@ from lookalike.pipeline.sources import CACHED, DEAD, FILE, NEW, ReadSourceFn, de
 from lookalike.pipeline.state_sampling import shorten_state_sampling
 from lookalike.pipeline.thumbnails import ThumbnailWriter
 from lookalike.pipeline.video import FrameSampling, VideoDecodeError
-from lookalike.pipeline.workers import worker_label
+from lookalike.pipeline.worker_main import worker_label
 
 log = logging.getLogger(__name__)
 

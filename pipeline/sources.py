@@ -44,7 +44,7 @@ from lookalike.model.progress import Progress
 from lookalike.pipeline.cache import cached_hashes, load_failed, load_file_index
 from lookalike.pipeline.thumbnails import ThumbnailSink, thumbnail_path, write_thumbnail
 from lookalike.pipeline.video import FrameSampling, is_video_path, reusable_source_hashes, sample_frames, video_source_hash
-from lookalike.pipeline.workers import worker_label
+from lookalike.pipeline.worker_main import worker_label
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,11 @@ from lookalike.pipeline.logs import configure_logging
 WORKER_PIDS_ENV = "LOOKALIKE_WORKER_PIDS"  # the folder where each worker process registers its pid (workers.stop_workers)
 
 
+def worker_label() -> str:
+    """This process's name in per-worker progress lines: Beam's worker id in a worker process, else the pid."""
+    return os.environ.get("WORKER_ID") or f"pid {os.getpid()}"
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run one Beam worker harness with lookalike's logging; SIGINT is left to the ``lookalike`` process."""
     parser = argparse.ArgumentParser(prog="python -m lookalike.pipeline.worker_main")

@@ -35,12 +35,7 @@ from apache_beam.options.pipeline_options import DirectOptions
 from apache_beam.portability import python_urns
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-from lookalike.pipeline.worker_main import WORKER_PIDS_ENV
-
-
-def worker_label() -> str:
-    """This process's name in per-worker progress lines: Beam's worker id in a worker process, else the pid."""
-    return os.environ.get("WORKER_ID") or f"pid {os.getpid()}"
+from lookalike.pipeline.worker_main import WORKER_PIDS_ENV, worker_label
 
 
 def worker_command(pids_dir: str, verbose: bool) -> str:
