@@ -157,7 +157,10 @@ def test_frames_show_their_video_and_timestamp(indexed_store, browser, tmp_path:
         videos = page.locator("#results .result .video").all_text_contents()
         assert len(videos) == 20 and all(v.startswith("▶ clip") and ".mp4 @ " in v for v in videos)
         page.locator("#preview img").wait_for()
-        assert page.locator("#preview img").evaluate("i => i.complete && i.naturalWidth > 0")  # '#' escaped
+        # the preview loads ('#' escaped in its URL); wait for it, it may still be in flight on a busy machine
+        page.wait_for_function("() => { const i = document.querySelector('#preview img'); return i.complete && i.naturalWidth > 0; }",
+                               timeout=15000)
+        assert page.locator("#preview img").evaluate("i => i.complete && i.naturalWidth > 0")
         # "one per video" (offered since the index has frames): only the two clips remain.
         expect(page.locator("#per-video-option")).to_be_visible()
         page.check("#per-video")
