@@ -78,12 +78,13 @@ def _add_train_config(p: argparse.ArgumentParser, default: str | None = "digits"
                    help="override a config field, e.g. --set num_steps=200 --set conv_widths=16,32 (repeatable)")
 
 
-def add_metadata_option(p: argparse.ArgumentParser) -> None:
-    """``--metadata FILE`` of the commands that embed the corpus (embed, reindex)."""
+def add_metadata_option(p, default_help: str = "") -> None:
+    """``--metadata FILE`` of the commands that embed the corpus (embed, reindex) on parser or group ``p``."""
     p.add_argument("--metadata", default=None, metavar="FILE",
                    help="item metadata to index with the embeddings: a .jsonl, .csv or .parquet file with an 'id' "
                    "column (item ids, e.g. 3/digit_0042.png; a video's id covers all its frames) and any other columns "
-                   "(source, tags, ...), which searches can filter on; tags: a JSON list, or in CSV a ';'-separated string")
+                   "(source, tags, ...), which searches can filter on; tags: a JSON list, or in CSV a ';'-separated string"
+                   + default_help)
 
 
 def _train_config(args: argparse.Namespace):

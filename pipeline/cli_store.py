@@ -26,6 +26,7 @@ def cmd_reindex(args: argparse.Namespace) -> int:
         force=args.force, target_recall=args.target_recall, min_canary_overlap=args.min_canary_overlap,
         min_canary_self=args.min_canary_self, min_items_ratio=args.min_items_ratio,
         keep_versions=args.keep, num_workers=args.num_workers, metadata=args.metadata,
+        no_metadata=args.no_metadata,
     )
     try:
         report = run_reindex(config)
@@ -85,7 +86,11 @@ def add_store_commands(sub) -> None:
                       "from its model.json, so the candidate warm-starts; digits when nothing is served yet); "
                       "--set overrides apply either way")
     p.add_argument("--corpus", default=None, help="labelled image folder (default WORKDIR/corpus)")
-    add_metadata_option(p)
+    metadata = p.add_mutually_exclusive_group()
+    add_metadata_option(metadata, default_help=" (default: the file the served index joined, so tags and filters "
+                        "survive every run)")
+    metadata.add_argument("--no-metadata", action="store_true",
+                          help="publish without item metadata, even when the served index has some")
     p.add_argument("--min-improvement", type=float, default=0.0,
                    help="the candidate's MAP@R must beat the served model's by more than this (default 0)")
     p.add_argument("--force", action="store_true", help="use the candidate even if it is not better")

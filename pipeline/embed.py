@@ -133,6 +133,20 @@ def _execute(run: EmbedRun, started: float, index_build: tuple[str, dict[str, An
     return summary
 
 
+def warn_if_metadata_dropped(store: Store) -> None:
+    """Warn that a run without ``--metadata`` publishes an index without the served one's metadata."""
+    from lookalike.index.manifest import read_manifest
+
+    current = store.current_index_or_none()
+    try:
+        served = (read_manifest(store.index_dir(current)).get("metadata") or {}).get("path") if current else None
+    except (OSError, ValueError):  # a damaged served index: its own commands report it
+        return
+    if served:
+        log.warning("the served index %s joins item metadata from %s; this run joins none, so the index it publishes "
+                    "has no metadata to filter on (pass --metadata %s to keep it)", current, served, served)
+
+
 def _source_name(run: EmbedRun) -> str:
     """What the run reads, as the user named it: a TFDS data set, a list file, or a corpus pattern."""
     if run.config.tfds:
@@ -189,6 +203,8 @@ def run_embed(config: EmbedConfig) -> EmbedSummary:
     meta = read_model_meta(model_dir)
     config, corpus = _resolve_corpus(config, store)
     metadata = prepare_metadata(config.metadata) if config.metadata else None  # checked before anything is written
+    if metadata is None and config.publish:
+        warn_if_metadata_dropped(store)
     pattern, root = corpus_pattern(corpus), corpus_root(corpus)
     run_name = check_version_name(config.run_name or time.strftime("e-%Y%m%dT%H%M%S", time.gmtime()))
     run_dir = store.embedding_run_dir(run_name)

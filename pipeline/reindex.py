@@ -11,7 +11,8 @@ Steps (each timed, logged and written into the run report):
    goes on only if its MAP@R beats the current one by ``min_improvement`` (or ``force``).
 3. ``embed``: the Beam pipeline, incremental (the cache is per model version, so a new
    model re-embeds everything and an unchanged one embeds only new or changed media),
-   with the ``metadata`` file joined onto the items (a changed file alone is an update).
+   with the ``metadata`` file joined onto the items (by default the one the served index
+   joined, checked before training; a changed file alone is an update).
 4. ``build``: a new index version, autotuned, written aside (not yet served).
 5. ``validate``: ANN recall at or above target, every matched file either indexed or
    dead-lettered, encoder and index compatible, at least ``min_items_ratio`` of the served
@@ -39,7 +40,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,8 @@ class ReindexConfig:
     num_workers: int = 1
     eval_per_class: int = 30
     num_canaries: int = 20
-    metadata: str | None = None  # item metadata joined by id (embed --metadata); a changed file publishes a new index
+    metadata: str | None = None  # item metadata joined by id (embed --metadata); None: the served index's file
+    no_metadata: bool = False  # publish without metadata, even when the served index has some
 
 
 @dataclass
@@ -163,6 +165,7 @@ def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport) -> No
     current_index = ItemIndex.load(store.require_current_index()) if report.previous_index else None
     report.current_model = current_index.model_version if current_index else None
     current_model_dir = store.require_model(report.current_model) if report.current_model else None
+    config = replace(config, metadata=resolve_metadata(config, current_index, report.previous_index))
     ids = frozen_eval_set(store, corpus, config.eval_per_class)  # a corpus that cannot be evaluated fails before training
     train_config = resolve_train_config(config, current_model_dir)
     with step("train"):
@@ -235,6 +238,31 @@ def resolve_train_config(config: ReindexConfig, current_model_dir: Path | None) 
         base, source = get_config("digits"), "preset digits (no served model)"
     log.info("training config: %s%s", source, f", with {' '.join(config.train_overrides)}" if config.train_overrides else "")
     return apply_overrides(base, list(config.train_overrides))
+
+
+def resolve_metadata(config: ReindexConfig, current_index, current_version: str | None) -> str | None:
+    """The metadata file this run joins: ``config.metadata``, else the one the served index
+    joined (a cron line written once keeps the tags and filters), none with ``no_metadata``.
+    Checked before training, so a bad or missing file fails the run before its longest step."""
+    from lookalike.pipeline.metadata import MetadataError, prepare_metadata
+
+    if config.no_metadata:
+        if config.metadata:
+            raise ValueError(f"metadata {config.metadata!r} and no_metadata both given: choose one")
+        return None
+    served = ((current_index.manifest.get("metadata") or {}).get("path") if current_index is not None else None)
+    if config.metadata is None and served:
+        log.info("item metadata: %s, as the served index %s joins (--no-metadata drops it)", served, current_version)
+        try:
+            prepare_metadata(served)
+        except MetadataError as e:
+            raise StoreError(f"the served index {current_version} joins item metadata from {served}, which cannot be "
+                             f"used now ({e}): pass --metadata FILE to join another file, or --no-metadata to publish "
+                             "without metadata") from e
+        return served
+    if config.metadata is not None:
+        prepare_metadata(config.metadata)  # names the file and the reason
+    return config.metadata
 
 
 def _embed_build_promote(config: ReindexConfig, store: Store, report: ReindexReport, step: _Steps, corpus: Path,

@@ -192,6 +192,7 @@ def test_a_diverging_training_is_a_one_line_error_and_leaves_no_empty_run(tmp_pa
     (["reindex", "--min-canary-overlap", "1.5"], "argument --min-canary-overlap: must be in [0, 1], got 1.5"),
     (["reindex", "--min-items-ratio", "2"], "argument --min-items-ratio: must be in [0, 1], got 2"),
     (["reindex", "--min-canary-self", "-1"], "argument --min-canary-self: must be in [0, 1], got -1"),
+    (["reindex", "--metadata", "m.csv", "--no-metadata"], "argument --no-metadata: not allowed with argument --metadata"),
 ])
 def test_out_of_range_options_are_refused_naming_the_option(argv, message, capsys):
     from lookalike.pipeline.cli import main

@@ -153,7 +153,7 @@ def test_embed_with_jsonl_metadata_filters_on_tags_and_source(corpus_store, tmp_
     assert [n.id for n in both] == [ids[0]] and ids[0] in ones
 
 
-def test_embed_with_csv_metadata_and_the_incremental_rule(corpus_store, tmp_path):
+def test_embed_with_csv_metadata_and_the_incremental_rule(corpus_store, tmp_path, caplog):
     ids = sorted(str(f.relative_to(corpus_store / "corpus")) for f in list_images(corpus_store / "corpus"))
     metadata = tmp_path / "meta.csv"
     metadata.write_text("id,source,tags\n" + "".join(f"{i},lab,blue; round\n" for i in ids[:3]) + "gone.png,lab,\n")
@@ -178,8 +178,16 @@ def test_embed_with_csv_metadata_and_the_incremental_rule(corpus_store, tmp_path
     assert items.column("tags").to_pylist()[:3] == [["red"], ["red"], None]
     again = run_embed(EmbedConfig(workdir=str(corpus_store), metadata=str(metadata), incremental=True))
     assert again.index_version == changed.index_version
+    caplog.clear()
     dropped = run_embed(EmbedConfig(workdir=str(corpus_store), incremental=True))  # no metadata any more
     assert dropped.index_version != changed.index_version
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "joins none" in r.getMessage()]
+    assert warned == [f"the served index {changed.index_version} joins item metadata from {metadata}; this run joins "
+                      f"none, so the index it publishes has no metadata to filter on (pass --metadata {metadata} "
+                      "to keep it)"]
+    caplog.clear()
+    run_embed(EmbedConfig(workdir=str(corpus_store), incremental=True))
+    assert not [r for r in caplog.records if "joins none" in r.getMessage()]  # the served index has none now
     assert "tags" not in ItemIndex.load(corpus_store / "indexes" / dropped.index_version).items.schema.names
 
 

@@ -392,6 +392,37 @@ def test_a_changed_metadata_file_alone_publishes_and_an_unchanged_one_keeps_curr
     assert store.current_index() == tagged.new_index
 
 
+def test_a_cron_line_without_metadata_keeps_the_served_files_metadata_until_told_otherwise(store, tiny_config, tmp_path):
+    """The crontab line is written once: a run without --metadata joins the file the served
+    index joined (tags and filters survive), --no-metadata drops it, and a file gone since
+    fails the run before training with CURRENT untouched."""
+    barely = apply_overrides(tiny_config, ["num_steps=1", "embed_dim=4"])  # rejected: the served model re-embeds
+    ids = probe_ids(store)
+    metadata = tmp_path / "meta.csv"
+    metadata.write_text("id,tags\n" + "".join(f"{i},probe\n" for i in ids))
+    tagged = run_reindex(ReindexConfig(workdir=str(store.root), train=barely, metadata=str(metadata)))
+    assert tagged.outcome == "corpus_updated", tagged.reason
+    plain = ReindexConfig(workdir=str(store.root), train=barely)
+    kept = run_reindex(plain)
+    assert (kept.outcome, kept.exit_code) == ("kept_current", 3), kept.reason  # same file joined: nothing new
+    index = ItemIndex.load(store.require_current_index())
+    assert sorted(n.id for n in index.search(index.embeddings[0], k=10, where={"tags": "probe"})[0]) == sorted(ids)
+
+    metadata.unlink()
+    gone = run_reindex(plain)
+    assert (gone.outcome, gone.exit_code) == ("failed", 1)
+    assert str(metadata) in gone.reason and "--no-metadata" in gone.reason and "does not exist" in gone.reason
+    assert store.current_index() == tagged.new_index
+    assert not [s for s in gone.steps if s["step"] == "train"]  # failed before its longest step
+
+    dropped = run_reindex(ReindexConfig(workdir=str(store.root), train=barely, no_metadata=True))
+    assert dropped.outcome == "corpus_updated", dropped.reason
+    index = ItemIndex.load(store.require_current_index())
+    assert "metadata" not in index.manifest and "tags" not in index.items.table.column_names
+    both = run_reindex(ReindexConfig(workdir=str(store.root), metadata=str(metadata), no_metadata=True))
+    assert both.outcome == "failed" and "choose one" in both.reason
+
+
 def test_report_tiles_refuse_images_over_the_pixel_limit(tmp_path, monkeypatch):
     """Pillow's own bomb check is off (lookalike.model.preprocess): the grid's tiles check ours
     (lowered here to 100 pixels, so a real 20x20 picture stands for a huge one)."""
