@@ -41,7 +41,7 @@ def exact_topk(queries: np.ndarray, corpus: np.ndarray, k: int, *, block_rows: i
 
 def _scann_topk(q: np.ndarray, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     from lookalike.index.scann_module import scann_ops_pybind
-    from lookalike.index.searcher import parallel_batch_size
+    from lookalike.index.shards import parallel_batch_size
     from lookalike.index.simd import enable_scann_simd
 
     enable_scann_simd()

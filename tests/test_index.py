@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 
 from lookalike.index.builder import IndexOptions, build_and_publish, build_index, resolve_options
-from lookalike.index.searcher import IncompatibleQueryError, IndexLoadError, ItemIndex, QueryError, parallel_batch_size
+from lookalike.index.searcher import IncompatibleQueryError, IndexLoadError, ItemIndex, QueryError
 from lookalike.model.store import Store
 
 
@@ -28,7 +28,6 @@ def test_every_item_is_its_own_nearest_neighbour(tmp_path, mode):
     assert [r[0].id for r in found] == [f"item-{i}" for i in range(50)]
     assert found[0][0].score == pytest.approx(1.0, abs=1e-3)
     assert index.manifest["build"]["mode"] == mode
-
 
 
 def test_tree_ah_on_fewer_items_than_ah_centres_builds_brute_force_and_says_why(tmp_path):
@@ -108,20 +107,6 @@ def test_parallel_search_uses_the_calling_thread_plus_n_minus_1_pool_threads(tmp
     np.testing.assert_allclose(scores, serial_scores, atol=1e-5)
     with pytest.raises(ValueError, match="at least 1, got 0"):
         index.set_search_threads(0)
-
-
-@pytest.mark.parametrize("queries, threads, expected", [
-    (1000, 2, 500),  # one mini-batch per thread
-    (1001, 2, 501),
-    (1000, 1, 1000),
-    (100, 2, 50),
-    (40, 2, 32),  # no mini-batch under 32 queries
-    (20, 2, 20),
-    (5000, 2, 834),  # 6 equal mini-batches of at most 1,024: each of 2 threads takes 3
-    (2048, 2, 1024),
-])
-def test_parallel_batch_size_gives_every_thread_an_equal_share(queries, threads, expected):
-    assert parallel_batch_size(queries, threads) == expected
 
 
 def test_similar_to_excludes_the_item_and_unknown_id_raises(tmp_path):

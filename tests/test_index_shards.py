@@ -9,6 +9,7 @@ from lookalike.index.builder import IndexOptions, assemble_index, build_index, b
 from lookalike.index.exact import exact_topk
 from lookalike.index.manifest import LEGACY_FORMAT, sha256_file
 from lookalike.index.searcher import IndexLoadError, ItemIndex
+from lookalike.index.shards import deep_leaves, parallel_batch_size
 
 
 def unit_vectors(n: int, dim: int, seed: int = 0) -> np.ndarray:
@@ -108,3 +109,25 @@ def test_format_1_single_shard_index_still_loads(tmp_path):
     assert index.similar_to("item-7", 1)[0].id == f"item-{np.argsort(-(x @ x[7]))[1]}"
     with pytest.raises(ValueError, match="built without item docids.*rebuild"):
         index.delete(["item-1"])
+
+
+@pytest.mark.parametrize("queries, threads, expected", [
+    (1000, 2, 500),  # one mini-batch per thread
+    (1001, 2, 501),
+    (1000, 1, 1000),
+    (100, 2, 50),
+    (40, 2, 32),  # no mini-batch under 32 queries
+    (20, 2, 20),
+    (5000, 2, 834),  # 6 equal mini-batches of at most 1,024: each of 2 threads takes 3
+    (2048, 2, 1024),
+])
+def test_parallel_batch_size_gives_every_thread_an_equal_share(queries, threads, expected):
+    assert parallel_batch_size(queries, threads) == expected
+
+
+def test_deep_leaves_widen_only_when_the_tuned_leaves_cannot_hold_the_candidates():
+    # 20k items in 283 leaves (~71 each), tuned to 7 leaves: 7 hold ~495 items, enough for 4 x 123 candidates
+    assert deep_leaves(7, 123, 20_000, 283) == 7
+    assert deep_leaves(7, 1000, 20_000, 283) == 57  # 4,000 candidates need 57 mean leaves
+    assert deep_leaves(7, 10_000, 20_000, 283) == 283  # never more leaves than there are
+    assert deep_leaves(3, 50, 10, 283) == 10  # a shard smaller than its leaf count: at most one leaf per item
