@@ -368,9 +368,14 @@ def train_and_evaluate(
         with exclusive_run(run_dir):
             try:
                 model, metrics, threshold = train_on_arrays(config, data, run_dir, init_path)
-            except BaseException:
-                if run_dir.is_dir() and not any((run_dir / "checkpoints" / "latest").glob("[0-9]*")):
+            except BaseException as e:
+                steps = sorted(int(p.name) for p in (run_dir / "checkpoints" / "latest").glob("[0-9]*") if p.name.isdigit())
+                if run_dir.is_dir() and not steps:
                     shutil.rmtree(run_dir, ignore_errors=True)  # nothing to resume from: leave no empty run behind
+                if isinstance(e, KeyboardInterrupt):
+                    log.warning("training interrupted: %s", f"rerun the same command to resume from the checkpoint of "
+                                f"step {steps[-1]} ({run_dir})" if steps else "no checkpoint was written yet, so a rerun "
+                                "starts again")
                 raise
             metrics["train_seconds"] = round(time.perf_counter() - started, 2)
             metrics["data_dir"] = loaded.source

@@ -308,6 +308,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def interrupted_hint(args: argparse.Namespace) -> str:
+    """What a Ctrl-C left behind, for the one line ``main`` prints (the command logged the details)."""
+    if args.command == "embed":
+        return (": nothing published; every finished batch is in the embedding cache: rerun with --incremental to "
+                "resume where it stopped")
+    if args.command == "train":
+        return ": no model published"
+    if args.command in ("reindex", "versions") and getattr(args, "workdir", None):
+        from lookalike.model.store import Store
+
+        current = f": CURRENT is {Store.at(args.workdir).current_index_or_none()}"
+        return current + ("; the next run removes what this one left" if args.command == "reindex" else "")
+    return ""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = build_parser()
@@ -327,9 +342,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lookalike {args.command}: error: {e}", file=sys.stderr)
         return EXIT_LOCKED
     except KeyboardInterrupt:  # Ctrl-C: one line, no traceback (the local runner stopped its workers)
-        if args.command == "embed":
-            print(f"lookalike {args.command}: interrupted: nothing published; every finished batch is in the "
-                  "embedding cache: rerun with --incremental to resume where it stopped", file=sys.stderr)
+        print(f"lookalike {args.command}: interrupted{interrupted_hint(args)}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as other Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit

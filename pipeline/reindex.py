@@ -145,6 +145,9 @@ def run_reindex(config: ReindexConfig) -> ReindexReport:
         except Exception as e:
             report.outcome, report.reason = "failed", f"{type(e).__name__}: {e}"
             log.error("reindex failed, CURRENT unchanged (%s): %s", store.current_index_or_none(), report.reason)
+        except KeyboardInterrupt:
+            report.outcome, report.reason = "failed", "interrupted (SIGINT)"
+            raise
         finally:
             from lookalike.pipeline.report import write_report
 

@@ -145,3 +145,30 @@ def test_a_second_training_of_the_same_run_is_refused_until_the_first_dies(tmp_p
     with exclusive_run(run_dir):  # the kernel released the dead holder's lock
         assert (run_dir / ".lock").exists()
     assert not (run_dir / ".lock").exists()
+
+
+def test_ctrl_c_during_training_says_in_one_line_that_nothing_was_published_and_how_to_resume(tmp_path, digits_corpus):
+    import signal
+    from pathlib import Path
+
+    exe = str(Path(sys.executable).with_name("lookalike"))
+    job = subprocess.Popen([exe, "train", "--workdir", str(tmp_path), "--data", str(digits_corpus), "--config", "tiny",
+                            "--set", "num_steps=30", "--set", "checkpoint_every_steps=10", "--set", "eval_every_steps=10"],
+                           env={**os.environ, "JAX_PLATFORMS": "cpu", "LOOKALIKE_FAILPOINT": "train.after_checkpoint.10:wait"},
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    seen = []
+    while not any("failpoint train.after_checkpoint.10: waiting" in line for line in seen):
+        line = job.stderr.readline()
+        assert line, "".join(seen)[-3000:]  # training ended before the failpoint
+        seen.append(line)
+    os.killpg(job.pid, signal.SIGINT)  # as a terminal's Ctrl-C
+    _, err = job.communicate(timeout=120)
+    err = "".join(seen) + err
+    assert job.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    lines = err.strip().splitlines()
+    assert lines[-1] == "lookalike train: interrupted: no model published", err[-3000:]
+    run_dir = next((tmp_path / "models" / ".runs").iterdir())
+    assert lines[-2].endswith(f"training interrupted: rerun the same command to resume from the checkpoint of step 10 "
+                              f"({run_dir})"), err[-3000:]
+    assert not (tmp_path / "models" / "LATEST").exists()

@@ -130,6 +130,30 @@ def test_sigkill_at_each_step_leaves_the_served_version_answering(store):
     assert {r["version"] for r in list_versions(store)} <= served  # candidates killed before promotion are gone
 
 
+def test_ctrl_c_during_a_step_says_in_one_line_what_is_served_and_the_next_run_goes_on(store):
+    before = store.current_index()
+    exe = str(Path(sys.executable).with_name("lookalike"))
+    job = subprocess.Popen([exe, "reindex", "--workdir", str(store.root), "--config", "tiny", "--set", "num_steps=2",
+                            "--force"], env={**os.environ, "LOOKALIKE_FAILPOINT": "validate:wait"},
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    seen = []
+    while not any("failpoint validate: waiting" in line for line in seen):  # a candidate index is built
+        line = job.stderr.readline()
+        assert line, "".join(seen)[-3000:]
+        seen.append(line)
+    os.killpg(job.pid, signal.SIGINT)
+    _, err = job.communicate(timeout=120)
+    err = "".join(seen) + err
+    assert job.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == (f"lookalike reindex: interrupted: CURRENT is {before}; the next run removes "
+                                            "what this one left"), err[-3000:]
+    report = json.loads(sorted(store.root.glob("reports/r-*/report.json"))[-1].read_text())
+    assert (report["outcome"], report["reason"]) == ("failed", "interrupted (SIGINT)")
+    again = run_cli_reindex(store, {})
+    assert again.returncode == 0 and store.current_index() != before, again.stderr[-3000:]
+    assert not list(store.indexes_dir.glob(".tmp-*")) and not (store.root / ".reindex.lock").exists()
+
+
 def test_one_run_at_a_time(store, tiny_config):
     with StoreLock(store.root):
         with pytest.raises(LockHeldError, match="another run holds"):
