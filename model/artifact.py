@@ -148,6 +148,8 @@ class Encoder:
         self.embed_dim: int = int(meta["embed_dim"])
         self.spec = PreprocessSpec.from_dict(meta["preprocess"])
         self.same_item_threshold: float | None = meta.get("same_item_threshold")
+        # What a distance within it means: the held-out pairs it was calibrated on (F1-best).
+        self.same_item_means: str = "same image" if (meta.get("config") or {}).get("unlabelled") else "same class"
         self.max_batch = max_batch
         self.devices = list(devices or jax.local_devices())
         self._buckets = _bucket_sizes(max_batch, len(self.devices))

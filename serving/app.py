@@ -241,6 +241,7 @@ def create_app(
             image_size=enc.spec.image_size,
             channels=enc.spec.channels,
             same_item_threshold=enc.same_item_threshold,
+            same_item_means=enc.same_item_means,
             loaded_unix_s=backend.loaded_unix_s,
             max_upload_bytes=max_upload_bytes,
             index_build=manifest.get("build") or {},

@@ -133,6 +133,9 @@ class Info(BaseModel):
     image_size: int
     channels: int
     same_item_threshold: float | None = Field(description="L2 distance at or below which two images count as the same item")
+    same_item_means: str = Field(description='what a distance within same_item_threshold means: "same class" for a model '
+                                 'trained on labelled classes (the threshold is calibrated on held-out pairs of one class), '
+                                 '"same image" for one trained --unlabelled (views of one image or video moment)')
     loaded_unix_s: float
     max_upload_bytes: int
     index_build: dict[str, Any] = Field(default_factory=dict, description="how the index was built (mode, parameters)")

@@ -16,8 +16,12 @@ def test_save_load_round_trip_and_content_hash_version(tmp_path, tiny_config):
     enc = load_encoder(tmp_path / v1)
     x = np.random.default_rng(0).random((3, *spec.shape)).astype(np.float32)
     np.testing.assert_allclose(enc.embed(x), np.asarray(model(x)), atol=1e-5)
-    assert enc.version == v1 and enc.same_item_threshold == 0.5
+    assert enc.version == v1 and enc.same_item_threshold == 0.5 and enc.same_item_means == "same class"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+    from lookalike.model.config import apply_overrides
+
+    unlabelled = save_model(model, apply_overrides(tiny_config, ["unlabelled=true"]), spec, tmp_path, threshold=0.5, metrics={})
+    assert load_encoder(tmp_path / unlabelled).same_item_means == "same image"  # calibrated on views of one image
 
 
 def test_padding_to_buckets_does_not_change_embeddings(encoder):

@@ -74,6 +74,7 @@ def test_healthz_and_info(http: httpx.Client, backend: Backend, workdir: Path) -
     assert info["item_count"] == len(list_images(workdir / "corpus"))
     assert info["embed_dim"] == 8
     assert info["same_item_threshold"] == pytest.approx(backend.encoder.same_item_threshold)
+    assert info["same_item_means"] == "same class"  # trained on labelled classes (an --unlabelled model: "same image")
     assert info["index_quality"]["recall"] == backend.index.manifest["tuning"]["recall"]  # measured at build
     assert info["last_reload_error"] is None and info["reload_count"] == 0
     assert info["frame_count"] == 0  # digits only

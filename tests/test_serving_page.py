@@ -74,7 +74,7 @@ def test_upload_results_click_and_footer(site, browser, tmp_path: Path) -> None:
     expect(results).to_have_attribute("data-query", "image:digit_0003.png")
     first = results.locator(".result").first
     expect(first).to_have_attribute("data-id", QUERY_ID)
-    expect(first.locator(".badge")).to_have_text("same item")
+    expect(first.locator(".badge")).to_have_text("same class")  # the digits model was trained on labelled classes
     assert len(result_ids(page)) == 20  # the page's default k
     page.wait_for_function(
         "() => [...document.querySelectorAll('#results img, #preview img')].every(i => i.complete && i.naturalWidth > 0)"
