@@ -32,7 +32,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lookalike.model.artifact import save_model
+from lookalike.model.artifact import read_model_meta, save_model
 from lookalike.model.augment import augment_batch
 from lookalike.model.config import TrainConfig, config_to_dict, validate_config
 from lookalike.model.checkpoints import TrainCheckpoints, exclusive_run
@@ -46,6 +46,8 @@ from lookalike.model.preprocess import PreprocessSpec
 from lookalike.model.progress import Progress
 from lookalike.model.sharding import data_mesh, embed_numpy, replicate
 from lookalike.model.sources import load_training_data
+from lookalike.model.training_inputs import METRIC_KEY as TRAINING_INPUTS_KEY
+from lookalike.model.training_inputs import model_trained_from, training_inputs_sha256
 from lookalike.model.store import Store
 from lookalike.model.unlabelled import training_augment, view_holdout
 
@@ -57,6 +59,7 @@ class TrainResult:
     version: str
     model_dir: Path
     metrics: dict[str, Any]
+    reused: bool = False  # an identical earlier training's model (``reuse_identical``), not trained again
 
 
 def make_optimizer(model: EncoderModule, config: TrainConfig) -> nnx.Optimizer:
@@ -344,7 +347,7 @@ def run_id(config: TrainConfig, source: str | Path, init_from: Path | None, excl
 def train_and_evaluate(
     config: TrainConfig, workdir: str | Path, data_dir: str | Path | None = None, init_from: str | Path | None = None,
     tfds: str | None = None, tfds_data_dir: str | None = None, set_latest: bool = True,
-    exclude: Collection[str] = (),
+    exclude: Collection[str] = (), reuse_identical: bool = False,
 ) -> TrainResult:
     """Train on ``data_dir`` (default ``workdir/corpus``) or on the TFDS split ``tfds``
     (``NAME[:SPLIT]``, prepared in ``tfds_data_dir``), optionally warm-started from the
@@ -352,7 +355,9 @@ def train_and_evaluate(
     LATEST (the model ``embed`` uses by default; the reindex job does that only once the
     model is promoted). ``config.unlabelled`` (switched on for a TFDS data set without
     labels) trains on augmented views. ``exclude``: ``data_dir``-relative paths left out of
-    training (the reindex job's held-out evaluation images)."""
+    training (the reindex job's held-out evaluation images). ``reuse_identical``: when a saved
+    model was trained from exactly these inputs (``lookalike.model.training_inputs``), return it
+    without training."""
     if tfds and data_dir:
         raise ValueError(f"train on a folder ({data_dir}) or a TFDS data set ({tfds}), not both")
     validate_config(config)  # before the images are decoded
@@ -363,6 +368,12 @@ def train_and_evaluate(
     config, data = loaded.config, loaded.data
     spec = PreprocessSpec(image_size=config.image_size, channels=config.channels)
     init_path = Path(init_from) if init_from else None
+    inputs_sha256 = training_inputs_sha256(config, data, read_model_meta(init_path)["version"] if init_path else None)
+    if reuse_identical and (done := model_trained_from(store.models_dir, inputs_sha256)) is not None:
+        log.info("model %s was trained from exactly these inputs (config, %d images and labels, warm start): reused, "
+                 "not trained again", done, len(data.labels))
+        return TrainResult(version=done, model_dir=store.model_dir(done),
+                           metrics=read_model_meta(store.model_dir(done)).get("metrics") or {}, reused=True)
     run_dir = store.models_dir / ".runs" / run_id(config, loaded.source, init_path, exclude)
     try:
         with exclusive_run(run_dir):
@@ -381,6 +392,7 @@ def train_and_evaluate(
             metrics["data_dir"] = loaded.source
             metrics["skipped_files"] = len(data.failures)
             metrics["training_files"], metrics["held_out_files"] = len(data.paths), len(exclude)
+            metrics[TRAINING_INPUTS_KEY] = inputs_sha256
             version = save_model(
                 model, config, spec, store.models_dir,
                 threshold=threshold, metrics=metrics,

@@ -175,8 +175,9 @@ def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport) -> No
         # not LATEST yet: a candidate that is rejected or fails validation must not become what `embed` uses
         # without the evaluation images: the gate must measure generalisation, not memorisation
         trained = train_and_evaluate(train_config, store.root, data_dir=corpus, init_from=current_model_dir,
-                                     set_latest=False, exclude=ids)
+                                     set_latest=False, exclude=ids, reuse_identical=True)
         report.candidate_model = trained.version
+        report.metrics["candidate_reused"] = trained.reused  # trained from the same inputs before: not again
     with step("evaluate"):
         ids, gone = usable_eval_ids(corpus, ids)  # files that went away while training are left out of both
         if len(ids) < 2:
