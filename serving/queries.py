@@ -164,7 +164,7 @@ def unit_query(backend: Backend, vector: list[float]) -> np.ndarray:
     largest = float(np.abs(q).max()) if len(q) else 0.0
     if largest > FLOAT32_MAX:
         at = int(np.argmax(np.abs(q)))
-        raise ValueError(f"vector value {q[at]!r} at position {at} overflows float32 (largest magnitude {FLOAT32_MAX:.4g})")
+        raise ValueError(f"vector value {float(q[at])!r} at position {at} overflows float32 (largest magnitude {FLOAT32_MAX:.4g})")
     if largest == 0.0:
         raise ValueError("query vector has zero length and no direction")
     scaled = q / largest

@@ -102,6 +102,9 @@ def test_large_values_normalise_and_messages_are_exact(http: httpx.Client, backe
     assert big.json()["results"] == small.json()["results"]
     overflow = http.post("/v1/search/vector", json={"vector": [1e39] + [1.0] * (dim - 1)})
     assert overflow.status_code == 422 and "overflows float32" in overflow.json()["detail"]
+    huge = http.post("/v1/search/vector", json={"vector": [1.0, -1e300] + [1.0] * (dim - 2)})
+    assert huge.status_code == 422  # a plain number, not numpy's repr np.float64(-1e+300)
+    assert huge.json()["detail"].startswith("vector value -1e+300 at position 1 overflows float32"), huge.text
     nan = http.post("/v1/search/vector", content='{"vector": [1, NaN' + ", 1" * (dim - 2) + "]}",
                     headers={"content-type": "application/json"})
     assert nan.status_code == 422
