@@ -3,12 +3,16 @@
 Every method returns the decoded JSON response. A 4xx/5xx answer raises
 ``ClientError`` carrying the status and the server's own reason; a server that
 cannot be reached raises ``ClientError`` with status ``None`` and a hint to start it.
+A server address without a scheme (``127.0.0.1:8765``) means ``http://``; query
+vectors must hold finite numbers (ValueError naming the first that is not).
 """
 
 from __future__ import annotations
 
 import base64
+import math
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -41,11 +45,49 @@ def error_message(response: httpx.Response) -> str:
     return response.text.strip() or response.reason_phrase
 
 
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def server_url(url: str) -> str:
+    """``url`` as the base URL of a server: ``http://`` is assumed when it has no scheme
+    (``127.0.0.1:8765``, ``localhost:8765/``), the trailing ``/`` dropped. ValueError for
+    an empty address or a scheme other than http and https."""
+    text = url.strip()
+    if not text:
+        raise ValueError("the server address is empty: give one such as http://127.0.0.1:8765")
+    if not _SCHEME.match(text):
+        text = "http://" + text
+    scheme = text.split("://", 1)[0].lower()
+    if scheme not in ("http", "https"):
+        raise ValueError(f"the server address {url!r} has scheme {scheme}://: only http:// and https:// are served")
+    return text.rstrip("/")
+
+
+def finite_vector(vector: Sequence[float], what: str = "vector") -> list[float]:
+    """``vector`` as a list of floats; ValueError naming ``what`` and the position (from 0)
+    of the first value that is NaN or infinite, which JSON cannot carry."""
+    values = [float(v) for v in vector]
+    for at, value in enumerate(values):
+        if not math.isfinite(value):
+            raise ValueError(f"{what} value {value} at position {at} is not a finite number (NaN and infinity are not allowed)")
+    return values
+
+
+def parse_vector(text: str, what: str = "vector") -> list[float]:
+    """Comma-separated numbers (``0.1,-0.2,3e-2``) as a query vector; ValueError naming
+    ``what`` for text that is not one or for a value that is NaN or infinite."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{what} expects comma-separated numbers, got {text[:80]!r}") from None
+    return finite_vector(values, what)
+
+
 class SearchClient:
-    """Talks to a running ``lookalike serve`` at ``base_url``."""
+    """Talks to a running ``lookalike serve`` at ``base_url`` (no scheme: ``http://``)."""
 
     def __init__(self, base_url: str, timeout_s: float = 30.0):
-        self.base_url = base_url.rstrip("/")
+        self.base_url = server_url(base_url)
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout_s)
 
     def close(self) -> None:
@@ -83,7 +125,7 @@ class SearchClient:
         return self._request("POST", "/v1/search/image", params=query_params(k, filters), files=files)
 
     def search_vector(self, vector: Sequence[float], k: int = 10, **filters: Any) -> dict[str, Any]:
-        body = {"vector": [float(v) for v in vector], "k": k, **drop_none(filters)}
+        body = {"vector": finite_vector(vector), "k": k, **drop_none(filters)}
         return self._request("POST", "/v1/search/vector", json=body)
 
     def similar(self, item_id: str, k: int = 10, **filters: Any) -> dict[str, Any]:
@@ -99,7 +141,7 @@ class SearchClient:
         **filters: Any,
     ) -> list[dict[str, Any]]:
         """Several queries in one call: responses for the vectors, then the ids, then the images."""
-        queries: list[dict[str, Any]] = [{"vector": [float(v) for v in vector]} for vector in vectors]
+        queries: list[dict[str, Any]] = [{"vector": finite_vector(vector, f"vectors[{i}]")} for i, vector in enumerate(vectors)]
         queries += [{"id": item_id} for item_id in ids]
         queries += [{"image_base64": base64.b64encode(read_image(image)[1]).decode("ascii")} for image in images]
         body = {"queries": queries, "k": k, **drop_none(filters)}

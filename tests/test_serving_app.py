@@ -429,6 +429,20 @@ def test_client_errors_carry_status_and_reason(client: SearchClient, tmp_path: P
         client.search_image(tmp_path / "missing.png")
 
 
+def test_client_assumes_http_for_an_address_without_scheme_and_refuses_nan(client: SearchClient, base_url: str) -> None:
+    bare = base_url.removeprefix("http://") + "/"
+    with SearchClient(bare) as c:  # 127.0.0.1:PORT/
+        assert c.base_url == base_url and c.health() == {"status": "ok"}
+    for url, reason in [("", "the server address is empty"), ("ftp://127.0.0.1:9", "only http:// and https://")]:
+        with pytest.raises(ValueError, match=reason):
+            SearchClient(url)
+    with pytest.raises(ValueError) as caught:  # before any request, not json's "Out of range float values"
+        client.search_vector([0.5, float("nan")] + [0.5] * 6)
+    assert str(caught.value) == "vector value nan at position 1 is not a finite number (NaN and infinity are not allowed)"
+    with pytest.raises(ValueError, match=r"vectors\[1\] value inf at position 0"):
+        client.search_batch(vectors=[[0.5] * 8, [float("inf")] + [0.5] * 7])
+
+
 def test_client_reports_an_unreachable_server() -> None:
     with SearchClient("http://127.0.0.1:9", timeout_s=2) as c, pytest.raises(ClientError) as caught:
         c.health()
