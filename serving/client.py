@@ -192,8 +192,25 @@ def describe_query(query: dict[str, Any]) -> str:
     return f"vector of {query.get('dim')} values"
 
 
+def describe_metadata(metadata: dict[str, Any] | None) -> str:
+    """An item's metadata in a few words, as the web page shows it: its source, then its
+    tags as ``#tag``, then any other field as ``name=value`` ("" for none)."""
+    shown, others = [], []
+    for name, value in (metadata or {}).items():
+        if value is None or value == [] or value == "":
+            continue
+        if name == "source":
+            shown.insert(0, str(value))
+        elif name == "tags" and isinstance(value, list):
+            shown += [f"#{tag}" for tag in value]
+        else:
+            others.append(f"{name}={','.join(map(str, value)) if isinstance(value, list) else value}")
+    return " ".join(shown + others)
+
+
 def format_results(response: dict[str, Any]) -> str:
-    """A search response as a text table, best match first."""
+    """A search response as a text table, best match first; a video time column when there
+    are frames, a metadata column (source, #tags, ...) when any result has metadata."""
     results = response.get("results", [])
     lines = [
         f"{describe_query(response.get('query', {}))}, k={response.get('query', {}).get('k')}: "
@@ -203,9 +220,13 @@ def format_results(response: dict[str, Any]) -> str:
         return lines[0]
     width = max(len("id"), *(len(r["id"]) for r in results))
     frames = any(r.get("timestamp_s") is not None for r in results)  # a video time column only when there are frames
-    lines.append(f"{'#':>3}  {'id':<{width}}  {'score':>7}  {'distance':>8}  {'same item':<9}" + ("  video time" if frames else ""))
-    for rank, r in enumerate(results, 1):
+    metadata = [describe_metadata(r.get("metadata")) for r in results]
+    with_metadata = any(metadata)  # a metadata column only when some result has metadata
+    lines.append(f"{'#':>3}  {'id':<{width}}  {'score':>7}  {'distance':>8}  {'same item':<9}" + ("  video time" if frames else "")
+                 + ("  metadata" if with_metadata else ""))
+    for rank, (r, meta) in enumerate(zip(results, metadata), 1):
         same = "yes" if r.get("same_item") else "-"
-        when = f"  {r['timestamp_s']:>9.2f}s" if r.get("timestamp_s") is not None else ""
-        lines.append(f"{rank:>3}  {r['id']:<{width}}  {r['score']:>7.4f}  {r['distance']:>8.4f}  {same:<9}{when}".rstrip())
+        when = f"  {r['timestamp_s']:>9.2f}s" if r.get("timestamp_s") is not None else ("  " + " " * 10 if frames else "")
+        about = f"  {meta or '-'}" if with_metadata else ""
+        lines.append(f"{rank:>3}  {r['id']:<{width}}  {r['score']:>7.4f}  {r['distance']:>8.4f}  {same:<9}{when}{about}".rstrip())
     return "\n".join(lines)

@@ -462,3 +462,18 @@ def test_format_results_table(client: SearchClient) -> None:
         {"id": "a.png", "score": 0.5, "distance": 1.0, "same_item": False, "timestamp_s": None}]}).splitlines()
     assert frames[1].split()[-2:] == ["video", "time"]  # the time has a column of its own, not the "same item" one
     assert frames[2].split()[-2:] == ["yes", "2.00s"] and frames[3].split()[-1] == "-"
+    assert "metadata" not in "\n".join(frames) and "metadata" not in text  # no column when no result has any
+
+
+def test_format_results_shows_metadata_in_a_last_column() -> None:
+    lines = format_results({"query": {"type": "item", "id": "a.png", "k": 3}, "results": [
+        {"id": "b.png", "score": 0.9, "distance": 0.4, "same_item": True, "timestamp_s": None,
+         "metadata": {"tags": ["cat", "indoor"], "source": "scanner", "year": 2020}},
+        {"id": "v.mp4#t=2.000", "score": 0.5, "distance": 1.0, "same_item": False, "timestamp_s": 2.0, "metadata": None},
+        {"id": "c.png", "score": 0.4, "distance": 1.1, "same_item": False, "metadata": {"source": "web", "tags": []}}],
+    }).splitlines()
+    assert lines[1].split()[-3:] == ["video", "time", "metadata"]
+    column = lines[1].index("metadata")
+    assert lines[2][column:] == "scanner #cat #indoor year=2020"  # source first, then #tags, then other fields
+    assert lines[3][column:] == "-" and lines[3].split()[-2] == "2.00s"
+    assert lines[4][column:] == "web"
