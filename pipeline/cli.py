@@ -22,8 +22,8 @@ import sys
 from collections.abc import Sequence
 
 from lookalike.pipeline.cli_options import (  # noqa: F401 (DEFAULT_WORKDIR, _float_in: re-exported)
-    DEFAULT_PORT, DEFAULT_WORKDIR, PORT, POSITIVE, _add_train_config, _add_workdir, _DefaultsHelpFormatter, _float_in,
-    _int_at_least, _print_json, _train_config, add_metadata_option,
+    DEFAULT_PORT, DEFAULT_WORKDIR, NON_EMPTY, PORT, POSITIVE, _add_train_config, _add_workdir, _DefaultsHelpFormatter, _float_in,
+    _int_at_least, _print_json, _train_config, add_metadata_option, attach_negative_values,
 )
 from lookalike.pipeline.cli_store import add_store_commands
 from lookalike.pipeline.logs import configure_logging
@@ -93,21 +93,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
-    from lookalike.serving.client import SearchClient, format_results
+    from lookalike.serving.client import SearchClient, format_results, parse_vector
 
+    vector = parse_vector(args.vector, "--vector") if args.vector is not None else None  # before any request
     client = SearchClient(args.url)
     filters = {key: value for key, value in (("kind", args.kind), ("group", args.group or None), ("source", args.source or None),
                                               ("tag", args.tag or None), ("max_per_group", args.max_per_group))
                if value is not None}
-    if args.image:
+    if args.image is not None:
         response = client.search_image(args.image, k=args.k, **filters)
-    elif args.id:
+    elif args.id is not None:
         response = client.similar(args.id, k=args.k, **filters)
     else:
-        try:
-            vector = [float(v) for v in args.vector.split(",")]
-        except ValueError:
-            raise ValueError(f"--vector expects comma-separated numbers, got {args.vector[:80]!r}") from None
         response = client.search_vector(vector, k=args.k, **filters)
     print(json.dumps(response, indent=2) if args.json else format_results(response))
     return 0
@@ -262,12 +259,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("query", help="ask a running server for similar images",
                        description="Examples: lookalike query --image cat.jpg; lookalike query --id 3/digit_0042.png; "
-                       "lookalike query --vector 0.1,0.2,...")
-    p.add_argument("--url", default=f"http://127.0.0.1:{DEFAULT_PORT}", help="server address")
+                       "lookalike query --vector -0.1,0.2,... Prints a table: rank, id, score, distance, same item, "
+                       "then a video time column when there are frames and a metadata column (source, #tags, "
+                       "name=value) when any result has metadata; --json for the whole response.")
+    p.add_argument("--url", default=f"http://127.0.0.1:{DEFAULT_PORT}",
+                   help="server address; without a scheme (127.0.0.1:8765) http:// is assumed")
     what = p.add_mutually_exclusive_group(required=True)
-    what.add_argument("--image", help="search by this image file")
-    what.add_argument("--id", help="search by a stored item id")
-    what.add_argument("--vector", help="search by an embedding, comma-separated floats")
+    what.add_argument("--image", type=NON_EMPTY, help="search by this image file")
+    what.add_argument("--id", type=NON_EMPTY, help="search by a stored item id")
+    what.add_argument("--vector", type=NON_EMPTY,
+                      help="search by an embedding, comma-separated finite numbers (no NaN or infinity); a first "
+                      "value below zero works as --vector -0.1,0.2 or --vector=-0.1,0.2")
     p.add_argument("-k", type=POSITIVE, default=10, help="number of results (1-100)")
     p.add_argument("--kind", choices=["image", "frame"], default=None, help="only images or only video frames")
     p.add_argument("--group", action="append", default=[], help="only this group / video id (repeatable)")
@@ -326,6 +328,8 @@ def interrupted_hint(args: argparse.Namespace) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     parser = build_parser()
+    # `query --vector -0.1,0.2`: argparse would take the value for an option
+    argv = attach_negative_values(sys.argv[1:] if argv is None else argv, ("--vector",))
     args, unknown = parser.parse_known_args(argv)
     if unknown and args.command != "embed":
         parser_of_command = args.subparsers.get(args.command, parser)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Sequence
 
 DEFAULT_WORKDIR = os.environ.get("LOOKALIKE_WORKDIR", "./lookalike-data")
 DEFAULT_PORT = 8765
@@ -48,6 +49,43 @@ def PORT(text: str) -> int:  # noqa: N802 (an argparse type, named like POSITIVE
     if value > 65535:
         raise argparse.ArgumentTypeError(f"must be a port between 0 and 65535, got {value}")
     return value
+
+
+def NON_EMPTY(text: str) -> str:  # noqa: N802 (an argparse type, named like POSITIVE)
+    """An argparse type: any text but the empty string (what an unset shell variable gives)."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty (an unset variable?)")
+    return text
+
+
+def _is_number_list(text: str) -> bool:
+    """Whether ``text`` is comma-separated numbers (``-0.1,0.2``; nan and inf count)."""
+    try:
+        [float(value) for value in text.split(",")]
+    except ValueError:
+        return False
+    return True
+
+
+def attach_negative_values(argv: Sequence[str], options: Sequence[str]) -> list[str]:
+    """``argv`` with ``OPTION VALUE`` written ``OPTION=VALUE`` for each of ``options`` whose
+    value starts with '-' and is comma-separated numbers: argparse takes ``-0.1,0.2`` for an
+    option and refuses ``--vector -0.1,0.2`` ("expected one argument"). Anything else, and
+    everything after ``--``, is left as it is."""
+    out: list[str] = []
+    at = 0
+    while at < len(argv):
+        arg = argv[at]
+        if arg == "--":
+            return out + list(argv[at:])
+        following = argv[at + 1] if at + 1 < len(argv) else None
+        if arg in options and following is not None and following.startswith("-") and _is_number_list(following):
+            out.append(f"{arg}={following}")
+            at += 2
+            continue
+        out.append(arg)
+        at += 1
+    return out
 
 
 class _DefaultsHelpFormatter(argparse.HelpFormatter):

@@ -189,6 +189,9 @@ def test_a_diverging_training_is_a_one_line_error_and_leaves_no_empty_run(tmp_pa
     (["embed", "--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
     (["embed", "--num-shards", "x"], "argument --num-shards: expected an integer, got 'x'"),
     (["query", "--id", "a", "-k", "0"], "argument -k: must be at least 1, got 0"),
+    (["query", "--id", ""], "argument --id: must not be empty (an unset variable?)"),  # not a traceback
+    (["query", "--image", ""], "argument --image: must not be empty"),
+    (["query", "--vector", ""], "argument --vector: must not be empty"),
     (["reindex", "--min-canary-overlap", "1.5"], "argument --min-canary-overlap: must be in [0, 1], got 1.5"),
     (["reindex", "--min-items-ratio", "2"], "argument --min-items-ratio: must be in [0, 1], got 2"),
     (["reindex", "--min-canary-self", "-1"], "argument --min-canary-self: must be in [0, 1], got -1"),
@@ -214,6 +217,10 @@ def test_reindex_config_defaults_to_the_served_models():
     (["eval", "--model", "--index"], "--model and --index evaluate different things"),
     (["versions", "list", "extra"], "versions list takes no VERSION (got 'extra')"),
     (["query", "--url", "http://127.0.0.1:9", "--vector", "0.1,abc"], "--vector expects comma-separated numbers, got '0.1,abc'"),
+    (["query", "--url", "http://127.0.0.1:9", "--vector", "0.1,nan,0.2"],
+     "--vector value nan at position 1 is not a finite number (NaN and infinity are not allowed)"),
+    (["query", "--url", "http://127.0.0.1:9", "--vector", "-inf,0.2"], "--vector value -inf at position 0 is not a finite"),
+    (["query", "--url", "ftp://127.0.0.1:9", "--id", "a"], "the server address 'ftp://127.0.0.1:9' has scheme ftp://"),
 ])
 def test_contradictory_or_malformed_input_is_a_clear_error(argv, message, tmp_path, capsys):
     from lookalike.pipeline.cli import main
@@ -305,3 +312,51 @@ def test_lock_conflict_has_its_own_exit_code_and_json_line(tmp_path):
         assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d WARNING lookalike: reindex skipped", out.stderr, re.MULTILINE), out.stderr
         out = run_cli("versions", "rollback", "--workdir", str(tmp_path), timeout=120)
         assert out.returncode == 75 and "another run holds" in out.stderr, out.stderr[-2000:]
+
+
+@pytest.fixture(scope="module")
+def tagged_url(tagged_store):
+    """The real server on 127.0.0.1 over conftest's tiny store with metadata (source, tags)."""
+    from lookalike.serving.app import create_app
+    from lookalike.serving.backend import load_backend
+    from lookalike.serving.server import serve_in_thread
+
+    backend = load_backend(tagged_store.root)
+    with serve_in_thread(create_app(lambda: backend)) as url:
+        yield url, backend
+
+
+def test_query_takes_a_negative_first_vector_value_and_an_address_without_scheme(tagged_url, capsys):
+    from lookalike.pipeline.cli import main
+
+    url, backend = tagged_url
+    vector = -next(v for v in backend.index.embeddings if v[0] > 0)  # "-0.2,..." looks like an option to argparse
+    text = ",".join(f"{v:.6f}" for v in vector)
+    assert text.startswith("-")
+    assert main(["query", "--url", url, "--vector", text, "-k", "2", "--json"]) == 0
+    spaced = json.loads(capsys.readouterr().out)
+    assert spaced["query"]["dim"] == len(vector) and len(spaced["results"]) == 2
+    assert main(["query", "--url", url, f"--vector={text}", "-k", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["results"] == spaced["results"]
+    assert main(["query", "--url", url.removeprefix("http://"), "--id", "3/digit_0003.png", "-k", "2", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["results"]) == 2
+    with pytest.raises(SystemExit):
+        main(["query", "--vector", "--json"])  # not numbers: still an option, so --vector lacks its value
+    assert "argument --vector: expected one argument" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exited:
+        main(["query", "--help"])
+    assert exited.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--vector -0.1,0.2 or --vector=-0.1,0.2" in help_text and "http:// is assumed" in help_text
+
+
+def test_query_table_shows_item_metadata(tagged_url, capsys, digit_metadata):
+    from lookalike.pipeline.cli import main
+
+    url, _ = tagged_url
+    assert main(["query", "--url", url, "--id", "3/digit_0003.png", "-k", "5", "--tag", "three"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].split()[-1] == "metadata"
+    for line in lines[2:]:
+        item_id = line.split()[1]
+        assert line.endswith("  web #odd #three"), (line, digit_metadata(item_id))
