@@ -349,6 +349,47 @@ def test_options_rerun_an_upload_and_id_searches_live_in_the_url(site, browser) 
     page.close()
 
 
+def test_any_k_the_api_takes_is_honoured_from_the_address_and_others_are_refused(site, browser) -> None:
+    from urllib.parse import quote
+
+    from playwright.sync_api import expect
+
+    url, _, backend = site
+    page = browser.new_page()
+    similar = []
+    page.on("request", lambda r: "/similar" in r.url and similar.append(r.url))
+    results, choices = page.locator("#results"), page.locator("#k option")
+    link = f"{url}/?id={quote(QUERY_ID, safe='')}&k="
+
+    # A k that is not one of "show"'s choices: searched with it, and added to the menu in order.
+    page.goto(link + "7")
+    expect(results).to_have_attribute("data-query", f"item:{QUERY_ID}")
+    expect(results.locator(".result")).to_have_count(7)
+    assert [r.split("/similar?")[1] for r in similar] == ["k=7"]
+    expect(page.locator("#k")).to_have_value("7")
+    assert choices.all_text_contents() == ["5", "7", "10", "20", "50", "100"]
+    page.goto(link + "1")
+    expect(results.locator(".result")).to_have_count(1)
+    assert choices.all_text_contents() == ["1", "5", "10", "20", "50", "100"]
+    assert result_ids(page) == [n.id for n in backend.index.similar_to(QUERY_ID, 1)]
+
+    # A k the API refuses: said so, no search with another k, the id ready for Find similar.
+    for bad in ("500", "0", "abc", "2.5"):
+        similar.clear()
+        page.goto(link + bad)
+        expect(page.locator("#status")).to_have_text(
+            f'The address asks for k={bad}, but "show" takes a whole number of results from 1 to 100: pick one and press Find similar.')
+        expect(page.locator("#status")).to_have_attribute("data-state", "error")
+        expect(page.locator("#item-id")).to_have_value(QUERY_ID)
+        expect(results.locator(".result")).to_have_count(0)
+        assert similar == []
+    page.select_option("#k", "5")
+    page.click("#similar-button")
+    expect(results.locator(".result")).to_have_count(5)
+    assert page.url.endswith("&k=5")
+    page.close()
+
+
 def test_feedback_when_the_server_is_down_stuck_or_a_thumbnail_broken(site, browser) -> None:
     from playwright.sync_api import expect
 
