@@ -2,7 +2,9 @@
 
 ``demo --no-serve`` on the real default (all 1,797 bundled digits), then ``serve`` as a
 separate process on 127.0.0.1 answering /healthz and finding a corpus image as its
-own best match, and ``query`` as its command-line client.
+own best match, and ``query`` as its command-line client; ``query``'s input handling
+and table also in process (``main``) against the real server on 127.0.0.1 over conftest's
+tiny store with metadata.
 """
 
 import json
