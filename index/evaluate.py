@@ -69,22 +69,33 @@ def retrieval_scores(neighbors: np.ndarray, query_labels: np.ndarray, labels: np
     ``labels`` is [N] (per corpus row), ``query_labels`` [Q]; M must be at least the
     largest R (other items with the query's label) for MAP@R to be exact.
     """
-    counts = Counter(labels.tolist())
     valid = neighbors >= 0
     hits = valid & (labels[np.maximum(neighbors, 0)] == query_labels[:, None])
     out = {"precision_at_1": float(hits[:, 0].mean())}
     for k in ks:
         out[f"recall_at_{k}"] = float(hits[:, :k].any(axis=1).mean())
-    ap = []
-    for q_hits, label in zip(hits, query_labels.tolist()):
+    ap = ap_at_r_per_query(neighbors, query_labels, labels)
+    out["map_at_r"] = float(np.nanmean(ap)) if not np.isnan(ap).all() else float("nan")
+    return out
+
+
+def ap_at_r_per_query(neighbors: np.ndarray, query_labels: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """AP@R of each query: [Q, M] neighbour rows (self excluded, -1 = none), [Q] query labels
+    and [N] corpus labels -> [Q] float64, ``(1/R) * sum_{i<=R} P(i) * rel(i)``; NaN for a
+    query whose label no other item has (R = 0: nothing to retrieve). MAP@R is their mean
+    over the other queries; two models' values on the same queries pair up query by query."""
+    counts = Counter(labels.tolist())
+    valid = neighbors >= 0
+    hits = valid & (labels[np.maximum(neighbors, 0)] == query_labels[:, None])
+    ap = np.full(len(query_labels), np.nan)
+    for q, (q_hits, label) in enumerate(zip(hits, query_labels.tolist())):
         r = counts[label] - 1
         if r <= 0:
             continue  # a label with a single item has nothing to retrieve
         rel = q_hits[:r].astype(np.float64)
         precision = np.cumsum(rel) / np.arange(1, len(rel) + 1)
-        ap.append(float((precision * rel).sum() / r))
-    out["map_at_r"] = float(np.mean(ap)) if ap else float("nan")
-    return out
+        ap[q] = float((precision * rel).sum() / r)
+    return ap
 
 
 def evaluate_index(
