@@ -73,7 +73,7 @@ def add_store_commands(sub) -> None:
     """Register ``reindex`` and ``versions`` on the ``lookalike`` subcommand parser ``sub``."""
     p = sub.add_parser("reindex", help="retrain, evaluate, re-embed, validate and promote (the cron job)",
                        description="Trains a candidate (warm start from the served model), keeps it only if it beats "
-                       "the served model on the frozen evaluation set, embeds the corpus incrementally, builds and "
+                       "the served model on the frozen evaluation set by more than noise, embeds the corpus incrementally, builds and "
                        "autotunes a new index, validates it (recall, item count, canaries, compatibility) and "
                        "promotes it atomically; a running server hot-swaps to it. A rejected or failing candidate "
                        "model still lets the corpus update embedded with the served model be promoted. Exit codes: "
@@ -92,8 +92,9 @@ def add_store_commands(sub) -> None:
     metadata.add_argument("--no-metadata", action="store_true",
                           help="publish without item metadata, even when the served index has some")
     p.add_argument("--min-improvement", type=float, default=0.0,
-                   help="the candidate's MAP@R must beat the served model's by more than this (default 0)")
-    p.add_argument("--force", action="store_true", help="use the candidate even if it is not better")
+                   help="the candidate's MAP@R must beat the served model's by more than this, and by more "
+                   "than noise: 2 standard errors of the paired per-query AP@R difference (default 0)")
+    p.add_argument("--force", action="store_true", help="use the candidate even if it is not better beyond noise")
     p.add_argument("--target-recall", type=_float_in(0.0, 1.0, low_open=True), default=0.95, help="ANN recall@10 the new index must reach")
     p.add_argument("--min-canary-overlap", type=_float_in(0.0, 1.0), default=0.2,
                    help="same model as served: least mean overlap@10 of canary queries between served and new "

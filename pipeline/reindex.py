@@ -7,8 +7,10 @@ Steps (each timed, logged and written into the run report):
 2. ``evaluate``: candidate and current model on the frozen evaluation set
    (``DIR/eval/frozen.json``: readable images of each class, made on the first run and
    checked before training; images gone or unreadable since are left out, and a set with
-   less than half left is made again): MAP@R and Recall@K. The candidate
-   goes on only if its MAP@R beats the current one by ``min_improvement`` (or ``force``).
+   less than half left is made again): MAP@R and Recall@K. The candidate goes on only if
+   it is better beyond noise (``reindex_checks.gate``): the mean over the evaluation queries
+   of its AP@R minus the served model's (paired, query by query) must exceed both
+   ``min_improvement`` and 2 standard errors of that mean; or with ``force``.
 3. ``embed``: the Beam pipeline, incremental (the cache is per model version, so a new
    model re-embeds everything and an unchanged one embeds only new or changed media),
    with the ``metadata`` file joined onto the items (by default the one the served index
@@ -49,7 +51,7 @@ from lookalike.model.store import Store, StoreError
 from lookalike.pipeline.failpoints import failpoint
 from lookalike.pipeline.lock import StoreLock
 from lookalike.pipeline.reindex_checks import (  # noqa: F401 (re-exported)
-    ValidationError, evaluate_model, frozen_eval_set, usable_eval_ids, validate,
+    GateDecision, ValidationError, evaluate_model, frozen_eval_set, gate, usable_eval_ids, validate,
 )
 from lookalike.pipeline.versions import (
     clean_candidates, clean_partial, discard_candidate, mark_candidate, promote, prune, unmark_candidate,
@@ -68,7 +70,7 @@ class ReindexConfig:
     train: TrainConfig | None = None  # None: the served model's own config (else the digits preset)
     train_overrides: list[str] = field(default_factory=list)  # KEY=VALUE applied when ``train`` is None
     corpus: str | None = None
-    min_improvement: float = 0.0  # candidate MAP@R must exceed current by more than this
+    min_improvement: float = 0.0  # candidate MAP@R must exceed current by more than this (and by more than noise)
     force: bool = False
     target_recall: float = 0.95
     min_canary_overlap: float = 0.2  # same model: neighbour overlap@10 of canaries, served vs new index
@@ -183,18 +185,19 @@ def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport) -> No
         if len(ids) < 2:
             raise StoreError(f"evaluation images in {corpus} went away during training: {len(gone)} unusable, "
                              f"{len(ids)} left (e.g. {next(iter(gone.items()), ('-', '-'))})")
-        cand = evaluate_model(trained.model_dir, corpus, ids)
+        cand, cand_ap = evaluate_model(trained.model_dir, corpus, ids)
         report.metrics["candidate"] = cand
-        accept = True
+        cur_ap = None
         if current_model_dir is not None:
-            cur = evaluate_model(current_model_dir, corpus, ids)
-            report.metrics["current"] = cur
-            accept = config.force or cand["map_at_r"] > cur["map_at_r"] + config.min_improvement
+            report.metrics["current"], cur_ap = evaluate_model(current_model_dir, corpus, ids)
+        decision = gate(cand_ap, cur_ap, config.min_improvement, config.force)
+        accept = decision.accepted
         report.chosen_model = trained.version if accept else report.current_model
         report.metrics["candidate_accepted"] = accept
+        report.metrics["gate"] = decision.as_metrics()
         current_map = report.metrics.get("current", {}).get("map_at_r")
-        log.info("candidate %s %s (MAP@R %.4f vs current %s, on %d evaluation images)", trained.version,
-                 "accepted" if accept else "rejected", cand["map_at_r"],
+        log.info("candidate %s %s: %s (MAP@R %.4f vs current %s, on %d evaluation images)", trained.version,
+                 "accepted" if accept else "rejected", decision.reason, cand["map_at_r"],
                  "none" if current_map is None else f"{current_map:.4f}", len(ids))
     if accept:
         try:
@@ -210,8 +213,8 @@ def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport) -> No
             report.chosen_model, report.new_index = report.current_model, None
             why = f"candidate model {trained.version} failed: {report.candidate_error}"
     else:
-        why = (f"candidate model {trained.version} not better (MAP@R {cand['map_at_r']:.4f} vs served "
-               f"{report.metrics['current']['map_at_r']:.4f})")
+        why = (f"candidate model {trained.version} not better beyond noise (MAP@R {cand['map_at_r']:.4f} vs served "
+               f"{report.metrics['current']['map_at_r']:.4f}; {decision.reason})")
     if report.outcome != "promoted":
         store.set_rejected_model(trained.version)  # kept for inspection: pruning spares the latest rejected one
         try:

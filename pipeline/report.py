@@ -84,6 +84,9 @@ def write_report(store: Store, report, started_unix_s: float) -> Path:
           f"- candidate model: {report.candidate_model}; chosen: {report.chosen_model}",
           f"- new index: {report.new_index}", ""]
     md += _side_by_side(report.metrics) + [""]
+    gate = report.metrics.get("gate")
+    if gate:
+        md += [f"Gate: candidate {'accepted' if gate.get('accepted') else 'rejected'}: {gate.get('reason')}", ""]
     index = report.metrics.get("index")
     if index:
         md += [f"Index: {index.get('mode')}, {index.get('count')} items, recall@10 {index.get('recall')}, "

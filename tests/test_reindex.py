@@ -103,6 +103,40 @@ def test_worse_candidate_is_rejected_and_current_kept(store, tiny_config):
     assert store.latest_model() == report.current_model != report.candidate_model
 
 
+def test_candidate_of_equal_quality_is_rejected_as_within_noise(store, tiny_config, caplog):
+    """Warm-started from the served model and barely moved (a tiny learning rate): its MAP@R
+    comes out a little higher (a plain comparison would promote it and re-embed everything),
+    but the paired per-query difference is within 2 standard errors."""
+    before = store.current_index()
+    same = apply_overrides(tiny_config, ["learning_rate=0.0001"])
+    with caplog.at_level("INFO", logger="lookalike.pipeline.reindex"):
+        report = run_reindex(ReindexConfig(workdir=str(store.root), train=same))
+    gate = report.metrics["gate"]
+    assert report.metrics["candidate"]["map_at_r"] > report.metrics["current"]["map_at_r"]  # noise, not quality
+    assert (report.outcome, report.exit_code) == ("kept_current", 3), report.reason
+    assert gate["accepted"] is False and gate["reason"].startswith("within noise"), gate
+    assert 0 < gate["mean_diff"] <= gate["noise_margin"] == pytest.approx(2 * gate["stderr"]) and gate["queries"] > 50
+    assert gate["mean_diff"] == pytest.approx(report.metrics["candidate"]["map_at_r"]
+                                              - report.metrics["current"]["map_at_r"])
+    assert "within noise" in report.reason and store.current_index() == before
+    assert any("rejected: within noise" in r.getMessage() and "standard error" in r.getMessage()
+               for r in caplog.records)
+    report_md = max((store.root / "reports").glob("*/report.md"), key=lambda p: p.stat().st_mtime).read_text()
+    assert "Gate: candidate rejected: within noise" in report_md
+
+
+def test_clearly_better_candidate_is_promoted_without_force(store, tiny_config):
+    barely = apply_overrides(tiny_config, ["num_steps=1", "embed_dim=4"])  # a poor model, served by force
+    poor = run_reindex(ReindexConfig(workdir=str(store.root), train=barely, force=True))
+    assert poor.outcome == "promoted" and poor.metrics["gate"]["reason"].startswith("forced (would be rejected")
+    trained = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config))  # other shape: trained afresh
+    gate = trained.metrics["gate"]
+    assert (trained.outcome, trained.exit_code) == ("promoted", 0), trained.reason
+    assert gate["accepted"] is True and gate["reason"].startswith("better beyond noise") and not gate["forced"]
+    assert gate["mean_diff"] > gate["noise_margin"] > 0
+    assert store.latest_model() == trained.candidate_model
+
+
 def run_cli_reindex(store: Store, env_extra: dict[str, str]) -> subprocess.CompletedProcess:
     exe = str(Path(sys.executable).with_name("lookalike"))
     env = {**os.environ, **env_extra}

@@ -4,6 +4,7 @@
 import json
 
 import numpy as np
+import pytest
 import pyarrow as pa
 from PIL import Image
 
@@ -84,3 +85,40 @@ def test_frozen_set_is_at_most_half_of_each_class_and_marked_held_out(tmp_path):
     assert json.loads((store.root / "eval" / "frozen.json").read_text())["held_out"] is True
     (store.root / "eval" / "frozen.json").write_text(json.dumps({"ids": [f"0/{i}.png" for i in range(6)]}))
     assert len(frozen_eval_set(store, corpus, per_class=10)) == 6  # a set from before held-out sets is remade
+
+
+def test_gate_rejects_a_noise_level_gain_that_a_plain_map_comparison_would_take():
+    """The reviewer's case: MAP@R 0.9701 vs 0.9692 on ~300 queries, the candidate better on
+    some queries and worse on others: a gain of +0.0009 is well within noise."""
+    from lookalike.pipeline.reindex_checks import gate
+
+    rng = np.random.default_rng(0)
+    current = np.clip(rng.normal(0.97, 0.08, 300), 0, 1)
+    candidate = np.clip(current + rng.normal(0.0, 0.03, 300), 0, 1)
+    candidate += 0.0009 - (candidate - current).mean()  # exactly the reviewer's gain
+    assert np.nanmean(candidate) > np.nanmean(current)  # what the old gate accepted
+    decision = gate(candidate, current)
+    assert not decision.accepted and decision.reason.startswith("within noise"), decision.reason
+    assert decision.mean_diff == pytest.approx(0.0009) and decision.queries == 300
+    assert decision.noise_margin == pytest.approx(2 * decision.stderr) and decision.noise_margin > 0.0009
+    forced = gate(candidate, current, force=True)
+    assert forced.accepted and forced.reason.startswith("forced (would be rejected: within noise")
+
+
+def test_gate_accepts_a_clear_gain_and_honours_the_minimum_improvement():
+    from lookalike.pipeline.reindex_checks import gate
+
+    rng = np.random.default_rng(1)
+    current = rng.uniform(0.5, 0.9, 200)
+    candidate = current + 0.05 + rng.normal(0.0, 0.02, 200)
+    current[[3, 7]] = np.nan  # alone in their class: not queries, for either model
+    candidate[[3, 7]] = np.nan
+    decision = gate(candidate, current)
+    assert decision.accepted and decision.reason.startswith("better beyond noise"), decision.reason
+    assert decision.queries == 198 and decision.mean_diff > decision.noise_margin
+    assert decision.as_metrics()["accepted"] is True
+    too_small = gate(candidate, current, min_improvement=0.1)
+    assert not too_small.accepted and too_small.reason.startswith("too small"), too_small.reason
+    assert not gate(current, current).accepted and gate(current, current).reason.startswith("not better")
+    assert gate(candidate, None).accepted  # nothing served: nothing to compare with
+    assert not gate(np.array([0.9, np.nan]), np.array([0.1, np.nan])).accepted  # one query cannot tell
