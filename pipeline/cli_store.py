@@ -17,8 +17,9 @@ REPORT_KEYS = ("outcome", "reason", "exit_code", "previous_index", "new_index", 
 
 
 def cmd_reindex(args: argparse.Namespace) -> int:
+    from lookalike.pipeline.interrupts import sigterm_as_interrupt, stop_exit_status, stop_reason, terminated
     from lookalike.pipeline.lock import LockHeldError
-    from lookalike.pipeline.reindex import EXIT_LOCKED, ReindexConfig, report_dict, run_reindex
+    from lookalike.pipeline.reindex import EXIT_LOCKED, ReindexConfig, ReindexInterrupted, report_dict, run_reindex
 
     config = ReindexConfig(
         workdir=args.workdir, train=_train_config(args) if args.config else None, train_overrides=args.overrides,
@@ -29,17 +30,37 @@ def cmd_reindex(args: argparse.Namespace) -> int:
         no_metadata=args.no_metadata,
     )
     try:
-        report = run_reindex(config)
+        with sigterm_as_interrupt():  # kill, systemd stop, a timeout: stop as for Ctrl-C, with a report
+            report = run_reindex(config)
     except LockHeldError as e:  # not a failure of this run: another one is at work
         log.warning("reindex skipped: %s", e)
         locked = {"outcome": "locked", "reason": str(e), "exit_code": EXIT_LOCKED}
         _print_json({key: locked.get(key) for key in REPORT_KEYS})
         return EXIT_LOCKED
+    except KeyboardInterrupt as e:
+        stopped = e.report if isinstance(e, ReindexInterrupted) else None
+        if stopped is not None:  # the outcome line a cron log expects, with the exit status of the signal
+            data = report_dict(stopped)
+            _print_json({**{k: data[k] for k in REPORT_KEYS}, "exit_code": stop_exit_status()})
+        if not terminated():
+            raise  # Ctrl-C: `lookalike` ends with its one line and status 130
+        print(f"lookalike reindex: {stop_reason()}: {served_after_stop(args.workdir, stopped)}", file=sys.stderr)
+        return stop_exit_status()
     data = report_dict(report)
     _print_json({k: data[k] for k in REPORT_KEYS})
     if report.outcome == "failed":
         print(f"lookalike reindex: failed, nothing promoted: {report.reason}", file=sys.stderr)
     return report.exit_code
+
+
+def served_after_stop(workdir: str, report) -> str:
+    """What serves after a stopped run, for its last line: CURRENT named, and whether it is unchanged."""
+    from lookalike.model.store import Store
+
+    current = Store.at(workdir).current_index_or_none()
+    if report is not None and report.previous_index != current:
+        return f"CURRENT is {current}, promoted by this run before it stopped"
+    return f"CURRENT is unchanged ({current}); the next run removes what this one left"
 
 
 def cmd_versions(args: argparse.Namespace) -> int:
@@ -78,7 +99,9 @@ def add_store_commands(sub) -> None:
                        "promotes it atomically; a running server hot-swaps to it. A rejected or failing candidate "
                        "model still lets the corpus update embedded with the served model be promoted. Exit codes: "
                        "0 promoted (new model), 4 corpus updated with the served model, 3 kept current (nothing "
-                       "new), 1 failed (nothing promoted), 75 another run holds the store lock (nothing done). "
+                       "new), 1 failed (nothing promoted), 75 another run holds the store lock (nothing done), 130 Ctrl-C and "
+                       "143 SIGTERM (the run stops as a whole, its report says so, CURRENT unchanged unless "
+                       "already promoted). "
                        "Example crontab line: "
                        "0 3 * * * lookalike reindex --workdir /srv/lookalike")
     _add_workdir(p)

@@ -33,7 +33,9 @@ if it validates; an unchanged corpus keeps the current version (``kept_current``
 
 The store lock allows one run at a time and detects a dead run's lock; temporary folders
 a killed run left are removed. A kill at any step leaves ``CURRENT`` untouched, because
-nothing but step 6 writes it. For crash tests, ``LOOKALIKE_FAILPOINT=<step>`` makes the
+nothing but step 6 writes it. Ctrl-C, and SIGTERM when the caller runs the job inside
+``interrupts.sigterm_as_interrupt()`` (the CLI does), stop the step under way, release the
+lock and write the report (outcome ``failed``, the signal as reason). For crash tests, ``LOOKALIKE_FAILPOINT=<step>`` makes the
 process SIGKILL itself as that step starts.
 """
 
@@ -49,6 +51,7 @@ from typing import Any
 from lookalike.model.config import TrainConfig
 from lookalike.model.store import Store, StoreError
 from lookalike.pipeline.failpoints import failpoint
+from lookalike.pipeline.interrupts import stop_reason
 from lookalike.pipeline.lock import StoreLock
 from lookalike.pipeline.reindex_checks import (  # noqa: F401 (re-exported)
     GateDecision, ValidationError, evaluate_model, frozen_eval_set, gate, usable_eval_ids, validate,
@@ -103,6 +106,15 @@ class ReindexReport:
                 "kept_current": EXIT_KEPT_CURRENT}.get(self.outcome, EXIT_FAILED)
 
 
+class ReindexInterrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C or SIGTERM (see ``lookalike.pipeline.interrupts``): its report
+    (outcome ``failed``, the reason naming the signal) is written and held in ``report``."""
+
+    def __init__(self, report: ReindexReport):
+        super().__init__(report.reason)
+        self.report = report
+
+
 class _Steps:
     """Times each step into the report and honours failpoints."""
 
@@ -121,15 +133,23 @@ class _Steps:
 
             def __exit__(self, exc_type, exc, tb):
                 elapsed = round(time.perf_counter() - self.start, 3)
+                # str(KeyboardInterrupt()) is empty: say which signal stopped the step
+                error = (None if exc is None else stop_reason() if isinstance(exc, KeyboardInterrupt)
+                         else str(exc) or type(exc).__name__)
                 steps.report.steps.append({"step": name, "seconds": elapsed, "ok": exc is None,
-                                           **({"error": str(exc)} if exc else {})})
-                log.info("reindex step %s %s in %.1fs", name, "done" if exc is None else f"failed: {exc}", elapsed)
+                                           **({"error": error} if exc else {})})
+                outcome = ("done" if exc is None else error if isinstance(exc, KeyboardInterrupt) else f"failed: {error}")
+                log.info("reindex step %s %s in %.1fs", name, outcome, elapsed)
 
         return _Step()
 
 
 def run_reindex(config: ReindexConfig) -> ReindexReport:
-    """Run every step under the store lock; returns the report (also written to DIR/reports/)."""
+    """Run every step under the store lock; returns the report (also written to DIR/reports/).
+
+    Ctrl-C (or SIGTERM inside ``interrupts.sigterm_as_interrupt()``) stops the run: the lock
+    is released, the report is written with outcome ``failed`` and the signal as reason, and
+    ReindexInterrupted (a KeyboardInterrupt) carries it to the caller."""
     store = Store.at(config.workdir)
     if not store.root.is_dir():
         raise StoreError(f"store {store.root} does not exist: run `lookalike demo --workdir {store.root} --no-serve` first")
@@ -147,9 +167,9 @@ def run_reindex(config: ReindexConfig) -> ReindexReport:
         except Exception as e:
             report.outcome, report.reason = "failed", f"{type(e).__name__}: {e}"
             log.error("reindex failed, CURRENT unchanged (%s): %s", store.current_index_or_none(), report.reason)
-        except KeyboardInterrupt:
-            report.outcome, report.reason = "failed", "interrupted (SIGINT)"
-            raise
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM within interrupts.sigterm_as_interrupt()
+            report.outcome, report.reason = "failed", stop_reason()
+            raise ReindexInterrupted(report) from e
         finally:
             from lookalike.pipeline.report import write_report
 

@@ -188,6 +188,50 @@ def test_ctrl_c_during_a_step_says_in_one_line_what_is_served_and_the_next_run_g
     assert not list(store.indexes_dir.glob(".tmp-*")) and not (store.root / ".reindex.lock").exists()
 
 
+@pytest.mark.parametrize("signum, failpoint", [
+    (signal.SIGTERM, "train.after_checkpoint.15:wait"),  # mid-training (tiny checkpoints at step 15 of 30)
+    (signal.SIGTERM, "embed_batch_1:wait"),  # inside the Beam pipeline
+    (signal.SIGINT, "train.after_checkpoint.15:wait"),
+])
+def test_sigterm_or_ctrl_c_mid_step_writes_the_report_and_says_current_is_unchanged(store, signum, failpoint):
+    """`kill PID` (systemd, a cron timeout) stops a run as Ctrl-C does: the step's log line and
+    the report name the signal, the lock is released, one last line names CURRENT, and the
+    exit status is 128 + the signal. Without a handler SIGTERM ended it on the spot."""
+    before = store.current_index()
+    exe = str(Path(sys.executable).with_name("lookalike"))
+    job = subprocess.Popen([exe, "reindex", "--workdir", str(store.root), "--config", "tiny", "--force"],
+                           env={**os.environ, "LOOKALIKE_FAILPOINT": failpoint},
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    seen = []
+    while not any("waiting" in line and "failpoint" in line for line in seen):
+        line = job.stderr.readline()
+        assert line, "".join(seen)[-3000:]
+        seen.append(line)
+    if signum == signal.SIGTERM:
+        os.kill(job.pid, signum)  # to the lookalike process only, as `kill PID` does
+    else:
+        os.killpg(job.pid, signum)  # Ctrl-C: the terminal signals the whole process group
+    out, err = job.communicate(timeout=120)
+    err = "".join(seen) + err
+    name, reason = ("SIGTERM", "terminated (SIGTERM)") if signum == signal.SIGTERM else ("SIGINT", "interrupted (SIGINT)")
+    step = "train" if failpoint.startswith("train") else "embed"
+    assert job.returncode == 128 + signum and "Traceback" not in err, (job.returncode, err[-3000:])
+    assert f"reindex step {step} {reason} in " in err, err[-3000:]  # not an empty "failed: "
+    last = err.strip().splitlines()[-1]
+    if signum == signal.SIGTERM:
+        assert last == (f"lookalike reindex: terminated (SIGTERM): CURRENT is unchanged ({before}); the next run "
+                        "removes what this one left"), err[-3000:]
+    else:
+        assert last.startswith(f"lookalike reindex: interrupted: CURRENT is {before}"), err[-3000:]
+    outcome = json.loads(out)
+    assert (outcome["outcome"], outcome["reason"], outcome["exit_code"]) == ("failed", reason, 128 + signum), name
+    report = json.loads(sorted(store.root.glob("reports/r-*/report.json"))[-1].read_text())
+    assert (report["outcome"], report["reason"]) == ("failed", reason)
+    assert [s for s in report["steps"] if s["step"] == step][-1]["error"] == reason
+    assert not (store.root / ".reindex.lock").exists()  # released on the way out, not left by a dead process
+    assert store.current_index() == before
+
+
 def test_one_run_at_a_time(store, tiny_config):
     with StoreLock(store.root):
         with pytest.raises(LockHeldError, match="another run holds"):

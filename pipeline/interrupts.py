@@ -1,0 +1,65 @@
+"""SIGTERM stops a long job as Ctrl-C does.
+
+``kill PID``, a systemd stop or a cron/``timeout`` limit sends SIGTERM, whose default action
+ends the process on the spot: no log line, no report, nothing cleaned up. Inside
+``sigterm_as_interrupt()`` SIGTERM is handed to the SIGINT handler in force instead (Python's
+own, which raises KeyboardInterrupt, or the embed pipeline's, which also stops its worker
+processes), so every ``except KeyboardInterrupt`` / ``finally`` of the job runs, and
+``stop_reason()`` tells the two signals apart for the job's report and its last line.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+
+log = logging.getLogger(__name__)
+
+_received: int | None = None  # the signal that stopped the job (None: none, or Ctrl-C)
+
+
+def stop_reason() -> str:
+    """Why the job got KeyboardInterrupt: ``terminated (SIGTERM)`` or ``interrupted (SIGINT)``."""
+    return "terminated (SIGTERM)" if _received == signal.SIGTERM else "interrupted (SIGINT)"
+
+
+def stop_exit_status() -> int:
+    """The shell's status for the stopping signal: 143 (128 + SIGTERM) or 130 (128 + SIGINT)."""
+    return 128 + (signal.SIGTERM if _received == signal.SIGTERM else signal.SIGINT)
+
+
+def terminated() -> bool:
+    """True once SIGTERM arrived inside ``sigterm_as_interrupt()``."""
+    return _received == signal.SIGTERM
+
+
+def _on_sigterm(signum: int, frame: FrameType | None) -> None:
+    global _received
+    if _received == signal.SIGTERM:
+        return  # already stopping: a second SIGTERM must not cut the cleanup short
+    _received = signum
+    log.warning("SIGTERM received: stopping as for Ctrl-C")
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)  # raises KeyboardInterrupt (and e.g. stops the embed workers first)
+    raise KeyboardInterrupt
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises KeyboardInterrupt in the main thread through the SIGINT
+    handler in force; outside (and in other threads, where handlers cannot be set) nothing changes."""
+    global _received
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _received = None
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
