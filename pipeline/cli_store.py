@@ -6,9 +6,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 from lookalike.pipeline.cli_options import (POSITIVE, _add_train_config, _add_workdir, _float_in, _print_json, _train_config,
                                             add_metadata_option)
+
+if TYPE_CHECKING:
+    from lookalike.pipeline.reindex import ReindexReport
 
 log = logging.getLogger("lookalike")
 
@@ -53,7 +57,7 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     return report.exit_code
 
 
-def served_after_stop(workdir: str, report) -> str:
+def served_after_stop(workdir: str, report: ReindexReport | None) -> str:
     """What serves after a stopped run, for its last line: CURRENT named, and whether it is unchanged."""
     from lookalike.model.store import Store
 
@@ -94,13 +98,13 @@ def add_store_commands(sub) -> None:
     """Register ``reindex`` and ``versions`` on the ``lookalike`` subcommand parser ``sub``."""
     p = sub.add_parser("reindex", help="retrain, evaluate, re-embed, validate and promote (the cron job)",
                        description="Trains a candidate (warm start from the served model), keeps it only if it beats "
-                       "the served model on the frozen evaluation set by more than noise, embeds the corpus incrementally, builds and "
-                       "autotunes a new index, validates it (recall, item count, canaries, compatibility) and "
+                       "the served model on the frozen evaluation set by more than noise, embeds the corpus "
+                       "incrementally, builds and autotunes a new index, validates it (recall, item count, canaries, compatibility) and "
                        "promotes it atomically; a running server hot-swaps to it. A rejected or failing candidate "
                        "model still lets the corpus update embedded with the served model be promoted. Exit codes: "
                        "0 promoted (new model), 4 corpus updated with the served model, 3 kept current (nothing "
-                       "new), 1 failed (nothing promoted), 75 another run holds the store lock (nothing done), 130 Ctrl-C and "
-                       "143 SIGTERM (the run stops as a whole, its report says so, CURRENT unchanged unless "
+                       "new), 1 failed (nothing promoted), 75 another run holds the store lock (nothing done), "
+                       "130 Ctrl-C and 143 SIGTERM (the run stops as a whole, its report says so, CURRENT unchanged unless "
                        "already promoted). "
                        "Example crontab line: "
                        "0 3 * * * lookalike reindex --workdir /srv/lookalike")

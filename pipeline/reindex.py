@@ -35,8 +35,8 @@ The store lock allows one run at a time and detects a dead run's lock; temporary
 a killed run left are removed. A kill at any step leaves ``CURRENT`` untouched, because
 nothing but step 6 writes it. Ctrl-C, and SIGTERM when the caller runs the job inside
 ``interrupts.sigterm_as_interrupt()`` (the CLI does), stop the step under way, release the
-lock and write the report (outcome ``failed``, the signal as reason). For crash tests, ``LOOKALIKE_FAILPOINT=<step>`` makes the
-process SIGKILL itself as that step starts.
+lock and write the report (outcome ``failed``, the signal as reason). For crash tests,
+``LOOKALIKE_FAILPOINT=<step>`` makes the process SIGKILL itself as that step starts.
 """
 
 from __future__ import annotations
@@ -138,7 +138,8 @@ class _Steps:
                          else str(exc) or type(exc).__name__)
                 steps.report.steps.append({"step": name, "seconds": elapsed, "ok": exc is None,
                                            **({"error": error} if exc else {})})
-                outcome = ("done" if exc is None else error if isinstance(exc, KeyboardInterrupt) else f"failed: {error}")
+                outcome = ("done" if exc is None else error if isinstance(exc, KeyboardInterrupt)
+                           else f"failed: {error}")
                 log.info("reindex step %s %s in %.1fs", name, outcome, elapsed)
 
         return _Step()

@@ -213,7 +213,7 @@ def test_sigterm_or_ctrl_c_mid_step_writes_the_report_and_says_current_is_unchan
         os.killpg(job.pid, signum)  # Ctrl-C: the terminal signals the whole process group
     out, err = job.communicate(timeout=120)
     err = "".join(seen) + err
-    name, reason = ("SIGTERM", "terminated (SIGTERM)") if signum == signal.SIGTERM else ("SIGINT", "interrupted (SIGINT)")
+    reason = "terminated (SIGTERM)" if signum == signal.SIGTERM else "interrupted (SIGINT)"
     step = "train" if failpoint.startswith("train") else "embed"
     assert job.returncode == 128 + signum and "Traceback" not in err, (job.returncode, err[-3000:])
     assert f"reindex step {step} {reason} in " in err, err[-3000:]  # not an empty "failed: "
@@ -224,7 +224,7 @@ def test_sigterm_or_ctrl_c_mid_step_writes_the_report_and_says_current_is_unchan
     else:
         assert last.startswith(f"lookalike reindex: interrupted: CURRENT is {before}"), err[-3000:]
     outcome = json.loads(out)
-    assert (outcome["outcome"], outcome["reason"], outcome["exit_code"]) == ("failed", reason, 128 + signum), name
+    assert (outcome["outcome"], outcome["reason"], outcome["exit_code"]) == ("failed", reason, 128 + signum)
     report = json.loads(sorted(store.root.glob("reports/r-*/report.json"))[-1].read_text())
     assert (report["outcome"], report["reason"]) == ("failed", reason)
     assert [s for s in report["steps"] if s["step"] == step][-1]["error"] == reason
