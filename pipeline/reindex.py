@@ -54,7 +54,8 @@ from lookalike.pipeline.failpoints import failpoint
 from lookalike.pipeline.interrupts import stop_reason
 from lookalike.pipeline.lock import StoreLock
 from lookalike.pipeline.reindex_checks import (  # noqa: F401 (re-exported)
-    GateDecision, ValidationError, evaluate_model, frozen_eval_set, gate, usable_eval_ids, validate,
+    GateDecision, ValidationError, choose_eval_set, evaluate_model, frozen_eval_set, gate, save_eval_set, usable_eval_ids,
+    validate,
 )
 from lookalike.pipeline.versions import (
     clean_candidates, clean_partial, discard_candidate, mark_candidate, promote, prune, unmark_candidate,
@@ -192,7 +193,9 @@ def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport) -> No
     report.current_model = current_index.model_version if current_index else None
     current_model_dir = store.require_model(report.current_model) if report.current_model else None
     config = replace(config, metadata=resolve_metadata(config, current_index, report.previous_index))
-    ids = frozen_eval_set(store, corpus, config.eval_per_class)  # a corpus that cannot be evaluated fails before training
+    # a corpus that cannot be evaluated fails before training; a new set is saved once the run succeeds
+    eval_set, new_eval_set = choose_eval_set(store, corpus, config.eval_per_class)
+    ids = eval_set
     train_config = resolve_train_config(config, current_model_dir)
     with step("train"):
         # not LATEST yet: a candidate that is rejected or fails validation must not become what `embed` uses
@@ -245,8 +248,10 @@ def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport) -> No
         report.outcome = "corpus_updated" if updated else "kept_current"
         report.reason = f"{why}; " + (f"corpus update embedded with the served model {report.current_model} promoted"
                                       if updated else "the corpus is unchanged")
-        if not updated:
-            return
+    if new_eval_set:  # the run succeeded: its new evaluation set is the frozen one from now on
+        save_eval_set(store, eval_set, corpus)
+    if report.outcome == "kept_current":
+        return
     with step("prune"):
         report.metrics["pruned"] = prune(store, config.keep_versions, locked=True)
 

@@ -85,6 +85,22 @@ def _sample_eval_set(corpus: Path, per_class: int, seed: int) -> list[str]:
 
 
 def frozen_eval_set(store: Store, corpus: Path, per_class: int, seed: int = 0) -> list[str]:
+    """``choose_eval_set``, a new set saved at once (``save_eval_set``)."""
+    ids, new = choose_eval_set(store, corpus, per_class, seed)
+    if new:
+        save_eval_set(store, ids, corpus)
+    return ids
+
+
+def save_eval_set(store: Store, ids: list[str], corpus: Path) -> None:
+    """Write ``ids`` as the frozen evaluation set (``DIR/eval/frozen.json``)."""
+    path = store.root / "eval" / "frozen.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"ids": ids, "held_out": True, "created_unix_s": time.time()}, indent=1) + "\n")
+    log.info("evaluation set %s: %d images of %s", path, len(ids), corpus)
+
+
+def choose_eval_set(store: Store, corpus: Path, per_class: int, seed: int = 0) -> tuple[list[str], bool]:
     """Corpus-relative ids of the frozen evaluation images: made once (``per_class`` readable
     images of each class folder, at most half of it) and reused, so runs compare models on
     the same images. They are held out: the reindex job trains candidates without them, so
@@ -96,7 +112,9 @@ def frozen_eval_set(store: Store, corpus: Path, per_class: int, seed: int = 0) -
     half of the set (or fewer than 2 images) are usable, a new set is made from the corpus;
     likewise when the set is smaller than a new one would be by half or more (it was made
     while the corpus was small, e.g. mostly vanished, and the corpus has grown since), so a
-    tiny set does not stay for good. StoreError if the corpus has no 2 readable images in class folders."""
+    tiny set does not stay for good. StoreError if the corpus has no 2 readable images in class folders.
+    Returns (ids, True for a new set, not saved yet: the reindex job saves it only when the run
+    succeeds, so a failed run on a corpus that is briefly mostly gone keeps the old set)."""
     path = store.root / "eval" / "frozen.json"
     if path.is_file():
         try:
@@ -117,7 +135,7 @@ def frozen_eval_set(store: Store, corpus: Path, per_class: int, seed: int = 0) -
             if len(usable) >= 2 and 2 * len(usable) >= len(ids):
                 possible = _sample_size(_images_by_class(corpus), per_class)
                 if 2 * possible < 3 * len(usable):
-                    return usable
+                    return usable, False
                 log.info("evaluation set %s has %d image(s) and the corpus now gives %d: making a new one", path,
                          len(usable), possible)
             else:
@@ -127,10 +145,7 @@ def frozen_eval_set(store: Store, corpus: Path, per_class: int, seed: int = 0) -
     if len(ids) < 2:
         raise StoreError(f"no evaluation set can be made from {corpus}: it needs at least 2 readable images in "
                          f"class sub-folders, found {len(ids)}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"ids": ids, "held_out": True, "created_unix_s": time.time()}, indent=1) + "\n")
-    log.info("evaluation set %s: %d images of %s", path, len(ids), corpus)
-    return ids
+    return ids, True
 
 
 def evaluate_model(model_dir: Path, corpus: Path, ids: list[str], k: int = 10) -> tuple[dict[str, float], np.ndarray]:

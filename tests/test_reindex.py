@@ -232,6 +232,28 @@ def test_sigterm_or_ctrl_c_mid_step_writes_the_report_and_says_current_is_unchan
     assert store.current_index() == before
 
 
+def test_a_failed_run_on_a_briefly_vanished_corpus_keeps_the_frozen_evaluation_set(store, tiny_config, tmp_path):
+    """Most class folders gone (an unmounted disk): the run fails (fewer items than the served
+    index allows) and the evaluation set it had to make from what was left is not saved."""
+    barely = apply_overrides(tiny_config, ["num_steps=1"])
+    assert run_reindex(ReindexConfig(workdir=str(store.root), train=barely)).outcome in ("kept_current", "corpus_updated")
+    frozen = store.root / "eval" / "frozen.json"
+    before = frozen.read_text()
+    away = tmp_path / "away"
+    away.mkdir()
+    classes = sorted(p for p in store.corpus_dir.iterdir() if p.is_dir())
+    for folder in classes[:-2]:
+        shutil.move(str(folder), str(away / folder.name))
+    failed = run_reindex(ReindexConfig(workdir=str(store.root), train=barely))
+    assert failed.outcome == "failed" and "items" in failed.reason, failed.reason
+    assert frozen.read_text() == before
+    for folder in away.iterdir():
+        shutil.move(str(folder), str(store.corpus_dir / folder.name))
+    back = run_reindex(ReindexConfig(workdir=str(store.root), train=barely))
+    assert back.outcome in ("kept_current", "corpus_updated"), back.reason
+    assert frozen.read_text() == before  # the same images judge the models as before the outage
+
+
 def test_one_run_at_a_time(store, tiny_config):
     with StoreLock(store.root):
         with pytest.raises(LockHeldError, match="another run holds"):
