@@ -139,7 +139,8 @@ def add_store_commands(sub) -> None:
     p = sub.add_parser("versions", help="list, promote or roll back index versions",
                        description="lookalike versions list | promote VERSION | rollback. Promote and rollback run "
                        "the same checks as reindex (index loads, model matches, smoke query) and switch CURRENT "
-                       "atomically; a running server hot-swaps.")
+                       "atomically; a running server hot-swaps. Both point models/LATEST (the model embed uses by "
+                       "default) at the model of the index they make current.")
     _add_workdir(p)
     p.add_argument("action", choices=["list", "promote", "rollback"],
                    help="list: every index version (* = CURRENT); promote VERSION: check it and make it CURRENT; "

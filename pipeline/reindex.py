@@ -333,9 +333,7 @@ def _embed_build_promote(config: ReindexConfig, store: Store, report: ReindexRep
     except Exception:
         discard_candidate(store, candidate)  # a failed candidate never serves and never counts as kept
         raise
-    unmark_candidate(store, candidate)
-    if store.latest_model() != model:
-        store.set_latest_model(model)  # the served model is the one `embed` uses next
+    unmark_candidate(store, candidate)  # promote pointed models/LATEST at its model: the one `embed` uses next
     return True
 
 

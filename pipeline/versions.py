@@ -6,7 +6,9 @@ to ``DIR/history.jsonl`` (version, time, reason) by ``Store.set_current_index``,
 too and pop the stack, so repeated rollbacks walk further back. Promotion always goes
 through the same checks: the index loads (manifest, checksums, counts), the model the
 index names exists and matches its dimension, and a smoke query of a stored item finds
-that item first. Only then is ``CURRENT`` replaced, atomically.
+that item first. Only then is ``CURRENT`` replaced, atomically, and ``models/LATEST``
+pointed at the model of the index that serves (``follow_served_model``), so the next
+``lookalike embed`` does not bring back the model a rollback moved away from.
 """
 
 from __future__ import annotations
@@ -100,8 +102,8 @@ def history(store: Store) -> list[dict[str, Any]]:
 
 
 def promote(store: Store, version: str, reason: str = "manual", *, locked: bool = False) -> dict[str, Any]:
-    """Check ``version`` and make it CURRENT (atomic); raise PromotionError otherwise.
-    Holds the store lock (LockHeldError while a reindex runs) unless ``locked``: the
+    """Check ``version`` and make it CURRENT (atomic), and its model ``models/LATEST``; raise
+    PromotionError otherwise (then neither moves). Holds the store lock (LockHeldError while a reindex runs) unless ``locked``: the
     caller already holds it."""
     if not store.index_dir(version).is_dir():
         raise PromotionError(f"no index version {version!r} in {store.indexes_dir}")
@@ -117,7 +119,24 @@ def _promote(store: Store, version: str, reason: str) -> dict[str, Any]:
     previous = store.current_index_or_none()  # a garbled CURRENT is repaired by promoting a good version
     store.set_current_index(version, reason if previous != version else f"{reason} (already current)")
     log.info("promoted index %s (was %s): %s", version, previous, reason)
-    return {**checked, "previous": previous}
+    return {**checked, "previous": previous, "previous_latest_model": follow_served_model(store, checked["model_version"])}
+
+
+def follow_served_model(store: Store, model: str) -> str | None:
+    """Point ``models/LATEST`` at ``model``, the model of the index just made CURRENT, so the
+    next ``lookalike embed`` (which uses LATEST by default) embeds with the served model
+    rather than one a rollback moved away from. Returns what LATEST named before (None: nothing,
+    or a garbled file, which this repairs)."""
+    try:
+        before = store.latest_model()
+    except StoreError as e:  # a garbled LATEST: replaced below
+        log.warning("%s", e)
+        before = None
+    if before != model:
+        store.set_latest_model(model)
+        log.info("models/LATEST now names %s (was %s), the model of the served index: `lookalike embed` uses it "
+                 "by default", model, before)
+    return before
 
 
 def promotion_stack(store: Store) -> list[str]:
@@ -132,8 +151,8 @@ def promotion_stack(store: Store) -> list[str]:
 
 
 def rollback(store: Store, *, locked: bool = False) -> dict[str, Any]:
-    """Promote the version that served before the current one; repeated calls walk further
-    back. Only versions the promotion history shows were served are candidates (never one
+    """Promote the version that served before the current one (``models/LATEST`` follows it to
+    that version's model); repeated calls walk further back. Only versions the promotion history shows were served are candidates (never one
     that was built but not promoted, e.g. a candidate that failed validation). Holds the
     store lock unless ``locked``."""
     with _store_lock(store, locked, "versions rollback"):

@@ -350,6 +350,30 @@ def test_versions_list_and_bad_promotion(store):
     assert store.current_index() == rows[0]["version"]
 
 
+def test_promote_and_rollback_point_latest_at_the_model_of_the_index_they_make_current(store, tiny_config):
+    """LATEST is the model `lookalike embed` uses by default: after a rollback it must name the
+    model of the index that serves again, or the next embed publishes the rolled-back model."""
+    from lookalike.index.builder import build_and_publish
+    from lookalike.model.train import train_and_evaluate
+    from lookalike.pipeline.cli import main
+    from lookalike.pipeline.embed import EmbedConfig, run_embed
+
+    old_index, old_model = store.current_index(), store.latest_model()
+    index = ItemIndex.load(store.index_dir(old_index))
+    new_model = train_and_evaluate(apply_overrides(tiny_config, ["num_steps=2"]), store.root, set_latest=False).version
+    assert new_model != old_model
+    new_index = build_and_publish(store, index.embeddings, index.items.table, model_version=new_model,
+                                  make_current=False)
+    promoted = promote(store, new_index, reason="manual")
+    assert promoted["previous_latest_model"] == old_model and store.latest_model() == new_model
+    assert main(["versions", "rollback", "--workdir", str(store.root)]) == 0
+    assert store.current_index() == old_index and store.latest_model() == old_model
+    embedded = run_embed(EmbedConfig(workdir=str(store.root), incremental=True))  # the user's next embed
+    assert embedded.index_version == old_index == store.current_index()  # the served model: nothing to publish
+    assert main(["versions", "promote", new_index, "--workdir", str(store.root)]) == 0
+    assert store.latest_model() == new_model
+
+
 def test_read_only_store_is_refused_before_anything_runs(tmp_path, indexed_store, tiny_config):
     """A store on a read-only mount (permissions alone do not stop root)."""
     mount_point = tmp_path / "ro"
