@@ -4,7 +4,8 @@ Layout (``--workdir DIR``)::
 
     DIR/corpus/<label>/*.png        images (the demo writes the digits here)
     DIR/models/<version>/           trained encoders (model.json + orbax params)
-    DIR/models/LATEST               version of the newest trained model
+    DIR/models/LATEST               the model embed uses by default: set by train, and on promotion to
+                                    the model of the index made CURRENT
     DIR/models/REJECTED             the latest candidate reindex did not promote (kept for inspection)
     DIR/embeddings/<run>/           Parquet embeddings, dead letters, run summary
     DIR/indexes/<version>/          ScaNN index versions (manifest.json + files)
