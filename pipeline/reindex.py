@@ -58,7 +58,7 @@ from lookalike.pipeline.reindex_checks import (  # noqa: F401 (re-exported)
     validate,
 )
 from lookalike.pipeline.versions import (
-    clean_candidates, clean_partial, discard_candidate, mark_candidate, promote, prune, unmark_candidate,
+    clean_leftovers, discard_candidate, mark_candidate, promote, prune, unmark_candidate,
 )
 
 log = logging.getLogger(__name__)
@@ -160,11 +160,8 @@ def run_reindex(config: ReindexConfig) -> ReindexReport:
     report = ReindexReport()
     started = time.time()
     with StoreLock(store.root) as lock:
-        if lock.took_over_stale:
-            log.warning("a previous run died; removed its leftovers: %s", clean_partial(store) or "none")
         try:
-            if leftover := clean_candidates(store):
-                log.warning("removed index candidate(s) an earlier run built but never promoted: %s", ", ".join(leftover))
+            clean_leftovers(store, lock.took_over_stale)  # one line says what was removed
             _run_steps(config, store, report)
         except Exception as e:
             report.outcome, report.reason = "failed", f"{type(e).__name__}: {e}"

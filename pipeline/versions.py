@@ -237,33 +237,59 @@ def unmark_candidate(store: Store, version: str) -> None:
 
 def discard_candidate(store: Store, version: str) -> None:
     """Remove an unpromoted candidate's folder (it must never serve or count as kept)."""
+    if _remove_candidate(store, version):
+        log.info("removed index candidate %s (not promoted)", version)
+
+
+def _remove_candidate(store: Store, version: str) -> bool:
+    """Remove candidate ``version``'s folder and mark unless it serves (then it only loses its
+    mark); True if a folder was removed. Logs nothing: the callers say what they removed."""
     if store.current_index_or_none() == version:
         unmark_candidate(store, version)
-        return
+        return False
+    existed = store.index_dir(version).exists()
     shutil.rmtree(store.index_dir(version), ignore_errors=True)
     unmark_candidate(store, version)
-    log.info("removed index candidate %s (not promoted)", version)
+    return existed
 
 
 def clean_candidates(store: Store) -> list[str]:
-    """Remove candidates a killed run built but never promoted (call only while holding the
-    store lock); a candidate that did become CURRENT just loses its mark."""
+    """Remove candidates a killed or interrupted run built but never promoted (call only while
+    holding the store lock); a candidate that did become CURRENT just loses its mark. Returns
+    the versions removed; logs nothing (``clean_leftovers`` does)."""
     removed = []
     if store.indexes_dir.is_dir():
         for mark in store.indexes_dir.glob(f"{CANDIDATE_MARK}*"):
-            version = mark.name[len(CANDIDATE_MARK):]
-            if store.current_index_or_none() != version and store.index_dir(version).exists():
+            if _remove_candidate(store, version := mark.name[len(CANDIDATE_MARK):]):
                 removed.append(version)
-            discard_candidate(store, version)
     return removed
 
 
-def clean_partial_indexes(store: Store) -> list[str]:
+def clean_leftovers(store: Store, took_over_stale: bool) -> list[str]:
+    """Remove what earlier runs left, just after taking the store lock (call only while holding
+    it): index candidates a run built but never promoted (a run stopped by Ctrl-C leaves one
+    too), and, when the lock was taken over from a run that died (``took_over_stale``), its
+    temporary folders (``clean_partial``). Logs one line saying what was removed (after a
+    dead run, also that there was nothing); returns the versions and folders removed."""
+    partial = clean_partial(store, quiet=True) if took_over_stale else []
+    candidates = clean_candidates(store)
+    parts = ([f"index candidate(s) built but never promoted: {', '.join(candidates)}"] if candidates else []) + \
+            ([f"partial folder(s): {', '.join(partial)}"] if partial else [])
+    if took_over_stale:
+        log.warning("the run that held the store lock died; %s",
+                    f"removed what it left: {'; '.join(parts)}" if parts else "it left nothing to remove")
+    elif parts:
+        log.warning("removed what an earlier, interrupted run left: %s", "; ".join(parts))
+    return candidates + partial
+
+
+def clean_partial_indexes(store: Store, *, quiet: bool = False) -> list[str]:
     """Remove the ``indexes/.tmp-*`` folders that killed runs left, never one still being
     written: its writer holds the OS lock of ``.tmp-<version>.lock`` from before the folder
     exists until it is renamed or removed (``index.manifest.publish_atomically``), so a folder
     whose lock this process can take has no live writer. Safe without the store lock, so
-    ``embed`` (which does not take it) cleans up too. Logs what it removed."""
+    ``embed --no-publish`` (which does not take it) cleans up too. Logs what it removed unless
+    ``quiet`` (the caller does)."""
     from lookalike.index.manifest import WRITER_LOCK_SUFFIX, writer_lock_path
     from lookalike.model.filelock import try_lock, unlock
 
@@ -284,15 +310,16 @@ def clean_partial_indexes(store: Store) -> list[str]:
                 removed.append(str(tmp))
         finally:
             unlock(lock, fd)  # and removes the lock file a killed writer left
-    if removed:
+    if removed and not quiet:
         log.warning("removed partial index folder(s) that killed runs left: %s", ", ".join(removed))
     return removed
 
 
-def clean_partial(store: Store) -> list[str]:
+def clean_partial(store: Store, *, quiet: bool = False) -> list[str]:
     """Remove temporary folders a killed run left (call only while holding the store lock):
-    partial indexes no live run writes (``clean_partial_indexes``), and partial models."""
-    removed = clean_partial_indexes(store)
+    partial indexes no live run writes (``clean_partial_indexes``), and partial models. Logs
+    the partial indexes it removed unless ``quiet``."""
+    removed = clean_partial_indexes(store, quiet=quiet)
     if store.models_dir.is_dir():
         for tmp in store.models_dir.iterdir():
             if tmp.name.startswith((".tmp-", ".run-")):

@@ -485,6 +485,34 @@ def test_candidate_left_by_a_killed_run_is_removed_by_the_next_run(store, tiny_c
     assert not list(store.indexes_dir.glob(".candidate-*"))
 
 
+def test_after_a_dead_run_one_log_line_says_everything_that_was_removed(store, tiny_config, tmp_path, caplog):
+    """Not "removed its leftovers: none" followed by the candidate it did remove."""
+    from lookalike.index.builder import build_and_publish
+    from lookalike.pipeline.lock import LOCK_NAME
+    from lookalike.pipeline.versions import mark_candidate
+
+    index = ItemIndex.load(store.require_current_index())
+    mark_candidate(store, "i-killed-candidate")
+    build_and_publish(store, index.embeddings, index.items.table, model_version=index.model_version,
+                      make_current=False, version="i-killed-candidate")
+    (store.models_dir / ".run-killed").mkdir()  # a partial model of the dead run
+    (store.root / LOCK_NAME).write_text(json.dumps({"host": "h", "pid": 2**22 + 1, "started_unix_s": 1}))
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    caplog.set_level("INFO")
+    run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, corpus=str(flat)))  # fails early
+    removals = [r.getMessage() for r in caplog.records if "remov" in r.getMessage()]
+    assert len(removals) == 1, removals
+    assert removals[0].startswith("the run that held the store lock died; removed what it left: index candidate(s) "
+                                  "built but never promoted: i-killed-candidate; partial folder(s): "), removals
+    assert ".run-killed" in removals[0] and "none" not in removals[0]
+    assert not store.index_dir("i-killed-candidate").exists() and not (store.models_dir / ".run-killed").exists()
+    caplog.clear()
+    (store.root / LOCK_NAME).write_text(json.dumps({"host": "h", "pid": 2**22 + 1, "started_unix_s": 1}))
+    run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, corpus=str(flat)))
+    assert "the run that held the store lock died; it left nothing to remove" in caplog.text
+
+
 def test_prune_keeps_the_most_recently_promoted_versions_not_the_newest_names(store):
     from lookalike.index.builder import build_and_publish
     from lookalike.pipeline.versions import prune
