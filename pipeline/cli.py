@@ -203,7 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("embed", help="Beam pipeline: corpus -> embeddings (Parquet) -> ScaNN index",
                        description="Embeds every image under --corpus (folder or glob; default WORKDIR/corpus) with a "
                        "trained model, writes WORKDIR/embeddings/<run>/ (Parquet, dead letters, summary.json), builds "
-                       "a ScaNN index and publishes it as CURRENT. Unknown options are passed to Beam, e.g. "
+                       "a ScaNN index and publishes it as CURRENT. A run that publishes holds the store lock (WORKDIR/.reindex.lock) "
+                       "that reindex and versions promote|rollback hold, so it never moves CURRENT under them: while "
+                       "another run holds it, embed exits 75 before doing anything (--no-publish takes no lock). "
+                       "Unknown options are passed to Beam, e.g. "
                        "--runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp --setup_file=./setup.py")
     _add_workdir(p)
     p.add_argument("--corpus", default=None, help="image folder or glob (default WORKDIR/corpus); an existing folder is taken literally, even "
@@ -226,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "tree + exact scoring of the searched leaves under 200k, then tree + AH + reorder)")
     p.add_argument("--target-recall", type=_float_in(0.0, 1.0, low_open=True), default=0.95,
                    help="autotune the index's search parameters to this recall@10 against exact search")
-    p.add_argument("--no-publish", action="store_true", help="write embeddings only; do not build or publish an index")
+    p.add_argument("--no-publish", action="store_true", help="write embeddings only; do not build or publish an index (takes no store lock)")
     p.add_argument("--incremental", action="store_true",
                    help="reuse embeddings of files whose bytes this model already embedded (embeddings/cache/)")
     add_metadata_option(p)
@@ -342,7 +345,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except LockHeldError as e:  # versions promote/rollback during a reindex: try again later
+    except LockHeldError as e:  # embed, versions promote/rollback during a reindex (or another embed): try again later
         print(f"lookalike {args.command}: error: {e}", file=sys.stderr)
         return EXIT_LOCKED
     except KeyboardInterrupt:  # Ctrl-C: one line, no traceback (the local runner stopped its workers)

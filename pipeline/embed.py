@@ -10,6 +10,12 @@ fails with a clear message and publishes nothing; an ``--incremental`` run on a 
 nothing changed does not start Beam at all (``lookalike.pipeline.reuse``), and one whose
 pipeline embedded nothing new (a TFDS data set, a list file: sources not planned before
 Beam) keeps CURRENT when it already holds the same items.
+
+A run that publishes holds the store lock (``DIR/.reindex.lock``, ``lookalike.pipeline.lock``)
+from its first check to its end, as ``reindex`` and ``versions promote|rollback`` do, so it
+never moves CURRENT under them: when another run holds the lock it fails before any work
+(LockHeldError; the CLI exits 75). ``publish=False`` takes no lock: that is how ``reindex``
+embeds while it holds the lock itself.
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
@@ -39,6 +47,7 @@ from lookalike.pipeline.graph import (LISTING_IN_GRAPH_MAX, LOCAL_RUNNER, EmbedC
 from lookalike.pipeline.index_shards import build_index_shard, collect_shard_entries
 from lookalike.pipeline.inference import discard_preloaded, preload_encoder
 from lookalike.pipeline.items import split_by_shard
+from lookalike.pipeline.lock import StoreLock
 from lookalike.pipeline.metadata import prepare_metadata, report_unmatched, with_metadata
 from lookalike.pipeline.reuse import current_index_if_same, list_files, plan_reuse, reused_items
 from lookalike.pipeline.sources import (GLOB_CHARS, common_folder, corpus_pattern, corpus_root, literal_folder,
@@ -46,7 +55,7 @@ from lookalike.pipeline.sources import (GLOB_CHARS, common_folder, corpus_patter
 from lookalike.pipeline.summary import (EmbedSummary, counter_values, read_dead_letters, read_embeddings, read_items,
                                         summarize)
 from lookalike.pipeline.tfds_source import TfdsSpec, example_ranges
-from lookalike.pipeline.versions import clean_partial_indexes
+from lookalike.pipeline.versions import clean_leftovers, clean_partial_indexes
 from lookalike.pipeline.writers import write_items_shard, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -193,12 +202,36 @@ def _resolve_corpus(config: EmbedConfig, store: Store) -> tuple[EmbedConfig, str
     raise StoreError(f"corpus folder {corpus} does not exist: run `lookalike demo` or pass --corpus")
 
 
+@contextmanager
+def publish_lock(store: Store, publish: bool) -> Iterator[None]:
+    """Hold the store lock for a run that publishes (``publish``), so it cannot move CURRENT
+    under a reindex or ``versions promote|rollback``, nor they under it; LockHeldError at once
+    when another run holds it. Taking over a dead run's lock removes what that run left
+    (``versions.clean_leftovers``). A run that does not publish takes no lock."""
+    if not publish:
+        yield
+        return
+    if not store.root.is_dir():
+        raise StoreError(f"store {store.root} does not exist: run `lookalike train --workdir {store.root}` "
+                         "(or `lookalike demo`) first")
+    with StoreLock(store.root, purpose="embed") as lock:
+        clean_leftovers(store, lock.took_over_stale)
+        yield
+
+
 def run_embed(config: EmbedConfig) -> EmbedSummary:
-    """Run the pipeline, build and publish the index; raise EmbedError if nothing was embedded."""
+    """Run the pipeline, build and publish the index; raise EmbedError if nothing was embedded.
+    A run that publishes holds the store lock throughout (``publish_lock``): LockHeldError,
+    before any work, while another run holds it."""
     started = time.perf_counter()
     validate_config(config)
     keep_freed_memory()
     store = Store.at(config.workdir)
+    with publish_lock(store, config.publish):
+        return _run_embed(config, store, started)
+
+
+def _run_embed(config: EmbedConfig, store: Store, started: float) -> EmbedSummary:
     model_dir = store.require_model(config.model_version)
     meta = read_model_meta(model_dir)
     config, corpus = _resolve_corpus(config, store)

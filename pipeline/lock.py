@@ -8,8 +8,8 @@ the file it locked is still the one at the path (a releasing owner unlinks it), 
 tries again. Content left in the file by an owner that did not release it (it died) sets
 ``took_over_stale``, so the caller can clean up what the dead run left.
 
-Reindex and ``lookalike versions promote|rollback`` take it; local stores only (flock does
-not reach across hosts on network file systems).
+Reindex, ``lookalike versions promote|rollback`` and an ``embed`` that publishes (so also
+``demo``) take it; local stores only (flock does not reach across hosts on network file systems).
 """
 
 from __future__ import annotations

@@ -529,3 +529,60 @@ def test_a_corpus_of_one_decodable_image_publishes_a_searchable_index(workdir_wi
     index = ItemIndex.load(workdir_with_model / "indexes" / summary.index_version)
     assert "skipped" in index.manifest["tuning"] and index.manifest["tuning"]["target_met"]
     assert [n.id for n in index.search(index.embeddings[0], 10)[0]] == ["only.jpg"]
+
+
+def test_an_embed_that_publishes_is_refused_before_any_work_while_another_run_holds_the_store_lock(tmp_path,
+                                                                                                   indexed_store,
+                                                                                                   capsys):
+    """A reindex (or versions promote|rollback) holds the lock: an embed publishing meanwhile
+    would move CURRENT under it. --no-publish (how reindex embeds, under its own lock) needs none."""
+    from lookalike.model.store import Store
+    from lookalike.pipeline.cli import main
+    from lookalike.pipeline.lock import LOCK_NAME, LockHeldError, StoreLock
+
+    workdir = tmp_path / "store"
+    shutil.copytree(indexed_store.root, workdir)
+    store = Store.at(workdir)
+    before, runs = store.current_index(), sorted(p.name for p in store.embeddings_dir.iterdir())
+    with StoreLock(workdir, purpose="reindex"):
+        with pytest.raises(LockHeldError, match=r"another run holds .*\.reindex\.lock \(reindex, pid"):
+            run_embed(EmbedConfig(workdir=str(workdir), run_name="refused"))
+        assert main(["embed", "--workdir", str(workdir), "--run-name", "refused", "--incremental"]) == 75
+        assert "lookalike embed: error: another run holds" in capsys.readouterr().err
+        assert sorted(p.name for p in store.embeddings_dir.iterdir()) == runs  # no run was started
+        aside = run_embed(EmbedConfig(workdir=str(workdir), incremental=True, publish=False, run_name="aside"))
+        assert aside.items > 0 and aside.index_version is None
+    assert store.current_index() == before
+    kept = run_embed(EmbedConfig(workdir=str(workdir), incremental=True))  # the lock is free again
+    assert kept.index_version == before and not (workdir / LOCK_NAME).exists()
+
+
+def test_an_embed_holds_the_store_lock_for_its_whole_run(workdir_with_model, digits_corpus):
+    """So a reindex or versions promote|rollback started meanwhile is refused, naming the embed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from lookalike.pipeline.lock import LockHeldError, StoreLock
+
+    shutil.copytree(digits_corpus, workdir_with_model / "corpus")
+    exe = str(Path(sys.executable).with_name("lookalike"))
+    job = subprocess.Popen([exe, "embed", "--workdir", str(workdir_with_model), "--batch-size", "32"],
+                           env={**os.environ, "LOOKALIKE_FAILPOINT": "embed_batch_2:wait"},
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        seen = []
+        while not any("failpoint embed_batch_2: waiting" in line for line in seen):
+            line = job.stderr.readline()
+            assert line, "".join(seen)[-3000:]
+            seen.append(line)
+        with pytest.raises(LockHeldError, match=rf"another run holds .* \(embed, pid {job.pid} "):
+            StoreLock(workdir_with_model).acquire()
+    finally:
+        os.killpg(job.pid, signal.SIGINT)
+        job.communicate(timeout=120)
+    assert job.returncode == 130
+    with StoreLock(workdir_with_model) as lock:  # released by the interrupted run
+        assert not lock.took_over_stale
