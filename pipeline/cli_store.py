@@ -76,6 +76,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
     store = Store.at(args.workdir)
     if args.action == "list":
         rows = versions.list_versions(store)
+        versions.warn_if_current_missing(store, rows)
         if args.json:
             _print_json(rows)
         for r in rows if not args.json else []:
@@ -143,7 +144,8 @@ def add_store_commands(sub) -> None:
                        "default) at the model of the index they make current.")
     _add_workdir(p)
     p.add_argument("action", choices=["list", "promote", "rollback"],
-                   help="list: every index version (* = CURRENT); promote VERSION: check it and make it CURRENT; "
+                   help="list: every index version (* = CURRENT; a warning when CURRENT names a version that is gone; "
+                   "error when the store does not exist); promote VERSION: check it and make it CURRENT; "
                    "rollback: make the version served before CURRENT current again")
     p.add_argument("version", nargs="?", help="the index version to promote")
     p.add_argument("--json", action="store_true", help="list as JSON")

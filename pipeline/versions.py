@@ -47,7 +47,10 @@ def _store_lock(store: Store, locked: bool, purpose: str) -> Iterator[None]:
 
 def list_versions(store: Store) -> list[dict[str, Any]]:
     """Index versions, oldest first, with their manifest figures, whether they serve and
-    whether they ever served (``served``: in the history; rollback and prune consider only those)."""
+    whether they ever served (``served``: in the history; rollback and prune consider only those).
+    StoreError when the store does not exist (an empty list would read as "no versions yet")."""
+    if not store.root.is_dir():
+        raise StoreError(f"store {store.root} does not exist")
     current = store.current_index_or_none()
     rows = []
     if not store.indexes_dir.is_dir():
@@ -71,6 +74,23 @@ def list_versions(store: Store) -> list[dict[str, Any]]:
         })
         rows.append(row)
     return rows
+
+
+def warn_if_current_missing(store: Store, rows: list[dict[str, Any]]) -> str | None:
+    """Log one warning when CURRENT names a version that is not among ``rows`` (those of
+    ``list_versions``: its folder is gone), which a listing would otherwise show as no ``*``
+    and nothing said; returns that version (None when CURRENT is absent or listed; a garbled
+    CURRENT was named when the rows were listed)."""
+    try:
+        current = store.current_index()
+    except StoreError:
+        return None
+    if current is None or any(r["version"] == current for r in rows):
+        return None
+    log.warning("CURRENT names index version %s, which is not in %s: nothing can be served from it; promote a "
+                "listed version with `lookalike versions promote VERSION --workdir %s`", current, store.indexes_dir,
+                store.root)
+    return current
 
 
 def check_version(store: Store, version: str) -> dict[str, Any]:

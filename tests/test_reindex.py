@@ -374,6 +374,30 @@ def test_promote_and_rollback_point_latest_at_the_model_of_the_index_they_make_c
     assert store.latest_model() == new_model
 
 
+def test_versions_list_fails_for_a_missing_store_and_names_a_current_version_whose_folder_is_gone(store, tmp_path,
+                                                                                                  caplog, capsys):
+    from lookalike.index.builder import build_and_publish
+    from lookalike.pipeline.cli import main
+
+    missing = tmp_path / "no" / "such"
+    assert main(["versions", "list", "--workdir", str(missing)]) == 1  # not an empty list and exit 0
+    assert capsys.readouterr().err.strip() == f"lookalike versions: error: store {missing} does not exist"
+    assert not missing.exists()
+    first = store.current_index()
+    index = ItemIndex.load(store.index_dir(first))
+    gone = build_and_publish(store, index.embeddings, index.items.table, model_version=index.model_version)
+    assert store.current_index() == gone
+    shutil.rmtree(store.index_dir(gone))
+    caplog.clear()
+    for argv in (["versions", "list"], ["versions", "list", "--json"]):
+        assert main([*argv, "--workdir", str(store.root)]) == 0
+        out = capsys.readouterr().out
+        assert first in out and gone not in out and "*" not in out
+        warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warned) == 1 and warned[0].startswith(f"CURRENT names index version {gone}, which is not in "), warned
+        caplog.clear()
+
+
 def test_read_only_store_is_refused_before_anything_runs(tmp_path, indexed_store, tiny_config):
     """A store on a read-only mount (permissions alone do not stop root)."""
     mount_point = tmp_path / "ro"
