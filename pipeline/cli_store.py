@@ -16,8 +16,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lookalike")
 
-REPORT_KEYS = ("outcome", "reason", "exit_code", "previous_index", "new_index", "current_model", "candidate_model",
-               "chosen_model", "candidate_error")
+REPORT_KEYS = ("outcome", "reason", "exit_code", "previous_index", "new_index", "rejected_index", "current_model",
+               "candidate_model", "chosen_model", "candidate_error")
 
 
 def cmd_reindex(args: argparse.Namespace) -> int:

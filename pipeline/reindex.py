@@ -96,7 +96,8 @@ class ReindexReport:
     candidate_model: str | None = None
     chosen_model: str | None = None
     previous_index: str | None = None
-    new_index: str | None = None
+    new_index: str | None = None  # the index this run promoted; None when it promoted none
+    rejected_index: str | None = None  # a candidate index built but not promoted (deleted): the last one
     candidate_error: str | None = None  # why a candidate model that passed the gate was not promoted
     metrics: dict[str, Any] = field(default_factory=dict)
     steps: list[dict[str, Any]] = field(default_factory=list)
@@ -329,6 +330,8 @@ def _embed_build_promote(config: ReindexConfig, store: Store, report: ReindexRep
             promote(store, report.new_index, reason=f"reindex: model {model}", locked=True)
     except Exception:
         discard_candidate(store, candidate)  # a failed candidate never serves and never counts as kept
+        if report.new_index == candidate and store.current_index_or_none() != candidate:
+            report.new_index, report.rejected_index = None, candidate  # new_index names only a served version
         raise
     unmark_candidate(store, candidate)  # promote pointed models/LATEST at its model: the one `embed` uses next
     return True

@@ -82,7 +82,10 @@ def write_report(store: Store, report, started_unix_s: float) -> Path:
           f"**Outcome: {report.outcome}** (exit {report.exit_code}). {report.reason}", "",
           f"- served before: index {report.previous_index} (model {report.current_model})",
           f"- candidate model: {report.candidate_model}; chosen: {report.chosen_model}",
-          f"- new index: {report.new_index}", ""]
+          f"- new index: {report.new_index}"]
+    if report.rejected_index:
+        md.append(f"- candidate index built but not promoted (deleted): {report.rejected_index}")
+    md.append("")
     md += _side_by_side(report.metrics) + [""]
     gate = report.metrics.get("gate")
     if gate:

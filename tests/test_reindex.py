@@ -450,7 +450,10 @@ def test_candidate_failing_validation_is_removed_and_never_rolled_back_to(store,
     failed = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, min_improvement=1.0,
                                        min_canary_overlap=1.01))
     assert (failed.outcome, failed.exit_code) == ("failed", 1) and "canary overlap" in failed.reason
-    assert not store.index_dir(failed.new_index).exists()  # removed: it can neither serve nor count as kept
+    assert failed.new_index is None  # never the name of a candidate that was deleted
+    assert not store.index_dir(failed.rejected_index).exists()  # removed: it can neither serve nor count as kept
+    written = json.loads(sorted(store.root.glob("reports/r-*/report.json"))[-1].read_text())
+    assert (written["new_index"], written["rejected_index"]) == (None, failed.rejected_index)
     assert [r["version"] for r in list_versions(store)] == sorted([first, promoted.new_index])
     rollback(store)
     assert store.current_index() == first
@@ -477,6 +480,8 @@ def test_new_model_is_not_held_to_neighbour_overlap_and_a_failing_one_still_publ
     assert "**Outcome: corpus_updated** (exit 4)" in report_md and "not promoted: ValidationError" in report_md
     assert fallback.chosen_model == served_model == store.latest_model() != fallback.candidate_model
     assert store.current_index() == fallback.new_index != served_index
+    assert fallback.rejected_index not in (None, fallback.new_index)  # the new model's index, deleted
+    assert not store.index_dir(fallback.rejected_index).exists()
     index = ItemIndex.load(store.require_current_index())
     assert index.model_version == served_model and index.row_of("0/new_2.png") is not None
     assert {r["version"] for r in list_versions(store)} <= {e["version"] for e in store.history()}
