@@ -123,8 +123,8 @@ def history(store: Store) -> list[dict[str, Any]]:
 
 def promote(store: Store, version: str, reason: str = "manual", *, locked: bool = False) -> dict[str, Any]:
     """Check ``version`` and make it CURRENT (atomic), and its model ``models/LATEST``; raise
-    PromotionError otherwise (then neither moves). Holds the store lock (LockHeldError while a reindex runs) unless ``locked``: the
-    caller already holds it."""
+    PromotionError otherwise (then neither moves). Holds the store lock (LockHeldError while
+    a reindex or a publishing embed runs) unless ``locked``: the caller already holds it."""
     if not store.index_dir(version).is_dir():
         raise PromotionError(f"no index version {version!r} in {store.indexes_dir}")
     with _store_lock(store, locked, f"versions promote {version}"):
@@ -139,7 +139,8 @@ def _promote(store: Store, version: str, reason: str) -> dict[str, Any]:
     previous = store.current_index_or_none()  # a garbled CURRENT is repaired by promoting a good version
     store.set_current_index(version, reason if previous != version else f"{reason} (already current)")
     log.info("promoted index %s (was %s): %s", version, previous, reason)
-    return {**checked, "previous": previous, "previous_latest_model": follow_served_model(store, checked["model_version"])}
+    previous_latest = follow_served_model(store, checked["model_version"])
+    return {**checked, "previous": previous, "previous_latest_model": previous_latest}
 
 
 def follow_served_model(store: Store, model: str) -> str | None:
@@ -171,10 +172,10 @@ def promotion_stack(store: Store) -> list[str]:
 
 
 def rollback(store: Store, *, locked: bool = False) -> dict[str, Any]:
-    """Promote the version that served before the current one (``models/LATEST`` follows it to
-    that version's model); repeated calls walk further back. Only versions the promotion history shows were served are candidates (never one
-    that was built but not promoted, e.g. a candidate that failed validation). Holds the
-    store lock unless ``locked``."""
+    """Promote the version that served before the current one (``models/LATEST`` follows, to
+    that version's model); repeated calls walk further back. Only versions the promotion
+    history shows were served are candidates (never one that was built but not promoted, e.g.
+    a candidate that failed validation). Holds the store lock unless ``locked``."""
     with _store_lock(store, locked, "versions rollback"):
         clean_partial_indexes(store)
         return _rollback(store)

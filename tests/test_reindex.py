@@ -452,7 +452,7 @@ def test_candidate_failing_validation_is_removed_and_never_rolled_back_to(store,
     assert (failed.outcome, failed.exit_code) == ("failed", 1) and "canary overlap" in failed.reason
     assert failed.new_index is None  # never the name of a candidate that was deleted
     assert not store.index_dir(failed.rejected_index).exists()  # removed: it can neither serve nor count as kept
-    written = json.loads(sorted(store.root.glob("reports/r-*/report.json"))[-1].read_text())
+    written = json.loads(max(store.root.glob("reports/r-*/report.json")).read_text())
     assert (written["new_index"], written["rejected_index"]) == (None, failed.rejected_index)
     assert [r["version"] for r in list_versions(store)] == sorted([first, promoted.new_index])
     rollback(store)
