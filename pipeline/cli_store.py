@@ -108,7 +108,7 @@ def add_store_commands(sub) -> None:
                        "130 Ctrl-C and 143 SIGTERM (the run stops as a whole, its report says so, CURRENT unchanged unless "
                        "already promoted). "
                        "Example crontab line: "
-                       "0 3 * * * lookalike reindex --workdir /srv/lookalike")
+                       "0 3 * * * lookalike reindex --workdir /srv/lookalike/store")
     _add_workdir(p)
     _add_train_config(p, default=None, config_help="training preset (default: the served model's own config, "
                       "from its model.json, so the candidate warm-starts; digits when nothing is served yet); "
