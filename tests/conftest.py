@@ -20,6 +20,20 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 TINY_CORPUS_SIZE = 200
 
 
+def _sigint_by_default() -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def ctrl_c_as_in_a_terminal():
+    """``preexec_fn`` of a job a test stops with SIGINT, as a terminal's Ctrl-C: SIGINT acts by
+    default in it, even when the tests themselves run as a background job (``make test &``,
+    nohup), which starts every child with SIGINT ignored."""
+    return _sigint_by_default
+
+
 @pytest.fixture(scope="session")
 def tiny_config():
     from lookalike.model.config import get_config

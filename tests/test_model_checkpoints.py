@@ -147,7 +147,8 @@ def test_a_second_training_of_the_same_run_is_refused_until_the_first_dies(tmp_p
     assert not (run_dir / ".lock").exists()
 
 
-def test_ctrl_c_during_training_says_in_one_line_that_nothing_was_published_and_how_to_resume(tmp_path, digits_corpus):
+def test_ctrl_c_during_training_says_in_one_line_that_nothing_was_published_and_how_to_resume(
+        ctrl_c_as_in_a_terminal, tmp_path, digits_corpus):
     import signal
     from pathlib import Path
 
@@ -155,7 +156,8 @@ def test_ctrl_c_during_training_says_in_one_line_that_nothing_was_published_and_
     job = subprocess.Popen([exe, "train", "--workdir", str(tmp_path), "--data", str(digits_corpus), "--config", "tiny",
                             "--set", "num_steps=30", "--set", "checkpoint_every_steps=10", "--set", "eval_every_steps=10"],
                            env={**os.environ, "JAX_PLATFORMS": "cpu", "LOOKALIKE_FAILPOINT": "train.after_checkpoint.10:wait"},
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                           preexec_fn=ctrl_c_as_in_a_terminal)
     seen = []
     while not any("failpoint train.after_checkpoint.10: waiting" in line for line in seen):
         line = job.stderr.readline()

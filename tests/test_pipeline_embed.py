@@ -430,7 +430,8 @@ def test_a_run_folder_being_written_is_not_taken_over(workdir_with_model, digits
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_ctrl_c_stops_the_run_in_one_line_leaves_no_worker_and_keeps_finished_batches(workdir_with_model, digits_corpus,
+def test_ctrl_c_stops_the_run_in_one_line_leaves_no_worker_and_keeps_finished_batches(ctrl_c_as_in_a_terminal, workdir_with_model,
+                                                                                      digits_corpus,
                                                                                       workers):
     import os
     import signal
@@ -443,7 +444,8 @@ def test_ctrl_c_stops_the_run_in_one_line_leaves_no_worker_and_keeps_finished_ba
     exe = str(Path(sys.executable).with_name("lookalike"))
     job = subprocess.Popen([exe, "embed", "--workdir", str(workdir_with_model), "--batch-size", "32", "--num-workers",
                             str(workers)], env={**os.environ, "LOOKALIKE_FAILPOINT": "embed_batch_2:wait"},
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                           preexec_fn=ctrl_c_as_in_a_terminal)
     seen = []
     while not any("failpoint embed_batch_2: waiting" in line for line in seen):  # two batches are in the cache
         line = job.stderr.readline()
@@ -557,7 +559,7 @@ def test_an_embed_that_publishes_is_refused_before_any_work_while_another_run_ho
     assert kept.index_version == before and not (workdir / LOCK_NAME).exists()
 
 
-def test_an_embed_holds_the_store_lock_for_its_whole_run(workdir_with_model, digits_corpus):
+def test_an_embed_holds_the_store_lock_for_its_whole_run(ctrl_c_as_in_a_terminal, workdir_with_model, digits_corpus):
     """So a reindex or versions promote|rollback started meanwhile is refused, naming the embed."""
     import os
     import signal
@@ -571,7 +573,8 @@ def test_an_embed_holds_the_store_lock_for_its_whole_run(workdir_with_model, dig
     exe = str(Path(sys.executable).with_name("lookalike"))
     job = subprocess.Popen([exe, "embed", "--workdir", str(workdir_with_model), "--batch-size", "32"],
                            env={**os.environ, "LOOKALIKE_FAILPOINT": "embed_batch_2:wait"},
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                           preexec_fn=ctrl_c_as_in_a_terminal)
     try:
         seen = []
         while not any("failpoint embed_batch_2: waiting" in line for line in seen):

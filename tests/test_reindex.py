@@ -164,12 +164,13 @@ def test_sigkill_at_each_step_leaves_the_served_version_answering(store):
     assert {r["version"] for r in list_versions(store)} <= served  # candidates killed before promotion are gone
 
 
-def test_ctrl_c_during_a_step_says_in_one_line_what_is_served_and_the_next_run_goes_on(store):
+def test_ctrl_c_during_a_step_says_in_one_line_what_is_served_and_the_next_run_goes_on(ctrl_c_as_in_a_terminal, store):
     before = store.current_index()
     exe = str(Path(sys.executable).with_name("lookalike"))
     job = subprocess.Popen([exe, "reindex", "--workdir", str(store.root), "--config", "tiny", "--set", "num_steps=2",
                             "--force"], env={**os.environ, "LOOKALIKE_FAILPOINT": "validate:wait"},
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                           preexec_fn=ctrl_c_as_in_a_terminal)
     seen = []
     while not any("failpoint validate: waiting" in line for line in seen):  # a candidate index is built
         line = job.stderr.readline()
@@ -193,7 +194,8 @@ def test_ctrl_c_during_a_step_says_in_one_line_what_is_served_and_the_next_run_g
     (signal.SIGTERM, "embed_batch_1:wait"),  # inside the Beam pipeline
     (signal.SIGINT, "train.after_checkpoint.15:wait"),
 ])
-def test_sigterm_or_ctrl_c_mid_step_writes_the_report_and_says_current_is_unchanged(store, signum, failpoint):
+def test_sigterm_or_ctrl_c_mid_step_writes_the_report_and_says_current_is_unchanged(ctrl_c_as_in_a_terminal, store, signum,
+                                                                                      failpoint):
     """`kill PID` (systemd, a cron timeout) stops a run as Ctrl-C does: the step's log line and
     the report name the signal, the lock is released, one last line names CURRENT, and the
     exit status is 128 + the signal. Without a handler SIGTERM ended it on the spot."""
@@ -201,7 +203,8 @@ def test_sigterm_or_ctrl_c_mid_step_writes_the_report_and_says_current_is_unchan
     exe = str(Path(sys.executable).with_name("lookalike"))
     job = subprocess.Popen([exe, "reindex", "--workdir", str(store.root), "--config", "tiny", "--force"],
                            env={**os.environ, "LOOKALIKE_FAILPOINT": failpoint},
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                           preexec_fn=ctrl_c_as_in_a_terminal)
     seen = []
     while not any("waiting" in line and "failpoint" in line for line in seen):
         line = job.stderr.readline()
