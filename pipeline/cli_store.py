@@ -45,7 +45,7 @@ def cmd_reindex(args: argparse.Namespace) -> int:
         stopped = e.report if isinstance(e, ReindexInterrupted) else None
         if stopped is not None:  # the outcome line a cron log expects, with the exit status of the signal
             data = report_dict(stopped)
-            _print_json({**{k: data[k] for k in REPORT_KEYS}, "exit_code": stop_exit_status()})
+            _print_json({k: data[k] for k in REPORT_KEYS})
         if not terminated():
             raise  # Ctrl-C: `lookalike` ends with its one line and status 130
         print(f"lookalike reindex: {stop_reason()}: {served_after_stop(args.workdir, stopped)}", file=sys.stderr)

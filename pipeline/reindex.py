@@ -51,7 +51,7 @@ from typing import Any
 from lookalike.model.config import TrainConfig
 from lookalike.model.store import Store, StoreError
 from lookalike.pipeline.failpoints import failpoint
-from lookalike.pipeline.interrupts import stop_reason
+from lookalike.pipeline.interrupts import stop_exit_status, stop_reason
 from lookalike.pipeline.lock import StoreLock
 from lookalike.pipeline.reindex_checks import (  # noqa: F401 (re-exported)
     GateDecision, ValidationError, choose_eval_set, evaluate_model, frozen_eval_set, gate, save_eval_set, usable_eval_ids,
@@ -101,9 +101,12 @@ class ReindexReport:
     candidate_error: str | None = None  # why a candidate model that passed the gate was not promoted
     metrics: dict[str, Any] = field(default_factory=dict)
     steps: list[dict[str, Any]] = field(default_factory=list)
+    stopped_status: int | None = None  # a run stopped by a signal: the shell's status for it (130, 143)
 
     @property
     def exit_code(self) -> int:
+        if self.stopped_status is not None:
+            return self.stopped_status
         return {"promoted": EXIT_PROMOTED, "corpus_updated": EXIT_CORPUS_UPDATED,
                 "kept_current": EXIT_KEPT_CURRENT}.get(self.outcome, EXIT_FAILED)
 
@@ -168,7 +171,7 @@ def run_reindex(config: ReindexConfig) -> ReindexReport:
             report.outcome, report.reason = "failed", f"{type(e).__name__}: {e}"
             log.error("reindex failed, CURRENT unchanged (%s): %s", store.current_index_or_none(), report.reason)
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM within interrupts.sigterm_as_interrupt()
-            report.outcome, report.reason = "failed", stop_reason()
+            report.outcome, report.reason, report.stopped_status = "failed", stop_reason(), stop_exit_status()
             raise ReindexInterrupted(report) from e
         finally:
             from lookalike.pipeline.report import write_report

@@ -183,7 +183,7 @@ def test_ctrl_c_during_a_step_says_in_one_line_what_is_served_and_the_next_run_g
     assert err.strip().splitlines()[-1] == (f"lookalike reindex: interrupted: CURRENT is {before}; the next run removes "
                                             "what this one left"), err[-3000:]
     report = json.loads(sorted(store.root.glob("reports/r-*/report.json"))[-1].read_text())
-    assert (report["outcome"], report["reason"]) == ("failed", "interrupted (SIGINT)")
+    assert (report["outcome"], report["reason"], report["exit_code"]) == ("failed", "interrupted (SIGINT)", 130)
     again = run_cli_reindex(store, {})
     assert again.returncode == 0 and store.current_index() != before, again.stderr[-3000:]
     assert not list(store.indexes_dir.glob(".tmp-*")) and not (store.root / ".reindex.lock").exists()
@@ -229,7 +229,7 @@ def test_sigterm_or_ctrl_c_mid_step_writes_the_report_and_says_current_is_unchan
     outcome = json.loads(out)
     assert (outcome["outcome"], outcome["reason"], outcome["exit_code"]) == ("failed", reason, 128 + signum)
     report = json.loads(sorted(store.root.glob("reports/r-*/report.json"))[-1].read_text())
-    assert (report["outcome"], report["reason"]) == ("failed", reason)
+    assert (report["outcome"], report["reason"], report["exit_code"]) == ("failed", reason, 128 + signum)
     assert [s for s in report["steps"] if s["step"] == step][-1]["error"] == reason
     assert not (store.root / ".reindex.lock").exists()  # released on the way out, not left by a dead process
     assert store.current_index() == before
