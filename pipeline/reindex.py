@@ -97,7 +97,8 @@ class ReindexReport:
     chosen_model: str | None = None
     previous_index: str | None = None
     new_index: str | None = None  # the index this run promoted; None when it promoted none
-    rejected_index: str | None = None  # a candidate index built but not promoted (deleted): the last one
+    # a candidate index built but not promoted (deleted, or left by a stopped run): the last one
+    rejected_index: str | None = None
     candidate_error: str | None = None  # why a candidate model that passed the gate was not promoted
     metrics: dict[str, Any] = field(default_factory=dict)
     steps: list[dict[str, Any]] = field(default_factory=list)
@@ -331,8 +332,9 @@ def _embed_build_promote(config: ReindexConfig, store: Store, report: ReindexRep
             validate(store, report, summary, current_index, config, model_changed=model != report.current_model)
         with step("promote"):
             promote(store, report.new_index, reason=f"reindex: model {model}", locked=True)
-    except Exception:
-        discard_candidate(store, candidate)  # a failed candidate never serves and never counts as kept
+    except BaseException as e:
+        if isinstance(e, Exception):  # stopped by a signal, the candidate stays marked: the next run removes it
+            discard_candidate(store, candidate)  # a failed candidate never serves and never counts as kept
         if report.new_index == candidate and store.current_index_or_none() != candidate:
             report.new_index, report.rejected_index = None, candidate  # new_index names only a served version
         raise

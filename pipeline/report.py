@@ -84,7 +84,8 @@ def write_report(store: Store, report, started_unix_s: float) -> Path:
           f"- candidate model: {report.candidate_model}; chosen: {report.chosen_model}",
           f"- new index: {report.new_index}"]
     if report.rejected_index:
-        md.append(f"- candidate index built but not promoted (deleted): {report.rejected_index}")
+        fate = "left for the next run to delete" if report.stopped_status is not None else "deleted"
+        md.append(f"- candidate index built but not promoted ({fate}): {report.rejected_index}")
     md.append("")
     md += _side_by_side(report.metrics) + [""]
     gate = report.metrics.get("gate")

@@ -184,8 +184,11 @@ def test_ctrl_c_during_a_step_says_in_one_line_what_is_served_and_the_next_run_g
                                             "what this one left"), err[-3000:]
     report = json.loads(sorted(store.root.glob("reports/r-*/report.json"))[-1].read_text())
     assert (report["outcome"], report["reason"], report["exit_code"]) == ("failed", "interrupted (SIGINT)", 130)
+    assert report["new_index"] is None and report["rejected_index"] not in (None, before), report  # built, never served
+    assert (store.indexes_dir / report["rejected_index"]).is_dir()  # left for the next run, which removes it
     again = run_cli_reindex(store, {})
     assert again.returncode == 0 and store.current_index() != before, again.stderr[-3000:]
+    assert not (store.indexes_dir / report["rejected_index"]).exists()
     assert not list(store.indexes_dir.glob(".tmp-*")) and not (store.root / ".reindex.lock").exists()
 
 
