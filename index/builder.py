@@ -308,13 +308,16 @@ def build_and_publish(
     make_current: bool = True,
     version: str | None = None,
     metadata: dict[str, Any] | None = None,
+    store_locked: bool = False,
 ) -> str:
     """Build in a temporary folder, rename into ``indexes/<version>`` (default: a new name),
-    then move CURRENT (recorded in the store's history). ``metadata``: see ``assemble_index``."""
+    then move CURRENT (recorded in the store's history). ``metadata``: see ``assemble_index``.
+    ``make_current`` holds the store lock throughout (``LockHeldError`` if another run has it),
+    unless ``store_locked`` says the caller holds it (``index.manifest.publish_atomically``)."""
     version = publish_atomically(
         store, lambda tmp: build_index(embeddings, items, model_version=model_version, out_dir=tmp, options=options,
                                        metadata=metadata),
-        make_current=make_current, reason=f"build: model {model_version}", version=version,
+        make_current=make_current, reason=f"build: model {model_version}", version=version, store_locked=store_locked,
     )
     log.info("published index %s%s in %s", version, " as CURRENT" if make_current else "", store.root)
     return version

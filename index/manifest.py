@@ -135,15 +135,25 @@ def writer_lock_path(tmp: Path) -> Path:
 
 
 def publish_atomically(store: Store, write: Callable[[Path], Any], *, make_current: bool = True,
-                       reason: str = "publish", version: str | None = None) -> str:
+                       reason: str = "publish", version: str | None = None, store_locked: bool = False) -> str:
     """Run ``write(tmp_dir)``, rename ``tmp_dir`` to ``indexes/<version>`` (default: a new
     version name), then move CURRENT (recorded in history.jsonl with ``reason``).
+
+    With ``make_current``, the store lock (``lookalike.model.store_lock``) is held from the
+    start, so nothing is built while a reindex, a publishing embed or ``versions promote``
+    owns the store: ``LockHeldError`` naming the holder. ``store_locked``: the caller holds it.
 
     Nothing is left behind if ``write`` raises. From before ``tmp_dir`` exists until it is
     renamed or removed, this process holds an OS lock on ``writer_lock_path(tmp_dir)`` (the
     kernel releases it if the process is killed): a folder whose lock can be taken has no live
     writer, and ``pipeline.versions.clean_partial_indexes`` may remove it.
     """
+    if make_current and not store_locked:
+        from lookalike.model.store_lock import StoreLock
+
+        with StoreLock(store.root, purpose="publish"):
+            return publish_atomically(store, write, make_current=True, reason=reason, version=version,
+                                      store_locked=True)
     store.indexes_dir.mkdir(parents=True, exist_ok=True)
     version = version or new_index_version()
     tmp = store.indexes_dir / f".tmp-{version}"

@@ -214,10 +214,11 @@ class UpdatableIndex:
         np.save(folder / "embeddings.npy", np.ascontiguousarray(self.embeddings[rows], np.float32))
         return {**old, "count": int(len(rows)), "files": file_checksums(out_dir, shard.name)}
 
-    def publish(self, store: Store, *, make_current: bool = True) -> str:
+    def publish(self, store: Store, *, make_current: bool = True, store_locked: bool = False) -> str:
         """Save as a new version of ``store`` atomically (then move CURRENT, recorded in the
-        store's history so rollback returns to it); returns the version."""
+        store's history so rollback returns to it, under the store lock unless ``store_locked``
+        says the caller holds it: ``index.manifest.publish_atomically``); returns the version."""
         version = publish_atomically(store, self.save, make_current=make_current,
-                                     reason=f"publish: updated from {self.version}")
+                                     reason=f"publish: updated from {self.version}", store_locked=store_locked)
         log.info("published updated index %s (from %s)", version, self.version)
         return version

@@ -1,5 +1,5 @@
 """An exclusive, non-blocking OS file lock (``flock``) that the kernel releases when its
-holder dies, shared by the store lock (``lookalike.pipeline.lock``) and the training-run
+holder dies, shared by the store lock (``lookalike.model.store_lock``) and the training-run
 lock (``lookalike.model.checkpoints.exclusive_run``). A releasing holder unlinks the file
 while still holding it, so a new holder checks that the file it locked is still the one at
 the path, and otherwise locks the new one."""

@@ -340,7 +340,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.beam_args = unknown
     configure_logging(args.verbose)
     from lookalike.model.store import StoreError
-    from lookalike.pipeline.lock import LockHeldError
+    from lookalike.model.store_lock import LockHeldError
     from lookalike.pipeline.reindex import EXIT_LOCKED
 
     try:

@@ -22,7 +22,7 @@ REPORT_KEYS = ("outcome", "reason", "exit_code", "previous_index", "new_index", 
 
 def cmd_reindex(args: argparse.Namespace) -> int:
     from lookalike.pipeline.interrupts import sigterm_as_interrupt, stop_exit_status, stop_reason, terminated
-    from lookalike.pipeline.lock import LockHeldError
+    from lookalike.model.store_lock import LockHeldError
     from lookalike.pipeline.reindex import EXIT_LOCKED, ReindexConfig, ReindexInterrupted, report_dict, run_reindex
 
     config = ReindexConfig(

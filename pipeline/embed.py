@@ -11,7 +11,7 @@ nothing changed does not start Beam at all (``lookalike.pipeline.reuse``), and o
 pipeline embedded nothing new (a TFDS data set, a list file: sources not planned before
 Beam) keeps CURRENT when it already holds the same items.
 
-A run that publishes holds the store lock (``DIR/.reindex.lock``, ``lookalike.pipeline.lock``)
+A run that publishes holds the store lock (``DIR/.reindex.lock``, ``lookalike.model.store_lock``)
 from its first check to its end, as ``reindex`` and ``versions promote|rollback`` do, so it
 never moves CURRENT under them: when another run holds the lock it fails before any work
 (LockHeldError; the CLI exits 75). ``publish=False`` takes no lock: that is how ``reindex``
@@ -47,7 +47,7 @@ from lookalike.pipeline.graph import (LISTING_IN_GRAPH_MAX, LOCAL_RUNNER, EmbedC
 from lookalike.pipeline.index_shards import build_index_shard, collect_shard_entries
 from lookalike.pipeline.inference import discard_preloaded, preload_encoder
 from lookalike.pipeline.items import split_by_shard
-from lookalike.pipeline.lock import StoreLock
+from lookalike.model.store_lock import StoreLock
 from lookalike.pipeline.metadata import prepare_metadata, report_unmatched, with_metadata
 from lookalike.pipeline.reuse import current_index_if_same, list_files, plan_reuse, reused_items
 from lookalike.pipeline.sources import (GLOB_CHARS, common_folder, corpus_pattern, corpus_root, literal_folder,
@@ -388,7 +388,8 @@ def _publish(run: EmbedRun, started: float, reused: pa.Table | None) -> EmbedSum
                        metadata=done[0].metadata if run.metadata is not None else None)  # with unmatched_ids
 
     try:
-        index_version = publish_atomically(run.store, write, make_current=True, reason=f"embed run {run.run_dir.name}")
+        index_version = publish_atomically(run.store, write, make_current=True, reason=f"embed run {run.run_dir.name}",
+                                           store_locked=True)  # held by this run since its start
     except _KeepCurrent as keep:  # publish_atomically removed the index built meanwhile
         summary = done[0]
         summary.index_version = keep.version

@@ -52,7 +52,7 @@ from lookalike.model.config import TrainConfig
 from lookalike.model.store import Store, StoreError
 from lookalike.pipeline.failpoints import failpoint
 from lookalike.pipeline.interrupts import stop_exit_status, stop_reason
-from lookalike.pipeline.lock import StoreLock
+from lookalike.model.store_lock import StoreLock
 from lookalike.pipeline.reindex_checks import (  # noqa: F401 (re-exported)
     GateDecision, ValidationError, choose_eval_set, evaluate_model, frozen_eval_set, gate, save_eval_set, usable_eval_ids,
     validate,

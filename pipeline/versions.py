@@ -37,7 +37,7 @@ def _store_lock(store: Store, locked: bool, purpose: str) -> Iterator[None]:
     if locked:
         yield
         return
-    from lookalike.pipeline.lock import StoreLock
+    from lookalike.model.store_lock import StoreLock
 
     if not store.root.is_dir():
         raise StoreError(f"store {store.root} does not exist")

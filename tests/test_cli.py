@@ -304,7 +304,7 @@ def test_lock_conflict_has_its_own_exit_code_and_json_line(tmp_path):
     """Cron must tell 'another run is at work' from a failure; log lines carry the date."""
     import re
 
-    from lookalike.pipeline.lock import StoreLock
+    from lookalike.model.store_lock import StoreLock
 
     with StoreLock(tmp_path):
         out = run_cli("reindex", "--workdir", str(tmp_path), timeout=120)

@@ -211,6 +211,24 @@ def test_publish_moves_current_atomically(tmp_path):
     assert json.loads((store.index_dir(v1) / "manifest.json").read_text())["count"] == 10
 
 
+def test_publishing_waits_for_no_one_while_another_run_holds_the_store(tmp_path):
+    """A library publish during a reindex (or a publishing embed) must not move CURRENT under it:
+    it fails at once naming the holder, having built nothing; a caller holding the lock says so."""
+    from lookalike.model.store_lock import LockHeldError, StoreLock
+
+    store = Store.at(tmp_path)
+    v1 = build_and_publish(store, unit_vectors(10, 4), items(10), model_version="m")
+    with StoreLock(store.root, purpose="reindex"):
+        with pytest.raises(LockHeldError, match=r"reindex, pid \d+"):
+            build_and_publish(store, unit_vectors(10, 4, seed=1), items(10), model_version="m")
+        assert store.current_index() == v1 and [p.name for p in store.indexes_dir.iterdir()] == [v1]
+        unserved = build_and_publish(store, unit_vectors(10, 4, seed=1), items(10), model_version="m", make_current=False)
+        assert store.current_index() == v1
+        held = build_and_publish(store, unit_vectors(10, 4, seed=2), items(10), model_version="m", store_locked=True)
+    assert store.current_index() == held not in (v1, unserved)
+    assert build_and_publish(store, unit_vectors(10, 4, seed=3), items(10), model_version="m") == store.current_index()
+
+
 def test_filters_and_crowding_widen_until_k_found(tmp_path):
     emb = unit_vectors(400, 8)
     kinds = ["frame" if i % 40 == 0 else "image" for i in range(400)]  # 10 rare frames

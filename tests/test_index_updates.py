@@ -223,3 +223,18 @@ def test_publish_records_each_version_in_the_history(tmp_path):
     assert store.current_index() == c
     assert [e["version"] for e in store.history()] == [a, b, c]
     assert promotion_stack(store) == [a, b, c]
+
+
+def test_publishing_an_update_fails_while_another_run_holds_the_store(tmp_path):
+    from lookalike.model.store_lock import LockHeldError, StoreLock
+
+    store = Store.at(tmp_path)
+    a = build_and_publish(store, unit_vectors(40, 8), table(40), model_version="m")
+    index = ItemIndex.load(store.index_dir(a))
+    index.delete(["item-0"])
+    with StoreLock(store.root, purpose="embed"):
+        with pytest.raises(LockHeldError, match="embed"):
+            index.publish(store)
+        assert store.current_index() == a and [p.name for p in store.indexes_dir.iterdir()] == [a]
+    b = index.publish(store)
+    assert store.current_index() == b != a

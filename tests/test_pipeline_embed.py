@@ -540,7 +540,7 @@ def test_an_embed_that_publishes_is_refused_before_any_work_while_another_run_ho
     would move CURRENT under it. --no-publish (how reindex embeds, under its own lock) needs none."""
     from lookalike.model.store import Store
     from lookalike.pipeline.cli import main
-    from lookalike.pipeline.lock import LOCK_NAME, LockHeldError, StoreLock
+    from lookalike.model.store_lock import LOCK_NAME, LockHeldError, StoreLock
 
     workdir = tmp_path / "store"
     shutil.copytree(indexed_store.root, workdir)
@@ -567,7 +567,7 @@ def test_an_embed_holds_the_store_lock_for_its_whole_run(ctrl_c_as_in_a_terminal
     import sys
     from pathlib import Path
 
-    from lookalike.pipeline.lock import LockHeldError, StoreLock
+    from lookalike.model.store_lock import LockHeldError, StoreLock
 
     shutil.copytree(digits_corpus, workdir_with_model / "corpus")
     exe = str(Path(sys.executable).with_name("lookalike"))

@@ -15,7 +15,7 @@ from PIL import Image
 from lookalike.index.searcher import ItemIndex
 from lookalike.model.config import apply_overrides
 from lookalike.model.store import Store, StoreError
-from lookalike.pipeline.lock import LockHeldError, StoreLock
+from lookalike.model.store_lock import LockHeldError, StoreLock
 from lookalike.pipeline.reindex import STEPS, ReindexConfig, run_reindex
 from lookalike.pipeline.versions import PromotionError, list_versions, promote, rollback
 
@@ -523,7 +523,7 @@ def test_candidate_left_by_a_killed_run_is_removed_by_the_next_run(store, tiny_c
 def test_after_a_dead_run_one_log_line_says_everything_that_was_removed(store, tiny_config, tmp_path, caplog):
     """Not "removed its leftovers: none" followed by the candidate it did remove."""
     from lookalike.index.builder import build_and_publish
-    from lookalike.pipeline.lock import LOCK_NAME
+    from lookalike.model.store_lock import LOCK_NAME
     from lookalike.pipeline.versions import mark_candidate
 
     index = ItemIndex.load(store.require_current_index())

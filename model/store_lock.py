@@ -8,8 +8,11 @@ the file it locked is still the one at the path (a releasing owner unlinks it), 
 tries again. Content left in the file by an owner that did not release it (it died) sets
 ``took_over_stale``, so the caller can clean up what the dead run left.
 
-Reindex, ``lookalike versions promote|rollback`` and an ``embed`` that publishes (so also
-``demo``) take it; local stores only (flock does not reach across hosts on network file systems).
+Reindex, ``lookalike versions promote|rollback``, an ``embed`` that publishes (so also
+``demo``) and the library's publishing calls (``index.manifest.publish_atomically`` with
+``make_current``: ``build_and_publish``, ``ItemIndex.publish``) take it; local stores only
+(flock does not reach across hosts on network file systems). It lives beside ``Store``
+(``lookalike.model.store``), which both the index and the pipeline packages use.
 """
 
 from __future__ import annotations

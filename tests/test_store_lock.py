@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from lookalike.pipeline.lock import LOCK_NAME, LockHeldError, StoreLock
+from lookalike.model.store_lock import LOCK_NAME, LockHeldError, StoreLock
 
 WORKER = """
 import json, os, sys, time
-from lookalike.pipeline.lock import LockHeldError, StoreLock
+from lookalike.model.store_lock import LockHeldError, StoreLock
 root, start, hold_s, log = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
 while time.time() < start:
     pass
@@ -58,7 +58,7 @@ def test_concurrent_processes_never_both_hold_the_lock(tmp_path, stale_lock):
 
 def test_a_sigkilled_holder_is_taken_over_and_a_live_one_is_refused(tmp_path):
     code = ("import sys, time\n"
-            "from lookalike.pipeline.lock import StoreLock\n"
+            "from lookalike.model.store_lock import StoreLock\n"
             "StoreLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)")
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
