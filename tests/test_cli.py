@@ -207,6 +207,29 @@ def test_out_of_range_options_are_refused_naming_the_option(argv, message, capsy
     assert exited.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("typed, message", [
+    (["--incremntal"], "unrecognized option --incremntal: did you mean --incremental?"),
+    (["--num-workrs", "2"], "unrecognized option --num-workrs: did you mean --num-workers?"),
+    (["--corpus", "a", "b"], "unrecognized argument 'b' (only Beam options"),
+])
+def test_embed_refuses_a_typo_of_its_own_options_instead_of_passing_it_to_beam(typed, message, tmp_path, capsys):
+    """Unknown embed options go to Beam, which only warns about what it cannot parse: a
+    misspelt --incremental would run a full, non-incremental embed."""
+    from lookalike.pipeline.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["embed", "--workdir", str(tmp_path / "none"), *typed])
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_embed_still_passes_beams_own_options_on(tmp_path, capsys):
+    """--num_workers (Dataflow's) and --job_name VALUE are Beam's: on to Beam, not typos of ours."""
+    from lookalike.pipeline.cli import main
+
+    assert main(["embed", "--workdir", str(tmp_path / "none"), "--num_workers", "2", "--job_name", "nightly"]) == 1
+    assert f"store {tmp_path / 'none'} does not exist" in capsys.readouterr().err  # got past parsing
+
+
 def test_reindex_config_defaults_to_the_served_models():
     from lookalike.pipeline.cli import build_parser
 
