@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 from lookalike.pipeline.cli_options import (  # noqa: F401 (DEFAULT_WORKDIR, _float_in: re-exported)
     DEFAULT_PORT, DEFAULT_WORKDIR, NON_EMPTY, PORT, POSITIVE, _add_train_config, _add_workdir, _DefaultsHelpFormatter, _float_in,
-    _int_at_least, _print_json, _train_config, add_metadata_option, attach_negative_values,
+    _int_at_least, _print_json, _train_config, add_metadata_option, attach_negative_values, misspelled_pass_through,
 )
 from lookalike.pipeline.cli_store import add_store_commands
 from lookalike.pipeline.logs import configure_logging
@@ -326,47 +326,6 @@ def interrupted_hint(args: argparse.Namespace) -> str:
         current = f": CURRENT is {Store.at(args.workdir).current_index_or_none()}"
         return current + ("; the next run removes what this one left" if args.command == "reindex" else "")
     return ""
-
-
-def misspelled_pass_through(unknown: Sequence[str], own_options: Sequence[str]) -> str | None:
-    """Why ``embed``'s unknown arguments (passed on to Beam) cannot be meant for Beam, or None:
-    a stray word (Beam takes only ``--name[=value]`` options and their values), or an option
-    within a typo of one of embed's own (``--incremntal``), which Beam would only warn about
-    ("Unparseable argument") while the run went on without it."""
-    import difflib
-
-    longs = [o for o in own_options if o.startswith("--")]
-    beam_options = beam_option_names()
-    if beam_options is None:  # Beam's parser is out of reach: pass everything on, as before
-        return None
-    previous_takes_value = False
-    for arg in unknown:
-        if not arg.startswith("-"):
-            if not previous_takes_value:
-                return f"unrecognized argument {arg!r} (only Beam options, --name=value, pass through to Beam)"
-            previous_takes_value = False
-            continue
-        name = arg.split("=", 1)[0]
-        close = difflib.get_close_matches(name, longs, n=1, cutoff=0.8)
-        if close and name not in beam_options:  # Dataflow's --num_workers is Beam's, not a typo of --num-workers
-            return f"unrecognized option {name}: did you mean {close[0]}?"
-        previous_takes_value = "=" not in arg
-    return None
-
-
-def beam_option_names() -> set[str] | None:
-    """Every option string Beam's ``PipelineOptions`` classes define (as Beam's own parser
-    collects them), or None when that parser cannot be built."""
-    try:
-        from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
-
-        parser = _BeamArgumentParser(allow_abbrev=False)
-        for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
-            cls._add_argparse_args(parser)
-        return set(parser._option_string_actions)
-    except Exception as e:  # a Beam release without these internals
-        log.debug("cannot list Beam's options: %s", e)
-        return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

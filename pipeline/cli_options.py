@@ -1,10 +1,12 @@
 """Shared pieces of the ``lookalike`` command line: argparse value types, the options
-several commands take (--workdir, --config/--set) and JSON output."""
+several commands take (--workdir, --config/--set), JSON output, and the check of what
+``embed`` passes on to Beam."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 from collections.abc import Sequence
 
@@ -136,3 +138,44 @@ def _print_json(obj) -> None:
     from lookalike.model.metrics import json_ready
 
     print(json.dumps(json_ready(obj), indent=2, default=str, allow_nan=False))
+
+
+def misspelled_pass_through(unknown: Sequence[str], own_options: Sequence[str]) -> str | None:
+    """Why ``embed``'s unknown arguments (passed on to Beam) cannot be meant for Beam, or None:
+    a stray word (Beam takes only ``--name[=value]`` options and their values), or an option
+    within a typo of one of embed's own (``--incremntal``), which Beam would only warn about
+    ("Unparseable argument") while the run went on without it."""
+    import difflib
+
+    longs = [o for o in own_options if o.startswith("--")]
+    beam_options = beam_option_names()
+    if beam_options is None:  # Beam's parser is out of reach: pass everything on, as before
+        return None
+    previous_takes_value = False
+    for arg in unknown:
+        if not arg.startswith("-"):
+            if not previous_takes_value:
+                return f"unrecognized argument {arg!r} (only Beam options, --name=value, pass through to Beam)"
+            previous_takes_value = False
+            continue
+        name = arg.split("=", 1)[0]
+        close = difflib.get_close_matches(name, longs, n=1, cutoff=0.8)
+        if close and name not in beam_options:  # Dataflow's --num_workers is Beam's, not a typo of --num-workers
+            return f"unrecognized option {name}: did you mean {close[0]}?"
+        previous_takes_value = "=" not in arg
+    return None
+
+
+def beam_option_names() -> set[str] | None:
+    """Every option string Beam's ``PipelineOptions`` classes define (as Beam's own parser
+    collects them), or None when that parser cannot be built."""
+    try:
+        from apache_beam.options.pipeline_options import PipelineOptions, _BeamArgumentParser
+
+        parser = _BeamArgumentParser(allow_abbrev=False)
+        for cls in {str(c): c for c in PipelineOptions.__subclasses__()}.values():
+            cls._add_argparse_args(parser)
+        return set(parser._option_string_actions)
+    except Exception as e:  # a Beam release without these internals
+        logging.getLogger(__name__).debug("cannot list Beam's options: %s", e)
+        return None
