@@ -21,9 +21,16 @@ class Progress:
     def __init__(self, name: str, total: int | None, unit: str, logger: logging.Logger, every_s: float = 2.0,
                  already: int = 0):
         self.name, self.total, self.unit, self.log, self.every_s = name, total, unit, logger, every_s
-        self.start = time.perf_counter()
+        self.created = self.start = time.perf_counter()
         self.last = self.start
         self.already = self.count = already
+
+    def restart_rate(self, count: int) -> None:
+        """Measure the rate (and ETA) from now, ``count`` done: after a slow first unit such as
+        an XLA compile, which would otherwise put hours into the first ETA. The next line comes
+        ``every_s`` later; ``done`` still gives the time since creation."""
+        self.start = self.last = time.perf_counter()
+        self.already = self.count = count
 
     def line(self, extra: str = "") -> str:
         elapsed = time.perf_counter() - self.start
@@ -45,4 +52,13 @@ class Progress:
             self.log.info(self.line(extra))
 
     def done(self, extra: str = "") -> None:
-        self.log.info(self.line(extra) + f" - done in {format_seconds(time.perf_counter() - self.start)}")
+        self.log.info(self.line(extra) + f" - done in {format_seconds(time.perf_counter() - self.created)}")
+
+
+def last_value_note(history: list[dict], key: str, step: int) -> str:
+    """``"loss 0.1234"`` for the newest record of ``history`` holding ``key``, naming its step
+    when that is not ``step`` (progress lines come more often than values are recorded), or ""."""
+    record = next((r for r in reversed(history) if key in r), None)
+    if record is None:
+        return ""
+    return f"{key} {record[key]:.4f}" + (f" (step {record['step']})" if record.get("step") != step else "")

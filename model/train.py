@@ -43,7 +43,7 @@ from lookalike.model.memory import keep_freed_memory
 from lookalike.model.metrics import best_f1_threshold, json_ready, retrieval_metrics
 from lookalike.model.prefetch import Prefetcher
 from lookalike.model.preprocess import PreprocessSpec
-from lookalike.model.progress import Progress
+from lookalike.model.progress import Progress, last_value_note
 from lookalike.model.sharding import data_mesh, embed_numpy, replicate
 from lookalike.model.sources import load_training_data
 from lookalike.model.training_inputs import METRIC_KEY as TRAINING_INPUTS_KEY
@@ -254,9 +254,10 @@ def train_on_arrays(
             for step, batch in batches:
                 running.append(step_fn(model, optimizer, *batch))
                 last = step == config.num_steps or (deadline is not None and time.perf_counter() >= deadline)
-                if step == start_step + 1:  # exclude compilation from the throughput
+                if step == start_step + 1:  # exclude compilation from the throughput and the ETA
                     jax.block_until_ready(running[-1])
                     loop_started, timed_steps = time.perf_counter(), 0
+                    progress.restart_rate(step)
                 timed_steps += 1
                 evaluating = validating and (step % config.eval_every_steps == 0 or last)
                 checkpointing = step % ckpt_every == 0 or last
@@ -281,7 +282,7 @@ def train_on_arrays(
                     _failpoint(f"train.after_checkpoint.{step}")
                 if evaluating or checkpointing:
                     side_s += time.perf_counter() - side_started
-                progress.update(step, extra=f"loss {history[-1]['loss']:.4f}" if history and "loss" in history[-1] else "")
+                progress.update(step, extra=last_value_note(history, "loss", step))
                 last_step = step
                 if last:
                     if step < config.num_steps:

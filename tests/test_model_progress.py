@@ -2,7 +2,7 @@
 
 import logging
 
-from lookalike.model.progress import Progress
+from lookalike.model.progress import Progress, last_value_note
 
 
 def test_a_resumed_count_shows_the_total_done_and_the_rate_of_this_process(caplog, monkeypatch):
@@ -13,3 +13,26 @@ def test_a_resumed_count_shows_the_total_done_and_the_rate_of_this_process(caplo
         progress.update(250)  # 50 steps in the 10 s of this process: 5 steps/s, 50 to go
     assert caplog.messages == ["train: 250/300 steps (83%), 5.0 steps/s, ETA 10s"]
     assert progress.line().startswith("train: 250/300 steps (83%), 2.5 steps/s")  # 20 s in
+
+
+def test_a_slow_first_step_is_kept_out_of_the_eta_but_not_out_of_the_total_time(caplog, monkeypatch):
+    """A training's first step compiles (60 s here); an ETA from it promised 400 steps in hours."""
+    now = [0.0]
+    monkeypatch.setattr("lookalike.model.progress.time.perf_counter", lambda: now[0])
+    progress = Progress("train", total=401, unit="steps", logger=logging.getLogger("t"), every_s=2.0)
+    now[0] = 60.0
+    progress.restart_rate(1)
+    with caplog.at_level(logging.INFO):
+        progress.update(1)  # not 2 s since the restart: no line with a rate of nothing
+        now[0] = 64.0
+        progress.update(201)  # 200 steps in 4 s: 50 steps/s, 200 to go
+        progress.done()
+    assert caplog.messages == ["train: 201/401 steps (50%), 50.0 steps/s, ETA 4s",
+                               "train: 201/401 steps (50%), 50.0 steps/s, ETA 4s - done in 1m04s"]
+
+
+def test_a_value_recorded_at_an_earlier_step_names_that_step():
+    history = [{"step": 50, "loss": 0.141}, {"step": 100, "precision_at_1": 0.5}]
+    assert last_value_note(history, "loss", 95) == "loss 0.1410 (step 50)"
+    assert last_value_note(history, "loss", 50) == "loss 0.1410"
+    assert last_value_note([], "loss", 3) == ""
