@@ -17,8 +17,9 @@ both result lists, with their difference as the approximation loss:
 Labels come from a metadata column (``label_column``, ``eval --label-column``) or an
 explicit function of the item id; for a labelled corpus laid out
 as ``<label>/<file>`` (the digits and CIFAR-10 corpora) that is ``label_from_id``. When
-some item has no label (a file at the corpus's top level), only the ANN recall is
-reported, with the reason.
+some item has no label (a file at the corpus's top level), or every item has the same
+one (one class folder: any model would score 1.0), only the ANN recall is reported,
+with the reason.
 """
 
 from __future__ import annotations
@@ -126,6 +127,16 @@ def evaluate_index(
         no_labels = None
     except ValueError as e:  # e.g. a file at the corpus top level: ANN recall needs no labels
         labels, no_labels = None, str(e)
+    label_name = getattr(label_fn, "__name__", repr(label_fn))
+    if labels is not None and len(distinct := np.unique(labels)) < 2:
+        # every neighbour shares the query's label: P@1, Recall@K and MAP@R would be 1.0 for any model
+        no_labels = (f"label metrics need at least 2 labels, found 1: every item has the label {str(distinct[0])!r} "
+                     f"({label_name}); lay the corpus out as <label>/<file> with 2 or more classes, or name a "
+                     "metadata column holding 2 or more labels (lookalike eval --index --label-column COLUMN)")
+        log.warning("eval %s: %s", index.version, no_labels)
+        labels, one_label = None, True
+    else:
+        one_label = False
     rows = np.arange(n)
     if max_queries is not None and max_queries < n:
         rows = np.sort(np.random.default_rng(seed).choice(n, size=max_queries, replace=False))
@@ -152,6 +163,8 @@ def evaluate_index(
                                      "metrics past their end count the missing results as misses")
         log.warning("eval %s: %s", index.version, result["ann_short_lists"])
     if labels is None:
+        if one_label:  # the labels were read: say from where
+            result["label_function"] = label_name
         result["label_metrics"] = f"not computed: {no_labels}"
         log.info("eval %s: ANN recall@%d %.4f (no label metrics: %s)", index.version, k, result[f"ann_recall_at_{k}"], no_labels)
         return result
@@ -161,7 +174,7 @@ def evaluate_index(
     served = retrieval_scores(ann_k, labels[rows], labels, ks)  # Precision@1, Recall@K as a k-deep search finds them
     ann_scores.update({m: v for m, v in served.items() if m != "map_at_r"})
     result.update({
-        "label_function": getattr(label_fn, "__name__", repr(label_fn)),
+        "label_function": label_name,
         "exact": exact_scores, "ann": ann_scores,
         # + 0.0: no "-0.0" when both agree
         "approximation_loss": {m: round(exact_scores[m] - ann_scores[m], 4) + 0.0 for m in exact_scores},

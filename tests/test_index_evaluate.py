@@ -64,6 +64,22 @@ def test_unlabelled_items_still_get_ann_recall(tmp_path):
     assert json.dumps(report).count("-0.0") == 0
 
 
+def test_a_single_label_gets_no_label_metrics_only_ann_recall(tmp_path, caplog):
+    """One class folder (one/cat/*.jpg): every neighbour has the query's label, so an untrained
+    model would score MAP@R 1.0; the label metrics are not computed, with the reason, and a warning."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(40, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    build_index(x, pa.table({"id": [f"cat/{i:04d}.jpg" for i in range(40)]}), model_version="m", out_dir=tmp_path / "i")
+    with caplog.at_level("WARNING", logger="lookalike.index.evaluate"):
+        report = evaluate_index(ItemIndex.load(tmp_path / "i"), k=10)
+    assert report["ann_recall_at_10"] == 1.0 and report["label_function"] == "label_from_id"
+    assert "exact" not in report and "ann" not in report and "approximation_loss" not in report
+    assert report["label_metrics"].startswith("not computed: label metrics need at least 2 labels, found 1: "
+                                              "every item has the label 'cat'")
+    assert any("every item has the label 'cat'" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+
+
 def test_eval_command_on_the_pipeline_index(indexed_store, capsys):
     assert main(["eval", "--workdir", str(indexed_store.root), "--index", "--k", "5"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -73,7 +89,9 @@ def test_eval_command_on_the_pipeline_index(indexed_store, capsys):
     assert report["approximation_loss"]["map_at_r"] == 0.0
     assert report["exact"]["precision_at_1"] > 0.3  # a trained model on digits beats chance (0.1)
     assert main(["eval", "--workdir", str(indexed_store.root), "--index", "--k", "5", "--label-column", "kind"]) == 0
-    assert json.loads(capsys.readouterr().out)["label_function"] == "column kind"  # every item an image: one label
+    one_label = json.loads(capsys.readouterr().out)  # every item an image: one label, no label metrics
+    assert one_label["label_function"] == "column kind" and "exact" not in one_label
+    assert one_label["label_metrics"].startswith("not computed: label metrics need at least 2 labels, found 1")
     assert main(["eval", "--workdir", str(indexed_store.root), "--index", "no-such-version"]) == 1
 
 
