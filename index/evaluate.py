@@ -51,7 +51,14 @@ def label_from_id(item_id: str) -> str:
 
 
 def column_labels(index: "ItemIndex", column: str) -> Callable[[str], str]:
-    """A label function reading the items' metadata ``column`` (ValueError naming an item without a value)."""
+    """A label function reading the items' metadata ``column`` (ValueError naming an item without a value).
+
+    A column the items do not have at all is a mistyped name rather than missing labels:
+    ValueError naming it and the columns there are, at once."""
+    columns = index.items.schema.names
+    if column not in columns:
+        raise ValueError(f"label column {column!r} does not exist in the items of index {index.version}; "
+                         f"its columns are: {', '.join(columns)}")
     values = dict(zip(index.items.ids(), index.items.column_values(column, np.arange(len(index.items)))))
 
     def label(item_id: str) -> str:
@@ -110,8 +117,8 @@ def evaluate_index(
 ) -> dict[str, Any]:
     """ANN recall@k vs exact, and Precision@1 / Recall@{1,k} / MAP@R on exact and ANN neighbours.
 
-    Labels come from ``label_column`` (a metadata column of the items) when given, else
-    from ``label_fn`` of each item id."""
+    Labels come from ``label_column`` (a metadata column of the items; ValueError when the
+    items have no such column) when given, else from ``label_fn`` of each item id."""
     n = len(index)
     if n < 2:
         raise ValueError(f"index {index.version} has {n} item(s); evaluation needs at least 2")

@@ -120,8 +120,9 @@ def test_labels_from_a_metadata_column(tmp_path):
     x = rng.normal(size=(3, 8))[labels] + 0.5 * rng.normal(size=(300, 8))
     x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
     species = [f"s{c}" for c in labels]
-    build_index(x, pa.table({"id": [f"img{i}.png" for i in range(300)], "species": species}), model_version="m",
-                out_dir=tmp_path / "i")
+    colour = [None] + ["red"] * 299  # a column that exists but lacks a value for an item
+    build_index(x, pa.table({"id": [f"img{i}.png" for i in range(300)], "species": species, "colour": colour}),
+                model_version="m", out_dir=tmp_path / "i")
     index = ItemIndex.load(tmp_path / "i")
     no_labels = evaluate_index(index, k=5)
     assert "--label-column COLUMN" in no_labels["label_metrics"]  # what a command-line user can do
@@ -130,3 +131,13 @@ def test_labels_from_a_metadata_column(tmp_path):
     assert report["approximation_loss"]["map_at_r"] == 0.0
     missing = evaluate_index(index, k=5, label_column="colour")
     assert "item 'img0.png' has no value in the label column 'colour'" in missing["label_metrics"]
+    with pytest.raises(ValueError, match=r"label column 'specie' does not exist in the items of index .*; "
+                                         r"its columns are: id, species, colour"):
+        evaluate_index(index, k=5, label_column="specie")  # a mistyped name is not "missing labels"
+
+
+def test_eval_command_names_a_label_column_that_does_not_exist(indexed_store, capsys):
+    assert main(["eval", "--workdir", str(indexed_store.root), "--index", "--label-column", "nosuch"]) == 1
+    err = capsys.readouterr().err
+    assert "lookalike eval: error: label column 'nosuch' does not exist in the items of index" in err
+    assert "its columns are: id, " in err and "kind" in err
