@@ -58,17 +58,18 @@ def list_images(root: Path) -> list[Path]:
 
 
 def load_labelled_folder(root: str | Path, spec: PreprocessSpec, *, max_items: int | None = None,
-                         seed: int = 0, exclude: Collection[str] = ()) -> LabelledImages:
-    """Read ``root/<label>/*`` into arrays; raise ValueError if nothing trainable is there.
+                         seed: int = 0, exclude: Collection[str] = (), role: str = "training") -> LabelledImages:
+    """Read ``root/<label>/*`` into arrays; raise ValueError if nothing usable is there, naming
+    the folder by its ``role`` ("training", "evaluation": what the user gave it for).
     Files whose ``root``-relative path is in ``exclude`` (e.g. held-out evaluation images)
     are left out; ``max_items``: decode only a seeded sample of that many of the others."""
     root = Path(root)
     if not root.is_dir():
-        raise ValueError(f"training data folder {root} does not exist")
+        raise ValueError(f"{role} data folder {root} does not exist")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(class_dirs) < 2:
         raise ValueError(
-            f"training data folder {root} needs one sub-folder per class and at least 2 classes, "
+            f"{role} data folder {root} needs one sub-folder per class and at least 2 classes, "
             f"found {len(class_dirs)}"
         )
     excluded = frozenset(exclude)
@@ -111,7 +112,7 @@ def load_labelled_folder(root: str | Path, spec: PreprocessSpec, *, max_items: i
                         "dissimilar pairs, triplet loss leaves it out)", class_dir.name)
         names.append(class_dir.name)
     if len(names) < 2:
-        raise ValueError(f"training data folder {root}: fewer than 2 classes have readable images")
+        raise ValueError(f"{role} data folder {root}: fewer than 2 classes have readable images")
     return LabelledImages(
         images=np.stack(images).astype(np.float32),
         labels=np.asarray(labels, dtype=np.int32),

@@ -104,7 +104,8 @@ def evaluate_model(
     from lookalike.model.data import load_labelled_folder
 
     encoder = load_encoder(model_path)
-    data = load_labelled_folder(folder, encoder.spec, max_items=max_items, seed=seed)  # only the sample is decoded
+    data = load_labelled_folder(folder, encoder.spec, max_items=max_items, seed=seed,
+                                role="evaluation")  # only the sample is decoded
     report = evaluate_embeddings(encoder.embed(data.images), data.labels, seed=seed, **kwargs)
     report.update({"model": encoder.version, "data_dir": str(folder), "skipped_files": len(data.failures)})
     return report

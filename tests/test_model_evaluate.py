@@ -64,6 +64,20 @@ def test_a_report_without_evidence_is_strict_json_with_nulls(trained_store, caps
     assert report["map_at_r"] is None and report["verification_roc_auc"] is None
 
 
+def test_a_one_class_folder_is_named_as_the_evaluation_data_folder(trained_store, tmp_path):
+    """eval --model --data one: the shared folder loader names the folder by what it is for here."""
+    from PIL import Image
+
+    (tmp_path / "one" / "cat").mkdir(parents=True)
+    for i in range(3):
+        Image.new("L", (8, 8), 40 * i).save(tmp_path / "one" / "cat" / f"{i}.png")
+    args = argparse.Namespace(workdir=str(trained_store.root), model=None, data=str(tmp_path / "one"), k=5,
+                              n_way=None, k_shot=None, episodes=5, max_items=None)
+    with pytest.raises(ValueError, match=r"^evaluation data folder .*/one needs one sub-folder per class and at least "
+                                         r"2 classes, found 1$"):
+        evaluate_model_cli(args)
+
+
 def test_json_ready_turns_every_non_finite_float_into_null():
     from lookalike.model.metrics import json_ready
 
