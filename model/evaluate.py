@@ -63,8 +63,12 @@ def few_shot_accuracy(
     need = k_shot + queries_per_class
     by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
     usable = [idx for idx in by_class if len(idx) >= need]
+    if len(by_class) < n_way:
+        raise ValueError(f"{n_way}-way {k_shot}-shot needs {n_way} classes, the data has {len(by_class)}: "
+                         "n-way is larger than the number of classes")
     if len(usable) < n_way:
-        raise ValueError(f"{n_way}-way {k_shot}-shot needs {n_way} classes with {need}+ items; found {len(usable)}")
+        raise ValueError(f"{n_way}-way {k_shot}-shot needs {n_way} classes with {need}+ items; found {len(usable)} "
+                         f"(of {len(by_class)} classes)")
     rng = np.random.default_rng(seed)
     accs = []
     for _ in range(episodes):
@@ -81,9 +85,12 @@ def few_shot_accuracy(
 
 def evaluate_embeddings(
     emb: np.ndarray, labels: np.ndarray, ks: tuple[int, ...] = (1, 5, 10), n_way: int = 5, k_shot: int = 1,
-    episodes: int = 1000, seed: int = 0,
+    episodes: int = 1000, seed: int = 0, few_shot_required: bool = False,
 ) -> dict[str, Any]:
-    """All model-quality figures for [N, D] embeddings with [N] labels."""
+    """All model-quality figures for [N, D] embeddings with [N] labels.
+
+    N-way K-shot accuracy the data cannot give (too few classes) is left out with a
+    warning, or, with ``few_shot_required`` (the user asked for it), a ValueError."""
     labels = np.asarray(labels)
     out: dict[str, Any] = {"items": int(len(emb)), "classes": int(len(np.unique(labels)))}
     out.update(retrieval_metrics(emb, labels, ks))
@@ -91,6 +98,9 @@ def evaluate_embeddings(
     try:
         out[f"few_shot_{n_way}way_{k_shot}shot_acc"] = few_shot_accuracy(emb, labels, n_way, k_shot, episodes, seed=seed)
     except ValueError as e:
+        if few_shot_required:
+            raise ValueError(f"few-shot accuracy cannot be computed: {e}; give a smaller --n-way or --k-shot, or "
+                             "neither to skip it with a warning") from None
         log.warning("few-shot accuracy skipped: %s", e)
     return out
 
@@ -116,7 +126,8 @@ def evaluate_model_cli(args: argparse.Namespace) -> int:
 
     Reads ``args.workdir``, ``args.model`` (a version, a model folder, or "LATEST"),
     ``args.data`` (default WORKDIR/corpus) and optional ``k``, ``n_way``, ``k_shot``,
-    ``episodes``, ``max_items``."""
+    ``episodes``, ``max_items`` (None: the default; an ``n_way`` or ``k_shot`` given makes
+    a few-shot score the data cannot give an error rather than a warning)."""
     from lookalike.model.store import Store
 
     store = Store.at(args.workdir)
@@ -140,6 +151,8 @@ def evaluate_model_cli(args: argparse.Namespace) -> int:
         return value
 
     k = option("k", 10, 1)
+    # --n-way or --k-shot on the command line asks for that score: an error if it cannot be had
+    asked = any(getattr(args, name, None) is not None for name in ("n_way", "k_shot"))
     report = evaluate_model(
         model_path, folder,
         ks=tuple(sorted({1, 5, k})),
@@ -147,6 +160,7 @@ def evaluate_model_cli(args: argparse.Namespace) -> int:
         k_shot=option("k_shot", 1, 1),
         episodes=option("episodes", 1000, 1),
         max_items=option("max_items", 5000, 2),
+        few_shot_required=asked,
     )
     print(json.dumps(json_ready(report), indent=2, sort_keys=True, allow_nan=False))
     return 0

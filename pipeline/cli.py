@@ -303,8 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", nargs="?", const="LATEST", default=None, metavar="VERSION",
                    help="evaluate a model (default LATEST; a version or a model folder) instead of an index")
     p.add_argument("--data", default=None, help="--model: labelled folder <label>/<file> (default WORKDIR/corpus)")
-    p.add_argument("--n-way", type=_int_at_least(2), default=5, help="--model: classes per few-shot episode")
-    p.add_argument("--k-shot", type=POSITIVE, default=1, help="--model: examples per class in an episode")
+    p.add_argument("--n-way", type=_int_at_least(2), default=None,
+                   help="--model: classes per few-shot episode (default 5, skipped with a warning when the data has "
+                   "fewer classes; given, that is an error)")
+    p.add_argument("--k-shot", type=POSITIVE, default=None,
+                   help="--model: examples per class in an episode (default 1; given, a few-shot score the data "
+                   "cannot give is an error)")
     p.add_argument("--episodes", type=POSITIVE, default=1000, help="--model: few-shot episodes")
     p.add_argument("--max-items", type=_int_at_least(2), default=5000, help="--model: evaluate at most this many images")
     p.set_defaults(func=cmd_eval)

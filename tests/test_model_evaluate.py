@@ -55,8 +55,8 @@ def test_cli_evaluates_the_latest_model_on_the_corpus(trained_store, capsys):
 
 def test_a_report_without_evidence_is_strict_json_with_nulls(trained_store, capsys):
     """Two items of different classes: no class has a second item, so MAP@R and ROC AUC are undefined."""
-    args = argparse.Namespace(workdir=str(trained_store.root), model=None, data=None, k=5, n_way=2, k_shot=1,
-                              episodes=3, max_items=2)
+    args = argparse.Namespace(workdir=str(trained_store.root), model=None, data=None, k=5, n_way=None, k_shot=None,
+                              episodes=3, max_items=2)  # the default few-shot score: skipped with a warning
     assert evaluate_model_cli(args) == 0
     out = capsys.readouterr().out
     assert "NaN" not in out
@@ -76,6 +76,30 @@ def test_a_one_class_folder_is_named_as_the_evaluation_data_folder(trained_store
     with pytest.raises(ValueError, match=r"^evaluation data folder .*/one needs one sub-folder per class and at least "
                                          r"2 classes, found 1$"):
         evaluate_model_cli(args)
+
+
+def test_a_few_shot_score_asked_for_that_the_classes_cannot_give_is_an_error(trained_store, tmp_path, capsys):
+    """eval --model --data c3 --n-way 5 on 3 classes: an error naming why; without --n-way the
+    default 5-way score is only skipped (a warning) and the other metrics are printed."""
+    from PIL import Image
+
+    from lookalike.pipeline.cli import main
+
+    rng = np.random.default_rng(5)
+    for c in range(3):
+        (tmp_path / "c3" / f"k{c}").mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(tmp_path / "c3" / f"k{c}" / f"{i}.png")
+    argv = ["eval", "--workdir", str(trained_store.root), "--model", "--data", str(tmp_path / "c3"), "--episodes", "5"]
+    assert main([*argv, "--n-way", "5"]) == 1
+    err = capsys.readouterr().err
+    assert "lookalike eval: error: few-shot accuracy cannot be computed: 5-way 1-shot needs 5 classes, the data has " \
+           "3: n-way is larger than the number of classes" in err
+    assert main([*argv, "--n-way", "2", "--k-shot", "3"]) == 1  # no class has the 3 + 1 images an episode takes
+    assert "2-way 3-shot needs 2 classes with 4+ items; found 0 (of 3 classes)" in capsys.readouterr().err
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["classes"] == 3 and not any(key.startswith("few_shot") for key in report)
 
 
 def test_json_ready_turns_every_non_finite_float_into_null():
