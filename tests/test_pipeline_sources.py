@@ -72,3 +72,40 @@ def test_list_file_comments_byte_order_mark_and_hashes_in_names(tmp_path):
     mix = str(tmp_path.parent / "mix")
     assert read_list_file(str(listing)) == [f"{mix}/dog/d1.jpg", f"{mix}/dog/d5.jpg", f"{mix}/dog/d6.jpg",
                                             f"{mix}/clip#2.jpg", "/data/odd #name.jpg"]
+
+
+def _in_thread(fn, timeout_s: float = 10.0):
+    """``fn()``'s result or exception, from a daemon thread: a call that would block forever
+    (opening a named pipe) fails the test after ``timeout_s`` instead of hanging it."""
+    import threading
+
+    out: dict = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            out["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    assert not thread.is_alive(), f"still blocked after {timeout_s}s"
+    return out
+
+
+def test_a_named_pipe_or_socket_is_never_opened(tmp_path):
+    """Opening a named pipe blocks until a writer comes: a path that is not a regular file
+    (a pipe, a socket, a link to one) is refused by its stat, naming it and what it is."""
+    import socket
+
+    from lookalike.pipeline.sources import NotRegularFileError
+
+    os.mkfifo(tmp_path / "pipe.jpg")
+    os.symlink(tmp_path / "pipe.jpg", tmp_path / "link.jpg")
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.bind(str(tmp_path / "sock.jpg"))
+        for name, kind in (("pipe.jpg", "named pipe"), ("link.jpg", "named pipe"), ("sock.jpg", "socket")):
+            out = _in_thread(lambda: read_bytes(str(tmp_path / name), 0))
+            assert isinstance(out.get("error"), NotRegularFileError), out
+            assert f"not a regular file ({kind})" in str(out["error"]) and name in str(out["error"])
