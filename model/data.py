@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,11 +34,14 @@ class LabelledImages:
     failures: list[tuple[str, str]]  # (path, reason) of skipped files
 
 
-def walk_folders(root: str | Path) -> Iterator[tuple[str, list[str]]]:
+def walk_folders(root: str | Path, onerror: Callable[[OSError], None] | None = None) -> Iterator[tuple[str, list[str]]]:
     """(folder, file names) of ``root`` and every folder below it, symlinked folders
-    included: each real folder once, so a link loop ends (``os.walk`` order)."""
+    included: each real folder once, so a link loop ends (``os.walk`` order). A folder that
+    cannot be listed (no read permission) is passed to ``onerror`` as its OSError (its
+    ``filename`` the folder), as ``os.walk`` does; without ``onerror`` it is logged as a warning,
+    never left out silently."""
     seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, names in os.walk(root, followlinks=True):
+    for dirpath, dirnames, names in os.walk(root, onerror=onerror or _warn_unreadable_folder, followlinks=True):
         try:
             st = os.stat(dirpath)
         except OSError:
@@ -50,10 +53,16 @@ def walk_folders(root: str | Path) -> Iterator[tuple[str, list[str]]]:
         yield dirpath, names
 
 
-def list_images(root: Path) -> list[Path]:
+def _warn_unreadable_folder(error: OSError) -> None:
+    log.warning("cannot read folder %s (%s): its files are left out", error.filename, error.strerror or error)
+
+
+def list_images(root: Path, onerror: Callable[[OSError], None] | None = None) -> list[Path]:
     """Every image file under ``root`` (by suffix; symlinked files and folders followed, as
-    the embed pipeline does), sorted for reproducibility."""
-    return sorted(Path(folder) / name for folder, names in walk_folders(root) for name in names
+    the embed pipeline does), sorted for reproducibility. Only regular files (links to them
+    included): a named pipe, socket or device is never listed, so never opened. Folders that
+    cannot be read go to ``onerror`` (``walk_folders``)."""
+    return sorted(Path(folder) / name for folder, names in walk_folders(root, onerror) for name in names
                   if Path(name).suffix.lower() in IMAGE_SUFFIXES and os.path.isfile(os.path.join(folder, name)))
 
 
@@ -73,8 +82,11 @@ def load_labelled_folder(root: str | Path, spec: PreprocessSpec, *, max_items: i
             f"found {len(class_dirs)}"
         )
     excluded = frozenset(exclude)
-    listed = [[p for p in list_images(class_dir) if p.relative_to(root).as_posix() not in excluded]
+    unreadable: dict[Path, list[OSError]] = {class_dir: [] for class_dir in class_dirs}  # folders that could not be listed
+    listed = [[p for p in list_images(class_dir, unreadable[class_dir].append) if p.relative_to(root).as_posix() not in excluded]
               for class_dir in class_dirs]
+    for error in (e for errors in unreadable.values() for e in errors):
+        _warn_unreadable_folder(error)
     sampled = max_items is not None and sum(map(len, listed)) > max_items
     if sampled:
         flat = [(c, path) for c, files in enumerate(listed) for path in files]
@@ -98,6 +110,10 @@ def load_labelled_folder(root: str | Path, spec: PreprocessSpec, *, max_items: i
             labels.append(label)
             paths.append(str(path))
             count += 1
+        if count == 0 and unreadable[class_dir] and not files:  # not "no images": they could not be listed
+            log.warning("class %r in %s cannot be read (%s); ignored", class_dir.name, root,
+                        "; ".join(f"{e.filename}: {e.strerror or e}" for e in unreadable[class_dir]))
+            continue
         if count == 0:
             from lookalike.pipeline.video import is_video_path  # as model.unlabelled does
 

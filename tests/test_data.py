@@ -145,3 +145,46 @@ def test_a_sample_decodes_only_the_sampled_files(tmp_path):
     again = load_labelled_folder(tmp_path, spec, max_items=6, seed=1)
     assert again.paths == sample.paths  # seeded
     assert len(load_labelled_folder(tmp_path, spec).labels) == 20
+
+
+def _refuse_listing(monkeypatch, folder):
+    """``folder`` as a folder of mode 000 is to a non-root user (tests run as root, who reads
+    it anyway): listing it raises PermissionError, as ``os.walk`` meets it."""
+    import os
+
+    scandir = os.scandir
+
+    def guarded(path="."):
+        if os.path.abspath(os.fspath(path)) == str(folder):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", guarded)
+
+
+def test_an_unreadable_class_folder_is_named_not_called_empty(tmp_path, monkeypatch, caplog):
+    for label in ("a", "b", "locked"):
+        (tmp_path / label).mkdir()
+        for i in range(2):
+            Image.new("L", (8, 8), 40 * i).save(tmp_path / label / f"{i}.png")
+    _refuse_listing(monkeypatch, tmp_path / "locked")
+    with caplog.at_level("WARNING"):
+        data = load_labelled_folder(tmp_path, SPEC)
+    assert data.class_names == ["a", "b"]
+    warned = "\n".join(r.getMessage() for r in caplog.records)
+    assert f"cannot read folder {tmp_path / 'locked'} (Permission denied)" in warned
+    assert "class 'locked'" in warned and "cannot be read" in warned and "no images" not in warned
+
+
+def test_a_named_pipe_in_a_class_folder_is_not_listed_so_never_opened(tmp_path):
+    import os
+
+    from lookalike.model.data import list_images
+
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        for i in range(2):
+            Image.new("L", (8, 8), 40 * i).save(tmp_path / label / f"{i}.png")
+    os.mkfifo(tmp_path / "a" / "pipe.png")  # read_bytes on it would block until a writer comes
+    assert tmp_path / "a" / "pipe.png" not in list_images(tmp_path / "a")
+    assert load_labelled_folder(tmp_path, SPEC).paths == [str(tmp_path / c / f"{i}.png") for c in "ab" for i in range(2)]
