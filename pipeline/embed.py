@@ -50,8 +50,8 @@ from lookalike.pipeline.items import split_by_shard
 from lookalike.model.store_lock import StoreLock
 from lookalike.pipeline.metadata import prepare_metadata, report_unmatched, with_metadata
 from lookalike.pipeline.reuse import current_index_if_same, list_files, plan_reuse, reused_items
-from lookalike.pipeline.sources import (GLOB_CHARS, common_folder, corpus_pattern, corpus_root, literal_folder,
-                                       read_list_file)
+from lookalike.pipeline.sources import (GLOB_CHARS, common_folder, corpus_pattern, corpus_root,
+                                       dead_letter, literal_folder, read_list_file)
 from lookalike.pipeline.summary import (EmbedSummary, counter_values, read_dead_letters, read_embeddings, read_items,
                                         summarize)
 from lookalike.pipeline.tfds_source import TfdsSpec, example_ranges
@@ -134,7 +134,9 @@ def _execute(run: EmbedRun, started: float, index_build: tuple[str, dict[str, An
     if summary.items == 0:
         (run.run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
         if run.total == 0:
-            raise EmbedError(f"nothing embedded: no files found in {_source_name(run)}; no index published")
+            unlisted = f" ({summary.failed} folder(s) could not be listed: see {run.run_dir}/dead_letter-*.jsonl)" \
+                if summary.failed else ""
+            raise EmbedError(f"nothing embedded: no files found in {_source_name(run)}{unlisted}; no index published")
         raise EmbedError(
             f"nothing embedded from {_source_name(run)}: {run.total} file(s) found, {summary.failed} rejected "
             f"(see {run.run_dir}/dead_letter-*.jsonl); no index published"
@@ -308,6 +310,15 @@ def remove_if_unused(run_dir: Path) -> bool:
     return not run_dir.exists()
 
 
+def _report_unlisted(errors: list[OSError], run_dir: Path) -> None:
+    """Folders of the corpus that could not be listed: a warning each, and a dead letter each
+    (stage "list", the folder as its uri), so the run reports them among its failures."""
+    letters = [dead_letter(str(e.filename), "list", f"{type(e).__name__}: {e}") for e in errors]
+    for letter in letters:
+        log.warning("cannot list corpus folder %s (%s): its files are left out", letter["uri"], letter["reason"])
+    write_jsonl(run_dir / "dead_letter-unlisted.jsonl", letters)
+
+
 def _list_and_run(run: EmbedRun, started: float) -> EmbedSummary:
     """List the corpus, plan reuse, run the pipeline and write the summary. On the in-process
     runner the encoder loads and compiles meanwhile (``inference.preload_encoder``): from the
@@ -322,8 +333,11 @@ def _list_and_run(run: EmbedRun, started: float) -> EmbedSummary:
     elif config.list_file:
         run.total = len(read_list_file(config.list_file))
     else:
-        run.listing = list_files(pattern)
+        unlisted: list[OSError] = []  # folders below the corpus that could not be listed (permissions)
+        run.listing = list_files(pattern, unlisted.append)
         run.total = len(run.listing)
+        if unlisted:
+            _report_unlisted(unlisted, run_dir)
         if config.incremental:  # the cache is read once here: little besides it when nothing changed
             cache_table = load_cache_table(run.cache, int(meta["embed_dim"]))
             run.plan = plan_reuse(run.listing, run.cache, cache_table.column("source_hash"), config.sampling)

@@ -19,6 +19,8 @@ import json
 import logging
 import os
 import re
+import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +36,8 @@ from lookalike.model.store import Store
 from lookalike.model.data import IMAGE_SUFFIXES, walk_folders
 from lookalike.pipeline.cache import cached_hashes, load_cache_table, load_failed, load_file_index_table, rows_of_files
 from lookalike.pipeline.items import expand_items, split_by_shard
-from lookalike.pipeline.sources import NOT_MEDIA_REASON, dead_letter, known_failure_letter, literal_folder
+from lookalike.pipeline.sources import (NOT_MEDIA_REASON, dead_letter, known_failure_letter, literal_folder,
+                                       not_regular_reason)
 from lookalike.pipeline.video import VIDEO_SUFFIXES, FrameSampling, reusable_source_hashes
 
 log = logging.getLogger(__name__)
@@ -50,15 +53,17 @@ class ReusePlan:
     dead: list[dict[str, str]] = field(default_factory=list)
 
 
-def list_files(pattern: str) -> list[FileMetadata]:
+def list_files(pattern: str, onerror: Callable[[OSError], None] | None = None) -> list[FileMetadata]:
     """Every file matching ``pattern`` (any Beam filesystem) with size and mtime, by path. A
     local ``<folder>/**`` (its wildcards escaped: ``sources.corpus_pattern``) is walked here
-    with one stat per file (Beam's match takes two and a regex test per file for the same list)."""
+    with one stat per file (Beam's match takes two and a regex test per file for the same list);
+    a folder below it that cannot be listed goes to ``onerror`` (``data.walk_folders``: default,
+    a warning), its OSError naming it."""
     from apache_beam.io.filesystems import FileSystems
 
     folder = literal_folder(pattern)
     if folder and "://" not in folder and os.path.isdir(folder):
-        return sorted(_walk(folder), key=lambda m: m.path)
+        return sorted(_walk(folder, onerror), key=lambda m: m.path)
     try:
         matched = FileSystems.match([pattern])
     except Exception as e:  # an empty or unreachable pattern: the run reports 0 files
@@ -68,21 +73,24 @@ def list_files(pattern: str) -> list[FileMetadata]:
 
 
 class UnreadableFile(FileMetadata):
-    """A listed path that could not be stat'ed (a dangling link, a file gone meanwhile): size
-    and mtime 0, and ``error``, the reason, as a reader's dead letter would give it."""
+    """A listed path that could not be stat'ed (a dangling link, a file gone meanwhile) or is
+    not a regular file (a named pipe: never opened): size and mtime 0, and ``error``, the
+    reason, as a reader's dead letter would give it."""
 
     def __init__(self, path: str, error: str):
         super().__init__(path, 0, 0.0)
         self.error = error
 
 
-def _walk(folder: str) -> list[FileMetadata]:
+def _walk(folder: str, onerror: Callable[[OSError], None] | None = None) -> list[FileMetadata]:
     """Files under ``folder`` as Beam's local match lists them (os.walk, symlinked files
     followed), and also under symlinked folders (each real folder walked once, so a link
-    loop ends). A path that cannot be stat'ed is listed as an ``UnreadableFile`` (size and
-    mtime 0), so it is dead-lettered, not lost: by the plan (``plan_reuse``) or, read, by the pipeline."""
+    loop ends). A path that cannot be stat'ed, or is not a regular file (a named pipe, socket
+    or device, or a link to one: never to be opened), is listed as an ``UnreadableFile`` (size
+    and mtime 0), so it is dead-lettered, not lost: by the plan (``plan_reuse``) or, refused
+    by ``sources.read_bytes``, by the pipeline. Folders that cannot be listed go to ``onerror``."""
     found = []
-    for dirpath, names in walk_folders(folder):
+    for dirpath, names in walk_folders(folder, onerror):
         prefix = dirpath if dirpath.endswith(os.sep) else dirpath + os.sep  # os.path.join, without its cost per file
         for name in names:
             path = prefix + name
@@ -90,6 +98,9 @@ def _walk(folder: str) -> list[FileMetadata]:
                 st = os.stat(path)
             except OSError as e:  # a dangling link, or gone
                 found.append(UnreadableFile(path, f"{type(e).__name__}: {e}"))
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                found.append(UnreadableFile(path, not_regular_reason(st.st_mode)))
                 continue
             found.append(FileMetadata(path, st.st_size, st.st_mtime))
     return found
@@ -122,7 +133,7 @@ def plan_reuse(files: list[FileMetadata], cache_dir: str,
     media = pc.fill_null(pc.match_substring_regex(listing.column("uri"), _MEDIA_SUFFIX, ignore_case=True), False)
     is_dead = ~media.to_numpy(zero_copy_only=False)
     dead = {int(i): dead_letter(files[i].path, "filter", NOT_MEDIA_REASON) for i in np.flatnonzero(is_dead)}
-    for i, m in enumerate(files):  # not even stat'ed when listed: a read would fail the same way
+    for i, m in enumerate(files):  # not stat'ed, or not a regular file, when listed: a read would fail the same way
         if type(m) is UnreadableFile and i not in dead:
             dead[i] = dead_letter(m.path, "read", m.error)
     is_unchanged = np.zeros(len(files), bool)

@@ -34,6 +34,23 @@ def ctrl_c_as_in_a_terminal():
     return _sigint_by_default
 
 
+@pytest.fixture
+def refuse_listing(monkeypatch):
+    """``refuse_listing(folder)``: listing ``folder`` (``os.scandir``, as ``os.walk`` lists)
+    raises PermissionError from then on, as a folder of mode 000 does for a non-root user
+    (the tests run as root, who reads it anyway)."""
+    scandir = os.scandir
+    refused: set[str] = set()
+
+    def guarded(path="."):
+        if not isinstance(path, int) and os.path.abspath(os.fspath(path)) in refused:
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", guarded)
+    return lambda folder: refused.add(os.path.abspath(folder))
+
+
 @pytest.fixture(scope="session")
 def tiny_config():
     from lookalike.model.config import get_config

@@ -147,27 +147,12 @@ def test_a_sample_decodes_only_the_sampled_files(tmp_path):
     assert len(load_labelled_folder(tmp_path, spec).labels) == 20
 
 
-def _refuse_listing(monkeypatch, folder):
-    """``folder`` as a folder of mode 000 is to a non-root user (tests run as root, who reads
-    it anyway): listing it raises PermissionError, as ``os.walk`` meets it."""
-    import os
-
-    scandir = os.scandir
-
-    def guarded(path="."):
-        if os.path.abspath(os.fspath(path)) == str(folder):
-            raise PermissionError(13, "Permission denied", os.fspath(path))
-        return scandir(path)
-
-    monkeypatch.setattr(os, "scandir", guarded)
-
-
-def test_an_unreadable_class_folder_is_named_not_called_empty(tmp_path, monkeypatch, caplog):
+def test_an_unreadable_class_folder_is_named_not_called_empty(tmp_path, refuse_listing, caplog):
     for label in ("a", "b", "locked"):
         (tmp_path / label).mkdir()
         for i in range(2):
             Image.new("L", (8, 8), 40 * i).save(tmp_path / label / f"{i}.png")
-    _refuse_listing(monkeypatch, tmp_path / "locked")
+    refuse_listing(tmp_path / "locked")
     with caplog.at_level("WARNING"):
         data = load_labelled_folder(tmp_path, SPEC)
     assert data.class_names == ["a", "b"]

@@ -3,6 +3,7 @@
 import json
 import logging
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -589,3 +590,80 @@ def test_an_embed_holds_the_store_lock_for_its_whole_run(ctrl_c_as_in_a_terminal
     assert job.returncode == 130
     with StoreLock(workdir_with_model) as lock:  # released by the interrupted run
         assert not lock.took_over_stale
+
+
+def _embed_within(config: EmbedConfig, timeout_s: float, unblock: list) -> object:
+    """``run_embed(config)`` on a daemon thread: the summary, or the test fails after
+    ``timeout_s`` instead of hanging on a read that blocks (a named pipe opened for reading
+    waits for a writer: the test then opens each pipe in ``unblock`` for writing, to free it)."""
+    import os
+    import threading
+
+    out: dict = {}
+
+    def run():
+        try:
+            out["summary"] = run_embed(config)
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            out["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        for pipe in unblock:
+            try:
+                os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))  # the blocked reader sees end of file
+            except OSError:
+                pass
+        thread.join(timeout_s)
+        pytest.fail(f"embed still running after {timeout_s}s: blocked opening a named pipe")
+    if "error" in out:
+        raise out["error"]
+    return out["summary"]
+
+
+@pytest.mark.parametrize("source", ["folder", "incremental", "glob", "list"])
+def test_a_named_pipe_in_the_corpus_is_dead_lettered_never_opened(workdir_with_model, digits_corpus, source):
+    """A named pipe (and a link to one) is not a regular file: whether walked, matched by a glob
+    or listed, it is never opened (that would block until a writer comes), but dead-lettered."""
+    import os
+
+    corpus = workdir_with_model / "src"
+    (corpus / "cat").mkdir(parents=True)
+    for i, f in enumerate(list_images(digits_corpus)[:3]):
+        shutil.copy(f, corpus / "cat" / f"{i}.png")
+    pipes = [corpus / "cat" / "pipe.png"]
+    os.mkfifo(pipes[0])
+    os.symlink(pipes[0], corpus / "cat" / "link.png")
+    config = EmbedConfig(workdir=str(workdir_with_model), corpus=str(corpus), publish=False,
+                         incremental=source == "incremental")
+    if source == "glob":
+        config = replace(config, corpus=f"{corpus}/c*/*.png")
+    if source == "list":
+        (workdir_with_model / "list.txt").write_text("\n".join(str(p) for p in sorted((corpus / "cat").iterdir())))
+        config = replace(config, corpus=None, list_file=str(workdir_with_model / "list.txt"))
+    summary = _embed_within(config, 120.0, pipes)
+    assert (summary.items, summary.failed) == (3, 2)
+    reasons = {row["uri"].rsplit("/", 1)[-1]: row["reason"] for row in read_dead(workdir_with_model, summary.run)}
+    assert set(reasons) == {"pipe.png", "link.png"}
+    assert all("not a regular file (named pipe)" in r for r in reasons.values()), reasons
+
+
+def test_an_unreadable_corpus_folder_is_a_dead_letter_and_the_rest_indexed(workdir_with_model, digits_corpus,
+                                                                           refuse_listing, caplog):
+    """A folder that cannot be listed (mode 000 for a non-root user; simulated, as tests run
+    as root) is reported with its reason, warned about and counted as failed."""
+    corpus = workdir_with_model / "corpus"
+    for label in ("open", "locked"):
+        (corpus / label).mkdir(parents=True)
+        for i, f in enumerate(list_images(digits_corpus / "0")[:2]):
+            shutil.copy(f, corpus / label / f"{i}.png")
+    locked = str(corpus / "locked")
+    refuse_listing(locked)
+    with caplog.at_level(logging.WARNING):
+        summary = run_embed(EmbedConfig(workdir=str(workdir_with_model), publish=False))
+    assert (summary.items, summary.failed) == (2, 1)
+    [letter] = read_dead(workdir_with_model, summary.run)
+    assert letter["uri"] == locked and letter["stage"] == "list" and "Permission denied" in letter["reason"]
+    assert any(locked in r.getMessage() and "Permission denied" in r.getMessage() for r in caplog.records)

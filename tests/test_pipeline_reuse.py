@@ -15,7 +15,7 @@ import pytest
 from lookalike.pipeline.cache import (WriteFileIndexFn, file_index_table, load_cache_table, load_file_index,
                                       write_cache_table)
 from lookalike.pipeline.embed import EmbedConfig, read_dead_letters, read_embeddings, run_embed
-from lookalike.pipeline.reuse import list_files
+from lookalike.pipeline.reuse import list_files, plan_reuse
 from lookalike.pipeline.thumbnails import thumbnail_path
 from lookalike.pipeline.items import (concat_sorted, embedding_schema, embeddings_of, expand_items, items_of_batch, rows_table,
                                       shard_of, split_by_shard)
@@ -324,3 +324,26 @@ def test_expanded_items_ids_groups_and_thumbnails(tmp_path):
     elsewhere = expand_items(rows, [1, 1], ["/c/a/p.jpg", "/elsewhere/q.jpg"], **expand)
     assert elsewhere.column("id").to_pylist() == ["a/p.jpg", "q.jpg"]
     assert elsewhere.column("reused").to_pylist() == [True, True] and len(expand_items(rows, [], [], **expand)) == 0
+
+
+def test_listing_marks_what_is_not_a_regular_file_and_reports_unlistable_folders(tmp_path, refuse_listing):
+    """A named pipe (or a link to one) is listed as unreadable with its reason, so it is
+    dead-lettered and never opened; a folder that cannot be listed goes to ``onerror``."""
+    from lookalike.pipeline.reuse import UnreadableFile
+
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "locked" / "hidden.jpg").write_bytes(b"1")
+    (tmp_path / "a.jpg").write_bytes(b"22")
+    os.mkfifo(tmp_path / "pipe.jpg")
+    os.symlink(tmp_path / "pipe.jpg", tmp_path / "link.jpg")
+    refuse_listing(tmp_path / "locked")
+    errors: list[OSError] = []
+    listed = {m.path.rsplit("/", 1)[-1]: m for m in list_files(f"{tmp_path}/**", errors.append)}
+    assert sorted(listed) == ["a.jpg", "link.jpg", "pipe.jpg"]
+    assert type(listed["a.jpg"]) is not UnreadableFile
+    for name in ("pipe.jpg", "link.jpg"):
+        assert type(listed[name]) is UnreadableFile and listed[name].error == "not a regular file (named pipe)"
+    assert [(e.filename, type(e)) for e in errors] == [(str(tmp_path / "locked"), PermissionError)]
+    plan = plan_reuse(list(listed.values()), str(tmp_path / "no-cache"))
+    assert sorted((d["uri"].rsplit("/", 1)[-1], d["reason"]) for d in plan.dead) == [
+        ("link.jpg", "not a regular file (named pipe)"), ("pipe.jpg", "not a regular file (named pipe)")]
