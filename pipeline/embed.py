@@ -50,7 +50,7 @@ from lookalike.pipeline.items import split_by_shard
 from lookalike.model.store_lock import StoreLock
 from lookalike.pipeline.metadata import prepare_metadata, report_unmatched, with_metadata
 from lookalike.pipeline.reuse import current_index_if_same, list_files, plan_reuse, reused_items
-from lookalike.pipeline.sources import (GLOB_CHARS, common_folder, corpus_pattern, corpus_root,
+from lookalike.pipeline.sources import (GLOB_CHARS, absolute_pattern, common_folder, corpus_pattern, corpus_root,
                                        dead_letter, literal_folder, read_list_file)
 from lookalike.pipeline.summary import (EmbedSummary, counter_values, read_dead_letters, read_embeddings, read_items,
                                         summarize)
@@ -196,7 +196,7 @@ def _resolve_corpus(config: EmbedConfig, store: Store) -> tuple[EmbedConfig, str
     if Path(corpus).expanduser().is_dir():  # an existing folder is never a pattern, whatever its name holds
         return config, str(Path(corpus).expanduser().resolve())
     if any(ch in corpus for ch in GLOB_CHARS):
-        return config, corpus
+        return config, absolute_pattern(corpus)  # made absolute, as a relative folder is
     if Path(corpus).expanduser().exists():
         folder = Path(corpus).expanduser().resolve().parent
         raise StoreError(f"corpus {corpus} is a file, not a folder: pass its folder (--corpus {folder}), or list the "

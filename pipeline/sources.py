@@ -90,6 +90,21 @@ def corpus_pattern(corpus: str) -> str:
     return corpus.rstrip("/") + "/**"
 
 
+def absolute_pattern(pattern: str) -> str:
+    """A relative local glob made absolute against the current folder, as a relative folder is
+    (item uris must not depend on where the run started: they are later read against the store
+    root): its literal folder before the first wildcard is normalised (``./``, ``../``), the
+    rest kept. A remote pattern (any ``scheme://``) and an absolute one are kept as given."""
+    if "://" in pattern:
+        return pattern
+    pattern = os.path.expanduser(pattern)
+    if os.path.isabs(pattern):
+        return pattern
+    cut = min((pattern.find(ch) for ch in GLOB_CHARS if ch in pattern), default=len(pattern))
+    head, _, rest = pattern[:cut].rpartition("/")  # head: the literal folder; rest: the wildcard part's start
+    return os.path.join(os.path.abspath(head or "."), rest + pattern[cut:])
+
+
 def corpus_root(corpus: str) -> str:
     """The folder ids are made relative to: an existing local folder or a plain path as given,
     else the part of a pattern before any wildcard."""

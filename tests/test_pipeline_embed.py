@@ -667,3 +667,20 @@ def test_an_unreadable_corpus_folder_is_a_dead_letter_and_the_rest_indexed(workd
     [letter] = read_dead(workdir_with_model, summary.run)
     assert letter["uri"] == locked and letter["stage"] == "list" and "Permission denied" in letter["reason"]
     assert any(locked in r.getMessage() and "Permission denied" in r.getMessage() for r in caplog.records)
+
+
+def test_a_relative_glob_records_absolute_uris(workdir_with_model, digits_corpus, tmp_path, monkeypatch):
+    """A relative glob is made absolute against the current folder, as a relative folder is:
+    a relative uri would later be read against the store root."""
+    for label in ("airplane", "ship"):
+        (tmp_path / "review" / "c3" / label).mkdir(parents=True)
+        for i, f in enumerate(list_images(digits_corpus / "1")[:3]):
+            shutil.copy(f, tmp_path / "review" / "c3" / label / f"000{i}.png")
+    monkeypatch.chdir(tmp_path / "review")
+    summary = run_embed(EmbedConfig(workdir=str(workdir_with_model), corpus="c3/*/000[0-1]*.png", publish=False))
+    from lookalike.pipeline.summary import read_items
+
+    items = read_items(workdir_with_model / "embeddings" / summary.run, ("id", "uri")).sort_by("id")
+    root = tmp_path / "review" / "c3"
+    assert items.column("uri").to_pylist() == [str(root / i) for i in items.column("id").to_pylist()]
+    assert sorted(items.column("id").to_pylist()) == [f"{c}/000{i}.png" for c in ("airplane", "ship") for i in (0, 1)]

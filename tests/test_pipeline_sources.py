@@ -109,3 +109,14 @@ def test_a_named_pipe_or_socket_is_never_opened(tmp_path):
             out = _in_thread(lambda: read_bytes(str(tmp_path / name), 0))
             assert isinstance(out.get("error"), NotRegularFileError), out
             assert f"not a regular file ({kind})" in str(out["error"]) and name in str(out["error"])
+
+
+def test_a_relative_local_glob_is_made_absolute_and_a_remote_one_kept(tmp_path, monkeypatch):
+    from lookalike.pipeline.sources import absolute_pattern
+
+    monkeypatch.chdir(tmp_path)
+    assert absolute_pattern("c3/*/00[0-1]*.jpg") == f"{tmp_path}/c3/*/00[0-1]*.jpg"
+    assert absolute_pattern("./c3/../c4/a*.jpg") == f"{tmp_path}/c4/a*.jpg"  # the literal folder normalised
+    assert absolute_pattern("*.jpg") == f"{tmp_path}/*.jpg"
+    for kept in ("/data/*.jpg", "gs://bucket/c*/x.jpg", "s3://b/*.png", "hf://d/*/a.jpg"):
+        assert absolute_pattern(kept) == kept
