@@ -201,6 +201,8 @@ def _resolve_corpus(config: EmbedConfig, store: Store) -> tuple[EmbedConfig, str
         folder = Path(corpus).expanduser().resolve().parent
         raise StoreError(f"corpus {corpus} is a file, not a folder: pass its folder (--corpus {folder}), or list the "
                          "files to embed in a text file passed as --list-file")
+    if config.corpus:  # the user named it: the path it names, without a hint to pass what they passed
+        raise StoreError(f"corpus folder {Path(corpus).expanduser().resolve()} does not exist")
     raise StoreError(f"corpus folder {corpus} does not exist: run `lookalike demo` or pass --corpus")
 
 

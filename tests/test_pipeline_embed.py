@@ -684,3 +684,15 @@ def test_a_relative_glob_records_absolute_uris(workdir_with_model, digits_corpus
     root = tmp_path / "review" / "c3"
     assert items.column("uri").to_pylist() == [str(root / i) for i in items.column("id").to_pylist()]
     assert sorted(items.column("id").to_pylist()) == [f"{c}/000{i}.png" for c in ("airplane", "ship") for i in (0, 1)]
+
+
+def test_a_missing_corpus_passed_by_the_user_is_named_without_the_demo_hint(workdir_with_model, monkeypatch, tmp_path):
+    import re
+
+    from lookalike.model.store import StoreError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StoreError, match=re.escape(f"corpus folder {tmp_path / 'nonexist'} does not exist") + "$"):
+        run_embed(EmbedConfig(workdir=str(workdir_with_model), corpus="nonexist"))
+    with pytest.raises(StoreError, match="corpus folder .*corpus does not exist: run `lookalike demo` or pass --corpus"):
+        run_embed(EmbedConfig(workdir=str(workdir_with_model)))  # the default corpus: the hint helps
