@@ -82,9 +82,9 @@ def load_labelled_folder(root: str | Path, spec: PreprocessSpec, *, max_items: i
             f"found {len(class_dirs)}"
         )
     excluded = frozenset(exclude)
-    unreadable: dict[Path, list[OSError]] = {class_dir: [] for class_dir in class_dirs}  # folders that could not be listed
-    listed = [[p for p in list_images(class_dir, unreadable[class_dir].append) if p.relative_to(root).as_posix() not in excluded]
-              for class_dir in class_dirs]
+    unreadable: dict[Path, list[OSError]] = {class_dir: [] for class_dir in class_dirs}  # folders not listed
+    listed = [[p for p in list_images(class_dir, unreadable[class_dir].append)
+               if p.relative_to(root).as_posix() not in excluded] for class_dir in class_dirs]
     for error in (e for errors in unreadable.values() for e in errors):
         _warn_unreadable_folder(error)
     sampled = max_items is not None and sum(map(len, listed)) > max_items

@@ -694,5 +694,5 @@ def test_a_missing_corpus_passed_by_the_user_is_named_without_the_demo_hint(work
     monkeypatch.chdir(tmp_path)
     with pytest.raises(StoreError, match=re.escape(f"corpus folder {tmp_path / 'nonexist'} does not exist") + "$"):
         run_embed(EmbedConfig(workdir=str(workdir_with_model), corpus="nonexist"))
-    with pytest.raises(StoreError, match="corpus folder .*corpus does not exist: run `lookalike demo` or pass --corpus"):
+    with pytest.raises(StoreError, match="corpus folder .*corpus does not exist: run `lookalike demo` or pass"):
         run_embed(EmbedConfig(workdir=str(workdir_with_model)))  # the default corpus: the hint helps
