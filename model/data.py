@@ -123,9 +123,12 @@ def load_labelled_folder(root: str | Path, spec: PreprocessSpec, *, max_items: i
                         "videos but no images (labelled training uses images; --unlabelled also learns from videos)"
                         if videos else "no images")
             continue
-        if count == 1:
+        if count == 1 and role == "training":
             log.warning("class %r has a single image: it forms no similar pair (contrastive loss uses it only in "
                         "dissimilar pairs, triplet loss leaves it out)", class_dir.name)
+        elif count == 1:
+            log.warning("class %r has a single image: no other image of its class can be found for it, so as a query "
+                        "it counts as a miss in Precision@1 and Recall@K", class_dir.name)
         names.append(class_dir.name)
     if len(names) < 2:
         raise ValueError(f"{role} data folder {root}: fewer than 2 classes have readable images")

@@ -174,3 +174,19 @@ def test_a_named_pipe_in_a_class_folder_is_not_listed_so_never_opened(tmp_path):
     assert tmp_path / "a" / "pipe.png" not in list_images(tmp_path / "a")
     expected = [str(tmp_path / c / f"{i}.png") for c in "ab" for i in range(2)]
     assert load_labelled_folder(tmp_path, SPEC).paths == expected
+
+
+def test_a_single_image_class_is_explained_for_what_the_folder_is_for(tmp_path, caplog):
+    """Training: the image forms no similar pair; evaluation: as a query it can only miss."""
+    for name, n in (("a", 1), ("b", 2)):
+        (tmp_path / name).mkdir()
+        for i in range(n):
+            Image.new("L", (8, 8), 60 * i).save(tmp_path / name / f"{i}.png")
+    with caplog.at_level("WARNING"):
+        load_labelled_folder(tmp_path, SPEC)
+    assert "class 'a' has a single image: it forms no similar pair" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        load_labelled_folder(tmp_path, SPEC, role="evaluation")
+    assert "class 'a' has a single image: no other image of its class can be found for it" in caplog.text
+    assert "similar pair" not in caplog.text
