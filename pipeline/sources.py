@@ -251,7 +251,9 @@ class ReadSourceFn(beam.DoFn):
                 data = read_bytes(uri, size)
             except Exception as e:  # unreadable path, permissions, vanished file
                 self._inc(self._failed)
-                yield DEAD, dead_letter(uri, "read", f"{type(e).__name__}: {e}")
+                # a named pipe: the same reason as the corpus walk gives it (reuse.UnreadableFile)
+                reason = e.strerror if isinstance(e, NotRegularFileError) else f"{type(e).__name__}: {e}"
+                yield DEAD, dead_letter(uri, "read", reason)
                 return
             self._inc(self._read)
             source_hash = hashlib.sha256(data).hexdigest()
