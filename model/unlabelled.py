@@ -18,6 +18,7 @@ labelled data.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Collection
 from pathlib import Path
 
@@ -25,7 +26,7 @@ import numpy as np
 
 from lookalike.model.augment import UNLABELLED_VIEWS, AugmentSpec, augment_batch
 from lookalike.model.config import TrainConfig, augment_spec
-from lookalike.model.data import IMAGE_SUFFIXES, LabelledImages
+from lookalike.model.data import IMAGE_SUFFIXES, LabelledImages, walk_folders
 from lookalike.model.preprocess import ImageDecodeError, PreprocessSpec, decode_image, image_to_array
 
 log = logging.getLogger(__name__)
@@ -69,17 +70,24 @@ def video_windows(
     return np.stack(frames), np.asarray(times, np.float64), np.asarray(windows, np.int64)
 
 
-def _is_media(path: Path) -> bool:
+def list_media(root: Path) -> list[Path]:
+    """Every image and video file under ``root`` (any nesting), sorted, listed as labelled
+    training and ``embed`` list (``data.walk_folders``): symlinked folders followed, each real
+    folder once; only regular files (links to them included), so a named pipe is never opened;
+    a folder that cannot be read is named in a warning with its OS error, never left out silently."""
     from lookalike.pipeline.video import is_video_path
 
-    return path.is_file() and (path.suffix.lower() in IMAGE_SUFFIXES or is_video_path(path.name))
+    return sorted(Path(folder) / name for folder, names in walk_folders(root) for name in names
+                  if (Path(name).suffix.lower() in IMAGE_SUFFIXES or is_video_path(name))
+                  and os.path.isfile(os.path.join(folder, name)))
 
 
 def load_unlabelled_folder(
     root: str | Path, spec: PreprocessSpec, window_s: float = 1.0, frame_interval_s: float = 0.25,
     exclude: Collection[str] = (),
 ) -> LabelledImages:
-    """Read every image and video under ``root`` (any nesting) into arrays labelled by instance.
+    """Read every image and video under ``root`` (any nesting, listed by ``list_media``) into
+    arrays labelled by instance.
 
     Each image is one instance (named by its path relative to ``root``); each window of
     a video (see ``video_windows``) is one, named ``<path>#t=<start>``. Unreadable files
@@ -91,7 +99,7 @@ def load_unlabelled_folder(
     if not root.is_dir():
         raise ValueError(f"training data folder {root} does not exist")
     excluded = frozenset(exclude)
-    files = sorted(p for p in root.rglob("*") if _is_media(p) and p.relative_to(root).as_posix() not in excluded)
+    files = [p for p in list_media(root) if p.relative_to(root).as_posix() not in excluded]
     images, labels, paths, names, failures = [], [], [], [], []
     for path in files:
         rel = path.relative_to(root).as_posix()

@@ -35,6 +35,25 @@ def test_any_nesting_each_image_one_instance_and_bad_files_skipped(tmp_path, cap
     assert "broken.jpg" in caplog.text and "clip.mp4" in caplog.text
 
 
+def test_listed_as_labelled_training_lists_an_unreadable_folder_named_and_a_linked_one_once(
+        tmp_path, refuse_listing, caplog):
+    """As ``data.walk_folders`` lists: a folder that cannot be read is named in a warning with
+    its OS error (its files not used), a symlinked folder is followed, each real folder once."""
+    import os
+
+    _png(tmp_path / "data" / "a.png", 10)
+    _png(tmp_path / "data" / "locked" / "hidden.png", 100)
+    _png(tmp_path / "elsewhere" / "b.png", 200)
+    os.symlink(tmp_path / "elsewhere", tmp_path / "data" / "linked")
+    os.symlink(tmp_path / "data", tmp_path / "elsewhere" / "loop")  # a loop: each folder once
+    refuse_listing(tmp_path / "data" / "locked")
+    with caplog.at_level("WARNING"):
+        data = load_unlabelled_folder(tmp_path / "data", SPEC)
+    assert data.class_names == ["a.png", "linked/b.png"]
+    assert data.paths == [str(tmp_path / "data" / "a.png"), str(tmp_path / "data" / "linked" / "b.png")]
+    assert f"cannot read folder {tmp_path / 'data' / 'locked'} (Permission denied)" in caplog.text
+
+
 @pytest.mark.parametrize("usable", [0, 1])
 def test_fewer_than_two_usable_images_is_a_clear_error(tmp_path, usable):
     for i in range(usable):
