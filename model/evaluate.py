@@ -52,6 +52,31 @@ def nearest_prototype_accuracy(
     return float(np.mean(classes[np.argmin(d, axis=1)] == query_labels))
 
 
+def few_shot_problem(labels: np.ndarray, n_way: int, k_shot: int, queries_per_class: int = 1) -> str | None:
+    """Why N-way K-shot episodes cannot be drawn from items with [N] ``labels`` (too few
+    classes, or too few with ``k_shot + queries_per_class`` items), or None when they can.
+    Needs the labels only, so it can be asked before anything is embedded."""
+    need = k_shot + queries_per_class
+    _, counts = np.unique(np.asarray(labels), return_counts=True)
+    usable = int(np.sum(counts >= need))
+    if len(counts) < n_way:
+        return (f"{n_way}-way {k_shot}-shot needs {n_way} classes, the data has {len(counts)}: "
+                "n-way is larger than the number of classes")
+    if usable < n_way:
+        return (f"{n_way}-way {k_shot}-shot needs {n_way} classes with {need}+ items; found {usable} "
+                f"(of {len(counts)} classes)")
+    return None
+
+
+def require_few_shot(labels: np.ndarray, n_way: int, k_shot: int) -> None:
+    """The ValueError for a few-shot setting the user asked for (``--n-way``/``--k-shot``) that
+    items with ``labels`` cannot give, naming the numbers; nothing when they can give it."""
+    problem = few_shot_problem(labels, n_way, k_shot)
+    if problem is not None:
+        raise ValueError(f"few-shot accuracy cannot be computed: {problem}; give a smaller --n-way or --k-shot, or "
+                         "neither to skip it with a warning")
+
+
 def few_shot_accuracy(
     emb: np.ndarray, labels: np.ndarray, n_way: int, k_shot: int, episodes: int = 1000,
     queries_per_class: int = 1, seed: int = 0,
@@ -60,15 +85,11 @@ def few_shot_accuracy(
 
     Each episode draws ``n_way`` classes having at least ``k_shot + queries_per_class``
     items, then ``k_shot`` support and ``queries_per_class`` query items per class."""
+    problem = few_shot_problem(labels, n_way, k_shot, queries_per_class)
+    if problem is not None:
+        raise ValueError(problem)
     need = k_shot + queries_per_class
-    by_class = [np.flatnonzero(labels == c) for c in np.unique(labels)]
-    usable = [idx for idx in by_class if len(idx) >= need]
-    if len(by_class) < n_way:
-        raise ValueError(f"{n_way}-way {k_shot}-shot needs {n_way} classes, the data has {len(by_class)}: "
-                         "n-way is larger than the number of classes")
-    if len(usable) < n_way:
-        raise ValueError(f"{n_way}-way {k_shot}-shot needs {n_way} classes with {need}+ items; found {len(usable)} "
-                         f"(of {len(by_class)} classes)")
+    usable = [idx for idx in (np.flatnonzero(labels == c) for c in np.unique(labels)) if len(idx) >= need]
     rng = np.random.default_rng(seed)
     accs = []
     for _ in range(episodes):
@@ -92,31 +113,36 @@ def evaluate_embeddings(
     N-way K-shot accuracy the data cannot give (too few classes) is left out with a
     warning, or, with ``few_shot_required`` (the user asked for it), a ValueError."""
     labels = np.asarray(labels)
+    if few_shot_required:
+        require_few_shot(labels, n_way, k_shot)  # before the O(N^2) metrics
     out: dict[str, Any] = {"items": int(len(emb)), "classes": int(len(np.unique(labels)))}
     out.update(retrieval_metrics(emb, labels, ks))
     out["verification_roc_auc"] = verification_roc_auc(emb, labels)
     try:
         out[f"few_shot_{n_way}way_{k_shot}shot_acc"] = few_shot_accuracy(emb, labels, n_way, k_shot, episodes, seed=seed)
     except ValueError as e:
-        if few_shot_required:
-            raise ValueError(f"few-shot accuracy cannot be computed: {e}; give a smaller --n-way or --k-shot, or "
-                             "neither to skip it with a warning") from None
         log.warning("few-shot accuracy skipped: %s", e)
     return out
 
 
 def evaluate_model(
-    model_path: str | Path, folder: str | Path, *, max_items: int = 5000, seed: int = 0, **kwargs: Any
+    model_path: str | Path, folder: str | Path, *, max_items: int = 5000, seed: int = 0, n_way: int = 5,
+    k_shot: int = 1, few_shot_required: bool = False, **kwargs: Any
 ) -> dict[str, Any]:
     """Embed the labelled ``folder`` (``<label>/<file>``) with the model at ``model_path``
-    and evaluate; at most ``max_items`` items (a seeded sample) since metrics are O(N^2)."""
+    and evaluate; at most ``max_items`` items (a seeded sample) since metrics are O(N^2).
+    With ``few_shot_required``, an N-way K-shot setting the folder's labels cannot give is
+    a ValueError before anything is embedded."""
     from lookalike.model.artifact import load_encoder
     from lookalike.model.data import load_labelled_folder
 
     encoder = load_encoder(model_path)
     data = load_labelled_folder(folder, encoder.spec, max_items=max_items, seed=seed,
                                 role="evaluation")  # only the sample is decoded
-    report = evaluate_embeddings(encoder.embed(data.images), data.labels, seed=seed, **kwargs)
+    if few_shot_required:
+        require_few_shot(data.labels, n_way, k_shot)  # from the labels: embedding a big folder takes long
+    report = evaluate_embeddings(encoder.embed(data.images), data.labels, seed=seed, n_way=n_way, k_shot=k_shot,
+                                 few_shot_required=few_shot_required, **kwargs)
     report.update({"model": encoder.version, "data_dir": str(folder), "skipped_files": len(data.failures)})
     return report
 

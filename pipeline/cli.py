@@ -305,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default=None, help="--model: labelled folder <label>/<file> (default WORKDIR/corpus)")
     p.add_argument("--n-way", type=_int_at_least(2), default=None,
                    help="--model: classes per few-shot episode (default 5, skipped with a warning when the data has "
-                   "fewer classes; given, that is an error)")
+                   "fewer classes; given, that is an error, before anything is embedded)")
     p.add_argument("--k-shot", type=POSITIVE, default=None,
                    help="--model: examples per class in an episode (default 1; given, a few-shot score the data "
                    "cannot give is an error)")

@@ -102,6 +102,38 @@ def test_a_few_shot_score_asked_for_that_the_classes_cannot_give_is_an_error(tra
     assert report["classes"] == 3 and not any(key.startswith("few_shot") for key in report)
 
 
+def test_an_impossible_few_shot_setting_asked_for_fails_before_anything_is_embedded(
+        trained_store, tmp_path, capsys, monkeypatch):
+    """The classes are counted from the labels: a big folder is not embedded for nothing."""
+    from PIL import Image
+
+    from lookalike.model.artifact import Encoder
+    from lookalike.pipeline.cli import main
+
+    rng = np.random.default_rng(6)
+    for c in range(3):
+        (tmp_path / "c3" / f"k{c}").mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(tmp_path / "c3" / f"k{c}" / f"{i}.png")
+    embedded = []
+    embed = Encoder.embed
+
+    def counting_embed(self, images):
+        embedded.append(len(images))
+        return embed(self, images)
+
+    monkeypatch.setattr(Encoder, "embed", counting_embed)
+    argv = ["eval", "--workdir", str(trained_store.root), "--model", "--data", str(tmp_path / "c3"), "--episodes", "5"]
+    assert main([*argv, "--n-way", "4"]) == 1
+    err = capsys.readouterr().err
+    assert "few-shot accuracy cannot be computed: 4-way 1-shot needs 4 classes, the data has 3" in err
+    assert main([*argv, "--n-way", "2", "--k-shot", "2"]) == 1
+    assert "2-way 2-shot needs 2 classes with 3+ items; found 0 (of 3 classes)" in capsys.readouterr().err
+    assert embedded == []
+    assert main([*argv, "--n-way", "3"]) == 0  # possible: embedded and scored
+    assert embedded and "few_shot_3way_1shot_acc" in json.loads(capsys.readouterr().out)
+
+
 def test_json_ready_turns_every_non_finite_float_into_null():
     from lookalike.model.metrics import json_ready
 
