@@ -19,7 +19,8 @@ explicit function of the item id; for a labelled corpus laid out
 as ``<label>/<file>`` (the digits and CIFAR-10 corpora) that is ``label_from_id``. When
 some item has no label (a file at the corpus's top level), or every item has the same
 one (one class folder: any model would score 1.0), only the ANN recall is reported,
-with the reason.
+with the reason (``label_metrics``: "not computed: ..."); ``label_function``, where the
+labels came from, is reported only with the label metrics computed from them.
 """
 
 from __future__ import annotations
@@ -118,7 +119,9 @@ def evaluate_index(
     """ANN recall@k vs exact, and Precision@1 / Recall@{1,k} / MAP@R on exact and ANN neighbours.
 
     Labels come from ``label_column`` (a metadata column of the items; ValueError when the
-    items have no such column) when given, else from ``label_fn`` of each item id."""
+    items have no such column) when given, else from ``label_fn`` of each item id. Without
+    usable labels (an item has none, or all share one) the result has ``label_metrics``
+    "not computed: <reason>" and neither label metrics nor ``label_function``."""
     n = len(index)
     if n < 2:
         raise ValueError(f"index {index.version} has {n} item(s); evaluation needs at least 2")
@@ -141,9 +144,7 @@ def evaluate_index(
                      f"({label_name}); lay the corpus out as <label>/<file> with 2 or more classes, or name a "
                      "metadata column holding 2 or more labels (lookalike eval --index --label-column COLUMN)")
         log.warning("eval %s: %s", index.version, no_labels)
-        labels, one_label = None, True
-    else:
-        one_label = False
+        labels = None
     rows = np.arange(n)
     if max_queries is not None and max_queries < n:
         rows = np.sort(np.random.default_rng(seed).choice(n, size=max_queries, replace=False))
@@ -169,9 +170,7 @@ def evaluate_index(
         result["ann_short_lists"] = (f"{short} of {len(rows)} ANN result lists hold fewer than {depth} neighbours: "
                                      "metrics past their end count the missing results as misses")
         log.warning("eval %s: %s", index.version, result["ann_short_lists"])
-    if labels is None:
-        if one_label:  # the labels were read: say from where
-            result["label_function"] = label_name
+    if labels is None:  # no label_function either: no label was used (the reason names where they were read)
         result["label_metrics"] = f"not computed: {no_labels}"
         log.info("eval %s: ANN recall@%d %.4f (no label metrics: %s)", index.version, k, result[f"ann_recall_at_{k}"], no_labels)
         return result

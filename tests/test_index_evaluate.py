@@ -60,24 +60,29 @@ def test_unlabelled_items_still_get_ann_recall(tmp_path):
     build_index(x, ids, model_version="m", out_dir=tmp_path / "i")
     report = evaluate_index(ItemIndex.load(tmp_path / "i"), k=5)
     assert report["ann_recall_at_5"] == 1.0 and "exact" not in report
-    assert "'top-level.png' has no '<label>/' prefix" in report["label_metrics"]
+    assert "'top-level.png' has no '<label>/' prefix" in report["label_metrics"] and "label_function" not in report
     assert json.dumps(report).count("-0.0") == 0
 
 
 def test_a_single_label_gets_no_label_metrics_only_ann_recall(tmp_path, caplog):
     """One class folder (one/cat/*.jpg): every neighbour has the query's label, so an untrained
-    model would score MAP@R 1.0; the label metrics are not computed, with the reason, and a warning."""
+    model would score MAP@R 1.0; the label metrics are not computed, with the reason, and a warning.
+    No ``label_function`` is reported then, as if labels had been used; with 2 labels it is."""
     rng = np.random.default_rng(4)
     x = rng.normal(size=(40, 8)).astype(np.float32)
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     build_index(x, pa.table({"id": [f"cat/{i:04d}.jpg" for i in range(40)]}), model_version="m", out_dir=tmp_path / "i")
     with caplog.at_level("WARNING", logger="lookalike.index.evaluate"):
         report = evaluate_index(ItemIndex.load(tmp_path / "i"), k=10)
-    assert report["ann_recall_at_10"] == 1.0 and report["label_function"] == "label_from_id"
+    assert report["ann_recall_at_10"] == 1.0 and "label_function" not in report
     assert "exact" not in report and "ann" not in report and "approximation_loss" not in report
     assert report["label_metrics"].startswith("not computed: label metrics need at least 2 labels, found 1: "
-                                              "every item has the label 'cat'")
+                                              "every item has the label 'cat' (label_from_id)")
     assert any("every item has the label 'cat'" in r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    two = pa.table({"id": [f"{('cat', 'dog')[i % 2]}/{i:04d}.jpg" for i in range(40)]})
+    build_index(x, two, model_version="m", out_dir=tmp_path / "two")
+    report = evaluate_index(ItemIndex.load(tmp_path / "two"), k=10)
+    assert report["label_function"] == "label_from_id" and "label_metrics" not in report and "exact" in report
 
 
 def test_eval_command_on_the_pipeline_index(indexed_store, capsys):
@@ -90,8 +95,9 @@ def test_eval_command_on_the_pipeline_index(indexed_store, capsys):
     assert report["exact"]["precision_at_1"] > 0.3  # a trained model on digits beats chance (0.1)
     assert main(["eval", "--workdir", str(indexed_store.root), "--index", "--k", "5", "--label-column", "kind"]) == 0
     one_label = json.loads(capsys.readouterr().out)  # every item an image: one label, no label metrics
-    assert one_label["label_function"] == "column kind" and "exact" not in one_label
+    assert "label_function" not in one_label and "exact" not in one_label
     assert one_label["label_metrics"].startswith("not computed: label metrics need at least 2 labels, found 1")
+    assert "(column kind)" in one_label["label_metrics"]  # where the one label was read
     assert main(["eval", "--workdir", str(indexed_store.root), "--index", "no-such-version"]) == 1
 
 
