@@ -147,10 +147,10 @@ def misspelled_pass_through(unknown: Sequence[str], own_options: Sequence[str]) 
     ("Unparseable argument") while the run went on without it."""
     import difflib
 
-    longs = [o for o in own_options if o.startswith("--")]
     beam_options = beam_option_names()
-    if beam_options is None:  # Beam's parser is out of reach: pass everything on, as before
-        return None
+    # Beam's parser out of reach: no typo check (a Beam option could look like a typo of ours),
+    # but a stray word is still refused.
+    longs = [o for o in own_options if o.startswith("--")] if beam_options is not None else []
     previous_takes_value = False
     for arg in unknown:
         if not arg.startswith("-"):
@@ -160,7 +160,7 @@ def misspelled_pass_through(unknown: Sequence[str], own_options: Sequence[str]) 
             continue
         name = arg.split("=", 1)[0]
         close = difflib.get_close_matches(name, longs, n=1, cutoff=0.8)
-        if close and name not in beam_options:  # Dataflow's --num_workers is Beam's, not a typo of --num-workers
+        if close and beam_options is not None and name not in beam_options:  # Dataflow's --num_workers is Beam's, not a typo of --num-workers
             return f"unrecognized option {name}: did you mean {close[0]}?"
         previous_takes_value = "=" not in arg
     return None

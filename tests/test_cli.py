@@ -222,6 +222,19 @@ def test_embed_refuses_a_typo_of_its_own_options_instead_of_passing_it_to_beam(t
     assert exited.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_without_beams_option_list_a_stray_word_is_still_refused(monkeypatch, tmp_path, capsys):
+    """A Beam release whose parser internals cannot be read: no typo check (a Beam option might
+    look like a typo of ours), but a stray word is still no Beam option."""
+    from lookalike.pipeline import cli_options
+    from lookalike.pipeline.cli import main
+
+    monkeypatch.setattr(cli_options, "beam_option_names", lambda: None)
+    assert cli_options.misspelled_pass_through(["--incremntal"], ["--incremental"]) is None
+    with pytest.raises(SystemExit) as exited:
+        main(["embed", "--workdir", str(tmp_path / "none"), "--corpus", "a", "b"])
+    assert exited.value.code == 2 and "unrecognized argument 'b' (only Beam options" in capsys.readouterr().err
+
+
 def test_embed_still_passes_beams_own_options_on(tmp_path, capsys):
     """--num_workers (Dataflow's) and --job_name VALUE are Beam's: on to Beam, not typos of ours."""
     from lookalike.pipeline.cli import main
