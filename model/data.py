@@ -41,7 +41,7 @@ def walk_folders(root: str | Path, onerror: Callable[[OSError], None] | None = N
     ``filename`` the folder), as ``os.walk`` does; without ``onerror`` it is logged as a warning,
     never left out silently."""
     seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, names in os.walk(root, onerror=onerror or _warn_unreadable_folder, followlinks=True):
+    for dirpath, dirnames, names in os.walk(root, onerror=onerror or warn_unreadable_folder, followlinks=True):
         try:
             st = os.stat(dirpath)
         except OSError:
@@ -53,7 +53,7 @@ def walk_folders(root: str | Path, onerror: Callable[[OSError], None] | None = N
         yield dirpath, names
 
 
-def _warn_unreadable_folder(error: OSError) -> None:
+def warn_unreadable_folder(error: OSError) -> None:
     log.warning("cannot read folder %s (%s): its files are left out", error.filename, error.strerror or error)
 
 
@@ -86,7 +86,7 @@ def load_labelled_folder(root: str | Path, spec: PreprocessSpec, *, max_items: i
     listed = [[p for p in list_images(class_dir, unreadable[class_dir].append)
                if p.relative_to(root).as_posix() not in excluded] for class_dir in class_dirs]
     for error in (e for errors in unreadable.values() for e in errors):
-        _warn_unreadable_folder(error)
+        warn_unreadable_folder(error)
     sampled = max_items is not None and sum(map(len, listed)) > max_items
     if sampled:
         flat = [(c, path) for c, files in enumerate(listed) for path in files]

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import numpy as np
 
 from lookalike.model.augment import UNLABELLED_VIEWS, AugmentSpec, augment_batch
 from lookalike.model.config import TrainConfig, augment_spec
-from lookalike.model.data import IMAGE_SUFFIXES, LabelledImages, walk_folders
+from lookalike.model.data import IMAGE_SUFFIXES, LabelledImages, walk_folders, warn_unreadable_folder
 from lookalike.model.preprocess import ImageDecodeError, PreprocessSpec, decode_image, image_to_array
 
 log = logging.getLogger(__name__)
@@ -70,14 +70,15 @@ def video_windows(
     return np.stack(frames), np.asarray(times, np.float64), np.asarray(windows, np.int64)
 
 
-def list_media(root: Path) -> list[Path]:
+def list_media(root: Path, onerror: Callable[[OSError], None] | None = None) -> list[Path]:
     """Every image and video file under ``root`` (any nesting), sorted, listed as labelled
     training and ``embed`` list (``data.walk_folders``): symlinked folders followed, each real
     folder once; only regular files (links to them included), so a named pipe is never opened;
-    a folder that cannot be read is named in a warning with its OS error, never left out silently."""
+    a folder that cannot be read goes to ``onerror`` (default: named in a warning with its OS
+    error), never left out silently."""
     from lookalike.pipeline.video import is_video_path
 
-    return sorted(Path(folder) / name for folder, names in walk_folders(root) for name in names
+    return sorted(Path(folder) / name for folder, names in walk_folders(root, onerror) for name in names
                   if (Path(name).suffix.lower() in IMAGE_SUFFIXES or is_video_path(name))
                   and os.path.isfile(os.path.join(folder, name)))
 
@@ -99,7 +100,10 @@ def load_unlabelled_folder(
     if not root.is_dir():
         raise ValueError(f"training data folder {root} does not exist")
     excluded = frozenset(exclude)
-    files = [p for p in list_media(root) if p.relative_to(root).as_posix() not in excluded]
+    unreadable: list[OSError] = []  # folders that could not be listed
+    files = [p for p in list_media(root, unreadable.append) if p.relative_to(root).as_posix() not in excluded]
+    for error in unreadable:
+        warn_unreadable_folder(error)
     images, labels, paths, names, failures = [], [], [], [], []
     for path in files:
         rel = path.relative_to(root).as_posix()
@@ -123,9 +127,10 @@ def load_unlabelled_folder(
         images.extend(frames)
         labels.extend(first_label + windows)
     if len(names) < 2:
+        folders = "".join(f"; cannot read folder {e.filename}: {e.strerror or e}" for e in unreadable)
         raise ValueError(
             f"unlabelled training data {root}: {len(names)} usable image(s) or video window(s) in "
-            f"{len(files)} file(s) ({len(failures)} unreadable); need at least 2"
+            f"{len(files)} file(s) ({len(failures)} unreadable); need at least 2{folders}"
         )
     log.info("unlabelled training data %s: %d instances (%d images or frames) from %d files",
              root, len(names), len(images), len(files) - len(failures))

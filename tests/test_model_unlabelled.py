@@ -54,6 +54,16 @@ def test_listed_as_labelled_training_lists_an_unreadable_folder_named_and_a_link
     assert f"cannot read folder {tmp_path / 'data' / 'locked'} (Permission denied)" in caplog.text
 
 
+def test_a_data_folder_that_cannot_be_read_is_named_in_the_error(tmp_path, refuse_listing):
+    """Not "0 file(s)" alone: the folder that could not be listed, and why."""
+    _png(tmp_path / "data" / "a.png", 10)
+    refuse_listing(tmp_path / "data")
+    with pytest.raises(ValueError) as refused:
+        load_unlabelled_folder(tmp_path / "data", SPEC)
+    assert f"in 0 file(s) (0 unreadable); need at least 2; cannot read folder {tmp_path / 'data'}: Permission denied" \
+        in str(refused.value)
+
+
 @pytest.mark.parametrize("usable", [0, 1])
 def test_fewer_than_two_usable_images_is_a_clear_error(tmp_path, usable):
     for i in range(usable):
