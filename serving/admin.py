@@ -18,7 +18,6 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 
-from lookalike.serving.heap import SETTLE_AFTER_SWAP_S, settle
 from lookalike.serving.queries import no_unknown_query_params
 from lookalike.serving.schemas import ErrorMessage, ReloadResult
 from lookalike.serving.swap import ReloadOutcome
@@ -63,8 +62,6 @@ async def reload_app(app: FastAPI, force: bool) -> ReloadOutcome:
     if outcome.status == "swapped":
         backend = app.state.slot.backend
         metrics.served(backend.index.version, backend.encoder.version, len(backend.index))
-        if app.state.settle_heap:  # once the old version's last requests are done
-            asyncio.get_running_loop().call_later(SETTLE_AFTER_SWAP_S, settle)
     return outcome
 
 

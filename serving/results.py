@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 from urllib.parse import quote
 
@@ -142,14 +142,10 @@ class ResultsJSON:
 
     def __init__(self, rows: ResultRows):
         self.rows = rows
+        # Cached on ``rows``, not on a bound method of self: no reference cycle, so a version
+        # no longer served is freed as soon as its last request ends (``serving.heap``).
+        self._fragment = partial(_row_fragment, rows)
         self._fragments = lru_cache(maxsize=ROW_FRAGMENTS_CACHED)(self._fragment)
-
-    def _fragment(self, row: int, item_id: str) -> tuple[str, str]:
-        kind, timestamp_s, group = self.rows.row(row)
-        fields = {"kind": kind, "timestamp_s": timestamp_s, "group": group,
-                  "thumbnail_url": thumbnail_url(item_id, self.rows.content_hash(row)), "metadata": self.rows.metadata(row)}
-        tail = _encode(fields)
-        return '{"id":' + _encode(item_id) + ',"score":', tail[1:]
 
     def encode(self, threshold: float | None, neighbors: list[Neighbor]) -> str:
         """The ``results`` list of a SearchResponse, as JSON text."""
@@ -165,6 +161,15 @@ class ResultsJSON:
             head, tail = fragments(n.row, n.id) if n.row < loaded else self._fragment(n.row, n.id)
             out.append(f'{head}{score!r},"distance":{distance!r},"same_item":{"true" if distance <= limit else "false"},{tail}')
         return "[" + ",".join(out) + "]"
+
+
+def _row_fragment(rows: ResultRows, row: int, item_id: str) -> tuple[str, str]:
+    """The JSON text of a result row before and after its score: (head, tail)."""
+    kind, timestamp_s, group = rows.row(row)
+    fields = {"kind": kind, "timestamp_s": timestamp_s, "group": group,
+              "thumbnail_url": thumbnail_url(item_id, rows.content_hash(row)), "metadata": rows.metadata(row)}
+    tail = _encode(fields)
+    return '{"id":' + _encode(item_id) + ',"score":', tail[1:]
 
 
 def search_json(query: dict[str, Any], results: str, model_version: str, index_version: str) -> str:

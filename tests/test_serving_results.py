@@ -132,7 +132,9 @@ def test_responses_have_exactly_the_documented_shape(backend: Backend, indexed_s
     assert BatchSearchResponse.model_validate(batch.json()).model_dump(mode="json") == batch.json()
 
 
-def test_settle_freezes_survivors_and_frees_cycles_frozen_before() -> None:
+def test_settle_freezes_survivors_and_never_unfreezes_them() -> None:
+    """A second settle (a restart of the app in one process) must not unfreeze: that is a full
+    collection, a pause for every request in flight."""
     class Node:
         pass
 
@@ -141,12 +143,31 @@ def test_settle_freezes_survivors_and_frees_cycles_frozen_before() -> None:
         cycle.self = cycle
         alive = weakref.ref(cycle)
         settle()
-        assert gc.get_freeze_count() > 0
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
         del cycle
         gc.collect()
         assert alive() is not None  # frozen: full collections no longer look at it
-        settle()  # e.g. after a hot swap: the old version's cycles are freed
-        assert alive() is None
+        settle()
+        assert alive() is not None and gc.get_freeze_count() >= frozen
+    finally:
+        gc.unfreeze()
+
+
+def test_a_version_no_longer_served_is_freed_without_a_collection(indexed_store: Store) -> None:
+    """The served version is frozen after loading (``settle``) and never unfrozen: once swapped
+    out it must be freed by reference counting alone, its result rows (the index's item
+    metadata) included, so it holds no reference cycle."""
+    from lookalike.serving.backend import load_backend
+
+    loaded = load_backend(indexed_store.root)
+    loaded.results_json  # built before serving, as the loaders do
+    parts = [weakref.ref(x) for x in (loaded, loaded.results_json, loaded.rows, loaded.index)]
+    gc.collect()
+    gc.freeze()
+    try:
+        del loaded
+        assert [part() is None for part in parts] == [True] * len(parts)
     finally:
         gc.unfreeze()
 
