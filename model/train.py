@@ -38,6 +38,7 @@ from lookalike.model.config import TrainConfig, config_to_dict, validate_config
 from lookalike.model.checkpoints import TrainCheckpoints, exclusive_run
 from lookalike.model.data import LabelledImages, PairSampler, PKSampler, split_train_val
 from lookalike.model.encoder import EncoderModule, create_encoder
+from lookalike.model.held_out import HELD_OUT_FILE, write_held_out
 from lookalike.model.losses import contrastive_pair_loss, mined_triplet_loss
 from lookalike.model.memory import keep_freed_memory
 from lookalike.model.metrics import best_f1_threshold, json_ready, retrieval_metrics
@@ -394,11 +395,11 @@ def train_and_evaluate(
             metrics["skipped_files"] = len(data.failures)
             metrics["training_files"], metrics["held_out_files"] = len(data.paths), len(exclude)
             metrics[TRAINING_INPUTS_KEY] = inputs_sha256
-            version = save_model(
-                model, config, spec, store.models_dir,
-                threshold=threshold, metrics=metrics,
-                extra_files={"train_log.jsonl": run_dir / "train_log.jsonl", "training.png": run_dir / "training.png"},
-            )
+            extra = {"train_log.jsonl": run_dir / "train_log.jsonl", "training.png": run_dir / "training.png"}
+            if not tfds and not config.unlabelled:  # the files it never saw, for reindex's evaluation set
+                extra[HELD_OUT_FILE] = write_held_out(run_dir / HELD_OUT_FILE, loaded.source, data, config, exclude)
+            version = save_model(model, config, spec, store.models_dir, threshold=threshold, metrics=metrics,
+                                 extra_files=extra)
             shutil.rmtree(run_dir, ignore_errors=True)
     finally:
         try:

@@ -184,6 +184,7 @@ def run_reindex(config: ReindexConfig) -> ReindexReport:
 
 def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport) -> None:
     from lookalike.index.searcher import ItemIndex
+    from lookalike.model.held_out import files_unseen_by
     from lookalike.model.train import train_and_evaluate
 
     step = _Steps(report)
@@ -196,7 +197,8 @@ def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport) -> No
     current_model_dir = store.require_model(report.current_model) if report.current_model else None
     config = replace(config, metadata=resolve_metadata(config, current_index, report.previous_index))
     # a corpus that cannot be evaluated fails before training; a new set is saved once the run succeeds
-    eval_set, new_eval_set = choose_eval_set(store, corpus, config.eval_per_class)
+    eval_set, new_eval_set = choose_eval_set(store, corpus, config.eval_per_class,
+                                             unseen=files_unseen_by(current_model_dir, corpus))
     ids = eval_set
     train_config = resolve_train_config(config, current_model_dir)
     with step("train"):

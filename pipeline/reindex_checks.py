@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -67,15 +68,18 @@ def _sample_size(by_class: dict[str, list[str]], per_class: int) -> int:
     return sum(_held_out(per_class, len(members)) for members in by_class.values())
 
 
-def _sample_eval_set(corpus: Path, per_class: int, seed: int) -> list[str]:
+def _sample_eval_set(corpus: Path, per_class: int, seed: int, unseen: Collection[str] = ()) -> list[str]:
     """Up to ``per_class`` readable images of each class folder (at most half of it), at
-    random (unreadable ones skipped)."""
+    random (unreadable ones skipped), those in ``unseen`` (the served model never trained on
+    them) first."""
     rng = np.random.default_rng(seed)
     by_class = _images_by_class(corpus)
+    unseen = frozenset(unseen)
     ids = []
     for members in by_class.values():
         chosen: list[str] = []
-        for rel in rng.permutation(members).tolist():
+        shuffled = rng.permutation(members).tolist()
+        for rel in [m for m in shuffled if m in unseen] + [m for m in shuffled if m not in unseen]:
             if len(chosen) == _held_out(per_class, len(members)):
                 break
             if usable_eval_ids(corpus, [rel])[0]:
@@ -84,9 +88,10 @@ def _sample_eval_set(corpus: Path, per_class: int, seed: int) -> list[str]:
     return sorted(ids)
 
 
-def frozen_eval_set(store: Store, corpus: Path, per_class: int, seed: int = 0) -> list[str]:
+def frozen_eval_set(store: Store, corpus: Path, per_class: int, seed: int = 0,
+                    unseen: Collection[str] = ()) -> list[str]:
     """``choose_eval_set``, a new set saved at once (``save_eval_set``)."""
-    ids, new = choose_eval_set(store, corpus, per_class, seed)
+    ids, new = choose_eval_set(store, corpus, per_class, seed, unseen)
     if new:
         save_eval_set(store, ids, corpus)
     return ids
@@ -100,7 +105,8 @@ def save_eval_set(store: Store, ids: list[str], corpus: Path) -> None:
     log.info("evaluation set %s: %d images of %s", path, len(ids), corpus)
 
 
-def choose_eval_set(store: Store, corpus: Path, per_class: int, seed: int = 0) -> tuple[list[str], bool]:
+def choose_eval_set(store: Store, corpus: Path, per_class: int, seed: int = 0,
+                    unseen: Collection[str] = ()) -> tuple[list[str], bool]:
     """Corpus-relative ids of the frozen evaluation images: made once (``per_class`` readable
     images of each class folder, at most half of it) and reused, so runs compare models on
     the same images. They are held out: the reindex job trains candidates without them, so
@@ -112,7 +118,10 @@ def choose_eval_set(store: Store, corpus: Path, per_class: int, seed: int = 0) -
     half of the set (or fewer than 2 images) are usable, a new set is made from the corpus;
     likewise when the set is smaller than a new one would be by half or more (it was made
     while the corpus was small, e.g. mostly vanished, and the corpus has grown since), so a
-    tiny set does not stay for good. StoreError if the corpus has no 2 readable images in class folders.
+    tiny set does not stay for good. A new set takes the images in ``unseen`` first: those the
+    served model never trained on (``model.held_out.files_unseen_by``), so that the gate does not
+    reward the served model's memory of its own training images either.
+    StoreError if the corpus has no 2 readable images in class folders.
     Returns (ids, True for a new set, not saved yet: the reindex job saves it only when the run
     succeeds, so a failed run on a corpus that is briefly mostly gone keeps the old set)."""
     path = store.root / "eval" / "frozen.json"
@@ -141,7 +150,10 @@ def choose_eval_set(store: Store, corpus: Path, per_class: int, seed: int = 0) -
             else:
                 log.warning("evaluation set %s has %d usable image(s) of %d: making a new one from %s", path,
                             len(usable), len(ids), corpus)
-    ids = _sample_eval_set(corpus, per_class, seed)
+    ids = _sample_eval_set(corpus, per_class, seed, unseen)
+    if unseen:
+        log.info("new evaluation set: %d of its %d images were held out of the served model's training too",
+                 len(set(unseen).intersection(ids)), len(ids))
     if len(ids) < 2:
         raise StoreError(f"no evaluation set can be made from {corpus}: it needs at least 2 readable images in "
                          f"class sub-folders, found {len(ids)}")

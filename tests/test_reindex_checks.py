@@ -77,6 +77,19 @@ def test_frozen_set_grows_back_when_the_corpus_does(tmp_path):
     assert frozen_eval_set(store, corpus, per_class=10) == grown  # and then stays frozen
 
 
+def test_a_new_set_takes_the_images_the_served_model_never_trained_on_first(tmp_path):
+    """A served model trained outside reindex (``lookalike train``, the demo) on 80 % of the corpus:
+    a set drawn at random would be mostly its training images, and the gate would reward that."""
+    store, corpus = Store.at(tmp_path / "store"), tmp_path / "corpus"
+    write_corpus(corpus, per_class=40)
+    unseen = {f"{c}/{i}.png" for c in range(2) for i in range(0, 40, 5)}  # 8 per class
+    ids = frozen_eval_set(store, corpus, per_class=5, unseen=unseen)
+    assert len(ids) == 10 and set(ids) <= unseen
+    store2 = Store.at(tmp_path / "store2")
+    topped_up = frozen_eval_set(store2, corpus, per_class=10, unseen=unseen)  # more than it held out
+    assert len(topped_up) == 20 and unseen <= set(topped_up)
+
+
 def test_frozen_set_is_at_most_half_of_each_class_and_marked_held_out(tmp_path):
     store, corpus = Store.at(tmp_path / "store"), tmp_path / "corpus"
     write_corpus(corpus, per_class=6)

@@ -1,0 +1,61 @@
+"""Which files of its training folder a model never trained on, saved beside the model.
+
+The reindex job compares a candidate with the served model on a frozen evaluation set
+that candidates are trained without. The served model may have been trained outside
+that job (``lookalike train``, the demo) on a random 80 % of the corpus: an evaluation set
+drawn at random from the whole corpus is then mostly its training images, and the gate
+rewards its memory of them over the candidate's generalisation. ``train`` therefore
+records the files it held out (its validation images and any excluded ones) in
+``<model>/held_out.json``, and the reindex job draws a new evaluation set from the files
+the served model never saw first (``files_unseen_by``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Collection
+from pathlib import Path
+
+import numpy as np
+
+from lookalike.model.config import TrainConfig
+from lookalike.model.data import LabelledImages, split_train_val
+
+log = logging.getLogger(__name__)
+
+HELD_OUT_FILE = "held_out.json"
+
+
+def write_held_out(path: Path, data_dir: str | Path, data: LabelledImages, config: TrainConfig,
+                   exclude: Collection[str] = ()) -> Path:
+    """Write ``path``: ``data_dir`` (absolute) and the ``data_dir``-relative files a model trained
+    on ``data`` with ``config`` does not train on: its validation split (``split_train_val``, as
+    ``train.train_on_arrays`` makes it) and ``exclude``. Returns ``path``."""
+    root = Path(data_dir).absolute()
+    _, val_idx = split_train_val(data.labels, config.val_fraction, config.seed)
+    files = {os.path.relpath(data.paths[i], root).replace(os.sep, "/") for i in np.asarray(val_idx, np.int64)}
+    files |= {str(f) for f in exclude}
+    path.write_text(json.dumps({"data_dir": str(root), "files": sorted(files)}) + "\n", encoding="utf-8")
+    return path
+
+
+def files_unseen_by(model_dir: Path | None, corpus: Path) -> set[str]:
+    """``corpus``-relative files the model at ``model_dir`` never trained on, when it was trained
+    on ``corpus`` and recorded them (``write_held_out``); empty otherwise (an older model, another
+    folder, a TFDS data set, an unreadable record: logged)."""
+    if model_dir is None or not (model_dir / HELD_OUT_FILE).is_file():
+        return set()
+    try:
+        record = json.loads((model_dir / HELD_OUT_FILE).read_text(encoding="utf-8"))
+        data_dir, files = Path(record["data_dir"]), [str(f) for f in record["files"]]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("cannot read %s (%s): the files its model held out are unknown", model_dir / HELD_OUT_FILE, e)
+        return set()
+    if data_dir.resolve() != Path(corpus).resolve():
+        return set()
+    return set(files)
+
+
+__all__ = ["HELD_OUT_FILE", "files_unseen_by", "write_held_out"]
