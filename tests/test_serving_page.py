@@ -238,6 +238,36 @@ def test_a_slow_earlier_search_never_overwrites_a_later_one(site, browser) -> No
     page.close()
 
 
+def test_a_shared_link_shows_the_servers_same_item_meaning_even_before_info_arrives(site, browser) -> None:
+    """A ?id= link searches at once, concurrently with /v1/info: results drawn before the
+    server's info arrives get their badge text and tooltip redrawn from it (this store's
+    model says "same class", not the page's default "same item")."""
+    from urllib.parse import quote
+
+    from playwright.sync_api import expect
+
+    url, _, backend = site
+    assert backend.encoder.same_item_means == "same class"
+    page = browser.new_page()
+    held = []
+    page.route(lambda u: u.split("?")[0].endswith("/v1/info"), lambda r: held.append(r))  # answered later
+    page.goto(f"{url}/?id={quote(QUERY_ID, safe='')}&k=20")
+    results = page.locator("#results")
+    expect(results).to_have_attribute("data-query", f"item:{QUERY_ID}")
+    badges = results.locator(".badge")
+    assert badges.count() > 0, "the query's own class is among its neighbours"
+    page.wait_for_function("n => document.querySelectorAll('#results .badge').length === n", arg=badges.count())
+    assert held, "the page asked for /v1/info"
+    held[0].continue_()
+    expect(page.locator("#footer .index-version")).to_have_text(backend.index.version)
+    threshold = f"{backend.encoder.same_item_threshold:.3f}"
+    for text, title in badges.evaluate_all("els => els.map(e => [e.textContent, e.title])"):
+        assert text == "same class"
+        assert title.startswith(f"distance ≤ {threshold}: within the model's threshold for the same class"), title
+    page.unroute_all(behavior="ignoreErrors")
+    page.close()
+
+
 def test_frame_cards_always_show_the_time(indexed_store, browser, tmp_path: Path) -> None:
     """Long video names lose their middle, never the frame's time: a badge on the thumbnail
     and the end of the id and video lines stay visible, on a wide screen and on a phone."""
