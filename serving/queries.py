@@ -172,7 +172,11 @@ def unit_query(backend: Backend, vector: list[float]) -> np.ndarray:
 
 
 async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str | None]:
-    """The uploaded image bytes and file name, from a multipart form or the raw body."""
+    """The uploaded image bytes and file name, from a multipart form or the raw body.
+
+    422 for a form without a file in field ``UPLOAD_FIELD`` and for a request with no body
+    at all (no image was sent; an empty file that was sent is left to the decoder: "empty file").
+    """
     if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):  # media types ignore case
         async with request.form(max_files=1, max_fields=16) as form:
             upload = form.get(UPLOAD_FIELD)
@@ -181,6 +185,9 @@ async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str | No
             data, name = await upload.read(max_bytes + 1), upload.filename
     else:
         data, name = await request.body(), None
+        if not data:
+            raise HTTPException(status_code=422, detail="no image in the request: send the image file as the body "
+                                                        f"or as multipart field {UPLOAD_FIELD!r}")
     if len(data) > max_bytes:
         raise PayloadTooLarge(max_bytes)
     return data, name

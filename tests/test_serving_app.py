@@ -207,7 +207,7 @@ def test_item_metadata_hides_server_paths(http: httpx.Client, workdir: Path) -> 
         ({"content": b"hello, not an image"}, "not a usable image"),
         ({"content": b"\x89PNG\r\n\x1a\n" + b"\0" * 40}, "not a usable image"),  # truncated PNG
         ({"files": {"file": ("empty.png", b"", "image/png")}}, "empty"),
-        ({"content": b""}, "empty"),
+        ({"content": b""}, "no image in the request: send the image file as the body or as multipart field 'file'"),
         ({"files": {"other": ("q.png", b"x", "image/png")}}, "field 'file'"),
     ],
     ids=["text-upload", "text-body", "truncated-png", "empty-upload", "empty-body", "wrong-field"],
@@ -216,6 +216,20 @@ def test_image_search_rejects_non_images(http: httpx.Client, kwargs: dict, reaso
     response = http.post("/v1/search/image", **kwargs)
     assert response.status_code == 422, response.text
     assert reason in detail_of(response)
+
+
+@pytest.mark.parametrize("headers", [{}, {"content-type": "image/png"}, {"content-length": "0"}],
+                         ids=["bare", "typed", "declared-empty"])
+def test_image_search_without_a_body_says_no_image_was_sent(base_url: str, headers: dict) -> None:
+    """``curl -X POST .../v1/search/image`` sends no body (and no content-length): the answer
+    says the request holds no image, not that an (unsent) file is empty."""
+    with httpx.Client(base_url=base_url, timeout=30) as client:
+        request = client.build_request("POST", "/v1/search/image?k=5", headers=headers)
+        if "content-length" not in headers:
+            request.headers.pop("content-length", None)  # as curl -X POST sends it
+        response = client.send(request)
+    assert response.status_code == 422, response.text
+    assert detail_of(response) == "no image in the request: send the image file as the body or as multipart field 'file'"
 
 
 @pytest.mark.parametrize(
