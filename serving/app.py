@@ -9,7 +9,8 @@ Image queries are decoded, embedded and searched in batches, other searches batc
 too, by the micro-batchers of a ``QueryEngine`` (``lookalike.serving.engine``,
 ``lookalike.serving.queries``).
 
-Bad input is always a 4xx with a reason: 413 for an oversized body, 422 for bytes
+Bad input is always a 4xx with a reason: 413 for an oversized body, 400 for a malformed one
+(a multipart form that does not parse, a JSON body that is not JSON), 422 for bytes
 that are not an image, vectors of the wrong length or with NaN, or ``k`` out of
 range, or a query parameter the endpoint does not take, 404 for an unknown item id.
 """
@@ -287,8 +288,8 @@ def create_app(
             return None
         return await image_search(request, backend, *params)
 
-    @app.post("/v1/search/vector", response_model=SearchResponse, tags=["search"], responses=errors(409, 413, 422, 503),
-              dependencies=STRICT_QUERY)
+    @app.post("/v1/search/vector", response_model=SearchResponse, tags=["search"],
+              responses=errors(400, 409, 413, 422, 503), dependencies=STRICT_QUERY)  # 400: a body that is not JSON
     async def search_vector(body: VectorQuery, backend: BackendDep) -> Response:
         """Items nearest to a query embedding (normalised to unit length)."""
         return await vector_search(body, backend)
@@ -309,15 +310,15 @@ def create_app(
             backend = slot.backend
             if backend is None or request.scope["query_string"]:
                 return None
-            body = await parse_json_body(request, model)  # 413 while reading, 422 when invalid
+            body = await parse_json_body(request, model)  # 413 while reading, 400 when not JSON, 422 when invalid
             return None if body is None else await search(body, backend)
         return fast
 
     set_fast_path(app, "/v1/search/image", "POST", search_image_fast)
     set_fast_path(app, "/v1/search/vector", "POST", json_fast_path(VectorQuery, vector_search))
 
-    @app.post("/v1/search/batch", response_model=BatchSearchResponse, tags=["search"], responses=errors(404, 409, 413, 422, 503),
-              dependencies=STRICT_QUERY)
+    @app.post("/v1/search/batch", response_model=BatchSearchResponse, tags=["search"],
+              responses=errors(400, 404, 409, 413, 422, 503), dependencies=STRICT_QUERY)  # 400: a body that is not JSON
     async def search_batch(body: BatchSearch, backend: BackendDep) -> Response:
         """Several queries (vectors, item ids, base64 images) in one call; one response per query."""
         return await batch_search(body, backend)

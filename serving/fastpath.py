@@ -10,9 +10,9 @@ request itself, or returns None to hand the request to FastAPI unchanged. A fast
 handler accepts only what FastAPI would accept with the same values (see
 ``search_params``) and leaves everything else to FastAPI, errors included, with one
 exception: a JSON body the vector and batch handlers have parsed and validated (off the
-event loop when large) and found invalid is answered with FastAPI's own 422
-(``RequestValidationError``, ``lookalike.serving.validation``) rather than validated a second
-time. Responses and error bodies are the same on both paths (tests compare them).
+event loop when large) and found invalid is answered as FastAPI answers it, through the app's
+handler of ``RequestValidationError`` (``lookalike.serving.validation``: a 422, or a 400 for a
+body that is not JSON), rather than parsed a second time. Responses and error bodies are the same on both paths (tests compare them).
 
 ``dispatch_fast_first`` also puts a ``FastDispatch`` outside the app's middleware
 stack, so those requests skip the ten or so ASGI layers in front of the router

@@ -1,4 +1,5 @@
-"""Bounded request validation: 422 bodies of a bounded size, JSON bodies parsed off the event loop.
+"""Bounded request validation: 422 bodies of a bounded size, JSON bodies parsed off the event loop,
+a body that is not JSON a 400 naming where and why it does not parse.
 
 A JSON body of a few megabytes that is wrong in every element (a vector of a million
 strings) must not cost the server seconds of event-loop time nor answer with one
@@ -62,10 +63,26 @@ def bounded_errors(errors: Any) -> tuple[list[dict[str, Any]], int]:
     return shown, len(errors)
 
 
+def invalid_json_reason(errors: list[Any]) -> str | None:
+    """``invalid JSON body at character N: <the parser's reason>`` when ``errors`` report a body
+    that is not JSON at all (FastAPI's and ``_parse``'s ``json_invalid``), else None."""
+    for error in errors:
+        if error.get("type") == "json_invalid":
+            loc = tuple(error.get("loc", ()))
+            where = f" at character {loc[1]}" if len(loc) > 1 and isinstance(loc[1], int) else ""
+            return f"invalid JSON body{where}: {(error.get('ctx') or {}).get('error') or 'not JSON'}"
+    return None
+
+
 async def validation_error_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
     """422 ``{"detail": [first errors], "error_count": n}`` (FastAPI's shape, bounded); a JSON
-    endpoint's body sent without a JSON content type is a 422 saying so."""
+    endpoint's body sent without a JSON content type is a 422 saying so. A body that does not
+    parse as JSON is a malformed request, as a malformed multipart form is: 400 with
+    ``{"detail": "invalid JSON body at character N: <reason>"}``."""
     errors = exc.errors()
+    reason = invalid_json_reason(errors)
+    if reason is not None:
+        return JSONResponse({"detail": reason}, status_code=400)
     if request.method == "POST" and not is_json(request) and any(tuple(e.get("loc", ())) == ("body",) for e in errors) \
             and not media_type(request).startswith("multipart/"):
         got = media_type(request) or "no Content-Type"
@@ -94,7 +111,7 @@ def json_like(request: Request, body: bytes) -> bool:
 def _parse(model: type[M], body: bytes) -> M | None:
     try:
         data = json.loads(body)
-    except json.JSONDecodeError as e:  # FastAPI's 422 for bad JSON, without parsing it again on the event loop
+    except json.JSONDecodeError as e:  # FastAPI's error for bad JSON (a 400: the handler), without parsing it again
         raise RequestValidationError([{"type": "json_invalid", "loc": ("body", e.pos), "msg": "JSON decode error",
                                        "input": {}, "ctx": {"error": e.msg}}]) from None
     except Exception:  # FastAPI answers: 400 for e.g. nesting too deep

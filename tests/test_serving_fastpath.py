@@ -142,7 +142,7 @@ def vector_bodies(dim: int) -> list[tuple[bytes, str, bool]]:
         (json.dumps({"vector": v, "tag": "odd"}), "application/json"),  # a list, as group
         (json.dumps({"k": 3}), "application/json"),
         (json.dumps([v]), "application/json"),
-        ("{not json", "application/json"),  # FastAPI's JSON decode error, without parsing twice
+        ("{not json", "application/json"),  # the same 400 as FastAPI's JSON decode error, without parsing twice
     ]
     refused = [
         ("", "application/json"),

@@ -46,6 +46,14 @@ def test_multipart_400s_are_documented(http: httpx.Client) -> None:
     assert response.status_code == 400 and "boundary" in response.json()["detail"].lower()
 
 
+@pytest.mark.parametrize("path", ["/v1/search/vector", "/v1/search/batch"])
+def test_json_400s_are_documented(http: httpx.Client, path: str) -> None:
+    spec = http.get("/openapi.json").json()
+    assert "400" in spec["paths"][path]["post"]["responses"]
+    response = http.post(path, content=b'{"vector":[0.1,', headers={"content-type": "application/json"})
+    assert response.status_code == 400 and response.json()["detail"].startswith("invalid JSON body at character 15")
+
+
 @pytest.mark.parametrize("path", ["/", "/healthz", "/readyz", "/v1/info", "/metrics", "/openapi.json",
                                   f"/v1/items/{QUERY_ID}", f"/v1/items/{QUERY_ID}/thumbnail"])
 def test_head_on_get_resources(http: httpx.Client, path: str) -> None:
