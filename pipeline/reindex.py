@@ -315,9 +315,11 @@ def _embed_build_promote(config: ReindexConfig, store: Store, report: ReindexRep
         summary = run_embed(EmbedConfig(workdir=str(store.root), corpus=str(corpus), model_version=model,
                                         incremental=True, publish=False, num_workers=config.num_workers,
                                         metadata=config.metadata))
-        report.metrics["embed"] = {k: getattr(summary, k) for k in ("run", "files_matched", "items", "embedded", "unchanged", "failed")}
+        report.metrics["embed"] = embed_metrics(summary)
         embeddings, items = read_embeddings(Path(summary.run_dir))
     new_items = set(zip(items.column("id").to_pylist(), items.column("content_hash").to_pylist()))
+    if current_index is not None:  # items of the served index no longer in the corpus
+        report.metrics["embed"]["removed"] = len({i["id"] for i in current_index.items} - {i for i, _ in new_items})
     metadata = {k: v for k, v in summary.metadata.items() if k != "unmatched_ids"} if summary.metadata else None
     if current_index is not None and model == current_index.model_version \
             and (current_index.manifest.get("metadata") or {}).get("sha256") == (metadata or {}).get("sha256") \
@@ -342,6 +344,18 @@ def _embed_build_promote(config: ReindexConfig, store: Store, report: ReindexRep
         raise
     unmark_candidate(store, candidate)  # promote pointed models/LATEST at its model: the one `embed` uses next
     return True
+
+
+def embed_metrics(summary) -> dict[str, Any]:
+    """The report's ``metrics["embed"]``: the embed run's counts (files listed, read, embedded,
+    reused unchanged, failed) and, when files failed, the dead-letter files naming them."""
+    from lookalike.pipeline.summary import _run_files
+
+    keys = ("run", "run_dir", "files_matched", "files_read", "items", "embedded", "unchanged", "failed")
+    metrics: dict[str, Any] = {k: getattr(summary, k) for k in keys}
+    if summary.failed:
+        metrics["dead_letters"] = _run_files(summary.run_dir, "dead_letter-*.jsonl")
+    return metrics
 
 
 def report_dict(report: ReindexReport) -> dict[str, Any]:

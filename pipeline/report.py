@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from pathlib import Path
@@ -61,14 +62,42 @@ def example_grid(store: Store, old_version: str | None, new_version: str, path: 
     canvas.save(path)
 
 
+def fmt(value: Any) -> str:
+    """A value as report.md shows it: floats rounded for reading (4 decimals below 1, 2 below
+    100, none above: 0.9949999999999999 is 0.9950, 1234.567 queries/s is 1235), None as "-"."""
+    if value is None:
+        return "-"
+    if isinstance(value, float) and math.isfinite(value):
+        size = abs(value)
+        return f"{value:.4f}" if size < 1 else f"{value:.2f}" if size < 100 else f"{value:.0f}"
+    return str(value)
+
+
 def _side_by_side(metrics: dict[str, Any]) -> list[str]:
     cur, cand = metrics.get("current") or {}, metrics.get("candidate") or {}
     names = sorted(set(cur) | set(cand))
     lines = ["| metric (frozen evaluation set) | current | candidate |", "|---|---|---|"]
     for n in names:
-        fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else ("-" if v is None else str(v))  # noqa: E731
         lines.append(f"| {n} | {fmt(cur.get(n))} | {fmt(cand.get(n))} |")
     return lines
+
+
+def _corpus_changes(embed: dict[str, Any]) -> list[str]:
+    """report.md's lines on what the embed step did to the corpus (``metrics["embed"]``)."""
+    def count(key: str) -> str:
+        value = embed.get(key)
+        return "?" if value is None or value == -1 else str(value)
+
+    line = (f"Corpus: {count('files_matched')} files listed, {count('files_read')} read; "
+            f"{count('embedded')} embedded, {count('unchanged')} reused (unchanged), {count('failed')} failed")
+    if embed.get("removed") is not None:
+        line += f", {embed['removed']} removed since the served index"
+    lines = [line + f"; {count('items')} items."]
+    if embed.get("failed"):
+        letters = embed.get("dead_letters") or []
+        where = ", ".join(f"`{p}`" for p in letters) if letters else f"`{embed.get('run_dir', '?')}/dead_letter-*.jsonl`"
+        lines.append(f"Files that failed are dead-lettered (skipped, with the reason) in {where}.")
+    return lines + [""]
 
 
 def write_report(store: Store, report, started_unix_s: float) -> Path:
@@ -91,18 +120,20 @@ def write_report(store: Store, report, started_unix_s: float) -> Path:
     gate = report.metrics.get("gate")
     if gate:
         md += [f"Gate: candidate {'accepted' if gate.get('accepted') else 'rejected'}: {gate.get('reason')}", ""]
+    if report.metrics.get("embed"):
+        md += _corpus_changes(report.metrics["embed"])
     index = report.metrics.get("index")
     if index:
-        md += [f"Index: {index.get('mode')}, {index.get('count')} items, recall@10 {index.get('recall')}, "
-               f"{index.get('qps')} queries/s", ""]
+        md += [f"Index: {index.get('mode')}, {index.get('count')} items, recall@10 {fmt(index.get('recall'))}, "
+               f"{fmt(index.get('qps'))} queries/s", ""]
     if report.candidate_error:
         md += [f"Candidate model {report.candidate_model} not promoted: {report.candidate_error}", ""]
     if "canary_self_at_1" in report.metrics:
-        md += [f"Canary self-retrieval@1 (new model): {report.metrics['canary_self_at_1']}", ""]
+        md += [f"Canary self-retrieval@1 (new model): {fmt(report.metrics['canary_self_at_1'])}", ""]
     if "canary_overlap_at_10" in report.metrics:
-        md += [f"Canary overlap@10 (served vs new, same model): {report.metrics['canary_overlap_at_10']}", ""]
+        md += [f"Canary overlap@10 (served vs new, same model): {fmt(report.metrics['canary_overlap_at_10'])}", ""]
     md += ["| step | seconds | ok |", "|---|---|---|"] + [
-        f"| {s['step']} | {s['seconds']} | {'yes' if s['ok'] else 'no: ' + s.get('error', '')} |" for s in report.steps]
+        f"| {s['step']} | {fmt(s['seconds'])} | {'yes' if s['ok'] else 'no: ' + s.get('error', '')} |" for s in report.steps]
     try:
         if report.candidate_model and (store.model_dir(report.candidate_model) / "training.png").is_file():
             shutil.copyfile(store.model_dir(report.candidate_model) / "training.png", folder / "training.png")

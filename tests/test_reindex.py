@@ -669,3 +669,32 @@ def test_partial_index_folders_of_killed_runs_are_removed_but_never_one_being_wr
     (stale / "x").mkdir(parents=True)
     promote(store, version)  # versions promote/rollback clean up too
     assert not stale.exists()
+
+
+def test_report_md_gives_the_corpus_changes_with_dead_letters_and_rounded_numbers(store, tiny_config):
+    """A broken file and two new images: report.md counts them (report.json always did) and names
+    the dead-letter file; no float is printed with 16 decimals."""
+    from lookalike.pipeline.reindex import ReindexReport
+    from lookalike.pipeline.report import write_report
+
+    (store.corpus_dir / "1" / "broken.png").write_text("not an image")
+    add_images(store, 2)
+    served = len(ItemIndex.load(store.require_current_index()))
+    report = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, min_improvement=1.0))
+    assert (report.outcome, report.exit_code) == ("corpus_updated", 4), report.reason
+    embed = report.metrics["embed"]
+    assert (embed["embedded"], embed["failed"], embed["removed"]) == (2, 1, 0)
+    assert embed["dead_letters"] and all(Path(p).is_file() for p in embed["dead_letters"])
+    report_md = max((store.root / "reports").glob("*/report.md"), key=lambda p: p.stat().st_mtime).read_text()
+    assert (f"2 embedded, {served} reused (unchanged), 1 failed, 0 removed since the served index; "
+            f"{served + 2} items.") in report_md
+    assert f"dead-lettered (skipped, with the reason) in `{embed['dead_letters'][0]}`" in report_md
+    # every float rounded: the canary overlap, as measured, and any other
+    rounded = ReindexReport(outcome="failed", reason="test", metrics={
+        "canary_overlap_at_10": 0.9949999999999999, "canary_self_at_1": 0.95,
+        "index": {"mode": "scann", "count": 1801, "recall": 0.9812345678, "qps": 1234.5678}},
+        steps=[{"step": "train", "seconds": 12.3456789, "ok": True}])
+    text = (write_report(store, rounded, 0.0) / "report.md").read_text()
+    assert "Canary overlap@10 (served vs new, same model): 0.9950" in text
+    assert "recall@10 0.9812, 1235 queries/s" in text and "| train | 12.35 | yes |" in text
+    assert "99999" not in text and "0.9812345678" not in text
