@@ -192,9 +192,14 @@ def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport) -> No
     if not corpus.is_dir():
         raise StoreError(f"corpus folder {corpus} does not exist")
     report.previous_index = store.current_index()
-    current_index = ItemIndex.load(store.require_current_index()) if report.previous_index else None
+    current_index, current_model_dir = None, None
+    if report.previous_index:
+        try:
+            current_index = ItemIndex.load(store.require_current_index())
+            current_model_dir = store.require_model(current_index.model_version)
+        except Exception as e:
+            raise served_unusable(store, report.previous_index, e) from e
     report.current_model = current_index.model_version if current_index else None
-    current_model_dir = store.require_model(report.current_model) if report.current_model else None
     config = replace(config, metadata=resolve_metadata(config, current_index, report.previous_index))
     # a corpus that cannot be evaluated fails before training; a new set is saved once the run succeeds
     eval_set, new_eval_set = choose_eval_set(store, corpus, config.eval_per_class,
@@ -344,6 +349,20 @@ def _embed_build_promote(config: ReindexConfig, store: Store, report: ReindexRep
         raise
     unmark_candidate(store, candidate)  # promote pointed models/LATEST at its model: the one `embed` uses next
     return True
+
+
+def served_unusable(store: Store, version: str, error: Exception) -> Exception:
+    """``error`` (the served index ``version`` or its model failing to load, as a corrupt or
+    deleted file does) with how to recover added: every night would fail the same way until
+    another version serves. An IndexLoadError or StoreError keeps its type; others become an
+    IndexLoadError naming theirs."""
+    from lookalike.index.manifest import IndexLoadError
+
+    hint = (f"the served index {version} cannot be loaded: run `lookalike versions rollback --workdir {store.root}` "
+            f"(or `lookalike versions promote VERSION --workdir {store.root}`) to serve a working version")
+    if type(error) in (IndexLoadError, StoreError):
+        return type(error)(f"{error}; {hint}")
+    return IndexLoadError(f"{type(error).__name__}: {error}; {hint}")
 
 
 def embed_metrics(summary) -> dict[str, Any]:

@@ -280,6 +280,25 @@ def test_corrupt_current_version_fails_and_promotes_nothing(store, tiny_config):
     assert store.current_index() == current
 
 
+def test_a_served_index_that_cannot_load_says_how_to_serve_a_working_version(store, tiny_config, capsys):
+    """A corrupt CURRENT fails every night the same way: the reason, the log line, the JSON
+    line and report.md say to roll back (or promote), and nothing is trained."""
+    current = store.current_index()
+    next(p for p in store.index_dir(current).rglob("*.npy")).write_bytes(b"corrupt")
+    hint = (f"the served index {current} cannot be loaded: run `lookalike versions rollback --workdir {store.root}` "
+            f"(or `lookalike versions promote VERSION --workdir {store.root}`) to serve a working version")
+    report = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config))
+    assert (report.outcome, report.exit_code) == ("failed", 1)
+    assert report.reason.startswith("IndexLoadError: ") and "checksum" in report.reason and hint in report.reason
+    assert report.steps == [] and store.current_index() == current
+    report_md = max((store.root / "reports").glob("*/report.md"), key=lambda p: p.stat().st_mtime).read_text()
+    assert hint in report_md
+    cli = run_cli_reindex(store, {})  # the cron line: its log line and JSON line
+    assert cli.returncode == 1, cli.stderr[-2000:]
+    assert json.loads(cli.stdout[cli.stdout.index("{"):cli.stdout.rindex("}") + 1])["reason"] == report.reason
+    assert any("ERROR" in line and hint in line for line in cli.stderr.splitlines()), cli.stderr[-2000:]
+
+
 @pytest.mark.parametrize("damage", ["empty", "stale", "garbage"])
 def test_unusable_evaluation_set_is_made_again(store, tiny_config, damage):
     frozen = store.root / "eval" / "frozen.json"
