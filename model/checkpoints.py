@@ -51,6 +51,16 @@ def exclusive_run(run_dir: Path) -> Iterator[None]:
         unlock(lock_path, fd)  # already gone if the run folder was removed
 
 
+def _saving(what: str):
+    """Ctrl-C and SIGTERM wait for the end of a save: raised in the main thread while orbax
+    waits for its save thread, the KeyboardInterrupt made orbax log "Save Finalize thread
+    failed" with a traceback and forget a checkpoint its thread still finished writing. Held
+    back, they stop the run a moment later with the checkpoint complete (a resume uses it)."""
+    from lookalike.pipeline.interrupts import interrupts_deferred
+
+    return interrupts_deferred(f"the {what} is being saved")
+
+
 def _abstract(state: Any) -> Any:
     """Shape, dtype and sharding of every array of ``state`` (the restore target)."""
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
@@ -71,13 +81,15 @@ class TrainCheckpoints:
             self.best_value = float(meta["value"])
 
     def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer, history: list[dict[str, Any]]) -> None:
-        """Save the latest state at ``step`` (what a resumed run continues from)."""
-        self._latest.save(step, args=ocp.args.Composite(
-            model=ocp.args.StandardSave(nnx.state(model)),
-            optimizer=ocp.args.StandardSave(nnx.state(optimizer)),
-            meta=ocp.args.JsonSave({"step": step, "history": history}),
-        ))
-        self._latest.wait_until_finished()
+        """Save the latest state at ``step`` (what a resumed run continues from). Ctrl-C or
+        SIGTERM during the save stops the run right after it (see ``_saving``)."""
+        with _saving(f"checkpoint of step {step}"):
+            self._latest.save(step, args=ocp.args.Composite(
+                model=ocp.args.StandardSave(nnx.state(model)),
+                optimizer=ocp.args.StandardSave(nnx.state(optimizer)),
+                meta=ocp.args.JsonSave({"step": step, "history": history}),
+            ))
+            self._latest.wait_until_finished()
 
     def offer_best(self, step: int, model: nnx.Module, record: dict[str, Any]) -> bool:
         """Save the model as the best if ``record`` (the evaluation of ``step``) has a finite
@@ -88,13 +100,14 @@ class TrainCheckpoints:
         if value is None or not math.isfinite(value) or (self.best_value is not None and value < self.best_value):
             return False
         self.best_value = float(value)
-        if step in self._best.all_steps():  # a resumed run evaluating a step again (past its latest checkpoint)
-            self._best.delete(step)
-        self._best.save(step, args=ocp.args.Composite(
-            model=ocp.args.StandardSave(nnx.state(model)),
-            meta=ocp.args.JsonSave({"step": step, "value": float(value), "metric": self.best_metric}),
-        ), force=True)
-        self._best.wait_until_finished()
+        with _saving(f"best model of step {step}"):
+            if step in self._best.all_steps():  # a resumed run evaluating a step again (past its latest checkpoint)
+                self._best.delete(step)
+            self._best.save(step, args=ocp.args.Composite(
+                model=ocp.args.StandardSave(nnx.state(model)),
+                meta=ocp.args.JsonSave({"step": step, "value": float(value), "metric": self.best_metric}),
+            ), force=True)
+            self._best.wait_until_finished()
         return True
 
     def restore_latest(self, model: nnx.Module, optimizer: nnx.Optimizer) -> tuple[int, list[dict[str, Any]]]:
@@ -127,5 +140,7 @@ class TrainCheckpoints:
         return step
 
     def close(self) -> None:
-        self._latest.close()
-        self._best.close()
+        """Wait for any save still being written and stop orbax's threads."""
+        with _saving("closing the checkpoints"):
+            self._latest.close()
+            self._best.close()

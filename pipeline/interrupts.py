@@ -6,6 +6,10 @@ ends the process on the spot: no log line, no report, nothing cleaned up. Inside
 own, which raises KeyboardInterrupt, or the embed pipeline's, which also stops its worker
 processes), so every ``except KeyboardInterrupt`` / ``finally`` of the job runs, and
 ``stop_reason()`` tells the two signals apart for the job's report and its last line.
+
+``interrupts_deferred()`` holds both signals back over a short section that must not be cut
+in the middle (a training checkpoint being written by orbax, whose wait for its save thread
+would log the interrupt as a failed save, with a traceback) and delivers them right after it.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
 
@@ -63,3 +67,30 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@contextmanager
+def interrupts_deferred(what: str) -> Iterator[None]:
+    """Within the block, SIGINT and SIGTERM are held back (logged, naming ``what`` is finished
+    first) and delivered to the handlers in force before it as soon as it ends, so the stop
+    they ask for (KeyboardInterrupt, or the default end of the process) comes right after,
+    never in the middle. Keep the block short: it delays Ctrl-C. In other threads (where
+    handlers cannot be set), nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+
+    def hold(signum: int, frame: FrameType | None) -> None:
+        if not held:
+            log.warning("%s received while %s: stopping once it is done", signal.Signals(signum).name, what)
+        held.append(signum)
+
+    previous: dict[int, Callable | int | None] = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        for signum in dict.fromkeys(held):  # each signal once, in the order they came
+            signal.raise_signal(signum)  # the handler now in force runs here (KeyboardInterrupt is raised)

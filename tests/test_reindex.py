@@ -238,6 +238,50 @@ def test_sigterm_or_ctrl_c_mid_step_writes_the_report_and_says_current_is_unchan
     assert store.current_index() == before
 
 
+# `kill PID` landing while orbax waits for its save thread (the thread made slow, so the wait is
+# certain): the second wait of the run, the latest checkpoint of step 15 (the first is the best model's)
+_SIGTERM_WHILE_A_CHECKPOINT_IS_SAVED = """
+import os, signal, sys, time
+from orbax.checkpoint import checkpoint_manager
+
+thread = checkpoint_manager._FinalizeThread
+run, join, waits = thread.run, thread.join, []
+
+def slow_run(self):
+    time.sleep(1.0)
+    run(self)
+
+def join_after_sigterm(self, *args, **kwargs):
+    waits.append(self)
+    if len(waits) == 2:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return join(self, *args, **kwargs)
+
+thread.run, thread.join = slow_run, join_after_sigterm
+from lookalike.pipeline.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_while_a_checkpoint_is_saved_stops_after_it_without_an_error_and_the_next_run_resumes(store):
+    """Raised while orbax waited for its save thread, the stop made orbax log "ERROR absl: ...
+    Save Finalize thread (save_finalize) failed." and a traceback into the cron log. Held back
+    until the save is done, it stops the run a moment later, the checkpoint complete."""
+    before = store.current_index()
+    job = subprocess.run([sys.executable, "-c", _SIGTERM_WHILE_A_CHECKPOINT_IS_SAVED, "reindex", "--workdir",
+                          str(store.root), "--config", "tiny", "--force"], capture_output=True, text=True, timeout=600)
+    assert job.returncode == 143, job.stderr[-3000:]
+    assert "ERROR" not in job.stderr and "Traceback" not in job.stderr, job.stderr[-3000:]
+    assert "SIGTERM received while the checkpoint of step 15 is being saved: stopping once it is done" in job.stderr
+    assert "rerun the same command to resume from the checkpoint of step 15" in job.stderr, job.stderr[-3000:]
+    assert job.stderr.strip().splitlines()[-1] == (f"lookalike reindex: terminated (SIGTERM): CURRENT is unchanged "
+                                                   f"({before}); the next run removes what this one left")
+    assert store.current_index() == before
+    again = run_cli_reindex(store, {})
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed training from the checkpoint of step 15" in again.stderr, again.stderr[-3000:]
+
+
 def test_a_failed_run_on_a_briefly_vanished_corpus_keeps_the_frozen_evaluation_set(store, tiny_config, tmp_path):
     """Most class folders gone (an unmounted disk): the run fails (fewer items than the served
     index allows) and the evaluation set it had to make from what was left is not saved."""
