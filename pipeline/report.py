@@ -41,24 +41,35 @@ def _tile(item: dict[str, Any], root: Path) -> Image.Image:
 
 
 def example_grid(store: Store, old_version: str | None, new_version: str, path: Path, queries: int = 4, k: int = 5) -> None:
-    """Rows: query | top-k in the served version | top-k in the new version."""
+    """Rows: query | top-k in the served version | top-k in the new version; each column group
+    has its title above it and a grey rule between groups."""
     from lookalike.index.searcher import ItemIndex
 
     new = ItemIndex.load(store.index_dir(new_version))
     old = ItemIndex.load(store.index_dir(old_version)) if old_version else None
     picks = [new.items[i * len(new) // queries] for i in range(queries)]
-    width = TILE * (1 + 2 * k) + 3 * 8
-    canvas = Image.new("RGB", (width, 20 + queries * (TILE + 8)), "white")
+    gap, header, row_gap = 12, 28, 8
+    lefts = (0, TILE + gap, TILE + gap + k * TILE + gap)  # query, served, new
+    width, height = lefts[2] + k * TILE, header + queries * (TILE + row_gap)
+    canvas = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(canvas)
-    draw.text((4, 4), f"query | served {old_version or '-'} | new {new_version}", fill="black")
+    titles = ("query", f"served {old_version or '(none)'}", f"new {new_version}")
+    for left, span, title in zip(lefts, (TILE, k * TILE, k * TILE), titles):
+        text_width = draw.textlength(title)
+        draw.text((left + max(0, (span - text_width) / 2), (header - 12) / 2), title, fill="black")
+    draw.line([(0, header - 3), (width, header - 3)], fill=(160, 160, 160), width=1)
+    for left in lefts[1:]:
+        draw.line([(left - gap // 2, 0), (left - gap // 2, height)], fill=(120, 120, 120), width=2)
     for r, item in enumerate(picks):
-        y = 20 + r * (TILE + 8)
+        y = header + r * (TILE + row_gap)
         canvas.paste(_tile(item, store.root), (0, y))
-        for c, index in enumerate((old, new)):
+        for left, index in zip(lefts[1:], (old, new)):
             if index is None or index.row_of(item["id"]) is None:
+                note = "no served version" if index is None else "not in this version"
+                draw.text((left + 4, y + TILE // 2 - 6), note, fill=(120, 120, 120))
                 continue
             for j, n in enumerate(index.similar_to(item["id"], k)):
-                canvas.paste(_tile(index.items[n.row], store.root), (TILE + 8 + c * (k * TILE + 8) + j * TILE, y))
+                canvas.paste(_tile(index.items[n.row], store.root), (left + j * TILE, y))
     canvas.save(path)
 
 

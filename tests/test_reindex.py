@@ -710,6 +710,28 @@ def test_report_tiles_refuse_images_over_the_pixel_limit(tmp_path, monkeypatch):
     assert report._tile({"thumbnail": "small.png", "uri": None}, tmp_path).getpixel((0, 0)) == (0, 90, 0)
 
 
+def test_report_example_grid_titles_each_column_group_and_rules_between_them(store, tmp_path):
+    """examples.png: "query", "served VERSION" and "new VERSION" each centred above its columns
+    (not one line crammed at the top left), and a grey rule between the groups."""
+    from lookalike.pipeline.report import TILE, example_grid
+
+    version, k = store.current_index(), 5
+    example_grid(store, version, version, tmp_path / "examples.png", queries=2, k=k)
+    picture = Image.open(tmp_path / "examples.png").convert("RGB")
+    gap, header = 12, 28
+    lefts = (0, TILE + gap, TILE + gap + k * TILE + gap)
+    assert picture.size == (lefts[2] + k * TILE, header + 2 * (TILE + 8))
+    for left in lefts[1:]:  # the rule runs the full height between two groups
+        assert all(picture.getpixel((left - gap // 2, y))[0] < 200 for y in range(picture.height))
+
+    def inked(x0: int, x1: int) -> bool:
+        return any(sum(picture.getpixel((x, y))) < 300 for x in range(x0, x1) for y in range(2, header - 4))
+
+    for left, span in zip(lefts, (TILE, k * TILE, k * TILE)):  # each title over the middle of its group
+        assert inked(left + span // 2 - 8, left + span // 2 + 8)
+    assert not inked(lefts[1], lefts[1] + 40)  # centred, not from the group's left edge (version names are short)
+
+
 def test_partial_index_folders_of_killed_runs_are_removed_but_never_one_being_written(store):
     from lookalike.index.manifest import publish_atomically
     from lookalike.pipeline.versions import clean_partial_indexes
