@@ -106,7 +106,8 @@ def _corpus_changes(embed: dict[str, Any]) -> list[str]:
     lines = [line + f"; {count('items')} items."]
     if embed.get("failed"):
         letters = embed.get("dead_letters") or []
-        where = ", ".join(f"`{p}`" for p in letters) if letters else f"`{embed.get('run_dir', '?')}/dead_letter-*.jsonl`"
+        where = (", ".join(f"`{p}`" for p in letters) if letters
+                 else f"`{embed.get('run_dir', '?')}/dead_letter-*.jsonl`")
         lines.append(f"Files that failed are dead-lettered (skipped, with the reason) in {where}.")
     return lines + [""]
 
@@ -144,7 +145,8 @@ def write_report(store: Store, report, started_unix_s: float) -> Path:
     if "canary_overlap_at_10" in report.metrics:
         md += [f"Canary overlap@10 (served vs new, same model): {fmt(report.metrics['canary_overlap_at_10'])}", ""]
     md += ["| step | seconds | ok |", "|---|---|---|"] + [
-        f"| {s['step']} | {fmt(s['seconds'])} | {'yes' if s['ok'] else 'no: ' + s.get('error', '')} |" for s in report.steps]
+        f"| {s['step']} | {fmt(s['seconds'])} | {'yes' if s['ok'] else 'no: ' + s.get('error', '')} |"
+        for s in report.steps]
     try:
         if report.candidate_model and (store.model_dir(report.candidate_model) / "training.png").is_file():
             shutil.copyfile(store.model_dir(report.candidate_model) / "training.png", folder / "training.png")
