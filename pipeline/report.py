@@ -74,13 +74,14 @@ def example_grid(store: Store, old_version: str | None, new_version: str, path: 
 
 
 def fmt(value: Any) -> str:
-    """A value as report.md shows it: floats rounded for reading (4 decimals below 1, 2 below
-    100, none above: 0.9949999999999999 is 0.9950, 1234.567 queries/s is 1235), None as "-"."""
+    """A value as report.md shows it: floats rounded for reading (4 decimals up to 1, so scores
+    line up, 2 below 100, none above: 0.9949999999999999 is 0.9950, 1234.567 queries/s is
+    1235), None as "-"."""
     if value is None:
         return "-"
     if isinstance(value, float) and math.isfinite(value):
         size = abs(value)
-        return f"{value:.4f}" if size < 1 else f"{value:.2f}" if size < 100 else f"{value:.0f}"
+        return f"{value:.4f}" if size <= 1 else f"{value:.2f}" if size < 100 else f"{value:.0f}"
     return str(value)
 
 

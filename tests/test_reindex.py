@@ -776,10 +776,11 @@ def test_report_md_gives_the_corpus_changes_with_dead_letters_and_rounded_number
     assert f"dead-lettered (skipped, with the reason) in `{embed['dead_letters'][0]}`" in report_md
     # every float rounded: the canary overlap, as measured, and any other
     rounded = ReindexReport(outcome="failed", reason="test", metrics={
-        "canary_overlap_at_10": 0.9949999999999999, "canary_self_at_1": 0.95,
+        "canary_overlap_at_10": 0.9949999999999999, "canary_self_at_1": 1.0,
         "index": {"mode": "scann", "count": 1801, "recall": 0.9812345678, "qps": 1234.5678}},
         steps=[{"step": "train", "seconds": 12.3456789, "ok": True}])
     text = (write_report(store, rounded, 0.0) / "report.md").read_text()
     assert "Canary overlap@10 (served vs new, same model): 0.9950" in text
+    assert "Canary self-retrieval@1 (new model): 1.0000" in text  # as many decimals as the other scores
     assert "recall@10 0.9812, 1235 queries/s" in text and "| train | 12.35 | yes |" in text
     assert "99999" not in text and "0.9812345678" not in text
