@@ -74,16 +74,20 @@ def interrupts_deferred(what: str) -> Iterator[None]:
     """Within the block, SIGINT and SIGTERM are held back (logged, naming ``what`` is finished
     first) and delivered to the handlers in force before it as soon as it ends, so the stop
     they ask for (KeyboardInterrupt, or the default end of the process) comes right after,
-    never in the middle. Keep the block short: it delays Ctrl-C. In other threads (where
-    handlers cannot be set), nothing changes."""
+    never in the middle. A second signal does not wait (a save stuck on a hung disk must not
+    make the job unstoppable): KeyboardInterrupt at once. Keep the block short: it delays
+    Ctrl-C. In other threads (where handlers cannot be set), nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     held: list[int] = []
 
     def hold(signum: int, frame: FrameType | None) -> None:
-        if not held:
-            log.warning("%s received while %s: stopping once it is done", signal.Signals(signum).name, what)
+        name = signal.Signals(signum).name
+        if held:  # asked again: stop now, in the middle if need be
+            log.warning("%s received again while %s: stopping now", name, what)
+            raise KeyboardInterrupt
+        log.warning("%s received while %s: stopping once it is done (send it again to stop at once)", name, what)
         held.append(signum)
 
     previous: dict[int, Callable | int | None] = {s: signal.signal(s, hold) for s in (signal.SIGINT, signal.SIGTERM)}
