@@ -46,7 +46,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lookalike.model.config import TrainConfig
 from lookalike.model.store import Store, StoreError
@@ -60,6 +60,9 @@ from lookalike.pipeline.reindex_checks import (  # noqa: F401 (re-exported)
 from lookalike.pipeline.versions import (
     clean_leftovers, discard_candidate, mark_candidate, promote, prune, unmark_candidate,
 )
+
+if TYPE_CHECKING:  # the embed run's summary, imported when the run embeds
+    from lookalike.pipeline.summary import EmbedSummary
 
 log = logging.getLogger(__name__)
 
@@ -324,7 +327,7 @@ def _embed_build_promote(config: ReindexConfig, store: Store, report: ReindexRep
         embeddings, items = read_embeddings(Path(summary.run_dir))
     new_items = set(zip(items.column("id").to_pylist(), items.column("content_hash").to_pylist()))
     if current_index is not None:  # items of the served index no longer in the corpus
-        report.metrics["embed"]["removed"] = len({i["id"] for i in current_index.items} - {i for i, _ in new_items})
+        report.metrics["embed"]["removed"] = len(set(current_index.items.ids()) - {i for i, _ in new_items})
     metadata = {k: v for k, v in summary.metadata.items() if k != "unmatched_ids"} if summary.metadata else None
     if current_index is not None and model == current_index.model_version \
             and (current_index.manifest.get("metadata") or {}).get("sha256") == (metadata or {}).get("sha256") \
@@ -365,15 +368,15 @@ def served_unusable(store: Store, version: str, error: Exception) -> Exception:
     return IndexLoadError(f"{type(error).__name__}: {error}; {hint}")
 
 
-def embed_metrics(summary) -> dict[str, Any]:
+def embed_metrics(summary: EmbedSummary) -> dict[str, Any]:
     """The report's ``metrics["embed"]``: the embed run's counts (files listed, read, embedded,
     reused unchanged, failed) and, when files failed, the dead-letter files naming them."""
-    from lookalike.pipeline.summary import _run_files
+    from lookalike.pipeline.summary import run_files
 
     keys = ("run", "run_dir", "files_matched", "files_read", "items", "embedded", "unchanged", "failed")
     metrics: dict[str, Any] = {k: getattr(summary, k) for k in keys}
     if summary.failed:
-        metrics["dead_letters"] = _run_files(summary.run_dir, "dead_letter-*.jsonl")
+        metrics["dead_letters"] = run_files(summary.run_dir, "dead_letter-*.jsonl")
     return metrics
 
 
