@@ -52,7 +52,8 @@ def label_from_id(item_id: str) -> str:
 
 
 def column_labels(index: "ItemIndex", column: str) -> Callable[[str], str]:
-    """A label function reading the items' metadata ``column`` (ValueError naming an item without a value).
+    """A label function reading the items' metadata ``column`` (ValueError naming an item without a
+    value, how many items lack one and what to do).
 
     A column the items do not have at all is a mistyped name rather than missing labels:
     ValueError naming it and the columns there are, at once."""
@@ -61,11 +62,17 @@ def column_labels(index: "ItemIndex", column: str) -> Callable[[str], str]:
         raise ValueError(f"label column {column!r} does not exist in the items of index {index.version}; "
                          f"its columns are: {', '.join(columns)}")
     values = dict(zip(index.items.ids(), index.items.column_values(column, np.arange(len(index.items)))))
+    lacking = sum(1 for value in values.values() if value is None or value == "")
+    others = [name for name in columns if name not in ("id", column)]
 
     def label(item_id: str) -> str:
         value = values.get(item_id)
         if value is None or value == "":
-            raise ValueError(f"item {item_id!r} has no value in the label column {column!r}")
+            raise ValueError(
+                f"item {item_id!r} has no value in the label column {column!r} ({lacking} of the {len(values)} items "
+                f"have none): name a column every item has a value in (--label-column; the items' other columns: "
+                f"{', '.join(others) or 'none'}), or give every item a {column!r} value in the metadata file and "
+                "publish it with lookalike embed --incremental --metadata FILE (nothing is embedded again)")
         return str(value)
 
     label.__name__ = f"column {column}"

@@ -136,7 +136,10 @@ def test_labels_from_a_metadata_column(tmp_path):
     assert report["label_function"] == "column species" and report["exact"]["precision_at_1"] > 0.5
     assert report["approximation_loss"]["map_at_r"] == 0.0
     missing = evaluate_index(index, k=5, label_column="colour")
-    assert "item 'img0.png' has no value in the label column 'colour'" in missing["label_metrics"]
+    assert "item 'img0.png' has no value in the label column 'colour' (1 of the 300 items have none): name a " \
+           "column every item has a value in (--label-column; the items' other columns: species), or give every " \
+           "item a 'colour' value in the metadata file and publish it with lookalike embed --incremental " \
+           "--metadata FILE" in missing["label_metrics"]  # what to do, not only why
     with pytest.raises(ValueError, match=r"label column 'specie' does not exist in the items of index .*; "
                                          r"its columns are: id, species, colour"):
         evaluate_index(index, k=5, label_column="specie")  # a mistyped name is not "missing labels"
