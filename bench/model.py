@@ -39,6 +39,8 @@ from bench.common import RESULTS, Timer, require_shared, write_result
 
 log = logging.getLogger("bench.model")
 
+QUICK_MINUTES = 2.5  # --quick's training budget (README.md and BUILD.md quote it)
+
 
 def _to_inputs(ink_white: np.ndarray, spec: Any) -> np.ndarray:
     """[N, 105, 105] bool (True = white background) -> [N, S, S, 1] float32 model inputs."""
@@ -145,8 +147,10 @@ def loop_vs_bare_rounds(config: Any, x: np.ndarray, y: np.ndarray, rounds: int, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.model", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="2.5 minutes of training, smaller evaluation")
-    parser.add_argument("--minutes", type=float, default=None, help="training minutes (default 60, or 2.5 with --quick)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"a {QUICK_MINUTES}-minute training budget, smaller evaluation")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help=f"training minutes (default 60, or {QUICK_MINUTES} with --quick)")
     parser.add_argument("--steps", type=int, default=None, help="train this many steps instead of a time budget")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the omniglot preset")
     args = parser.parse_args(argv)
@@ -161,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     from lookalike.model.preprocess import PreprocessSpec
     from lookalike.model.train import train_on_arrays
 
-    minutes = args.minutes if args.minutes is not None else (2.5 if args.quick else 60.0)
+    minutes = args.minutes if args.minutes is not None else (QUICK_MINUTES if args.quick else 60.0)
     config = apply_overrides(get_config("omniglot"), args.set)
     spec = PreprocessSpec(image_size=config.image_size, channels=config.channels)
     with Timer() as t_data:
