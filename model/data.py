@@ -67,11 +67,13 @@ def list_images(root: Path, onerror: Callable[[OSError], None] | None = None) ->
 
 
 def load_labelled_folder(root: str | Path, spec: PreprocessSpec, *, max_items: int | None = None,
-                         seed: int = 0, exclude: Collection[str] = (), role: str = "training") -> LabelledImages:
+                         seed: int = 0, exclude: Collection[str] = (), include: Collection[str] | None = None,
+                         role: str = "training") -> LabelledImages:
     """Read ``root/<label>/*`` into arrays; raise ValueError if nothing usable is there, naming
     the folder by its ``role`` ("training", "evaluation": what the user gave it for).
-    Files whose ``root``-relative path is in ``exclude`` (e.g. held-out evaluation images)
-    are left out; ``max_items``: decode only a seeded sample of that many of the others."""
+    Files whose ``root``-relative path is in ``exclude`` (e.g. held-out evaluation images), or,
+    given ``include``, not in ``include`` (e.g. only a model's held-out images), are left out;
+    ``max_items``: decode only a seeded sample of that many of the others."""
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"{role} data folder {root} does not exist")
@@ -82,9 +84,12 @@ def load_labelled_folder(root: str | Path, spec: PreprocessSpec, *, max_items: i
             f"found {len(class_dirs)}"
         )
     excluded = frozenset(exclude)
+    included = None if include is None else frozenset(include)
     unreadable: dict[Path, list[OSError]] = {class_dir: [] for class_dir in class_dirs}  # folders not listed
-    listed = [[p for p in list_images(class_dir, unreadable[class_dir].append)
-               if p.relative_to(root).as_posix() not in excluded] for class_dir in class_dirs]
+    every = [list_images(class_dir, unreadable[class_dir].append) for class_dir in class_dirs]
+    listed = [[p for p in files if p.relative_to(root).as_posix() not in excluded
+               and (included is None or p.relative_to(root).as_posix() in included)] for files in every]
+    filtered_out = {class_dir for class_dir, files, kept in zip(class_dirs, every, listed) if files and not kept}
     for error in (e for errors in unreadable.values() for e in errors):
         warn_unreadable_folder(error)
     sampled = max_items is not None and sum(map(len, listed)) > max_items
@@ -96,8 +101,8 @@ def load_labelled_folder(root: str | Path, spec: PreprocessSpec, *, max_items: i
         listed = [[p for p in files if (c, p) in chosen] for c, files in enumerate(listed)]
     images, labels, paths, failures, names = [], [], [], [], []
     for class_dir, files in zip(class_dirs, listed):
-        if sampled and not files:
-            continue  # none of its images in the sample
+        if (sampled and not files) or class_dir in filtered_out:
+            continue  # none of its images in the sample, or all of them left out (exclude, include)
         label = len(names)
         count = 0
         for path in files:

@@ -6,8 +6,9 @@ al. 2020), the verification ROC AUC over all pairs (is the pair the same class, 
 by minus the distance) and N-way K-shot accuracy over seeded random episodes (nearest
 class prototype, the mean of the K support embeddings, as in Prototypical Networks;
 for K = 1 that is the nearest neighbour). ``evaluate_model(model_path, folder)`` does
-it for a model artifact on a ``<label>/<file>`` folder; ``evaluate_model_cli(args)``
-is the command-line entry.
+it for a model artifact on a ``<label>/<file>`` folder (on the folder it trained on, only
+the images it held out of training, unless ``all_images``: ``choose_images``);
+``evaluate_model_cli(args)`` is the command-line entry.
 """
 
 from __future__ import annotations
@@ -125,35 +126,97 @@ def evaluate_embeddings(
     return out
 
 
+def folder_images(folder: str | Path) -> list[str]:
+    """The ``folder``-relative paths (``/``-separated) of the images ``load_labelled_folder``
+    would read from the labelled ``folder`` (unreadable sub-folders: left to it to report)."""
+    from lookalike.model.data import list_images
+
+    root = Path(folder)
+    return [p.relative_to(root).as_posix()
+            for class_dir in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+            for p in list_images(class_dir, lambda error: None)]
+
+
+def choose_images(model_path: str | Path, folder: str | Path, *, all_images: bool = False) -> tuple[
+        frozenset[str] | None, dict[str, Any]]:
+    """Which images of ``folder`` to score the model at ``model_path`` on: (the ``folder``-relative
+    files to keep, or None for all; the report's fields saying which).
+
+    A model trained on ``folder`` that recorded the files it held out (``held_out.json``) is
+    scored on those, unless ``all_images``: its own training images would flatter it. Scores
+    that may include training images (that record missing, or ``all_images``) are logged as
+    optimistic; a folder with none of the held-out files is a ValueError saying what to do."""
+    from lookalike.model.held_out import HELD_OUT_FILE, read_held_out
+
+    model_path, folder = Path(model_path), Path(folder)
+    files = folder_images(folder)
+    record = read_held_out(model_path)
+    fields: dict[str, Any] = {"images": "all", "images_in_folder": len(files), "held_out_in_folder": None,
+                              "optimistic": False}
+    if record is None:
+        log.warning("model %s has no readable %s, so which of the %d images in %s it trained on is unknown: "
+                    "scoring all of them; the scores are optimistic if it trained on any (a model scores its own "
+                    "training images better)", model_path, HELD_OUT_FILE, len(files), folder)
+        fields["optimistic"] = True
+        return None, fields
+    if not record.covers(folder):
+        log.info("model %s was trained on %s, not %s: scoring all %d images", model_path, record.data_dir, folder,
+                 len(files))
+        return None, fields
+    held = frozenset(f for f in files if f in record.files)
+    fields["held_out_in_folder"] = len(held)
+    if all_images:
+        seen = len(files) - len(held)
+        fields["optimistic"] = seen > 0
+        if seen:
+            log.warning("--all-images: %d of the %d images scored were not held out of training (the model trained on "
+                        "them, or they were added since): the scores are optimistic; without --all-images only the "
+                        "%d held-out images are scored", seen, len(files), len(held))
+        return None, fields
+    if not held:
+        raise ValueError(f"none of the {len(record.files)} images model {model_path.name} held out of training "
+                         f"({model_path / HELD_OUT_FILE}) are in {folder} any more: give --all-images to score all "
+                         f"{len(files)} images (optimistic: the model trained on them), or --data another labelled "
+                         "folder")
+    log.info("%d of %d images were held out of training; scoring those (--all-images scores all of them, "
+             "optimistic)", len(held), len(files))
+    fields["images"] = "held_out"
+    return held, fields
+
+
 def evaluate_model(
     model_path: str | Path, folder: str | Path, *, max_items: int = 5000, seed: int = 0, n_way: int = 5,
-    k_shot: int = 1, few_shot_required: bool = False, **kwargs: Any
+    k_shot: int = 1, few_shot_required: bool = False, all_images: bool = False, **kwargs: Any
 ) -> dict[str, Any]:
     """Embed the labelled ``folder`` (``<label>/<file>``) with the model at ``model_path``
     and evaluate; at most ``max_items`` items (a seeded sample) since metrics are O(N^2).
+    Only the images the model held out of training when ``folder`` is its training folder,
+    unless ``all_images`` (``choose_images``; the report says which: ``images``).
     With ``few_shot_required``, an N-way K-shot setting the folder's labels cannot give is
     a ValueError before anything is embedded."""
     from lookalike.model.artifact import load_encoder
     from lookalike.model.data import load_labelled_folder
 
     encoder = load_encoder(model_path)
-    data = load_labelled_folder(folder, encoder.spec, max_items=max_items, seed=seed,
+    include, which = choose_images(model_path, folder, all_images=all_images)
+    data = load_labelled_folder(folder, encoder.spec, max_items=max_items, seed=seed, include=include,
                                 role="evaluation")  # only the sample is decoded
     if few_shot_required:
         require_few_shot(data.labels, n_way, k_shot)  # from the labels: embedding a big folder takes long
     report = evaluate_embeddings(encoder.embed(data.images), data.labels, seed=seed, n_way=n_way, k_shot=k_shot,
                                  few_shot_required=few_shot_required, **kwargs)
-    report.update({"model": encoder.version, "data_dir": str(folder), "skipped_files": len(data.failures)})
+    report.update({"model": encoder.version, "data_dir": str(folder), "skipped_files": len(data.failures), **which})
     return report
 
 
 def evaluate_model_cli(args: argparse.Namespace) -> int:
-    """``lookalike eval --model [VERSION] [--data DIR] [--n-way N --k-shot K]``: print JSON.
+    """``lookalike eval --model [VERSION] [--data DIR] [--n-way N --k-shot K] [--all-images]``: print JSON.
 
     Reads ``args.workdir``, ``args.model`` (a version, a model folder, or "LATEST"),
     ``args.data`` (default WORKDIR/corpus) and optional ``k``, ``n_way``, ``k_shot``,
     ``episodes``, ``max_items`` (None: the default; an ``n_way`` or ``k_shot`` given makes
-    a few-shot score the data cannot give an error rather than a warning)."""
+    a few-shot score the data cannot give an error rather than a warning) and ``all_images``
+    (score the model's training images too; ``evaluate_model``)."""
     from lookalike.model.store import Store
 
     store = Store.at(args.workdir)
@@ -187,6 +250,7 @@ def evaluate_model_cli(args: argparse.Namespace) -> int:
         episodes=option("episodes", 1000, 1),
         max_items=option("max_items", 5000, 2),
         few_shot_required=asked,
+        all_images=bool(getattr(args, "all_images", False)),
     )
     print(json.dumps(json_ready(report), indent=2, sort_keys=True, allow_nan=False))
     return 0

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 from collections.abc import Collection
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,21 +42,40 @@ def write_held_out(path: Path, data_dir: str | Path, data: LabelledImages, confi
     return path
 
 
+@dataclass(frozen=True)
+class HeldOutRecord:
+    """What ``write_held_out`` recorded beside a model: the folder it trained on (absolute) and
+    the ``data_dir``-relative files (``/``-separated) of it that the model never trained on."""
+
+    data_dir: Path
+    files: frozenset[str]
+
+    def covers(self, folder: str | Path) -> bool:
+        """Whether ``folder`` is the folder the model trained on (symlinks resolved)."""
+        return self.data_dir.resolve() == Path(folder).resolve()
+
+
+def read_held_out(model_dir: Path | None) -> HeldOutRecord | None:
+    """The held-out record of the model at ``model_dir``; None when it has none (an older model,
+    one trained on a TFDS data set or without labels) or it cannot be read (logged)."""
+    if model_dir is None or not (model_dir / HELD_OUT_FILE).is_file():
+        return None
+    try:
+        record = json.loads((model_dir / HELD_OUT_FILE).read_text(encoding="utf-8"))
+        return HeldOutRecord(Path(record["data_dir"]), frozenset(str(f) for f in record["files"]))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("cannot read %s (%s): the files its model held out are unknown", model_dir / HELD_OUT_FILE, e)
+        return None
+
+
 def files_unseen_by(model_dir: Path | None, corpus: Path) -> set[str]:
     """``corpus``-relative files the model at ``model_dir`` never trained on, when it was trained
     on ``corpus`` and recorded them (``write_held_out``); empty otherwise (an older model, another
     folder, a TFDS data set, an unreadable record: logged)."""
-    if model_dir is None or not (model_dir / HELD_OUT_FILE).is_file():
+    record = read_held_out(model_dir)
+    if record is None or not record.covers(corpus):
         return set()
-    try:
-        record = json.loads((model_dir / HELD_OUT_FILE).read_text(encoding="utf-8"))
-        data_dir, files = Path(record["data_dir"]), [str(f) for f in record["files"]]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        log.warning("cannot read %s (%s): the files its model held out are unknown", model_dir / HELD_OUT_FILE, e)
-        return set()
-    if data_dir.resolve() != Path(corpus).resolve():
-        return set()
-    return set(files)
+    return set(record.files)
 
 
-__all__ = ["HELD_OUT_FILE", "files_unseen_by", "write_held_out"]
+__all__ = ["HELD_OUT_FILE", "HeldOutRecord", "files_unseen_by", "read_held_out", "write_held_out"]

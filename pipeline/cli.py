@@ -290,7 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "MAP@R (Musgrave et al. 2020) on both, labels being the first path component of the item id "
                        "(<label>/<file>) or a metadata column (--label-column). --model: Precision@1, Recall@K, "
                        "R-Precision, MAP@R, verification ROC AUC and N-way K-shot accuracy of a model on a labelled "
-                       "folder. Examples: lookalike eval "
+                       "folder: on the folder it trained on, only on the images it held out of training unless "
+                       "--all-images. Examples: lookalike eval "
                        "--workdir DIR --index --k 10; lookalike eval --workdir DIR --model --n-way 5 --k-shot 1")
     _add_workdir(p)
     p.add_argument("--index", nargs="?", const="CURRENT", default=None, metavar="VERSION",
@@ -302,7 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "--metadata) instead of the first path component of its id")
     p.add_argument("--model", nargs="?", const="LATEST", default=None, metavar="VERSION",
                    help="evaluate a model (default LATEST; a version or a model folder) instead of an index")
-    p.add_argument("--data", default=None, help="--model: labelled folder <label>/<file> (default WORKDIR/corpus)")
+    p.add_argument("--data", default=None, help="--model: labelled folder <label>/<file> (default WORKDIR/corpus). "
+                   "When it is the folder the model trained on, only the images it held out of training (its "
+                   "held_out.json) are scored")
+    p.add_argument("--all-images", action="store_true",
+                   help="--model: score every image of the folder, the model's own training images too (the scores "
+                   "are then optimistic: a warning says so)")
     p.add_argument("--n-way", type=_int_at_least(2), default=None,
                    help="--model: classes per few-shot episode (default 5, skipped with a warning when the data has "
                    "fewer classes; given, that is an error, before anything is embedded)")

@@ -45,7 +45,7 @@ def test_few_shot_and_full_report_on_separable_and_random_embeddings():
 
 def test_cli_evaluates_the_latest_model_on_the_corpus(trained_store, capsys):
     args = argparse.Namespace(workdir=str(trained_store.root), model=None, data=None, k=5, n_way=5, k_shot=1,
-                              episodes=50, max_items=None)
+                              episodes=50, max_items=None, all_images=True)
     assert evaluate_model_cli(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["model"] == trained_store.latest_model() and report["items"] > 100
@@ -145,4 +145,79 @@ def test_a_mistyped_model_folder_is_named_as_a_missing_folder(trained_store, tmp
     args = argparse.Namespace(workdir=str(trained_store.root), model=str(tmp_path / "models" / "m-x"), data=None, k=5,
                               n_way=5, k_shot=1, episodes=5, max_items=None)
     with pytest.raises(FileNotFoundError, match=f"model folder {tmp_path}/models/m-x does not exist"):
+        evaluate_model_cli(args)
+
+
+def test_on_its_training_folder_a_model_is_scored_on_its_held_out_images_only(trained_store, capsys, caplog):
+    """eval --model on the corpus it trained on: not its training images (they flatter it), unless --all-images,
+    which warns that the scores are optimistic; the report says which images were scored."""
+    import logging
+
+    from lookalike.model.held_out import HELD_OUT_FILE
+    from lookalike.pipeline.cli import main
+
+    held_out = json.loads((trained_store.require_model() / HELD_OUT_FILE).read_text())["files"]
+    total = sum(1 for p in trained_store.corpus_dir.rglob("*.png"))
+    argv = ["eval", "--workdir", str(trained_store.root), "--model", "--episodes", "5"]
+    with caplog.at_level(logging.INFO, logger="lookalike"):
+        assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert 0 < len(held_out) < total
+    assert report["images"] == "held_out" and report["items"] == report["held_out_in_folder"] == len(held_out)
+    assert report["images_in_folder"] == total and report["optimistic"] is False
+    assert f"{len(held_out)} of {total} images were held out of training; scoring those" in caplog.text
+    assert "optimistic" not in " ".join(r.message for r in caplog.records if r.levelno >= logging.WARNING)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lookalike"):
+        assert main([*argv, "--all-images"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["images"] == "all" and report["items"] == report["images_in_folder"] == total
+    assert report["held_out_in_folder"] == len(held_out) and report["optimistic"] is True
+    warning = " ".join(r.message for r in caplog.records if r.levelno == logging.WARNING)
+    assert f"{total - len(held_out)} of the {total} images scored were not held out of training" in warning
+    assert "optimistic" in warning
+
+
+def test_a_model_without_a_held_out_record_is_scored_on_all_images_with_a_warning(
+        trained_store, tmp_path, capsys, caplog):
+    import logging
+    import shutil
+
+    from lookalike.model.held_out import HELD_OUT_FILE
+
+    older = tmp_path / "m-older"
+    shutil.copytree(trained_store.require_model(), older)
+    (older / HELD_OUT_FILE).unlink()  # a model from before the record
+    args = argparse.Namespace(workdir=str(trained_store.root), model=str(older), data=None, k=5, n_way=None,
+                              k_shot=None, episodes=5, max_items=None)
+    assert evaluate_model_cli(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["images"] == "all" and report["optimistic"] is True and report["held_out_in_folder"] is None
+    assert report["items"] == report["images_in_folder"]
+    assert any(r.levelno == logging.WARNING and "optimistic" in r.message and HELD_OUT_FILE in r.message
+               for r in caplog.records)
+
+
+def test_another_folder_is_scored_whole_and_a_folder_without_the_held_out_images_is_an_error(
+        trained_store, tmp_path, capsys, caplog):
+    import logging
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(trained_store.corpus_dir, other)
+    args = argparse.Namespace(workdir=str(trained_store.root), model=None, data=str(other), k=5, n_way=None,
+                              k_shot=None, episodes=5, max_items=None)
+    assert evaluate_model_cli(args) == 0  # the model never saw this folder (as far as its record tells)
+    report = json.loads(capsys.readouterr().out)
+    assert report["images"] == "all" and report["optimistic"] is False and report["items"] == report["images_in_folder"]
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING and "optimistic" in r.message]
+
+    from lookalike.model.held_out import HELD_OUT_FILE
+
+    model = tmp_path / "m-moved"
+    shutil.copytree(trained_store.require_model(), model)
+    (model / HELD_OUT_FILE).write_text(json.dumps({"data_dir": str(other), "files": ["0/gone.png"]}))
+    args.model = str(model)
+    with pytest.raises(ValueError, match=r"none of the 1 images model m-moved held out of training .* are in "
+                                         r".*/other any more: give --all-images to score all \d+ images"):
         evaluate_model_cli(args)
