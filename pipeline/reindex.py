@@ -58,7 +58,7 @@ from lookalike.pipeline.reindex_checks import (  # noqa: F401 (re-exported)
     validate,
 )
 from lookalike.pipeline.versions import (
-    clean_leftovers, discard_candidate, mark_candidate, promote, prune, unmark_candidate,
+    clean_leftovers, discard_candidate, mark_candidate, promote, prune, served_unusable, unmark_candidate,
 )
 
 if TYPE_CHECKING:  # the embed run's summary, imported when the run embeds
@@ -352,20 +352,6 @@ def _embed_build_promote(config: ReindexConfig, store: Store, report: ReindexRep
         raise
     unmark_candidate(store, candidate)  # promote pointed models/LATEST at its model: the one `embed` uses next
     return True
-
-
-def served_unusable(store: Store, version: str, error: Exception) -> Exception:
-    """``error`` (the served index ``version`` or its model failing to load, as a corrupt or
-    deleted file does) with how to recover added: every night would fail the same way until
-    another version serves. An IndexLoadError or StoreError keeps its type; others become an
-    IndexLoadError naming theirs."""
-    from lookalike.index.manifest import IndexLoadError
-
-    hint = (f"the served index {version} cannot be loaded: run `lookalike versions rollback --workdir {store.root}` "
-            f"(or `lookalike versions promote VERSION --workdir {store.root}`) to serve a working version")
-    if type(error) in (IndexLoadError, StoreError):
-        return type(error)(f"{error}; {hint}")
-    return IndexLoadError(f"{type(error).__name__}: {error}; {hint}")
 
 
 def embed_metrics(summary: EmbedSummary) -> dict[str, Any]:

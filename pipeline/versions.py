@@ -244,6 +244,20 @@ def _prune(store: Store, keep: int, keep_models: tuple[str, ...]) -> list[str]:
 CANDIDATE_MARK = ".candidate-"
 
 
+def served_unusable(store: Store, version: str | None, error: Exception) -> Exception:
+    """``error`` (the served index ``version`` or its model failing to load, as a corrupt or
+    deleted file does) with how to recover added: rolling back to, or promoting, a version
+    that loads. ``reindex`` and ``serve`` say it alike. An IndexLoadError or StoreError keeps
+    its type; others become an IndexLoadError naming theirs."""
+    from lookalike.index.manifest import IndexLoadError
+
+    hint = (f"the served index {version or 'CURRENT'} cannot be loaded: run `lookalike versions rollback --workdir "
+            f"{store.root}` (or `lookalike versions promote VERSION --workdir {store.root}`) to serve a working version")
+    if type(error) in (IndexLoadError, StoreError):
+        return type(error)(f"{error}; {hint}")
+    return IndexLoadError(f"{type(error).__name__}: {error}; {hint}")
+
+
 def mark_candidate(store: Store, version: str) -> None:
     """Note that index ``version`` is about to be built as an unpromoted candidate: if the run
     dies before promoting or discarding it, the next run removes it (``clean_candidates``)."""

@@ -149,8 +149,9 @@ def create_app(
     async def background_load() -> None:
         try:
             await first_load()
-        except Exception as e:
-            log.exception("loading the model and index failed")
+        except Exception as e:  # one line (its message names the file and what to do), the traceback with -v
+            log.error("loading the model and index failed: %s: %s", type(e).__name__, e)
+            log.debug("loading the model and index failed", exc_info=True)
             reason = f"loading failed: {type(e).__name__}: {e}"
             slot.refuse(None, without_store_root(reason, reloader.store.root) if reloader is not None else reason)
             app.state.startup_error = e

@@ -24,7 +24,8 @@ from fastapi import FastAPI
 
 from lookalike.model.store import Store
 from lookalike.serving.app import create_app
-from lookalike.serving.backend import load_backend
+from lookalike.pipeline.versions import served_unusable
+from lookalike.serving.backend import Backend, load_backend
 from lookalike.serving.batcher import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_S
 from lookalike.serving.engine import DEFAULT_INLINE_MAX_S, DEFAULT_MAX_EMBED_BATCH, BatchingConfig
 from lookalike.serving.swap import DEFAULT_WATCH_INTERVAL_S, StoreReloader
@@ -123,12 +124,20 @@ def serve(
     (/healthz 200, /readyz and searches 503 meanwhile). Raises StoreError (saying which step
     to run) before loading anything when the workdir has no published index,
     ServerStartError when the port is taken, and the load's own error (the server stops)
-    when the first load fails.
+    when the first load fails, with how to recover (``versions rollback`` or ``promote``).
     """
-    Store.at(workdir).require_current_index()
+    store = Store.at(workdir)
+    store.require_current_index()
     sock = bind_socket(host, port)
+
+    def first_load() -> Backend:
+        try:
+            return load_backend(workdir, max_embed_batch)
+        except Exception as e:  # e.g. a corrupt index file: say how to get a working version served
+            raise served_unusable(store, store.current_index_or_none(), e) from e
+
     app = create_app(
-        lambda: load_backend(workdir, max_embed_batch),
+        first_load,
         reloader=StoreReloader(workdir, max_embed_batch),
         watch_interval_s=watch_interval_s,
         batching=BatchingConfig(max_batch=max_batch, max_wait_s=batch_wait_ms / 1000, max_embed_batch=max_embed_batch,

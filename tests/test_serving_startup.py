@@ -112,3 +112,34 @@ def test_the_server_imports_no_jax_before_it_listens() -> None:
             "print(sorted(m for m in ('jax', 'flax', 'orbax', 'tensorflow', 'scann') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_a_corrupt_index_is_one_error_line_with_how_to_recover(indexed_store: Store, tmp_path, monkeypatch,
+                                                               caplog) -> None:
+    """A first load that fails on a corrupt embeddings.npy: one ERROR line naming the file, the reason and
+    `versions rollback`/`promote` (as reindex says it), the traceback only at DEBUG (-v); serve raises the same."""
+    import logging
+    import shutil
+
+    from lookalike.index.manifest import IndexLoadError
+
+    workdir = tmp_path / "store"
+    shutil.copytree(indexed_store.root, workdir)
+    version = Store.at(workdir).current_index()
+    embeddings = next((workdir / "indexes" / version).rglob("embeddings.npy"))
+    embeddings.write_bytes(b"not the embeddings")
+    caplog.set_level(logging.DEBUG, logger="lookalike")
+    url, thread, servers, failures = start(workdir, monkeypatch, load_backend)
+    thread.join(120)
+    if thread.is_alive() and servers:
+        servers[0].should_exit = True
+    assert not thread.is_alive()
+    hint = (f"the served index {version} cannot be loaded: run `lookalike versions rollback --workdir {workdir}` "
+            f"(or `lookalike versions promote VERSION --workdir {workdir}`) to serve a working version")
+    assert len(failures) == 1 and isinstance(failures[0], IndexLoadError), failures
+    assert str(embeddings) in str(failures[0]) and hint in str(failures[0])
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("lookalike")]
+    assert len(errors) == 1 and errors[0].exc_info is None, [r.getMessage() for r in errors]
+    message = errors[0].getMessage()
+    assert str(embeddings) in message and "does not match its manifest checksum" in message and hint in message
+    assert [r for r in caplog.records if r.levelno == logging.DEBUG and r.exc_info]  # the traceback, with -v
