@@ -26,7 +26,7 @@ from lookalike.pipeline.cli_options import (  # noqa: F401 (DEFAULT_WORKDIR, _fl
     _int_at_least, _print_json, _train_config, add_metadata_option, attach_negative_values, misspelled_pass_through,
 )
 from lookalike.pipeline.cli_store import add_store_commands
-from lookalike.pipeline.logs import configure_logging
+from lookalike.pipeline.logs import configure_logging, quiet_library_noise
 
 log = logging.getLogger("lookalike")
 
@@ -340,6 +340,7 @@ def interrupted_hint(args: argparse.Namespace) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    quiet_library_noise()  # parsing may import Beam (embed's pass-through options), which warns as it loads
     parser = build_parser()
     # `query --vector -0.1,0.2`: argparse would take the value for an option
     argv = attach_negative_values(sys.argv[1:] if argv is None else argv, ("--vector",))

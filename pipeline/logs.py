@@ -30,9 +30,34 @@ class LibraryNoise(logging.Filter):
         return True
 
 
+class _EarlyHandler(logging.StreamHandler):
+    """stderr in our format until ``configure_logging`` sets up the real handler (it removes this one)."""
+
+
+def quiet_library_noise() -> None:
+    """Drop ``LibraryNoise``'s messages from now on, before ``configure_logging`` (which needs the
+    parsed arguments) and before anything imports Beam: the command-line parser lists Beam's
+    options (a misspelt flag of ``embed``), and importing Beam warns through the root logger at
+    import time. Without a handler, that module-level ``logging.warning`` would also install
+    Python's bare default handler (``WARNING:root:...``), which ``configure_logging``'s
+    ``basicConfig`` would then keep; so an early stderr handler in our format (other warnings
+    still show) stands in until ``configure_logging`` replaces it."""
+    root = logging.getLogger()
+    if not any(isinstance(f, LibraryNoise) for f in root.filters):
+        root.addFilter(LibraryNoise())  # records of the root logger itself: Beam's import-time warnings
+    if not root.handlers:
+        handler = _EarlyHandler()
+        handler.setFormatter(logging.Formatter(LOG_FORMAT, DATE_FORMAT))
+        handler.addFilter(LibraryNoise())  # records of other loggers, e.g. apache_beam's
+        root.addHandler(handler)
+
+
 def configure_logging(verbose: bool) -> None:
     """Timestamped lines on stderr; INFO (DEBUG with ``verbose``) for lookalike, WARNING for noisy libraries."""
     level = logging.DEBUG if verbose else logging.INFO
+    root = logging.getLogger()
+    for early in [h for h in root.handlers if isinstance(h, _EarlyHandler)]:
+        root.removeHandler(early)  # quiet_library_noise's stand-in
     logging.basicConfig(level=level, format=LOG_FORMAT, datefmt=DATE_FORMAT)
     if not verbose:
         for noisy in NOISY_LOGGERS:
@@ -41,4 +66,4 @@ def configure_logging(verbose: bool) -> None:
             handler.addFilter(LibraryNoise())
 
 
-__all__ = ["DATE_FORMAT", "LOG_FORMAT", "NOISY_LOGGERS", "LibraryNoise", "configure_logging"]
+__all__ = ["DATE_FORMAT", "LOG_FORMAT", "NOISY_LOGGERS", "LibraryNoise", "configure_logging", "quiet_library_noise"]
