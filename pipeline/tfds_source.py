@@ -22,6 +22,8 @@ import hashlib
 import io
 import logging
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,20 +70,46 @@ class TfdsSpec:
         return f"{URI_SCHEME}{self.name}/{self.split}"
 
 
+class _UnusableVariantNoise(logging.Filter):
+    """Drops TFDS's absl warnings about a version folder it cannot use ("Variant folder
+    .../cifar10/3.0.2 has no dataset_info.json", also for a folder that does not exist): while
+    we look for a data set, our TfdsNotAvailableError says what was searched and what to do.
+    They are logged at DEBUG instead (-v)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("Variant folder "):
+            log.debug("tfds: %s", record.getMessage())
+            return False
+        return True
+
+
+@contextmanager
+def _quiet_unusable_variants() -> Iterator[None]:
+    absl = logging.getLogger("absl")
+    noise = _UnusableVariantNoise()
+    absl.addFilter(noise)
+    try:
+        yield
+    finally:
+        absl.removeFilter(noise)
+
+
 def load_builder(spec: TfdsSpec):
     """The prepared builder for ``spec``, or TfdsNotAvailableError naming what was searched."""
     import tensorflow_datasets as tfds
 
-    try:
-        builder = tfds.builder(spec.name, data_dir=spec.data_dir, try_gcs=False)
-    except tfds.core.registered.DatasetNotFoundError:
-        versions = sorted(Path(spec.data_dir, spec.name).glob("*/dataset_info.json"))
-        if not versions:
-            raise TfdsNotAvailableError(
-                f"TFDS data set {spec.name!r} is neither a known builder nor prepared under {spec.data_dir}"
-            ) from None
-        builder = tfds.builder_from_directory(str(versions[-1].parent))
-    if not builder.is_prepared():
+    with _quiet_unusable_variants():  # TFDS's own warnings about what it did not find: our error says it
+        try:
+            builder = tfds.builder(spec.name, data_dir=spec.data_dir, try_gcs=False)
+        except tfds.core.registered.DatasetNotFoundError:
+            versions = sorted(Path(spec.data_dir, spec.name).glob("*/dataset_info.json"))
+            if not versions:
+                raise TfdsNotAvailableError(
+                    f"TFDS data set {spec.name!r} is neither a known builder nor prepared under {spec.data_dir}"
+                ) from None
+            builder = tfds.builder_from_directory(str(versions[-1].parent))
+        prepared = builder.is_prepared()
+    if not prepared:
         raise TfdsNotAvailableError(
             f"TFDS data set {spec.name!r} is not prepared in data_dir {spec.data_dir} (looked in {builder.data_dir}); "
             f"lookalike never downloads: run `tfds build {spec.name} --data_dir {spec.data_dir}` where there is "

@@ -77,6 +77,20 @@ def test_missing_or_unprepared_data_sets_name_the_data_dir(tmp_path):
         load_builder(TfdsSpec.parse("no_such_dataset_xyz:test", str(tmp_path)))
 
 
+def test_a_missing_data_set_is_our_error_alone_without_tfds_warnings_before_it(tmp_path, caplog):
+    """TFDS warns (absl) "Variant folder .../cifar10/3.0.2 has no dataset_info.json", even for a folder that does
+    not exist: our error says what was searched and what to do, so that line is only logged at DEBUG (-v)."""
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(TfdsNotAvailableError, match=r"'cifar10' is not prepared in data_dir .*/none/tfds"):
+        load_builder(TfdsSpec.parse("cifar10:test", str(tmp_path / "none" / "tfds")))
+    shown = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not shown, [r.getMessage() for r in shown]
+    assert any("has no dataset_info.json" in r.getMessage() for r in caplog.records if r.levelno == logging.DEBUG)
+    assert not logging.getLogger("absl").filters  # only around the check: later absl warnings still show
+
+
 def test_unknown_split_lists_the_splits(tfds_dir):
     with pytest.raises(TfdsNotAvailableError, match="'train'"):
         load_builder(TfdsSpec.parse("lookalike_tiny_shapes:validation", str(tfds_dir)))
