@@ -228,9 +228,12 @@ def assemble_index(
     options: IndexOptions = IndexOptions(),
     queries: np.ndarray | None = None,
     metadata: dict[str, Any] | None = None,
+    source: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Write the manifest over built shards, verify by loading, autotune, record results. Returns the manifest.
-    ``metadata`` (the embed run's metadata file: path, sha256, ...) is recorded as is."""
+    ``metadata`` (the embed run's metadata file: path, sha256, ...) is recorded as is; so is
+    ``source``, what the items were embedded from (``{"corpus": FOLDER}``, ``{"list_file": FILE}``
+    or ``{"tfds": SPEC}``: reindex defaults to the served index's corpus folder)."""
     from lookalike.index.autotune import tune_index
     from lookalike.index.searcher import ItemIndex
 
@@ -247,6 +250,8 @@ def assemble_index(
     }
     if metadata is not None:
         manifest["metadata"] = metadata
+    if source is not None:
+        manifest["source"] = source
     write_manifest(index_dir, manifest)
     index = ItemIndex.load(index_dir)
     started = time.perf_counter()
@@ -272,6 +277,7 @@ def build_index(
     options: IndexOptions = IndexOptions(),
     queries: np.ndarray | None = None,
     metadata: dict[str, Any] | None = None,
+    source: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Write a complete index into ``out_dir`` (created; must not exist). Returns the manifest.
 
@@ -292,7 +298,7 @@ def build_index(
             for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))
         ]
         return assemble_index(out_dir, shards, model_version=model_version, params=params, options=options, queries=queries,
-                              metadata=metadata)
+                              metadata=metadata, source=source)
     except BaseException:
         shutil.rmtree(out_dir, ignore_errors=True)  # we created it: leave nothing half-written
         raise
@@ -309,14 +315,15 @@ def build_and_publish(
     version: str | None = None,
     metadata: dict[str, Any] | None = None,
     store_locked: bool = False,
+    source: dict[str, str] | None = None,
 ) -> str:
     """Build in a temporary folder, rename into ``indexes/<version>`` (default: a new name),
-    then move CURRENT (recorded in the store's history). ``metadata``: see ``assemble_index``.
+    then move CURRENT (recorded in the store's history). ``metadata``, ``source``: see ``assemble_index``.
     ``make_current`` holds the store lock throughout (``LockHeldError`` if another run has it),
     unless ``store_locked`` says the caller holds it (``index.manifest.publish_atomically``)."""
     version = publish_atomically(
         store, lambda tmp: build_index(embeddings, items, model_version=model_version, out_dir=tmp, options=options,
-                                       metadata=metadata),
+                                       metadata=metadata, source=source),
         make_current=make_current, reason=f"build: model {model_version}", version=version, store_locked=store_locked,
     )
     log.info("published index %s%s in %s", version, " as CURRENT" if make_current else "", store.root)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from lookalike.model.filelock import try_lock, unlock
-from lookalike.model.store import Store, atomic_write_text
+from lookalike.model.store import Store, StoreError, atomic_write_text
 
 MANIFEST = "manifest.json"
 FORMAT = "lookalike-index/2"
@@ -98,6 +98,24 @@ def read_manifest(path: Path) -> dict[str, Any]:
     if sum(int(s.get("count", -1)) for s in shards) != manifest["count"]:
         raise IndexLoadError(f"{manifest_path}: shard counts {[s.get('count') for s in shards]} do not add up to count {manifest['count']}")
     return manifest
+
+
+def recorded_corpus(manifest: dict[str, Any]) -> str | None:
+    """The corpus folder (or pattern) an index's items were embedded from, as its manifest
+    records it (``source.corpus``); None for an index built from a list file or a TFDS data
+    set, or by a version of lookalike that did not record it."""
+    source = manifest.get("source")
+    corpus = source.get("corpus") if isinstance(source, dict) else None
+    return corpus if isinstance(corpus, str) and corpus else None
+
+
+def current_corpus(store: Store) -> str | None:
+    """``recorded_corpus`` of the index CURRENT names; None when there is none or it cannot be read."""
+    try:
+        version = store.current_index()
+        return recorded_corpus(read_manifest(store.index_dir(version))) if version else None
+    except (StoreError, IndexLoadError, OSError, ValueError):
+        return None
 
 
 def verify_files(path: Path, manifest: dict[str, Any], verify_checksums: bool = True) -> None:

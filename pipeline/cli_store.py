@@ -113,7 +113,9 @@ def add_store_commands(sub) -> None:
     _add_train_config(p, default=None, config_help="training preset (default: the served model's own config, "
                       "from its model.json, so the candidate warm-starts; digits when nothing is served yet); "
                       "--set overrides apply either way")
-    p.add_argument("--corpus", default=None, help="labelled image folder (default WORKDIR/corpus)")
+    p.add_argument("--corpus", default=None, help="labelled image folder to train on and embed (default: the folder "
+                   "the served index was embedded from, as its manifest records, e.g. by `embed --corpus`; else "
+                   "WORKDIR/corpus); the log names the one used")
     metadata = p.add_mutually_exclusive_group()
     add_metadata_option(metadata, default_help=" (default: the file the served index joined, so tags and filters "
                         "survive every run)")

@@ -203,7 +203,32 @@ def _resolve_corpus(config: EmbedConfig, store: Store) -> tuple[EmbedConfig, str
                          "files to embed in a text file passed as --list-file")
     if config.corpus:  # the user named it: the path it names, without a hint to pass what they passed
         raise StoreError(f"corpus folder {Path(corpus).expanduser().resolve()} does not exist")
-    raise StoreError(f"corpus folder {corpus} does not exist: run `lookalike demo` or pass --corpus")
+    raise StoreError(missing_default_corpus(store))
+
+
+def missing_default_corpus(store: Store) -> str:
+    """Why embed without --corpus cannot run when ``DIR/corpus`` is missing, and what to pass.
+    A store whose CURRENT index was embedded from another folder is named first: ``lookalike
+    demo`` would write the digits into ``DIR/corpus`` and publish them over that index."""
+    from lookalike.index.manifest import current_corpus
+
+    served = current_corpus(store)
+    if served is not None and Path(served) != store.corpus_dir:
+        return (f"corpus folder {store.corpus_dir} (the default) does not exist: pass --corpus FOLDER; the served "
+                f"index {store.current_index_or_none()} was embedded from {served} (--corpus {served} embeds that "
+                "folder again)")
+    return (f"corpus folder {store.corpus_dir} (the default) does not exist: pass --corpus FOLDER (or, for a new "
+            f"store, `lookalike demo --workdir {store.root}` writes the digits demo corpus there)")
+
+
+def embed_source(config: EmbedConfig, pattern: str) -> dict[str, str]:
+    """What a run embeds, recorded in its index's manifest (``source``): the corpus folder (or
+    pattern) a later reindex defaults to, else the list file or TFDS data set."""
+    if config.tfds:
+        return {"tfds": config.tfds}
+    if config.list_file:
+        return {"list_file": config.list_file}
+    return {"corpus": literal_folder(pattern) or pattern}
 
 
 @contextmanager
@@ -401,7 +426,8 @@ def _publish(run: EmbedRun, started: float, reused: pa.Table | None) -> EmbedSum
             if current is not None:
                 raise _KeepCurrent(current)
         assemble_index(tmp, shards, model_version=run.meta["version"], params=built, options=options,
-                       metadata=done[0].metadata if run.metadata is not None else None)  # with unmatched_ids
+                       metadata=done[0].metadata if run.metadata is not None else None,  # with unmatched_ids
+                       source=embed_source(run.config, run.pattern))
 
     try:
         index_version = publish_atomically(run.store, write, make_current=True, reason=f"embed run {run.run_dir.name}",

@@ -3,7 +3,9 @@
 Steps (each timed, logged and written into the run report):
 
 1. ``train``: a candidate model, warm-started from the served one, on the corpus without
-   the frozen evaluation images (held out, so the gate does not reward memorisation).
+   the frozen evaluation images (held out, so the gate does not reward memorisation). The
+   corpus: ``corpus``, else the folder the served index was embedded from (its manifest's
+   ``source``), else ``DIR/corpus`` (``resolve_corpus``).
 2. ``evaluate``: candidate and current model on the frozen evaluation set
    (``DIR/eval/frozen.json``: readable images of each class, made on the first run and
    checked before training; images gone or unreadable since are left out, and a set with
@@ -76,7 +78,7 @@ class ReindexConfig:
     workdir: str
     train: TrainConfig | None = None  # None: the served model's own config (else the digits preset)
     train_overrides: list[str] = field(default_factory=list)  # KEY=VALUE applied when ``train`` is None
-    corpus: str | None = None
+    corpus: str | None = None  # None: the served index's corpus folder (manifest ``source``), else DIR/corpus
     min_improvement: float = 0.0  # candidate MAP@R must exceed current by more than this (and by more than noise)
     force: bool = False
     target_recall: float = 0.95
@@ -191,9 +193,6 @@ def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport) -> No
     from lookalike.model.train import train_and_evaluate
 
     step = _Steps(report)
-    corpus = Path(config.corpus).resolve() if config.corpus else store.corpus_dir
-    if not corpus.is_dir():
-        raise StoreError(f"corpus folder {corpus} does not exist")
     report.previous_index = store.current_index()
     current_index, current_model_dir = None, None
     if report.previous_index:
@@ -202,6 +201,8 @@ def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport) -> No
             current_model_dir = store.require_model(current_index.model_version)
         except Exception as e:
             raise served_unusable(store, report.previous_index, e) from e
+    corpus = resolve_corpus(config, store, current_index.manifest if current_index else None, report.previous_index)
+    report.metrics["corpus"] = str(corpus)
     report.current_model = current_index.model_version if current_index else None
     config = replace(config, metadata=resolve_metadata(config, current_index, report.previous_index))
     # a corpus that cannot be evaluated fails before training; a new set is saved once the run succeeds
@@ -266,6 +267,41 @@ def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport) -> No
         return
     with step("prune"):
         report.metrics["pruned"] = prune(store, config.keep_versions, locked=True)
+
+
+def resolve_corpus(config: ReindexConfig, store: Store, served_manifest: dict[str, Any] | None,
+                   served_version: str | None) -> Path:
+    """The labelled folder this run trains on and embeds: ``config.corpus``, else the corpus
+    folder the served index was embedded from (its manifest's ``source``, so a crontab line
+    written once follows ``embed --corpus``), else ``DIR/corpus`` (a served index whose manifest
+    records no corpus folder: written before manifests recorded it, or embedded from a list
+    file or TFDS data set). Logs which one and why; StoreError naming the folder when it is missing."""
+    from lookalike.index.manifest import recorded_corpus
+
+    served = recorded_corpus(served_manifest) if served_manifest is not None else None
+    if config.corpus:
+        corpus, why = Path(config.corpus).expanduser().resolve(), "given by --corpus"
+    elif served is not None and _a_folder(served):
+        corpus, why = Path(served), f"the corpus the served index {served_version} was embedded from"
+    else:
+        corpus = store.corpus_dir
+        why = ("the store's default: nothing is served yet" if served_manifest is None else
+               f"the store's default: the served index {served_version} was embedded from the pattern {served}"
+               if served is not None else
+               f"the store's default: the served index {served_version}'s manifest records no corpus folder")
+    if not corpus.is_dir():
+        hint = "" if config.corpus else "; pass --corpus FOLDER to use another"
+        raise StoreError(f"corpus folder {corpus} ({why}) does not exist{hint}")
+    log.info("corpus: %s (%s)", corpus, why)
+    return corpus
+
+
+def _a_folder(corpus: str) -> bool:
+    """Whether a recorded corpus names a local folder (gone or not), not a glob pattern or a URL."""
+    from lookalike.pipeline.sources import GLOB_CHARS
+
+    return "://" not in corpus and Path(corpus).is_absolute() and (
+        Path(corpus).is_dir() or not any(ch in corpus for ch in GLOB_CHARS))
 
 
 def resolve_train_config(config: ReindexConfig, current_model_dir: Path | None) -> TrainConfig:
@@ -339,7 +375,8 @@ def _embed_build_promote(config: ReindexConfig, store: Store, report: ReindexRep
         with step("build"):
             options = IndexOptions(target_recall=config.target_recall)
             report.new_index = build_and_publish(store, embeddings, items, model_version=model, options=options,
-                                                 make_current=False, version=candidate, metadata=metadata)
+                                                 make_current=False, version=candidate, metadata=metadata,
+                                                 source={"corpus": str(corpus)})
         with step("validate"):
             validate(store, report, summary, current_index, config, model_changed=model != report.current_model)
         with step("promote"):

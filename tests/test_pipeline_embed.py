@@ -694,5 +694,29 @@ def test_a_missing_corpus_passed_by_the_user_is_named_without_the_demo_hint(work
     monkeypatch.chdir(tmp_path)
     with pytest.raises(StoreError, match=re.escape(f"corpus folder {tmp_path / 'nonexist'} does not exist") + "$"):
         run_embed(EmbedConfig(workdir=str(workdir_with_model), corpus="nonexist"))
-    with pytest.raises(StoreError, match="corpus folder .*corpus does not exist: run `lookalike demo` or pass"):
+    with pytest.raises(StoreError, match="corpus folder .*corpus \\(the default\\) does not exist: pass --corpus FOLDER"):
         run_embed(EmbedConfig(workdir=str(workdir_with_model)))  # the default corpus: the hint helps
+
+
+def test_a_missing_default_corpus_names_the_folder_the_served_index_was_embedded_from(workdir_with_model, digits_corpus,
+                                                                                     tmp_path):
+    """`lookalike demo` would write the digits into DIR/corpus and publish them over a store
+    embedded from the user's own folder: --corpus comes first, and that folder is named."""
+    from lookalike.index.manifest import read_manifest
+    from lookalike.model.store import Store, StoreError
+
+    store = Store.at(workdir_with_model)
+    with pytest.raises(StoreError) as empty:
+        run_embed(EmbedConfig(workdir=str(workdir_with_model)))
+    assert str(empty.value).index("--corpus") < str(empty.value).index("lookalike demo")  # nothing served: both hints
+    photos = tmp_path / "photos"
+    for label in ("0", "1"):
+        shutil.copytree(digits_corpus / label, photos / label)
+    run_embed(EmbedConfig(workdir=str(workdir_with_model), corpus=str(photos)))
+    assert read_manifest(store.require_current_index())["source"] == {"corpus": str(photos)}
+    with pytest.raises(StoreError) as served:
+        run_embed(EmbedConfig(workdir=str(workdir_with_model)))
+    message = str(served.value)
+    assert message.startswith(f"corpus folder {store.corpus_dir} (the default) does not exist: pass --corpus FOLDER")
+    assert f"the served index {store.current_index()} was embedded from {photos}" in message
+    assert f"--corpus {photos}" in message and "lookalike demo" not in message

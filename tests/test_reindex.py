@@ -784,3 +784,46 @@ def test_report_md_gives_the_corpus_changes_with_dead_letters_and_rounded_number
     assert "Canary self-retrieval@1 (new model): 1.0000" in text  # as many decimals as the other scores
     assert "recall@10 0.9812, 1235 queries/s" in text and "| train | 12.35 | yes |" in text
     assert "99999" not in text and "0.9812345678" not in text
+
+
+def test_a_cron_line_without_corpus_follows_the_folder_the_served_index_was_embedded_from(store, tiny_config, tmp_path,
+                                                                                          caplog):
+    """`train --data PHOTOS`, `embed --corpus PHOTOS`, then `reindex --workdir DIR` nightly:
+    the run trains on and embeds PHOTOS (recorded in the served manifest), not DIR/corpus."""
+    import logging
+
+    from lookalike.pipeline.embed import EmbedConfig, run_embed
+
+    photos = tmp_path / "photos"
+    shutil.move(store.corpus_dir, photos)
+    run_embed(EmbedConfig(workdir=str(store.root), corpus=str(photos)))  # publishes: its manifest records PHOTOS
+    barely = apply_overrides(tiny_config, ["num_steps=1", "embed_dim=4"])  # rejected: the served model re-embeds
+    with caplog.at_level(logging.INFO, logger="lookalike"):
+        kept = run_reindex(ReindexConfig(workdir=str(store.root), train=barely))
+    assert (kept.outcome, kept.exit_code) == ("kept_current", 3), kept.reason
+    assert kept.metrics["corpus"] == str(photos) and not store.corpus_dir.exists()
+    assert f"corpus: {photos} (the corpus the served index {kept.previous_index} was embedded from)" in caplog.text
+    other = tmp_path / "other"
+    shutil.copytree(photos, other)
+    Image.new("L", (32, 32), 99).save(other / "0" / "new.png")
+    given = run_reindex(ReindexConfig(workdir=str(store.root), train=barely, corpus=str(other)))  # --corpus wins
+    assert (given.outcome, given.exit_code) == ("corpus_updated", 4), given.reason
+    assert ItemIndex.load(store.require_current_index()).manifest["source"] == {"corpus": str(other)}
+    follows = run_reindex(ReindexConfig(workdir=str(store.root), train=barely))  # and the next night follows it
+    assert (follows.outcome, follows.metrics["corpus"]) == ("kept_current", str(other)), follows.reason
+
+
+def test_corpus_defaults_to_the_store_folder_when_the_served_manifest_records_none(store, tmp_path):
+    """Stores indexed before manifests recorded their corpus (or from a list file) keep DIR/corpus."""
+    from lookalike.pipeline.reindex import resolve_corpus
+
+    config = ReindexConfig(workdir=str(store.root))
+    assert resolve_corpus(config, store, {"model_version": "m"}, "i-old") == store.corpus_dir
+    assert resolve_corpus(config, store, {"source": {"list_file": "/x.txt"}}, "i-old") == store.corpus_dir
+    assert resolve_corpus(config, store, None, None) == store.corpus_dir
+    given = ReindexConfig(workdir=str(store.root), corpus=str(store.corpus_dir / "0"))
+    assert resolve_corpus(given, store, {"source": {"corpus": str(tmp_path)}}, "i-x") == store.corpus_dir / "0"
+    gone = tmp_path / "gone"
+    with pytest.raises(StoreError, match=f"corpus folder {gone} \\(the corpus the served index i-x was embedded from\\) "
+                                         "does not exist; pass --corpus FOLDER"):
+        resolve_corpus(config, store, {"source": {"corpus": str(gone)}}, "i-x")
