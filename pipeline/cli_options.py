@@ -134,10 +134,15 @@ def _train_config(args: argparse.Namespace):
     return apply_overrides(get_config(args.config), [*args.overrides, *unlabelled])
 
 
-def _print_json(obj) -> None:
+def _print_json(obj, *, one_line: bool = False) -> None:
+    """``obj`` as JSON on stdout: indented, or compact on one line (``one_line``: a cron log
+    appended night after night reads with ``tail -1 | jq``)."""
     from lookalike.model.metrics import json_ready
 
-    print(json.dumps(json_ready(obj), indent=2, default=str, allow_nan=False))
+    if one_line:
+        print(json.dumps(json_ready(obj), default=str, allow_nan=False), flush=True)
+    else:
+        print(json.dumps(json_ready(obj), indent=2, default=str, allow_nan=False))
 
 
 def misspelled_pass_through(unknown: Sequence[str], own_options: Sequence[str]) -> str | None:

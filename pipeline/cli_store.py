@@ -39,21 +39,21 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     except LockHeldError as e:  # not a failure of this run: another one is at work
         log.warning("reindex skipped: %s", e)
         locked = {"outcome": "locked", "reason": str(e), "exit_code": EXIT_LOCKED}
-        _print_json({key: locked.get(key) for key in REPORT_KEYS})
+        _print_json({key: locked.get(key) for key in REPORT_KEYS}, one_line=True)
         return EXIT_LOCKED
     except KeyboardInterrupt as e:
         stopped = e.report if isinstance(e, ReindexInterrupted) else None
         if stopped is not None:  # the outcome line a cron log expects, with the exit status of the signal
             data = report_dict(stopped)
-            _print_json({k: data[k] for k in REPORT_KEYS})
+            _print_json({k: data[k] for k in REPORT_KEYS}, one_line=True)
         if not terminated():
             raise  # Ctrl-C: `lookalike` ends with its one line and status 130
         print(f"lookalike reindex: {stop_reason()}: {served_after_stop(args.workdir, stopped)}", file=sys.stderr)
         return stop_exit_status()
     data = report_dict(report)
-    _print_json({k: data[k] for k in REPORT_KEYS})
-    if report.outcome == "failed":
-        print(f"lookalike reindex: failed, nothing promoted: {report.reason}", file=sys.stderr)
+    if report.outcome == "failed":  # before the JSON line, which stays the last line of a cron log
+        print(f"lookalike reindex: failed, nothing promoted: {report.reason}", file=sys.stderr, flush=True)
+    _print_json({k: data[k] for k in REPORT_KEYS}, one_line=True)
     return report.exit_code
 
 

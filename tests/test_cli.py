@@ -354,6 +354,7 @@ def test_lock_conflict_has_its_own_exit_code_and_json_line(tmp_path):
     with StoreLock(tmp_path):
         out = run_cli("reindex", "--workdir", str(tmp_path), timeout=120)
         assert out.returncode == 75, out.stderr[-2000:]
+        assert len(out.stdout.splitlines()) == 1  # one JSON line: `tail -1 reindex.log | jq` reads it
         report = json.loads(out.stdout)
         assert report["outcome"] == "locked" and report["exit_code"] == 75 and "another run holds" in report["reason"]
         assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d WARNING lookalike: reindex skipped", out.stderr, re.MULTILINE), out.stderr
