@@ -35,6 +35,23 @@ class LockHeldError(RuntimeError):
     """Another live run holds the store's lock."""
 
 
+def describe_holder(owner: dict) -> str:
+    """What the holder of a lock wrote into it (``{"purpose", "pid", "host", "started_unix_s"}``),
+    in words: only what it recorded, never a guess. A holder that recorded nothing (another
+    tool's ``flock``, or a run in the instant between locking and writing) is said to be so."""
+    if owner.get("unreadable"):
+        return "held by another process whose details cannot be read"
+    purpose, pid, host, started = (owner.get(k) for k in ("purpose", "pid", "host", "started_unix_s"))
+    parts = [str(purpose)] if purpose else []
+    if pid is not None:
+        parts.append(f"pid {pid}" + (f" on {host}" if host else ""))
+    elif host:
+        parts.append(f"on {host}")
+    if isinstance(started, (int, float)) and not isinstance(started, bool):
+        parts.append(f"started {time.ctime(started)}")
+    return ", ".join(parts) if parts else "held by another process that recorded no details"
+
+
 class StoreLock:
     """Context manager: ``with StoreLock(root) as lock: ...``; ``lock.took_over_stale`` says
     whether a dead run's lock was taken over."""
@@ -64,12 +81,8 @@ class StoreLock:
             else:
                 owner = self._owner(held)
                 os.close(held)
-            started = owner.get("started_unix_s")
-            raise LockHeldError(
-                f"another run holds {self.path} ({owner.get('purpose', 'reindex')}, pid {owner.get('pid')} on "
-                f"{owner.get('host')}, started {time.ctime(started) if started else 'just now'}): "
-                "try again when it has finished"
-            )
+            raise LockHeldError(f"another run holds {self.path} ({describe_holder(owner)}): "
+                                "try again when it has finished")
         owner = self._owner(fd)
         if owner:
             self.took_over_stale = True

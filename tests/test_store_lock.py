@@ -73,3 +73,24 @@ def test_a_sigkilled_holder_is_taken_over_and_a_live_one_is_refused(tmp_path):
         assert lock.took_over_stale
     with StoreLock(tmp_path) as lock:  # released cleanly: nothing to take over
         assert not lock.took_over_stale
+
+
+def test_a_holder_that_recorded_nothing_is_said_to_be_so_not_given_invented_details(tmp_path):
+    """`flock DIR/.reindex.lock sleep 25`: no purpose, pid, host or start time to report."""
+    import fcntl
+
+    path = tmp_path / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(LockHeldError) as held:
+            StoreLock(tmp_path).acquire()
+        message = str(held.value)
+        assert message == (f"another run holds {path} (held by another process that recorded no details): "
+                           "try again when it has finished")
+        os.write(fd, json.dumps({"purpose": "embed", "pid": 4242}).encode())  # partly recorded: only what it says
+        with pytest.raises(LockHeldError, match=r"\(embed, pid 4242\): try again") as partly:
+            StoreLock(tmp_path).acquire()
+        assert "None" not in str(partly.value) and "just now" not in str(partly.value)
+    finally:
+        os.close(fd)
