@@ -107,6 +107,27 @@ def check_version_name(version: str) -> str:
     return version
 
 
+def versions_in(folder: Path, marker: str) -> list[str]:
+    """Names of the versions in ``folder`` (visible sub-folders holding the file ``marker``:
+    ``model.json``, ``manifest.json``), newest first by that file's modification time."""
+    found: list[tuple[int, str]] = []
+    try:
+        for p in folder.iterdir():
+            if p.name.startswith(".") or not (p / marker).is_file():
+                continue
+            found.append(((p / marker).stat().st_mtime_ns, p.name))
+    except OSError:
+        return []
+    return [name for _, name in sorted(found, reverse=True)]
+
+
+def name_versions(kind: str, names: list[str], limit: int = 5) -> str:
+    """``names`` (newest first) for a message: ``the existing model versions (7 in all, newest
+    first): a, b, c, d, e, ...``; at most ``limit`` named."""
+    shown = ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+    return f"the existing {kind} versions ({len(names)} in all, newest first): {shown}"
+
+
 @dataclass(frozen=True)
 class Store:
     """Paths of one artifact store rooted at ``root``."""
@@ -251,6 +272,9 @@ class Store:
                 f"no trained model in {self.models_dir}: run `lookalike train --workdir {self.root}` first"
             )
         path = self.model_dir(version)
+        others = versions_in(self.models_dir, "model.json") if not path.exists() else []
+        if others:  # a mistyped version: name the ones there are, not "train again"
+            raise StoreError(f"no model version {version!r} in {self.models_dir}: {name_versions('model', others)}")
         if not (path / "model.json").is_file():
             raise StoreError(
                 f"model {version!r} is missing or incomplete at {path}: "

@@ -121,12 +121,23 @@ def history(store: Store) -> list[dict[str, Any]]:
     return store.history()
 
 
+def missing_version(store: Store, version: str) -> str:
+    """Why ``version`` cannot be promoted when it is not in ``indexes/``, with the versions
+    there are (a mistyped name is then easy to see), or that there are none."""
+    from lookalike.model.store import name_versions, versions_in
+
+    there = versions_in(store.indexes_dir, "manifest.json")
+    known = (name_versions("index", there) + " (`lookalike versions list` shows them all)" if there
+             else f"it holds none: run `lookalike embed --workdir {store.root}` first")
+    return f"no index version {version!r} in {store.indexes_dir}: {known}"
+
+
 def promote(store: Store, version: str, reason: str = "manual", *, locked: bool = False) -> dict[str, Any]:
     """Check ``version`` and make it CURRENT (atomic), and its model ``models/LATEST``; raise
     PromotionError otherwise (then neither moves). Holds the store lock (LockHeldError while
     a reindex or a publishing embed runs) unless ``locked``: the caller already holds it."""
     if not store.index_dir(version).is_dir():
-        raise PromotionError(f"no index version {version!r} in {store.indexes_dir}")
+        raise PromotionError(missing_version(store, version))
     with _store_lock(store, locked, f"versions promote {version}"):
         clean_partial_indexes(store)
         return _promote(store, version, reason)
@@ -134,7 +145,7 @@ def promote(store: Store, version: str, reason: str = "manual", *, locked: bool 
 
 def _promote(store: Store, version: str, reason: str) -> dict[str, Any]:
     if not store.index_dir(version).is_dir():
-        raise PromotionError(f"no index version {version!r} in {store.indexes_dir}")
+        raise PromotionError(missing_version(store, version))
     checked = check_version(store, version)
     previous = store.current_index_or_none()  # a garbled CURRENT is repaired by promoting a good version
     store.set_current_index(version, reason if previous != version else f"{reason} (already current)")

@@ -411,8 +411,10 @@ def test_disk_full_during_embedding_fails_cleanly(store):
 def test_versions_list_and_bad_promotion(store):
     rows = list_versions(store)
     assert [r["current"] for r in rows] == [True] and rows[0]["count"] > 0
-    with pytest.raises(PromotionError, match="no index version"):
+    with pytest.raises(PromotionError, match="no index version") as typo:
         promote(store, "i-does-not-exist")
+    assert str(typo.value) == (f"no index version 'i-does-not-exist' in {store.indexes_dir}: the existing index versions "
+                               f"(1 in all, newest first): {rows[0]['version']} (`lookalike versions list` shows them all)")
     with pytest.raises(PromotionError, match=rf"no earlier version to roll back to: {rows[0]['version']} is the "
                                              "first version this store has served"):
         rollback(store)  # not "none ... is still in indexes": there never was one

@@ -99,3 +99,22 @@ def test_resolve_in_store(tmp_path) -> None:
     existing = tmp_path / "elsewhere.png"
     existing.write_bytes(b"x")
     assert resolve_in_store(existing, root) == existing
+
+
+def test_a_mistyped_version_names_the_existing_ones_newest_first(tmp_path):
+    """`embed --model m-nope`: not "train again" when models exist, but which ones (at most 5 named)."""
+    store = Store.at(tmp_path)
+    with pytest.raises(StoreError, match="run `lookalike train"):
+        store.require_model("m-nope")  # nothing trained yet: training is the advice
+    for i in range(7):
+        (store.model_dir(f"m-{i}")).mkdir(parents=True)
+        (store.model_dir(f"m-{i}") / "model.json").write_text("{}")
+        os.utime(store.model_dir(f"m-{i}") / "model.json", (1_000_000 + i, 1_000_000 + i))
+    store.model_dir("m-half").mkdir()  # no model.json: not a version
+    with pytest.raises(StoreError) as typo:
+        store.require_model("m-nope")
+    assert str(typo.value) == (f"no model version 'm-nope' in {store.models_dir}: the existing model versions "
+                               "(7 in all, newest first): m-6, m-5, m-4, m-3, m-2, ...")
+    with pytest.raises(StoreError, match="'m-half' is missing or incomplete .* run `lookalike train"):
+        store.require_model("m-half")  # there but incomplete: trained again
+    assert store.require_model("m-3") == store.model_dir("m-3")
