@@ -16,6 +16,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lookalike")
 
+# the README's crontab line too (tests/test_cli.py checks they agree)
+CRONTAB_EXAMPLE = ("0 3 * * * nice -n 10 /srv/lookalike/.venv/bin/lookalike reindex --workdir /srv/lookalike/store "
+                   ">> /srv/lookalike/reindex.log 2>&1")
+
 REPORT_KEYS = ("outcome", "reason", "exit_code", "previous_index", "new_index", "rejected_index", "current_model",
                "candidate_model", "chosen_model", "candidate_error")
 
@@ -107,8 +111,9 @@ def add_store_commands(sub) -> None:
                        "new), 1 failed (nothing promoted), 75 another run holds the store lock (nothing done), "
                        "130 Ctrl-C and 143 SIGTERM (the run stops as a whole, its report says so, CURRENT unchanged unless "
                        "already promoted). "
-                       "Example crontab line: "
-                       "0 3 * * * lookalike reindex --workdir /srv/lookalike/store")
+                       "Example crontab line (niced below the server; cron's PATH does not hold the "
+                       "virtualenv, so name its lookalike by absolute path): "
+                       f"{CRONTAB_EXAMPLE}")
     _add_workdir(p)
     _add_train_config(p, default=None, config_help="training preset (default: the served model's own config, "
                       "from its model.json, so the candidate warm-starts; digits when nothing is served yet); "

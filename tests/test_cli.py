@@ -89,6 +89,17 @@ def test_every_subcommand_has_help():
             assert "(default: one per 50k files)" in flat and "(default: one per 50k files) (default" not in flat
 
 
+def test_reindex_help_gives_the_readmes_crontab_line_niced_with_the_venvs_absolute_path():
+    """cron's PATH does not hold the virtualenv: a bare `lookalike` in a crontab line is not found."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    line = next(x for x in readme.splitlines() if x.startswith("0 3 * * * ") and "reindex" in x)
+    out = run_cli("reindex", "--help", timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert line in " ".join(out.stdout.split())
+    command = line.split()[5:]
+    assert command[:3] == ["nice", "-n", "10"] and command[3].startswith("/") and command[3].endswith("/.venv/bin/lookalike")
+
+
 def test_demo_leaves_model_embeddings_and_published_index(demo_workdir):
     assert len(list_images(demo_workdir / "corpus")) == 1797
     assert (demo_workdir / "models" / (demo_workdir / "models" / "LATEST").read_text().strip() / "model.json").is_file()
