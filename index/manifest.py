@@ -100,20 +100,31 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def recorded_corpus(manifest: dict[str, Any]) -> str | None:
+def corpus_source(corpus: str, root: Path) -> dict[str, str]:
+    """A manifest's ``source`` for items embedded from the folder (or pattern) ``corpus``: a
+    corpus inside the store ``root`` is recorded relative to it (``corpus``), so a store
+    moved or copied elsewhere follows its own folder; one elsewhere by its absolute path."""
+    if "://" not in corpus and Path(corpus).is_absolute() and Path(corpus).is_relative_to(root):
+        return {"corpus": Path(corpus).relative_to(root).as_posix() or "."}
+    return {"corpus": corpus}
+
+
+def recorded_corpus(manifest: dict[str, Any], root: Path) -> str | None:
     """The corpus folder (or pattern) an index's items were embedded from, as its manifest
-    records it (``source.corpus``); None for an index built from a list file or a TFDS data
-    set, or by a version of lookalike that did not record it."""
+    records it (``source.corpus``; a relative one is under the store ``root``); None for an
+    index built from a list file or a TFDS data set, or by a version that did not record it."""
     source = manifest.get("source")
     corpus = source.get("corpus") if isinstance(source, dict) else None
-    return corpus if isinstance(corpus, str) and corpus else None
+    if not isinstance(corpus, str) or not corpus:
+        return None
+    return corpus if "://" in corpus or Path(corpus).is_absolute() else str(root / corpus)
 
 
 def current_corpus(store: Store) -> str | None:
     """``recorded_corpus`` of the index CURRENT names; None when there is none or it cannot be read."""
     try:
         version = store.current_index()
-        return recorded_corpus(read_manifest(store.index_dir(version))) if version else None
+        return recorded_corpus(read_manifest(store.index_dir(version)), store.root) if version else None
     except (StoreError, IndexLoadError, OSError, ValueError):
         return None
 

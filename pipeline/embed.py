@@ -221,14 +221,17 @@ def missing_default_corpus(store: Store) -> str:
             f"store, `lookalike demo --workdir {store.root}` writes the digits demo corpus there)")
 
 
-def embed_source(config: EmbedConfig, pattern: str) -> dict[str, str]:
+def embed_source(config: EmbedConfig, pattern: str, root: Path) -> dict[str, str]:
     """What a run embeds, recorded in its index's manifest (``source``): the corpus folder (or
-    pattern) a later reindex defaults to, else the list file or TFDS data set."""
+    pattern; relative to the store ``root`` when inside it) a later reindex defaults to, else
+    the list file or TFDS data set."""
+    from lookalike.index.manifest import corpus_source
+
     if config.tfds:
         return {"tfds": config.tfds}
     if config.list_file:
         return {"list_file": config.list_file}
-    return {"corpus": literal_folder(pattern) or pattern}
+    return corpus_source(literal_folder(pattern) or pattern, root)
 
 
 @contextmanager
@@ -427,7 +430,7 @@ def _publish(run: EmbedRun, started: float, reused: pa.Table | None) -> EmbedSum
                 raise _KeepCurrent(current)
         assemble_index(tmp, shards, model_version=run.meta["version"], params=built, options=options,
                        metadata=done[0].metadata if run.metadata is not None else None,  # with unmatched_ids
-                       source=embed_source(run.config, run.pattern))
+                       source=embed_source(run.config, run.pattern, run.store.root))
 
     try:
         index_version = publish_atomically(run.store, write, make_current=True, reason=f"embed run {run.run_dir.name}",

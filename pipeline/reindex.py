@@ -278,7 +278,7 @@ def resolve_corpus(config: ReindexConfig, store: Store, served_manifest: dict[st
     file or TFDS data set). Logs which one and why; StoreError naming the folder when it is missing."""
     from lookalike.index.manifest import recorded_corpus
 
-    served = recorded_corpus(served_manifest) if served_manifest is not None else None
+    served = recorded_corpus(served_manifest, store.root) if served_manifest is not None else None
     if config.corpus:
         corpus, why = Path(config.corpus).expanduser().resolve(), "given by --corpus"
     elif served is not None and _a_folder(served):
@@ -352,7 +352,7 @@ def _embed_build_promote(config: ReindexConfig, store: Store, report: ReindexRep
     promote it; False (nothing built) when ``model`` is the served one and the corpus is
     unchanged. A candidate that fails is removed, and the error raised."""
     from lookalike.index.builder import IndexOptions, build_and_publish
-    from lookalike.index.manifest import new_index_version
+    from lookalike.index.manifest import corpus_source, new_index_version
     from lookalike.pipeline.embed import EmbedConfig, read_embeddings, run_embed
 
     with step("embed"):
@@ -376,7 +376,7 @@ def _embed_build_promote(config: ReindexConfig, store: Store, report: ReindexRep
             options = IndexOptions(target_recall=config.target_recall)
             report.new_index = build_and_publish(store, embeddings, items, model_version=model, options=options,
                                                  make_current=False, version=candidate, metadata=metadata,
-                                                 source={"corpus": str(corpus)})
+                                                 source=corpus_source(str(corpus), store.root))
         with step("validate"):
             validate(store, report, summary, current_index, config, model_changed=model != report.current_model)
         with step("promote"):

@@ -378,3 +378,16 @@ def test_tree_leaves_hold_their_items_on_low_rank_embeddings(tmp_path):
     rows, _ = index.search_rows(x, 200, leaves_to_search=1)  # each item's nearest leaf only
     assert (rows[:, 0] == np.arange(2000)).all()  # every item is in its nearest leaf
     assert (rows >= 0).sum(axis=1).min() >= 5  # and no nearest leaf is empty or nearly so
+
+
+def test_the_manifest_records_a_corpus_inside_the_store_relative_to_it(tmp_path):
+    from lookalike.index.manifest import corpus_source, recorded_corpus
+
+    root = tmp_path / "store"
+    assert corpus_source(str(root / "corpus"), root) == {"corpus": "corpus"}
+    assert corpus_source(str(tmp_path / "photos"), root) == {"corpus": str(tmp_path / "photos")}
+    assert corpus_source("gs://bucket/photos", root) == {"corpus": "gs://bucket/photos"}
+    moved = tmp_path / "moved"
+    assert recorded_corpus({"source": {"corpus": "corpus"}}, moved) == str(moved / "corpus")
+    assert recorded_corpus({"source": {"corpus": str(tmp_path / "photos")}}, moved) == str(tmp_path / "photos")
+    assert recorded_corpus({"source": {"list_file": "/x.txt"}}, moved) is None and recorded_corpus({}, moved) is None

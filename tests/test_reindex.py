@@ -824,6 +824,8 @@ def test_corpus_defaults_to_the_store_folder_when_the_served_manifest_records_no
     assert resolve_corpus(config, store, {"model_version": "m"}, "i-old") == store.corpus_dir
     assert resolve_corpus(config, store, {"source": {"list_file": "/x.txt"}}, "i-old") == store.corpus_dir
     assert resolve_corpus(config, store, None, None) == store.corpus_dir
+    # recorded relative to the store (its own corpus/): a copied or moved store follows its own folder
+    assert resolve_corpus(config, store, {"source": {"corpus": "corpus"}}, "i-x") == store.corpus_dir
     given = ReindexConfig(workdir=str(store.root), corpus=str(store.corpus_dir / "0"))
     assert resolve_corpus(given, store, {"source": {"corpus": str(tmp_path)}}, "i-x") == store.corpus_dir / "0"
     gone = tmp_path / "gone"
