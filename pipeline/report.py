@@ -14,12 +14,15 @@ import math
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from PIL import Image, ImageDraw
 
 from lookalike.model.preprocess import DEFAULT_MAX_PIXELS, to_mode
 from lookalike.model.store import Store, resolve_in_store
+
+if TYPE_CHECKING:
+    from lookalike.pipeline.reindex import ReindexReport
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +116,19 @@ def _corpus_changes(embed: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def new_index_line(report: ReindexReport) -> str:
+    """report.md's words for the index a run promoted, or why it promoted none."""
+    if report.new_index:
+        return report.new_index
+    if report.outcome == "kept_current":
+        return f"none (the corpus is unchanged: {report.previous_index} stays CURRENT)"
+    if report.rejected_index:
+        return "none (the candidate index was rejected)"
+    if report.stopped_status is not None:
+        return "none (the run was stopped before promoting one)"
+    return "none (nothing promoted: the run failed)"
+
+
 def write_report(store: Store, report, started_unix_s: float) -> Path:
     from lookalike.pipeline.reindex import report_dict
 
@@ -122,9 +138,13 @@ def write_report(store: Store, report, started_unix_s: float) -> Path:
     (folder / "report.json").write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
     md = [f"# lookalike reindex {folder.name}", "",
           f"**Outcome: {report.outcome}** (exit {report.exit_code}). {report.reason}", "",
-          f"- served before: index {report.previous_index} (model {report.current_model})",
-          f"- candidate model: {report.candidate_model}; chosen: {report.chosen_model}",
-          f"- new index: {report.new_index}"]
+          "- served before: " + (f"index {report.previous_index} (model {report.current_model or 'unknown: the index did not load'})"
+                                  if report.previous_index else "nothing (the store had no CURRENT index)"),
+          f"- candidate model: {report.candidate_model or 'none (not trained)'}; "
+          f"chosen: {report.chosen_model or 'none'}",
+          f"- new index: {new_index_line(report)}"]
+    if report.metrics.get("corpus"):
+        md.append(f"- corpus: {report.metrics['corpus']}")
     if report.rejected_index:
         fate = "left for the next run to delete" if report.stopped_status is not None else "deleted"
         md.append(f"- candidate index built but not promoted ({fate}): {report.rejected_index}")

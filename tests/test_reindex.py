@@ -832,3 +832,22 @@ def test_corpus_defaults_to_the_store_folder_when_the_served_manifest_records_no
     with pytest.raises(StoreError, match=f"corpus folder {gone} \\(the corpus the served index i-x was embedded from\\) "
                                          "does not exist; pass --corpus FOLDER"):
         resolve_corpus(config, store, {"source": {"corpus": str(gone)}}, "i-x")
+
+
+@pytest.mark.parametrize("fields, expected", [
+    ({"outcome": "kept_current", "previous_index": "i-a", "current_model": "m-a"},
+     "- new index: none (the corpus is unchanged: i-a stays CURRENT)"),
+    ({"outcome": "failed", "previous_index": "i-a", "rejected_index": "i-b"}, "- new index: none (the candidate index was rejected)"),
+    ({"outcome": "failed", "reason": "StoreError: no corpus"}, "- new index: none (nothing promoted: the run failed)"),
+])
+def test_report_md_says_in_words_why_no_index_was_promoted(tmp_path, fields, expected):
+    """Never a raw Python None in report.md."""
+    from lookalike.pipeline.reindex import ReindexReport
+    from lookalike.pipeline.report import write_report
+
+    store = Store.at(tmp_path)
+    md = (write_report(store, ReindexReport(**fields), 0.0) / "report.md").read_text()
+    assert expected in md.splitlines() and "None" not in md
+    if "previous_index" not in fields:
+        assert "- served before: nothing (the store had no CURRENT index)" in md
+        assert "- candidate model: none (not trained); chosen: none" in md
