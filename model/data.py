@@ -66,6 +66,11 @@ def list_images(root: Path, onerror: Callable[[OSError], None] | None = None) ->
                   if Path(name).suffix.lower() in IMAGE_SUFFIXES and os.path.isfile(os.path.join(folder, name)))
 
 
+def class_folders(root: Path) -> list[Path]:
+    """The class sub-folders of a labelled ``root/<label>/*`` folder, by name (hidden ones skipped)."""
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
 def load_labelled_folder(root: str | Path, spec: PreprocessSpec, *, max_items: int | None = None,
                          seed: int = 0, exclude: Collection[str] = (), include: Collection[str] | None = None,
                          role: str = "training") -> LabelledImages:
@@ -77,7 +82,7 @@ def load_labelled_folder(root: str | Path, spec: PreprocessSpec, *, max_items: i
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"{role} data folder {root} does not exist")
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    class_dirs = class_folders(root)
     if len(class_dirs) < 2:
         raise ValueError(
             f"{role} data folder {root} needs one sub-folder per class and at least 2 classes, "

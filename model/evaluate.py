@@ -129,12 +129,11 @@ def evaluate_embeddings(
 def folder_images(folder: str | Path) -> list[str]:
     """The ``folder``-relative paths (``/``-separated) of the images ``load_labelled_folder``
     would read from the labelled ``folder`` (unreadable sub-folders: left to it to report)."""
-    from lookalike.model.data import list_images
+    from lookalike.model.data import class_folders, list_images
 
     root = Path(folder)
     return [p.relative_to(root).as_posix()
-            for class_dir in sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-            for p in list_images(class_dir, lambda error: None)]
+            for class_dir in class_folders(root) for p in list_images(class_dir, lambda error: None)]
 
 
 def choose_images(model_path: str | Path, folder: str | Path, *, all_images: bool = False) -> tuple[

@@ -139,10 +139,7 @@ def _print_json(obj, *, one_line: bool = False) -> None:
     appended night after night reads with ``tail -1 | jq``)."""
     from lookalike.model.metrics import json_ready
 
-    if one_line:
-        print(json.dumps(json_ready(obj), default=str, allow_nan=False), flush=True)
-    else:
-        print(json.dumps(json_ready(obj), indent=2, default=str, allow_nan=False))
+    print(json.dumps(json_ready(obj), indent=None if one_line else 2, default=str, allow_nan=False), flush=one_line)
 
 
 def misspelled_pass_through(unknown: Sequence[str], own_options: Sequence[str]) -> str | None:
