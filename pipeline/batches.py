@@ -15,7 +15,7 @@ import logging
 import queue
 import threading
 from collections import defaultdict
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import apache_beam as beam
@@ -26,12 +26,14 @@ from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
+from lookalike.model.cpu_threads import available_cpus
 from lookalike.model.preprocess import ImageDecodeError, PreprocessSpec
 from lookalike.model.progress import Progress
 from lookalike.pipeline.cache import file_index_table, write_cache_table, write_failed_table
 from lookalike.pipeline.elements import ItemBatch, Routed
 from lookalike.pipeline.failpoints import failpoint
 from lookalike.pipeline.items import expand_items, items_of_batch, rows_table, split_by_shard
+from lookalike.pipeline.parallel import ordered_map, worth_a_thread
 from lookalike.pipeline.sources import CACHED, DEAD, FILE, NEW, ReadSourceFn, dead_letter, decode_source
 from lookalike.pipeline.state_sampling import shorten_state_sampling
 from lookalike.pipeline.thumbnails import ThumbnailWriter
@@ -41,6 +43,8 @@ from lookalike.pipeline.worker_main import worker_label
 log = logging.getLogger(__name__)
 
 BATCH = "batch"
+# Sources decoded ahead of the one the batch waits for, when decoding on the pool (``parallel.ordered_map``).
+DECODE_WINDOW = 8
 shorten_state_sampling()  # here too: every worker process imports this module to run our DoFns
 
 
@@ -73,6 +77,16 @@ def stack_model_input(arrays: list[np.ndarray]) -> np.ndarray:
     return np.stack([a if a.dtype != np.uint8 else np.asarray(a, dtype=np.float32) / 255.0 for a in arrays])
 
 
+def _at_least_two(flags: Any) -> bool:
+    """Whether at least two of ``flags`` (an iterable of bools) are true, reading no further."""
+    found = 0
+    for flag in flags:
+        found += bool(flag)
+        if found == 2:
+            return True
+    return False
+
+
 def in_global_window(value: Any) -> WindowedValue:
     """An output of ``finish_bundle`` (Beam wants it windowed; the pipeline is in the global window)."""
     return WindowedValue(value, MIN_TIMESTAMP, [GlobalWindow()])
@@ -88,14 +102,19 @@ class DecodeBatchFn(beam.DoFn):
     the next source would not fit in ``batch_size`` items (the rest in ``finish_bundle``), so
     inference batches are full and have one shape; a source's items (a video's frames) stay
     in one batch, so each lands in the embedding cache whole.
+    Photos and videos are decoded several at once on a thread pool, in order
+    (``lookalike.pipeline.parallel``); small files inline.
     Thumbnails are written by background threads while the bucket decodes; the batch is
     emitted once they are on disk (a source whose thumbnail cannot be written is dead-lettered).
     Sources whose bytes cannot be decoded are recorded in ``failures_dir`` (the embedding
     cache: ``cache.write_failed_table``) when the bundle ends, so later runs skip them."""
 
     def __init__(self, spec: PreprocessSpec, thumbnails_dir: str, sampling: FrameSampling, batch_size: int = 256,
-                 failures_dir: str | None = None):
+                 failures_dir: str | None = None, decode_threads: int | None = None):
+        """``decode_threads``: sources decoded at once (``lookalike.pipeline.parallel``); None:
+        one per CPU this process may use."""
         self._failures_dir = failures_dir
+        self._decode_threads = decode_threads
         self._spec = spec
         self._thumbs = thumbnails_dir
         self._sampling = sampling
@@ -108,6 +127,8 @@ class DecodeBatchFn(beam.DoFn):
 
     def setup(self) -> None:
         self._writer = ThumbnailWriter()
+        threads = self._decode_threads or available_cpus()
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads > 1 else None
 
     def _inc(self, counter: Any, n: int = 1) -> None:
         if self._deferred is not None:  # work on a background thread: Beam counts on the bundle's thread
@@ -116,7 +137,11 @@ class DecodeBatchFn(beam.DoFn):
             counter.inc(n)
 
     def teardown(self) -> None:
-        self._writer.close()
+        try:
+            self._writer.close()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
 
     def start_bundle(self) -> None:
         self._pending: list[tuple[list[str], list[Future], list[tuple[dict[str, Any], np.ndarray]]]] = []
@@ -155,25 +180,39 @@ class DecodeBatchFn(beam.DoFn):
             uris_by_hash[source_hash].append(uri)
             if data is not None:
                 data_by_hash[source_hash] = data
-        for source_hash in sorted(uris_by_hash):
-            uris = sorted(set(uris_by_hash[source_hash]))
+        sources = [(h, sorted(set(uris_by_hash[h])), data_by_hash.get(h)) for h in sorted(uris_by_hash)]
+        # Big sources (photos, videos) are decoded on the pool, several at once; small ones inline.
+        pool = self._pool if self._pool is not None and _at_least_two(worth_a_thread(data, uris[0])
+                                                                      for _, uris, data in sources) else None
+        for (source_hash, uris, _), decoded in zip(sources, ordered_map(self._decode, sources, pool, DECODE_WINDOW)):
             self._inc(self._duplicates, len(uris) - 1)
-            futures: list[Future] = []
-            try:
-                items = list(decode_source(source_hash, uris, self._spec, self._thumbs, self._sampling,
-                                           data_by_hash.get(source_hash),
-                                           lambda img, path, original: futures.append(self._writer.submit(img, path, original))))
-            except (ImageDecodeError, VideoDecodeError, OSError) as e:
-                if not isinstance(e, OSError):  # the bytes themselves are bad: the same next time
-                    self._undecodable.append({"source_hash": source_hash, "stage": "decode", "reason": str(e)})
-                yield from self._dead(uris, "decode", e)
+            if isinstance(decoded, Exception):
+                if not isinstance(decoded, OSError):  # the bytes themselves are bad: the same next time
+                    self._undecodable.append({"source_hash": source_hash, "stage": "decode", "reason": str(decoded)})
+                yield from self._dead(uris, "decode", decoded)
                 continue
+            items, futures = decoded
             if self._pending and self._pending_items + len(items) > self._batch_size:
                 yield from self._emit()
             self._pending.append((uris, futures, items))
             self._pending_items += len(items)
             if self._pending_items >= self._batch_size:
                 yield from self._emit()
+
+    def _decode(self, source: tuple[str, list[str], bytes | None]):
+        """One source's (items, thumbnail futures), or the ImageDecodeError, VideoDecodeError or
+        OSError that makes it a dead letter. Runs on the decode pool or inline."""
+        source_hash, uris, data = source
+        futures: list[Future] = []
+
+        def thumbnail(img: Any, path: str, original: tuple[str, bytes] | None) -> None:
+            futures.append(self._writer.submit(img, path, original))
+
+        try:
+            items = list(decode_source(source_hash, uris, self._spec, self._thumbs, self._sampling, data, thumbnail))
+        except (ImageDecodeError, VideoDecodeError, OSError) as e:
+            return e
+        return items, futures
 
     def finish_bundle(self):
         if self._failures_dir and self._undecodable:
@@ -281,8 +320,9 @@ class ReadChunkFn(DecodeBatchFn):
     inference is dispatched asynchronously while the next files are read and decoded."""
 
     def __init__(self, listing: str, cache_dir: str | None, total_files: int, spec: PreprocessSpec,
-                 thumbnails_dir: str, sampling: FrameSampling, batch_size: int = 256, failures_dir: str | None = None):
-        super().__init__(spec, thumbnails_dir, sampling, batch_size, failures_dir)
+                 thumbnails_dir: str, sampling: FrameSampling, batch_size: int = 256, failures_dir: str | None = None,
+                 decode_threads: int | None = None):
+        super().__init__(spec, thumbnails_dir, sampling, batch_size, failures_dir, decode_threads)
         self._listing = listing
         self._reader = ReadSourceFn(cache_dir, total_files, sampling)
 

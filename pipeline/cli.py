@@ -66,7 +66,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
         summary = run_embed(EmbedConfig(
             workdir=args.workdir, corpus=args.corpus, list_file=args.list_file, tfds=args.tfds,
             tfds_data_dir=args.tfds_data_dir, model_version=args.model, run_name=args.run_name,
-            runner=args.runner, num_workers=args.num_workers, max_batch_size=args.batch_size,
+            runner=args.runner, num_workers=args.num_workers, decode_threads=args.decode_threads,
+            max_batch_size=args.batch_size,
             num_shards=args.num_shards, index=IndexOptions(mode=args.index_mode, target_recall=args.target_recall),
             beam_args=args.beam_args, publish=not args.no_publish, incremental=args.incremental,
             metadata=args.metadata,
@@ -221,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--runner", default="FnApiRunner",
                    help="Beam runner (default FnApiRunner: in-process, no Prism download)")
     p.add_argument("--num-workers", type=POSITIVE, default=1, help="local runner: worker processes (multi-process mode if > 1; each runs XLA on CPUs/N threads)")
+    p.add_argument("--decode-threads", type=POSITIVE, default=None,
+                   help="images and videos decoded at once in each process (default: one per CPU it may use, "
+                   "its share with --num-workers); files under 32 KiB are decoded on one thread")
     p.add_argument("--batch-size", type=POSITIVE, default=256, help="files per inference batch")
     p.add_argument("--num-shards", type=POSITIVE, default=None,
                    help="embedding and index shards, each built on a worker (default: one per 50k files)")

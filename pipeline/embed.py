@@ -173,8 +173,9 @@ def validate_config(config: EmbedConfig) -> None:
     for name in ("num_workers", "max_batch_size"):
         if getattr(config, name) < 1:
             raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
-    if config.num_shards is not None and config.num_shards < 1:
-        raise ValueError(f"num_shards must be at least 1, got {config.num_shards}")
+    for name in ("num_shards", "decode_threads"):
+        if getattr(config, name) is not None and getattr(config, name) < 1:
+            raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
     if sum(bool(x) for x in (config.corpus, config.list_file, config.tfds)) > 1:
         raise ValueError("give one source: a corpus, a list file or a TFDS data set")
     resolve_options(1, replace(config.index, num_shards=1))  # the index options (target recall, mode, ...)

@@ -5,7 +5,8 @@
     corpus listed before the run (only the files not known unchanged with --incremental),
     written to a listing file sorted by size and cut into chunks of equal-size runs
       -> ReadChunkFn: read + sha256 + decode (byte-identical files share a chunk: decoded
-         once), thumbnails, full batches carried over between chunks ---- dead -----+
+         once; photos and videos several at once), thumbnails, full batches carried
+         over between chunks ------------------------------------------- dead -----+
            |  \--- cached (--incremental, bytes known to the cache) ---------+      |
       -> RunInference(FlaxEncoderHandler), one ItemBatch (metas, pixels) a call,   |
          dispatched asynchronously (JAX), fused with reading and decoding    |      |
@@ -90,6 +91,7 @@ class EmbedConfig:
     run_name: str | None = None
     runner: str = LOCAL_RUNNER
     num_workers: int = 1
+    decode_threads: int | None = None  # sources decoded at once in each process; default one per CPU (its share)
     max_batch_size: int = 256  # files per inference batch (videos add one row per sampled frame)
     num_shards: int | None = None  # embedding shards; default one per ~50k files
     index: IndexOptions = field(default_factory=IndexOptions)
@@ -158,6 +160,15 @@ def num_shards_for(total_files: int, requested: int | None) -> int:
     return requested if requested else max(1, -(-total_files // 50_000))
 
 
+def cpu_share(config: EmbedConfig) -> int | None:
+    """CPUs each worker process may use for XLA's thread pool and for decoding, when the local
+    runner's multi-process mode starts several on this machine (an equal share each), else
+    None: the process uses every CPU it may run on."""
+    if config.runner == LOCAL_RUNNER and config.num_workers > 1:
+        return threads_per_worker(config.num_workers)
+    return None
+
+
 def resolve_runner(name: str) -> str:
     """Runner names as Beam takes them; ``dask`` means our fixed Dask runner (imported only
     then: importing Beam's Dask runner takes over a second)."""
@@ -213,13 +224,15 @@ def read_and_decode(p: beam.Pipeline, run: EmbedRun, spec: PreprocessSpec) -> di
     corpora) are read file by file and grouped by content-hash bucket before decoding."""
     config = run.config
     thumbnails = str(run.store.root / THUMBNAILS_FOLDER)
+    decode_threads = config.decode_threads or cpu_share(config)  # None: every CPU the (worker) process may use
     if run.listing_file is not None:
         chunks = run.chunks or []
         reshuffle = len(chunks) > 1 and not (config.runner == LOCAL_RUNNER and config.num_workers == 1)
         tagged = (p | "ListedChunks" >> beam.Create(chunks, reshuffle=reshuffle)
                   | "ReadAndDecode" >> beam.ParDo(ReadChunkFn(
                       run.listing_file, run.cache if config.incremental else None, run.progress_total, spec, thumbnails,
-                      config.sampling, config.max_batch_size, failures_dir=run.cache)).with_output_types(Routed))
+                      config.sampling, config.max_batch_size, failures_dir=run.cache, decode_threads=decode_threads))
+                  .with_output_types(Routed))
         return split_tagged(tagged, (BATCH, DEAD, CACHED, FILE), "Chunk", {BATCH: ItemBatch})
     read = read_sources(p, run)
     num_buckets = max(1, -(-run.total // max(1, config.max_batch_size)))
@@ -228,7 +241,7 @@ def read_and_decode(p: beam.Pipeline, run: EmbedRun, spec: PreprocessSpec) -> di
         | "ToBucket" >> beam.Map(lambda entry: (bucket_of(entry[0], num_buckets), entry))
         | "GroupBuckets" >> beam.GroupByKey()
         | "DecodeBatches" >> beam.ParDo(DecodeBatchFn(spec, thumbnails, config.sampling, config.max_batch_size,
-                                                      failures_dir=run.cache))
+                                                      failures_dir=run.cache, decode_threads=decode_threads))
         .with_output_types(Routed),
         (BATCH, DEAD), "Decoded", {BATCH: ItemBatch})
     return {
@@ -253,10 +266,8 @@ def build_pipeline(p: beam.Pipeline, run: EmbedRun, index_build: tuple[str, dict
         | "WriteFileIndex" >> beam.ParDo(WriteFileIndexFn(run.cache))
     )
     # Pre-made batches, one per RunInference call: max_batch_size=1 makes BatchElements emit in process().
-    # Worker processes on this machine share its CPUs: each gets an equal part for XLA's thread pool.
-    local_workers = config.num_workers if config.runner == LOCAL_RUNNER and config.num_workers > 1 else None
     handler = FlaxEncoderHandler(run.model_dir, min_batch_size=1, max_batch_size=1, encoder_batch=config.max_batch_size,
-                                 xla_cpu_threads=threads_per_worker(local_workers) if local_workers else None)
+                                 xla_cpu_threads=cpu_share(config))
     items = read[BATCH] | "Embed" >> RunInference(handler).with_output_types(EmbeddedBatch) | "BatchRows" >> beam.ParDo(
         BatchRowsFn(run.progress_total, run.cache, embed_dim, run.num_shards, **run.expand)).with_output_types(ShardTable)
     if config.incremental:  # only an incremental run has cached files (a Flatten costs a stage of its own)

@@ -93,3 +93,90 @@ def test_embed_progress_counts_files_not_items(tmp_path):
     metas = [image, *frames]
     list(fn._rows((metas, PredictionResult(None, np.ones((len(metas), 4), np.float32)))))
     assert fn._count == 3  # two paths of one image + one video, not 5 items
+
+
+@pytest.fixture
+def pools_used(monkeypatch) -> list[bool]:
+    """Whether each group the decode stage decoded went to its thread pool (in order)."""
+    import lookalike.pipeline.batches as batches
+
+    used: list[bool] = []
+    real_ordered_map = batches.ordered_map
+
+    def spy(fn, items, pool, ahead):
+        used.append(pool is not None)
+        return real_ordered_map(fn, items, pool, ahead)
+
+    monkeypatch.setattr(batches, "ordered_map", spy)
+    return used
+
+
+def test_big_sources_decoded_on_several_threads_give_what_one_thread_gives(tmp_path, trained_store, pools_used,
+                                                                          make_video):
+    """Photos and videos go to the decode pool (``pipeline.parallel``), in order: the same
+    items, embeddings, duplicates and dead letters as decoding them one at a time."""
+    import lookalike.pipeline.batches as batches
+    from lookalike.pipeline.embed import read_dead_letters
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(9):  # noise PNGs of ~49 KB: each worth a thread
+        Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(corpus / f"photo{i}.png")
+    shutil.copy(corpus / "photo3.png", corpus / "copy3.png")
+    (corpus / "cut.png").write_bytes((corpus / "photo5.png").read_bytes()[:40_000])  # truncated, still big
+    make_video(corpus / "clip.mp4")
+    results = {}
+    for threads in (1, 3):
+        workdir = tmp_path / f"w{threads}"
+        shutil.copytree(trained_store.root / "models", workdir / "models")
+        summary = run_embed(EmbedConfig(workdir=str(workdir), corpus=str(corpus), run_name="r", publish=False,
+                                        max_batch_size=4, decode_threads=threads))
+        emb, items = read_embeddings(workdir / "embeddings" / "r")
+        dead = sorted((d["uri"], d["stage"]) for d in read_dead_letters(workdir / "embeddings" / "r"))
+        results[threads] = (summary, dict(zip(items.column("id").to_pylist(), emb)), dead)
+    (one, by_id_one, dead_one), (three, by_id_three, dead_three) = results[1], results[3]
+    assert pools_used and any(pools_used)  # three threads: big sources went to the pool
+    assert (three.embedded, three.duplicate_files, three.failed) == (one.embedded, one.duplicate_files, one.failed)
+    assert one.failed == 1 and one.duplicate_files == 1
+    assert dead_three == dead_one == [(str(corpus / "cut.png"), "decode")]
+    assert sorted(by_id_three) == sorted(by_id_one) and any("#t=" in i for i in by_id_one)
+    for item_id, embedding in by_id_one.items():
+        np.testing.assert_array_equal(by_id_three[item_id], embedding)
+
+
+def test_small_files_are_decoded_inline_and_two_big_ones_on_the_pool(tmp_path, pools_used):
+    """A thread hand-off costs more than decoding a small JPEG: a group of small files never
+    goes to the pool, a group holding at least two big sources does."""
+    import hashlib
+    import io
+
+    import lookalike.pipeline.batches as batches
+    from lookalike.pipeline.parallel import PARALLEL_MIN_BYTES
+    from lookalike.pipeline.video import FrameSampling
+
+    rng = np.random.default_rng(3)
+
+    def png(side: int) -> bytes:
+        out = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(out, format="PNG")
+        return out.getvalue()
+
+    def entries(blobs: list[bytes]) -> list[tuple[str, str, bytes]]:
+        return [(hashlib.sha256(b).hexdigest(), f"/c/{i}.png", b) for i, b in enumerate(blobs)]
+
+    small, big = [png(16) for _ in range(4)], [png(128) for _ in range(2)]
+    assert max(map(len, small)) < PARALLEL_MIN_BYTES <= min(map(len, big))
+    fn = batches.DecodeBatchFn(PreprocessSpec(8, 3), str(tmp_path / "t"), FrameSampling(), batch_size=100,
+                               decode_threads=2)
+    fn.setup()
+    try:
+        for blobs in (small, small + big[:1], small + big):
+            fn.start_bundle()
+            list(fn.process((0, entries(blobs))))
+            [windowed] = list(fn.finish_bundle())
+            tag, batch = windowed.value
+            assert tag == batches.BATCH and len(batch.metas) == len(blobs)
+    finally:
+        fn.teardown()
+    assert pools_used == [False, False, True]
