@@ -27,14 +27,14 @@ from apache_beam.utils.timestamp import MIN_TIMESTAMP
 from apache_beam.utils.windowed_value import WindowedValue
 
 from lookalike.model.cpu_threads import available_cpus
+from lookalike.model.parallel import ordered_map
 from lookalike.model.preprocess import ImageDecodeError, PreprocessSpec
 from lookalike.model.progress import Progress
 from lookalike.pipeline.cache import file_index_table, write_cache_table, write_failed_table
 from lookalike.pipeline.elements import ItemBatch, Routed
 from lookalike.pipeline.failpoints import failpoint
 from lookalike.pipeline.items import expand_items, items_of_batch, rows_table, split_by_shard
-from lookalike.pipeline.parallel import ordered_map, worth_a_thread
-from lookalike.pipeline.sources import CACHED, DEAD, FILE, NEW, ReadSourceFn, dead_letter, decode_source
+from lookalike.pipeline.sources import CACHED, DEAD, FILE, NEW, ReadSourceFn, dead_letter, decode_source, worth_a_thread
 from lookalike.pipeline.state_sampling import shorten_state_sampling
 from lookalike.pipeline.thumbnails import ThumbnailWriter
 from lookalike.pipeline.video import FrameSampling, VideoDecodeError
@@ -43,7 +43,7 @@ from lookalike.pipeline.worker_main import worker_label
 log = logging.getLogger(__name__)
 
 BATCH = "batch"
-# Sources decoded ahead of the one the batch waits for, when decoding on the pool (``parallel.ordered_map``).
+# Sources decoded ahead of the one the batch waits for, when decoding on the pool (``model.parallel.ordered_map``).
 DECODE_WINDOW = 8
 shorten_state_sampling()  # here too: every worker process imports this module to run our DoFns
 
@@ -103,7 +103,7 @@ class DecodeBatchFn(beam.DoFn):
     inference batches are full and have one shape; a source's items (a video's frames) stay
     in one batch, so each lands in the embedding cache whole.
     Photos and videos are decoded several at once on a thread pool, in order
-    (``lookalike.pipeline.parallel``); small files inline.
+    (``lookalike.model.parallel``); small files inline.
     Thumbnails are written by background threads while the bucket decodes; the batch is
     emitted once they are on disk (a source whose thumbnail cannot be written is dead-lettered).
     Sources whose bytes cannot be decoded are recorded in ``failures_dir`` (the embedding
@@ -111,7 +111,7 @@ class DecodeBatchFn(beam.DoFn):
 
     def __init__(self, spec: PreprocessSpec, thumbnails_dir: str, sampling: FrameSampling, batch_size: int = 256,
                  failures_dir: str | None = None, decode_threads: int | None = None):
-        """``decode_threads``: sources decoded at once (``lookalike.pipeline.parallel``); None:
+        """``decode_threads``: sources decoded at once (``lookalike.model.parallel``); None:
         one per CPU this process may use."""
         self._failures_dir = failures_dir
         self._decode_threads = decode_threads

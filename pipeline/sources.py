@@ -33,6 +33,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
 from lookalike.model.data import IMAGE_SUFFIXES
+from lookalike.model.parallel import PARALLEL_MIN_BYTES
 from lookalike.model.preprocess import (
     PreprocessSpec,
     decode_plain_jpeg,
@@ -305,6 +306,13 @@ def decode_source(
         meta = {"source_hash": source_hash, "content_hash": content_hash, "kind": kind, "timestamp_s": t,
                 "width": width, "height": height, "uris": uris}
         yield meta, image_to_array(img, spec)
+
+
+def worth_a_thread(data: bytes | None, uri: str) -> bool:
+    """Whether decoding the source at ``uri`` costs more than a thread hand-off
+    (``lookalike.model.parallel``): a file whose bytes were not carried (``data`` None: large,
+    read again where decoded), one of at least PARALLEL_MIN_BYTES, or a video."""
+    return data is None or len(data) >= PARALLEL_MIN_BYTES or is_video_path(uri)
 
 
 _COMMENT = re.compile(r"(?:^|\s)#")  # a '#' at the start of a line or after whitespace starts a comment

@@ -190,3 +190,36 @@ def test_a_single_image_class_is_explained_for_what_the_folder_is_for(tmp_path, 
         load_labelled_folder(tmp_path, SPEC, role="evaluation")
     assert "class 'a' has a single image: no other image of its class can be found for it" in caplog.text
     assert "similar pair" not in caplog.text
+
+
+def test_photo_sized_files_decode_on_several_threads_in_order(tmp_path, monkeypatch):
+    """Classes of big files go to the decode pool (``model.parallel``), small ones stay
+    inline; either way the arrays, labels, paths and skipped files are those of decoding one
+    by one."""
+    import lookalike.model.data as data
+    from lookalike.model.preprocess import decode_image
+
+    pools: list[bool] = []
+    real_ordered_map = data.ordered_map
+
+    def spy(fn, items, pool, ahead):
+        pools.append(pool is not None)
+        return real_ordered_map(fn, items, pool, ahead)
+
+    monkeypatch.setattr(data, "ordered_map", spy)
+    monkeypatch.setattr(data, "available_cpus", lambda: 3)
+    rng = np.random.default_rng(0)
+    for label, side in (("big", 128), ("small", 12)):
+        (tmp_path / label).mkdir()
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(tmp_path / label / f"{i}.png")
+    (tmp_path / "big" / "2.png").write_bytes((tmp_path / "big" / "3.png").read_bytes()[:40_000])  # truncated
+    spec = PreprocessSpec(8, 3)
+    got = load_labelled_folder(tmp_path, spec)
+    assert pools == [True, False]  # "big" (~49 KB files) on the pool, "small" inline
+    assert [p.rsplit("/", 2)[-2:] for p in got.paths] == [["big", n] for n in ("0.png", "1.png", "3.png", "4.png")] + [
+        ["small", f"{i}.png"] for i in range(5)]
+    assert got.labels.tolist() == [0] * 4 + [1] * 5
+    assert [f[0].rsplit("/", 1)[-1] for f in got.failures] == ["2.png"]
+    expected = np.stack([decode_image(open(p, "rb").read(), spec) for p in got.paths])
+    np.testing.assert_array_equal(got.images, expected)

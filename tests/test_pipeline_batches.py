@@ -113,9 +113,8 @@ def pools_used(monkeypatch) -> list[bool]:
 
 def test_big_sources_decoded_on_several_threads_give_what_one_thread_gives(tmp_path, trained_store, pools_used,
                                                                           make_video):
-    """Photos and videos go to the decode pool (``pipeline.parallel``), in order: the same
+    """Photos and videos go to the decode pool (``model.parallel``), in order: the same
     items, embeddings, duplicates and dead letters as decoding them one at a time."""
-    import lookalike.pipeline.batches as batches
     from lookalike.pipeline.embed import read_dead_letters
 
     corpus = tmp_path / "corpus"
@@ -152,7 +151,7 @@ def test_small_files_are_decoded_inline_and_two_big_ones_on_the_pool(tmp_path, p
     import io
 
     import lookalike.pipeline.batches as batches
-    from lookalike.pipeline.parallel import PARALLEL_MIN_BYTES
+    from lookalike.model.parallel import PARALLEL_MIN_BYTES
     from lookalike.pipeline.video import FrameSampling
 
     rng = np.random.default_rng(3)

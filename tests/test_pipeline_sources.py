@@ -4,7 +4,8 @@ import os
 
 import pytest
 
-from lookalike.pipeline.sources import read_bytes
+from lookalike.model.parallel import PARALLEL_MIN_BYTES
+from lookalike.pipeline.sources import read_bytes, worth_a_thread
 
 
 @pytest.mark.parametrize("size_hint", [0, 10, 3_000_000, 5_000_000])
@@ -120,3 +121,13 @@ def test_a_relative_local_glob_is_made_absolute_and_a_remote_one_kept(tmp_path, 
     assert absolute_pattern("*.jpg") == f"{tmp_path}/*.jpg"
     for kept in ("/data/*.jpg", "gs://bucket/c*/x.jpg", "s3://b/*.png", "hf://d/*/a.jpg"):
         assert absolute_pattern(kept) == kept
+
+
+@pytest.mark.parametrize("data, uri, expected", [
+    (b"x" * 100, "/c/a.jpg", False),
+    (b"x" * PARALLEL_MIN_BYTES, "/c/a.jpg", True),
+    (None, "/c/a.png", True),  # bytes left on disk: a large file
+    (b"x" * 100, "/c/clip.MP4", True),
+])
+def test_what_is_worth_a_decode_thread(data, uri, expected):
+    assert worth_a_thread(data, uri) is expected

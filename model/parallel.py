@@ -1,15 +1,14 @@
-"""Decoding a batch's sources on several threads, results in order.
+"""Decoding many files on several threads, results in order (training's folder, the embed pipeline).
 
 One thread decodes a small image in tens of microseconds, but a photo takes tens of
 milliseconds (a 6-megapixel JPEG: ~23 ms at a quarter of its size with Pillow's draft mode)
-and a video clip far longer. With one decoding thread, a corpus of photos kept one core
-busy decoding and left the others mostly idle while a small model waited for input.
-Pillow, libjpeg-turbo (``simplejpeg``), PyAV and hashlib release the GIL while they work,
-so a few threads decode several sources at once.
+and a video clip far longer. With one decoding thread, a folder of photos kept one core
+busy decoding and left the others idle. Pillow, libjpeg-turbo (``simplejpeg``), PyAV and
+hashlib release the GIL while they work, so a few threads decode several files at once.
 
 A thread hand-off costs tens of microseconds of Python, more than decoding a small JPEG,
-so ``ordered_map`` runs on the pool only what is worth it (``worth_a_thread``): a group of
-small files is decoded inline, as before.
+so callers put on the pool only files of at least PARALLEL_MIN_BYTES (and videos: see
+``lookalike.pipeline.sources.worth_a_thread``); small ones are decoded inline.
 """
 
 from __future__ import annotations
@@ -19,12 +18,10 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
-from lookalike.pipeline.video import is_video_path
-
 T = TypeVar("T")
 R = TypeVar("R")
 
-# Sources of at least this many bytes (or whose bytes were left on disk: big ones) are worth a thread.
+# Files of at least this many bytes are worth a thread (a JPEG of ~300x200 px or more).
 PARALLEL_MIN_BYTES = 32 * 1024
 
 
@@ -48,11 +45,4 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], pool: ThreadPoolExecut
             future.cancel()
 
 
-def worth_a_thread(data: bytes | None, uri: str) -> bool:
-    """Whether decoding the source at ``uri`` costs more than a thread hand-off: a file whose
-    bytes were not carried (``data`` None: large, read again where decoded), one of at least
-    PARALLEL_MIN_BYTES, or a video."""
-    return data is None or len(data) >= PARALLEL_MIN_BYTES or is_video_path(uri)
-
-
-__all__ = ["PARALLEL_MIN_BYTES", "ordered_map", "worth_a_thread"]
+__all__ = ["PARALLEL_MIN_BYTES", "ordered_map"]

@@ -1,4 +1,4 @@
-"""Ordered decoding on a thread pool (``lookalike.pipeline.parallel``)."""
+"""Ordered decoding on a thread pool (``lookalike.model.parallel``)."""
 
 import threading
 import time
@@ -6,7 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from lookalike.pipeline.parallel import PARALLEL_MIN_BYTES, ordered_map, worth_a_thread
+from lookalike.model.parallel import ordered_map
 
 
 def test_results_come_in_order_however_long_each_takes():
@@ -52,13 +52,3 @@ def test_an_exception_is_raised_where_its_result_is_due_and_later_work_is_droppe
         with pytest.raises(ValueError, match="bad item 2"):
             next(results)
     assert max(done) < 10  # the window's queued items were cancelled, not all 50 run
-
-
-@pytest.mark.parametrize("data, uri, expected", [
-    (b"x" * 100, "/c/a.jpg", False),
-    (b"x" * PARALLEL_MIN_BYTES, "/c/a.jpg", True),
-    (None, "/c/a.png", True),  # bytes left on disk: a large file
-    (b"x" * 100, "/c/clip.MP4", True),
-])
-def test_what_is_worth_a_thread(data, uri, expected):
-    assert worth_a_thread(data, uri) is expected
