@@ -64,6 +64,25 @@ def refuse_listing(monkeypatch):
     return lambda folder: refused.add(os.path.abspath(folder))
 
 
+@pytest.fixture
+def watch_decode_pools(monkeypatch):
+    """``watch_decode_pools(module)`` -> a list that records, per call of the module's
+    ``ordered_map`` (``lookalike.model.parallel``), whether it ran on a thread pool."""
+
+    def watch(module) -> list[bool]:
+        used: list[bool] = []
+        real_ordered_map = module.ordered_map
+
+        def spy(fn, items, pool, ahead):
+            used.append(pool is not None)
+            return real_ordered_map(fn, items, pool, ahead)
+
+        monkeypatch.setattr(module, "ordered_map", spy)
+        return used
+
+    return watch
+
+
 @pytest.fixture(scope="session")
 def tiny_config():
     from lookalike.model.config import get_config

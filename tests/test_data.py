@@ -192,21 +192,14 @@ def test_a_single_image_class_is_explained_for_what_the_folder_is_for(tmp_path, 
     assert "similar pair" not in caplog.text
 
 
-def test_photo_sized_files_decode_on_several_threads_in_order(tmp_path, monkeypatch):
+def test_photo_sized_files_decode_on_several_threads_in_order(tmp_path, monkeypatch, watch_decode_pools):
     """Classes of big files go to the decode pool (``model.parallel``), small ones stay
     inline; either way the arrays, labels, paths and skipped files are those of decoding one
     by one."""
     import lookalike.model.data as data
     from lookalike.model.preprocess import decode_image
 
-    pools: list[bool] = []
-    real_ordered_map = data.ordered_map
-
-    def spy(fn, items, pool, ahead):
-        pools.append(pool is not None)
-        return real_ordered_map(fn, items, pool, ahead)
-
-    monkeypatch.setattr(data, "ordered_map", spy)
+    pools = watch_decode_pools(data)
     monkeypatch.setattr(data, "available_cpus", lambda: 3)
     rng = np.random.default_rng(0)
     for label, side in (("big", 128), ("small", 12)):

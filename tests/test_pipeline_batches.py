@@ -96,19 +96,11 @@ def test_embed_progress_counts_files_not_items(tmp_path):
 
 
 @pytest.fixture
-def pools_used(monkeypatch) -> list[bool]:
+def pools_used(watch_decode_pools) -> list[bool]:
     """Whether each group the decode stage decoded went to its thread pool (in order)."""
     import lookalike.pipeline.batches as batches
 
-    used: list[bool] = []
-    real_ordered_map = batches.ordered_map
-
-    def spy(fn, items, pool, ahead):
-        used.append(pool is not None)
-        return real_ordered_map(fn, items, pool, ahead)
-
-    monkeypatch.setattr(batches, "ordered_map", spy)
-    return used
+    return watch_decode_pools(batches)
 
 
 def test_big_sources_decoded_on_several_threads_give_what_one_thread_gives(tmp_path, trained_store, pools_used,
