@@ -14,14 +14,12 @@ import functools
 import logging
 import os
 from collections.abc import Callable, Collection, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from lookalike.model.cpu_threads import available_cpus
-from lookalike.model.parallel import PARALLEL_MIN_BYTES, ordered_map
+from lookalike.model.parallel import decode_in_order, holds_big_files
 from lookalike.model.preprocess import ImageDecodeError, PreprocessSpec, decode_image
 from lookalike.model.progress import Progress
 
@@ -79,18 +77,6 @@ def _decode_file(path: Path, spec: PreprocessSpec) -> np.ndarray | ImageDecodeEr
         return e
 
 
-def _big_files(files: list[Path], sample: int = 8) -> bool:
-    """Whether a class folder holds photo-sized files (any of its first ``sample`` of at least
-    PARALLEL_MIN_BYTES): worth decoding on the pool. Folders usually hold files alike."""
-    for path in files[:sample]:
-        try:
-            if os.stat(path).st_size >= PARALLEL_MIN_BYTES:
-                return True
-        except OSError:  # decoding it will say why
-            continue
-    return False
-
-
 def class_folders(root: Path) -> list[Path]:
     """The class sub-folders of a labelled ``root/<label>/*`` folder, by name (hidden ones skipped)."""
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -131,45 +117,42 @@ def load_labelled_folder(root: str | Path, spec: PreprocessSpec, *, max_items: i
         listed = [[p for p in files if (c, p) in chosen] for c, files in enumerate(listed)]
     images, labels, paths, failures, names = [], [], [], [], []
     progress = Progress(f"reading {role} images", sum(map(len, listed)), "files", log)
-    threads, decode = available_cpus(), functools.partial(_decode_file, spec=spec)
-    with ThreadPoolExecutor(threads, thread_name_prefix="decode") as pool:
-        for class_dir, files in zip(class_dirs, listed):
-            if (sampled and not files) or class_dir in filtered_out:
-                continue  # none of its images in the sample, or all of them left out (exclude, include)
-            label = len(names)
-            count = 0
-            # Photos decode several at once (lookalike.model.parallel); small images inline.
-            on_pool = pool if threads > 1 and _big_files(files) else None
-            for path, decoded in zip(files, ordered_map(decode, files, on_pool, 2 * threads)):
-                progress.update(progress.count + 1)
-                if isinstance(decoded, Exception):
-                    log.warning("skipping %s: %s", path, decoded)
-                    failures.append((str(path), str(decoded)))
-                    continue
-                images.append(decoded)
-                labels.append(label)
-                paths.append(str(path))
-                count += 1
-            if count == 0 and unreadable[class_dir] and not files:  # not "no images": they could not be listed
-                log.warning("class %r in %s cannot be read (%s); ignored", class_dir.name, root,
-                            "; ".join(f"{e.filename}: {e.strerror or e}" for e in unreadable[class_dir]))
+    decode = functools.partial(_decode_file, spec=spec)
+    for class_dir, files in zip(class_dirs, listed):
+        if (sampled and not files) or class_dir in filtered_out:
+            continue  # none of its images in the sample, or all of them left out (exclude, include)
+        label = len(names)
+        count = 0
+        # Photos decode several at once (lookalike.model.parallel); small images inline.
+        for path, decoded in decode_in_order(decode, files, progress, on_pool=holds_big_files(files)):
+            if isinstance(decoded, Exception):
+                log.warning("skipping %s: %s", path, decoded)
+                failures.append((str(path), str(decoded)))
                 continue
-            if count == 0:
-                from lookalike.pipeline.video import is_video_path  # as model.unlabelled does
+            images.append(decoded)
+            labels.append(label)
+            paths.append(str(path))
+            count += 1
+        if count == 0 and unreadable[class_dir] and not files:  # not "no images": they could not be listed
+            log.warning("class %r in %s cannot be read (%s); ignored", class_dir.name, root,
+                        "; ".join(f"{e.filename}: {e.strerror or e}" for e in unreadable[class_dir]))
+            continue
+        if count == 0:
+            from lookalike.pipeline.video import is_video_path  # as model.unlabelled does
 
-                videos = not files and any(p.is_file() and is_video_path(p.name) for p in class_dir.rglob("*"))
-                log.warning("class %r in %s has %s; ignored", class_dir.name, root,
-                            "no readable images" if files else
-                            "videos but no images (labelled training uses images; --unlabelled also learns from videos)"
-                            if videos else "no images")
-                continue
-            if count == 1 and role == "training":
-                log.warning("class %r has a single image: it forms no similar pair (contrastive loss uses it only in "
-                            "dissimilar pairs, triplet loss leaves it out)", class_dir.name)
-            elif count == 1:
-                log.warning("class %r has a single image: no other image of its class can be found for it, so as a query "
-                            "it counts as a miss in Precision@1 and Recall@K", class_dir.name)
-            names.append(class_dir.name)
+            videos = not files and any(p.is_file() and is_video_path(p.name) for p in class_dir.rglob("*"))
+            log.warning("class %r in %s has %s; ignored", class_dir.name, root,
+                        "no readable images" if files else
+                        "videos but no images (labelled training uses images; --unlabelled also learns from videos)"
+                        if videos else "no images")
+            continue
+        if count == 1 and role == "training":
+            log.warning("class %r has a single image: it forms no similar pair (contrastive loss uses it only in "
+                        "dissimilar pairs, triplet loss leaves it out)", class_dir.name)
+        elif count == 1:
+            log.warning("class %r has a single image: no other image of its class can be found for it, so as a query "
+                        "it counts as a miss in Precision@1 and Recall@K", class_dir.name)
+        names.append(class_dir.name)
     if len(names) < 2:
         raise ValueError(f"{role} data folder {root}: fewer than 2 classes have readable images")
     return LabelledImages(

@@ -13,10 +13,14 @@ so callers put on the pool only files of at least PARALLEL_MIN_BYTES (and videos
 
 from __future__ import annotations
 
+import os
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
+
+from lookalike.model.cpu_threads import available_cpus
+from lookalike.model.progress import Progress
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -45,4 +49,31 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], pool: ThreadPoolExecut
             future.cancel()
 
 
-__all__ = ["PARALLEL_MIN_BYTES", "ordered_map"]
+def holds_big_files(paths: Sequence[str | os.PathLike], sample: int = 8) -> bool:
+    """Whether any of the first ``sample`` files has at least PARALLEL_MIN_BYTES: a folder
+    worth decoding on a pool (folders usually hold files alike; an unreadable one is left
+    for its decode to report)."""
+    for path in paths[:sample]:
+        try:
+            if os.stat(path).st_size >= PARALLEL_MIN_BYTES:
+                return True
+        except OSError:
+            continue
+    return False
+
+
+def decode_in_order(decode: Callable[[T], R], items: Sequence[T], progress: Progress | None = None, *,
+                    on_pool: bool = True) -> Iterator[tuple[T, R]]:
+    """(item, ``decode(item)``) for each of ``items``, in order, each counted in ``progress``:
+    on a pool of one thread per CPU this process may use when ``on_pool`` (``holds_big_files``),
+    else inline."""
+    threads = available_cpus()
+    with ThreadPoolExecutor(threads, thread_name_prefix="decode") as pool:
+        for item, result in zip(items, ordered_map(decode, items, pool if on_pool and threads > 1 else None,
+                                                   2 * threads)):
+            if progress is not None:
+                progress.update(progress.count + 1)
+            yield item, result
+
+
+__all__ = ["PARALLEL_MIN_BYTES", "decode_in_order", "holds_big_files", "ordered_map"]

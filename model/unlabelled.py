@@ -27,7 +27,9 @@ import numpy as np
 from lookalike.model.augment import UNLABELLED_VIEWS, AugmentSpec, augment_batch
 from lookalike.model.config import TrainConfig, augment_spec
 from lookalike.model.data import IMAGE_SUFFIXES, LabelledImages, walk_folders, warn_unreadable_folder
+from lookalike.model.parallel import decode_in_order, holds_big_files
 from lookalike.model.preprocess import ImageDecodeError, PreprocessSpec, decode_image, image_to_array
+from lookalike.model.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -105,18 +107,26 @@ def load_unlabelled_folder(
     for error in unreadable:
         warn_unreadable_folder(error)
     images, labels, paths, names, failures = [], [], [], [], []
-    for path in files:
-        rel = path.relative_to(root).as_posix()
+
+    def decode(path: Path) -> tuple[np.ndarray, np.ndarray | None, np.ndarray] | Exception:
         try:
             data = path.read_bytes()
             if is_video_path(path.name):
-                frames, times, windows = video_windows(data, spec, window_s, frame_interval_s)
-            else:
-                frames, times, windows = decode_image(data, spec)[None], None, np.zeros(1, np.int64)
+                return video_windows(data, spec, window_s, frame_interval_s)
+            return decode_image(data, spec)[None], None, np.zeros(1, np.int64)
         except (ImageDecodeError, VideoDecodeError, OSError) as e:
-            log.warning("skipping %s: %s", path, e)
-            failures.append((str(path), str(e)))
+            return e
+
+    progress = Progress("reading training images and videos", len(files), "files", log)
+    # Videos and photos decode several at once (lookalike.model.parallel); small images inline.
+    on_pool = holds_big_files(files) or any(is_video_path(p.name) for p in files)
+    for path, decoded in decode_in_order(decode, files, progress, on_pool=on_pool):
+        rel = path.relative_to(root).as_posix()
+        if isinstance(decoded, Exception):
+            log.warning("skipping %s: %s", path, decoded)
+            failures.append((str(path), str(decoded)))
             continue
+        frames, times, windows = decoded
         first_label = len(names)
         if times is None:
             names.append(rel)

@@ -196,11 +196,11 @@ def test_photo_sized_files_decode_on_several_threads_in_order(tmp_path, monkeypa
     """Classes of big files go to the decode pool (``model.parallel``), small ones stay
     inline; either way the arrays, labels, paths and skipped files are those of decoding one
     by one."""
-    import lookalike.model.data as data
+    import lookalike.model.parallel as parallel
     from lookalike.model.preprocess import decode_image
 
-    pools = watch_decode_pools(data)
-    monkeypatch.setattr(data, "available_cpus", lambda: 3)
+    pools = watch_decode_pools(parallel)
+    monkeypatch.setattr(parallel, "available_cpus", lambda: 3)
     rng = np.random.default_rng(0)
     for label, side in (("big", 128), ("small", 12)):
         (tmp_path / label).mkdir()

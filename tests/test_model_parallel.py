@@ -52,3 +52,14 @@ def test_an_exception_is_raised_where_its_result_is_due_and_later_work_is_droppe
         with pytest.raises(ValueError, match="bad item 2"):
             next(results)
     assert max(done) < 10  # the window's queued items were cancelled, not all 50 run
+
+
+def test_a_folder_holds_big_files_when_one_of_its_first_files_is_big(tmp_path):
+    from lookalike.model.parallel import PARALLEL_MIN_BYTES, holds_big_files
+
+    small, big = tmp_path / "small.jpg", tmp_path / "big.jpg"
+    small.write_bytes(b"x" * 100)
+    big.write_bytes(b"x" * PARALLEL_MIN_BYTES)
+    assert holds_big_files([tmp_path / "gone.jpg", small, big])  # a missing file is left for its decode to report
+    assert not holds_big_files([small] * 8 + [big])  # only the first 8 are looked at
+    assert not holds_big_files([])

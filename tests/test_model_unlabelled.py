@@ -154,3 +154,27 @@ def test_training_on_unlabelled_videos_and_images_publishes_a_model(tmp_path, ma
     assert (tmp_path / "w" / "models" / "LATEST").read_text().strip() == result.version
     assert result.metrics["val_views"] >= 6 and np.isfinite(result.metrics["final_loss"])
     assert 0.0 <= result.metrics["map_at_r"] <= 1.0
+
+
+def test_videos_and_photos_decode_on_several_threads_as_on_one(tmp_path, make_video, monkeypatch, watch_decode_pools):
+    """A folder holding videos goes to the decode pool (``model.parallel``); the instances,
+    frames and skipped files are those of decoding one file at a time."""
+    import lookalike.model.parallel as parallel
+
+    pools = watch_decode_pools(parallel)
+    rng = np.random.default_rng(1)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(tmp_path / f"img{i}.png")
+    make_video(tmp_path / "clip.mp4", seconds=2.0)
+    (tmp_path / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x01" * 500)
+    spec = PreprocessSpec(8, 3)
+    results = []
+    for cpus in (1, 3):
+        monkeypatch.setattr(parallel, "available_cpus", lambda cpus=cpus: cpus)
+        results.append(load_unlabelled_folder(tmp_path, spec, window_s=1.0, frame_interval_s=0.5))
+    one, three = results
+    assert pools == [False, True]  # videos: on the pool when there is more than one CPU, inline with one
+    assert three.class_names == one.class_names and any("#t=" in n for n in one.class_names)
+    assert three.paths == one.paths and three.labels.tolist() == one.labels.tolist()
+    assert [f[0] for f in three.failures] == [f[0] for f in one.failures] == [str(tmp_path / "broken.mp4")]
+    np.testing.assert_array_equal(three.images, one.images)
