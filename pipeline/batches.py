@@ -15,6 +15,7 @@ import logging
 import queue
 import threading
 from collections import defaultdict
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -77,8 +78,8 @@ def stack_model_input(arrays: list[np.ndarray]) -> np.ndarray:
     return np.stack([a if a.dtype != np.uint8 else np.asarray(a, dtype=np.float32) / 255.0 for a in arrays])
 
 
-def _at_least_two(flags: Any) -> bool:
-    """Whether at least two of ``flags`` (an iterable of bools) are true, reading no further."""
+def _at_least_two(flags: Iterable[bool]) -> bool:
+    """Whether at least two of ``flags`` are true, reading no further."""
     found = 0
     for flag in flags:
         found += bool(flag)
