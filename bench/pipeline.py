@@ -26,7 +26,7 @@
   --quick), one process. A second figure, not the headline: the tiny conv net above makes
   per-item overhead visible; with the ResNet, inference dominates.
 * ``photos_parallel_decode_speedup``: on photo-sized JPEGs (CIFAR-10 images upscaled to
-  3000x2000 with noise, ~1.3 MB: ``../shared`` has no camera photos; 100 with --quick, else
+  3000x2000 with noise, ~1.4 MB: ``../shared`` has no camera photos; 100 with --quick, else
   300), the pipeline decoding on one thread per CPU against one decode thread; and
   ``photos_pipeline_vs_decode_loop_ratio``, against a plain loop decoding them one by one.
 """
@@ -92,7 +92,7 @@ def resnet_ratio(tmp: Path, files: list[Path], limit: int) -> dict[str, float]:
 
 
 # Photo-sized JPEGs made from CIFAR-10 images (../shared holds no camera photos): upscaled to
-# 3000x2000 with pixel noise, quality 90, ~1.3 MB each, so each costs a photo's decode (~23 ms).
+# 3000x2000 with pixel noise, quality 90, ~1.4 MB each, so each costs a photo's decode (~23 ms).
 PHOTO_SIZE = (3000, 2000)
 PHOTO_NOISE = 12
 
