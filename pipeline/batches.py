@@ -12,16 +12,12 @@ and merges tagged outputs.
 from __future__ import annotations
 
 import logging
-import queue
-import threading
-from collections import defaultdict
 from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import apache_beam as beam
 import numpy as np
-import pyarrow as pa
 from apache_beam.metrics import Metrics
 from apache_beam.transforms.window import GlobalWindow
 from apache_beam.utils.timestamp import MIN_TIMESTAMP
@@ -29,21 +25,22 @@ from apache_beam.utils.windowed_value import WindowedValue
 
 from lookalike.model.cpu_threads import available_cpus
 from lookalike.model.parallel import ordered_map
-from lookalike.model.preprocess import ImageDecodeError, PreprocessSpec
+from lookalike.model.preprocess import ImageDecodeError, PreprocessSpec, decode_plain_jpeg, decode_side_px, pixels_to_array
 from lookalike.model.progress import Progress
-from lookalike.pipeline.cache import file_index_table, write_cache_table, write_failed_table
+from lookalike.pipeline.cache import write_cache_table, write_failed_table
 from lookalike.pipeline.elements import ItemBatch, Routed
 from lookalike.pipeline.failpoints import failpoint
 from lookalike.pipeline.items import expand_items, items_of_batch, rows_table, split_by_shard
-from lookalike.pipeline.sources import CACHED, DEAD, FILE, NEW, ReadSourceFn, dead_letter, decode_source, worth_a_thread
+from lookalike.pipeline.sources import DEAD, dead_letter, decode_source, worth_a_thread
 from lookalike.pipeline.state_sampling import shorten_state_sampling
-from lookalike.pipeline.thumbnails import ThumbnailWriter
-from lookalike.pipeline.video import FrameSampling, VideoDecodeError
+from lookalike.pipeline.thumbnails import ThumbnailWriter, thumbnail_path
+from lookalike.pipeline.video import FrameSampling, VideoDecodeError, is_video_path
 from lookalike.pipeline.worker_main import worker_label
 
 log = logging.getLogger(__name__)
 
 BATCH = "batch"
+_JPEG_SOI = b"\xff\xd8\xff"
 # Sources decoded ahead of the one the batch waits for, when decoding on the pool (``model.parallel.ordered_map``).
 DECODE_WINDOW = 8
 shorten_state_sampling()  # here too: every worker process imports this module to run our DoFns
@@ -128,6 +125,7 @@ class DecodeBatchFn(beam.DoFn):
 
     def setup(self) -> None:
         self._writer = ThumbnailWriter()
+        self._side = decode_side_px(self._spec)
         threads = self._decode_threads or available_cpus()
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="decode") if threads > 1 else None
 
@@ -175,18 +173,23 @@ class DecodeBatchFn(beam.DoFn):
 
     def process(self, keyed: tuple[int, Any]):
         _, entries = keyed
-        uris_by_hash: dict[str, list[str]] = defaultdict(list)
-        data_by_hash: dict[str, bytes] = {}
+        by_hash: dict[str, list] = {}  # source hash -> [uris, bytes or None]
         for source_hash, uri, data in entries:
-            uris_by_hash[source_hash].append(uri)
-            if data is not None:
-                data_by_hash[source_hash] = data
-        sources = [(h, sorted(set(uris_by_hash[h])), data_by_hash.get(h)) for h in sorted(uris_by_hash)]
+            found = by_hash.get(source_hash)
+            if found is None:
+                by_hash[source_hash] = [[uri], data]
+            else:
+                found[0].append(uri)
+                if data is not None:
+                    found[1] = data
+        sources = [(h, uris if len(uris) == 1 else sorted(set(uris)), data) for h, (uris, data) in sorted(by_hash.items())]
         # Big sources (photos, videos) are decoded on the pool, several at once; small ones inline.
-        pool = self._pool if self._pool is not None and _at_least_two(worth_a_thread(data, uris[0])
-                                                                      for _, uris, data in sources) else None
-        for (source_hash, uris, _), decoded in zip(sources, ordered_map(self._decode, sources, pool, DECODE_WINDOW)):
-            self._inc(self._duplicates, len(uris) - 1)
+        on_pool = self._pool is not None and _at_least_two(worth_a_thread(data, uris[0]) for _, uris, data in sources)
+        decoded_sources = ordered_map(self._decode if on_pool else self._decode_small, sources,
+                                      self._pool if on_pool else None, DECODE_WINDOW)
+        for (source_hash, uris, _), decoded in zip(sources, decoded_sources):
+            if len(uris) > 1:
+                self._inc(self._duplicates, len(uris) - 1)
             if isinstance(decoded, Exception):
                 if not isinstance(decoded, OSError):  # the bytes themselves are bad: the same next time
                     self._undecodable.append({"source_hash": source_hash, "stage": "decode", "reason": str(decoded)})
@@ -199,6 +202,27 @@ class DecodeBatchFn(beam.DoFn):
             self._pending_items += len(items)
             if self._pending_items >= self._batch_size:
                 yield from self._emit()
+
+    def _decode_small(self, source: tuple[str, list[str], bytes | None]):
+        """``_decode``, inline, with a lean path for the usual small file, a plain JPEG
+        (``decode_source``'s fast path: the same pixels, meta and thumbnail, without a
+        generator or callback per file)."""
+        source_hash, uris, data = source
+        spec = self._spec
+        if data is None or not data.startswith(_JPEG_SOI) or is_video_path(uris[0]):
+            return self._decode(source)
+        pixels = decode_plain_jpeg(data, spec.channels, spec.max_pixels, self._side)
+        if pixels is None:
+            return self._decode(source)
+        height, width = pixels.shape[:2]
+        try:
+            future = self._writer.submit(pixels, thumbnail_path(self._thumbs, source_hash), (uris[0], data))
+        except OSError as e:
+            return e
+        meta = {"source_hash": source_hash, "content_hash": source_hash, "kind": "image", "timestamp_s": None,
+                "width": width, "height": height, "uris": uris}
+        # Pixels of exactly the model's shape stay uint8: the batch is converted at once (stack_model_input).
+        return [(meta, pixels if pixels.shape == spec.shape else pixels_to_array(pixels, spec))], [future]
 
     def _decode(self, source: tuple[str, list[str], bytes | None]):
         """One source's (items, thumbnail futures), or the ImageDecodeError, VideoDecodeError or
@@ -272,149 +296,3 @@ class BatchRowsFn(beam.DoFn):
         self._progress.update(self._count)
         items = expand_items(rows, *items_of_batch(metas), reused=False, **self._expand)
         yield from split_by_shard(items, self._num_shards)
-
-
-# Files per read chunk (a chunk ends where the file size changes, so it may hold more).
-CHUNK_FILES = 1024
-# Batches decoded ahead of inference (ReadChunkFn's background thread).
-DECODE_AHEAD = 2
-# Bytes of a chunk's files kept in memory between hashing and decoding; files past it are read again.
-CHUNK_CARRY_BYTES = 64 * 1024 * 1024
-
-
-def write_listing(path: str, files: list[Any], chunk_files: int | None = None) -> list[tuple[int, int]]:
-    """Write ``files`` (FileMetadata) to ``path`` (Arrow IPC: path, size, mtime), sorted by size
-    then path, and return chunks as [start, stop) row ranges. Chunks end only where the size
-    changes, so byte-identical files (same size) always share a chunk, where they are decoded
-    and embedded once. The listing stays out of the pipeline graph (Beam would pickle and
-    bz2-compress every entry into it). ``chunk_files``: default CHUNK_FILES."""
-    chunk_files = chunk_files or CHUNK_FILES
-    table = pa.table({
-        "path": pa.array([m.path for m in files], pa.string()),
-        "size": pa.array([int(m.size_in_bytes or 0) for m in files], pa.int64()),
-        "mtime_s": pa.array([float(getattr(m, "last_updated_in_seconds", 0) or 0) for m in files], pa.float64()),
-    }).sort_by([("size", "ascending"), ("path", "ascending")])
-    with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
-        writer.write_table(table)
-    sizes = table.column("size").to_numpy()
-    chunks, start = [], 0
-    for i in np.flatnonzero(sizes[1:] != sizes[:-1]) + 1:  # rows where the size changes
-        if i - start >= chunk_files:
-            chunks.append((start, int(i)))
-            start = int(i)
-    if len(table):
-        chunks.append((start, len(table)))
-    return chunks
-
-
-def read_listing(path: str) -> tuple[list[str], list[int], list[float]]:
-    with pa.memory_map(path) as source:
-        table = pa.ipc.open_file(source).read_all()
-    return (table.column("path").to_pylist(), table.column("size").to_pylist(), table.column("mtime_s").to_pylist())
-
-
-class ReadChunkFn(DecodeBatchFn):
-    """[start, stop) rows of a listing file (``write_listing``) -> read, hash and decode in one
-    step: ("batch", (metas, [B, H, W, C])) as DecodeBatchFn, ("dead", letter), ("cached", [(uri,
-    source hash), ...]) and ("file", ``cache.file_index_table``) per chunk. Reading, decoding
-    and inference run in one fused stage (no GroupByKey between them), so they overlap:
-    inference is dispatched asynchronously while the next files are read and decoded."""
-
-    def __init__(self, listing: str, cache_dir: str | None, total_files: int, spec: PreprocessSpec,
-                 thumbnails_dir: str, sampling: FrameSampling, batch_size: int = 256, failures_dir: str | None = None,
-                 decode_threads: int | None = None):
-        super().__init__(spec, thumbnails_dir, sampling, batch_size, failures_dir, decode_threads)
-        self._listing = listing
-        self._reader = ReadSourceFn(cache_dir, total_files, sampling)
-
-    def setup(self) -> None:
-        super().setup()
-        self._reader.setup()
-        self._paths, self._sizes, self._mtimes = read_listing(self._listing)
-
-    def process(self, bounds: tuple[int, int]):
-        """Reads and decodes on a background thread, at most DECODE_AHEAD batches ahead of
-        inference: while this thread waits for XLA (the GIL released), the next batch decodes.
-        Outputs and counter updates are handed back here in order."""
-        results: queue.Queue = queue.Queue()
-        room = threading.Semaphore(DECODE_AHEAD)
-        stop = threading.Event()
-        counts: list[tuple[Any, int]] = []
-
-        def hand_over_counts() -> None:
-            if counts:
-                results.put((_INC, counts[:]))
-                counts.clear()
-
-        def work() -> None:
-            try:
-                for output in self._chunk_outputs(bounds):
-                    if output[0] == BATCH:
-                        room.acquire()
-                    if stop.is_set():
-                        return
-                    hand_over_counts()
-                    results.put((_OUT, output))
-                hand_over_counts()
-            except BaseException as e:  # raised again on the bundle's thread
-                results.put((_ERR, e))
-            finally:
-                results.put((_END, None))
-
-        self._deferred = self._reader._deferred = counts
-        worker = threading.Thread(target=work, name="read-decode", daemon=True)
-        worker.start()
-        try:
-            while True:
-                kind, value = results.get()
-                if kind == _INC:
-                    totals: dict[int, list] = {}
-                    for counter, n in value:
-                        totals.setdefault(id(counter), [counter, 0])[1] += n
-                    for counter, n in totals.values():
-                        counter.inc(n)
-                elif kind == _OUT:
-                    yield value if isinstance(value, Routed) else Routed(*value)
-                    if value[0] == BATCH:
-                        room.release()
-                elif kind == _ERR:
-                    raise value
-                else:
-                    break
-        finally:
-            stop.set()
-            room.release()
-            worker.join()
-            self._deferred = self._reader._deferred = None
-
-    def _chunk_outputs(self, bounds: tuple[int, int]):
-        """Files are read in listing order (by size) and decoded in groups of at least a
-        batch of files that end where the size changes: byte-identical files, which have one
-        size, meet in one group and are decoded once, and the first batch of a chunk is ready
-        after a batch of files is read, not the whole chunk."""
-        start, stop = bounds
-        entries: list[tuple[str, str, bytes | None]] = []
-        cached: list[tuple[str, str]] = []
-        files: list[dict[str, Any]] = []
-        carried = 0
-        for i in range(start, stop):
-            if len(entries) >= self._batch_size and self._sizes[i] != self._sizes[i - 1]:
-                yield from super().process((None, entries))
-                entries, carried = [], 0
-            for tag, value in self._reader.read_one(self._paths[i], self._sizes[i], self._mtimes[i],
-                                                    carry=carried < CHUNK_CARRY_BYTES):
-                if tag == NEW:
-                    entries.append(value)
-                    carried += len(value[2]) if value[2] is not None else 0
-                elif tag == FILE:
-                    files.append(value)
-                elif tag == CACHED:
-                    cached.append(value)
-                else:
-                    yield tag, value
-        self._reader.advance(stop - start)
-        if files:
-            yield FILE, file_index_table(files)
-        if cached:
-            yield CACHED, cached
-        yield from super().process((None, entries))

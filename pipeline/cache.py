@@ -89,8 +89,12 @@ def load_file_index(directory: str | Path) -> dict[str, tuple[int, float, str]]:
     return dict(zip(columns[0], zip(*columns[1:])))
 
 
-def file_index_table(rows: list[dict[str, Any]]) -> pa.Table:
-    """File index rows (uri, size, mtime_s, source_hash dicts) -> a FILE_INDEX_SCHEMA table."""
+def file_index_table(rows: list[dict[str, Any]] | list[tuple[str, int, float, str]]) -> pa.Table:
+    """File index rows (uri, size, mtime_s, source_hash dicts, or tuples in that order) -> a
+    FILE_INDEX_SCHEMA table."""
+    if rows and isinstance(rows[0], tuple):
+        columns = list(zip(*rows))
+        return pa.Table.from_arrays([pa.array(c, f.type) for c, f in zip(columns, FILE_INDEX_SCHEMA)], schema=FILE_INDEX_SCHEMA)
     return pa.Table.from_pylist(rows, schema=FILE_INDEX_SCHEMA)
 
 

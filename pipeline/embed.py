@@ -40,7 +40,6 @@ from lookalike.model.filelock import try_lock_folder
 from lookalike.model.memory import keep_freed_memory
 from lookalike.model.progress import format_seconds
 from lookalike.model.store import Store, StoreError, check_version_name
-from lookalike.pipeline.batches import write_listing
 from lookalike.pipeline.cache import load_cache_table
 from lookalike.pipeline.graph import (LISTING_IN_GRAPH_MAX, LOCAL_RUNNER, EmbedConfig, EmbedRun, build_pipeline,
                                       local_runner, pipeline_options)
@@ -48,6 +47,7 @@ from lookalike.pipeline.index_shards import build_index_shard, collect_shard_ent
 from lookalike.pipeline.inference import discard_preloaded, preload_encoder
 from lookalike.pipeline.items import split_by_shard
 from lookalike.model.store_lock import StoreLock
+from lookalike.pipeline.listing import write_listing
 from lookalike.pipeline.metadata import prepare_metadata, report_unmatched, with_metadata
 from lookalike.pipeline.reuse import current_index_if_same, list_files, plan_reuse, reused_items
 from lookalike.pipeline.sources import (GLOB_CHARS, absolute_pattern, common_folder, corpus_pattern, corpus_root,

@@ -59,12 +59,13 @@ from lookalike.index.builder import IndexOptions
 from lookalike.model.cpu_threads import threads_per_worker
 from lookalike.model.preprocess import PreprocessSpec
 from lookalike.model.store import Store
-from lookalike.pipeline.batches import BATCH, BatchRowsFn, DecodeBatchFn, ReadChunkFn, bucket_of, split_tagged
+from lookalike.pipeline.batches import BATCH, BatchRowsFn, DecodeBatchFn, bucket_of, split_tagged
 from lookalike.pipeline.cache import WriteFileIndexFn, cache_dir
 from lookalike.pipeline.elements import EmbeddedBatch, ItemBatch, Routed, ShardTable
 from lookalike.pipeline.index_shards import BuildIndexShardFn
 from lookalike.pipeline.inference import FlaxEncoderHandler
 from lookalike.pipeline.items import embedding_schema
+from lookalike.pipeline.listing import ReadChunkFn
 from lookalike.pipeline.metadata import MetadataSpec, with_metadata
 from lookalike.pipeline.reuse import ReusedItemsFn, ReusePlan
 from lookalike.pipeline.sources import CACHED, DEAD, FILE, NEW, ReadSourceFn, read_list_file
@@ -219,7 +220,7 @@ def read_and_decode(p: beam.Pipeline, run: EmbedRun, spec: PreprocessSpec) -> di
     (uri, source hash)) and "file" (file index tables, or lists of rows).
 
     A corpus listed before the run (a folder or glob of at most LISTING_IN_GRAPH_MAX files)
-    is read in chunks of files of equal sizes (``batches.write_listing``): read, hash and
+    is read in chunks of files of equal sizes (``listing.write_listing``): read, hash and
     decode in one DoFn, fused with inference. Other sources (TFDS, a list file, bigger
     corpora) are read file by file and grouped by content-hash bucket before decoding."""
     config = run.config

@@ -210,13 +210,13 @@ class ReadSourceFn(beam.DoFn):
         self._read = Metrics.counter("lookalike", "files_read")
         self._reused = Metrics.counter("lookalike", "files_unchanged")
         self._failed = Metrics.counter("lookalike", "files_failed")
-        self._deferred = None  # a list of counter updates while a background thread reads (batches.ReadChunkFn)
+        self._deferred = None  # a list of counter updates while a background thread reads (listing.ReadChunkFn)
 
-    def _inc(self, counter: Any) -> None:
+    def _inc(self, counter: Any, n: int = 1) -> None:
         if self._deferred is not None:  # Beam counts on the bundle's thread
-            self._deferred.append((counter, 1))
+            self._deferred.append((counter, n))
         else:
-            counter.inc()
+            counter.inc(n)
 
     def setup(self) -> None:
         usable = bool(self._cache_dir and os.path.isdir(self._cache_dir))
@@ -262,14 +262,19 @@ class ReadSourceFn(beam.DoFn):
                 source_hash = video_source_hash(source_hash, self._sampling)
         if mtime:  # a known modification time (an empty file has size 0)
             yield FILE, {"uri": uri, "size": size, "mtime_s": mtime, "source_hash": source_hash}
-        if source_hash in self._undecodable:  # these bytes failed to decode in an earlier run
-            self._inc(self._failed)
-            yield DEAD, known_failure_letter(uri, *self._undecodable[source_hash])
-        elif source_hash in self._cache:
-            self._inc(self._reused)
-            yield CACHED, (uri, source_hash)
+        if source_hash in self._undecodable or source_hash in self._cache:
+            yield from self.known_outputs(uri, source_hash)
         else:
             yield NEW, (source_hash, uri, data if carry and data is not None and len(data) <= CARRY_BYTES_MAX else None)
+
+    def known_outputs(self, uri: str, source_hash: str) -> list[tuple[str, Any]]:
+        """The output of a file whose bytes are known: its dead letter again if they failed to
+        decode in an earlier run, else ("cached", (uri, source hash))."""
+        if source_hash in self._undecodable:
+            self._inc(self._failed)
+            return [(DEAD, known_failure_letter(uri, *self._undecodable[source_hash]))]
+        self._inc(self._reused)
+        return [(CACHED, (uri, source_hash))]
 
 
 def decode_source(

@@ -1,31 +1,16 @@
-"""Batching in the embed pipeline: chunked listings, full batches, asynchronous inference."""
+"""Batching in the embed pipeline: full batches, duplicates decoded once, asynchronous inference."""
 
 import pickle
 import shutil
 
 import numpy as np
 import pytest
-from apache_beam.io.filesystem import FileMetadata
 from PIL import Image
 
 from lookalike.model.preprocess import PreprocessSpec, pixels_to_array
-from lookalike.pipeline.batches import read_listing, stack_model_input, write_listing
+from lookalike.pipeline.batches import stack_model_input
 from lookalike.pipeline.embed import EmbedConfig, read_embeddings, run_embed
 from lookalike.pipeline.inference import FlaxEncoderHandler
-
-
-def test_listing_chunks_never_split_files_of_one_size(tmp_path):
-    sizes = [5] * 7 + [3] * 2 + [9] * 4 + [1]
-    files = [FileMetadata(f"/c/{i:02d}.png", size, 100.0 + i) for i, size in enumerate(sizes)]
-    chunks = write_listing(str(tmp_path / "l.arrow"), files, chunk_files=3)
-    paths, got_sizes, mtimes = read_listing(str(tmp_path / "l.arrow"))
-    assert got_sizes == sorted(sizes) and sorted(paths) == sorted(f.path for f in files)
-    assert chunks[0][0] == 0 and chunks[-1][1] == len(files)
-    assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))  # contiguous, nothing left out
-    for start, stop in chunks[:-1]:
-        assert got_sizes[stop - 1] != got_sizes[stop]  # a size never spans two chunks
-    assert mtimes[paths.index("/c/13.png")] == 113.0
-    assert write_listing(str(tmp_path / "empty.arrow"), []) == []
 
 
 def test_uint8_batches_convert_exactly_as_one_image():
@@ -55,9 +40,9 @@ def test_async_inference_equals_embed_and_pickles_as_an_array(trained_store, enc
 @pytest.mark.parametrize("chunk_files, batch_size", [(4, 5), (1000, 2)])
 def test_duplicates_are_embedded_once_across_many_chunks(tmp_path, trained_store, monkeypatch, chunk_files, batch_size):
     """(4, 5): many chunks, many batches; (1000, 2): one chunk decoded in many groups."""
-    import lookalike.pipeline.batches as batches
+    import lookalike.pipeline.listing as listing
 
-    monkeypatch.setattr(batches, "CHUNK_FILES", chunk_files)
+    monkeypatch.setattr(listing, "CHUNK_FILES", chunk_files)
     workdir = tmp_path / "w"
     shutil.copytree(trained_store.root / "models", workdir / "models")
     corpus = workdir / "corpus"
