@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import queue
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,8 +22,9 @@ import numpy as np
 import pyarrow as pa
 
 from lookalike.model.data import IMAGE_SUFFIXES
+from lookalike.model.parallel import PARALLEL_MIN_BYTES, ordered_map
 from lookalike.model.preprocess import PreprocessSpec
-from lookalike.pipeline.batches import _END, _ERR, _INC, _OUT, BATCH, DecodeBatchFn
+from lookalike.pipeline.batches import _END, _ERR, _INC, _OUT, BATCH, DECODE_WINDOW, DecodeBatchFn
 from lookalike.pipeline.cache import file_index_table
 from lookalike.pipeline.elements import Routed
 from lookalike.pipeline.sources import CACHED, CARRY_BYTES_MAX, FILE, NEW, ReadSourceFn, read_bytes
@@ -97,31 +99,38 @@ class ListingReader(ReadSourceFn):
     """``ReadSourceFn`` reading the files of a listing range by range (``ReadChunkFn``)."""
 
     def read_range(self, paths: list[str], sizes: list[int], mtimes: list[float], start: int, stop: int,
-                   carry_bytes: int) -> RangeRead:
+                   carry_bytes: int, pool: ThreadPoolExecutor | None = None) -> RangeRead:
         """``read_one``'s outputs for files [start, stop) of a listing, gathered by kind;
         bytes are carried on until ``carry_bytes`` of them are (then read again where decoded).
         The usual file, a local image unknown to the file index, takes a lean path: the same
-        outputs without a generator or a dict per file (~10 us less CPU per small file). Any
-        other file, or one whose read fails, goes through ``read_one``."""
+        outputs without a generator or a dict per file (~10 us less CPU per small file), read
+        and hashed on ``pool`` when given, several at once, in order (``model.parallel``: for
+        big files). Any other file, or one whose read fails, goes through ``read_one``."""
         out = RangeRead()
         known, reusable, undecodable = self._files, self._cache, self._undecodable
         sha256 = hashlib.sha256
-        read = 0
-        for i in range(start, stop):
-            uri, size, mtime = paths[i], sizes[i], mtimes[i]
+
+        def read_lean(i: int) -> tuple[bytes, str] | None:
+            """File i's bytes and their sha256 on the lean path, or None: read_one reads it."""
+            uri = paths[i]
             dot = uri.rfind(".")
-            data = None
-            if dot >= 0 and uri[dot:].lower() in IMAGE_SUFFIXES and "://" not in uri and not (known and uri in known):
-                try:
-                    data = read_bytes(uri, size)
-                except Exception:  # read_one reads it again and says why
-                    data = None
-            if data is None:
+            if dot < 0 or uri[dot:].lower() not in IMAGE_SUFFIXES or "://" in uri or (known and uri in known):
+                return None
+            try:
+                data = read_bytes(uri, sizes[i])
+            except Exception:  # read_one reads it again and says why
+                return None
+            return data, sha256(data).hexdigest()
+
+        read = 0
+        for i, lean in zip(range(start, stop), ordered_map(read_lean, range(start, stop), pool, DECODE_WINDOW)):
+            uri, size, mtime = paths[i], sizes[i], mtimes[i]
+            if lean is None:
                 for tag, value in self.read_one(uri, size, mtime, carry=out.carried < carry_bytes):
                     out.add(tag, value)
                 continue
+            data, source_hash = lean
             read += 1
-            source_hash = sha256(data).hexdigest()
             if mtime:
                 out.file_rows.append((uri, size, mtime, source_hash))
             if source_hash in undecodable or source_hash in reusable:  # as read_one says
@@ -223,7 +232,9 @@ class ReadChunkFn(DecodeBatchFn):
             end = min(stop, start + self._batch_size)
             while end < stop and sizes[end] == sizes[end - 1]:
                 end += 1
-            group = self._reader.read_range(self._paths, sizes, self._mtimes, start, end, CHUNK_CARRY_BYTES)
+            # Big files (sorted by size: all from the first) are read and hashed on the decode pool too.
+            pool = self._pool if sizes[start] >= PARALLEL_MIN_BYTES else None
+            group = self._reader.read_range(self._paths, sizes, self._mtimes, start, end, CHUNK_CARRY_BYTES, pool)
             yield from group.others
             cached += group.cached
             file_rows += group.file_rows

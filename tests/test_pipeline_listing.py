@@ -167,3 +167,30 @@ def test_lean_decodes_give_what_decode_source_gives(tmp_path, mixed_corpus, monk
     general_thumbs = {p.relative_to(tmp_path / "t-general"): p.read_bytes()
                       for p in (tmp_path / "t-general").rglob("*.jpg")}
     assert lean_thumbs == general_thumbs
+
+
+def test_big_files_are_read_and_hashed_on_the_pool_in_order(tmp_path, watch_decode_pools):
+    """With a pool, a range is read and hashed several files at once: the same outputs, in
+    the listing's order, as one file at a time (and a file that cannot be read still goes
+    through ``read_one``, which says why)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import lookalike.pipeline.listing as listing
+
+    rng = np.random.default_rng(5)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(7):  # noise PNGs of ~49 KB
+        Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(corpus / f"big{i}.png")
+    files = [FileMetadata(str(p), p.stat().st_size, p.stat().st_mtime) for p in sorted(corpus.iterdir())]
+    files.append(FileMetadata(str(corpus / "gone.png"), 60_000, 1.0))
+    write_listing(str(tmp_path / "l.arrow"), files)
+    paths, sizes, mtimes = read_listing(str(tmp_path / "l.arrow"))
+    used = watch_decode_pools(listing)
+    one = make_reader().read_range(paths, sizes, mtimes, 0, len(paths), 100_000)
+    with ThreadPoolExecutor(3) as pool:
+        several = make_reader().read_range(paths, sizes, mtimes, 0, len(paths), 100_000, pool)
+    assert used == [False, True]
+    assert several.entries == one.entries and [uri for _, uri, _ in one.entries] == sorted(paths)[:-1]
+    assert several.file_rows == one.file_rows and several.others == one.others and len(one.others) == 1
+    assert several.carried == one.carried and 0 < one.carried < sum(sizes)
