@@ -40,7 +40,6 @@ from lookalike.pipeline.worker_main import worker_label
 log = logging.getLogger(__name__)
 
 BATCH = "batch"
-_JPEG_SOI = b"\xff\xd8\xff"
 # Sources decoded ahead of the one the batch waits for, when decoding on the pool (``model.parallel.ordered_map``).
 DECODE_WINDOW = 8
 shorten_state_sampling()  # here too: every worker process imports this module to run our DoFns
@@ -88,9 +87,6 @@ def _at_least_two(flags: Iterable[bool]) -> bool:
 def in_global_window(value: Any) -> WindowedValue:
     """An output of ``finish_bundle`` (Beam wants it windowed; the pipeline is in the global window)."""
     return WindowedValue(value, MIN_TIMESTAMP, [GlobalWindow()])
-
-
-_INC, _OUT, _ERR, _END = "inc", "out", "err", "end"
 
 
 class DecodeBatchFn(beam.DoFn):
@@ -209,9 +205,9 @@ class DecodeBatchFn(beam.DoFn):
         generator or callback per file)."""
         source_hash, uris, data = source
         spec = self._spec
-        if data is None or not data.startswith(_JPEG_SOI) or is_video_path(uris[0]):
-            return self._decode(source)
-        pixels = decode_plain_jpeg(data, spec.channels, spec.max_pixels, self._side)
+        pixels = None
+        if data is not None and not is_video_path(uris[0]):
+            pixels = decode_plain_jpeg(data, spec.channels, spec.max_pixels, self._side)  # None unless a plain JPEG
         if pixels is None:
             return self._decode(source)
         height, width = pixels.shape[:2]

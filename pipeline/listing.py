@@ -24,7 +24,7 @@ import pyarrow as pa
 from lookalike.model.data import IMAGE_SUFFIXES
 from lookalike.model.parallel import PARALLEL_MIN_BYTES, ordered_map
 from lookalike.model.preprocess import PreprocessSpec
-from lookalike.pipeline.batches import _END, _ERR, _INC, _OUT, BATCH, DECODE_WINDOW, DecodeBatchFn
+from lookalike.pipeline.batches import BATCH, DECODE_WINDOW, DecodeBatchFn
 from lookalike.pipeline.cache import file_index_table
 from lookalike.pipeline.elements import Routed
 from lookalike.pipeline.sources import CACHED, CARRY_BYTES_MAX, FILE, NEW, ReadSourceFn, read_bytes
@@ -37,6 +37,8 @@ CHUNK_FILES = 1024
 DECODE_AHEAD = 2
 # Bytes of a chunk's files kept in memory between hashing and decoding; files past it are read again.
 CHUNK_CARRY_BYTES = 64 * 1024 * 1024
+# What ReadChunkFn's background thread hands to the bundle's thread.
+_INC, _OUT, _ERR, _END = "inc", "out", "err", "end"
 
 
 def write_listing(path: str, files: list[Any], chunk_files: int | None = None) -> list[tuple[int, int]]:
