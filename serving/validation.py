@@ -13,6 +13,7 @@ pydantic checks before it validates any element.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, TypeVar
 
 from fastapi.concurrency import run_in_threadpool
@@ -32,7 +33,10 @@ M = TypeVar("M", bound=BaseModel)
 
 def short_input(value: Any, depth: int = 0) -> Any:
     """``value`` (an error's ``input``) small enough to echo: long strings cut, large
-    arrays and objects summarised."""
+    arrays and objects summarised, and a NaN or infinity (Python's JSON parser accepts
+    ``NaN``, ``Infinity`` and ``1e400``) named as a string, which a JSON response can hold."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
     if isinstance(value, str):
         return value if len(value) <= MAX_ECHO_CHARS else value[:MAX_ECHO_CHARS] + f"... ({len(value)} characters)"
     if isinstance(value, (bytes, bytearray)):

@@ -76,6 +76,25 @@ def test_short_input() -> None:
     assert short_input("x" * 1000).endswith("(1000 characters)")
     assert short_input(list(range(100))) == "<array of 100 values>"
     assert short_input({"a": [1, 2]}) == {"a": [1, 2]}
+    assert short_input([float("nan"), float("inf"), -float("inf"), 1.5]) == ["NaN", "Infinity", "-Infinity", 1.5]
+
+
+@pytest.mark.parametrize("path, body", [
+    ("/v1/search/vector", '{"vector": VECTOR, "k": NaN}'),
+    ("/v1/search/vector", '{"vector": VECTOR, "k": 1e400}'),
+    ("/v1/search/vector", '{"vector": VECTOR, "max_per_group": -Infinity}'),
+    ("/v1/search/vector", '{"vector": [[NaN]]}'),
+    ("/v1/search/vector", '{"vector": VECTOR, "tag": [1e400]}'),
+    ("/v1/search/batch", '{"queries": [{"id": NaN}]}'),
+    ("/v1/search/batch", '{"queries": [{"vector": VECTOR}], "k": NaN}'),
+])
+def test_a_non_finite_number_in_a_wrong_place_is_a_422_naming_it(http: httpx.Client, backend: Backend, path: str,
+                                                                   body: str) -> None:
+    content = body.replace("VECTOR", json.dumps([1.0] * backend.index.embed_dim))
+    response = http.post(path, content=content, headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text  # was a 500: the 422 echoed the NaN, which JSON cannot hold
+    inputs = json.dumps([error.get("input") for error in response.json()["detail"]])
+    assert any(name in inputs for name in ("NaN", "Infinity")), response.text
 
 
 def test_vector_queries_may_name_their_model(http: httpx.Client, backend: Backend) -> None:
