@@ -61,7 +61,7 @@ def thumbnail(item_id: ItemId, backend: BackendDep, request: Request) -> Respons
     version = thumbnail_version(item)
     # A URL naming the picture's version (as results and metadata link it) always shows that
     # picture: cache it for long. Any other URL may show another picture tomorrow: revalidate.
-    current = version is not None and request.query_params.get("v") == version
+    current = version is not None and request.query_params.getlist("v") == [version]  # ?v=x&v=<version>: not it
     headers = {"Cache-Control": "public, max-age=31536000, immutable" if current else "public, no-cache"}
     if item.get("content_hash"):  # same bytes, same preview: no need to render to compare
         headers["ETag"] = f'"{item["content_hash"][:32]}-{item.get("timestamp_s") or 0}"'

@@ -174,11 +174,21 @@ def unit_query(backend: Backend, vector: list[float]) -> np.ndarray:
 async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str | None]:
     """The uploaded image bytes and file name, from a multipart form or the raw body.
 
-    422 for a form without a file in field ``UPLOAD_FIELD`` and for a request with no body
+    422 for a form without a file in field ``UPLOAD_FIELD`` or with any other field (naming
+    it: FastAPI's 422 shape, through the validation handler), and for a request with no body
     at all (no image was sent; an empty file that was sent is left to the decoder: "empty file").
     """
     if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):  # media types ignore case
         async with request.form(max_files=1, max_fields=16) as form:
+            extra = [name for name in dict.fromkeys(form.keys()) if name != UPLOAD_FIELD]
+            if extra:  # e.g. k sent as a form field: refused, as an unknown JSON field is, not silently ignored
+                raise RequestValidationError([
+                    {"type": "extra_forbidden", "loc": ("body", name),
+                     "input": form.get(name) if isinstance(form.get(name), str) else "<a file>",
+                     "msg": f"unknown multipart field {name!r}: the form takes only the image, as field {UPLOAD_FIELD!r}; "
+                            "k and the filters are query parameters (/v1/search/image?k=5)"}
+                    for name in extra
+                ])
             upload = form.get(UPLOAD_FIELD)
             if not isinstance(upload, UploadFile):
                 raise HTTPException(status_code=422, detail=f"multipart upload needs a file in field {UPLOAD_FIELD!r}")

@@ -218,6 +218,17 @@ def test_image_search_rejects_non_images(http: httpx.Client, kwargs: dict, reaso
     assert reason in detail_of(response)
 
 
+@pytest.mark.parametrize("data, named", [({"k": "2"}, "'k'"), ({"foo": "bar"}, "'foo'")], ids=["k-as-a-field", "unknown"])
+def test_a_multipart_field_besides_the_file_is_refused_by_name(http: httpx.Client, query_bytes: bytes, data: dict,
+                                                               named: str) -> None:
+    """``curl -F file=@q.png -F k=2``: k is a query parameter; the form field is not silently ignored."""
+    response = http.post("/v1/search/image?k=5", data=data, files={"file": ("q.png", query_bytes, "image/png")})
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["body", named.strip("'")] and named in error["msg"] and "query parameter" in error["msg"]
+    assert error["input"] == next(iter(data.values()))
+
+
 @pytest.mark.parametrize("headers", [{}, {"content-type": "image/png"}, {"content-length": "0"}],
                          ids=["bare", "typed", "declared-empty"])
 def test_image_search_without_a_body_says_no_image_was_sent(base_url: str, headers: dict) -> None:
