@@ -22,7 +22,7 @@ import sys
 from collections.abc import Sequence
 
 from lookalike.pipeline.cli_options import (  # noqa: F401 (DEFAULT_WORKDIR, _float_in: re-exported)
-    DEFAULT_PORT, DEFAULT_WORKDIR, NON_EMPTY, PORT, POSITIVE, _add_train_config, _add_workdir, _DefaultsHelpFormatter, _float_in,
+    DEFAULT_PORT, DEFAULT_WORKDIR, MAX_RESULTS, NON_EMPTY, PORT, POSITIVE, RESULT_COUNT, _add_train_config, _add_workdir, _DefaultsHelpFormatter, _float_in,
     _int_at_least, _print_json, _train_config, add_metadata_option, attach_negative_values, misspelled_pass_through,
 )
 from lookalike.pipeline.cli_store import add_store_commands
@@ -277,12 +277,16 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--vector", type=NON_EMPTY,
                       help="search by an embedding, comma-separated finite numbers (no NaN or infinity); a first "
                       "value below zero works as --vector -0.1,0.2 or --vector=-0.1,0.2")
-    p.add_argument("-k", type=POSITIVE, default=10, help="number of results (1-100)")
+    p.add_argument("-k", type=RESULT_COUNT, default=10, help=f"number of results (1-{MAX_RESULTS})")
     p.add_argument("--kind", choices=["image", "frame"], default=None, help="only images or only video frames")
-    p.add_argument("--group", action="append", default=[], help="only this group / video id (repeatable)")
-    p.add_argument("--source", action="append", default=[], help="only items of this source (metadata; repeatable)")
-    p.add_argument("--tag", action="append", default=[], help="only items with this tag (metadata; repeatable: any of them)")
-    p.add_argument("--max-per-group", type=POSITIVE, default=None, help="at most M results per video or group")
+    p.add_argument("--group", action="append", type=NON_EMPTY, default=[],
+                   help="only this group / video id (repeatable)")
+    p.add_argument("--source", action="append", type=NON_EMPTY, default=[],
+                   help="only items of this source (metadata; repeatable)")
+    p.add_argument("--tag", action="append", type=NON_EMPTY, default=[],
+                   help="only items with this tag (metadata; repeatable: any of them)")
+    p.add_argument("--max-per-group", type=RESULT_COUNT, default=None,
+                   help=f"at most M results per video or group (1-{MAX_RESULTS})")
     p.add_argument("--json", action="store_true", help="print the raw JSON response")
     p.set_defaults(func=cmd_query)
 

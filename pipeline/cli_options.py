@@ -14,15 +14,17 @@ DEFAULT_WORKDIR = os.environ.get("LOOKALIKE_WORKDIR", "./lookalike-data")
 DEFAULT_PORT = 8765
 
 
-def _int_at_least(low: int):
-    """An argparse type: an integer >= ``low`` (argparse names the option in its error)."""
+def _int_at_least(low: int, high: int | None = None):
+    """An argparse type: an integer >= ``low`` (and <= ``high`` when given; argparse names the
+    option in its error)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        if value < low or (high is not None and value > high):
+            bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {value}")
         return value
 
     return parse
@@ -43,6 +45,10 @@ def _float_in(low: float, high: float, *, low_open: bool = False):
 
 
 POSITIVE = _int_at_least(1)
+# Results a query may ask for: the server's limit (``lookalike.serving.schemas.MAX_K``, not
+# imported here: the CLI parses its arguments without loading the server's modules).
+MAX_RESULTS = 100
+RESULT_COUNT = _int_at_least(1, MAX_RESULTS)
 
 
 def PORT(text: str) -> int:  # noqa: N802 (an argparse type, named like POSITIVE)

@@ -60,7 +60,18 @@ def server_url(url: str) -> str:
     scheme = text.split("://", 1)[0].lower()
     if scheme not in ("http", "https"):
         raise ValueError(f"the server address {url!r} has scheme {scheme}://: only http:// and https:// are served")
-    return text.rstrip("/")
+    text = text.rstrip("/")
+    try:
+        parsed = httpx.URL(text)
+    except (httpx.InvalidURL, ValueError) as e:  # a port that is not a number, a malformed host
+        raise ValueError(f"the server address {url!r} is not a valid URL: {e}") from None
+    if not parsed.host:
+        raise ValueError(f"the server address {url!r} names no host: give one such as http://127.0.0.1:8765")
+    if parsed.path not in ("", "/") or parsed.query or parsed.fragment:
+        root = f"{parsed.scheme}://{parsed.netloc.decode('ascii')}"
+        raise ValueError(f"the server address {url!r} has a path or query: give the server's root ({root}); "
+                         "the endpoints' paths are added to it")
+    return text
 
 
 def finite_vector(vector: Sequence[float], what: str = "vector") -> list[float]:
@@ -76,10 +87,14 @@ def finite_vector(vector: Sequence[float], what: str = "vector") -> list[float]:
 def parse_vector(text: str, what: str = "vector") -> list[float]:
     """Comma-separated numbers (``0.1,-0.2,3e-2``) as a query vector; ValueError naming
     ``what`` for text that is not one or for a value that is NaN or infinite."""
-    try:
-        values = [float(v) for v in text.split(",")]
-    except ValueError:
-        raise ValueError(f"{what} expects comma-separated numbers, got {text[:80]!r}") from None
+    values = []
+    for at, token in enumerate(text.split(",")):
+        try:
+            values.append(float(token))
+        except ValueError:
+            shown = repr(token) if len(token) <= 40 else repr(token[:40]) + "..."
+            raise ValueError(f"{what} expects comma-separated numbers: value {at} is {shown}"
+                             f"{' (an empty value: a stray comma?)' if not token.strip() else ''}") from None
     return finite_vector(values, what)
 
 

@@ -210,7 +210,12 @@ def test_a_diverging_training_is_a_one_line_error_and_leaves_no_empty_run(tmp_pa
     (["embed", "--frame-interval-s", "-1"], "argument --frame-interval-s: must be in (0, inf], got -1"),
     (["embed", "--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
     (["embed", "--num-shards", "x"], "argument --num-shards: expected an integer, got 'x'"),
-    (["query", "--id", "a", "-k", "0"], "argument -k: must be at least 1, got 0"),
+    (["query", "--id", "a", "-k", "0"], "argument -k: must be between 1 and 100, got 0"),
+    (["query", "--id", "a", "-k", "101"], "argument -k: must be between 1 and 100, got 101"),  # as the server says
+    (["query", "--id", "a", "--max-per-group", "101"], "argument --max-per-group: must be between 1 and 100, got 101"),
+    (["query", "--id", "a", "--source", ""], "argument --source: must not be empty"),  # would match no item
+    (["query", "--id", "a", "--tag", "x", "--tag", ""], "argument --tag: must not be empty"),
+    (["query", "--id", "a", "--group", ""], "argument --group: must not be empty"),
     (["query", "--id", ""], "argument --id: must not be empty (an unset variable?)"),  # not a traceback
     (["query", "--image", ""], "argument --image: must not be empty"),
     (["query", "--vector", ""], "argument --vector: must not be empty"),
@@ -221,6 +226,10 @@ def test_a_diverging_training_is_a_one_line_error_and_leaves_no_empty_run(tmp_pa
 ])
 def test_out_of_range_options_are_refused_naming_the_option(argv, message, capsys):
     from lookalike.pipeline.cli import main
+    from lookalike.pipeline.cli_options import MAX_RESULTS
+    from lookalike.serving.schemas import MAX_K
+
+    assert MAX_RESULTS == MAX_K  # the CLI refuses what the server would
 
     with pytest.raises(SystemExit) as exited:
         main(argv)
@@ -274,7 +283,11 @@ def test_reindex_config_defaults_to_the_served_models():
 @pytest.mark.parametrize("argv, message", [
     (["eval", "--model", "--index"], "--model and --index evaluate different things"),
     (["versions", "list", "extra"], "versions list takes no VERSION (got 'extra')"),
-    (["query", "--url", "http://127.0.0.1:9", "--vector", "0.1,abc"], "--vector expects comma-separated numbers, got '0.1,abc'"),
+    (["query", "--url", "http://127.0.0.1:9", "--vector", "0.1,abc"], "--vector expects comma-separated numbers: value 1 is 'abc'"),
+    (["query", "--url", "http://127.0.0.1:9", "--vector", "0.1,0.2,"],
+     "--vector expects comma-separated numbers: value 2 is '' (an empty value: a stray comma?)"),
+    (["query", "--url", "127.0.0.1:abc", "--id", "a"], "the server address '127.0.0.1:abc' is not a valid URL"),
+    (["query", "--url", "http://127.0.0.1:9/v1/info?x", "--id", "a"], "has a path or query"),
     (["query", "--url", "http://127.0.0.1:9", "--vector", "0.1,nan,0.2"],
      "--vector value nan at position 1 is not a finite number (NaN and infinity are not allowed)"),
     (["query", "--url", "http://127.0.0.1:9", "--vector", "-inf,0.2"], "--vector value -inf at position 0 is not a finite"),

@@ -483,7 +483,10 @@ def test_client_assumes_http_for_an_address_without_scheme_and_refuses_nan(clien
     bare = base_url.removeprefix("http://") + "/"
     with SearchClient(bare) as c:  # 127.0.0.1:PORT/
         assert c.base_url == base_url and c.health() == {"status": "ok"}
-    for url, reason in [("", "the server address is empty"), ("ftp://127.0.0.1:9", "only http:// and https://")]:
+    for url, reason in [("", "the server address is empty"), ("ftp://127.0.0.1:9", "only http:// and https://"),
+                        ("127.0.0.1:abc", "'127.0.0.1:abc' is not a valid URL: Invalid port: 'abc'"),
+                        ("http://", "names no host"),
+                        (f"{base_url}/v1/info?x", rf"has a path or query: give the server's root \({base_url}\)")]:
         with pytest.raises(ValueError, match=reason):
             SearchClient(url)
     with pytest.raises(ValueError) as caught:  # before any request, not json's "Out of range float values"
