@@ -31,6 +31,7 @@ from lookalike.serving.engine import Filters, ImageQuery, QueryEngine, SearchIte
 from lookalike.serving.limits import PayloadTooLarge
 from lookalike.serving.results import search_json
 from lookalike.serving.schemas import BatchQuery, FilterFields
+from lookalike.serving.validation import short_input
 
 UPLOAD_FIELD = "file"
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -97,9 +98,10 @@ def unknown_item(item_id: str) -> HTTPException:
     (a '#' sent unescaped starts the URL's fragment, which never reaches the server)."""
     from lookalike.pipeline.video import is_video_path
 
-    hint = (f": a video's frames are the items '{item_id}#t=<seconds>' (in a URL, send '#' as %23)"
+    shown = short_input(item_id)  # a 20,000-character id is not echoed whole, as in a 422
+    hint = (f": a video's frames are the items '{shown}#t=<seconds>' (in a URL, send '#' as %23)"
             if is_video_path(item_id) else "")
-    return HTTPException(status_code=404, detail=f"unknown item id {item_id!r}{hint}")
+    return HTTPException(status_code=404, detail=f"unknown item id {shown!r}{hint}")
 
 
 def row_of(backend: Backend, item_id: str) -> int | None:

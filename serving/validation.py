@@ -118,12 +118,24 @@ def _parse(model: type[M], body: bytes) -> M | None:
     except json.JSONDecodeError as e:  # FastAPI's error for bad JSON (a 400: the handler), without parsing it again
         raise RequestValidationError([{"type": "json_invalid", "loc": ("body", e.pos), "msg": "JSON decode error",
                                        "input": {}, "ctx": {"error": e.msg}}]) from None
-    except Exception:  # FastAPI answers: 400 for e.g. nesting too deep
+    except UnicodeDecodeError as e:  # a 400 naming the reason, not FastAPI's "There was an error parsing the body"
+        raise _invalid_json(f"not UTF-8 at byte {e.start} ({e.reason})") from None
+    except RecursionError:
+        raise _invalid_json("nested too deep (arrays or objects inside each other)") from None
+    except ValueError as e:  # e.g. an integer of more than 4300 digits
+        raise _invalid_json(str(e).split(";")[0]) from None
+    except Exception:  # FastAPI answers: 400
         return None
     try:
         return model.model_validate(data, from_attributes=True)  # as FastAPI validates a body
     except ValidationError as e:  # as FastAPI reports a body's errors, bounded by the handler
         raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors(include_url=False)]) from None
+
+
+def _invalid_json(reason: str) -> RequestValidationError:
+    """The error ``validation_error_handler`` answers with a 400 ``invalid JSON body: reason``."""
+    return RequestValidationError([{"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error", "input": {},
+                                    "ctx": {"error": reason}}])
 
 
 async def parse_json_body(request: Request, model: type[M]) -> M | None:

@@ -339,6 +339,12 @@ def test_unknown_item_is_404(http: httpx.Client, suffix: str) -> None:
     assert detail_of(response) == "unknown item id '9/no_such_digit.png'"
 
 
+def test_a_long_unknown_id_is_not_echoed_whole(http: httpx.Client) -> None:
+    response = http.get(f"/v1/items/{'a' * 20_000}/similar")
+    assert response.status_code == 404
+    assert detail_of(response) == f"unknown item id '{'a' * 100}... (20000 characters)'"
+
+
 def test_unknown_video_id_explains_frame_ids(http: httpx.Client) -> None:
     response = http.get("/v1/items/clips/walk.mp4/similar")
     assert response.status_code == 404

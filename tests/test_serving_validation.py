@@ -162,3 +162,14 @@ def test_broken_json_is_parsed_once(http: httpx.Client) -> None:
     response = http.post("/v1/search/batch", content=content, headers={"content-type": "application/json"})
     assert response.status_code == 400  # malformed: the parser's reason and where it stopped
     assert response.json() == {"detail": f"invalid JSON body at character {len(content)}: Expecting value"}
+
+
+@pytest.mark.parametrize("content, reason", [
+    (b"[" * 100_000 + b"]" * 100_000, "invalid JSON body: nested too deep"),
+    (b'{"vector": [1' + b"0" * 5000 + b"]}", "invalid JSON body: Exceeds the limit (4300 digits) for integer string"),
+    (b'{"vector": [0.1], "x": "\xff"}', "invalid JSON body: not UTF-8 at byte 24 (invalid start byte)"),
+])
+def test_a_body_json_cannot_parse_is_a_400_saying_why(http: httpx.Client, content: bytes, reason: str) -> None:
+    response = http.post("/v1/search/vector", content=content, headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text  # was FastAPI's "There was an error parsing the body"
+    assert response.json()["detail"].startswith(reason), response.text
