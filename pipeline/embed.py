@@ -50,8 +50,8 @@ from lookalike.model.store_lock import StoreLock
 from lookalike.pipeline.listing import write_listing
 from lookalike.pipeline.metadata import prepare_metadata, report_unmatched, with_metadata
 from lookalike.pipeline.reuse import current_index_if_same, list_files, plan_reuse, reused_items
-from lookalike.pipeline.sources import (GLOB_CHARS, absolute_pattern, common_folder, corpus_pattern, corpus_root,
-                                       dead_letter, literal_folder, read_list_file)
+from lookalike.pipeline.sources import (GLOB_CHARS, absolute_pattern, bad_name_letter, common_folder, corpus_pattern,
+                                       corpus_root, dead_letter, literal_folder, read_list_file, utf8_name)
 from lookalike.pipeline.summary import (EmbedSummary, counter_values, read_dead_letters, read_embeddings, read_items,
                                         summarize)
 from lookalike.pipeline.tfds_source import TfdsSpec, example_ranges
@@ -134,7 +134,7 @@ def _execute(run: EmbedRun, started: float, index_build: tuple[str, dict[str, An
     if summary.items == 0:
         (run.run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
         if run.total == 0:
-            unlisted = f" ({summary.failed} folder(s) could not be listed: see {run.run_dir}/dead_letter-*.jsonl)" \
+            unlisted = f" ({summary.failed} folder(s) or file name(s) could not be used: see {run.run_dir}/dead_letter-*.jsonl)" \
                 if summary.failed else ""
             raise EmbedError(f"nothing embedded: no files found in {_source_name(run)}{unlisted}; no index published")
         raise EmbedError(
@@ -350,6 +350,14 @@ def _report_unlisted(errors: list[OSError], run_dir: Path) -> None:
     write_jsonl(run_dir / "dead_letter-unlisted.jsonl", letters)
 
 
+def _report_misnamed(paths: list[str], run_dir: Path) -> None:
+    """Files whose names are not UTF-8: a warning and a dead letter each (stage "list")."""
+    letters = [bad_name_letter(path) for path in paths]
+    log.warning("%d file(s) left out: their names are not valid UTF-8 (e.g. %s); rename them to UTF-8 (convmv) to "
+                "embed them", len(letters), letters[0]["uri"])
+    write_jsonl(run_dir / "dead_letter-misnamed.jsonl", letters)
+
+
 def _list_and_run(run: EmbedRun, started: float) -> EmbedSummary:
     """List the corpus, plan reuse, run the pipeline and write the summary. On the in-process
     runner the encoder loads and compiles meanwhile (``inference.preload_encoder``): from the
@@ -366,6 +374,11 @@ def _list_and_run(run: EmbedRun, started: float) -> EmbedSummary:
     else:
         unlisted: list[OSError] = []  # folders below the corpus that could not be listed (permissions)
         run.listing = list_files(pattern, unlisted.append)
+        misnamed = [m for m in run.listing if not utf8_name(m.path)]
+        if misnamed:  # left out before the listing (Arrow) holds them, and reported
+            run.listing = [m for m in run.listing if utf8_name(m.path)]
+            if len(run.listing) <= LISTING_IN_GRAPH_MAX:  # else the pipeline matches them again: read_one reports them
+                _report_misnamed([m.path for m in misnamed], run_dir)
         run.total = len(run.listing)
         if unlisted:
             _report_unlisted(unlisted, run_dir)

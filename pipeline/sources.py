@@ -130,6 +130,26 @@ def dead_letter(uri: str, stage: str, reason: str) -> dict[str, str]:
     return {"uri": uri, "stage": stage, "reason": reason}
 
 
+BAD_NAME_REASON = "file name is not valid UTF-8 (item ids are UTF-8 text): rename it to UTF-8, e.g. with convmv"
+
+
+def utf8_name(uri: str) -> bool:
+    """Whether ``uri`` is UTF-8 text. A local name of other bytes (Latin-1 from an old archive
+    or share) reaches Python with lone surrogates in it (``os.fsdecode``), which Arrow,
+    Parquet and JSON cannot hold: such a file is dead-lettered (``bad_name_letter``)."""
+    try:
+        uri.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def bad_name_letter(uri: str) -> dict[str, str]:
+    """The dead letter of a file whose name is not UTF-8: its name shown with the bad bytes
+    escaped (``bad\\xffname.jpg``)."""
+    return dead_letter(os.fsencode(uri).decode("utf-8", "backslashreplace"), "list", BAD_NAME_REASON)
+
+
 def known_failure_letter(uri: str, stage: str, reason: str) -> dict[str, str]:
     """The dead letter of a file whose bytes failed at ``stage`` in an earlier run (recorded in the cache)."""
     return dead_letter(uri, stage, f"{reason} (the same bytes failed in an earlier run)")
@@ -239,6 +259,10 @@ class ReadSourceFn(beam.DoFn):
 
     def read_one(self, uri: str, size: int, mtime: float, carry: bool = True):
         """One file's outputs (see the class); ``carry=False``: never pass its bytes on."""
+        if not utf8_name(uri):
+            self._inc(self._failed)
+            yield DEAD, bad_name_letter(uri)
+            return
         if not (is_image_path(uri) or is_video_path(uri)):
             self._inc(self._failed)
             yield DEAD, dead_letter(uri, "filter", NOT_MEDIA_REASON)

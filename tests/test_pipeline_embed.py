@@ -650,6 +650,33 @@ def test_a_named_pipe_in_the_corpus_is_dead_lettered_never_opened(workdir_with_m
     assert set(reasons.values()) == {"not a regular file (named pipe)"}, reasons  # walked, matched or listed alike
 
 
+@pytest.mark.parametrize("source", ["folder", "incremental", "glob", "file-by-file"])
+def test_a_file_name_that_is_not_utf8_is_a_dead_letter_and_the_rest_indexed(workdir_with_model, digits_corpus, source,
+                                                                             monkeypatch):
+    """A Latin-1 name (from an old archive) cannot be an id, which is UTF-8 text: that file,
+    or every file of such a folder, is reported with its name escaped and left out; the rest
+    is indexed. ``file-by-file``: a corpus too big to list first, read through ``read_one``."""
+    import os
+
+    corpus = workdir_with_model / "src"
+    (corpus / "cat").mkdir(parents=True)
+    images = list_images(digits_corpus)
+    shutil.copy(images[0], corpus / "cat" / "ok.png")
+    shutil.copy(images[1], os.path.join(os.fsencode(corpus / "cat"), b"bad\xffname.png"))
+    os.mkdir(os.path.join(os.fsencode(corpus), b"caf\xe9"))
+    shutil.copy(images[2], os.path.join(os.fsencode(corpus), b"caf\xe9", b"x.png"))
+    config = EmbedConfig(workdir=str(workdir_with_model), corpus=str(corpus), incremental=source == "incremental")
+    if source == "glob":
+        config = replace(config, corpus=f"{corpus}/*/*.png")
+    if source == "file-by-file":
+        monkeypatch.setattr("lookalike.pipeline.embed.LISTING_IN_GRAPH_MAX", 0)
+    summary = run_embed(config)
+    assert (summary.items, summary.failed) == (1, 2) and summary.index_version
+    letters = sorted(read_dead(workdir_with_model, summary.run), key=lambda row: row["uri"])
+    assert [row["uri"] for row in letters] == [f"{corpus}/caf\\xe9/x.png", f"{corpus}/cat/bad\\xffname.png"]
+    assert {row["stage"] for row in letters} == {"list"} and all("not valid UTF-8" in row["reason"] for row in letters)
+
+
 def test_an_unreadable_corpus_folder_is_a_dead_letter_and_the_rest_indexed(workdir_with_model, digits_corpus,
                                                                            refuse_listing, caplog):
     """A folder that cannot be listed (mode 000 for a non-root user; simulated, as tests run
