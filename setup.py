@@ -65,5 +65,5 @@ setup(
         "test": ["pytest", "pytest-timeout", "build", "setuptools>=68", "wheel", "playwright", "dask[distributed]",
                  "schemathesis"],
     },
-    entry_points={"console_scripts": ["lookalike = lookalike.pipeline.cli:main"]},
+    entry_points={"console_scripts": ["lookalike = lookalike.pipeline.cli:run"]},
 )

@@ -391,5 +391,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def run() -> None:
+    """The ``lookalike`` console script: ``main()``, exiting with its status. A job that failed
+    or was stopped (a non-zero status) ends without Python's interpreter teardown, once its
+    output is flushed: threads may still be inside XLA or Beam then (an encoder compiling on
+    the preload thread, a forward in flight), and tearing down under them ends the process
+    with "terminate called ... FATAL: exception not rethrown" (status 134) or a segmentation
+    fault instead of the job's own status (143 after SIGTERM, 1 after an error). Its
+    cleanup has run by then: ``main`` returns after every ``finally`` of the job."""
+    status = main()
+    if status:
+        logging.shutdown()  # flush every log handler
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):  # a closed pipe (`| head`): nothing more can be written
+                pass
+        os._exit(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
