@@ -65,6 +65,7 @@ from lookalike.pipeline.elements import EmbeddedBatch, ItemBatch, Routed, ShardT
 from lookalike.pipeline.index_shards import BuildIndexShardFn
 from lookalike.pipeline.inference import FlaxEncoderHandler
 from lookalike.pipeline.items import embedding_schema
+from lookalike.pipeline.reuse import globstar_variants
 from lookalike.pipeline.listing import ReadChunkFn
 from lookalike.pipeline.metadata import MetadataSpec, with_metadata
 from lookalike.pipeline.reuse import ReusedItemsFn, ReusePlan
@@ -210,7 +211,9 @@ def read_sources(p: beam.Pipeline, run: EmbedRun) -> dict[str, beam.PCollection]
         files = p | "ListedFiles" >> beam.Create(read_list_file(config.list_file)) | "AsMetadata" >> beam.Map(
             lambda path: FileMetadata(path, 0))
     else:
-        files = p | "MatchCorpus" >> fileio.MatchFiles(run.pattern, empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW)
+        variants = globstar_variants(run.pattern) if run.pattern.count("**") == 1 else [run.pattern]  # disjoint matches
+        files = (p | "CorpusPatterns" >> beam.Create(variants, reshuffle=False)
+                 | "MatchCorpus" >> fileio.MatchAll(empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW))
     read = files | "ReadAndHash" >> beam.ParDo(ReadSourceFn(run.cache if config.incremental else None, run.progress_total, config.sampling))
     return split_tagged(read, (NEW, CACHED, DEAD, FILE), "Read")
 

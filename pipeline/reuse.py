@@ -64,12 +64,29 @@ def list_files(pattern: str, onerror: Callable[[OSError], None] | None = None) -
     folder = literal_folder(pattern)
     if folder and "://" not in folder and os.path.isdir(folder):
         return sorted(_walk(folder, onerror), key=lambda m: m.path)
-    try:
-        matched = FileSystems.match([pattern])
-    except Exception as e:  # an empty or unreachable pattern: the run reports 0 files
-        log.warning("no files match %s: %s", pattern, e)
-        return []
-    return sorted((m for result in matched for m in result.metadata_list), key=lambda m: m.path)
+    found: dict[str, FileMetadata] = {}
+    for variant in globstar_variants(pattern):
+        try:
+            matched = FileSystems.match([variant])
+        except Exception as e:  # an empty or unreachable pattern: the run reports 0 files
+            log.debug("no files match %s: %s", variant, e)
+            continue
+        found.update((m.path, m) for result in matched for m in result.metadata_list)
+    if not found:
+        log.warning("no files match %s", pattern)
+    return sorted(found.values(), key=lambda m: m.path)
+
+
+def globstar_variants(pattern: str) -> list[str]:
+    """``pattern`` and, for each ``/**/`` in it, the same without that folder level: a ``**``
+    between slashes matches zero or more folders, as in a shell with globstar and Python's
+    recursive glob (``photos/**/*.jpg`` also matches ``photos/a.jpg``); Beam's match alone
+    needs at least one folder there."""
+    parts = pattern.split("/**/")
+    variants = [parts[0]]
+    for part in parts[1:]:  # each level kept ("/**/") or dropped ("/")
+        variants = [v + joint + part for v in variants for joint in ("/**/", "/")]
+    return variants
 
 
 class UnreadableFile(FileMetadata):

@@ -696,6 +696,22 @@ def test_an_unreadable_corpus_folder_is_a_dead_letter_and_the_rest_indexed(workd
     assert any(locked in r.getMessage() and "Permission denied" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("mode", ["listed", "file-by-file"])
+def test_a_globstar_matches_zero_or_more_folders(workdir_with_model, digits_corpus, mode, monkeypatch):
+    """``photos/**/*.png`` takes the files at the top of photos/ too, as a shell's globstar does."""
+    corpus = workdir_with_model / "photos"
+    (corpus / "sub" / "deeper").mkdir(parents=True)
+    images = list_images(digits_corpus)
+    for i, name in enumerate(("top.png", "sub/mid.png", "sub/deeper/low.png", "sub/skipped.jpg.txt")):
+        shutil.copy(images[i], corpus / name)
+    if mode == "file-by-file":
+        monkeypatch.setattr("lookalike.pipeline.embed.LISTING_IN_GRAPH_MAX", 0)
+    summary = run_embed(EmbedConfig(workdir=str(workdir_with_model), corpus=f"{corpus}/**/*.png", publish=False))
+    _, items = read_embeddings(workdir_with_model / "embeddings" / summary.run)
+    assert sorted(items.column("id").to_pylist()) == ["sub/deeper/low.png", "sub/mid.png", "top.png"]
+    assert summary.failed == 0
+
+
 def test_a_relative_glob_records_absolute_uris(workdir_with_model, digits_corpus, tmp_path, monkeypatch):
     """A relative glob is made absolute against the current folder, as a relative folder is:
     a relative uri would later be read against the store root."""

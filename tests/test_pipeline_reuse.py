@@ -347,3 +347,12 @@ def test_listing_marks_what_is_not_a_regular_file_and_reports_unlistable_folders
     plan = plan_reuse(list(listed.values()), str(tmp_path / "no-cache"))
     assert sorted((d["uri"].rsplit("/", 1)[-1], d["reason"]) for d in plan.dead) == [
         ("link.jpg", "not a regular file (named pipe)"), ("pipe.jpg", "not a regular file (named pipe)")]
+
+
+def test_globstar_variants_drop_each_folder_level_once():
+    from lookalike.pipeline.reuse import globstar_variants
+
+    assert globstar_variants("/p/**/*.jpg") == ["/p/**/*.jpg", "/p/*.jpg"]
+    assert sorted(globstar_variants("/p/**/raw/**/*.jpg")) == sorted(
+        ["/p/**/raw/**/*.jpg", "/p/**/raw/*.jpg", "/p/raw/**/*.jpg", "/p/raw/*.jpg"])
+    assert globstar_variants("/p/**") == ["/p/**"] and globstar_variants("gs://b/x*.png") == ["gs://b/x*.png"]
