@@ -188,6 +188,9 @@ def _resolve_corpus(config: EmbedConfig, store: Store) -> tuple[EmbedConfig, str
         return config, TfdsSpec.parse(config.tfds, config.tfds_data_dir).root
     if config.list_file:
         list_file = config.list_file if "://" in config.list_file else str(Path(config.list_file).resolve())
+        if "://" not in list_file and Path(list_file).is_dir():
+            raise StoreError(f"list file {config.list_file} is a folder: pass it as --corpus {config.list_file}, or "
+                             "give --list-file a text file with one path per line")
         if "://" not in list_file and not Path(list_file).is_file():
             raise StoreError(f"list file {config.list_file} does not exist")
         listed = read_list_file(list_file)  # ids are relative to the listed files' common folder

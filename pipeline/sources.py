@@ -356,7 +356,13 @@ def read_list_file(path: str) -> list[str]:
     normalised (``a/../b`` is ``b``)."""
     base = path.rsplit("/", 1)[0] if "/" in path else "."
     with FileSystems.open(path, compression_type="uncompressed") as f:
-        lines = f.read().decode("utf-8-sig").splitlines()
+        data = f.read()
+    try:
+        lines = data.decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as e:  # a binary file, or names in Latin-1: which line, and why
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ValueError(f"list file {path} is not UTF-8 text: line {line} has a byte it cannot decode "
+                         f"({data[e.start:e.start + 1]!r}, {e.reason}); write one UTF-8 path per line") from None
     paths: dict[str, None] = {}
     for line in lines:
         entry = _COMMENT.split(line, 1)[0].strip()

@@ -276,6 +276,13 @@ def read_dead(workdir, run):
     return read_dead_letters(workdir / "embeddings" / run)
 
 
+def test_a_folder_passed_as_list_file_is_named_as_such(workdir_with_model, digits_corpus):
+    from lookalike.model.store import StoreError
+
+    with pytest.raises(StoreError, match=f"list file {digits_corpus} is a folder: pass it as --corpus {digits_corpus}"):
+        run_embed(EmbedConfig(workdir=str(workdir_with_model), list_file=str(digits_corpus)))
+
+
 def test_listed_paths_include_unreadable_ones(workdir_with_model, digits_corpus):
     files = list_images(digits_corpus)[:5]
     listing = workdir_with_model / "list.txt"

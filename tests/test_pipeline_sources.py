@@ -75,6 +75,16 @@ def test_list_file_comments_byte_order_mark_and_hashes_in_names(tmp_path):
                                             f"{mix}/clip#2.jpg", "/data/odd #name.jpg"]
 
 
+def test_a_list_file_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    from lookalike.pipeline.sources import read_list_file
+
+    listing = tmp_path / "latin1.txt"
+    listing.write_bytes(b"a.jpg\n# notes\ncaf\xe9.jpg\n")
+    with pytest.raises(ValueError, match=rf"list file {listing} is not UTF-8 text: line 3 has a byte it cannot decode "
+                                         r"\(b'\\xe9', invalid continuation byte\)"):
+        read_list_file(str(listing))
+
+
 def _in_thread(fn, timeout_s: float = 10.0):
     """``fn()``'s result or exception, from a daemon thread: a call that would block forever
     (opening a named pipe) fails the test after ``timeout_s`` instead of hanging it."""
