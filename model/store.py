@@ -100,10 +100,19 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
-def check_version_name(version: str) -> str:
-    """Return ``version`` if it is a safe single path component, else raise."""
+def check_version_name(version: str, what: str = "version name") -> str:
+    """Return ``version`` if it is a safe single path component, else ValueError naming
+    ``what`` and the reason (its length, its first character, or the characters not allowed)."""
     if not _VERSION_RE.match(version or ""):
-        raise ValueError(f"invalid version name {version!r}: use letters, digits, '.', '_' or '-'")
+        shown = version if len(version or "") <= 60 else f"{version[:60]}..."
+        if len(version or "") > 128:
+            reason = f"{len(version)} characters, at most 128"
+        elif version and not version[0].isascii() or version and not version[0].isalnum():
+            reason = "it must start with a letter or digit"
+        else:
+            bad = sorted(set(ch for ch in version or "" if not (ch.isascii() and (ch.isalnum() or ch in "._-"))))
+            reason = f"{', '.join(repr(ch) for ch in bad)} not allowed" if bad else "it is empty"
+        raise ValueError(f"invalid {what} {shown!r} ({reason}): use letters, digits, '.', '_' or '-'")
     return version
 
 

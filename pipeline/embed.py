@@ -64,6 +64,7 @@ __all__ = ["EmbedConfig", "EmbedError", "EmbedSummary", "pipeline_options", "rea
            "run_embed"]
 
 
+RESERVED_RUN_NAMES = ("cache",)  # embeddings/cache holds the embedding cache (``pipeline.cache``)
 LISTING_FILE_NAME = ".listing.arrow"  # the files to read, in the run folder while the pipeline runs
 
 
@@ -275,7 +276,11 @@ def _run_embed(config: EmbedConfig, store: Store, started: float) -> EmbedSummar
     if metadata is None and config.publish:
         warn_if_metadata_dropped(store)
     pattern, root = corpus_pattern(corpus), corpus_root(corpus)
-    run_name = check_version_name(config.run_name or time.strftime("e-%Y%m%dT%H%M%S", time.gmtime()))
+    if config.run_name is not None and config.run_name in RESERVED_RUN_NAMES:
+        raise ValueError(f"invalid run name {config.run_name!r}: embeddings/{config.run_name} is the store's embedding "
+                         "cache; choose another --run-name")
+    run_name = check_version_name(config.run_name if config.run_name is not None
+                                  else time.strftime("e-%Y%m%dT%H%M%S", time.gmtime()), "run name")
     run_dir = store.embedding_run_dir(run_name)
     for n in range(2, 100):  # a default name already taken (a run killed within the same second): number it
         if config.run_name or not run_dir.exists():

@@ -276,6 +276,13 @@ def read_dead(workdir, run):
     return read_dead_letters(workdir / "embeddings" / run)
 
 
+@pytest.mark.parametrize("name, message", [("cache", "is the store's embedding cache"), ("", r"'' \(it is empty\)")])
+def test_a_reserved_or_empty_run_name_is_refused_before_any_work(workdir_with_model, digits_corpus, name, message):
+    with pytest.raises(ValueError, match=f"invalid run name .*{message}"):
+        run_embed(EmbedConfig(workdir=str(workdir_with_model), corpus=str(digits_corpus), run_name=name))
+    assert not (workdir_with_model / "embeddings").exists() or not any((workdir_with_model / "embeddings").iterdir())
+
+
 def test_a_folder_passed_as_list_file_is_named_as_such(workdir_with_model, digits_corpus):
     from lookalike.model.store import StoreError
 

@@ -1,4 +1,5 @@
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -39,6 +40,19 @@ def test_atomic_write_replaces_whole_file(tmp_path):
 def test_version_names_cannot_escape_the_store(bad):
     with pytest.raises(ValueError):
         check_version_name(bad)
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("x" * 300, "300 characters, at most 128"),
+    ("sp ace", "' ' not allowed"),
+    ("a/b", "'/' not allowed"),
+    (".hidden", "it must start with a letter or digit"),
+    ("", "it is empty"),
+])
+def test_a_bad_name_is_refused_with_its_reason(name, reason):
+    with pytest.raises(ValueError, match=re.escape(f"({reason}): use letters, digits")) as caught:
+        check_version_name(name, "run name")
+    assert str(caught.value).startswith("invalid run name")
 
 
 def test_remote_store_is_refused_clearly():
