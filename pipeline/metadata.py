@@ -207,6 +207,10 @@ def _checked(table: pa.Table, path: str, where) -> pa.Table:
     if reserved:
         raise MetadataError(f"metadata file {path}: column(s) {', '.join(map(repr, reserved))} collide with the items' "
                             f"built-in fields ({', '.join(sorted(RESERVED_COLUMNS))}): rename them")
+    unnamed = [i for i, name in enumerate(table.column_names) if not name.strip()]
+    if unnamed:  # a CSV header ending in a comma, a JSON key "": no filter or page could name it
+        raise MetadataError(f"metadata file {path}: column {unnamed[0] + 1} has no name (columns: "
+                            f"{', '.join(map(repr, table.column_names))}): name it or remove it")
     if len(set(table.column_names)) != len(table.column_names):
         raise MetadataError(f"metadata file {path}: a column name appears twice ({', '.join(table.column_names)})")
     ids = table.column("id")

@@ -49,6 +49,8 @@ def test_jsonl_csv_and_parquet_give_the_same_table(tmp_path):
     ("m.csv", "id,kind,uri\na.png,x,y\n", r"column\(s\) 'kind', 'uri' collide with the items' built-in fields"),
     ("m.jsonl", '{"id": "a", "embedding": [1]}\n', r"column\(s\) 'embedding' collide"),
     ("m.csv", "id,source\na.png,x\n,y\n", r"/data/m.csv data row 2: empty 'id'"),
+    ("m.jsonl", '{"id": "a", "": 3}\n', r"/data/m.jsonl: column 2 has no name \(columns: 'id', ''\): name it"),
+    ("m.csv", "id, \na.png,x\n", r"/data/m.csv: column 2 has no name"),
     ("m.csv", "id,source\na.png,x,extra\n", r"/data/m.csv: not a readable CSV file"),
     ("m.parquet", "not parquet", r"/data/m.parquet: not a readable Parquet file"),
     ("m.jsonl", '{"id": "a", "tags": [1, 2]}\n', r"'tags' must be a list of strings or a ';'-separated string, not list<item: int64>"),
