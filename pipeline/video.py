@@ -165,12 +165,16 @@ def _reason(e: Exception) -> str:
     return f"{type(e).__name__}: {message or e}"
 
 
-def sample_frames(data: bytes, sampling: FrameSampling = FrameSampling()) -> Iterator[tuple[float, Image.Image]]:
+def sample_frames(data: bytes, sampling: FrameSampling = FrameSampling(),
+                  name: str = "video") -> Iterator[tuple[float, Image.Image]]:
     """Video file bytes -> (timestamp_s, upright RGB PIL frame) for each sampled frame; times
     count from the start of the video (``start_offset_s``), never negative.
 
     Raises VideoDecodeError for bytes that are not a video, a container with no video
-    stream (audio only), or a stream that yields no decodable frame.
+    stream (audio only), or a stream that yields no decodable frame. A stream that breaks or
+    ends well before the duration its container declares (a truncated file) keeps the frames
+    sampled so far, with a warning naming ``name`` (the file), where it stopped and how long
+    the video should be.
     """
     import av
 
@@ -191,6 +195,7 @@ def sample_frames(data: bytes, sampling: FrameSampling = FrameSampling()) -> Ite
         prev_hist: np.ndarray | None = None
         kept = 0
         decoded = 0
+        t = 0.0
         try:
             for frame in container.decode(stream):
                 decoded += 1
@@ -215,6 +220,23 @@ def sample_frames(data: bytes, sampling: FrameSampling = FrameSampling()) -> Ite
         except av.error.FFmpegError as e:
             if kept == 0:
                 raise VideoDecodeError(f"corrupt video stream ({_reason(e)})") from None
-            log.warning("video stream broken after %d decoded frames; keeping the %d sampled: %s", decoded, kept, _reason(e))
+            log.warning("%s: video stream broken at %.1f s%s after %d decoded frames; keeping the %d sampled: %s", name, t,
+                        _of_duration(container), decoded, kept, _reason(e))
+            return
         if kept == 0:
             raise VideoDecodeError("the video stream has no decodable frames")
+        declared = _declared_duration_s(container)
+        if declared is not None and t < declared - max(1.0, 0.1 * declared):  # decoding just ended: truncated?
+            log.warning("%s: video stream ends at %.1f s of the %.1f s its container declares (a truncated file?); "
+                        "keeping the %d sampled frames", name, t, declared, kept)
+
+
+def _declared_duration_s(container: Any) -> float | None:
+    """The duration in seconds the container declares (from its start, as frame times count), or None."""
+    duration = getattr(container, "duration", None)  # microseconds (AV_TIME_BASE)
+    return duration / 1e6 if duration else None
+
+
+def _of_duration(container: Any) -> str:
+    declared = _declared_duration_s(container)
+    return f" of {declared:.1f} s" if declared is not None else ""

@@ -98,6 +98,36 @@ def test_times_count_from_the_start_of_the_video(tmp_path):
     assert times == [0.0, 1.0]  # the start, then the cut
 
 
+def _faststart_video(path: Path, seconds: float = 8.0, fps: int = 10) -> Path:
+    """An H.264 MP4 with its index first (``faststart``), so a truncated copy still opens."""
+    import av
+    import numpy as np
+
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        rng = np.random.default_rng(0)
+        for _ in range(int(seconds * fps)):
+            frame = rng.integers(0, 255, (48, 64, 3)).astype(np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def test_a_truncated_video_keeps_its_frames_with_a_warning_naming_it(tmp_path, caplog):
+    data = _faststart_video(tmp_path / "full.mp4").read_bytes()
+    with caplog.at_level("WARNING", logger="lookalike.pipeline.video"):
+        whole = [t for t, _ in sample_frames(data, FrameSampling(interval_s=1.0), "clips/full.mp4")]
+    assert len(whole) == 8 and not caplog.records  # decoded to its end: nothing to say
+    with caplog.at_level("WARNING", logger="lookalike.pipeline.video"):
+        kept = [t for t, _ in sample_frames(data[: len(data) * 6 // 10], FrameSampling(interval_s=1.0), "clips/cut.mp4")]
+    assert 1 <= len(kept) < 8 and kept == whole[: len(kept)]
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert warning.startswith("clips/cut.mp4: video stream") and " 8.0 s" in warning, warning
+
+
 def test_frame_ids_carry_the_timestamp():
     assert frame_id("clips/a.mp4", 2.5) == "clips/a.mp4#t=2.500"
 
