@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from lookalike.model.preprocess import MIN_SIDE_PX
+
 log = logging.getLogger(__name__)
 
 VIDEO_SUFFIXES = {".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg"}
@@ -199,6 +201,9 @@ def sample_frames(data: bytes, sampling: FrameSampling = FrameSampling(),
         try:
             for frame in container.decode(stream):
                 decoded += 1
+                if min(frame.width, frame.height) < MIN_SIDE_PX:  # as an image that small is refused
+                    raise VideoDecodeError(f"video frames of {frame.width}x{frame.height} pixels are smaller than the "
+                                           f"{MIN_SIDE_PX}x{MIN_SIDE_PX} minimum")
                 t = float(frame.time) - start_s if frame.time is not None else (decoded - 1) / float(stream.average_rate or 25)
                 t = max(t, 0.0)
                 hist = _histogram(frame.reformat(width=64, height=36, format="gray").to_ndarray())

@@ -128,6 +128,23 @@ def test_a_truncated_video_keeps_its_frames_with_a_warning_naming_it(tmp_path, c
     assert warning.startswith("clips/cut.mp4: video stream") and " 8.0 s" in warning, warning
 
 
+def test_frames_smaller_than_the_image_minimum_are_refused(tmp_path):
+    import av
+    import numpy as np
+
+    path = tmp_path / "tiny.mkv"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("ffv1", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 2, 2, "yuv420p"
+        for _ in range(5):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.zeros((2, 2, 3), np.uint8), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with pytest.raises(VideoDecodeError, match="video frames of 2x2 pixels are smaller than the 4x4 minimum"):
+        list(sample_frames(path.read_bytes()))
+
+
 def test_frame_ids_carry_the_timestamp():
     assert frame_id("clips/a.mp4", 2.5) == "clips/a.mp4#t=2.500"
 
