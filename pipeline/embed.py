@@ -66,6 +66,11 @@ __all__ = ["EmbedConfig", "EmbedError", "EmbedSummary", "pipeline_options", "rea
 
 RESERVED_RUN_NAMES = ("cache",)  # embeddings/cache holds the embedding cache (``pipeline.cache``)
 LISTING_FILE_NAME = ".listing.arrow"  # the files to read, in the run folder while the pipeline runs
+# What a run writes before its pipeline starts: the listing, and the dead letters of files it
+# could not list, name or (``--incremental``) knows to fail. A run that fails or is killed
+# before writing anything else leaves nothing worth keeping: the next run writes them again.
+PRE_RUN_FILES = frozenset({LISTING_FILE_NAME, "dead_letter-unlisted.jsonl", "dead_letter-misnamed.jsonl",
+                           "dead_letter-unread.jsonl"})
 
 
 class EmbedError(RuntimeError):
@@ -306,10 +311,10 @@ def _run_embed(config: EmbedConfig, store: Store, started: float) -> EmbedSummar
 
 
 def _holds_only_a_listing(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds nothing but a corpus listing (or nothing): what a run killed
-    before writing any output leaves."""
+    """Whether ``run_dir`` holds nothing but what a run writes before its pipeline starts (its
+    corpus listing, ``PRE_RUN_FILES``), or nothing: what a run killed before any output leaves."""
     try:
-        return all(p.name == LISTING_FILE_NAME for p in run_dir.iterdir())
+        return all(p.name in PRE_RUN_FILES for p in run_dir.iterdir())
     except OSError:
         return False
 
@@ -328,18 +333,20 @@ def _claim_run_dir(run_dir: Path) -> int:
         if not _holds_only_a_listing(run_dir):  # written meanwhile by a run that has ended since
             os.close(fd)
             raise EmbedError(f"embedding run {run_dir} already exists; choose another --run-name")
-        (run_dir / LISTING_FILE_NAME).unlink(missing_ok=True)
+        for name in PRE_RUN_FILES:
+            (run_dir / name).unlink(missing_ok=True)
         log.info("reusing the folder of embedding run %s: a killed run left nothing there but its corpus listing", run_dir)
     return fd
 
 
 def remove_if_unused(run_dir: Path) -> bool:
     """Remove the folder of a failed run that wrote nothing worth keeping (nothing, or only
-    its corpus listing), so its name can be used again; True if removed. A run that wrote
-    dead letters, a summary or embedding shards keeps them for the user to read. (The
-    embedding cache, which lets ``--incremental`` resume after a crash, is not in here.)"""
+    what it writes before its pipeline starts: ``PRE_RUN_FILES``), so its name can be used
+    again; True if removed. A run that wrote a summary (with its dead letters) or embedding
+    shards keeps them for the user to read. (The embedding cache, which lets ``--incremental``
+    resume after a crash, is not in here.)"""
     try:
-        kept = [p.name for p in run_dir.iterdir() if p.name != LISTING_FILE_NAME]
+        kept = [p.name for p in run_dir.iterdir() if p.name not in PRE_RUN_FILES]
     except OSError:
         return False
     if kept:

@@ -87,8 +87,13 @@ def test_a_failed_run_leaves_no_empty_run_folder(workdir_with_model, digits_corp
     with pytest.raises(ValueError, match="NoSuchRunner"):  # fails once the corpus is listed into the run folder
         run_embed(EmbedConfig(workdir=str(workdir_with_model), run_name="again", runner="NoSuchRunner", publish=False))
     assert not (runs / "again").exists()
+    (workdir_with_model / "corpus" / "notes.txt").write_text("not media")  # planned as a dead letter before Beam
+    with pytest.raises(ValueError, match="NoSuchRunner"):
+        run_embed(EmbedConfig(workdir=str(workdir_with_model), run_name="again", runner="NoSuchRunner", publish=False,
+                              incremental=True))
+    assert not (runs / "again").exists()  # its listing and planned dead letters are written again by the next run
     summary = run_embed(EmbedConfig(workdir=str(workdir_with_model), run_name="again", publish=False))  # the name is free
-    assert summary.items == len(list_images(digits_corpus))
+    assert (summary.items, summary.failed) == (len(list_images(digits_corpus)), 1)
 
 
 def test_multi_process_runner_gives_the_same_embeddings(tmp_path, indexed_store, caplog, capfd):
