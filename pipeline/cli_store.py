@@ -86,8 +86,9 @@ def cmd_versions(args: argparse.Namespace) -> int:
         for r in rows if not args.json else []:
             mark = "*" if r.get("current") else " "
             never = "" if r.get("served") or r.get("current") else "never served"
+            recall = f"recall@{r.get('recall_k')} {r['recall']}" if r.get("recall") is not None else "recall not measured"
             print(f"{mark} {r['version']}  model {r.get('model_version')}  {r.get('count')} items  "
-                  f"recall@10 {r.get('recall_at_10')}  {r.get('created')}  {never}  {r.get('error', '')}".rstrip())
+                  f"{recall}  {r.get('created')}  {never}  {r.get('error', '')}".rstrip())
         return 0
     if args.action == "promote":
         if not args.version:

@@ -64,12 +64,15 @@ def list_versions(store: Store) -> list[dict[str, Any]]:
             row["error"] = f"unreadable manifest: {e}"
             rows.append(row)
             continue
-        tuned = manifest.get("tuning") or {}
+        tuned = manifest.get("tuning") if isinstance(manifest.get("tuning"), dict) else {}
         row.update({
             "model_version": manifest.get("model_version"),
             "count": manifest.get("count"),
             "created": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(manifest.get("created_unix_s", 0))),
-            "recall_at_10": tuned.get("recall") if isinstance(tuned, dict) else None,
+            # measured at k=10 (a small index is tuned at a smaller k; one too small is not measured)
+            "recall_at_10": tuned.get("recall") if tuned.get("k") == 10 and not tuned.get("skipped") else None,
+            "recall": None if tuned.get("skipped") else tuned.get("recall"),
+            "recall_k": tuned.get("k"),
             "mode": (manifest.get("build") or {}).get("mode"),
         })
         rows.append(row)

@@ -551,6 +551,11 @@ def test_a_corpus_of_one_decodable_image_publishes_a_searchable_index(workdir_wi
     index = ItemIndex.load(workdir_with_model / "indexes" / summary.index_version)
     assert "skipped" in index.manifest["tuning"] and index.manifest["tuning"]["target_met"]
     assert [n.id for n in index.search(index.embeddings[0], 10)[0]] == ["only.jpg"]
+    from lookalike.model.store import Store
+    from lookalike.pipeline.versions import list_versions
+
+    [row] = [r for r in list_versions(Store.at(workdir_with_model)) if r["version"] == summary.index_version]
+    assert row["recall_at_10"] is None and row["recall"] is None  # not measured: no "recall@10 1.0"
 
 
 def test_an_embed_that_publishes_is_refused_before_any_work_while_another_run_holds_the_store_lock(tmp_path,
