@@ -37,7 +37,7 @@ from lookalike.model.data import IMAGE_SUFFIXES, walk_folders
 from lookalike.pipeline.cache import cached_hashes, load_cache_table, load_failed, load_file_index_table, rows_of_files
 from lookalike.pipeline.items import expand_items, split_by_shard
 from lookalike.pipeline.sources import (NOT_MEDIA_REASON, dead_letter, known_failure_letter, literal_folder,
-                                       not_regular_reason)
+                                       not_regular_reason, unreadable_reason)
 from lookalike.pipeline.video import VIDEO_SUFFIXES, FrameSampling, reusable_source_hashes
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def _walk(folder: str, onerror: Callable[[OSError], None] | None = None) -> list
             try:
                 st = os.stat(path)
             except OSError as e:  # a dangling link, or gone
-                found.append(UnreadableFile(path, f"{type(e).__name__}: {e}"))
+                found.append(UnreadableFile(path, unreadable_reason(path, e)))
                 continue
             if not stat.S_ISREG(st.st_mode):
                 found.append(UnreadableFile(path, not_regular_reason(st.st_mode)))

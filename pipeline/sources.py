@@ -169,6 +169,20 @@ def file_kind(mode: int) -> str:
     return next((name for test, name in _KINDS if test(mode)), f"file type {stat.S_IFMT(mode):o}")
 
 
+def unreadable_reason(path: str, error: OSError | Exception) -> str:
+    """The dead-letter reason of a local path that cannot be stat'ed or read: the error, and for
+    a symbolic link whose target is missing, that it is one and where it points (the message
+    alone names the link, which ``ls`` shows as there)."""
+    reason = f"{type(error).__name__}: {error}"
+    if isinstance(error, FileNotFoundError) and "://" not in path and os.path.islink(path):
+        try:
+            target = os.readlink(path)
+        except OSError:
+            return reason
+        return f"dangling symbolic link: its target {target!r} does not exist ({reason})"
+    return reason
+
+
 def not_regular_reason(mode: int) -> str:
     """The dead-letter reason of a path whose ``stat`` mode is not a regular file's."""
     return f"not a regular file ({file_kind(mode)})"
@@ -277,7 +291,7 @@ class ReadSourceFn(beam.DoFn):
             except Exception as e:  # unreadable path, permissions, vanished file
                 self._inc(self._failed)
                 # a named pipe: the same reason as the corpus walk gives it (reuse.UnreadableFile)
-                reason = e.strerror if isinstance(e, NotRegularFileError) else f"{type(e).__name__}: {e}"
+                reason = e.strerror if isinstance(e, NotRegularFileError) else unreadable_reason(uri, e)
                 yield DEAD, dead_letter(uri, "read", reason)
                 return
             self._inc(self._read)

@@ -315,6 +315,7 @@ def test_a_dangling_link_in_the_corpus_is_a_dead_letter(workdir_with_model, digi
     assert (summary.files_matched, summary.items, summary.failed) == (2, 1, 1)
     letter = summary.dead_letter_examples[0]
     assert letter["uri"].endswith("dangling.png") and letter["stage"] == "read" and "No such file" in letter["reason"]
+    assert letter["reason"].startswith(f"dangling symbolic link: its target '{corpus / 'gone.png'}' does not exist")
 
 
 def test_listed_files_from_different_folders_get_distinct_ids(workdir_with_model, digits_corpus, tmp_path):
