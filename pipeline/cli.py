@@ -210,10 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "Unknown options are passed to Beam, e.g. "
                        "--runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp --setup_file=./setup.py")
     _add_workdir(p)
-    p.add_argument("--corpus", default=None, help="image folder or glob (default WORKDIR/corpus); an existing folder is taken literally, even "
-                   "if its name holds [ ] ? or *")
-    p.add_argument("--list-file", default=None, help="a text file listing image/video paths or file:// URLs, one per line, relative ones from its folder; '#' after a space or at line start begins a comment (instead of --corpus)")
-    p.add_argument("--tfds", default=None, metavar="NAME[:SPLIT]",
+    source = p.add_mutually_exclusive_group()  # one source: giving two is a usage error (exit 2)
+    source.add_argument("--corpus", default=None, help="image folder or glob (default WORKDIR/corpus); an existing folder is taken literally, even "
+                        "if its name holds [ ] ? or *; in a glob, /**/ matches zero or more folders")
+    source.add_argument("--list-file", default=None, help="a text file listing image/video paths or file:// URLs, one per line, relative ones from its folder; '#' after a space or at line start begins a comment (instead of --corpus)")
+    source.add_argument("--tfds", default=None, metavar="NAME[:SPLIT]",
                    help="embed a TFDS data set already prepared in --tfds-data-dir (never downloaded; split default "
                    "train, TFDS split syntax: train[:100], train[10%%:20%%], train+test)")
     p.add_argument("--tfds-data-dir", default=None, help="TFDS data_dir (default ~/tensorflow_datasets)")

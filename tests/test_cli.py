@@ -210,6 +210,7 @@ def test_a_diverging_training_is_a_one_line_error_and_leaves_no_empty_run(tmp_pa
     (["embed", "--frame-interval-s", "-1"], "argument --frame-interval-s: must be in (0, inf], got -1"),
     (["embed", "--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
     (["embed", "--num-shards", "x"], "argument --num-shards: expected an integer, got 'x'"),
+    (["embed", "--corpus", "a", "--list-file", "b"], "argument --list-file: not allowed with argument --corpus"),
     (["query", "--id", "a", "-k", "0"], "argument -k: must be between 1 and 100, got 0"),
     (["query", "--id", "a", "-k", "101"], "argument -k: must be between 1 and 100, got 101"),  # as the server says
     (["query", "--id", "a", "--max-per-group", "101"], "argument --max-per-group: must be between 1 and 100, got 101"),
