@@ -107,7 +107,7 @@ def check_version_name(version: str, what: str = "version name") -> str:
         shown = version if len(version or "") <= 60 else f"{version[:60]}..."
         if len(version or "") > 128:
             reason = f"{len(version)} characters, at most 128"
-        elif version and not version[0].isascii() or version and not version[0].isalnum():
+        elif version and not (version[0].isascii() and version[0].isalnum()):
             reason = "it must start with a letter or digit"
         else:
             bad = sorted(set(ch for ch in version or "" if not (ch.isascii() and (ch.isalnum() or ch in "._-"))))

@@ -22,8 +22,9 @@ import sys
 from collections.abc import Sequence
 
 from lookalike.pipeline.cli_options import (  # noqa: F401 (DEFAULT_WORKDIR, _float_in: re-exported)
-    DEFAULT_PORT, DEFAULT_WORKDIR, MAX_RESULTS, NON_EMPTY, PORT, POSITIVE, RESULT_COUNT, _add_train_config, _add_workdir, _DefaultsHelpFormatter, _float_in,
-    _int_at_least, _print_json, _train_config, add_metadata_option, attach_negative_values, misspelled_pass_through,
+    DEFAULT_PORT, DEFAULT_WORKDIR, MAX_RESULTS, NON_EMPTY, PORT, POSITIVE, RESULT_COUNT, _add_train_config, _add_workdir,
+    _DefaultsHelpFormatter, _float_in, _int_at_least, _print_json, _train_config, add_metadata_option,
+    attach_negative_values, misspelled_pass_through,
 )
 from lookalike.pipeline.cli_store import add_store_commands
 from lookalike.pipeline.logs import configure_logging, quiet_library_noise

@@ -140,8 +140,8 @@ def _execute(run: EmbedRun, started: float, index_build: tuple[str, dict[str, An
     if summary.items == 0:
         (run.run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
         if run.total == 0:
-            unlisted = f" ({summary.failed} folder(s) or file name(s) could not be used: see {run.run_dir}/dead_letter-*.jsonl)" \
-                if summary.failed else ""
+            unlisted = (f" ({summary.failed} folder(s) or file name(s) could not be used: see "
+                        f"{run.run_dir}/dead_letter-*.jsonl)" if summary.failed else "")
             raise EmbedError(f"nothing embedded: no files found in {_source_name(run)}{unlisted}; no index published")
         raise EmbedError(
             f"nothing embedded from {_source_name(run)}: {run.total} file(s) found, {summary.failed} rejected "

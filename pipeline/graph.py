@@ -65,10 +65,9 @@ from lookalike.pipeline.elements import EmbeddedBatch, ItemBatch, Routed, ShardT
 from lookalike.pipeline.index_shards import BuildIndexShardFn
 from lookalike.pipeline.inference import FlaxEncoderHandler
 from lookalike.pipeline.items import embedding_schema
-from lookalike.pipeline.reuse import globstar_variants
 from lookalike.pipeline.listing import ReadChunkFn
 from lookalike.pipeline.metadata import MetadataSpec, with_metadata
-from lookalike.pipeline.reuse import ReusedItemsFn, ReusePlan
+from lookalike.pipeline.reuse import ReusedItemsFn, ReusePlan, globstar_variants
 from lookalike.pipeline.sources import CACHED, DEAD, FILE, NEW, ReadSourceFn, read_list_file
 from lookalike.pipeline.tfds_source import ReadTfdsRangeFn, TfdsSpec, example_ranges
 from lookalike.pipeline.video import FrameSampling

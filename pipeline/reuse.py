@@ -65,15 +65,16 @@ def list_files(pattern: str, onerror: Callable[[OSError], None] | None = None) -
     if folder and "://" not in folder and os.path.isdir(folder):
         return sorted(_walk(folder, onerror), key=lambda m: m.path)
     found: dict[str, FileMetadata] = {}
+    errors: list[str] = []
     for variant in globstar_variants(pattern):
         try:
             matched = FileSystems.match([variant])
         except Exception as e:  # an empty or unreachable pattern: the run reports 0 files
-            log.debug("no files match %s: %s", variant, e)
+            errors.append(str(e))
             continue
         found.update((m.path, m) for result in matched for m in result.metadata_list)
-    if not found:
-        log.warning("no files match %s", pattern)
+    if not found and errors:
+        log.warning("no files match %s: %s", pattern, errors[0])
     return sorted(found.values(), key=lambda m: m.path)
 
 
