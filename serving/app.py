@@ -31,6 +31,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi_offline import FastAPIOffline
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lookalike.serving.admin import AdminAuth, admin_router, watch_store
 from lookalike.serving.items import items_router
@@ -79,7 +80,7 @@ from lookalike.serving.schemas import (
 )
 from lookalike.serving.results import json_text_response
 from lookalike.serving.swap import DEFAULT_WATCH_INTERVAL_S, BackendSlot, StoreReloader, without_store_root
-from lookalike.serving.validation import parse_json_body, validation_error_handler
+from lookalike.serving.validation import body_parse_error_handler, parse_json_body, validation_error_handler
 
 log = logging.getLogger(__name__)
 
@@ -206,6 +207,7 @@ def create_app(
     app.add_middleware(HeadAsGet)  # HEAD on every GET resource, without a second operation per route
     app.include_router(admin_router)
     app.add_exception_handler(RequestValidationError, validation_error_handler)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, body_parse_error_handler)  # type: ignore[arg-type]
     page = load_page()
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

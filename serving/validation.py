@@ -17,11 +17,13 @@ import math
 from typing import Any, TypeVar
 
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 MAX_REPORTED_ERRORS = 10
 MAX_ECHO_CHARS = 100
@@ -118,18 +120,40 @@ def _parse(model: type[M], body: bytes) -> M | None:
     except json.JSONDecodeError as e:  # FastAPI's error for bad JSON (a 400: the handler), without parsing it again
         raise RequestValidationError([{"type": "json_invalid", "loc": ("body", e.pos), "msg": "JSON decode error",
                                        "input": {}, "ctx": {"error": e.msg}}]) from None
-    except UnicodeDecodeError as e:  # a 400 naming the reason, not FastAPI's "There was an error parsing the body"
-        raise _invalid_json(f"not UTF-8 at byte {e.start} ({e.reason})") from None
-    except RecursionError:
-        raise _invalid_json("nested too deep (arrays or objects inside each other)") from None
-    except ValueError as e:  # e.g. an integer of more than 4300 digits
-        raise _invalid_json(str(e).split(";")[0]) from None
-    except Exception:  # FastAPI answers: 400
-        return None
+    except Exception as e:  # a 400 naming the reason, not FastAPI's "There was an error parsing the body"
+        reason = json_failure_reason(e)
+        if reason is None:  # FastAPI answers: 400
+            return None
+        raise _invalid_json(reason) from None
     try:
         return model.model_validate(data, from_attributes=True)  # as FastAPI validates a body
     except ValidationError as e:  # as FastAPI reports a body's errors, bounded by the handler
         raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors(include_url=False)]) from None
+
+
+def json_failure_reason(error: BaseException | None) -> str | None:
+    """Why Python's JSON parser failed on a body, for the errors that are not a
+    ``JSONDecodeError`` (whose position and reason FastAPI reports): bytes that are not
+    UTF-8, nesting too deep, an integer of more than 4300 digits; None for any other error."""
+    if isinstance(error, UnicodeDecodeError):
+        return f"not UTF-8 at byte {error.start} ({error.reason})"
+    if isinstance(error, RecursionError):
+        return "nested too deep (arrays or objects inside each other)"
+    if isinstance(error, ValueError) and "integer string conversion" in str(error):
+        return str(error).split(";")[0]
+    return None
+
+
+async def body_parse_error_handler(request: Request, exc: HTTPException) -> Response:
+    """FastAPI's 400 "There was an error parsing the body" for a JSON body, with the reason
+    ``json_failure_reason`` gives, as the fast paths answer it (``parse_json_body``); any
+    other HTTPException as FastAPI answers it. (Registered for Starlette's HTTPException,
+    which FastAPI raises there; FastAPI's own subclass goes through it too.)"""
+    if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+        reason = json_failure_reason(exc.__cause__)
+        if reason is not None:
+            return JSONResponse({"detail": f"invalid JSON body: {reason}"}, status_code=400)
+    return await http_exception_handler(request, exc)
 
 
 def _invalid_json(reason: str) -> RequestValidationError:

@@ -62,7 +62,7 @@ def test_wheel_built_from_sdist_maps_folders_into_one_namespace(sdist, tmp_path)
     assert expected <= names, sorted(expected - names)
     assert not any(n.split("/")[0] in CODE_FOLDERS for n in names), "a folder was installed as a bare top-level package"
     entry = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "lookalike = lookalike.pipeline.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
+    assert "lookalike = lookalike.pipeline.cli:run" in zipfile.ZipFile(wheel).read(entry).decode()
 
 
 def test_code_never_imports_bare_folder_names():
