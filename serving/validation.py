@@ -1,5 +1,6 @@
 """Bounded request validation: 422 bodies of a bounded size, JSON bodies parsed off the event loop,
-a body that is not JSON a 400 naming where and why it does not parse.
+a body that is not JSON a 400 naming where and why it does not parse (on the fast paths and
+on FastAPI's own, ``body_parse_error_handler``).
 
 A JSON body of a few megabytes that is wrong in every element (a vector of a million
 strings) must not cost the server seconds of event-loop time nor answer with one
@@ -17,8 +18,8 @@ import math
 from typing import Any, TypeVar
 
 from fastapi.concurrency import run_in_threadpool
-from fastapi.exception_handlers import http_exception_handler
 from fastapi.encoders import jsonable_encoder
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
