@@ -7,8 +7,8 @@ when complete. A later ``--incremental`` run looks each file's content hash up
 here and reuses the rows instead of decoding and embedding again; because groups land
 as they finish, a rerun after a crash redoes only the unfinished work.
 
-A file index (``files-*.parquet``: uri, size, mtime, content hash) lets an incremental
-run skip even reading a file whose path, size and modification time are unchanged, and
+A file index (``files-*.parquet``: uri, size, mtime, content hash, inode) lets an incremental
+run skip even reading a file whose path, size, modification time and inode are unchanged, and
 failure records (``failed-*.parquet``: content hash, stage, reason) let it report a file
 that could not be decoded again without reading or decoding it.
 
@@ -58,9 +58,22 @@ def cache_dir(embeddings_dir: str | Path, model_version: str) -> Path:
     return Path(embeddings_dir) / "cache" / name
 
 
+# ``inode``: the file's inode number when listed from a local disk (null elsewhere, or in an
+# index written before it was recorded): two files of the same size and mtime that swap names
+# keep their inodes, so a swap is seen as a change (``reuse.plan_reuse``).
 FILE_INDEX_SCHEMA = pa.schema([
     ("uri", pa.string()), ("size", pa.int64()), ("mtime_s", pa.float64()), ("source_hash", pa.string()),
+    ("inode", pa.uint64()),
 ])
+
+
+def _as_file_index(table: pa.Table) -> pa.Table:
+    """A file index file's table in FILE_INDEX_SCHEMA: one written before inodes were
+    recorded gets a null ``inode`` column (its files are then read again once: see
+    ``reuse.plan_reuse``)."""
+    if "inode" not in table.column_names:
+        table = table.append_column("inode", pa.nulls(len(table), pa.uint64()))
+    return table.select(FILE_INDEX_SCHEMA.names).cast(FILE_INDEX_SCHEMA)
 
 
 def load_file_index_table(directory: str | Path) -> pa.Table:
@@ -69,7 +82,7 @@ def load_file_index_table(directory: str | Path) -> pa.Table:
     tables = []
     for path in sorted(glob.glob(os.path.join(glob.escape(str(directory)), "files-*.parquet")), key=os.path.getmtime):
         try:
-            tables.append(pq.read_table(path).select(FILE_INDEX_SCHEMA.names).cast(FILE_INDEX_SCHEMA))
+            tables.append(_as_file_index(pq.read_table(path)))
         except Exception as e:
             log.warning("ignoring unreadable file index %s: %s", path, e)
     if not tables:
@@ -82,16 +95,16 @@ def load_file_index_table(directory: str | Path) -> pa.Table:
     return table.take(pa.array(np.sort(last.column("row_max").to_numpy()), pa.int64()))
 
 
-def load_file_index(directory: str | Path) -> dict[str, tuple[int, float, str]]:
-    """uri -> (size, mtime_s, source hash) as last seen; newer index files win."""
+def load_file_index(directory: str | Path) -> dict[str, tuple[int, float, str, int | None]]:
+    """uri -> (size, mtime_s, source hash, inode or None) as last seen; newer index files win."""
     table = load_file_index_table(directory)
     columns = [table.column(name).to_pylist() for name in FILE_INDEX_SCHEMA.names]
     return dict(zip(columns[0], zip(*columns[1:])))
 
 
-def file_index_table(rows: list[dict[str, Any]] | list[tuple[str, int, float, str]]) -> pa.Table:
-    """File index rows (uri, size, mtime_s, source_hash dicts, or tuples in that order) -> a
-    FILE_INDEX_SCHEMA table."""
+def file_index_table(rows: list[dict[str, Any]] | list[tuple[str, int, float, str, int | None]]) -> pa.Table:
+    """File index rows (uri, size, mtime_s, source_hash, inode dicts, or tuples in that order;
+    inode None when unknown) -> a FILE_INDEX_SCHEMA table."""
     if rows and isinstance(rows[0], tuple):
         columns = list(zip(*rows))
         return pa.Table.from_arrays([pa.array(c, f.type) for c, f in zip(columns, FILE_INDEX_SCHEMA)], schema=FILE_INDEX_SCHEMA)
@@ -109,7 +122,7 @@ def write_new_parquet(directory: str, prefix: str, table: pa.Table, **options: A
 
 
 class WriteFileIndexFn(beam.DoFn):
-    """(key, [chunk, ...]) -> path of a new ``files-*.parquet`` (uri, size, mtime, hash); a
+    """(key, [chunk, ...]) -> path of a new ``files-*.parquet`` (uri, size, mtime, hash, inode); a
     chunk is a ``file_index_table`` or a list of its rows."""
 
     def __init__(self, directory: str):

@@ -405,7 +405,7 @@ def _list_and_run(run: EmbedRun, started: float) -> EmbedSummary:
     if in_process and config.incremental and (run.plan is None or run.plan.changed):
         preload_encoder(run.model_dir, config.max_batch_size)
     log.info("embedding %d file(s) from %s with model %s on %s%s", run.total, _source_name(run), meta["version"], config.runner,
-             f" ({len(run.plan.unchanged)} not read: same path, size and mtime as cached; {len(run.plan.dead)} known to fail)"
+             f" ({len(run.plan.unchanged)} not read: same path, size, mtime and inode as cached; {len(run.plan.dead)} known to fail)"
              if run.plan else "")
     reused = None
     if run.plan is not None and run.plan.unchanged and not run.plan.changed:

@@ -11,7 +11,7 @@
       -> RunInference(FlaxEncoderHandler), one ItemBatch (metas, pixels) a call,   |
          dispatched asynchronously (JAX), fused with reading and decoding    |      |
       -> BatchRowsFn (one batch behind): cache file per batch; Arrow items table per shard
-           |       files unchanged by path, size, mtime (listed before) --> ReusedItemsFn
+           |       files unchanged by path, size, mtime, inode (listed before) --> ReusedItemsFn
       GroupByKey(shard) <- (shard, items table) <-----------------------------+      |
       -> concatenated, sorted by id, --metadata joined -> WriteParquetShardFn (embeddings-SSSSS-of-NNNNN)
                                     \-> BuildIndexShardFn (ScaNN shard)              |

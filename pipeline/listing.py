@@ -16,7 +16,7 @@ import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +27,7 @@ from lookalike.model.preprocess import PreprocessSpec
 from lookalike.pipeline.batches import BATCH, DECODE_WINDOW, DecodeBatchFn
 from lookalike.pipeline.cache import file_index_table
 from lookalike.pipeline.elements import Routed
+from lookalike.pipeline.reuse import inode_of
 from lookalike.pipeline.sources import CACHED, CARRY_BYTES_MAX, FILE, NEW, ReadSourceFn, read_bytes
 from lookalike.pipeline.video import FrameSampling
 
@@ -42,7 +43,7 @@ _INC, _OUT, _ERR, _END = "inc", "out", "err", "end"
 
 
 def write_listing(path: str, files: list[Any], chunk_files: int | None = None) -> list[tuple[int, int]]:
-    """Write ``files`` (FileMetadata) to ``path`` (Arrow IPC: path, size, mtime), sorted by size
+    """Write ``files`` (FileMetadata) to ``path`` (Arrow IPC: path, size, mtime, inode), sorted by size
     then path, and return chunks as [start, stop) row ranges. Chunks end only where the size
     changes, so byte-identical files (same size) always share a chunk, where they are decoded
     and embedded once. The listing stays out of the pipeline graph (Beam would pickle and
@@ -52,6 +53,7 @@ def write_listing(path: str, files: list[Any], chunk_files: int | None = None) -
         "path": pa.array([m.path for m in files], pa.string()),
         "size": pa.array([int(m.size_in_bytes or 0) for m in files], pa.int64()),
         "mtime_s": pa.array([float(getattr(m, "last_updated_in_seconds", 0) or 0) for m in files], pa.float64()),
+        "inode": pa.array([inode_of(m) for m in files], pa.uint64()),
     }).sort_by([("size", "ascending"), ("path", "ascending")])
     with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
@@ -66,20 +68,29 @@ def write_listing(path: str, files: list[Any], chunk_files: int | None = None) -
     return chunks
 
 
-def read_listing(path: str) -> tuple[list[str], list[int], list[float]]:
+class Listing(NamedTuple):
+    """A listing file's columns, row by row (``write_listing``'s order)."""
+
+    paths: list[str]
+    sizes: list[int]
+    mtimes: list[float]
+    inodes: list[int | None]  # None: unknown (not a local file)
+
+
+def read_listing(path: str) -> Listing:
     with pa.memory_map(path) as source:
         table = pa.ipc.open_file(source).read_all()
-    return (table.column("path").to_pylist(), table.column("size").to_pylist(), table.column("mtime_s").to_pylist())
+    return Listing(*(table.column(name).to_pylist() for name in ("path", "size", "mtime_s", "inode")))
 
 
 @dataclass
 class RangeRead:
     """What ``ListingReader.read_range`` read: "new" entries (source hash, uri, bytes or None), file index
-    rows (uri, size, mtime_s, source_hash), "cached" (uri, source hash) pairs and other
+    rows (uri, size, mtime_s, source_hash, inode), "cached" (uri, source hash) pairs and other
     outputs (dead letters) as (tag, value)."""
 
     entries: list[tuple[str, str, bytes | None]] = field(default_factory=list)
-    file_rows: list[tuple[str, int, float, str]] = field(default_factory=list)
+    file_rows: list[tuple[str, int, float, str, int | None]] = field(default_factory=list)
     cached: list[tuple[str, str]] = field(default_factory=list)
     others: list[tuple[str, Any]] = field(default_factory=list)
     carried: int = 0  # bytes of the entries' files carried on
@@ -90,7 +101,7 @@ class RangeRead:
             self.entries.append(value)
             self.carried += len(value[2]) if value[2] is not None else 0
         elif tag == FILE:
-            self.file_rows.append((value["uri"], value["size"], value["mtime_s"], value["source_hash"]))
+            self.file_rows.append((value["uri"], value["size"], value["mtime_s"], value["source_hash"], value["inode"]))
         elif tag == CACHED:
             self.cached.append(value)
         else:
@@ -100,15 +111,16 @@ class RangeRead:
 class ListingReader(ReadSourceFn):
     """``ReadSourceFn`` reading the files of a listing range by range (``ReadChunkFn``)."""
 
-    def read_range(self, paths: list[str], sizes: list[int], mtimes: list[float], start: int, stop: int,
-                   carry_bytes: int, pool: ThreadPoolExecutor | None = None) -> RangeRead:
-        """``read_one``'s outputs for files [start, stop) of a listing, gathered by kind;
+    def read_range(self, listing: Listing, start: int, stop: int, carry_bytes: int,
+                   pool: ThreadPoolExecutor | None = None) -> RangeRead:
+        """``read_one``'s outputs for files [start, stop) of ``listing``, gathered by kind;
         bytes are carried on until ``carry_bytes`` of them are (then read again where decoded).
         The usual file, a local image unknown to the file index, takes a lean path: the same
         outputs without a generator or a dict per file (~10 us less CPU per small file), read
         and hashed on ``pool`` when given, several at once, in order (``model.parallel``: for
         big files). Any other file, or one whose read fails, goes through ``read_one``."""
         out = RangeRead()
+        paths, sizes, mtimes, inodes = listing
         known, reusable, undecodable = self._files, self._cache, self._undecodable
         sha256 = hashlib.sha256
 
@@ -128,13 +140,13 @@ class ListingReader(ReadSourceFn):
         for i, lean in zip(range(start, stop), ordered_map(read_lean, range(start, stop), pool, DECODE_WINDOW)):
             uri, size, mtime = paths[i], sizes[i], mtimes[i]
             if lean is None:
-                for tag, value in self.read_one(uri, size, mtime, carry=out.carried < carry_bytes):
+                for tag, value in self.read_one(uri, size, mtime, carry=out.carried < carry_bytes, inode=inodes[i]):
                     out.add(tag, value)
                 continue
             data, source_hash = lean
             read += 1
             if mtime:
-                out.file_rows.append((uri, size, mtime, source_hash))
+                out.file_rows.append((uri, size, mtime, source_hash, inodes[i]))
             if source_hash in undecodable or source_hash in reusable:  # as read_one says
                 for tag, value in self.known_outputs(uri, source_hash):
                     out.add(tag, value)
@@ -164,7 +176,7 @@ class ReadChunkFn(DecodeBatchFn):
     def setup(self) -> None:
         super().setup()
         self._reader.setup()
-        self._paths, self._sizes, self._mtimes = read_listing(self._listing)
+        self._files = read_listing(self._listing)
 
     def process(self, bounds: tuple[int, int]):
         """Reads and decodes on a background thread, at most DECODE_AHEAD batches ahead of
@@ -227,16 +239,16 @@ class ReadChunkFn(DecodeBatchFn):
         size, meet in one group and are decoded once, and the first batch of a chunk is ready
         after a batch of files is read, not the whole chunk."""
         start, stop = bounds
-        sizes = self._sizes
+        sizes = self._files.sizes
         cached: list[tuple[str, str]] = []
-        file_rows: list[tuple[str, int, float, str]] = []
+        file_rows: list[tuple[str, int, float, str, int | None]] = []
         while start < stop:
             end = min(stop, start + self._batch_size)
             while end < stop and sizes[end] == sizes[end - 1]:
                 end += 1
             # Big files (sorted by size: all from the first) are read and hashed on the decode pool too.
             pool = self._pool if sizes[start] >= PARALLEL_MIN_BYTES else None
-            group = self._reader.read_range(self._paths, sizes, self._mtimes, start, end, CHUNK_CARRY_BYTES, pool)
+            group = self._reader.read_range(self._files, start, end, CHUNK_CARRY_BYTES, pool)
             yield from group.others
             cached += group.cached
             file_rows += group.file_rows

@@ -1,6 +1,6 @@
 """``--incremental``: what an earlier run of the same model already embedded is not redone.
 
-Before the pipeline starts, the corpus listing (path, size, mtime) is compared with the
+Before the pipeline starts, the corpus listing (path, size, mtime, inode) is compared with the
 embedding cache's file index (``plan_reuse``): files known unchanged are not even handed
 to Beam; only the others go through read, hash, decode and inference. Their cached rows
 become items column by column (``reused_items``, Arrow, no object per item) and join the
@@ -54,7 +54,8 @@ class ReusePlan:
 
 
 def list_files(pattern: str, onerror: Callable[[OSError], None] | None = None) -> list[FileMetadata]:
-    """Every file matching ``pattern`` (any Beam filesystem) with size and mtime, by path. A
+    """Every file matching ``pattern`` (any Beam filesystem) with size and mtime (and inode:
+    ``ListedFile``, for a local file), by path. A
     local ``<folder>/**`` (its wildcards escaped: ``sources.corpus_pattern``) is walked here
     with one stat per file (Beam's match takes two and a regex test per file for the same list);
     a folder below it that cannot be listed goes to ``onerror`` (``data.walk_folders``: default,
@@ -75,7 +76,7 @@ def list_files(pattern: str, onerror: Callable[[OSError], None] | None = None) -
         found.update((m.path, m) for result in matched for m in result.metadata_list)
     if not found and errors:
         log.warning("no files match %s: %s", pattern, errors[0])
-    return sorted(found.values(), key=lambda m: m.path)
+    return with_inodes(sorted(found.values(), key=lambda m: m.path))
 
 
 def globstar_variants(pattern: str) -> list[str]:
@@ -88,6 +89,35 @@ def globstar_variants(pattern: str) -> list[str]:
     for part in parts[1:]:  # each level kept ("/**/") or dropped ("/")
         variants = [v + joint + part for v in variants for joint in ("/**/", "/")]
     return variants
+
+
+class ListedFile(FileMetadata):
+    """A local file as listed, with its inode number (``inode``): a file renamed over another
+    of the same size and mtime keeps its inode, so ``plan_reuse`` sees the change. Other
+    listings (Beam's match of a remote pattern) give FileMetadata, inode unknown (None)."""
+
+    def __init__(self, path: str, size_in_bytes: int, last_updated_in_seconds: float, inode: int | None):
+        super().__init__(path, size_in_bytes, last_updated_in_seconds)
+        self.inode = inode
+
+
+def inode_of(file: FileMetadata) -> int | None:
+    """The inode ``file`` was listed with (``ListedFile``), else None."""
+    return getattr(file, "inode", None)
+
+
+def with_inodes(files: list[FileMetadata]) -> list[FileMetadata]:
+    """Local files of ``files`` (Beam's match of a local glob) as ``ListedFile`` with their
+    inode (one stat each); others, and a file gone meanwhile, as they are."""
+    listed: list[FileMetadata] = []
+    for m in files:
+        if "://" not in m.path and type(m) is FileMetadata:
+            try:
+                m = ListedFile(m.path, m.size_in_bytes, m.last_updated_in_seconds, os.stat(m.path).st_ino)
+            except OSError:
+                pass
+        listed.append(m)
+    return listed
 
 
 class UnreadableFile(FileMetadata):
@@ -120,7 +150,7 @@ def _walk(folder: str, onerror: Callable[[OSError], None] | None = None) -> list
             if not stat.S_ISREG(st.st_mode):
                 found.append(UnreadableFile(path, not_regular_reason(st.st_mode)))
                 continue
-            found.append(FileMetadata(path, st.st_size, st.st_mtime))
+            found.append(ListedFile(path, st.st_size, st.st_mtime, st.st_ino))
     return found
 
 
@@ -132,7 +162,9 @@ def plan_reuse(files: list[FileMetadata], cache_dir: str,
                hashes: set[str] | pa.Array | pa.ChunkedArray | None = None,
                sampling: FrameSampling = FrameSampling(),
                failed: dict[str, tuple[str, str]] | None = None) -> ReusePlan:
-    """Split ``files``: a media file whose path, size and mtime the file index recorded, with
+    """Split ``files``: a media file whose path, size, mtime and inode the file index
+    recorded (an inode unknown on both sides, as for a remote file, counts as the same; known
+    on one side only, as in an index written before inodes were recorded, as a change), with
     that hash still in the cache (``hashes``: the cache's source hashes, read if None), is
     unchanged (a video only if it was sampled with ``sampling``: ``video.video_source_hash``);
     one whose recorded hash failed to decode before (``failed``: ``cache.load_failed``, read
@@ -147,6 +179,7 @@ def plan_reuse(files: list[FileMetadata], cache_dir: str,
         "size": pa.array([int(m.size_in_bytes or 0) for m in files], pa.int64()),
         "mtime_s": pa.array([float(getattr(m, "last_updated_in_seconds", 0) or 0) for m in files], pa.float64()),
         "position": pa.array(np.arange(len(files), dtype=np.int64)),
+        "inode": pa.array([inode_of(m) for m in files], pa.uint64()),
     })
     media = pc.fill_null(pc.match_substring_regex(listing.column("uri"), _MEDIA_SUFFIX, ignore_case=True), False)
     is_dead = ~media.to_numpy(zero_copy_only=False)
@@ -165,12 +198,12 @@ def plan_reuse(files: list[FileMetadata], cache_dir: str,
         known = pa.array(list(hashes), pa.string()) if isinstance(hashes, (set, frozenset, list)) else hashes
         known = pc.cast(known.combine_chunks() if isinstance(known, pa.ChunkedArray) else known, pa.string())
         known = reusable_source_hashes(known, sampling)
-        indexed = index.rename_columns(["uri", "indexed_size", "indexed_mtime_s", "source_hash"])
+        indexed = index.rename_columns(["uri", "indexed_size", "indexed_mtime_s", "source_hash", "indexed_inode"])
         joined = listing.filter(media).join(indexed, "uri", join_type="inner")
         same = pc.and_(pc.and_(pc.equal(joined.column("size"), joined.column("indexed_size")),
                                pc.equal(joined.column("mtime_s"), joined.column("indexed_mtime_s"))),
                        pc.greater(joined.column("mtime_s"), 0))  # an unknown mtime (0) proves nothing
-        same = pc.fill_null(same, False)
+        same = pc.and_(pc.fill_null(same, False), same_inode(joined.column("inode"), joined.column("indexed_inode")))
         unchanged = joined.filter(pc.and_(same, pc.fill_null(pc.is_in(joined.column("source_hash"), value_set=known), False)))
         unchanged = unchanged.sort_by("position")
         is_unchanged[unchanged.column("position").to_numpy()] = True
@@ -183,6 +216,12 @@ def plan_reuse(files: list[FileMetadata], cache_dir: str,
     return ReusePlan(changed=[m for i, m in enumerate(files) if not is_unchanged[i] and i not in dead],
                      unchanged=list(zip(unchanged.column("uri").to_pylist(), unchanged.column("source_hash").to_pylist())),
                      dead=[dead[i] for i in sorted(dead)])
+
+
+def same_inode(listed: pa.ChunkedArray | pa.Array, indexed: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """Element-wise: the inodes are equal, or both unknown (null)."""
+    both_unknown = pc.and_(pc.is_null(listed), pc.is_null(indexed))
+    return pc.or_(both_unknown, pc.fill_null(pc.equal(listed, indexed), False))
 
 
 def reused_items(cache: pa.Table, files: list[tuple[str, str]], *, root: str, thumbnails_dir: str,

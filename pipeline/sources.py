@@ -234,7 +234,7 @@ CARRY_BYTES_MAX = 256 * 1024
 class ReadSourceFn(beam.DoFn):
     """FileMetadata -> ("new", (source hash, uri, bytes if small else None)) | ("cached", (uri, source hash))
     | ("dead", letter),
-    plus ("file", {uri, size, mtime_s, source_hash}) for the file index."""
+    plus ("file", {uri, size, mtime_s, source_hash, inode}) for the file index."""
 
     def __init__(self, cache_dir: str | None, total_files: int, sampling: FrameSampling = FrameSampling()):
         """``total_files``: the run's files to read, or 0 when several workers share them (see ``graph.EmbedRun.progress_total``)."""
@@ -271,8 +271,9 @@ class ReadSourceFn(beam.DoFn):
         yield from self.read_one(metadata.path, int(metadata.size_in_bytes or 0),
                                  float(getattr(metadata, "last_updated_in_seconds", 0) or 0))
 
-    def read_one(self, uri: str, size: int, mtime: float, carry: bool = True):
-        """One file's outputs (see the class); ``carry=False``: never pass its bytes on."""
+    def read_one(self, uri: str, size: int, mtime: float, carry: bool = True, inode: int | None = None):
+        """One file's outputs (see the class); ``carry=False``: never pass its bytes on.
+        ``inode``: as listed (``reuse.ListedFile``), None if unknown."""
         if not utf8_name(uri):
             self._inc(self._failed)
             yield DEAD, bad_name_letter(uri)
@@ -283,8 +284,9 @@ class ReadSourceFn(beam.DoFn):
             return
         known = self._files.get(uri)
         data = None
-        if known and mtime and known[:2] == (size, mtime) and (known[2] in self._cache or known[2] in self._undecodable):
-            source_hash = known[2]  # unchanged path, size and mtime: not even read
+        if (known and mtime and known[:2] == (size, mtime) and known[3] == inode
+                and (known[2] in self._cache or known[2] in self._undecodable)):
+            source_hash = known[2]  # unchanged path, size, mtime and inode: not even read
         else:
             try:
                 data = read_bytes(uri, size)
@@ -299,7 +301,7 @@ class ReadSourceFn(beam.DoFn):
             if is_video_path(uri):
                 source_hash = video_source_hash(source_hash, self._sampling)
         if mtime:  # a known modification time (an empty file has size 0)
-            yield FILE, {"uri": uri, "size": size, "mtime_s": mtime, "source_hash": source_hash}
+            yield FILE, {"uri": uri, "size": size, "mtime_s": mtime, "source_hash": source_hash, "inode": inode}
         if source_hash in self._undecodable or source_hash in self._cache:
             yield from self.known_outputs(uri, source_hash)
         else:

@@ -33,7 +33,7 @@ class EmbedSummary:
     items: int
     embedded: int
     # Files whose bytes this model embedded before (their cached items reused): those not even read
-    # (same path, size and mtime: the "not read" count logged at the start) plus those read and
+    # (same path, size, mtime and inode: the "not read" count logged at the start) plus those read and
     # found in the cache by hash (renamed, copied or touched files).
     unchanged: int
     duplicate_files: int  # files read in this run whose bytes another file read in it has

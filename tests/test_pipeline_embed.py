@@ -386,6 +386,36 @@ def test_incremental_skips_reading_unchanged_files_but_notices_edits(workdir_wit
     assert new_hash[str(edited.relative_to(corpus))] == hashlib.sha256(edited.read_bytes()).hexdigest()
 
 
+def test_incremental_sees_two_files_of_one_size_and_mtime_that_swap_names(workdir_with_model):
+    """Same size, same mtime, names swapped (BMPs restored from an archive): the inodes moved
+    with the bytes, so both files are read again and each path gets its own bytes' hash and
+    embedding; nothing is embedded again (both bytes are in the cache)."""
+    import hashlib
+    import os
+
+    corpus = workdir_with_model / "corpus"
+    corpus.mkdir()
+    a, b = corpus / "a.bmp", corpus / "b.bmp"
+    Image.new("L", (32, 32), 20).save(a)
+    Image.fromarray(np.tri(32, dtype=np.uint8) * 200).save(b)
+    assert a.stat().st_size == b.stat().st_size
+    for f in (a, b):
+        os.utime(f, (1_700_000_000, 1_700_000_000))
+    run_embed(EmbedConfig(workdir=str(workdir_with_model), run_name="first"))
+    os.rename(a, corpus / "t.bmp")
+    os.rename(b, a)
+    os.rename(corpus / "t.bmp", b)
+    assert a.stat().st_mtime == b.stat().st_mtime == 1_700_000_000
+    second = run_embed(EmbedConfig(workdir=str(workdir_with_model), run_name="second", incremental=True))
+    assert (second.files_read, second.embedded, second.unchanged) == (2, 0, 2)
+    emb, items = read_embeddings(workdir_with_model / "embeddings" / "second")
+    first_emb, first_items = read_embeddings(workdir_with_model / "embeddings" / "first")
+    hashes = dict(zip(items.column("id").to_pylist(), items.column("content_hash").to_pylist()))
+    assert hashes == {name: hashlib.sha256((corpus / name).read_bytes()).hexdigest() for name in ("a.bmp", "b.bmp")}
+    ids, first_ids = items.column("id").to_pylist(), first_items.column("id").to_pylist()
+    np.testing.assert_array_equal(emb[ids.index("a.bmp")], first_emb[first_ids.index("b.bmp")])  # the embedding moved too
+
+
 def test_rerun_after_a_crash_redoes_only_unfinished_work(workdir_with_model, digits_corpus):
     import os
     import signal

@@ -22,7 +22,7 @@ def test_listing_chunks_never_split_files_of_one_size(tmp_path):
     sizes = [5] * 7 + [3] * 2 + [9] * 4 + [1]
     files = [FileMetadata(f"/c/{i:02d}.png", size, 100.0 + i) for i, size in enumerate(sizes)]
     chunks = write_listing(str(tmp_path / "l.arrow"), files, chunk_files=3)
-    paths, got_sizes, mtimes = read_listing(str(tmp_path / "l.arrow"))
+    paths, got_sizes, mtimes, _ = read_listing(str(tmp_path / "l.arrow"))
     assert got_sizes == sorted(sizes) and sorted(paths) == sorted(f.path for f in files)
     assert chunks[0][0] == 0 and chunks[-1][1] == len(files)
     assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))  # contiguous, nothing left out
@@ -71,7 +71,7 @@ def make_reader(cache: set[str] | None = None, undecodable: dict | None = None, 
     reader._cache = cache or set()
     reader._undecodable = undecodable or {}
     if force_general:  # every path known to the file index, with another size: read_one reads each again
-        reader._files = {m.path: (-1, -1.0, "0" * 64) for m in listed}
+        reader._files = {m.path: (-1, -1.0, "0" * 64, None) for m in listed}
     return reader
 
 
@@ -80,9 +80,10 @@ def test_lean_reads_give_what_read_one_gives(tmp_path, mixed_corpus):
     files and dead letters, with and without an embedding cache that knows some bytes."""
     listing = str(tmp_path / "l.arrow")
     chunks = write_listing(listing, mixed_corpus)
-    paths, sizes, mtimes = read_listing(listing)
+    listed = read_listing(listing)
+    paths, sizes = listed.paths, listed.sizes
     stop = chunks[-1][1]
-    first = make_reader().read_range(paths, sizes, mtimes, 0, stop, 1 << 30)
+    first = make_reader().read_range(listed, 0, stop, 1 << 30)
     hashes = {uri: h for h, uri, _ in first.entries}
     cache = {hashes[str(tmp_path / "corpus" / "plain05.jpg")]}
     undecodable = {hashes[str(tmp_path / "corpus" / "text.jpg")]: ("decode", "not a recognised image format")}
@@ -91,9 +92,9 @@ def test_lean_reads_give_what_read_one_gives(tmp_path, mixed_corpus):
         read_one_calls = []
         real_read_one = reader.read_one
         reader.read_one = lambda uri, *args, **kwargs: read_one_calls.append(uri) or real_read_one(uri, *args, **kwargs)
-        lean = reader.read_range(paths, sizes, mtimes, 0, stop, 1 << 30)
+        lean = reader.read_range(listed, 0, stop, 1 << 30)
         assert sorted(os.path.basename(uri) for uri in read_one_calls) == ["gone.jpg", "notes.txt"]  # the rest: lean
-        general = make_reader(**known, force_general=True, listed=mixed_corpus).read_range(paths, sizes, mtimes, 0,
+        general = make_reader(**known, force_general=True, listed=mixed_corpus).read_range(listed, 0,
                                                                                            stop, 1 << 30)
         assert lean.entries == general.entries
         assert lean.file_rows == general.file_rows and lean.cached == general.cached
@@ -108,8 +109,9 @@ def test_lean_reads_give_what_read_one_gives(tmp_path, mixed_corpus):
 def test_lean_reads_carry_bytes_up_to_the_budget(tmp_path, mixed_corpus):
     listing = str(tmp_path / "l.arrow")
     write_listing(listing, mixed_corpus)
-    paths, sizes, mtimes = read_listing(listing)
-    out = make_reader().read_range(paths, sizes, mtimes, 0, len(paths), 1000)
+    listed = read_listing(listing)
+    paths, sizes = listed.paths, listed.sizes
+    out = make_reader().read_range(listed, 0, len(paths), 1000)
     carried = [len(data) for _, _, data in out.entries if data is not None]
     assert carried and sum(carried[:-1]) < 1000 <= sum(carried)  # the last file carried crossed the budget
     assert any(data is None for _, _, data in out.entries)  # the rest are read again where decoded
@@ -185,12 +187,13 @@ def test_big_files_are_read_and_hashed_on_the_pool_in_order(tmp_path, watch_deco
     files = [FileMetadata(str(p), p.stat().st_size, p.stat().st_mtime) for p in sorted(corpus.iterdir())]
     files.append(FileMetadata(str(corpus / "gone.png"), 60_000, 1.0))
     write_listing(str(tmp_path / "l.arrow"), files)
-    paths, sizes, mtimes = read_listing(str(tmp_path / "l.arrow"))
+    listed = read_listing(str(tmp_path / "l.arrow"))
+    paths = listed.paths
     used = watch_decode_pools(listing)
-    one = make_reader().read_range(paths, sizes, mtimes, 0, len(paths), 100_000)
+    one = make_reader().read_range(listed, 0, len(paths), 100_000)
     with ThreadPoolExecutor(3) as pool:
-        several = make_reader().read_range(paths, sizes, mtimes, 0, len(paths), 100_000, pool)
+        several = make_reader().read_range(listed, 0, len(paths), 100_000, pool)
     assert used == [False, True]
     assert several.entries == one.entries and [uri for _, uri, _ in one.entries] == sorted(paths)[:-1]
     assert several.file_rows == one.file_rows and several.others == one.others and len(one.others) == 1
-    assert several.carried == one.carried and 0 < one.carried < sum(sizes)
+    assert several.carried == one.carried and 0 < one.carried < sum(listed.sizes)

@@ -136,7 +136,7 @@ def test_start_line_and_summary_name_their_counts_alike_when_files_are_renamed_o
         again = run_embed(EmbedConfig(workdir=str(corpus_store), run_name="again", incremental=True, publish=False))
     total = first.files_matched
     assert (again.files_read, again.embedded, again.unchanged) == (2, 0, total)
-    assert f"({total - 2} not read: same path, size and mtime as cached; 0 known to fail)" in caplog.text
+    assert f"({total - 2} not read: same path, size, mtime and inode as cached; 0 known to fail)" in caplog.text
     assert f"from {total} file(s) whose bytes were embedded before reused" in caplog.text
 
 
@@ -196,7 +196,7 @@ def test_file_index_chunks_as_tables_or_rows_land_in_one_index_file(tmp_path):
     chunks = [file_index_table(rows[:3]), rows[3:]]
     (path,) = WriteFileIndexFn(str(tmp_path)).process((0, chunks))
     assert pq.read_table(path).num_rows == 5
-    assert load_file_index(tmp_path) == {r["uri"]: (r["size"], r["mtime_s"], r["source_hash"]) for r in rows}
+    assert load_file_index(tmp_path) == {r["uri"]: (r["size"], r["mtime_s"], r["source_hash"], None) for r in rows}
 
 
 def test_the_newest_cached_row_of_an_item_wins(tmp_path):
@@ -307,6 +307,46 @@ def test_plan_reuse_keeps_only_files_whose_path_size_mtime_and_hash_are_known(tm
         plan = plan_reuse(videos, str(tmp_path), given, now)
         assert plan.unchanged == [("/c/now.mp4", video_source_hash("hn", now)), ("/c/a.jpg", "ha")]
         assert [m.path for m in plan.changed] == ["/c/before.mp4"]
+
+
+def test_plan_reuse_compares_inodes_and_rereads_files_of_an_index_without_them(tmp_path):
+    """A listed inode must equal the recorded one (unknown on both sides, as for a remote file,
+    counts as equal). A file index written before inodes were recorded (no such column) is
+    still read, and its local files count as changed: read and hashed again once."""
+    from apache_beam.io.filesystem import FileMetadata
+
+    from lookalike.pipeline.reuse import ListedFile, plan_reuse
+
+    (path,) = WriteFileIndexFn(str(tmp_path)).process((0, [[
+        {"uri": "/c/a.jpg", "size": 10, "mtime_s": 5.0, "source_hash": "ha", "inode": 11},
+        {"uri": "/c/b.jpg", "size": 10, "mtime_s": 5.0, "source_hash": "hb", "inode": 12},
+        {"uri": "gs://c/r.jpg", "size": 10, "mtime_s": 5.0, "source_hash": "hr", "inode": None}]]))
+    hashes = {"ha", "hb", "hr"}
+    swapped = [ListedFile("/c/a.jpg", 10, 5.0, 12), ListedFile("/c/b.jpg", 10, 5.0, 11), FileMetadata("gs://c/r.jpg", 10, 5.0)]
+    plan = plan_reuse(swapped, str(tmp_path), hashes)
+    assert plan.unchanged == [("gs://c/r.jpg", "hr")] and [m.path for m in plan.changed] == ["/c/a.jpg", "/c/b.jpg"]
+    same = [ListedFile("/c/a.jpg", 10, 5.0, 11), ListedFile("/c/b.jpg", 10, 5.0, 12)]
+    assert plan_reuse(same, str(tmp_path), hashes).unchanged == [("/c/a.jpg", "ha"), ("/c/b.jpg", "hb")]
+    assert [m.path for m in plan_reuse([ListedFile("gs://c/r.jpg", 10, 5.0, 3)], str(tmp_path), hashes).changed] == [
+        "gs://c/r.jpg"]
+    os.remove(path)
+    old = pa.table({"uri": ["/c/a.jpg", "gs://c/r.jpg"], "size": pa.array([10, 10], pa.int64()), "mtime_s": [5.0, 5.0],
+                    "source_hash": ["ha", "hr"]})
+    pq.write_table(old, tmp_path / "files-old.parquet")
+    assert load_file_index(tmp_path) == {"/c/a.jpg": (10, 5.0, "ha", None), "gs://c/r.jpg": (10, 5.0, "hr", None)}
+    plan = plan_reuse(same[:1] + swapped[2:], str(tmp_path), hashes)
+    assert plan.unchanged == [("gs://c/r.jpg", "hr")] and [m.path for m in plan.changed] == ["/c/a.jpg"]
+
+
+def test_listing_records_local_inodes_for_a_folder_and_a_glob(tmp_path):
+    from lookalike.pipeline.reuse import inode_of
+
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.jpg").write_bytes(b"1")
+    (tmp_path / "c" / "b.png").write_bytes(b"2")
+    for pattern in (f"{tmp_path / 'c'}/**", f"{tmp_path / 'c'}/*.jpg", f"{tmp_path}/**/*.png"):
+        listed = list_files(pattern)
+        assert listed and [inode_of(m) for m in listed] == [os.stat(m.path).st_ino for m in listed], pattern
 
 
 def test_expanded_items_ids_groups_and_thumbnails(tmp_path):
