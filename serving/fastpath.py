@@ -231,7 +231,7 @@ def search_params(query_string: bytes) -> tuple[int, Filters] | None:
             return None
         kind = kinds[0]
     group, source, tag = (params.getlist(name) or None for name in ("group", "source", "tag"))
-    if any(values is not None and len(values) > MAX_K for values in (group, source, tag)):
+    if any(values is not None and (len(values) > MAX_K or "" in values) for values in (group, source, tag)):
         return None
     if "max_per_group" in params:
         max_per_group = _count(params.getlist("max_per_group"))

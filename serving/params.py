@@ -11,16 +11,16 @@ from fastapi import Depends, HTTPException, Path, Query, Request
 from lookalike.serving.backend import Backend
 from lookalike.serving.engine import QueryEngine
 from lookalike.serving.queries import UPLOAD_FIELD, no_unknown_query_params
-from lookalike.serving.schemas import MAX_K, ErrorMessage, Kind, ValidationErrorMessage
+from lookalike.serving.schemas import MAX_K, ErrorMessage, FilterValue, Kind, ValidationErrorMessage
 
 K = Annotated[int, Query(ge=1, le=MAX_K, description="number of results")]
 ItemId = Annotated[str, Path(description="item id as listed in search results (may contain '/')")]
 KindFilter = Annotated[Kind | None, Query(description="only items of this kind")]
-GroupFilter = Annotated[list[str] | None, Query(max_length=MAX_K, description="only items of these groups (video ids); repeatable")]
-SourceFilter = Annotated[list[str] | None, Query(max_length=MAX_K, description=(
+GroupFilter = Annotated[list[FilterValue] | None, Query(max_length=MAX_K, description="only items of these groups (video ids); repeatable")]
+SourceFilter = Annotated[list[FilterValue] | None, Query(max_length=MAX_K, description=(
     "only items whose 'source' metadata is one of these values; repeatable (any of them). "
     "Metadata comes from `lookalike embed --metadata FILE`; an index without it matches nothing"))]
-TagFilter = Annotated[list[str] | None, Query(max_length=MAX_K, description=(
+TagFilter = Annotated[list[FilterValue] | None, Query(max_length=MAX_K, description=(
     "only items whose 'tags' metadata list holds one of these tags; repeatable (any of them). "
     "Metadata comes from `lookalike embed --metadata FILE`; an index without it matches nothing"))]
 PerGroup = Annotated[int | None, Query(ge=1, le=MAX_K, description="at most this many results per group (video)")]

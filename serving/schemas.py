@@ -6,9 +6,9 @@ get the id and a ``thumbnail_url`` served by id instead.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 MAX_K = 100
 DEFAULT_K = 10
@@ -19,6 +19,8 @@ MAX_BATCH_QUERIES = 64
 MAX_DIM = 8192
 KINDS = ("image", "frame")
 Kind = Literal["image", "frame"]
+# A filter value: never empty (no group, source or tag is "": an empty value would match nothing).
+FilterValue = Annotated[str, StringConstraints(min_length=1)]
 
 
 class QueryEcho(BaseModel):
@@ -65,11 +67,11 @@ class FilterFields(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)  # strict: "k": true or "5" or 5.0 is an error, not 1 or 5
 
     kind: Kind | None = Field(None, description="only items of this kind ('image' or 'frame')")
-    group: list[str] | None = Field(None, max_length=MAX_K, description="only items of these groups (video ids)")
-    source: list[str] | None = Field(None, max_length=MAX_K, description=(
+    group: list[FilterValue] | None = Field(None, max_length=MAX_K, description="only items of these groups (video ids)")
+    source: list[FilterValue] | None = Field(None, max_length=MAX_K, description=(
         "only items whose 'source' metadata is one of these values (from `lookalike embed --metadata FILE`; "
         "an index without it matches nothing)"))
-    tag: list[str] | None = Field(None, max_length=MAX_K, description=(
+    tag: list[FilterValue] | None = Field(None, max_length=MAX_K, description=(
         "only items whose 'tags' metadata list holds one of these tags (from `lookalike embed --metadata FILE`; "
         "an index without it matches nothing)"))
     max_per_group: int | None = Field(None, ge=1, le=MAX_K, description="at most this many results per group (video)")

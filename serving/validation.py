@@ -83,17 +83,19 @@ def invalid_json_reason(errors: list[Any]) -> str | None:
 
 async def validation_error_handler(request: Request, exc: RequestValidationError) -> JSONResponse:
     """422 ``{"detail": [first errors], "error_count": n}`` (FastAPI's shape, bounded); a JSON
-    endpoint's body sent without a JSON content type is a 422 saying so. A body that does not
+    endpoint's body sent without a JSON content type (a multipart upload included) is a 422
+    saying so. A body that does not
     parse as JSON is a malformed request, as a malformed multipart form is: 400 with
     ``{"detail": "invalid JSON body at character N: <reason>"}``."""
     errors = exc.errors()
     reason = invalid_json_reason(errors)
     if reason is not None:
         return JSONResponse({"detail": reason}, status_code=400)
-    if request.method == "POST" and not is_json(request) and any(tuple(e.get("loc", ())) == ("body",) for e in errors) \
-            and not media_type(request).startswith("multipart/"):
+    if request.method == "POST" and not is_json(request) and any(tuple(e.get("loc", ())) == ("body",) for e in errors):
         got = media_type(request) or "no Content-Type"
-        return JSONResponse({"detail": f"the body must be JSON sent with 'Content-Type: application/json' (got {got})"},
+        hint = ("; an image file is searched for by a multipart upload to /v1/search/image"
+                if got.startswith("multipart/") else "")
+        return JSONResponse({"detail": f"the body must be JSON sent with 'Content-Type: application/json' (got {got}){hint}"},
                             status_code=422)
     shown, count = bounded_errors(errors)
     return JSONResponse({"detail": jsonable_encoder(shown), "error_count": count}, status_code=422)

@@ -173,3 +173,32 @@ def test_a_body_json_cannot_parse_is_a_400_saying_why(http: httpx.Client, conten
     response = http.post("/v1/search/vector", content=content, headers={"content-type": "application/json"})
     assert response.status_code == 400, response.text  # was FastAPI's "There was an error parsing the body"
     assert response.json()["detail"].startswith(reason), response.text
+
+
+@pytest.mark.parametrize("query, field", [("tag=", "tag"), ("group=&k=2", "group"), ("source=web&source=", "source")])
+def test_an_empty_filter_value_is_a_422_naming_it(http: httpx.Client, indexed_store: Store, query: str, field: str) -> None:
+    """No item has an empty group, source or tag: an empty value is a mistake (a form field
+    left blank), refused rather than matching nothing. On every search endpoint, query or body."""
+    image = (indexed_store.corpus_dir / QUERY_ID).read_bytes()
+    answers = [http.post(f"/v1/search/image?{query}", files={"file": ("q.png", image)}),
+               http.post(f"/v1/search/image?{query}", content=image),
+               http.get(f"/v1/items/{QUERY_ID}/similar?{query}")]
+    values = [value for name, _, value in (pair.partition("=") for pair in query.split("&")) if name == field]
+    answers.append(http.post("/v1/search/vector", json={"vector": [0.5] * 8, field: values}))
+    answers.append(http.post("/v1/search/batch", json={"queries": [{"id": QUERY_ID}], field: values}))
+    for response in answers:
+        assert response.status_code == 422, response.text
+        (error,) = response.json()["detail"]
+        assert error["loc"][-2:] == [field, len(values) - 1] and error["type"] == "string_too_short", error
+    assert http.get(f"/v1/items/{QUERY_ID}/similar?source=web&tag=odd").status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/v1/search/vector", "/v1/search/batch"])
+def test_a_multipart_upload_to_a_json_endpoint_says_where_images_go(http: httpx.Client, indexed_store: Store,
+                                                                     path: str) -> None:
+    image = (indexed_store.corpus_dir / QUERY_ID).read_bytes()
+    response = http.post(path, files={"file": ("q.png", image)})
+    assert response.status_code == 422, response.text
+    assert response.json() == {"detail": "the body must be JSON sent with 'Content-Type: application/json' (got "
+                                         "multipart/form-data); an image file is searched for by a multipart upload to "
+                                         "/v1/search/image"}
