@@ -88,13 +88,14 @@ def query_png(tagged_store: Store) -> bytes:
     return (tagged_store.corpus_dir / QUERY_ID).read_bytes()
 
 
-ACCEPTED_QUERIES = ["", "k=5", "k=1", f"k={MAX_K}", "kind=image", "kind=frame&k=3", "group=3&group=7", "group=",
+ACCEPTED_QUERIES = ["", "k=5", "k=1", f"k={MAX_K}", "kind=image", "kind=frame&k=3", "group=3&group=7",
                     "max_per_group=2", "k=%35", "kind=image&group=3&max_per_group=1&k=7", "tag=odd", "tag=three&tag=even&k=20",
-                    "source=web", "source=web&source=scanner&tag=odd&kind=image&max_per_group=1", "tag=", "source=nowhere"]
+                    "source=web", "source=web&source=scanner&tag=odd&kind=image&max_per_group=1", "source=nowhere"]
 REFUSED_QUERIES = ["k=0", f"k={MAX_K + 1}", "k=05", "k=+5", "k=%205", "k=5&k=6", "k=", "k=1e1", "k=five", "kind=video",
                    "kind=image&kind=frame", "max_per_group=0", "max_per_group=x", "max_per_group=1&max_per_group=2",
                    "&".join(["group=g"] * (MAX_K + 1)), "k=4&unknown=x", "max_per_grop=1", "k=4&K=5",
-                   "&".join(["tag=t"] * (MAX_K + 1)), "&".join(["source=s"] * (MAX_K + 1)), "tags=odd", "Tag=odd"]
+                   "&".join(["tag=t"] * (MAX_K + 1)), "&".join(["source=s"] * (MAX_K + 1)), "tags=odd", "Tag=odd",
+                   "group=", "tag=", "tag=odd&tag="]
 
 
 @pytest.mark.parametrize("query", ACCEPTED_QUERIES + REFUSED_QUERIES)
