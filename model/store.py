@@ -116,6 +116,10 @@ def check_version_name(version: str, what: str = "version name") -> str:
     return version
 
 
+# In a model folder: reindex trained this model (``Store.mark_reindex_model``).
+REINDEX_MARK = ".trained-by-reindex"
+
+
 def versions_in(folder: Path, marker: str) -> list[str]:
     """Names of the versions in ``folder`` (visible sub-folders holding the file ``marker``:
     ``model.json``, ``manifest.json``), newest first by that file's modification time."""
@@ -215,6 +219,15 @@ class Store:
 
     def set_rejected_model(self, version: str) -> None:
         atomic_write_text(self.models_dir / "REJECTED", check_version_name(version) + "\n")
+
+    def mark_reindex_model(self, version: str) -> None:
+        """Note that ``reindex`` trained model ``version`` (``REINDEX_MARK`` in its folder), so
+        pruning may delete it once no index uses it; a model trained by hand is never pruned
+        unless an index that used it was."""
+        (self.model_dir(version) / REINDEX_MARK).touch()
+
+    def is_reindex_model(self, version: str) -> bool:
+        return (self.model_dir(version) / REINDEX_MARK).is_file()
 
     def current_index(self) -> str | None:
         """The served index version (None: no CURRENT); PointerError if CURRENT is garbled."""

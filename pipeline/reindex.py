@@ -27,7 +27,9 @@ Steps (each timed, logged and written into the run report):
    ``models/LATEST`` set to its model. Only then: a rejected or failed candidate never
    becomes the model a later ``lookalike embed`` uses by default. A candidate index that
    fails 4-6 is deleted.
-7. ``prune``: keep the ``keep_versions`` most recently promoted versions.
+7. ``prune``: keep the ``keep_versions`` most recently promoted versions; delete the models
+   of the versions deleted and older rejected candidates (never a model trained by hand).
+   It runs after ``kept_current`` too.
 
 When the candidate model is rejected in 2, or fails 3-6, steps 3-6 run again with the
 served model: the corpus update is still published (outcome ``corpus_updated``, exit 4)
@@ -216,6 +218,8 @@ def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport) -> No
         trained = train_and_evaluate(train_config, store.root, data_dir=corpus, init_from=current_model_dir,
                                      set_latest=False, exclude=ids, reuse_identical=True)
         report.candidate_model = trained.version
+        if not trained.reused:
+            store.mark_reindex_model(trained.version)  # pruning may delete it once no index uses it
         report.metrics["candidate_reused"] = trained.reused  # trained from the same inputs before: not again
     with step("evaluate"):
         ids, gone = usable_eval_ids(corpus, ids)  # files that went away while training are left out of both
@@ -263,9 +267,7 @@ def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport) -> No
                                       if updated else "the corpus is unchanged")
     if new_eval_set:  # the run succeeded: its new evaluation set is the frozen one from now on
         save_eval_set(store, eval_set, corpus)
-    if report.outcome == "kept_current":
-        return
-    with step("prune"):
+    with step("prune"):  # also when CURRENT is kept: older rejected candidates go
         report.metrics["pruned"] = prune(store, config.keep_versions, locked=True)
 
 

@@ -226,8 +226,10 @@ def promoted_versions(store: Store) -> list[str]:
 
 def prune(store: Store, keep: int, keep_models: tuple[str, ...] = (), *, locked: bool = False) -> list[str]:
     """Delete promoted index versions beyond the ``keep`` most recently promoted ones (never
-    CURRENT), and models no remaining index uses (never LATEST, models/REJECTED, the latest
-    rejected candidate kept for inspection, nor ``keep_models``).
+    CURRENT), and models no remaining index uses that reindex trained (``Store.mark_reindex_model``:
+    older rejected candidates) or that an index deleted here used; never LATEST,
+    models/REJECTED (the latest rejected candidate, kept for inspection), ``keep_models``, nor
+    a model trained by hand (``lookalike train``) that no deleted index used.
 
     Versions that never served (not in the history) are neither counted nor deleted here:
     reindex removes its own unpromoted candidates (``clean_candidates``). Holds the store
@@ -241,13 +243,17 @@ def _prune(store: Store, keep: int, keep_models: tuple[str, ...]) -> list[str]:
     promoted = promoted_versions(store)
     kept = set(promoted[:keep]) | {current}
     removed = [v for v in promoted if v not in kept]
+    by_version = {r["version"]: r.get("model_version") for r in list_versions(store)}
+    models_of_removed = {by_version.get(v) for v in removed}
     for v in removed:
         shutil.rmtree(store.index_dir(v), ignore_errors=True)
-    used = {r.get("model_version") for r in list_versions(store)} | {store.latest_model(), store.rejected_model(),
-                                                                      *keep_models}
+    used = {by_version[v] for v in by_version if v not in removed} | {store.latest_model(), store.rejected_model(),
+                                                                       *keep_models}
     if store.models_dir.is_dir():
         for model in store.models_dir.iterdir():
-            if model.is_dir() and not model.name.startswith(".") and model.name not in used:
+            if not model.is_dir() or model.name.startswith(".") or model.name in used:
+                continue
+            if model.name in models_of_removed or store.is_reindex_model(model.name):  # never one trained by hand
                 shutil.rmtree(model, ignore_errors=True)
                 removed.append(model.name)
     if removed:

@@ -635,6 +635,36 @@ def test_prune_keeps_the_most_recently_promoted_versions_not_the_newest_names(st
     assert {r["version"] for r in list_versions(store)} == {b, unpromoted}
 
 
+def test_prune_deletes_older_rejected_candidates_and_models_of_pruned_versions_never_one_trained_by_hand(store):
+    from lookalike.index.builder import build_and_publish
+    from lookalike.pipeline.versions import prune
+
+    first = store.current_index()
+    index = ItemIndex.load(store.index_dir(first))
+    served_model = index.model_version
+    for name in ("m-by-hand", "m-rejected-old", "m-rejected-new", "m-served-once"):
+        shutil.copytree(store.model_dir(served_model), store.model_dir(name))
+    store.mark_reindex_model("m-rejected-old")
+    store.mark_reindex_model("m-rejected-new")
+    store.set_rejected_model("m-rejected-new")
+    once = build_and_publish(store, index.embeddings, index.items.table, model_version="m-served-once")
+    promote(store, first, reason="back")
+    assert sorted(prune(store, keep=1)) == sorted(["m-rejected-old", "m-served-once", once])
+    assert sorted(p.name for p in store.models_dir.iterdir() if p.is_dir()) == sorted(
+        ["m-by-hand", "m-rejected-new", served_model])  # the latest rejected one stays for inspection
+    assert prune(store, keep=1) == []
+
+
+def test_a_run_that_keeps_current_prunes_older_rejected_candidates(store, tiny_config):
+    """Nightly runs that keep CURRENT (exit 3) must not pile up rejected models."""
+    barely = apply_overrides(tiny_config, ["num_steps=1"])
+    reports = [run_reindex(ReindexConfig(workdir=str(store.root), train=apply_overrides(barely, [f"seed={seed}"]),
+                                         min_improvement=1.0)) for seed in (1, 2)]
+    assert [r.outcome for r in reports] == ["kept_current", "kept_current"], [r.reason for r in reports]
+    assert reports[1].metrics["pruned"] == [reports[0].candidate_model]
+    assert not store.model_dir(reports[0].candidate_model).exists() and store.rejected_model() == reports[1].candidate_model
+
+
 def test_versions_commands_refuse_while_a_reindex_holds_the_lock(store):
     """A rollback during a reindex would be silently undone by the reindex's promotion."""
     from lookalike.index.builder import build_and_publish
