@@ -62,7 +62,8 @@ from lookalike.pipeline.reindex_checks import (  # noqa: F401 (re-exported)
     validate,
 )
 from lookalike.pipeline.versions import (
-    clean_leftovers, discard_candidate, mark_candidate, promote, prune, served_unusable, unmark_candidate,
+    clean_leftovers, discard_candidate, last_served_present, mark_candidate, missing_current_hint, promote, prune,
+    served_unusable, unmark_candidate,
 )
 
 if TYPE_CHECKING:  # the embed run's summary, imported when the run embeds
@@ -196,6 +197,9 @@ def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport) -> No
 
     step = _Steps(report)
     report.previous_index = store.current_index()
+    if report.previous_index is None and last_served_present(store) is not None:
+        raise StoreError(f"{store.root / 'CURRENT'} is missing, but this store has served versions: {missing_current_hint(store)} "
+                         "(reindex does not replace them with a model trained from scratch)")
     current_index, current_model_dir = None, None
     if report.previous_index:
         try:

@@ -195,10 +195,26 @@ def rollback(store: Store, *, locked: bool = False) -> dict[str, Any]:
         return _rollback(store)
 
 
+def last_served_present(store: Store) -> str | None:
+    """The most recently promoted version (per the history, rollbacks undone) whose folder
+    still loads as a version, or None."""
+    available = {r["version"] for r in list_versions(store) if "error" not in r}
+    return next((v for v in reversed(promotion_stack(store)) if v in available), None)
+
+
+def missing_current_hint(store: Store) -> str:
+    """What to do when CURRENT is missing: promote the version served last, if one is left."""
+    last = last_served_present(store)
+    if last is None:
+        return "no version this store served is left to promote"
+    return (f"{store.history_path} shows {last} was served last: serve it again with "
+            f"`lookalike versions promote {last} --workdir {store.root}`")
+
+
 def _rollback(store: Store) -> dict[str, Any]:
     current = store.current_index()
     if current is None:
-        raise PromotionError(f"nothing to roll back: {store.root} has no CURRENT index")
+        raise PromotionError(f"nothing to roll back: {store.root} has no CURRENT index; {missing_current_hint(store)}")
     available = {r["version"] for r in list_versions(store) if "error" not in r}
     stack = promotion_stack(store)
     if stack and stack[-1] == current:

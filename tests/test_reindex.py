@@ -665,6 +665,22 @@ def test_a_run_that_keeps_current_prunes_older_rejected_candidates(store, tiny_c
     assert not store.model_dir(reports[0].candidate_model).exists() and store.rejected_model() == reports[1].candidate_model
 
 
+def test_a_deleted_current_is_not_replaced_by_a_model_trained_from_scratch(store, tiny_config):
+    """A store that served versions but lost CURRENT: reindex refuses and names the version to
+    promote again (it used to train from scratch and promote a far worse model); rollback names it too."""
+    served = store.current_index()
+    models = sorted(p.name for p in store.models_dir.iterdir())
+    (store.root / "CURRENT").unlink()
+    report = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, force=True))
+    assert (report.outcome, report.exit_code) == ("failed", 1)
+    assert f"`lookalike versions promote {served} --workdir {store.root}`" in report.reason, report.reason
+    assert sorted(p.name for p in store.models_dir.iterdir()) == models and store.current_index() is None
+    with pytest.raises(PromotionError, match=f"has no CURRENT index; .* shows {served} was served last"):
+        rollback(store)
+    promote(store, served, reason="restored")
+    assert store.current_index() == served
+
+
 def test_versions_commands_refuse_while_a_reindex_holds_the_lock(store):
     """A rollback during a reindex would be silently undone by the reindex's promotion."""
     from lookalike.index.builder import build_and_publish
