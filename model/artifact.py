@@ -225,7 +225,12 @@ def read_model_meta(path: str | Path) -> dict[str, Any]:
     meta_path = path / MODEL_JSON
     if not meta_path.is_file():
         raise FileNotFoundError(f"{path} is not a lookalike model: {MODEL_JSON} is missing")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:  # a corrupt or truncated file
+        raise ValueError(f"{meta_path} is not a valid model description (not JSON: {e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise ValueError(f"{meta_path} is not a valid model description (no \"config\" object in it)")
     if meta.get("format") != FORMAT:
         raise ValueError(f"{meta_path}: unsupported model format {meta.get('format')!r}, expected {FORMAT!r}")
     return meta
@@ -240,7 +245,11 @@ def load_model(path: str | Path) -> tuple[EncoderModule, dict[str, Any]]:
     abstract = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
     with ocp.StandardCheckpointer() as ckptr:
-        state = ckptr.restore(path / "params", abstract_state)
+        try:
+            state = ckptr.restore(path / "params", abstract_state)
+        except Exception as e:  # missing, truncated or corrupt weights: say which model and why, in one line
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            raise ValueError(f"the weights of model {path.name} ({path / 'params'}) cannot be read: {reason}") from None
     return nnx.merge(graphdef, state), meta
 
 

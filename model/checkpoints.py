@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -77,8 +78,11 @@ class TrainCheckpoints:
         best_step = self._best.latest_step()
         self.best_value: float | None = None
         if best_step is not None:
-            meta = self._best.restore(best_step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-            self.best_value = float(meta["value"])
+            try:
+                meta = self._best.restore(best_step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+                self.best_value = float(meta["value"])
+            except Exception as e:  # a corrupt or truncated checkpoint: dropped, never the end of training
+                self._drop(self._best, best_step, "best model", e)
 
     def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer, history: list[dict[str, Any]]) -> None:
         """Save the latest state at ``step`` (what a resumed run continues from). Ctrl-C or
@@ -115,15 +119,33 @@ class TrainCheckpoints:
         step = self._latest.latest_step()
         if step is None:
             return 0, []
-        restored = self._latest.restore(step, args=ocp.args.Composite(
-            model=ocp.args.StandardRestore(_abstract(nnx.state(model))),
-            optimizer=ocp.args.StandardRestore(_abstract(nnx.state(optimizer))),
-            meta=ocp.args.JsonRestore(),
-        ))
+        try:
+            restored = self._latest.restore(step, args=ocp.args.Composite(
+                model=ocp.args.StandardRestore(_abstract(nnx.state(model))),
+                optimizer=ocp.args.StandardRestore(_abstract(nnx.state(optimizer))),
+                meta=ocp.args.JsonRestore(),
+            ))
+            resumed = int(restored["meta"]["step"]), list(restored["meta"]["history"])
+        except Exception as e:  # a corrupt or truncated checkpoint (disk full, a copy cut short): start afresh
+            self._drop(self._latest, step, "checkpoint", e)
+            return 0, []
         nnx.update(model, restored["model"])
         nnx.update(optimizer, restored["optimizer"])
         log.info("resumed training from the checkpoint of step %d", step)
-        return int(restored["meta"]["step"]), list(restored["meta"]["history"])
+        return resumed
+
+    @staticmethod
+    def _drop(manager: ocp.CheckpointManager, step: int, what: str, error: Exception) -> None:
+        """Delete the unreadable ``what`` of ``step``, saying which and why (one line, no traceback)."""
+        folder = Path(manager.directory) / str(step)
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        log.warning("the %s of step %d in %s cannot be read (%s): deleted, training goes on without it", what, step,
+                    folder, reason)
+        try:
+            manager.delete(step)
+        except Exception:
+            shutil.rmtree(folder, ignore_errors=True)
+        manager.reload()
 
     def best_step(self) -> int | None:
         return self._best.latest_step()

@@ -4,6 +4,8 @@ processes it starts (``lookalike.pipeline.workers``), so every line of a run rea
 from __future__ import annotations
 
 import logging
+import sys
+import traceback
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
@@ -52,8 +54,32 @@ def quiet_library_noise() -> None:
         root.addHandler(handler)
 
 
+def late_callback_noise(unraisable: "sys.UnraisableHookArgs") -> bool:
+    """True for the one unraisable exception a failed orbax read leaves behind: TensorStore
+    completing its other reads after orbax's event loop has closed (``call_soon_threadsafe``:
+    "Event loop is closed", on no object). The read's own error has been reported by then;
+    this traceback, printed 0-5 times at random, says nothing more."""
+    exc = unraisable.exc_value
+    return (unraisable.object is None and isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+            and unraisable.exc_traceback is not None
+            and any(frame.name == "call_soon_threadsafe" for frame in traceback.extract_tb(unraisable.exc_traceback)))
+
+
+def drop_late_callback_noise() -> None:
+    """Install a ``sys.unraisablehook`` that drops ``late_callback_noise`` and hands anything
+    else to the hook it replaces (the console script's process only)."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable: "sys.UnraisableHookArgs") -> None:
+        if not late_callback_noise(unraisable):
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
 def configure_logging(verbose: bool) -> None:
-    """Timestamped lines on stderr; INFO (DEBUG with ``verbose``) for lookalike, WARNING for noisy libraries."""
+    """Timestamped lines on stderr; INFO (DEBUG with ``verbose``) for lookalike, WARNING for noisy
+    libraries; without ``verbose``, orbax's late-callback tracebacks dropped (``late_callback_noise``)."""
     level = logging.DEBUG if verbose else logging.INFO
     root = logging.getLogger()
     for early in [h for h in root.handlers if isinstance(h, _EarlyHandler)]:
@@ -64,6 +90,8 @@ def configure_logging(verbose: bool) -> None:
             logging.getLogger(noisy).setLevel(logging.WARNING)
         for handler in logging.getLogger().handlers:
             handler.addFilter(LibraryNoise())
+        drop_late_callback_noise()
 
 
-__all__ = ["DATE_FORMAT", "LOG_FORMAT", "NOISY_LOGGERS", "LibraryNoise", "configure_logging", "quiet_library_noise"]
+__all__ = ["DATE_FORMAT", "LOG_FORMAT", "NOISY_LOGGERS", "LibraryNoise", "configure_logging", "drop_late_callback_noise",
+           "late_callback_noise", "quiet_library_noise"]

@@ -192,6 +192,7 @@ def run_reindex(config: ReindexConfig) -> ReindexReport:
 
 def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport) -> None:
     from lookalike.index.searcher import ItemIndex
+    from lookalike.model.artifact import read_model_meta
     from lookalike.model.held_out import files_unseen_by
     from lookalike.model.train import train_and_evaluate
 
@@ -205,6 +206,7 @@ def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport) -> No
         try:
             current_index = ItemIndex.load(store.require_current_index())
             current_model_dir = store.require_model(current_index.model_version)
+            read_model_meta(current_model_dir)  # a corrupt model.json is the served version's problem too
         except Exception as e:
             raise served_unusable(store, report.previous_index, e) from e
     corpus = resolve_corpus(config, store, current_index.manifest if current_index else None, report.previous_index)

@@ -86,6 +86,36 @@ def test_checkpoints_keep_the_latest_and_the_best_by_validation_metric(tmp_path,
     again.close()
 
 
+def test_a_corrupt_checkpoint_is_dropped_with_a_warning_and_training_starts_afresh(tmp_path, tiny_config, caplog):
+    """A truncated checkpoint (a disk that filled up, a copy cut short) made every rerun of the
+    same training fail with a traceback. Now: one warning naming it, then a fresh start that
+    can save the same step again."""
+    from lookalike.model.checkpoints import TrainCheckpoints
+    from lookalike.model.encoder import create_encoder
+    from lookalike.model.train import make_optimizer
+
+    model = create_encoder(tiny_config)
+    optimizer = make_optimizer(model, tiny_config)
+    ckpt = TrainCheckpoints(tmp_path, "map_at_r")
+    ckpt.offer_best(10, model, {"step": 10, "map_at_r": 0.5})
+    ckpt.save(10, model, optimizer, [{"step": 10}])
+    ckpt.close()
+    for kind in ("latest", "best"):
+        for path in (tmp_path / "checkpoints" / kind / "10").rglob("*"):
+            if path.is_file() and (path.parent.name == "d" or path.name.endswith(".json") or "meta" in path.parts):
+                os.truncate(path, min(10, path.stat().st_size))
+    caplog.set_level("WARNING")
+    again = TrainCheckpoints(tmp_path, "map_at_r")
+    assert again.best_value is None and again.best_step() is None
+    assert again.restore_latest(model, optimizer) == (0, [])
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2 and all("cannot be read" in w and "10" in w for w in warnings), warnings
+    again.save(10, model, optimizer, [{"step": 10}])  # the same step saved again, from the fresh start
+    assert again.offer_best(10, model, {"step": 10, "map_at_r": 0.4})
+    again.close()
+    assert TrainCheckpoints(tmp_path, "map_at_r").restore_latest(model, optimizer) == (10, [{"step": 10}])
+
+
 def test_a_nan_validation_metric_never_becomes_the_best(tmp_path, tiny_config):
     from lookalike.model.checkpoints import TrainCheckpoints
     from lookalike.model.encoder import create_encoder

@@ -37,3 +37,38 @@ logging.getLogger("lookalike.test").info("an info line")
     assert "apitools" not in out.stderr and "WARNING:root" not in out.stderr
     assert " WARNING root: another warning" in out.stderr
     assert " INFO lookalike.test: an info line" in out.stderr
+
+
+def test_only_orbax_late_callback_noise_is_dropped_from_unraisable_exceptions(monkeypatch):
+    """A failed orbax read leaves TensorStore callbacks that hit a closed event loop: Python
+    prints "Exception ignored in: None ... Event loop is closed" 0-5 times after the real error.
+    Exactly that is dropped; any other unraisable exception reaches the previous hook."""
+    import asyncio
+    import sys
+    import types
+
+    from lookalike.pipeline.logs import drop_late_callback_noise, late_callback_noise
+
+    loop = asyncio.new_event_loop()
+    loop.close()
+    try:
+        loop.call_soon_threadsafe(print)
+    except RuntimeError as e:
+        closed = e
+
+    def args(exc: BaseException, obj: object = None) -> types.SimpleNamespace:
+        return types.SimpleNamespace(exc_type=type(exc), exc_value=exc, exc_traceback=exc.__traceback__, err_msg=None,
+                                     object=obj)
+
+    try:
+        raise RuntimeError("Event loop is closed")
+    except RuntimeError as e:
+        elsewhere = e
+    assert late_callback_noise(args(closed))
+    assert not late_callback_noise(args(elsewhere)) and not late_callback_noise(args(closed, obj=loop))
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    drop_late_callback_noise()
+    sys.unraisablehook(args(closed))
+    sys.unraisablehook(args(elsewhere))
+    assert [a.exc_value for a in seen] == [elsewhere]

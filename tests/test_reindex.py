@@ -681,6 +681,27 @@ def test_a_deleted_current_is_not_replaced_by_a_model_trained_from_scratch(store
     assert store.current_index() == served
 
 
+@pytest.mark.parametrize("damage", ["json", "weights"])
+def test_a_corrupt_served_model_is_named_with_the_file_and_how_to_serve_a_working_version(store, tiny_config, damage):
+    from lookalike.model.artifact import load_model
+
+    model_dir = store.require_model(ItemIndex.load(store.require_current_index()).model_version)
+    if damage == "json":
+        (model_dir / "model.json").write_text("{", encoding="utf-8")
+        expected = f"{model_dir / 'model.json'} is not a valid model description (not JSON: "
+    else:
+        for path in (model_dir / "params").rglob("*"):
+            if path.is_file() and path.parent.name == "d":
+                os.truncate(path, 10)
+        expected = f"the weights of model {model_dir.name} ({model_dir / 'params'}) cannot be read: "
+    with pytest.raises(ValueError) as raised:
+        load_model(model_dir)
+    assert str(raised.value).startswith(expected) and "\n" not in str(raised.value)
+    if damage == "json":  # reindex reads the served model's description before anything else
+        report = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config))
+        assert report.outcome == "failed" and expected in report.reason and "versions rollback" in report.reason
+
+
 def test_versions_commands_refuse_while_a_reindex_holds_the_lock(store):
     """A rollback during a reindex would be silently undone by the reindex's promotion."""
     from lookalike.index.builder import build_and_publish
