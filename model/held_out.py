@@ -27,18 +27,24 @@ from lookalike.model.data import LabelledImages, split_train_val
 log = logging.getLogger(__name__)
 
 HELD_OUT_FILE = "held_out.json"
+# The training folder relative to the store (``<store>/models/<version>/`` holds the record), when inside it.
+IN_STORE_KEY = "data_dir_in_store"
 
 
 def write_held_out(path: Path, data_dir: str | Path, data: LabelledImages, config: TrainConfig,
-                   exclude: Collection[str] = ()) -> Path:
-    """Write ``path``: ``data_dir`` (absolute) and the ``data_dir``-relative files a model trained
+                   exclude: Collection[str] = (), store_root: str | Path | None = None) -> Path:
+    """Write ``path``: ``data_dir`` (absolute, and relative to ``store_root`` when inside it, so a
+    moved or copied store still knows its corpus) and the ``data_dir``-relative files a model trained
     on ``data`` with ``config`` does not train on: its validation split (``split_train_val``, as
     ``train.train_on_arrays`` makes it) and ``exclude``. Returns ``path``."""
     root = Path(data_dir).absolute()
     _, val_idx = split_train_val(data.labels, config.val_fraction, config.seed)
     files = {os.path.relpath(data.paths[i], root).replace(os.sep, "/") for i in np.asarray(val_idx, np.int64)}
     files |= {str(f) for f in exclude}
-    path.write_text(json.dumps({"data_dir": str(root), "files": sorted(files)}) + "\n", encoding="utf-8")
+    record: dict = {"data_dir": str(root), "files": sorted(files)}
+    if store_root is not None and root.resolve().is_relative_to(Path(store_root).resolve()):
+        record[IN_STORE_KEY] = root.resolve().relative_to(Path(store_root).resolve()).as_posix()
+    path.write_text(json.dumps(record) + "\n", encoding="utf-8")
     return path
 
 
@@ -62,7 +68,10 @@ def read_held_out(model_dir: Path | None) -> HeldOutRecord | None:
         return None
     try:
         record = json.loads((model_dir / HELD_OUT_FILE).read_text(encoding="utf-8"))
-        return HeldOutRecord(Path(record["data_dir"]), frozenset(str(f) for f in record["files"]))
+        data_dir = Path(record["data_dir"])
+        if isinstance(record.get(IN_STORE_KEY), str):  # the store's own corpus: wherever the store is now
+            data_dir = Path(model_dir).absolute().parent.parent / record[IN_STORE_KEY]
+        return HeldOutRecord(data_dir, frozenset(str(f) for f in record["files"]))
     except (OSError, ValueError, KeyError, TypeError) as e:
         log.warning("cannot read %s (%s): the files its model held out are unknown", model_dir / HELD_OUT_FILE, e)
         return None

@@ -397,7 +397,8 @@ def train_and_evaluate(
             metrics[TRAINING_INPUTS_KEY] = inputs_sha256
             extra = {"train_log.jsonl": run_dir / "train_log.jsonl", "training.png": run_dir / "training.png"}
             if not tfds and not config.unlabelled:  # the files it never saw, for reindex's evaluation set
-                extra[HELD_OUT_FILE] = write_held_out(run_dir / HELD_OUT_FILE, loaded.source, data, config, exclude)
+                extra[HELD_OUT_FILE] = write_held_out(run_dir / HELD_OUT_FILE, loaded.source, data, config, exclude,
+                                                           store_root=store.root)
             version = save_model(model, config, spec, store.models_dir, threshold=threshold, metrics=metrics,
                                  extra_files=extra)
             shutil.rmtree(run_dir, ignore_errors=True)

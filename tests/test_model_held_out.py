@@ -34,3 +34,21 @@ def test_unseen_files_are_only_those_of_the_same_folder(trained_store, tmp_path)
     assert files_unseen_by(older, trained_store.corpus_dir) == set()  # a model from before the record
     (older / HELD_OUT_FILE).write_text("{not json")
     assert files_unseen_by(older, trained_store.corpus_dir) == set()  # unreadable: unknown, logged
+
+
+def test_a_copied_store_still_knows_which_of_its_own_corpus_files_were_held_out(trained_store, tmp_path):
+    """The record names the store's corpus relative to the store too: in a copy, `eval --model`
+    and reindex still score only the held-out files (an absolute path named the original, so a
+    copy scored the model on its own training images without calling the scores optimistic)."""
+    import shutil
+
+    from lookalike.model.held_out import files_unseen_by, read_held_out
+
+    original = read_held_out(trained_store.require_model())
+    assert original is not None and original.covers(trained_store.corpus_dir) and original.files
+    copy = tmp_path / "copy"
+    shutil.copytree(trained_store.root, copy)
+    model_in_copy = copy / "models" / trained_store.require_model().name
+    record = read_held_out(model_in_copy)
+    assert record.covers(copy / "corpus") and not record.covers(trained_store.corpus_dir)
+    assert files_unseen_by(model_in_copy, copy / "corpus") == set(original.files)
