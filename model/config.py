@@ -132,6 +132,9 @@ LOSSES = ("contrastive", "triplet")
 MINING_CHOICES = ("batch_all", "batch_hard", "semi_hard")
 
 
+MAX_SEED = 2**31 - 1
+
+
 def validate_config(config: TrainConfig) -> TrainConfig:
     """Return ``config`` or raise ValueError naming the bad field and its value."""
     for name, value, choices in (("architecture", config.architecture, ARCHITECTURES),
@@ -145,6 +148,10 @@ def validate_config(config: TrainConfig) -> TrainConfig:
     for name in ("seed", "warmup_steps", "checkpoint_every_steps", "max_train_minutes", "weight_decay"):
         if not getattr(config, name) >= 0:
             raise ValueError(f"config {name}={getattr(config, name)}: must not be negative")
+        if not math.isfinite(getattr(config, name)):
+            raise ValueError(f"config {name}={getattr(config, name)}: must be a finite number")
+    if config.seed > MAX_SEED:  # JAX's and numpy's generators take 32-bit seeds
+        raise ValueError(f"config seed={config.seed}: must be at most {MAX_SEED}")
     for name in ("learning_rate", "margin"):
         if not (getattr(config, name) > 0 and math.isfinite(getattr(config, name))):
             raise ValueError(f"config {name}={getattr(config, name)}: must be a positive number")

@@ -348,6 +348,23 @@ def interrupted_hint(args: argparse.Namespace) -> str:
     return ""
 
 
+def bad_train_overrides(args: argparse.Namespace) -> str | None:
+    """Why the ``--set`` overrides of train, demo or reindex are wrong (an unknown key, a value
+    of the wrong type or out of range), as a usage error before any work; None if fine. For a
+    reindex without ``--config`` they are checked against the digits preset (the served model's
+    own config, which they will change, is read later)."""
+    if not getattr(args, "overrides", None):
+        return None
+    from lookalike.model.config import validate_config
+
+    try:
+        validate_config(_train_config(args) if getattr(args, "config", None) else
+                        _train_config(argparse.Namespace(**{**vars(args), "config": "digits"})))
+    except ValueError as e:
+        return f"--set: {e}"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     quiet_library_noise()  # parsing may import Beam (embed's pass-through options), which warns as it loads
@@ -363,6 +380,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if problem:
             parser_of_command.error(problem)
     args.beam_args = unknown
+    problem = bad_train_overrides(args)
+    if problem:
+        parser_of_command.error(problem)
     configure_logging(args.verbose)
     from lookalike.model.store import StoreError
     from lookalike.model.store_lock import LockHeldError

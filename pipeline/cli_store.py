@@ -127,7 +127,7 @@ def add_store_commands(sub) -> None:
                         "survive every run)")
     metadata.add_argument("--no-metadata", action="store_true",
                           help="publish without item metadata, even when the served index has some")
-    p.add_argument("--min-improvement", type=float, default=0.0,
+    p.add_argument("--min-improvement", type=_float_in(0.0, 1.0), default=0.0,
                    help="the candidate's MAP@R must beat the served model's by more than this, and by more "
                    "than noise: 2 standard errors of the paired per-query AP@R difference (default 0)")
     p.add_argument("--force", action="store_true", help="use the candidate even if it is not better beyond noise")

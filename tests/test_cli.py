@@ -224,6 +224,12 @@ def test_a_diverging_training_is_a_one_line_error_and_leaves_no_empty_run(tmp_pa
     (["reindex", "--min-items-ratio", "2"], "argument --min-items-ratio: must be in [0, 1], got 2"),
     (["reindex", "--min-canary-self", "-1"], "argument --min-canary-self: must be in [0, 1], got -1"),
     (["reindex", "--metadata", "m.csv", "--no-metadata"], "argument --no-metadata: not allowed with argument --metadata"),
+    (["reindex", "--min-improvement", "nan"], "argument --min-improvement: must be in [0, 1], got nan"),
+    (["reindex", "--min-improvement", "-1"], "argument --min-improvement: must be in [0, 1], got -1"),
+    (["train", "--set", "num_steps=0"], "--set: config num_steps=0: must be at least 1"),  # before any work, exit 2
+    (["train", "--config", "tiny", "--set", "seed=9223372036854775808"], "--set: config seed=9223372036854775808: must be at most"),
+    (["reindex", "--set", "nope=1"], "--set: bad override 'nope=1': expected key=value with key one of"),
+    (["demo", "--set", "weight_decay=inf"], "--set: config weight_decay=inf: must be a finite number"),
 ])
 def test_out_of_range_options_are_refused_naming_the_option(argv, message, capsys):
     from lookalike.pipeline.cli import main
