@@ -37,6 +37,14 @@ class LabelledImages:
     failures: list[tuple[str, str]]  # (path, reason) of skipped files
 
 
+
+def not_a_folder(path: str | Path) -> str:
+    """Why ``path``, wanted as a folder, is not one: "does not exist", "is a file, not a folder"."""
+    path = Path(path)
+    if path.exists():
+        return "is a file, not a folder" if path.is_file() else "is not a folder"
+    return "does not exist"
+
 def walk_folders(root: str | Path, onerror: Callable[[OSError], None] | None = None) -> Iterator[tuple[str, list[str]]]:
     """(folder, file names) of ``root`` and every folder below it, symlinked folders
     included: each real folder once, so a link loop ends (``os.walk`` order). A folder that
@@ -92,7 +100,7 @@ def load_labelled_folder(root: str | Path, spec: PreprocessSpec, *, max_items: i
     ``max_items``: decode only a seeded sample of that many of the others."""
     root = Path(root)
     if not root.is_dir():
-        raise ValueError(f"{role} data folder {root} does not exist")
+        raise ValueError(f"{role} data folder {root} {not_a_folder(root)}")
     class_dirs = class_folders(root)
     if len(class_dirs) < 2:
         raise ValueError(

@@ -216,6 +216,7 @@ def evaluate_model_cli(args: argparse.Namespace) -> int:
     ``episodes``, ``max_items`` (None: the default; an ``n_way`` or ``k_shot`` given makes
     a few-shot score the data cannot give an error rather than a warning) and ``all_images``
     (score the model's training images too; ``evaluate_model``)."""
+    from lookalike.model.data import not_a_folder
     from lookalike.model.store import Store
 
     store = Store.at(args.workdir)
@@ -223,13 +224,13 @@ def evaluate_model_cli(args: argparse.Namespace) -> int:
     if Path(choice).is_dir():
         model_path = Path(choice)
     elif os.sep in choice or (os.altsep and os.altsep in choice):
-        raise FileNotFoundError(f"model folder {choice} does not exist (give a folder, a version of "
+        raise FileNotFoundError(f"model folder {choice} {not_a_folder(choice)} (give a folder, a version of "
                                 f"{store.models_dir}, or nothing for LATEST)")
     else:
         model_path = store.require_model(None if choice == "LATEST" else choice)
     folder = Path(getattr(args, "data", None) or store.corpus_dir)
     if not folder.is_dir():
-        raise ValueError(f"evaluation folder {folder} does not exist (--data: a folder with one sub-folder per label)")
+        raise ValueError(f"evaluation folder {folder} {not_a_folder(folder)} (--data: a folder with one sub-folder per label)")
 
     def option(name: str, default: int, low: int) -> int:  # None means the default; 0 is not "unset"
         value = getattr(args, name, None)

@@ -26,7 +26,7 @@ import numpy as np
 
 from lookalike.model.augment import UNLABELLED_VIEWS, AugmentSpec, augment_batch
 from lookalike.model.config import TrainConfig, augment_spec
-from lookalike.model.data import IMAGE_SUFFIXES, LabelledImages, walk_folders, warn_unreadable_folder
+from lookalike.model.data import IMAGE_SUFFIXES, LabelledImages, not_a_folder, walk_folders, warn_unreadable_folder
 from lookalike.model.parallel import decode_in_order, holds_big_files
 from lookalike.model.preprocess import ImageDecodeError, PreprocessSpec, decode_image, image_to_array
 from lookalike.model.progress import Progress
@@ -100,7 +100,7 @@ def load_unlabelled_folder(
 
     root = Path(root)
     if not root.is_dir():
-        raise ValueError(f"training data folder {root} does not exist")
+        raise ValueError(f"training data folder {root} {not_a_folder(root)}")
     excluded = frozenset(exclude)
     unreadable: list[OSError] = []  # folders that could not be listed
     files = [p for p in list_media(root, unreadable.append) if p.relative_to(root).as_posix() not in excluded]

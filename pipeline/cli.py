@@ -380,6 +380,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if problem:
             parser_of_command.error(problem)
     args.beam_args = unknown
+    workdir = getattr(args, "workdir", None)
+    if workdir and os.path.exists(workdir) and not os.path.isdir(workdir):
+        parser_of_command.error(f"argument --workdir: {workdir} is a file, not a folder (the store: a folder)")
     problem = bad_train_overrides(args)
     if problem:
         parser_of_command.error(problem)

@@ -126,7 +126,7 @@ def _add_train_config(p: argparse.ArgumentParser, default: str | None = "digits"
 
 def add_metadata_option(p, default_help: str = "") -> None:
     """``--metadata FILE`` of the commands that embed the corpus (embed, reindex) on parser or group ``p``."""
-    p.add_argument("--metadata", default=None, metavar="FILE",
+    p.add_argument("--metadata", default=None, metavar="FILE", type=NON_EMPTY,
                    help="item metadata to index with the embeddings: a .jsonl, .csv or .parquet file with an 'id' "
                    "column (item ids, e.g. 3/digit_0042.png; a video's id covers all its frames) and any other columns "
                    "(source, tags, ...), which searches can filter on; tags: a JSON list, or in CSV a ';'-separated string"

@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lookalike.model.config import TrainConfig
+from lookalike.model.data import not_a_folder
 from lookalike.model.store import Store, StoreError
 from lookalike.pipeline.failpoints import failpoint
 from lookalike.pipeline.interrupts import stop_exit_status, stop_reason
@@ -299,7 +300,7 @@ def resolve_corpus(config: ReindexConfig, store: Store, served_manifest: dict[st
                f"the store's default: the served index {served_version}'s manifest records no corpus folder")
     if not corpus.is_dir():
         hint = "" if config.corpus else "; pass --corpus FOLDER to use another"
-        raise StoreError(f"corpus folder {corpus} ({why}) does not exist{hint}")
+        raise StoreError(f"corpus folder {corpus} ({why}) {not_a_folder(corpus)}{hint}")
     log.info("corpus: %s (%s)", corpus, why)
     return corpus
 

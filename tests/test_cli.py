@@ -224,6 +224,8 @@ def test_a_diverging_training_is_a_one_line_error_and_leaves_no_empty_run(tmp_pa
     (["reindex", "--min-items-ratio", "2"], "argument --min-items-ratio: must be in [0, 1], got 2"),
     (["reindex", "--min-canary-self", "-1"], "argument --min-canary-self: must be in [0, 1], got -1"),
     (["reindex", "--metadata", "m.csv", "--no-metadata"], "argument --no-metadata: not allowed with argument --metadata"),
+    (["embed", "--metadata", ""], "argument --metadata: must not be empty"),
+    (["eval", "--workdir", "/etc/passwd", "--model"], "argument --workdir: /etc/passwd is a file, not a folder"),
     (["reindex", "--min-improvement", "nan"], "argument --min-improvement: must be in [0, 1], got nan"),
     (["reindex", "--min-improvement", "-1"], "argument --min-improvement: must be in [0, 1], got -1"),
     (["train", "--set", "num_steps=0"], "--set: config num_steps=0: must be at least 1"),  # before any work, exit 2

@@ -216,3 +216,12 @@ def test_photo_sized_files_decode_on_several_threads_in_order(tmp_path, monkeypa
     assert [f[0].rsplit("/", 1)[-1] for f in got.failures] == ["2.png"]
     expected = np.stack([decode_image(open(p, "rb").read(), spec) for p in got.paths])
     np.testing.assert_array_equal(got.images, expected)
+
+
+def test_a_file_given_as_the_data_folder_is_called_a_file(tmp_path):
+    from lookalike.model.data import load_labelled_folder, not_a_folder
+
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match=f"folder {tmp_path / 'notes.txt'} is a file, not a folder"):
+        load_labelled_folder(tmp_path / "notes.txt", PreprocessSpec(8, 1))
+    assert not_a_folder(tmp_path / "gone") == "does not exist"
