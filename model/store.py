@@ -108,11 +108,11 @@ def check_version_name(version: str, what: str = "version name") -> str:
         if len(version or "") > 128:
             reason = f"{len(version)} characters, at most 128"
         elif version and not (version[0].isascii() and version[0].isalnum()):
-            reason = "it must start with a letter or digit"
+            reason = "it must start with an ASCII letter or digit"
         else:
             bad = sorted(set(ch for ch in version or "" if not (ch.isascii() and (ch.isalnum() or ch in "._-"))))
             reason = f"{', '.join(repr(ch) for ch in bad)} not allowed" if bad else "it is empty"
-        raise ValueError(f"invalid {what} {shown!r} ({reason}): use letters, digits, '.', '_' or '-'")
+        raise ValueError(f"invalid {what} {shown!r} ({reason}): use ASCII letters, digits, '.', '_' or '-'")
     return version
 
 

@@ -87,8 +87,11 @@ def cmd_versions(args: argparse.Namespace) -> int:
             mark = "*" if r.get("current") else " "
             never = "" if r.get("served") or r.get("current") else "never served"
             recall = f"recall@{r.get('recall_k')} {r['recall']}" if r.get("recall") is not None else "recall not measured"
+            if "error" in r:  # its figures are unknown: the reason instead
+                print(f"{mark} {r['version']}  cannot be served: {r['error']}")
+                continue
             print(f"{mark} {r['version']}  model {r.get('model_version')}  {r.get('count')} items  "
-                  f"{recall}  {r.get('created')}  {never}  {r.get('error', '')}".rstrip())
+                  f"{recall}  {r.get('created')}  {never}".rstrip())
         return 0
     if args.action == "promote":
         if not args.version:

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from lookalike.index.manifest import IndexLoadError, read_manifest, verify_files
 from lookalike.model.store import HISTORY, Store, StoreError  # noqa: F401 (HISTORY: re-exported)
 
 log = logging.getLogger(__name__)
@@ -58,10 +59,11 @@ def list_versions(store: Store) -> list[dict[str, Any]]:
     served = {entry["version"] for entry in store.history()}
     for path in sorted(p for p in store.indexes_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
         row: dict[str, Any] = {"version": path.name, "current": path.name == current, "served": path.name in served}
-        try:
-            manifest = json.loads((path / "manifest.json").read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as e:
-            row["error"] = f"unreadable manifest: {e}"
+        try:  # the manifest's structure and every file it lists, without reading them (no checksums)
+            manifest = read_manifest(path)
+            verify_files(path, manifest, verify_checksums=False)
+        except (IndexLoadError, OSError, ValueError, TypeError, AttributeError) as e:
+            row["error"] = str(e) if isinstance(e, IndexLoadError) else f"unreadable manifest: {e}"
             rows.append(row)
             continue
         tuned = manifest.get("tuning") if isinstance(manifest.get("tuning"), dict) else {}
@@ -171,6 +173,8 @@ def follow_served_model(store: Store, model: str) -> str | None:
         store.set_latest_model(model)
         log.info("models/LATEST now names %s (was %s), the model of the served index: `lookalike embed` uses it "
                  "by default", model, before)
+    if store.rejected_model() == model:  # served now: no longer a rejected candidate kept for inspection
+        (store.models_dir / "REJECTED").unlink(missing_ok=True)
     return before
 
 

@@ -649,6 +649,11 @@ def test_prune_deletes_older_rejected_candidates_and_models_of_pruned_versions_n
     store.set_rejected_model("m-rejected-new")
     once = build_and_publish(store, index.embeddings, index.items.table, model_version="m-served-once")
     promote(store, first, reason="back")
+    store.set_rejected_model("m-served-once")
+    promote(store, once, reason="a rejected candidate served after all")
+    assert store.rejected_model() is None  # served: no longer the rejected one
+    store.set_rejected_model("m-rejected-new")
+    promote(store, first, reason="back")
     assert sorted(prune(store, keep=1)) == sorted(["m-rejected-old", "m-served-once", once])
     assert sorted(p.name for p in store.models_dir.iterdir() if p.is_dir()) == sorted(
         ["m-by-hand", "m-rejected-new", served_model])  # the latest rejected one stays for inspection
@@ -700,6 +705,27 @@ def test_a_corrupt_served_model_is_named_with_the_file_and_how_to_serve_a_workin
     if damage == "json":  # reindex reads the served model's description before anything else
         report = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config))
         assert report.outcome == "failed" and expected in report.reason and "versions rollback" in report.reason
+
+
+def test_versions_list_shows_why_a_version_cannot_be_served(store, capsys):
+    """A version whose manifest is not an object, or which lost a file its manifest lists, is
+    listed with the reason, not as a healthy version (nor with "model None  None items")."""
+    from lookalike.pipeline.cli import main
+
+    served = store.current_index()
+    (store.indexes_dir / "i-broken").mkdir()
+    (store.indexes_dir / "i-broken" / "manifest.json").write_text("[]")
+    shutil.copytree(store.index_dir(served), store.indexes_dir / "i-lost-a-file")
+    lost = next((store.indexes_dir / "i-lost-a-file").rglob("items.parquet"))
+    lost.unlink()
+    rows = {r["version"]: r for r in list_versions(store)}
+    assert rows["i-broken"]["error"].endswith("manifest.json is not a JSON object")
+    assert rows["i-lost-a-file"]["error"] == f"index file {lost} listed in the manifest is missing"
+    assert "error" not in rows[served]
+    assert main(["versions", "list", "--workdir", str(store.root)]) == 0
+    out = capsys.readouterr().out
+    assert f"  i-lost-a-file  cannot be served: index file {lost} listed in the manifest is missing" in out
+    assert "None" not in out
 
 
 def test_versions_commands_refuse_while_a_reindex_holds_the_lock(store):

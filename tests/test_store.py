@@ -46,11 +46,13 @@ def test_version_names_cannot_escape_the_store(bad):
     ("x" * 300, "300 characters, at most 128"),
     ("sp ace", "' ' not allowed"),
     ("a/b", "'/' not allowed"),
-    (".hidden", "it must start with a letter or digit"),
+    (".hidden", "it must start with an ASCII letter or digit"),
+    ("ü-1", "it must start with an ASCII letter or digit"),
+    ("a-ü", "'ü' not allowed"),
     ("", "it is empty"),
 ])
 def test_a_bad_name_is_refused_with_its_reason(name, reason):
-    with pytest.raises(ValueError, match=re.escape(f"({reason}): use letters, digits")) as caught:
+    with pytest.raises(ValueError, match=re.escape(f"({reason}): use ASCII letters, digits")) as caught:
         check_version_name(name, "run name")
     assert str(caught.value).startswith("invalid run name")
 
