@@ -26,12 +26,13 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from lookalike.model.filelock import try_lock, unlock
+from lookalike.model.store_lock import LockHeldError
 
 log = logging.getLogger(__name__)
 
 
-class RunInUseError(RuntimeError):
-    """Another process is training in the same run folder."""
+class RunInUseError(LockHeldError):
+    """Another process is training in the same run folder (a lock held: the CLI's exit 75, try later)."""
 
 
 @contextmanager

@@ -33,9 +33,17 @@ log = logging.getLogger("lookalike")
 
 def cmd_train(args: argparse.Namespace) -> int:
     from lookalike.model.train import train_and_evaluate
+    from lookalike.pipeline.interrupts import sigterm_as_interrupt, stop_exit_status, stop_reason, terminated
 
-    result = train_and_evaluate(_train_config(args), args.workdir, data_dir=args.data, tfds=args.tfds,
-                                tfds_data_dir=args.tfds_data_dir)
+    try:
+        with sigterm_as_interrupt():  # kill, systemd stop, a timeout: stop as for Ctrl-C (checkpoint kept, one line)
+            result = train_and_evaluate(_train_config(args), args.workdir, data_dir=args.data, tfds=args.tfds,
+                                        tfds_data_dir=args.tfds_data_dir)
+    except KeyboardInterrupt:
+        if not terminated():
+            raise  # Ctrl-C: `lookalike` ends with its one line and status 130
+        print(f"lookalike train: {stop_reason()}{interrupted_hint(args)}", file=sys.stderr)
+        return stop_exit_status()
     _print_json({"model_version": result.version, "model_dir": str(result.model_dir), "metrics": result.metrics})
     return 0
 

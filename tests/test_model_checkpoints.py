@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from lookalike.model.config import get_config
 
@@ -177,8 +178,10 @@ def test_a_second_training_of_the_same_run_is_refused_until_the_first_dies(tmp_p
     assert not (run_dir / ".lock").exists()
 
 
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
 def test_ctrl_c_during_training_says_in_one_line_that_nothing_was_published_and_how_to_resume(
-        ctrl_c_as_in_a_terminal, tmp_path, digits_corpus):
+        ctrl_c_as_in_a_terminal, tmp_path, digits_corpus, signum):
+    """Ctrl-C, or SIGTERM (kill, systemd, a timeout: it ended the process without a word)."""
     import signal
     from pathlib import Path
 
@@ -193,13 +196,17 @@ def test_ctrl_c_during_training_says_in_one_line_that_nothing_was_published_and_
         line = job.stderr.readline()
         assert line, "".join(seen)[-3000:]  # training ended before the failpoint
         seen.append(line)
-    os.killpg(job.pid, signal.SIGINT)  # as a terminal's Ctrl-C
+    if signum == "SIGINT":
+        os.killpg(job.pid, signal.SIGINT)  # as a terminal's Ctrl-C
+    else:
+        job.send_signal(signal.SIGTERM)
     _, err = job.communicate(timeout=120)
     err = "".join(seen) + err
-    assert job.returncode == 130, err[-3000:]
+    assert job.returncode == (130 if signum == "SIGINT" else 143), err[-3000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
     lines = err.strip().splitlines()
-    assert lines[-1] == "lookalike train: interrupted: no model published", err[-3000:]
+    assert lines[-1] == ("lookalike train: interrupted: no model published" if signum == "SIGINT" else
+                         "lookalike train: terminated (SIGTERM): no model published"), err[-3000:]
     run_dir = next((tmp_path / "models" / ".runs").iterdir())
     assert lines[-2].endswith(f"training interrupted: rerun the same command to resume from the checkpoint of step 10 "
                               f"({run_dir})"), err[-3000:]
