@@ -176,7 +176,7 @@ class ReadChunkFn(DecodeBatchFn):
     def setup(self) -> None:
         super().setup()
         self._reader.setup()
-        self._files = read_listing(self._listing)
+        self._listed = read_listing(self._listing)
 
     def process(self, bounds: tuple[int, int]):
         """Reads and decodes on a background thread, at most DECODE_AHEAD batches ahead of
@@ -239,7 +239,7 @@ class ReadChunkFn(DecodeBatchFn):
         size, meet in one group and are decoded once, and the first batch of a chunk is ready
         after a batch of files is read, not the whole chunk."""
         start, stop = bounds
-        sizes = self._files.sizes
+        sizes = self._listed.sizes
         cached: list[tuple[str, str]] = []
         file_rows: list[tuple[str, int, float, str, int | None]] = []
         while start < stop:
@@ -248,7 +248,7 @@ class ReadChunkFn(DecodeBatchFn):
                 end += 1
             # Big files (sorted by size: all from the first) are read and hashed on the decode pool too.
             pool = self._pool if sizes[start] >= PARALLEL_MIN_BYTES else None
-            group = self._reader.read_range(self._files, start, end, CHUNK_CARRY_BYTES, pool)
+            group = self._reader.read_range(self._listed, start, end, CHUNK_CARRY_BYTES, pool)
             yield from group.others
             cached += group.cached
             file_rows += group.file_rows

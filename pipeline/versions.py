@@ -13,7 +13,6 @@ pointed at the model of the index that serves (``follow_served_model``), so the 
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
