@@ -29,7 +29,7 @@ def test_workdir_that_is_a_file(capsys, tmp_path) -> None:
     photo = tmp_path / "photo.jpg"
     photo.write_bytes(b"x")
     code, err = run(capsys, "serve", "--workdir", str(photo), "--port", "0")
-    assert code == 1 and "is not a folder" in err and "does not exist" not in err, err
+    assert code == 2 and "is a file, not a folder" in err and "does not exist" not in err, err  # a usage error
 
 
 @pytest.mark.parametrize("host, says", [
