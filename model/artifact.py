@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lookalike.model.checkpoints import error_summary
 from lookalike.model.config import TrainConfig, config_from_dict, config_to_dict
 from lookalike.model.encoder import EncoderModule, encoder_class
 from lookalike.model.memory import keep_freed_memory
@@ -248,8 +249,8 @@ def load_model(path: str | Path) -> tuple[EncoderModule, dict[str, Any]]:
         try:
             state = ckptr.restore(path / "params", abstract_state)
         except Exception as e:  # missing, truncated or corrupt weights: say which model and why, in one line
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
-            raise ValueError(f"the weights of model {path.name} ({path / 'params'}) cannot be read: {reason}") from None
+            raise ValueError(f"the weights of model {path.name} ({path / 'params'}) cannot be read: "
+                             f"{error_summary(e)}") from None
     return nnx.merge(graphdef, state), meta
 
 

@@ -35,6 +35,12 @@ class RunInUseError(LockHeldError):
     """Another process is training in the same run folder (a lock held: the CLI's exit 75, try later)."""
 
 
+def error_summary(error: BaseException, limit: int = 300) -> str:
+    """The first line of ``error``'s message, at most ``limit`` characters (its type if it has
+    none): orbax and TensorStore errors run to many lines of details."""
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:limit]
+
+
 @contextmanager
 def exclusive_run(run_dir: Path) -> Iterator[None]:
     """Hold ``run_dir/.lock`` while a training run uses ``run_dir`` (created if needed): two
@@ -139,7 +145,7 @@ class TrainCheckpoints:
     def _drop(manager: ocp.CheckpointManager, step: int, what: str, error: Exception) -> None:
         """Delete the unreadable ``what`` of ``step``, saying which and why (one line, no traceback)."""
         folder = Path(manager.directory) / str(step)
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+        reason = error_summary(error)
         log.warning("the %s of step %d in %s cannot be read (%s): deleted, training goes on without it", what, step,
                     folder, reason)
         try:
