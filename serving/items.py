@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import Response
+from starlette.convertors import PathConvertor, register_url_convertor
 
 from lookalike.index.rows import user_columns
 from lookalike.serving.engine import Filters, SearchItem
@@ -25,12 +26,25 @@ from lookalike.serving.results import group_of, item_url, json_text_response, th
 from lookalike.serving.schemas import DEFAULT_K, ItemMetadata, SearchResponse
 from lookalike.serving.thumbnails import ThumbnailUnavailable, etag_matches, render_thumbnail, thumbnail_version
 
+
+
+class ItemIdConvertor(PathConvertor):
+    """An item id in a URL path: any characters, '/' and a newline (``%0A``) included.
+    Starlette's ``path`` convertor matches ``.*``, which stops at a newline: an item whose file
+    name holds one was indexed but its URLs answered a bare 404."""
+
+    regex = r"[\s\S]*"
+
+
+register_url_convertor("item_id", ItemIdConvertor())
+
 items_router = APIRouter()
 
 
 # The /similar and /thumbnail routes come before the catch-all metadata route:
-# {item_id:path} would otherwise swallow the suffix.
-@items_router.get("/v1/items/{item_id:path}/similar", response_model=SearchResponse, tags=["items"], responses=errors(404, 422, 503),
+# {item_id:item_id} would otherwise swallow the suffix (with a trailing slash too: no id ends in '/').
+@items_router.get("/v1/items/{item_id:item_id}/similar/", include_in_schema=False, dependencies=STRICT_QUERY)
+@items_router.get("/v1/items/{item_id:item_id}/similar", response_model=SearchResponse, tags=["items"], responses=errors(404, 422, 503),
     dependencies=STRICT_QUERY)
 async def similar(
     item_id: ItemId, backend: BackendDep, engine: EngineDep, k: K = DEFAULT_K, kind: KindFilter = None,
@@ -48,8 +62,9 @@ async def similar(
 
 # A static resource: GET (and HEAD, as every GET resource: ``lookalike.serving.head``),
 # conditional on its ETag, and a query string (``?v=`` versions) is not refused.
+@items_router.get("/v1/items/{item_id:item_id}/thumbnail/", include_in_schema=False, response_class=Response)
 @items_router.get(
-    "/v1/items/{item_id:path}/thumbnail",
+    "/v1/items/{item_id:item_id}/thumbnail",
     response_class=Response,
     tags=["items"],
     responses={200: {"content": {"image/png": {}}}, 304: {"description": "not modified (If-None-Match)"},
@@ -74,7 +89,7 @@ def thumbnail(item_id: ItemId, backend: BackendDep, request: Request) -> Respons
     return Response(png, media_type="image/png", headers=headers)
 
 
-@items_router.get("/v1/items/{item_id:path}", response_model=ItemMetadata, tags=["items"], responses=errors(404, 422, 503),
+@items_router.get("/v1/items/{item_id:item_id}", response_model=ItemMetadata, tags=["items"], responses=errors(404, 422, 503),
     dependencies=STRICT_QUERY)
 def item_metadata(item_id: ItemId, backend: BackendDep) -> ItemMetadata:
     """What the index knows about an item (its file path on the server is not exposed)."""

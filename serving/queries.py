@@ -31,10 +31,9 @@ from lookalike.serving.engine import Filters, ImageQuery, QueryEngine, SearchIte
 from lookalike.serving.limits import PayloadTooLarge
 from lookalike.serving.results import search_json
 from lookalike.serving.schemas import BatchQuery, FilterFields
-from lookalike.serving.validation import short_input
+from lookalike.serving.validation import FLOAT32_MAX, short_input
 
 UPLOAD_FIELD = "file"
-FLOAT32_MAX = float(np.finfo(np.float32).max)
 # Uploads up to this size are decoded in the image batch (well under a millisecond each);
 # larger ones in the thread pool before they join a batch, so a big photo never stalls others.
 INLINE_DECODE_BYTES = 64 * 1024
@@ -226,7 +225,9 @@ async def search_by_image(engine: QueryEngine, backend: Backend, data: bytes | C
         except ImageDecodeError as e:
             reason = str(e)
             if looks_like_video(data):  # (bytes by now)
-                reason = "a video is not accepted as a query: search one of its frames by id (GET /v1/items/<video id>%23t=<seconds>/similar)"
+                reason = ("a video is not accepted as a query: search by the id of one of its frames, "
+                          "'<video id>#t=<seconds>' as a frame result shows it (e.g. clips/a.mp4#t=1.500): "
+                          "the page's id box, `lookalike query --id`, or GET /v1/items/<id>/similar with '#' sent as %23")
             raise HTTPException(status_code=422, detail=f"{what}not a usable image: {reason}") from None
         except ValueError as e:  # the search refused the query
             raise HTTPException(status_code=422, detail=f"{what}{e}") from None

@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import sys
 from typing import Any, TypeVar
 
+import numpy as np
 from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 from fastapi.exception_handlers import http_exception_handler
@@ -32,6 +35,7 @@ MAX_ECHO_CHARS = 100
 OFFLOOP_JSON_BYTES = 64 * 1024
 
 M = TypeVar("M", bound=BaseModel)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def short_input(value: Any, depth: int = 0) -> Any:
@@ -42,6 +46,9 @@ def short_input(value: Any, depth: int = 0) -> Any:
         return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
     if isinstance(value, str):
         return value if len(value) <= MAX_ECHO_CHARS else value[:MAX_ECHO_CHARS] + f"... ({len(value)} characters)"
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 3 * MAX_ECHO_CHARS:
+        digits = str(abs(value))
+        return ("-" if value < 0 else "") + digits[:20] + f"... ({len(digits)} digits)"
     if isinstance(value, (bytes, bytearray)):
         return short_input(bytes(value[: MAX_ECHO_CHARS + 1]).decode("utf-8", "replace"), depth) if len(value) <= MAX_ECHO_CHARS \
             else f"<{len(value)} bytes>"
@@ -62,6 +69,10 @@ def bounded_errors(errors: Any) -> tuple[list[dict[str, Any]], int]:
     shown = []
     for error in errors[:MAX_REPORTED_ERRORS]:
         error = dict(error)
+        value = error.get("input")
+        if error.get("type") == "float_type" and isinstance(value, int) and not isinstance(value, bool):
+            # pydantic's "Input should be a valid number" for an integer beyond a float's range
+            error["msg"] = f"Input is a number too large: it overflows float32 (largest magnitude {FLOAT32_MAX:.4g})"
         if "input" in error:
             error["input"] = short_input(error["input"])
         if isinstance(error.get("ctx"), dict):
@@ -124,7 +135,7 @@ def _parse(model: type[M], body: bytes) -> M | None:
         raise RequestValidationError([{"type": "json_invalid", "loc": ("body", e.pos), "msg": "JSON decode error",
                                        "input": {}, "ctx": {"error": e.msg}}]) from None
     except Exception as e:  # a 400 naming the reason, not FastAPI's "There was an error parsing the body"
-        reason = json_failure_reason(e)
+        reason = json_failure_reason(e, body)
         if reason is None:  # FastAPI answers: 400
             return None
         raise _invalid_json(reason) from None
@@ -134,16 +145,19 @@ def _parse(model: type[M], body: bytes) -> M | None:
         raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors(include_url=False)]) from None
 
 
-def json_failure_reason(error: BaseException | None) -> str | None:
-    """Why Python's JSON parser failed on a body, for the errors that are not a
+def json_failure_reason(error: BaseException | None, body: bytes = b"") -> str | None:
+    """Why Python's JSON parser failed on ``body``, for the errors that are not a
     ``JSONDecodeError`` (whose position and reason FastAPI reports): bytes that are not
-    UTF-8, nesting too deep, an integer of more than 4300 digits; None for any other error."""
+    UTF-8, nesting too deep, an integer of more than 4300 digits (at the character where it
+    starts, when found in ``body``); None for any other error."""
     if isinstance(error, UnicodeDecodeError):
         return f"not UTF-8 at byte {error.start} ({error.reason})"
     if isinstance(error, RecursionError):
         return "nested too deep (arrays or objects inside each other)"
     if isinstance(error, ValueError) and "integer string conversion" in str(error):
-        return str(error).split(";")[0]
+        long = re.search(rb"\d{%d,}" % (sys.get_int_max_str_digits() + 1), body)  # the parser's limit
+        where = f" (the number at character {len(body[:long.start()].decode('utf-8', 'replace'))})" if long else ""
+        return str(error).split(";")[0] + where
     return None
 
 
@@ -153,7 +167,7 @@ async def body_parse_error_handler(request: Request, exc: HTTPException) -> Resp
     other HTTPException as FastAPI answers it. (Registered for Starlette's HTTPException,
     which FastAPI raises there; FastAPI's own subclass goes through it too.)"""
     if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
-        reason = json_failure_reason(exc.__cause__)
+        reason = json_failure_reason(exc.__cause__, await request.body())
         if reason is not None:
             return JSONResponse({"detail": f"invalid JSON body: {reason}"}, status_code=400)
     return await http_exception_handler(request, exc)

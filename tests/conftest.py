@@ -188,6 +188,28 @@ def tagged_store(tmp_path_factory, indexed_store):
     return Store.at(workdir)
 
 
+# Item ids a URL path carries only with care: a newline (%0A), spaces at either end, '#', '?', '%'.
+ODD_ITEM_IDS = ("new\nline.png", " top.png", "tail .png", "odd/x#t=5?.png", "100%.png", "plain.png")
+
+
+@pytest.fixture(scope="session")
+def odd_ids_store(tmp_path_factory, trained_store, digits_corpus):
+    """A store whose CURRENT index holds one digit image under each of ``ODD_ITEM_IDS``."""
+    from lookalike.model.data import list_images
+    from lookalike.model.store import Store
+    from lookalike.pipeline.embed import EmbedConfig, run_embed
+
+    workdir = tmp_path_factory.mktemp("odd-ids")
+    shutil.copytree(trained_store.root / "models", workdir / "models")
+    for item_id, image in zip(ODD_ITEM_IDS, list_images(digits_corpus)):
+        target = workdir / "corpus" / item_id
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(image, target)
+    summary = run_embed(EmbedConfig(workdir=str(workdir)))
+    assert summary.items == len(ODD_ITEM_IDS) and summary.failed == 0
+    return Store.at(workdir)
+
+
 def free_port() -> int:
     import socket
 

@@ -128,5 +128,6 @@ def test_a_video_is_not_a_query(http: httpx.Client, tmp_path: Path, make_video) 
     video = make_video(tmp_path / "clip.mp4").read_bytes()
     response = http.post("/v1/search/image", content=video, headers={"content-type": "video/mp4"})
     assert response.status_code == 422
-    assert "a video is not accepted as a query" in response.json()["detail"]
+    detail = response.json()["detail"]
+    assert "a video is not accepted as a query" in detail and "#t=<seconds>" in detail and "lookalike query --id" in detail
     assert json.dumps(response.json())

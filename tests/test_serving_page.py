@@ -526,3 +526,50 @@ def test_api_docs_render_offline(site, browser) -> None:
     page.goto(url + "/")
     expect(page.locator("#footer a[href='/docs']")).to_be_visible()  # the page links the docs
     page.close()
+
+
+def test_ids_are_searched_exactly_as_indexed(odd_ids_store, browser) -> None:
+    """A clicked result or a shared link searches its id as it is, spaces at either end and a
+    newline included; only typed text loses its surrounding spaces."""
+    from playwright.sync_api import expect
+
+    backend = load_backend(odd_ids_store.root)
+    with serve_in_thread(create_app(lambda: backend)) as url:
+        page = browser.new_page()
+        page.goto(url + "/?id=%20top.png")
+        results = page.locator("#results")
+        expect(results).to_have_attribute("data-query", "item: top.png")
+        expect(page.locator("#item-id")).to_have_value(" top.png")
+        assert page.locator("#status").get_attribute("data-state") != "error"
+        page.click("#similar-button")  # the box as the search left it: the same id
+        expect(page.locator("#status")).to_contain_text("result(s) for items like  top.png")
+        for item_id in ("new\nline.png", "tail .png"):
+            at = results.locator(".result").evaluate_all("(cards, id) => cards.findIndex(c => c.dataset.id === id)", item_id)
+            results.locator(".result").nth(at).click()
+            expect(results).to_have_attribute("data-query", f"item:{item_id}")
+            expect(results.locator(".result")).to_have_count(len(backend.index) - 1)
+        page.fill("#item-id", "  plain.png ")  # typed: trimmed
+        page.press("#item-id", "Enter")
+        expect(results).to_have_attribute("data-query", "item:plain.png")
+        page.close()
+
+
+def test_empty_query_clock_icon_and_dark_links(site, browser) -> None:
+    from playwright.sync_api import expect
+
+    url = site[0]
+    page = browser.new_page()
+    requested = []
+    page.on("request", lambda r: requested.append(r.url))
+    page.emulate_media(color_scheme="dark")
+    page.goto(url)
+    expect(page.locator("#footer a").first).to_have_text("API docs")
+    # Footer links in the dark theme's accent, not the default blue (1.9:1 on the dark background).
+    assert page.locator("#footer a").first.evaluate("a => getComputedStyle(a).color") == "rgb(124, 155, 255)"
+    assert not [u for u in requested if u.endswith("/favicon.ico")]  # the icon is inline
+    page.click("#similar-button")  # nothing typed, nothing uploaded: say what to do
+    expect(page.locator("#status")).to_have_text("Type an item id (one from a result, say), or drop an image above.")
+    expect(page.locator("#item-id")).to_be_focused()
+    clocks = page.evaluate("[0, 59.994, 59.997, 61.234, 3599.999].map(clock)")
+    assert clocks == ["0:00.00", "0:59.99", "1:00.00", "1:01.23", "60:00.00"]
+    page.close()

@@ -77,6 +77,21 @@ def test_short_input() -> None:
     assert short_input(list(range(100))) == "<array of 100 values>"
     assert short_input({"a": [1, 2]}) == {"a": [1, 2]}
     assert short_input([float("nan"), float("inf"), -float("inf"), 1.5]) == ["NaN", "Infinity", "-Infinity", 1.5]
+    assert short_input(10**30) == 10**30  # a number of ordinary size is echoed as it is
+    assert short_input(-(10**4000)) == "-1" + "0" * 19 + "... (4001 digits)"
+
+
+@pytest.mark.parametrize("path", ["/v1/search/vector", "/v1/search/batch"])
+def test_an_integer_too_large_for_a_float_is_named_so_and_echoed_short(http: httpx.Client, backend: Backend,
+                                                                        path: str) -> None:
+    vector = ", ".join(["9" * 4000] * backend.index.embed_dim)
+    body = f'{{"vector": [{vector}]}}' if path.endswith("vector") else f'{{"queries": [{{"vector": [{vector}]}}]}}'
+    response = http.post(path, content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422, response.text[:300]
+    assert len(response.content) < 5000  # not 10 echoes of 4000 digits
+    first = response.json()["detail"][0]
+    assert first["loc"][-1] == 0 and "overflows float32" in first["msg"], first
+    assert first["input"] == "9" * 20 + "... (4000 digits)"
 
 
 @pytest.mark.parametrize("path, body", [
@@ -166,11 +181,15 @@ def test_broken_json_is_parsed_once(http: httpx.Client) -> None:
 
 @pytest.mark.parametrize("content, reason", [
     (b"[" * 100_000 + b"]" * 100_000, "invalid JSON body: nested too deep"),
-    (b'{"vector": [1' + b"0" * 5000 + b"]}", "invalid JSON body: Exceeds the limit (4300 digits) for integer string"),
+    (b'{"vector": [1' + b"0" * 5000 + b"]}", "invalid JSON body: Exceeds the limit (4300 digits) for integer string "
+                                             "conversion: value has 5001 digits (the number at character 12)"),
+    (b'{"vector": [0.5], "k": 1' + b"0" * 5000 + b"}", "invalid JSON body: Exceeds the limit (4300 digits) for integer "
+                                                   "string conversion: value has 5001 digits (the number at character 23)"),
     (b'{"vector": [0.1], "x": "\xff"}', "invalid JSON body: not UTF-8 at byte 24 (invalid start byte)"),
 ])
-def test_a_body_json_cannot_parse_is_a_400_saying_why(http: httpx.Client, content: bytes, reason: str) -> None:
-    response = http.post("/v1/search/vector", content=content, headers={"content-type": "application/json"})
+@pytest.mark.parametrize("query", ["", "?k=2"], ids=["fast", "fastapi"])  # a query parameter: FastAPI parses it
+def test_a_body_json_cannot_parse_is_a_400_saying_why(http: httpx.Client, content: bytes, reason: str, query: str) -> None:
+    response = http.post("/v1/search/vector" + query, content=content, headers={"content-type": "application/json"})
     assert response.status_code == 400, response.text  # was FastAPI's "There was an error parsing the body"
     assert response.json()["detail"].startswith(reason), response.text
 
