@@ -80,7 +80,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
             num_shards=args.num_shards, index=IndexOptions(mode=args.index_mode, target_recall=args.target_recall),
             beam_args=args.beam_args, publish=not args.no_publish, incremental=args.incremental,
             metadata=args.metadata,
-            sampling=FrameSampling(interval_s=args.frame_interval_s, shot_threshold=args.shot_threshold),
+            sampling=FrameSampling(interval_s=args.frame_interval_s, shot_threshold=args.shot_threshold,
+                                   max_frames=args.max_frames_per_video),
         ))
     except BaseException:
         if terminated.signum is None:
@@ -247,7 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--incremental", action="store_true",
                    help="reuse embeddings of files whose bytes this model already embedded (embeddings/cache/)")
     add_metadata_option(p)
-    p.add_argument("--frame-interval-s", type=_float_in(0.0, float("inf"), low_open=True), default=2.0, help="videos: sample a frame every N seconds")
+    p.add_argument("--frame-interval-s", type=_float_in(0.001, float("inf")), default=2.0,
+                   help="videos: sample a frame every N seconds (at least 0.001: a frame's id names milliseconds)")
+    p.add_argument("--max-frames-per-video", type=POSITIVE, default=10_000,
+                   help="videos: index at most this many sampled frames of each video; a longer one's rest is "
+                        "left out, with a warning naming it (default 10000)")
     p.add_argument("--shot-threshold", type=_float_in(0.0, 2.0), default=0.5,
                    help="videos: also sample on a shot change (grayscale histogram L1 distance above this, 0-2)")
     p.set_defaults(func=cmd_embed)

@@ -43,16 +43,24 @@ class VideoDecodeError(ValueError):
 FRAME_DECODING_VERSION = 3
 
 
+# A frame id names its time in milliseconds (``frame_id``): frames closer than this share an id.
+MIN_INTERVAL_S = 0.001
+DEFAULT_MAX_FRAMES = 10_000
+
+
 @dataclass(frozen=True)
 class FrameSampling:
     interval_s: float = 2.0
     shot_threshold: float = 0.5  # L1 histogram distance in [0, 2]
     min_shot_gap_s: float = 0.5
-    max_frames: int = 10_000
+    max_frames: int = DEFAULT_MAX_FRAMES  # sampled frames per video; the rest of a longer one is not indexed
 
     def __post_init__(self) -> None:
-        if self.interval_s <= 0:
-            raise ValueError(f"interval_s must be positive, got {self.interval_s}")
+        if not self.interval_s >= MIN_INTERVAL_S:  # NaN too
+            raise ValueError(f"interval_s must be at least {MIN_INTERVAL_S} s (frame ids name milliseconds), "
+                             f"got {self.interval_s}")
+        if self.max_frames < 1:
+            raise ValueError(f"max_frames must be at least 1, got {self.max_frames}")
 
     @property
     def key(self) -> str:
@@ -176,7 +184,9 @@ def sample_frames(data: bytes, sampling: FrameSampling = FrameSampling(),
     stream (audio only), or a stream that yields no decodable frame. A stream that breaks or
     ends well before the duration its container declares (a truncated file) keeps the frames
     sampled so far, with a warning naming ``name`` (the file), where it stopped and how long
-    the video should be.
+    the video should be. Two sampled frames never share an id (``frame_id``: milliseconds): a
+    frame at the time of one already kept (a duplicate timestamp) is skipped. A video stops
+    after ``sampling.max_frames`` sampled frames, with a warning naming it.
     """
     import av
 
@@ -193,6 +203,7 @@ def sample_frames(data: bytes, sampling: FrameSampling = FrameSampling(),
         stream.thread_type = "AUTO"
         start_s = start_offset_s(container, stream)
         last_kept: float | None = None
+        kept_ids: set[str] = set()  # the seconds of each kept frame's id
         last_shot: float = -1e9
         prev_hist: np.ndarray | None = None
         kept = 0
@@ -213,14 +224,16 @@ def sample_frames(data: bytes, sampling: FrameSampling = FrameSampling(),
                     and t - last_shot >= sampling.min_shot_gap_s
                 )
                 prev_hist = hist
-                if last_kept is None or t - last_kept >= sampling.interval_s or shot:
+                if (last_kept is None or t - last_kept >= sampling.interval_s or shot) and f"{t:.3f}" not in kept_ids:
+                    kept_ids.add(f"{t:.3f}")
                     if shot:
                         last_shot = t
                     last_kept = t
                     kept += 1
                     yield t, upright_image(frame)
                     if kept >= sampling.max_frames:
-                        log.warning("stopping after %d frames (max_frames)", kept)
+                        log.warning("%s: stopping after %d sampled frames, at %.1f s%s: the rest is not indexed "
+                                    "(--max-frames-per-video)", name, kept, t, _of_duration(container))
                         return
         except av.error.FFmpegError as e:
             if kept == 0:

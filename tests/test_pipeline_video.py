@@ -155,3 +155,57 @@ def test_real_clip_with_cuts_gets_extra_frames():
     times = [t for t, _ in frames]
     assert len(times) > 5 and times == sorted(times)  # 10 s clip: 5 interval frames plus shot changes
     assert frames[0][1].size == (640, 272)
+
+
+def _video_with_a_repeated_timestamp(path: Path) -> Path:
+    """An MJPEG Matroska file of 60 frames 40 ms apart (black, then white from frame 51: a
+    shot change), whose frames 50 and 51 share one timestamp, 2.000 s (a muxer's rounding)."""
+    import av
+    import numpy as np
+
+    plain = path.with_suffix(".plain.mkv")
+    with av.open(str(plain), "w", format="matroska") as container:
+        stream = container.add_stream("mjpeg", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuvj420p"
+        for i in range(60):
+            pixels = np.full((48, 64, 3), 0 if i < 51 else 255, np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(pixels, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with av.open(str(plain)) as source, av.open(str(path), "w", format="matroska") as target:
+        in_stream = source.streams.video[0]
+        out_stream = target.add_stream_from_template(in_stream)
+        packets = [p for p in source.demux(in_stream) if p.dts is not None]
+        for n, packet in enumerate(packets):
+            at_ms = 40 * (n if n <= 50 else n - 1)
+            packet.pts = packet.dts = int(at_ms / 1000 / float(in_stream.time_base))
+            packet.stream = out_stream
+            target.mux(packet)
+    return path
+
+
+def test_two_sampled_frames_never_share_an_id(tmp_path):
+    """A frame at the time of one already kept is skipped (their ids would be one), even at a shot change."""
+    data = _video_with_a_repeated_timestamp(tmp_path / "dup.mkv").read_bytes()
+    times = [t for t, _ in sample_frames(data, FrameSampling(interval_s=1.0))]
+    ids = [frame_id("dup.mkv", t) for t in times]
+    assert len(ids) == len(set(ids)), ids
+    assert "dup.mkv#t=2.000" in ids and len(ids) == 3  # 0, 1 and 2 s; the cut at 2 s is that frame
+
+
+def test_sampling_settings_are_checked():
+    for bad in (0.0, 0.0002, float("nan"), -1.0):
+        with pytest.raises(ValueError, match="at least 0.001 s"):
+            FrameSampling(interval_s=bad)
+    with pytest.raises(ValueError, match="max_frames must be at least 1"):
+        FrameSampling(max_frames=0)
+
+
+def test_a_video_stops_at_max_frames_with_a_warning_naming_it(tmp_path, make_video, caplog):
+    data = make_video(tmp_path / "v.mp4", seconds=5.0, cut_at_s=None).read_bytes()
+    with caplog.at_level("WARNING", logger="lookalike.pipeline.video"):
+        times = [round(t, 1) for t, _ in sample_frames(data, FrameSampling(interval_s=1.0, max_frames=2), "clips/v.mp4")]
+    assert times == [0.0, 1.0]
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert warning.startswith("clips/v.mp4: stopping after 2 sampled frames, at 1.0 s") and "--max-frames-per-video" in warning
