@@ -207,7 +207,12 @@ def to_mode(img: Image.Image, channels: int) -> Image.Image:
     as its 8-bit original, and an 8-bit picture saved as 16-bit (v * 257) gives exactly its
     8-bit pixels. Mode I (32-bit integers: how Pillow opens some 16-bit PGM, PNG and TIFF
     files) is taken as 16-bit samples too: 0..65535 scaled the same way, negative values
-    black, values over 65535 white."""
+    black, values over 65535 white. Mode F (32-bit float samples, e.g. a float TIFF) with
+    values in [0, 1] is scaled by 255, as TFDS float images are; values in [0, 255] are taken
+    as they are; other values (or NaN) raise ImageDecodeError naming them (Pillow's own
+    conversion clips, so a [0, 1] picture came out black)."""
+    if img.mode == "F":
+        img = Image.fromarray(float_samples_to_uint8(np.asarray(img, dtype=np.float32)), "L")
     if img.mode in _SIXTEEN_BIT:
         arr = np.asarray(img)
         if img.mode == "I":
@@ -219,6 +224,18 @@ def to_mode(img: Image.Image, channels: int) -> Image.Image:
         background = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(background, img.convert("RGBA"))
     return img.convert("L" if channels == 1 else "RGB")
+
+
+def float_samples_to_uint8(arr: np.ndarray) -> np.ndarray:
+    """Float samples in [0, 1] (scaled by 255) or [0, 255] -> uint8; ImageDecodeError otherwise."""
+    finite = np.isfinite(arr)
+    if not finite.all():
+        raise ImageDecodeError(f"float image has {int(arr.size - finite.sum())} NaN or infinite value(s)")
+    low, high = (float(arr.min()), float(arr.max())) if arr.size else (0.0, 0.0)
+    if low < 0 or high > 255:
+        raise ImageDecodeError(f"float image values from {low:g} to {high:g}: expected [0, 1] or [0, 255]")
+    scale = 255.0 if high <= 1.0 else 1.0
+    return np.clip(np.rint(arr * scale), 0, 255).astype(np.uint8)
 
 
 def resize_center_crop(img: Image.Image, size: int) -> Image.Image:

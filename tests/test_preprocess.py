@@ -72,6 +72,18 @@ def test_16_bit_samples_scale_by_bit_depth_rounded_and_mode_i_is_clipped():
     assert np.asarray(to_mode(wide, 1)).tolist() == [[0, 0, 255, 255]]
 
 
+def test_float_tiffs_in_0_1_or_0_255_give_their_pictures_and_others_are_refused():
+    """Pillow's own conversion of mode F clips: a [0, 1] float TIFF came out black."""
+    gray = np.linspace(0, 255, 8 * 8, dtype=np.float32).reshape(8, 8).round()
+    expected = decode_image(encode(Image.fromarray(gray.astype(np.uint8)), "PNG"), SPEC_GRAY)
+    for samples in (gray / 255.0, gray):  # [0, 1] and [0, 255]
+        tiff = encode(Image.fromarray(samples.astype(np.float32), "F"), "TIFF")
+        np.testing.assert_allclose(decode_image(tiff, SPEC_GRAY), expected, atol=1 / 255)
+    for bad, reason in ((gray * 2, "values from 0 to 510: expected"), (np.full((8, 8), np.nan, np.float32), "64 NaN")):
+        with pytest.raises(ImageDecodeError, match=reason):
+            decode_image(encode(Image.fromarray(bad.astype(np.float32), "F"), "TIFF"), SPEC_RGB)
+
+
 def test_transparent_pixels_become_white():
     x = decode_image(encode(Image.new("RGBA", (4, 4), (0, 0, 0, 0))), SPEC_GRAY)
     np.testing.assert_allclose(x, 1.0)
