@@ -380,16 +380,30 @@ def read_list_file(path: str) -> list[str]:
         raise ValueError(f"list file {path} is not UTF-8 text: line {line} has a byte it cannot decode "
                          f"({data[e.start:e.start + 1]!r}, {e.reason}); write one UTF-8 path per line") from None
     paths: dict[str, None] = {}
-    for line in lines:
+    for number, line in enumerate(lines, 1):
         entry = _COMMENT.split(line, 1)[0].strip()
         if not entry:
             continue
-        if entry.startswith("file://"):
-            entry = unquote(entry[len("file://"):])
+        if entry[:7].lower() == "file://":
+            entry = local_path_of_file_url(entry, f"list file {path} line {number}")
         if "://" not in entry:
             entry = os.path.normpath(entry if entry.startswith("/") else f"{base}/{entry}")
         paths.setdefault(entry, None)
     return list(paths)
+
+
+def local_path_of_file_url(url: str, where: str) -> str:
+    """The local path of a ``file:`` URL (RFC 8089): ``file:///a%20b.jpg`` and
+    ``file://localhost/a%20b.jpg`` are ``/a b.jpg``, the scheme in any case. ValueError naming
+    ``where`` for a URL of another host (not a file here)."""
+    rest = url[len("file://"):]
+    if rest[:10].lower() == "localhost/":
+        rest = rest[len("localhost"):]
+    if not rest.startswith("/"):
+        host = rest.split("/", 1)[0]
+        raise ValueError(f"{where}: {url!r} names a file on host {host!r}, not on this machine "
+                         f"(write file:///path or file://localhost/path)")
+    return unquote(rest)
 
 
 def common_folder(paths: list[str]) -> str:

@@ -75,6 +75,19 @@ def test_list_file_comments_byte_order_mark_and_hashes_in_names(tmp_path):
                                             f"{mix}/clip#2.jpg", "/data/odd #name.jpg"]
 
 
+def test_file_urls_of_this_machine_in_any_spelling_and_others_named(tmp_path):
+    from lookalike.pipeline.sources import read_list_file
+
+    listing = tmp_path / "list.txt"
+    listing.write_text("file:///data/a.jpg\nfile://localhost/data/b%20c.jpg\nFILE:///data/d.jpg\n"
+                       "File://LocalHost/data/e.jpg\n")
+    assert read_list_file(str(listing)) == ["/data/a.jpg", "/data/b c.jpg", "/data/d.jpg", "/data/e.jpg"]
+    listing.write_text("file:///data/a.jpg\n# another machine's\nfile://nas/photos/x.jpg\n")
+    with pytest.raises(ValueError, match=rf"list file {listing} line 3: 'file://nas/photos/x.jpg' names a file on "
+                                         r"host 'nas', not on this machine"):
+        read_list_file(str(listing))
+
+
 def test_a_list_file_that_is_not_utf8_is_named_with_its_line(tmp_path):
     from lookalike.pipeline.sources import read_list_file
 
