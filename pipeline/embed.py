@@ -41,8 +41,8 @@ from lookalike.model.memory import keep_freed_memory
 from lookalike.model.progress import format_seconds
 from lookalike.model.store import Store, StoreError, check_version_name
 from lookalike.pipeline.cache import load_cache_table
-from lookalike.pipeline.graph import (LISTING_IN_GRAPH_MAX, LOCAL_RUNNER, EmbedConfig, EmbedRun, build_pipeline,
-                                      local_runner, pipeline_options)
+from lookalike.pipeline.graph import (LISTING_IN_GRAPH_MAX, LOCAL_RUNNER, THUMBNAILS_FOLDER, EmbedConfig, EmbedRun,
+                                      build_pipeline, local_runner, pipeline_options)
 from lookalike.pipeline.index_shards import build_index_shard, collect_shard_entries
 from lookalike.pipeline.inference import discard_preloaded, preload_encoder
 from lookalike.pipeline.items import split_by_shard
@@ -56,6 +56,7 @@ from lookalike.pipeline.summary import (EmbedSummary, counter_values, read_dead_
                                         summarize)
 from lookalike.pipeline.tfds_source import TfdsSpec, example_ranges
 from lookalike.pipeline.versions import clean_leftovers, clean_partial_indexes
+from lookalike.pipeline.thumbnails import sources_missing_thumbnails
 from lookalike.pipeline.writers import write_items_shard, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -373,6 +374,28 @@ def _report_misnamed(paths: list[str], run_dir: Path) -> None:
     write_jsonl(run_dir / "dead_letter-misnamed.jsonl", letters)
 
 
+def _redo_missing_thumbnails(run: EmbedRun, cache_table: pa.Table) -> None:
+    """Cached sources whose thumbnails are gone (``thumbnails/`` deleted or moved) are read,
+    decoded and embedded again, with a warning, instead of reused: their items would have no
+    picture. With a plan, only its unchanged files are checked, and those move to its changed."""
+    sources = {h for _, h in run.plan.unchanged} if run.plan is not None else None
+    if sources is not None and not sources:
+        return
+    missing = sources_missing_thumbnails(cache_table.column("source_hash").to_pylist(),
+                                         cache_table.column("content_hash").to_pylist(),
+                                         str(run.store.root / THUMBNAILS_FOLDER), sources)
+    if not missing:
+        return
+    run.redo_sources = frozenset(missing)
+    if run.plan is not None:
+        redo = {uri for uri, h in run.plan.unchanged if h in missing}
+        run.plan.unchanged = [(uri, h) for uri, h in run.plan.unchanged if h not in missing]
+        changed = redo | {m.path for m in run.plan.changed}
+        run.plan.changed = [m for m in run.listing if m.path in changed]  # in the listing's order
+    log.warning("%d cached source(s) have no thumbnail under %s (deleted or moved?): decoded and embedded again, "
+                "not reused", len(missing), run.store.root / THUMBNAILS_FOLDER)
+
+
 def _list_and_run(run: EmbedRun, started: float) -> EmbedSummary:
     """List the corpus, plan reuse, run the pipeline and write the summary. On the in-process
     runner the encoder loads and compiles meanwhile (``inference.preload_encoder``): from the
@@ -400,8 +423,11 @@ def _list_and_run(run: EmbedRun, started: float) -> EmbedSummary:
         if config.incremental:  # the cache is read once here: little besides it when nothing changed
             cache_table = load_cache_table(run.cache, int(meta["embed_dim"]))
             run.plan = plan_reuse(run.listing, run.cache, cache_table.column("source_hash"), config.sampling)
+            _redo_missing_thumbnails(run, cache_table)
             if run.plan.dead:  # not media, or bytes that failed before: reported again, not read
                 write_jsonl(run_dir / "dead_letter-unread.jsonl", run.plan.dead)
+    if config.incremental and run.plan is None and os.path.isdir(run.cache):  # a TFDS data set or a list file
+        _redo_missing_thumbnails(run, load_cache_table(run.cache, int(meta["embed_dim"])))
     if in_process and config.incremental and (run.plan is None or run.plan.changed):
         preload_encoder(run.model_dir, config.max_batch_size)
     log.info("embedding %d file(s) from %s with model %s on %s%s", run.total, _source_name(run), meta["version"], config.runner,

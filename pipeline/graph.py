@@ -121,6 +121,7 @@ class EmbedRun:
     chunks: list[tuple[int, int]] | None = None  # [start, stop) rows of listing_file, one element each
     tfds_ranges: list[tuple[str, int, int]] | None = None  # a TFDS source's (split, start, stop) example ranges, one element each
     metadata: MetadataSpec | None = None  # the checked --metadata file, joined onto every shard
+    redo_sources: frozenset[str] = frozenset()  # cached source hashes whose thumbnails are gone: decoded again
 
     @property
     def files_to_read(self) -> int:
@@ -213,7 +214,8 @@ def read_sources(p: beam.Pipeline, run: EmbedRun) -> dict[str, beam.PCollection]
         variants = globstar_variants(run.pattern) if run.pattern.count("**") == 1 else [run.pattern]  # disjoint matches
         files = (p | "CorpusPatterns" >> beam.Create(variants, reshuffle=False)
                  | "MatchCorpus" >> fileio.MatchAll(empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW))
-    read = files | "ReadAndHash" >> beam.ParDo(ReadSourceFn(run.cache if config.incremental else None, run.progress_total, config.sampling))
+    read = files | "ReadAndHash" >> beam.ParDo(ReadSourceFn(run.cache if config.incremental else None, run.progress_total, config.sampling,
+                                                                 run.redo_sources))
     return split_tagged(read, (NEW, CACHED, DEAD, FILE), "Read")
 
 
@@ -234,7 +236,8 @@ def read_and_decode(p: beam.Pipeline, run: EmbedRun, spec: PreprocessSpec) -> di
         tagged = (p | "ListedChunks" >> beam.Create(chunks, reshuffle=reshuffle)
                   | "ReadAndDecode" >> beam.ParDo(ReadChunkFn(
                       run.listing_file, run.cache if config.incremental else None, run.progress_total, spec, thumbnails,
-                      config.sampling, config.max_batch_size, failures_dir=run.cache, decode_threads=decode_threads))
+                      config.sampling, config.max_batch_size, failures_dir=run.cache, decode_threads=decode_threads,
+                      redo_sources=run.redo_sources))
                   .with_output_types(Routed))
         return split_tagged(tagged, (BATCH, DEAD, CACHED, FILE), "Chunk", {BATCH: ItemBatch})
     read = read_sources(p, run)

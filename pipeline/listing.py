@@ -168,10 +168,10 @@ class ReadChunkFn(DecodeBatchFn):
 
     def __init__(self, listing: str, cache_dir: str | None, total_files: int, spec: PreprocessSpec,
                  thumbnails_dir: str, sampling: FrameSampling, batch_size: int = 256, failures_dir: str | None = None,
-                 decode_threads: int | None = None):
+                 decode_threads: int | None = None, redo_sources: frozenset[str] = frozenset()):
         super().__init__(spec, thumbnails_dir, sampling, batch_size, failures_dir, decode_threads)
         self._listing = listing
-        self._reader = ListingReader(cache_dir, total_files, sampling)
+        self._reader = ListingReader(cache_dir, total_files, sampling, redo_sources)
 
     def setup(self) -> None:
         super().setup()

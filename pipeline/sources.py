@@ -236,9 +236,13 @@ class ReadSourceFn(beam.DoFn):
     | ("dead", letter),
     plus ("file", {uri, size, mtime_s, source_hash, inode}) for the file index."""
 
-    def __init__(self, cache_dir: str | None, total_files: int, sampling: FrameSampling = FrameSampling()):
-        """``total_files``: the run's files to read, or 0 when several workers share them (see ``graph.EmbedRun.progress_total``)."""
+    def __init__(self, cache_dir: str | None, total_files: int, sampling: FrameSampling = FrameSampling(),
+                 redo_sources: frozenset[str] = frozenset()):
+        """``total_files``: the run's files to read, or 0 when several workers share them (see
+        ``graph.EmbedRun.progress_total``). ``redo_sources``: cached source hashes decoded and
+        embedded again all the same (their thumbnails are missing: ``EmbedRun.redo_sources``)."""
         self._cache_dir = cache_dir
+        self._redo = redo_sources
         self._total = total_files
         self._sampling = sampling  # part of a video's source hash
         self._read = Metrics.counter("lookalike", "files_read")
@@ -254,7 +258,7 @@ class ReadSourceFn(beam.DoFn):
 
     def setup(self) -> None:
         usable = bool(self._cache_dir and os.path.isdir(self._cache_dir))
-        self._cache = reusable_source_hashes(cached_hashes(self._cache_dir), self._sampling) if usable else set()
+        self._cache = reusable_source_hashes(cached_hashes(self._cache_dir), self._sampling) - self._redo if usable else set()
         self._files = load_file_index(self._cache_dir) if usable else {}
         self._undecodable = load_failed(self._cache_dir) if usable else {}
         self._progress = Progress("read" if self._total else f"read ({worker_label()})", total=self._total or None,

@@ -267,6 +267,37 @@ def test_video_frames_are_reused_only_for_the_same_frame_sampling(corpus_store, 
     assert again_2s == every_2s and back.embedded == 0 and back.files_read == 1
 
 
+@pytest.mark.parametrize("source", ["corpus", "list_file"])
+def test_items_whose_thumbnails_are_gone_are_decoded_again_not_reused(corpus_store, make_video, caplog, source):
+    """thumbnails/ deleted or moved: an --incremental run must not publish items without
+    pictures; their files are decoded and embedded again (same embeddings), the rest reused."""
+    (corpus_store / "corpus" / "clips").mkdir()
+    make_video(corpus_store / "corpus" / "clips" / "v.mp4", seconds=3.0, cut_at_s=None)
+    listing = corpus_store / "files.txt"
+    listing.write_text("".join(f"{p}\n" for p in sorted((corpus_store / "corpus").rglob("*.*"))))
+    options = {"list_file": str(listing)} if source == "list_file" else {}
+    first = run_embed(EmbedConfig(workdir=str(corpus_store), run_name="a", **options))
+    thumbnails = corpus_store / "thumbnails"
+    shutil.rmtree(thumbnails / sorted(os.listdir(thumbnails))[0])  # one folder of thumbnails gone
+    gone = {p for p in [i for i in _thumbnails_of(corpus_store, first.index_version)] if not (corpus_store / p).exists()}
+    assert gone
+    with caplog.at_level(logging.WARNING, logger="lookalike.pipeline.embed"):
+        again = run_embed(EmbedConfig(workdir=str(corpus_store), run_name="b", incremental=True, **options))
+    assert "have no thumbnail under" in caplog.text and 0 < again.embedded < first.items
+    assert all((corpus_store / p).exists() for p in _thumbnails_of(corpus_store, again.index_version))
+    before, after = (read_embeddings(corpus_store / "embeddings" / run) for run in ("a", "b"))
+    order = [after[1].column("id").to_pylist().index(i) for i in before[1].column("id").to_pylist()]
+    np.testing.assert_allclose(after[0][order], before[0], atol=1e-5)  # the same embeddings
+    quiet = run_embed(EmbedConfig(workdir=str(corpus_store), run_name="c", incremental=True, **options))
+    assert quiet.embedded == 0  # all there again: reused
+
+
+def _thumbnails_of(store_root: Path, index_version: str) -> list[str]:
+    from lookalike.index.searcher import ItemIndex
+
+    return [item["thumbnail"] for item in ItemIndex.load(store_root / "indexes" / index_version).items]
+
+
 def test_plan_reuse_keeps_only_files_whose_path_size_mtime_and_hash_are_known(tmp_path):
     from apache_beam.io.filesystem import FileMetadata
 
