@@ -47,20 +47,31 @@ def not_a_folder(path: str | Path) -> str:
 
 def walk_folders(root: str | Path, onerror: Callable[[OSError], None] | None = None) -> Iterator[tuple[str, list[str]]]:
     """(folder, file names) of ``root`` and every folder below it, symlinked folders
-    included: each real folder once, so a link loop ends (``os.walk`` order). A folder that
+    included: each real folder once, so a link loop ends (``os.walk`` order). A folder reached
+    both through a symlink and without one is listed by the path without (its files' ids do
+    not change when a link to their folder is added). A folder that
     cannot be listed (no read permission) is passed to ``onerror`` as its OSError (its
     ``filename`` the folder), as ``os.walk`` does; without ``onerror`` it is logged as a warning,
     never left out silently."""
-    seen: set[tuple[int, int]] = set()
+    root = str(root)
+    walked: dict[tuple[int, int], tuple[str, list[str], bool]] = {}  # real folder -> (path, names, via a link)
+    via_link: set[str] = set()  # folders below ``root`` whose path passes through a symlinked folder
     for dirpath, dirnames, names in os.walk(root, onerror=onerror or warn_unreadable_folder, followlinks=True):
         try:
             st = os.stat(dirpath)
         except OSError:
             continue
-        if (st.st_dev, st.st_ino) in seen:  # reached again through a link: already walked
+        linked = dirpath in via_link
+        before = walked.get((st.st_dev, st.st_ino))
+        if before is not None and (linked or not before[2]):  # reached again, no better: already walked
             dirnames[:] = []
             continue
-        seen.add((st.st_dev, st.st_ino))
+        walked[(st.st_dev, st.st_ino)] = (dirpath, names, linked)  # first, or the path without links replaces it
+        for name in dirnames:
+            child = os.path.join(dirpath, name)
+            if linked or os.path.islink(child):
+                via_link.add(child)
+    for dirpath, names, _ in walked.values():  # in the order first reached
         yield dirpath, names
 
 

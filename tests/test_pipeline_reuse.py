@@ -189,6 +189,22 @@ def test_listing_follows_folder_links_once_and_keeps_dangling_links(tmp_path):
     assert listed["linked/deep/a.jpg"][0] == 1 and listed["dangling.jpg"] == (0, 0.0)
 
 
+@pytest.mark.parametrize("link_first", [True, False])
+def test_a_folder_reached_directly_and_through_a_link_keeps_its_direct_path(tmp_path, link_first):
+    """Adding ``alias -> real`` must not rename real/'s files (their ids), whichever is walked first."""
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    if link_first:
+        os.symlink(corpus / "real", corpus / "alias")  # made before its target: listed first on some filesystems
+    (corpus / "real" / "deep").mkdir(parents=True)
+    (corpus / "real" / "deep" / "a.jpg").write_bytes(b"1")
+    if not link_first:
+        os.symlink(corpus / "real", corpus / "alias")
+    os.symlink(corpus / "real" / "deep", corpus / "alias-deep")
+    listed = sorted(m.path[len(str(corpus)) + 1:] for m in list_files(f"{corpus}/**"))
+    assert listed == ["real/deep/a.jpg"]
+
+
 def test_file_index_chunks_as_tables_or_rows_land_in_one_index_file(tmp_path):
     """The chunked reader hands over file index rows as a table, the file-by-file reader as lists
     of rows: one index file holds both, and the newest entry of a path wins on load."""
