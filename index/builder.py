@@ -107,8 +107,9 @@ def item_ids(items: pa.Table) -> list[str]:
     return [str(i) for i in ids]
 
 
-def resolve_options(n: int, options: IndexOptions) -> dict[str, Any]:
-    """Concrete build parameters for ``n`` items split into ``options.num_shards`` shards."""
+def resolve_options(n: int, options: IndexOptions, *, warn: bool = True) -> dict[str, Any]:
+    """Concrete build parameters for ``n`` items split into ``options.num_shards`` shards
+    (a tree_ah fallback to brute force is logged as a warning unless not ``warn``)."""
     if options.mode not in MODES:
         raise ValueError(f"unknown index mode {options.mode!r}; use one of {', '.join(MODES)}")
     if options.num_shards < 1 or options.num_shards > max(1, n):
@@ -126,7 +127,8 @@ def resolve_options(n: int, options: IndexOptions) -> dict[str, Any]:
     if mode == "tree_ah" and n // options.num_shards < TREE_AH_MIN_ITEMS:
         fallback = (f"tree_ah needs at least {TREE_AH_MIN_ITEMS} items per shard (AH trains {TREE_AH_MIN_ITEMS} "
                     f"centres per block), got {n} item(s) in {options.num_shards} shard(s): built brute_force (exact)")
-        log.warning("index mode %s", fallback)
+        if warn:
+            log.warning("index mode %s", fallback)
         mode = "brute_force"
     params: dict[str, Any] = {"mode": mode, "num_neighbors": options.num_neighbors, "num_shards": options.num_shards,
                               "requested": {k: v for k, v in asdict(options).items() if v is not None}}

@@ -86,26 +86,26 @@ class _KeepCurrent(Exception):
         self.version = version
 
 
-def write_reused(run: EmbedRun, items: pa.Table, index_build: tuple[str, dict[str, Any]] | None) -> dict[str, int]:
+def write_reused(run: EmbedRun, items: pa.Table, index_dir: str | None) -> dict[str, int]:
     """Nothing changed: write the reused items as the run's shards (and index shards) without
     Beam; returns the counts the pipeline would have reported."""
     for shard, table in split_by_shard(items, run.num_shards):
         table = with_metadata([table], run.schema, run.metadata)
         write_items_shard(f"{run.run_dir}/embeddings", shard, run.num_shards, table)
-        if index_build is not None:
-            build_index_shard(*index_build, shard, table)
+        if index_dir is not None:
+            build_index_shard(index_dir, run.index_params(len(items), warn=False), shard, table)
     log.info("nothing changed in %d file(s): %d cached item(s) reused without running the pipeline",
              len(run.plan.unchanged), len(items))
     return {"files_read": 0, "files_unchanged": len(run.plan.unchanged)}
 
 
-def _execute(run: EmbedRun, started: float, index_build: tuple[str, dict[str, Any]] | None,
+def _execute(run: EmbedRun, started: float, index_dir: str | None,
              reused: pa.Table | None) -> EmbedSummary:
     """Run the pipeline (or only write ``reused``) and summarise; EmbedError (summary
     written) if nothing was embedded."""
     config = run.config
     if reused is not None:
-        counted = write_reused(run, reused, index_build)
+        counted = write_reused(run, reused, index_dir)
     else:
         if run.listing is not None and len(run.listing) <= LISTING_IN_GRAPH_MAX:
             todo = run.plan.changed if run.plan is not None else run.listing
@@ -114,7 +114,7 @@ def _execute(run: EmbedRun, started: float, index_build: tuple[str, dict[str, An
         p = beam.Pipeline(runner=local_runner(config), options=pipeline_options(config))
         result = None
         try:
-            build_pipeline(p, run, index_build)
+            build_pipeline(p, run, index_dir)
             result = p.run()
             result.wait_until_finish()
         finally:
@@ -185,7 +185,7 @@ def validate_config(config: EmbedConfig) -> None:
             raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
     if sum(bool(x) for x in (config.corpus, config.list_file, config.tfds)) > 1:
         raise ValueError("give one source: a corpus, a list file or a TFDS data set")
-    resolve_options(1, replace(config.index, num_shards=1))  # the index options (target recall, mode, ...)
+    resolve_options(1, replace(config.index, num_shards=1), warn=False)  # the index options (target recall, mode, ...)
 
 
 def _resolve_corpus(config: EmbedConfig, store: Store) -> tuple[EmbedConfig, str]:
@@ -457,11 +457,10 @@ def _publish(run: EmbedRun, started: float, reused: pa.Table | None) -> EmbedSum
     from lookalike.index.builder import assemble_index
     from lookalike.index.manifest import publish_atomically
 
-    options = replace(run.config.index, num_shards=min(run.num_shards, run.total))
-    params = resolve_options(run.total, options)
     metadata_sha256 = run.metadata.sha256 if run.metadata is not None else None
     if reused is not None:
         built = sum(1 for _ in split_by_shard(reused.select(["id"]), run.num_shards))
+        params = run.index_params(len(reused), warn=False)
         current = current_index_if_same(run.store, run.meta["version"], {**params, "num_shards": built}, reused,
                                         metadata_sha256)
         if current is not None:
@@ -473,9 +472,11 @@ def _publish(run: EmbedRun, started: float, reused: pa.Table | None) -> EmbedSum
 
     def write(tmp: Path) -> None:  # the index is built into tmp shard by shard, then assembled
         tmp.mkdir(parents=True)
-        done.append(_execute(run, started, (str(tmp), params), reused))
+        done.append(_execute(run, started, str(tmp), reused))
         shards = collect_shard_entries(tmp)
-        built = {**params, "num_shards": len(shards)}
+        count = sum(s["count"] for s in shards)
+        options = replace(run.config.index, num_shards=max(1, min(run.num_shards, count)))
+        built = {**run.index_params(count), "num_shards": len(shards)}
         if reused is None and run.config.incremental and done[0].embedded == 0:
             # Nothing new embedded (a source the plan could not settle before the pipeline, such
             # as a TFDS data set, every item taken from the cache): CURRENT stays if it holds these items.

@@ -26,7 +26,8 @@ grouped by content-hash bucket (byte-identical files meet), and decoded into bat
 
 Per item, only the decode stage does Python work; after inference a batch travels as
 one Arrow table (``lookalike.pipeline.items``). Index shards are built on the workers
-(``BuildIndexShardFn``); ``lookalike.pipeline.embed`` assembles and publishes them.
+(``BuildIndexShardFn``, with the build parameters of the run's item count, a side input:
+a video is one file but many items); ``lookalike.pipeline.embed`` assembles and publishes them.
 
 Locally the runner is Beam's in-process ``FnApiRunner``, named explicitly: the
 DirectRunner would first try to download a Prism binary. ``num_workers > 1``
@@ -62,7 +63,7 @@ from lookalike.model.store import Store
 from lookalike.pipeline.batches import BATCH, BatchRowsFn, DecodeBatchFn, bucket_of, split_tagged
 from lookalike.pipeline.cache import WriteFileIndexFn, cache_dir
 from lookalike.pipeline.elements import EmbeddedBatch, ItemBatch, Routed, ShardTable
-from lookalike.pipeline.index_shards import BuildIndexShardFn
+from lookalike.pipeline.index_shards import BuildIndexShardFn, index_build_params
 from lookalike.pipeline.inference import FlaxEncoderHandler
 from lookalike.pipeline.items import embedding_schema
 from lookalike.pipeline.listing import ReadChunkFn
@@ -147,6 +148,10 @@ class EmbedRun:
     @property
     def schema(self) -> pa.Schema:
         return embedding_schema(int(self.meta["embed_dim"]))
+
+    def index_params(self, item_count: int, *, warn: bool = True) -> dict[str, Any]:
+        """The index build parameters for ``item_count`` items (``index_build_params``)."""
+        return index_build_params(self.config.index, self.num_shards, item_count, warn=warn)
 
     @property
     def expand(self) -> dict[str, str]:
@@ -258,10 +263,10 @@ def read_and_decode(p: beam.Pipeline, run: EmbedRun, spec: PreprocessSpec) -> di
     }
 
 
-def build_pipeline(p: beam.Pipeline, run: EmbedRun, index_build: tuple[str, dict[str, Any]] | None = None) -> None:
+def build_pipeline(p: beam.Pipeline, run: EmbedRun, index_dir: str | None = None) -> None:
     """Add the embed transforms to ``p``; every sink feeds the final ``Done`` transform.
-    With ``index_build`` = (temporary index folder, build params), each embedding shard
-    also becomes a ScaNN index shard there."""
+    With ``index_dir`` (the new index's temporary folder), each embedding shard also becomes
+    a ScaNN index shard there, built with the parameters of the run's item count."""
     config, embed_dim = run.config, int(run.meta["embed_dim"])
     spec = PreprocessSpec.from_dict(run.meta["preprocess"])
     read = read_and_decode(p, run, spec)
@@ -297,8 +302,11 @@ def build_pipeline(p: beam.Pipeline, run: EmbedRun, index_build: tuple[str, dict
         .with_output_types(ShardTable)
     )
     sinks = [shards | "WriteParquet" >> beam.ParDo(WriteParquetShardFn(f"{run.run_dir}/embeddings", run.num_shards))]
-    if index_build is not None:
-        sinks.append(shards | "BuildIndexShards" >> beam.ParDo(BuildIndexShardFn(*index_build)))
+    if index_dir is not None:
+        item_count = (shards | "ShardSizes" >> beam.Map(lambda kv: kv[1].num_rows)
+                      | "ItemCount" >> beam.CombineGlobally(sum))
+        sinks.append(shards | "BuildIndexShards" >> beam.ParDo(
+            BuildIndexShardFn(index_dir, run.config.index, run.num_shards), beam.pvalue.AsSingleton(item_count)))
     dead_files = (
         read[DEAD]
         | "DeadKey" >> beam.Map(lambda row: (0, row))

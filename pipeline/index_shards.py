@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import apache_beam as beam
 import pyarrow as pa
+
+from lookalike.index.builder import IndexOptions, resolve_options
 
 
 log = logging.getLogger(__name__)
@@ -39,16 +42,26 @@ def build_index_shard(index_dir: str, params: dict[str, Any], shard: int, items:
     return path
 
 
+def index_build_params(options: IndexOptions, num_shards: int, item_count: int, *, warn: bool = True) -> dict[str, Any]:
+    """The build parameters of an index of ``item_count`` items in at most ``num_shards``
+    shards: chosen from the items, not the files (a video is one file and many frames), so
+    every shard, built apart, and the manifest get the same ones."""
+    return resolve_options(item_count, replace(options, num_shards=max(1, min(num_shards, item_count))), warn=warn)
+
+
 class BuildIndexShardFn(beam.DoFn):
-    """(shard, items table sorted by id) -> path of the shard's manifest entry, after building it."""
+    """(shard, items table sorted by id), the run's item count (a side input) -> path of the
+    shard's manifest entry, after building it with ``index_build_params`` for that count."""
 
-    def __init__(self, index_dir: str, params: dict[str, Any]):
+    def __init__(self, index_dir: str, options: IndexOptions, num_shards: int):
         self._index_dir = index_dir
-        self._params = params
+        self._options = options
+        self._num_shards = num_shards
 
-    def process(self, keyed: tuple[int, pa.Table]):
+    def process(self, keyed: tuple[int, pa.Table], item_count: int):
         shard, items = keyed
-        yield build_index_shard(self._index_dir, self._params, shard, items)
+        params = index_build_params(self._options, self._num_shards, item_count, warn=False)  # run_embed warns once
+        yield build_index_shard(self._index_dir, params, shard, items)
 
 
 def collect_shard_entries(index_dir: Path) -> list[dict[str, Any]]:

@@ -40,7 +40,12 @@ class VideoDecodeError(ValueError):
 # it makes --incremental sample every cached video again. 2: frames turned upright by the
 # display rotation (they were cached sideways). 3: timestamps count from the start of the
 # video (they included the container's start time, e.g. 0.54 s in an MPEG program stream).
-FRAME_DECODING_VERSION = 3
+# 4: an interval is reached within TIME_TOLERANCE_S (0.3 - 0.2 < 0.1 in floating point skipped
+# every other frame when the interval was the frame spacing), and no two frames share an id.
+FRAME_DECODING_VERSION = 4
+# Frame times are rationals (pts x time base) computed in floating point: differences this
+# close to the interval count as reaching it.
+TIME_TOLERANCE_S = 1e-6
 
 
 # A frame id names its time in milliseconds (``frame_id``): frames closer than this share an id.
@@ -224,7 +229,8 @@ def sample_frames(data: bytes, sampling: FrameSampling = FrameSampling(),
                     and t - last_shot >= sampling.min_shot_gap_s
                 )
                 prev_hist = hist
-                if (last_kept is None or t - last_kept >= sampling.interval_s or shot) and f"{t:.3f}" not in kept_ids:
+                due = last_kept is None or t - last_kept >= sampling.interval_s - TIME_TOLERANCE_S
+                if (due or shot) and f"{t:.3f}" not in kept_ids:
                     kept_ids.add(f"{t:.3f}")
                     if shot:
                         last_shot = t

@@ -349,6 +349,22 @@ def test_videos_become_timestamped_frames_with_thumbnails(workdir_with_model, ma
     assert all(Image.open(workdir_with_model / f["thumbnail"]).size == (48, 64) for f in portrait)
 
 
+def test_the_index_mode_follows_the_items_not_the_files(workdir_with_model, make_video, caplog):
+    """One video of 40 sampled frames is one file: tree_ah (16 items a shard at least) was
+    refused as if the index held one item, and auto chose by the file count."""
+    from lookalike.index.builder import IndexOptions
+    from lookalike.pipeline.video import FrameSampling
+
+    (workdir_with_model / "corpus" / "clips").mkdir(parents=True)
+    make_video(workdir_with_model / "corpus" / "clips" / "a.mp4", seconds=4.0, cut_at_s=None)
+    with caplog.at_level(logging.WARNING):
+        summary = run_embed(EmbedConfig(workdir=str(workdir_with_model), sampling=FrameSampling(interval_s=0.1),
+                                        index=IndexOptions(mode="tree_ah")))
+    assert summary.items == 40 and "tree_ah needs at least" not in caplog.text, caplog.text
+    manifest = ItemIndex.load(workdir_with_model / "indexes" / summary.index_version).manifest
+    assert manifest["build"]["mode"] == "tree_ah" and "fallback" not in manifest["build"]
+
+
 def test_incremental_rerun_embeds_only_new_files_and_duplicates_once(workdir_with_model, digits_corpus):
     corpus = workdir_with_model / "corpus"
     shutil.copytree(digits_corpus, corpus)

@@ -209,3 +209,10 @@ def test_a_video_stops_at_max_frames_with_a_warning_naming_it(tmp_path, make_vid
     assert times == [0.0, 1.0]
     [warning] = [r.getMessage() for r in caplog.records]
     assert warning.startswith("clips/v.mp4: stopping after 2 sampled frames, at 1.0 s") and "--max-frames-per-video" in warning
+
+
+def test_an_interval_equal_to_the_frame_spacing_keeps_every_frame(tmp_path, make_video):
+    """0.3 - 0.2 < 0.1 in floating point: the interval is reached within a tolerance."""
+    data = make_video(tmp_path / "v.mp4", seconds=2.0, fps=10, cut_at_s=None).read_bytes()
+    times = [round(t, 3) for t, _ in sample_frames(data, FrameSampling(interval_s=0.1))]
+    assert times == [round(0.1 * i, 3) for i in range(20)]
