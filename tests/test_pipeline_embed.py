@@ -473,6 +473,7 @@ def test_a_terminated_run_removes_its_folder_partial_index_and_beam_temp(workdir
                              env={**os.environ, "LOOKALIKE_FAILPOINT": "embed_batch_2:SIGTERM", "TMPDIR": str(temp)},
                              capture_output=True, timeout=300)
     assert stopped.returncode == 143, stopped.stderr[-2000:]
+    assert b"Traceback" not in stopped.stderr and b"SystemExit" not in stopped.stderr, stopped.stderr[-2000:]
     assert not (workdir_with_model / "embeddings" / "t1").exists()
     assert not [p.name for p in (workdir_with_model / "indexes").iterdir() if p.name.startswith(".tmp-")]
     assert not list(temp.glob("beam-pipeline-temp*"))
