@@ -250,9 +250,11 @@ class BatchRowsFn(beam.DoFn):
     batch's rows are first written to the embedding cache (one file per batch, atomically), so
     a run killed midway keeps every finished batch for the next ``--incremental`` run. Logs the
     embed stage's progress in files, like the read stage (a video's frames count as its one
-    file), with rate and ETA, or this worker's share without a total (``total_files`` 0)."""
+    file), with rate and ETA, or this worker's share without a total (``total_files`` 0), or
+    without a total in one process (None: an --incremental run, whose files known to the cache
+    by their bytes are read but never embedded, so no total of files to embed is known)."""
 
-    def __init__(self, total_files: int, cache_dir: str, embed_dim: int, num_shards: int, **expand: Any):
+    def __init__(self, total_files: int | None, cache_dir: str, embed_dim: int, num_shards: int, **expand: Any):
         self._total = total_files
         self._cache_dir = cache_dir
         self._embed_dim = embed_dim
@@ -260,7 +262,7 @@ class BatchRowsFn(beam.DoFn):
         self._expand = expand
 
     def setup(self) -> None:
-        self._progress = Progress("embed" if self._total else f"embed ({worker_label()})", total=self._total or None,
+        self._progress = Progress("embed" if self._total != 0 else f"embed ({worker_label()})", total=self._total or None,
                                   unit="files", logger=log)  # no total: this worker's share of a multi-worker run
         self._count = 0
         self._batches = 0

@@ -280,7 +280,8 @@ def build_pipeline(p: beam.Pipeline, run: EmbedRun, index_dir: str | None = None
     handler = FlaxEncoderHandler(run.model_dir, min_batch_size=1, max_batch_size=1, encoder_batch=config.max_batch_size,
                                  xla_cpu_threads=cpu_share(config))
     items = read[BATCH] | "Embed" >> RunInference(handler).with_output_types(EmbeddedBatch) | "BatchRows" >> beam.ParDo(
-        BatchRowsFn(run.progress_total, run.cache, embed_dim, run.num_shards, **run.expand)).with_output_types(ShardTable)
+        BatchRowsFn(run.progress_total if not (config.incremental and run.progress_total) else None, run.cache, embed_dim,
+                    run.num_shards, **run.expand)).with_output_types(ShardTable)
     if config.incremental:  # only an incremental run has cached files (a Flatten costs a stage of its own)
         cached_files = read[CACHED]
         if run.plan is not None and run.plan.unchanged:

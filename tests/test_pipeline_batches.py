@@ -78,6 +78,15 @@ def test_embed_progress_counts_files_not_items(tmp_path):
     metas = [image, *frames]
     list(fn._rows((metas, PredictionResult(None, np.ones((len(metas), 4), np.float32)))))
     assert fn._count == 3  # two paths of one image + one video, not 5 items
+    lines = {total: BatchRowsFn(total, str(tmp_path), 4, 1, root="/c", thumbnails_dir="/t", model_version="m-1")
+             for total in (54, None, 0)}
+    for fn in lines.values():
+        fn.setup()
+        fn._progress.count = 3
+    assert lines[54]._progress.line().startswith("embed: 3/54 files (6%)")
+    # --incremental in one process: files known by their bytes are never embedded, so no total (no false ETA)
+    assert lines[None]._progress.line().startswith("embed: 3 files, ")
+    assert lines[0]._progress.line().startswith("embed (") and "%" not in lines[0]._progress.line()  # a worker's share
 
 
 @pytest.fixture
