@@ -55,8 +55,8 @@ from lookalike.pipeline.sources import (GLOB_CHARS, absolute_pattern, bad_name_l
 from lookalike.pipeline.summary import (EmbedSummary, counter_values, read_dead_letters, read_embeddings, read_items,
                                         summarize)
 from lookalike.pipeline.tfds_source import TfdsSpec, example_ranges
-from lookalike.pipeline.versions import clean_leftovers, clean_partial_indexes
 from lookalike.pipeline.thumbnails import sources_missing_thumbnails
+from lookalike.pipeline.versions import clean_leftovers, clean_partial_indexes
 from lookalike.pipeline.writers import write_items_shard, write_jsonl
 
 log = logging.getLogger(__name__)

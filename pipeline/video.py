@@ -230,8 +230,9 @@ def sample_frames(data: bytes, sampling: FrameSampling = FrameSampling(),
                 )
                 prev_hist = hist
                 due = last_kept is None or t - last_kept >= sampling.interval_s - TIME_TOLERANCE_S
-                if (due or shot) and f"{t:.3f}" not in kept_ids:
-                    kept_ids.add(f"{t:.3f}")
+                seconds = f"{t:.3f}"  # as the frame's id names them
+                if (due or shot) and seconds not in kept_ids:
+                    kept_ids.add(seconds)
                     if shot:
                         last_shot = t
                     last_kept = t

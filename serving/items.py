@@ -27,7 +27,6 @@ from lookalike.serving.schemas import DEFAULT_K, ItemMetadata, SearchResponse
 from lookalike.serving.thumbnails import ThumbnailUnavailable, etag_matches, render_thumbnail, thumbnail_version
 
 
-
 class ItemIdConvertor(PathConvertor):
     """An item id in a URL path: any characters, '/' and a newline (``%0A``) included.
     Starlette's ``path`` convertor matches ``.*``, which stops at a newline: an item whose file
