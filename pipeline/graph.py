@@ -219,8 +219,8 @@ def read_sources(p: beam.Pipeline, run: EmbedRun) -> dict[str, beam.PCollection]
         variants = globstar_variants(run.pattern) if run.pattern.count("**") == 1 else [run.pattern]  # disjoint matches
         files = (p | "CorpusPatterns" >> beam.Create(variants, reshuffle=False)
                  | "MatchCorpus" >> fileio.MatchAll(empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW))
-    read = files | "ReadAndHash" >> beam.ParDo(ReadSourceFn(run.cache if config.incremental else None, run.progress_total, config.sampling,
-                                                                 run.redo_sources))
+    reader = ReadSourceFn(run.cache if config.incremental else None, run.progress_total, config.sampling, run.redo_sources)
+    read = files | "ReadAndHash" >> beam.ParDo(reader)
     return split_tagged(read, (NEW, CACHED, DEAD, FILE), "Read")
 
 
