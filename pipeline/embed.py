@@ -377,13 +377,11 @@ def _report_misnamed(paths: list[str], run_dir: Path) -> None:
 def _redo_missing_thumbnails(run: EmbedRun, cache_table: pa.Table) -> None:
     """Cached sources whose thumbnails are gone (``thumbnails/`` deleted or moved) are read,
     decoded and embedded again, with a warning, instead of reused: their items would have no
-    picture. With a plan, only its unchanged files are checked, and those move to its changed."""
-    sources = {h for _, h in run.plan.unchanged} if run.plan is not None else None
-    if sources is not None and not sources:
-        return
+    picture. Every cached source is checked (a file read again, touched or copied, finds its
+    bytes in the cache by hash too); a plan's unchanged files among them move to its changed."""
     missing = sources_missing_thumbnails(cache_table.column("source_hash").to_pylist(),
                                          cache_table.column("content_hash").to_pylist(),
-                                         str(run.store.root / THUMBNAILS_FOLDER), sources)
+                                         str(run.store.root / THUMBNAILS_FOLDER))
     if not missing:
         return
     run.redo_sources = frozenset(missing)
@@ -392,8 +390,8 @@ def _redo_missing_thumbnails(run: EmbedRun, cache_table: pa.Table) -> None:
         run.plan.unchanged = [(uri, h) for uri, h in run.plan.unchanged if h not in missing]
         changed = redo | {m.path for m in run.plan.changed}
         run.plan.changed = [m for m in run.listing if m.path in changed]  # in the listing's order
-    log.warning("%d cached source(s) have no thumbnail under %s (deleted or moved?): decoded and embedded again, "
-                "not reused", len(missing), run.store.root / THUMBNAILS_FOLDER)
+    log.warning("%d cached source(s) have no thumbnail under %s (deleted or moved?): those in this corpus are "
+                "decoded and embedded again, not reused", len(missing), run.store.root / THUMBNAILS_FOLDER)
 
 
 def _list_and_run(run: EmbedRun, started: float) -> EmbedSummary:

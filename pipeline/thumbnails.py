@@ -55,15 +55,24 @@ def thumbnail_paths(thumbnails_dir: str, content_hashes: list[str]) -> list[str]
     return [f"{prefix}{h[:2]}/{h}.jpg" for h in (sha256(c.encode()).hexdigest()[:40] for c in content_hashes)]
 
 
-def sources_missing_thumbnails(source_hashes: Sequence[str], content_hashes: Sequence[str], thumbnails_dir: str,
-                               sources: set[str] | None = None) -> set[str]:
+def sources_missing_thumbnails(source_hashes: Sequence[str], content_hashes: Sequence[str],
+                               thumbnails_dir: str) -> set[str]:
     """Of cached rows (``source_hashes[i]`` yielded content ``content_hashes[i]``), the source
     hashes with a content whose thumbnail is not under ``thumbnails_dir`` (deleted or moved):
-    reusing their embeddings would publish items without pictures. Only sources in
-    ``sources`` are checked when given (one stat per content: ~3 us)."""
-    wanted = [(s, c) for s, c in zip(source_hashes, content_hashes) if sources is None or s in sources]
-    paths = thumbnail_paths(thumbnails_dir, [c for _, c in wanted])
-    return {s for (s, _), path in zip(wanted, paths) if not os.path.exists(path)}
+    reusing their embeddings would publish items without pictures. The thumbnails present are
+    listed folder by folder (no stat per thumbnail)."""
+    present: set[str] = set()
+    try:
+        folders = [entry for entry in os.scandir(thumbnails_dir) if entry.is_dir()]
+    except OSError:  # no thumbnails at all
+        folders = []
+    for folder in folders:
+        try:
+            present.update(f"{folder.name}/{name}" for name in os.listdir(folder.path))
+        except OSError:
+            pass
+    wanted = thumbnail_paths("", list(content_hashes))
+    return {s for s, path in zip(source_hashes, wanted) if path not in present}
 
 
 def reusable_jpeg(img: Image.Image | np.ndarray, data: bytes | None, size: int = THUMBNAIL_SIZE) -> bool:

@@ -283,10 +283,11 @@ def test_video_frames_are_reused_only_for_the_same_frame_sampling(corpus_store, 
     assert again_2s == every_2s and back.embedded == 0 and back.files_read == 1
 
 
-@pytest.mark.parametrize("source", ["corpus", "list_file"])
+@pytest.mark.parametrize("source", ["corpus", "touched", "list_file"])
 def test_items_whose_thumbnails_are_gone_are_decoded_again_not_reused(corpus_store, make_video, caplog, source):
     """thumbnails/ deleted or moved: an --incremental run must not publish items without
-    pictures; their files are decoded and embedded again (same embeddings), the rest reused."""
+    pictures; their files are decoded and embedded again (same embeddings), the rest reused.
+    Also when the files are read again (touched): found in the cache by their bytes."""
     (corpus_store / "corpus" / "clips").mkdir()
     make_video(corpus_store / "corpus" / "clips" / "v.mp4", seconds=3.0, cut_at_s=None)
     listing = corpus_store / "files.txt"
@@ -297,6 +298,9 @@ def test_items_whose_thumbnails_are_gone_are_decoded_again_not_reused(corpus_sto
     shutil.rmtree(thumbnails / sorted(os.listdir(thumbnails))[0])  # one folder of thumbnails gone
     gone = {p for p in [i for i in _thumbnails_of(corpus_store, first.index_version)] if not (corpus_store / p).exists()}
     assert gone
+    if source == "touched":
+        for path in (corpus_store / "corpus").rglob("*.*"):
+            os.utime(path, (1e9, 1e9))
     with caplog.at_level(logging.WARNING, logger="lookalike.pipeline.embed"):
         again = run_embed(EmbedConfig(workdir=str(corpus_store), run_name="b", incremental=True, **options))
     assert "have no thumbnail under" in caplog.text and 0 < again.embedded < first.items
