@@ -291,7 +291,8 @@ class Store:
         version = version or self.latest_model()
         if version is None:
             raise StoreError(
-                f"no trained model in {self.models_dir}: run `lookalike train --workdir {self.root}` first"
+                f"no trained model in {self.models_dir}: run `lookalike train --workdir {self.root} --data FOLDER` "
+                "(labelled sub-folders; `--unlabelled` for a flat photo folder) first"
             )
         path = self.model_dir(version)
         others = versions_in(self.models_dir, "model.json") if not path.exists() else []

@@ -26,6 +26,7 @@ REPORT_KEYS = ("outcome", "reason", "exit_code", "previous_index", "new_index", 
 
 def cmd_reindex(args: argparse.Namespace) -> int:
     from lookalike.pipeline.interrupts import sigterm_as_interrupt, stop_exit_status, stop_reason, terminated
+    from lookalike.model.store import StoreError
     from lookalike.model.store_lock import LockHeldError
     from lookalike.pipeline.reindex import EXIT_LOCKED, ReindexConfig, ReindexInterrupted, report_dict, run_reindex
 
@@ -45,6 +46,12 @@ def cmd_reindex(args: argparse.Namespace) -> int:
         locked = {"outcome": "locked", "reason": str(e), "exit_code": EXIT_LOCKED}
         _print_json({key: locked.get(key) for key in REPORT_KEYS}, one_line=True)
         return EXIT_LOCKED
+    except (StoreError, ValueError, OSError, RuntimeError) as e:  # before any step: no store, not writable, a URL
+        # The cron log's last line stays the JSON outcome (`tail -1 reindex.log | jq .outcome`), after the reason.
+        print(f"lookalike reindex: error: {e}", file=sys.stderr, flush=True)
+        failed = {"outcome": "failed", "reason": f"{type(e).__name__}: {e}", "exit_code": 1}
+        _print_json({key: failed.get(key) for key in REPORT_KEYS}, one_line=True)
+        return 1
     except KeyboardInterrupt as e:
         stopped = e.report if isinstance(e, ReindexInterrupted) else None
         if stopped is not None:  # the outcome line a cron log expects, with the exit status of the signal

@@ -255,7 +255,7 @@ def publish_lock(store: Store, publish: bool) -> Iterator[None]:
         yield
         return
     if not store.root.is_dir():
-        raise StoreError(f"store {store.root} does not exist: run `lookalike train --workdir {store.root}` "
+        raise StoreError(f"store {store.root} does not exist: run `lookalike train --workdir {store.root} --data FOLDER` "
                          "(or `lookalike demo`) first")
     with StoreLock(store.root, purpose="embed") as lock:
         clean_leftovers(store, lock.took_over_stale)

@@ -168,7 +168,9 @@ def run_reindex(config: ReindexConfig) -> ReindexReport:
     ReindexInterrupted (a KeyboardInterrupt) carries it to the caller."""
     store = Store.at(config.workdir)
     if not store.root.is_dir():
-        raise StoreError(f"store {store.root} does not exist: run `lookalike demo --workdir {store.root} --no-serve` first")
+        raise StoreError(f"store {store.root} does not exist: make it with `lookalike train --workdir {store.root} --data "
+                         f"FOLDER` and `lookalike embed --workdir {store.root} --corpus FOLDER` (or `lookalike demo "
+                         f"--workdir {store.root} --no-serve`) first")
     if not os.access(store.root, os.W_OK):
         raise StoreError(f"store {store.root} is not writable")
     report = ReindexReport()

@@ -446,6 +446,20 @@ def test_promote_and_rollback_point_latest_at_the_model_of_the_index_they_make_c
     assert store.latest_model() == new_model
 
 
+def test_reindex_failing_before_any_step_still_ends_with_its_json_line(tmp_path, capsys):
+    """A cron log's last line is the outcome (`tail -1 reindex.log | jq .outcome`), also for a missing store."""
+    import json
+
+    from lookalike.pipeline.cli import main
+
+    missing = tmp_path / "no" / "store"
+    assert main(["reindex", "--workdir", str(missing)]) == 1
+    out, err = capsys.readouterr()
+    line = json.loads(out.strip().splitlines()[-1])
+    assert line["outcome"] == "failed" and line["exit_code"] == 1 and "does not exist" in line["reason"]
+    assert f"lookalike reindex: error: store {missing} does not exist" in err
+
+
 def test_versions_list_fails_for_a_missing_store_and_names_a_current_version_whose_folder_is_gone(store, tmp_path,
                                                                                                   caplog, capsys):
     from lookalike.index.builder import build_and_publish
