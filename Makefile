@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 WORKDIR ?= /tmp/lookalike-demo
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench-quick lint sdist lock clean
+.PHONY: install demo test bench-quick sdist lock clean
 
 # Every benchmark's --quick mode (each under 5 minutes; needs ../shared/data).
 bench-quick: install
@@ -36,7 +36,7 @@ sdist: install
 
 lock:
 	rm -rf /tmp/lookalike-lock && $(PYTHON) -m venv /tmp/lookalike-lock
-	/tmp/lookalike-lock/bin/pip install --quiet -e ".[test]"
+	/tmp/lookalike-lock/bin/pip install --quiet -e ".[test,bench]"  # every extra constraints.txt pins (dask comes with test)
 	/tmp/lookalike-lock/bin/pip freeze --all --exclude-editable | grep -v -e '^lookalike' -e '^pip==' > constraints.body
 	{ sed -n '/^#/p' constraints.txt; cat constraints.body; } > constraints.new && rm constraints.body
 	mv constraints.new constraints.txt
