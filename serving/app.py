@@ -79,6 +79,7 @@ from lookalike.serving.schemas import (
     VectorQuery,
 )
 from lookalike.serving.results import json_text_response
+from lookalike.serving.slashes import SlashAlias
 from lookalike.serving.swap import DEFAULT_WATCH_INTERVAL_S, BackendSlot, StoreReloader, without_store_root
 from lookalike.serving.validation import body_parse_error_handler, parse_json_body, validation_error_handler
 
@@ -205,6 +206,7 @@ def create_app(
     app.add_middleware(BodySizeLimit, limit=max_upload_bytes, slack=MULTIPART_OVERHEAD_BYTES)
     app.add_middleware(RequestMetrics, metrics=metrics)
     app.add_middleware(HeadAsGet)  # HEAD on every GET resource, without a second operation per route
+    app.add_middleware(SlashAlias, routes=lambda: app.routes)  # outermost: metrics see the route's own path
     app.include_router(admin_router)
     app.add_exception_handler(RequestValidationError, validation_error_handler)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, body_parse_error_handler)  # type: ignore[arg-type]
