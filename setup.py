@@ -63,7 +63,7 @@ setup(
         # benchmark peers of bench/index.py (hnswlib compiles from source: needs a C++ compiler)
         "bench": ["faiss-cpu", "hnswlib"],
         "test": ["pytest", "pytest-timeout", "build", "setuptools>=68", "wheel", "playwright", "dask[distributed]",
-                 "schemathesis"],
+                 "schemathesis", "ruff"],
     },
     entry_points={"console_scripts": ["lookalike = lookalike.pipeline.cli:run"]},
 )

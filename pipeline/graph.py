@@ -1,4 +1,4 @@
-"""The embed job's Beam graph, its configuration and runner options (run by ``pipeline.embed``).
+r"""The embed job's Beam graph, its configuration and runner options (run by ``pipeline.embed``).
 
 ::
 

@@ -120,7 +120,6 @@ def test_a_corrupt_checkpoint_is_dropped_with_a_warning_and_training_starts_afre
 def test_a_nan_validation_metric_never_becomes_the_best(tmp_path, tiny_config):
     from lookalike.model.checkpoints import TrainCheckpoints
     from lookalike.model.encoder import create_encoder
-    from lookalike.model.train import make_optimizer
 
     model = create_encoder(tiny_config)
     ckpt = TrainCheckpoints(tmp_path, "map_at_r")

@@ -74,3 +74,11 @@ def test_code_never_imports_bare_folder_names():
         if bare.search(p.read_text(encoding="utf-8"))
     ]
     assert not offenders, f"use `lookalike.<pkg>` imports in {offenders}"
+
+
+def test_ruff_finds_no_errors_or_likely_bugs():
+    """BUILD.md's lint command, with the rules in pyproject.toml."""
+    ruff = Path(sys.executable).with_name("ruff")
+    result = subprocess.run([str(ruff), "check", "--no-cache", *CODE_FOLDERS, "tests", "bench", "setup.py"],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -26,7 +26,7 @@ def test_listing_chunks_never_split_files_of_one_size(tmp_path):
     assert got_sizes == sorted(sizes) and sorted(paths) == sorted(f.path for f in files)
     assert chunks[0][0] == 0 and chunks[-1][1] == len(files)
     assert all(a[1] == b[0] for a, b in zip(chunks, chunks[1:]))  # contiguous, nothing left out
-    for start, stop in chunks[:-1]:
+    for _, stop in chunks[:-1]:
         assert got_sizes[stop - 1] != got_sizes[stop]  # a size never spans two chunks
     assert mtimes[paths.index("/c/13.png")] == 113.0
     assert write_listing(str(tmp_path / "empty.arrow"), []) == []
@@ -81,7 +81,6 @@ def test_lean_reads_give_what_read_one_gives(tmp_path, mixed_corpus):
     listing = str(tmp_path / "l.arrow")
     chunks = write_listing(listing, mixed_corpus)
     listed = read_listing(listing)
-    paths, sizes = listed.paths, listed.sizes
     stop = chunks[-1][1]
     first = make_reader().read_range(listed, 0, stop, 1 << 30)
     hashes = {uri: h for h, uri, _ in first.entries}
@@ -110,7 +109,7 @@ def test_lean_reads_carry_bytes_up_to_the_budget(tmp_path, mixed_corpus):
     listing = str(tmp_path / "l.arrow")
     write_listing(listing, mixed_corpus)
     listed = read_listing(listing)
-    paths, sizes = listed.paths, listed.sizes
+    paths = listed.paths
     out = make_reader().read_range(listed, 0, len(paths), 1000)
     carried = [len(data) for _, _, data in out.entries if data is not None]
     assert carried and sum(carried[:-1]) < 1000 <= sum(carried)  # the last file carried crossed the budget
