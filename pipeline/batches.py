@@ -184,13 +184,13 @@ class DecodeBatchFn(beam.DoFn):
         decoded_sources = ordered_map(self._decode if on_pool else self._decode_small, sources,
                                       self._pool if on_pool else None, DECODE_WINDOW)
         for (source_hash, uris, _), decoded in zip(sources, decoded_sources):
-            if len(uris) > 1:
-                self._inc(self._duplicates, len(uris) - 1)
             if isinstance(decoded, Exception):
                 if not isinstance(decoded, OSError):  # the bytes themselves are bad: the same next time
                     self._undecodable.append({"source_hash": source_hash, "stage": "decode", "reason": str(decoded)})
                 yield from self._dead(uris, "decode", decoded)
                 continue
+            if len(uris) > 1:  # counted among embedded files only, as the items show it on every runner
+                self._inc(self._duplicates, len(uris) - 1)
             items, futures = decoded
             if self._pending and self._pending_items + len(items) > self._batch_size:
                 yield from self._emit()

@@ -36,7 +36,7 @@ class EmbedSummary:
     # (same path, size, mtime and inode: the "not read" count logged at the start) plus those read and
     # found in the cache by hash (renamed, copied or touched files).
     unchanged: int
-    duplicate_files: int  # files read in this run whose bytes another file read in it has
+    duplicate_files: int  # files embedded in this run whose bytes another file embedded in it has
     failed: int
     elapsed_s: float
     items_per_s: float
