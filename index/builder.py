@@ -35,6 +35,7 @@ from lookalike.index.manifest import (
 )
 from lookalike.index.rows import write_items_parquet
 from lookalike.index.simd import enable_scann_simd
+from lookalike.index.writes import save_array, save_searcher
 from lookalike.model.store import Store
 
 log = logging.getLogger(__name__)
@@ -212,10 +213,9 @@ def build_shard(embeddings: np.ndarray, items: pa.Table, *, index_dir: Path, sha
         health = searcher.get_health_stats()
     name = shard_name(shard)
     out = Path(index_dir) / name
-    (out / "scann").mkdir(parents=True)
-    searcher.serialize(str(out / "scann"), relative_path=True)
+    save_searcher(searcher, out / "scann")
     write_items_parquet(items, out / "items.parquet")
-    np.save(out / "embeddings.npy", emb)
+    save_array(out / "embeddings.npy", emb)
     log.info("built %s shard %s of %d x %d in %.2fs", params["mode"], name, len(emb), emb.shape[1], build_s)
     return {"name": name, "count": int(len(emb)), "embed_dim": int(emb.shape[1]), "build_seconds": round(build_s, 3),
             "health_at_build": health, "files": file_checksums(Path(index_dir), name)}

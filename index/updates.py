@@ -30,6 +30,7 @@ import pyarrow as pa
 
 from lookalike.index.manifest import TREE_MODES, file_checksums, publish_atomically, write_manifest
 from lookalike.index.rows import write_items_parquet
+from lookalike.index.writes import save_array, save_searcher
 from lookalike.model.store import Store
 
 log = logging.getLogger(__name__)
@@ -205,13 +206,12 @@ class UpdatableIndex:
 
     def _save_shard(self, out_dir: Path, shard: Any, old: dict[str, Any]) -> dict[str, Any]:
         folder = out_dir / shard.name
-        (folder / "scann").mkdir(parents=True)
-        shard.searcher.serialize(str(folder / "scann"), True)
+        save_searcher(shard.searcher, folder / "scann")
         with (folder / "scann" / "scann_docids.pkl").open("wb") as f:  # ScaNN's own docid file format
             pickle.dump(self.items.ids_of(shard.rows), f)
         rows = np.sort(shard.rows)
         write_items_parquet(self.items.take(rows), folder / "items.parquet")
-        np.save(folder / "embeddings.npy", np.ascontiguousarray(self.embeddings[rows], np.float32))
+        save_array(folder / "embeddings.npy", np.ascontiguousarray(self.embeddings[rows], np.float32))
         return {**old, "count": int(len(rows)), "files": file_checksums(out_dir, shard.name)}
 
     def publish(self, store: Store, *, make_current: bool = True, store_locked: bool = False) -> str:

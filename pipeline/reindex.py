@@ -34,6 +34,9 @@ Steps (each timed, logged and written into the run report):
 When the candidate model is rejected in 2, or fails 3-6, steps 3-6 run again with the
 served model: the corpus update is still published (outcome ``corpus_updated``, exit 4)
 if it validates; an unchanged corpus keeps the current version (``kept_current``, exit 3).
+A candidate that failed because the store could not be read or written (an OSError: no
+permission, disk full) makes the run ``failed`` (exit 1) after that, whatever it published:
+it is not the candidate's fault, and exit 3 or 4 would hide it from cron.
 
 The store lock allows one run at a time and detects a dead run's lock; temporary folders
 a killed run left are removed. A kill at any step leaves ``CURRENT`` untouched, because
@@ -181,7 +184,9 @@ def run_reindex(config: ReindexConfig) -> ReindexReport:
             _run_steps(config, store, report)
         except Exception as e:
             report.outcome, report.reason = "failed", f"{type(e).__name__}: {e}"
-            log.error("reindex failed, CURRENT unchanged (%s): %s", store.current_index_or_none(), report.reason)
+            current = store.current_index_or_none()
+            log.error("reindex failed, CURRENT %s (%s): %s", "unchanged" if current == report.previous_index
+                      else "moved to the corpus update", current, report.reason)
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM within interrupts.sigterm_as_interrupt()
             report.outcome, report.reason, report.stopped_status = "failed", stop_reason(), stop_exit_status()
             raise ReindexInterrupted(report) from e
@@ -249,6 +254,7 @@ def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport) -> No
         log.info("candidate %s %s: %s (MAP@R %.4f vs current %s, on %d evaluation images)", trained.version,
                  "accepted" if accept else "rejected", decision.reason, cand["map_at_r"],
                  "none" if current_map is None else f"{current_map:.4f}", len(ids))
+    store_error = None  # the candidate failed because the store could not be read or written
     if accept:
         try:
             _embed_build_promote(config, store, report, step, corpus, trained.version, current_index)
@@ -258,6 +264,7 @@ def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport) -> No
             if current_index is None:
                 raise
             report.candidate_error = f"{type(e).__name__}: {e}"
+            store_error = e if isinstance(e, OSError) else None
             log.warning("candidate model %s was not promoted (%s): publishing the corpus update embedded with the "
                         "served model %s instead", trained.version, report.candidate_error, report.current_model)
             report.chosen_model, report.new_index = report.current_model, None
@@ -274,6 +281,9 @@ def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport) -> No
         report.outcome = "corpus_updated" if updated else "kept_current"
         report.reason = f"{why}; " + (f"corpus update embedded with the served model {report.current_model} promoted"
                                       if updated else "the corpus is unchanged")
+        if store_error is not None:  # not the candidate's fault: an operator must hear of it (exit 1, not 3 or 4)
+            raise StoreError(f"{report.reason}; the run fails: a store that cannot be written is no fault of the "
+                             "candidate") from store_error
     if new_eval_set:  # the run succeeded: its new evaluation set is the frozen one from now on
         save_eval_set(store, eval_set, corpus)
     with step("prune"):  # also when CURRENT is kept: older rejected candidates go
@@ -381,9 +391,9 @@ def _embed_build_promote(config: ReindexConfig, store: Store, report: ReindexRep
             and new_items == {(i["id"], i.get("content_hash")) for i in current_index.items}:
         return False  # same model, items and metadata file: nothing to publish
     candidate = new_index_version()
-    mark_candidate(store, candidate)  # a kill from here to promotion leaves it for the next run to remove
     try:
         with step("build"):
+            mark_candidate(store, candidate)  # a kill from here to promotion leaves it for the next run to remove
             options = IndexOptions(target_recall=config.target_recall)
             report.new_index = build_and_publish(store, embeddings, items, model_version=model, options=options,
                                                  make_current=False, version=candidate, metadata=metadata,

@@ -408,6 +408,34 @@ def test_disk_full_during_embedding_fails_cleanly(store):
     assert store.current_index() == current and answers(store, ids) == before
 
 
+def test_a_full_disk_while_building_the_candidate_fails_the_run_rather_than_keeping_current(store, tmp_path):
+    """The indexes folder on a tmpfs that holds only the served index: the accepted candidate's
+    build hits ENOSPC (ScaNN says only "I/O error"). The corpus is unchanged, so the fallback
+    has nothing to publish; the run once ended kept_current (exit 3, a success to cron)."""
+    current = store.current_index()
+    backup = tmp_path / "indexes-backup"
+    shutil.copytree(store.indexes_dir, backup)
+    used_kib = sum(f.stat().st_size for f in backup.rglob("*") if f.is_file()) // 1024
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={used_kib + 64}k", "tmpfs", str(store.indexes_dir)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill up (needs root): {mounted.stderr.strip()}")
+    try:
+        shutil.copytree(backup, store.indexes_dir, dirs_exist_ok=True)
+        out = run_cli_reindex(store, {})
+        leftovers = [p.name for p in store.indexes_dir.iterdir() if p.name != current]
+    finally:
+        subprocess.run(["umount", "-l", str(store.indexes_dir)], check=False)
+    assert out.returncode == 1, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["outcome"] == "failed" and "No space left on device" in result["reason"], result
+    assert ".tmp-i-" in result["reason"]  # the file or folder being written is named
+    assert "kept_current" not in out.stdout and store.current_index() == current
+    assert leftovers == []  # the failed candidate's folder is removed
+    report_md = max((store.root / "reports").glob("*/report.md"), key=lambda p: p.stat().st_mtime).read_text()
+    assert "| build |" in report_md and "no: [Errno 28] No space left on device" in report_md
+
+
 def test_versions_list_and_bad_promotion(store):
     rows = list_versions(store)
     assert [r["current"] for r in rows] == [True] and rows[0]["count"] > 0
