@@ -118,6 +118,8 @@ def check_version_name(version: str, what: str = "version name") -> str:
 
 # In a model folder: reindex trained this model (``Store.mark_reindex_model``).
 REINDEX_MARK = ".trained-by-reindex"
+# In an embedding run folder: reindex made this run (``Store.mark_reindex_run``).
+REINDEX_RUN_MARK = ".made-by-reindex"
 
 
 def versions_in(folder: Path, marker: str) -> list[str]:
@@ -228,6 +230,12 @@ class Store:
 
     def is_reindex_model(self, version: str) -> bool:
         return (self.model_dir(version) / REINDEX_MARK).is_file()
+
+    def mark_reindex_run(self, run: str) -> None:
+        """Note that ``reindex`` made embedding run ``run`` (``REINDEX_RUN_MARK`` in its
+        folder): pruning keeps only the latest such runs; a run of `lookalike embed` is the
+        user's and never pruned."""
+        (self.embedding_run_dir(run) / REINDEX_RUN_MARK).touch()
 
     def current_index(self) -> str | None:
         """The served index version (None: no CURRENT); PointerError if CURRENT is garbled."""

@@ -28,7 +28,9 @@ Steps (each timed, logged and written into the run report):
    becomes the model a later ``lookalike embed`` uses by default. A candidate index that
    fails 4-6 is deleted.
 7. ``prune``: keep the ``keep_versions`` most recently promoted versions; delete the models
-   of the versions deleted and older rejected candidates (never a model trained by hand).
+   of the versions deleted and older rejected candidates (never a model trained by hand),
+   the embedding runs reindex made beyond the ``keep_versions`` latest, and the embedding
+   caches of models no longer in the store.
    It runs after ``kept_current`` too.
 
 When the candidate model is rejected in 2, or fails 3-6, steps 3-6 run again with the
@@ -380,6 +382,7 @@ def _embed_build_promote(config: ReindexConfig, store: Store, report: ReindexRep
         summary = run_embed(EmbedConfig(workdir=str(store.root), corpus=str(corpus), model_version=model,
                                         incremental=True, publish=False, num_workers=config.num_workers,
                                         metadata=config.metadata))
+        store.mark_reindex_run(summary.run)  # pruning keeps only the latest runs reindex made
         report.metrics["embed"] = embed_metrics(summary)
         embeddings, items = read_embeddings(Path(summary.run_dir))
     new_items = set(zip(items.column("id").to_pylist(), items.column("content_hash").to_pylist()))

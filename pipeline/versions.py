@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from lookalike.index.manifest import IndexLoadError, read_manifest, verify_files
-from lookalike.model.store import HISTORY, Store, StoreError  # noqa: F401 (HISTORY: re-exported)
+from lookalike.model.store import HISTORY, REINDEX_RUN_MARK, Store, StoreError  # noqa: F401 (HISTORY: re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -248,7 +248,9 @@ def prune(store: Store, keep: int, keep_models: tuple[str, ...] = (), *, locked:
     CURRENT), and models no remaining index uses that reindex trained (``Store.mark_reindex_model``:
     older rejected candidates) or that an index deleted here used; never LATEST,
     models/REJECTED (the latest rejected candidate, kept for inspection), ``keep_models``, nor
-    a model trained by hand (``lookalike train``) that no deleted index used.
+    a model trained by hand (``lookalike train``) that no deleted index used. Then the
+    embedding runs reindex made beyond the ``keep`` latest and the caches of models gone
+    (``_prune_embeddings``); never a run of ``lookalike embed``.
 
     Versions that never served (not in the history) are neither counted nor deleted here:
     reindex removes its own unpromoted candidates (``clean_candidates``). Holds the store
@@ -275,8 +277,34 @@ def _prune(store: Store, keep: int, keep_models: tuple[str, ...]) -> list[str]:
             if model.name in models_of_removed or store.is_reindex_model(model.name):  # never one trained by hand
                 shutil.rmtree(model, ignore_errors=True)
                 removed.append(model.name)
+    removed += _prune_embeddings(store, keep)
     if removed:
         log.info("pruned %s", ", ".join(removed))
+    return removed
+
+
+def _prune_embeddings(store: Store, keep_runs: int) -> list[str]:
+    """Delete the embedding runs reindex made (``Store.mark_reindex_run``) beyond the
+    ``keep_runs`` latest, and the embedding caches no run can use: of a model no longer in
+    the store, or of an older image decoding (``pipeline.cache.cache_dir``). Returns them as
+    ``embeddings/<run>`` and ``embeddings/cache/<name>``."""
+    from lookalike.pipeline.cache import cache_dir
+
+    removed: list[str] = []
+    if not store.embeddings_dir.is_dir():
+        return removed
+    runs = [d for d in store.embeddings_dir.iterdir() if d.is_dir() and (d / REINDEX_RUN_MARK).is_file()]
+    for run in sorted(runs, key=lambda d: d.stat().st_mtime, reverse=True)[keep_runs:]:
+        shutil.rmtree(run, ignore_errors=True)
+        removed.append(f"embeddings/{run.name}")
+    caches = store.embeddings_dir / "cache"
+    for cache in sorted(caches.iterdir()) if caches.is_dir() else []:
+        model = cache.name.split("~")[0]
+        if not cache.is_dir():
+            continue
+        if not (store.models_dir / model / "model.json").is_file() or cache.name != cache_dir(store.embeddings_dir, model).name:
+            shutil.rmtree(cache, ignore_errors=True)
+            removed.append(f"embeddings/cache/{cache.name}")
     return removed
 
 

@@ -710,6 +710,24 @@ def test_a_run_that_keeps_current_prunes_older_rejected_candidates(store, tiny_c
     assert [r.outcome for r in reports] == ["kept_current", "kept_current"], [r.reason for r in reports]
     assert reports[1].metrics["pruned"] == [reports[0].candidate_model]
     assert not store.model_dir(reports[0].candidate_model).exists() and store.rejected_model() == reports[1].candidate_model
+    # Nor embedding runs and caches: each run embedded the corpus into a run folder of its own.
+    from lookalike.pipeline.cache import cache_dir
+    from lookalike.pipeline.versions import prune
+
+    runs = {d.name for d in store.embeddings_dir.iterdir() if d.name != "cache"}
+    by_reindex = {Path(r.metrics["embed"]["run_dir"]).name for r in reports}
+    assert len(by_reindex) == 2 and by_reindex < runs  # the store's first run is by `lookalike embed`
+    served_cache = cache_dir(store.embeddings_dir, store.latest_model())
+    gone_cache = cache_dir(store.embeddings_dir, "m-deleted-by-hand")
+    old_decoding = store.embeddings_dir / "cache" / store.latest_model()  # before IMAGE_DECODING_VERSION 2
+    for cache in (gone_cache, old_decoding):
+        shutil.copytree(served_cache, cache)
+    newest = max(by_reindex, key=lambda run: (store.embeddings_dir / run).stat().st_mtime)
+    assert sorted(prune(store, keep=1)) == sorted([f"embeddings/{(by_reindex - {newest}).pop()}",
+                                                   f"embeddings/cache/{gone_cache.name}",
+                                                   f"embeddings/cache/{old_decoding.name}"])
+    assert {d.name for d in store.embeddings_dir.iterdir() if d.name != "cache"} == runs - by_reindex | {newest}
+    assert [d.name for d in (store.embeddings_dir / "cache").iterdir()] == [served_cache.name]
 
 
 def test_a_deleted_current_is_not_replaced_by_a_model_trained_from_scratch(store, tiny_config):
