@@ -99,7 +99,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     serve(args.workdir, host=args.host, port=args.port, watch_interval_s=args.watch_interval_s or None,
           max_batch=args.max_batch, max_embed_batch=args.max_embed_batch, batch_wait_ms=args.batch_wait_ms,
-          inline_max_ms=args.inline_max_ms)
+          inline_max_ms=args.inline_max_ms, access_log=args.access_log)
     return 0
 
 
@@ -266,8 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_workdir(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; use 0.0.0.0 deliberately)")
     p.add_argument("--port", type=PORT, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
-    p.add_argument("--watch-interval-s", type=float, default=2.0,
-                   help="how often to check CURRENT for a new index version (0: never; POST /v1/admin/reload still works)")
+    p.add_argument("--watch-interval-s", type=_float_in(0.0, 3600.0), default=2.0,
+                   help="how often to check CURRENT for a new index version, 0-3600 (0: never; POST /v1/admin/reload "
+                        "still works)")
     p.add_argument("--max-batch", type=POSITIVE, default=64, help="most searches answered by one ScaNN call (1: no batching)")
     p.add_argument("--max-embed-batch", type=POSITIVE, default=16,
                    help="most uploaded images embedded in one model forward (1: no batching)")
@@ -277,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a lone unfiltered query (no other request arriving or in progress) whose work recently took at "
                         "most this long runs on the event loop instead of a batcher's thread, saving two thread "
                         "hand-offs (default 2; 0: never)")
+    p.add_argument("--no-access-log", dest="access_log", action="store_false",
+                   help="no log line per request (by default one per request on stdout, time-stamped; errors and "
+                        "swaps are logged either way, and /metrics counts every request)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("query", help="ask a running server for similar images",

@@ -9,6 +9,7 @@ yields its base URL, for tests and for programs that embed the server.
 
 from __future__ import annotations
 
+import copy
 import errno
 import logging
 import os
@@ -22,9 +23,10 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
-from lookalike.model.store import Store
+from lookalike.model.store import PointerError, Store, StoreError
+from lookalike.pipeline.logs import DATE_FORMAT
 from lookalike.serving.app import create_app
-from lookalike.pipeline.versions import served_unusable
+from lookalike.pipeline.versions import last_served_present, missing_current_hint, served_unusable
 from lookalike.serving.backend import Backend, load_backend
 from lookalike.serving.batcher import DEFAULT_MAX_BATCH, DEFAULT_MAX_WAIT_S
 from lookalike.serving.engine import DEFAULT_INLINE_MAX_S, DEFAULT_MAX_EMBED_BATCH, BatchingConfig
@@ -94,7 +96,19 @@ class _Server(uvicorn.Server):
             log.info("serving on %s", self.url)
 
 
+def uvicorn_log_config() -> dict[str, Any]:
+    """uvicorn's logging set-up with our time stamps: its own lines and the access log
+    (one line per request, on stdout) read ``2026-11-30 20:31:02 INFO: 127.0.0.1:40274 -
+    "POST /v1/search/image HTTP/1.1" 200``, so a request can be matched to a swap's log line."""
+    config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
+    config["formatters"]["default"].update(fmt="%(asctime)s %(levelprefix)s %(message)s", datefmt=DATE_FORMAT)
+    config["formatters"]["access"].update(
+        fmt='%(asctime)s %(levelprefix)s %(client_addr)s - "%(request_line)s" %(status_code)s', datefmt=DATE_FORMAT)
+    return config
+
+
 def make_server(app: FastAPI, log_level: str, url: str = "", **config: Any) -> uvicorn.Server:
+    config.setdefault("log_config", uvicorn_log_config())
     server = _Server(uvicorn.Config(app, log_level=log_level, lifespan="on", **config))
     server.url = url
     return server
@@ -112,6 +126,7 @@ def serve(
     batch_wait_ms: float = DEFAULT_MAX_WAIT_S * 1000,
     inline_max_ms: float = DEFAULT_INLINE_MAX_S * 1000,
     admin_token: str | None = None,
+    access_log: bool = True,
 ) -> None:
     """Serve the CURRENT index of ``workdir`` until interrupted, following CURRENT as it moves.
 
@@ -119,7 +134,8 @@ def serve(
     version; ``max_batch`` (searches per ScaNN call), ``max_embed_batch`` (images per
     forward) and ``batch_wait_ms`` bound micro-batching (both maxima 1: off);
     ``inline_max_ms`` (0: never) lets a lone query that fast run on the event loop
-    rather than a batcher's thread; ``admin_token`` defaults to $LOOKALIKE_ADMIN_TOKEN. The
+    rather than a batcher's thread; ``admin_token`` defaults to $LOOKALIKE_ADMIN_TOKEN;
+    ``access_log`` False drops the line per request (``uvicorn_log_config``). The
     server accepts connections at once and loads the model and index in the background
     (/healthz 200, /readyz and searches 503 meanwhile). Raises StoreError (saying which step
     to run) before loading anything when the workdir has no published index,
@@ -127,7 +143,14 @@ def serve(
     when the first load fails, with how to recover (``versions rollback`` or ``promote``).
     """
     store = Store.at(workdir)
-    store.require_current_index()
+    try:
+        store.require_current_index()
+    except StoreError as e:
+        no_pointer = not isinstance(e, PointerError) and store.root.is_dir() and store.current_index() is None
+        if no_pointer and last_served_present(store) is not None:
+            raise StoreError(f"{store.root / 'CURRENT'} is missing or empty, but this store has served versions: "
+                             f"{missing_current_hint(store)}") from None
+        raise
     sock = bind_socket(host, port)
 
     def first_load() -> Backend:
@@ -148,7 +171,7 @@ def serve(
     )
     log.info("loading the model and index in the background")
     try:
-        run_server(app, sock, make_server(app, log_level, base_url(sock)))
+        run_server(app, sock, make_server(app, log_level, base_url(sock), access_log=access_log))
     except ServerStartError as e:
         if e.__cause__ is not None:
             raise e.__cause__ from None  # e.g. StoreError: the CLI prints its message

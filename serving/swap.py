@@ -84,9 +84,10 @@ class BackendSlot:
 
 def without_store_root(text: str, root: os.PathLike | str) -> str:
     """``text`` with paths inside the store written relative to it (for /v1/info and /readyz,
-    which any client reads), and the store root itself as 'the store'."""
+    which any client reads), the store root itself as 'the store', and in a suggested command
+    (``--workdir ROOT``) as ``--workdir DIR``, so the command still reads as one."""
     root = str(root).rstrip("/")
-    return text.replace(root + "/", "").replace(root, "the store")
+    return text.replace(f"--workdir {root}", "--workdir DIR").replace(root + "/", "").replace(root, "the store")
 
 
 def smoke_test(backend: Backend) -> None:

@@ -50,7 +50,7 @@ def test_port_in_use_hints_at_another_server(capsys, indexed_store: Store) -> No
     assert code == 1 and "another server" in err, err
 
 
-@pytest.mark.parametrize("flag", ["--batch-wait-ms", "--inline-max-ms"])
+@pytest.mark.parametrize("flag", ["--batch-wait-ms", "--inline-max-ms", "--watch-interval-s"])
 def test_negative_waits_name_the_flag(capsys, flag: str) -> None:
     code, err = run(capsys, "serve", flag, "-5")
     assert code == 2 and flag in err and "-5" in err and "max_wait_s" not in err, err
@@ -59,3 +59,62 @@ def test_negative_waits_name_the_flag(capsys, flag: str) -> None:
 def test_unknown_flag_shows_serves_usage(capsys) -> None:
     code, err = run(capsys, "serve", "--prot", "8000")
     assert code == 2 and "usage: lookalike serve" in err and "--prot" in err, err
+
+
+@pytest.mark.parametrize("damage", ["delete", "empty"])
+def test_a_lost_current_on_a_store_that_served_names_the_version_to_promote(capsys, tmp_path, indexed_store: Store,
+                                                                           damage: str) -> None:
+    """Not "no published index: run `lookalike embed` first": its versions are all there."""
+    import shutil
+
+    store = Store.at(tmp_path / "store")
+    shutil.copytree(indexed_store.root, store.root)
+    served = store.current_index()
+    if damage == "delete":
+        (store.root / "CURRENT").unlink()
+    else:
+        (store.root / "CURRENT").write_text("\n")
+    code, err = run(capsys, "serve", "--workdir", str(store.root), "--port", "0")
+    assert code == 1 and "CURRENT is missing or empty, but this store has served versions" in err, err
+    assert f"lookalike versions promote {served} --workdir {store.root}" in err and "lookalike embed" not in err, err
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_the_access_log_is_time_stamped_or_off(indexed_store: Store, quiet: bool) -> None:
+    """One time-stamped line per request on stdout (so a failed request can be matched to a
+    swap in the log), or none with --no-access-log."""
+    import re
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import httpx
+
+    from .conftest import free_port  # noqa: TID252
+
+    port = free_port()
+    exe = str(Path(sys.executable).with_name("lookalike"))
+    proc = subprocess.Popen([exe, "serve", "--workdir", str(indexed_store.root), "--port", str(port),
+                             *(["--no-access-log"] if quiet else [])],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert httpx.get(f"http://127.0.0.1:{port}/v1/info").status_code == 200
+    finally:
+        proc.terminate()
+        out, err = proc.communicate(timeout=60)
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
+    requests = [line for line in out.splitlines() if '"GET /v1/info HTTP/1.1" 200' in line]
+    if quiet:
+        assert requests == [], out[-2000:]
+    else:
+        assert len(requests) == 1 and re.match(rf"{stamp} INFO: +127\.0\.0\.1:\d+ - ", requests[0]), out[-2000:]
+    uvicorn_lines = [line for line in err.splitlines() if "Uvicorn running" in line or "Shutting down" in line]
+    assert uvicorn_lines and all(re.match(rf"{stamp} INFO: ", line) for line in uvicorn_lines), err[-2000:]

@@ -23,7 +23,7 @@ from lookalike.model.store import Store
 from lookalike.serving.app import create_app
 from lookalike.serving.backend import load_backend
 from lookalike.serving.server import serve_in_thread
-from lookalike.serving.swap import BackendSlot, StoreReloader
+from lookalike.serving.swap import BackendSlot, StoreReloader, without_store_root
 
 QUERY_ID = "3/digit_0003.png"
 TOKEN = "test-admin-token-123"
@@ -249,3 +249,12 @@ def test_an_unchanged_reload_clears_a_refusal(store: Store) -> None:
     store.set_current_index(served)
     assert reloader.reload(slot, force=True).status == "unchanged"  # as POST /v1/admin/reload does
     assert slot.last_reload_error is None
+
+
+def test_a_suggested_command_in_a_reload_error_still_reads_as_a_command() -> None:
+    """Clients see no server paths, but `--workdir the store` was no command anyone could run."""
+    root = "/srv/photos/store"
+    text = (f"cannot read the CURRENT pointer in {root}: {root}/CURRENT is garbled; repair it with "
+            f"`lookalike versions promote VERSION --workdir {root}`")
+    assert without_store_root(text, root + "/") == ("cannot read the CURRENT pointer in the store: CURRENT is garbled; "
+                                                    "repair it with `lookalike versions promote VERSION --workdir DIR`")
