@@ -101,6 +101,45 @@ def class_folders(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+def list_class_images(root: Path, class_dirs: list[Path],
+                      unreadable: dict[Path, list[OSError]]) -> tuple[list[Path], list[list[Path]]]:
+    """(class folders, each one's image files), from one walk of ``root`` (``walk_folders``): every
+    real folder is read once, so a class folder that is a link to another class, or a link
+    inside a class back up to ``root`` (a loop), adds no second copy of the same images under
+    another label. A class folder that is a link to the same folder as another is left out,
+    with a warning. Folders that cannot be listed go to ``unreadable`` under their class."""
+    same_folder: dict[str, list[Path]] = {}
+    for class_dir in class_dirs:
+        same_folder.setdefault(os.path.realpath(class_dir), []).append(class_dir)
+    aliases: dict[Path, Path] = {}  # a class folder -> the class it is the same folder as
+    for group in same_folder.values():  # the folder itself (not a link) names the class, else the first by name
+        kept = next((d for d in group if not d.is_symlink()), group[0])
+        for alias in group:
+            if alias is not kept:
+                log.warning("class %r in %s is the same folder as class %r (a symbolic link): its images are read "
+                            "once, as %r; %r is ignored", alias.name, root, kept.name, kept.name, alias.name)
+                aliases[alias] = kept
+    by_class: dict[Path, list[Path]] = {class_dir: [] for class_dir in class_dirs}
+
+    def on_error(error: OSError) -> None:
+        try:
+            parts = Path(error.filename).relative_to(root).parts
+        except (TypeError, ValueError):
+            parts = ()
+        errors = unreadable.get(root / parts[0]) if parts else None
+        if errors is None:
+            warn_unreadable_folder(error)
+        else:
+            errors.append(error)
+
+    for path in list_images(root, on_error):
+        parts = path.relative_to(root).parts
+        if len(parts) >= 2 and (root / parts[0]) in by_class:  # not a file of root itself, nor of a hidden folder
+            by_class[aliases.get(root / parts[0], root / parts[0])].append(path)  # walked once, by either name
+    return [class_dir for class_dir in class_dirs if class_dir not in aliases], \
+        [by_class[class_dir] for class_dir in class_dirs if class_dir not in aliases]
+
+
 def load_labelled_folder(root: str | Path, spec: PreprocessSpec, *, max_items: int | None = None,
                          seed: int = 0, exclude: Collection[str] = (), include: Collection[str] | None = None,
                          role: str = "training") -> LabelledImages:
@@ -121,7 +160,7 @@ def load_labelled_folder(root: str | Path, spec: PreprocessSpec, *, max_items: i
     excluded = frozenset(exclude)
     included = None if include is None else frozenset(include)
     unreadable: dict[Path, list[OSError]] = {class_dir: [] for class_dir in class_dirs}  # folders not listed
-    every = [list_images(class_dir, unreadable[class_dir].append) for class_dir in class_dirs]
+    class_dirs, every = list_class_images(root, class_dirs, unreadable)
     listed = [[p for p in files if p.relative_to(root).as_posix() not in excluded
                and (included is None or p.relative_to(root).as_posix() in included)] for files in every]
     filtered_out = {class_dir for class_dir, files, kept in zip(class_dirs, every, listed) if files and not kept}

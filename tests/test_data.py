@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -225,3 +227,46 @@ def test_a_file_given_as_the_data_folder_is_called_a_file(tmp_path):
     with pytest.raises(ValueError, match=f"folder {tmp_path / 'notes.txt'} is a file, not a folder"):
         load_labelled_folder(tmp_path / "notes.txt", PreprocessSpec(8, 1))
     assert not_a_folder(tmp_path / "gone") == "does not exist"
+
+
+def test_a_class_that_links_to_another_or_a_loop_to_the_root_adds_no_copies_under_another_label(tmp_path, caplog):
+    """Each real folder once across classes: "dog2 -> dog" is not a third class of the same
+    pictures, and a link inside a class back to the root does not read the other classes again."""
+    import os
+
+    def write(folder, count, shade):
+        folder.mkdir(parents=True)
+        for i in range(count):
+            Image.new("L", (8, 8), shade + i).save(folder / f"{i}.png")
+
+    root = tmp_path / "data"
+    write(root / "cat", 2, 200)
+    write(root / "dog", 3, 100)
+    write(root / ".hidden", 2, 50)
+    os.symlink(root / "dog", root / "dog2")
+    os.symlink(root / "dog", root / "a_dog")  # an alias sorted before the folder itself
+    os.symlink(root, root / "cat" / "loop")
+    data = load_labelled_folder(root, PreprocessSpec(image_size=8, channels=1))
+    assert data.class_names == ["cat", "dog"]
+    assert sorted(p.relative_to(root).as_posix() for p in map(Path, data.paths)) == [
+        "cat/0.png", "cat/1.png", "dog/0.png", "dog/1.png", "dog/2.png"]
+    assert np.bincount(data.labels).tolist() == [2, 3]
+    assert "class 'dog2' in" in caplog.text and "is the same folder as class 'dog'" in caplog.text
+    assert "class 'a_dog' in" in caplog.text and "has no images" not in caplog.text
+
+
+def test_classes_that_are_all_links_to_one_folder_keep_its_images_once(tmp_path):
+    import os
+
+    real = tmp_path / "elsewhere" / "birds"
+    real.mkdir(parents=True)
+    for i in range(3):
+        Image.new("L", (8, 8), 10 + i).save(real / f"{i}.png")
+    root = tmp_path / "data"
+    (root / "cat").mkdir(parents=True)
+    for i in range(2):
+        Image.new("L", (8, 8), 200 + i).save(root / "cat" / f"{i}.png")
+    for name in ("birds_b", "birds_a"):
+        os.symlink(real, root / name)
+    data = load_labelled_folder(root, PreprocessSpec(image_size=8, channels=1))
+    assert data.class_names == ["birds_a", "cat"] and np.bincount(data.labels).tolist() == [3, 2]
