@@ -444,8 +444,11 @@ def test_rerun_after_a_crash_redoes_only_unfinished_work(workdir_with_model, dig
     corpus = workdir_with_model / "corpus"
     shutil.copytree(digits_corpus, corpus)
     exe = str(Path(sys.executable).with_name("lookalike"))
+    tmp = workdir_with_model.parent / "tmp"  # what a SIGKILLed process leaves there (Beam's temp folder) stays in it
+    tmp.mkdir()
     killed = subprocess.run([exe, "embed", "--workdir", str(workdir_with_model), "--batch-size", "32", "--run-name", "s1"],
-                            env={**os.environ, "LOOKALIKE_FAILPOINT": "embed_batch_2"}, capture_output=True, timeout=300)
+                            env={**os.environ, "LOOKALIKE_FAILPOINT": "embed_batch_2", "TMPDIR": str(tmp)},
+                            capture_output=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
     assert not (workdir_with_model / "CURRENT").exists()
     assert [p.name for p in (workdir_with_model / "embeddings" / "s1").iterdir()] == [".listing.arrow"]
