@@ -59,6 +59,9 @@ class _Terminated:
 
     def __call__(self, signum: int, frame: object) -> None:
         self.signum = signum
+        handler = signal.getsignal(signal.SIGINT)
+        if getattr(handler, "stops_workers", False):  # the local runner's: SIGTERM its worker processes first
+            handler(signal.SIGINT, frame)  # (else Beam waits for their bundles, and a worker may abort); raises
         raise SystemExit(128 + signum)
 
 
@@ -86,7 +89,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
     except BaseException:
         if terminated.signum is None:
             raise
-        log.warning("embed stopped by signal %d; what the run had written is cleaned up", terminated.signum)
+        log.warning("embed stopped by signal %d: nothing published; every finished batch is in the embedding cache "
+                    "(rerun with --incremental to resume), the rest of the run's files are removed", terminated.signum)
         return 128 + terminated.signum
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -116,6 +116,7 @@ def _interrupt_stops_workers(pids_dir: str) -> Iterator[None]:
         if not interrupted.is_set():
             previous_hook(args)
 
+    on_sigint.stops_workers = True  # type: ignore[attr-defined]  # SIGTERM handlers hand the stop to it (cli._Terminated)
     previous = signal.signal(signal.SIGINT, on_sigint)
     threading.excepthook = quiet_worker_threads
     try:

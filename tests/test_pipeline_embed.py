@@ -838,3 +838,38 @@ def test_a_missing_default_corpus_names_the_folder_the_served_index_was_embedded
     assert message.startswith(f"corpus folder {store.corpus_dir} (the default) does not exist: pass --corpus FOLDER")
     assert f"the served index {store.current_index()} was embedded from {photos}" in message
     assert f"--corpus {photos}" in message and "lookalike demo" not in message
+
+
+def test_sigterm_stops_a_two_worker_run_at_once_with_its_one_line(tmp_path, trained_store, digits_corpus):
+    """`kill PID` reaches only the lookalike process: it must stop its worker processes itself,
+    as for Ctrl-C, not leave Beam waiting on their bundles (and a worker aborting, status -6)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    workdir = tmp_path / "w"
+    shutil.copytree(trained_store.root / "models", workdir / "models")
+    corpus = tmp_path / "corpus"
+    for copy in range(3):  # enough files that the workers are mid-run when the signal comes
+        shutil.copytree(digits_corpus, corpus / f"copy{copy}")
+    exe = str(Path(sys.executable).with_name("lookalike"))
+    job = subprocess.Popen([exe, "embed", "--workdir", str(workdir), "--corpus", str(corpus), "--num-workers", "2",
+                            "--no-publish", "--run-name", "stopped"], stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in job.stderr:
+        lines.append(line)
+        if "XLA CPU threads of this process (pid " in line:  # a worker is up and embedding
+            job.send_signal(signal.SIGTERM)
+            break
+    signalled = time.monotonic()
+    stderr = "".join(lines) + job.stderr.read()
+    assert job.wait(timeout=120) == 143, stderr[-3000:]
+    stopped_s = time.monotonic() - signalled
+    assert "FATAL" not in stderr and "terminate called" not in stderr and "Traceback" not in stderr, stderr[-3000:]
+    assert "exited with return code" not in stderr, stderr[-3000:]
+    assert "embed stopped by signal 15: nothing published; every finished batch is in the embedding cache" in stderr
+    after = [line for line in stderr.splitlines() if "embed stopped by signal" in line]
+    assert len(after) == 1 and not (workdir / "embeddings" / "stopped").exists(), stderr[-3000:]
+    assert stopped_s < 60, f"stopped {stopped_s:.0f} s after SIGTERM"  # a hang guard, not a speed figure
