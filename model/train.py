@@ -230,7 +230,8 @@ def train_on_arrays(
     make_batch, step_fn, images_per_step = batch_maker(config, x_train, y_train, mesh, data.class_names)
     log.info(
         "training on %d images of %d %s (%d held out), %d device(s), %s loss, %d images/step, %d steps",
-        len(train_idx), len(data.class_names), "instances" if config.unlabelled else "classes", len(val_idx),
+        len(train_idx), len(data.class_names) or len(np.unique(data.labels)),  # names are optional: count labels
+        "instances" if config.unlabelled else "classes", len(val_idx),
         mesh.devices.size, config.loss, images_per_step, config.num_steps,
     )
     model = create_encoder(config)

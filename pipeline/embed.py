@@ -126,9 +126,10 @@ def _execute(run: EmbedRun, started: float, index_dir: str | None,
         counted = counter_values(result)
         if not run.progress_total and run.files_to_read:  # the workers logged their shares: the whole, once
             workers = f"{config.num_workers} worker processes" if config.runner == LOCAL_RUNNER else "the workers"
-            log.info("read and embed: all %d file(s) done by %s in %s (%d item(s) in %d batch(es), %d file(s) failed)",
-                     run.files_to_read, workers, format_seconds(time.perf_counter() - started),
-                     counted.get("items_decoded", 0), counted.get("batches", 0), counted.get("files_failed", 0))
+            counts = (f" ({counted.get('items_decoded', 0)} item(s) in {counted.get('batches', 0)} batch(es), "
+                      f"{counted.get('files_failed', 0)} file(s) failed)") if counted else ""  # Dask reports no metrics
+            log.info("read and embed: all %d file(s) done by %s in %s%s", run.files_to_read, workers,
+                     format_seconds(time.perf_counter() - started), counts)
         if counted and run.plan is not None:  # files the plan kept out of the pipeline
             counted["files_unchanged"] = counted.get("files_unchanged", 0) + len(run.plan.unchanged)
     summary = summarize(run.run_dir.name, run.run_dir, run.meta["version"], run.total, config.runner, counted,

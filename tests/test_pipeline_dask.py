@@ -1,6 +1,7 @@
 """The same embed pipeline on a real dask.distributed cluster: a scheduler and two
 worker processes on 127.0.0.1, started here; same result as the in-process runner."""
 
+import logging
 import shutil
 import subprocess
 import sys
@@ -49,7 +50,7 @@ def dask_cluster(tmp_path_factory):
                 proc.kill()
 
 
-def test_dask_cluster_gives_the_same_embeddings_and_dead_letters(tmp_path, indexed_store, dask_cluster):
+def test_dask_cluster_gives_the_same_embeddings_and_dead_letters(tmp_path, indexed_store, dask_cluster, caplog):
     workdir = tmp_path / "w [1]"  # folder names with glob characters are folders, on the workers too
     shutil.copytree(indexed_store.root / "models", workdir / "models")
     corpus = tmp_path / "photos [2024]?"
@@ -58,10 +59,14 @@ def test_dask_cluster_gives_the_same_embeddings_and_dead_letters(tmp_path, index
     (corpus / "0" / "broken.png").write_text("not an image")
     metadata = tmp_path / "meta.csv"  # read by path on the workers
     metadata.write_text("id,source,tags\n" + "".join(f"{i},dask,a;b\n" for i in tagged))
-    summary = run_embed(EmbedConfig(
-        workdir=str(workdir), corpus=str(corpus), runner="dask",
-        beam_args=[f"--dask_client_address={dask_cluster}"], num_shards=2, metadata=str(metadata),
-    ))
+    with caplog.at_level(logging.INFO, logger="lookalike.pipeline.embed"):
+        summary = run_embed(EmbedConfig(
+            workdir=str(workdir), corpus=str(corpus), runner="dask",
+            beam_args=[f"--dask_client_address={dask_cluster}"], num_shards=2, metadata=str(metadata),
+        ))
+    done = [r.getMessage() for r in caplog.records if "read and embed: all" in r.getMessage()]
+    assert len(done) == 1 and done[0].endswith("done by the workers in " + done[0].rsplit(" in ", 1)[1]), done
+    assert "0 item(s)" not in done[0]  # no metrics on Dask: no counts rather than zeros
     assert summary.failed == 1 and summary.dead_letter_examples[0]["uri"].endswith("broken.png")
     emb_dask, items_dask = read_embeddings(workdir / "embeddings" / summary.run)
     emb_local, items_local = read_embeddings(next(indexed_store.embeddings_dir.glob("e-*")))

@@ -116,8 +116,9 @@ def test_augmented_batches_are_distorted_and_a_pure_function_of_the_step(tiny_co
     assert not np.allclose(np.asarray(first[0]), undistorted)
 
 
-def test_a_time_budget_stops_training_early_and_keeps_a_usable_model(tiny_config, tmp_path):
+def test_a_time_budget_stops_training_early_and_keeps_a_usable_model(tiny_config, tmp_path, caplog):
     import dataclasses
+    import logging
 
     from lookalike.model.data import LabelledImages
     from lookalike.model.train import train_on_arrays
@@ -126,7 +127,9 @@ def test_a_time_budget_stops_training_early_and_keeps_a_usable_model(tiny_config
     x = rng.random((60, 16, 16, 1)).astype(np.float32)
     y = np.repeat(np.arange(6), 10).astype(np.int32)
     config = dataclasses.replace(tiny_config, num_steps=100_000, eval_every_steps=50_000, max_train_minutes=0.002)
-    model, metrics, _ = train_on_arrays(config, LabelledImages(x, y, [str(c) for c in range(6)], [], []), tmp_path)
+    with caplog.at_level(logging.INFO, logger="lookalike.model.train"):  # no class names: the labels are counted
+        model, metrics, _ = train_on_arrays(config, LabelledImages(x, y, [], [], []), tmp_path)
+    assert "training on 48 images of 6 classes (12 held out)" in caplog.text
     assert 1 <= metrics["steps"] < 100_000 and metrics["planned_steps"] == 100_000
     assert metrics["best_step"] == metrics["steps"]  # the stopping step was evaluated and checkpointed
     assert np.isfinite(metrics["map_at_r"])
