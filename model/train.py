@@ -261,6 +261,8 @@ def train_on_arrays(
                     loop_started, timed_steps = time.perf_counter(), 0
                     progress.restart_rate(step)
                 timed_steps += 1
+                if len(running) >= 2:  # at most one step ahead of the device: progress counts steps done, not queued
+                    jax.block_until_ready(running[-2])
                 evaluating = validating and (step % config.eval_every_steps == 0 or last)
                 checkpointing = step % ckpt_every == 0 or last
                 if evaluating or checkpointing:

@@ -161,3 +161,40 @@ def test_a_job_with_other_held_out_files_is_another_run(tiny_config, tmp_path):
     assert run_id(tiny_config, tmp_path, None, ()) == same  # no exclusion: the name runs had before
     held_out = run_id(tiny_config, tmp_path, None, ["a/1.png", "b/2.png"])
     assert held_out != same and held_out == run_id(tiny_config, tmp_path, None, ["b/2.png", "a/1.png"])
+
+
+def test_progress_counts_steps_done_not_steps_queued(tiny_config, tmp_path, monkeypatch):
+    """JAX dispatches steps asynchronously: the loop once ran ~35 steps ahead of the device
+    after each evaluation, so the progress line counted queued steps at 10x the real rate.
+    When a step is reported, every earlier step's loss has been computed."""
+    import dataclasses
+
+    import lookalike.model.train as train_module
+    from lookalike.model.data import LabelledImages
+
+    outputs, not_ready = [], []
+    real_batch_maker = train_module.batch_maker
+
+    def recording_batch_maker(*args, **kwargs):
+        make_batch, step_fn, images_per_step = real_batch_maker(*args, **kwargs)
+
+        def recorded_step(*step_args):
+            outputs.append(step_fn(*step_args))
+            return outputs[-1]
+
+        return make_batch, recorded_step, images_per_step
+
+    class CheckingProgress(train_module.Progress):
+        def update(self, count, extra=""):
+            not_ready.extend(step for step, loss in enumerate(outputs[:-1], 1) if not loss.is_ready())
+            super().update(count, extra)
+
+    monkeypatch.setattr(train_module, "batch_maker", recording_batch_maker)
+    monkeypatch.setattr(train_module, "Progress", CheckingProgress)
+    rng = np.random.default_rng(0)
+    x = rng.random((64, 32, 32, 1)).astype(np.float32)
+    y = np.repeat(np.arange(8), 8).astype(np.int32)
+    config = dataclasses.replace(tiny_config, image_size=32, conv_widths=(32, 64), batch_pairs=256, num_steps=12,
+                                 log_every_steps=12, eval_every_steps=12)  # slow steps, one sync at the end
+    train_module.train_on_arrays(config, LabelledImages(x, y, [], [], []), tmp_path)
+    assert len(outputs) == 12 and not_ready == [], not_ready
