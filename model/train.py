@@ -175,7 +175,7 @@ def plot_history(history: list[dict[str, Any]], path: Path) -> None:
     losses = [h["loss"] for h in history if "loss" in h]
     evals = [h for h in history if "precision_at_1" in h]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(steps, losses, color="tab:blue", label="train loss")
+    ax.plot(steps, losses, color="tab:blue", label="train loss", marker="o" if len(steps) < 3 else None)  # a lone point shows
     ax.set_xlabel("step")
     ax.set_ylabel("training loss", color="tab:blue")
     if evals:

@@ -198,3 +198,18 @@ def test_progress_counts_steps_done_not_steps_queued(tiny_config, tmp_path, monk
                                  log_every_steps=12, eval_every_steps=12)  # slow steps, one sync at the end
     train_module.train_on_arrays(config, LabelledImages(x, y, [], [], []), tmp_path)
     assert len(outputs) == 12 and not_ready == [], not_ready
+
+
+def test_a_loss_logged_once_is_drawn(tmp_path):
+    """A run shorter than log_every_steps logs one loss: a line of one point draws nothing."""
+    from PIL import Image
+
+    from lookalike.model.train import plot_history
+
+    def blue_pixels(history) -> int:
+        path = tmp_path / "p.png"
+        plot_history(history, path)
+        rgb = np.asarray(Image.open(path).convert("RGB")).astype(int)
+        return int((np.abs(rgb - np.array([31, 119, 180])).sum(axis=-1) < 40).sum())  # tab:blue
+
+    assert blue_pixels([{"step": 40, "loss": 0.5}]) > blue_pixels([]) + 20
