@@ -164,6 +164,10 @@ def validate_config(config: TrainConfig) -> TrainConfig:
     if config.architecture == "conv" and config.image_size < smallest:
         raise ValueError(f"config image_size={config.image_size}: the conv encoder halves it {len(config.conv_widths)} "
                          f"times (conv_widths={','.join(map(str, config.conv_widths))}), so it must be at least {smallest}")
+    if config.channels not in (1, 3):
+        raise ValueError(f"config channels={config.channels}: must be 1 (grayscale) or 3 (RGB)")
+    if config.image_size < 4:  # preprocess.PreprocessSpec's floor (the ResNet stem)
+        raise ValueError(f"config image_size={config.image_size}: must be at least 4")
     if config.pk_images < 2:
         raise ValueError(f"config pk_images={config.pk_images}: triplets need at least 2 images per class")
     for name in ("video_window_s", "video_frame_interval_s"):
@@ -207,7 +211,12 @@ def _parse_value(name: str, current: Any, text: str) -> Any:
             return False
         raise ValueError(f"--set {name}={text}: expected true or false")
     if isinstance(current, tuple):
-        return tuple(int(v) for v in text.split(",") if v.strip())
+        parts = [v.strip() for v in text.split(",")]
+        if parts and not parts[-1] and len(parts) > 1:
+            parts.pop()  # one trailing comma: "16," is the tuple (16,)
+        if not all(parts):
+            raise ValueError(f"--set {name}={text}: expected integers separated by single commas, e.g. 16,32")
+        return tuple(int(v) for v in parts)
     if isinstance(current, int):
         return int(text)
     if isinstance(current, float):

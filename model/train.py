@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable, Collection
@@ -148,6 +149,9 @@ def batch_maker(
 
     pairs = PairSampler(y_train, seed=config.seed, min_images=min_images)
     batch_pairs = -(-config.batch_pairs // (2 * n_dev)) * 2 * n_dev
+    if batch_pairs != config.batch_pairs:  # said, as the triplet path says its K (metrics record the batch used)
+        log.info("batch_pairs raised from %d to %d so the batch (half similar pairs) splits over %d devices",
+                 config.batch_pairs, batch_pairs, n_dev)
 
     def make_pair_batch(step: int) -> tuple[jax.Array, ...]:
         rng = rng_for(step)
@@ -228,6 +232,7 @@ def train_on_arrays(
     validating = can_validate(y_val)
     mesh = data_mesh()
     make_batch, step_fn, images_per_step = batch_maker(config, x_train, y_train, mesh, data.class_names)
+    check_triplet_memory(config, images_per_step, mesh)
     log.info(
         "training on %d images of %d %s (%d held out), %d device(s), %s loss, %d images/step, %d steps",
         len(train_idx), len(data.class_names) or len(np.unique(data.labels)),  # names are optional: count labels
@@ -298,6 +303,7 @@ def train_on_arrays(
         plot_history(history, run_dir / "training.png")
         metrics: dict[str, Any] = {"train_images": int(len(train_idx)), "val_images": int(len(val_idx)),
                                    "steps": last_step, "planned_steps": config.num_steps, "warm_start": warm, "resumed_from_step": start_step,
+                                   "images_per_step": images_per_step, "devices": int(mesh.devices.size),
                                    "images_per_s": round(images_per_step * max(timed_steps - 1, 0) / max(loop_s, 1e-9), 1)}
         if config.unlabelled:
             metrics["val_views"] = int(len(y_val))
@@ -316,6 +322,42 @@ def train_on_arrays(
         metrics["same_item_f1"] = f1
     metrics["final_loss"] = next((h["loss"] for h in reversed(history) if "loss" in h), None)
     return model, metrics, threshold
+
+
+# batch_all and semi_hard mining build [B, B, B] tensors (every anchor, positive, negative):
+# about a float32 and a bool per element at their peak.
+CUBIC_MINING = ("batch_all", "semi_hard")
+CUBIC_BYTES_PER_ELEMENT = 5
+
+
+def memory_bytes(device: Any) -> int | None:
+    """The memory a computation on ``device`` can use: a GPU's or TPU's own, the host's RAM for a CPU."""
+    if device.platform == "cpu":
+        try:
+            return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError):
+            return None
+    stats = device.memory_stats() or {}
+    return stats.get("bytes_limit")
+
+
+def check_triplet_memory(config: TrainConfig, images_per_step: int, mesh: Mesh) -> None:
+    """Refuse, before any work, a triplet batch whose mining needs more than half the
+    device's memory: ``pk_images=1000`` once ended in a raw XLA out-of-memory error (67 GB)."""
+    if config.loss != "triplet" or config.mining not in CUBIC_MINING:
+        return
+    needed = images_per_step ** 3 * CUBIC_BYTES_PER_ELEMENT
+    device = mesh.devices.flat[0]
+    available = memory_bytes(device)  # CPU devices share the host's RAM; accelerators each have their own
+    if available is not None and device.platform != "cpu":
+        available *= mesh.devices.size
+    if available is not None and needed > available / 2:
+        largest = int((available / 2 / CUBIC_BYTES_PER_ELEMENT) ** (1 / 3))
+        raise ValueError(
+            f"config pk_classes={config.pk_classes} x pk_images={config.pk_images}: {images_per_step} images/step, and "
+            f"mining={config.mining} compares every (anchor, positive, negative) of a batch: about "
+            f"{needed / 2**30:,.0f} GiB, more than half of the {available / 2**30:.0f} GiB here; keep a batch under "
+            f"~{largest} images (lower pk_classes or pk_images) or use mining=batch_hard (memory grows with the square)")
 
 
 def can_validate(y_val: np.ndarray) -> bool:

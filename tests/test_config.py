@@ -35,6 +35,9 @@ def test_unknown_preset_lists_the_known_ones():
     ("hidden_dim=0", "hidden_dim=0: must be at least 1"),
     ("conv_widths=8,0", "conv_widths=8,0: every width must be at least 1"),
     ("image_size=3", "image_size=3: the conv encoder halves it 2 times .* must be at least 4"),
+    ("channels=2", r"channels=2: must be 1 \(grayscale\) or 3 \(RGB\)"),
+    ("conv_widths=8,,16", "expected integers separated by single commas"),
+    ("conv_widths=,8", "expected integers separated by single commas"),
 ])
 def test_out_of_range_values_name_the_field_before_any_work(override, message):
     from lookalike.model.config import validate_config
@@ -48,3 +51,9 @@ def test_every_preset_is_valid():
 
     for name in preset_names():
         validate_config(get_config(name))
+
+
+def test_a_resnet_too_small_for_its_stem_is_refused_with_the_other_config_errors():
+    with pytest.raises(ValueError, match="image_size=2: must be at least 4"):
+        apply_overrides(get_config("tiny"), ["architecture=resnet", "image_size=2"])
+    assert apply_overrides(get_config("tiny"), ["conv_widths=16,"]).conv_widths == (16,)  # one trailing comma

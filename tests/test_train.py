@@ -5,6 +5,7 @@ import sys
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from lookalike.model.encoder import create_encoder
 from lookalike.model.train import make_optimizer, train_step
@@ -130,6 +131,7 @@ def test_a_time_budget_stops_training_early_and_keeps_a_usable_model(tiny_config
     with caplog.at_level(logging.INFO, logger="lookalike.model.train"):  # no class names: the labels are counted
         model, metrics, _ = train_on_arrays(config, LabelledImages(x, y, [], [], []), tmp_path)
     assert "training on 48 images of 6 classes (12 held out)" in caplog.text
+    assert (metrics["images_per_step"], metrics["devices"]) == (2 * config.batch_pairs, 1)  # the batch actually used
     assert 1 <= metrics["steps"] < 100_000 and metrics["planned_steps"] == 100_000
     assert metrics["best_step"] == metrics["steps"]  # the stopping step was evaluated and checkpointed
     assert np.isfinite(metrics["map_at_r"])
@@ -213,3 +215,21 @@ def test_a_loss_logged_once_is_drawn(tmp_path):
         return int((np.abs(rgb - np.array([31, 119, 180])).sum(axis=-1) < 40).sum())  # tab:blue
 
     assert blue_pixels([{"step": 40, "loss": 0.5}]) > blue_pixels([]) + 20
+
+
+def test_a_triplet_batch_too_big_to_mine_is_refused_before_any_work(tiny_config, tmp_path):
+    """pk_images=1000 once asked XLA for 67 GB and ended in its raw out-of-memory error."""
+    import dataclasses
+
+    from lookalike.model.data import LabelledImages
+    from lookalike.model.train import train_on_arrays
+
+    rng = np.random.default_rng(0)
+    data = LabelledImages(rng.random((40, 16, 16, 1)).astype(np.float32), np.repeat(np.arange(4), 10).astype(np.int32),
+                          list("abcd"), [], [])
+    config = dataclasses.replace(tiny_config, loss="triplet", mining="semi_hard", pk_classes=4, pk_images=1000)
+    with pytest.raises(ValueError, match=r"pk_classes=4 x pk_images=1000: 4000 images/step.*mining=semi_hard.*GiB"):
+        train_on_arrays(config, data, tmp_path)
+    assert not (tmp_path / "training.png").exists()
+    hard = dataclasses.replace(config, mining="batch_hard", pk_images=4, num_steps=2)  # square memory: fine
+    train_on_arrays(hard, data, tmp_path)
