@@ -32,14 +32,14 @@ class Progress:
         self.start = self.last = time.perf_counter()
         self.already = self.count = count
 
-    def line(self, extra: str = "") -> str:
+    def line(self, extra: str = "", eta: bool = True) -> str:
         elapsed = time.perf_counter() - self.start
         rate = (self.count - self.already) / elapsed if elapsed > 0 else 0.0
         text = f"{self.name}: {self.count}"
         if self.total:
-            text += f"/{self.total} {self.unit} ({100.0 * self.count / self.total:.0f}%)"
-            eta = (self.total - self.count) / rate if rate > 0 else float("nan")
-            text += f", {rate:.1f} {self.unit}/s, ETA {format_seconds(eta) if eta == eta else '?'}"
+            text += f"/{self.total} {self.unit} ({100.0 * self.count / self.total:.0f}%), {rate:.1f} {self.unit}/s"
+            left = (self.total - self.count) / rate if rate > 0 else float("nan")
+            text += f", ETA {format_seconds(left) if left == left else '?'}" if eta else ""
         else:
             text += f" {self.unit}, {rate:.1f} {self.unit}/s, elapsed {format_seconds(elapsed)}"
         return text + (f", {extra}" if extra else "")
@@ -52,7 +52,8 @@ class Progress:
             self.log.info(self.line(extra))
 
     def done(self, extra: str = "") -> None:
-        self.log.info(self.line(extra) + f" - done in {format_seconds(time.perf_counter() - self.created)}")
+        """The last line: no ETA (a job that stops short of its total, e.g. on a time budget, has none left)."""
+        self.log.info(self.line(extra, eta=False) + f" - done in {format_seconds(time.perf_counter() - self.created)}")
 
 
 def last_value_note(history: list[dict], key: str, step: int) -> str:

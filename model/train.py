@@ -259,6 +259,8 @@ def train_on_arrays(
                 log_file.write(json.dumps(json_ready(record)) + "\n")
             running = []  # side_s: evaluation and checkpoint time, not part of the training throughput
             for step, batch in batches:
+                if step == start_step + 1:
+                    log.info("compiling the training step (once per run; a ResNet can take minutes on a CPU)")
                 running.append(step_fn(model, optimizer, *batch))
                 last = step == config.num_steps or (deadline is not None and time.perf_counter() >= deadline)
                 if step == start_step + 1:  # exclude compilation from the throughput and the ETA
@@ -298,7 +300,7 @@ def train_on_arrays(
                         log.warning("time budget of %.1f min used up: training stops at step %d of %d",
                                     config.max_train_minutes, step, config.num_steps)
                     break
-        progress.done()
+        progress.done("stopped by the time budget" if last_step < config.num_steps else "")
         loop_s = time.perf_counter() - loop_started - side_s
         plot_history(history, run_dir / "training.png")
         metrics: dict[str, Any] = {"train_images": int(len(train_idx)), "val_images": int(len(val_idx)),

@@ -17,17 +17,23 @@ NOISY_LOGGERS = ("apache_beam", "absl", "jax", "orbax", "matplotlib", "httpx", "
 class LibraryNoise(logging.Filter):
     """Drops warnings Beam logs on every run that say nothing about the user's job (optional
     Google Cloud clients absent; no ``resource`` module stats; a worker process without a
-    staging folder, which the local runner never has), and Beam's ERROR with a traceback for a
+    staging folder, which the local runner never has), orbax's wait for a previous
+    checkpoint save, and Beam's ERROR with a traceback for a
     stop signal raised inside a stage (SIGTERM's SystemExit, KeyboardInterrupt): the job says
     it in its own last line. Only these exact messages: any other warning or error still shows."""
 
     ROOT_PREFIXES = ("apitools not found", "Resource module is not available")
     BEAM_PREFIXES = ("No semi_persistent_directory found",)
+    # orbax (through absl) when a checkpoint save waits for the previous one: a second's wait
+    # on a busy disk, "consider checkpointing less frequently", on a job that is fine.
+    ABSL_PREFIXES = ("Waiting for previous save to complete",)
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = str(record.msg)
         if record.name == "root":
             return not message.startswith(self.ROOT_PREFIXES)
+        if record.name == "absl" and record.levelno < logging.ERROR:
+            return not message.startswith(self.ABSL_PREFIXES)
         if record.name.startswith("apache_beam") and record.levelno < logging.ERROR:
             return not message.startswith(self.BEAM_PREFIXES)
         if record.name.startswith("apache_beam") and record.exc_info:

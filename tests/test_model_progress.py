@@ -26,9 +26,9 @@ def test_a_slow_first_step_is_kept_out_of_the_eta_but_not_out_of_the_total_time(
         progress.update(1)  # not 2 s since the restart: no line with a rate of nothing
         now[0] = 64.0
         progress.update(201)  # 200 steps in 4 s: 50 steps/s, 200 to go
-        progress.done()
+        progress.done("stopped by the time budget")  # short of its total: no ETA on the last line
     assert caplog.messages == ["train: 201/401 steps (50%), 50.0 steps/s, ETA 4s",
-                               "train: 201/401 steps (50%), 50.0 steps/s, ETA 4s - done in 1m04s"]
+                               "train: 201/401 steps (50%), 50.0 steps/s, stopped by the time budget - done in 1m04s"]
 
 
 def test_a_value_recorded_at_an_earlier_step_names_that_step():

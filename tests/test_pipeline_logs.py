@@ -72,3 +72,19 @@ def test_only_orbax_late_callback_noise_is_dropped_from_unraisable_exceptions(mo
     sys.unraisablehook(args(closed))
     sys.unraisablehook(args(elsewhere))
     assert [a.exc_value for a in seen] == [elsewhere]
+
+
+def test_library_noise_drops_only_the_known_messages():
+    import logging
+
+    from lookalike.pipeline.logs import LibraryNoise
+
+    def kept(name: str, level: int, message: str) -> bool:
+        return LibraryNoise().filter(logging.LogRecord(name, level, __file__, 1, message, (), None))
+
+    assert not kept("absl", logging.WARNING, "Waiting for previous save to complete took 1.047062 seconds. If this "
+                                             "number is high, consider checkpointing less frequently.")
+    assert not kept("root", logging.WARNING, "apitools not found, and bigquery client libraries are not available")
+    assert kept("absl", logging.WARNING, "Something else about a checkpoint")
+    assert kept("absl", logging.ERROR, "Waiting for previous save to complete failed")
+    assert kept("lookalike.model.train", logging.WARNING, "Waiting for previous save to complete")
