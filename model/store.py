@@ -331,7 +331,8 @@ class Store:
         path = self.index_dir(version)
         if not (path / "manifest.json").is_file():
             raise StoreError(
-                f"CURRENT names index {version!r} but {path} is missing or incomplete: "
-                f"run `lookalike embed --workdir {self.root}` again"
+                f"CURRENT names index {version!r} but {path} is missing or incomplete (no manifest.json): run "
+                f"`lookalike versions rollback --workdir {self.root}` to serve an earlier version, or `lookalike embed "
+                f"--workdir {self.root}` to publish a new one"
             )
         return path

@@ -320,6 +320,8 @@ def served_unusable(store: Store, version: str | None, error: Exception) -> Exce
 
     hint = (f"the served index {version or 'CURRENT'} cannot be loaded: run `lookalike versions rollback --workdir "
             f"{store.root}` (or `lookalike versions promote VERSION --workdir {store.root}`) to serve a working version")
+    if "lookalike versions rollback" in str(error):  # it says what to do already
+        return error if type(error) in (IndexLoadError, StoreError) else IndexLoadError(f"{type(error).__name__}: {error}")
     if type(error) in (IndexLoadError, StoreError):
         return type(error)(f"{error}; {hint}")
     return IndexLoadError(f"{type(error).__name__}: {error}; {hint}")

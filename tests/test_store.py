@@ -28,6 +28,15 @@ def test_current_only_points_at_complete_index(tmp_path):
     store.set_current_index("i-1")
     assert store.current_index() == "i-1"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".CURRENT")]  # no temp files left
+    (store.index_dir("i-1") / "manifest.json").unlink()  # deleted since: one message, one set of remedies
+    from lookalike.pipeline.versions import served_unusable
+
+    with pytest.raises(StoreError) as lost:
+        store.require_current_index()
+    said = str(served_unusable(store, "i-1", lost.value))
+    assert said == (f"CURRENT names index 'i-1' but {store.index_dir('i-1')} is missing or incomplete (no manifest.json): "
+                    f"run `lookalike versions rollback --workdir {tmp_path}` to serve an earlier version, or "
+                    f"`lookalike embed --workdir {tmp_path}` to publish a new one")
 
 
 def test_atomic_write_replaces_whole_file(tmp_path):
