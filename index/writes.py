@@ -52,7 +52,7 @@ def save_searcher(searcher: Any, folder: Path) -> None:
     failed write raises ``write_failure``."""
     try:
         folder.mkdir(parents=True)
-        searcher.serialize(str(folder), relative_path=True)
+        searcher.serialize(str(folder), True)  # relative asset paths; positional: the raw pybind object takes no keywords
     except OSError as e:
         if e.errno is not None and e.filename is not None:
             raise
