@@ -13,7 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,24 +53,43 @@ def walk_folders(root: str | Path, onerror: Callable[[OSError], None] | None = N
     cannot be listed (no read permission) is passed to ``onerror`` as its OSError (its
     ``filename`` the folder), as ``os.walk`` does; without ``onerror`` it is logged as a warning,
     never left out silently."""
-    root = str(root)
+    yield from walk_folder_trees([root], onerror)
+
+
+def walk_folder_trees(roots: Sequence[str | Path], onerror: Callable[[OSError], None] | None = None,
+                      never: Collection[str | Path] = ()) -> Iterator[tuple[str, list[str]]]:
+    """``walk_folders`` over several ``roots`` at once: each real folder once over all of
+    them, by a path without links where there is one (a root that is itself a symlink counts
+    as reached through a link). Folders in ``never`` (and what is only reachable through
+    them) are not walked."""
     walked: dict[tuple[int, int], tuple[str, list[str], bool]] = {}  # real folder -> (path, names, via a link)
-    via_link: set[str] = set()  # folders below ``root`` whose path passes through a symlinked folder
-    for dirpath, dirnames, names in os.walk(root, onerror=onerror or warn_unreadable_folder, followlinks=True):
+    via_link: set[str] = set()  # folders whose path passes through a symlinked folder
+    skip = set()
+    for folder in never:
         try:
-            st = os.stat(dirpath)
+            st = os.stat(folder)
+            skip.add((st.st_dev, st.st_ino))
         except OSError:
-            continue
-        linked = dirpath in via_link
-        before = walked.get((st.st_dev, st.st_ino))
-        if before is not None and (linked or not before[2]):  # reached again, no better: already walked
-            dirnames[:] = []
-            continue
-        walked[(st.st_dev, st.st_ino)] = (dirpath, names, linked)  # first, or the path without links replaces it
-        for name in dirnames:
-            child = os.path.join(dirpath, name)
-            if linked or os.path.islink(child):
-                via_link.add(child)
+            pass
+    for root in map(str, roots):
+        if os.path.islink(root):
+            via_link.add(root)
+        for dirpath, dirnames, names in os.walk(root, onerror=onerror or warn_unreadable_folder, followlinks=True):
+            try:
+                st = os.stat(dirpath)
+            except OSError:
+                continue
+            key = (st.st_dev, st.st_ino)
+            linked = dirpath in via_link
+            before = walked.get(key)
+            if key in skip or (before is not None and (linked or not before[2])):  # never, or no better: walked
+                dirnames[:] = []
+                continue
+            walked[key] = (dirpath, names, linked)  # first, or the path without links replaces it
+            for name in dirnames:
+                child = os.path.join(dirpath, name)
+                if linked or os.path.islink(child):
+                    via_link.add(child)
     for dirpath, names, _ in walked.values():  # in the order first reached
         yield dirpath, names
 
@@ -101,25 +120,15 @@ def class_folders(root: Path) -> list[Path]:
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-def list_class_images(root: Path, class_dirs: list[Path],
-                      unreadable: dict[Path, list[OSError]]) -> tuple[list[Path], list[list[Path]]]:
-    """(class folders, each one's image files), from one walk of ``root`` (``walk_folders``): every
-    real folder is read once, so a class folder that is a link to another class, or a link
-    inside a class back up to ``root`` (a loop), adds no second copy of the same images under
-    another label. A class folder that is a link to the same folder as another is left out,
-    with a warning. Folders that cannot be listed go to ``unreadable`` under their class."""
-    same_folder: dict[str, list[Path]] = {}
-    for class_dir in class_dirs:
-        same_folder.setdefault(os.path.realpath(class_dir), []).append(class_dir)
-    aliases: dict[Path, Path] = {}  # a class folder -> the class it is the same folder as
-    for group in same_folder.values():  # the folder itself (not a link) names the class, else the first by name
-        kept = next((d for d in group if not d.is_symlink()), group[0])
-        for alias in group:
-            if alias is not kept:
-                log.warning("class %r in %s is the same folder as class %r (a symbolic link): its images are read "
-                            "once, as %r; %r is ignored", alias.name, root, kept.name, kept.name, alias.name)
-                aliases[alias] = kept
-    by_class: dict[Path, list[Path]] = {class_dir: [] for class_dir in class_dirs}
+def list_class_images(root: Path, class_dirs: list[Path], unreadable: dict[Path, list[OSError]],
+                      warn: bool = True) -> tuple[list[Path], list[list[Path]]]:
+    """(class folders, each one's image files), from one walk of the class folders together
+    (``walk_folder_trees``): every real folder is read once, by a path without links where
+    there is one, so a class folder that is a link to another class (or into one), or a link
+    inside a class back up to ``root`` (never walked: a loop), adds no second copy of the same
+    images under another label; such a class is left out, with a warning naming the class that
+    has its images. Hidden folders of ``root`` are walked only where a class links into them.
+    Folders that cannot be listed go to ``unreadable`` under their class."""
 
     def on_error(error: OSError) -> None:
         try:
@@ -132,12 +141,22 @@ def list_class_images(root: Path, class_dirs: list[Path],
         else:
             errors.append(error)
 
-    for path in list_images(root, on_error):
-        parts = path.relative_to(root).parts
-        if len(parts) >= 2 and (root / parts[0]) in by_class:  # not a file of root itself, nor of a hidden folder
-            by_class[aliases.get(root / parts[0], root / parts[0])].append(path)  # walked once, by either name
-    return [class_dir for class_dir in class_dirs if class_dir not in aliases], \
-        [by_class[class_dir] for class_dir in class_dirs if class_dir not in aliases]
+    by_class: dict[Path, list[Path]] = {class_dir: [] for class_dir in class_dirs}
+    walked_as: dict[str, Path] = {}  # real folder -> the class its images were listed under
+    for folder, names in walk_folder_trees(class_dirs, on_error, never=[root]):
+        owner = root / Path(folder).relative_to(root).parts[0]
+        walked_as.setdefault(os.path.realpath(folder), owner)
+        by_class[owner] += [Path(folder) / name for name in names
+                            if Path(name).suffix.lower() in IMAGE_SUFFIXES and os.path.isfile(os.path.join(folder, name))]
+    kept = []
+    for class_dir in class_dirs:
+        holder = walked_as.get(os.path.realpath(class_dir), class_dir)
+        if class_dir.is_symlink() and holder != class_dir and not by_class[class_dir]:
+            (log.warning if warn else log.debug)("class %r in %s is a symbolic link to a folder of class %r: its images are read once, as "
+                        "%r; %r is ignored", class_dir.name, root, holder.name, holder.name, class_dir.name)
+            continue
+        kept.append(class_dir)
+    return kept, [sorted(by_class[class_dir]) for class_dir in kept]
 
 
 def load_labelled_folder(root: str | Path, spec: PreprocessSpec, *, max_items: int | None = None,

@@ -129,11 +129,12 @@ def evaluate_embeddings(
 def folder_images(folder: str | Path) -> list[str]:
     """The ``folder``-relative paths (``/``-separated) of the images ``load_labelled_folder``
     would read from the labelled ``folder`` (unreadable sub-folders: left to it to report)."""
-    from lookalike.model.data import class_folders, list_images
+    from lookalike.model.data import class_folders, list_class_images
 
     root = Path(folder)
-    return [p.relative_to(root).as_posix()
-            for class_dir in class_folders(root) for p in list_images(class_dir, lambda error: None)]
+    class_dirs = class_folders(root)
+    _, files = list_class_images(root, class_dirs, {class_dir: [] for class_dir in class_dirs}, warn=False)
+    return [p.relative_to(root).as_posix() for class_files in files for p in class_files]
 
 
 def choose_images(model_path: str | Path, folder: str | Path, *, all_images: bool = False) -> tuple[

@@ -251,8 +251,25 @@ def test_a_class_that_links_to_another_or_a_loop_to_the_root_adds_no_copies_unde
     assert sorted(p.relative_to(root).as_posix() for p in map(Path, data.paths)) == [
         "cat/0.png", "cat/1.png", "dog/0.png", "dog/1.png", "dog/2.png"]
     assert np.bincount(data.labels).tolist() == [2, 3]
-    assert "class 'dog2' in" in caplog.text and "is the same folder as class 'dog'" in caplog.text
+    assert "class 'dog2' in" in caplog.text and "is a symbolic link to a folder of class 'dog'" in caplog.text
     assert "class 'a_dog' in" in caplog.text and "has no images" not in caplog.text
+
+
+def test_a_class_linked_into_a_hidden_pool_keeps_its_images_and_one_linked_into_another_class_names_it(tmp_path,
+                                                                                                        caplog):
+    import os
+
+    root = tmp_path / "data"
+    for folder, shade in ((".pool/cats", 10), ("dog", 100), ("all/kittens", 150), ("all/adults", 200)):
+        (root / folder).mkdir(parents=True)
+        for i in range(2):
+            Image.new("L", (8, 8), shade + i).save(root / folder / f"{i}.png")
+    os.symlink(root / ".pool" / "cats", root / "cat")  # the only way to its images: they are cat's
+    os.symlink(root / "all" / "kittens", root / "kitten")  # a folder of class 'all': read once, as 'all'
+    data = load_labelled_folder(root, PreprocessSpec(image_size=8, channels=1))
+    assert data.class_names == ["all", "cat", "dog"] and np.bincount(data.labels).tolist() == [4, 2, 2]
+    assert "class 'kitten' in" in caplog.text and "a folder of class 'all'" in caplog.text
+    assert not [p for p in data.paths if "/.pool/" in p]  # listed by the class's path
 
 
 def test_classes_that_are_all_links_to_one_folder_keep_its_images_once(tmp_path):

@@ -221,3 +221,19 @@ def test_another_folder_is_scored_whole_and_a_folder_without_the_held_out_images
     with pytest.raises(ValueError, match=r"none of the 1 images model m-moved held out of training .* are in "
                                          r".*/other any more: give --all-images to score all \d+ images"):
         evaluate_model_cli(args)
+
+
+def test_folder_images_lists_what_training_reads_not_a_linked_class_twice(tmp_path):
+    import os
+
+    from PIL import Image
+
+    from lookalike.model.evaluate import folder_images
+
+    for name in ("cat", "dog"):
+        (tmp_path / name).mkdir()
+        for i in range(2):
+            Image.new("L", (8, 8), 10 * i).save(tmp_path / name / f"{i}.png")
+    os.symlink(tmp_path / "dog", tmp_path / "dog2")
+    os.symlink(tmp_path, tmp_path / "cat" / "loop")
+    assert folder_images(tmp_path) == ["cat/0.png", "cat/1.png", "dog/0.png", "dog/1.png"]
