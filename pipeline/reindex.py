@@ -50,8 +50,10 @@ lock and write the report (outcome ``failed``, the signal as reason). For crash 
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -186,9 +188,7 @@ def run_reindex(config: ReindexConfig) -> ReindexReport:
             _run_steps(config, store, report)
         except Exception as e:
             report.outcome, report.reason = "failed", f"{type(e).__name__}: {e}"
-            current = store.current_index_or_none()
-            log.error("reindex failed, CURRENT %s (%s): %s", "unchanged" if current == report.previous_index
-                      else "moved to the corpus update", current, report.reason)
+            log.error("reindex failed (CURRENT: %s): %s", store.current_index_or_none(), report.reason)
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM within interrupts.sigterm_as_interrupt()
             report.outcome, report.reason, report.stopped_status = "failed", stop_reason(), stop_exit_status()
             raise ReindexInterrupted(report) from e
@@ -266,7 +266,7 @@ def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport) -> No
             if current_index is None:
                 raise
             report.candidate_error = f"{type(e).__name__}: {e}"
-            store_error = e if isinstance(e, OSError) else None
+            store_error = e if store_write_failure(e) else None
             log.warning("candidate model %s was not promoted (%s): publishing the corpus update embedded with the "
                         "served model %s instead", trained.version, report.candidate_error, report.current_model)
             report.chosen_model, report.new_index = report.current_model, None
@@ -284,6 +284,11 @@ def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport) -> No
         report.reason = f"{why}; " + (f"corpus update embedded with the served model {report.current_model} promoted"
                                       if updated else "the corpus is unchanged")
         if store_error is not None:  # not the candidate's fault: an operator must hear of it (exit 1, not 3 or 4)
+            try:  # first free what pruning frees: a full store must not stay full night after night
+                with step("prune"):
+                    report.metrics["pruned"] = prune(store, config.keep_versions, locked=True)
+            except Exception as e:
+                log.warning("pruning after the failed candidate failed too: %s: %s", type(e).__name__, e)
             raise StoreError(f"{report.reason}; the run fails: a store that cannot be written is no fault of the "
                              "candidate") from store_error
     if new_eval_set:  # the run succeeded: its new evaluation set is the frozen one from now on
@@ -367,6 +372,25 @@ def resolve_metadata(config: ReindexConfig, current_index, current_version: str 
     if config.metadata is not None:
         prepare_metadata(config.metadata)  # names the file and the reason
     return config.metadata
+
+
+# errno values that mean the store itself failed: full, over quota, not permitted, read-only, I/O.
+STORE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO})
+_ERRNO_IN_TEXT = re.compile(r"\[Errno (\d+)\]")
+
+
+def store_write_failure(error: BaseException) -> bool:
+    """Whether ``error`` is the environment failing rather than the candidate: an OSError (or
+    one in its chain of causes), or an error whose text carries a store errno (``[Errno 28]``):
+    Beam's runner re-raises a worker's OSError as a RuntimeError holding only its text."""
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, OSError):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return any(int(number) in STORE_ERRNOS for number in _ERRNO_IN_TEXT.findall(str(error)))
 
 
 def _embed_build_promote(config: ReindexConfig, store: Store, report: ReindexReport, step: _Steps, corpus: Path,

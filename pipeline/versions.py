@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from pathlib import Path
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -290,21 +291,32 @@ def _prune_embeddings(store: Store, keep_runs: int) -> list[str]:
     ``embeddings/<run>`` and ``embeddings/cache/<name>``."""
     from lookalike.pipeline.cache import cache_dir
 
+    def reindex_run_mtime(folder: Path) -> float | None:  # None: not a run reindex made (or not ours to read)
+        try:
+            return (folder / REINDEX_RUN_MARK).stat().st_mtime if folder.is_dir() else None
+        except OSError:  # e.g. another user's `lookalike embed` run, mode 700
+            return None
+
+    def delete(folder: Path, name: str) -> None:
+        shutil.rmtree(folder, ignore_errors=True)
+        if folder.exists():
+            log.warning("could not delete %s while pruning (permissions?): left in place", folder)
+        else:
+            removed.append(name)
+
     removed: list[str] = []
     if not store.embeddings_dir.is_dir():
         return removed
-    runs = [d for d in store.embeddings_dir.iterdir() if d.is_dir() and (d / REINDEX_RUN_MARK).is_file()]
-    for run in sorted(runs, key=lambda d: d.stat().st_mtime, reverse=True)[keep_runs:]:
-        shutil.rmtree(run, ignore_errors=True)
-        removed.append(f"embeddings/{run.name}")
+    runs = [(mtime, d) for d in store.embeddings_dir.iterdir() if (mtime := reindex_run_mtime(d)) is not None]
+    for _, run in sorted(runs, key=lambda run: run[0], reverse=True)[keep_runs:]:
+        delete(run, f"embeddings/{run.name}")
     caches = store.embeddings_dir / "cache"
     for cache in sorted(caches.iterdir()) if caches.is_dir() else []:
         model = cache.name.split("~")[0]
         if not cache.is_dir():
             continue
         if not (store.models_dir / model / "model.json").is_file() or cache.name != cache_dir(store.embeddings_dir, model).name:
-            shutil.rmtree(cache, ignore_errors=True)
-            removed.append(f"embeddings/cache/{cache.name}")
+            delete(cache, f"embeddings/cache/{cache.name}")
     return removed
 
 

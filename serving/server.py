@@ -99,7 +99,7 @@ class _Server(uvicorn.Server):
 def uvicorn_log_config() -> dict[str, Any]:
     """uvicorn's logging set-up with our time stamps: its own lines and the access log
     (one line per request, on stdout) read ``2026-11-30 20:31:02 INFO: 127.0.0.1:40274 -
-    "POST /v1/search/image HTTP/1.1" 200``, so a request can be matched to a swap's log line."""
+    "POST /v1/search/image HTTP/1.1" 200 OK``, so a request can be matched to a swap's log line."""
     config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     config["formatters"]["default"].update(fmt="%(asctime)s %(levelprefix)s %(message)s", datefmt=DATE_FORMAT)
     config["formatters"]["access"].update(

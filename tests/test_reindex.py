@@ -434,6 +434,24 @@ def test_a_full_disk_while_building_the_candidate_fails_the_run_rather_than_keep
     assert leftovers == []  # the failed candidate's folder is removed
     report_md = max((store.root / "reports").glob("*/report.md"), key=lambda p: p.stat().st_mtime).read_text()
     assert "| build |" in report_md and "no: [Errno 28] No space left on device" in report_md
+    assert "| prune |" in report_md  # what pruning frees is freed before the run fails: a full store must not stay full
+
+
+@pytest.mark.parametrize("error, store_fault", [
+    (OSError(28, "No space left on device"), True),
+    (PermissionError(13, "Permission denied"), True),
+    (RuntimeError("OSError: [Errno 28] No space left on device [while running 'ReadChunk']"), True),  # Beam's re-raise
+    (RuntimeError("[Errno 122] Disk quota exceeded"), True),
+    (RuntimeError("canary self-retrieval 0.5 below 0.9"), False),
+    (ValueError("[Errno 2] not a store errno in a message"), False),
+])
+def test_what_counts_as_the_store_failing_rather_than_the_candidate(error, store_fault):
+    from lookalike.pipeline.reindex import store_write_failure
+
+    assert store_write_failure(error) is store_fault
+    wrapped = RuntimeError("stage failed")
+    wrapped.__cause__ = error
+    assert store_write_failure(wrapped) is (store_fault and isinstance(error, OSError))
 
 
 def test_versions_list_and_bad_promotion(store):
