@@ -159,6 +159,8 @@ class DecodeBatchFn(beam.DoFn):
             if errors:
                 yield from self._dead(uris, "thumbnail", errors[0])
                 continue
+            if len(uris) > 1:  # counted among embedded files only, as the items show it on every runner
+                self._inc(self._duplicates, len(uris) - 1)
             for meta, item_pixels in items:
                 metas.append(meta)
                 pixels.append(item_pixels)
@@ -189,8 +191,6 @@ class DecodeBatchFn(beam.DoFn):
                     self._undecodable.append({"source_hash": source_hash, "stage": "decode", "reason": str(decoded)})
                 yield from self._dead(uris, "decode", decoded)
                 continue
-            if len(uris) > 1:  # counted among embedded files only, as the items show it on every runner
-                self._inc(self._duplicates, len(uris) - 1)
             items, futures = decoded
             if self._pending and self._pending_items + len(items) > self._batch_size:
                 yield from self._emit()
