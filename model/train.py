@@ -330,15 +330,25 @@ def train_on_arrays(
 # about a float32 and a bool per element at their peak.
 CUBIC_MINING = ("batch_all", "semi_hard")
 CUBIC_BYTES_PER_ELEMENT = 5
+CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # v2, v1
 
 
 def memory_bytes(device: Any) -> int | None:
-    """The memory a computation on ``device`` can use: a GPU's or TPU's own, the host's RAM for a CPU."""
+    """The memory a computation on ``device`` can use: a GPU's or TPU's own; for a CPU the
+    host's RAM, or the container's memory limit (cgroup) when lower."""
     if device.platform == "cpu":
         try:
-            return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+            ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
         except (ValueError, OSError):
             return None
+        for limit_file in CGROUP_MEMORY_LIMITS:  # a container's limit (docker --memory) is below the host's RAM
+            try:
+                text = Path(limit_file).read_text().strip()
+            except OSError:
+                continue
+            if text.isdigit():
+                ram = min(ram, int(text))
+        return ram
     stats = device.memory_stats() or {}
     return stats.get("bytes_limit")
 
