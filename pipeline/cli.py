@@ -27,6 +27,7 @@ from lookalike.pipeline.cli_options import (  # noqa: F401 (DEFAULT_WORKDIR, _fl
     attach_negative_values, misspelled_pass_through,
 )
 from lookalike.pipeline.cli_store import add_store_commands
+from lookalike.pipeline.interrupts import request_stop
 from lookalike.pipeline.logs import configure_logging, quiet_library_noise
 
 log = logging.getLogger("lookalike")
@@ -59,10 +60,18 @@ class _Terminated:
 
     def __call__(self, signum: int, frame: object) -> None:
         self.signum = signum
+        request_stop(signum)  # if this exit is swallowed (a gc callback), the run still stops before publishing
         handler = signal.getsignal(signal.SIGINT)
         if getattr(handler, "stops_workers", False):  # the local runner's: SIGTERM its worker processes first
             handler(signal.SIGINT, frame)  # (else Beam waits for their bundles, and a worker may abort); raises
         raise SystemExit(128 + signum)
+
+
+def _interrupt_noted(signum: int, frame: object) -> None:
+    """Ctrl-C as Python's own handler takes it (KeyboardInterrupt), also noted for the run's
+    checkpoints in case that exception is swallowed (``interrupts.request_stop``)."""
+    request_stop(signum)
+    raise KeyboardInterrupt
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
@@ -74,6 +83,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     terminated = _Terminated()
     previous = signal.signal(signal.SIGTERM, terminated)
+    previous_int = signal.signal(signal.SIGINT, _interrupt_noted)  # the pipeline's own handler replaces it meanwhile
     try:
         summary = run_embed(EmbedConfig(
             workdir=args.workdir, corpus=args.corpus, list_file=args.list_file, tfds=args.tfds,
@@ -94,6 +104,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         return 128 + terminated.signum
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     _print_json(asdict(summary))
     return 0
 

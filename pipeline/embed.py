@@ -44,6 +44,7 @@ from lookalike.pipeline.graph import (LISTING_IN_GRAPH_MAX, LOCAL_RUNNER, THUMBN
                                       build_pipeline, local_runner, pipeline_options)
 from lookalike.pipeline.index_shards import build_index_shard, collect_shard_entries
 from lookalike.pipeline.inference import discard_preloaded, preload_encoder
+from lookalike.pipeline.interrupts import raise_if_stopped, stop_mark
 from lookalike.pipeline.items import split_by_shard
 from lookalike.model.store_lock import StoreLock
 from lookalike.pipeline.listing import write_listing
@@ -123,6 +124,7 @@ def _execute(run: EmbedRun, started: float, index_dir: str | None,
                 client.close()
             if run.listing_file is not None:
                 Path(run.listing_file).unlink(missing_ok=True)
+        raise_if_stopped("after the pipeline", run.stop_mark)  # a stop whose exception Beam or a gc callback swallowed
         counted = counter_values(result)
         if not run.progress_total and run.files_to_read:  # the workers logged their shares: the whole, once
             workers = f"{config.num_workers} worker processes" if config.runner == LOCAL_RUNNER else "the workers"
@@ -267,14 +269,15 @@ def run_embed(config: EmbedConfig) -> EmbedSummary:
     A run that publishes holds the store lock throughout (``publish_lock``): LockHeldError,
     before any work, while another run holds it."""
     started = time.perf_counter()
+    mark = stop_mark()
     validate_config(config)
     keep_freed_memory()
     store = Store.at(config.workdir)
     with publish_lock(store, config.publish):
-        return _run_embed(config, store, started)
+        return _run_embed(config, store, started, mark)
 
 
-def _run_embed(config: EmbedConfig, store: Store, started: float) -> EmbedSummary:
+def _run_embed(config: EmbedConfig, store: Store, started: float, mark: int = 0) -> EmbedSummary:
     model_dir = store.require_model(config.model_version)
     meta = read_model_meta(model_dir)
     config, corpus = _resolve_corpus(config, store)
@@ -300,7 +303,7 @@ def _run_embed(config: EmbedConfig, store: Store, started: float) -> EmbedSummar
     clean_partial_indexes(store)  # never one a running embed is writing
     held = _claim_run_dir(run_dir)
     run = EmbedRun(config, store, meta, str(model_dir), pattern, root, run_dir, total=0, tfds_ranges=tfds_ranges,
-                   metadata=metadata)
+                   metadata=metadata, stop_mark=mark)
     try:
         return _list_and_run(run, started)
     except BaseException:
@@ -486,8 +489,12 @@ def _publish(run: EmbedRun, started: float, reused: pa.Table | None) -> EmbedSum
                        metadata=done[0].metadata if run.metadata is not None else None,  # with unmatched_ids
                        source=embed_source(run.config, run.pattern, run.store.root))
 
+    def write_unless_stopped(tmp: Path) -> None:
+        write(tmp)
+        raise_if_stopped("before publishing", run.stop_mark)  # never publish after a stop signal, even a swallowed one
+
     try:
-        index_version = publish_atomically(run.store, write, make_current=True, reason=f"embed run {run.run_dir.name}",
+        index_version = publish_atomically(run.store, write_unless_stopped, make_current=True, reason=f"embed run {run.run_dir.name}",
                                            store_locked=True)  # held by this run since its start
     except _KeepCurrent as keep:  # publish_atomically removed the index built meanwhile
         summary = done[0]

@@ -123,6 +123,7 @@ class EmbedRun:
     tfds_ranges: list[tuple[str, int, int]] | None = None  # a TFDS source's (split, start, stop) example ranges, one element each
     metadata: MetadataSpec | None = None  # the checked --metadata file, joined onto every shard
     redo_sources: frozenset[str] = frozenset()  # cached source hashes whose thumbnails are gone: decoded again
+    stop_mark: int = 0  # interrupts.stop_mark() when the run started: a stop signal since then ends it before publishing
 
     @property
     def files_to_read(self) -> int:

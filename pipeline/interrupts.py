@@ -26,6 +26,29 @@ log = logging.getLogger(__name__)
 _received: int | None = None  # the signal that stopped the job (None: none, or Ctrl-C)
 
 
+_stops: list[int] = []  # every stop signal that arrived, also those whose exception was lost
+
+
+def request_stop(signum: int) -> None:
+    """Note that ``signum`` asked the job to stop. A handler's KeyboardInterrupt or SystemExit
+    can be lost: raised while the main thread runs a garbage-collection callback ("Exception
+    ignored in ..."), or inside library code that catches everything; ``raise_if_stopped``
+    at the job's checkpoints (before it publishes) then stops it anyway."""
+    _stops.append(signum)
+
+
+def stop_mark() -> int:
+    """A mark of the stop signals so far: ``raise_if_stopped(where, mark)`` looks only at later ones."""
+    return len(_stops)
+
+
+def raise_if_stopped(where: str, since: int) -> None:
+    """KeyboardInterrupt if a stop signal arrived after mark ``since`` and the job went on."""
+    if len(_stops) > since:
+        log.debug("stop signal %d noted earlier: stopping %s", _stops[-1], where)
+        raise KeyboardInterrupt(f"signal {_stops[-1]}")
+
+
 def stop_reason() -> str:
     """Why the job got KeyboardInterrupt: ``terminated (SIGTERM)`` or ``interrupted (SIGINT)``."""
     return "terminated (SIGTERM)" if _received == signal.SIGTERM else "interrupted (SIGINT)"
@@ -46,6 +69,7 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     if _received == signal.SIGTERM:
         return  # already stopping: a second SIGTERM must not cut the cleanup short
     _received = signum
+    request_stop(signum)
     log.warning("SIGTERM received: stopping as for Ctrl-C")
     handler = signal.getsignal(signal.SIGINT)
     if callable(handler):

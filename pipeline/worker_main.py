@@ -14,6 +14,7 @@ import sys
 from lookalike.pipeline.logs import configure_logging
 
 WORKER_PIDS_ENV = "LOOKALIKE_WORKER_PIDS"  # the folder where each worker process registers its pid (workers.stop_workers)
+STOP_FILE = "stop"  # in that folder once the run was stopped: a worker starting after it exits at once
 
 
 def worker_label() -> str:
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     pids_dir = os.environ.get(WORKER_PIDS_ENV)
     if pids_dir and os.path.isdir(pids_dir):
         open(os.path.join(pids_dir, str(os.getpid())), "w").close()
+        if os.path.exists(os.path.join(pids_dir, STOP_FILE)):  # the run was stopped while this worker started
+            sys.exit(0)
     from apache_beam.runners.worker import sdk_worker_main
 
     sdk_worker_main.main(sys.argv)

@@ -35,7 +35,8 @@ from apache_beam.options.pipeline_options import DirectOptions
 from apache_beam.portability import python_urns
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-from lookalike.pipeline.worker_main import WORKER_PIDS_ENV, worker_label
+from lookalike.pipeline.interrupts import request_stop
+from lookalike.pipeline.worker_main import STOP_FILE, WORKER_PIDS_ENV, worker_label
 
 
 def worker_command(pids_dir: str, verbose: bool) -> str:
@@ -48,6 +49,8 @@ def stop_workers(pids_dir: str) -> int:
     """SIGTERM every worker process registered in ``pids_dir`` (none if ""); how many were signalled."""
     stopped = 0
     for name in os.listdir(pids_dir) if pids_dir and os.path.isdir(pids_dir) else []:
+        if name == STOP_FILE:
+            continue
         try:
             os.kill(int(name), signal.SIGTERM)
             stopped += 1
@@ -105,10 +108,13 @@ def _interrupt_stops_workers(pids_dir: str) -> Iterator[None]:
     quiet = _AfterInterrupt()
 
     def on_sigint(signum: int, frame: Any) -> None:
+        request_stop(signum)
         if not interrupted.is_set():
             interrupted.set()
             for handler in logging.getLogger().handlers:
                 handler.addFilter(quiet)
+            if pids_dir:  # a worker that starts from now on exits at once (worker_main)
+                open(os.path.join(pids_dir, STOP_FILE), "w").close()
             stop_workers(pids_dir)
         raise KeyboardInterrupt
 
@@ -121,6 +127,8 @@ def _interrupt_stops_workers(pids_dir: str) -> Iterator[None]:
     threading.excepthook = quiet_worker_threads
     try:
         yield
+        if interrupted.is_set():  # its KeyboardInterrupt was swallowed on the way (by Beam, or a gc callback)
+            raise KeyboardInterrupt
     except Exception as e:
         if interrupted.is_set():
             raise KeyboardInterrupt from e
