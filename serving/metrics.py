@@ -128,7 +128,9 @@ class RequestMetrics:
 
 @lru_cache(maxsize=1024)
 def _endpoint(path: str) -> str:
-    return _CONVERTOR.sub(r"{\1}", path)
+    """A route's label: convertors dropped (as in the OpenAPI spec) and a trailing slash too
+    (``.../similar/`` is the same resource as ``.../similar``: one series)."""
+    return _CONVERTOR.sub(r"{\1}", path).rstrip("/") or "/"
 
 
 def endpoint_of(scope: Scope) -> str:

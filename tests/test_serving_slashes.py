@@ -24,6 +24,15 @@ def test_a_search_with_a_trailing_slash_is_answered_not_redirected(http: httpx.C
         assert response.status_code == 200 and response.json() == http.get(path[:-1]).json(), path
 
 
+def test_included_routers_and_item_urls_take_a_trailing_slash_too(http: httpx.Client) -> None:
+    """The admin and item routes come from included routers; an item id never ends in '/'."""
+    reload = http.post("/v1/admin/reload/")  # no token configured: the route's own answer, not a redirect
+    assert reload.status_code == http.post("/v1/admin/reload").status_code != 307, reload.text
+    item = http.get("/v1/items/3/digit_0003.png/")
+    assert item.status_code == 200 and item.json()["id"] == "3/digit_0003.png", item.text
+    assert http.get("/healthz//").status_code == 200
+
+
 def test_only_known_paths_lose_their_slash(http: httpx.Client) -> None:
     assert http.get("/").status_code == 200
     for path in ("/no/such/page/", "/v1/search/", "/v1/items/"):
@@ -34,6 +43,10 @@ def test_only_known_paths_lose_their_slash(http: httpx.Client) -> None:
 
 
 def test_metrics_label_a_slashed_request_by_its_route(http: httpx.Client) -> None:
+    similar = http.get("/v1/items/3/digit_0003.png/similar/", params={"k": 2})
+    assert similar.status_code == 200
+    assert 'endpoint="/v1/items/{item_id}/similar/"' not in http.get("/metrics").text  # one series per resource
+
     def count() -> float:
         for family in text_string_to_metric_families(http.get("/metrics").text):
             for s in family.samples:
