@@ -56,14 +56,18 @@ def walk_folders(root: str | Path, onerror: Callable[[OSError], None] | None = N
     yield from walk_folder_trees([root], onerror)
 
 
+# How a folder was reached, best first: without links; inside a root that is itself a link (a
+# class folder linking to its images); through a link below a root.
+DIRECT, ROOT_LINK, INNER_LINK = 0, 1, 2
+
+
 def walk_folder_trees(roots: Sequence[str | Path], onerror: Callable[[OSError], None] | None = None,
                       never: Collection[str | Path] = ()) -> Iterator[tuple[str, list[str]]]:
     """``walk_folders`` over several ``roots`` at once: each real folder once over all of
-    them, by a path without links where there is one (a root that is itself a symlink counts
-    as reached through a link). Folders in ``never`` (and what is only reachable through
-    them) are not walked."""
-    walked: dict[tuple[int, int], tuple[str, list[str], bool]] = {}  # real folder -> (path, names, via a link)
-    via_link: set[str] = set()  # folders whose path passes through a symlinked folder
+    them, by its best path (``DIRECT`` < ``ROOT_LINK`` < ``INNER_LINK``; the first reached
+    among equals). Folders in ``never`` (and what is only reachable through them) are not walked."""
+    walked: dict[tuple[int, int], tuple[str, list[str], int]] = {}  # real folder -> (path, names, how reached)
+    reached: dict[str, int] = {}  # how a folder to be walked was reached, when not DIRECT
     skip = set()
     for folder in never:
         try:
@@ -73,23 +77,25 @@ def walk_folder_trees(roots: Sequence[str | Path], onerror: Callable[[OSError], 
             pass
     for root in map(str, roots):
         if os.path.islink(root):
-            via_link.add(root)
+            reached[root] = ROOT_LINK
         for dirpath, dirnames, names in os.walk(root, onerror=onerror or warn_unreadable_folder, followlinks=True):
             try:
                 st = os.stat(dirpath)
             except OSError:
                 continue
             key = (st.st_dev, st.st_ino)
-            linked = dirpath in via_link
+            how = reached.get(dirpath, DIRECT)
             before = walked.get(key)
-            if key in skip or (before is not None and (linked or not before[2])):  # never, or no better: walked
+            if key in skip or (before is not None and before[2] <= how):  # never, or no better: walked
                 dirnames[:] = []
                 continue
-            walked[key] = (dirpath, names, linked)  # first, or the path without links replaces it
+            walked[key] = (dirpath, names, how)  # first, or a better path replaces it
             for name in dirnames:
                 child = os.path.join(dirpath, name)
-                if linked or os.path.islink(child):
-                    via_link.add(child)
+                if os.path.islink(child):
+                    reached[child] = INNER_LINK
+                elif how != DIRECT:
+                    reached[child] = how
     for dirpath, names, _ in walked.values():  # in the order first reached
         yield dirpath, names
 

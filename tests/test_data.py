@@ -287,3 +287,25 @@ def test_classes_that_are_all_links_to_one_folder_keep_its_images_once(tmp_path)
         os.symlink(real, root / name)
     data = load_labelled_folder(root, PreprocessSpec(image_size=8, channels=1))
     assert data.class_names == ["birds_a", "cat"] and np.bincount(data.labels).tolist() == [3, 2]
+
+
+def test_a_class_that_links_to_its_images_keeps_them_from_a_link_inside_another_class(tmp_path):
+    """h1 -> ext and dog/cats -> ext: the class folder's own link wins, whatever the walk order."""
+    import os
+
+    ext = tmp_path / "ext"
+    ext.mkdir()
+    for i in range(3):
+        Image.new("L", (8, 8), 10 + i).save(ext / f"{i}.png")
+    root = tmp_path / "data"
+    (root / "dog").mkdir(parents=True)
+    for i in range(2):
+        Image.new("L", (8, 8), 200 + i).save(root / "dog" / f"{i}.png")
+    for class_name in ("a_first", "z_last"):
+        os.symlink(ext, root / class_name)
+        os.symlink(ext, root / "dog" / "cats")
+        data = load_labelled_folder(root, PreprocessSpec(image_size=8, channels=1))
+        counts = dict(zip(data.class_names, np.bincount(data.labels).tolist()))
+        assert counts == {class_name: 3, "dog": 2}, counts
+        os.unlink(root / class_name)
+        os.unlink(root / "dog" / "cats")
