@@ -215,7 +215,7 @@ def _parse_value(name: str, current: Any, text: str) -> Any:
         if parts and not parts[-1] and len(parts) > 1:
             parts.pop()  # one trailing comma: "16," is the tuple (16,)
         if not all(parts):
-            raise ValueError(f"--set {name}={text}: expected integers separated by single commas, e.g. 16,32")
+            raise ValueError("expected integers separated by single commas, e.g. 16,32")
         return tuple(int(v) for v in parts)
     if isinstance(current, int):
         return int(text)

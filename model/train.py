@@ -293,14 +293,19 @@ def train_on_arrays(
                     _failpoint(f"train.after_checkpoint.{step}")
                 if evaluating or checkpointing:
                     side_s += time.perf_counter() - side_started
-                progress.update(step, extra=last_value_note(history, "loss", step))
+                if not last:  # the last step's line is progress.done()'s
+                    progress.update(step, extra=last_value_note(history, "loss", step))
+                else:
+                    progress.count = step
                 last_step = step
                 if last:
                     if step < config.num_steps:
                         log.warning("time budget of %.1f min used up: training stops at step %d of %d",
                                     config.max_train_minutes, step, config.num_steps)
                     break
-        progress.done("stopped by the time budget" if last_step < config.num_steps else "")
+        progress.done(", ".join(note for note in (last_value_note(history, "loss", last_step),
+                                                   "stopped by the time budget" if last_step < config.num_steps else "")
+                                if note))
         loop_s = time.perf_counter() - loop_started - side_s
         plot_history(history, run_dir / "training.png")
         metrics: dict[str, Any] = {"train_images": int(len(train_idx)), "val_images": int(len(val_idx)),
@@ -330,6 +335,7 @@ def train_on_arrays(
 # about a float32 and a bool per element at their peak.
 CUBIC_MINING = ("batch_all", "semi_hard")
 CUBIC_BYTES_PER_ELEMENT = 5
+SQUARE_BYTES_PER_ELEMENT = 16  # batch_hard: distances, masks and the masked copies, [B, B] each
 CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # v2, v1
 
 
@@ -355,21 +361,25 @@ def memory_bytes(device: Any) -> int | None:
 
 def check_triplet_memory(config: TrainConfig, images_per_step: int, mesh: Mesh) -> None:
     """Refuse, before any work, a triplet batch whose mining needs more than half the
-    device's memory: ``pk_images=1000`` once ended in a raw XLA out-of-memory error (67 GB)."""
-    if config.loss != "triplet" or config.mining not in CUBIC_MINING:
+    device's memory: ``pk_images=1000`` once ended in a raw XLA out-of-memory error (67 GB).
+    batch_all and semi_hard hold [B, B, B] tensors, batch_hard [B, B] ones."""
+    if config.loss != "triplet":
         return
-    needed = images_per_step ** 3 * CUBIC_BYTES_PER_ELEMENT
+    power, per_element = (3, CUBIC_BYTES_PER_ELEMENT) if config.mining in CUBIC_MINING else (2, SQUARE_BYTES_PER_ELEMENT)
+    needed = images_per_step ** power * per_element
     device = mesh.devices.flat[0]
     available = memory_bytes(device)  # CPU devices share the host's RAM; accelerators each have their own
     if available is not None and device.platform != "cpu":
         available *= mesh.devices.size
     if available is not None and needed > available / 2:
-        largest = int((available / 2 / CUBIC_BYTES_PER_ELEMENT) ** (1 / 3))
+        largest = int((available / 2 / per_element) ** (1 / power))
+        what = "every (anchor, positive, negative)" if power == 3 else "every pair"
+        other = " or use mining=batch_hard (memory grows with the square)" if power == 3 else ""
         raise ValueError(
-            f"config pk_classes={config.pk_classes} x pk_images={config.pk_images}: {images_per_step} images/step, and "
-            f"mining={config.mining} compares every (anchor, positive, negative) of a batch: about "
+            f"config pk_classes={config.pk_classes} x pk_images={config.pk_images} gives {images_per_step} images/step "
+            f"(P at most the classes that have images), and mining={config.mining} compares {what} of a batch: about "
             f"{needed / 2**30:,.0f} GiB, more than half of the {available / 2**30:.0f} GiB here; keep a batch under "
-            f"~{largest} images (lower pk_classes or pk_images) or use mining=batch_hard (memory grows with the square)")
+            f"~{largest:,} images (lower pk_classes or pk_images){other}")
 
 
 def can_validate(y_val: np.ndarray) -> bool:

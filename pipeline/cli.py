@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from lookalike.pipeline.cli_options import (  # noqa: F401 (DEFAULT_WORKDIR, _float_in: re-exported)
     DEFAULT_PORT, DEFAULT_WORKDIR, MAX_RESULTS, NON_EMPTY, PORT, POSITIVE, RESULT_COUNT, _add_train_config, _add_workdir,
     _DefaultsHelpFormatter, _float_in, _int_at_least, _print_json, _train_config, add_metadata_option,
-    attach_negative_values, misspelled_pass_through,
+    attach_negative_values, misspelled_pass_through, watch_interval,
 )
 from lookalike.pipeline.cli_store import add_store_commands
 from lookalike.pipeline.interrupts import request_stop
@@ -281,8 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_workdir(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; use 0.0.0.0 deliberately)")
     p.add_argument("--port", type=PORT, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
-    p.add_argument("--watch-interval-s", type=_float_in(0.0, 3600.0), default=2.0,
-                   help="how often to check CURRENT for a new index version, 0-3600 (0: never; POST /v1/admin/reload "
+    p.add_argument("--watch-interval-s", type=watch_interval, default=2.0,
+                   help="how often to check CURRENT for a new index version, 0.1-3600 (0: never; POST /v1/admin/reload "
                         "still works)")
     p.add_argument("--max-batch", type=POSITIVE, default=64, help="most searches answered by one ScaNN call (1: no batching)")
     p.add_argument("--max-embed-batch", type=POSITIVE, default=16,

@@ -44,6 +44,17 @@ def _float_in(low: float, high: float, *, low_open: bool = False):
     return parse
 
 
+def watch_interval(text: str) -> float:
+    """``serve --watch-interval-s``: 0 (never) or 0.1-3600 s (a nanosecond interval kept a
+    core busy polling CURRENT)."""
+    value = _float_in(0.0, 3600.0)(text)
+    if 0 < value < MIN_WATCH_INTERVAL_S:
+        raise argparse.ArgumentTypeError(f"must be 0 (never) or from {MIN_WATCH_INTERVAL_S:g} to 3600 seconds, "
+                                         f"got {value:g}")
+    return value
+
+
+MIN_WATCH_INTERVAL_S = 0.1
 POSITIVE = _int_at_least(1)
 # Results a query may ask for: the server's limit (``lookalike.serving.schemas.MAX_K``, not
 # imported here: the CLI parses its arguments without loading the server's modules).

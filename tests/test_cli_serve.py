@@ -118,3 +118,15 @@ def test_the_access_log_is_time_stamped_or_off(indexed_store: Store, quiet: bool
         assert len(requests) == 1 and re.match(rf"{stamp} INFO: +127\.0\.0\.1:\d+ - ", requests[0]), out[-2000:]
     uvicorn_lines = [line for line in err.splitlines() if "Uvicorn running" in line or "Shutting down" in line]
     assert uvicorn_lines and all(re.match(rf"{stamp} INFO: ", line) for line in uvicorn_lines), err[-2000:]
+
+
+@pytest.mark.parametrize("value, ok", [("0", True), ("0.1", True), ("3600", True), ("1e-9", False), ("0.05", False)])
+def test_the_watch_interval_is_never_or_at_least_a_tenth_of_a_second(capsys, value: str, ok: bool) -> None:
+    """1e-9 kept a core busy polling CURRENT."""
+    from lookalike.pipeline.cli import build_parser
+
+    if ok:
+        assert build_parser().parse_args(["serve", "--watch-interval-s", value]).watch_interval_s == float(value)
+        return
+    code, err = run(capsys, "serve", "--watch-interval-s", value)
+    assert code == 2 and "--watch-interval-s" in err and "must be 0 (never) or from 0.1 to 3600 seconds" in err, err

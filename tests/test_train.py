@@ -132,6 +132,8 @@ def test_a_time_budget_stops_training_early_and_keeps_a_usable_model(tiny_config
         model, metrics, _ = train_on_arrays(config, LabelledImages(x, y, [], [], []), tmp_path)
     assert "training on 48 images of 6 classes (12 held out)" in caplog.text
     assert (metrics["images_per_step"], metrics["devices"]) == (2 * config.batch_pairs, 1)  # the batch actually used
+    last = [m for m in caplog.messages if m.startswith(f"train: {metrics['steps']}/")]
+    assert len(last) == 1 and "stopped by the time budget - done in" in last[0] and "ETA" not in last[0], last
     assert 1 <= metrics["steps"] < 100_000 and metrics["planned_steps"] == 100_000
     assert metrics["best_step"] == metrics["steps"]  # the stopping step was evaluated and checkpointed
     assert np.isfinite(metrics["map_at_r"])
@@ -228,8 +230,11 @@ def test_a_triplet_batch_too_big_to_mine_is_refused_before_any_work(tiny_config,
     data = LabelledImages(rng.random((40, 16, 16, 1)).astype(np.float32), np.repeat(np.arange(4), 10).astype(np.int32),
                           list("abcd"), [], [])
     config = dataclasses.replace(tiny_config, loss="triplet", mining="semi_hard", pk_classes=4, pk_images=1000)
-    with pytest.raises(ValueError, match=r"pk_classes=4 x pk_images=1000: 4000 images/step.*mining=semi_hard.*GiB"):
+    with pytest.raises(ValueError, match=r"pk_classes=4 x pk_images=1000 gives 4000 images/step.*mining=semi_hard.*GiB"):
         train_on_arrays(config, data, tmp_path)
+    huge = dataclasses.replace(config, mining="batch_hard", pk_images=1_000_000)  # square, but of a million images
+    with pytest.raises(ValueError, match=r"4000000 images/step.*mining=batch_hard compares every pair"):
+        train_on_arrays(huge, data, tmp_path)
     assert not (tmp_path / "training.png").exists()
     hard = dataclasses.replace(config, mining="batch_hard", pk_images=4, num_steps=2)  # square memory: fine
     train_on_arrays(hard, data, tmp_path)
