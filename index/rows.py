@@ -12,9 +12,11 @@ into dicts on access (~6 us); rows added by updates are kept as dicts.
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, overload
 
 import numpy as np
@@ -57,8 +59,15 @@ def write_items_parquet(items: pa.Table, path: str | Any) -> None:
     the embedding column (float noise; strings keep snappy). 50,000 items in 60 instead of
     105 ms, and a smaller file than with pyarrow's defaults."""
     names = items.column_names
-    pq.write_table(items, path, use_dictionary=[c for c in LOW_CARDINALITY_COLUMNS if c in names],
-                   write_statistics=False, compression={c: "none" if c == "embedding" else "snappy" for c in names})
+    try:
+        pq.write_table(items, path, use_dictionary=[c for c in LOW_CARDINALITY_COLUMNS if c in names],
+                       write_statistics=False, compression={c: "none" if c == "embedding" else "snappy" for c in names})
+    except OSError as e:  # Arrow's "Error writing bytes to file ... [errno 28]" names no file
+        if e.filename is not None or not isinstance(path, (str, os.PathLike)):
+            raise
+        from lookalike.index.writes import write_failure
+
+        raise write_failure(Path(path), e) from e
 
 
 class ReadWriteLock:

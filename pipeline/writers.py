@@ -12,12 +12,14 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from pathlib import Path
 from typing import Any
 
 import apache_beam as beam
 import pyarrow as pa
 
 from lookalike.index.rows import write_items_parquet
+from lookalike.index.writes import write_failure
 
 
 def write_atomically(path: str, write) -> None:
@@ -26,9 +28,11 @@ def write_atomically(path: str, write) -> None:
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError) and e.filename is None:  # Arrow's write errors name no file
+            raise write_failure(Path(path), e) from e
         raise
 
 

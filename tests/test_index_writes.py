@@ -53,3 +53,20 @@ def test_a_failure_with_room_left_is_an_io_error_that_keeps_the_cause(tmp_path):
     error = write_failure(tmp_path / "x.npy", RuntimeError("Failed to extract: I/O error"))
     assert error.errno == errno.EIO and error.filename == str(tmp_path / "x.npy")
     assert "RuntimeError: Failed to extract: I/O error" in str(error)
+
+
+def test_a_parquet_write_on_a_full_disk_names_the_file(full_folder):
+    """Arrow says "Error writing bytes to file ... [errno 28]" and names no file."""
+    import pyarrow as pa
+
+    from lookalike.index.rows import write_items_parquet
+    from lookalike.pipeline.writers import write_items_shard
+
+    items = pa.table({"id": [f"{i:06d}" for i in range(20_000)], "embedding": [[0.5] * 8] * 20_000})
+    with pytest.raises(OSError) as raised:
+        write_items_parquet(items, full_folder / "items.parquet")
+    assert raised.value.errno == errno.ENOSPC and raised.value.filename == str(full_folder / "items.parquet")
+    with pytest.raises(OSError) as shard:
+        write_items_shard(str(full_folder / "embeddings"), 0, 1, items)
+    assert shard.value.errno == errno.ENOSPC and "embeddings-00000-of-00001.parquet" in shard.value.filename
+    assert [p.name for p in full_folder.iterdir()] == ["filler"]  # no partial file left
