@@ -100,7 +100,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
         if terminated.signum is None:
             raise
         log.warning("embed stopped by signal %d: nothing published; every finished batch is in the embedding cache "
-                    "(rerun with --incremental to resume), the rest of the run's files are removed", terminated.signum)
+                    "(rerun with --incremental to resume)", terminated.signum)
         return 128 + terminated.signum
     finally:
         signal.signal(signal.SIGTERM, previous)
