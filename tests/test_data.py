@@ -272,17 +272,20 @@ def test_a_class_linked_into_a_hidden_pool_keeps_its_images_and_one_linked_into_
     assert not [p for p in data.paths if "/.pool/" in p]  # listed by the class's path
 
 
+def write_pngs(folder: Path, count: int, shade: int) -> Path:
+    """``count`` distinct 8x8 gray PNGs in ``folder`` (created)."""
+    folder.mkdir(parents=True)
+    for i in range(count):
+        Image.new("L", (8, 8), shade + i).save(folder / f"{i}.png")
+    return folder
+
+
 def test_classes_that_are_all_links_to_one_folder_keep_its_images_once(tmp_path):
     import os
 
-    real = tmp_path / "elsewhere" / "birds"
-    real.mkdir(parents=True)
-    for i in range(3):
-        Image.new("L", (8, 8), 10 + i).save(real / f"{i}.png")
+    real = write_pngs(tmp_path / "elsewhere" / "birds", 3, 10)
     root = tmp_path / "data"
-    (root / "cat").mkdir(parents=True)
-    for i in range(2):
-        Image.new("L", (8, 8), 200 + i).save(root / "cat" / f"{i}.png")
+    write_pngs(root / "cat", 2, 200)
     for name in ("birds_b", "birds_a"):
         os.symlink(real, root / name)
     data = load_labelled_folder(root, PreprocessSpec(image_size=8, channels=1))
@@ -293,14 +296,9 @@ def test_a_class_that_links_to_its_images_keeps_them_from_a_link_inside_another_
     """h1 -> ext and dog/cats -> ext: the class folder's own link wins, whatever the walk order."""
     import os
 
-    ext = tmp_path / "ext"
-    ext.mkdir()
-    for i in range(3):
-        Image.new("L", (8, 8), 10 + i).save(ext / f"{i}.png")
+    ext = write_pngs(tmp_path / "ext", 3, 10)
     root = tmp_path / "data"
-    (root / "dog").mkdir(parents=True)
-    for i in range(2):
-        Image.new("L", (8, 8), 200 + i).save(root / "dog" / f"{i}.png")
+    write_pngs(root / "dog", 2, 200)
     for class_name in ("a_first", "z_last"):
         os.symlink(ext, root / class_name)
         os.symlink(ext, root / "dog" / "cats")
