@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, overload
 
@@ -59,15 +59,12 @@ def write_items_parquet(items: pa.Table, path: str | Any) -> None:
     the embedding column (float noise; strings keep snappy). 50,000 items in 60 instead of
     105 ms, and a smaller file than with pyarrow's defaults."""
     names = items.column_names
-    try:
+    from lookalike.index.writes import failures_named
+
+    # Arrow's "Error writing bytes to file ... [errno 28]" names no file
+    with failures_named(Path(path)) if isinstance(path, (str, os.PathLike)) else nullcontext():
         pq.write_table(items, path, use_dictionary=[c for c in LOW_CARDINALITY_COLUMNS if c in names],
                        write_statistics=False, compression={c: "none" if c == "embedding" else "snappy" for c in names})
-    except OSError as e:  # Arrow's "Error writing bytes to file ... [errno 28]" names no file
-        if e.filename is not None or not isinstance(path, (str, os.PathLike)):
-            raise
-        from lookalike.index.writes import write_failure
-
-        raise write_failure(Path(path), e) from e
 
 
 class ReadWriteLock:

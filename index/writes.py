@@ -13,6 +13,8 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,25 +39,32 @@ def write_failure(path: Path, error: BaseException) -> OSError:
     return OSError(errno.EIO, f"writing failed: {type(error).__name__}: {error}", str(path))
 
 
-def save_array(path: Path, array: np.ndarray) -> None:
-    """``np.save(path, array)``; a failed write raises ``write_failure``."""
+@contextmanager
+def failures_named(path: Path, *, runtime_errors: bool = False) -> Iterator[None]:
+    """Within the block, an OSError that names no file (and, with ``runtime_errors``, a
+    RuntimeError: ScaNN's) becomes ``write_failure(path, error)``; one that names its file
+    (open() failed) stays as it is."""
     try:
-        np.save(path, array)
+        yield
     except OSError as e:
-        if e.errno is not None and e.filename is not None:  # open() failed: the path is already named
+        if e.errno is not None and e.filename is not None:
             raise
         raise write_failure(path, e) from e
+    except RuntimeError as e:
+        if not runtime_errors:
+            raise
+        raise write_failure(path, e) from e
+
+
+def save_array(path: Path, array: np.ndarray) -> None:
+    """``np.save(path, array)``; a failed write raises ``write_failure``."""
+    with failures_named(path):
+        np.save(path, array)
 
 
 def save_searcher(searcher: Any, folder: Path) -> None:
     """Serialize a ScaNN searcher into ``folder`` (created), its assets relative to it; a
     failed write raises ``write_failure``."""
-    try:
+    with failures_named(folder, runtime_errors=True):  # ScaNN: RuntimeError "... I/O error"
         folder.mkdir(parents=True)
         searcher.serialize(str(folder), True)  # relative asset paths; positional: the raw pybind object takes no keywords
-    except OSError as e:
-        if e.errno is not None and e.filename is not None:
-            raise
-        raise write_failure(folder, e) from e
-    except RuntimeError as e:  # ScaNN: "... I/O error"
-        raise write_failure(folder, e) from e

@@ -109,8 +109,13 @@ def list_images(root: Path, onerror: Callable[[OSError], None] | None = None) ->
     the embed pipeline does), sorted for reproducibility. Only regular files (links to them
     included): a named pipe, socket or device is never listed, so never opened. Folders that
     cannot be read go to ``onerror`` (``walk_folders``)."""
-    return sorted(Path(folder) / name for folder, names in walk_folders(root, onerror) for name in names
-                  if Path(name).suffix.lower() in IMAGE_SUFFIXES and os.path.isfile(os.path.join(folder, name)))
+    return sorted(path for folder, names in walk_folders(root, onerror) for path in image_files(folder, names))
+
+
+def image_files(folder: str, names: list[str]) -> list[Path]:
+    """The image files (by suffix; regular files or links to them) among ``names`` in ``folder``."""
+    return [Path(folder) / name for name in names
+            if Path(name).suffix.lower() in IMAGE_SUFFIXES and os.path.isfile(os.path.join(folder, name))]
 
 
 def _decode_file(path: Path, spec: PreprocessSpec) -> np.ndarray | ImageDecodeError | OSError:
@@ -152,8 +157,7 @@ def list_class_images(root: Path, class_dirs: list[Path], unreadable: dict[Path,
     for folder, names in walk_folder_trees(class_dirs, on_error, never=[root]):
         owner = root / Path(folder).relative_to(root).parts[0]
         walked_as.setdefault(os.path.realpath(folder), owner)
-        by_class[owner] += [Path(folder) / name for name in names
-                            if Path(name).suffix.lower() in IMAGE_SUFFIXES and os.path.isfile(os.path.join(folder, name))]
+        by_class[owner] += image_files(folder, names)
     kept = []
     for class_dir in class_dirs:
         holder = walked_as.get(os.path.realpath(class_dir), class_dir)

@@ -19,20 +19,19 @@ import apache_beam as beam
 import pyarrow as pa
 
 from lookalike.index.rows import write_items_parquet
-from lookalike.index.writes import write_failure
+from lookalike.index.writes import failures_named
 
 
 def write_atomically(path: str, write) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = os.path.join(os.path.dirname(path), f".tmp-{uuid.uuid4().hex}-{os.path.basename(path)}")
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException as e:
+        with failures_named(Path(path)):  # Arrow's write errors name no file
+            write(tmp)
+            os.replace(tmp, path)
+    except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(e, OSError) and e.filename is None:  # Arrow's write errors name no file
-            raise write_failure(Path(path), e) from e
         raise
 
 
