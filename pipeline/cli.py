@@ -383,15 +383,21 @@ def interrupted_hint(args: argparse.Namespace) -> str:
 def bad_train_overrides(args: argparse.Namespace) -> str | None:
     """Why the ``--set`` overrides of train, demo or reindex are wrong (an unknown key, a value
     of the wrong type or out of range), as a usage error before any work; None if fine. For a
-    reindex without ``--config`` they are checked against the digits preset (the served model's
-    own config, which they will change, is read later)."""
+    reindex without ``--config`` they are checked against the config of the model the store
+    serves, which they will change (the digits preset when it serves none)."""
     if not getattr(args, "overrides", None):
         return None
-    from lookalike.model.config import validate_config
+    from lookalike.model.config import apply_overrides, validate_config
 
     try:
-        validate_config(_train_config(args) if getattr(args, "config", None) else
-                        _train_config(argparse.Namespace(**{**vars(args), "config": "digits"})))
+        if getattr(args, "config", None):
+            validate_config(_train_config(args))
+        else:
+            from lookalike.pipeline.reindex import served_train_config
+
+            served = served_train_config(args.workdir)
+            validate_config(apply_overrides(served, list(args.overrides)) if served is not None else
+                            _train_config(argparse.Namespace(**{**vars(args), "config": "digits"})))
     except ValueError as e:
         return f"--set: {e}"
     return None

@@ -349,6 +349,26 @@ def resolve_train_config(config: ReindexConfig, current_model_dir: Path | None) 
     return apply_overrides(base, list(config.train_overrides))
 
 
+def served_train_config(workdir: str) -> TrainConfig | None:
+    """The training config of the model CURRENT serves in the store at ``workdir``, or None
+    when there is none or it cannot be read (reindex itself then says why, with its remedy).
+    Cheap: reads CURRENT, the index manifest and the model's model.json, nothing else."""
+    from lookalike.index.manifest import read_manifest
+    from lookalike.model.artifact import read_model_meta
+    from lookalike.model.config import config_from_dict
+
+    try:
+        store = Store.at(workdir)
+        version = store.current_index_or_none() if store.root.is_dir() else None
+        if version is None:
+            return None
+        manifest = read_manifest(store.index_dir(version))
+        return config_from_dict(read_model_meta(store.model_dir(manifest["model_version"]))["config"])
+    except Exception as e:  # noqa: BLE001 - a usage check only; the run reports a broken store
+        log.debug("served model's config not read from %s: %s", workdir, e)
+        return None
+
+
 def resolve_metadata(config: ReindexConfig, current_index, current_version: str | None) -> str | None:
     """The metadata file this run joins: ``config.metadata``, else the one the served index
     joined (a cron line written once keeps the tags and filters), none with ``no_metadata``.

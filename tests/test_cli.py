@@ -465,3 +465,19 @@ def test_a_job_stopped_while_its_encoder_compiles_exits_143_not_an_abort(tmp_pat
         assert job.wait(timeout=120) == 143, stderr[-2000:]
         assert "FATAL" not in stderr and "terminate called" not in stderr, stderr[-2000:]
         assert "embed stopped by signal 15" in stderr
+
+
+def test_reindex_set_is_checked_against_the_served_models_config(indexed_store, tmp_path):
+    """Without --config, reindex trains from the served model's config (here the tiny preset,
+    two conv widths: image_size=4 fits), so its --set is checked against that, not against
+    the digits preset (three widths: image_size must be at least 8), which an empty store uses."""
+    from lookalike.pipeline.cli import bad_train_overrides, build_parser
+
+    def problem(workdir: Path, *overrides: str) -> str | None:
+        args, _ = build_parser().parse_known_args(
+            ["reindex", "--workdir", str(workdir), *[a for o in overrides for a in ("--set", o)]])
+        return bad_train_overrides(args)
+
+    assert problem(indexed_store.root, "image_size=4") is None
+    assert "image_size=2: the conv encoder halves it 2 times" in problem(indexed_store.root, "image_size=2")
+    assert "image_size=4: the conv encoder halves it 3 times" in problem(tmp_path / "empty", "image_size=4")
