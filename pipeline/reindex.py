@@ -64,6 +64,7 @@ from lookalike.model.data import not_a_folder
 from lookalike.model.store import Store, StoreError
 from lookalike.pipeline.failpoints import failpoint
 from lookalike.pipeline.interrupts import stop_exit_status, stop_reason
+from lookalike.pipeline.report import draw_examples, report_folder, write_report
 from lookalike.model.store_lock import StoreLock
 from lookalike.pipeline.reindex_checks import (  # noqa: F401 (re-exported)
     GateDecision, ValidationError, choose_eval_set, evaluate_model, frozen_eval_set, gate, save_eval_set, usable_eval_ids,
@@ -185,7 +186,7 @@ def run_reindex(config: ReindexConfig) -> ReindexReport:
     with StoreLock(store.root) as lock:
         try:
             clean_leftovers(store, lock.took_over_stale)  # one line says what was removed
-            _run_steps(config, store, report)
+            _run_steps(config, store, report, report_folder(store, started))
         except Exception as e:
             report.outcome, report.reason = "failed", f"{type(e).__name__}: {e}"
             log.error("reindex failed (CURRENT: %s): %s", store.current_index_or_none(), report.reason)
@@ -193,14 +194,12 @@ def run_reindex(config: ReindexConfig) -> ReindexReport:
             report.outcome, report.reason, report.stopped_status = "failed", stop_reason(), stop_exit_status()
             raise ReindexInterrupted(report) from e
         finally:
-            from lookalike.pipeline.report import write_report
-
             report.metrics["elapsed_s"] = round(time.time() - started, 2)
             write_report(store, report, started)
     return report
 
 
-def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport) -> None:
+def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport, report_dir: Path) -> None:
     from lookalike.index.searcher import ItemIndex
     from lookalike.model.artifact import read_model_meta
     from lookalike.model.held_out import files_unseen_by
@@ -285,15 +284,21 @@ def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport) -> No
                                       if updated else "the corpus is unchanged")
         if store_error is not None:  # not the candidate's fault: an operator must hear of it (exit 1, not 3 or 4)
             try:  # first free what pruning frees: a full store must not stay full night after night
-                with step("prune"):
-                    report.metrics["pruned"] = prune(store, config.keep_versions, locked=True)
+                _prune(store, config, report, step, report_dir)
             except Exception as e:
                 log.warning("pruning after the failed candidate failed too: %s: %s", type(e).__name__, e)
             raise StoreError(f"{report.reason}; the run fails: a store that cannot be written is no fault of the "
                              "candidate") from store_error
     if new_eval_set:  # the run succeeded: its new evaluation set is the frozen one from now on
         save_eval_set(store, eval_set, corpus)
-    with step("prune"):  # also when CURRENT is kept: older rejected candidates go
+    _prune(store, config, report, step, report_dir)  # also when CURRENT is kept: older rejected candidates go
+
+
+def _prune(store: Store, config: ReindexConfig, report: ReindexReport, step: "_Steps", report_dir: Path) -> None:
+    """The prune step, after the report's example queries are drawn: with ``--keep 1`` it
+    deletes the version served before, which they show."""
+    draw_examples(store, report, report_dir)
+    with step("prune"):
         report.metrics["pruned"] = prune(store, config.keep_versions, locked=True)
 
 

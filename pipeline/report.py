@@ -129,10 +129,40 @@ def new_index_line(report: ReindexReport) -> str:
     return "none (nothing promoted: the run failed)"
 
 
+EXAMPLES_PNG = "examples.png"
+
+
+def report_folder(store: Store, started_unix_s: float) -> Path:
+    """Where the report of a run started at ``started_unix_s`` goes: ``DIR/reports/r-<UTC time>``."""
+    return store.root / "reports" / time.strftime("r-%Y%m%dT%H%M%S", time.gmtime(started_unix_s))
+
+
+def draw_examples(store: Store, report, folder: Path) -> bool:
+    """Draw ``examples.png`` (served vs the new index) into ``folder`` once the run has a new
+    index; True if it is there. Reindex calls this before it prunes, which may delete the
+    version served before (``--keep 1``); a failure is a warning, never the run's."""
+    if (folder / EXAMPLES_PNG).is_file():
+        return True
+    if not (report.new_index and store.index_dir(report.new_index).is_dir()):
+        return False
+    previous = report.previous_index
+    if previous and previous != report.new_index and not store.index_dir(previous).is_dir():
+        log.warning("the report's example queries show only the new index: the version served before, %s, "
+                    "was pruned before they were drawn", previous)
+        previous = None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        example_grid(store, previous, report.new_index, folder / EXAMPLES_PNG)
+        return True
+    except Exception as e:  # the report must never turn a good run into a failure
+        log.warning("could not draw the report's example queries: %s", e)
+        return False
+
+
 def write_report(store: Store, report, started_unix_s: float) -> Path:
     from lookalike.pipeline.reindex import report_dict
 
-    folder = store.root / "reports" / time.strftime("r-%Y%m%dT%H%M%S", time.gmtime(started_unix_s))
+    folder = report_folder(store, started_unix_s)
     folder.mkdir(parents=True, exist_ok=True)
     data = report_dict(report)
     (folder / "report.json").write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
@@ -172,9 +202,8 @@ def write_report(store: Store, report, started_unix_s: float) -> Path:
         if report.candidate_model and (store.model_dir(report.candidate_model) / "training.png").is_file():
             shutil.copyfile(store.model_dir(report.candidate_model) / "training.png", folder / "training.png")
             md += ["", "![training curve](training.png)"]
-        if report.new_index and store.index_dir(report.new_index).is_dir():
-            example_grid(store, report.previous_index, report.new_index, folder / "examples.png")
-            md += ["", "![example queries: served vs new](examples.png)"]
+        if draw_examples(store, report, folder):
+            md += ["", f"![example queries: served vs new]({EXAMPLES_PNG})"]
     except Exception as e:  # the report must never turn a good run into a failure
         log.warning("could not draw the report's pictures: %s", e)
     (folder / "report.md").write_text("\n".join(md) + "\n", encoding="utf-8")

@@ -1022,3 +1022,19 @@ def test_report_md_says_in_words_why_no_index_was_promoted(tmp_path, fields, exp
     if "previous_index" not in fields:
         assert "- served before: nothing (the store had no CURRENT index)" in md
         assert "- candidate model: none (not trained); chosen: none" in md
+
+
+def test_keep_1_report_still_shows_the_version_served_before(store, tiny_config, caplog):
+    """--keep 1 prunes the version served before; the report's example queries, which show
+    it beside the new one, are drawn before the prune, so the served column is not empty."""
+    from lookalike.pipeline.report import TILE
+
+    previous = store.current_index()
+    report = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, force=True, keep_versions=1))
+    assert report.outcome == "promoted", report.reason
+    assert not store.index_dir(previous).exists()  # pruned
+    [picture_path] = (store.root / "reports").glob("*/examples.png")
+    assert "could not draw" not in caplog.text and "examples.png" in (picture_path.parent / "report.md").read_text()
+    picture = Image.open(picture_path).convert("L")
+    served = picture.crop((TILE + 12, 28, TILE + 12 + 5 * TILE, 28 + TILE))  # first query's served results
+    assert len(set(served.getdata())) > 8  # pictures, not "no served version" on white
