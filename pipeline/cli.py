@@ -19,7 +19,9 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Sequence
+from functools import partial
 
 from lookalike.pipeline.cli_options import (  # noqa: F401 (DEFAULT_WORKDIR, _float_in: re-exported)
     DEFAULT_PORT, DEFAULT_WORKDIR, MAX_RESULTS, NON_EMPTY, PORT, POSITIVE, RESULT_COUNT, _add_train_config, _add_workdir,
@@ -27,6 +29,7 @@ from lookalike.pipeline.cli_options import (  # noqa: F401 (DEFAULT_WORKDIR, _fl
     attach_negative_values, misspelled_pass_through, watch_interval,
 )
 from lookalike.pipeline.cli_store import add_store_commands
+from lookalike.pipeline.failpoints import failpoint
 from lookalike.pipeline.interrupts import request_stop
 from lookalike.pipeline.logs import configure_logging, quiet_library_noise
 
@@ -425,6 +428,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problem:
         parser_of_command.error(problem)
     configure_logging(args.verbose)
+    outside_a_job = partial(_terminated_outside_a_job, args.command)
+    previous_term = signal.signal(signal.SIGTERM, outside_a_job) if _in_main_thread() else None
+    try:
+        failpoint("cli-started")
+        return _run_command(args)
+    finally:
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
+
+
+def _in_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()
+
+
+def _terminated_outside_a_job(command: str, signum: int, frame: object) -> None:
+    """SIGTERM while no job's own stop handling is in force (the few seconds a job spends
+    importing Beam and JAX, or a command without any): one line saying so, then the exit a
+    SIGTERM gives (143), immediately, as without a handler."""
+    print(f"lookalike {command}: terminated (SIGTERM)", file=sys.stderr, flush=True)
+    os._exit(128 + signum)
+
+
+def _run_command(args: argparse.Namespace) -> int:
     from lookalike.model.store import StoreError
     from lookalike.model.store_lock import LockHeldError
     from lookalike.pipeline.reindex import EXIT_LOCKED
