@@ -577,3 +577,40 @@ def test_empty_query_clock_icon_and_dark_links(site, browser) -> None:
     clocks = page.evaluate("[0, 59.994, 59.997, 61.234, 3599.999].map(clock)")
     assert clocks == ["0:00.00", "0:59.99", "1:00.00", "1:01.23", "60:00.00"]
     page.close()
+
+
+def test_back_and_forward_rerun_the_image_each_entry_searched(site, browser) -> None:
+    """Each image search's history entry keeps its own image: back from a later upload
+    re-runs the earlier image, not the last one uploaded (whose options URL is the same);
+    after a reload the page says the image is gone instead of showing nothing."""
+    from playwright.sync_api import expect
+
+    url, workdir, backend = site
+    page = browser.new_page()
+    page.goto(url)
+    results = page.locator("#results")
+    first, second = workdir / "corpus" / QUERY_ID, next((workdir / "corpus" / "7").glob("*.png"))
+    page.set_input_files("#file-input", str(first))
+    expect(results).to_have_attribute("data-query", f"image:{first.name}")
+    other = next(i for i in backend.index.items.ids() if i != QUERY_ID)
+    page.fill("#item-id", other)
+    page.click("#similar-button")
+    expect(results).to_have_attribute("data-query", f"item:{other}")
+    page.set_input_files("#file-input", str(second))
+    expect(results).to_have_attribute("data-query", f"image:{second.name}")
+    page.set_input_files("#file-input", str(first))  # same options, same address: still its own entry
+    expect(results).to_have_attribute("data-query", f"image:{first.name}")
+    page.go_back()
+    expect(results).to_have_attribute("data-query", f"image:{second.name}")
+    page.go_back()
+    expect(results).to_have_attribute("data-query", f"item:{other}")
+    page.go_back()
+    expect(results).to_have_attribute("data-query", f"image:{first.name}")
+    assert result_ids(page)[0] == QUERY_ID
+    page.go_forward()
+    page.go_forward()
+    expect(results).to_have_attribute("data-query", f"image:{second.name}")
+    page.reload()
+    expect(page.locator("#status")).to_contain_text("no longer kept by this page")
+    expect(results.locator(".result")).to_have_count(0)
+    page.close()
