@@ -54,10 +54,12 @@ class AdminAuth:
 
 
 async def reload_app(app: FastAPI, force: bool) -> ReloadOutcome:
-    """Run one reload attempt in a worker thread and update the metrics."""
+    """Run one reload attempt in a worker thread and update the metrics. ``force``: asked for
+    (the admin endpoint); otherwise the watcher's periodic check, which is counted only when
+    it swaps or refuses a version (not each time it finds CURRENT unchanged)."""
     outcome: ReloadOutcome = await run_in_threadpool(app.state.reloader.reload, app.state.slot, force)
     metrics = app.state.metrics
-    if outcome.status != "skipped":
+    if outcome.status in ("swapped", "refused") or (force and outcome.status == "unchanged"):
         metrics.reloads.labels(outcome.status).inc()
     if outcome.status == "swapped":
         backend = app.state.slot.backend

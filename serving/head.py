@@ -3,7 +3,8 @@
 FastAPI routes answer only the methods they declare, and declaring HEAD beside GET gives
 a route two OpenAPI operations with one operation id. ``HeadAsGet`` (ASGI middleware)
 instead hands the app a GET and sends its status and headers (Content-Length, ETag,
-Cache-Control included) with an empty body.
+Cache-Control included) with an empty body; and a 405 (OPTIONS, or POST to a GET resource)
+lists HEAD in its Allow header beside GET.
 """
 
 from __future__ import annotations
@@ -16,8 +17,19 @@ class HeadAsGet:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "HEAD":
+        if scope["type"] != "http" or scope["method"] == "GET":  # a GET is never refused for its method by a GET route
             await self.app(scope, receive, send)
+            return
+        if scope["method"] != "HEAD":
+
+            async def with_head_allowed(message: Message) -> None:
+                """A 405's Allow header lists HEAD wherever it lists GET (answered here, not by a route)."""
+                if message["type"] == "http.response.start" and message["status"] == 405:
+                    message = {**message, "headers": [(name, allow_head(value) if name.lower() == b"allow" else value)
+                                                      for name, value in message.get("headers", [])]}
+                await send(message)
+
+            await self.app(scope, receive, with_head_allowed)
             return
 
         async def without_body(message: Message) -> None:
@@ -28,3 +40,11 @@ class HeadAsGet:
             await send(message)
 
         await self.app({**scope, "method": "GET"}, receive, without_body)
+
+
+def allow_head(allow: bytes) -> bytes:
+    """An Allow header's value with HEAD added after GET when GET is allowed and HEAD is not."""
+    methods = [m.strip() for m in allow.split(b",") if m.strip()]
+    if b"GET" in methods and b"HEAD" not in methods:
+        methods.insert(methods.index(b"GET") + 1, b"HEAD")
+    return b", ".join(methods)

@@ -49,7 +49,7 @@ class ServingMetrics:
             "lookalike_index_info", "1 for the index and model being served", ["index_version", "model_version"], registry=r
         )
         self.index_items = Gauge("lookalike_index_items", "items in the served index", registry=r)
-        self.reloads = Counter("lookalike_reloads", "hot-swap attempts by outcome", ["outcome"], registry=r)
+        self.reloads = Counter("lookalike_reloads", "hot-swap attempts by outcome (unchanged: an admin reload of the served version; the watcher's checks that find CURRENT unchanged are not counted)", ["outcome"], registry=r)
         self._stage_observers: dict[str, Callable[[float], None]] = {}
         self._request_observers: dict[tuple[str, str, int], tuple[Callable[[], None], Callable[[float], None]]] = {}
 

@@ -7,13 +7,22 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Path, Query, Request
+from pydantic import BeforeValidator
 
 from lookalike.serving.backend import Backend
 from lookalike.serving.engine import QueryEngine
 from lookalike.serving.queries import UPLOAD_FIELD, no_unknown_query_params
 from lookalike.serving.schemas import MAX_K, ErrorMessage, FilterValue, Kind, ValidationErrorMessage
 
-K = Annotated[int, Query(ge=1, le=MAX_K, description="number of results")]
+def whole_number(value: Any) -> Any:
+    """A count in the query string as people write it: decimal digits only (pydantic's lax int
+    also reads 5.0, 1_0 and +5, which the web page refuses)."""
+    if isinstance(value, str) and not (value.strip().isascii() and value.strip().isdigit()):
+        raise ValueError(f"expected a whole number such as 5, got {value!r}")
+    return value
+
+
+K = Annotated[int, BeforeValidator(whole_number), Query(ge=1, le=MAX_K, description="number of results")]
 ItemId = Annotated[str, Path(description="item id as listed in search results (may contain '/')")]
 KindFilter = Annotated[Kind | None, Query(description="only items of this kind")]
 GroupFilter = Annotated[list[FilterValue] | None, Query(max_length=MAX_K, description="only items of these groups (video ids); repeatable")]
@@ -23,7 +32,7 @@ SourceFilter = Annotated[list[FilterValue] | None, Query(max_length=MAX_K, descr
 TagFilter = Annotated[list[FilterValue] | None, Query(max_length=MAX_K, description=(
     "only items whose 'tags' metadata list holds one of these tags; repeatable (any of them). "
     "Metadata comes from `lookalike embed --metadata FILE`; an index without it matches nothing"))]
-PerGroup = Annotated[int | None, Query(ge=1, le=MAX_K, description="at most this many results per group (video)")]
+PerGroup = Annotated[int | None, BeforeValidator(whole_number), Query(ge=1, le=MAX_K, description="at most this many results per group (video)")]
 
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 IMAGE_REQUEST_BODY = {

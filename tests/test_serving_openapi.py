@@ -63,7 +63,13 @@ def test_head_on_get_resources(http: httpx.Client, path: str) -> None:
     assert head.headers["content-type"] == get.headers["content-type"]
     if path.endswith("/thumbnail"):
         assert head.headers["content-length"] == get.headers["content-length"] and head.headers["etag"] == get.headers["etag"]
+    for method in ("OPTIONS", "POST", "DELETE"):  # a 405 lists every method the resource answers
+        refused = http.request(method, path)
+        allowed = {m.strip() for m in refused.headers["allow"].split(",")}
+        assert refused.status_code == 405 and allowed == {"GET", "HEAD"}, (method, refused.headers)
 
 
 def test_head_on_a_post_endpoint_is_405(http: httpx.Client) -> None:
-    assert http.head("/v1/search/vector").status_code == 405
+    refused = http.head("/v1/search/vector")
+    assert refused.status_code == 405 and refused.headers["allow"] == "POST"
+    assert http.options("/v1/search/vector").headers["allow"] == "POST"

@@ -113,6 +113,7 @@ def test_swap_under_load_fails_no_request(live, tmp_path: Path) -> None:
     metrics = httpx.get(f"{url}/metrics").text
     assert f'lookalike_index_info{{index_version="{new_version}"' in metrics
     assert 'lookalike_reloads_total{outcome="swapped"} 1.0' in metrics
+    assert 'outcome="unchanged"' not in metrics  # the watcher's many checks of an unchanged CURRENT are no reloads
 
 
 def tamper(store: Store, version: str) -> None:

@@ -14,7 +14,7 @@ import pytest
 
 from lookalike.model.store import Store
 from lookalike.serving.backend import Backend
-from lookalike.serving.schemas import MAX_DIM
+from lookalike.serving.schemas import DEFAULT_K, MAX_DIM
 from lookalike.serving.validation import MAX_REPORTED_ERRORS, short_input
 
 QUERY_ID = "3/digit_0003.png"
@@ -170,6 +170,24 @@ def test_a_repeated_single_query_parameter_is_422(http: httpx.Client, indexed_st
     assert response.status_code == 422, response.text
     assert "takes one value" in response.json()["detail"][0]["msg"]
     assert http.get(f"/v1/items/{QUERY_ID}/similar?group=3&group=7&k=2").status_code == 200  # lists repeat
+
+
+@pytest.mark.parametrize("value", ["5.0", "1_0", "+5", "1e1", "٥"])
+@pytest.mark.parametrize("name", ["k", "max_per_group"])
+def test_query_counts_are_whole_numbers_as_written(http: httpx.Client, indexed_store: Store, name: str, value: str) -> None:
+    """k=5.0 or k=1_0 is refused as the web page and JSON bodies refuse it (pydantic's lax int
+    would read them as 5 and 10); digits with leading zeros or spaces around are numbers."""
+    from urllib.parse import quote
+
+    png = (indexed_store.corpus_dir / QUERY_ID).read_bytes()
+    for method, path, content in (("GET", f"/v1/items/{QUERY_ID}/similar", None), ("POST", "/v1/search/image", png)):
+        refused = http.request(method, f"{path}?{name}={quote(value)}", content=content)
+        assert refused.status_code == 422, refused.text
+        assert f"expected a whole number such as 5, got {value!r}" in refused.json()["detail"][0]["msg"]
+        for plain in ("05", " 5"):
+            answered = http.request(method, f"{path}?{name}={quote(plain)}", content=content)
+            assert answered.status_code == 200, answered.text
+            assert len(answered.json()["results"]) == (5 if name == "k" else DEFAULT_K)
 
 
 def test_broken_json_is_parsed_once(http: httpx.Client) -> None:
