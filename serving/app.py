@@ -49,6 +49,7 @@ from lookalike.serving.params import (
     BackendDep,
     GroupFilter,
     KindFilter,
+    RETRY_WHILE_LOADING,
     PerGroup,
     SourceFilter,
     TagFilter,
@@ -154,6 +155,7 @@ def create_app(
         except Exception as e:  # one line (its message names the file and what to do), the traceback with -v
             log.error("loading the model and index failed: %s: %s", type(e).__name__, e)
             log.debug("loading the model and index failed", exc_info=True)
+            e.logged_as_error = True  # `lookalike serve` exits 1 without printing it a second time
             reason = f"loading failed: {type(e).__name__}: {e}"
             slot.refuse(None, without_store_root(reason, reloader.store.root) if reloader is not None else reason)
             app.state.startup_error = e
@@ -226,8 +228,10 @@ def create_app(
         """200 once a model and index are loaded and queries can be answered, 503 before."""
         backend = slot.backend
         if backend is None:
-            reason = slot.last_reload_error or "the model and index are still loading"
-            return JSONResponse({"detail": reason}, status_code=503)
+            if slot.last_reload_error:  # the first load failed: the server is stopping
+                return JSONResponse({"detail": slot.last_reload_error}, status_code=503)
+            return JSONResponse({"detail": "the model and index are still loading"}, status_code=503,
+                                headers=RETRY_WHILE_LOADING)
         return Ready(index_version=backend.index.version)
 
     @app.get("/metrics", response_class=Response, tags=["service"], responses={200: {"content": {CONTENT_TYPE: {}}}})

@@ -56,11 +56,16 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ValidationErrorMessage if code == 422 else ErrorMessage} for code in codes}
 
 
+# A 503 while the first model and index load: when to ask again (the page's footer does).
+LOADING_RETRY_AFTER_S = 2
+RETRY_WHILE_LOADING = {"Retry-After": str(LOADING_RETRY_AFTER_S)}
+
+
 async def get_backend(request: Request) -> Backend:
     """The Backend served right now (503 if none is loaded yet); a request keeps it to the end."""
     backend = request.app.state.slot.backend
     if backend is None:
-        raise HTTPException(status_code=503, detail="the model and index are still loading")
+        raise HTTPException(status_code=503, detail="the model and index are still loading", headers=RETRY_WHILE_LOADING)
     return backend
 
 

@@ -7,6 +7,7 @@ results is saved to /tmp/lookalike_page.png for a human look.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -614,3 +615,29 @@ def test_back_and_forward_rerun_the_image_each_entry_searched(site, browser) -> 
     expect(page.locator("#status")).to_contain_text("no longer kept by this page")
     expect(results.locator(".result")).to_have_count(0)
     page.close()
+
+
+def test_the_footer_fills_in_once_a_loading_server_is_ready(site, browser) -> None:
+    """Opened while the server still loads (503 with Retry-After), the footer says so and asks
+    again until the server answers, instead of staying "unavailable" until a search."""
+    import threading
+
+    from playwright.sync_api import expect
+
+    _, _, backend = site
+    loaded = threading.Event()
+
+    def slow_load() -> Backend:
+        loaded.wait(60)
+        return backend
+
+    with serve_in_thread(create_app(slow_load, load_in_background=True)) as url:
+        page = browser.new_page()
+        page.goto(url)
+        footer = page.locator("#footer")
+        expect(footer).to_contain_text("still loading")
+        expect(footer).to_contain_text("asking again in 2 s")
+        loaded.set()
+        expect(footer.locator(".index-version")).to_have_text(backend.index.version, timeout=15_000)
+        expect(page.locator("#item-id")).to_have_attribute("placeholder", re.compile(r"^e\.g\. "))
+        page.close()

@@ -66,6 +66,10 @@ def test_health_answers_while_loading(indexed_store: Store, monkeypatch) -> None
         assert ready.status_code == 503 and "loading" in ready.json()["detail"]
         search = httpx.post(url + "/v1/search/vector", json={"vector": [1.0] * 8})
         assert search.status_code == 503 and "still loading" in search.json()["detail"]
+        info = httpx.get(url + "/v1/info")
+        assert info.status_code == 503 and "still loading" in info.json()["detail"]
+        for answer in (ready, search, info):  # when to ask again (the web page's footer does)
+            assert answer.headers["retry-after"] == "2", answer.headers
         loading.set()
         deadline = time.monotonic() + 60
         while httpx.get(url + "/readyz").status_code != 200:
