@@ -476,7 +476,8 @@ def _run_command(args: argparse.Namespace) -> int:
     except (StoreError, ValueError, OSError, RuntimeError, FloatingPointError) as e:  # OSError: unreadable files, a runner's connection
         if args.verbose:
             log.exception("failed")
-        print(f"lookalike {args.command}: error: {e}", file=sys.stderr)
+        if not getattr(e, "logged_as_error", False):  # else its ERROR line says it all (serve's failed first load)
+            print(f"lookalike {args.command}: error: {e}", file=sys.stderr)
         return 1
 
 

@@ -130,3 +130,26 @@ def test_the_watch_interval_is_never_or_at_least_a_tenth_of_a_second(capsys, val
         return
     code, err = run(capsys, "serve", "--watch-interval-s", value)
     assert code == 2 and "--watch-interval-s" in err and "must be 0 (never) or from 0.1 to 3600 seconds" in err, err
+
+
+def test_a_failed_first_load_is_said_once(indexed_store: Store, tmp_path) -> None:
+    """A corrupt served index: `lookalike serve` exits 1 after one ERROR line naming the file
+    and the remedy, not that line and then the same message again as the CLI's error."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from .conftest import free_port  # noqa: TID252
+
+    workdir = tmp_path / "store"
+    shutil.copytree(indexed_store.root, workdir)
+    version = Store.at(workdir).current_index()
+    next((workdir / "indexes" / version).rglob("embeddings.npy")).write_bytes(b"not the embeddings")
+    exe = str(Path(sys.executable).with_name("lookalike"))
+    done = subprocess.run([exe, "serve", "--workdir", str(workdir), "--port", str(free_port())],
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 1, done.stderr[-2000:]
+    said = [line for line in done.stderr.splitlines() if "does not match its manifest checksum" in line]
+    assert len(said) == 1 and " ERROR lookalike.serving.app: loading the model and index failed: " in said[0], done.stderr
+    assert f"the served index {version} cannot be loaded: run `lookalike versions rollback" in said[0]
