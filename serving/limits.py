@@ -16,7 +16,15 @@ class PayloadTooLarge(HTTPException):
     """413; an HTTPException so FastAPI's body parsing passes it through unchanged."""
 
     def __init__(self, limit: int):
-        super().__init__(status_code=413, detail=f"upload exceeds the limit of {limit} bytes")
+        super().__init__(status_code=413, detail=f"upload exceeds the limit of {size_text(limit)}")
+
+
+def size_text(num_bytes: int) -> str:
+    """``10 MiB (10485760 bytes)`` for a whole number of MiB or KiB, else ``1000 bytes``."""
+    for unit, size in (("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if num_bytes >= size and num_bytes % size == 0:
+            return f"{num_bytes // size} {unit} ({num_bytes} bytes)"
+    return f"{num_bytes} bytes"
 
 
 class BodySizeLimit:
