@@ -17,6 +17,7 @@ labelled data.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Callable, Collection
@@ -108,14 +109,18 @@ def load_unlabelled_folder(
         warn_unreadable_folder(error)
     images, labels, paths, names, failures = [], [], [], [], []
 
-    def decode(path: Path) -> tuple[np.ndarray, np.ndarray | None, np.ndarray] | Exception:
+    def decode(path: Path) -> tuple[str, np.ndarray, np.ndarray | None, np.ndarray] | Exception:
         try:
             data = path.read_bytes()
+            digest = hashlib.sha256(data).hexdigest()
             if is_video_path(path.name):
-                return video_windows(data, spec, window_s, frame_interval_s)
-            return decode_image(data, spec)[None], None, np.zeros(1, np.int64)
+                return digest, *video_windows(data, spec, window_s, frame_interval_s)
+            return digest, decode_image(data, spec)[None], None, np.zeros(1, np.int64)
         except (ImageDecodeError, VideoDecodeError, OSError) as e:
             return e
+
+    first_of: dict[str, str] = {}  # content hash -> the first file with those bytes
+    copies: list[tuple[str, str]] = []  # (a byte-identical copy, the file it repeats): trained once
 
     progress = Progress("reading training images and videos", len(files), "files", log)
     # Videos and photos decode several at once (lookalike.model.parallel); small images inline.
@@ -126,7 +131,11 @@ def load_unlabelled_folder(
             log.warning("skipping %s: %s", path, decoded)
             failures.append((str(path), str(decoded)))
             continue
-        frames, times, windows = decoded
+        digest, frames, times, windows = decoded
+        if digest in first_of:  # a copy (IMG_1 (1).jpg, a backup, a link) is the same instance, not a negative of it
+            copies.append((rel, first_of[digest]))
+            continue
+        first_of[digest] = rel
         first_label = len(names)
         if times is None:
             names.append(rel)
@@ -142,8 +151,11 @@ def load_unlabelled_folder(
             f"unlabelled training data {root}: {len(names)} usable image(s) or video window(s) in "
             f"{len(files)} file(s) ({len(failures)} unreadable); need at least 2{folders}"
         )
+    if copies:
+        log.info("%d byte-identical cop%s trained once, as the first file with those bytes (e.g. %s repeats %s)",
+                 len(copies), "y" if len(copies) == 1 else "ies", *copies[0])
     log.info("unlabelled training data %s: %d instances (%d images or frames) from %d files",
-             root, len(names), len(images), len(files) - len(failures))
+             root, len(names), len(images), len(files) - len(failures) - len(copies))
     return LabelledImages(images=np.stack(images).astype(np.float32), labels=np.asarray(labels, np.int32),
                           class_names=names, paths=paths, failures=failures)
 

@@ -35,6 +35,23 @@ def test_any_nesting_each_image_one_instance_and_bad_files_skipped(tmp_path, cap
     assert "broken.jpg" in caplog.text and "clip.mp4" in caplog.text
 
 
+def test_byte_identical_copies_and_links_are_one_instance_not_negatives(tmp_path, caplog):
+    """IMG_1 (1).png, a backup, a link to a file: the same bytes are the same picture, trained
+    once, not as "different" instances pushed apart at distance 0."""
+    _png(tmp_path / "2023" / "img_1.png", 10)
+    _png(tmp_path / "2024" / "img_2.png", 120)
+    shutil.copy(tmp_path / "2023" / "img_1.png", tmp_path / "2023" / "img_1 (1).png")
+    (tmp_path / "backup").mkdir()
+    shutil.copy(tmp_path / "2023" / "img_1.png", tmp_path / "backup" / "img_1.png")
+    (tmp_path / "2024" / "link.png").symlink_to(tmp_path / "2024" / "img_2.png")
+    with caplog.at_level("INFO", logger="lookalike.model.unlabelled"):
+        data = load_unlabelled_folder(tmp_path, SPEC)
+    assert data.class_names == ["2023/img_1 (1).png", "2024/img_2.png"]  # the first of each in sorted order
+    assert data.labels.tolist() == [0, 1] and data.images.shape[0] == 2
+    assert "3 byte-identical copies trained once, as the first file with those bytes" in caplog.text
+    assert "from 2 files" in caplog.text
+
+
 def test_listed_as_labelled_training_lists_an_unreadable_folder_named_and_a_linked_one_once(
         tmp_path, refuse_listing, caplog):
     """As ``data.walk_folders`` lists: a folder that cannot be read is named in a warning with
