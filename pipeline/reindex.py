@@ -67,7 +67,8 @@ from lookalike.pipeline.interrupts import stop_exit_status, stop_reason
 from lookalike.pipeline.report import draw_examples, report_folder, write_report
 from lookalike.model.store_lock import StoreLock
 from lookalike.pipeline.reindex_checks import (  # noqa: F401 (re-exported)
-    GateDecision, ValidationError, choose_eval_set, evaluate_model, frozen_eval_set, gate, save_eval_set, usable_eval_ids,
+    GateDecision, ValidationError, choose_eval_set, evaluate_model, frozen_eval_set, gate, ids_unseen_by_served, save_eval_set,
+    usable_eval_ids,
     validate,
 )
 from lookalike.pipeline.versions import (
@@ -187,8 +188,8 @@ def run_reindex(config: ReindexConfig) -> ReindexReport:
         try:
             clean_leftovers(store, lock.took_over_stale)  # one line says what was removed
             _run_steps(config, store, report, report_folder(store, started))
-        except Exception as e:
-            report.outcome, report.reason = "failed", f"{type(e).__name__}: {e}"
+        except Exception as e:  # our own StoreError says it all; another error is named by its type
+            report.outcome, report.reason = "failed", str(e) if type(e) is StoreError else f"{type(e).__name__}: {e}"
             log.error("reindex failed (CURRENT: %s): %s", store.current_index_or_none(), report.reason)
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM within interrupts.sigterm_as_interrupt()
             report.outcome, report.reason, report.stopped_status = "failed", stop_reason(), stop_exit_status()
@@ -223,10 +224,12 @@ def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport, repor
     report.current_model = current_index.model_version if current_index else None
     config = replace(config, metadata=resolve_metadata(config, current_index, report.previous_index))
     # a corpus that cannot be evaluated fails before training; a new set is saved once the run succeeds
-    eval_set, new_eval_set = choose_eval_set(store, corpus, config.eval_per_class,
-                                             unseen=files_unseen_by(current_model_dir, corpus))
-    ids = eval_set
     train_config = resolve_train_config(config, current_model_dir)
+    if train_config.unlabelled:
+        raise StoreError(unlabelled_reason(store, corpus, report.current_model, config.train is not None))
+    unseen_by_served = files_unseen_by(current_model_dir, corpus)
+    eval_set, new_eval_set = choose_eval_set(store, corpus, config.eval_per_class, unseen=unseen_by_served)
+    ids = eval_set
     with step("train"):
         # not LATEST yet: a candidate that is rejected or fails validation must not become what `embed` uses
         # without the evaluation images: the gate must measure generalisation, not memorisation
@@ -241,11 +244,12 @@ def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport, repor
         if len(ids) < 2:
             raise StoreError(f"evaluation images in {corpus} went away during training: {len(gone)} unusable, "
                              f"{len(ids)} left (e.g. {next(iter(gone.items()), ('-', '-'))})")
-        cand, cand_ap = evaluate_model(trained.model_dir, corpus, ids)
-        report.metrics["candidate"] = cand
         cur_ap = None
         if current_model_dir is not None:
+            ids = _gate_ids(ids, unseen_by_served, report)
             report.metrics["current"], cur_ap = evaluate_model(current_model_dir, corpus, ids)
+        cand, cand_ap = evaluate_model(trained.model_dir, corpus, ids)
+        report.metrics["candidate"] = cand
         decision = gate(cand_ap, cur_ap, config.min_improvement, config.force)
         accept = decision.accepted
         report.chosen_model = trained.version if accept else report.current_model
@@ -302,6 +306,24 @@ def _prune(store: Store, config: ReindexConfig, report: ReindexReport, step: "_S
         report.metrics["pruned"] = prune(store, config.keep_versions, locked=True)
 
 
+def _gate_ids(ids: list[str], unseen_by_served: set[str], report: ReindexReport) -> list[str]:
+    """The evaluation ids both models are compared on: those the served model never trained on
+    when enough are (``ids_unseen_by_served``), else all of them, with a warning when some are
+    its training images (a model trained by ``lookalike train`` on most of the corpus)."""
+    unseen = ids_unseen_by_served(ids, unseen_by_served)
+    seen = len(ids) - len(unseen) if unseen is not None else len([i for i in ids if i not in unseen_by_served])
+    if unseen is not None:
+        log.info("the gate compares the models on the %d evaluation images the served model never trained on "
+                 "(%d of the %d are its training images, which it would remember)", len(unseen), seen, len(ids))
+        report.metrics["eval_images_left_out_as_served_training"] = seen
+        return unseen
+    if unseen_by_served and seen:
+        log.warning("%d of the %d evaluation images are the served model's training images and too few others "
+                    "are left to compare on: the gate favours the served model, which remembers them, until a "
+                    "model this job trained is served", seen, len(ids))
+    return ids
+
+
 def resolve_corpus(config: ReindexConfig, store: Store, served_manifest: dict[str, Any] | None,
                    served_version: str | None) -> Path:
     """The labelled folder this run trains on and embeds: ``config.corpus``, else the corpus
@@ -352,6 +374,19 @@ def resolve_train_config(config: ReindexConfig, current_model_dir: Path | None) 
         base, source = get_config("digits"), "preset digits (no served model)"
     log.info("training config: %s%s", source, f", with {' '.join(config.train_overrides)}" if config.train_overrides else "")
     return apply_overrides(base, list(config.train_overrides))
+
+
+def unlabelled_reason(store: Store, corpus: Path, served_model: str | None, asked: bool) -> str:
+    """Why reindex does not train an unlabelled model, and the commands that keep such a store
+    current: it judges a candidate on held-out images by their class folders, which an
+    unlabelled corpus does not have (its folders are years, trips, devices: not classes)."""
+    whose = "the training config asks for" if asked else f"the served model {served_model} was trained with"
+    return (f"{whose} unlabelled=true (`train --unlabelled`), and reindex judges a candidate by class "
+            f"sub-folders, which an unlabelled corpus does not have: the nightly line for this store is "
+            f"`lookalike embed --workdir {store.root} --corpus {corpus} --incremental` (new and changed files "
+            f"embedded with the served model); retrain by hand with `lookalike train --unlabelled`, then "
+            f"`lookalike embed`, or run reindex with --config PRESET to train a labelled model from the "
+            f"corpus's class sub-folders")
 
 
 def served_train_config(workdir: str) -> TrainConfig | None:

@@ -178,6 +178,32 @@ def evaluate_model(model_dir: Path, corpus: Path, ids: list[str], k: int = 10) -
     return scores, ap_at_r_per_query(neighbors, labels, labels)
 
 
+# Evaluation queries (images with a class mate) the served model never trained on that the gate
+# needs to compare on them alone (``ids_unseen_by_served``).
+MIN_UNSEEN_QUERIES = 20
+
+
+def ids_unseen_by_served(ids: list[str], unseen: Collection[str]) -> list[str] | None:
+    """The evaluation ids the served model never trained on (``unseen``: its held-out record,
+    ``model.held_out.files_unseen_by``), when some of ``ids`` are its training images and the
+    rest still has ``MIN_UNSEEN_QUERIES`` queries with a class mate: the gate then compares the
+    models on those alone, since the served model's memory of its own training images would
+    favour it over any candidate. None when all are unseen (nothing to leave out), the
+    record is unknown (empty), or too few are unseen to judge on (the caller warns)."""
+    from lookalike.index.evaluate import label_from_id
+
+    if not unseen:
+        return None
+    kept = [i for i in ids if i in unseen]
+    if len(kept) == len(ids):
+        return None
+    per_class: dict[str, int] = {}
+    for i in kept:
+        per_class[label_from_id(i)] = per_class.get(label_from_id(i), 0) + 1
+    queries = sum(n for n in per_class.values() if n >= 2)
+    return kept if queries >= MIN_UNSEEN_QUERIES else None
+
+
 NOISE_STANDARD_ERRORS = 2.0  # the noise margin: this many standard errors of the paired mean difference
 
 

@@ -135,3 +135,18 @@ def test_gate_accepts_a_clear_gain_and_honours_the_minimum_improvement():
     assert not gate(current, current).accepted and gate(current, current).reason.startswith("not better")
     assert gate(candidate, None).accepted  # nothing served: nothing to compare with
     assert not gate(np.array([0.9, np.nan]), np.array([0.1, np.nan])).accepted  # one query cannot tell
+
+
+def test_the_gate_leaves_out_the_served_models_training_images_when_enough_others_remain():
+    """Evaluation images the served model trained on favour it (it remembers them): with its
+    held-out record, the gate compares on the others if they still hold 20 queries with a
+    class mate; not when the record is unknown, all are unseen, or too few are."""
+    from lookalike.pipeline.reindex_checks import MIN_UNSEEN_QUERIES, ids_unseen_by_served
+
+    ids = [f"{c}/{i}.png" for c in "abcd" for i in range(10)]
+    unseen = {f"{c}/{i}.png" for c in "abcd" for i in range(6)}  # 24 queries: 6 in each of 4 classes
+    assert ids_unseen_by_served(ids, unseen) == [i for i in ids if i in unseen]
+    assert ids_unseen_by_served(ids, set()) is None  # no record: unknown
+    assert ids_unseen_by_served(ids, set(ids)) is None  # nothing to leave out
+    few = {f"{c}/{i}.png" for c in "abcd" for i in range(4)} | {"e/0.png"}  # 16 queries; e/0 has no class mate
+    assert 16 < MIN_UNSEEN_QUERIES and ids_unseen_by_served(ids + ["e/0.png"], few) is None
