@@ -94,7 +94,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
             runner=args.runner, num_workers=args.num_workers, decode_threads=args.decode_threads,
             max_batch_size=args.batch_size,
             num_shards=args.num_shards, index=IndexOptions(mode=args.index_mode, target_recall=args.target_recall),
-            beam_args=args.beam_args, publish=not args.no_publish, incremental=args.incremental,
+            beam_args=args.beam_args, publish=not args.no_publish, incremental=args.incremental, keep_versions=args.keep,
             metadata=args.metadata,
             sampling=FrameSampling(interval_s=args.frame_interval_s, shot_threshold=args.shot_threshold,
                                    max_frames=args.max_frames_per_video),
@@ -265,6 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-publish", action="store_true", help="write embeddings only; do not build or publish an index (takes no store lock)")
     p.add_argument("--incremental", action="store_true",
                    help="reuse embeddings of files whose bytes this model already embedded (embeddings/cache/)")
+    p.add_argument("--keep", type=POSITIVE, default=None, metavar="N",
+                   help="after publishing, delete index versions beyond the N most recently served (never CURRENT) "
+                   "and embedding runs of this command beyond the N latest, as `versions prune --keep N "
+                   "--embedding-runs` does: for a nightly `embed --incremental`, whose runs and versions otherwise "
+                   "pile up (default: delete nothing)")
     add_metadata_option(p)
     p.add_argument("--frame-interval-s", type=_float_in(0.001, float("inf")), default=2.0,
                    help="videos: sample a frame every N seconds (at least 0.001: a frame's id names milliseconds)")

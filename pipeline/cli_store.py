@@ -104,6 +104,9 @@ def cmd_versions(args: argparse.Namespace) -> int:
         if not args.version:
             raise ValueError("versions promote needs a VERSION (see `lookalike versions list`)")
         _print_json(versions.promote(store, args.version, reason="manual promote"))
+    elif args.action == "prune":
+        store.require_current_index()  # a store that serves: nothing is pruned from one that does not
+        _print_json({"removed": versions.prune(store, args.keep, embed_runs=args.embedding_runs)})
     else:
         _print_json(versions.rollback(store))
     return 0
@@ -155,16 +158,22 @@ def add_store_commands(sub) -> None:
     p.add_argument("--keep", type=POSITIVE, default=5, help="index versions to keep (default 5)")
     p.set_defaults(func=cmd_reindex)
 
-    p = sub.add_parser("versions", help="list, promote or roll back index versions",
-                       description="lookalike versions list | promote VERSION | rollback. Promote and rollback run "
+    p = sub.add_parser("versions", help="list, promote, roll back or prune index versions",
+                       description="lookalike versions list | promote VERSION | rollback | prune. Promote and rollback run "
                        "the same checks as reindex (index loads, model matches, smoke query) and switch CURRENT "
                        "atomically; a running server hot-swaps. Both point models/LATEST (the model embed uses by "
                        "default) at the model of the index they make current.")
     _add_workdir(p)
-    p.add_argument("action", choices=["list", "promote", "rollback"],
+    p.add_argument("action", choices=["list", "promote", "rollback", "prune"],
                    help="list: every index version (* = CURRENT; a warning when CURRENT names a version that is gone; "
                    "error when the store does not exist); promote VERSION: check it and make it CURRENT; "
-                   "rollback: make the version served before CURRENT current again")
+                   "rollback: make the version served before CURRENT current again; prune: delete what reindex "
+                   "--keep deletes (index versions beyond the --keep most recently served, never CURRENT; models "
+                   "and embedding runs reindex made that nothing kept uses; caches of models gone)")
     p.add_argument("version", nargs="?", help="the index version to promote")
     p.add_argument("--json", action="store_true", help="list as JSON")
+    p.add_argument("--keep", type=POSITIVE, default=5, help="prune: index versions (and embedding runs) to keep")
+    p.add_argument("--embedding-runs", action="store_true",
+                   help="prune: also the runs of `lookalike embed` beyond the --keep latest (kept otherwise: "
+                   "their Parquet files are yours; an index holds its own copy of the embeddings)")
     p.set_defaults(func=cmd_versions)

@@ -56,7 +56,7 @@ from lookalike.pipeline.summary import (EmbedSummary, counter_values, read_dead_
                                         summarize)
 from lookalike.pipeline.tfds_source import TfdsSpec, example_ranges
 from lookalike.pipeline.thumbnails import sources_missing_thumbnails
-from lookalike.pipeline.versions import clean_leftovers, clean_partial_indexes
+from lookalike.pipeline.versions import clean_leftovers, clean_partial_indexes, prune
 from lookalike.pipeline.writers import write_items_shard, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -94,7 +94,7 @@ def write_reused(run: EmbedRun, items: pa.Table, index_dir: str | None) -> dict[
         write_items_shard(f"{run.run_dir}/embeddings", shard, run.num_shards, table)
         if index_dir is not None:
             build_index_shard(index_dir, run.index_params(len(items), warn=False), shard, table)
-    log.info("nothing changed in %d file(s): %d cached item(s) reused without running the pipeline",
+    log.info("no new or changed file among the %d listed: %d cached item(s) reused without running the pipeline",
              len(run.plan.unchanged), len(items))
     return {"files_read": 0, "files_unchanged": len(run.plan.unchanged)}
 
@@ -187,6 +187,9 @@ def validate_config(config: EmbedConfig) -> None:
             raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
     if sum(bool(x) for x in (config.corpus, config.list_file, config.tfds)) > 1:
         raise ValueError("give one source: a corpus, a list file or a TFDS data set")
+    if config.keep_versions is not None and (config.keep_versions < 1 or not config.publish):
+        raise ValueError(f"keep_versions must be at least 1, got {config.keep_versions}" if config.keep_versions < 1 else
+                         "keep_versions prunes after publishing: it cannot go with publish=False (--no-publish)")
     resolve_options(1, replace(config.index, num_shards=1), warn=False)  # the index options (target recall, mode, ...)
 
 
@@ -443,12 +446,14 @@ def _list_and_run(run: EmbedRun, started: float) -> EmbedSummary:
         summary = _execute(run, started, None, reused)
     (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
     log.info(
-        "%d item(s): %d embedded, from %d file(s) whose bytes were embedded before reused, %d duplicate file(s); "
+        "%d item(s): %d embedded, reused from %d file(s) whose bytes were embedded before, %d duplicate file(s); "
         "%d failed; "
         "%.1fs (%.0f items/s); index %s",
         summary.items, summary.embedded, summary.unchanged, summary.duplicate_files, summary.failed,
         summary.elapsed_s, summary.items_per_s, summary.index_version or "not built (--no-publish)",
     )
+    if config.keep_versions is not None and config.publish and summary.index_version:  # under this run's store lock
+        prune(run.store, config.keep_versions, locked=True, embed_runs=True)
     return summary
 
 
@@ -459,6 +464,7 @@ def _publish(run: EmbedRun, started: float, reused: pa.Table | None) -> EmbedSum
     from lookalike.index.manifest import publish_atomically
 
     metadata_sha256 = run.metadata.sha256 if run.metadata is not None else None
+    previous = _served_count(run.store)
     if reused is not None:
         built = sum(1 for _ in split_by_shard(reused.select(["id"]), run.num_shards))
         params = run.index_params(len(reused), warn=False)
@@ -503,4 +509,25 @@ def _publish(run: EmbedRun, started: float, reused: pa.Table | None) -> EmbedSum
         return summary
     summary = done[0]
     summary.index_version = index_version
+    _log_change_of_items(run.store, previous, summary.items)
     return summary
+
+
+def _served_count(store: Store) -> tuple[str, int] | None:
+    """(CURRENT's version, its item count) from its manifest; None if there is none or it cannot be read."""
+    from lookalike.index.manifest import read_manifest
+
+    try:
+        version = store.current_index_or_none()
+        return (version, int(read_manifest(store.index_dir(version))["count"])) if version else None
+    except Exception:  # noqa: BLE001 - only for a log line
+        return None
+
+
+def _log_change_of_items(store: Store, previous: tuple[str, int] | None, items: int) -> None:
+    """One line saying how the published index differs in size from the one it replaced (files
+    deleted from the corpus show here: the embed counts only say what was read)."""
+    if previous is not None and previous[1] != items:
+        change = items - previous[1]
+        log.info("the new index holds %d item(s), %d %s than index %s before it%s", items, abs(change),
+                 "more" if change > 0 else "fewer", previous[0], "" if change > 0 else " (files removed from the corpus, or failing now)")

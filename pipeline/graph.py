@@ -102,6 +102,8 @@ class EmbedConfig:
     incremental: bool = False
     sampling: FrameSampling = field(default_factory=FrameSampling)
     metadata: str | None = None  # a JSONL, CSV or Parquet file of item metadata, joined by id (pipeline.metadata)
+    # After publishing: prune index versions and `lookalike embed` runs beyond this many (versions.prune); None: keep all
+    keep_versions: int | None = None
 
 
 @dataclass

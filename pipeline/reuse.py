@@ -15,6 +15,7 @@ listed files are only known unchanged once read and hashed).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -74,9 +75,21 @@ def list_files(pattern: str, onerror: Callable[[OSError], None] | None = None) -
             errors.append(str(e))
             continue
         found.update((m.path, m) for result in matched for m in result.metadata_list)
+        if "://" not in variant:  # Beam's local match drops a dangling link: listed, to be dead-lettered, not lost
+            found.update((path, UnreadableFile(path, unreadable_reason(path, FileNotFoundError(
+                errno.ENOENT, os.strerror(errno.ENOENT), path)))) for path in dangling_links(variant) if path not in found)
     if not found and errors:
         log.warning("no files match %s: %s", pattern, errors[0])
     return with_inodes(sorted(found.values(), key=lambda m: m.path))
+
+
+def dangling_links(local_pattern: str) -> list[str]:
+    """Symbolic links matching ``local_pattern`` (shell wildcards, ``**`` a whole folder level)
+    whose target does not exist."""
+    import glob
+
+    return [path for path in glob.glob(local_pattern, recursive=True)
+            if os.path.islink(path) and not os.path.exists(path)]
 
 
 def globstar_variants(pattern: str) -> list[str]:

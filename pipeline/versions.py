@@ -244,23 +244,28 @@ def promoted_versions(store: Store) -> list[str]:
     return sorted((v for v in last if v in present), key=lambda v: -last[v])
 
 
-def prune(store: Store, keep: int, keep_models: tuple[str, ...] = (), *, locked: bool = False) -> list[str]:
+def prune(store: Store, keep: int, keep_models: tuple[str, ...] = (), *, locked: bool = False,
+          embed_runs: bool = False) -> list[str]:
     """Delete promoted index versions beyond the ``keep`` most recently promoted ones (never
     CURRENT), and models no remaining index uses that reindex trained (``Store.mark_reindex_model``:
     older rejected candidates) or that an index deleted here used; never LATEST,
     models/REJECTED (the latest rejected candidate, kept for inspection), ``keep_models``, nor
     a model trained by hand (``lookalike train``) that no deleted index used. Then the
     embedding runs reindex made beyond the ``keep`` latest and the caches of models gone
-    (``_prune_embeddings``); never a run of ``lookalike embed``.
+    (``_prune_embeddings``); a run of ``lookalike embed`` only with ``embed_runs`` (asked for
+    by ``embed --keep`` or ``versions prune --embedding-runs``): then those beyond the ``keep``
+    latest too (an index never needs its run: it holds its own copy of the embeddings).
 
     Versions that never served (not in the history) are neither counted nor deleted here:
     reindex removes its own unpromoted candidates (``clean_candidates``). Holds the store
     lock unless ``locked``."""
+    if keep < 1:
+        raise ValueError(f"keep must be at least 1 (CURRENT is always kept), got {keep}")
     with _store_lock(store, locked, "prune"):
-        return _prune(store, keep, keep_models)
+        return _prune(store, keep, keep_models, embed_runs)
 
 
-def _prune(store: Store, keep: int, keep_models: tuple[str, ...]) -> list[str]:
+def _prune(store: Store, keep: int, keep_models: tuple[str, ...], embed_runs: bool = False) -> list[str]:
     current = store.current_index_or_none()
     promoted = promoted_versions(store)
     kept = set(promoted[:keep]) | {current}
@@ -278,17 +283,18 @@ def _prune(store: Store, keep: int, keep_models: tuple[str, ...]) -> list[str]:
             if model.name in models_of_removed or store.is_reindex_model(model.name):  # never one trained by hand
                 shutil.rmtree(model, ignore_errors=True)
                 removed.append(model.name)
-    removed += _prune_embeddings(store, keep)
+    removed += _prune_embeddings(store, keep, embed_runs)
     if removed:
         log.info("pruned %s", ", ".join(removed))
     return removed
 
 
-def _prune_embeddings(store: Store, keep_runs: int) -> list[str]:
+def _prune_embeddings(store: Store, keep_runs: int, embed_runs: bool = False) -> list[str]:
     """Delete the embedding runs reindex made (``Store.mark_reindex_run``) beyond the
-    ``keep_runs`` latest, and the embedding caches no run can use: of a model no longer in
-    the store, or of an older image decoding (``pipeline.cache.cache_dir``). Returns them as
-    ``embeddings/<run>`` and ``embeddings/cache/<name>``."""
+    ``keep_runs`` latest (with ``embed_runs``, the runs of ``lookalike embed`` beyond the
+    ``keep_runs`` latest of them too), and the embedding caches no run can use: of a model no
+    longer in the store, or of an older image decoding (``pipeline.cache.cache_dir``). Returns
+    them as ``embeddings/<run>`` and ``embeddings/cache/<name>``."""
     from lookalike.pipeline.cache import cache_dir
 
     def reindex_run_mtime(folder: Path) -> float | None:  # None: not a run reindex made (or not ours to read)
@@ -307,9 +313,21 @@ def _prune_embeddings(store: Store, keep_runs: int) -> list[str]:
     removed: list[str] = []
     if not store.embeddings_dir.is_dir():
         return removed
+    def embed_run_mtime(folder: Path) -> float | None:  # None: not a finished run of `lookalike embed`
+        try:
+            return (folder / "summary.json").stat().st_mtime if folder.is_dir() and folder.name != "cache" else None
+        except OSError:
+            return None
+
     runs = [(mtime, d) for d in store.embeddings_dir.iterdir() if (mtime := reindex_run_mtime(d)) is not None]
     for _, run in sorted(runs, key=lambda run: run[0], reverse=True)[keep_runs:]:
         delete(run, f"embeddings/{run.name}")
+    if embed_runs:
+        marked = {d for _, d in runs}
+        mine = [(mtime, d) for d in store.embeddings_dir.iterdir()
+                if d not in marked and (mtime := embed_run_mtime(d)) is not None]
+        for _, run in sorted(mine, key=lambda run: run[0], reverse=True)[keep_runs:]:
+            delete(run, f"embeddings/{run.name}")
     caches = store.embeddings_dir / "cache"
     for cache in sorted(caches.iterdir()) if caches.is_dir() else []:
         model = cache.name.split("~")[0]

@@ -137,7 +137,7 @@ def test_start_line_and_summary_name_their_counts_alike_when_files_are_renamed_o
     total = first.files_matched
     assert (again.files_read, again.embedded, again.unchanged) == (2, 0, total)
     assert f"({total - 2} not read: same path, size, mtime and inode as cached; 0 known to fail)" in caplog.text
-    assert f"from {total} file(s) whose bytes were embedded before reused" in caplog.text
+    assert f"reused from {total} file(s) whose bytes were embedded before," in caplog.text
 
 
 def test_unchanged_corpus_with_other_index_options_builds_a_new_index(corpus_store, monkeypatch):
@@ -187,6 +187,27 @@ def test_listing_follows_folder_links_once_and_keeps_dangling_links(tmp_path):
               for m in list_files(f"{tmp_path / 'corpus'}/**")}
     assert sorted(listed) == ["b.jpg", "dangling.jpg", "linked/deep/a.jpg"]
     assert listed["linked/deep/a.jpg"][0] == 1 and listed["dangling.jpg"] == (0, 0.0)
+
+
+@pytest.mark.parametrize("pattern", ["*.jpg", "**/*.jpg", "sub/*.jpg"])
+def test_a_glob_lists_a_dangling_link_to_be_dead_lettered(tmp_path, pattern):
+    """Beam's local match drops a dangling link; a glob corpus lists it, as a folder does, so
+    the run reports it (a dead letter naming where it points) instead of losing it."""
+    from lookalike.pipeline.reuse import UnreadableFile
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.jpg").write_bytes(b"1")
+    os.symlink(tmp_path / "nowhere.jpg", tmp_path / "sub" / "dangling.jpg")
+    os.symlink(tmp_path / "nowhere.jpg", tmp_path / "top.jpg")
+    listed = {m.path: m for m in list_files(f"{tmp_path}/{pattern}")}
+    expected = {"*.jpg": ["top.jpg"], "**/*.jpg": ["sub/a.jpg", "sub/dangling.jpg", "top.jpg"],
+                "sub/*.jpg": ["sub/a.jpg", "sub/dangling.jpg"]}[pattern]
+    assert sorted(p[len(str(tmp_path)) + 1:] for p in listed) == expected
+    for path, m in listed.items():
+        if path.endswith(("/dangling.jpg", "/top.jpg")):
+            assert isinstance(m, UnreadableFile) and m.error.startswith("dangling symbolic link: its target")
+        else:
+            assert not isinstance(m, UnreadableFile)
 
 
 @pytest.mark.parametrize("link_first", [True, False])
@@ -447,3 +468,48 @@ def test_globstar_variants_drop_each_folder_level_once():
     assert sorted(globstar_variants("/p/**/raw/**/*.jpg")) == sorted(
         ["/p/**/raw/**/*.jpg", "/p/**/raw/*.jpg", "/p/raw/**/*.jpg", "/p/raw/*.jpg"])
     assert globstar_variants("/p/**") == ["/p/**"] and globstar_variants("gs://b/x*.png") == ["gs://b/x*.png"]
+
+
+def test_an_incremental_run_after_deletions_says_so(corpus_store, monkeypatch, caplog):
+    """Files deleted and none added: the run reuses every cached item without Beam, and its log
+    says no file is new or changed (not "nothing changed") and that the new index holds fewer
+    items than the one before, since the run's own counts only say what was read."""
+    first = run_embed(EmbedConfig(workdir=str(corpus_store), run_name="first"))
+    for gone in sorted((corpus_store / "corpus" / "1").iterdir())[:2]:
+        gone.unlink()
+    _no_beam(monkeypatch)
+    with caplog.at_level("INFO", logger="lookalike.pipeline.embed"):
+        again = run_embed(EmbedConfig(workdir=str(corpus_store), run_name="again", incremental=True))
+    assert again.index_version != first.index_version and again.items == first.items - 2
+    assert f"no new or changed file among the {first.items - 2} listed" in caplog.text
+    assert (f"the new index holds {first.items - 2} item(s), 2 fewer than index {first.index_version} before it "
+            "(files removed from the corpus, or failing now)") in caplog.text
+
+
+def test_a_nightly_incremental_embed_with_keep_bounds_the_store(corpus_store, capsys):
+    """`embed --incremental` every night writes a run (a full Parquet copy) and, when something
+    changed, an index version; with --keep N both stay at N. `versions prune` does the same by
+    hand, sparing embed runs unless --embedding-runs."""
+    import json
+
+    from PIL import Image
+
+    from lookalike.pipeline.cli import main
+
+    def night(name: str, keep: int | None = None):
+        Image.new("L", (16, 16), 10 * len(name)).save(corpus_store / "corpus" / "0" / f"new_{name}.png")
+        return run_embed(EmbedConfig(workdir=str(corpus_store), run_name=name, incremental=True, keep_versions=keep))
+
+    first, second, third = night("n1"), night("n2"), night("n3", keep=2)
+    runs = sorted(p.name for p in (corpus_store / "embeddings").iterdir() if p.name != "cache")
+    indexes = sorted(p.name for p in (corpus_store / "indexes").iterdir())
+    assert runs == ["n2", "n3"] and indexes == sorted([second.index_version, third.index_version])
+    assert first.index_version not in indexes
+    assert main(["versions", "prune", "--workdir", str(corpus_store), "--keep", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["removed"] == [second.index_version]
+    assert sorted(p.name for p in (corpus_store / "embeddings").iterdir() if p.name != "cache") == ["n2", "n3"]
+    assert main(["versions", "prune", "--workdir", str(corpus_store), "--keep", "1", "--embedding-runs"]) == 0
+    assert json.loads(capsys.readouterr().out)["removed"] == ["embeddings/n2"]
+    assert [p.name for p in (corpus_store / "indexes").iterdir()] == [third.index_version]
+    with pytest.raises(ValueError, match="cannot go with publish=False"):
+        run_embed(EmbedConfig(workdir=str(corpus_store), publish=False, keep_versions=1))
