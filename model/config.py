@@ -56,8 +56,9 @@ class TrainConfig:
     # Stop after this many minutes of training even if num_steps is not reached (0: no
     # limit); the final step is evaluated and checkpointed as usual.
     max_train_minutes: float = 0.0
-    # Orbax checkpoint of the training state every N steps (0: at every evaluation);
-    # a rerun of the same training resumes from the last one.
+    # Orbax checkpoint of the training state every N steps (0: at every evaluation), and at
+    # least every 5 minutes (train.CHECKPOINT_EVERY_S); a rerun of the same training resumes
+    # from the last one.
     checkpoint_every_steps: int = 0
     # Batches assembled ahead of the step on a background thread.
     prefetch_batches: int = 2

@@ -113,15 +113,33 @@ def list_images(root: Path, onerror: Callable[[OSError], None] | None = None) ->
 
 
 def image_files(folder: str, names: list[str]) -> list[Path]:
-    """The image files (by suffix; regular files or links to them) among ``names`` in ``folder``."""
+    """The image files (by suffix; regular files or links to them) among ``names`` in ``folder``,
+    and dangling links named like one: listed, so reading them reports them (``read_media``)
+    instead of leaving them out unseen."""
     return [Path(folder) / name for name in names
-            if Path(name).suffix.lower() in IMAGE_SUFFIXES and os.path.isfile(os.path.join(folder, name))]
+            if Path(name).suffix.lower() in IMAGE_SUFFIXES and is_file_or_dangling_link(os.path.join(folder, name))]
+
+
+def is_file_or_dangling_link(path: str) -> bool:
+    """A regular file (or a link to one), or a symbolic link whose target is missing."""
+    return os.path.isfile(path) or (os.path.islink(path) and not os.path.exists(path))
+
+
+def read_media(path: Path) -> bytes:
+    """The bytes of ``path``; a dangling link's OSError says it is one and where it points."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError as e:
+        if not path.is_symlink():
+            raise
+        raise FileNotFoundError(e.errno, f"dangling symbolic link: its target {os.readlink(path)!r} does not exist",
+                                str(path)) from None
 
 
 def _decode_file(path: Path, spec: PreprocessSpec) -> np.ndarray | ImageDecodeError | OSError:
     """One image file's model input, or the error that makes it skipped."""
     try:
-        return decode_image(path.read_bytes(), spec)
+        return decode_image(read_media(path), spec)
     except (ImageDecodeError, OSError) as e:
         return e
 

@@ -102,6 +102,10 @@ def triplet_train_step(model: EncoderModule, optimizer: nnx.Optimizer, x: jax.Ar
 
 
 BEST_METRIC = "map_at_r"
+# A checkpoint at least this often besides every ``checkpoint_every_steps`` (default: every
+# evaluation): a ResNet on a CPU takes minutes per evaluation interval, and a run killed
+# before its first checkpoint starts over.
+CHECKPOINT_EVERY_S = 300.0
 
 
 def batch_maker(
@@ -252,7 +256,7 @@ def train_on_arrays(
         progress = Progress("train", total=config.num_steps, unit="steps", logger=log, already=start_step)
         loop_started, timed_steps, side_s = time.perf_counter(), 0, 0.0
         deadline = loop_started + 60.0 * config.max_train_minutes if config.max_train_minutes > 0 else None
-        last_step = start_step
+        last_step, last_saved = start_step, time.perf_counter()
         with log_path.open("w", encoding="utf-8") as log_file, \
                 Prefetcher(make_batch, range(start_step + 1, config.num_steps + 1), config.prefetch_batches) as batches:
             for record in history:
@@ -271,7 +275,7 @@ def train_on_arrays(
                 if len(running) >= 2:  # at most one step ahead of the device: progress counts steps done, not queued
                     jax.block_until_ready(running[-2])
                 evaluating = validating and (step % config.eval_every_steps == 0 or last)
-                checkpointing = step % ckpt_every == 0 or last
+                checkpointing = step % ckpt_every == 0 or last or time.perf_counter() - last_saved >= CHECKPOINT_EVERY_S
                 if evaluating or checkpointing:
                     jax.block_until_ready(running[-1])  # the step itself counts as training time
                 side_started = time.perf_counter()
@@ -290,6 +294,7 @@ def train_on_arrays(
                     log_file.flush()
                 if checkpointing:
                     checkpoints.save(step, model, optimizer, history)
+                    last_saved = time.perf_counter()
                     _failpoint(f"train.after_checkpoint.{step}")
                 if evaluating or checkpointing:
                     side_s += time.perf_counter() - side_started

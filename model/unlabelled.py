@@ -27,7 +27,8 @@ import numpy as np
 
 from lookalike.model.augment import UNLABELLED_VIEWS, AugmentSpec, augment_batch
 from lookalike.model.config import TrainConfig, augment_spec
-from lookalike.model.data import IMAGE_SUFFIXES, LabelledImages, not_a_folder, walk_folders, warn_unreadable_folder
+from lookalike.model.data import (IMAGE_SUFFIXES, LabelledImages, is_file_or_dangling_link, not_a_folder, read_media,
+                                  walk_folders, warn_unreadable_folder)
 from lookalike.model.parallel import decode_in_order, holds_big_files
 from lookalike.model.preprocess import ImageDecodeError, PreprocessSpec, decode_image, image_to_array
 from lookalike.model.progress import Progress
@@ -83,7 +84,7 @@ def list_media(root: Path, onerror: Callable[[OSError], None] | None = None) -> 
 
     return sorted(Path(folder) / name for folder, names in walk_folders(root, onerror) for name in names
                   if (Path(name).suffix.lower() in IMAGE_SUFFIXES or is_video_path(name))
-                  and os.path.isfile(os.path.join(folder, name)))
+                  and is_file_or_dangling_link(os.path.join(folder, name)))
 
 
 def load_unlabelled_folder(
@@ -111,7 +112,7 @@ def load_unlabelled_folder(
 
     def decode(path: Path) -> tuple[str, np.ndarray, np.ndarray | None, np.ndarray] | Exception:
         try:
-            data = path.read_bytes()
+            data = read_media(path)
             digest = hashlib.sha256(data).hexdigest()
             if is_video_path(path.name):
                 return digest, *video_windows(data, spec, window_s, frame_interval_s)

@@ -42,6 +42,24 @@ def test_folder_loader_skips_bad_files_and_keeps_the_rest(tmp_path):
     assert sorted(p.rsplit("/", 1)[-1] for p, _ in data.failures) == ["broken.png", "empty.jpg"]
 
 
+def test_a_dangling_link_is_named_with_where_it_points_not_left_out_unseen(tmp_path, caplog):
+    """A link to a photo that was moved: reported and skipped like any unreadable file (labelled
+    and unlabelled training), not filtered out before anyone could see it."""
+    from lookalike.model.unlabelled import load_unlabelled_folder
+
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        for i in range(2):
+            Image.new("L", (8, 8), 40 * i + (5 if label == "a" else 90)).save(tmp_path / label / f"{i}.png")
+    (tmp_path / "a" / "moved.jpg").symlink_to(tmp_path / "elsewhere.jpg")
+    for data in (load_labelled_folder(tmp_path, SPEC), load_unlabelled_folder(tmp_path, SPEC)):
+        assert data.images.shape[0] == 4
+        [(path, reason)] = data.failures
+        assert path == str(tmp_path / "a" / "moved.jpg")
+        assert f"dangling symbolic link: its target {str(tmp_path / 'elsewhere.jpg')!r} does not exist" in reason
+    assert "moved.jpg" in caplog.text
+
+
 def test_folder_loader_leaves_out_excluded_files(tmp_path):
     for label in ("a", "b"):
         (tmp_path / label).mkdir()

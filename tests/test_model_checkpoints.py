@@ -153,6 +153,37 @@ def test_the_best_evaluation_is_published_even_on_a_step_without_a_checkpoint(tm
     assert len(evaluated) == 6 and metrics["best_step"] == 40
 
 
+def test_a_checkpoint_is_saved_at_least_every_few_minutes_between_evaluations(tmp_path, monkeypatch):
+    """Evaluating (and so checkpointing) every 1,000 steps, as a preset may, is many minutes of
+    a ResNet on a CPU: a checkpoint also comes once CHECKPOINT_EVERY_S has passed since the last,
+    so a killed run loses minutes, not its whole interval."""
+    import dataclasses
+
+    import lookalike.model.train as train
+    from lookalike.model.checkpoints import TrainCheckpoints
+    from lookalike.model.data import LabelledImages
+
+    saved: list[int] = []
+    save = TrainCheckpoints.save
+
+    def recording_save(self, step, *args, **kwargs):
+        saved.append(step)
+        return save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(TrainCheckpoints, "save", recording_save)
+    monkeypatch.setattr(train, "CHECKPOINT_EVERY_S", 0.0)  # always due: a checkpoint after every step
+    rng = np.random.default_rng(0)
+    data = LabelledImages(rng.random((200, 16, 16, 1), dtype=np.float32), np.repeat(np.arange(10), 20).astype(np.int32),
+                          [str(i) for i in range(10)], [], [])
+    config = dataclasses.replace(get_config("tiny"), num_steps=12, eval_every_steps=1000, log_every_steps=1000)
+    train.train_on_arrays(config, data, tmp_path / "run")
+    assert saved == list(range(1, 13)), saved  # not only at the end (step 12)
+    monkeypatch.setattr(train, "CHECKPOINT_EVERY_S", 1e9)
+    saved.clear()
+    train.train_on_arrays(config, data, tmp_path / "run2")
+    assert saved == [12]
+
+
 def test_a_second_training_of_the_same_run_is_refused_until_the_first_dies(tmp_path):
     import pytest
 
