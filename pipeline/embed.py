@@ -453,7 +453,11 @@ def _list_and_run(run: EmbedRun, started: float) -> EmbedSummary:
         summary.elapsed_s, summary.items_per_s, summary.index_version or "not built (--no-publish)",
     )
     if config.keep_versions is not None and config.publish and summary.index_version:  # under this run's store lock
-        prune(run.store, config.keep_versions, locked=True, embed_runs=True)
+        try:
+            prune(run.store, config.keep_versions, locked=True, embed_runs=True)
+        except Exception as e:  # noqa: BLE001 - published already: the run succeeded, the next one prunes again
+            log.warning("index %s is published, but pruning older versions failed: %s: %s", summary.index_version,
+                        type(e).__name__, e)
     return summary
 
 

@@ -75,21 +75,32 @@ def list_files(pattern: str, onerror: Callable[[OSError], None] | None = None) -
             errors.append(str(e))
             continue
         found.update((m.path, m) for result in matched for m in result.metadata_list)
-        if "://" not in variant:  # Beam's local match drops a dangling link: listed, to be dead-lettered, not lost
-            found.update((path, UnreadableFile(path, unreadable_reason(path, FileNotFoundError(
-                errno.ENOENT, os.strerror(errno.ENOENT), path)))) for path in dangling_links(variant) if path not in found)
+    if "://" not in pattern:  # Beam's local match drops a dangling link: listed, to be dead-lettered, not lost
+        found.update((path, UnreadableFile(path, unreadable_reason(path, FileNotFoundError(
+            errno.ENOENT, os.strerror(errno.ENOENT), path)))) for path in dangling_links(globstar_variants(pattern))
+            if path not in found)
     if not found and errors:
         log.warning("no files match %s: %s", pattern, errors[0])
     return with_inodes(sorted(found.values(), key=lambda m: m.path))
 
 
-def dangling_links(local_pattern: str) -> list[str]:
-    """Symbolic links matching ``local_pattern`` (shell wildcards, ``**`` a whole folder level)
-    whose target does not exist."""
-    import glob
+def dangling_links(local_patterns: list[str]) -> list[str]:
+    """Symbolic links whose target does not exist matching any of ``local_patterns`` (Beam's
+    wildcards, translated as Beam's match does), found in one walk of the folder before their
+    first wildcard that, like Beam's local match, does not follow links to folders (a link
+    loop cannot make it endless)."""
+    from apache_beam.io.filesystem import FileSystem
 
-    return [path for path in glob.glob(local_pattern, recursive=True)
-            if os.path.islink(path) and not os.path.exists(path)]
+    matchers = [re.compile(FileSystem.translate_pattern(p)) for p in local_patterns]
+    literal = min((re.split(r"[*?\[]", p, maxsplit=1)[0] for p in local_patterns), key=len, default="")
+    top = os.path.dirname(literal) or "."
+    found = []
+    for folder, dirs, files in os.walk(top, followlinks=False):
+        for name in (*dirs, *files):  # a dangling link is listed among the files; a link to a folder among dirs
+            path = os.path.join(folder, name)
+            if os.path.islink(path) and not os.path.exists(path) and any(m.match(path) for m in matchers):
+                found.append(path)
+    return found
 
 
 def globstar_variants(pattern: str) -> list[str]:

@@ -199,6 +199,8 @@ def test_a_glob_lists_a_dangling_link_to_be_dead_lettered(tmp_path, pattern):
     (tmp_path / "sub" / "a.jpg").write_bytes(b"1")
     os.symlink(tmp_path / "nowhere.jpg", tmp_path / "sub" / "dangling.jpg")
     os.symlink(tmp_path / "nowhere.jpg", tmp_path / "top.jpg")
+    os.symlink("..", tmp_path / "sub" / "up")  # link loops: never followed (two made a recursive glob endless)
+    os.symlink(tmp_path, tmp_path / "sub" / "root")
     listed = {m.path: m for m in list_files(f"{tmp_path}/{pattern}")}
     expected = {"*.jpg": ["top.jpg"], "**/*.jpg": ["sub/a.jpg", "sub/dangling.jpg", "top.jpg"],
                 "sub/*.jpg": ["sub/a.jpg", "sub/dangling.jpg"]}[pattern]
@@ -513,3 +515,17 @@ def test_a_nightly_incremental_embed_with_keep_bounds_the_store(corpus_store, ca
     assert [p.name for p in (corpus_store / "indexes").iterdir()] == [third.index_version]
     with pytest.raises(ValueError, match="cannot go with publish=False"):
         run_embed(EmbedConfig(workdir=str(corpus_store), publish=False, keep_versions=1))
+
+
+def test_a_prune_that_fails_after_publishing_is_a_warning_not_a_failed_run(corpus_store, monkeypatch, caplog):
+    import lookalike.pipeline.embed as embed_module
+
+    def broken_prune(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(corpus_store / "history.jsonl"))
+
+    monkeypatch.setattr(embed_module, "prune", broken_prune)
+    summary = run_embed(EmbedConfig(workdir=str(corpus_store), keep_versions=1))
+    from lookalike.model.store import Store
+
+    assert summary.index_version == Store.at(corpus_store).current_index()
+    assert f"index {summary.index_version} is published, but pruning older versions failed: PermissionError" in caplog.text
