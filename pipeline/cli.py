@@ -433,8 +433,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problem:
         parser_of_command.error(problem)
     configure_logging(args.verbose)
+    # The jobs with stop handling of their own (installed once their libraries are imported):
+    # until then, and after, a SIGTERM still says so. Other commands keep the default action.
+    with_own_stop = args.command in ("embed", "train", "reindex", "demo") and _in_main_thread()
     outside_a_job = partial(_terminated_outside_a_job, args.command)
-    previous_term = signal.signal(signal.SIGTERM, outside_a_job) if _in_main_thread() else None
+    previous_term = signal.signal(signal.SIGTERM, outside_a_job) if with_own_stop else None
     try:
         failpoint("cli-started")
         return _run_command(args)
@@ -448,11 +451,16 @@ def _in_main_thread() -> bool:
 
 
 def _terminated_outside_a_job(command: str, signum: int, frame: object) -> None:
-    """SIGTERM while no job's own stop handling is in force (the few seconds a job spends
-    importing Beam and JAX, or a command without any): one line saying so, then the exit a
-    SIGTERM gives (143), immediately, as without a handler."""
-    print(f"lookalike {command}: terminated (SIGTERM)", file=sys.stderr, flush=True)
-    os._exit(128 + signum)
+    """SIGTERM to embed, train, reindex or demo while the job's own stop handling is not in
+    force (the few seconds it spends importing Beam and JAX; uvicorn handing the signal back
+    after the demo's server shut down): one line saying so, then death by the signal, as
+    without a handler (status 143; a service manager counts it as a clean stop)."""
+    try:
+        os.write(2, f"lookalike {command}: terminated (SIGTERM)\n".encode())  # not print: stderr may be mid-write
+    except OSError:
+        pass
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
 
 
 def _run_command(args: argparse.Namespace) -> int:

@@ -485,8 +485,9 @@ def test_reindex_set_is_checked_against_the_served_models_config(indexed_store, 
 
 def test_sigterm_before_a_job_handles_it_gives_one_line_and_143(trained_store, tmp_path):
     """SIGTERM in the seconds embed spends importing Beam and JAX, before its own stop
-    handling: one line naming the command and the signal, status 143, nothing written (it
-    used to vanish silently). In-process, main() leaves the caller's SIGTERM handler as it was."""
+    handling: one line naming the command and the signal, then death by the signal (status
+    143 in a shell), nothing written (it used to vanish silently). In-process, main() leaves
+    the caller's SIGTERM handler as it was."""
     import os
     import signal
 
@@ -497,9 +498,9 @@ def test_sigterm_before_a_job_handles_it_gives_one_line_and_143(trained_store, t
     exe = str(Path(sys.executable).with_name("lookalike"))
     job = subprocess.run([exe, "embed", "--workdir", str(workdir), "--no-publish"], capture_output=True, text=True,
                          timeout=120, env={**os.environ, "LOOKALIKE_FAILPOINT": "cli-started:SIGTERM"})
-    assert job.returncode == 143, job.stderr[-2000:]
+    assert job.returncode == -signal.SIGTERM, job.stderr[-2000:]  # killed by it, as by default (143 in a shell)
     assert job.stderr.strip().endswith("lookalike embed: terminated (SIGTERM)"), job.stderr[-2000:]
     assert not (workdir / "embeddings").exists()
     before = signal.getsignal(signal.SIGTERM)
-    assert main(["versions", "list", "--workdir", str(workdir)]) in (0, 1)
+    assert main(["train", "--workdir", str(tmp_path / "none"), "--config", "tiny"]) == 1  # no data: fails at once
     assert signal.getsignal(signal.SIGTERM) is before
