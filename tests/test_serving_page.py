@@ -615,6 +615,14 @@ def test_back_and_forward_rerun_the_image_each_entry_searched(site, browser) -> 
     page.reload()
     expect(page.locator("#status")).to_contain_text("no longer kept by this page")
     expect(results.locator(".result")).to_have_count(0)
+    # Numbers restart after a reload: the entries before it must not name this load's images.
+    page.set_input_files("#file-input", str(second))
+    expect(results).to_have_attribute("data-query", f"image:{second.name}")
+    page.go_back()
+    expect(page.locator("#status")).to_contain_text("no longer kept by this page")
+    expect(results.locator(".result")).to_have_count(0)
+    page.go_forward()
+    expect(results).to_have_attribute("data-query", f"image:{second.name}")
     page.close()
 
 
