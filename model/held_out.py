@@ -87,4 +87,25 @@ def files_unseen_by(model_dir: Path | None, corpus: Path) -> set[str]:
     return set(record.files)
 
 
-__all__ = ["HELD_OUT_FILE", "HeldOutRecord", "files_unseen_by", "read_held_out", "write_held_out"]
+def added_since_training(model_dir: Path | None, corpus: Path, ids: Collection[str]) -> set[str]:
+    """Of ``ids`` (``corpus``-relative files), those written after the model at ``model_dir``
+    was trained, so it never trained on them though its record cannot list them: their
+    modification time is later than the model's ``model.json``. Modification times, which a
+    copy of the whole store keeps (``cp -a``), not status-change times, which it resets; a
+    photo added with its old time kept (``cp -p``) counts as one the model may have seen."""
+    try:
+        trained_s = (Path(model_dir) / "model.json").stat().st_mtime if model_dir is not None else None
+    except OSError:
+        return set()
+    added = set()
+    for rel in ids if trained_s is not None else ():
+        try:
+            if (corpus / rel).stat().st_mtime > trained_s:
+                added.add(rel)
+        except OSError:
+            continue
+    return added
+
+
+__all__ = ["HELD_OUT_FILE", "HeldOutRecord", "added_since_training", "files_unseen_by", "read_held_out",
+           "write_held_out"]

@@ -150,7 +150,8 @@ def load_unlabelled_folder(
         folders = "".join(f"; cannot read folder {e.filename}: {e.strerror or e}" for e in unreadable)
         raise ValueError(
             f"unlabelled training data {root}: {len(names)} usable image(s) or video window(s) in "
-            f"{len(files)} file(s) ({len(failures)} unreadable); need at least 2{folders}"
+            f"{len(files)} file(s) ({len(failures)} unreadable, {len(copies)} byte-identical to another); "
+            f"need at least 2{folders}"
         )
     if copies:
         log.info("%d byte-identical cop%s trained once, as the first file with those bytes (e.g. %s repeats %s)",

@@ -203,7 +203,7 @@ def run_reindex(config: ReindexConfig) -> ReindexReport:
 def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport, report_dir: Path) -> None:
     from lookalike.index.searcher import ItemIndex
     from lookalike.model.artifact import read_model_meta
-    from lookalike.model.held_out import files_unseen_by
+    from lookalike.model.held_out import added_since_training, files_unseen_by
     from lookalike.model.train import train_and_evaluate
 
     step = _Steps(report)
@@ -246,6 +246,8 @@ def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport, repor
                              f"{len(ids)} left (e.g. {next(iter(gone.items()), ('-', '-'))})")
         cur_ap = None
         if current_model_dir is not None:
+            if unseen_by_served:  # and the files added since it was trained, which its record cannot list
+                unseen_by_served = unseen_by_served | added_since_training(current_model_dir, corpus, ids)
             ids = _gate_ids(ids, unseen_by_served, report)
             report.metrics["current"], cur_ap = evaluate_model(current_model_dir, corpus, ids)
         cand, cand_ap = evaluate_model(trained.model_dir, corpus, ids)

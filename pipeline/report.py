@@ -143,6 +143,8 @@ def draw_examples(store: Store, report, folder: Path) -> bool:
     version served before (``--keep 1``); a failure is a warning, never the run's."""
     if (folder / EXAMPLES_PNG).is_file():
         return True
+    if "examples_drawn" in report.metrics:  # tried before the prune and failed (warned then): not again
+        return False
     if not (report.new_index and store.index_dir(report.new_index).is_dir()):
         return False
     previous = report.previous_index
@@ -153,10 +155,11 @@ def draw_examples(store: Store, report, folder: Path) -> bool:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         example_grid(store, previous, report.new_index, folder / EXAMPLES_PNG)
-        return True
+        report.metrics["examples_drawn"] = True
     except Exception as e:  # the report must never turn a good run into a failure
         log.warning("could not draw the report's example queries: %s", e)
-        return False
+        report.metrics["examples_drawn"] = False
+    return report.metrics["examples_drawn"]
 
 
 def write_report(store: Store, report, started_unix_s: float) -> Path:

@@ -52,3 +52,31 @@ def test_a_copied_store_still_knows_which_of_its_own_corpus_files_were_held_out(
     record = read_held_out(model_in_copy)
     assert record.covers(copy / "corpus") and not record.covers(trained_store.corpus_dir)
     assert files_unseen_by(model_in_copy, copy / "corpus") == set(original.files)
+
+
+def test_files_written_after_training_are_unseen_and_a_copied_store_keeps_its_verdicts(tmp_path):
+    """The record lists what a model held out when it trained; a file written later is newer
+    than its model.json. By modification time: a copy of the whole store (cp -a) changes
+    nothing, while a photo copied in with its old time kept (cp -p) counts as maybe seen."""
+    import os
+    import shutil
+    import time
+
+    from lookalike.model.held_out import added_since_training
+
+    corpus, model = tmp_path / "corpus", tmp_path / "models" / "m-1"
+    (corpus / "a").mkdir(parents=True)
+    model.mkdir(parents=True)
+    (corpus / "a" / "old.png").write_bytes(b"old")
+    os.utime(corpus / "a" / "old.png", (1_000_000, 1_000_000))
+    time.sleep(0.05)
+    (model / "model.json").write_text("{}")
+    time.sleep(0.05)
+    (corpus / "a" / "new.png").write_bytes(b"new")
+    shutil.copy2(corpus / "a" / "old.png", corpus / "a" / "copied.png")  # its 1970 mtime kept
+    ids = ["a/old.png", "a/new.png", "a/copied.png", "a/gone.png"]
+    assert added_since_training(model, corpus, ids) == {"a/new.png"}
+    shutil.copytree(tmp_path, tmp_path.parent / "copy")  # the whole store copied later, times kept
+    copy = tmp_path.parent / "copy"
+    assert added_since_training(copy / "models" / "m-1", copy / "corpus", ids) == {"a/new.png"}
+    assert added_since_training(None, corpus, ids) == set() == added_since_training(tmp_path / "none", corpus, ids)
