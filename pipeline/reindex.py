@@ -226,7 +226,9 @@ def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport, repor
     # a corpus that cannot be evaluated fails before training; a new set is saved once the run succeeds
     train_config = resolve_train_config(config, current_model_dir)
     if train_config.unlabelled:
-        raise StoreError(unlabelled_reason(store, corpus, report.current_model, config.train is not None))
+        asked = (config.train is not None or report.current_model is None
+                 or any(o.partition("=")[0].strip() == "unlabelled" for o in config.train_overrides))
+        raise StoreError(unlabelled_reason(store, corpus, report.current_model, asked))
     unseen_by_served = files_unseen_by(current_model_dir, corpus)
     eval_set, new_eval_set = choose_eval_set(store, corpus, config.eval_per_class, unseen=unseen_by_served)
     ids = eval_set
@@ -385,7 +387,7 @@ def unlabelled_reason(store: Store, corpus: Path, served_model: str | None, aske
     whose = "the training config asks for" if asked else f"the served model {served_model} was trained with"
     return (f"{whose} unlabelled=true (`train --unlabelled`), and reindex judges a candidate by class "
             f"sub-folders, which an unlabelled corpus does not have: the nightly line for this store is "
-            f"`lookalike embed --workdir {store.root} --corpus {corpus} --incremental` (new and changed files "
+            f"`lookalike embed --workdir {store.root} --corpus {corpus} --incremental --keep 5` (new and changed files "
             f"embedded with the served model); retrain by hand with `lookalike train --unlabelled`, then "
             f"`lookalike embed`, or run reindex with --config PRESET to train a labelled model from the "
             f"corpus's class sub-folders")

@@ -1060,8 +1060,10 @@ def test_an_unlabelled_served_model_is_not_retrained_by_folder_names(tmp_path, d
     report = run_reindex(ReindexConfig(workdir=str(store.root)))
     assert (report.outcome, report.exit_code) == ("failed", 1)
     assert report.reason.startswith(f"the served model {report.current_model} was trained with unlabelled=true"), report.reason
-    assert f"`lookalike embed --workdir {store.root} --corpus {store.corpus_dir} --incremental`" in report.reason
+    assert f"`lookalike embed --workdir {store.root} --corpus {store.corpus_dir} --incremental --keep 5`" in report.reason
     assert sorted(p.name for p in store.models_dir.iterdir()) == models and store.current_index() == before
     assert not (store.root / "eval" / "frozen.json").exists()
+    asked = run_reindex(ReindexConfig(workdir=str(store.root), train_overrides=["unlabelled=true"]))
+    assert asked.reason.startswith("the training config asks for unlabelled=true"), asked.reason
     labelled = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config))  # asked for labels: fine
     assert labelled.outcome in ("promoted", "kept_current", "corpus_updated"), labelled.reason
