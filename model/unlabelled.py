@@ -148,9 +148,10 @@ def load_unlabelled_folder(
         labels.extend(first_label + windows)
     if len(names) < 2:
         folders = "".join(f"; cannot read folder {e.filename}: {e.strerror or e}" for e in unreadable)
+        copied = f", {len(copies)} byte-identical to another" if copies else ""
         raise ValueError(
             f"unlabelled training data {root}: {len(names)} usable image(s) or video window(s) in "
-            f"{len(files)} file(s) ({len(failures)} unreadable, {len(copies)} byte-identical to another); "
+            f"{len(files)} file(s) ({len(failures)} unreadable{copied}); "
             f"need at least 2{folders}"
         )
     if copies:

@@ -50,6 +50,11 @@ def test_byte_identical_copies_and_links_are_one_instance_not_negatives(tmp_path
     assert data.labels.tolist() == [0, 1] and data.images.shape[0] == 2
     assert "3 byte-identical copies trained once, as the first file with those bytes" in caplog.text
     assert "from 2 files" in caplog.text
+    (tmp_path / "2024" / "img_2.png").unlink()
+    (tmp_path / "2024" / "link.png").unlink()
+    with pytest.raises(ValueError, match=r"1 usable image\(s\) or video window\(s\) in 3 file\(s\) "
+                                         r"\(0 unreadable, 2 byte-identical to another\); need at least 2"):
+        load_unlabelled_folder(tmp_path, SPEC)
 
 
 def test_listed_as_labelled_training_lists_an_unreadable_folder_named_and_a_linked_one_once(
