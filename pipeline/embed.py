@@ -56,7 +56,7 @@ from lookalike.pipeline.summary import (EmbedSummary, counter_values, read_dead_
                                         summarize)
 from lookalike.pipeline.tfds_source import TfdsSpec, example_ranges
 from lookalike.pipeline.thumbnails import sources_missing_thumbnails
-from lookalike.pipeline.versions import clean_leftovers, clean_partial_indexes, prune
+from lookalike.pipeline.versions import clean_leftovers, clean_partial_indexes, prune, served_manifest
 from lookalike.pipeline.writers import write_items_shard, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -155,13 +155,8 @@ def _execute(run: EmbedRun, started: float, index_dir: str | None,
 
 def warn_if_metadata_dropped(store: Store) -> None:
     """Warn that a run without ``--metadata`` publishes an index without the served one's metadata."""
-    from lookalike.index.manifest import read_manifest
-
-    current = store.current_index_or_none()
-    try:
-        served = (read_manifest(store.index_dir(current)).get("metadata") or {}).get("path") if current else None
-    except (OSError, ValueError):  # a damaged served index: its own commands report it
-        return
+    current, manifest = served_manifest(store) or (None, {})  # a damaged served index: its own commands report it
+    served = (manifest.get("metadata") or {}).get("path")
     if served:
         log.warning("the served index %s joins item metadata from %s; this run joins none, so the index it publishes "
                     "has no metadata to filter on (pass --metadata %s to keep it)", current, served, served)
@@ -468,7 +463,7 @@ def _publish(run: EmbedRun, started: float, reused: pa.Table | None) -> EmbedSum
     from lookalike.index.manifest import publish_atomically
 
     metadata_sha256 = run.metadata.sha256 if run.metadata is not None else None
-    previous = _served_count(run.store)
+    previous = served_manifest(run.store)
     if reused is not None:
         built = sum(1 for _ in split_by_shard(reused.select(["id"]), run.num_shards))
         params = run.index_params(len(reused), warn=False)
@@ -513,25 +508,17 @@ def _publish(run: EmbedRun, started: float, reused: pa.Table | None) -> EmbedSum
         return summary
     summary = done[0]
     summary.index_version = index_version
-    _log_change_of_items(run.store, previous, summary.items)
+    _log_change_of_items(previous, summary.items)
     return summary
 
 
-def _served_count(store: Store) -> tuple[str, int] | None:
-    """(CURRENT's version, its item count) from its manifest; None if there is none or it cannot be read."""
-    from lookalike.index.manifest import read_manifest
 
-    try:
-        version = store.current_index_or_none()
-        return (version, int(read_manifest(store.index_dir(version))["count"])) if version else None
-    except Exception:  # noqa: BLE001 - only for a log line
-        return None
-
-
-def _log_change_of_items(store: Store, previous: tuple[str, int] | None, items: int) -> None:
-    """One line saying how the published index differs in size from the one it replaced (files
-    deleted from the corpus show here: the embed counts only say what was read)."""
-    if previous is not None and previous[1] != items:
-        change = items - previous[1]
+def _log_change_of_items(previous: tuple[str, dict] | None, items: int) -> None:
+    """One line saying how the published index differs in size from the one it replaced
+    (``previous``: its version and manifest; files deleted from the corpus show here: the
+    embed counts only say what was read)."""
+    count = previous[1].get("count") if previous is not None else None
+    if isinstance(count, int) and count != items:
+        change = items - count
         log.info("the new index holds %d item(s), %d %s than index %s before it%s", items, abs(change),
                  "more" if change > 0 else "fewer", previous[0], "" if change > 0 else " (files removed from the corpus, or failing now)")

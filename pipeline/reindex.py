@@ -397,17 +397,16 @@ def served_train_config(workdir: str) -> TrainConfig | None:
     """The training config of the model CURRENT serves in the store at ``workdir``, or None
     when there is none or it cannot be read (reindex itself then says why, with its remedy).
     Cheap: reads CURRENT, the index manifest and the model's model.json, nothing else."""
-    from lookalike.index.manifest import read_manifest
     from lookalike.model.artifact import read_model_meta
     from lookalike.model.config import config_from_dict
+    from lookalike.pipeline.versions import served_manifest
 
     try:
         store = Store.at(workdir)
-        version = store.current_index_or_none() if store.root.is_dir() else None
-        if version is None:
+        served = served_manifest(store)
+        if served is None:
             return None
-        manifest = read_manifest(store.index_dir(version))
-        return config_from_dict(read_model_meta(store.model_dir(manifest["model_version"]))["config"])
+        return config_from_dict(read_model_meta(store.model_dir(served[1]["model_version"]))["config"])
     except Exception as e:  # noqa: BLE001 - a usage check only; the run reports a broken store
         log.debug("served model's config not read from %s: %s", workdir, e)
         return None

@@ -46,6 +46,17 @@ def _store_lock(store: Store, locked: bool, purpose: str) -> Iterator[None]:
         yield
 
 
+def served_manifest(store: Store) -> tuple[str, dict[str, Any]] | None:
+    """(CURRENT's version, its manifest), or None when nothing is served or either cannot be
+    read (the commands that load the index report that, with their remedy). For hints and
+    log lines that need a figure of the served version without loading it."""
+    try:
+        version = store.current_index_or_none() if store.root.is_dir() else None
+        return (version, read_manifest(store.index_dir(version))) if version else None
+    except (IndexLoadError, OSError, ValueError):
+        return None
+
+
 def list_versions(store: Store) -> list[dict[str, Any]]:
     """Index versions, oldest first, with their manifest figures, whether they serve and
     whether they ever served (``served``: in the history; rollback and prune consider only those).
