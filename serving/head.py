@@ -4,12 +4,21 @@ FastAPI routes answer only the methods they declare, and declaring HEAD beside G
 a route two OpenAPI operations with one operation id. ``HeadAsGet`` (ASGI middleware)
 instead hands the app a GET and sends its status and headers (Content-Length, ETag,
 Cache-Control included) with an empty body; and a 405 (OPTIONS, or POST to a GET resource)
-lists HEAD in its Allow header beside GET.
+lists HEAD in its Allow header beside GET. The GET it hands on carries the client's method
+under ``CLIENT_METHOD`` so that metrics count a HEAD as a HEAD.
 """
 
 from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+CLIENT_METHOD = "lookalike.client_method"  # scope key: the method the client sent, where it differs
+
+
+def client_method(scope: Scope) -> str:
+    """The HTTP method the client sent (``HEAD`` for a HEAD handed on as a GET)."""
+    return scope.get(CLIENT_METHOD, scope["method"])
 
 
 class HeadAsGet:
@@ -39,7 +48,7 @@ class HeadAsGet:
                 message = {"type": "http.response.body", "body": b"", "more_body": False}
             await send(message)
 
-        await self.app({**scope, "method": "GET"}, receive, without_body)
+        await self.app({**scope, "method": "GET", CLIENT_METHOD: "HEAD"}, receive, without_body)
 
 
 def allow_head(allow: bytes) -> bytes:

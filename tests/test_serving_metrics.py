@@ -43,6 +43,7 @@ def test_metrics_count_requests_stages_batches_and_versions(url: str, backend: B
             assert http.get(f"/v1/items/{QUERY_ID}/similar").status_code == 200
         assert http.get("/v1/items/9/nope.png/similar").status_code == 404
         assert http.get("/openapi.json").status_code == 200
+        assert http.head("/openapi.json").status_code == 200
         assert http.get("/no/such/page").status_code == 404
         response = http.get("/metrics")
     assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
@@ -59,6 +60,7 @@ def test_metrics_count_requests_stages_batches_and_versions(url: str, backend: B
     assert requests("/v1/items/{item_id}/similar", "GET", "404") == 1
     # Starlette's own routes (the OpenAPI spec) by their path; no route at all is one label.
     assert requests("/openapi.json", "GET", "200") == 1
+    assert requests("/openapi.json", "HEAD", "200") == 1  # answered as a GET, counted as what the client sent
     assert requests("unmatched", "GET", "404") == 1
     assert not any("nope.png" in str(labels) or QUERY_ID in str(labels) for _, labels in m)
     assert m[("lookalike_request_seconds_count", (("endpoint", "/v1/search/image"),))] == 2
