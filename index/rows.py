@@ -256,6 +256,15 @@ class ItemTable:
                 mask[self._base:] &= np.array([_value_in(a.get(key), values) for a in self._added], bool)
         return np.flatnonzero(mask)
 
+    def distinct_values(self, key: str) -> set[Any]:
+        """The distinct non-null values of scalar column ``key`` (deleted rows included), of
+        the rows added since loading too; empty when no row has the column."""
+        found: set[Any] = set()
+        if key in self.table.column_names:
+            found.update(v for v in pc.unique(self.table.column(key)).to_pylist() if v is not None)
+        found.update(a[key] for a in self._added if a.get(key) is not None)
+        return found
+
     def column_values(self, key: str, rows: np.ndarray) -> list[Any]:
         """Column ``key`` of ``rows`` ([M] int) as Python values (None where absent)."""
         if key not in self.table.column_names and not self._added:

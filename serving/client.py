@@ -232,7 +232,7 @@ def format_results(response: dict[str, Any]) -> str:
         f"{len(results)} result(s) from model {response.get('model_version')}, index {response.get('index_version')}"
     ]
     if not results:
-        return lines[0]
+        return lines[0] + (f"\nnote: {response['note']}" if response.get("note") else "")
     width = max(len("id"), *(len(r["id"]) for r in results))
     frames = any(r.get("timestamp_s") is not None for r in results)  # a video time column only when there are frames
     metadata = [describe_metadata(r.get("metadata")) for r in results]

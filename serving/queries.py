@@ -29,6 +29,7 @@ from lookalike.serving.backend import Backend
 from lookalike.serving.decode import LARGE_IMAGE_PIXELS, image_pixels, looks_like_video
 from lookalike.serving.engine import Filters, ImageQuery, QueryEngine, SearchItem
 from lookalike.serving.limits import PayloadTooLarge
+from lookalike.serving.notes import empty_result_note
 from lookalike.serving.results import search_json
 from lookalike.serving.schemas import BatchQuery, FilterFields
 from lookalike.serving.validation import FLOAT32_MAX, short_input
@@ -125,7 +126,8 @@ def item_or_404(backend: Backend, item_id: str) -> dict[str, Any]:
 def search_response(backend: Backend, query: dict[str, Any], neighbors: list[Neighbor]) -> str:
     """A ``SearchResponse`` as JSON text (see ``lookalike.serving.results``)."""
     results = backend.results_json.encode(backend.encoder.same_item_threshold, neighbors)
-    return search_json(query, results, backend.encoder.version, backend.index.version)
+    note = empty_result_note(backend.index, query) if not neighbors else None
+    return search_json(query, results, backend.encoder.version, backend.index.version, note)
 
 
 def echo(type_: str, k: int, filters: Filters, *, filename: str | None = None, bytes: int | None = None,

@@ -172,10 +172,13 @@ def _row_fragment(rows: ResultRows, row: int, item_id: str) -> tuple[str, str]:
     return '{"id":' + _encode(item_id) + ',"score":', tail[1:]
 
 
-def search_json(query: dict[str, Any], results: str, model_version: str, index_version: str) -> str:
-    """A SearchResponse as JSON text, ``results`` already written (``ResultsJSON.encode``)."""
+def search_json(query: dict[str, Any], results: str, model_version: str, index_version: str,
+                note: str | None = None) -> str:
+    """A SearchResponse as JSON text, ``results`` already written (``ResultsJSON.encode``);
+    ``note`` only when there is one (why nothing was found)."""
+    noted = f',"note":{_encode(note)}' if note else ""
     return (f'{{"query":{_encode(query)},"results":{results},'
-            f'"model_version":{_encode(model_version)},"index_version":{_encode(index_version)}}}')
+            f'"model_version":{_encode(model_version)},"index_version":{_encode(index_version)}{noted}}}')
 
 
 def json_text_response(text: str) -> Response:

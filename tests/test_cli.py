@@ -132,6 +132,9 @@ def test_query_cli_against_the_live_server(server_url, demo_workdir):
     assert json.loads(out.stdout)["results"][0]["id"] == item_id
     out = run_cli("query", "--url", server_url, "--id", item_id, "-k", "3", timeout=60)
     assert out.returncode == 0 and out.stdout.strip(), out.stderr
+    out = run_cli("query", "--url", server_url, "--id", item_id, "--group", "clip.mp4", timeout=60)  # no video here
+    assert out.returncode == 0 and out.stdout.strip().splitlines()[1:] == [
+        "note: no item has group 'clip.mp4' (a group is a video's id, and this index holds no video frames)"], out.stdout
 
 
 def test_missing_workdir_says_which_step_to_run(tmp_path):

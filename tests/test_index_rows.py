@@ -18,6 +18,8 @@ def test_item_table_serves_loaded_and_appended_rows_alike():
     assert items.ids_of(np.array([2, 0])) == ["c", "a"] and items.ids_of(np.array([3, 1])) == ["d", "b"]
     taken = items.take(np.array([3, 0, 2]))
     assert taken.column("id").to_pylist() == ["d", "a", "c"] and taken.schema == items.schema  # new keys are dropped
+    assert items.distinct_values("kind") == {"image", "frame"} and items.distinct_values("extra") == {1}
+    assert items.distinct_values("group") == set()
     with pytest.raises(IndexError, match="item row 4 out of range for 4 rows"):
         items[4]
     with pytest.raises(ValueError, match="needs an 'id' column"):

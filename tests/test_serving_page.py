@@ -207,6 +207,11 @@ def test_the_tag_box_filters_image_and_item_searches(tagged_store, browser) -> N
         cards = page.eval_on_selector_all("#results .result", "els => els.map(e => [e.dataset.id, !!e.querySelector('.meta')])")
         assert {has for item, has in cards if item.startswith("9/")} == {False}
         assert {has for item, has in cards if not item.startswith("9/")} <= {True}
+        page.fill("#tag", "thre")  # a tag no item has: the status says so, not only "0 result(s)"
+        page.fill("#item-id", "2/digit_0002.png")
+        page.click("#similar-button")
+        page.wait_for_function("() => document.querySelector('#status').textContent.includes(\"no item has tag 'thre'\")")
+        assert page.text_content("#status").startswith("0 result(s) for ") and not result_ids(page)
         page.close()
 
 

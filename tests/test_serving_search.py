@@ -28,9 +28,14 @@ FRAMES = 60
 VIDEOS = 3
 
 
+def video(i: int) -> str:
+    """The group of a video's frames: its id, the path under the corpus."""
+    return f"clips/video{i}.mp4"
+
+
 def as_frame(item: dict, row: int) -> dict:
-    video = f"video{row % VIDEOS}"
-    return dict(item, id=f"{video}#t={row / 2:.1f}", kind="frame", group=video, timestamp_s=row / 2)
+    group = video(row % VIDEOS)
+    return dict(item, id=f"{group}#t={row / 2:.1f}", kind="frame", group=group, timestamp_s=row / 2)
 
 
 @pytest.fixture(scope="module")
@@ -74,21 +79,39 @@ def test_crowding_and_group_filter(http: httpx.Client, backend: Backend) -> None
     vector = backend.index.embeddings[frame_row(backend)].tolist()
     crowded = http.post("/v1/search/vector", json={"vector": vector, "k": 10, "kind": "frame", "max_per_group": 1}).json()
     groups = [r["group"] for r in crowded["results"]]
-    assert sorted(groups) == [f"video{i}" for i in range(VIDEOS)]  # only three videos exist
+    assert sorted(groups) == [video(i) for i in range(VIDEOS)]  # only three videos exist
     two = http.post("/v1/search/vector", json={"vector": vector, "k": 30, "max_per_group": 2}).json()["results"]
     per_video = [r["group"] for r in two if r["group"]]
     assert all(per_video.count(g) <= 2 for g in per_video) and len(two) == 30
-    only = http.post("/v1/search/vector", json={"vector": vector, "k": 50, "group": ["video1"]}).json()["results"]
-    assert len(only) == FRAMES // VIDEOS and {r["group"] for r in only} == {"video1"}
+    only = http.post("/v1/search/vector", json={"vector": vector, "k": 50, "group": [video(1)]}).json()["results"]
+    assert len(only) == FRAMES // VIDEOS and {r["group"] for r in only} == {video(1)}
     image_query = http.post(
-        "/v1/search/image", params=[("k", 5), ("group", "video2"), ("max_per_group", 3)],
+        "/v1/search/image", params=[("k", 5), ("group", video(2)), ("max_per_group", 3)],
         content=(backend.store_root / backend.index.items[FRAMES]["uri"]).read_bytes(),
     ).json()
-    assert [r["group"] for r in image_query["results"]] == ["video2"] * 3
-    assert image_query["query"]["group"] == ["video2"] and image_query["query"]["max_per_group"] == 3
+    assert [r["group"] for r in image_query["results"]] == [video(2)] * 3
+    assert image_query["query"]["group"] == [video(2)] and image_query["query"]["max_per_group"] == 3
     bad = http.post("/v1/search/vector", json={"vector": vector, "kind": "audio"})
     assert bad.status_code == 422 and "kind" in bad.text
     assert http.get(f"/v1/items/{quote(backend.index.items[0]['id'], safe='')}/similar?max_per_group=0").status_code == 422
+
+
+def test_a_filter_no_item_passes_gives_a_note_beside_no_results(http: httpx.Client, backend: Backend) -> None:
+    vector = backend.index.embeddings[frame_row(backend)].tolist()
+    named = http.post("/v1/search/vector", json={"vector": vector, "group": ["video1.mp4"]}).json()
+    assert named["results"] == [] and named["note"] == (
+        "no item has group 'video1.mp4' (a group is a video's id, its path in the corpus: did you mean "
+        "'clips/video1.mp4'?)")
+    unknown = http.post("/v1/search/vector", json={"vector": vector, "group": ["nope", "other"]}).json()
+    assert unknown["note"] == ("no item has group 'nope' or 'other' (a group is a video's id, its path in the corpus, "
+                               "such as 'clips/video0.mp4')")
+    item_id = quote(backend.index.items[0]["id"], safe="")
+    tagged = http.get(f"/v1/items/{item_id}/similar", params=[("tag", "x"), ("source", "web")]).json()
+    assert tagged["results"] == [] and tagged["note"] == "no item has source 'web'; no item has tag 'x'"
+    some = http.post("/v1/search/vector", json={"vector": vector, "group": ["nope", video(1)]}).json()
+    assert some["results"] and "note" not in some  # one of the values matches
+    apart = http.post("/v1/search/vector", json={"vector": vector, "kind": "image", "group": [video(1)]}).json()
+    assert apart["results"] == [] and "note" not in apart  # each filter matches items, none passes both
 
 
 def test_batch_mixes_vectors_ids_and_images(http: httpx.Client, backend: Backend) -> None:

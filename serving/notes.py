@@ -1,0 +1,51 @@
+"""Why a filtered search came back empty: the filter values no item of the index has.
+
+A filter that matches nothing gives no results, as it should; but "nothing similar" and "no
+such group" look the same in an empty list. When a search finds nothing and one of its
+filters (kind, group, source, tag) names only values no live item has, the response's
+``note`` says so, and for a group given as a video's file name without its folders it names
+the group meant (a video's group is its id, the path under the corpus).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from lookalike.index.filtered import live_matches
+from lookalike.index.searcher import ItemIndex
+
+# (field of the query echo, items column it filters)
+FILTER_COLUMNS = (("kind", "kind"), ("group", "group"), ("source", "source"), ("tag", "tags"))
+MAX_SUGGESTIONS = 3
+
+
+def empty_result_note(index: ItemIndex, query: Mapping[str, Any]) -> str | None:
+    """For a search that found nothing: which filter values of ``query`` (a ``QueryEcho``) no
+    live item of ``index`` has, when all of a filter's values are such; None otherwise (each
+    filter matches some item: nothing passes them together, or nothing is left)."""
+    reasons = []
+    for field, column in FILTER_COLUMNS:
+        given = query.get(field)
+        if given is None:
+            continue
+        values = list(given) if isinstance(given, (list, tuple)) else [given]
+        if any(len(live_matches(index, {column: {value}})[1]) for value in values):
+            continue
+        reason = f"no item has {field} " + " or ".join(repr(v) for v in values)
+        if field == "group":
+            reason += _group_hint(index, values)
+        reasons.append(reason)
+    return "; ".join(reasons) or None
+
+
+def _group_hint(index: ItemIndex, values: Sequence[str]) -> str:
+    """Groups that end with one of ``values`` after a folder (a video named without its path)."""
+    groups = [str(g) for g in index.items.distinct_values("group")]
+    if not groups:
+        return " (a group is a video's id, and this index holds no video frames)"
+    meant = sorted({g for g in groups for v in values if g.endswith("/" + v.lstrip("/"))})
+    if meant:
+        shown = ", ".join(repr(g) for g in meant[:MAX_SUGGESTIONS]) + (", ..." if len(meant) > MAX_SUGGESTIONS else "")
+        return f" (a group is a video's id, its path in the corpus: did you mean {shown}?)"
+    return f" (a group is a video's id, its path in the corpus, such as {sorted(groups)[0]!r})"
