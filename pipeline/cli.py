@@ -102,8 +102,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     except BaseException:
         if terminated.signum is None:
             raise
-        log.warning("embed stopped by signal %d: nothing published; every finished batch is in the embedding cache "
-                    "(rerun with --incremental to resume)", terminated.signum)
+        log.warning("embed stopped by signal %d%s", terminated.signum, interrupted_hint(args, sys.exc_info()[1]))
         return 128 + terminated.signum
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -373,9 +372,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def interrupted_hint(args: argparse.Namespace) -> str:
-    """What a Ctrl-C left behind, for the one line ``main`` prints (the command logged the details)."""
+def interrupted_hint(args: argparse.Namespace, stopped_by: BaseException | None = None) -> str:
+    """What a Ctrl-C (or an embed's SIGTERM) left behind, for the one line ``main`` prints (the
+    command logged the details); ``stopped_by``: the exception that stopped the command."""
     if args.command == "embed":
+        published = getattr(stopped_by, "published_index_version", None)
+        if published:  # stopped while it wrote its summary or pruned (--keep)
+            return (f" after publishing index {published}, which is CURRENT"
+                    + ("; pruning older versions was cut short: `lookalike versions prune --workdir "
+                       f"{args.workdir} --keep {args.keep} --embedding-runs` finishes it" if args.keep else ""))
         return (": nothing published; every finished batch is in the embedding cache: rerun with --incremental to "
                 "resume where it stopped")
     if args.command == "train":
@@ -473,8 +478,8 @@ def _run_command(args: argparse.Namespace) -> int:
     except LockHeldError as e:  # embed, versions promote/rollback during a reindex (or another embed): try again later
         print(f"lookalike {args.command}: error: {e}", file=sys.stderr)
         return EXIT_LOCKED
-    except KeyboardInterrupt:  # Ctrl-C: one line, no traceback (the local runner stopped its workers)
-        print(f"lookalike {args.command}: interrupted{interrupted_hint(args)}", file=sys.stderr)
+    except KeyboardInterrupt as e:  # Ctrl-C: one line, no traceback (the local runner stopped its workers)
+        print(f"lookalike {args.command}: interrupted{interrupted_hint(args, e)}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # stdout closed early (`| head`): stop quietly, as other Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python flushes at exit

@@ -40,6 +40,7 @@ from lookalike.model.memory import keep_freed_memory
 from lookalike.model.progress import format_seconds
 from lookalike.model.store import Store, StoreError, check_version_name
 from lookalike.pipeline.cache import load_cache_table
+from lookalike.pipeline.failpoints import failpoint
 from lookalike.pipeline.graph import (LISTING_IN_GRAPH_MAX, LOCAL_RUNNER, THUMBNAILS_FOLDER, EmbedConfig, EmbedRun,
                                       build_pipeline, local_runner, pipeline_options)
 from lookalike.pipeline.index_shards import build_index_shard, collect_shard_entries
@@ -126,10 +127,14 @@ def _execute(run: EmbedRun, started: float, index_dir: str | None,
                 Path(run.listing_file).unlink(missing_ok=True)
         raise_if_stopped("after the pipeline", run.stop_mark)  # a stop whose exception Beam or a gc callback swallowed
         counted = counter_values(result)
-        if not run.progress_total and run.files_to_read:  # the workers logged their shares: the whole, once
-            workers = f"{config.num_workers} worker processes" if config.runner == LOCAL_RUNNER else "the workers"
+        failed_files = (counted or {}).get("files_failed", 0)
+        # The workers logged their shares: the whole, once; or one process's embed progress ended
+        # short of its total by the files that failed before they reached the encoder.
+        if run.files_to_read and (not run.progress_total or failed_files):
+            workers = ("one process" if run.progress_total else f"{config.num_workers} worker processes"
+                       if config.runner == LOCAL_RUNNER else "the workers")
             counts = (f" ({counted.get('items_decoded', 0)} item(s) in {counted.get('batches', 0)} batch(es), "
-                      f"{counted.get('files_failed', 0)} file(s) failed)") if counted else ""  # Dask reports no metrics
+                      f"{failed_files} file(s) failed{', not embedded' if failed_files else ''})") if counted else ""  # Dask reports no metrics
             log.info("read and embed: all %d file(s) done by %s in %s%s", run.files_to_read, workers,
                      format_seconds(time.perf_counter() - started), counts)
         if counted and run.plan is not None:  # files the plan kept out of the pipeline
@@ -439,7 +444,19 @@ def _list_and_run(run: EmbedRun, started: float) -> EmbedSummary:
         summary = _publish(run, started, reused)
     else:
         summary = _execute(run, started, None, reused)
-    (run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
+    try:
+        _finish(run, summary)
+    except BaseException as e:  # Ctrl-C or SIGTERM after publishing: the CLI says what is CURRENT, not "nothing published"
+        if config.publish and summary.index_version:
+            e.published_index_version = summary.index_version  # type: ignore[attr-defined]
+        raise
+    return summary
+
+
+def _finish(run: EmbedRun, summary: EmbedSummary) -> None:
+    """After the run (and its publishing): the summary written and logged, older versions pruned (``keep_versions``)."""
+    config = run.config
+    (run.run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
     log.info(
         "%d item(s): %d embedded, reused from %d file(s) whose bytes were embedded before, %d duplicate file(s); "
         "%d failed; "
@@ -448,12 +465,12 @@ def _list_and_run(run: EmbedRun, started: float) -> EmbedSummary:
         summary.elapsed_s, summary.items_per_s, summary.index_version or "not built (--no-publish)",
     )
     if config.keep_versions is not None and config.publish and summary.index_version:  # under this run's store lock
+        failpoint("embed_prune")
         try:
             prune(run.store, config.keep_versions, locked=True, embed_runs=True)
         except Exception as e:  # noqa: BLE001 - published already: the run succeeded, the next one prunes again
             log.warning("index %s is published, but pruning older versions failed: %s: %s", summary.index_version,
                         type(e).__name__, e)
-    return summary
 
 
 def _publish(run: EmbedRun, started: float, reused: pa.Table | None) -> EmbedSummary:

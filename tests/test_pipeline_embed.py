@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 import shutil
 from dataclasses import replace
 
@@ -13,6 +14,7 @@ from PIL import Image
 from lookalike.index.searcher import ItemIndex
 from lookalike.model.cpu_threads import available_cpus, threads_per_worker
 from lookalike.model.data import list_images
+from lookalike.model.store import Store
 from lookalike.pipeline.embed import EmbedConfig, EmbedError, read_embeddings, run_embed
 from lookalike.pipeline.sources import corpus_pattern, corpus_root, item_id_for
 
@@ -61,6 +63,10 @@ def test_bad_files_are_dead_lettered_and_the_rest_indexed(tmp_path, trained_stor
     assert set(dead) == {"truncated.jpg", "zero.png", "text.jpg", "notes.txt"}
     assert "empty" in dead["zero.png"]["reason"] and dead["notes.txt"]["stage"] == "filter"
     assert len(ItemIndex.load(workdir / "indexes" / summary.index_version)) == good
+    # The embed progress ends short of the files read by the 4 failed; a last line counts them.
+    ended = [m for m in (r.getMessage() for r in caplog.records) if m.startswith("read and embed: all ")]
+    assert len(ended) == 1 and ended[0].startswith(f"read and embed: all {summary.files_matched} file(s) done by one process in ")
+    assert re.search(rf"\({good} item\(s\) in \d+ batch\(es\), 4 file\(s\) failed, not embedded\)$", ended[0]), ended
 
 
 def test_all_bad_corpus_fails_and_publishes_nothing(tmp_path, trained_store):
@@ -129,8 +135,6 @@ def two_worker_log(tmp_path_factory, trained_store, digits_corpus) -> list[str]:
 
 
 def test_worker_processes_log_like_the_cli_without_harness_noise(two_worker_log):
-    import re
-
     lines = two_worker_log
     assert all(re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d (DEBUG|INFO|WARNING|ERROR|CRITICAL) [\w.]+: ", line)
                for line in lines), lines
@@ -140,8 +144,6 @@ def test_worker_processes_log_like_the_cli_without_harness_noise(two_worker_log)
 
 
 def test_each_worker_counts_its_own_share_and_the_main_process_the_whole(two_worker_log, digits_corpus):
-    import re
-
     lines = two_worker_log
     assert not [line for line in lines if re.search(r"(read|embed)( \(worker_\d+\))?: \d+/", line)], lines  # no global total
     total = len(list_images(digits_corpus))
@@ -482,6 +484,28 @@ def test_a_terminated_run_removes_its_folder_partial_index_and_beam_temp(workdir
     assert not list(temp.glob("beam-pipeline-temp*"))
 
 
+def test_a_sigterm_while_pruning_says_the_index_is_published_and_how_to_finish(workdir_with_model, digits_corpus):
+    """A signal after publishing (here as --keep starts pruning) must not say "nothing published"."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    shutil.copytree(digits_corpus, workdir_with_model / "corpus")
+    exe = str(Path(sys.executable).with_name("lookalike"))
+    stopped = subprocess.run([exe, "embed", "--workdir", str(workdir_with_model), "--keep", "1", "--run-name", "k1"],
+                             env={**os.environ, "LOOKALIKE_FAILPOINT": "embed_prune:SIGTERM"},
+                             capture_output=True, text=True, timeout=300)
+    assert stopped.returncode == 143, stopped.stderr[-2000:]
+    current = Store.at(str(workdir_with_model)).current_index_or_none()
+    assert current is not None
+    assert (f"embed stopped by signal 15 after publishing index {current}, which is CURRENT; pruning older versions was "
+            f"cut short: `lookalike versions prune --workdir {workdir_with_model} --keep 1 --embedding-runs` finishes it"
+            in stopped.stderr), stopped.stderr[-2000:]
+    assert "nothing published" not in stopped.stderr and "Traceback" not in stopped.stderr, stopped.stderr[-2000:]
+    assert (workdir_with_model / "embeddings" / "k1" / "summary.json").exists()
+
+
 def test_a_run_folder_being_written_is_not_taken_over(workdir_with_model, digits_corpus):
     from lookalike.model.filelock import try_lock_folder
 
@@ -805,8 +829,6 @@ def test_a_relative_glob_records_absolute_uris(workdir_with_model, digits_corpus
 
 
 def test_a_missing_corpus_passed_by_the_user_is_named_without_the_demo_hint(workdir_with_model, monkeypatch, tmp_path):
-    import re
-
     from lookalike.model.store import StoreError
 
     monkeypatch.chdir(tmp_path)
