@@ -139,9 +139,10 @@ def _execute(run: EmbedRun, started: float, index_dir: str | None,
                      format_seconds(time.perf_counter() - started), counts)
         if counted and run.plan is not None:  # files the plan kept out of the pipeline
             counted["files_unchanged"] = counted.get("files_unchanged", 0) + len(run.plan.unchanged)
-    summary = summarize(run.run_dir.name, run.run_dir, run.meta["version"], run.total, config.runner, counted,
-                        time.perf_counter() - started,
-                        files_read=run.total if config.tfds else None)  # TFDS: every selected example is read
+    summary = summarize(run.run_dir.name, run.run_dir, run.meta["version"], run.total + run.misnamed_left_out,
+                        config.runner, counted, time.perf_counter() - started,
+                        files_read=run.total if config.tfds else None,  # TFDS: every selected example is read
+                        unlisted_folders=run.unlisted_folders)
     if run.metadata is not None and summary.items:
         unmatched = report_unmatched(run.metadata, read_items(run.run_dir, ("id", "group")))
         summary.metadata = {**run.metadata.record(), "unmatched_ids": unmatched}
@@ -421,9 +422,11 @@ def _list_and_run(run: EmbedRun, started: float) -> EmbedSummary:
             run.listing = [m for m in run.listing if utf8_name(m.path)]
             if len(run.listing) <= LISTING_IN_GRAPH_MAX:  # else the pipeline matches them again: read_one reports them
                 _report_misnamed([m.path for m in misnamed], run_dir)
-        run.total = len(run.listing)
+                run.misnamed_left_out = len(misnamed)
+        run.total = len(run.listing) + (len(misnamed) - run.misnamed_left_out)
         if unlisted:
             _report_unlisted(unlisted, run_dir)
+            run.unlisted_folders = len(unlisted)
         if config.incremental:  # the cache is read once here: little besides it when nothing changed
             cache_table = load_cache_table(run.cache, int(meta["embed_dim"]))
             run.plan = plan_reuse(run.listing, run.cache, cache_table.column("source_hash"), config.sampling)

@@ -119,6 +119,11 @@ class EmbedRun:
     run_dir: Path
     total: int
     listing: list[FileMetadata] | None = None  # the matched corpus, listed before the run
+    # Files matched but left out of ``listing`` and ``total`` (names not UTF-8: dead-lettered at the
+    # start), and corpus folders that could not be listed (a dead letter each): the summary's
+    # files_matched counts the first, its unlisted_folders the second.
+    misnamed_left_out: int = 0
+    unlisted_folders: int = 0
     plan: ReusePlan | None = None  # --incremental on a matched corpus: files split before Beam
     listing_file: str | None = None  # the files to read (listed before the run), chunked by size
     chunks: list[tuple[int, int]] | None = None  # [start, stop) rows of listing_file, one element each

@@ -50,10 +50,13 @@ def usable_eval_ids(corpus: Path, ids: list[str]) -> tuple[list[str], dict[str, 
 
 
 def _images_by_class(corpus: Path) -> dict[str, list[str]]:
+    """Image ids of each class folder; a name that is not UTF-8 is no id (embed dead-letters it)."""
+    from lookalike.pipeline.sources import utf8_name  # imports Beam: only when a set is made
+
     by_class: dict[str, list[str]] = {}
     for f in list_images(corpus):
         rel = f.relative_to(corpus).as_posix()
-        if "/" in rel:
+        if "/" in rel and utf8_name(rel):
             by_class.setdefault(rel.split("/", 1)[0], []).append(rel)
     return by_class
 
@@ -69,22 +72,23 @@ def _sample_size(by_class: dict[str, list[str]], per_class: int) -> int:
 
 
 def _sample_eval_set(corpus: Path, per_class: int, seed: int, unseen: Collection[str] = ()) -> list[str]:
-    """Up to ``per_class`` readable images of each class folder (at most half of it), at
-    random (unreadable ones skipped), those in ``unseen`` (the served model never trained on
-    them) first."""
+    """Up to ``per_class`` readable images of each class folder (at most half of its readable
+    ones: a class of one readable image and broken files keeps it for training), at random,
+    those in ``unseen`` (the served model never trained on them) first. Up to twice
+    ``per_class`` of a class are decoded to tell (all of a smaller class)."""
     rng = np.random.default_rng(seed)
     by_class = _images_by_class(corpus)
     unseen = frozenset(unseen)
     ids = []
     for members in by_class.values():
-        chosen: list[str] = []
+        readable: list[str] = []
         shuffled = rng.permutation(members).tolist()
         for rel in [m for m in shuffled if m in unseen] + [m for m in shuffled if m not in unseen]:
-            if len(chosen) == _held_out(per_class, len(members)):
+            if len(readable) == 2 * per_class:  # enough to take per_class and leave as many
                 break
             if usable_eval_ids(corpus, [rel])[0]:
-                chosen.append(rel)
-        ids += chosen
+                readable.append(rel)
+        ids += readable[:_held_out(per_class, len(readable))]
     return sorted(ids)
 
 
@@ -354,8 +358,9 @@ def validate(store: Store, report: ReindexReport, summary, current_index, config
     if recall is not None and recall < config.target_recall:
         raise ValidationError(f"ANN recall {recall:.3f} is below the target {config.target_recall}")
     indexed_files = len({item["uri"] for item in new.items})
-    if indexed_files + summary.failed != summary.files_matched:
-        raise ValidationError(f"{summary.files_matched} files matched but {indexed_files} indexed + {summary.failed} dead-lettered")
+    failed_files = summary.failed - summary.unlisted_folders  # a folder that could not be listed is one dead letter
+    if indexed_files + failed_files != summary.files_matched:
+        raise ValidationError(f"{summary.files_matched} files matched but {indexed_files} indexed + {failed_files} dead-lettered")
     check_version(store, report.new_index)
     if current_index is not None and len(new) < config.min_items_ratio * len(current_index):
         raise ValidationError(f"the new index has {len(new)} items, fewer than {config.min_items_ratio:g} of the "

@@ -37,7 +37,7 @@ class EmbedSummary:
     # found in the cache by hash (renamed, copied or touched files).
     unchanged: int
     duplicate_files: int  # files embedded in this run whose bytes another file embedded in it has
-    failed: int
+    failed: int  # dead letters: files, and corpus folders that could not be listed (``unlisted_folders``)
     elapsed_s: float
     items_per_s: float
     runner: str
@@ -45,6 +45,9 @@ class EmbedSummary:
     # The --metadata file joined onto the items: path, sha256, rows, columns and how many of
     # its ids matched no item (unmatched_ids); None without one.
     metadata: dict[str, Any] | None = None
+    # Corpus folders that could not be listed (permissions): one dead letter each among ``failed``,
+    # their files unknown, so ``files_matched`` = files indexed + ``failed`` - ``unlisted_folders``.
+    unlisted_folders: int = 0
 
 
 def run_files(run_dir: str | Path, pattern: str) -> list[str]:
@@ -119,7 +122,7 @@ def log_dead_letters(dead: list[dict[str, str]], run_dir: Path, shown: int = DEA
 
 
 def summarize(run: str, run_dir: Path, model_version: str, total: int, runner: str, counted: dict[str, int],
-              elapsed: float, files_read: int | None = None) -> EmbedSummary:
+              elapsed: float, files_read: int | None = None, unlisted_folders: int = 0) -> EmbedSummary:
     """Counts of a finished run: ``counted`` (the runner's counters, plus what was decided
     before it started), else derived from what it wrote. ``files_read``: the number of files
     read when it is known before the run (a TFDS source reads every example it selects), for
@@ -148,4 +151,5 @@ def summarize(run: str, run_dir: Path, model_version: str, total: int, runner: s
         items_per_s=round(num_items / elapsed, 1) if elapsed > 0 else 0.0,
         runner=runner,
         dead_letter_examples=dead[:DEAD_LETTERS_SHOWN],
+        unlisted_folders=unlisted_folders,
     )

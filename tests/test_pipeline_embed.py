@@ -771,6 +771,7 @@ def test_a_file_name_that_is_not_utf8_is_a_dead_letter_and_the_rest_indexed(work
         monkeypatch.setattr("lookalike.pipeline.embed.LISTING_IN_GRAPH_MAX", 0)
     summary = run_embed(config)
     assert (summary.items, summary.failed) == (1, 2) and summary.index_version
+    assert summary.files_matched == 3 and summary.unlisted_folders == 0  # each file indexed or dead-lettered (reindex checks)
     letters = sorted(read_dead(workdir_with_model, summary.run), key=lambda row: row["uri"])
     assert [row["uri"] for row in letters] == [f"{corpus}/caf\\xe9/x.png", f"{corpus}/cat/bad\\xffname.png"]
     assert {row["stage"] for row in letters} == {"list"} and all("not valid UTF-8" in row["reason"] for row in letters)
@@ -790,6 +791,7 @@ def test_an_unreadable_corpus_folder_is_a_dead_letter_and_the_rest_indexed(workd
     with caplog.at_level(logging.WARNING):
         summary = run_embed(EmbedConfig(workdir=str(workdir_with_model), publish=False))
     assert (summary.items, summary.failed) == (2, 1)
+    assert (summary.files_matched, summary.unlisted_folders) == (2, 1)  # the folder's files are unknown
     [letter] = read_dead(workdir_with_model, summary.run)
     assert letter["uri"] == locked and letter["stage"] == "list" and "Permission denied" in letter["reason"]
     assert any(locked in r.getMessage() and "Permission denied" in r.getMessage() for r in caplog.records)

@@ -369,6 +369,13 @@ def test_evaluation_leaves_out_gone_and_unreadable_images(store, tiny_config, ca
     (store.corpus_dir / ids[0]).unlink()
     (store.corpus_dir / ids[1]).write_bytes(b"")  # now an empty file
     (store.corpus_dir / "0" / "text.png").write_text("not an image")
+    # A name that is not UTF-8 is dead-lettered by embed: still every file indexed or dead-lettered.
+    shutil.copy(store.corpus_dir / ids[2], os.path.join(os.fsencode(store.corpus_dir / "0"), b"caf\xe9.png"))
+    odd = store.corpus_dir / "odd"  # one readable image, and broken files: it is kept for training
+    odd.mkdir()
+    shutil.copy(store.corpus_dir / ids[3], odd / "only.png")
+    for i in range(4):
+        (odd / f"broken{i}.png").write_bytes(b"")
     with caplog.at_level("WARNING", logger="lookalike.pipeline.reindex"):
         report = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, force=True))
     assert report.outcome == "promoted", report.reason
@@ -379,6 +386,7 @@ def test_evaluation_leaves_out_gone_and_unreadable_images(store, tiny_config, ca
     run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, force=True))
     remade = json.loads(frozen.read_text())["ids"]
     assert ids[0] not in remade and ids[1] not in remade and "0/text.png" not in remade
+    assert not [i for i in remade if i.startswith("odd/") or not i.isascii()], remade
 
 
 def test_corpus_without_evaluation_images_fails_before_training(store, tiny_config, tmp_path):
