@@ -254,7 +254,7 @@ def workdir_with_model(tmp_path, trained_store):
     return workdir
 
 
-def test_every_kind_of_bad_input_is_dead_lettered(workdir_with_model, digits_corpus, make_audio_only):
+def test_every_kind_of_bad_input_is_dead_lettered(workdir_with_model, digits_corpus, make_audio_only, caplog):
     corpus = workdir_with_model / "corpus"
     shutil.copytree(digits_corpus / "0", corpus / "good")
     good = len(list_images(corpus))
@@ -268,12 +268,19 @@ def test_every_kind_of_bad_input_is_dead_lettered(workdir_with_model, digits_cor
     Image.new("RGB", (1, 1)).save(bad / "tiny.png")
     (bad / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"\x01" * 500)
     make_audio_only(bad / "audio.mp4")
-    summary = run_embed(EmbedConfig(workdir=str(workdir_with_model)))
+    # Float pixels out of [0, 1] and [0, 255]: refused before its thumbnail is queued (whose
+    # failure surfaced later as an ERROR and tracebacks of the stage's teardown)
+    Image.fromarray(np.linspace(-5, 995, 64 * 64, dtype=np.float32).reshape(64, 64), mode="F").save(bad / "float.tiff")
+    with caplog.at_level(logging.WARNING):
+        summary = run_embed(EmbedConfig(workdir=str(workdir_with_model)))
     reasons = {row["uri"].rsplit("/", 1)[-1]: row["reason"] for row in read_dead(workdir_with_model, summary.run)}
-    assert set(reasons) == {"truncated.jpg", "zero.png", "text.jpg", "bomb.png", "tiny.png", "broken.mp4", "audio.mp4"}
+    assert set(reasons) == {"truncated.jpg", "zero.png", "text.jpg", "bomb.png", "tiny.png", "broken.mp4", "audio.mp4",
+                            "float.tiff"}
     assert "decompression bomb" in reasons["bomb.png"] or "exceeds" in reasons["bomb.png"]
     assert "no video stream" in reasons["audio.mp4"] and "1x1" in reasons["tiny.png"]
-    assert (summary.items, summary.failed) == (good, 7)
+    assert "float image values from -5 to 995" in reasons["float.tiff"]
+    assert (summary.items, summary.failed) == (good, 8)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], [r.getMessage() for r in caplog.records]
     assert len(ItemIndex.load(workdir_with_model / "indexes" / summary.index_version)) == good
 
 
