@@ -208,6 +208,7 @@ def load_labelled_folder(root: str | Path, spec: PreprocessSpec, *, max_items: i
     included = None if include is None else frozenset(include)
     unreadable: dict[Path, list[OSError]] = {class_dir: [] for class_dir in class_dirs}  # folders not listed
     class_dirs, every = list_class_images(root, class_dirs, unreadable)
+    warn_media_outside_classes(root, [d for d, files in zip(class_dirs, every) if files], role)
     listed = [[p for p in files if p.relative_to(root).as_posix() not in excluded
                and (included is None or p.relative_to(root).as_posix() in included)] for files in every]
     filtered_out = {class_dir for class_dir, files, kept in zip(class_dirs, every, listed) if files and not kept}
@@ -267,6 +268,24 @@ def load_labelled_folder(root: str | Path, spec: PreprocessSpec, *, max_items: i
         paths=paths,
         failures=failures,
     )
+
+
+def warn_media_outside_classes(root: Path, class_dirs: list[Path], role: str) -> None:
+    """Labelled data is images in class folders: images at the top of ``root`` (in no class)
+    and videos in ``class_dirs`` (those with images; a class of videos only is warned about
+    as such) are left out, each kind with a warning rather than silently."""
+    from lookalike.pipeline.video import is_video_path  # as model.unlabelled does
+
+    hint = "; `train --unlabelled` uses every image and video" if role == "training" else ""
+    top = image_files(str(root), sorted(p.name for p in root.iterdir() if not p.name.startswith(".")))
+    if top:
+        log.warning("%d image(s) at the top of %s (e.g. %s) are in no class folder: left out of %s (labelled data is "
+                    "one sub-folder per class%s)", len(top), root, top[0].name, role, hint)
+    videos = [os.path.join(folder, name) for d in class_dirs for folder, _, names in os.walk(d) for name in names
+              if is_video_path(name)]
+    if videos:
+        log.warning("%d video(s) in the class folders of %s (e.g. %s) are left out of %s: labelled %s uses images%s",
+                    len(videos), root, os.path.relpath(videos[0], root), role, role, hint)
 
 
 def split_train_val(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -87,6 +87,31 @@ def test_a_class_of_videos_only_is_explained(tmp_path, caplog):
     assert "class 'broken'" in warned and "no readable images" in warned
 
 
+def test_images_outside_class_folders_and_videos_in_them_are_named_as_left_out(tmp_path, caplog):
+    for label in ("a", "b"):
+        (tmp_path / label / "sub").mkdir(parents=True)
+        for i in range(2):
+            Image.new("L", (8, 8), 40 * i).save(tmp_path / label / f"{i}.png")
+    (tmp_path / "b" / "sub" / "trip.mp4").write_bytes(b"\x00" * 16)
+    for name in ("loose.png", "other.jpg"):
+        Image.new("L", (8, 8)).save(tmp_path / name)
+    (tmp_path / "notes.txt").write_text("not an image")
+    with caplog.at_level("WARNING"):
+        data = load_labelled_folder(tmp_path, SPEC)
+    assert data.images.shape[0] == 4
+    warned = [r.getMessage() for r in caplog.records]
+    assert f"2 image(s) at the top of {tmp_path} (e.g. loose.png) are in no class folder: left out of training (labelled " \
+           "data is one sub-folder per class; `train --unlabelled` uses every image and video)" in warned, warned
+    assert f"1 video(s) in the class folders of {tmp_path} (e.g. b/sub/trip.mp4) are left out of training: labelled " \
+           "training uses images; `train --unlabelled` uses every image and video" in warned, warned
+    caplog.clear()
+    for name in ("loose.png", "other.jpg", "b/sub/trip.mp4"):
+        (tmp_path / name).unlink()
+    with caplog.at_level("WARNING"):
+        load_labelled_folder(tmp_path, SPEC, role="evaluation")
+    assert not caplog.records  # nothing left out: nothing said
+
+
 def test_folder_without_classes_names_the_folder(tmp_path):
     with pytest.raises(ValueError, match=str(tmp_path)):
         load_labelled_folder(tmp_path, SPEC)
