@@ -57,7 +57,7 @@ from lookalike.pipeline.summary import (EmbedSummary, counter_values, read_dead_
                                         summarize)
 from lookalike.pipeline.tfds_source import TfdsSpec, example_ranges
 from lookalike.pipeline.thumbnails import sources_missing_thumbnails
-from lookalike.pipeline.versions import clean_leftovers, clean_partial_indexes, prune, served_manifest
+from lookalike.pipeline.versions import clean_leftovers, clean_partial_indexes, follow_served_model, prune, served_manifest
 from lookalike.pipeline.writers import write_items_shard, write_jsonl
 
 log = logging.getLogger(__name__)
@@ -529,7 +529,19 @@ def _publish(run: EmbedRun, started: float, reused: pa.Table | None) -> EmbedSum
     summary = done[0]
     summary.index_version = index_version
     _log_change_of_items(previous, summary.items)
+    _log_change_of_model(previous, index_version, run.meta["version"])
+    follow_served_model(run.store, run.meta["version"])  # the next embed without --model keeps this model, as promote does
     return summary
+
+
+def _log_change_of_model(previous: tuple[str, dict] | None, index_version: str, model: str) -> None:
+    """A warning when the published index serves another model than the one it replaced: query
+    vectors clients made with the old model are refused (409) from now on."""
+    before = previous[1].get("model_version") if previous is not None else None
+    if before is not None and before != model:
+        log.warning("index %s serves model %s instead of %s (index %s): vectors made with %s are now refused (409); "
+                    "`lookalike versions rollback` serves the previous index again", index_version, model, before,
+                    previous[0], before)
 
 
 

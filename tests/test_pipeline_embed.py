@@ -513,6 +513,31 @@ def test_a_sigterm_while_pruning_says_the_index_is_published_and_how_to_finish(w
     assert (workdir_with_model / "embeddings" / "k1" / "summary.json").exists()
 
 
+def test_publishing_with_another_model_warns_and_latest_follows_the_served_model(tmp_path, indexed_store, tiny_config,
+                                                                                  caplog):
+    """``embed --model OLD`` must not leave LATEST on another model, which the next nightly
+    embed (no --model) would switch the served index to without a word."""
+    from lookalike.model.train import train_and_evaluate
+
+    workdir = tmp_path / "w"
+    shutil.copytree(indexed_store.root, workdir)
+    store = Store.at(workdir)
+    served = store.latest_model()
+    train_and_evaluate(replace(tiny_config, seed=1), workdir)  # LATEST: a new model
+    newer = store.latest_model()
+    assert newer != served
+    with caplog.at_level(logging.WARNING):
+        back = run_embed(EmbedConfig(workdir=str(workdir), model_version=served, run_name="back"))
+    assert store.latest_model() == served  # as promote and rollback do
+    assert not [r for r in caplog.records if "instead of" in r.getMessage()]  # the served model did not change
+    with caplog.at_level(logging.WARNING):
+        moved = run_embed(EmbedConfig(workdir=str(workdir), model_version=newer, run_name="moved"))
+    assert store.latest_model() == newer
+    assert [r.getMessage() for r in caplog.records if "instead of" in r.getMessage()] == [
+        f"index {moved.index_version} serves model {newer} instead of {served} (index {back.index_version}): vectors "
+        f"made with {served} are now refused (409); `lookalike versions rollback` serves the previous index again"]
+
+
 def test_a_run_folder_being_written_is_not_taken_over(workdir_with_model, digits_corpus):
     from lookalike.model.filelock import try_lock_folder
 
