@@ -251,11 +251,28 @@ class Store:
             return None
 
     def set_current_index(self, version: str, reason: str = "set CURRENT") -> None:
-        """Point CURRENT at ``version`` (atomically) and append the move to history.jsonl."""
+        """Point CURRENT at ``version`` (atomically) and append the move to history.jsonl. When
+        the history cannot be written (a full disk, a read-only file), CURRENT is put back as
+        it was and the OSError raised: a move the history does not record would be a
+        promotion that no report names and no rollback can undo."""
         if not (self.index_dir(version) / "manifest.json").is_file():
             raise StoreError(f"index {version!r} is not complete in {self.indexes_dir}")
-        atomic_write_text(self.root / "CURRENT", version + "\n")
-        self.record_history(version, reason)
+        current = self.root / "CURRENT"
+        try:
+            before: bytes | None = current.read_bytes()
+        except FileNotFoundError:
+            before = None
+        atomic_write_text(current, version + "\n")
+        try:
+            self.record_history(version, reason)
+        except OSError:
+            if before is None:
+                current.unlink(missing_ok=True)
+            else:
+                atomic_write_text(current, before.decode("utf-8", errors="replace"))
+            log.error("CURRENT stays %s: the move to %s could not be recorded in %s",
+                      before.decode("utf-8", errors="replace").strip() if before else "unset", version, self.history_path)
+            raise
 
     # --- promotion history ---------------------------------------------------
     @property

@@ -196,7 +196,11 @@ def run_reindex(config: ReindexConfig) -> ReindexReport:
             raise ReindexInterrupted(report) from e
         finally:
             report.metrics["elapsed_s"] = round(time.time() - started, 2)
-            write_report(store, report, started)
+            try:
+                write_report(store, report, started)
+            except OSError as e:  # a full disk or read-only reports/: the outcome stands (CURRENT may have moved)
+                log.warning("the report of this run could not be written to %s: %s (outcome: %s, CURRENT: %s)",
+                            report_folder(store, started), e, report.outcome, store.current_index_or_none())
     return report
 
 

@@ -558,6 +558,39 @@ def test_read_only_store_is_refused_before_anything_runs(tmp_path, indexed_store
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
+def test_a_promotion_whose_history_cannot_be_written_moves_no_pointer(store):
+    """CURRENT is put back when history.jsonl cannot record the move (here a folder in its place)."""
+    a = store.current_index()
+    index = ItemIndex.load(store.index_dir(a))
+    index.delete([index.items[0]["id"]])
+    b = index.publish(store)
+    latest = store.latest_model()
+    history = store.history_path.read_bytes()
+    store.history_path.unlink()
+    store.history_path.mkdir()
+    with pytest.raises(OSError):
+        promote(store, a)
+    assert store.current_index() == b and store.latest_model() == latest
+    store.history_path.rmdir()
+    store.history_path.write_bytes(history)
+    promote(store, a)
+    assert store.current_index() == a and store.history()[-1]["version"] == a
+
+
+def test_a_report_that_cannot_be_written_leaves_the_outcome_as_it_was(store, tiny_config, monkeypatch, caplog):
+    import errno
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("lookalike.pipeline.reindex.write_report", disk_full)
+    with caplog.at_level("WARNING", logger="lookalike.pipeline.reindex"):
+        report = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, force=True))
+    assert report.outcome == "promoted" and store.current_index() == report.new_index, report.reason
+    warned = [r.getMessage() for r in caplog.records if "could not be written" in r.getMessage()]
+    assert len(warned) == 1 and "No space left on device" in warned[0] and "outcome: promoted" in warned[0], warned
+
+
 def test_rollback_returns_to_a_version_published_by_item_index(store):
     """ItemIndex.publish (upsert/delete then publish) is recorded: rollback goes C -> B, not C -> A."""
     a = store.current_index()
