@@ -300,7 +300,7 @@ def _run_embed(config: EmbedConfig, store: Store, started: float, mark: int = 0)
             break
         run_dir = store.embedding_run_dir(f"{run_name}-{n}")
     run_name = run_dir.name
-    if run_dir.exists() and not _holds_only_a_listing(run_dir):
+    if run_dir.exists() and not holds_only_a_listing(run_dir):
         raise EmbedError(f"embedding run {run_dir} already exists; choose another --run-name")
     # The source is checked before the run folder exists: a missing data set or split is an error, not a folder.
     tfds_ranges = example_ranges(TfdsSpec.parse(config.tfds, config.tfds_data_dir)) if config.tfds else None
@@ -318,7 +318,7 @@ def _run_embed(config: EmbedConfig, store: Store, started: float, mark: int = 0)
         discard_preloaded()
 
 
-def _holds_only_a_listing(run_dir: Path) -> bool:
+def holds_only_a_listing(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds nothing but what a run writes before its pipeline starts (its
     corpus listing, ``PRE_RUN_FILES``), or nothing: what a run killed before any output leaves."""
     try:
@@ -338,7 +338,7 @@ def _claim_run_dir(run_dir: Path) -> int:
     if fd is None:
         raise EmbedError(f"embedding run {run_dir} is being written by another running embed; choose another --run-name")
     if existed:
-        if not _holds_only_a_listing(run_dir):  # written meanwhile by a run that has ended since
+        if not holds_only_a_listing(run_dir):  # written meanwhile by a run that has ended since
             os.close(fd)
             raise EmbedError(f"embedding run {run_dir} already exists; choose another --run-name")
         for name in PRE_RUN_FILES:

@@ -14,6 +14,7 @@ pointed at the model of the index that serves (``follow_served_model``), so the 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -470,4 +471,28 @@ def clean_partial(store: Store, *, quiet: bool = False) -> list[str]:
             if tmp.name.startswith((".tmp-", ".run-")):
                 shutil.rmtree(tmp, ignore_errors=True)
                 removed.append(str(tmp))
+    return removed + clean_unstarted_embed_runs(store)
+
+
+def clean_unstarted_embed_runs(store: Store) -> list[str]:
+    """Remove embedding run folders that hold nothing but what a run writes before its pipeline
+    starts (its corpus listing): what a run killed early leaves (reindex's embed step names
+    its run by the time, so no later run takes the folder over). Never one a live run holds
+    (``filelock.try_lock_folder``)."""
+    from lookalike.model.filelock import try_lock_folder
+    from lookalike.pipeline.embed import holds_only_a_listing
+
+    removed = []
+    runs = store.embeddings_dir
+    for run in sorted(runs.iterdir()) if runs.is_dir() else []:
+        if not run.is_dir() or run.is_symlink() or not holds_only_a_listing(run) or not any(run.iterdir()):
+            continue
+        fd = try_lock_folder(run)
+        if fd is None:  # a live run is starting in it
+            continue
+        try:
+            shutil.rmtree(run, ignore_errors=True)
+            removed.append(str(run))
+        finally:
+            os.close(fd)
     return removed

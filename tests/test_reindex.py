@@ -168,6 +168,27 @@ def test_sigkill_at_each_step_leaves_the_served_version_answering(store):
     assert {r["version"] for r in list_versions(store)} <= served  # candidates killed before promotion are gone
 
 
+def test_a_takeover_removes_embedding_runs_killed_before_their_pipeline_never_a_live_or_finished_one(store, caplog):
+    from lookalike.model.filelock import try_lock_folder
+    from lookalike.pipeline.versions import clean_leftovers
+
+    runs = store.embeddings_dir
+    finished = sorted(p for p in runs.iterdir() if p.is_dir())
+    dead, live = runs / "e-20261201T015949", runs / "e-20261201T020000"
+    for run in (dead, live):
+        run.mkdir()
+        (run / ".listing.arrow").write_bytes(b"listing")  # all a run writes before its pipeline starts
+    fd = try_lock_folder(live)  # as a starting run holds it
+    try:
+        with caplog.at_level("WARNING"):
+            removed = clean_leftovers(store, took_over_stale=True)
+    finally:
+        os.close(fd)
+    assert removed == [str(dead)] and not dead.exists() and live.exists()
+    assert all(run.exists() for run in finished)  # runs with output (the index's own) stay
+    assert any(f"partial folder(s): {dead}" in r.getMessage() for r in caplog.records), caplog.records
+
+
 def test_ctrl_c_during_a_step_says_in_one_line_what_is_served_and_the_next_run_goes_on(ctrl_c_as_in_a_terminal, store):
     before = store.current_index()
     exe = str(Path(sys.executable).with_name("lookalike"))
