@@ -194,10 +194,12 @@ def promotion_stack(store: Store) -> list[str]:
     """Versions in the order they were promoted, with rolled-back ones popped off."""
     stack: list[str] = []
     for entry in history(store):
-        if entry.get("reason", "").startswith("rollback") and len(stack) >= 2:
-            stack.pop()
-        elif not stack or stack[-1] != entry["version"]:
-            stack.append(entry["version"])
+        version = entry["version"]
+        if entry.get("reason", "").startswith("rollback") and version in stack:
+            while stack[-1] != version:  # back to the version rolled back to (the top itself, from a garbled CURRENT)
+                stack.pop()
+        elif not stack or stack[-1] != version:
+            stack.append(version)
     return stack
 
 

@@ -579,6 +579,27 @@ def test_read_only_store_is_refused_before_anything_runs(tmp_path, indexed_store
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
+def test_a_rollback_from_a_garbled_current_is_followed_by_the_version_it_served(store):
+    """A rollback entry names the version rolled back to: the history stack goes back to it,
+    not one further (a garbled CURRENT rolls back to the top of the history itself)."""
+    from lookalike.pipeline.versions import last_served_present
+
+    a = store.current_index()
+    index = ItemIndex.load(store.index_dir(a))
+    index.delete([index.items[0]["id"]])
+    b = index.publish(store)
+    index = ItemIndex.load(store.index_dir(b))
+    index.delete([index.items[0]["id"]])
+    c = index.publish(store)
+    (store.root / "CURRENT").write_text("i-garbage\n")
+    promote(store, c, reason="rollback from a garbled CURRENT")
+    assert last_served_present(store) == c
+    rollback(store)
+    assert store.current_index() == b and last_served_present(store) == b
+    (store.root / "CURRENT").unlink()
+    assert last_served_present(store) == b
+
+
 def test_a_promotion_whose_history_cannot_be_written_moves_no_pointer(store):
     """CURRENT is put back when history.jsonl cannot record the move (here a folder in its place)."""
     a = store.current_index()
