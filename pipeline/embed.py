@@ -463,9 +463,10 @@ def _finish(run: EmbedRun, summary: EmbedSummary) -> None:
     log.info(
         "%d item(s): %d embedded, reused from %d file(s) whose bytes were embedded before, %d duplicate file(s); "
         "%d failed; "
-        "%.1fs (%.0f items/s); index %s",
+        "%.1fs (%s items/s); index %s",
         summary.items, summary.embedded, summary.unchanged, summary.duplicate_files, summary.failed,
-        summary.elapsed_s, summary.items_per_s, summary.index_version or "not built (--no-publish)",
+        summary.elapsed_s, f"{summary.items_per_s:.0f}" if summary.items_per_s >= 10 else f"{summary.items_per_s:.1f}",
+        summary.index_version or "not built (--no-publish)",
     )
     if config.keep_versions is not None and config.publish and summary.index_version:  # under this run's store lock
         failpoint("embed_prune")
@@ -544,7 +545,6 @@ def _log_change_of_model(previous: tuple[str, dict] | None, index_version: str, 
                     previous[0], before)
 
 
-
 def _log_change_of_items(previous: tuple[str, dict] | None, items: int) -> None:
     """One line saying how the published index differs in size from the one it replaced
     (``previous``: its version and manifest; files deleted from the corpus show here: the
@@ -553,4 +553,4 @@ def _log_change_of_items(previous: tuple[str, dict] | None, items: int) -> None:
     if isinstance(count, int) and count != items:
         change = items - count
         log.info("the new index holds %d item(s), %d %s than index %s before it%s", items, abs(change),
-                 "more" if change > 0 else "fewer", previous[0], "" if change > 0 else " (files removed from the corpus, or failing now)")
+                 "more" if change > 0 else "fewer", previous[0], "" if change > 0 else " (files removed from the corpus or failing now, or videos sampled into fewer frames)")

@@ -783,7 +783,7 @@ def test_a_named_pipe_in_the_corpus_is_dead_lettered_never_opened(workdir_with_m
 
 @pytest.mark.parametrize("source", ["folder", "incremental", "glob", "file-by-file"])
 def test_a_file_name_that_is_not_utf8_is_a_dead_letter_and_the_rest_indexed(workdir_with_model, digits_corpus, source,
-                                                                             monkeypatch):
+                                                                             monkeypatch, caplog):
     """A Latin-1 name (from an old archive) cannot be an id, which is UTF-8 text: that file,
     or every file of such a folder, is reported with its name escaped and left out; the rest
     is indexed. ``file-by-file``: a corpus too big to list first, read through ``read_one``."""
@@ -801,8 +801,10 @@ def test_a_file_name_that_is_not_utf8_is_a_dead_letter_and_the_rest_indexed(work
         config = replace(config, corpus=f"{corpus}/*/*.png")
     if source == "file-by-file":
         monkeypatch.setattr("lookalike.pipeline.embed.LISTING_IN_GRAPH_MAX", 0)
-    summary = run_embed(config)
+    with caplog.at_level(logging.INFO, logger="lookalike.pipeline.embed"):
+        summary = run_embed(config)
     assert (summary.items, summary.failed) == (1, 2) and summary.index_version
+    assert f"({summary.items_per_s:.1f} items/s)" in caplog.text  # 1 item in seconds: not "(0 items/s)"
     assert summary.files_matched == 3 and summary.unlisted_folders == 0  # each file indexed or dead-lettered (reindex checks)
     letters = sorted(read_dead(workdir_with_model, summary.run), key=lambda row: row["uri"])
     assert [row["uri"] for row in letters] == [f"{corpus}/caf\\xe9/x.png", f"{corpus}/cat/bad\\xffname.png"]

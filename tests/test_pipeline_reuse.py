@@ -485,7 +485,7 @@ def test_an_incremental_run_after_deletions_says_so(corpus_store, monkeypatch, c
     assert again.index_version != first.index_version and again.items == first.items - 2
     assert f"no new or changed file among the {first.items - 2} listed" in caplog.text
     assert (f"the new index holds {first.items - 2} item(s), 2 fewer than index {first.index_version} before it "
-            "(files removed from the corpus, or failing now)") in caplog.text
+            "(files removed from the corpus or failing now, or videos sampled into fewer frames)") in caplog.text
 
 
 def test_a_nightly_incremental_embed_with_keep_bounds_the_store(corpus_store, capsys):
