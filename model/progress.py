@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import time
 
 
@@ -13,10 +14,16 @@ def format_seconds(seconds: float) -> str:
     return f"{h}h{m:02d}m{s:02d}s" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
+# Away from a terminal (a cron mail, a service's journal) lines come less often as the work
+# goes on: every ``every_s`` for the first ten times that, then every tenth of the time the
+# work has run, at most every LOG_EVERY_MAX_S: ~150 lines for an hour instead of 1,800.
+LOG_EVERY_MAX_S = 30.0
+
+
 class Progress:
-    """Logs ``name: done/total unit, rate/s, ETA`` at most every ``every_s`` seconds;
-    ``already``: done before this process started (a resumed run), counted as done but not
-    in the rate."""
+    """Logs ``name: done/total unit, rate/s, ETA`` at most every ``every_s`` seconds (on a
+    terminal; elsewhere less often as the work goes on, see LOG_EVERY_MAX_S); ``already``:
+    done before this process started (a resumed run), counted as done but not in the rate."""
 
     def __init__(self, name: str, total: int | None, unit: str, logger: logging.Logger, every_s: float = 2.0,
                  already: int = 0):
@@ -24,6 +31,13 @@ class Progress:
         self.created = self.start = time.perf_counter()
         self.last = self.start
         self.already = self.count = already
+        self.on_terminal = _stderr_is_a_terminal()
+
+    def interval_s(self, now: float) -> float:
+        """Seconds between two lines at ``now`` (perf_counter)."""
+        if self.on_terminal:
+            return self.every_s
+        return max(self.every_s, min(LOG_EVERY_MAX_S, (now - self.start) / 10))
 
     def restart_rate(self, count: int) -> None:
         """Measure the rate (and ETA) from now, ``count`` done: after a slow first unit such as
@@ -47,13 +61,20 @@ class Progress:
     def update(self, count: int, extra: str = "") -> None:
         self.count = count
         now = time.perf_counter()
-        if now - self.last >= self.every_s:
+        if now - self.last >= self.interval_s(now):
             self.last = now
             self.log.info(self.line(extra))
 
     def done(self, extra: str = "") -> None:
         """The last line: no ETA (a job that stops short of its total, e.g. on a time budget, has none left)."""
         self.log.info(self.line(extra, eta=False) + f" - done in {format_seconds(time.perf_counter() - self.created)}")
+
+
+def _stderr_is_a_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced by an object without it, or closed
+        return False
 
 
 def last_value_note(history: list[dict], key: str, step: int) -> str:

@@ -36,3 +36,24 @@ def test_a_value_recorded_at_an_earlier_step_names_that_step():
     assert last_value_note(history, "loss", 95) == "loss 0.1410 (step 50)"
     assert last_value_note(history, "loss", 50) == "loss 0.1410"
     assert last_value_note([], "loss", 3) == ""
+
+
+def test_away_from_a_terminal_lines_come_less_often_as_the_work_goes_on(caplog, monkeypatch):
+    """An hour of work: a line every 2 s on a terminal, ~150 lines in a cron mail or journal."""
+    now = [0.0]
+    monkeypatch.setattr("lookalike.model.progress.time.perf_counter", lambda: now[0])
+    counts = {}
+    for on_terminal in (True, False):
+        progress = Progress("train", total=3600, unit="steps", logger=logging.getLogger("t"), every_s=2.0)
+        progress.on_terminal = on_terminal
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            for second in range(1, 3601):
+                now[0] = float(second)
+                progress.update(second)
+        counts[on_terminal] = [int(m.split(":")[1].split("/")[0]) for m in caplog.messages]
+        now[0] = 0.0
+    assert len(counts[True]) == 1800
+    away = counts[False]
+    assert away[:10] == list(range(2, 21, 2))  # the first 20 s as on a terminal
+    assert 120 <= len(away) <= 170 and away[-1] - away[-2] == 30, (len(away), away[-5:])
