@@ -262,10 +262,11 @@ def assemble_index(
     manifest["memory"] = index.memory_bytes_per_vector()
     write_manifest(index_dir, manifest)
     t, m = manifest["tuning"], manifest["memory"]
-    log.info("index %s: %d items in %d shard(s), mode %s, recall@%d %.3f (target %.2f%s), %.0f QPS single-thread, "
+    quality = ("recall not measured (too few items: every item is searched, exact)" if t.get("skipped") else
+               f"recall@{t['k']} {t['recall']:.3f} (target {t['target_recall']:.2f}{'' if t['target_met'] else ', NOT met'})")
+    log.info("index %s: %d items in %d shard(s), mode %s, %s, %.0f QPS single-thread, "
              "leaves_to_search %s, reorder %s, %.0f index bytes/vector",
-             index_dir.name, count, len(shards), params["mode"], t["k"], t["recall"], t["target_recall"],
-             "" if t["target_met"] else ", NOT met", t["qps"], t["leaves_to_search"], t["reorder"],
+             index_dir.name, count, len(shards), params["mode"], quality, t["qps"], t["leaves_to_search"], t["reorder"],
              m["index_bytes_per_vector"])
     return manifest
 

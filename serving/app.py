@@ -91,9 +91,13 @@ DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
 MULTIPART_OVERHEAD_BYTES = 16 * 1024
 
 def index_quality(manifest: dict[str, Any]) -> dict[str, Any]:
-    """The recall (and its k and target) measured when the index was built, from its manifest."""
+    """The recall (and its k and target) measured when the index was built, from its manifest
+    (None, with ``skipped`` saying why, for an index too small to measure it on)."""
     tuning = manifest.get("tuning") or {}
-    return {key: value for key, value in tuning.items() if value is None or isinstance(value, (int, float, str))}
+    quality = {key: value for key, value in tuning.items() if value is None or isinstance(value, (int, float, str))}
+    if tuning.get("skipped"):
+        quality.update(recall=None, recall_stderr=None, target_met=None)
+    return quality
 
 
 def item_summary(index: Any) -> dict[str, Any]:

@@ -644,16 +644,19 @@ def test_a_corpus_that_is_a_file_is_named_as_such(workdir_with_model, digits_cor
 
 
 @pytest.mark.parametrize("mode", ["auto", "tree_exact"])
-def test_a_corpus_of_one_decodable_image_publishes_a_searchable_index(workdir_with_model, digits_corpus, mode):
+def test_a_corpus_of_one_decodable_image_publishes_a_searchable_index(workdir_with_model, digits_corpus, mode, caplog):
     from lookalike.index.builder import IndexOptions
 
     corpus = workdir_with_model / "one"
     corpus.mkdir()
     Image.open(next((digits_corpus / "0").glob("*.png"))).convert("RGB").save(corpus / "only.jpg", quality=95)
     (corpus / "broken.jpg").write_text("not a jpeg")  # only one file decodes
-    summary = run_embed(EmbedConfig(workdir=str(workdir_with_model), corpus=str(corpus), run_name="one",
-                                    index=IndexOptions(mode=mode)))
+    with caplog.at_level(logging.INFO, logger="lookalike.index.builder"):
+        summary = run_embed(EmbedConfig(workdir=str(workdir_with_model), corpus=str(corpus), run_name="one",
+                                        index=IndexOptions(mode=mode)))
     assert (summary.items, summary.failed) == (1, 1)
+    built = [r.getMessage() for r in caplog.records if r.name == "lookalike.index.builder" and "shard(s), mode" in r.getMessage()]
+    assert built and "recall not measured (too few items" in built[0] and "recall@" not in built[0], built
     assert (workdir_with_model / "embeddings" / "one" / "summary.json").is_file()
     index = ItemIndex.load(workdir_with_model / "indexes" / summary.index_version)
     assert "skipped" in index.manifest["tuning"] and index.manifest["tuning"]["target_met"]
@@ -663,6 +666,10 @@ def test_a_corpus_of_one_decodable_image_publishes_a_searchable_index(workdir_wi
 
     [row] = [r for r in list_versions(Store.at(workdir_with_model)) if r["version"] == summary.index_version]
     assert row["recall_at_10"] is None and row["recall"] is None  # not measured: no "recall@10 1.0"
+    from lookalike.serving.app import index_quality
+
+    quality = index_quality(index.manifest)  # as /v1/info gives it
+    assert quality["recall"] is None and quality["target_met"] is None and quality["skipped"]
 
 
 def test_an_embed_that_publishes_is_refused_before_any_work_while_another_run_holds_the_store_lock(tmp_path,
