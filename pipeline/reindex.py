@@ -64,7 +64,7 @@ from lookalike.model.data import not_a_folder
 from lookalike.model.store import Store, StoreError
 from lookalike.pipeline.failpoints import failpoint
 from lookalike.pipeline.interrupts import stop_exit_status, stop_reason
-from lookalike.pipeline.report import draw_examples, report_folder, write_report
+from lookalike.pipeline.report import REPORTS_KEPT, draw_examples, prune_reports, report_folder, write_report
 from lookalike.model.store_lock import StoreLock
 from lookalike.pipeline.reindex_checks import (  # noqa: F401 (re-exported)
     GateDecision, ValidationError, choose_eval_set, evaluate_model, frozen_eval_set, gate, ids_unseen_by_served, save_eval_set,
@@ -201,6 +201,10 @@ def run_reindex(config: ReindexConfig) -> ReindexReport:
             except OSError as e:  # a full disk or read-only reports/: the outcome stands (CURRENT may have moved)
                 log.warning("the report of this run could not be written to %s: %s (outcome: %s, CURRENT: %s)",
                             report_folder(store, started), e, report.outcome, store.current_index_or_none())
+            old_reports = prune_reports(store)  # after every run, failed ones too: reports/ stays bounded
+            if old_reports:
+                log.info("removed the %d oldest report folder(s) (the %d newest are kept): %s", len(old_reports),
+                         REPORTS_KEPT, ", ".join(old_reports))
     return report
 
 

@@ -137,6 +137,25 @@ def report_folder(store: Store, started_unix_s: float) -> Path:
     return store.root / "reports" / time.strftime("r-%Y%m%dT%H%M%S", time.gmtime(started_unix_s))
 
 
+# The reports a reindex --keep leaves: a month of nightly runs (the rest stays in history.jsonl).
+REPORTS_KEPT = 30
+
+
+def prune_reports(store: Store, keep: int = REPORTS_KEPT) -> list[str]:
+    """Delete the report folders (``DIR/reports/r-<UTC time>``) beyond the ``keep`` newest;
+    returns them as ``reports/<name>``."""
+    folder = store.root / "reports"
+    if not folder.is_dir():
+        return []
+    runs = sorted((p for p in folder.iterdir() if p.is_dir() and p.name.startswith("r-")), key=lambda p: p.name)
+    removed = []
+    for old in runs[: max(0, len(runs) - keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+        if not old.exists():
+            removed.append(f"reports/{old.name}")
+    return removed
+
+
 def draw_examples(store: Store, report, folder: Path) -> bool:
     """Draw ``examples.png`` (served vs the new index) into ``folder`` once the run has a new
     index; True if it is there. Reindex calls this before it prunes, which may delete the

@@ -415,10 +415,17 @@ def test_corpus_without_evaluation_images_fails_before_training(store, tiny_conf
     corpus.mkdir()
     (corpus / "a.png").write_bytes(b"")
     current = store.current_index()
+    old_reports = [store.root / "reports" / f"r-20200101T0000{i:02d}" for i in range(35)]  # 35 nights of a cron
+    for folder in old_reports:
+        folder.mkdir(parents=True)
+        (folder / "report.md").write_text("an old night")
     report = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, corpus=str(corpus), force=True))
     assert report.outcome == "failed" and "no evaluation set can be made" in report.reason
     assert not report.steps  # not even training started
     assert store.current_index() == current
+    # reports/ stays bounded, after a failed run too: the newest 30 (this run's among them) are kept
+    kept = sorted(p.name for p in (store.root / "reports").iterdir())
+    assert len(kept) == 30 and kept[-1] > old_reports[-1].name and kept[0] == old_reports[6].name, kept
 
 
 def test_disk_full_during_embedding_fails_cleanly(store):
