@@ -20,13 +20,17 @@ class LibraryNoise(logging.Filter):
     staging folder, which the local runner never has), orbax's wait for a previous
     checkpoint save, and Beam's ERROR with a traceback for a
     stop signal raised inside a stage (SIGTERM's SystemExit, KeyboardInterrupt): the job says
-    it in its own last line. Only these exact messages: any other warning or error still shows."""
+    it in its own last line. Only these exact messages: any other warning or error still shows.
+    An error absl logs for orbax (a checkpoint save failing in its background threads, up to
+    six of them for one full disk) keeps its line but not its traceback: the job's own error
+    says what failed, and ``--verbose`` (which does not filter) shows them."""
 
     ROOT_PREFIXES = ("apitools not found", "Resource module is not available")
     BEAM_PREFIXES = ("No semi_persistent_directory found",)
     # orbax (through absl) when a checkpoint save waits for the previous one: a second's wait
     # on a busy disk, "consider checkpointing less frequently", on a job that is fine.
     ABSL_PREFIXES = ("Waiting for previous save to complete",)
+    TRACEBACK_NOTE = " (traceback with --verbose)"
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = str(record.msg)
@@ -34,6 +38,11 @@ class LibraryNoise(logging.Filter):
             return not message.startswith(self.ROOT_PREFIXES)
         if record.name == "absl" and record.levelno < logging.ERROR:
             return not message.startswith(self.ABSL_PREFIXES)
+        if record.name == "absl" and record.exc_info:
+            record.exc_info, record.exc_text = None, None  # kept: its line; dropped: dozens of lines of traceback
+            if isinstance(record.msg, str) and not record.msg.endswith(self.TRACEBACK_NOTE):
+                record.msg += self.TRACEBACK_NOTE
+            return True
         if record.name.startswith("apache_beam") and record.levelno < logging.ERROR:
             return not message.startswith(self.BEAM_PREFIXES)
         if record.name.startswith("apache_beam") and record.exc_info:

@@ -190,6 +190,8 @@ def run_reindex(config: ReindexConfig) -> ReindexReport:
             _run_steps(config, store, report, report_folder(store, started))
         except Exception as e:  # our own StoreError says it all; another error is named by its type
             report.outcome, report.reason = "failed", str(e) if type(e) is StoreError else f"{type(e).__name__}: {e}"
+            if "No space left on device" in report.reason:  # said first: libraries put it at the end of a long message
+                report.reason = f"the disk is full (No space left on device): {report.reason}"
             log.error("reindex failed (CURRENT: %s): %s", store.current_index_or_none(), report.reason)
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM within interrupts.sigterm_as_interrupt()
             report.outcome, report.reason, report.stopped_status = "failed", stop_reason(), stop_exit_status()

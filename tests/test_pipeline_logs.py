@@ -88,3 +88,12 @@ def test_library_noise_drops_only_the_known_messages():
     assert kept("absl", logging.WARNING, "Something else about a checkpoint")
     assert kept("absl", logging.ERROR, "Waiting for previous save to complete failed")
     assert kept("lookalike.model.train", logging.WARNING, "Waiting for previous save to complete")
+    # an error absl logs for orbax keeps its line, without the traceback (the job's own error follows)
+    try:
+        raise OSError(28, "No space left on device")
+    except OSError:
+        import sys
+
+        record = logging.LogRecord("absl", logging.ERROR, __file__, 1, "Save Finalize thread failed.", (), sys.exc_info())
+    assert LibraryNoise().filter(record) and record.exc_info is None
+    assert logging.Formatter().format(record) == "Save Finalize thread failed. (traceback with --verbose)"

@@ -445,6 +445,7 @@ def test_disk_full_during_embedding_fails_cleanly(store):
         subprocess.run(["umount", "-l", str(store.embeddings_dir)], check=False)
     assert out.returncode == 1, out.stderr[-3000:]
     assert "nothing promoted" in out.stderr and "No space left" in out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1])["reason"].startswith("the disk is full (No space left on device): ")
     assert store.current_index() == current and answers(store, ids) == before
 
 
