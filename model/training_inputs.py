@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,8 @@ METRIC_KEY = "training_inputs_sha256"  # in model.json's metrics
 
 def training_inputs_sha256(config: TrainConfig, data: LabelledImages, init_version: str | None) -> str:
     """sha256 (hex) of ``config``, every field of ``data`` (images [N, H, W, C] and labels [N]
-    by their bytes, shape and dtype; names and paths; not the skipped files) and the
+    by their bytes, shape and dtype; names, and paths relative to their common folder; not
+    the skipped files) and the
     warm-start model's version (None: trained from scratch)."""
     h = hashlib.sha256()
     h.update(json.dumps({"config": config_to_dict(config), "init": init_version}, sort_keys=True).encode())
@@ -38,6 +40,9 @@ def training_inputs_sha256(config: TrainConfig, data: LabelledImages, init_versi
         if field.name == "failures":  # files that were not read do not shape the model
             continue
         value = getattr(data, field.name)
+        if field.name == "paths" and value:  # relative to their common folder: a store copied or moved reuses its models
+            common = os.path.commonpath([str(p) for p in value])
+            value = [os.path.relpath(str(p), common) for p in value]
         h.update(field.name.encode())
         if isinstance(value, np.ndarray):
             h.update(f"{value.shape}{value.dtype.str}".encode())

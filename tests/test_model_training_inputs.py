@@ -33,6 +33,12 @@ def test_the_hash_changes_with_every_input_but_not_with_skipped_files(tiny_confi
     assert len({base, *others}) == 1 + len(others)
     skipped = dataclasses.replace(images(), failures=[("x.png", "truncated")])
     assert training_inputs_sha256(tiny_config, skipped, None) == base
+    # The same folder elsewhere (a store copied or moved) is the same input; another file name is not.
+    here, there = (dataclasses.replace(images(), paths=[f"{root}/corpus/{p}" for p in images().paths])
+                   for root in ("/srv/a", "/backup/b"))
+    assert training_inputs_sha256(tiny_config, here, None) == training_inputs_sha256(tiny_config, there, None)
+    renamed = dataclasses.replace(here, paths=[*here.paths[:5], "/srv/a/corpus/x.png"])
+    assert training_inputs_sha256(tiny_config, renamed, None) != training_inputs_sha256(tiny_config, here, None)
 
 
 def test_an_identical_training_is_reused_and_a_changed_corpus_trains_again(tiny_config, tmp_path, caplog):
