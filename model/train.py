@@ -50,7 +50,7 @@ from lookalike.model.sharding import data_mesh, embed_numpy, replicate
 from lookalike.model.sources import load_training_data
 from lookalike.model.training_inputs import METRIC_KEY as TRAINING_INPUTS_KEY
 from lookalike.model.training_inputs import model_trained_from, training_inputs_sha256
-from lookalike.model.store import Store
+from lookalike.model.store import Store, atomic_write_text
 from lookalike.model.unlabelled import training_augment, view_holdout
 
 log = logging.getLogger(__name__)
@@ -418,6 +418,28 @@ def run_id(config: TrainConfig, source: str | Path, init_from: Path | None, excl
     return "run-" + hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
+RUN_INPUTS_FILE = "training_inputs.sha256"  # in a run folder: what its checkpoints were trained on
+
+
+def start_afresh_if_inputs_changed(run_dir: Path, inputs_sha256: str) -> None:
+    """A run folder's checkpoints are resumed only by a training of the same inputs: when the
+    data changed since they were written (files added, edited or removed; same config and
+    folder, so the same run id), they are removed with a warning and training starts from
+    step 0, so the saved model is what its recorded ``training_inputs_sha256`` says."""
+    recorded = run_dir / RUN_INPUTS_FILE
+    try:
+        before = recorded.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        before = None  # a new run, or one written before inputs were recorded: resumed as it is
+    if before is not None and before != inputs_sha256 and (run_dir / "checkpoints").exists():
+        log.warning("the training data changed since the checkpoints in %s were written (files added, edited or "
+                    "removed): training starts again from step 0", run_dir)
+        for leftover in run_dir.iterdir():
+            if leftover.name not in (".lock", RUN_INPUTS_FILE):
+                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+    atomic_write_text(recorded, inputs_sha256 + "\n")
+
+
 def train_and_evaluate(
     config: TrainConfig, workdir: str | Path, data_dir: str | Path | None = None, init_from: str | Path | None = None,
     tfds: str | None = None, tfds_data_dir: str | None = None, set_latest: bool = True,
@@ -451,6 +473,7 @@ def train_and_evaluate(
     run_dir = store.models_dir / ".runs" / run_id(config, loaded.source, init_path, exclude)
     try:
         with exclusive_run(run_dir):
+            start_afresh_if_inputs_changed(run_dir, inputs_sha256)
             try:
                 model, metrics, threshold = train_on_arrays(config, data, run_dir, init_path)
             except BaseException as e:

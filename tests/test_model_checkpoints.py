@@ -55,6 +55,23 @@ def test_training_killed_after_a_checkpoint_resumes_and_matches_an_uninterrupted
     assert out["version"] == ref["version"]  # bit-identical weights (content hash)
 
 
+def test_a_killed_training_whose_data_changed_starts_again_rather_than_resuming(tmp_path, digits_corpus):
+    """Same config and folder, another image in it: the checkpoints were trained on other data,
+    and the saved model records the new data's inputs hash, so it must not resume them."""
+    import shutil
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(digits_corpus, corpus)
+    killed = _train(tmp_path / "a", corpus, failpoint="train.after_checkpoint.20")
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    shutil.copy(next((corpus / "1").iterdir()), corpus / "1" / "added.png")
+    rerun = _train(tmp_path / "a", corpus)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    out = json.loads(rerun.stdout.strip().splitlines()[-1])
+    assert out["metrics"]["resumed_from_step"] == 0, out["metrics"]
+    assert "the training data changed since the checkpoints in" in rerun.stderr
+
+
 def test_checkpoints_keep_the_latest_and_the_best_by_validation_metric(tmp_path, tiny_config):
     import jax.numpy as jnp
     from flax import nnx
