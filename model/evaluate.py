@@ -217,6 +217,7 @@ def evaluate_model_cli(args: argparse.Namespace) -> int:
     ``episodes``, ``max_items`` (None: the default; an ``n_way`` or ``k_shot`` given makes
     a few-shot score the data cannot give an error rather than a warning) and ``all_images``
     (score the model's training images too; ``evaluate_model``)."""
+    from lookalike.model.artifact import read_model_meta
     from lookalike.model.data import not_a_folder
     from lookalike.model.store import Store
 
@@ -231,7 +232,12 @@ def evaluate_model_cli(args: argparse.Namespace) -> int:
         model_path = store.require_model(None if choice == "LATEST" else choice)
     folder = Path(getattr(args, "data", None) or store.corpus_dir)
     if not folder.is_dir():
-        raise ValueError(f"evaluation folder {folder} {not_a_folder(folder)} (--data: a folder with one sub-folder per label)")
+        given = getattr(args, "data", None)
+        trained_on = None if given else (read_model_meta(model_path).get("metrics") or {}).get("data_dir")
+        hint = (f"; model {model_path.name} was trained on {trained_on}: `--data {trained_on}`"
+                if isinstance(trained_on, str) and Path(trained_on).is_dir() else "")
+        raise ValueError(f"evaluation folder {folder} {not_a_folder(folder)} (--data: a folder with one sub-folder per "
+                         f"label){hint}")
 
     def option(name: str, default: int, low: int) -> int:  # None means the default; 0 is not "unset"
         value = getattr(args, name, None)

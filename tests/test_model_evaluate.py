@@ -53,6 +53,22 @@ def test_cli_evaluates_the_latest_model_on_the_corpus(trained_store, capsys):
     assert report["few_shot_5way_1shot_acc"] > 0.3  # chance is 0.2
 
 
+def test_a_store_without_its_corpus_names_the_folder_the_model_was_trained_on(trained_store, tmp_path):
+    """eval --model in a store whose corpus is elsewhere (train --data DIR): the error says which --data to give."""
+    import shutil
+
+    workdir = tmp_path / "w"
+    shutil.copytree(trained_store.root / "models", workdir / "models")
+    trained_on = json.loads((trained_store.require_model() / "model.json").read_text())["metrics"]["data_dir"]
+    args = argparse.Namespace(workdir=str(workdir), model=None, data=None, k=5, n_way=None, k_shot=None, episodes=5,
+                              max_items=None)
+    with pytest.raises(ValueError) as raised:
+        evaluate_model_cli(args)
+    assert str(raised.value) == (
+        f"evaluation folder {workdir / 'corpus'} does not exist (--data: a folder with one sub-folder per label); model "
+        f"{trained_store.latest_model()} was trained on {trained_on}: `--data {trained_on}`")
+
+
 def test_a_report_without_evidence_is_strict_json_with_nulls(trained_store, capsys):
     """Two items of different classes: no class has a second item, so MAP@R and ROC AUC are undefined."""
     args = argparse.Namespace(workdir=str(trained_store.root), model=None, data=None, k=5, n_way=None, k_shot=None,
