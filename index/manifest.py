@@ -137,6 +137,11 @@ def verify_files(path: Path, manifest: dict[str, Any], verify_checksums: bool = 
         for required in (*SHARD_FILES, "scann/scann_assets.pbtxt"):
             if prefix + required not in files:
                 raise IndexLoadError(f"{path / MANIFEST}: shard {shard['name']!r} does not list {prefix + required}")
+        scann_dir = path / prefix / "scann"  # ScaNN loads every file of it (a pickle among them): each one checksummed
+        for file in sorted(scann_dir.iterdir()) if scann_dir.is_dir() else []:
+            if file.is_file() and f"{prefix}scann/{file.name}" not in files:
+                raise IndexLoadError(f"{path / MANIFEST}: shard {shard['name']!r} does not list {prefix}scann/{file.name}, "
+                                     "which ScaNN would load unchecked")
         for name in files:
             if not (path / name).is_file():
                 raise IndexLoadError(f"index file {path / name} listed in the manifest is missing")

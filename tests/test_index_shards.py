@@ -64,6 +64,8 @@ def edit_manifest(path, change):
         (lambda m: m.pop("model_version"), "required field 'model_version' is missing"),
         (lambda m: m.update(format="other/9"), "unsupported format 'other/9'"),
         (lambda m: m["shards"][0]["files"].pop("shard-00000/items.parquet"), "does not list shard-00000/items.parquet"),
+        (lambda m: m["shards"][1]["files"].pop(next(f for f in m["shards"][1]["files"] if f.endswith(".pkl"))),
+         r"does not list shard-00001/scann/\w+\.pkl, which ScaNN would load unchecked"),
         (lambda m: m["shards"].pop(), r"shard counts \[300\]"),
     ],
 )
