@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from typing import TYPE_CHECKING
 
 from lookalike.pipeline.cli_options import (POSITIVE, _add_train_config, _add_workdir, _float_in, _print_json, _train_config,
@@ -22,6 +23,14 @@ CRONTAB_EXAMPLE = ("0 3 * * * nice -n 10 /srv/lookalike/.venv/bin/lookalike rein
 
 REPORT_KEYS = ("outcome", "reason", "exit_code", "previous_index", "new_index", "rejected_index", "current_model",
                "candidate_model", "chosen_model", "candidate_error")
+
+
+def _outcome_line(data: dict) -> dict:
+    """The JSON line a reindex ends with: ``REPORT_KEYS`` (null where unknown) and the UTC time
+    it ended (``finished_utc``), so a cron log appended night after night dates every night,
+    a failure before any log line included."""
+    return {**{key: data.get(key) for key in REPORT_KEYS},
+            "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 def cmd_reindex(args: argparse.Namespace) -> int:
@@ -44,19 +53,19 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     except LockHeldError as e:  # not a failure of this run: another one is at work
         log.warning("reindex skipped: %s", e)
         locked = {"outcome": "locked", "reason": str(e), "exit_code": EXIT_LOCKED}
-        _print_json({key: locked.get(key) for key in REPORT_KEYS}, one_line=True)
+        _print_json(_outcome_line(locked), one_line=True)
         return EXIT_LOCKED
     except (StoreError, ValueError, OSError, RuntimeError) as e:  # before any step: no store, not writable, a URL
         # The cron log's last line stays the JSON outcome (`tail -1 reindex.log | jq .outcome`), after the reason.
         print(f"lookalike reindex: error: {e}", file=sys.stderr, flush=True)
         failed = {"outcome": "failed", "reason": f"{type(e).__name__}: {e}", "exit_code": 1}
-        _print_json({key: failed.get(key) for key in REPORT_KEYS}, one_line=True)
+        _print_json(_outcome_line(failed), one_line=True)
         return 1
     except KeyboardInterrupt as e:
         stopped = e.report if isinstance(e, ReindexInterrupted) else None
         if stopped is not None:  # the outcome line a cron log expects, with the exit status of the signal
             data = report_dict(stopped)
-            _print_json({k: data[k] for k in REPORT_KEYS}, one_line=True)
+            _print_json(_outcome_line(data), one_line=True)
         if not terminated():
             raise  # Ctrl-C: `lookalike` ends with its one line and status 130
         print(f"lookalike reindex: {stop_reason()}: {served_after_stop(args.workdir, stopped)}", file=sys.stderr)
@@ -64,7 +73,7 @@ def cmd_reindex(args: argparse.Namespace) -> int:
     data = report_dict(report)
     if report.outcome == "failed":  # before the JSON line, which stays the last line of a cron log
         print(f"lookalike reindex: failed, nothing promoted: {report.reason}", file=sys.stderr, flush=True)
-    _print_json({k: data[k] for k in REPORT_KEYS}, one_line=True)
+    _print_json(_outcome_line(data), one_line=True)
     return report.exit_code
 
 

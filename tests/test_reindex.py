@@ -545,6 +545,11 @@ def test_reindex_failing_before_any_step_still_ends_with_its_json_line(tmp_path,
     line = json.loads(out.strip().splitlines()[-1])
     assert line["outcome"] == "failed" and line["exit_code"] == 1 and "does not exist" in line["reason"]
     assert f"lookalike reindex: error: store {missing} does not exist" in err
+    # the night is dated even when no log line came before: the line's UTC time
+    import datetime
+
+    ended = datetime.datetime.strptime(line["finished_utc"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+    assert abs((datetime.datetime.now(datetime.timezone.utc) - ended).total_seconds()) < 60
 
 
 def test_versions_list_fails_for_a_missing_store_and_names_a_current_version_whose_folder_is_gone(store, tmp_path,
