@@ -445,6 +445,8 @@ def _list_and_run(run: EmbedRun, started: float) -> EmbedSummary:
         reused = reused_items(cache_table, run.plan.unchanged, **run.expand)
     if config.publish and run.total > 0:
         summary = _publish(run, started, reused)
+        if summary.index_version:  # published, or kept as CURRENT: the next embed without --model keeps its model
+            follow_served_model(run.store, run.meta["version"])  # as promote and rollback do
     else:
         summary = _execute(run, started, None, reused)
     try:
@@ -531,7 +533,6 @@ def _publish(run: EmbedRun, started: float, reused: pa.Table | None) -> EmbedSum
     summary.index_version = index_version
     _log_change_of_items(previous, summary.items)
     _log_change_of_model(previous, index_version, run.meta["version"])
-    follow_served_model(run.store, run.meta["version"])  # the next embed without --model keeps this model, as promote does
     return summary
 
 

@@ -536,6 +536,10 @@ def test_publishing_with_another_model_warns_and_latest_follows_the_served_model
     assert [r.getMessage() for r in caplog.records if "instead of" in r.getMessage()] == [
         f"index {moved.index_version} serves model {newer} instead of {served} (index {back.index_version}): vectors "
         f"made with {served} are now refused (409); `lookalike versions rollback` serves the previous index again"]
+    again = run_embed(EmbedConfig(workdir=str(workdir), model_version=served, run_name="again", incremental=True))
+    store.set_latest_model(newer)  # as `train` leaves it
+    kept = run_embed(EmbedConfig(workdir=str(workdir), model_version=served, run_name="kept", incremental=True))
+    assert kept.index_version == again.index_version and store.latest_model() == served  # kept as CURRENT: followed too
 
 
 def test_a_run_folder_being_written_is_not_taken_over(workdir_with_model, digits_corpus):
