@@ -205,5 +205,9 @@ def publish_atomically(store: Store, write: Callable[[Path], Any], *, make_curre
     finally:
         unlock(lock, fd)
     if make_current:
-        store.set_current_index(version, reason)
+        try:
+            store.set_current_index(version, reason)
+        except BaseException:  # CURRENT stays (a full disk for history.jsonl): leave no orphan index behind
+            shutil.rmtree(store.index_dir(version), ignore_errors=True)
+            raise
     return version

@@ -256,13 +256,18 @@ class ItemTable:
                 mask[self._base:] &= np.array([_value_in(a.get(key), values) for a in self._added], bool)
         return np.flatnonzero(mask)
 
-    def distinct_values(self, key: str) -> set[Any]:
-        """The distinct non-null values of scalar column ``key`` (deleted rows included), of
-        the rows added since loading too; empty when no row has the column."""
+    def distinct_values(self, key: str, rows: np.ndarray | None = None) -> set[Any]:
+        """The distinct non-null values of scalar column ``key`` over the rows where ``rows``
+        ([len(self)] bool, e.g. the live ones) holds, or over all rows (the rows added since
+        loading too); empty when no such row has the column."""
         found: set[Any] = set()
         if key in self.table.column_names:
-            found.update(v for v in pc.unique(self.table.column(key)).to_pylist() if v is not None)
-        found.update(a[key] for a in self._added if a.get(key) is not None)
+            column = self.table.column(key)
+            if rows is not None:
+                column = column.filter(pa.array(np.asarray(rows[: self._base], bool)))
+            found.update(v for v in pc.unique(column).to_pylist() if v is not None)
+        found.update(a[key] for i, a in enumerate(self._added)
+                     if a.get(key) is not None and (rows is None or rows[self._base + i]))
         return found
 
     def column_values(self, key: str, rows: np.ndarray) -> list[Any]:

@@ -150,14 +150,15 @@ def class_folders(root: Path) -> list[Path]:
 
 
 def list_class_images(root: Path, class_dirs: list[Path], unreadable: dict[Path, list[OSError]],
-                      warn: bool = True) -> tuple[list[Path], list[list[Path]]]:
+                      warn: bool = True, videos: dict[Path, list[str]] | None = None) -> tuple[list[Path], list[list[Path]]]:
     """(class folders, each one's image files), from one walk of the class folders together
     (``walk_folder_trees``): every real folder is read once, by a path without links where
     there is one, so a class folder that is a link to another class (or into one), or a link
     inside a class back up to ``root`` (never walked: a loop), adds no second copy of the same
     images under another label; such a class is left out, with a warning naming the class that
     has its images. Hidden folders of ``root`` are walked only where a class links into them.
-    Folders that cannot be listed go to ``unreadable`` under their class."""
+    Folders that cannot be listed go to ``unreadable`` under their class; given ``videos``,
+    the paths of the video files (not hidden) met on the way go there under their class."""
 
     def on_error(error: OSError) -> None:
         try:
@@ -176,6 +177,11 @@ def list_class_images(root: Path, class_dirs: list[Path], unreadable: dict[Path,
         owner = root / Path(folder).relative_to(root).parts[0]
         walked_as.setdefault(os.path.realpath(folder), owner)
         by_class[owner] += image_files(folder, names)
+        if videos is not None:
+            from lookalike.pipeline.video import is_video_path  # as model.unlabelled does
+
+            videos.setdefault(owner, []).extend(os.path.join(folder, n) for n in names
+                                                if is_video_path(n) and not n.startswith("."))
     kept = []
     for class_dir in class_dirs:
         holder = walked_as.get(os.path.realpath(class_dir), class_dir)
@@ -207,8 +213,9 @@ def load_labelled_folder(root: str | Path, spec: PreprocessSpec, *, max_items: i
     excluded = frozenset(exclude)
     included = None if include is None else frozenset(include)
     unreadable: dict[Path, list[OSError]] = {class_dir: [] for class_dir in class_dirs}  # folders not listed
-    class_dirs, every = list_class_images(root, class_dirs, unreadable)
-    warn_media_outside_classes(root, [d for d, files in zip(class_dirs, every) if files], role)
+    videos: dict[Path, list[str]] = {}
+    class_dirs, every = list_class_images(root, class_dirs, unreadable, videos=videos)
+    warn_media_outside_classes(root, [v for d, files in zip(class_dirs, every) if files for v in videos.get(d, [])], role)
     listed = [[p for p in files if p.relative_to(root).as_posix() not in excluded
                and (included is None or p.relative_to(root).as_posix() in included)] for files in every]
     filtered_out = {class_dir for class_dir, files, kept in zip(class_dirs, every, listed) if files and not kept}
@@ -270,20 +277,17 @@ def load_labelled_folder(root: str | Path, spec: PreprocessSpec, *, max_items: i
     )
 
 
-def warn_media_outside_classes(root: Path, class_dirs: list[Path], role: str) -> None:
+def warn_media_outside_classes(root: Path, videos: list[str], role: str) -> None:
     """Labelled data is images in class folders: images at the top of ``root`` (in no class)
-    and videos in ``class_dirs`` (those with images; a class of videos only is warned about
-    as such) are left out, each kind with a warning rather than silently."""
-    from lookalike.pipeline.video import is_video_path  # as model.unlabelled does
-
+    and ``videos`` (those of classes with images, as listed; a class of videos only is
+    warned about as such) are left out, each kind with a warning rather than silently."""
     hint = "; `train --unlabelled` uses every image and video" if role == "training" else ""
     top = image_files(str(root), sorted(p.name for p in root.iterdir() if not p.name.startswith(".")))
     if top:
         log.warning("%d image(s) at the top of %s (e.g. %s) are in no class folder: left out of %s (labelled data is "
                     "one sub-folder per class%s)", len(top), root, top[0].name, role, hint)
-    videos = [os.path.join(folder, name) for d in class_dirs for folder, _, names in os.walk(d) for name in names
-              if is_video_path(name)]
     if videos:
+        videos = sorted(videos)
         log.warning("%d video(s) in the class folders of %s (e.g. %s) are left out of %s: labelled %s uses images%s",
                     len(videos), root, os.path.relpath(videos[0], root), role, role, hint)
 

@@ -265,7 +265,7 @@ class Store:
         atomic_write_text(current, version + "\n")
         try:
             self.record_history(version, reason)
-        except OSError:
+        except BaseException:  # an OSError, or a stop signal between the two writes
             if before is None:
                 current.unlink(missing_ok=True)
             else:
@@ -280,14 +280,23 @@ class Store:
         return self.root / HISTORY
 
     def record_history(self, version: str, reason: str) -> None:
+        """Append one entry to history.jsonl, durably; on failure the file is cut back to its
+        size before, so no partial or unsynced entry records a move that did not happen."""
         entry = {"version": check_version_name(version), "unix_s": time.time(), "reason": reason}
         with self.history_path.open("a+b") as f:
-            f.seek(0, os.SEEK_END)
-            if f.tell() and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
-                f.write(b"\n")  # end a line a crash truncated, or this entry would be lost with it
-            f.write((json.dumps(entry) + "\n").encode("utf-8"))
-            f.flush()
-            os.fsync(f.fileno())
+            size = f.seek(0, os.SEEK_END)
+            try:
+                if size and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n":
+                    f.write(b"\n")  # end a line a crash truncated, or this entry would be lost with it
+                f.write((json.dumps(entry) + "\n").encode("utf-8"))
+                f.flush()
+                os.fsync(f.fileno())
+            except BaseException:
+                try:
+                    f.truncate(size)
+                except OSError:
+                    pass
+                raise
 
     def history(self) -> list[dict]:
         """Every recorded move of CURRENT, oldest first. Lines that are not a complete entry

@@ -445,8 +445,6 @@ def _list_and_run(run: EmbedRun, started: float) -> EmbedSummary:
         reused = reused_items(cache_table, run.plan.unchanged, **run.expand)
     if config.publish and run.total > 0:
         summary = _publish(run, started, reused)
-        if summary.index_version:  # published, or kept as CURRENT: the next embed without --model keeps its model
-            follow_served_model(run.store, run.meta["version"])  # as promote and rollback do
     else:
         summary = _execute(run, started, None, reused)
     try:
@@ -459,8 +457,15 @@ def _list_and_run(run: EmbedRun, started: float) -> EmbedSummary:
 
 
 def _finish(run: EmbedRun, summary: EmbedSummary) -> None:
-    """After the run (and its publishing): the summary written and logged, older versions pruned (``keep_versions``)."""
+    """After the run (and its publishing): models/LATEST pointed at the served index's model, the
+    summary written and logged, older versions pruned (``keep_versions``)."""
     config = run.config
+    if config.publish and summary.index_version:  # published, or kept as CURRENT: the next embed
+        try:  # without --model keeps its model, as after promote and rollback
+            follow_served_model(run.store, run.meta["version"])
+        except OSError as e:
+            log.warning("index %s is published, but models/LATEST could not be pointed at its model %s: %s",
+                        summary.index_version, run.meta["version"], e)
     (run.run_dir / "summary.json").write_text(json.dumps(asdict(summary), indent=2) + "\n")
     log.info(
         "%d item(s): %d embedded, reused from %d file(s) whose bytes were embedded before, %d duplicate file(s); "

@@ -4,6 +4,7 @@ processes it starts (``lookalike.pipeline.workers``), so every line of a run rea
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import traceback
 
@@ -20,17 +21,13 @@ class LibraryNoise(logging.Filter):
     staging folder, which the local runner never has), orbax's wait for a previous
     checkpoint save, and Beam's ERROR with a traceback for a
     stop signal raised inside a stage (SIGTERM's SystemExit, KeyboardInterrupt): the job says
-    it in its own last line. Only these exact messages: any other warning or error still shows.
-    An error absl logs for orbax (a checkpoint save failing in its background threads, up to
-    six of them for one full disk) keeps its line but not its traceback: the job's own error
-    says what failed, and ``--verbose`` (which does not filter) shows them."""
+    it in its own last line. Only these exact messages: any other warning or error still shows."""
 
     ROOT_PREFIXES = ("apitools not found", "Resource module is not available")
     BEAM_PREFIXES = ("No semi_persistent_directory found",)
     # orbax (through absl) when a checkpoint save waits for the previous one: a second's wait
     # on a busy disk, "consider checkpointing less frequently", on a job that is fine.
     ABSL_PREFIXES = ("Waiting for previous save to complete",)
-    TRACEBACK_NOTE = " (traceback with --verbose)"
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = str(record.msg)
@@ -38,16 +35,39 @@ class LibraryNoise(logging.Filter):
             return not message.startswith(self.ROOT_PREFIXES)
         if record.name == "absl" and record.levelno < logging.ERROR:
             return not message.startswith(self.ABSL_PREFIXES)
-        if record.name == "absl" and record.exc_info:
-            record.exc_info, record.exc_text = None, None  # kept: its line; dropped: dozens of lines of traceback
-            if isinstance(record.msg, str) and not record.msg.endswith(self.TRACEBACK_NOTE):
-                record.msg += self.TRACEBACK_NOTE
-            return True
         if record.name.startswith("apache_beam") and record.levelno < logging.ERROR:
             return not message.startswith(self.BEAM_PREFIXES)
         if record.name.startswith("apache_beam") and record.exc_info:
             return not isinstance(record.exc_info[1], (SystemExit, KeyboardInterrupt))
         return True
+
+
+class QuietFormatter(logging.Formatter):
+    """The log format, without the tracebacks of orbax's errors (logged through absl by its
+    background threads: six of them, 469 lines, for one checkpoint save on a full disk): their
+    line stays, the job's own error says what failed, and ``--verbose`` (which keeps the plain
+    formatter) shows them. The record itself is left as it is, for other handlers."""
+
+    TRACEBACK_NOTE = " (traceback with --verbose)"
+
+    def format(self, record: logging.LogRecord) -> str:
+        if not (record.exc_info and record.name == "absl" and _from_orbax(record)):
+            return super().format(record)
+        saved = record.exc_info, record.exc_text
+        record.exc_info, record.exc_text = None, None
+        try:
+            return super().format(record) + self.TRACEBACK_NOTE
+        finally:
+            record.exc_info, record.exc_text = saved
+
+
+def _from_orbax(record: logging.LogRecord) -> bool:
+    """Whether orbax logged ``record`` or raised its exception (absl's logger names itself as
+    the caller unless absl's logger class is installed, so the traceback is looked at too)."""
+    if f"{os.sep}orbax{os.sep}" in (record.pathname or ""):
+        return True
+    tb = record.exc_info[2] if record.exc_info else None
+    return tb is not None and any(f"{os.sep}orbax{os.sep}" in frame.filename for frame in traceback.extract_tb(tb))
 
 
 class _EarlyHandler(logging.StreamHandler):
@@ -67,7 +87,7 @@ def quiet_library_noise() -> None:
         root.addFilter(LibraryNoise())  # records of the root logger itself: Beam's import-time warnings
     if not root.handlers:
         handler = _EarlyHandler()
-        handler.setFormatter(logging.Formatter(LOG_FORMAT, DATE_FORMAT))
+        handler.setFormatter(QuietFormatter(LOG_FORMAT, DATE_FORMAT))
         handler.addFilter(LibraryNoise())  # records of other loggers, e.g. apache_beam's
         root.addHandler(handler)
 
@@ -108,8 +128,9 @@ def configure_logging(verbose: bool) -> None:
             logging.getLogger(noisy).setLevel(logging.WARNING)
         for handler in logging.getLogger().handlers:
             handler.addFilter(LibraryNoise())
+            handler.setFormatter(QuietFormatter(LOG_FORMAT, DATE_FORMAT))
         drop_late_callback_noise()
 
 
-__all__ = ["DATE_FORMAT", "LOG_FORMAT", "NOISY_LOGGERS", "LibraryNoise", "configure_logging", "drop_late_callback_noise",
+__all__ = ["DATE_FORMAT", "LOG_FORMAT", "NOISY_LOGGERS", "LibraryNoise", "QuietFormatter", "configure_logging", "drop_late_callback_noise",
            "late_callback_noise", "quiet_library_noise"]

@@ -203,7 +203,11 @@ def run_reindex(config: ReindexConfig) -> ReindexReport:
             except OSError as e:  # a full disk or read-only reports/: the outcome stands (CURRENT may have moved)
                 log.warning("the report of this run could not be written to %s: %s (outcome: %s, CURRENT: %s)",
                             report_folder(store, started), e, report.outcome, store.current_index_or_none())
-            old_reports = prune_reports(store)  # after every run, failed ones too: reports/ stays bounded
+            try:
+                old_reports = prune_reports(store)  # after every run, failed ones too: reports/ stays bounded
+            except OSError as e:
+                old_reports = []
+                log.warning("older report folders could not be removed: %s", e)
             if old_reports:
                 log.info("removed the %d oldest report folder(s) (the %d newest are kept): %s", len(old_reports),
                          REPORTS_KEPT, ", ".join(old_reports))

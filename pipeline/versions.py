@@ -198,6 +198,10 @@ def promotion_stack(store: Store) -> list[str]:
         if entry.get("reason", "").startswith("rollback") and version in stack:
             while stack[-1] != version:  # back to the version rolled back to (the top itself, from a garbled CURRENT)
                 stack.pop()
+        elif entry.get("reason", "").startswith("rollback"):  # to a version whose promotion the history lost
+            if stack:
+                stack.pop()  # the version rolled back from
+            stack.append(version)
         elif not stack or stack[-1] != version:
             stack.append(version)
     return stack
@@ -493,8 +497,9 @@ def clean_unstarted_embed_runs(store: Store) -> list[str]:
         if fd is None:  # a live run is starting in it
             continue
         try:
-            shutil.rmtree(run, ignore_errors=True)
-            removed.append(str(run))
+            if holds_only_a_listing(run):  # again, locked: a run may have finished since the first look
+                shutil.rmtree(run, ignore_errors=True)
+                removed.append(str(run))
         finally:
             os.close(fd)
     return removed

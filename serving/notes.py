@@ -30,7 +30,7 @@ def empty_result_note(index: ItemIndex, query: Mapping[str, Any]) -> str | None:
         if given is None:
             continue
         values = list(given) if isinstance(given, (list, tuple)) else [given]
-        if any(len(live_matches(index, {column: {value}})[1]) for value in values):
+        if len(live_matches(index, {column: set(values)})[1]):  # one look (cached), as the search's own filter
             continue
         reason = f"no item has {field} " + " or ".join(repr(v) for v in values)
         if field == "group":
@@ -41,11 +41,27 @@ def empty_result_note(index: ItemIndex, query: Mapping[str, Any]) -> str | None:
 
 def _group_hint(index: ItemIndex, values: Sequence[str]) -> str:
     """Groups that end with one of ``values`` after a folder (a video named without its path)."""
-    groups = [str(g) for g in index.items.distinct_values("group")]
+    groups, by_name = _live_groups(index)
     if not groups:
         return " (a group is a video's id, and this index holds no video frames)"
-    meant = sorted({g for g in groups for v in values if g.endswith("/" + v.lstrip("/"))})
+    meant = sorted({g for v in values for g in by_name.get(v.rsplit("/", 1)[-1], ()) if g.endswith("/" + v.lstrip("/"))})
     if meant:
         shown = ", ".join(repr(g) for g in meant[:MAX_SUGGESTIONS]) + (", ..." if len(meant) > MAX_SUGGESTIONS else "")
         return f" (a group is a video's id, its path in the corpus: did you mean {shown}?)"
-    return f" (a group is a video's id, its path in the corpus, such as {sorted(groups)[0]!r})"
+    return f" (a group is a video's id, its path in the corpus, such as {groups[0]!r})"
+
+
+def _live_groups(index: ItemIndex) -> tuple[list[str], dict[str, list[str]]]:
+    """The sorted distinct groups of the live items, and them by file name (the part after
+    the last "/"), kept with the index until it changes (a note may be asked for on every
+    request, and a million items take a tenth of a second)."""
+    state = (len(index.items), index.num_deleted)
+    cached = index.__dict__.get("_live_groups")
+    if cached is None or cached[0] != state:
+        groups = sorted(str(g) for g in index.items.distinct_values("group", index.live_mask()[: len(index.items)]))
+        by_name: dict[str, list[str]] = {}
+        for g in groups:
+            by_name.setdefault(g.rsplit("/", 1)[-1], []).append(g)
+        cached = (state, groups, by_name)
+        index.__dict__["_live_groups"] = cached
+    return cached[1], cached[2]

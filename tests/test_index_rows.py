@@ -20,6 +20,8 @@ def test_item_table_serves_loaded_and_appended_rows_alike():
     assert taken.column("id").to_pylist() == ["d", "a", "c"] and taken.schema == items.schema  # new keys are dropped
     assert items.distinct_values("kind") == {"image", "frame"} and items.distinct_values("extra") == {1}
     assert items.distinct_values("group") == set()
+    assert items.distinct_values("kind", np.array([True, False, True, False])) == {"image"}  # e.g. the live rows
+    assert items.distinct_values("kind", np.array([False, False, False, True])) == {"frame"}  # an added row
     with pytest.raises(IndexError, match="item row 4 out of range for 4 rows"):
         items[4]
     with pytest.raises(ValueError, match="needs an 'id' column"):

@@ -88,12 +88,39 @@ def test_library_noise_drops_only_the_known_messages():
     assert kept("absl", logging.WARNING, "Something else about a checkpoint")
     assert kept("absl", logging.ERROR, "Waiting for previous save to complete failed")
     assert kept("lookalike.model.train", logging.WARNING, "Waiting for previous save to complete")
-    # an error absl logs for orbax keeps its line, without the traceback (the job's own error follows)
+
+
+def test_orbax_errors_keep_their_line_without_the_traceback_and_other_errors_keep_theirs():
+    import logging
+    import sys
+
+    from lookalike.pipeline.logs import QuietFormatter
+
     try:
         raise OSError(28, "No space left on device")
     except OSError:
-        import sys
+        failure = sys.exc_info()
+    orbax = logging.LogRecord("absl", logging.ERROR, "/site-packages/orbax/checkpoint/async_checkpointer.py", 1,
+                              "Save Finalize thread failed.", (), failure)
+    assert QuietFormatter("%(message)s").format(orbax) == "Save Finalize thread failed. (traceback with --verbose)"
+    assert "Traceback" in logging.Formatter("%(message)s").format(orbax)  # the record is left whole for other handlers
+    # absl names itself as the caller unless its logger class is installed: orbax's frames in the traceback tell
+    import importlib.util
+    import pathlib
+    import tempfile
 
-        record = logging.LogRecord("absl", logging.ERROR, __file__, 1, "Save Finalize thread failed.", (), sys.exc_info())
-    assert LibraryNoise().filter(record) and record.exc_info is None
-    assert logging.Formatter().format(record) == "Save Finalize thread failed. (traceback with --verbose)"
+    folder = pathlib.Path(tempfile.mkdtemp()) / "orbax"
+    folder.mkdir()
+    (folder / "save.py").write_text("def save():\n    raise OSError(28, 'No space left on device')\n")
+    spec = importlib.util.spec_from_file_location("orbax_like_save", folder / "save.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        module.save()
+    except OSError:
+        raised = logging.LogRecord("absl", logging.ERROR, "/site-packages/absl/logging/__init__.py", 1,
+                                   "Save Finalize thread failed.", (), sys.exc_info())
+    assert QuietFormatter("%(message)s").format(raised) == "Save Finalize thread failed. (traceback with --verbose)"
+    other = logging.LogRecord("absl", logging.ERROR, "/site-packages/other/lib.py", 1, "failed", (), failure)
+    mine = logging.LogRecord("lookalike.model.train", logging.ERROR, __file__, 1, "failed", (), failure)
+    assert all("Traceback" in QuietFormatter("%(message)s").format(r) for r in (other, mine))

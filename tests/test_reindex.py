@@ -626,10 +626,49 @@ def test_a_promotion_whose_history_cannot_be_written_moves_no_pointer(store):
     with pytest.raises(OSError):
         promote(store, a)
     assert store.current_index() == b and store.latest_model() == latest
+    versions_before = sorted(p.name for p in store.indexes_dir.iterdir())
+    index = ItemIndex.load(store.index_dir(b))
+    index.delete([index.items[0]["id"]])
+    with pytest.raises(OSError):
+        index.publish(store)  # built and renamed into place, then CURRENT cannot move: no orphan index is left
+    assert sorted(p.name for p in store.indexes_dir.iterdir()) == versions_before and store.current_index() == b
     store.history_path.rmdir()
     store.history_path.write_bytes(history)
     promote(store, a)
     assert store.current_index() == a and store.history()[-1]["version"] == a
+
+
+def test_a_history_entry_that_cannot_be_synced_is_cut_off_and_current_put_back(store, monkeypatch):
+    import os as os_module
+
+    a = store.current_index()
+    index = ItemIndex.load(store.index_dir(a))
+    index.delete([index.items[0]["id"]])
+    b = index.publish(store)
+    history = store.history_path.read_bytes()
+
+    fsync = os_module.fsync
+
+    def failing_fsync(fd):  # for history.jsonl only, after its entry is written
+        if os_module.readlink(f"/proc/self/fd/{fd}") == str(store.history_path):
+            assert store.history_path.stat().st_size > len(history)
+            raise OSError(5, "Input/output error")
+        fsync(fd)
+
+    monkeypatch.setattr(os_module, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="Input/output error"):
+        promote(store, a)
+    monkeypatch.undo()
+    assert store.current_index() == b and store.history_path.read_bytes() == history
+
+
+def test_a_rollback_to_a_version_whose_promotion_the_history_lost_replaces_the_one_rolled_back_from(store):
+    from lookalike.pipeline.versions import promotion_stack
+
+    lines = [{"version": "i-a", "unix_s": 1, "reason": "embed"}, {"version": "i-c", "unix_s": 2, "reason": "reindex"},
+             {"version": "i-x", "unix_s": 3, "reason": "rollback from i-c"}]  # i-x's own promotion line was lost
+    store.history_path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    assert promotion_stack(store) == ["i-a", "i-x"]  # the next rollback goes to i-a, not back to i-c
 
 
 def test_a_report_that_cannot_be_written_leaves_the_outcome_as_it_was(store, tiny_config, monkeypatch, caplog):
