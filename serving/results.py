@@ -175,10 +175,9 @@ def _row_fragment(rows: ResultRows, row: int, item_id: str) -> tuple[str, str]:
 def search_json(query: dict[str, Any], results: str, model_version: str, index_version: str,
                 note: str | None = None) -> str:
     """A SearchResponse as JSON text, ``results`` already written (``ResultsJSON.encode``);
-    ``note`` only when there is one (why nothing was found)."""
-    noted = f',"note":{_encode(note)}' if note else ""
+    ``note``: why nothing was found, or None (null)."""
     return (f'{{"query":{_encode(query)},"results":{results},'
-            f'"model_version":{_encode(model_version)},"index_version":{_encode(index_version)}{noted}}}')
+            f'"model_version":{_encode(model_version)},"index_version":{_encode(index_version)},"note":{_encode(note)}}}')
 
 
 def json_text_response(text: str) -> Response:

@@ -90,7 +90,9 @@ def test_results_json_writes_what_json_writes() -> None:
     query = {"type": "image", "k": 3, "filename": "é.png", "group": ["a"]}
     response = search_json(query, results.encode(0.8, neighbors[:2]), "m-1", "i-\"2")
     assert json.loads(response) == {"query": query, "results": json.loads(results.encode(0.8, neighbors[:2])),
-                                    "model_version": "m-1", "index_version": 'i-"2'}
+                                    "model_version": "m-1", "index_version": 'i-"2', "note": None}
+    noted = json.loads(search_json(query, "[]", "m-1", "i-2", note="no item has group 'a' (\"quoted\")"))
+    assert noted["results"] == [] and noted["note"] == "no item has group 'a' (\"quoted\")"
     assert results.encode(None, []) == "[]"
     for bad in (float("nan"), float("inf")):
         with pytest.raises(ValueError):
