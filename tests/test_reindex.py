@@ -592,18 +592,21 @@ def test_read_only_store_is_refused_before_anything_runs(tmp_path, indexed_store
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
+def publish_one_item_fewer(store: Store, version: str) -> str:
+    """A new version of ``version`` without its first item, published by ItemIndex (CURRENT moves)."""
+    index = ItemIndex.load(store.index_dir(version))
+    index.delete([index.items[0]["id"]])
+    return index.publish(store)
+
+
 def test_a_rollback_from_a_garbled_current_is_followed_by_the_version_it_served(store):
     """A rollback entry names the version rolled back to: the history stack goes back to it,
     not one further (a garbled CURRENT rolls back to the top of the history itself)."""
     from lookalike.pipeline.versions import last_served_present
 
     a = store.current_index()
-    index = ItemIndex.load(store.index_dir(a))
-    index.delete([index.items[0]["id"]])
-    b = index.publish(store)
-    index = ItemIndex.load(store.index_dir(b))
-    index.delete([index.items[0]["id"]])
-    c = index.publish(store)
+    b = publish_one_item_fewer(store, a)
+    c = publish_one_item_fewer(store, b)
     (store.root / "CURRENT").write_text("i-garbage\n")
     promote(store, c, reason="rollback from a garbled CURRENT")
     assert last_served_present(store) == c
@@ -616,9 +619,7 @@ def test_a_rollback_from_a_garbled_current_is_followed_by_the_version_it_served(
 def test_a_promotion_whose_history_cannot_be_written_moves_no_pointer(store):
     """CURRENT is put back when history.jsonl cannot record the move (here a folder in its place)."""
     a = store.current_index()
-    index = ItemIndex.load(store.index_dir(a))
-    index.delete([index.items[0]["id"]])
-    b = index.publish(store)
+    b = publish_one_item_fewer(store, a)
     latest = store.latest_model()
     history = store.history_path.read_bytes()
     store.history_path.unlink()
@@ -627,10 +628,8 @@ def test_a_promotion_whose_history_cannot_be_written_moves_no_pointer(store):
         promote(store, a)
     assert store.current_index() == b and store.latest_model() == latest
     versions_before = sorted(p.name for p in store.indexes_dir.iterdir())
-    index = ItemIndex.load(store.index_dir(b))
-    index.delete([index.items[0]["id"]])
-    with pytest.raises(OSError):
-        index.publish(store)  # built and renamed into place, then CURRENT cannot move: no orphan index is left
+    with pytest.raises(OSError):  # built and renamed into place, then CURRENT cannot move: no orphan index is left
+        publish_one_item_fewer(store, b)
     assert sorted(p.name for p in store.indexes_dir.iterdir()) == versions_before and store.current_index() == b
     store.history_path.rmdir()
     store.history_path.write_bytes(history)
@@ -642,9 +641,7 @@ def test_a_history_entry_that_cannot_be_synced_is_cut_off_and_current_put_back(s
     import os as os_module
 
     a = store.current_index()
-    index = ItemIndex.load(store.index_dir(a))
-    index.delete([index.items[0]["id"]])
-    b = index.publish(store)
+    b = publish_one_item_fewer(store, a)
     history = store.history_path.read_bytes()
 
     fsync = os_module.fsync
@@ -688,12 +685,8 @@ def test_a_report_that_cannot_be_written_leaves_the_outcome_as_it_was(store, tin
 def test_rollback_returns_to_a_version_published_by_item_index(store):
     """ItemIndex.publish (upsert/delete then publish) is recorded: rollback goes C -> B, not C -> A."""
     a = store.current_index()
-    index = ItemIndex.load(store.index_dir(a))
-    index.delete([index.items[0]["id"]])
-    b = index.publish(store)
-    index = ItemIndex.load(store.index_dir(b))
-    index.delete([index.items[0]["id"]])
-    c = index.publish(store)
+    b = publish_one_item_fewer(store, a)
+    c = publish_one_item_fewer(store, b)
     assert store.current_index() == c
     rollback(store)
     assert store.current_index() == b
