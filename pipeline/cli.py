@@ -245,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="embed a TFDS data set already prepared in --tfds-data-dir (never downloaded; split default "
                    "train, TFDS split syntax: train[:100], train[10%%:20%%], train+test)")
     p.add_argument("--tfds-data-dir", default=None, help="TFDS data_dir (default ~/tensorflow_datasets)")
-    p.add_argument("--model", default=None, help="model version (default models/LATEST)")
+    p.add_argument("--model", default=None, help="model version (default models/LATEST; a run that publishes points "
+                   "models/LATEST at its model, and warns when that replaces the served one)")
     p.add_argument("--run-name", default=None, help="name of the embeddings run (default e-<UTC time>)")
     p.add_argument("--runner", default="FnApiRunner",
                    help="Beam runner (default FnApiRunner: in-process, no Prism download)")

@@ -58,8 +58,8 @@ class SearchResponse(BaseModel):
     results: list[SearchResult]
     model_version: str
     index_version: str
-    note: str | None = Field(None, description="present when nothing was found and a filter names only values no item "
-                             "has (a group given without its folders: the group meant)")
+    note: str | None = Field(None, description="null, unless nothing was found because a filter names only values no "
+                             "item has: then which (a group given without its folders: the group meant)")
 
 
 class FilterFields(BaseModel):
