@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 from collections.abc import Callable, Collection
 from pathlib import Path
 
@@ -109,33 +110,52 @@ def load_unlabelled_folder(
     for error in unreadable:
         warn_unreadable_folder(error)
     images, labels, paths, names, failures = [], [], [], [], []
+    order = {path: i for i, path in enumerate(files)}
+    first_decoded: dict[str, int] = {}  # content hash -> the earliest file (listing order) decoding it
+    claim = threading.Lock()
 
-    def decode(path: Path) -> tuple[str, np.ndarray, np.ndarray | None, np.ndarray] | Exception:
+    def decode(path: Path) -> tuple[str | None, Exception | tuple[np.ndarray, np.ndarray | None, np.ndarray] | None]:
+        """(content hash or None if unread, (frames, times, windows) or the error); None instead
+        of the frames for a copy of an earlier file, which is never decoded: the earliest file
+        (in listing order) with some bytes always is, whatever the threads' timing."""
+        digest = None
         try:
             data = read_media(path)
             digest = hashlib.sha256(data).hexdigest()
+            with claim:
+                if first_decoded.get(digest, len(files)) < order[path]:
+                    return digest, None
+                first_decoded[digest] = order[path]
             if is_video_path(path.name):
-                return digest, *video_windows(data, spec, window_s, frame_interval_s)
-            return digest, decode_image(data, spec)[None], None, np.zeros(1, np.int64)
+                return digest, video_windows(data, spec, window_s, frame_interval_s)
+            return digest, (decode_image(data, spec)[None], None, np.zeros(1, np.int64))
         except (ImageDecodeError, VideoDecodeError, OSError) as e:
-            return e
+            return digest, e
 
     first_of: dict[str, str] = {}  # content hash -> the first file with those bytes
+    failed_first: dict[str, tuple[str, str]] = {}  # content hash -> (the first file with them, why it failed)
     copies: list[tuple[str, str]] = []  # (a byte-identical copy, the file it repeats): trained once
 
     progress = Progress("reading training images and videos", len(files), "files", log)
     # Videos and photos decode several at once (lookalike.model.parallel); small images inline.
     on_pool = holds_big_files(files) or any(is_video_path(p.name) for p in files)
-    for path, decoded in decode_in_order(decode, files, progress, on_pool=on_pool):
+    for path, (digest, decoded) in decode_in_order(decode, files, progress, on_pool=on_pool):
         rel = path.relative_to(root).as_posix()
         if isinstance(decoded, Exception):
             log.warning("skipping %s: %s", path, decoded)
             failures.append((str(path), str(decoded)))
+            if digest is not None:
+                failed_first.setdefault(digest, (rel, str(decoded)))
             continue
-        digest, frames, times, windows = decoded
         if digest in first_of:  # a copy (IMG_1 (1).jpg, a backup, a link) is the same instance, not a negative of it
             copies.append((rel, first_of[digest]))
             continue
+        if decoded is None:  # a copy of an earlier file that failed: the same bytes fail the same way
+            first, reason = failed_first[digest]
+            log.warning("skipping %s: the same bytes as %s, which failed: %s", path, first, reason)
+            failures.append((str(path), f"the same bytes as {first}, which failed: {reason}"))
+            continue
+        frames, times, windows = decoded
         first_of[digest] = rel
         first_label = len(names)
         if times is None:

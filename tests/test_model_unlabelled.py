@@ -57,6 +57,36 @@ def test_byte_identical_copies_and_links_are_one_instance_not_negatives(tmp_path
         load_unlabelled_folder(tmp_path, SPEC)
 
 
+@pytest.mark.parametrize("cpus", [1, 3])
+def test_a_copy_is_hashed_never_decoded_and_a_copy_of_a_broken_file_is_skipped_with_its_reason(
+        tmp_path, make_video, monkeypatch, caplog, cpus):
+    """A backup of a photo library doubles its files, not the decoding: only the first file
+    (in listing order) with some bytes is decoded, on one thread or several."""
+    import lookalike.model.parallel as parallel
+    import lookalike.model.unlabelled as unlabelled
+
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(tmp_path / f"img{i}.png")
+    make_video(tmp_path / "clip.mp4", seconds=1.0)
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    shutil.copytree(tmp_path, tmp_path.parent / "backup")
+    shutil.move(tmp_path.parent / "backup", tmp_path / "z-backup")
+    decoded = []
+    for name in ("decode_image", "video_windows"):
+        real = getattr(unlabelled, name)
+        monkeypatch.setattr(unlabelled, name, lambda data, *a, real=real, **k: decoded.append(len(data)) or real(data, *a, **k))
+    monkeypatch.setattr(parallel, "available_cpus", lambda: cpus)
+    with caplog.at_level("INFO", logger="lookalike.model.unlabelled"):
+        data = load_unlabelled_folder(tmp_path, PreprocessSpec(8, 3), window_s=1.0, frame_interval_s=0.5)
+    assert len(decoded) == 6  # 4 images, the video and the broken file: none of their 6 copies
+    assert [n.split("#")[0] for n in data.class_names] == ["clip.mp4", "img0.png", "img1.png", "img2.png", "img3.png"]
+    assert "5 byte-identical copies trained once" in caplog.text
+    assert data.failures == [(str(tmp_path / "bad.png"), data.failures[0][1]),
+                             (str(tmp_path / "z-backup" / "bad.png"),
+                              f"the same bytes as bad.png, which failed: {data.failures[0][1]}")]
+
+
 def test_listed_as_labelled_training_lists_an_unreadable_folder_named_and_a_linked_one_once(
         tmp_path, refuse_listing, caplog):
     """As ``data.walk_folders`` lists: a folder that cannot be read is named in a warning with
