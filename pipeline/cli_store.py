@@ -33,6 +33,25 @@ def _outcome_line(data: dict) -> dict:
             "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
+def served_fields(workdir: str) -> dict[str, str]:
+    """``previous_index`` and ``current_model`` of a store a reindex stopped at before any step
+    (locked, not writable): what CURRENT serves, read without the lock; whatever cannot be
+    read (no store, a garbled CURRENT or manifest) is left out, so it stays null."""
+    from lookalike.index.manifest import read_manifest
+    from lookalike.model.store import Store
+
+    fields: dict[str, str] = {}
+    try:
+        store = Store.at(workdir)
+        version = store.current_index()
+        if version is not None:
+            fields["previous_index"] = version
+            fields["current_model"] = read_manifest(store.index_dir(version))["model_version"]
+    except Exception as e:  # noqa: BLE001 - best effort, for the outcome line only
+        log.debug("served version of %s not read: %s", workdir, e)
+    return fields
+
+
 def cmd_reindex(args: argparse.Namespace) -> int:
     from lookalike.pipeline.interrupts import sigterm_as_interrupt, stop_exit_status, stop_reason, terminated
     from lookalike.model.store import StoreError
@@ -52,13 +71,13 @@ def cmd_reindex(args: argparse.Namespace) -> int:
             report = run_reindex(config)
     except LockHeldError as e:  # not a failure of this run: another one is at work
         log.warning("reindex skipped: %s", e)
-        locked = {"outcome": "locked", "reason": str(e), "exit_code": EXIT_LOCKED}
+        locked = {"outcome": "locked", "reason": str(e), "exit_code": EXIT_LOCKED, **served_fields(args.workdir)}
         _print_json(_outcome_line(locked), one_line=True)
         return EXIT_LOCKED
     except (StoreError, ValueError, OSError, RuntimeError) as e:  # before any step: no store, not writable, a URL
         # The cron log's last line stays the JSON outcome (`tail -1 reindex.log | jq .outcome`), after the reason.
         print(f"lookalike reindex: error: {e}", file=sys.stderr, flush=True)
-        failed = {"outcome": "failed", "reason": f"{type(e).__name__}: {e}", "exit_code": 1}
+        failed = {"outcome": "failed", "reason": f"{type(e).__name__}: {e}", "exit_code": 1, **served_fields(args.workdir)}
         _print_json(_outcome_line(failed), one_line=True)
         return 1
     except KeyboardInterrupt as e:

@@ -233,9 +233,9 @@ def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport, repor
             read_model_meta(current_model_dir)  # a corrupt model.json is the served version's problem too
         except Exception as e:
             raise served_unusable(store, report.previous_index, e) from e
+    report.current_model = current_index.model_version if current_index else None  # known even if the corpus is not
     corpus = resolve_corpus(config, store, current_index.manifest if current_index else None, report.previous_index)
     report.metrics["corpus"] = str(corpus)
-    report.current_model = current_index.model_version if current_index else None
     config = replace(config, metadata=resolve_metadata(config, current_index, report.previous_index))
     # a corpus that cannot be evaluated fails before training; a new set is saved once the run succeeds
     train_config = resolve_train_config(config, current_model_dir)

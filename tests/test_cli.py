@@ -383,6 +383,19 @@ def test_store_written_by_root_is_readable_by_another_user_and_denials_name_the_
         shutil.rmtree(root, ignore_errors=True)
 
 
+def test_a_reindex_stopped_before_any_step_still_names_what_is_served(tmp_path, indexed_store):
+    """The outcome line of a locked or read-only store says which version stays served."""
+    from lookalike.index.searcher import ItemIndex
+    from lookalike.pipeline.cli_store import served_fields
+
+    version = indexed_store.current_index()
+    model = ItemIndex.load(indexed_store.index_dir(version)).model_version
+    assert served_fields(str(indexed_store.root)) == {"previous_index": version, "current_model": model}
+    assert served_fields(str(tmp_path / "no-store")) == {}
+    (tmp_path / "CURRENT").write_text("i-gone\n")
+    assert served_fields(str(tmp_path)) == {"previous_index": "i-gone"}  # its manifest cannot be read
+
+
 def test_lock_conflict_has_its_own_exit_code_and_json_line(tmp_path):
     """Cron must tell 'another run is at work' from a failure; log lines carry the date."""
     import re

@@ -592,6 +592,13 @@ def test_read_only_store_is_refused_before_anything_runs(tmp_path, indexed_store
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
+def test_a_corpus_gone_fails_the_run_with_the_served_model_in_its_report(store, tmp_path):
+    served = ItemIndex.load(store.require_current_index()).model_version
+    report = run_reindex(ReindexConfig(workdir=str(store.root), corpus=str(tmp_path / "gone")))
+    assert report.outcome == "failed" and "does not exist" in report.reason, report.reason
+    assert (report.previous_index, report.current_model) == (store.current_index(), served)
+
+
 def publish_one_item_fewer(store: Store, version: str) -> str:
     """A new version of ``version`` without its first item, published by ItemIndex (CURRENT moves)."""
     index = ItemIndex.load(store.index_dir(version))
