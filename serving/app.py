@@ -34,6 +34,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lookalike.serving.admin import AdminAuth, admin_router, watch_store
+from lookalike.serving.disconnects import ClientDisconnect, client_disconnected_handler
 from lookalike.serving.items import items_router
 from lookalike.serving.backend import Backend
 from lookalike.serving.engine import BatchingConfig, Filters, QueryEngine, SearchItem
@@ -216,6 +217,7 @@ def create_app(
     app.include_router(admin_router)
     app.add_exception_handler(RequestValidationError, validation_error_handler)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, body_parse_error_handler)  # type: ignore[arg-type]
+    app.add_exception_handler(ClientDisconnect, client_disconnected_handler)  # type: ignore[arg-type]
     page = load_page()
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)

@@ -34,7 +34,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 from starlette.datastructures import QueryParams
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.routing import Match
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -124,7 +124,7 @@ class FastDispatch:
         request = Request(scope, recording_receive, send)
         try:
             response = await fast(request)
-        except (HTTPException, RequestValidationError) as e:
+        except (HTTPException, RequestValidationError, ClientDisconnect) as e:  # answered as the app would
             response = await self._handled(request, e)
         except Exception:  # the full stack answers (500 for a bug), as without the fast path
             response = None

@@ -21,6 +21,7 @@ import numpy as np
 from fastapi import HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.concurrency import run_in_threadpool
+from python_multipart.multipart import parse_options_header
 from starlette.datastructures import UploadFile
 
 from lookalike.index.searcher import Neighbor
@@ -174,6 +175,18 @@ def unit_query(backend: Backend, vector: list[float]) -> np.ndarray:
     return (scaled / math.sqrt(float(np.dot(scaled, scaled)))).astype(np.float32)
 
 
+def require_complete_form(content_type: str, body: bytes) -> None:
+    """400 for a multipart body without its closing boundary (``--<boundary>--``): cut short in
+    transit or by the client, it would parse as a form without the file (a misleading 422). A
+    boundary cannot occur inside the parts, so its closing form anywhere in the body is the
+    end of the form. A missing boundary is left to Starlette's own 400."""
+    boundary = parse_options_header(content_type)[1].get(b"boundary")
+    if boundary and b"--" + boundary + b"--" not in body:
+        raise HTTPException(status_code=400, detail=(
+            f"malformed multipart upload: the body ({len(body):,} bytes) ends before the form's closing boundary "
+            f"'--{boundary.decode('latin-1')}--' (cut short in transit?)"))
+
+
 async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str | None]:
     """The uploaded image bytes and file name, from a multipart form or the raw body.
 
@@ -181,7 +194,9 @@ async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str | No
     it: FastAPI's 422 shape, through the validation handler), and for a request with no body
     at all (no image was sent; an empty file that was sent is left to the decoder: "empty file").
     """
-    if request.headers.get("content-type", "").lower().startswith("multipart/form-data"):  # media types ignore case
+    content_type = request.headers.get("content-type", "")
+    if content_type.lower().startswith("multipart/form-data"):  # media types ignore case
+        require_complete_form(content_type, await request.body())  # the form is parsed from the body read here
         async with request.form(max_files=1, max_fields=16) as form:
             extra = [name for name in dict.fromkeys(form.keys()) if name != UPLOAD_FIELD]
             if extra:  # e.g. k sent as a form field: refused, as an unknown JSON field is, not silently ignored

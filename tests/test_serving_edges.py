@@ -36,6 +36,24 @@ def test_multipart_media_type_ignores_case(http: httpx.Client, indexed_store: St
     assert response.json()["results"][0]["id"] == QUERY_ID and response.json()["query"]["filename"] == "q.png"
 
 
+@pytest.mark.parametrize("cut", ["closing_boundary", "mid_image", "mid_part_headers"])
+def test_a_multipart_body_cut_short_is_a_400_saying_so_not_a_missing_file(http: httpx.Client, indexed_store: Store,
+                                                                           cut: str) -> None:
+    png = (indexed_store.corpus_dir / QUERY_ID).read_bytes()
+    head = b'--B\r\nContent-Disposition: form-data; name="file"; filename="q.png"\r\nContent-Type: image/png\r\n\r\n'
+    whole = head + png + b"\r\n--B--\r\n"
+    body = {"closing_boundary": whole[:-4], "mid_image": head + png[:40], "mid_part_headers": head[:40]}[cut]
+    response = http.post("/v1/search/image?k=1", content=body, headers={"content-type": "multipart/form-data; boundary=B"})
+    assert response.status_code == 400, response.text
+    assert response.json()["detail"] == (f"malformed multipart upload: the body ({len(body):,} bytes) ends before the "
+                                         "form's closing boundary '--B--' (cut short in transit?)")
+    complete = http.post("/v1/search/image?k=1", content=whole, headers={"content-type": 'multipart/form-data; boundary="B"'})
+    assert complete.status_code == 200 and complete.json()["results"][0]["id"] == QUERY_ID, complete.text
+    no_file = b'--B\r\nContent-Disposition: form-data; name="file"\r\n\r\nnot a file\r\n--B--\r\n'
+    named = http.post("/v1/search/image?k=1", content=no_file, headers={"content-type": "multipart/form-data; boundary=B"})
+    assert named.status_code == 422 and named.json()["detail"] == "multipart upload needs a file in field 'file'"
+
+
 @pytest.mark.parametrize("headers", [{}, {"content-type": "application/x-www-form-urlencoded"}])  # curl -d
 def test_a_json_body_without_its_content_type(http: httpx.Client, backend: Backend, headers: dict) -> None:
     body = json.dumps({"vector": [1.0] * backend.index.embed_dim, "k": 2}).encode()
