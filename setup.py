@@ -46,6 +46,7 @@ setup(
         "httptools",  # uvicorn's fast HTTP parser (about 2x vector-query throughput)
         "uvloop",
         "python-multipart",
+        "annotated-types",  # query parameter limits (pydantic's own dependency)
         "httpx",
         "pillow",
         "simplejpeg",

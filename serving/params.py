@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+import annotated_types
 from fastapi import Depends, HTTPException, Path, Query, Request
 from pydantic import BeforeValidator
 
@@ -22,7 +23,10 @@ def whole_number(value: Any) -> Any:
     return value
 
 
-K = Annotated[int, BeforeValidator(whole_number), Query(ge=1, le=MAX_K, description="number of results")]
+# The limits sit on the int itself, inside the whole-number check: on Query() beside a
+# BeforeValidator, /openapi.json showed them as "ge"/"le" (not JSON Schema) next to the type.
+Count = Annotated[int, annotated_types.Ge(1), annotated_types.Le(MAX_K)]
+K = Annotated[Count, BeforeValidator(whole_number), Query(description="number of results")]
 ItemId = Annotated[str, Path(description="item id as listed in search results (may contain '/')")]
 KindFilter = Annotated[Kind | None, Query(description="only items of this kind")]
 GroupFilter = Annotated[list[FilterValue] | None, Query(max_length=MAX_K, description="only items of these groups (video ids); repeatable")]
@@ -32,7 +36,7 @@ SourceFilter = Annotated[list[FilterValue] | None, Query(max_length=MAX_K, descr
 TagFilter = Annotated[list[FilterValue] | None, Query(max_length=MAX_K, description=(
     "only items whose 'tags' metadata list holds one of these tags; repeatable (any of them). "
     "Metadata comes from `lookalike embed --metadata FILE`; an index without it matches nothing"))]
-PerGroup = Annotated[int | None, BeforeValidator(whole_number), Query(ge=1, le=MAX_K, description="at most this many results per group (video)")]
+PerGroup = Annotated[Count | None, BeforeValidator(whole_number), Query(description="at most this many results per group (video)")]
 
 _BINARY = {"schema": {"type": "string", "format": "binary"}}
 IMAGE_REQUEST_BODY = {

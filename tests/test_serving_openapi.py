@@ -4,6 +4,7 @@ operation per route and method) and every GET resource answers HEAD. Real server
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import httpx
@@ -73,3 +74,17 @@ def test_head_on_a_post_endpoint_is_405(http: httpx.Client) -> None:
     refused = http.head("/v1/search/vector")
     assert refused.status_code == 405 and refused.headers["allow"] == "POST"
     assert http.options("/v1/search/vector").headers["allow"] == "POST"
+
+
+def test_every_numeric_limit_is_json_schema_minimum_and_maximum(http: httpx.Client) -> None:
+    """Generated clients read ``minimum``/``maximum``; ``ge``/``le`` are no JSON Schema keywords."""
+    spec = http.get("/openapi.json").json()
+    text = json.dumps(spec)
+    assert '"ge":' not in text and '"le":' not in text
+    for path, method in [("/v1/search/image", "post"), ("/v1/items/{item_id}/similar", "get")]:
+        params = {p["name"]: p["schema"] for p in spec["paths"][path][method]["parameters"]}
+        assert (params["k"]["minimum"], params["k"]["maximum"]) == (1, 100), params["k"]
+        per_group = next(option for option in params["max_per_group"]["anyOf"] if option.get("type") == "integer")
+        assert (per_group["minimum"], per_group["maximum"]) == (1, 100), params["max_per_group"]
+    assert http.get("/v1/items/3/digit_0003.png/similar", params={"k": 101}).status_code == 422
+    assert http.get("/v1/items/3/digit_0003.png/similar", params={"max_per_group": 0}).status_code == 422
