@@ -139,11 +139,15 @@ class SearchClient:
         files = {"file": (name, data, "application/octet-stream")}
         return self._request("POST", "/v1/search/image", params=query_params(k, filters), files=files)
 
-    def search_vector(self, vector: Sequence[float], k: int = 10, **filters: Any) -> dict[str, Any]:
-        body = {"vector": finite_vector(vector), "k": k, **drop_none(filters)}
+    def search_vector(self, vector: Sequence[float], k: int = 10, *, model_version: str | None = None,
+                      **filters: Any) -> dict[str, Any]:
+        """Search by an embedding; ``model_version``, the model that made it, makes the server
+        answer 409 (``ClientError``) rather than search another model's space after a swap."""
+        body = {"vector": finite_vector(vector), "k": k, **json_filters(filters), **model_of(model_version)}
         return self._request("POST", "/v1/search/vector", json=body)
 
     def similar(self, item_id: str, k: int = 10, **filters: Any) -> dict[str, Any]:
+        """Items like the indexed item ``item_id`` (itself excluded); ``filters`` as ``search_image``'s."""
         return self._request("GET", f"/v1/items/{quote(item_id, safe='')}/similar", params=query_params(k, filters))
 
     def search_batch(
@@ -153,13 +157,15 @@ class SearchClient:
         ids: Sequence[str] = (),
         images: Sequence[str | os.PathLike | bytes] = (),
         k: int = 10,
+        model_version: str | None = None,
         **filters: Any,
     ) -> list[dict[str, Any]]:
-        """Several queries in one call: responses for the vectors, then the ids, then the images."""
+        """Several queries in one call: responses for the vectors, then the ids, then the images
+        (``model_version``: as ``search_vector``'s, for the vectors)."""
         queries: list[dict[str, Any]] = [{"vector": finite_vector(vector, f"vectors[{i}]")} for i, vector in enumerate(vectors)]
         queries += [{"id": item_id} for item_id in ids]
         queries += [{"image_base64": base64.b64encode(read_image(image)[1]).decode("ascii")} for image in images]
-        body = {"queries": queries, "k": k, **drop_none(filters)}
+        body = {"queries": queries, "k": k, **json_filters(filters), **model_of(model_version)}
         return self._request("POST", "/v1/search/batch", json=body)["responses"]
 
     def reload(self, admin_token: str) -> dict[str, Any]:
@@ -173,11 +179,26 @@ class SearchClient:
 SEARCH_FILTERS = ("kind", "group", "source", "tag", "max_per_group")
 
 
+LIST_FILTERS = ("group", "source", "tag")  # any of several values: one value may be given alone
+
+
 def drop_none(filters: dict[str, Any]) -> dict[str, Any]:
+    """``filters`` without the None values; TypeError naming any that is no search filter."""
     unknown = set(filters) - set(SEARCH_FILTERS)
     if unknown:
         raise TypeError(f"unknown search filter(s) {sorted(unknown)}: use {', '.join(SEARCH_FILTERS)}")
     return {key: value for key, value in filters.items() if value is not None}
+
+
+def json_filters(filters: dict[str, Any]) -> dict[str, Any]:
+    """``filters`` as a JSON body takes them: a single group, source or tag (``tag="cat"``) as a
+    one-value list, as the query string of an image or similar-item search takes it."""
+    return {key: [value] if key in LIST_FILTERS and isinstance(value, str) else list(value) if key in LIST_FILTERS else value
+            for key, value in drop_none(filters).items()}
+
+
+def model_of(model_version: str | None) -> dict[str, str]:
+    return {} if model_version is None else {"model_version": model_version}
 
 
 def query_params(k: int, filters: dict[str, Any]) -> list[tuple[str, Any]]:

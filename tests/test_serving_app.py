@@ -473,6 +473,17 @@ def test_client_batch_filters_and_reload(client: SearchClient, workdir: Path, ba
     crowded = client.similar(QUERY_ID, k=5, kind="image", max_per_group=1)
     assert crowded["query"]["kind"] == "image" and crowded["query"]["max_per_group"] == 1
     assert client.search_vector(vector, k=2, group=["no-such-video"])["results"] == []
+    for one_value in ("no-such-video", ("no-such-video",)):  # one value alone, or a tuple: as image and similar take it
+        assert client.search_vector(vector, k=2, group=one_value)["results"] == []
+        assert client.search_batch(ids=[QUERY_ID], k=2, group=one_value)[0]["results"] == []
+    served = client.info()["model_version"]
+    assert client.search_vector(vector, k=1, model_version=served)["results"][0]["id"] == QUERY_ID
+    assert client.search_batch(vectors=[vector], k=1, model_version=served)[0]["results"][0]["id"] == QUERY_ID
+    for search in (lambda: client.search_vector(vector, model_version="m-other"),
+                   lambda: client.search_batch(vectors=[vector], model_version="m-other")):
+        with pytest.raises(ClientError) as stale:
+            search()
+        assert stale.value.status == 409 and "m-other" in stale.value.message
     with pytest.raises(TypeError, match="unknown search filter"):
         client.similar(QUERY_ID, colour="red")
     with pytest.raises(ClientError) as caught:
