@@ -22,7 +22,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -406,13 +406,21 @@ def _failpoint(name: str) -> None:
     failpoint(name)
 
 
+# Settings that change how a training runs, not what it trains: a rerun changing them (a time
+# cap added to a slow training that was stopped) resumes the same job. Hashed at their
+# defaults, so a job that never set them keeps the name it had before they were left out.
+NOT_THE_JOB = ("max_train_minutes", "log_every_steps", "checkpoint_every_steps", "prefetch_batches")
+
+
 def run_id(config: TrainConfig, source: str | Path, init_from: Path | None, exclude: Collection[str] = ()) -> str:
     """A stable name for one training job: the same job rerun after a kill finds its checkpoints.
 
     ``source``: a folder, or a string naming any other source (e.g. a TFDS split);
-    ``exclude``: the files held out of it (another held-out set is another job)."""
+    ``exclude``: the files held out of it (another held-out set is another job). The fields
+    in ``NOT_THE_JOB`` do not count."""
     where = source if isinstance(source, str) else str(Path(source).absolute())
-    key = json.dumps({"config": config_to_dict(config), "source": where,
+    job = replace(config, **{name: getattr(TrainConfig(), name) for name in NOT_THE_JOB})
+    key = json.dumps({"config": config_to_dict(job), "source": where,
                       "init_from": str(init_from) if init_from else None,
                       **({"exclude": sorted(exclude)} if exclude else {})}, sort_keys=True)
     return "run-" + hashlib.sha256(key.encode()).hexdigest()[:12]
