@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("embed", help="Beam pipeline: corpus -> embeddings (Parquet) -> ScaNN index",
-                       description="Embeds every image under --corpus (folder or glob; default WORKDIR/corpus) with a "
+                       description="Embeds every image and video (sampled frames) under --corpus (folder or glob; default WORKDIR/corpus) with a "
                        "trained model, writes WORKDIR/embeddings/<run>/ (Parquet, dead letters, summary.json), builds "
                        "a ScaNN index and publishes it as CURRENT. A run that publishes holds the store lock (WORKDIR/.reindex.lock) "
                        "that reindex and versions promote|rollback hold, so it never moves CURRENT under them: while "
@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "--runner=DataflowRunner --project=P --region=R --temp_location=gs://B/tmp --setup_file=./setup.py")
     _add_workdir(p)
     source = p.add_mutually_exclusive_group()  # one source: giving two is a usage error (exit 2)
-    source.add_argument("--corpus", default=None, help="image folder or glob (default WORKDIR/corpus); an existing folder is taken literally, even "
+    source.add_argument("--corpus", default=None, help="folder or glob of images and videos (default WORKDIR/corpus); an existing folder is taken literally, even "
                         "if its name holds [ ] ? or *; in a glob, /**/ matches zero or more folders")
     source.add_argument("--list-file", default=None, help="a text file listing image/video paths or file:// URLs, one per line, relative ones from its folder; '#' after a space or at line start begins a comment (instead of --corpus)")
     source.add_argument("--tfds", default=None, metavar="NAME[:SPLIT]",
