@@ -19,8 +19,8 @@ from fastapi import APIRouter, Depends, FastAPI, Header, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 
 from lookalike.serving.queries import no_unknown_query_params
-from lookalike.serving.schemas import ErrorMessage, ReloadResult
-from lookalike.serving.swap import ReloadOutcome
+from lookalike.serving.schemas import ErrorMessage, ReloadResult, ValidationErrorMessage
+from lookalike.serving.swap import ReloadOutcome, without_store_root
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ admin_router = APIRouter(prefix="/v1/admin", tags=["admin"])
 @admin_router.post(
     "/reload",
     response_model=ReloadResult,
-    responses={code: {"model": ErrorMessage} for code in (401, 403, 404, 409)},
+    responses={**{code: {"model": ErrorMessage} for code in (401, 403, 404, 409)}, 422: {"model": ValidationErrorMessage}},
     dependencies=[Depends(no_unknown_query_params)],  # ?force=true is a 422, as on other endpoints
 )
 async def admin_reload(request: Request, authorization: Annotated[str | None, Header()] = None) -> ReloadResult:
@@ -98,7 +98,8 @@ async def admin_reload(request: Request, authorization: Annotated[str | None, He
         raise HTTPException(status_code=409, detail="the first model and index are still loading")
     outcome = await reload_app(app, force=True)
     if outcome.status not in ("swapped", "unchanged"):
-        raise HTTPException(status_code=409, detail=outcome.error or "reload refused")
+        reason = without_store_root(outcome.error, app.state.reloader.store.root) if outcome.error else "reload refused"
+        raise HTTPException(status_code=409, detail=reason)  # paths in the store relative to it, as /v1/info gives them
     return ReloadResult(
         status=outcome.status, index_version=outcome.index_version, model_version=outcome.model_version,
         seconds=round(outcome.seconds, 3),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, Request
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import Response
 from starlette.convertors import PathConvertor, register_url_convertor
 
@@ -59,6 +61,12 @@ async def similar(
     return json_text_response(search_response(backend, echo("item", k, filters, id=item_id), neighbors))
 
 
+ThumbnailVersion = Annotated[str | None, Query(description=(
+    "the picture's version, as the thumbnail_url of results and metadata give it: with it the answer may be cached "
+    "for a year (Cache-Control immutable), since that URL always shows that picture; without it, or with another "
+    "value, it is revalidated (ETag)"))]
+
+
 # A static resource: GET (and HEAD, as every GET resource: ``lookalike.serving.head``),
 # conditional on its ETag, and a query string (``?v=`` versions) is not refused.
 @items_router.get("/v1/items/{item_id:item_id}/thumbnail/", include_in_schema=False, response_class=Response)
@@ -69,7 +77,7 @@ async def similar(
     responses={200: {"content": {"image/png": {}}}, 304: {"description": "not modified (If-None-Match)"},
                **errors(404, 422, 503)},
 )
-def thumbnail(item_id: ItemId, backend: BackendDep, request: Request) -> Response:
+def thumbnail(item_id: ItemId, backend: BackendDep, request: Request, v: ThumbnailVersion = None) -> Response:
     """A PNG preview of the item's image (never upscaled)."""
     item = item_or_404(backend, item_id)
     version = thumbnail_version(item)

@@ -46,7 +46,7 @@ class SearchResult(BaseModel):
     same_item: bool = Field(description="distance is within the model's calibrated same-item threshold (learned on the "
                                         "training data: a query unlike the corpus can still be within it; not an "
                                         "out-of-distribution check)")
-    kind: str
+    kind: Kind = Field(description="'image', or 'frame' of a video")
     timestamp_s: float | None = Field(None, description="position in a video; null for images")
     group: str | None = Field(None, description="the item's group: the video a frame comes from")
     thumbnail_url: str
@@ -120,7 +120,7 @@ class BatchSearchResponse(BaseModel):
 
 class ItemMetadata(BaseModel):
     id: str
-    kind: str
+    kind: Kind = Field(description="'image', or 'frame' of a video")
     width: int | None = None
     height: int | None = None
     content_hash: str | None = None

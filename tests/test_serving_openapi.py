@@ -88,3 +88,16 @@ def test_every_numeric_limit_is_json_schema_minimum_and_maximum(http: httpx.Clie
         assert (per_group["minimum"], per_group["maximum"]) == (1, 100), params["max_per_group"]
     assert http.get("/v1/items/3/digit_0003.png/similar", params={"k": 101}).status_code == 422
     assert http.get("/v1/items/3/digit_0003.png/similar", params={"max_per_group": 0}).status_code == 422
+
+
+def test_every_endpoint_documents_its_422_as_answered(http: httpx.Client) -> None:
+    """A 422 body carries ``error_count`` (``ValidationErrorMessage``), the admin endpoint's too."""
+    spec = http.get("/openapi.json").json()
+    for path, operations in spec["paths"].items():
+        for method, operation in operations.items():
+            schema = operation["responses"].get("422", {}).get("content", {}).get("application/json", {}).get("schema", {})
+            assert schema.get("$ref", "").endswith("/ValidationErrorMessage") or "422" not in operation["responses"], (path, method)
+    thumbnail = spec["paths"]["/v1/items/{item_id}/thumbnail"]["get"]
+    assert "v" in {p["name"] for p in thumbnail["parameters"]}
+    for model in ("SearchResult", "ItemMetadata"):
+        assert spec["components"]["schemas"][model]["properties"]["kind"]["enum"] == ["image", "frame"], model

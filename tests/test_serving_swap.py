@@ -169,6 +169,8 @@ def test_admin_reload_needs_the_token(live) -> None:
     store.set_current_index(bad)
     refused = http.post("/v1/admin/reload", headers={"Authorization": f"Bearer {TOKEN}"})
     assert refused.status_code == 409 and "checksum" in refused.json()["detail"]
+    assert str(store.root) not in refused.text and f"indexes/{bad}/" in refused.json()["detail"]  # as /v1/info says it
+    assert refused.json()["detail"] == http.get("/v1/info").json()["last_reload_error"]
     http.close()
 
 
