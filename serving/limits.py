@@ -16,7 +16,7 @@ class PayloadTooLarge(HTTPException):
     """413; an HTTPException so FastAPI's body parsing passes it through unchanged."""
 
     def __init__(self, limit: int):
-        super().__init__(status_code=413, detail=f"upload exceeds the limit of {size_text(limit)}")
+        super().__init__(status_code=413, detail=f"the request body exceeds the limit of {size_text(limit)}")
 
 
 def size_text(num_bytes: int) -> str:

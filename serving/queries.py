@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import re
 import types
 import typing
 from collections.abc import Awaitable, Callable
@@ -94,13 +95,13 @@ async def no_unknown_query_params(request: Request) -> None:
         ])
 
 
-def unknown_item(item_id: str) -> HTTPException:
+def unknown_item(item_id: str, in_url: bool = True) -> HTTPException:
     """The 404 for an id the index does not hold; for a video's path, how its frames are named
-    (a '#' sent unescaped starts the URL's fragment, which never reaches the server)."""
+    (in a URL, a '#' sent unescaped starts the fragment, which never reaches the server)."""
     from lookalike.pipeline.video import is_video_path
 
     shown = short_input(item_id)  # a 20,000-character id is not echoed whole, as in a 422
-    hint = (f": a video's frames are the items '{shown}#t=<seconds>' (in a URL, send '#' as %23)"
+    hint = (f": a video's frames are the items '{shown}#t=<seconds>'" + (" (in a URL, send '#' as %23)" if in_url else "")
             if is_video_path(item_id) else "")
     return HTTPException(status_code=404, detail=f"unknown item id {shown!r}{hint}")
 
@@ -159,7 +160,8 @@ def unit_query(backend: Backend, vector: list[float]) -> np.ndarray:
     length is computed in float64 on the vector scaled by its largest value, so large values
     (1e20) normalise fine; values beyond float32's range are refused as such."""
     if len(vector) != backend.index.embed_dim:
-        raise ValueError(f"vector has {len(vector)} values but the index holds {backend.index.embed_dim}-dimensional embeddings")
+        raise ValueError(f"vector has {len(vector)} value{'' if len(vector) == 1 else 's'} but the index holds "
+                         f"{backend.index.embed_dim}-dimensional embeddings")
     q = np.asarray(vector, dtype=np.float64)
     finite = np.isfinite(q)
     if not finite.all():
@@ -250,6 +252,25 @@ async def search_by_image(engine: QueryEngine, backend: Backend, data: bytes | C
             raise HTTPException(status_code=422, detail=f"{what}{e}") from None
 
 
+_DATA_URL = re.compile(r"data:[^,]{0,200};base64,", re.IGNORECASE)
+_WHITESPACE = re.compile(r"[ \t\r\n]+")
+
+
+def decode_base64(text: str) -> bytes:
+    """The bytes of ``text`` in base64 as people send it: a browser's ``data:image/png;base64,``
+    prefix, line breaks (``base64`` wraps at 76 columns) and the URL-safe alphabet are
+    accepted; any other character is a ValueError (binascii.Error) naming it."""
+    text = _WHITESPACE.sub("", text.removeprefix(m.group(0)) if (m := _DATA_URL.match(text)) else text)
+    if "-" in text or "_" in text:
+        text = text.translate(str.maketrans("-_", "+/"))
+    if len(text) % 4:  # URL-safe base64 often drops its padding
+        text += "=" * (-len(text) % 4)
+    bad = re.search(r"[^A-Za-z0-9+/=]", text)
+    if bad:
+        raise ValueError(f"character {bad.group(0)!r} at position {bad.start()} is not base64")
+    return base64.b64decode(text, validate=True)
+
+
 def batch_images(queries: list[BatchQuery], max_pixels: int) -> dict[int, bytes]:
     """The decoded ``image_base64`` of a batch's queries by position: 422 for bad base64 or an
     image over ``max_pixels``, 413 when their pixels add up to more than MAX_BATCH_PIXELS
@@ -260,9 +281,10 @@ def batch_images(queries: list[BatchQuery], max_pixels: int) -> dict[int, bytes]
             continue
         what = f"queries[{i}]: "
         try:
-            data = images[i] = base64.b64decode(q.image_base64, validate=True)
+            data = images[i] = decode_base64(q.image_base64)
         except (binascii.Error, ValueError) as e:
-            raise HTTPException(status_code=422, detail=f"{what}image_base64 is not valid base64: {e}") from None
+            raise HTTPException(status_code=422, detail=f"{what}image_base64 is not valid base64 ({e}): give the file's "
+                                                        "bytes in base64, standard or URL-safe alphabet") from None
         try:
             size = image_pixels(data, max_pixels)
         except ImageDecodeError as e:

@@ -76,7 +76,9 @@ def bounded_errors(errors: Any) -> tuple[list[dict[str, Any]], int]:
         if "input" in error:
             error["input"] = short_input(error["input"])
         if isinstance(error.get("ctx"), dict):
-            error["ctx"] = {key: short_input(value) for key, value in error["ctx"].items()}
+            # an exception in ctx (a validator's ValueError) as its message: JSON gave it as {}
+            error["ctx"] = {key: str(value) if isinstance(value, Exception) else short_input(value)
+                            for key, value in error["ctx"].items()}
         shown.append(error)
     return shown, len(errors)
 

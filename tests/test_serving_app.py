@@ -377,13 +377,13 @@ def test_upload_limit_is_413(backend: Backend, query_bytes: bytes) -> None:
         ]
         for response in refused:
             assert response.status_code == 413, response.text
-            assert detail_of(response) == f"upload exceeds the limit of {limit} bytes"
+            assert detail_of(response) == f"the request body exceeds the limit of {limit} bytes"
 
 
 def test_size_limits_read_in_mib_or_kib() -> None:
     from lookalike.serving.limits import PayloadTooLarge, size_text
 
-    assert PayloadTooLarge(10 << 20).detail == "upload exceeds the limit of 10 MiB (10485760 bytes)"
+    assert PayloadTooLarge(10 << 20).detail == "the request body exceeds the limit of 10 MiB (10485760 bytes)"
     assert size_text(64 << 10) == "64 KiB (65536 bytes)" and size_text(1000) == "1000 bytes"
     assert size_text((1 << 20) + 1) == "1048577 bytes"
 

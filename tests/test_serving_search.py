@@ -161,6 +161,33 @@ def test_batch_rejects_bad_queries(http: httpx.Client, body: dict, status: int, 
     assert reason in response.text
 
 
+def test_batch_images_in_base64_as_people_send_it(http: httpx.Client, indexed_store: Store) -> None:
+    """A browser's data: URL, `base64`'s 76-column lines, URL-safe base64 without padding."""
+    item = next(i for i in http.post("/v1/search/vector", json={"vector": [1.0] * 8, "k": 50}).json()["results"]
+                if i["kind"] == "image")
+    data = (indexed_store.corpus_dir / item["id"]).read_bytes()
+    plain = base64.b64encode(data).decode()
+    forms = [plain, "data:image/png;base64," + plain, "\n".join(plain[i:i + 76] for i in range(0, len(plain), 76)),
+             base64.urlsafe_b64encode(data).decode().rstrip("=")]
+    tops = []
+    for text in forms:
+        response = http.post("/v1/search/batch", json={"queries": [{"image_base64": text}], "k": 1})
+        assert response.status_code == 200, response.text
+        tops.append(response.json()["responses"][0]["results"][0]["id"])
+    assert tops == [item["id"]] * len(forms)
+    refused = http.post("/v1/search/batch", json={"queries": [{"image_base64": plain[:8] + "*" + plain[8:]}]})
+    assert refused.status_code == 422 and "character '*' at position 8 is not base64" in refused.json()["detail"]
+
+
+def test_a_video_id_in_a_batch_is_not_told_to_escape_its_hash(http: httpx.Client) -> None:
+    """'#' needs %23 in a URL, not in a JSON body."""
+    in_json = http.post("/v1/search/batch", json={"queries": [{"id": video(0)}]})
+    in_url = http.get(f"/v1/items/{quote(video(0), safe='')}/similar")
+    assert in_json.status_code == in_url.status_code == 404
+    assert f"a video's frames are the items '{video(0)}#t=<seconds>'" in in_json.json()["detail"]
+    assert "%23" not in in_json.json()["detail"] and "send '#' as %23" in in_url.json()["detail"]
+
+
 # --- sidecar metadata: source and tag ----------------------------------------
 
 

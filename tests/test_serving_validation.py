@@ -184,6 +184,7 @@ def test_query_counts_are_whole_numbers_as_written(http: httpx.Client, indexed_s
         refused = http.request(method, f"{path}?{name}={quote(value)}", content=content)
         assert refused.status_code == 422, refused.text
         assert f"expected a whole number such as 5, got {value!r}" in refused.json()["detail"][0]["msg"]
+        assert refused.json()["detail"][0]["ctx"] == {"error": f"expected a whole number such as 5, got {value!r}"}
         for plain in ("05", " 5"):
             answered = http.request(method, f"{path}?{name}={quote(plain)}", content=content)
             assert answered.status_code == 200, answered.text
