@@ -356,7 +356,7 @@ def create_app(
             elif q.id is not None:
                 exclude = row_of(backend, q.id)
                 if exclude is None:
-                    raise HTTPException(status_code=404, detail=f"{what}{unknown_item(q.id, in_url=False).detail}")
+                    raise HTTPException(status_code=404, detail=f"{what}{unknown_item(q.id, backend.index, in_url=False).detail}")
                 query = backend.index.embeddings[exclude]
                 echoed = echo("item", body.k, filters, id=q.id)
             else:

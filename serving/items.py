@@ -54,7 +54,7 @@ async def similar(
     """Items that look like an indexed item (the item itself excluded)."""
     row = row_of(backend, item_id)
     if row is None:
-        raise unknown_item(item_id)
+        raise unknown_item(item_id, backend.index)
     filters = Filters.of(kind, group, max_per_group, source, tag)
     item = SearchItem(backend, backend.index.embeddings[row], k, filters, exclude_row=row)
     neighbors = await search_or_422(engine, item)

@@ -25,7 +25,8 @@ from fastapi.concurrency import run_in_threadpool
 from python_multipart.multipart import parse_options_header
 from starlette.datastructures import UploadFile
 
-from lookalike.index.searcher import Neighbor
+from lookalike.index.filtered import live_matches
+from lookalike.index.searcher import ItemIndex, Neighbor
 from lookalike.model.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError
 from lookalike.serving.backend import Backend
 from lookalike.serving.decode import LARGE_IMAGE_PIXELS, image_pixels, looks_like_video
@@ -95,15 +96,42 @@ async def no_unknown_query_params(request: Request) -> None:
         ])
 
 
-def unknown_item(item_id: str, in_url: bool = True) -> HTTPException:
+def unknown_item(item_id: str, index: ItemIndex | None = None, in_url: bool = True) -> HTTPException:
     """The 404 for an id the index does not hold; for a video's path, how its frames are named
-    (in a URL, a '#' sent unescaped starts the fragment, which never reaches the server)."""
+    (in a URL, a '#' sent unescaped starts the fragment, which never reaches the server); for
+    a moment of an indexed video that was not sampled, the nearest frames that were."""
     from lookalike.pipeline.video import is_video_path
 
     shown = short_input(item_id)  # a 20,000-character id is not echoed whole, as in a 422
     hint = (f": a video's frames are the items '{shown}#t=<seconds>'" + (" (in a URL, send '#' as %23)" if in_url else "")
             if is_video_path(item_id) else "")
+    if not hint and index is not None:
+        hint = nearest_frames_hint(index, item_id)
     return HTTPException(status_code=404, detail=f"unknown item id {shown!r}{hint}")
+
+
+NEAREST_FRAMES_SHOWN = 2
+
+
+def nearest_frames_hint(index: ItemIndex, item_id: str) -> str:
+    """``: <video> has no frame at T s; its nearest sampled frames are '<id>' and '<id>'`` for
+    a frame id ``<video>#t=<seconds>`` of a video the index holds frames of, else ""."""
+    video, sep, seconds = item_id.rpartition("#t=")
+    try:
+        wanted = float(seconds)
+    except ValueError:
+        return ""
+    if not sep or not math.isfinite(wanted):
+        return ""
+    rows = live_matches(index, {"group": {video}})[1]  # cached per index state, as the search filters are
+    if not len(rows):
+        return ""
+    times = np.asarray([t if t is not None else np.nan for t in index.items.column_values("timestamp_s", rows)], float)
+    nearest = np.argsort(np.abs(times - wanted), kind="stable")[:NEAREST_FRAMES_SHOWN]
+    nearest = nearest[np.argsort(times[nearest])]
+    ids = index.items.ids_of(rows[nearest])
+    return (f": {short_input(video)} has no frame at {wanted:.3f} s; its nearest sampled "
+            f"frame{'s are' if len(ids) > 1 else ' is'} " + " and ".join(repr(i) for i in ids))
 
 
 def row_of(backend: Backend, item_id: str) -> int | None:
@@ -121,7 +149,7 @@ def row_of(backend: Backend, item_id: str) -> int | None:
 def item_or_404(backend: Backend, item_id: str) -> dict[str, Any]:
     row = row_of(backend, item_id)
     if row is None:
-        raise unknown_item(item_id)
+        raise unknown_item(item_id, backend.index)
     return backend.index.items[row]
 
 

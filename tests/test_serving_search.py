@@ -188,6 +188,17 @@ def test_a_video_id_in_a_batch_is_not_told_to_escape_its_hash(http: httpx.Client
     assert "%23" not in in_json.json()["detail"] and "send '#' as %23" in in_url.json()["detail"]
 
 
+def test_a_moment_of_a_video_that_was_not_sampled_names_the_nearest_frames(http: httpx.Client) -> None:
+    """Frames of video 0 are at 0.0, 1.5, 3.0, ... s (``as_frame``): 0.7 s lies between the first two."""
+    hint = f": {video(0)} has no frame at 0.700 s; its nearest sampled frames are '{video(0)}#t=0.0' and '{video(0)}#t=1.5'"
+    for response in (http.get(f"/v1/items/{quote(video(0) + '#t=0.7', safe='')}/similar"),
+                     http.get(f"/v1/items/{quote(video(0) + '#t=0.7', safe='')}"),
+                     http.post("/v1/search/batch", json={"queries": [{"id": video(0) + "#t=0.7"}]})):
+        assert response.status_code == 404 and response.json()["detail"].endswith(hint), response.text
+    unknown_video = http.get(f"/v1/items/{quote('clips/other.mp4#t=0.7', safe='')}/similar")
+    assert unknown_video.json()["detail"] == "unknown item id 'clips/other.mp4#t=0.7'"
+
+
 # --- sidecar metadata: source and tag ----------------------------------------
 
 
