@@ -57,3 +57,21 @@ def test_away_from_a_terminal_lines_come_less_often_as_the_work_goes_on(caplog, 
     away = counts[False]
     assert away[:10] == list(range(2, 21, 2))  # the first 20 s as on a terminal
     assert 120 <= len(away) <= 170 and away[-1] - away[-2] == 30, (len(away), away[-5:])
+
+
+def test_no_eta_from_a_first_unit_or_two(caplog, monkeypatch):
+    """1 of 210 files after 3 s promised 10 minutes; that folder took 5 s."""
+    now = [0.0]
+    monkeypatch.setattr("lookalike.model.progress.time.perf_counter", lambda: now[0])
+    progress = Progress("reading", total=210, unit="files", logger=logging.getLogger("t"), every_s=2.0)
+    with caplog.at_level(logging.INFO):
+        for count, now[0] in ((1, 3.0), (2, 5.5), (3, 8.0)):
+            progress.update(count)
+    assert caplog.messages == ["reading: 1/210 files (0%), 0.3 files/s, ETA ?",
+                               "reading: 2/210 files (1%), 0.4 files/s, ETA ?",
+                               "reading: 3/210 files (1%), 0.4 files/s, ETA 9m12s"]
+    big = Progress("embed", total=1_000_000, unit="items", logger=logging.getLogger("t"))
+    big.count, now[0] = 9_999, 20.0
+    assert big.line().endswith("ETA ?")  # under 1 % of the total: not yet
+    big.count = 10_000
+    assert "ETA ?" not in big.line()
