@@ -83,7 +83,7 @@ from lookalike.serving.schemas import (
 from lookalike.serving.results import json_text_response
 from lookalike.serving.slashes import SlashAlias
 from lookalike.serving.swap import DEFAULT_WATCH_INTERVAL_S, BackendSlot, StoreReloader, without_store_root
-from lookalike.serving.validation import body_parse_error_handler, parse_json_body, validation_error_handler
+from lookalike.serving.validation import body_parse_error_handler, parse_json_body, short_input, validation_error_handler
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +294,12 @@ def create_app(
             upload.extend(await read_upload(request, max_upload_bytes))
             return upload[0]
 
-        neighbors = await search_by_image(engine, backend, read, k, filters)
+        try:
+            neighbors = await search_by_image(engine, backend, read, k, filters)
+        except HTTPException as e:  # an unusable upload is named, as a batch names its query
+            if e.status_code != 422 or len(upload) < 2 or not upload[1]:
+                raise
+            raise HTTPException(status_code=422, detail=f"file {short_input(upload[1])!r}: {e.detail}") from None
         return json_text_response(search_response(backend, echo("image", k, filters, filename=upload[1], bytes=len(upload[0])), neighbors))
 
     async def search_image_fast(request: Request) -> Response | None:

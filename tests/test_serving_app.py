@@ -204,10 +204,10 @@ def test_item_metadata_hides_server_paths(http: httpx.Client, workdir: Path) -> 
 @pytest.mark.parametrize(
     "kwargs, reason",
     [
-        ({"files": {"file": ("notes.txt", b"hello, not an image", "text/plain")}}, "not a usable image"),
+        ({"files": {"file": ("notes.txt", b"hello, not an image", "text/plain")}}, "file 'notes.txt': not a usable image"),
         ({"content": b"hello, not an image"}, "not a usable image"),
         ({"content": b"\x89PNG\r\n\x1a\n" + b"\0" * 40}, "not a usable image"),  # truncated PNG
-        ({"files": {"file": ("empty.png", b"", "image/png")}}, "empty"),
+        ({"files": {"file": ("empty.png", b"", "image/png")}}, "file 'empty.png': not a usable image: empty file"),
         ({"content": b""}, "no image in the request: send the image file as the body or as multipart field 'file'"),
         ({"files": {"other": ("q.png", b"x", "image/png")}}, "field 'file'"),
     ],
