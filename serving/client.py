@@ -244,6 +244,14 @@ def describe_metadata(metadata: dict[str, Any] | None) -> str:
     return " ".join(shown + others)
 
 
+def shown_id(item_id: str) -> str:
+    """``item_id`` as one table cell: quoted (Python's escapes) when it holds a control character
+    such as a newline, or spaces at either end, which would break the row or vanish in it."""
+    if item_id != item_id.strip() or any(not c.isprintable() for c in item_id):
+        return repr(item_id)
+    return item_id
+
+
 def format_results(response: dict[str, Any]) -> str:
     """A search response as a text table, best match first; a video time column when there
     are frames, a metadata column (source, #tags, ...) when any result has metadata."""
@@ -254,15 +262,16 @@ def format_results(response: dict[str, Any]) -> str:
     ]
     if not results:
         return lines[0] + (f"\nnote: {response['note']}" if response.get("note") else "")
-    width = max(len("id"), *(len(r["id"]) for r in results))
+    ids = [shown_id(r["id"]) for r in results]
+    width = max(len("id"), *(len(i) for i in ids))
     frames = any(r.get("timestamp_s") is not None for r in results)  # a video time column only when there are frames
     metadata = [describe_metadata(r.get("metadata")) for r in results]
     with_metadata = any(metadata)  # a metadata column only when some result has metadata
     lines.append(f"{'#':>3}  {'id':<{width}}  {'score':>7}  {'distance':>8}  {'same item':<9}" + ("  video time" if frames else "")
                  + ("  metadata" if with_metadata else ""))
-    for rank, (r, meta) in enumerate(zip(results, metadata), 1):
+    for rank, (r, item_id, meta) in enumerate(zip(results, ids, metadata), 1):
         same = "yes" if r.get("same_item") else "-"
         when = f"  {r['timestamp_s']:>9.2f}s" if r.get("timestamp_s") is not None else ("  " + " " * 10 if frames else "")
         about = f"  {meta or '-'}" if with_metadata else ""
-        lines.append(f"{rank:>3}  {r['id']:<{width}}  {r['score']:>7.4f}  {r['distance']:>8.4f}  {same:<9}{when}{about}".rstrip())
+        lines.append(f"{rank:>3}  {item_id:<{width}}  {r['score']:>7.4f}  {r['distance']:>8.4f}  {same:<9}{when}{about}".rstrip())
     return "\n".join(lines)

@@ -544,6 +544,15 @@ def test_format_results_table(client: SearchClient) -> None:
     assert "metadata" not in "\n".join(frames) and "metadata" not in text  # no column when no result has any
 
 
+def test_format_results_keeps_one_row_per_result_whatever_the_id() -> None:
+    """A file name holding a newline split its row in two; spaces at its ends vanished."""
+    results = [{"id": i, "score": 0.5, "distance": 1.0, "same_item": False} for i in ("nl\nname.png", " lead.png", "b c.png")]
+    lines = format_results({"query": {"type": "vector", "dim": 8, "k": 3}, "results": results}).splitlines()
+    assert len(lines) == 5
+    width = len("'nl\\nname.png'")
+    assert [line[5:5 + width] for line in lines[2:]] == [c.ljust(width) for c in ("'nl\\nname.png'", "' lead.png'", "b c.png")]
+
+
 def test_format_results_shows_metadata_in_a_last_column() -> None:
     lines = format_results({"query": {"type": "item", "id": "a.png", "k": 3}, "results": [
         {"id": "b.png", "score": 0.9, "distance": 0.4, "same_item": True, "timestamp_s": None,
