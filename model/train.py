@@ -50,6 +50,7 @@ from lookalike.model.sharding import data_mesh, embed_numpy, replicate
 from lookalike.model.sources import load_training_data
 from lookalike.model.training_inputs import METRIC_KEY as TRAINING_INPUTS_KEY
 from lookalike.model.training_inputs import model_trained_from, training_inputs_sha256
+from lookalike.model.stopped_runs import JOB_FILE, record_job, warn_of_stopped_runs
 from lookalike.model.store import Store, atomic_write_text
 from lookalike.model.unlabelled import training_augment, view_holdout
 
@@ -482,6 +483,10 @@ def train_and_evaluate(
     try:
         with exclusive_run(run_dir):
             start_afresh_if_inputs_changed(run_dir, inputs_sha256)
+            job = config_to_dict(config)
+            if not (run_dir / JOB_FILE).exists():  # a new job, not a resumed one: say which stopped ones it leaves
+                warn_of_stopped_runs(run_dir.parent, run_dir, job, loaded.source, ignore=NOT_THE_JOB)
+            record_job(run_dir, job, loaded.source)
             try:
                 model, metrics, threshold = train_on_arrays(config, data, run_dir, init_path)
             except BaseException as e:
