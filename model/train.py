@@ -15,14 +15,13 @@ validation MAP@R.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import shutil
 import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +49,9 @@ from lookalike.model.sharding import data_mesh, embed_numpy, replicate
 from lookalike.model.sources import load_training_data
 from lookalike.model.training_inputs import METRIC_KEY as TRAINING_INPUTS_KEY
 from lookalike.model.training_inputs import model_trained_from, training_inputs_sha256
-from lookalike.model.stopped_runs import JOB_FILE, record_job, warn_of_stopped_runs
-from lookalike.model.store import Store, atomic_write_text
+from lookalike.model.runs import (JOB_FILE, NOT_THE_JOB, job_config, record_job, run_id, start_afresh_if_inputs_changed,
+                                  warn_of_stopped_runs)
+from lookalike.model.store import Store
 from lookalike.model.unlabelled import training_augment, view_holdout
 
 log = logging.getLogger(__name__)
@@ -407,48 +407,6 @@ def _failpoint(name: str) -> None:
     failpoint(name)
 
 
-# Settings that change how a training runs, not what it trains: a rerun changing them (a time
-# cap added to a slow training that was stopped) resumes the same job. Hashed at their
-# defaults, so a job that never set them keeps the name it had before they were left out.
-NOT_THE_JOB = ("max_train_minutes", "log_every_steps", "checkpoint_every_steps", "prefetch_batches")
-
-
-def run_id(config: TrainConfig, source: str | Path, init_from: Path | None, exclude: Collection[str] = ()) -> str:
-    """A stable name for one training job: the same job rerun after a kill finds its checkpoints.
-
-    ``source``: a folder, or a string naming any other source (e.g. a TFDS split);
-    ``exclude``: the files held out of it (another held-out set is another job). The fields
-    in ``NOT_THE_JOB`` do not count."""
-    where = source if isinstance(source, str) else str(Path(source).absolute())
-    job = replace(config, **{name: getattr(TrainConfig(), name) for name in NOT_THE_JOB})
-    key = json.dumps({"config": config_to_dict(job), "source": where,
-                      "init_from": str(init_from) if init_from else None,
-                      **({"exclude": sorted(exclude)} if exclude else {})}, sort_keys=True)
-    return "run-" + hashlib.sha256(key.encode()).hexdigest()[:12]
-
-
-RUN_INPUTS_FILE = "training_inputs.sha256"  # in a run folder: what its checkpoints were trained on
-
-
-def start_afresh_if_inputs_changed(run_dir: Path, inputs_sha256: str) -> None:
-    """A run folder's checkpoints are resumed only by a training of the same inputs: when the
-    data changed since they were written (files added, edited or removed; same config and
-    folder, so the same run id), they are removed with a warning and training starts from
-    step 0, so the saved model is what its recorded ``training_inputs_sha256`` says."""
-    recorded = run_dir / RUN_INPUTS_FILE
-    try:
-        before = recorded.read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        before = None  # a new run, or one written before inputs were recorded: resumed as it is
-    if before is not None and before != inputs_sha256 and (run_dir / "checkpoints").exists():
-        log.warning("the training data changed since the checkpoints in %s were written (files added, edited or "
-                    "removed): training starts again from step 0", run_dir)
-        for leftover in run_dir.iterdir():
-            if leftover.name not in (".lock", RUN_INPUTS_FILE):
-                shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
-    atomic_write_text(recorded, inputs_sha256 + "\n")
-
-
 def train_and_evaluate(
     config: TrainConfig, workdir: str | Path, data_dir: str | Path | None = None, init_from: str | Path | None = None,
     tfds: str | None = None, tfds_data_dir: str | None = None, set_latest: bool = True,
@@ -473,7 +431,8 @@ def train_and_evaluate(
     config, data = loaded.config, loaded.data
     spec = PreprocessSpec(image_size=config.image_size, channels=config.channels)
     init_path = Path(init_from) if init_from else None
-    inputs_sha256 = training_inputs_sha256(config, data, read_model_meta(init_path)["version"] if init_path else None)
+    warm_version = read_model_meta(init_path)["version"] if init_path else None
+    inputs_sha256 = training_inputs_sha256(config, data, warm_version)
     if reuse_identical and (done := model_trained_from(store.models_dir, inputs_sha256)) is not None:
         log.info("model %s was trained from exactly these inputs (config, %d images and labels, warm start): reused, "
                  "not trained again", done, len(data.labels))
@@ -482,7 +441,8 @@ def train_and_evaluate(
     run_dir = store.models_dir / ".runs" / run_id(config, loaded.source, init_path, exclude)
     try:
         with exclusive_run(run_dir):
-            start_afresh_if_inputs_changed(run_dir, inputs_sha256)
+            # the job's inputs (a time cap or log interval is no other data: the checkpoints resume)
+            start_afresh_if_inputs_changed(run_dir, training_inputs_sha256(job_config(config), data, warm_version))
             job = config_to_dict(config)
             if not (run_dir / JOB_FILE).exists():  # a new job, not a resumed one: say which stopped ones it leaves
                 warn_of_stopped_runs(run_dir.parent, run_dir, job, loaded.source, ignore=NOT_THE_JOB)

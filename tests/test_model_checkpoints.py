@@ -14,18 +14,18 @@ _SCRIPT = """
 import json, sys
 from lookalike.model.config import apply_overrides, get_config
 from lookalike.model.train import train_and_evaluate
-cfg = apply_overrides(get_config("tiny"), ["num_steps=30", "checkpoint_every_steps=10", "eval_every_steps=10"])
+cfg = apply_overrides(get_config("tiny"), ["num_steps=30", "checkpoint_every_steps=10", "eval_every_steps=10", *sys.argv[3:]])
 r = train_and_evaluate(cfg, sys.argv[1], data_dir=sys.argv[2])
 print(json.dumps({"version": r.version, "metrics": r.metrics}))
 """
 
 
-def _train(workdir, corpus, failpoint=None):
+def _train(workdir, corpus, failpoint=None, overrides=()):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("LOOKALIKE_FAILPOINT", None)
     if failpoint:
         env["LOOKALIKE_FAILPOINT"] = failpoint
-    return subprocess.run([sys.executable, "-c", _SCRIPT, str(workdir), str(corpus)], env=env,
+    return subprocess.run([sys.executable, "-c", _SCRIPT, str(workdir), str(corpus), *overrides], env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -36,8 +36,9 @@ def test_training_killed_after_a_checkpoint_resumes_and_matches_an_uninterrupted
     assert len(runs) == 1 and (runs[0] / "checkpoints" / "latest" / "20").is_dir()
     assert not (tmp_path / "a" / "models" / "LATEST").exists()
 
-    resumed = _train(tmp_path / "a", digits_corpus)
+    resumed = _train(tmp_path / "a", digits_corpus, overrides=["max_train_minutes=30"])  # a time cap: the same job
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "training data changed" not in resumed.stderr and "not resumed" not in resumed.stderr, resumed.stderr[-2000:]
     out = json.loads(resumed.stdout.strip().splitlines()[-1])
     assert out["metrics"]["resumed_from_step"] == 20 and out["metrics"]["steps"] == 30
     model_dir = tmp_path / "a" / "models" / out["version"]
@@ -45,7 +46,7 @@ def test_training_killed_after_a_checkpoint_resumes_and_matches_an_uninterrupted
     assert steps == sorted(set(steps)) and steps[-1] == 30 and 10 in steps  # history from before the kill kept
     assert not runs[0].exists()  # the run folder is removed once the model is published
 
-    straight = _train(tmp_path / "b", digits_corpus)
+    straight = _train(tmp_path / "b", digits_corpus, overrides=["max_train_minutes=30"])  # the config the model records
     assert straight.returncode == 0, straight.stderr[-2000:]
     ref = json.loads(straight.stdout.strip().splitlines()[-1])
     assert ref["metrics"]["resumed_from_step"] == 0

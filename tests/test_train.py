@@ -158,28 +158,6 @@ def test_a_validation_split_of_one_class_reports_no_metrics_and_no_threshold(tin
     assert "validation holds 40 image(s) of 1 class(es)" in caplog.text
 
 
-def test_a_job_with_other_held_out_files_is_another_run(tiny_config, tmp_path):
-    from lookalike.model.train import run_id
-
-    same = run_id(tiny_config, tmp_path, None)
-    assert run_id(tiny_config, tmp_path, None, ()) == same  # no exclusion: the name runs had before
-    held_out = run_id(tiny_config, tmp_path, None, ["a/1.png", "b/2.png"])
-    assert held_out != same and held_out == run_id(tiny_config, tmp_path, None, ["b/2.png", "a/1.png"])
-
-
-def test_a_rerun_with_a_time_cap_or_other_logging_is_the_same_job_but_other_steps_are_not(tiny_config, tmp_path):
-    """A slow training stopped and rerun with `--set max_train_minutes=3` resumes its checkpoints."""
-    from dataclasses import replace
-
-    from lookalike.model.train import run_id
-
-    same = run_id(tiny_config, tmp_path, None)
-    how = replace(tiny_config, max_train_minutes=3.0, log_every_steps=7, checkpoint_every_steps=11, prefetch_batches=5)
-    assert run_id(how, tmp_path, None) == same
-    for what in ({"num_steps": tiny_config.num_steps + 1}, {"learning_rate": 1e-2}, {"seed": 1}):
-        assert run_id(replace(tiny_config, **what), tmp_path, None) != same, what
-
-
 def test_progress_counts_steps_done_not_steps_queued(tiny_config, tmp_path, monkeypatch):
     """JAX dispatches steps asynchronously: the loop once ran ~35 steps ahead of the device
     after each evaluation, so the progress line counted queued steps at 10x the real rate.
