@@ -41,7 +41,7 @@ def empty_result_note(index: ItemIndex, query: Mapping[str, Any]) -> str | None:
 
 def _group_hint(index: ItemIndex, values: Sequence[str]) -> str:
     """Groups that end with one of ``values`` after a folder (a video named without its path)."""
-    groups, by_name = _live_groups(index)
+    groups, by_name = live_groups(index)
     if not groups:
         return " (a group is a video's id, and this index holds no video frames)"
     meant = sorted({g for v in values for g in by_name.get(v.rsplit("/", 1)[-1], ()) if g.endswith("/" + v.lstrip("/"))})
@@ -51,7 +51,7 @@ def _group_hint(index: ItemIndex, values: Sequence[str]) -> str:
     return f" (a group is a video's id, its path in the corpus, such as {groups[0]!r})"
 
 
-def _live_groups(index: ItemIndex) -> tuple[list[str], dict[str, list[str]]]:
+def live_groups(index: ItemIndex) -> tuple[list[str], dict[str, list[str]]]:
     """The sorted distinct groups of the live items, and them by file name (the part after
     the last "/"), kept with the index until it changes (a note may be asked for on every
     request, and a million items take a tenth of a second)."""

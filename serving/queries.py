@@ -115,20 +115,26 @@ NEAREST_FRAMES_SHOWN = 2
 
 def nearest_frames_hint(index: ItemIndex, item_id: str) -> str:
     """``: <video> has no frame at T s; its nearest sampled frames are '<id>' and '<id>'`` for
-    a frame id ``<video>#t=<seconds>`` of a video the index holds frames of, else ""."""
-    video, sep, seconds = item_id.rpartition("#t=")
-    try:
-        wanted = float(seconds)
-    except ValueError:
+    a frame id ``<video>#t=<seconds>`` (seconds as frame ids write them) of a video the index
+    holds frames of, else "". Cheap for any other id: the video's name is checked, then its
+    group among the live groups (cached per index state), before the group's rows are looked up."""
+    from bisect import bisect_left
+
+    from lookalike.pipeline.video import FRAME_TIME, is_video_path
+    from lookalike.serving.notes import live_groups
+
+    frame = FRAME_TIME.match(item_id)
+    if frame is None or not is_video_path(frame["video"]):
         return ""
-    if not sep or not math.isfinite(wanted):
+    video, wanted = frame["video"], float(frame["seconds"])
+    groups = live_groups(index)[0]
+    at = bisect_left(groups, video)
+    if at == len(groups) or groups[at] != video:
         return ""
     rows = live_matches(index, {"group": {video}})[1]  # cached per index state, as the search filters are
-    if not len(rows):
-        return ""
     times = np.asarray([t if t is not None else np.nan for t in index.items.column_values("timestamp_s", rows)], float)
     nearest = np.argsort(np.abs(times - wanted), kind="stable")[:NEAREST_FRAMES_SHOWN]
-    nearest = nearest[np.argsort(times[nearest])]
+    nearest = nearest[np.argsort(times[nearest], kind="stable")]
     ids = index.items.ids_of(rows[nearest])
     return (f": {short_input(video)} has no frame at {wanted:.3f} s; its nearest sampled "
             f"frame{'s are' if len(ids) > 1 else ' is'} " + " and ".join(repr(i) for i in ids))

@@ -195,8 +195,9 @@ def test_a_moment_of_a_video_that_was_not_sampled_names_the_nearest_frames(http:
                      http.get(f"/v1/items/{quote(video(0) + '#t=0.7', safe='')}"),
                      http.post("/v1/search/batch", json={"queries": [{"id": video(0) + "#t=0.7"}]})):
         assert response.status_code == 404 and response.json()["detail"].endswith(hint), response.text
-    unknown_video = http.get(f"/v1/items/{quote('clips/other.mp4#t=0.7', safe='')}/similar")
-    assert unknown_video.json()["detail"] == "unknown item id 'clips/other.mp4#t=0.7'"
+    for other in ("clips/other.mp4#t=0.7", f"{video(0)}#t=1.5e0", f"{video(0)}#t=+1.5", "3/digit_0003.png#t=1"):
+        plain = http.get(f"/v1/items/{quote(other, safe='')}/similar")  # another video, or seconds no frame id has
+        assert plain.status_code == 404 and plain.json()["detail"] == f"unknown item id {other!r}", plain.text
 
 
 # --- sidecar metadata: source and tag ----------------------------------------
