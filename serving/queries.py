@@ -286,23 +286,30 @@ async def search_by_image(engine: QueryEngine, backend: Backend, data: bytes | C
             raise HTTPException(status_code=422, detail=f"{what}{e}") from None
 
 
-_DATA_URL = re.compile(r"data:[^,]{0,200};base64,", re.IGNORECASE)
+_DATA_URL = re.compile(r"[ \t\r\n]*data:[^,]{0,200};base64,", re.IGNORECASE)
+_NOT_BASE64 = re.compile(r"[^A-Za-z0-9+/=_\- \t\r\n-]")
 _WHITESPACE = re.compile(r"[ \t\r\n]+")
 
 
 def decode_base64(text: str) -> bytes:
     """The bytes of ``text`` in base64 as people send it: a browser's ``data:image/png;base64,``
-    prefix, line breaks (``base64`` wraps at 76 columns) and the URL-safe alphabet are
-    accepted; any other character is a ValueError (binascii.Error) naming it."""
-    text = _WHITESPACE.sub("", text.removeprefix(m.group(0)) if (m := _DATA_URL.match(text)) else text)
-    if "-" in text or "_" in text:
-        text = text.translate(str.maketrans("-_", "+/"))
-    if len(text) % 4:  # URL-safe base64 often drops its padding
-        text += "=" * (-len(text) % 4)
-    bad = re.search(r"[^A-Za-z0-9+/=]", text)
+    prefix, line breaks (``base64`` wraps at 76 columns) and the URL-safe alphabet (padding
+    optional) are accepted; a character of neither alphabet is a ValueError naming it and its
+    position in ``text``, and so is a mix of the two alphabets."""
+    prefix = _DATA_URL.match(text)
+    start = prefix.end() if prefix else 0
+    bad = _NOT_BASE64.search(text, start)
     if bad:
         raise ValueError(f"character {bad.group(0)!r} at position {bad.start()} is not base64")
-    return base64.b64decode(text, validate=True)
+    body = _WHITESPACE.sub("", text[start:])
+    url_safe = "-" in body or "_" in body
+    if url_safe and ("+" in body or "/" in body):
+        raise ValueError("it mixes the standard alphabet (+ /) with the URL-safe one (- _)")
+    if url_safe:
+        body = body.translate(str.maketrans("-_", "+/"))
+    if len(body) % 4:  # URL-safe base64 often drops its padding
+        body += "=" * (-len(body) % 4)
+    return base64.b64decode(body, validate=True)
 
 
 def batch_images(queries: list[BatchQuery], max_pixels: int) -> dict[int, bytes]:

@@ -167,7 +167,7 @@ def test_batch_images_in_base64_as_people_send_it(http: httpx.Client, indexed_st
                 if i["kind"] == "image")
     data = (indexed_store.corpus_dir / item["id"]).read_bytes()
     plain = base64.b64encode(data).decode()
-    forms = [plain, "data:image/png;base64," + plain, "\n".join(plain[i:i + 76] for i in range(0, len(plain), 76)),
+    forms = [plain, " data:image/png;base64," + plain, "\n".join(plain[i:i + 76] for i in range(0, len(plain), 76)),
              base64.urlsafe_b64encode(data).decode().rstrip("=")]
     tops = []
     for text in forms:
@@ -175,8 +175,11 @@ def test_batch_images_in_base64_as_people_send_it(http: httpx.Client, indexed_st
         assert response.status_code == 200, response.text
         tops.append(response.json()["responses"][0]["results"][0]["id"])
     assert tops == [item["id"]] * len(forms)
-    refused = http.post("/v1/search/batch", json={"queries": [{"image_base64": plain[:8] + "*" + plain[8:]}]})
-    assert refused.status_code == 422 and "character '*' at position 8 is not base64" in refused.json()["detail"]
+    for text, reason in ((plain[:8] + "*" + plain[8:], "character '*' at position 8 is not base64"),
+                         ("data:image/png;base64,\n" + plain[:8] + "*", "character '*' at position 31 is not base64"),
+                         ("QUJD-+/_", "it mixes the standard alphabet (+ /) with the URL-safe one (- _)")):
+        refused = http.post("/v1/search/batch", json={"queries": [{"image_base64": text}]})
+        assert refused.status_code == 422 and reason in refused.json()["detail"], refused.text
 
 
 def test_a_video_id_in_a_batch_is_not_told_to_escape_its_hash(http: httpx.Client) -> None:
