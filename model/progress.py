@@ -18,8 +18,9 @@ def format_seconds(seconds: float) -> str:
 # goes on: every ``every_s`` for the first ten times that, then every tenth of the time the
 # work has run, at most every LOG_EVERY_MAX_S: ~150 lines for an hour instead of 1,800.
 LOG_EVERY_MAX_S = 30.0
-# An ETA needs this many units done (and 1 % of the total): from the first video of a folder,
-# decoded while others are still in flight, it said 13 minutes for 5 seconds of work.
+# An ETA needs this many units done (and 1 % of the total, or half of what a resumed run has
+# left): from the first video of a folder, decoded while others are still in flight, it said
+# 13 minutes for 5 seconds of work.
 MIN_UNITS_FOR_ETA = 3
 
 
@@ -55,7 +56,8 @@ class Progress:
         text = f"{self.name}: {self.count}"
         if self.total:
             text += f"/{self.total} {self.unit} ({100.0 * self.count / self.total:.0f}%), {rate:.1f} {self.unit}/s"
-            measured = self.count - self.already >= max(MIN_UNITS_FOR_ETA, self.total // 100)
+            needed = min(max(MIN_UNITS_FOR_ETA, self.total // 100), max(1, (self.total - self.already) // 2))
+            measured = self.count - self.already >= needed  # half the units left, for a resumed run near its end
             left = (self.total - self.count) / rate if rate > 0 and measured else float("nan")
             text += f", ETA {format_seconds(left) if left == left else '?'}" if eta else ""
         else:

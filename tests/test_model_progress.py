@@ -75,3 +75,6 @@ def test_no_eta_from_a_first_unit_or_two(caplog, monkeypatch):
     assert big.line().endswith("ETA ?")  # under 1 % of the total: not yet
     big.count = 10_000
     assert "ETA ?" not in big.line()
+    near_end = Progress("train", total=20_000, unit="steps", logger=logging.getLogger("t"), already=19_900)
+    near_end.count, now[0] = 19_950, 30.0  # resumed 100 steps from the end: half of them give an ETA
+    assert near_end.line() == "train: 19950/20000 steps (100%), 5.0 steps/s, ETA 10s"
