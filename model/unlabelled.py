@@ -116,8 +116,9 @@ def load_unlabelled_folder(
 
     def decode(path: Path) -> tuple[str | None, Exception | tuple[np.ndarray, np.ndarray | None, np.ndarray] | None]:
         """(content hash or None if unread, (frames, times, windows) or the error); None instead
-        of the frames for a copy of an earlier file, which is never decoded: the earliest file
-        (in listing order) with some bytes always is, whatever the threads' timing."""
+        of the frames for a copy of an earlier file already hashed, which is not decoded. The
+        earliest file (in listing order) with some bytes is always decoded, whatever the threads'
+        timing; a copy read at the same moment as its original, just before it, may be too."""
         digest = None
         try:
             data = read_media(path)

@@ -198,6 +198,7 @@ def json_filters(filters: dict[str, Any]) -> dict[str, Any]:
 
 
 def model_of(model_version: str | None) -> dict[str, str]:
+    """The ``model_version`` field of a JSON search body, when one is given."""
     return {} if model_version is None else {"model_version": model_version}
 
 

@@ -220,7 +220,7 @@ def require_complete_form(content_type: str, body: bytes) -> None:
     if boundary and b"--" + boundary + b"--" not in body:
         raise HTTPException(status_code=400, detail=(
             f"malformed multipart upload: the body ({len(body):,} bytes) ends before the form's closing boundary "
-            f"'--{boundary.decode('latin-1')}--' (cut short in transit?)"))
+            f"'--{boundary.decode('latin-1')}--' (cut short in transit, or not a multipart form?)"))
 
 
 async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str | None]:

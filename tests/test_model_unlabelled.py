@@ -72,6 +72,10 @@ def test_a_copy_is_hashed_never_decoded_and_a_copy_of_a_broken_file_is_skipped_w
     (tmp_path / "bad.png").write_bytes(b"not a png")
     shutil.copytree(tmp_path, tmp_path.parent / "backup")
     shutil.move(tmp_path.parent / "backup", tmp_path / "z-backup")
+    # Listed between originals and copies, more files than the threads read ahead (2 per CPU): every
+    # original is read before its copy starts, so the count below does not depend on the threads' timing.
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(tmp_path / f"m{i}.png")
     decoded = []
     for name in ("decode_image", "video_windows"):
         real = getattr(unlabelled, name)
@@ -79,8 +83,9 @@ def test_a_copy_is_hashed_never_decoded_and_a_copy_of_a_broken_file_is_skipped_w
     monkeypatch.setattr(parallel, "available_cpus", lambda: cpus)
     with caplog.at_level("INFO", logger="lookalike.model.unlabelled"):
         data = load_unlabelled_folder(tmp_path, PreprocessSpec(8, 3), window_s=1.0, frame_interval_s=0.5)
-    assert len(decoded) == 6  # 4 images, the video and the broken file: none of their 6 copies
-    assert [n.split("#")[0] for n in data.class_names] == ["clip.mp4", "img0.png", "img1.png", "img2.png", "img3.png"]
+    assert len(decoded) == 14  # 4 images, the video, the broken file and the 8 others: none of the 6 copies
+    assert [n.split("#")[0] for n in data.class_names] == ["clip.mp4", "img0.png", "img1.png", "img2.png", "img3.png",
+                                                           *(f"m{i}.png" for i in range(8))]
     assert "5 byte-identical copies trained once" in caplog.text
     assert data.failures == [(str(tmp_path / "bad.png"), data.failures[0][1]),
                              (str(tmp_path / "z-backup" / "bad.png"),

@@ -46,7 +46,7 @@ def test_a_multipart_body_cut_short_is_a_400_saying_so_not_a_missing_file(http: 
     response = http.post("/v1/search/image?k=1", content=body, headers={"content-type": "multipart/form-data; boundary=B"})
     assert response.status_code == 400, response.text
     assert response.json()["detail"] == (f"malformed multipart upload: the body ({len(body):,} bytes) ends before the "
-                                         "form's closing boundary '--B--' (cut short in transit?)")
+                                         "form's closing boundary '--B--' (cut short in transit, or not a multipart form?)")
     complete = http.post("/v1/search/image?k=1", content=whole, headers={"content-type": 'multipart/form-data; boundary="B"'})
     assert complete.status_code == 200 and complete.json()["results"][0]["id"] == QUERY_ID, complete.text
     no_file = b'--B\r\nContent-Disposition: form-data; name="file"\r\n\r\nnot a file\r\n--B--\r\n'
