@@ -76,6 +76,7 @@ def start_afresh_if_inputs_changed(run_dir: Path, inputs_sha256: str) -> None:
                 shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
     atomic_write_text(recorded, inputs_sha256 + "\n")
 
+
 JOB_FILE = "job.json"
 MAX_DIFFERENCES_SHOWN = 4
 
@@ -85,9 +86,9 @@ def record_job(run_dir: Path, config: dict[str, Any], source: str) -> None:
     atomic_write_text(run_dir / JOB_FILE, json.dumps({"config": config, "source": source}, sort_keys=True) + "\n")
 
 
-def _checkpoint_step(run_dir: Path) -> int | None:
-    steps = [int(p.name) for p in (run_dir / "checkpoints" / "latest").glob("[0-9]*") if p.name.isdigit()]
-    return max(steps) if steps else None
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    """The steps of the checkpoints in ``run_dir``, oldest first."""
+    return sorted(int(p.name) for p in (run_dir / "checkpoints" / "latest").glob("[0-9]*") if p.name.isdigit())
 
 
 def _in_progress(run_dir: Path) -> bool:
@@ -125,9 +126,10 @@ def stopped_runs_of(runs_dir: Path, run_dir: Path, config: dict[str, Any], sourc
             job = json.loads((other / JOB_FILE).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue  # a run from before jobs were recorded, or one starting right now
-        step = _checkpoint_step(other)
-        if job.get("source") != source or step is None or _in_progress(other):
+        steps = checkpoint_steps(other)
+        if job.get("source") != source or not steps or _in_progress(other):
             continue
+        step = steps[-1]
         differ = _differences(config, job.get("config") or {}, ignore)
         shown = "; ".join(differ[:MAX_DIFFERENCES_SHOWN]) + ("; ..." if len(differ) > MAX_DIFFERENCES_SHOWN else "")
         found.append(f"{other} (step {step}, {_size_bytes(other) / 1e6:.1f} MB; other settings: {shown or 'held-out files or warm start'})")
@@ -147,5 +149,5 @@ def warn_of_stopped_runs(runs_dir: Path, run_dir: Path, config: dict[str, Any], 
                     "to resume (remove the folder to free the space): %s", len(found), "; ".join(found))
 
 
-__all__ = ["JOB_FILE", "NOT_THE_JOB", "RUN_INPUTS_FILE", "job_config", "record_job", "run_id", "start_afresh_if_inputs_changed",
+__all__ = ["JOB_FILE", "NOT_THE_JOB", "RUN_INPUTS_FILE", "checkpoint_steps", "job_config", "record_job", "run_id", "start_afresh_if_inputs_changed",
            "stopped_runs_of", "warn_of_stopped_runs"]

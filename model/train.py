@@ -49,7 +49,7 @@ from lookalike.model.sharding import data_mesh, embed_numpy, replicate
 from lookalike.model.sources import load_training_data
 from lookalike.model.training_inputs import METRIC_KEY as TRAINING_INPUTS_KEY
 from lookalike.model.training_inputs import model_trained_from, training_inputs_sha256
-from lookalike.model.runs import (JOB_FILE, NOT_THE_JOB, job_config, record_job, run_id, start_afresh_if_inputs_changed,
+from lookalike.model.runs import (JOB_FILE, NOT_THE_JOB, checkpoint_steps, job_config, record_job, run_id, start_afresh_if_inputs_changed,
                                   warn_of_stopped_runs)
 from lookalike.model.store import Store
 from lookalike.model.unlabelled import training_augment, view_holdout
@@ -450,7 +450,7 @@ def train_and_evaluate(
             try:
                 model, metrics, threshold = train_on_arrays(config, data, run_dir, init_path)
             except BaseException as e:
-                steps = sorted(int(p.name) for p in (run_dir / "checkpoints" / "latest").glob("[0-9]*") if p.name.isdigit())
+                steps = checkpoint_steps(run_dir)
                 if run_dir.is_dir() and not steps:
                     shutil.rmtree(run_dir, ignore_errors=True)  # nothing to resume from: leave no empty run behind
                 if isinstance(e, KeyboardInterrupt):

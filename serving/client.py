@@ -193,8 +193,11 @@ def drop_none(filters: dict[str, Any]) -> dict[str, Any]:
 def json_filters(filters: dict[str, Any]) -> dict[str, Any]:
     """``filters`` as a JSON body takes them: a single group, source or tag (``tag="cat"``) as a
     one-value list, as the query string of an image or similar-item search takes it."""
-    return {key: [value] if key in LIST_FILTERS and isinstance(value, str) else list(value) if key in LIST_FILTERS else value
-            for key, value in drop_none(filters).items()}
+    body = drop_none(filters)
+    for key in LIST_FILTERS:
+        if key in body:
+            body[key] = [body[key]] if isinstance(body[key], str) else list(body[key])
+    return body
 
 
 def model_of(model_version: str | None) -> dict[str, str]:

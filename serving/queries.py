@@ -287,7 +287,7 @@ async def search_by_image(engine: QueryEngine, backend: Backend, data: bytes | C
 
 
 _DATA_URL = re.compile(r"[ \t\r\n]*data:[^,]{0,200};base64,", re.IGNORECASE)
-_NOT_BASE64 = re.compile(r"[^A-Za-z0-9+/=_\- \t\r\n-]")
+_NOT_BASE64 = re.compile(r"[^A-Za-z0-9+/=_ \t\r\n-]")
 _WHITESPACE = re.compile(r"[ \t\r\n]+")
 
 

@@ -1,5 +1,5 @@
-"""A client that disconnects mid-request (real server on 127.0.0.1, raw sockets): 499 in
-/metrics, no ERROR and no traceback in the log, and the server answers the next request."""
+"""A client that disconnects mid-request (conftest's real server on 127.0.0.1, raw sockets): 499
+in /metrics, no ERROR and no traceback in the log, and the server answers the next request."""
 
 from __future__ import annotations
 
@@ -7,24 +7,14 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Iterator
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
 
 from lookalike.model.store import Store
-from lookalike.serving.app import create_app
-from lookalike.serving.backend import Backend
-from lookalike.serving.server import serve_in_thread
 
 QUERY_ID = "3/digit_0003.png"
-
-
-@pytest.fixture(scope="module")
-def http(backend: Backend) -> Iterator[httpx.Client]:
-    with serve_in_thread(create_app(lambda: backend)) as url, httpx.Client(base_url=url, timeout=60) as client:
-        yield client
 
 
 def count(http: httpx.Client, endpoint: str, status: int) -> float:
