@@ -15,13 +15,21 @@ come from the heap) and trims the heap only beyond 1 GiB of free memory, so a pr
 what it freed for reuse. Loading an encoder (``artifact.load_encoder``: serving, evaluation
 and every pipeline worker, through the Beam model handler), training and the embed job call
 it; it acts once per process. Only glibc has ``mallopt``; elsewhere it does nothing.
+
+``long_lived_objects_frozen`` keeps CPython's full garbage collections off the objects that
+existed before a batch job (the modules of Beam, JAX, Arrow: ~260k objects) while it runs.
+Without it, one full collection in an embed run of 10,000 CIFAR-10 images took 0.2 s, holding
+the GIL on the thread that feeds the encoder.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+import gc
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
 
@@ -43,3 +51,19 @@ def keep_freed_memory() -> bool:
     log.debug("malloc keeps freed memory (mmap threshold %d, trim threshold %d): %s",
               MMAP_THRESHOLD_BYTES, TRIM_THRESHOLD_BYTES, ok)
     return ok
+
+
+@contextmanager
+def long_lived_objects_frozen() -> Iterator[bool]:
+    """Within the block, the cyclic garbage collector skips every object alive on entry
+    (``gc.freeze``, no collection first: that would be the very pause avoided); on exit they
+    are collectable again (``gc.unfreeze``). Yields whether it froze: not when something
+    else (a server's ``serving.heap.settle``) already froze objects, which stay frozen."""
+    if gc.get_freeze_count():
+        yield False
+        return
+    gc.freeze()
+    try:
+        yield True
+    finally:
+        gc.unfreeze()

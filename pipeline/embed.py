@@ -36,7 +36,7 @@ import pyarrow as pa
 from lookalike.index.builder import resolve_options
 from lookalike.model.artifact import read_model_meta
 from lookalike.model.filelock import try_lock_folder
-from lookalike.model.memory import keep_freed_memory
+from lookalike.model.memory import keep_freed_memory, long_lived_objects_frozen
 from lookalike.model.progress import format_seconds
 from lookalike.model.store import Store, StoreError, check_version_name
 from lookalike.pipeline.cache import load_cache_table
@@ -277,7 +277,7 @@ def run_embed(config: EmbedConfig) -> EmbedSummary:
     validate_config(config)
     keep_freed_memory()
     store = Store.at(config.workdir)
-    with publish_lock(store, config.publish):
+    with publish_lock(store, config.publish), long_lived_objects_frozen():
         return _run_embed(config, store, started, mark)
 
 

@@ -6,6 +6,7 @@ so the warnings Beam logs while it imports get the same format and noise filter 
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(0)
     from apache_beam.runners.worker import sdk_worker_main
 
+    gc.freeze()  # the modules imported so far are never garbage: full collections skip them (model.memory)
     sdk_worker_main.main(sys.argv)
 
 

@@ -89,6 +89,43 @@ def test_embed_progress_counts_files_not_items(tmp_path):
     assert lines[0]._progress.line().startswith("embed (") and "%" not in lines[0]._progress.line()  # a worker's share
 
 
+def test_cache_writes_land_before_each_batch_counts_and_before_the_bundle_ends(tmp_path, monkeypatch):
+    """Each batch's cache file is written on a thread of its own; the failpoint of batch N (what
+    the crash tests kill at) fires only once N files are in the cache, the bundle ends only
+    once all are, and a failed write fails the bundle."""
+    from apache_beam.ml.inference.base import PredictionResult
+
+    import lookalike.pipeline.batches as batches
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    seen: list[tuple[str, int]] = []
+    monkeypatch.setattr(batches, "failpoint", lambda name: seen.append((name, len(list(cache.glob("part-*.parquet"))))))
+    fn = batches.BatchRowsFn(None, str(cache), 4, 1, root="/c", thumbnails_dir="/t", model_version="m-1")
+    fn.setup()
+    fn.start_bundle()
+    for b in range(7):
+        metas = [{"source_hash": f"{b}{i}".ljust(64, "0"), "content_hash": f"{b}{i}".ljust(64, "0"), "kind": "image",
+                  "timestamp_s": None, "width": 8, "height": 8, "uris": [f"/c/{b}-{i}.png"]} for i in range(3)]
+        list(fn.process((metas, PredictionResult(None, np.full((3, 4), b, np.float32)))))
+    list(fn.finish_bundle())
+    assert [name for name, _ in seen] == [f"embed_batch_{n}" for n in range(1, 8)]
+    assert all(files >= n for n, (_, files) in enumerate(seen, 1)), seen
+    assert len(list(cache.glob("part-*.parquet"))) == 7
+    fn.teardown()
+
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("")
+    fn = batches.BatchRowsFn(None, str(blocked), 4, 1, root="/c", thumbnails_dir="/t", model_version="m-1")
+    fn.setup()
+    fn.start_bundle()
+    list(fn.process(([{"source_hash": "a" * 64, "content_hash": "a" * 64, "kind": "image", "timestamp_s": None,
+                       "width": 8, "height": 8, "uris": ["/c/a.png"]}], PredictionResult(None, np.ones((1, 4), np.float32)))))
+    with pytest.raises(OSError, match="not-a-folder"):
+        list(fn.finish_bundle())
+    fn.teardown()
+
+
 @pytest.fixture
 def pools_used(watch_decode_pools) -> list[bool]:
     """Whether each group the decode stage decoded went to its thread pool (in order)."""
