@@ -180,7 +180,7 @@ def publish_atomically(store: Store, write: Callable[[Path], Any], *, make_curre
     Nothing is left behind if ``write`` raises. From before ``tmp_dir`` exists until it is
     renamed or removed, this process holds an OS lock on ``writer_lock_path(tmp_dir)`` (the
     kernel releases it if the process is killed): a folder whose lock can be taken has no live
-    writer, and ``pipeline.versions.clean_partial_indexes`` may remove it.
+    writer, and ``pipeline.leftovers.clean_partial_indexes`` may remove it.
     """
     if make_current and not store_locked:
         from lookalike.model.store_lock import StoreLock

@@ -35,7 +35,6 @@ import pyarrow as pa
 
 from lookalike.index.builder import resolve_options
 from lookalike.model.artifact import read_model_meta
-from lookalike.model.filelock import try_lock_folder
 from lookalike.model.memory import keep_freed_memory, long_lived_objects_frozen
 from lookalike.model.progress import format_seconds
 from lookalike.model.store import Store, StoreError, check_version_name
@@ -51,32 +50,22 @@ from lookalike.model.store_lock import StoreLock
 from lookalike.pipeline.listing import write_listing
 from lookalike.pipeline.metadata import prepare_metadata, report_unmatched, with_metadata
 from lookalike.pipeline.reuse import current_index_if_same, list_files, plan_reuse, reused_items
-from lookalike.pipeline.sources import (GLOB_CHARS, absolute_pattern, bad_name_letter, common_folder, corpus_pattern,
-                                       corpus_root, dead_letter, literal_folder, read_list_file, utf8_name)
-from lookalike.pipeline.summary import (EmbedSummary, counter_values, read_dead_letters, read_embeddings, read_items,
+from lookalike.pipeline.sources import (GLOB_CHARS, absolute_pattern, common_folder, corpus_pattern,
+                                       corpus_root, literal_folder, read_list_file, utf8_name)
+from lookalike.pipeline.summary import (EmbedError, EmbedSummary, counter_values, read_dead_letters, read_embeddings, read_items,
                                         summarize)
 from lookalike.pipeline.tfds_source import TfdsSpec, example_ranges
 from lookalike.pipeline.thumbnails import sources_missing_thumbnails
-from lookalike.pipeline.versions import clean_leftovers, clean_partial_indexes, follow_served_model, prune, served_manifest
+from lookalike.pipeline.leftovers import clean_leftovers, clean_partial_indexes
+from lookalike.pipeline.run_dirs import (LISTING_FILE_NAME, RESERVED_RUN_NAMES, claim_run_dir, holds_only_a_listing,
+                                         remove_if_unused, report_misnamed, report_unlisted)
+from lookalike.pipeline.versions import follow_served_model, prune, served_manifest
 from lookalike.pipeline.writers import write_items_shard, write_jsonl
 
 log = logging.getLogger(__name__)
 
 __all__ = ["EmbedConfig", "EmbedError", "EmbedSummary", "pipeline_options", "read_dead_letters", "read_embeddings",
            "run_embed"]
-
-
-RESERVED_RUN_NAMES = ("cache",)  # embeddings/cache holds the embedding cache (``pipeline.cache``)
-LISTING_FILE_NAME = ".listing.arrow"  # the files to read, in the run folder while the pipeline runs
-# What a run writes before its pipeline starts: the listing, and the dead letters of files it
-# could not list, name or (``--incremental``) knows to fail. A run that fails or is killed
-# before writing anything else leaves nothing worth keeping: the next run writes them again.
-PRE_RUN_FILES = frozenset({LISTING_FILE_NAME, "dead_letter-unlisted.jsonl", "dead_letter-misnamed.jsonl",
-                           "dead_letter-unread.jsonl"})
-
-
-class EmbedError(RuntimeError):
-    """The embed job could not produce an index; the message says why."""
 
 
 class _KeepCurrent(Exception):
@@ -256,7 +245,7 @@ def publish_lock(store: Store, publish: bool) -> Iterator[None]:
     """Hold the store lock for a run that publishes (``publish``), so it cannot move CURRENT
     under a reindex or ``versions promote|rollback``, nor they under it; LockHeldError at once
     when another run holds it. Taking over a dead run's lock removes what that run left
-    (``versions.clean_leftovers``). A run that does not publish takes no lock."""
+    (``leftovers.clean_leftovers``). A run that does not publish takes no lock."""
     if not publish:
         yield
         return
@@ -305,7 +294,7 @@ def _run_embed(config: EmbedConfig, store: Store, started: float, mark: int = 0)
     # The source is checked before the run folder exists: a missing data set or split is an error, not a folder.
     tfds_ranges = example_ranges(TfdsSpec.parse(config.tfds, config.tfds_data_dir)) if config.tfds else None
     clean_partial_indexes(store)  # never one a running embed is writing
-    held = _claim_run_dir(run_dir)
+    held = claim_run_dir(run_dir)
     run = EmbedRun(config, store, meta, str(model_dir), pattern, root, run_dir, total=0, tfds_ranges=tfds_ranges,
                    metadata=metadata, stop_mark=mark)
     try:
@@ -316,69 +305,6 @@ def _run_embed(config: EmbedConfig, store: Store, started: float, mark: int = 0)
     finally:
         os.close(held)
         discard_preloaded()
-
-
-def holds_only_a_listing(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds nothing but what a run writes before its pipeline starts (its
-    corpus listing, ``PRE_RUN_FILES``), or nothing: what a run killed before any output leaves."""
-    try:
-        return all(p.name in PRE_RUN_FILES for p in run_dir.iterdir())
-    except OSError:
-        return False
-
-
-def _claim_run_dir(run_dir: Path) -> int:
-    """Create ``run_dir`` (or take over the folder a killed run left, holding only its listing)
-    and lock it for this run's lifetime (``filelock.try_lock_folder``; the kernel releases the
-    lock of a killed run): the descriptor to close when the run ends. EmbedError when a live
-    run holds the folder."""
-    existed = run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    fd = try_lock_folder(run_dir)
-    if fd is None:
-        raise EmbedError(f"embedding run {run_dir} is being written by another running embed; choose another --run-name")
-    if existed:
-        if not holds_only_a_listing(run_dir):  # written meanwhile by a run that has ended since
-            os.close(fd)
-            raise EmbedError(f"embedding run {run_dir} already exists; choose another --run-name")
-        for name in PRE_RUN_FILES:
-            (run_dir / name).unlink(missing_ok=True)
-        log.info("reusing the folder of embedding run %s: a killed run left nothing there but its corpus listing", run_dir)
-    return fd
-
-
-def remove_if_unused(run_dir: Path) -> bool:
-    """Remove the folder of a failed run that wrote nothing worth keeping (nothing, or only
-    what it writes before its pipeline starts: ``PRE_RUN_FILES``), so its name can be used
-    again; True if removed. A run that wrote a summary (with its dead letters) or embedding
-    shards keeps them for the user to read. (The embedding cache, which lets ``--incremental``
-    resume after a crash, is not in here.)"""
-    try:
-        kept = [p.name for p in run_dir.iterdir() if p.name not in PRE_RUN_FILES]
-    except OSError:
-        return False
-    if kept:
-        return False
-    shutil.rmtree(run_dir, ignore_errors=True)
-    log.info("removed the folder of the failed run %s: it holds no output", run_dir)
-    return not run_dir.exists()
-
-
-def _report_unlisted(errors: list[OSError], run_dir: Path) -> None:
-    """Folders of the corpus that could not be listed: a warning each, and a dead letter each
-    (stage "list", the folder as its uri), so the run reports them among its failures."""
-    letters = [dead_letter(str(e.filename), "list", f"{type(e).__name__}: {e}") for e in errors]
-    for letter in letters:
-        log.warning("cannot list corpus folder %s (%s): its files are left out", letter["uri"], letter["reason"])
-    write_jsonl(run_dir / "dead_letter-unlisted.jsonl", letters)
-
-
-def _report_misnamed(paths: list[str], run_dir: Path) -> None:
-    """Files whose names are not UTF-8: a warning and a dead letter each (stage "list")."""
-    letters = [bad_name_letter(path) for path in paths]
-    log.warning("%d file(s) left out: their names are not valid UTF-8 (e.g. %s); rename them to UTF-8 (convmv) to "
-                "embed them", len(letters), letters[0]["uri"])
-    write_jsonl(run_dir / "dead_letter-misnamed.jsonl", letters)
 
 
 def _redo_missing_thumbnails(run: EmbedRun, cache_table: pa.Table) -> None:
@@ -421,11 +347,11 @@ def _list_and_run(run: EmbedRun, started: float) -> EmbedSummary:
         if misnamed:  # left out before the listing (Arrow) holds them, and reported
             run.listing = [m for m in run.listing if utf8_name(m.path)]
             if len(run.listing) <= LISTING_IN_GRAPH_MAX:  # else the pipeline matches them again: read_one reports them
-                _report_misnamed([m.path for m in misnamed], run_dir)
+                report_misnamed([m.path for m in misnamed], run_dir)
                 run.misnamed_left_out = len(misnamed)
         run.total = len(run.listing) + (len(misnamed) - run.misnamed_left_out)
         if unlisted:
-            _report_unlisted(unlisted, run_dir)
+            report_unlisted(unlisted, run_dir)
             run.unlisted_folders = len(unlisted)
         if config.incremental:  # the cache is read once here: little besides it when nothing changed
             cache_table = load_cache_table(run.cache, int(meta["embed_dim"]))

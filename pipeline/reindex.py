@@ -71,10 +71,8 @@ from lookalike.pipeline.reindex_checks import (  # noqa: F401 (re-exported)
     usable_eval_ids,
     validate,
 )
-from lookalike.pipeline.versions import (
-    clean_leftovers, discard_candidate, last_served_present, mark_candidate, missing_current_hint, promote, prune,
-    served_unusable, unmark_candidate,
-)
+from lookalike.pipeline.leftovers import clean_leftovers, discard_candidate, mark_candidate, unmark_candidate
+from lookalike.pipeline.versions import last_served_present, missing_current_hint, promote, prune, served_unusable
 
 if TYPE_CHECKING:  # the embed run's summary, imported when the run embeds
     from lookalike.pipeline.summary import EmbedSummary

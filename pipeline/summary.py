@@ -15,6 +15,10 @@ import pyarrow.parquet as pq
 from lookalike.pipeline.items import embeddings_of
 
 log = logging.getLogger(__name__)
+
+
+class EmbedError(RuntimeError):
+    """The embed job could not produce an index; the message says why."""
 DEAD_LETTERS_SHOWN = 20  # skipped files named in the log and in summary.json; all are in dead_letter-*.jsonl
 
 

@@ -14,7 +14,6 @@ pointed at the model of the index that serves (``follow_served_model``), so the 
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 
 from lookalike.index.manifest import IndexLoadError, read_manifest, verify_files
 from lookalike.model.store import HISTORY, REINDEX_RUN_MARK, Store, StoreError  # noqa: F401 (HISTORY: re-exported)
+from lookalike.pipeline.leftovers import clean_partial_indexes
 
 log = logging.getLogger(__name__)
 
@@ -356,9 +356,6 @@ def _prune_embeddings(store: Store, keep_runs: int, embed_runs: bool = False) ->
     return removed
 
 
-CANDIDATE_MARK = ".candidate-"
-
-
 def served_unusable(store: Store, version: str | None, error: Exception) -> Exception:
     """``error`` (the served index ``version`` or its model failing to load, as a corrupt or
     deleted file does) with how to recover added: rolling back to, or promoting, a version
@@ -373,133 +370,3 @@ def served_unusable(store: Store, version: str | None, error: Exception) -> Exce
     if type(error) in (IndexLoadError, StoreError):
         return type(error)(f"{error}; {hint}")
     return IndexLoadError(f"{type(error).__name__}: {error}; {hint}")
-
-
-def mark_candidate(store: Store, version: str) -> None:
-    """Note that index ``version`` is about to be built as an unpromoted candidate: if the run
-    dies before promoting or discarding it, the next run removes it (``clean_candidates``)."""
-    store.indexes_dir.mkdir(parents=True, exist_ok=True)
-    (store.indexes_dir / f"{CANDIDATE_MARK}{store.index_dir(version).name}").touch()
-
-
-def unmark_candidate(store: Store, version: str) -> None:
-    """The candidate was promoted: it is an ordinary version now."""
-    (store.indexes_dir / f"{CANDIDATE_MARK}{version}").unlink(missing_ok=True)
-
-
-def discard_candidate(store: Store, version: str) -> None:
-    """Remove an unpromoted candidate's folder (it must never serve or count as kept)."""
-    if _remove_candidate(store, version):
-        log.info("removed index candidate %s (not promoted)", version)
-
-
-def _remove_candidate(store: Store, version: str) -> bool:
-    """Remove candidate ``version``'s folder and mark unless it serves (then it only loses its
-    mark); True if a folder was removed. Logs nothing: the callers say what they removed."""
-    if store.current_index_or_none() == version:
-        unmark_candidate(store, version)
-        return False
-    existed = store.index_dir(version).exists()
-    shutil.rmtree(store.index_dir(version), ignore_errors=True)
-    unmark_candidate(store, version)
-    return existed
-
-
-def clean_candidates(store: Store) -> list[str]:
-    """Remove candidates a killed or interrupted run built but never promoted (call only while
-    holding the store lock); a candidate that did become CURRENT just loses its mark. Returns
-    the versions removed; logs nothing (``clean_leftovers`` does)."""
-    removed = []
-    if store.indexes_dir.is_dir():
-        for mark in store.indexes_dir.glob(f"{CANDIDATE_MARK}*"):
-            if _remove_candidate(store, version := mark.name[len(CANDIDATE_MARK):]):
-                removed.append(version)
-    return removed
-
-
-def clean_leftovers(store: Store, took_over_stale: bool) -> list[str]:
-    """Remove what earlier runs left, just after taking the store lock (call only while holding
-    it): index candidates a run built but never promoted (a run stopped by Ctrl-C leaves one
-    too), and, when the lock was taken over from a run that died (``took_over_stale``), its
-    temporary folders (``clean_partial``). Logs one line saying what was removed (after a
-    dead run, also that there was nothing); returns the versions and folders removed."""
-    partial = clean_partial(store, quiet=True) if took_over_stale else []
-    candidates = clean_candidates(store)
-    parts = ([f"index candidate(s) built but never promoted: {', '.join(candidates)}"] if candidates else []) + \
-            ([f"partial folder(s): {', '.join(partial)}"] if partial else [])
-    if took_over_stale:
-        log.warning("the run that held the store lock died; %s",
-                    f"removed what it left: {'; '.join(parts)}" if parts else "it left nothing to remove")
-    elif parts:
-        log.warning("removed what an earlier, interrupted run left: %s", "; ".join(parts))
-    return candidates + partial
-
-
-def clean_partial_indexes(store: Store, *, quiet: bool = False) -> list[str]:
-    """Remove the ``indexes/.tmp-*`` folders that killed runs left, never one still being
-    written: its writer holds the OS lock of ``.tmp-<version>.lock`` from before the folder
-    exists until it is renamed or removed (``index.manifest.publish_atomically``), so a folder
-    whose lock this process can take has no live writer. Safe without the store lock, so
-    ``embed --no-publish`` (which does not take it) cleans up too. Logs what it removed unless
-    ``quiet`` (the caller does)."""
-    from lookalike.index.manifest import WRITER_LOCK_SUFFIX, writer_lock_path
-    from lookalike.model.filelock import try_lock, unlock
-
-    if not store.indexes_dir.is_dir():
-        return []
-    folders = {p.name.removesuffix(WRITER_LOCK_SUFFIX) for p in store.indexes_dir.iterdir()
-               if p.name.startswith(".tmp-")}
-    removed = []
-    for name in sorted(folders):
-        tmp = store.indexes_dir / name
-        lock = writer_lock_path(tmp)
-        fd = try_lock(lock)
-        if fd is None:  # a live run is writing it
-            continue
-        try:
-            if tmp.is_dir():
-                shutil.rmtree(tmp, ignore_errors=True)
-                removed.append(str(tmp))
-        finally:
-            unlock(lock, fd)  # and removes the lock file a killed writer left
-    if removed and not quiet:
-        log.warning("removed partial index folder(s) that killed runs left: %s", ", ".join(removed))
-    return removed
-
-
-def clean_partial(store: Store, *, quiet: bool = False) -> list[str]:
-    """Remove temporary folders a killed run left (call only while holding the store lock):
-    partial indexes no live run writes (``clean_partial_indexes``), and partial models. Logs
-    the partial indexes it removed unless ``quiet``."""
-    removed = clean_partial_indexes(store, quiet=quiet)
-    if store.models_dir.is_dir():
-        for tmp in store.models_dir.iterdir():
-            if tmp.name.startswith((".tmp-", ".run-")):
-                shutil.rmtree(tmp, ignore_errors=True)
-                removed.append(str(tmp))
-    return removed + clean_unstarted_embed_runs(store)
-
-
-def clean_unstarted_embed_runs(store: Store) -> list[str]:
-    """Remove embedding run folders that hold nothing but what a run writes before its pipeline
-    starts (its corpus listing): what a run killed early leaves (reindex's embed step names
-    its run by the time, so no later run takes the folder over). Never one a live run holds
-    (``filelock.try_lock_folder``)."""
-    from lookalike.model.filelock import try_lock_folder
-    from lookalike.pipeline.embed import holds_only_a_listing
-
-    removed = []
-    runs = store.embeddings_dir
-    for run in sorted(runs.iterdir()) if runs.is_dir() else []:
-        if not run.is_dir() or run.is_symlink() or not holds_only_a_listing(run) or not any(run.iterdir()):
-            continue
-        fd = try_lock_folder(run)
-        if fd is None:  # a live run is starting in it
-            continue
-        try:
-            if holds_only_a_listing(run):  # again, locked: a run may have finished since the first look
-                shutil.rmtree(run, ignore_errors=True)
-                removed.append(str(run))
-        finally:
-            os.close(fd)
-    return removed

@@ -170,7 +170,7 @@ def test_sigkill_at_each_step_leaves_the_served_version_answering(store):
 
 def test_a_takeover_removes_embedding_runs_killed_before_their_pipeline_never_a_live_or_finished_one(store, caplog):
     from lookalike.model.filelock import try_lock_folder
-    from lookalike.pipeline.versions import clean_leftovers
+    from lookalike.pipeline.leftovers import clean_leftovers
 
     runs = store.embeddings_dir
     finished = sorted(p for p in runs.iterdir() if p.is_dir())
@@ -771,7 +771,7 @@ def test_corpus_that_mostly_vanished_is_not_promoted(store, tiny_config):
 
 def test_candidate_left_by_a_killed_run_is_removed_by_the_next_run(store, tiny_config, tmp_path):
     from lookalike.index.builder import build_and_publish
-    from lookalike.pipeline.versions import mark_candidate
+    from lookalike.pipeline.leftovers import mark_candidate
 
     index = ItemIndex.load(store.require_current_index())
     mark_candidate(store, "i-killed-candidate")  # what a run killed between build and promote leaves
@@ -789,7 +789,7 @@ def test_after_a_dead_run_one_log_line_says_everything_that_was_removed(store, t
     """Not "removed its leftovers: none" followed by the candidate it did remove."""
     from lookalike.index.builder import build_and_publish
     from lookalike.model.store_lock import LOCK_NAME
-    from lookalike.pipeline.versions import mark_candidate
+    from lookalike.pipeline.leftovers import mark_candidate
 
     index = ItemIndex.load(store.require_current_index())
     mark_candidate(store, "i-killed-candidate")
@@ -1047,7 +1047,7 @@ def test_report_example_grid_titles_each_column_group_and_rules_between_them(sto
 
 def test_partial_index_folders_of_killed_runs_are_removed_but_never_one_being_written(store):
     from lookalike.index.manifest import publish_atomically
-    from lookalike.pipeline.versions import clean_partial_indexes
+    from lookalike.pipeline.leftovers import clean_partial_indexes
 
     stale = store.indexes_dir / ".tmp-i-killed"
     (stale / "shard-00000").mkdir(parents=True)
