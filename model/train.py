@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Callable, Collection
@@ -42,6 +41,7 @@ from lookalike.model.held_out import HELD_OUT_FILE, write_held_out
 from lookalike.model.losses import contrastive_pair_loss, mined_triplet_loss
 from lookalike.model.memory import keep_freed_memory
 from lookalike.model.metrics import best_f1_threshold, json_ready, retrieval_metrics
+from lookalike.model.mining_memory import check_triplet_memory
 from lookalike.model.prefetch import Prefetcher
 from lookalike.model.preprocess import PreprocessSpec
 from lookalike.model.progress import Progress, last_value_note
@@ -335,57 +335,6 @@ def train_on_arrays(
         metrics["same_item_f1"] = f1
     metrics["final_loss"] = next((h["loss"] for h in reversed(history) if "loss" in h), None)
     return model, metrics, threshold
-
-
-# batch_all and semi_hard mining build [B, B, B] tensors (every anchor, positive, negative):
-# about a float32 and a bool per element at their peak.
-CUBIC_MINING = ("batch_all", "semi_hard")
-CUBIC_BYTES_PER_ELEMENT = 5
-SQUARE_BYTES_PER_ELEMENT = 16  # batch_hard: distances, masks and the masked copies, [B, B] each
-CGROUP_MEMORY_LIMITS = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")  # v2, v1
-
-
-def memory_bytes(device: Any) -> int | None:
-    """The memory a computation on ``device`` can use: a GPU's or TPU's own; for a CPU the
-    host's RAM, or the container's memory limit (cgroup) when lower."""
-    if device.platform == "cpu":
-        try:
-            ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-        except (ValueError, OSError):
-            return None
-        for limit_file in CGROUP_MEMORY_LIMITS:  # a container's limit (docker --memory) is below the host's RAM
-            try:
-                text = Path(limit_file).read_text().strip()
-            except OSError:
-                continue
-            if text.isdigit():
-                ram = min(ram, int(text))
-        return ram
-    stats = device.memory_stats() or {}
-    return stats.get("bytes_limit")
-
-
-def check_triplet_memory(config: TrainConfig, images_per_step: int, mesh: Mesh) -> None:
-    """Refuse, before any work, a triplet batch whose mining needs more than half the
-    device's memory: ``pk_images=1000`` once ended in a raw XLA out-of-memory error (67 GB).
-    batch_all and semi_hard hold [B, B, B] tensors, batch_hard [B, B] ones."""
-    if config.loss != "triplet":
-        return
-    power, per_element = (3, CUBIC_BYTES_PER_ELEMENT) if config.mining in CUBIC_MINING else (2, SQUARE_BYTES_PER_ELEMENT)
-    needed = images_per_step ** power * per_element
-    device = mesh.devices.flat[0]
-    available = memory_bytes(device)  # CPU devices share the host's RAM; accelerators each have their own
-    if available is not None and device.platform != "cpu":
-        available *= mesh.devices.size
-    if available is not None and needed > available / 2:
-        largest = int((available / 2 / per_element) ** (1 / power))
-        what = "every (anchor, positive, negative)" if power == 3 else "every pair"
-        other = " or use mining=batch_hard (memory grows with the square)" if power == 3 else ""
-        raise ValueError(
-            f"config pk_classes={config.pk_classes} x pk_images={config.pk_images} gives {images_per_step} images/step "
-            f"(P at most the classes that have images), and mining={config.mining} compares {what} of a batch: about "
-            f"{needed / 2**30:,.0f} GiB, more than half of the {available / 2**30:.0f} GiB here; keep a batch under "
-            f"~{largest:,} images (lower pk_classes or pk_images){other}")
 
 
 def can_validate(y_val: np.ndarray) -> bool:

@@ -229,17 +229,3 @@ def test_a_triplet_batch_too_big_to_mine_is_refused_before_any_work(tiny_config,
     assert not (tmp_path / "training.png").exists()
     hard = dataclasses.replace(config, mining="batch_hard", pk_images=4, num_steps=2)  # square memory: fine
     train_on_arrays(hard, data, tmp_path)
-
-
-def test_the_memory_a_cpu_computation_can_use_is_capped_by_a_container_limit(tmp_path, monkeypatch):
-    import jax
-
-    import lookalike.model.train as train_module
-
-    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    limit = tmp_path / "memory.max"
-    limit.write_text(f"{ram // 4}\n")
-    monkeypatch.setattr(train_module, "CGROUP_MEMORY_LIMITS", (str(tmp_path / "absent"), str(limit)))
-    assert train_module.memory_bytes(jax.devices("cpu")[0]) == ram // 4
-    limit.write_text("max\n")  # cgroup v2: no limit
-    assert train_module.memory_bytes(jax.devices("cpu")[0]) == ram
