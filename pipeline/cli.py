@@ -328,7 +328,7 @@ def bad_train_overrides(args: argparse.Namespace) -> str | None:
         if getattr(args, "config", None):
             validate_config(_train_config(args))
         else:
-            from lookalike.pipeline.reindex import served_train_config
+            from lookalike.pipeline.reindex_inputs import served_train_config
 
             served = served_train_config(args.workdir)
             validate_config(apply_overrides(served, list(args.overrides)) if served is not None else

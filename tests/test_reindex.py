@@ -1128,7 +1128,7 @@ def test_a_cron_line_without_corpus_follows_the_folder_the_served_index_was_embe
 
 def test_corpus_defaults_to_the_store_folder_when_the_served_manifest_records_none(store, tmp_path):
     """Stores indexed before manifests recorded their corpus (or from a list file) keep DIR/corpus."""
-    from lookalike.pipeline.reindex import resolve_corpus
+    from lookalike.pipeline.reindex_inputs import resolve_corpus
 
     config = ReindexConfig(workdir=str(store.root))
     assert resolve_corpus(config, store, {"model_version": "m"}, "i-old") == store.corpus_dir
