@@ -33,12 +33,12 @@ from pathlib import Path
 import apache_beam as beam
 import pyarrow as pa
 
-from lookalike.index.builder import resolve_options
 from lookalike.model.artifact import read_model_meta
 from lookalike.model.memory import keep_freed_memory, long_lived_objects_frozen
 from lookalike.model.progress import format_seconds
 from lookalike.model.store import Store, StoreError, check_version_name
 from lookalike.pipeline.cache import load_cache_table
+from lookalike.pipeline.embed_inputs import embed_source, resolve_corpus, source_name, validate_embed_config
 from lookalike.pipeline.failpoints import failpoint
 from lookalike.pipeline.graph import (LISTING_IN_GRAPH_MAX, LOCAL_RUNNER, THUMBNAILS_FOLDER, EmbedConfig, EmbedRun,
                                       build_pipeline, local_runner, pipeline_options)
@@ -50,8 +50,8 @@ from lookalike.model.store_lock import StoreLock
 from lookalike.pipeline.listing import write_listing
 from lookalike.pipeline.metadata import prepare_metadata, report_unmatched, with_metadata
 from lookalike.pipeline.reuse import current_index_if_same, list_files, plan_reuse, reused_items
-from lookalike.pipeline.sources import (GLOB_CHARS, absolute_pattern, common_folder, corpus_pattern,
-                                       corpus_root, literal_folder, read_list_file, utf8_name)
+from lookalike.pipeline.sources import (corpus_pattern,
+                                       corpus_root, read_list_file, utf8_name)
 from lookalike.pipeline.summary import (EmbedError, EmbedSummary, counter_values, read_dead_letters, read_embeddings, read_items,
                                         summarize)
 from lookalike.pipeline.tfds_source import TfdsSpec, example_ranges
@@ -140,9 +140,9 @@ def _execute(run: EmbedRun, started: float, index_dir: str | None,
         if run.total == 0:
             unlisted = (f" ({summary.failed} folder(s) or file name(s) could not be used: see "
                         f"{run.run_dir}/dead_letter-*.jsonl)" if summary.failed else "")
-            raise EmbedError(f"nothing embedded: no files found in {_source_name(run)}{unlisted}; no index published")
+            raise EmbedError(f"nothing embedded: no files found in {source_name(run)}{unlisted}; no index published")
         raise EmbedError(
-            f"nothing embedded from {_source_name(run)}: {run.total} file(s) found, {summary.failed} rejected "
+            f"nothing embedded from {source_name(run)}: {run.total} file(s) found, {summary.failed} rejected "
             f"(see {run.run_dir}/dead_letter-*.jsonl); no index published"
         )
     return summary
@@ -155,89 +155,6 @@ def warn_if_metadata_dropped(store: Store) -> None:
     if served:
         log.warning("the served index %s joins item metadata from %s; this run joins none, so the index it publishes "
                     "has no metadata to filter on (pass --metadata %s to keep it)", current, served, served)
-
-
-def _source_name(run: EmbedRun) -> str:
-    """What the run reads, as the user named it: a TFDS data set, a list file, or a corpus pattern."""
-    if run.config.tfds:
-        return f"TFDS data set {run.config.tfds}"
-    if run.config.list_file:
-        return f"the files listed in {run.config.list_file}"
-    folder = literal_folder(run.pattern)  # a folder as the user named it, not its escaped pattern
-    return f"{folder}/**" if folder is not None and "://" not in folder else run.pattern
-
-
-def validate_config(config: EmbedConfig) -> None:
-    """ValueError naming the setting, before anything is written."""
-    for name in ("num_workers", "max_batch_size"):
-        if getattr(config, name) < 1:
-            raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
-    for name in ("num_shards", "decode_threads"):
-        if getattr(config, name) is not None and getattr(config, name) < 1:
-            raise ValueError(f"{name} must be at least 1, got {getattr(config, name)}")
-    if sum(bool(x) for x in (config.corpus, config.list_file, config.tfds)) > 1:
-        raise ValueError("give one source: a corpus, a list file or a TFDS data set")
-    if config.keep_versions is not None and (config.keep_versions < 1 or not config.publish):
-        raise ValueError(f"keep_versions must be at least 1, got {config.keep_versions}" if config.keep_versions < 1 else
-                         "keep_versions prunes after publishing: it cannot go with publish=False (--no-publish)")
-    resolve_options(1, replace(config.index, num_shards=1), warn=False)  # the index options (target recall, mode, ...)
-
-
-def _resolve_corpus(config: EmbedConfig, store: Store) -> tuple[EmbedConfig, str]:
-    """The config with an absolute list file, and the corpus folder or pattern (TFDS: its uri root)."""
-    corpus = config.corpus or str(store.corpus_dir)
-    if config.tfds:
-        return config, TfdsSpec.parse(config.tfds, config.tfds_data_dir).root
-    if config.list_file:
-        list_file = config.list_file if "://" in config.list_file else str(Path(config.list_file).resolve())
-        if "://" not in list_file and Path(list_file).is_dir():
-            raise StoreError(f"list file {config.list_file} is a folder: pass it as --corpus {config.list_file}, or "
-                             "give --list-file a text file with one path per line")
-        if "://" not in list_file and not Path(list_file).is_file():
-            raise StoreError(f"list file {config.list_file} does not exist")
-        listed = read_list_file(list_file)  # ids are relative to the listed files' common folder
-        return replace(config, list_file=list_file), common_folder(listed) if listed else list_file.rsplit("/", 1)[0]
-    if "://" in corpus:
-        return config, corpus
-    if Path(corpus).expanduser().is_dir():  # an existing folder is never a pattern, whatever its name holds
-        return config, str(Path(corpus).expanduser().resolve())
-    if any(ch in corpus for ch in GLOB_CHARS):
-        return config, absolute_pattern(corpus)  # made absolute, as a relative folder is
-    if Path(corpus).expanduser().exists():
-        folder = Path(corpus).expanduser().resolve().parent
-        raise StoreError(f"corpus {corpus} is a file, not a folder: pass its folder (--corpus {folder}), or list the "
-                         "files to embed in a text file passed as --list-file")
-    if config.corpus:  # the user named it: the path it names, without a hint to pass what they passed
-        raise StoreError(f"corpus folder {Path(corpus).expanduser().resolve()} does not exist")
-    raise StoreError(missing_default_corpus(store))
-
-
-def missing_default_corpus(store: Store) -> str:
-    """Why embed without --corpus cannot run when ``DIR/corpus`` is missing, and what to pass.
-    A store whose CURRENT index was embedded from another folder is named first: ``lookalike
-    demo`` would write the digits into ``DIR/corpus`` and publish them over that index."""
-    from lookalike.index.manifest import current_corpus
-
-    served = current_corpus(store)
-    if served is not None and Path(served) != store.corpus_dir:
-        return (f"corpus folder {store.corpus_dir} (the default) does not exist: pass --corpus FOLDER; the served "
-                f"index {store.current_index_or_none()} was embedded from {served} (--corpus {served} embeds that "
-                "folder again)")
-    return (f"corpus folder {store.corpus_dir} (the default) does not exist: pass --corpus FOLDER (or, for a new "
-            f"store, `lookalike demo --workdir {store.root}` writes the digits demo corpus there)")
-
-
-def embed_source(config: EmbedConfig, pattern: str, root: Path) -> dict[str, str]:
-    """What a run embeds, recorded in its index's manifest (``source``): the corpus folder (or
-    pattern; relative to the store ``root`` when inside it) a later reindex defaults to, else
-    the list file or TFDS data set."""
-    from lookalike.index.manifest import corpus_source
-
-    if config.tfds:
-        return {"tfds": config.tfds}
-    if config.list_file:
-        return {"list_file": config.list_file}
-    return corpus_source(literal_folder(pattern) or pattern, root)
 
 
 @contextmanager
@@ -263,7 +180,7 @@ def run_embed(config: EmbedConfig) -> EmbedSummary:
     before any work, while another run holds it."""
     started = time.perf_counter()
     mark = stop_mark()
-    validate_config(config)
+    validate_embed_config(config)
     keep_freed_memory()
     store = Store.at(config.workdir)
     with publish_lock(store, config.publish), long_lived_objects_frozen():
@@ -273,7 +190,7 @@ def run_embed(config: EmbedConfig) -> EmbedSummary:
 def _run_embed(config: EmbedConfig, store: Store, started: float, mark: int = 0) -> EmbedSummary:
     model_dir = store.require_model(config.model_version)
     meta = read_model_meta(model_dir)
-    config, corpus = _resolve_corpus(config, store)
+    config, corpus = resolve_corpus(config, store)
     metadata = prepare_metadata(config.metadata) if config.metadata else None  # checked before anything is written
     if metadata is None and config.publish:
         warn_if_metadata_dropped(store)
@@ -363,7 +280,7 @@ def _list_and_run(run: EmbedRun, started: float) -> EmbedSummary:
         _redo_missing_thumbnails(run, load_cache_table(run.cache, int(meta["embed_dim"])))
     if in_process and config.incremental and (run.plan is None or run.plan.changed):
         preload_encoder(run.model_dir, config.max_batch_size)
-    log.info("embedding %d file(s) from %s with model %s on %s%s", run.total, _source_name(run), meta["version"], config.runner,
+    log.info("embedding %d file(s) from %s with model %s on %s%s", run.total, source_name(run), meta["version"], config.runner,
              f" ({len(run.plan.unchanged)} not read: same path, size, mtime and inode as cached; {len(run.plan.dead)} known to fail)"
              if run.plan else "")
     reused = None
