@@ -304,6 +304,18 @@ class ItemIndex(UpdatableIndex):
         """The row of a (live) item, or None; the id map is built on first use (~0.4 s per 1M items)."""
         return self._id_map().get(item_id)
 
+    def same_content(self, item_id: str, other_id: str) -> bool:
+        """Whether two (live) items are one, or byte-identical copies (a backup ``IMG_1 (1).jpg``,
+        embedded once: the same content hash), so either is the right answer to the other's
+        embedding. False for an unknown id, or where the index records no content hashes."""
+        if item_id == other_id:
+            return self.row_of(item_id) is not None
+        rows = self.row_of(item_id), self.row_of(other_id)
+        if None in rows:
+            return False
+        hashes = [self.items[row].get("content_hash") for row in rows]
+        return hashes[0] is not None and hashes[0] == hashes[1]
+
     def _id_map(self, write_locked: bool = False) -> dict[str, int]:
         """id -> live row; built under the read lock, or directly by a writer that holds the write lock."""
         if self._row_of is None:

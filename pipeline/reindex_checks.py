@@ -329,13 +329,13 @@ def canary_overlap(store: Store, old, new, k: int, count: int) -> float | None:
 
 
 def canary_self_retrieval(store: Store, index, count: int) -> float | None:
-    """Share of the canaries that ``index`` returns first when asked with their own stored
-    embedding: what must hold for any sane model and index, whatever the model (None: no
+    """Share of the canaries that ``index`` returns first (or a byte-identical copy of, embedded
+    once: the same content hash) when asked with their own stored embedding: what must hold for any sane model and index, whatever the model (None: no
     canary). A collapsed model (everything alike) or a broken index fails it."""
     hits = []
     for item_id in canary_ids(store, [index], count):
         found = index.search(index.embeddings[index.row_of(item_id)], k=1)[0]
-        hits.append(bool(found) and found[0].id == item_id)
+        hits.append(bool(found) and index.same_content(item_id, found[0].id))  # or a byte-identical copy
     return float(np.mean(hits)) if hits else None
 
 

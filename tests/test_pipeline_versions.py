@@ -1,0 +1,55 @@
+"""Promotion's checks (``pipeline.versions.check_version``) on indexes a real collection makes."""
+
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+
+def test_an_item_with_a_byte_identical_twin_passes_the_smoke_query(tmp_path, indexed_store):
+    """A backup copy of a photo (``IMG_1 (1).jpg``) is embedded once and listed under both
+    paths, so searching by the probe's embedding may find its twin first: that is the right
+    answer, not a broken index, and the version is promoted."""
+    from lookalike.index.builder import build_and_publish
+    from lookalike.index.searcher import ItemIndex
+    from lookalike.model.store import Store
+    from lookalike.pipeline.reindex_checks import canary_self_retrieval
+    from lookalike.pipeline.versions import check_version, promote
+
+    shutil.copytree(indexed_store.root, tmp_path / "store")
+    store = Store.at(tmp_path / "store")
+    served = ItemIndex.load(store.require_current_index())
+    n = 40
+    embeddings = np.concatenate([served.embeddings[:n], served.embeddings[:n]])  # each copy first, then its original
+    ids = [f"copies/{i:02d}.png" for i in range(n)] + [f"originals/{i:02d}.png" for i in range(n)]
+    hashes = [f"{i:064x}" for i in range(n)] * 2
+    version = build_and_publish(store, embeddings, pa.table({"id": ids, "content_hash": hashes}),
+                                model_version=served.model_version, make_current=False)
+    index = ItemIndex.load(store.index_dir(version))
+    probe = index.items[n]["id"]  # the middle item: the first original
+    assert probe == "originals/00.png"
+    assert index.search(index.embeddings[n], k=1)[0][0].id == "copies/00.png"  # what the check now accepts
+    assert check_version(store, version)["count"] == 2 * n
+    assert canary_self_retrieval(store, index, count=2 * n) == 1.0  # reindex's validation: copies first are right too
+    promote(store, version)
+    assert store.current_index() == version
+
+
+def test_the_smoke_query_refuses_an_index_that_finds_another_picture(tmp_path, indexed_store):
+    """The same embeddings under different content hashes (a collapsed model: everything alike):
+    the twin found first is another picture, and the version is refused, naming both."""
+    from lookalike.index.builder import build_and_publish
+    from lookalike.index.searcher import ItemIndex
+    from lookalike.model.store import Store
+    from lookalike.pipeline.versions import PromotionError, check_version
+
+    shutil.copytree(indexed_store.root, tmp_path / "store")
+    store = Store.at(tmp_path / "store")
+    served = ItemIndex.load(store.require_current_index())
+    embeddings = np.repeat(served.embeddings[:1], 20, axis=0)
+    ids = [f"x/{i:02d}.png" for i in range(20)]
+    version = build_and_publish(store, embeddings, pa.table({"id": ids, "content_hash": [f"{i:064x}" for i in range(20)]}),
+                                model_version=served.model_version, make_current=False)
+    with pytest.raises(PromotionError, match=r"stored embedding of item 'x/10.png' found 'x/\d\d.png', another picture"):
+        check_version(store, version)
