@@ -111,8 +111,6 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    if args.model and args.index:
-        raise ValueError("--model and --index evaluate different things: give one of them")
     if args.model:
         from lookalike.model.evaluate import evaluate_model_cli
 
@@ -315,6 +313,18 @@ def interrupted_hint(args: argparse.Namespace, stopped_by: BaseException | None 
     return ""
 
 
+def contradictory_arguments(args: argparse.Namespace) -> str | None:
+    """Arguments that cannot go together or are missing, which argparse alone does not see;
+    a usage error (exit 2) like its own. None if fine."""
+    if args.command == "eval" and args.model and args.index:
+        return "--model and --index evaluate different things: give one of them"
+    if args.command == "versions" and args.version and args.action != "promote":
+        return f"versions {args.action} takes no VERSION (got {args.version!r})"
+    if args.command == "versions" and args.action == "promote" and not args.version:
+        return "versions promote needs a VERSION (see `lookalike versions list`)"
+    return None
+
+
 def bad_train_overrides(args: argparse.Namespace) -> str | None:
     """Why the ``--set`` overrides of train, demo or reindex are wrong (an unknown key, a value
     of the wrong type or out of range), as a usage error before any work; None if fine. For a
@@ -356,16 +366,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     workdir = getattr(args, "workdir", None)
     if workdir and os.path.exists(workdir) and not os.path.isdir(workdir):
         parser_of_command.error(f"argument --workdir: {workdir} is a file, not a folder (the store: a folder)")
-    problem = bad_train_overrides(args)
+    problem = contradictory_arguments(args)
     if problem:
         parser_of_command.error(problem)
-    configure_logging(args.verbose)
     # The jobs with stop handling of their own (installed once their libraries are imported):
-    # until then, and after, a SIGTERM still says so. Other commands keep the default action.
+    # until then (checking --set imports JAX: seconds), and after, a SIGTERM still says so.
+    # Other commands keep the default action.
     with_own_stop = args.command in ("embed", "train", "reindex", "demo") and _in_main_thread()
     outside_a_job = partial(_terminated_outside_a_job, args.command)
     previous_term = signal.signal(signal.SIGTERM, outside_a_job) if with_own_stop else None
     try:
+        failpoint("cli-parsed")
+        problem = bad_train_overrides(args)
+        if problem:
+            parser_of_command.error(problem)
+        configure_logging(args.verbose)
         failpoint("cli-started")
         return _run_command(args)
     finally:

@@ -101,7 +101,7 @@ def served_after_stop(workdir: str, report: ReindexReport | None) -> str:
     from lookalike.model.store import Store
 
     current = Store.at(workdir).current_index_or_none()
-    if report is not None and report.previous_index != current:
+    if report is not None and any(s["step"] == "promote" and s["ok"] for s in report.steps):
         return f"CURRENT is {current}, promoted by this run before it stopped"
     return f"CURRENT is unchanged ({current}); the next run removes what this one left"
 
@@ -110,9 +110,7 @@ def cmd_versions(args: argparse.Namespace) -> int:
     from lookalike.model.store import Store
     from lookalike.pipeline import versions
 
-    if args.version and args.action != "promote":
-        raise ValueError(f"versions {args.action} takes no VERSION (got {args.version!r})")
-    store = Store.at(args.workdir)
+    store = Store.at(args.workdir)  # VERSION given or not as the action needs: checked by cli.contradictory_arguments
     if args.action == "list":
         rows = versions.list_versions(store)
         versions.warn_if_current_missing(store, rows)
@@ -129,8 +127,6 @@ def cmd_versions(args: argparse.Namespace) -> int:
                   f"{recall}  {r.get('created')}  {never}".rstrip())
         return 0
     if args.action == "promote":
-        if not args.version:
-            raise ValueError("versions promote needs a VERSION (see `lookalike versions list`)")
         _print_json(versions.promote(store, args.version, reason="manual promote"))
     elif args.action == "prune":
         store.require_current_index()  # a store that serves: nothing is pruned from one that does not

@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING, Any
 from lookalike.model.config import TrainConfig
 from lookalike.model.store import Store, StoreError
 from lookalike.pipeline.failpoints import failpoint
-from lookalike.pipeline.interrupts import stop_exit_status, stop_reason
+from lookalike.pipeline.interrupts import raise_if_stopped, stop_exit_status, stop_mark, stop_reason
 from lookalike.pipeline.report import REPORTS_KEPT, draw_examples, prune_reports, report_folder, write_report
 from lookalike.model.store_lock import StoreLock
 from lookalike.pipeline.reindex_checks import (  # noqa: F401 (re-exported)
@@ -72,7 +72,8 @@ from lookalike.pipeline.reindex_checks import (  # noqa: F401 (re-exported)
 )
 from lookalike.pipeline.leftovers import clean_leftovers, discard_candidate, mark_candidate, unmark_candidate
 from lookalike.pipeline.reindex_inputs import resolve_corpus, resolve_metadata, resolve_train_config, unlabelled_reason
-from lookalike.pipeline.versions import last_served_present, missing_current_hint, promote, prune, served_unusable
+from lookalike.pipeline.versions import (last_served_present, missing_current_hint, promote, prune, served_manifest,
+                                         served_unusable)
 
 if TYPE_CHECKING:  # the embed run's summary, imported when the run embeds
     from lookalike.pipeline.summary import EmbedSummary
@@ -138,16 +139,20 @@ class ReindexInterrupted(KeyboardInterrupt):
 
 
 class _Steps:
-    """Times each step into the report and honours failpoints."""
+    """Times each step into the report and honours failpoints. No step starts after a stop
+    signal since ``stop_mark`` (``interrupts.stop_mark``), even one whose KeyboardInterrupt was
+    lost (raised in a garbage-collection callback: "Exception ignored in ...")."""
 
-    def __init__(self, report: ReindexReport):
+    def __init__(self, report: ReindexReport, stop_mark: int = 0):
         self.report = report
+        self.stop_mark = stop_mark
 
     def __call__(self, name: str):
         steps = self
 
         class _Step:
             def __enter__(self):
+                raise_if_stopped(f"before step {name}", steps.stop_mark)
                 failpoint(name)
                 log.info("reindex step %s ...", name)
                 self.start = time.perf_counter()
@@ -182,10 +187,13 @@ def run_reindex(config: ReindexConfig) -> ReindexReport:
         raise StoreError(f"store {store.root} is not writable")
     report = ReindexReport()
     started = time.time()
+    mark = stop_mark()
     with StoreLock(store.root) as lock:
         try:
+            # What serves, cheaply (CURRENT and its manifest), for a report of a run stopped before the first step has it
+            report.previous_index, report.current_model = _served_now(store)
             clean_leftovers(store, lock.took_over_stale)  # one line says what was removed
-            _run_steps(config, store, report, report_folder(store, started))
+            _run_steps(config, store, report, report_folder(store, started), mark)
         except Exception as e:  # our own StoreError says it all; another error is named by its type
             report.outcome, report.reason = "failed", str(e) if type(e) is StoreError else f"{type(e).__name__}: {e}"
             if "No space left on device" in report.reason:  # said first: libraries put it at the end of a long message
@@ -212,13 +220,19 @@ def run_reindex(config: ReindexConfig) -> ReindexReport:
     return report
 
 
-def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport, report_dir: Path) -> None:
+def _served_now(store: Store) -> tuple[str | None, str | None]:
+    """(CURRENT's version, its model version) as far as they can be read without loading them."""
+    served = served_manifest(store)
+    return (served[0], served[1].get("model_version")) if served else (store.current_index_or_none(), None)
+
+
+def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport, report_dir: Path, mark: int = 0) -> None:
     from lookalike.index.searcher import ItemIndex
     from lookalike.model.artifact import read_model_meta
     from lookalike.model.held_out import added_since_training, files_unseen_by
     from lookalike.model.train import train_and_evaluate
 
-    step = _Steps(report)
+    step = _Steps(report, mark)
     report.previous_index = store.current_index()
     if report.previous_index is None and last_served_present(store) is not None:
         raise StoreError(f"{store.root / 'CURRENT'} is missing, but this store has served versions: {missing_current_hint(store)} "

@@ -297,6 +297,20 @@ def test_reindex_config_defaults_to_the_served_models():
 @pytest.mark.parametrize("argv, message", [
     (["eval", "--model", "--index"], "--model and --index evaluate different things"),
     (["versions", "list", "extra"], "versions list takes no VERSION (got 'extra')"),
+    (["versions", "rollback", "i-1"], "versions rollback takes no VERSION (got 'i-1')"),
+    (["versions", "promote"], "versions promote needs a VERSION"),
+])
+def test_arguments_that_cannot_go_together_are_a_usage_error(argv, message, tmp_path, capsys):
+    """Exit 2 with the command's usage, as argparse's own errors, before anything is read."""
+    from lookalike.pipeline.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main([*argv, "--workdir", str(tmp_path / "none")])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and message in err and f"usage: lookalike {argv[0]}" in err, err
+
+
+@pytest.mark.parametrize("argv, message", [
     (["query", "--url", "http://127.0.0.1:9", "--vector", "0.1,abc"], "--vector expects comma-separated numbers: value 1 is 'abc'"),
     (["query", "--url", "http://127.0.0.1:9", "--vector", "0.1,0.2,"],
      "--vector expects comma-separated numbers: value 2 is '' (an empty value: a stray comma?)"),
@@ -499,11 +513,13 @@ def test_reindex_set_is_checked_against_the_served_models_config(indexed_store, 
     assert "image_size=4: the conv encoder halves it 3 times" in problem(tmp_path / "empty", "image_size=4")
 
 
-def test_sigterm_before_a_job_handles_it_gives_one_line_and_143(trained_store, tmp_path):
-    """SIGTERM in the seconds embed spends importing Beam and JAX, before its own stop
-    handling: one line naming the command and the signal, then death by the signal (status
-    143 in a shell), nothing written (it used to vanish silently). In-process, main() leaves
-    the caller's SIGTERM handler as it was."""
+@pytest.mark.parametrize("command, when", [(["embed", "--no-publish"], "cli-started"),
+                                           (["reindex", "--set", "num_steps=2"], "cli-parsed")])  # checking --set
+def test_sigterm_before_a_job_handles_it_gives_one_line_and_143(trained_store, tmp_path, command, when):
+    """SIGTERM in the seconds a job spends importing Beam and JAX (or checking its --set
+    overrides), before its own stop handling: one line naming the command and the signal,
+    then death by the signal (status 143 in a shell), nothing written (it used to vanish
+    silently). In-process, main() leaves the caller's SIGTERM handler as it was."""
     import os
     import signal
 
@@ -512,11 +528,11 @@ def test_sigterm_before_a_job_handles_it_gives_one_line_and_143(trained_store, t
     workdir = tmp_path / "w"
     shutil.copytree(trained_store.root, workdir)
     exe = str(Path(sys.executable).with_name("lookalike"))
-    job = subprocess.run([exe, "embed", "--workdir", str(workdir), "--no-publish"], capture_output=True, text=True,
-                         timeout=120, env={**os.environ, "LOOKALIKE_FAILPOINT": "cli-started:SIGTERM"})
+    job = subprocess.run([exe, command[0], "--workdir", str(workdir), *command[1:]], capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "LOOKALIKE_FAILPOINT": f"{when}:SIGTERM"})
     assert job.returncode == -signal.SIGTERM, job.stderr[-2000:]  # killed by it, as by default (143 in a shell)
-    assert job.stderr.strip().endswith("lookalike embed: terminated (SIGTERM)"), job.stderr[-2000:]
-    assert not (workdir / "embeddings").exists()
+    assert job.stderr.strip().endswith(f"lookalike {command[0]}: terminated (SIGTERM)"), job.stderr[-2000:]
+    assert not (workdir / "embeddings").exists() and not (workdir / "reports").exists()
     before = signal.getsignal(signal.SIGTERM)
     assert main(["train", "--workdir", str(tmp_path / "none"), "--config", "tiny"]) == 1  # no data: fails at once
     assert signal.getsignal(signal.SIGTERM) is before

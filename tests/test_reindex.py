@@ -769,6 +769,53 @@ def test_corpus_that_mostly_vanished_is_not_promoted(store, tiny_config):
     assert [r["version"] for r in list_versions(store)] == [before]
 
 
+def test_a_stop_signal_whose_interrupt_was_lost_stops_the_run_before_its_next_step(store, tiny_config, monkeypatch):
+    """SIGTERM's KeyboardInterrupt raised while the main thread ran a garbage-collection
+    callback is only printed ("Exception ignored in ...") and the run went on to promote.
+    The signal is noted all the same: no step starts after it."""
+    import lookalike.model.train as train
+    import lookalike.pipeline.interrupts as interrupts
+    from lookalike.pipeline.reindex import ReindexInterrupted
+
+    before = store.current_index()
+    trained = train.train_and_evaluate
+
+    def train_then_lose_a_sigterm(*args, **kwargs):
+        result = trained(*args, **kwargs)
+        monkeypatch.setattr(interrupts, "_received", signal.SIGTERM)
+        interrupts.request_stop(signal.SIGTERM)  # what the handler does before its exception is lost
+        return result
+
+    monkeypatch.setattr(train, "train_and_evaluate", train_then_lose_a_sigterm)
+    with pytest.raises(ReindexInterrupted) as stopped:
+        run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, force=True))
+    report = stopped.value.report
+    assert [s["step"] for s in report.steps] == ["train"] and report.reason == "terminated (SIGTERM)"
+    assert store.current_index() == before and report.new_index is None
+
+
+def test_a_run_stopped_before_its_first_step_reports_what_serves_and_that_it_promoted_nothing(store, tiny_config,
+                                                                                               monkeypatch):
+    """Its report and outcome line name the served index and model (not null, not "the store had
+    no CURRENT index"), and its last line does not claim a promotion."""
+    import lookalike.pipeline.reindex as reindex
+    from lookalike.pipeline.cli_store import served_after_stop
+    from lookalike.pipeline.reindex import ReindexInterrupted
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(reindex, "clean_leftovers", stopped)
+    with pytest.raises(ReindexInterrupted) as caught:
+        run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config))
+    report = caught.value.report
+    served = ItemIndex.load(store.require_current_index())
+    assert (report.previous_index, report.current_model) == (served.version, served.model_version)
+    assert served_after_stop(str(store.root), report) == (f"CURRENT is unchanged ({served.version}); the next run "
+                                                          "removes what this one left")
+    assert "promoted" not in served_after_stop(str(store.root), reindex.ReindexReport())  # nothing known yet either
+
+
 def test_candidate_left_by_a_killed_run_is_removed_by_the_next_run(store, tiny_config, tmp_path):
     from lookalike.index.builder import build_and_publish
     from lookalike.pipeline.leftovers import mark_candidate
