@@ -32,15 +32,20 @@ IN_STORE_KEY = "data_dir_in_store"
 
 
 def write_held_out(path: Path, data_dir: str | Path, data: LabelledImages, config: TrainConfig,
-                   exclude: Collection[str] = (), store_root: str | Path | None = None) -> Path:
+                   exclude: Collection[str] = (), store_root: str | Path | None = None,
+                   warm_started_from: Path | None = None) -> Path:
     """Write ``path``: ``data_dir`` (absolute, and relative to ``store_root`` when inside it, so a
     moved or copied store still knows its corpus) and the ``data_dir``-relative files a model trained
     on ``data`` with ``config`` does not train on: its validation split (``split_train_val``, as
-    ``train.train_on_arrays`` makes it) and ``exclude``. Returns ``path``."""
+    ``train.train_on_arrays`` makes it) and ``exclude``; for a model that started from the weights
+    of ``warm_started_from``, only those that model never trained on either
+    (``unseen_by_ancestors``). Returns ``path``."""
     root = Path(data_dir).absolute()
     _, val_idx = split_train_val(data.labels, config.val_fraction, config.seed)
     files = {os.path.relpath(data.paths[i], root).replace(os.sep, "/") for i in np.asarray(val_idx, np.int64)}
     files |= {str(f) for f in exclude}
+    if warm_started_from is not None:
+        files = unseen_by_ancestors(files, warm_started_from, root)
     record: dict = {"data_dir": str(root), "files": sorted(files)}
     if store_root is not None and root.resolve().is_relative_to(Path(store_root).resolve()):
         record[IN_STORE_KEY] = root.resolve().relative_to(Path(store_root).resolve()).as_posix()
@@ -87,6 +92,21 @@ def files_unseen_by(model_dir: Path | None, corpus: Path) -> set[str]:
     return set(record.files)
 
 
+def unseen_by_ancestors(files: set[str], parent_dir: Path, corpus: Path) -> set[str]:
+    """Of ``files`` (``corpus``-relative), those the model at ``parent_dir``, whose weights a new
+    model started from, never trained on either: in its own record (which, written by this
+    rule, leaves out what its ancestors trained on) or written after it was trained
+    (``added_since_training``). Each generation of reindex's warm starts draws its validation
+    split afresh, so without this a model's "held-out" images included its parent's training
+    images and its held-out scores were optimistic. A parent trained on another folder saw
+    none of these files; one with no readable record (an older model): all kept, as before."""
+    record = read_held_out(parent_dir)
+    if record is None or not record.covers(corpus):
+        return files
+    kept = files & record.files
+    return kept | added_since_training(parent_dir, corpus, files - kept)
+
+
 def added_since_training(model_dir: Path | None, corpus: Path, ids: Collection[str]) -> set[str]:
     """Of ``ids`` (``corpus``-relative files), those written after the model at ``model_dir``
     was trained, so it never trained on them though its record cannot list them: their
@@ -108,4 +128,4 @@ def added_since_training(model_dir: Path | None, corpus: Path, ids: Collection[s
 
 
 __all__ = ["HELD_OUT_FILE", "HeldOutRecord", "added_since_training", "files_unseen_by", "read_held_out",
-           "write_held_out"]
+           "unseen_by_ancestors", "write_held_out"]

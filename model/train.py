@@ -265,7 +265,8 @@ def train_on_arrays(
             running = []  # side_s: evaluation and checkpoint time, not part of the training throughput
             for step, batch in batches:
                 if step == start_step + 1:
-                    log.info("compiling the training step (once per run; a ResNet can take minutes on a CPU)")
+                    log.info("compiling the training step (once per run%s)",
+                             "; a ResNet can take minutes on a CPU" if config.architecture == "resnet" else "")
                 running.append(step_fn(model, optimizer, *batch))
                 last = step == config.num_steps or (deadline is not None and time.perf_counter() >= deadline)
                 if step == start_step + 1:  # exclude compilation from the throughput and the ETA
@@ -415,7 +416,8 @@ def train_and_evaluate(
             extra = {"train_log.jsonl": run_dir / "train_log.jsonl", "training.png": run_dir / "training.png"}
             if not tfds and not config.unlabelled:  # the files it never saw, for reindex's evaluation set
                 extra[HELD_OUT_FILE] = write_held_out(run_dir / HELD_OUT_FILE, loaded.source, data, config, exclude,
-                                                           store_root=store.root)
+                                                      store_root=store.root,
+                                                      warm_started_from=init_path if metrics.get("warm_start") else None)
             version = save_model(model, config, spec, store.models_dir, threshold=threshold, metrics=metrics,
                                  extra_files=extra)
             shutil.rmtree(run_dir, ignore_errors=True)

@@ -62,6 +62,8 @@ def resolve_train_config(config: ReindexConfig, current_model_dir: Path | None) 
     from lookalike.model.config import apply_overrides, config_from_dict, get_config
 
     if config.train is not None:
+        log.info("training config: as given (--config)%s, not the served model's",
+                 f", with {' '.join(config.train_overrides)}" if config.train_overrides else "")
         return config.train
     if current_model_dir is not None:
         base, source = config_from_dict(read_model_meta(current_model_dir)["config"]), f"served model {current_model_dir.name}"

@@ -170,7 +170,7 @@ def _promote(store: Store, version: str, reason: str) -> dict[str, Any]:
     checked = check_version(store, version)
     previous = store.current_index_or_none()  # a garbled CURRENT is repaired by promoting a good version
     store.set_current_index(version, reason if previous != version else f"{reason} (already current)")
-    log.info("promoted index %s (was %s): %s", version, previous, reason)
+    log.info("promoted index %s (%s): %s", version, f"was {previous}" if previous else "the first one served", reason)
     previous_latest = follow_served_model(store, checked["model_version"])
     return {**checked, "previous": previous, "previous_latest_model": previous_latest}
 

@@ -80,3 +80,31 @@ def test_files_written_after_training_are_unseen_and_a_copied_store_keeps_its_ve
     copy = tmp_path.parent / "copy"
     assert added_since_training(copy / "models" / "m-1", copy / "corpus", ids) == {"a/new.png"}
     assert added_since_training(None, corpus, ids) == set() == added_since_training(tmp_path / "none", corpus, ids)
+
+
+def test_a_warm_started_model_holds_out_only_files_its_parent_never_trained_on_either(trained_store, tiny_config,
+                                                                                       tmp_path):
+    """reindex warm-starts each candidate from the served model and draws its validation split
+    afresh: its record must leave out what the parent trained on, or `eval --model` and the
+    gate score it on images its weights have seen (and call that held out)."""
+    import dataclasses
+    import shutil
+
+    from lookalike.model.held_out import read_held_out
+    from lookalike.model.store import Store
+    from lookalike.model.train import train_and_evaluate
+
+    shutil.copytree(trained_store.root, tmp_path / "store")
+    store = Store.at(tmp_path / "store")
+    parent = store.require_model()
+    config = dataclasses.replace(tiny_config, seed=tiny_config.seed + 1, num_steps=2)  # another validation split
+    child = train_and_evaluate(config, store.root, init_from=parent)
+    assert child.metrics["warm_start"]
+    corpus = store.corpus_dir
+    data = load_labelled_folder(corpus, PreprocessSpec(config.image_size, config.channels))
+    _, val_idx = split_train_val(data.labels, config.val_fraction, config.seed)
+    own_split = {str(Path(data.paths[i]).relative_to(corpus)) for i in val_idx}
+    parent_files = read_held_out(parent).files
+    assert own_split - parent_files  # the child's split holds images the parent trained on ...
+    held_out = read_held_out(child.model_dir).files
+    assert held_out == own_split & parent_files and held_out  # ... which its record leaves out
