@@ -22,6 +22,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -35,6 +36,9 @@ from lookalike.pipeline.writers import write_atomically
 log = logging.getLogger(__name__)
 
 THUMBNAIL_SIZE = 128
+# A thumbnail made (linked, written or its source changed: its inode's change time) this recently
+# may be a running embed's (``embed --no-publish`` takes no store lock): never pruned.
+PRUNE_GRACE_S = 3600.0
 # Source JPEGs up to this many bytes, within THUMBNAIL_SIZE and without EXIF, are copied as is.
 COPY_MAX_BYTES = 32 * 1024
 
@@ -221,3 +225,34 @@ class ThumbnailWriter:
             self.wait()
         finally:
             self._pool.shutdown(wait=True)
+
+
+def prune_thumbnails(thumbnails_dir: str | os.PathLike, referenced: set[str]) -> int:
+    """Delete the thumbnails ``<dir>/<xx>/<name>`` whose ``<xx>/<name>`` (a content address, the
+    same wherever the store is) is not in ``referenced`` and whose inode changed more than
+    PRUNE_GRACE_S ago, and the folders that leaves empty; returns how many were deleted.
+    Deleting a hard-linked thumbnail leaves its source alone. A file that cannot be read or
+    deleted stays."""
+    removed = 0
+    now = time.time()
+    try:
+        folders = [entry for entry in os.scandir(thumbnails_dir) if entry.is_dir(follow_symlinks=False)]
+    except OSError:  # no thumbnails
+        return 0
+    for folder in folders:
+        try:
+            entries = list(os.scandir(folder.path))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                if (f"{folder.name}/{entry.name}" in referenced
+                        or now - entry.stat(follow_symlinks=False).st_ctime < PRUNE_GRACE_S):
+                    continue
+                os.unlink(entry.path)
+                removed += 1
+            except OSError:
+                continue
+        with contextlib.suppress(OSError):
+            os.rmdir(folder.path)  # only when empty
+    return removed

@@ -15,6 +15,7 @@ rollback moved away from.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from pathlib import Path
@@ -26,6 +27,8 @@ from typing import Any
 from lookalike.index.manifest import IndexLoadError, read_manifest, verify_files
 from lookalike.model.store import HISTORY, REINDEX_RUN_MARK, Store, StoreError  # noqa: F401 (HISTORY: re-exported)
 from lookalike.pipeline.leftovers import clean_partial_indexes
+
+THUMBNAILS_FOLDER = "thumbnails"  # under the store root, as the embed pipeline writes them (graph.THUMBNAILS_FOLDER)
 
 log = logging.getLogger(__name__)
 
@@ -306,9 +309,34 @@ def _prune(store: Store, keep: int, keep_models: tuple[str, ...], embed_runs: bo
                 shutil.rmtree(model, ignore_errors=True)
                 removed.append(model.name)
     removed += _prune_embeddings(store, keep, embed_runs)
+    removed += _prune_thumbnails(store)
     if removed:
         log.info("pruned %s", ", ".join(removed))
     return removed
+
+
+def _prune_thumbnails(store: Store) -> list[str]:
+    """Delete the thumbnails no index version left and no embedding run left lists (of files
+    deleted or edited since, of pruned versions), except recent ones
+    (``thumbnails.prune_thumbnails``); returns ``["thumbnails: N file(s)"]`` if any went. Nothing
+    when a version's or run's items cannot be read: their thumbnails are unknown."""
+    import pyarrow.parquet as pq
+
+    from lookalike.pipeline.thumbnails import prune_thumbnails
+
+    item_files = [*store.indexes_dir.glob("[!.]*/shard-*/items.parquet"), *store.embeddings_dir.glob("[!.]*/embeddings-*.parquet")]
+    referenced: set[str] = set()
+    for path in item_files:
+        try:
+            names = pq.read_schema(path).names
+            if "thumbnail" in names:
+                column = pq.read_table(path, columns=["thumbnail"]).column("thumbnail").to_pylist()
+                referenced.update("/".join(t.replace(os.sep, "/").rsplit("/", 2)[-2:]) for t in column if t)
+        except (OSError, ValueError) as e:  # pyarrow's ArrowInvalid is a ValueError
+            log.warning("thumbnails not pruned: the items of %s cannot be read (%s)", path, e)
+            return []
+    count = prune_thumbnails(store.root / THUMBNAILS_FOLDER, referenced)
+    return [f"thumbnails: {count} file(s)"] if count else []
 
 
 def _prune_embeddings(store: Store, keep_runs: int, embed_runs: bool = False) -> list[str]:

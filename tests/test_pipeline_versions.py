@@ -53,3 +53,30 @@ def test_the_smoke_query_refuses_an_index_that_finds_another_picture(tmp_path, i
                                 model_version=served.model_version, make_current=False)
     with pytest.raises(PromotionError, match=r"stored embedding of item 'x/10.png' found 'x/\d\d.png', another picture"):
         check_version(store, version)
+
+
+def test_prune_deletes_the_thumbnails_nothing_kept_lists_but_never_recent_ones(tmp_path, indexed_store, monkeypatch):
+    """Files deleted from a collection left their thumbnails forever, so `--keep` did not bound
+    the store. Prune deletes those no index version or embedding run left lists; a thumbnail
+    made in the last hour may be a running `embed --no-publish`'s and stays."""
+    import lookalike.pipeline.thumbnails as thumbnails
+    from lookalike.index.searcher import ItemIndex
+    from lookalike.model.store import Store
+    from lookalike.pipeline.versions import prune
+
+    shutil.copytree(indexed_store.root, tmp_path / "store", symlinks=True)
+    store = Store.at(tmp_path / "store")
+    served = ItemIndex.load(store.require_current_index())
+    listed = {store.root / t for t in served.items.table.column("thumbnail").to_pylist()}
+    assert listed and all(p.is_file() for p in listed)
+    orphan = store.root / "thumbnails" / "zz" / ("f" * 40 + ".jpg")  # of a file deleted since
+    orphan.parent.mkdir(parents=True, exist_ok=True)
+    orphan.write_bytes(b"old picture")
+    assert prune(store, keep=1) == [] and orphan.exists()  # made just now: maybe a running embed's
+    monkeypatch.setattr(thumbnails, "PRUNE_GRACE_S", 0.0)
+    assert prune(store, keep=1) == ["thumbnails: 1 file(s)"]
+    assert not orphan.exists() and not orphan.parent.exists() and all(p.is_file() for p in listed)
+    (store.indexes_dir / store.current_index() / "shard-00000" / "items.parquet").write_bytes(b"garbled")
+    orphan.parent.mkdir()
+    orphan.write_bytes(b"old picture")
+    assert prune(store, keep=1) == [] and orphan.exists()  # the thumbnails of a version are unknown: none deleted
