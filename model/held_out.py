@@ -98,8 +98,11 @@ def unseen_by_ancestors(files: set[str], parent_dir: Path, corpus: Path) -> set[
     rule, leaves out what its ancestors trained on) or written after it was trained
     (``added_since_training``). Each generation of reindex's warm starts draws its validation
     split afresh, so without this a model's "held-out" images included its parent's training
-    images and its held-out scores were optimistic. A parent trained on another folder saw
-    none of these files; one with no readable record (an older model): all kept, as before."""
+    images and its held-out scores were optimistic. A parent whose record is of another
+    folder (it trained elsewhere, or the corpus moved since) or that has no readable record
+    (an older model): all kept, as before, since its training files are unknown. A parent
+    recorded before this rule (an upgrade) may list its own parent's training images: the
+    record is exact from the generation after."""
     record = read_held_out(parent_dir)
     if record is None or not record.covers(corpus):
         return files

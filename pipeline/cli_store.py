@@ -101,7 +101,7 @@ def served_after_stop(workdir: str, report: ReindexReport | None) -> str:
     from lookalike.model.store import Store
 
     current = Store.at(workdir).current_index_or_none()
-    if report is not None and any(s["step"] == "promote" and s["ok"] for s in report.steps):
+    if report is not None and report.new_index is not None and report.new_index == current:  # CURRENT moved first
         return f"CURRENT is {current}, promoted by this run before it stopped"
     return f"CURRENT is unchanged ({current}); the next run removes what this one left"
 

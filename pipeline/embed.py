@@ -321,7 +321,7 @@ def _finish(run: EmbedRun, summary: EmbedSummary) -> None:
     if config.keep_versions is not None and config.publish and summary.index_version:  # under this run's store lock
         failpoint("embed_prune")
         try:
-            prune(run.store, config.keep_versions, locked=True, embed_runs=True)
+            prune(run.store, config.keep_versions, locked=True, embed_runs=True, own_run=run.run_dir)
         except Exception as e:  # noqa: BLE001 - published already: the run succeeded, the next one prunes again
             log.warning("index %s is published, but pruning older versions failed: %s: %s", summary.index_version,
                         type(e).__name__, e)

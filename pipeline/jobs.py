@@ -7,6 +7,7 @@ The server is started by the CLI, not here; ``reindex`` lives in ``reindex.py``.
 
 from __future__ import annotations
 
+import gc
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,5 +32,6 @@ def run_demo(config: TrainConfig, workdir: str | Path, num_workers: int = 1) -> 
     store = Store.at(workdir)
     write_digits_corpus(store.corpus_dir)
     trained = train_and_evaluate(config, workdir)
+    gc.collect()  # training's garbage, before run_embed freezes what is alive (model.memory)
     embedded = run_embed(EmbedConfig(workdir=str(store.root), model_version=trained.version, num_workers=num_workers))
     return JobResult(train=trained, embed=embedded)

@@ -18,7 +18,6 @@ import shutil
 from lookalike.index.manifest import WRITER_LOCK_SUFFIX, writer_lock_path
 from lookalike.model.filelock import try_lock, try_lock_folder, unlock
 from lookalike.model.store import Store
-from lookalike.pipeline.run_dirs import holds_only_a_listing
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +131,8 @@ def clean_unstarted_embed_runs(store: Store) -> list[str]:
     starts (its corpus listing): what a run killed early leaves (reindex's embed step names
     its run by the time, so no later run takes the folder over). Never one a live run holds
     (``filelock.try_lock_folder``)."""
+    from lookalike.pipeline.run_dirs import holds_only_a_listing  # here: it imports Beam, which `serve` never needs
+
     removed = []
     runs = store.embeddings_dir
     for run in sorted(runs.iterdir()) if runs.is_dir() else []:

@@ -51,6 +51,7 @@ lock and write the report (outcome ``failed``, the signal as reason). For crash 
 from __future__ import annotations
 
 import errno
+import gc
 import logging
 import os
 import re
@@ -61,17 +62,16 @@ from typing import TYPE_CHECKING, Any
 
 from lookalike.model.config import TrainConfig
 from lookalike.model.store import Store, StoreError
+from lookalike.model.store_lock import StoreLock
 from lookalike.pipeline.failpoints import failpoint
 from lookalike.pipeline.interrupts import raise_if_stopped, stop_exit_status, stop_mark, stop_reason
-from lookalike.pipeline.report import REPORTS_KEPT, draw_examples, prune_reports, report_folder, write_report
-from lookalike.model.store_lock import StoreLock
+from lookalike.pipeline.leftovers import clean_leftovers, discard_candidate, mark_candidate, unmark_candidate
 from lookalike.pipeline.reindex_checks import (  # noqa: F401 (re-exported)
     GateDecision, ValidationError, choose_eval_set, evaluate_model, frozen_eval_set, gate, ids_unseen_by_served, save_eval_set,
-    usable_eval_ids,
-    validate,
+    usable_eval_ids, validate,
 )
-from lookalike.pipeline.leftovers import clean_leftovers, discard_candidate, mark_candidate, unmark_candidate
 from lookalike.pipeline.reindex_inputs import resolve_corpus, resolve_metadata, resolve_train_config, unlabelled_reason
+from lookalike.pipeline.report import REPORTS_KEPT, draw_examples, prune_reports, report_folder, write_report
 from lookalike.pipeline.versions import (last_served_present, missing_current_hint, promote, prune, served_manifest,
                                          served_unusable)
 
@@ -222,8 +222,13 @@ def run_reindex(config: ReindexConfig) -> ReindexReport:
 
 def _served_now(store: Store) -> tuple[str | None, str | None]:
     """(CURRENT's version, its model version) as far as they can be read without loading them."""
-    served = served_manifest(store)
-    return (served[0], served[1].get("model_version")) if served else (store.current_index_or_none(), None)
+    served = served_manifest(store)  # logs a garbled CURRENT (the first step then fails on it)
+    if served:
+        return served[0], served[1].get("model_version")
+    try:
+        return store.current_index(), None  # a manifest that cannot be read
+    except StoreError:
+        return None, None
 
 
 def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport, report_dir: Path, mark: int = 0) -> None:
@@ -383,6 +388,7 @@ def _embed_build_promote(config: ReindexConfig, store: Store, report: ReindexRep
     from lookalike.pipeline.embed import EmbedConfig, read_embeddings, run_embed
 
     with step("embed"):
+        gc.collect()  # training's and evaluation's garbage, before run_embed freezes what is alive (model.memory)
         summary = run_embed(EmbedConfig(workdir=str(store.root), corpus=str(corpus), model_version=model,
                                         incremental=True, publish=False, num_workers=config.num_workers,
                                         metadata=config.metadata))

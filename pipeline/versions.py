@@ -270,7 +270,7 @@ def promoted_versions(store: Store) -> list[str]:
 
 
 def prune(store: Store, keep: int, keep_models: tuple[str, ...] = (), *, locked: bool = False,
-          embed_runs: bool = False) -> list[str]:
+          embed_runs: bool = False, own_run: Path | None = None) -> list[str]:
     """Delete promoted index versions beyond the ``keep`` most recently promoted ones (never
     CURRENT), and models no remaining index uses that reindex trained (``Store.mark_reindex_model``:
     older rejected candidates) or that an index deleted here used; never LATEST,
@@ -279,7 +279,9 @@ def prune(store: Store, keep: int, keep_models: tuple[str, ...] = (), *, locked:
     embedding runs reindex made beyond the ``keep`` latest and the caches of models gone
     (``_prune_embeddings``); a run of ``lookalike embed`` only with ``embed_runs`` (asked for
     by ``embed --keep`` or ``versions prune --embedding-runs``): then those beyond the ``keep``
-    latest too (an index never needs its run: it holds its own copy of the embeddings).
+    latest too (an index never needs its run: it holds its own copy of the embeddings). Then the
+    thumbnails nothing left lists (``_prune_thumbnails``; ``own_run``: the caller's own embed
+    run folder, which it holds locked).
 
     Versions that never served (not in the history) are neither counted nor deleted here:
     reindex removes its own unpromoted candidates (``clean_candidates``). Holds the store
@@ -287,10 +289,11 @@ def prune(store: Store, keep: int, keep_models: tuple[str, ...] = (), *, locked:
     if keep < 1:
         raise ValueError(f"keep must be at least 1 (CURRENT is always kept), got {keep}")
     with _store_lock(store, locked, "prune"):
-        return _prune(store, keep, keep_models, embed_runs)
+        return _prune(store, keep, keep_models, embed_runs, own_run)
 
 
-def _prune(store: Store, keep: int, keep_models: tuple[str, ...], embed_runs: bool = False) -> list[str]:
+def _prune(store: Store, keep: int, keep_models: tuple[str, ...], embed_runs: bool = False,
+           own_run: Path | None = None) -> list[str]:
     current = store.current_index_or_none()
     promoted = promoted_versions(store)
     kept = set(promoted[:keep]) | {current}
@@ -309,20 +312,35 @@ def _prune(store: Store, keep: int, keep_models: tuple[str, ...], embed_runs: bo
                 shutil.rmtree(model, ignore_errors=True)
                 removed.append(model.name)
     removed += _prune_embeddings(store, keep, embed_runs)
-    removed += _prune_thumbnails(store)
+    removed += _prune_thumbnails(store, own_run)
     if removed:
         log.info("pruned %s", ", ".join(removed))
     return removed
 
 
-def _prune_thumbnails(store: Store) -> list[str]:
+def _prune_thumbnails(store: Store, own_run: Path | None = None) -> list[str]:
     """Delete the thumbnails no index version left and no embedding run left lists (of files
     deleted or edited since, of pruned versions), except recent ones
     (``thumbnails.prune_thumbnails``); returns ``["thumbnails: N file(s)"]`` if any went. Nothing
+    while an embed run other than ``own_run`` (the caller's) is running (its folder locked: an
+    ``embed --no-publish`` takes no store lock and lists its thumbnails only at its end), nor
     when a version's or run's items cannot be read: their thumbnails are unknown."""
     import pyarrow.parquet as pq
 
+    from lookalike.model.filelock import try_lock_folder
     from lookalike.pipeline.thumbnails import prune_thumbnails
+
+    for run in sorted(store.embeddings_dir.iterdir()) if store.embeddings_dir.is_dir() else []:
+        if not run.is_dir() or run.name.startswith(".") or (own_run is not None and run == Path(own_run)):
+            continue
+        try:
+            fd = try_lock_folder(run)
+        except OSError:  # not ours to open: not an embed run of this store's user
+            continue
+        if fd is None:
+            log.info("thumbnails not pruned: embedding run %s is running", run)
+            return []
+        os.close(fd)
 
     item_files = [*store.indexes_dir.glob("[!.]*/shard-*/items.parquet"), *store.embeddings_dir.glob("[!.]*/embeddings-*.parquet")]
     referenced: set[str] = set()

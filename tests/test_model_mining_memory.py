@@ -26,7 +26,8 @@ def test_a_triplet_batch_is_refused_by_its_mining_s_peak_memory_and_a_pair_batch
     from lookalike.model.sharding import data_mesh
 
     mesh = data_mesh()
-    half_gib = memory_bytes(mesh.devices.flat[0]) / 2 / 2**30
+    device = mesh.devices.flat[0]  # CPU devices share the host's RAM; accelerators each have their own
+    half_gib = memory_bytes(device) * (1 if device.platform == "cpu" else mesh.devices.size) / 2 / 2**30
     config = dataclasses.replace(get_config("tiny"), loss="triplet", mining="batch_all")
     check_triplet_memory(config, 64, mesh)  # 64^3 x 5 bytes: 1.3 MB
     cube = round((half_gib * 2**30 / 5) ** (1 / 3)) + 50  # just past half the memory as [B, B, B]

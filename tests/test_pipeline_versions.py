@@ -1,5 +1,6 @@
 """Promotion's checks (``pipeline.versions.check_version``) on indexes a real collection makes."""
 
+import os
 import shutil
 
 import numpy as np
@@ -76,6 +77,18 @@ def test_prune_deletes_the_thumbnails_nothing_kept_lists_but_never_recent_ones(t
     monkeypatch.setattr(thumbnails, "PRUNE_GRACE_S", 0.0)
     assert prune(store, keep=1) == ["thumbnails: 1 file(s)"]
     assert not orphan.exists() and not orphan.parent.exists() and all(p.is_file() for p in listed)
+    from lookalike.model.filelock import try_lock_folder
+
+    orphan.parent.mkdir()
+    orphan.write_bytes(b"old picture")
+    live = store.embeddings_dir / "e-running"  # an embed --no-publish at work: its thumbnails are listed at its end
+    live.mkdir()
+    fd = try_lock_folder(live)
+    try:
+        assert prune(store, keep=1) == [] and orphan.exists()
+        assert prune(store, keep=1, own_run=live) == ["thumbnails: 1 file(s)"]  # the caller's own run (embed --keep)
+    finally:
+        os.close(fd)
     (store.indexes_dir / store.current_index() / "shard-00000" / "items.parquet").write_bytes(b"garbled")
     orphan.parent.mkdir()
     orphan.write_bytes(b"old picture")

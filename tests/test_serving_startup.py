@@ -108,12 +108,13 @@ def test_a_failed_first_load_stops_the_server(indexed_store: Store, monkeypatch)
 
 def test_the_server_imports_no_jax_before_it_listens() -> None:
     """`lookalike serve` listens (and answers /healthz) after importing FastAPI and uvicorn;
-    JAX, Flax and orbax (2-3 s of imports) come with the model, in the background load."""
+    JAX, Flax and orbax (2-3 s of imports) come with the model, in the background load, and
+    Apache Beam never (the embed job's, ~1 s and pandas, grpc)."""
     import subprocess
     import sys
 
     code = ("import sys, lookalike.serving.server, lookalike.pipeline.cli; "
-            "print(sorted(m for m in ('jax', 'flax', 'orbax', 'tensorflow', 'scann') if m in sys.modules))")
+            "print(sorted(m for m in ('jax', 'flax', 'orbax', 'tensorflow', 'scann', 'apache_beam') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
