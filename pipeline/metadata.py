@@ -80,9 +80,10 @@ def _remember(key: tuple[str, str], table: pa.Table) -> pa.Table:
     return table
 
 
-def prepare_metadata(path: str) -> MetadataSpec:
+def prepare_metadata(path: str, *, announce: bool = True) -> MetadataSpec:
     """Read and check ``path`` (on the driver, before the run writes anything); MetadataError
-    naming the file and the reason if it cannot be used."""
+    naming the file and the reason if it cannot be used. ``announce``: log its rows and
+    columns (a check ahead of the step that joins it, which logs them, does not)."""
     path = path if "://" in path else os.path.abspath(os.path.expanduser(path))
     data = _read_bytes(path)
     sha256 = hashlib.sha256(data).hexdigest()
@@ -90,8 +91,8 @@ def prepare_metadata(path: str) -> MetadataSpec:
     with _lock:
         _remember((path, sha256), table)
     spec = MetadataSpec(path, sha256, table.num_rows, tuple(n for n in table.column_names if n != "id"))
-    log.info("metadata %s: %d row(s), column(s) %s (sha256 %s)", path, spec.rows, ", ".join(spec.columns) or "none",
-             sha256[:12])
+    log.log(logging.INFO if announce else logging.DEBUG, "metadata %s: %d row(s), column(s) %s (sha256 %s)", path,
+            spec.rows, ", ".join(spec.columns) or "none", sha256[:12])
     return spec
 
 

@@ -119,12 +119,12 @@ def resolve_metadata(config: ReindexConfig, current_index, current_version: str 
     if config.metadata is None and served:
         log.info("item metadata: %s, as the served index %s joins (--no-metadata drops it)", served, current_version)
         try:
-            prepare_metadata(served)
+            prepare_metadata(served, announce=False)  # the embed step logs what it joins
         except MetadataError as e:
             raise StoreError(f"the served index {current_version} joins item metadata from {served}, which cannot be "
                              f"used now ({e}): pass --metadata FILE to join another file, or --no-metadata to publish "
                              "without metadata") from e
         return served
     if config.metadata is not None:
-        prepare_metadata(config.metadata)  # names the file and the reason
+        prepare_metadata(config.metadata, announce=False)  # names the file and the reason
     return config.metadata

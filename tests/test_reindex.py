@@ -1,7 +1,9 @@
 """The retrain-and-reindex job: gating, incremental growth, rollback, crash safety, locks,
 bad input. Runs the real job (training, Beam pipeline, ScaNN) on the tiny store."""
 
+import hashlib
 import json
+import logging
 import os
 import shutil
 import signal
@@ -1009,14 +1011,18 @@ def test_versions_commands_refuse_while_a_reindex_holds_the_lock(store):
     assert store.current_index() == first
 
 
-def test_a_changed_metadata_file_alone_publishes_and_an_unchanged_one_keeps_current(store, tiny_config, tmp_path):
+def test_a_changed_metadata_file_alone_publishes_and_an_unchanged_one_keeps_current(store, tiny_config, tmp_path, caplog):
     barely = apply_overrides(tiny_config, ["num_steps=1", "embed_dim=4"])  # rejected: the served model re-embeds
     ids = probe_ids(store)
     metadata = tmp_path / "meta.jsonl"
     metadata.write_text("".join(json.dumps({"id": i, "source": "lab", "tags": ["probe"]}) + "\n" for i in ids))
     config = ReindexConfig(workdir=str(store.root), train=barely, metadata=str(metadata))
-    tagged = run_reindex(config)
+    with caplog.at_level(logging.INFO, logger="lookalike"):
+        tagged = run_reindex(config)
     assert (tagged.outcome, tagged.exit_code) == ("corpus_updated", 4), tagged.reason
+    # checked before training and joined by the embed step: its rows and columns logged once
+    assert [r.getMessage() for r in caplog.records].count(f"metadata {metadata}: {len(ids)} row(s), column(s) source, tags "
+                                                          f"(sha256 {hashlib.sha256(metadata.read_bytes()).hexdigest()[:12]})") == 1
     index = ItemIndex.load(store.require_current_index())
     assert index.manifest["metadata"]["path"] == str(metadata) and tagged.metrics["embed"]["embedded"] == 0
     found = index.search(index.embeddings[0], k=10, where={"tags": "probe", "source": "lab"})[0]
