@@ -1032,7 +1032,8 @@ def test_a_changed_metadata_file_alone_publishes_and_an_unchanged_one_keeps_curr
     assert store.current_index() == tagged.new_index
 
 
-def test_a_cron_line_without_metadata_keeps_the_served_files_metadata_until_told_otherwise(store, tiny_config, tmp_path):
+def test_a_cron_line_without_metadata_keeps_the_served_files_metadata_until_told_otherwise(store, tiny_config, tmp_path,
+                                                                                           caplog):
     """The crontab line is written once: a run without --metadata joins the file the served
     index joined (tags and filters survive), --no-metadata drops it, and a file gone since
     fails the run before training with CURRENT untouched."""
@@ -1043,8 +1044,11 @@ def test_a_cron_line_without_metadata_keeps_the_served_files_metadata_until_told
     tagged = run_reindex(ReindexConfig(workdir=str(store.root), train=barely, metadata=str(metadata)))
     assert tagged.outcome == "corpus_updated", tagged.reason
     plain = ReindexConfig(workdir=str(store.root), train=barely)
-    kept = run_reindex(plain)
+    with caplog.at_level(logging.INFO, logger="lookalike"):
+        kept = run_reindex(plain)
     assert (kept.outcome, kept.exit_code) == ("kept_current", 3), kept.reason  # same file joined: nothing new
+    # the served index's file, checked before training, is announced once: by the embed step that joins it
+    assert sum(r.getMessage().startswith(f"metadata {metadata}: {len(ids)} row(s)") for r in caplog.records) == 1
     index = ItemIndex.load(store.require_current_index())
     assert sorted(n.id for n in index.search(index.embeddings[0], k=10, where={"tags": "probe"})[0]) == sorted(ids)
 
