@@ -427,13 +427,15 @@ def _embed_build_promote(config: ReindexConfig, store: Store, report: ReindexRep
 
 def embed_metrics(summary: EmbedSummary) -> dict[str, Any]:
     """The report's ``metrics["embed"]``: the embed run's counts (files listed, read, embedded,
-    reused unchanged, failed) and, when files failed, the dead-letter files naming them."""
+    reused unchanged, failed) and, when files failed, the dead-letter files naming them and the
+    first of their lines (uri, stage, reason), which the report keeps once the run is pruned."""
     from lookalike.pipeline.summary import run_files
 
     keys = ("run", "run_dir", "files_matched", "files_read", "items", "embedded", "unchanged", "failed")
     metrics: dict[str, Any] = {k: getattr(summary, k) for k in keys}
     if summary.failed:
         metrics["dead_letters"] = run_files(summary.run_dir, "dead_letter-*.jsonl")
+        metrics["dead_letter_examples"] = list(summary.dead_letter_examples)
     return metrics
 
 

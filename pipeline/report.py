@@ -112,8 +112,20 @@ def _corpus_changes(embed: dict[str, Any]) -> list[str]:
         letters = embed.get("dead_letters") or []
         where = (", ".join(f"`{p}`" for p in letters) if letters
                  else f"`{embed.get('run_dir', '?')}/dead_letter-*.jsonl`")
-        lines.append(f"Files that failed are dead-lettered (skipped, with the reason) in {where}.")
+        examples = embed.get("dead_letter_examples") or []
+        lines.append(f"Files that failed are dead-lettered (skipped, with the reason) in {where}"
+                     + (" (until `--keep` prunes that run):" if examples else "."))
+        if examples:
+            lines += [""] + [f"- `{row.get('uri')}` at {row.get('stage')}: {_one_line(row.get('reason'))}"
+                             for row in examples]
+            if embed["failed"] > len(examples):
+                lines.append(f"- ... and {embed['failed'] - len(examples)} more")
     return lines + [""]
+
+
+def _one_line(text: Any) -> str:
+    """A reason as one line of markdown (a traceback or a multi-line error kept on its line)."""
+    return " ".join(str(text).split()).replace("`", "'")
 
 
 def new_index_line(report: ReindexReport) -> str:

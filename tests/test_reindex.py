@@ -1144,6 +1144,9 @@ def test_report_md_gives_the_corpus_changes_with_dead_letters_and_rounded_number
     assert (f"2 embedded, {served} reused (unchanged), 1 failed, 0 removed since the served index; "
             f"{served + 2} items.") in report_md
     assert f"dead-lettered (skipped, with the reason) in `{embed['dead_letters'][0]}`" in report_md
+    # the failed file and its reason are in the report itself: it outlives the run --keep prunes
+    assert embed["dead_letter_examples"] == [json.loads(line) for line in Path(embed["dead_letters"][0]).read_text().splitlines()]
+    assert f"- `{store.corpus_dir / '1' / 'broken.png'}` at decode: " in report_md
     # every float rounded: the canary overlap, as measured, and any other
     rounded = ReindexReport(outcome="failed", reason="test", metrics={
         "canary_overlap_at_10": 0.9949999999999999, "canary_self_at_1": 1.0,
@@ -1154,6 +1157,25 @@ def test_report_md_gives_the_corpus_changes_with_dead_letters_and_rounded_number
     assert "Canary self-retrieval@1 (new model): 1.0000" in text  # as many decimals as the other scores
     assert "recall@10 0.9812, 1235 queries/s" in text and "| train | 12.35 | yes |" in text
     assert "99999" not in text and "0.9812345678" not in text
+
+
+def test_report_md_lists_the_first_dead_letters_one_line_each_and_counts_the_rest():
+    """report.md names each failed file with its stage and reason (a multi-line reason on one
+    line, backticks that would end the code span replaced), then counts those it does not show."""
+    from lookalike.pipeline.report import _corpus_changes
+
+    embed = {"files_matched": 30, "files_read": 30, "embedded": 25, "unchanged": 0, "failed": 3, "items": 25,
+             "dead_letters": ["/s/embeddings/e-1/dead_letter-decode.jsonl"],
+             "dead_letter_examples": [{"uri": "/c/a.jpg", "stage": "decode", "reason": "cannot identify\n  image `a`"},
+                                      {"uri": "/c/b.png", "stage": "read", "reason": "Permission denied"}]}
+    lines = _corpus_changes(embed)
+    assert lines[1] == ("Files that failed are dead-lettered (skipped, with the reason) in "
+                        "`/s/embeddings/e-1/dead_letter-decode.jsonl` (until `--keep` prunes that run):")
+    assert lines[2:] == ["", "- `/c/a.jpg` at decode: cannot identify image 'a'", "- `/c/b.png` at read: Permission denied",
+                         "- ... and 1 more", ""]
+    embed.pop("dead_letter_examples")  # none carried: the sentence alone
+    assert _corpus_changes(embed)[1:] == ["Files that failed are dead-lettered (skipped, with the reason) in "
+                                          "`/s/embeddings/e-1/dead_letter-decode.jsonl`.", ""]
 
 
 def test_a_cron_line_without_corpus_follows_the_folder_the_served_index_was_embedded_from(store, tiny_config, tmp_path,
