@@ -1,7 +1,8 @@
 """The reindex run report: JSON, Markdown, the training curve and example queries as PNGs.
 
 ``DIR/reports/<UTC time>/`` holds ``report.json`` (everything), ``report.md`` (current vs
-candidate side by side, steps with timings, the index's recall/QPS point),
+candidate side by side, steps with timings, what the embed step did to the corpus with the
+first failed files named, the index's recall/QPS point),
 ``training.png`` (the candidate's training curve) and ``examples.png`` (a few queries
 with their top results from the served and the new version).
 """
@@ -116,15 +117,16 @@ def _corpus_changes(embed: dict[str, Any]) -> list[str]:
         lines.append(f"Files that failed are dead-lettered (skipped, with the reason) in {where}"
                      + (" (until `--keep` prunes that run):" if examples else "."))
         if examples:
-            lines += [""] + [f"- `{row.get('uri')}` at {row.get('stage')}: {_one_line(row.get('reason'))}"
-                             for row in examples]
+            lines += [""] + [f"- `{_one_line(row.get('uri'))}` at {row.get('stage')}: {_one_line(row.get('reason'))}"
+                             for row in examples]  # exact in report.json
             if embed["failed"] > len(examples):
                 lines.append(f"- ... and {embed['failed'] - len(examples)} more")
     return lines + [""]
 
 
 def _one_line(text: Any) -> str:
-    """A reason as one line of markdown (a traceback or a multi-line error kept on its line)."""
+    """Text as one line of markdown that cannot end a code span: whitespace runs (newlines in a
+    multi-line error or a file name) become one space, backticks quotes."""
     return " ".join(str(text).split()).replace("`", "'")
 
 

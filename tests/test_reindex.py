@@ -1167,11 +1167,11 @@ def test_report_md_lists_the_first_dead_letters_one_line_each_and_counts_the_res
     embed = {"files_matched": 30, "files_read": 30, "embedded": 25, "unchanged": 0, "failed": 3, "items": 25,
              "dead_letters": ["/s/embeddings/e-1/dead_letter-decode.jsonl"],
              "dead_letter_examples": [{"uri": "/c/a.jpg", "stage": "decode", "reason": "cannot identify\n  image `a`"},
-                                      {"uri": "/c/b.png", "stage": "read", "reason": "Permission denied"}]}
+                                      {"uri": "/c/it`s\nb.png", "stage": "read", "reason": "Permission denied"}]}
     lines = _corpus_changes(embed)
     assert lines[1] == ("Files that failed are dead-lettered (skipped, with the reason) in "
                         "`/s/embeddings/e-1/dead_letter-decode.jsonl` (until `--keep` prunes that run):")
-    assert lines[2:] == ["", "- `/c/a.jpg` at decode: cannot identify image 'a'", "- `/c/b.png` at read: Permission denied",
+    assert lines[2:] == ["", "- `/c/a.jpg` at decode: cannot identify image 'a'", "- `/c/it's b.png` at read: Permission denied",
                          "- ... and 1 more", ""]
     embed.pop("dead_letter_examples")  # none carried: the sentence alone
     assert _corpus_changes(embed)[1:] == ["Files that failed are dead-lettered (skipped, with the reason) in "
