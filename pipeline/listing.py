@@ -12,9 +12,7 @@ shows.
 from __future__ import annotations
 
 import hashlib
-import os
 import queue
-import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,7 +28,7 @@ from lookalike.pipeline.batches import BATCH, DECODE_WINDOW, DecodeBatchFn
 from lookalike.pipeline.cache import file_index_table
 from lookalike.pipeline.elements import Routed
 from lookalike.pipeline.reuse import inode_of
-from lookalike.pipeline.sources import CACHED, CARRY_BYTES_MAX, FILE, NEW, ReadSourceFn
+from lookalike.pipeline.sources import CACHED, CARRY_BYTES_MAX, FILE, NEW, ReadSourceFn, read_bytes
 from lookalike.pipeline.video import FrameSampling
 
 
@@ -40,8 +38,6 @@ CHUNK_FILES = 1024
 DECODE_AHEAD = 2
 # Bytes of a chunk's files kept in memory between hashing and decoding; files past it are read again.
 CHUNK_CARRY_BYTES = 64 * 1024 * 1024
-# A listed file is opened without blocking on a named pipe swapped in since, nor becoming a controlling terminal.
-_LISTED_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY
 # What ReadChunkFn's background thread hands to the bundle's thread.
 _INC, _OUT, _ERR, _END = "inc", "out", "err", "end"
 
@@ -70,22 +66,6 @@ def write_listing(path: str, files: list[Any], chunk_files: int | None = None) -
     if len(table):
         chunks.append((start, len(table)))
     return chunks
-
-
-def read_listed_file(path: str, size: int) -> bytes | None:
-    """The bytes of local file ``path``, listed as a regular file of ``size`` bytes, or None
-    when it is no longer one of at most that size (``ReadSourceFn.read_one`` then reads it
-    again and says why). The listing stat'ed it, so it is checked after opening (``fstat``,
-    ~2 us), not stat'ed by path again before (``sources.read_bytes``: ~5 us on this VM, where
-    a system call costs what a small JPEG's decode does). OSError if it cannot be opened."""
-    fd = os.open(path, _LISTED_OPEN_FLAGS)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        data = os.read(fd, size + 1)
-    finally:
-        os.close(fd)
-    return data if len(data) <= size else None  # grown since listed: read_one reads it to the end
 
 
 class Listing(NamedTuple):
@@ -151,10 +131,10 @@ class ListingReader(ReadSourceFn):
             if dot < 0 or uri[dot:].lower() not in IMAGE_SUFFIXES or "://" in uri or (known and uri in known):
                 return None
             try:
-                data = read_listed_file(uri, sizes[i])
+                data = read_bytes(uri, sizes[i])
             except Exception:  # read_one reads it again and says why
                 return None
-            return None if data is None else (data, sha256(data).hexdigest())
+            return data, sha256(data).hexdigest()
 
         read = 0
         for i, lean in zip(range(start, stop), ordered_map(read_lean, range(start, stop), pool, DECODE_WINDOW)):

@@ -11,7 +11,7 @@ from PIL import Image
 
 from lookalike.model.preprocess import PreprocessSpec
 from lookalike.pipeline.batches import BATCH, DecodeBatchFn
-from lookalike.pipeline.listing import ListingReader, ReadChunkFn, read_listed_file, read_listing, write_listing
+from lookalike.pipeline.listing import ListingReader, ReadChunkFn, read_listing, write_listing
 from lookalike.pipeline.sources import CACHED, DEAD
 from lookalike.pipeline.video import FrameSampling
 
@@ -103,39 +103,6 @@ def test_lean_reads_give_what_read_one_gives(tmp_path, mixed_corpus):
     assert dead == {"notes.txt": "filter", "gone.jpg": "read"}
     assert [uri.rsplit("/", 1)[1] for uri, _ in lean.cached] == ["plain05.jpg"]
     assert [(t, v["uri"].rsplit("/", 1)[1]) for t, v in lean.others if v["stage"] == "decode"] == [(DEAD, "text.jpg")]
-
-
-def test_a_listed_file_changed_since_leaves_the_lean_read(tmp_path, mixed_corpus):
-    """``read_listed_file`` (the lean path's read, no stat by path) gives a listed file's bytes
-    while it is a regular file of at most its listed size, else None, at once, so ``read_one``
-    reads it and says why: grown since listed, a folder or named pipe in its place (opened
-    without blocking, never read)."""
-    listing = str(tmp_path / "l.arrow")
-    write_listing(listing, mixed_corpus)
-    listed = read_listing(listing)
-    size_of = dict(zip(listed.paths, listed.sizes))
-    plain, bigger = str(tmp_path / "corpus" / "plain01.jpg"), str(tmp_path / "corpus" / "bigger.jpg")
-    data = (tmp_path / "corpus" / "plain01.jpg").read_bytes()
-    assert read_listed_file(plain, size_of[plain]) == data
-    assert read_listed_file(plain, size_of[plain] + 5) == data  # shrunk since listed: what is there
-    assert read_listed_file(plain, size_of[plain] - 1) is None  # grown since listed
-    assert read_listed_file(str(tmp_path / "corpus" / "empty.jpg"), 0) == b""
-    os.remove(bigger)
-    os.mkfifo(bigger)  # a named pipe swapped in since listing: no writer ever comes
-    assert read_listed_file(bigger, size_of[bigger]) is None
-    os.remove(bigger)
-    os.mkdir(bigger)
-    assert read_listed_file(bigger, size_of[bigger]) is None
-    with pytest.raises(FileNotFoundError):
-        read_listed_file(str(tmp_path / "corpus" / "gone.jpg"), 900)
-    reader = make_reader()
-    read_one_calls = []
-    real_read_one = reader.read_one
-    reader.read_one = lambda uri, *args, **kwargs: read_one_calls.append(uri) or real_read_one(uri, *args, **kwargs)
-    out = reader.read_range(listed, 0, len(listed.paths), 1 << 30)
-    assert sorted(os.path.basename(uri) for uri in read_one_calls) == ["bigger.jpg", "gone.jpg", "notes.txt"]
-    reasons = {value["uri"].rsplit("/", 1)[1]: value["reason"] for tag, value in out.others if tag == DEAD}
-    assert "Is a directory" in reasons["bigger.jpg"], reasons
 
 
 def test_lean_reads_carry_bytes_up_to_the_budget(tmp_path, mixed_corpus):
