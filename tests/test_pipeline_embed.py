@@ -766,9 +766,12 @@ def _embed_within(config: EmbedConfig, timeout_s: float, unblock: list) -> objec
 
 
 @pytest.mark.parametrize("source", ["folder", "incremental", "glob", "list"])
-def test_a_named_pipe_in_the_corpus_is_dead_lettered_never_opened(workdir_with_model, digits_corpus, source):
+def test_a_named_pipe_in_the_corpus_is_dead_lettered_never_opened(workdir_with_model, digits_corpus, source,
+                                                                     monkeypatch):
     """A named pipe (and a link to one) is not a regular file: whether walked, matched by a glob
-    or listed, it is never opened (that would block until a writer comes), but dead-lettered."""
+    or listed, it is never opened (that would block until a writer comes, and opening a device
+    may do something), but dead-lettered. Every open in the process is watched: not even a
+    non-blocking one reaches the pipe."""
     import os
 
     corpus = workdir_with_model / "src"
@@ -785,7 +788,18 @@ def test_a_named_pipe_in_the_corpus_is_dead_lettered_never_opened(workdir_with_m
     if source == "list":
         (workdir_with_model / "list.txt").write_text("\n".join(str(p) for p in sorted((corpus / "cat").iterdir())))
         config = replace(config, corpus=None, list_file=str(workdir_with_model / "list.txt"))
+    opened_pipes = []
+    real_open = os.open
+
+    def watched_open(path, *args, **kwargs):
+        if os.path.realpath(path) == os.path.realpath(pipes[0]):
+            opened_pipes.append(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", watched_open)
     summary = _embed_within(config, 120.0, pipes)
+    monkeypatch.undo()
+    assert opened_pipes == []
     assert (summary.items, summary.failed) == (3, 2)
     reasons = {row["uri"].rsplit("/", 1)[-1]: row["reason"] for row in read_dead(workdir_with_model, summary.run)}
     assert set(reasons) == {"pipe.png", "link.png"}
