@@ -131,7 +131,7 @@ class ListingReader(ReadSourceFn):
             if dot < 0 or uri[dot:].lower() not in IMAGE_SUFFIXES or "://" in uri or (known and uri in known):
                 return None
             try:
-                data = read_bytes(uri, sizes[i])
+                data = read_bytes(uri)
             except Exception:  # read_one reads it again and says why
                 return None
             return data, sha256(data).hexdigest()
