@@ -97,7 +97,7 @@ def _execute(run: EmbedRun, started: float, index_dir: str | None,
     if reused is not None:
         counted = write_reused(run, reused, index_dir)
     else:
-        if run.listing is not None and len(run.listing) <= LISTING_IN_GRAPH_MAX:
+        if run.reads_listing:
             todo = run.plan.changed if run.plan is not None else run.listing
             run.listing_file = str(run.run_dir / LISTING_FILE_NAME)
             run.chunks = write_listing(run.listing_file, todo)
@@ -126,7 +126,7 @@ def _execute(run: EmbedRun, started: float, index_dir: str | None,
                       f"{failed_files} file(s) failed{', not embedded' if failed_files else ''})") if counted else ""  # Dask reports no metrics
             log.info("read and embed: all %d file(s) done by %s in %s%s", run.files_to_read, workers,
                      format_seconds(time.perf_counter() - started), counts)
-        if counted and run.plan is not None:  # files the plan kept out of the pipeline
+        if counted and run.plan is not None and run.reads_listing:  # files the plan kept out of the pipeline
             counted["files_unchanged"] = counted.get("files_unchanged", 0) + len(run.plan.unchanged)
     summary = summarize(run.run_dir.name, run.run_dir, run.meta["version"], run.total + run.misnamed_left_out,
                         config.runner, counted, time.perf_counter() - started,
@@ -261,12 +261,7 @@ def _list_and_run(run: EmbedRun, started: float) -> EmbedSummary:
         unlisted: list[OSError] = []  # folders below the corpus that could not be listed (permissions)
         run.listing = list_files(pattern, unlisted.append)
         misnamed = [m for m in run.listing if not utf8_name(m.path)]
-        if misnamed:  # left out before the listing (Arrow) holds them, and reported
-            run.listing = [m for m in run.listing if utf8_name(m.path)]
-            if len(run.listing) <= LISTING_IN_GRAPH_MAX:  # else the pipeline matches them again: read_one reports them
-                report_misnamed([m.path for m in misnamed], run_dir)
-                run.misnamed_left_out = len(misnamed)
-        run.total = len(run.listing) + (len(misnamed) - run.misnamed_left_out)
+        run.listing = [m for m in run.listing if utf8_name(m.path)] if misnamed else run.listing  # the listing (Arrow) holds UTF-8
         if unlisted:
             report_unlisted(unlisted, run_dir)
             run.unlisted_folders = len(unlisted)
@@ -274,8 +269,14 @@ def _list_and_run(run: EmbedRun, started: float) -> EmbedSummary:
             cache_table = load_cache_table(run.cache, int(meta["embed_dim"]))
             run.plan = plan_reuse(run.listing, run.cache, cache_table.column("source_hash"), config.sampling)
             _redo_missing_thumbnails(run, cache_table)
-            if run.plan.dead:  # not media, or bytes that failed before: reported again, not read
+        run.reads_listing = len(run.plan.changed if run.plan is not None else run.listing) <= LISTING_IN_GRAPH_MAX
+        if run.reads_listing:  # else the pipeline matches the corpus again and read_one reports these itself
+            if misnamed:
+                report_misnamed([m.path for m in misnamed], run_dir)
+                run.misnamed_left_out = len(misnamed)
+            if run.plan is not None and run.plan.dead:  # not media, or bytes that failed before: reported again, not read
                 write_jsonl(run_dir / "dead_letter-unread.jsonl", run.plan.dead)
+        run.total = len(run.listing) + (len(misnamed) - run.misnamed_left_out)
     if config.incremental and run.plan is None and os.path.isdir(run.cache):  # a TFDS data set or a list file
         _redo_missing_thumbnails(run, load_cache_table(run.cache, int(meta["embed_dim"])))
     if in_process and config.incremental and (run.plan is None or run.plan.changed):

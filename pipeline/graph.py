@@ -125,6 +125,11 @@ class EmbedRun:
     misnamed_left_out: int = 0
     unlisted_folders: int = 0
     plan: ReusePlan | None = None  # --incremental on a matched corpus: files split before Beam
+    # The pipeline reads the files to read from a listing file (``listing.write_listing``): a listed
+    # corpus whose files to read (all, or those the plan did not settle) are few enough
+    # (``embed.LISTING_IN_GRAPH_MAX``). Else Beam matches the corpus again and ``ReadSourceFn.read_one``
+    # settles every file itself: unchanged ones, files not media, bytes known to fail, bad names.
+    reads_listing: bool = False
     listing_file: str | None = None  # the files to read (listed before the run), chunked by size
     chunks: list[tuple[int, int]] | None = None  # [start, stop) rows of listing_file, one element each
     tfds_ranges: list[tuple[str, int, int]] | None = None  # a TFDS source's (split, start, stop) example ranges, one element each
@@ -135,7 +140,7 @@ class EmbedRun:
     @property
     def files_to_read(self) -> int:
         """Files the pipeline reads (the progress logs' totals): all, or those the plan did not settle."""
-        return len(self.plan.changed) if self.plan is not None else self.total
+        return len(self.plan.changed) if self.plan is not None and self.reads_listing else self.total
 
     @property
     def progress_total(self) -> int:
@@ -292,7 +297,7 @@ def build_pipeline(p: beam.Pipeline, run: EmbedRun, index_dir: str | None = None
                     run.num_shards, **run.expand)).with_output_types(ShardTable)
     if config.incremental:  # only an incremental run has cached files (a Flatten costs a stage of its own)
         cached_files = read[CACHED]
-        if run.plan is not None and run.plan.unchanged:
+        if run.plan is not None and run.plan.unchanged and run.reads_listing:  # else read_one finds them
             unchanged = p | "UnchangedFiles" >> beam.Create([run.plan.unchanged], reshuffle=False)
             cached_files = (cached_files, unchanged) | "AllCached" >> beam.Flatten()
         old_items = (

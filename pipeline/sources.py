@@ -276,9 +276,17 @@ class ReadSourceFn(beam.DoFn):
         self._progress.update(self._count)
 
     def process(self, metadata: Any):
+        """A matched file: with a known mtime, a local file's inode is looked up too (Beam's
+        match gives none), so that one the file index knows unchanged is not read again."""
         self.advance(1)
-        yield from self.read_one(metadata.path, int(metadata.size_in_bytes or 0),
-                                 float(getattr(metadata, "last_updated_in_seconds", 0) or 0))
+        path, mtime = metadata.path, float(getattr(metadata, "last_updated_in_seconds", 0) or 0)
+        inode = getattr(metadata, "inode", None)
+        if inode is None and mtime and self._files and "://" not in path:
+            try:
+                inode = os.stat(path).st_ino
+            except OSError:  # gone or unreadable: read_one says why
+                pass
+        yield from self.read_one(path, int(metadata.size_in_bytes or 0), mtime, inode=inode)
 
     def read_one(self, uri: str, size: int, mtime: float, carry: bool = True, inode: int | None = None):
         """One file's outputs (see the class); ``carry=False``: never pass its bytes on.

@@ -529,3 +529,26 @@ def test_a_prune_that_fails_after_publishing_is_a_warning_not_a_failed_run(corpu
 
     assert summary.index_version == Store.at(corpus_store).current_index()
     assert f"index {summary.index_version} is published, but pruning older versions failed: PermissionError" in caplog.text
+
+
+@pytest.mark.parametrize("listing_max", [2, 0])
+def test_an_incremental_run_on_a_corpus_too_big_to_list_in_the_graph_indexes_each_file_once(corpus_store, monkeypatch,
+                                                                                            listing_max):
+    """A corpus of more files than ``embed.LISTING_IN_GRAPH_MAX`` (500k; here 2 or 0), embedded
+    before, gains 2 files. With 2, those two are few enough to be read from a listing; with
+    0, Beam matches the corpus again and ``read_one`` settles each file. Either way every file
+    is one item (the unchanged ones were also added from the plan: "duplicate item id" when
+    publishing), unchanged files are not read again, and a file that is not media is one dead letter."""
+    (corpus_store / "corpus" / "README.txt").write_text("notes")
+    first = run_embed(EmbedConfig(workdir=str(corpus_store), run_name="first", incremental=True))
+    monkeypatch.setattr("lookalike.pipeline.embed.LISTING_IN_GRAPH_MAX", listing_max)
+    for i, f in enumerate(sorted((corpus_store / "corpus" / "0").glob("*.png"))[:2]):
+        shutil.copy(f, corpus_store / "corpus" / f"new{i}.png")  # known bytes at a new path
+    again = run_embed(EmbedConfig(workdir=str(corpus_store), run_name="again", incremental=True))
+    assert again.index_version and again.index_version != first.index_version
+    assert (again.items, again.files_read, again.embedded, again.failed) == (first.items + 2, 2, 0, 1)
+    assert again.unchanged == first.items + 2  # the new paths hold known bytes: reused too
+    _, items = read_embeddings(corpus_store / "embeddings" / "again")
+    ids = items.column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == first.items + 2
+    assert [Path(r["uri"]).name for r in read_dead_letters(corpus_store / "embeddings" / "again")] == ["README.txt"]
