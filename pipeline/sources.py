@@ -347,7 +347,8 @@ def decode_source(
     OSError with the reason."""
     data = read_bytes(uris[0]) if data is None else data
     if is_video_path(uris[0]):
-        frames = ((f"{source_hash}#t={t:.3f}", "frame", t, frame) for t, frame in sample_frames(data, sampling, uris[0]))
+        frames = ((f"{source_hash}#t={t:.3f}", "frame", t, frame)
+                  for t, frame in sample_frames(data, sampling, uris[0], spec.max_pixels))
         original, pixels = None, None
     else:
         side = decode_side_px(spec)  # a large image is decoded shrunk, as the server decodes queries

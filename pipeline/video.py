@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from lookalike.model.preprocess import MIN_SIDE_PX
+from lookalike.model.preprocess import DEFAULT_MAX_PIXELS, MIN_SIDE_PX
 
 log = logging.getLogger(__name__)
 
@@ -180,13 +180,29 @@ def _reason(e: Exception) -> str:
     return f"{type(e).__name__}: {message or e}"
 
 
+def _too_many_pixels(width: int, height: int, limit: int) -> str:
+    return (f"video frames of {width}x{height} = {width * height} pixels exceed the limit of {limit} pixels "
+            "(decompression bomb?)")
+
+
+def picture_streams(container: Any) -> list[Any]:
+    """A container's video streams that are moving pictures: not cover art (an
+    ``attached_pic``, the album picture of an audio file, is one still image)."""
+    import av
+
+    cover = av.stream.Disposition.attached_pic
+    return [s for s in container.streams.video if not s.disposition & cover]
+
+
 def sample_frames(data: bytes, sampling: FrameSampling = FrameSampling(),
-                  name: str = "video") -> Iterator[tuple[float, Image.Image]]:
+                  name: str = "video", max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[tuple[float, Image.Image]]:
     """Video file bytes -> (timestamp_s, upright RGB PIL frame) for each sampled frame; times
     count from the start of the video (``start_offset_s``), never negative.
 
     Raises VideoDecodeError for bytes that are not a video, a container with no video
-    stream (audio only), or a stream that yields no decodable frame. A stream that breaks or
+    stream (audio only, with or without cover art: ``picture_streams``), frames of more than
+    ``max_pixels`` pixels (as an image that large is refused, before decoding one), or a
+    stream that yields no decodable frame. A stream that breaks or
     ends well before the duration its container declares (a truncated file) keeps the frames
     sampled so far, with a warning naming ``name`` (the file), where it stopped and how long
     the video should be. Two sampled frames never share an id (``frame_id``: milliseconds): a
@@ -202,9 +218,14 @@ def sample_frames(data: bytes, sampling: FrameSampling = FrameSampling(),
     except Exception as e:
         raise VideoDecodeError(f"not a decodable video ({_reason(e)})") from None
     with container:
-        if not container.streams.video:
-            raise VideoDecodeError("no video stream (audio-only or empty container)")
-        stream = container.streams.video[0]
+        streams = picture_streams(container)
+        if not streams:
+            cover = " with cover art" if container.streams.video else ""
+            raise VideoDecodeError(f"no video stream (audio-only{cover} or empty container)")
+        stream = streams[0]
+        width, height = stream.codec_context.width or 0, stream.codec_context.height or 0
+        if width * height > max_pixels:  # as declared; every decoded frame is checked too
+            raise VideoDecodeError(_too_many_pixels(width, height, max_pixels))
         stream.thread_type = "AUTO"
         start_s = start_offset_s(container, stream)
         last_kept: float | None = None
@@ -220,6 +241,8 @@ def sample_frames(data: bytes, sampling: FrameSampling = FrameSampling(),
                 if min(frame.width, frame.height) < MIN_SIDE_PX:  # as an image that small is refused
                     raise VideoDecodeError(f"video frames of {frame.width}x{frame.height} pixels are smaller than the "
                                            f"{MIN_SIDE_PX}x{MIN_SIDE_PX} minimum")
+                if frame.width * frame.height > max_pixels:
+                    raise VideoDecodeError(_too_many_pixels(frame.width, frame.height, max_pixels))
                 t = float(frame.time) - start_s if frame.time is not None else (decoded - 1) / float(stream.average_rate or 25)
                 t = max(t, 0.0)
                 hist = _histogram(frame.reformat(width=64, height=36, format="gray").to_ndarray())

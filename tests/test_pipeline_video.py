@@ -145,6 +145,44 @@ def test_frames_smaller_than_the_image_minimum_are_refused(tmp_path):
         list(sample_frames(path.read_bytes()))
 
 
+def test_an_audio_file_with_cover_art_is_no_video(tmp_path):
+    """An album picture is stored as a one-frame video stream marked ``attached_pic``: an
+    audio file with one has no moving pictures, and is refused as audio-only."""
+    import av
+    import numpy as np
+
+    path = tmp_path / "song.mp4"
+    with av.open(str(path), "w") as container:
+        audio = container.add_stream("aac", rate=8000)
+        cover = container.add_stream("mjpeg", rate=1)
+        cover.width, cover.height, cover.pix_fmt = 64, 64, "yuvj420p"
+        cover.disposition = av.stream.Disposition.attached_pic
+        picture = av.VideoFrame.from_ndarray(np.full((64, 64, 3), 200, np.uint8), format="rgb24")
+        for packet in [*cover.encode(picture), *cover.encode()]:
+            container.mux(packet)
+        for i in range(20):
+            sound = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp", layout="mono")
+            sound.sample_rate, sound.pts = 8000, i * 1024
+            for packet in audio.encode(sound):
+                container.mux(packet)
+        for packet in audio.encode():
+            container.mux(packet)
+    with av.open(str(path)) as container:  # what the file holds: a video stream, the cover
+        assert [s.type for s in container.streams] == ["audio", "video"]
+    with pytest.raises(VideoDecodeError, match=r"no video stream \(audio-only with cover art"):
+        list(sample_frames(path.read_bytes()))
+
+
+@pytest.mark.parametrize("limit", [64 * 48 - 1, 100])
+def test_frames_over_the_pixel_limit_are_refused_as_images_are(tmp_path, make_video, limit):
+    """A video whose frames exceed ``max_pixels`` (the images' decompression-bomb limit) is
+    refused, not decoded frame by frame into gigabytes."""
+    data = make_video(tmp_path / "v.mp4", seconds=1.0, cut_at_s=None).read_bytes()
+    assert len(list(sample_frames(data, max_pixels=64 * 48))) == 1  # 64x48 frames: at the limit
+    with pytest.raises(VideoDecodeError, match=f"video frames of 64x48 = 3072 pixels exceed the limit of {limit} pixels"):
+        list(sample_frames(data, max_pixels=limit))
+
+
 def test_frame_ids_carry_the_timestamp():
     assert frame_id("clips/a.mp4", 2.5) == "clips/a.mp4#t=2.500"
 
