@@ -48,6 +48,11 @@ FRAME_DECODING_VERSION = 4
 TIME_TOLERANCE_S = 1e-6
 
 
+# A frame this much earlier than the one before it starts a new clock (recordings joined into
+# one file: concatenated MPEG program or transport streams restart their timestamps). Smaller
+# steps back are frames reordered by their codec (B-frames in an AVI), left as they are.
+CLOCK_RESTART_S = 1.0
+
 # A frame id names its time in milliseconds (``frame_id``): frames closer than this share an id.
 MIN_INTERVAL_S = 0.001
 DEFAULT_MAX_FRAMES = 10_000
@@ -205,7 +210,9 @@ def sample_frames(data: bytes, sampling: FrameSampling = FrameSampling(),
     stream that yields no decodable frame. A stream that breaks or
     ends well before the duration its container declares (a truncated file) keeps the frames
     sampled so far, with a warning naming ``name`` (the file), where it stopped and how long
-    the video should be. Two sampled frames never share an id (``frame_id``: milliseconds): a
+    the video should be. Frame times that restart (``CLOCK_RESTART_S``: recordings joined
+    into one file) go on from the last frame's, with a warning, so the rest of the video is
+    sampled as it plays. Two sampled frames never share an id (``frame_id``: milliseconds): a
     frame at the time of one already kept (a duplicate timestamp) is skipped. A video stops
     after ``sampling.max_frames`` sampled frames, with a warning naming it.
     """
@@ -235,6 +242,8 @@ def sample_frames(data: bytes, sampling: FrameSampling = FrameSampling(),
         kept = 0
         decoded = 0
         t = 0.0
+        clock_offset_s = 0.0  # added to frame times after their clock restarted (``CLOCK_RESTART_S``)
+        frame_step_s = 1.0 / float(stream.average_rate or 25)
         try:
             for frame in container.decode(stream):
                 decoded += 1
@@ -243,8 +252,14 @@ def sample_frames(data: bytes, sampling: FrameSampling = FrameSampling(),
                                            f"{MIN_SIDE_PX}x{MIN_SIDE_PX} minimum")
                 if frame.width * frame.height > max_pixels:
                     raise VideoDecodeError(_too_many_pixels(frame.width, frame.height, max_pixels))
-                t = float(frame.time) - start_s if frame.time is not None else (decoded - 1) / float(stream.average_rate or 25)
-                t = max(t, 0.0)
+                previous_s = t
+                t = float(frame.time) - start_s if frame.time is not None else (decoded - 1) * frame_step_s
+                t = max(t, 0.0) + clock_offset_s
+                if decoded > 1 and t < previous_s - CLOCK_RESTART_S:  # times go on from the last frame's
+                    log.warning("%s: frame times restart at %.1f s after %.1f s (recordings joined into one file?); "
+                                "counting on from there", name, t - clock_offset_s, previous_s)
+                    clock_offset_s += previous_s + frame_step_s - t
+                    t = previous_s + frame_step_s
                 hist = _histogram(frame.reformat(width=64, height=36, format="gray").to_ndarray())
                 shot = (
                     prev_hist is not None

@@ -183,6 +183,37 @@ def test_frames_over_the_pixel_limit_are_refused_as_images_are(tmp_path, make_vi
         list(sample_frames(data, max_pixels=limit))
 
 
+def test_frame_times_that_restart_go_on_from_the_last_frame(tmp_path, caplog):
+    """Two recordings joined into one file (MPEG program streams concatenated, as DVD parts
+    or camcorder files are) restart their frame times: the second one is sampled after the
+    first, not dropped as times the interval was already past."""
+    import logging
+
+    import av
+    import numpy as np
+
+    def segment(path: Path, value: int) -> bytes:
+        with av.open(str(path), "w", format="mpeg") as container:
+            stream = container.add_stream("mpeg2video", rate=25)
+            stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+            for i in range(150):  # 6 s
+                frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), value, np.uint8), format="rgb24")
+                frame.pts = i
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        return path.read_bytes()
+
+    joined = segment(tmp_path / "a.mpg", 30) + segment(tmp_path / "b.mpg", 220)
+    with caplog.at_level(logging.WARNING, logger="lookalike.pipeline.video"):
+        frames = list(sample_frames(joined, FrameSampling(interval_s=1.0, shot_threshold=2.0), name="joined.mpg"))
+    assert [round(t, 2) for t, _ in frames] == [float(s) for s in range(12)]
+    brightness = [float(np.asarray(img).mean()) for _, img in frames]
+    assert max(brightness[:6]) < 60 and min(brightness[6:]) > 190  # the second recording, after the first
+    assert "joined.mpg: frame times restart" in caplog.text
+
+
 def test_frame_ids_carry_the_timestamp():
     assert frame_id("clips/a.mp4", 2.5) == "clips/a.mp4#t=2.500"
 
