@@ -53,6 +53,11 @@ TIME_TOLERANCE_S = 1e-6
 # steps back are frames reordered by their codec (B-frames in an AVI), left as they are.
 CLOCK_RESTART_S = 1.0
 
+# Packets that fail to decode are skipped, as the ffmpeg tool does, up to this many or this share
+# of the packets read so far (whichever is more); past that the stream counts as broken.
+BAD_PACKETS_SKIPPED_MIN = 10
+BAD_PACKETS_SKIPPED_SHARE = 0.01
+
 # A frame id names its time in milliseconds (``frame_id``): frames closer than this share an id.
 MIN_INTERVAL_S = 0.001
 DEFAULT_MAX_FRAMES = 10_000
@@ -199,6 +204,25 @@ def picture_streams(container: Any) -> list[Any]:
     return [s for s in container.streams.video if not s.disposition & cover]
 
 
+def decoded_frames(container: Any, stream: Any, skipped: list[Exception]) -> Iterator[Any]:
+    """``stream``'s frames, decoded packet by packet: a packet that fails to decode (a damaged
+    part of the file) is skipped and its error added to ``skipped``, within the budget of
+    BAD_PACKETS_SKIPPED_MIN and BAD_PACKETS_SKIPPED_SHARE; the error past it is raised."""
+    import av
+
+    packets = 0
+    for packet in container.demux(stream):
+        packets += 1
+        try:
+            frames = packet.decode()
+        except av.error.FFmpegError as e:
+            if len(skipped) >= max(BAD_PACKETS_SKIPPED_MIN, BAD_PACKETS_SKIPPED_SHARE * packets):
+                raise
+            skipped.append(e)
+            continue
+        yield from frames
+
+
 def sample_frames(data: bytes, sampling: FrameSampling = FrameSampling(),
                   name: str = "video", max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[tuple[float, Image.Image]]:
     """Video file bytes -> (timestamp_s, upright RGB PIL frame) for each sampled frame; times
@@ -212,7 +236,8 @@ def sample_frames(data: bytes, sampling: FrameSampling = FrameSampling(),
     sampled so far, with a warning naming ``name`` (the file), where it stopped and how long
     the video should be. Frame times that restart (``CLOCK_RESTART_S``: recordings joined
     into one file) go on from the last frame's, with a warning, so the rest of the video is
-    sampled as it plays. Two sampled frames never share an id (``frame_id``: milliseconds): a
+    sampled as it plays. A damaged packet is skipped (``decoded_frames``), with a warning
+    counting them, rather than ending the video there. Two sampled frames never share an id (``frame_id``: milliseconds): a
     frame at the time of one already kept (a duplicate timestamp) is skipped. A video stops
     after ``sampling.max_frames`` sampled frames, with a warning naming it.
     """
@@ -242,10 +267,11 @@ def sample_frames(data: bytes, sampling: FrameSampling = FrameSampling(),
         kept = 0
         decoded = 0
         t = 0.0
+        skipped: list[Exception] = []  # packets that failed to decode, skipped
         clock_offset_s = 0.0  # added to frame times after their clock restarted (``CLOCK_RESTART_S``)
         frame_step_s = 1.0 / float(stream.average_rate or 25)
         try:
-            for frame in container.decode(stream):
+            for frame in decoded_frames(container, stream, skipped):
                 decoded += 1
                 if min(frame.width, frame.height) < MIN_SIDE_PX:  # as an image that small is refused
                     raise VideoDecodeError(f"video frames of {frame.width}x{frame.height} pixels are smaller than the "
@@ -283,9 +309,13 @@ def sample_frames(data: bytes, sampling: FrameSampling = FrameSampling(),
         except av.error.FFmpegError as e:
             if kept == 0:
                 raise VideoDecodeError(f"corrupt video stream ({_reason(e)})") from None
-            log.warning("%s: video stream broken at %.1f s%s after %d decoded frames; keeping the %d sampled: %s", name, t,
-                        _of_duration(container), decoded, kept, _reason(e))
+            log.warning("%s: video stream broken at %.1f s%s after %d decoded frames%s; keeping the %d sampled: %s", name,
+                        t, _of_duration(container), decoded, f" and {len(skipped)} damaged packet(s) skipped" if skipped
+                        else "", kept, _reason(e))
             return
+        if skipped:
+            log.warning("%s: %d damaged packet(s) skipped, their frames missing (first: %s); %d frames decoded", name,
+                        len(skipped), _reason(skipped[0]), decoded)
         if kept == 0:
             raise VideoDecodeError("the video stream has no decodable frames")
         declared = _declared_duration_s(container)

@@ -214,6 +214,49 @@ def test_frame_times_that_restart_go_on_from_the_last_frame(tmp_path, caplog):
     assert "joined.mpg: frame times restart" in caplog.text
 
 
+def _damaged(path: Path, packets: range) -> bytes:
+    """The bytes of the video at ``path`` with the data of its video ``packets`` (by index) overwritten."""
+    import av
+    import numpy as np
+
+    with av.open(str(path)) as container:
+        where = [(p.pos, p.size) for p in container.demux(container.streams.video[0]) if p.size]
+    data = bytearray(path.read_bytes())
+    rng = np.random.default_rng(0)
+    for i in packets:
+        pos, size = where[i]
+        data[pos : pos + size] = rng.integers(0, 256, size, dtype=np.uint8).tobytes()
+    return bytes(data)
+
+
+def test_a_damaged_packet_is_skipped_not_the_rest_of_the_video(tmp_path, make_video, caplog):
+    """One damaged packet in the middle of a 6 s clip: its frames are missing, the rest of the
+    video is sampled (it ended there, at 2.7 s, keeping 3 frames of 6), with a warning."""
+    import logging
+
+    path = make_video(tmp_path / "v.mp4", seconds=6.0, fps=10, cut_at_s=None)
+    whole = [round(t) for t, _ in sample_frames(path.read_bytes(), FrameSampling(interval_s=1.0))]
+    with caplog.at_level(logging.WARNING, logger="lookalike.pipeline.video"):
+        times = [t for t, _ in sample_frames(_damaged(path, range(30, 31)), FrameSampling(interval_s=1.0), name="v.mp4")]
+    assert whole == [0, 1, 2, 3, 4, 5] and len(times) == 6 and times[-1] > 5.0
+    assert "v.mp4: 1 damaged packet(s) skipped" in caplog.text and "broken" not in caplog.text
+
+
+def test_a_video_damaged_past_the_budget_keeps_what_came_before(tmp_path, make_video, caplog):
+    """More damaged packets than BAD_PACKETS_SKIPPED_MIN in a row: the stream counts as broken
+    there, and the frames sampled before are kept, with a warning."""
+    import logging
+
+    from lookalike.pipeline.video import BAD_PACKETS_SKIPPED_MIN
+
+    path = make_video(tmp_path / "v.mp4", seconds=6.0, fps=10, cut_at_s=None)
+    damaged = _damaged(path, range(30, 31 + BAD_PACKETS_SKIPPED_MIN))
+    with caplog.at_level(logging.WARNING, logger="lookalike.pipeline.video"):
+        times = [round(t) for t, _ in sample_frames(damaged, FrameSampling(interval_s=1.0), name="v.mp4")]
+    assert times == [0, 1, 2]
+    assert f"decoded frames and {BAD_PACKETS_SKIPPED_MIN} damaged packet(s) skipped; keeping the 3 sampled" in caplog.text
+
+
 def test_frame_ids_carry_the_timestamp():
     assert frame_id("clips/a.mp4", 2.5) == "clips/a.mp4#t=2.500"
 
