@@ -115,6 +115,8 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side_px: i
         raise ImageDecodeError(f"decompression bomb refused: {e}") from None
     except UnidentifiedImageError:
         raise ImageDecodeError("not a recognised image format") from None
+    except MemoryError:  # not the bytes' fault: never a permanent 'corrupt' verdict
+        raise
     except Exception as e:  # PIL raises many types for damaged headers
         raise ImageDecodeError(f"corrupt or truncated image header ({type(e).__name__}: {e})") from None
     width, height = img.size
@@ -128,6 +130,8 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, min_side_px: i
         img.seek(0)
         img.load()
         img = ImageOps.exif_transpose(img)
+    except MemoryError:
+        raise
     except Exception as e:
         raise ImageDecodeError(f"corrupt or truncated image data ({type(e).__name__}: {e})") from None
     return img
@@ -148,6 +152,8 @@ def _open_shrunk(img: Image.Image, min_side_px: int) -> Image.Image:
             if img.mode in _UNREDUCIBLE:  # to a mode the model input is converted from anyway
                 img = img.convert("RGBA") if img.mode == "P" else to_mode(img, 1)
             img = img.reduce(factor)
+    except MemoryError:
+        raise
     except Exception as e:  # damaged data
         raise ImageDecodeError(f"corrupt or truncated image data ({type(e).__name__}: {e})") from None
     if orientation in _TRANSPOSES:

@@ -188,7 +188,7 @@ class DecodeBatchFn(beam.DoFn):
                                       self._pool if on_pool else None, DECODE_WINDOW)
         for (source_hash, uris, _), decoded in zip(sources, decoded_sources):
             if isinstance(decoded, Exception):
-                if not isinstance(decoded, OSError):  # the bytes themselves are bad: the same next time
+                if not isinstance(decoded, (OSError, MemoryError)):  # the bytes themselves are bad: the same next time
                     self._undecodable.append({"source_hash": source_hash, "stage": "decode", "reason": str(decoded)})
                 yield from self._dead(uris, "decode", decoded)
                 continue
@@ -222,8 +222,9 @@ class DecodeBatchFn(beam.DoFn):
         return [(meta, pixels if pixels.shape == spec.shape else pixels_to_array(pixels, spec))], [future]
 
     def _decode(self, source: tuple[str, list[str], bytes | None]):
-        """One source's (items, thumbnail futures), or the ImageDecodeError, VideoDecodeError or
-        OSError that makes it a dead letter. Runs on the decode pool or inline."""
+        """One source's (items, thumbnail futures), or the ImageDecodeError, VideoDecodeError,
+        OSError or MemoryError that makes it a dead letter (the last two not recorded as
+        undecodable: not the bytes' fault, so tried again next run). Runs on the decode pool or inline."""
         source_hash, uris, data = source
         futures: list[Future] = []
 
@@ -234,6 +235,9 @@ class DecodeBatchFn(beam.DoFn):
             items = list(decode_source(source_hash, uris, self._spec, self._thumbs, self._sampling, data, thumbnail))
         except (ImageDecodeError, VideoDecodeError, OSError) as e:
             return e
+        except MemoryError as e:  # one picture too big for the memory left: the rest of the run goes on
+            return MemoryError(f"out of memory decoding it ({type(e).__name__}{': ' if str(e) else ''}{e}); "
+                               "tried again next run")
         return items, futures
 
     def finish_bundle(self):

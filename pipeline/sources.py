@@ -325,13 +325,16 @@ class ReadSourceFn(beam.DoFn):
             yield NEW, (source_hash, uri, data if carry and data is not None and len(data) <= CARRY_BYTES_MAX else None)
 
     def known_outputs(self, uri: str, source_hash: str) -> list[tuple[str, Any]]:
-        """The output of a file whose bytes are known: its dead letter again if they failed to
-        decode in an earlier run, else ("cached", (uri, source hash))."""
-        if source_hash in self._undecodable:
-            self._inc(self._failed)
-            return [(DEAD, known_failure_letter(uri, *self._undecodable[source_hash]))]
-        self._inc(self._reused)
-        return [(CACHED, (uri, source_hash))]
+        """The output of a file whose bytes are known: ("cached", (uri, source hash)) if they
+        have an embedding, else their dead letter again (they failed to decode in an earlier
+        run). An embedding wins over a failure record of the same bytes (one left by a failure
+        later decoded without --incremental), as in ``reuse.plan_reuse``: every path of those
+        bytes is then an item."""
+        if source_hash in self._cache:
+            self._inc(self._reused)
+            return [(CACHED, (uri, source_hash))]
+        self._inc(self._failed)
+        return [(DEAD, known_failure_letter(uri, *self._undecodable[source_hash]))]
 
 
 def decode_source(

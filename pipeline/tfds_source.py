@@ -317,11 +317,11 @@ class ReadTfdsRangeFn(beam.DoFn):
                 yield DEAD, dead_letter(uri, "read", str(e))
                 continue
             source_hash = hashlib.sha256(data).hexdigest()
-            if source_hash in self._undecodable:  # these bytes failed to decode in an earlier run
-                self._failed.inc()
-                yield DEAD, known_failure_letter(uri, *self._undecodable[source_hash])
-            elif source_hash in self._cache:
+            if source_hash in self._cache:  # an embedding wins over a failure record (``ReadSourceFn.known_outputs``)
                 self._reused.inc()
                 yield CACHED, (uri, source_hash)
+            elif source_hash in self._undecodable:  # these bytes failed to decode in an earlier run
+                self._failed.inc()
+                yield DEAD, known_failure_letter(uri, *self._undecodable[source_hash])
             else:
                 yield NEW, (source_hash, uri, data)

@@ -203,3 +203,49 @@ def test_small_files_are_decoded_inline_and_two_big_ones_on_the_pool(tmp_path, p
     finally:
         fn.teardown()
     assert pools_used == [False, False, True]
+
+
+def test_running_out_of_memory_on_a_picture_is_a_dead_letter_not_recorded_as_undecodable(tmp_path, monkeypatch):
+    """A MemoryError while decoding one source (a huge picture, memory short at that moment)
+    is not the bytes' fault: that source is a dead letter saying so, the rest of the bundle is
+    decoded, and nothing is recorded as undecodable, so the next run tries it again. A
+    corrupt source beside it is recorded."""
+    import hashlib
+    import io
+
+    import lookalike.pipeline.batches as batches
+    from lookalike.pipeline.cache import load_failed
+    from lookalike.pipeline.sources import DEAD
+    from lookalike.pipeline.video import FrameSampling
+
+    def png(value: int) -> bytes:
+        out = io.BytesIO()
+        Image.new("RGB", (16, 16), (value, value, value)).save(out, format="PNG")
+        return out.getvalue()
+
+    blobs = {"big.png": png(10), "ok.png": png(200), "cut.png": png(90)[:40]}
+    hashes = {name: hashlib.sha256(b).hexdigest() for name, b in blobs.items()}
+    real_decode = batches.decode_source
+
+    def decode(source_hash, uris, *args, **kwargs):
+        if uris[0].endswith("big.png"):
+            raise MemoryError()
+        return real_decode(source_hash, uris, *args, **kwargs)
+
+    monkeypatch.setattr(batches, "decode_source", decode)
+    fn = batches.DecodeBatchFn(PreprocessSpec(8, 3), str(tmp_path / "t"), FrameSampling(), batch_size=100,
+                               failures_dir=str(tmp_path / "cache"), decode_threads=1)
+    (tmp_path / "cache").mkdir()
+    fn.setup()
+    try:
+        fn.start_bundle()
+        outputs = list(fn.process((0, [(hashes[n], f"/c/{n}", b) for n, b in blobs.items()])))
+        outputs += [w.value for w in fn.finish_bundle()]
+    finally:
+        fn.teardown()
+    dead = {v["uri"]: v for tag, v in outputs if tag == DEAD}
+    assert set(dead) == {"/c/big.png", "/c/cut.png"}
+    assert "out of memory decoding it" in dead["/c/big.png"]["reason"]
+    [batch] = [v for tag, v in outputs if tag == batches.BATCH]
+    assert [m["uris"] for m in batch.metas] == [["/c/ok.png"]]
+    assert set(load_failed(tmp_path / "cache")) == {hashes["cut.png"]}

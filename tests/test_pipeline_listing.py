@@ -105,6 +105,24 @@ def test_lean_reads_give_what_read_one_gives(tmp_path, mixed_corpus):
     assert [(t, v["uri"].rsplit("/", 1)[1]) for t, v in lean.others if v["stage"] == "decode"] == [(DEAD, "text.jpg")]
 
 
+def test_an_embedding_wins_over_a_failure_record_of_the_same_bytes(tmp_path, mixed_corpus):
+    """Bytes with both an embedding and a failure record (one that failed once, then decoded in a
+    run without --incremental) are reused on the lean and the general path alike, as
+    ``reuse.plan_reuse`` does, not dead-lettered: every path holding them is an item."""
+    listing = str(tmp_path / "l.arrow")
+    chunks = write_listing(listing, mixed_corpus)
+    listed = read_listing(listing)
+    stop = chunks[-1][1]
+    hashes = {uri: h for h, uri, _ in make_reader().read_range(listed, 0, stop, 1 << 30).entries}
+    known = hashes[str(tmp_path / "corpus" / "plain03.jpg")]  # copy03.jpg holds the same bytes
+    for general in (False, True):
+        reader = make_reader(cache={known}, undecodable={known: ("decode", "it failed once")}, force_general=general,
+                             listed=mixed_corpus)
+        out = reader.read_range(listed, 0, stop, 1 << 30)
+        assert sorted(os.path.basename(uri) for uri, h in out.cached if h == known) == ["copy03.jpg", "plain03.jpg"]
+        assert not [v for tag, v in out.others if tag == DEAD and "failed once" in v["reason"]]
+
+
 def test_lean_reads_carry_bytes_up_to_the_budget(tmp_path, mixed_corpus):
     listing = str(tmp_path / "l.arrow")
     write_listing(listing, mixed_corpus)

@@ -237,3 +237,23 @@ def test_an_image_below_twice_the_decode_side_is_decoded_whole():
     data = _jpeg("RGB", size=(1000, decode_side_px(spec) * 2 - 1))
     assert decode_plain_jpeg(data, 3, min_side_px=decode_side_px(spec)).shape == (511, 1000, 3)
     np.testing.assert_array_equal(decode_image(data, spec), _pillow_only(data, spec))
+
+
+@pytest.mark.parametrize("stage", ["open", "load", "load_shrunk"])
+def test_running_out_of_memory_is_not_called_corrupt_data(monkeypatch, stage):
+    """A MemoryError while opening or decoding is raised as it is: calling the bytes corrupt
+    would record them as undecodable for good (``pipeline.batches``)."""
+    from lookalike.model import preprocess
+
+    out = io.BytesIO()
+    Image.new("RGB", (400, 300), (9, 99, 199)).save(out, format="PNG")
+
+    def short_of_memory(*args, **kwargs):
+        raise MemoryError()
+
+    if stage == "open":
+        monkeypatch.setattr(preprocess.Image, "open", short_of_memory)
+    else:
+        monkeypatch.setattr(preprocess.Image.Image, "load", short_of_memory)
+    with pytest.raises(MemoryError):
+        preprocess.open_image(out.getvalue(), min_side_px=100 if stage == "load_shrunk" else None)
