@@ -42,7 +42,10 @@ class VideoDecodeError(ValueError):
 # video (they included the container's start time, e.g. 0.54 s in an MPEG program stream).
 # 4: an interval is reached within TIME_TOLERANCE_S (0.3 - 0.2 < 0.1 in floating point skipped
 # every other frame when the interval was the frame spacing), and no two frames share an id.
-FRAME_DECODING_VERSION = 4
+# 5: damaged packets skipped (one ended the video), restarting frame times continued (the rest
+# of joined recordings was dropped), cover art no video, frames over max_pixels refused; videos
+# recorded as corrupt under 4 are tried again.
+FRAME_DECODING_VERSION = 5
 # Frame times are rationals (pts x time base) computed in floating point: differences this
 # close to the interval count as reaching it.
 TIME_TOLERANCE_S = 1e-6
@@ -215,6 +218,8 @@ def decoded_frames(container: Any, stream: Any, skipped: list[Exception]) -> Ite
         packets += 1
         try:
             frames = packet.decode()
+        except MemoryError:  # av.error.MemoryError too: not the packet's fault
+            raise
         except av.error.FFmpegError as e:
             if len(skipped) >= max(BAD_PACKETS_SKIPPED_MIN, BAD_PACKETS_SKIPPED_SHARE * packets):
                 raise
@@ -236,7 +241,8 @@ def sample_frames(data: bytes, sampling: FrameSampling = FrameSampling(),
     sampled so far, with a warning naming ``name`` (the file), where it stopped and how long
     the video should be. Frame times that restart (``CLOCK_RESTART_S``: recordings joined
     into one file) go on from the last frame's, with a warning, so the rest of the video is
-    sampled as it plays. A damaged packet is skipped (``decoded_frames``), with a warning
+    sampled as it plays; a single frame whose time jumps ahead and back is not taken for a
+    restart (nor does it stop the sampling after it). A damaged packet is skipped (``decoded_frames``), with a warning
     counting them, rather than ending the video there. Two sampled frames never share an id (``frame_id``: milliseconds): a
     frame at the time of one already kept (a duplicate timestamp) is skipped. A video stops
     after ``sampling.max_frames`` sampled frames, with a warning naming it.
@@ -247,6 +253,8 @@ def sample_frames(data: bytes, sampling: FrameSampling = FrameSampling(),
         raise VideoDecodeError("empty file (0 bytes)")
     try:
         container = av.open(io.BytesIO(data))
+    except MemoryError:  # not the bytes' fault: never recorded as undecodable
+        raise
     except Exception as e:
         raise VideoDecodeError(f"not a decodable video ({_reason(e)})") from None
     with container:
@@ -269,7 +277,8 @@ def sample_frames(data: bytes, sampling: FrameSampling = FrameSampling(),
         t = 0.0
         skipped: list[Exception] = []  # packets that failed to decode, skipped
         clock_offset_s = 0.0  # added to frame times after their clock restarted (``CLOCK_RESTART_S``)
-        frame_step_s = 1.0 / float(stream.average_rate or 25)
+        frame_step_s = min(1.0 / float(stream.average_rate or 25), 1.0)
+        before_s = 0.0  # the time of the frame before the last one
         try:
             for frame in decoded_frames(container, stream, skipped):
                 decoded += 1
@@ -278,14 +287,19 @@ def sample_frames(data: bytes, sampling: FrameSampling = FrameSampling(),
                                            f"{MIN_SIDE_PX}x{MIN_SIDE_PX} minimum")
                 if frame.width * frame.height > max_pixels:
                     raise VideoDecodeError(_too_many_pixels(frame.width, frame.height, max_pixels))
-                previous_s = t
+                step_before_s, previous_s = t - before_s, t
+                before_s = t
                 t = float(frame.time) - start_s if frame.time is not None else (decoded - 1) * frame_step_s
                 t = max(t, 0.0) + clock_offset_s
-                if decoded > 1 and t < previous_s - CLOCK_RESTART_S:  # times go on from the last frame's
-                    log.warning("%s: frame times restart at %.1f s after %.1f s (recordings joined into one file?); "
-                                "counting on from there", name, t - clock_offset_s, previous_s)
-                    clock_offset_s += previous_s + frame_step_s - t
-                    t = previous_s + frame_step_s
+                if decoded > 1 and t < previous_s - CLOCK_RESTART_S:
+                    if decoded > 2 and step_before_s > CLOCK_RESTART_S:  # the frame before jumped ahead alone
+                        last_kept = t if last_kept is not None and last_kept > t else last_kept
+                        last_shot = min(last_shot, t)
+                    else:  # the clock restarted: times go on from the last frame's
+                        log.warning("%s: frame times restart at %.1f s after %.1f s (recordings joined into one "
+                                    "file?); counting on from there", name, t - clock_offset_s, previous_s)
+                        clock_offset_s += previous_s + frame_step_s - t
+                        t = previous_s + frame_step_s
                 hist = _histogram(frame.reformat(width=64, height=36, format="gray").to_ndarray())
                 shot = (
                     prev_hist is not None
@@ -306,6 +320,8 @@ def sample_frames(data: bytes, sampling: FrameSampling = FrameSampling(),
                         log.warning("%s: stopping after %d sampled frames, at %.1f s%s: the rest is not indexed "
                                     "(--max-frames-per-video)", name, kept, t, _of_duration(container))
                         return
+        except MemoryError:
+            raise
         except av.error.FFmpegError as e:
             if kept == 0:
                 raise VideoDecodeError(f"corrupt video stream ({_reason(e)})") from None

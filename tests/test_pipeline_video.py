@@ -214,6 +214,30 @@ def test_frame_times_that_restart_go_on_from_the_last_frame(tmp_path, caplog):
     assert "joined.mpg: frame times restart" in caplog.text
 
 
+def test_one_frame_whose_time_jumps_ahead_is_no_clock_restart(tmp_path):
+    """A single frame stamped an hour ahead (a damaged timestamp), the next ones back on time:
+    that is no restart of the clock (which would move every later frame an hour on), and the
+    sampling goes on at the right times after it."""
+    import av
+    import numpy as np
+
+    path = tmp_path / "outlier.mkv"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("ffv1", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for i in range(500):  # 20 s
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 100, np.uint8), format="rgb24")
+            frame.pts = i
+            for packet in stream.encode(frame):
+                if packet.pts == 50:  # the frame at 2 s
+                    packet.pts = 50 + 3600 * 25
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    times = [round(t, 2) for t, _ in sample_frames(path.read_bytes(), FrameSampling(interval_s=2.0))]
+    assert times == [0.0, 3602.0, 4.04, 6.04, 8.04, 10.04, 12.04, 14.04, 16.04, 18.04]
+
+
 def _damaged(path: Path, packets: range) -> bytes:
     """The bytes of the video at ``path`` with the data of its video ``packets`` (by index) overwritten."""
     import av
@@ -328,3 +352,35 @@ def test_an_interval_equal_to_the_frame_spacing_keeps_every_frame(tmp_path, make
     data = make_video(tmp_path / "v.mp4", seconds=2.0, fps=10, cut_at_s=None).read_bytes()
     times = [round(t, 3) for t, _ in sample_frames(data, FrameSampling(interval_s=0.1))]
     assert times == [round(0.1 * i, 3) for i in range(20)]
+
+
+def test_running_out_of_memory_is_not_called_a_corrupt_video(tmp_path, make_video, monkeypatch):
+    """A MemoryError (Python's, or FFmpeg's ENOMEM while decoding a packet) is raised as it is,
+    never a VideoDecodeError nor a damaged packet skipped: the bytes are not at fault, and
+    would be recorded as undecodable for good."""
+    import av
+
+    from lookalike.pipeline.video import decoded_frames
+
+    data = make_video(tmp_path / "v.mp4", seconds=1.0).read_bytes()
+
+    def short_of_memory(*args, **kwargs):
+        raise MemoryError()
+
+    with monkeypatch.context() as patched:
+        patched.setattr(av, "open", short_of_memory)
+        with pytest.raises(MemoryError):
+            list(sample_frames(data))
+
+    class Packet:
+        def decode(self):
+            raise av.error.MemoryError(12, "Cannot allocate memory")
+
+    class Container:
+        def demux(self, stream):
+            return iter([Packet()])
+
+    skipped: list = []
+    with pytest.raises(MemoryError):
+        list(decoded_frames(Container(), None, skipped))
+    assert skipped == []
