@@ -47,7 +47,7 @@ from lookalike.pipeline.inference import discard_preloaded, preload_encoder
 from lookalike.pipeline.interrupts import raise_if_stopped, stop_mark
 from lookalike.pipeline.items import split_by_shard
 from lookalike.model.store_lock import StoreLock
-from lookalike.pipeline.listing import write_listing
+from lookalike.pipeline.listing import write_listing, write_unchanged
 from lookalike.pipeline.metadata import prepare_metadata, report_unmatched, with_metadata
 from lookalike.pipeline.reuse import current_index_if_same, list_files, plan_reuse, reused_items
 from lookalike.pipeline.sources import (corpus_pattern,
@@ -57,8 +57,8 @@ from lookalike.pipeline.summary import (EmbedError, EmbedSummary, counter_values
 from lookalike.pipeline.tfds_source import TfdsSpec, example_ranges
 from lookalike.pipeline.thumbnails import sources_missing_thumbnails
 from lookalike.pipeline.leftovers import clean_leftovers, clean_partial_indexes
-from lookalike.pipeline.run_dirs import (LISTING_FILE_NAME, RESERVED_RUN_NAMES, claim_run_dir, holds_only_a_listing,
-                                         remove_if_unused, report_misnamed, report_unlisted)
+from lookalike.pipeline.run_dirs import (LISTING_FILE_NAME, RESERVED_RUN_NAMES, UNCHANGED_FILE_NAME, claim_run_dir,
+                                         holds_only_a_listing, remove_if_unused, report_misnamed, report_unlisted)
 from lookalike.pipeline.versions import follow_served_model, prune, served_manifest
 from lookalike.pipeline.writers import write_items_shard, write_jsonl
 
@@ -101,6 +101,9 @@ def _execute(run: EmbedRun, started: float, index_dir: str | None,
             todo = run.plan.changed if run.plan is not None else run.listing
             run.listing_file = str(run.run_dir / LISTING_FILE_NAME)
             run.chunks = write_listing(run.listing_file, todo)
+            if run.plan is not None and run.plan.unchanged:
+                run.unchanged_file = str(run.run_dir / UNCHANGED_FILE_NAME)
+                write_unchanged(run.unchanged_file, run.plan.unchanged)
         p = beam.Pipeline(runner=local_runner(config), options=pipeline_options(config))
         result = None
         try:
@@ -112,8 +115,9 @@ def _execute(run: EmbedRun, started: float, index_dir: str | None,
             client = getattr(result, "client", None)  # the Dask runner leaves its client open
             if client is not None:
                 client.close()
-            if run.listing_file is not None:
-                Path(run.listing_file).unlink(missing_ok=True)
+            for pre_run_file in (run.listing_file, run.unchanged_file):
+                if pre_run_file is not None:
+                    Path(pre_run_file).unlink(missing_ok=True)
         raise_if_stopped("after the pipeline", run.stop_mark)  # a stop whose exception Beam or a gc callback swallowed
         counted = counter_values(result)
         failed_files = (counted or {}).get("files_failed", 0)

@@ -66,7 +66,7 @@ from lookalike.pipeline.elements import EmbeddedBatch, ItemBatch, Routed, ShardT
 from lookalike.pipeline.index_shards import BuildIndexShardFn, index_build_params
 from lookalike.pipeline.inference import FlaxEncoderHandler
 from lookalike.pipeline.items import embedding_schema
-from lookalike.pipeline.listing import ReadChunkFn
+from lookalike.pipeline.listing import ReadChunkFn, read_unchanged
 from lookalike.pipeline.metadata import MetadataSpec, with_metadata
 from lookalike.pipeline.reuse import ReusedItemsFn, ReusePlan, globstar_variants
 from lookalike.pipeline.sources import CACHED, DEAD, FILE, NEW, ReadSourceFn, read_list_file
@@ -131,6 +131,7 @@ class EmbedRun:
     # settles every file itself: unchanged ones, files not media, bytes known to fail, bad names.
     reads_listing: bool = False
     listing_file: str | None = None  # the files to read (listed before the run), chunked by size
+    unchanged_file: str | None = None  # the plan's unchanged files, when the pipeline reads the listing
     chunks: list[tuple[int, int]] | None = None  # [start, stop) rows of listing_file, one element each
     tfds_ranges: list[tuple[str, int, int]] | None = None  # a TFDS source's (split, start, stop) example ranges, one element each
     metadata: MetadataSpec | None = None  # the checked --metadata file, joined onto every shard
@@ -297,8 +298,9 @@ def build_pipeline(p: beam.Pipeline, run: EmbedRun, index_dir: str | None = None
                     run.num_shards, **run.expand)).with_output_types(ShardTable)
     if config.incremental:  # only an incremental run has cached files (a Flatten costs a stage of its own)
         cached_files = read[CACHED]
-        if run.plan is not None and run.plan.unchanged and run.reads_listing:  # else read_one finds them
-            unchanged = p | "UnchangedFiles" >> beam.Create([run.plan.unchanged], reshuffle=False)
+        if run.unchanged_file is not None:  # else read_one finds them, if any, as Beam matches the corpus again
+            unchanged = (p | "UnchangedFiles" >> beam.Create([run.unchanged_file], reshuffle=False)
+                         | "ReadUnchanged" >> beam.Map(read_unchanged))
             cached_files = (cached_files, unchanged) | "AllCached" >> beam.Flatten()
         old_items = (
             cached_files

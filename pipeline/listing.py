@@ -68,6 +68,23 @@ def write_listing(path: str, files: list[Any], chunk_files: int | None = None) -
     return chunks
 
 
+def write_unchanged(path: str, unchanged: list[tuple[str, str]]) -> None:
+    """Write --incremental's unchanged files, (uri, source hash) pairs, to ``path`` (Arrow IPC),
+    out of the pipeline graph: as one ``beam.Create`` element, 1M pairs took 13.5 s of type
+    inference and 119 MB in the graph."""
+    table = pa.table({"uri": pa.array([u for u, _ in unchanged], pa.string()),
+                      "source_hash": pa.array([h for _, h in unchanged], pa.string())})
+    with pa.OSFile(path, "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+        writer.write_table(table)
+
+
+def read_unchanged(path: str) -> list[tuple[str, str]]:
+    """``write_unchanged``'s pairs."""
+    with pa.memory_map(path) as source:
+        table = pa.ipc.open_file(source).read_all()
+    return list(zip(table.column("uri").to_pylist(), table.column("source_hash").to_pylist()))
+
+
 class Listing(NamedTuple):
     """A listing file's columns, row by row (``write_listing``'s order)."""
 

@@ -23,10 +23,11 @@ log = logging.getLogger(__name__)
 
 RESERVED_RUN_NAMES = ("cache",)  # embeddings/cache holds the embedding cache (``pipeline.cache``)
 LISTING_FILE_NAME = ".listing.arrow"  # the files to read, in the run folder while the pipeline runs
+UNCHANGED_FILE_NAME = ".unchanged.arrow"  # --incremental: the files not read (path, source hash), likewise
 # What a run writes before its pipeline starts: the listing, and the dead letters of files it
 # could not list, name or (``--incremental``) knows to fail. A run that fails or is killed
 # before writing anything else leaves nothing worth keeping: the next run writes them again.
-PRE_RUN_FILES = frozenset({LISTING_FILE_NAME, "dead_letter-unlisted.jsonl", "dead_letter-misnamed.jsonl",
+PRE_RUN_FILES = frozenset({LISTING_FILE_NAME, UNCHANGED_FILE_NAME, "dead_letter-unlisted.jsonl", "dead_letter-misnamed.jsonl",
                            "dead_letter-unread.jsonl"})
 
 

@@ -277,11 +277,12 @@ class ReadSourceFn(beam.DoFn):
 
     def process(self, metadata: Any):
         """A matched file: with a known mtime, a local file's inode is looked up too (Beam's
-        match gives none), so that one the file index knows unchanged is not read again."""
+        match gives none), so that one the file index knows unchanged is not read again, and
+        the file index records it for the next run."""
         self.advance(1)
         path, mtime = metadata.path, float(getattr(metadata, "last_updated_in_seconds", 0) or 0)
         inode = getattr(metadata, "inode", None)
-        if inode is None and mtime and self._files and "://" not in path:
+        if inode is None and mtime and "://" not in path:  # recorded in the file index too
             try:
                 inode = os.stat(path).st_ino
             except OSError:  # gone or unreadable: read_one says why

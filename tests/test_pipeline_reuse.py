@@ -552,3 +552,4 @@ def test_an_incremental_run_on_a_corpus_too_big_to_list_in_the_graph_indexes_eac
     ids = items.column("id").to_pylist()
     assert len(ids) == len(set(ids)) == first.items + 2
     assert [Path(r["uri"]).name for r in read_dead_letters(corpus_store / "embeddings" / "again")] == ["README.txt"]
+    assert not [p.name for p in (corpus_store / "embeddings" / "again").iterdir() if p.name.endswith(".arrow")]
