@@ -242,8 +242,9 @@ def sample_frames(data: bytes, sampling: FrameSampling = FrameSampling(),
     the video should be. Frame times that restart (``CLOCK_RESTART_S``: recordings joined
     into one file) go on from the last frame's, with a warning, so the rest of the video is
     sampled as it plays; a single frame whose time jumps ahead and back is not taken for a
-    restart (nor does it stop the sampling after it). A damaged packet is skipped (``decoded_frames``), with a warning
-    counting them, rather than ending the video there. Two sampled frames never share an id (``frame_id``: milliseconds): a
+    restart (nor does it stop the sampling after it). A damaged packet is skipped
+    (``decoded_frames``), with a warning counting them, rather than ending the video there.
+    Two sampled frames never share an id (``frame_id``: milliseconds): a
     frame at the time of one already kept (a duplicate timestamp) is skipped. A video stops
     after ``sampling.max_frames`` sampled frames, with a warning naming it.
     """
