@@ -194,6 +194,7 @@ def follow_served_model(store: Store, model: str) -> str | None:
                  "by default", model, before)
     if store.rejected_model() == model:  # served now: no longer a rejected candidate kept for inspection
         (store.models_dir / "REJECTED").unlink(missing_ok=True)
+    store.clear_rolled_back_mark(model)  # served again on purpose (a promote, reindex --force)
     return before
 
 
@@ -257,7 +258,15 @@ def _rollback(store: Store) -> dict[str, Any]:
         raise PromotionError(f"no earlier version to roll back to from {current}: none of the versions served "
                              f"before it ({store.history_path}) is still in {store.indexes_dir}; promote one "
                              "explicitly with `lookalike versions promote VERSION`")
-    return _promote(store, earlier[-1], reason=f"rollback from {current}")
+    served = served_manifest(store)
+    from_model = served[1].get("model_version") if served and served[0] == current else None
+    result = _promote(store, earlier[-1], reason=f"rollback from {current}")
+    if from_model and from_model != result["model_version"]:
+        # reindex would train (or reuse) the same model from the same inputs and promote it again
+        store.mark_rolled_back_model(from_model, current)
+        log.info("model %s is marked as rolled back: reindex does not promote it again without --force "
+                 "(`lookalike versions promote` serves it again)", from_model)
+    return result
 
 
 def promoted_versions(store: Store) -> list[str]:
