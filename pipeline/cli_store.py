@@ -22,7 +22,7 @@ CRONTAB_EXAMPLE = ("0 3 * * * nice -n 10 /srv/lookalike/.venv/bin/lookalike rein
                    ">> /srv/lookalike/reindex.log 2>&1")
 
 REPORT_KEYS = ("outcome", "reason", "exit_code", "previous_index", "new_index", "rejected_index", "current_model",
-               "candidate_model", "chosen_model", "candidate_error")
+               "candidate_model", "chosen_model", "candidate_error", "errors_after_outcome")
 
 
 def _outcome_line(data: dict) -> dict:
@@ -90,10 +90,22 @@ def cmd_reindex(args: argparse.Namespace) -> int:
         print(f"lookalike reindex: {stop_reason()}: {served_after_stop(args.workdir, stopped)}", file=sys.stderr)
         return stop_exit_status()
     data = report_dict(report)
-    if report.outcome == "failed":  # before the JSON line, which stays the last line of a cron log
-        print(f"lookalike reindex: failed, nothing promoted: {report.reason}", file=sys.stderr, flush=True)
+    if report.outcome == "failed" or report.errors_after_outcome:  # before the JSON line, the last of a cron log
+        print(f"lookalike reindex: {failure_line(args.workdir, report)}", file=sys.stderr, flush=True)
     _print_json(_outcome_line(data), one_line=True)
     return report.exit_code
+
+
+def failure_line(workdir: str, report: ReindexReport) -> str:
+    """What a failed run (or one whose outcome stood before something failed) says: whether
+    CURRENT moved, and why it failed."""
+    from lookalike.model.store import Store
+
+    if report.outcome != "failed":
+        return f"{report.outcome} ({report.reason}), then failed: {'; '.join(report.errors_after_outcome)}"
+    current = Store.at(workdir).current_index_or_none()
+    moved = report.new_index is not None and report.new_index == current
+    return f"failed, {f'{current} promoted' if moved else 'nothing promoted'}: {report.reason}"
 
 
 def served_after_stop(workdir: str, report: ReindexReport | None) -> str:

@@ -216,6 +216,8 @@ def _run_embed(config: EmbedConfig, store: Store, started: float, mark: int = 0)
     tfds_ranges = example_ranges(TfdsSpec.parse(config.tfds, config.tfds_data_dir)) if config.tfds else None
     clean_partial_indexes(store)  # never one a running embed is writing
     held = claim_run_dir(run_dir)
+    if config.reindex_run:
+        store.mark_reindex_run(run_name)
     run = EmbedRun(config, store, meta, str(model_dir), pattern, root, run_dir, total=0, tfds_ranges=tfds_ranges,
                    metadata=metadata, stop_mark=mark)
     try:

@@ -104,6 +104,9 @@ class EmbedConfig:
     metadata: str | None = None  # a JSONL, CSV or Parquet file of item metadata, joined by id (pipeline.metadata)
     # After publishing: prune index versions and `lookalike embed` runs beyond this many (versions.prune); None: keep all
     keep_versions: int | None = None
+    # reindex's own run: marked as such from the moment its folder is claimed (Store.mark_reindex_run), so
+    # one killed before it finished is removed by the next run (leftovers.clean_unfinished_reindex_runs)
+    reindex_run: bool = False
 
 
 @dataclass

@@ -4,7 +4,8 @@ A reindex run marks the index candidate it builds (``mark_candidate``) until it 
 discards it; a run that dies in between leaves the mark, and the next run holding the store
 lock removes the candidate (``clean_candidates``). A killed run also leaves temporary
 folders: partial indexes (``indexes/.tmp-*``, each locked by its live writer), partial models
-and embedding run folders holding only the listing it wrote before its pipeline started.
+and embedding run folders holding only the listing it wrote before its pipeline started; and a
+reindex killed or stopped in its embed step leaves that run unfinished (no summary).
 ``clean_leftovers`` removes what applies right after a run takes the store lock and says so
 in one line.
 """
@@ -17,7 +18,7 @@ import shutil
 
 from lookalike.index.manifest import WRITER_LOCK_SUFFIX, writer_lock_path
 from lookalike.model.filelock import try_lock, try_lock_folder, unlock
-from lookalike.model.store import Store
+from lookalike.model.store import REINDEX_RUN_MARK, Store
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +75,16 @@ def clean_leftovers(store: Store, took_over_stale: bool) -> list[str]:
     dead run, also that there was nothing); returns the versions and folders removed."""
     partial = clean_partial(store, quiet=True) if took_over_stale else []
     candidates = clean_candidates(store)
+    unfinished = clean_unfinished_reindex_runs(store)  # a stopped run's too: nothing reads them
     parts = ([f"index candidate(s) built but never promoted: {', '.join(candidates)}"] if candidates else []) + \
-            ([f"partial folder(s): {', '.join(partial)}"] if partial else [])
+            ([f"partial folder(s): {', '.join(partial)}"] if partial else []) + \
+            ([f"unfinished reindex embedding run(s): {', '.join(unfinished)}"] if unfinished else [])
     if took_over_stale:
         log.warning("the run that held the store lock died; %s",
                     f"removed what it left: {'; '.join(parts)}" if parts else "it left nothing to remove")
     elif parts:
         log.warning("removed what an earlier, interrupted run left: %s", "; ".join(parts))
-    return candidates + partial
+    return candidates + partial + unfinished
 
 
 def clean_partial_indexes(store: Store, *, quiet: bool = False) -> list[str]:
@@ -124,6 +127,29 @@ def clean_partial(store: Store, *, quiet: bool = False) -> list[str]:
                 shutil.rmtree(tmp, ignore_errors=True)
                 removed.append(str(tmp))
     return removed + clean_unstarted_embed_runs(store)
+
+
+def clean_unfinished_reindex_runs(store: Store) -> list[str]:
+    """Remove embedding runs reindex started (``REINDEX_RUN_MARK``, made when the folder is
+    claimed) that never wrote their summary and that no live run holds: what a reindex killed
+    or stopped during its embed step leaves (up to a full copy of the corpus's embeddings; the
+    embedding cache keeps what they embedded). Never a run of ``lookalike embed``."""
+    removed = []
+    runs = store.embeddings_dir
+    for run in sorted(runs.iterdir()) if runs.is_dir() else []:
+        if not run.is_dir() or run.is_symlink() or not (run / REINDEX_RUN_MARK).is_file() \
+                or (run / "summary.json").exists():
+            continue
+        fd = try_lock_folder(run)
+        if fd is None:  # a live run is writing it
+            continue
+        try:
+            if not (run / "summary.json").exists():  # again, locked
+                shutil.rmtree(run, ignore_errors=True)
+                removed.append(str(run))
+        finally:
+            os.close(fd)
+    return removed
 
 
 def clean_unstarted_embed_runs(store: Store) -> list[str]:

@@ -38,7 +38,12 @@ served model: the corpus update is still published (outcome ``corpus_updated``, 
 if it validates; an unchanged corpus keeps the current version (``kept_current``, exit 3).
 A candidate that failed because the store could not be read or written (an OSError: no
 permission, disk full) makes the run ``failed`` (exit 1) after that, whatever it published:
-it is not the candidate's fault, and exit 3 or 4 would hide it from cron.
+it is not the candidate's fault, and exit 3 or 4 would hide it from cron. Once the outcome
+stands (``CURRENT`` moved, or was kept), what fails after it (saving a new evaluation set,
+pruning, or ``models/LATEST`` after ``CURRENT`` moved) keeps that outcome and makes the exit
+status 1 (``errors_after_outcome``). A model an operator rolled back from
+(``Store.rolled_back_from``) is not promoted again without ``force``: the same inputs would
+train or reuse the same model, and the gate would undo the rollback every night.
 
 The store lock allows one run at a time and detects a dead run's lock; temporary folders
 a killed run left are removed. A kill at any step leaves ``CURRENT`` untouched, because
@@ -72,8 +77,8 @@ from lookalike.pipeline.reindex_checks import (  # noqa: F401 (re-exported)
 )
 from lookalike.pipeline.reindex_inputs import resolve_corpus, resolve_metadata, resolve_train_config, unlabelled_reason
 from lookalike.pipeline.report import REPORTS_KEPT, draw_examples, prune_reports, report_folder, write_report
-from lookalike.pipeline.versions import (last_served_present, missing_current_hint, promote, prune, served_manifest,
-                                         served_unusable)
+from lookalike.pipeline.versions import (follow_served_model, last_served_present, missing_current_hint, promote, prune,
+                                         served_manifest, served_unusable)
 
 if TYPE_CHECKING:  # the embed run's summary, imported when the run embeds
     from lookalike.pipeline.summary import EmbedSummary
@@ -120,11 +125,16 @@ class ReindexReport:
     metrics: dict[str, Any] = field(default_factory=dict)
     steps: list[dict[str, Any]] = field(default_factory=list)
     stopped_status: int | None = None  # a run stopped by a signal: the shell's status for it (130, 143)
+    # What failed once the outcome stood (CURRENT moved or kept): saving the evaluation set, pruning,
+    # pointing models/LATEST at the promoted model. The outcome stays; the exit status is 1.
+    errors_after_outcome: list[str] = field(default_factory=list)
 
     @property
     def exit_code(self) -> int:
         if self.stopped_status is not None:
             return self.stopped_status
+        if self.errors_after_outcome:
+            return EXIT_FAILED
         return {"promoted": EXIT_PROMOTED, "corpus_updated": EXIT_CORPUS_UPDATED,
                 "kept_current": EXIT_KEPT_CURRENT}.get(self.outcome, EXIT_FAILED)
 
@@ -286,6 +296,12 @@ def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport, repor
         cand, cand_ap = evaluate_model(trained.model_dir, corpus, ids)
         report.metrics["candidate"] = cand
         decision = gate(cand_ap, cur_ap, config.min_improvement, config.force)
+        rolled_back = store.rolled_back_from(trained.version)
+        if rolled_back is not None and decision.accepted and not config.force:  # an operator's word beats the gate
+            decision = replace(decision, accepted=False, reason=(
+                f"an operator rolled back from index {rolled_back.get('index')} of this model "
+                f"({rolled_back.get('time')}; `lookalike versions rollback`): it is not promoted again without "
+                f"--force (would be accepted: {decision.reason})"))
         accept = decision.accepted
         report.chosen_model = trained.version if accept else report.current_model
         report.metrics["candidate_accepted"] = accept
@@ -301,23 +317,30 @@ def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport, repor
             report.outcome = "promoted"
             report.reason = f"new model {trained.version}"
         except Exception as e:
-            if current_index is None:
+            if _served_anyway(store, report, trained.version, e):  # CURRENT moved: it serves
+                report.outcome, report.reason = "promoted", f"new model {trained.version}"
+            elif current_index is None:
                 raise
-            report.candidate_error = f"{type(e).__name__}: {e}"
-            store_error = e if store_write_failure(e) else None
-            log.warning("candidate model %s was not promoted (%s): publishing the corpus update embedded with the "
-                        "served model %s instead", trained.version, report.candidate_error, report.current_model)
-            report.chosen_model, report.new_index = report.current_model, None
-            why = f"candidate model {trained.version} failed: {report.candidate_error}"
+            else:
+                report.candidate_error = f"{type(e).__name__}: {e}"
+                store_error = e if store_write_failure(e) else None
+                log.warning("candidate model %s was not promoted (%s): publishing the corpus update embedded with the "
+                            "served model %s instead", trained.version, report.candidate_error, report.current_model)
+                report.chosen_model, report.new_index = report.current_model, None
+                why = f"candidate model {trained.version} failed: {report.candidate_error}"
     else:
-        why = (f"candidate model {trained.version} not better beyond noise (MAP@R {cand['map_at_r']:.4f} vs served "
+        verdict = "rolled back before" if rolled_back is not None else "not better beyond noise"
+        why = (f"candidate model {trained.version} {verdict} (MAP@R {cand['map_at_r']:.4f} vs served "
                f"{report.metrics['current']['map_at_r']:.4f}; {decision.reason})")
     if report.outcome != "promoted":
         store.set_rejected_model(trained.version)  # kept for inspection: pruning spares the latest rejected one
         try:
             updated = _embed_build_promote(config, store, report, step, corpus, report.current_model, current_index)
         except Exception as e:
-            raise RuntimeError(f"{why}; and the corpus update with the served model failed: {type(e).__name__}: {e}") from e
+            if not _served_anyway(store, report, report.current_model, e):
+                raise RuntimeError(f"{why}; and the corpus update with the served model failed: "
+                                   f"{type(e).__name__}: {e}") from e
+            updated = True
         report.outcome = "corpus_updated" if updated else "kept_current"
         report.reason = f"{why}; " + (f"corpus update embedded with the served model {report.current_model} promoted"
                                       if updated else "the corpus is unchanged")
@@ -328,9 +351,40 @@ def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport, repor
                 log.warning("pruning after the failed candidate failed too: %s: %s", type(e).__name__, e)
             raise StoreError(f"{report.reason}; the run fails: a store that cannot be written is no fault of the "
                              "candidate") from store_error
+    # The outcome stands from here: what fails now is reported with it (exit 1), never as "nothing promoted".
     if new_eval_set:  # the run succeeded: its new evaluation set is the frozen one from now on
-        save_eval_set(store, eval_set, corpus)
-    _prune(store, config, report, step, report_dir)  # also when CURRENT is kept: older rejected candidates go
+        try:
+            save_eval_set(store, eval_set, corpus)
+        except Exception as e:
+            _error_after_outcome(report, "saving the new evaluation set", e)
+    try:
+        _prune(store, config, report, step, report_dir)  # also when CURRENT is kept: older rejected candidates go
+    except Exception as e:
+        _error_after_outcome(report, "pruning", e)
+
+
+def _error_after_outcome(report: ReindexReport, what: str, error: Exception) -> None:
+    text = f"{what} failed: {type(error).__name__}: {error}"
+    if "No space left on device" in text:
+        text = f"the disk is full (No space left on device): {text}"
+    report.errors_after_outcome.append(text)
+    log.error("reindex %s (CURRENT: %s), but then %s", report.outcome, report.new_index or report.previous_index, text)
+
+
+def _served_anyway(store: Store, report: ReindexReport, model: str | None, error: Exception) -> bool:
+    """Whether the index this run built serves although promoting it raised ``error``: CURRENT
+    moved, then pointing ``models/LATEST`` at its model failed (a full disk). The run then has
+    that outcome; LATEST is tried once more, and the error is reported after the outcome."""
+    if report.new_index is None or store.current_index_or_none() != report.new_index:
+        return False
+    try:
+        follow_served_model(store, model) if model else None
+        retried = "; models/LATEST was set on a second try"
+    except Exception as again:
+        retried = f"; models/LATEST was not updated either ({type(again).__name__}: {again})"
+    _error_after_outcome(report, f"promoting {report.new_index} (CURRENT moved to it)", error)
+    report.errors_after_outcome[-1] += retried
+    return True
 
 
 def _prune(store: Store, config: ReindexConfig, report: ReindexReport, step: "_Steps", report_dir: Path) -> None:
@@ -391,8 +445,8 @@ def _embed_build_promote(config: ReindexConfig, store: Store, report: ReindexRep
         gc.collect()  # training's and evaluation's garbage, before run_embed freezes what is alive (model.memory)
         summary = run_embed(EmbedConfig(workdir=str(store.root), corpus=str(corpus), model_version=model,
                                         incremental=True, publish=False, num_workers=config.num_workers,
-                                        metadata=config.metadata))
-        store.mark_reindex_run(summary.run)  # pruning keeps only the latest runs reindex made
+                                        metadata=config.metadata, reindex_run=True))
+        store.mark_reindex_run(summary.run)  # again, now finished: pruning keeps the latest runs reindex made
         report.metrics["embed"] = embed_metrics(summary)
         embeddings, items = read_embeddings(Path(summary.run_dir))
     new_items = set(zip(items.column("id").to_pylist(), items.column("content_hash").to_pylist()))

@@ -15,6 +15,7 @@ import shutil
 from pathlib import Path
 
 from lookalike.model.filelock import try_lock_folder
+from lookalike.model.store import REINDEX_RUN_MARK
 from lookalike.pipeline.sources import bad_name_letter, dead_letter
 from lookalike.pipeline.summary import EmbedError
 from lookalike.pipeline.writers import write_jsonl
@@ -28,7 +29,7 @@ UNCHANGED_FILE_NAME = ".unchanged.arrow"  # --incremental: the files not read (p
 # could not list, name or (``--incremental``) knows to fail. A run that fails or is killed
 # before writing anything else leaves nothing worth keeping: the next run writes them again.
 PRE_RUN_FILES = frozenset({LISTING_FILE_NAME, UNCHANGED_FILE_NAME, "dead_letter-unlisted.jsonl", "dead_letter-misnamed.jsonl",
-                           "dead_letter-unread.jsonl"})
+                           "dead_letter-unread.jsonl", REINDEX_RUN_MARK})
 
 
 

@@ -153,10 +153,16 @@ def run_cli_reindex(store: Store, env_extra: dict[str, str]) -> subprocess.Compl
 def test_sigkill_at_each_step_leaves_the_served_version_answering(store):
     ids = probe_ids(store)
     before_version, before = store.current_index(), answers(store, ids)
-    for step in STEPS:
+    def unfinished_runs() -> list[str]:
+        return [run.name for run in store.embeddings_dir.iterdir() if (run / ".made-by-reindex").is_file()
+                and not (run / "summary.json").exists()]
+
+    for step in (*STEPS[:3], "embed_batch_1", *STEPS[3:]):  # and mid-embedding, once a batch is cached
         killed = run_cli_reindex(store, {"LOOKALIKE_FAILPOINT": step})
         assert killed.returncode == -signal.SIGKILL, (step, killed.stderr[-2000:])
         assert (store.root / ".reindex.lock").exists()  # the dead run's lock is left behind
+        # a run killed while embedding leaves its run folder, marked as reindex's: the next run removes it
+        assert len(unfinished_runs()) == (step == "embed_batch_1"), (step, unfinished_runs())
         if step == "prune":  # prune runs after promotion: the new version is served, and answers
             assert store.current_index() != before_version and answers(store, ids)
         else:
@@ -1281,3 +1287,87 @@ def test_an_unlabelled_served_model_is_not_retrained_by_folder_names(tmp_path, d
     assert asked.reason.startswith("the training config asks for unlabelled=true"), asked.reason
     labelled = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config))  # asked for labels: fine
     assert labelled.outcome in ("promoted", "kept_current", "corpus_updated"), labelled.reason
+
+
+def accept_every_candidate(monkeypatch) -> None:
+    """The gate accepts whatever the numbers (these tests are about what happens around it)."""
+    from lookalike.pipeline.reindex_checks import GateDecision
+
+    monkeypatch.setattr("lookalike.pipeline.reindex.gate", lambda *args, **kwargs: GateDecision(True, "better (test)"))
+
+
+def test_a_rollback_is_not_undone_by_the_next_run_reusing_the_model_rolled_back_from(store, tiny_config, monkeypatch):
+    """The next night trains from the same inputs and reuses the model an operator rolled back
+    from: the gate alone would promote it again. It is rejected unless forced; serving it again
+    on purpose clears the mark."""
+    first = store.current_index()
+    forced = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, force=True))
+    assert forced.outcome == "promoted", forced.reason
+    rollback(store)
+    assert store.current_index() == first and store.rolled_back_from(forced.chosen_model)["index"] == forced.new_index
+    accept_every_candidate(monkeypatch)
+    again = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config))
+    assert again.candidate_model == forced.chosen_model and again.metrics["candidate_reused"], again.metrics
+    assert (again.outcome, again.exit_code) == ("kept_current", 3), again.reason
+    assert store.current_index() == first and "rolled back before" in again.reason
+    assert again.metrics["gate"]["accepted"] is False and "versions rollback" in again.metrics["gate"]["reason"]
+    forced_again = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, force=True))
+    assert forced_again.outcome == "promoted" and forced_again.chosen_model == forced.chosen_model
+    assert store.rolled_back_from(forced.chosen_model) is None  # served again: no longer marked
+    rollback(store)
+    promote(store, forced_again.new_index)  # by hand: the operator's own word
+    assert store.rolled_back_from(forced.chosen_model) is None
+
+
+def test_a_rollback_between_versions_of_one_model_marks_no_model(store):
+    served = ItemIndex.load(store.require_current_index()).model_version
+    publish_one_item_fewer(store, store.current_index())
+    rollback(store)
+    assert store.rolled_back_from(served) is None
+
+
+def disk_full(*args, **kwargs):
+    import errno
+
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_failure_after_promotion_keeps_the_outcome_and_exits_1_naming_what_serves(store, monkeypatch, capsys):
+    """Saving the new evaluation set and pruning run once CURRENT moved: a full disk there is
+    reported with the outcome (exit 1), never as "nothing promoted", and pruning still runs."""
+    import json
+
+    from lookalike.pipeline.cli import main
+
+    assert not (store.root / "eval" / "frozen.json").exists()  # this first run saves a new one
+    monkeypatch.setattr("lookalike.pipeline.reindex.save_eval_set", disk_full)
+    pruned = []
+    monkeypatch.setattr("lookalike.pipeline.reindex.prune", lambda *args, **kwargs: pruned.append(1) or disk_full())
+    code = main(["reindex", "--workdir", str(store.root), "--config", "tiny", "--force"])
+    out, err = capsys.readouterr()
+    line = json.loads(out.strip().splitlines()[-1])
+    assert code == 1 and line["exit_code"] == 1 and line["outcome"] == "promoted", line
+    assert store.current_index() == line["new_index"] and pruned == [1]
+    assert [e.split(" failed")[0] for e in line["errors_after_outcome"]] == [
+        "the disk is full (No space left on device): saving the new evaluation set",
+        "the disk is full (No space left on device): pruning"], line["errors_after_outcome"]
+    assert "nothing promoted" not in err and "lookalike reindex: promoted (new model" in err and "then failed" in err
+
+
+def test_latest_failing_after_current_moved_is_a_promotion_not_a_rejected_candidate(store, tiny_config, monkeypatch):
+    """CURRENT moves first, then models/LATEST: a full disk in between leaves the candidate
+    serving. The run says so (promoted, exit 1), and does not record the served model as rejected
+    nor fall back to the model it replaced."""
+    served_model = ItemIndex.load(store.require_current_index()).model_version
+    monkeypatch.setattr(Store, "set_latest_model", disk_full)
+    report = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, force=True))
+    assert (report.outcome, report.exit_code) == ("promoted", 1), report.reason
+    assert store.current_index() == report.new_index is not None
+    assert ItemIndex.load(store.require_current_index()).model_version == report.candidate_model != served_model
+    assert store.rejected_model() != report.candidate_model and report.candidate_error is None
+    [error] = report.errors_after_outcome
+    assert error.startswith(f"the disk is full (No space left on device): promoting {report.new_index} (CURRENT moved")
+    assert "models/LATEST was not updated either" in error
+    monkeypatch.undo()
+    rollback(store)  # the history knows it served: the operator can go back
+    assert ItemIndex.load(store.require_current_index()).model_version == served_model
