@@ -28,6 +28,8 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
+import inspect
+import types
 from concurrent.futures import ThreadPoolExecutor
 from typing import Generic, TypeVar
 
@@ -162,7 +164,10 @@ class MicroBatcher(Generic[T, R]):
         future: asyncio.Future = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((item, future))
         self._changed.set()
-        return await future
+        try:
+            return await future
+        finally:  # a raised result's traceback holds this frame: no cycle through the future
+            del future
 
     def _may_inline(self) -> bool:
         return (0 < self.inline_max_s and self._single_s <= self.inline_max_s and self._in_flight == 0
@@ -180,8 +185,12 @@ class MicroBatcher(Generic[T, R]):
             log.exception("%s batch of 1 failed", self.name)
             raise
         result = results[0]
+        del results
         if isinstance(result, BaseException):
-            raise result
+            try:
+                raise without_frame_locals(result)
+            finally:  # the traceback holds this frame: no cycle through the local
+                del result
         return result
 
     def _timed_run(self, items: list[T]) -> Sequence[R | BaseException]:
@@ -218,28 +227,58 @@ class MicroBatcher(Generic[T, R]):
         return batch
 
     async def _collect(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
-            batch = await self._next_batch()
-            batch = [(item, future) for item, future in batch if not future.cancelled()]
-            self._in_flight = len(batch)
-            if not batch:
+            # Each batch is answered in a frame of its own: nothing of it (items, results, the
+            # backends they hold) stays referenced here until the next batch, so a version
+            # swapped out is freed when its last request ends (``serving.heap``).
+            await self._answer(await self._next_batch())
+
+    async def _answer(self, batch: list[tuple[T, asyncio.Future]]) -> None:
+        loop = asyncio.get_running_loop()
+        batch = [(item, future) for item, future in batch if not future.cancelled()]
+        self._in_flight = len(batch)
+        if not batch:
+            return
+        if self._on_batch is not None:
+            self._on_batch(len(batch))
+        try:
+            results = await loop.run_in_executor(self._executor, self._timed_run, [item for item, _ in batch])
+            if len(results) != len(batch):
+                raise RuntimeError(f"{self.name}: batch of {len(batch)} items gave {len(results)} results")
+        except Exception as e:  # every caller of this batch sees the failure
+            log.exception("%s batch of %d failed", self.name, len(batch))
+            results = [e] * len(batch)
+        finally:
+            self._in_flight = 0
+        for (_, future), result in zip(batch, results):
+            if future.done():
                 continue
-            if self._on_batch is not None:
-                self._on_batch(len(batch))
+            if isinstance(result, BaseException):
+                future.set_exception(without_frame_locals(result))
+            else:
+                future.set_result(result)
+        del batch, results, future, result  # a failed batch's exception holds this frame in its traceback
+
+
+def without_frame_locals(error: BaseException) -> BaseException:
+    """``error`` with the local variables of the finished frames of its traceback, and of their
+    finished callers, cleared (file and line stay). A batch function that stores an item's
+    exception in its results list makes a reference cycle (exception, traceback, frame, or
+    the frame's caller through ``f_back``, results list, exception) that holds the item's
+    upload and backend until a full garbage collection, which ``serving.heap`` makes rare.
+    A frame still running, or of a coroutine or generator (clearing one would close it),
+    ends the walk up its callers. Returns ``error``."""
+    tb = error.__traceback__
+    while tb is not None:
+        frame: types.FrameType | None = tb.tb_frame
+        while frame is not None and not frame.f_code.co_flags & _SUSPENDABLE:
             try:
-                results = await loop.run_in_executor(self._executor, self._timed_run, [item for item, _ in batch])
-                if len(results) != len(batch):
-                    raise RuntimeError(f"{self.name}: batch of {len(batch)} items gave {len(results)} results")
-            except Exception as e:  # every caller of this batch sees the failure
-                log.exception("%s batch of %d failed", self.name, len(batch))
-                results = [e] * len(batch)
-            finally:
-                self._in_flight = 0
-            for (_, future), result in zip(batch, results):
-                if future.done():
-                    continue
-                if isinstance(result, BaseException):
-                    future.set_exception(result)
-                else:
-                    future.set_result(result)
+                frame.clear()
+            except RuntimeError:  # still running: it and its callers are live
+                break
+            frame = frame.f_back
+        tb = tb.tb_next
+    return error
+
+
+_SUSPENDABLE = inspect.CO_COROUTINE | inspect.CO_GENERATOR | inspect.CO_ASYNC_GENERATOR | inspect.CO_ITERABLE_COROUTINE

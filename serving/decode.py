@@ -68,8 +68,21 @@ def _jpeg_header(data: bytes) -> tuple[int, int] | None:
     return height, width
 
 
+# ISO base media files ('ftyp' at offset 4) whose major brand is a still image (or image
+# sequence), not a video: HEIF (an iPhone's HEIC photos) and AVIF.
+_HEIF_BRANDS = frozenset({b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"hevm", b"hevs", b"mif1", b"msf1"})
+_AVIF_BRANDS = frozenset({b"avif", b"avis"})
+
+
 def looks_like_video(data: bytes) -> bool:
-    return data[4:8] == b"ftyp" or data.startswith(_VIDEO_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"AVI ")
+    if data[4:8] == b"ftyp":  # MP4, MOV, 3GP: a video unless its brand says HEIF or AVIF image
+        return data[8:12] not in _HEIF_BRANDS | _AVIF_BRANDS
+    return data.startswith(_VIDEO_SIGNATURES) or (data[:4] == b"RIFF" and data[8:12] == b"AVI ")
+
+
+def looks_like_heif(data: bytes) -> bool:
+    """A HEIF image (HEIC photos), which this server's Pillow cannot decode (AVIF it can)."""
+    return data[4:8] == b"ftyp" and data[8:12] in _HEIF_BRANDS
 
 
 class DecodeSlots:

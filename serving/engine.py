@@ -117,21 +117,23 @@ def search_one(item: SearchItem) -> list[Neighbor]:
 
 
 def run_search_batch(items: list[SearchItem]) -> list[list[Neighbor] | BaseException]:
-    """Answer every item; unfiltered items of one backend share one ScaNN call."""
+    """Answer every item as ``search_one`` would; unfiltered items of one backend that ask for
+    as many neighbours share one ScaNN call. (Not items asking for more: a tree index widens
+    the leaves it searches for a deep k, so a k=5 query batched with a k=100 one would get
+    other, better, answers than alone.)"""
     results: list[list[Neighbor] | BaseException | None] = [None] * len(items)
-    plain: dict[int, list[int]] = defaultdict(list)
+    plain: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, item in enumerate(items):
         if item.filters.active:
             try:
                 results[i] = search_one(item)
             except Exception as e:
                 results[i] = e
-        else:
-            plain[id(item.backend)].append(i)
-    for positions in plain.values():
+        else:  # a similar-item query asks for one more: the item itself, left out below
+            plain[id(item.backend), item.k + (item.exclude_row is not None)].append(i)
+    for (_, count), positions in plain.items():
         group = [items[i] for i in positions]
         extra = [0 if it.exclude_row is None else 1 for it in group]
-        count = max(it.k + e for it, e in zip(group, extra))
         try:
             queries = group[0].query[None, :] if len(group) == 1 else np.stack([it.query for it in group])
             found = group[0].backend.index.search(queries, count)

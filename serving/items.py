@@ -24,7 +24,7 @@ from lookalike.serving.params import (
     errors,
 )
 from lookalike.serving.queries import echo, item_or_404, row_of, search_or_422, search_response, unknown_item
-from lookalike.serving.results import group_of, item_url, json_text_response, thumbnail_url
+from lookalike.serving.results import group_of, item_url, json_metadata, json_text_response, thumbnail_url
 from lookalike.serving.schemas import DEFAULT_K, ItemMetadata, SearchResponse
 from lookalike.serving.thumbnails import ThumbnailUnavailable, etag_matches, render_thumbnail, thumbnail_version
 
@@ -112,6 +112,6 @@ def item_metadata(item_id: ItemId, backend: BackendDep) -> ItemMetadata:
         group=group_of(item),
         thumbnail_url=thumbnail_url(item_id, item.get("content_hash")),
         similar_url=item_url(item_id, "/similar"),
-        metadata={key: item[key] for key in user_columns(list(item)) if item[key] is not None} or None,
+        metadata=json_metadata({key: item[key] for key in user_columns(list(item))}),
     )
 

@@ -29,7 +29,7 @@ from lookalike.index.filtered import live_matches
 from lookalike.index.searcher import ItemIndex, Neighbor
 from lookalike.model.preprocess import DEFAULT_MAX_PIXELS, ImageDecodeError
 from lookalike.serving.backend import Backend
-from lookalike.serving.decode import LARGE_IMAGE_PIXELS, image_pixels, looks_like_video
+from lookalike.serving.decode import LARGE_IMAGE_PIXELS, image_pixels, looks_like_heif, looks_like_video
 from lookalike.serving.engine import Filters, ImageQuery, QueryEngine, SearchItem
 from lookalike.serving.limits import PayloadTooLarge
 from lookalike.serving.notes import empty_result_note
@@ -277,7 +277,10 @@ async def search_by_image(engine: QueryEngine, backend: Backend, data: bytes | C
             return await expected.submit(ImageQuery(backend, image, k, filters), inline=not filters.active)
         except ImageDecodeError as e:
             reason = str(e)
-            if looks_like_video(data):  # (bytes by now)
+            if looks_like_heif(data):  # (bytes by now)
+                reason = ("a HEIF/HEIC image (as iPhones save photos) cannot be decoded here: convert it to JPEG or "
+                          "PNG first")
+            elif looks_like_video(data):
                 reason = ("a video is not accepted as a query: search by the id of one of its frames, "
                           "'<video id>#t=<seconds>' as a frame result shows it (e.g. clips/a.mp4#t=1.500): "
                           "the page's id box, `lookalike query --id`, or GET /v1/items/<id>/similar with '#' sent as %23")

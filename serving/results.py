@@ -13,6 +13,9 @@ encoded once. Responses have exactly the ``SearchResponse`` shape of ``schemas.p
 
 from __future__ import annotations
 
+import base64
+import datetime
+import decimal
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -110,8 +113,7 @@ class ResultRows:
             values = self._user.slice(row, 1).to_pylist()[0]
         else:
             return None
-        values = {key: value for key, value in values.items() if value is not None}
-        return values or None
+        return json_metadata(values)
 
     def row(self, row: int) -> Row:
         if row >= self._base:
@@ -123,6 +125,40 @@ class ResultRows:
             float(self._stamps[row]) if self._stamp_valid[row] else None,
             self._groups[group_code] if group_code >= 0 else None,
         )
+
+
+def json_metadata(values: dict[str, Any]) -> dict[str, Any] | None:
+    """User metadata as JSON can hold it, without its nulls (None when nothing is left): a
+    metadata file's dates and times (pyarrow reads a CSV date column as date32) as ISO 8601
+    text, durations in seconds, decimals as numbers, bytes as base64, NaN and infinities as
+    nulls (dropped at the top level); lists and structs converted inside."""
+    converted = {key: json_value(value) for key, value in values.items()}
+    return {key: value for key, value in converted.items() if value is not None} or None
+
+
+def json_value(value: Any) -> Any:
+    """One metadata value as JSON can write it (see ``json_metadata``)."""
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, (datetime.date, datetime.time)):  # datetime too (a subclass of date)
+        return value.isoformat()
+    if isinstance(value, datetime.timedelta):
+        return value.total_seconds()
+    if isinstance(value, decimal.Decimal):
+        return json_value(float(value))
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if isinstance(value, dict):
+        return {str(key): json_value(inner) for key, inner in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_value(inner) for inner in value]
+    if isinstance(value, np.generic):
+        return json_value(value.item())
+    if isinstance(value, np.ndarray):
+        return json_value(value.tolist())
+    return str(value)
 
 
 _JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"), allow_nan=False)

@@ -69,11 +69,11 @@ class FilterFields(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)  # strict: "k": true or "5" or 5.0 is an error, not 1 or 5
 
     kind: Kind | None = Field(None, description="only items of this kind ('image' or 'frame')")
-    group: list[FilterValue] | None = Field(None, max_length=MAX_K, description="only items of these groups (video ids)")
-    source: list[FilterValue] | None = Field(None, max_length=MAX_K, description=(
+    group: list[FilterValue] | None = Field(None, min_length=1, max_length=MAX_K, description="only items of these groups (video ids)")
+    source: list[FilterValue] | None = Field(None, min_length=1, max_length=MAX_K, description=(
         "only items whose 'source' metadata is one of these values (from `lookalike embed --metadata FILE`; "
         "an index without it matches nothing)"))
-    tag: list[FilterValue] | None = Field(None, max_length=MAX_K, description=(
+    tag: list[FilterValue] | None = Field(None, min_length=1, max_length=MAX_K, description=(
         "only items whose 'tags' metadata list holds one of these tags (from `lookalike embed --metadata FILE`; "
         "an index without it matches nothing)"))
     max_per_group: int | None = Field(None, ge=1, le=MAX_K, description="at most this many results per group (video)")

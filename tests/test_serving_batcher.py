@@ -6,11 +6,14 @@ one-at-a-time queries get.
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from lookalike.model.store import Store
@@ -178,6 +181,56 @@ def test_inline_stops_while_lone_items_are_slow() -> None:
         MicroBatcher("t", slow, inline_max_s=2.0)
 
 
+class Upload:
+    """An item standing for a query's upload and backend (big things a batch must not keep)."""
+
+    def __init__(self, usable: bool):
+        self.usable = usable
+
+
+def answer_or_fail(items: list[Upload]) -> list:
+    """As the engine's batch functions do: an unusable item's exception stored in the results."""
+    results: list = []
+    for item in items:
+        try:
+            if not item.usable:
+                raise ValueError("not a usable image")
+            results.append(("found", item))
+        except ValueError as e:
+            results.append(e)
+    return results
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "batched"])
+@pytest.mark.parametrize("usable", [True, False], ids=["answered", "failed"])
+def test_an_answered_or_failed_item_is_freed_without_a_garbage_collection(inline: bool, usable: bool) -> None:
+    """A version swapped out is freed when its last request ends: neither the batcher's last
+    batch nor a reference cycle through a failed item's exception may keep its items alive
+    (with gc.freeze, only a rare full collection would free a cycle)."""
+
+    async def main() -> bool:
+        batcher = MicroBatcher("t", answer_or_fail, max_batch=4, max_wait_s=0.0)
+        batcher.start()
+        upload = Upload(usable)
+        alive = weakref.ref(upload)
+        try:
+            await batcher.submit(upload, inline=inline)
+        except ValueError:
+            pass
+        del upload
+        await asyncio.sleep(0.05)  # the batcher goes back to waiting for the next batch
+        kept = alive() is not None
+        await batcher.stop()
+        return kept
+
+    gc.disable()
+    try:
+        kept = run(main())
+    finally:
+        gc.enable()
+    assert not kept
+
+
 # --- batch functions over the real backend ------------------------------------
 
 
@@ -195,6 +248,29 @@ def test_batched_search_equals_one_at_a_time(backend: Backend) -> None:
     assert 3 not in [n.row for n in batched[5]]
     bad = run_search_batch([SearchItem(backend, np.full(8, np.nan, np.float32), 3), items[0]])
     assert isinstance(bad[0], ValueError) and bad[1][0].row == 0  # one bad query fails alone... in its group
+
+
+def test_batched_search_on_a_tree_index_equals_one_at_a_time_whatever_the_other_ks(tmp_path) -> None:
+    """A tree index searches more leaves for a deep k: a k=5 query batched with a k=100 one
+    must still get its own answers, not the deeper search's."""
+    from types import SimpleNamespace
+
+    from lookalike.index.builder import IndexOptions, build_index
+    from lookalike.index.searcher import ItemIndex
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(30, 16))
+    x = (centres[rng.integers(30, size=3000)] + 0.5 * rng.normal(size=(3000, 16))).astype(np.float32)
+    build_index(x, pa.table({"id": [f"i{j}" for j in range(3000)]}), model_version="m", out_dir=tmp_path / "tree",
+                options=IndexOptions(mode="tree_ah", num_leaves=60, target_recall=0.6, tune_queries=200))
+    backend = SimpleNamespace(index=ItemIndex.load(tmp_path / "tree"))  # all a search reads of a backend
+    queries = rng.normal(size=(60, 16)).astype(np.float32)
+    queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+    for q, deep in zip(queries[:30], queries[30:]):
+        items = [SearchItem(backend, q, 5), SearchItem(backend, deep, 100), SearchItem(backend, q, 5, exclude_row=7)]
+        batched = run_search_batch(items)
+        for item, got in zip(items, batched):
+            assert [n.id for n in got] == [n.id for n in search_one(item)]
 
 
 def test_the_engine_runs_only_lone_unfiltered_queries_inline(backend: Backend, indexed_store: Store) -> None:

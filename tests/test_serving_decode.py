@@ -131,3 +131,18 @@ def test_a_video_is_not_a_query(http: httpx.Client, tmp_path: Path, make_video) 
     detail = response.json()["detail"]
     assert "a video is not accepted as a query" in detail and "#t=<seconds>" in detail and "lookalike query --id" in detail
     assert json.dumps(response.json())
+
+
+def test_heic_and_avif_photos_are_images_not_videos(http: httpx.Client) -> None:
+    """HEIF and AVIF files are ISO media files like MP4 ('ftyp' box), but photos: a HEIC one is
+    refused as such (Pillow here cannot decode it), a damaged AVIF one with the decoder's reason."""
+    heic = b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + b"\x00" * 64
+    response = http.post("/v1/search/image", content=heic, headers={"content-type": "image/heic"})
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert "HEIF/HEIC image" in detail and "convert it to JPEG" in detail and "video" not in detail, detail
+    avif = encoded(Image.new("RGB", (64, 48), "red"), "AVIF")
+    assert avif[4:12] == b"ftypavif"
+    assert http.post("/v1/search/image", content=avif).status_code == 200  # whole, it is a usable image
+    damaged = http.post("/v1/search/image", content=avif[: len(avif) // 2])
+    assert damaged.status_code == 422 and "video" not in damaged.json()["detail"], damaged.text

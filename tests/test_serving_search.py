@@ -259,6 +259,45 @@ def test_results_and_item_metadata_show_the_user_metadata(tagged, http: httpx.Cl
     assert plain and all(r["metadata"] is None for r in plain)
 
 
+def test_metadata_of_any_column_type_is_shown_as_json_never_a_500(tmp_path, indexed_store: Store) -> None:
+    """A metadata file's dates (pyarrow reads a CSV date column as date32), times, decimals,
+    bytes and NaN reach every result and item: as ISO text, numbers, base64 and nulls (dropped)."""
+    import datetime
+    import decimal
+
+    import pyarrow.parquet as pq
+
+    from lookalike.pipeline.embed import EmbedConfig, run_embed
+
+    workdir = tmp_path / "store"
+    shutil.copytree(indexed_store.root, workdir)
+    ids = sorted(p.relative_to(workdir / "corpus").as_posix() for p in (workdir / "corpus").rglob("*.png"))
+    n = len(ids)
+    table = pa.table({
+        "id": ids,
+        "scanned": pa.array([datetime.date(2024, 5, 1)] * n, pa.date32()),
+        "at": pa.array([datetime.datetime(2024, 5, 1, 12, 30, 5)] * n, pa.timestamp("ms")),
+        "price": pa.array([decimal.Decimal("1.25")] * n, pa.decimal128(5, 2)),
+        "raw": pa.array([b"\x00\xff"] * n, pa.binary()),
+        "rating": pa.array([float("nan")] * n, pa.float64()),
+        "scores": pa.array([[1.5, float("inf")]] * n, pa.list_(pa.float64())),
+    })
+    pq.write_table(table, workdir / "metadata.parquet")
+    run_embed(EmbedConfig(workdir=str(workdir), metadata=str(workdir / "metadata.parquet"), incremental=True))
+    expected = {"scanned": "2024-05-01", "at": "2024-05-01T12:30:05", "price": 1.25, "raw": "AP8=", "scores": [1.5, None]}
+    backend = load_backend(workdir)
+    with serve_in_thread(create_app(lambda: backend)) as url, httpx.Client(base_url=url, timeout=30) as client:
+        item_id = ids[0]
+        similar = client.get(f"/v1/items/{quote(item_id, safe='/')}/similar", params={"k": 3})
+        assert similar.status_code == 200, similar.text
+        assert [r["metadata"] for r in similar.json()["results"]] == [expected] * 3
+        png = (workdir / "corpus" / item_id).read_bytes()
+        by_image = client.post("/v1/search/image", params={"k": 2}, files={"file": ("q.png", png, "image/png")})
+        assert by_image.status_code == 200 and by_image.json()["results"][0]["metadata"] == expected, by_image.text
+        item = client.get(f"/v1/items/{quote(item_id, safe='/')}")
+        assert item.status_code == 200 and item.json()["metadata"] == expected, item.text
+
+
 def test_a_metadata_filter_on_an_index_without_that_column_matches_nothing(http: httpx.Client, backend: Backend) -> None:
     vector = backend.index.embeddings[0].tolist()
     response = http.post("/v1/search/vector", json={"vector": vector, "k": 5, "tag": ["odd"]})

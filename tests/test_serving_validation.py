@@ -231,6 +231,18 @@ def test_an_empty_filter_value_is_a_422_naming_it(http: httpx.Client, indexed_st
     assert http.get(f"/v1/items/{QUERY_ID}/similar?source=web&tag=odd").status_code == 200
 
 
+@pytest.mark.parametrize("field", ["group", "source", "tag"])
+def test_an_empty_filter_list_in_a_json_body_is_a_422_not_no_filter(http: httpx.Client, field: str) -> None:
+    """"tag": [] names no value: refused, as an empty value is, rather than searching unfiltered."""
+    answers = [http.post("/v1/search/vector", json={"vector": [0.5] * 8, field: []}),
+               http.post("/v1/search/batch", json={"queries": [{"id": QUERY_ID}], field: []})]
+    for response in answers:
+        assert response.status_code == 422, response.text
+        (error,) = response.json()["detail"]
+        assert error["loc"][-1] == field and error["type"] == "too_short", error
+    assert http.post("/v1/search/vector", json={"vector": [0.5] * 8, field: None}).status_code != 422  # null: no filter
+
+
 @pytest.mark.parametrize("path", ["/v1/search/vector", "/v1/search/batch"])
 def test_a_multipart_upload_to_a_json_endpoint_says_where_images_go(http: httpx.Client, indexed_store: Store,
                                                                      path: str) -> None:
