@@ -204,6 +204,8 @@ def write_report(store: Store, report, started_unix_s: float) -> Path:
     (folder / "report.json").write_text(json.dumps(data, indent=2, default=str) + "\n", encoding="utf-8")
     md = [f"# lookalike reindex {folder.name}", "",
           f"**Outcome: {report.outcome}** (exit {report.exit_code}). {report.reason}", "",
+          *([f"Then failed (the outcome stands): {'; '.join(report.errors_after_outcome)}", ""]
+            if report.errors_after_outcome else []),
           "- served before: " + (f"index {report.previous_index} (model {report.current_model or 'unknown: the index did not load'})"
                                   if report.previous_index else "nothing (the store had no CURRENT index)"),
           f"- candidate model: {report.candidate_model or 'none (not trained)'}; "

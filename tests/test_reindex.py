@@ -1352,6 +1352,9 @@ def test_a_failure_after_promotion_keeps_the_outcome_and_exits_1_naming_what_ser
         "the disk is full (No space left on device): saving the new evaluation set",
         "the disk is full (No space left on device): pruning"], line["errors_after_outcome"]
     assert "nothing promoted" not in err and "lookalike reindex: promoted (new model" in err and "then failed" in err
+    [report_md] = (store.root / "reports").glob("*/report.md")
+    assert "**Outcome: promoted** (exit 1)" in report_md.read_text() and "Then failed (the outcome stands): the disk" \
+        in report_md.read_text()
 
 
 def test_latest_failing_after_current_moved_is_a_promotion_not_a_rejected_candidate(store, tiny_config, monkeypatch):
