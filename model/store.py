@@ -7,7 +7,7 @@ Layout (``--workdir DIR``)::
     DIR/models/LATEST               the model embed uses by default: set by train, and on promotion to
                                     the model of the index made CURRENT
     DIR/models/REJECTED             the latest candidate reindex did not promote (kept for inspection)
-    DIR/models/<version>/.rolled-back  a rollback moved away from this model's index: reindex leaves it
+    DIR/models/ROLLED_BACK.json     models a rollback moved away from (by version): reindex leaves them
     DIR/embeddings/<run>/           Parquet embeddings, dead letters, run summary
     DIR/indexes/<version>/          ScaNN index versions (manifest.json + files)
     DIR/CURRENT                     the index version being served
@@ -34,6 +34,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -121,9 +122,11 @@ def check_version_name(version: str, what: str = "version name") -> str:
 REINDEX_MARK = ".trained-by-reindex"
 # In an embedding run folder: reindex made this run (``Store.mark_reindex_run``).
 REINDEX_RUN_MARK = ".made-by-reindex"
-# In a model folder: `versions rollback` moved the served index away from one this model built
-# (``Store.mark_rolled_back_model``): reindex does not promote the model again unless forced.
-ROLLED_BACK_MARK = ".rolled-back"
+# In models/: the models `versions rollback` moved the served index away from, by version
+# (``Store.mark_rolled_back_model``): reindex does not promote them again unless forced. Kept
+# outside the model folders: pruning may delete a model that reindex would train again, by the
+# same name, from the same inputs.
+ROLLED_BACK_FILE = "ROLLED_BACK.json"
 
 
 def versions_in(folder: Path, marker: str) -> list[str]:
@@ -237,25 +240,33 @@ class Store:
 
     def mark_rolled_back_model(self, version: str, index: str) -> None:
         """Note that a rollback moved the served index away from ``index``, built by model
-        ``version`` (``ROLLED_BACK_MARK`` in its folder, naming the index and when), so that
+        ``version`` (``ROLLED_BACK_FILE``: the index and when, by model version), so that
         reindex, which would train or reuse the same model from the same inputs, does not
         promote it again unless forced. Serving the model again clears it."""
-        if self.model_dir(version).is_dir():  # a model pruned since: nothing left to promote again
-            record = {"index": index, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-            atomic_write_text(self.model_dir(version) / ROLLED_BACK_MARK, json.dumps(record) + "\n")
+        marks = self._rolled_back()
+        marks[check_version_name(version)] = {"index": index, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        atomic_write_text(self.models_dir / ROLLED_BACK_FILE, json.dumps(marks, indent=1, sort_keys=True) + "\n")
 
     def rolled_back_from(self, version: str) -> dict | None:
         """The rollback away from model ``version`` ({"index", "time"}), or None if it has none."""
-        try:
-            record = json.loads((self.model_dir(version) / ROLLED_BACK_MARK).read_text("utf-8"))
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError) as e:  # unreadable: still a rollback (the file exists)
-            return {"index": None, "time": None, "error": str(e)}
-        return record if isinstance(record, dict) else {"index": None, "time": None}
+        record = self._rolled_back().get(version)
+        return None if record is None else record if isinstance(record, dict) else {"index": None, "time": None}
 
     def clear_rolled_back_mark(self, version: str) -> None:
-        (self.model_dir(version) / ROLLED_BACK_MARK).unlink(missing_ok=True)
+        marks = self._rolled_back()
+        if marks.pop(version, None) is not None:
+            atomic_write_text(self.models_dir / ROLLED_BACK_FILE, json.dumps(marks, indent=1, sort_keys=True) + "\n")
+
+    def _rolled_back(self) -> dict[str, Any]:
+        path = self.models_dir / ROLLED_BACK_FILE
+        try:
+            marks = json.loads(path.read_text("utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as e:  # garbled: the next mark replaces it
+            log.warning("%s cannot be read (%s): no model counts as rolled back", path, e)
+            return {}
+        return marks if isinstance(marks, dict) else {}
 
     def mark_reindex_run(self, run: str) -> None:
         """Note that ``reindex`` made embedding run ``run`` (``REINDEX_RUN_MARK`` in its

@@ -137,16 +137,20 @@ def clean_unfinished_reindex_runs(store: Store) -> list[str]:
     removed = []
     runs = store.embeddings_dir
     for run in sorted(runs.iterdir()) if runs.is_dir() else []:
-        if not run.is_dir() or run.is_symlink() or not (run / REINDEX_RUN_MARK).is_file() \
-                or (run / "summary.json").exists():
+        try:  # a folder this user cannot read (another user's run, mode 700) is not ours: left alone
+            if not run.is_dir() or run.is_symlink() or not (run / REINDEX_RUN_MARK).is_file() \
+                    or (run / "summary.json").exists():
+                continue
+            fd = try_lock_folder(run)
+        except OSError:
             continue
-        fd = try_lock_folder(run)
         if fd is None:  # a live run is writing it
             continue
         try:
             if not (run / "summary.json").exists():  # again, locked
                 shutil.rmtree(run, ignore_errors=True)
-                removed.append(str(run))
+                if not run.exists():
+                    removed.append(str(run))
         finally:
             os.close(fd)
     return removed

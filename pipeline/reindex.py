@@ -296,7 +296,7 @@ def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport, repor
         cand, cand_ap = evaluate_model(trained.model_dir, corpus, ids)
         report.metrics["candidate"] = cand
         decision = gate(cand_ap, cur_ap, config.min_improvement, config.force)
-        rolled_back = store.rolled_back_from(trained.version)
+        rolled_back = store.rolled_back_from(trained.version) if current_index is not None else None
         if rolled_back is not None and decision.accepted and not config.force:  # an operator's word beats the gate
             decision = replace(decision, accepted=False, reason=(
                 f"an operator rolled back from index {rolled_back.get('index')} of this model "
@@ -329,7 +329,8 @@ def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport, repor
                 report.chosen_model, report.new_index = report.current_model, None
                 why = f"candidate model {trained.version} failed: {report.candidate_error}"
     else:
-        verdict = "rolled back before" if rolled_back is not None else "not better beyond noise"
+        verdict = "rolled back before" if decision.reason.startswith("an operator rolled back") else \
+            "not better beyond noise"
         why = (f"candidate model {trained.version} {verdict} (MAP@R {cand['map_at_r']:.4f} vs served "
                f"{report.metrics['current']['map_at_r']:.4f}; {decision.reason})")
     if report.outcome != "promoted":

@@ -197,6 +197,28 @@ def test_a_takeover_removes_embedding_runs_killed_before_their_pipeline_never_a_
     assert any(f"partial folder(s): {dead}" in r.getMessage() for r in caplog.records), caplog.records
 
 
+def test_unfinished_reindex_runs_are_removed_but_never_a_finished_or_unreadable_one(store, monkeypatch):
+    """A folder this user cannot read (another user's run, mode 700) must not fail every run."""
+    from lookalike.pipeline.leftovers import clean_unfinished_reindex_runs
+
+    runs = store.embeddings_dir
+    unfinished, finished, foreign = runs / "e-20261201T010000", runs / "e-20261201T020000", runs / "other-users-run"
+    for run in (unfinished, finished, foreign):
+        run.mkdir()
+        (run / ".made-by-reindex").touch()
+    (finished / "summary.json").write_text("{}")
+    real_is_file = Path.is_file
+
+    def is_file(self: Path) -> bool:
+        if self.parent == foreign:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_is_file(self)
+
+    monkeypatch.setattr(Path, "is_file", is_file)
+    assert clean_unfinished_reindex_runs(store) == [str(unfinished)]
+    assert finished.exists() and foreign.exists() and not unfinished.exists()
+
+
 def test_ctrl_c_during_a_step_says_in_one_line_what_is_served_and_the_next_run_goes_on(ctrl_c_as_in_a_terminal, store):
     before = store.current_index()
     exe = str(Path(sys.executable).with_name("lookalike"))
@@ -1311,6 +1333,14 @@ def test_a_rollback_is_not_undone_by_the_next_run_reusing_the_model_rolled_back_
     assert (again.outcome, again.exit_code) == ("kept_current", 3), again.reason
     assert store.current_index() == first and "rolled back before" in again.reason
     assert again.metrics["gate"]["accepted"] is False and "versions rollback" in again.metrics["gate"]["reason"]
+    # Pruned with the index that used it, the model is trained again by the same name: still rejected.
+    from lookalike.pipeline.versions import prune
+
+    (store.models_dir / "REJECTED").unlink()  # else pruning spares the latest rejected candidate
+    assert forced.chosen_model in prune(store, keep=1) and not store.model_dir(forced.chosen_model).exists()
+    retrained = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config))
+    assert retrained.candidate_model == forced.chosen_model and not retrained.metrics["candidate_reused"]
+    assert retrained.outcome == "kept_current" and store.current_index() == first, retrained.reason
     forced_again = run_reindex(ReindexConfig(workdir=str(store.root), train=tiny_config, force=True))
     assert forced_again.outcome == "promoted" and forced_again.chosen_model == forced.chosen_model
     assert store.rolled_back_from(forced.chosen_model) is None  # served again: no longer marked
