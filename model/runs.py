@@ -81,9 +81,11 @@ JOB_FILE = "job.json"
 MAX_DIFFERENCES_SHOWN = 4
 
 
-def record_job(run_dir: Path, config: dict[str, Any], source: str) -> None:
-    """Write ``run_dir/job.json``: the config (``config_to_dict``) and data ``source`` of its job."""
-    atomic_write_text(run_dir / JOB_FILE, json.dumps({"config": config, "source": source}, sort_keys=True) + "\n")
+def record_job(run_dir: Path, config: dict[str, Any], source: str, init_from: Path | None = None) -> None:
+    """Write ``run_dir/job.json``: the config (``config_to_dict``), data ``source`` and warm-start
+    model folder (``init_from``, as the run id names it) of its job."""
+    job = {"config": config, "source": source, **({"init_from": str(init_from)} if init_from else {})}
+    atomic_write_text(run_dir / JOB_FILE, json.dumps(job, sort_keys=True) + "\n")
 
 
 def checkpoint_steps(run_dir: Path) -> list[int]:
@@ -136,6 +138,23 @@ def stopped_runs_of(runs_dir: Path, run_dir: Path, config: dict[str, Any], sourc
     return found
 
 
+def unresumable_warm_started_runs(runs_dir: Path, served_model_dir: Path) -> list[Path]:
+    """Run folders in ``runs_dir`` of trainings warm-started from another model than
+    ``served_model_dir`` (``job.json``'s ``init_from``), none in progress. Only reindex
+    warm-starts, always from the served model: once another model serves, no run can resume
+    them. Runs of ``lookalike train`` (no warm start) and runs from before ``init_from`` was
+    recorded are never listed."""
+    found = []
+    for run in sorted(p for p in runs_dir.glob("run-*") if p.is_dir()) if runs_dir.is_dir() else []:
+        try:
+            init_from = json.loads((run / JOB_FILE).read_text(encoding="utf-8")).get("init_from")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if init_from and Path(init_from) != served_model_dir and not _in_progress(run):
+            found.append(run)
+    return found
+
+
 def warn_of_stopped_runs(runs_dir: Path, run_dir: Path, config: dict[str, Any], source: str,
                          ignore: Collection[str] = ()) -> None:
     """Log a warning naming the stopped trainings of ``source`` this one does not resume."""
@@ -150,4 +169,5 @@ def warn_of_stopped_runs(runs_dir: Path, run_dir: Path, config: dict[str, Any], 
 
 
 __all__ = ["JOB_FILE", "NOT_THE_JOB", "RUN_INPUTS_FILE", "checkpoint_steps", "job_config", "record_job", "run_id", "start_afresh_if_inputs_changed",
+           "unresumable_warm_started_runs",
            "stopped_runs_of", "warn_of_stopped_runs"]

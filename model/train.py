@@ -396,7 +396,7 @@ def train_and_evaluate(
             job = config_to_dict(config)
             if not (run_dir / JOB_FILE).exists():  # a new job, not a resumed one: say which stopped ones it leaves
                 warn_of_stopped_runs(run_dir.parent, run_dir, job, loaded.source, ignore=NOT_THE_JOB)
-            record_job(run_dir, job, loaded.source)
+            record_job(run_dir, job, loaded.source, init_path)
             try:
                 model, metrics, threshold = train_on_arrays(config, data, run_dir, init_path)
             except BaseException as e:

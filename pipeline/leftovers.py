@@ -76,15 +76,41 @@ def clean_leftovers(store: Store, took_over_stale: bool) -> list[str]:
     partial = clean_partial(store, quiet=True) if took_over_stale else []
     candidates = clean_candidates(store)
     unfinished = clean_unfinished_reindex_runs(store)  # a stopped run's too: nothing reads them
+    trainings = clean_unresumable_trainings(store)
     parts = ([f"index candidate(s) built but never promoted: {', '.join(candidates)}"] if candidates else []) + \
             ([f"partial folder(s): {', '.join(partial)}"] if partial else []) + \
-            ([f"unfinished reindex embedding run(s): {', '.join(unfinished)}"] if unfinished else [])
+            ([f"unfinished reindex embedding run(s): {', '.join(unfinished)}"] if unfinished else []) + \
+            ([f"checkpoints of stopped reindex trainings no run can resume (warm-started from a model no longer "
+              f"served): {', '.join(trainings)}"] if trainings else [])
     if took_over_stale:
         log.warning("the run that held the store lock died; %s",
                     f"removed what it left: {'; '.join(parts)}" if parts else "it left nothing to remove")
     elif parts:
         log.warning("removed what an earlier, interrupted run left: %s", "; ".join(parts))
-    return candidates + partial + unfinished
+    return candidates + partial + unfinished + trainings
+
+
+def clean_unresumable_trainings(store: Store) -> list[str]:
+    """Remove the checkpoints (``models/.runs/run-*``) of stopped reindex trainings that no run
+    can resume: warm-started from a model that no longer serves (``runs.unresumable_warm_started_runs``).
+    Nothing when what serves cannot be read."""
+    from lookalike.index.manifest import read_manifest
+    from lookalike.model.runs import unresumable_warm_started_runs
+
+    try:
+        current = store.current_index_or_none()
+        served_model = read_manifest(store.index_dir(current))["model_version"] if current else None
+        served_dir = store.model_dir(served_model) if served_model else None
+    except Exception:  # a garbled CURRENT or manifest: the run fails on it, with its reason
+        return []
+    if served_dir is None:
+        return []
+    removed = []
+    for run in unresumable_warm_started_runs(store.models_dir / ".runs", served_dir):
+        shutil.rmtree(run, ignore_errors=True)
+        if not run.exists():
+            removed.append(str(run))
+    return removed
 
 
 def clean_partial_indexes(store: Store, *, quiet: bool = False) -> list[str]:

@@ -197,6 +197,27 @@ def test_a_takeover_removes_embedding_runs_killed_before_their_pipeline_never_a_
     assert any(f"partial folder(s): {dead}" in r.getMessage() for r in caplog.records), caplog.records
 
 
+def test_checkpoints_of_a_stopped_reindex_training_go_once_another_model_serves(store, caplog):
+    """Reindex warm-starts only from the served model: once another serves, a stopped training
+    of it can never resume. Not a training of `lookalike train`, nor one in progress."""
+    from lookalike.model.checkpoints import exclusive_run
+    from lookalike.model.runs import record_job
+    from lookalike.pipeline.leftovers import clean_leftovers
+
+    served_dir = store.model_dir(ItemIndex.load(store.require_current_index()).model_version)
+    runs = store.models_dir / ".runs"
+    folders = {name: runs / f"run-{name}" for name in ("stale", "served", "by-hand", "live")}
+    for name, run in folders.items():
+        (run / "checkpoints" / "latest" / "15").mkdir(parents=True)
+        init_from = {"served": served_dir, "by-hand": None}.get(name, store.models_dir / "m-no-longer-served")
+        record_job(run, {"seed": 0}, str(store.corpus_dir), init_from)
+    with exclusive_run(folders["live"]), caplog.at_level("WARNING"):
+        removed = clean_leftovers(store, took_over_stale=False)
+    assert removed == [str(folders["stale"])] and not folders["stale"].exists()
+    assert all(folders[name].exists() for name in ("served", "by-hand", "live"))
+    assert any("no run can resume" in r.getMessage() and str(folders["stale"]) in r.getMessage() for r in caplog.records)
+
+
 def test_unfinished_reindex_runs_are_removed_but_never_a_finished_or_unreadable_one(store, monkeypatch):
     """A folder this user cannot read (another user's run, mode 700) must not fail every run."""
     from lookalike.pipeline.leftovers import clean_unfinished_reindex_runs
@@ -332,7 +353,10 @@ def test_sigterm_while_a_checkpoint_is_saved_stops_after_it_without_an_error_and
     assert job.stderr.strip().splitlines()[-1] == (f"lookalike reindex: terminated (SIGTERM): CURRENT is unchanged "
                                                    f"({before}); the next run removes what this one left")
     assert store.current_index() == before
-    again = run_cli_reindex(store, {})
+    [stopped] = (store.models_dir / ".runs").glob("run-*")
+    served_dir = store.model_dir(ItemIndex.load(store.require_current_index()).model_version)
+    assert json.loads((stopped / "job.json").read_text())["init_from"] == str(served_dir)  # what it can resume from
+    again = run_cli_reindex(store, {})  # the same model serves: its checkpoints are resumed, not removed
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed training from the checkpoint of step 15" in again.stderr, again.stderr[-3000:]
 
