@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from lookalike.model.config import TrainConfig, config_to_dict
+from lookalike.model.filelock import try_lock, unlock
 from lookalike.model.store import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -78,13 +79,16 @@ def start_afresh_if_inputs_changed(run_dir: Path, inputs_sha256: str) -> None:
 
 
 JOB_FILE = "job.json"
+REINDEX_WARM_START = "reindex_warm_start"  # in job.json: a reindex training and the model it warm-starts from
 MAX_DIFFERENCES_SHOWN = 4
 
 
-def record_job(run_dir: Path, config: dict[str, Any], source: str, init_from: Path | None = None) -> None:
-    """Write ``run_dir/job.json``: the config (``config_to_dict``), data ``source`` and warm-start
-    model folder (``init_from``, as the run id names it) of its job."""
-    job = {"config": config, "source": source, **({"init_from": str(init_from)} if init_from else {})}
+def record_job(run_dir: Path, config: dict[str, Any], source: str, reindex_warm_start: str | None = None) -> None:
+    """Write ``run_dir/job.json``: the config (``config_to_dict``) and data ``source`` of its job;
+    for the reindex job's training, the version of the served model it warm-starts from
+    (``reindex_warm_start``)."""
+    job = {"config": config, "source": source,
+           **({REINDEX_WARM_START: reindex_warm_start} if reindex_warm_start else {})}
     atomic_write_text(run_dir / JOB_FILE, json.dumps(job, sort_keys=True) + "\n")
 
 
@@ -138,21 +142,31 @@ def stopped_runs_of(runs_dir: Path, run_dir: Path, config: dict[str, Any], sourc
     return found
 
 
-def unresumable_warm_started_runs(runs_dir: Path, served_model_dir: Path) -> list[Path]:
-    """Run folders in ``runs_dir`` of trainings warm-started from another model than
-    ``served_model_dir`` (``job.json``'s ``init_from``), none in progress. Only reindex
-    warm-starts, always from the served model: once another model serves, no run can resume
-    them. Runs of ``lookalike train`` (no warm start) and runs from before ``init_from`` was
-    recorded are never listed."""
-    found = []
-    for run in sorted(p for p in runs_dir.glob("run-*") if p.is_dir()) if runs_dir.is_dir() else []:
+def remove_unresumable_reindex_runs(runs_dir: Path, served_model: str) -> list[Path]:
+    """Remove the run folders in ``runs_dir`` of reindex trainings (``job.json``'s
+    ``REINDEX_WARM_START``) warm-started from another model than ``served_model``: reindex
+    warm-starts from the served model only, so once another serves no run can resume them.
+    Each is removed holding its lock, never one in progress; runs of ``lookalike train`` or
+    of ``train_and_evaluate`` called otherwise are never touched. Returns those removed."""
+    removed = []
+    for run in sorted(runs_dir.glob("run-*")) if runs_dir.is_dir() else []:
         try:
-            init_from = json.loads((run / JOB_FILE).read_text(encoding="utf-8")).get("init_from")
-        except (OSError, ValueError, AttributeError):
+            job = json.loads((run / JOB_FILE).read_text(encoding="utf-8"))
+            warm = job.get(REINDEX_WARM_START) if isinstance(job, dict) else None
+            if not isinstance(warm, str) or warm == served_model:
+                continue
+            fd = try_lock(run / ".lock")  # held while removing: no training starts in it meanwhile
+        except (OSError, ValueError):
             continue
-        if init_from and Path(init_from) != served_model_dir and not _in_progress(run):
-            found.append(run)
-    return found
+        if fd is None:  # in progress
+            continue
+        try:
+            shutil.rmtree(run, ignore_errors=True)
+        finally:
+            unlock(run / ".lock", fd)
+        if not run.exists():
+            removed.append(run)
+    return removed
 
 
 def warn_of_stopped_runs(runs_dir: Path, run_dir: Path, config: dict[str, Any], source: str,
@@ -169,5 +183,5 @@ def warn_of_stopped_runs(runs_dir: Path, run_dir: Path, config: dict[str, Any], 
 
 
 __all__ = ["JOB_FILE", "NOT_THE_JOB", "RUN_INPUTS_FILE", "checkpoint_steps", "job_config", "record_job", "run_id", "start_afresh_if_inputs_changed",
-           "unresumable_warm_started_runs",
+           "remove_unresumable_reindex_runs",
            "stopped_runs_of", "warn_of_stopped_runs"]

@@ -243,30 +243,45 @@ class Store:
         ``version`` (``ROLLED_BACK_FILE``: the index and when, by model version), so that
         reindex, which would train or reuse the same model from the same inputs, does not
         promote it again unless forced. Serving the model again clears it."""
-        marks = self._rolled_back()
+        marks = self._rolled_back(for_update=True)
         marks[check_version_name(version)] = {"index": index, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         atomic_write_text(self.models_dir / ROLLED_BACK_FILE, json.dumps(marks, indent=1, sort_keys=True) + "\n")
 
     def rolled_back_from(self, version: str) -> dict | None:
-        """The rollback away from model ``version`` ({"index", "time"}), or None if it has none."""
-        record = self._rolled_back().get(version)
+        """The rollback away from model ``version`` ({"index", "time"}), or None if it has none.
+        A ``ROLLED_BACK_FILE`` that cannot be read counts every model as rolled back (with
+        an "error"): an operator's rollback is never forgotten by a damaged file."""
+        try:
+            record = self._rolled_back().get(version)
+        except (OSError, ValueError) as e:
+            return {"index": None, "time": None, "error": f"{self.models_dir / ROLLED_BACK_FILE} cannot be read ({e}): "
+                                                          "fix or delete it"}
         return None if record is None else record if isinstance(record, dict) else {"index": None, "time": None}
 
     def clear_rolled_back_mark(self, version: str) -> None:
-        marks = self._rolled_back()
+        marks = self._rolled_back(for_update=True)
         if marks.pop(version, None) is not None:
             atomic_write_text(self.models_dir / ROLLED_BACK_FILE, json.dumps(marks, indent=1, sort_keys=True) + "\n")
 
-    def _rolled_back(self) -> dict[str, Any]:
+    def _rolled_back(self, for_update: bool = False) -> dict[str, Any]:
+        """The marks by model version; OSError or ValueError if the file cannot be read, unless
+        ``for_update``: then a damaged file is moved aside (``.damaged-<time>``, logged) and the
+        marks start afresh."""
         path = self.models_dir / ROLLED_BACK_FILE
         try:
             marks = json.loads(path.read_text("utf-8"))
+            if not isinstance(marks, dict):
+                raise ValueError(f"expected a JSON object, got {type(marks).__name__}")
+            return marks
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError) as e:  # garbled: the next mark replaces it
-            log.warning("%s cannot be read (%s): no model counts as rolled back", path, e)
+        except (OSError, ValueError) as e:
+            if not for_update:
+                raise
+            aside = path.with_name(f"{path.name}.damaged-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}")
+            os.replace(path, aside)
+            log.warning("%s could not be read (%s): moved to %s; the rollback marks start afresh", path, e, aside)
             return {}
-        return marks if isinstance(marks, dict) else {}
 
     def mark_reindex_run(self, run: str) -> None:
         """Note that ``reindex`` made embedding run ``run`` (``REINDEX_RUN_MARK`` in its

@@ -360,7 +360,7 @@ def _failpoint(name: str) -> None:
 def train_and_evaluate(
     config: TrainConfig, workdir: str | Path, data_dir: str | Path | None = None, init_from: str | Path | None = None,
     tfds: str | None = None, tfds_data_dir: str | None = None, set_latest: bool = True,
-    exclude: Collection[str] = (), reuse_identical: bool = False,
+    exclude: Collection[str] = (), reuse_identical: bool = False, by_reindex: bool = False,
 ) -> TrainResult:
     """Train on ``data_dir`` (default ``workdir/corpus``) or on the TFDS split ``tfds``
     (``NAME[:SPLIT]``, prepared in ``tfds_data_dir``), optionally warm-started from the
@@ -370,7 +370,8 @@ def train_and_evaluate(
     labels) trains on augmented views. ``exclude``: ``data_dir``-relative paths left out of
     training (the reindex job's held-out evaluation images). ``reuse_identical``: when a saved
     model was trained from exactly these inputs (``lookalike.model.training_inputs``), return it
-    without training."""
+    without training. ``by_reindex``: the reindex job's training, recorded in its run folder
+    (its checkpoints go once the model it warm-started from no longer serves)."""
     if tfds and data_dir:
         raise ValueError(f"train on a folder ({data_dir}) or a TFDS data set ({tfds}), not both")
     validate_config(config)  # before the images are decoded
@@ -396,7 +397,7 @@ def train_and_evaluate(
             job = config_to_dict(config)
             if not (run_dir / JOB_FILE).exists():  # a new job, not a resumed one: say which stopped ones it leaves
                 warn_of_stopped_runs(run_dir.parent, run_dir, job, loaded.source, ignore=NOT_THE_JOB)
-            record_job(run_dir, job, loaded.source, init_path)
+            record_job(run_dir, job, loaded.source, warm_version if by_reindex else None)
             try:
                 model, metrics, threshold = train_on_arrays(config, data, run_dir, init_path)
             except BaseException as e:

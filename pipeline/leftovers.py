@@ -92,25 +92,19 @@ def clean_leftovers(store: Store, took_over_stale: bool) -> list[str]:
 
 def clean_unresumable_trainings(store: Store) -> list[str]:
     """Remove the checkpoints (``models/.runs/run-*``) of stopped reindex trainings that no run
-    can resume: warm-started from a model that no longer serves (``runs.unresumable_warm_started_runs``).
+    can resume: warm-started from a model that no longer serves (``runs.remove_unresumable_reindex_runs``).
     Nothing when what serves cannot be read."""
     from lookalike.index.manifest import read_manifest
-    from lookalike.model.runs import unresumable_warm_started_runs
+    from lookalike.model.runs import remove_unresumable_reindex_runs
 
     try:
         current = store.current_index_or_none()
-        served_model = read_manifest(store.index_dir(current))["model_version"] if current else None
-        served_dir = store.model_dir(served_model) if served_model else None
+        served_model = read_manifest(store.index_dir(current)).get("model_version") if current else None
     except Exception:  # a garbled CURRENT or manifest: the run fails on it, with its reason
         return []
-    if served_dir is None:
+    if not isinstance(served_model, str):
         return []
-    removed = []
-    for run in unresumable_warm_started_runs(store.models_dir / ".runs", served_dir):
-        shutil.rmtree(run, ignore_errors=True)
-        if not run.exists():
-            removed.append(str(run))
-    return removed
+    return [str(run) for run in remove_unresumable_reindex_runs(store.models_dir / ".runs", served_model)]
 
 
 def clean_partial_indexes(store: Store, *, quiet: bool = False) -> list[str]:

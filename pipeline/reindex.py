@@ -277,7 +277,7 @@ def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport, repor
         # not LATEST yet: a candidate that is rejected or fails validation must not become what `embed` uses
         # without the evaluation images: the gate must measure generalisation, not memorisation
         trained = train_and_evaluate(train_config, store.root, data_dir=corpus, init_from=current_model_dir,
-                                     set_latest=False, exclude=ids, reuse_identical=True)
+                                     set_latest=False, exclude=ids, reuse_identical=True, by_reindex=True)
         report.candidate_model = trained.version
         if not trained.reused:
             store.mark_reindex_model(trained.version)  # pruning may delete it once no index uses it
@@ -297,11 +297,12 @@ def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport, repor
         report.metrics["candidate"] = cand
         decision = gate(cand_ap, cur_ap, config.min_improvement, config.force)
         rolled_back = store.rolled_back_from(trained.version) if current_index is not None else None
-        if rolled_back is not None and decision.accepted and not config.force:  # an operator's word beats the gate
+        held_back = rolled_back is not None and decision.accepted and not config.force
+        if held_back:  # an operator's word beats the gate
+            what = rolled_back.get("error") or (f"an operator rolled back from index {rolled_back.get('index')} of "
+                                                f"this model ({rolled_back.get('time')}; `lookalike versions rollback`)")
             decision = replace(decision, accepted=False, reason=(
-                f"an operator rolled back from index {rolled_back.get('index')} of this model "
-                f"({rolled_back.get('time')}; `lookalike versions rollback`): it is not promoted again without "
-                f"--force (would be accepted: {decision.reason})"))
+                f"{what}: it is not promoted again without --force (would be accepted: {decision.reason})"))
         accept = decision.accepted
         report.chosen_model = trained.version if accept else report.current_model
         report.metrics["candidate_accepted"] = accept
@@ -329,8 +330,7 @@ def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport, repor
                 report.chosen_model, report.new_index = report.current_model, None
                 why = f"candidate model {trained.version} failed: {report.candidate_error}"
     else:
-        verdict = "rolled back before" if decision.reason.startswith("an operator rolled back") else \
-            "not better beyond noise"
+        verdict = "rolled back before" if held_back else "not better beyond noise"
         why = (f"candidate model {trained.version} {verdict} (MAP@R {cand['map_at_r']:.4f} vs served "
                f"{report.metrics['current']['map_at_r']:.4f}; {decision.reason})")
     if report.outcome != "promoted":

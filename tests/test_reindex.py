@@ -199,22 +199,24 @@ def test_a_takeover_removes_embedding_runs_killed_before_their_pipeline_never_a_
 
 def test_checkpoints_of_a_stopped_reindex_training_go_once_another_model_serves(store, caplog):
     """Reindex warm-starts only from the served model: once another serves, a stopped training
-    of it can never resume. Not a training of `lookalike train`, nor one in progress."""
+    of it can never resume. Compared by model version (a store reached by another path is the
+    same store). Not a training of `lookalike train` or the API, nor one in progress."""
     from lookalike.model.checkpoints import exclusive_run
     from lookalike.model.runs import record_job
     from lookalike.pipeline.leftovers import clean_leftovers
 
-    served_dir = store.model_dir(ItemIndex.load(store.require_current_index()).model_version)
+    served = ItemIndex.load(store.require_current_index()).model_version
     runs = store.models_dir / ".runs"
-    folders = {name: runs / f"run-{name}" for name in ("stale", "served", "by-hand", "live")}
+    folders = {name: runs / f"run-{name}" for name in ("stale", "served", "by-hand", "live", "garbled")}
     for name, run in folders.items():
         (run / "checkpoints" / "latest" / "15").mkdir(parents=True)
-        init_from = {"served": served_dir, "by-hand": None}.get(name, store.models_dir / "m-no-longer-served")
-        record_job(run, {"seed": 0}, str(store.corpus_dir), init_from)
+        warm_start = {"served": served, "by-hand": None}.get(name, "m-no-longer-served")
+        record_job(run, {"seed": 0}, str(store.corpus_dir), warm_start)
+    (folders["garbled"] / "job.json").write_text('{"reindex_warm_start": 5}')  # never a reason to fail the run
     with exclusive_run(folders["live"]), caplog.at_level("WARNING"):
         removed = clean_leftovers(store, took_over_stale=False)
     assert removed == [str(folders["stale"])] and not folders["stale"].exists()
-    assert all(folders[name].exists() for name in ("served", "by-hand", "live"))
+    assert all(folders[name].exists() for name in ("served", "by-hand", "live", "garbled"))
     assert any("no run can resume" in r.getMessage() and str(folders["stale"]) in r.getMessage() for r in caplog.records)
 
 
@@ -354,8 +356,8 @@ def test_sigterm_while_a_checkpoint_is_saved_stops_after_it_without_an_error_and
                                                    f"({before}); the next run removes what this one left")
     assert store.current_index() == before
     [stopped] = (store.models_dir / ".runs").glob("run-*")
-    served_dir = store.model_dir(ItemIndex.load(store.require_current_index()).model_version)
-    assert json.loads((stopped / "job.json").read_text())["init_from"] == str(served_dir)  # what it can resume from
+    served = ItemIndex.load(store.require_current_index()).model_version
+    assert json.loads((stopped / "job.json").read_text())["reindex_warm_start"] == served  # what it can resume from
     again = run_cli_reindex(store, {})  # the same model serves: its checkpoints are resumed, not removed
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed training from the checkpoint of step 15" in again.stderr, again.stderr[-3000:]
@@ -1371,6 +1373,18 @@ def test_a_rollback_is_not_undone_by_the_next_run_reusing_the_model_rolled_back_
     rollback(store)
     promote(store, forced_again.new_index)  # by hand: the operator's own word
     assert store.rolled_back_from(forced.chosen_model) is None
+
+
+def test_a_damaged_rollback_record_holds_every_model_back_until_the_next_mark_moves_it_aside(store):
+    store.mark_rolled_back_model("m-a", "i-1")
+    path = store.models_dir / "ROLLED_BACK.json"
+    path.write_text('{"m-a": {"index": "i-1"')  # cut short (a restore, a hand edit)
+    held = store.rolled_back_from("m-other")
+    assert held is not None and "ROLLED_BACK.json cannot be read" in held["error"] and "fix or delete it" in held["error"]
+    store.mark_rolled_back_model("m-b", "i-2")
+    [aside] = store.models_dir.glob("ROLLED_BACK.json.damaged-*")
+    assert aside.read_text() == '{"m-a": {"index": "i-1"'  # kept for the operator
+    assert store.rolled_back_from("m-b")["index"] == "i-2" and store.rolled_back_from("m-other") is None
 
 
 def test_a_rollback_between_versions_of_one_model_marks_no_model(store):
