@@ -34,8 +34,8 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ class Store:
         promote it again unless forced. Serving the model again clears it."""
         marks = self._rolled_back(for_update=True)
         marks[check_version_name(version)] = {"index": index, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        atomic_write_text(self.models_dir / ROLLED_BACK_FILE, json.dumps(marks, indent=1, sort_keys=True) + "\n")
+        self._write_rolled_back(marks)
 
     def rolled_back_from(self, version: str) -> dict | None:
         """The rollback away from model ``version`` ({"index", "time"}), or None if it has none.
@@ -261,7 +261,10 @@ class Store:
     def clear_rolled_back_mark(self, version: str) -> None:
         marks = self._rolled_back(for_update=True)
         if marks.pop(version, None) is not None:
-            atomic_write_text(self.models_dir / ROLLED_BACK_FILE, json.dumps(marks, indent=1, sort_keys=True) + "\n")
+            self._write_rolled_back(marks)
+
+    def _write_rolled_back(self, marks: dict[str, Any]) -> None:
+        atomic_write_text(self.models_dir / ROLLED_BACK_FILE, json.dumps(marks, indent=1, sort_keys=True) + "\n")
 
     def _rolled_back(self, for_update: bool = False) -> dict[str, Any]:
         """The marks by model version; OSError or ValueError if the file cannot be read, unless

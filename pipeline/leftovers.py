@@ -15,6 +15,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Callable
+from pathlib import Path
 
 from lookalike.index.manifest import WRITER_LOCK_SUFFIX, writer_lock_path
 from lookalike.model.filelock import try_lock, try_lock_folder, unlock
@@ -154,26 +156,8 @@ def clean_unfinished_reindex_runs(store: Store) -> list[str]:
     claimed) that never wrote their summary and that no live run holds: what a reindex killed
     or stopped during its embed step leaves (up to a full copy of the corpus's embeddings; the
     embedding cache keeps what they embedded). Never a run of ``lookalike embed``."""
-    removed = []
-    runs = store.embeddings_dir
-    for run in sorted(runs.iterdir()) if runs.is_dir() else []:
-        try:  # a folder this user cannot read (another user's run, mode 700) is not ours: left alone
-            if not run.is_dir() or run.is_symlink() or not (run / REINDEX_RUN_MARK).is_file() \
-                    or (run / "summary.json").exists():
-                continue
-            fd = try_lock_folder(run)
-        except OSError:
-            continue
-        if fd is None:  # a live run is writing it
-            continue
-        try:
-            if not (run / "summary.json").exists():  # again, locked
-                shutil.rmtree(run, ignore_errors=True)
-                if not run.exists():
-                    removed.append(str(run))
-        finally:
-            os.close(fd)
-    return removed
+    return _remove_unheld_runs(store, lambda run: (run / REINDEX_RUN_MARK).is_file()
+                               and not (run / "summary.json").exists())
 
 
 def clean_unstarted_embed_runs(store: Store) -> list[str]:
@@ -183,18 +167,32 @@ def clean_unstarted_embed_runs(store: Store) -> list[str]:
     (``filelock.try_lock_folder``)."""
     from lookalike.pipeline.run_dirs import holds_only_a_listing  # here: it imports Beam, which `serve` never needs
 
+    return _remove_unheld_runs(store, lambda run: holds_only_a_listing(run) and any(run.iterdir()))
+
+
+def _remove_unheld_runs(store: Store, is_leftover: Callable[[Path], bool]) -> list[str]:
+    """Remove the embedding run folders ``is_leftover`` picks, looked at again while holding the
+    folder's lock (``filelock.try_lock_folder``: never one a live run holds; a run may have
+    finished since the first look). A folder this user cannot read (another user's run, mode
+    700) is not ours: left alone. Returns those removed."""
     removed = []
     runs = store.embeddings_dir
     for run in sorted(runs.iterdir()) if runs.is_dir() else []:
-        if not run.is_dir() or run.is_symlink() or not holds_only_a_listing(run) or not any(run.iterdir()):
+        try:
+            if not run.is_dir() or run.is_symlink() or not is_leftover(run):
+                continue
+            fd = try_lock_folder(run)
+        except OSError:
             continue
-        fd = try_lock_folder(run)
-        if fd is None:  # a live run is starting in it
+        if fd is None:  # a live run is writing it
             continue
         try:
-            if holds_only_a_listing(run):  # again, locked: a run may have finished since the first look
+            if is_leftover(run):
                 shutil.rmtree(run, ignore_errors=True)
-                removed.append(str(run))
+                if not run.exists():
+                    removed.append(str(run))
+        except OSError:
+            pass
         finally:
             os.close(fd)
     return removed

@@ -205,9 +205,8 @@ def run_reindex(config: ReindexConfig) -> ReindexReport:
             clean_leftovers(store, lock.took_over_stale)  # one line says what was removed
             _run_steps(config, store, report, report_folder(store, started), mark)
         except Exception as e:  # our own StoreError says it all; another error is named by its type
-            report.outcome, report.reason = "failed", str(e) if type(e) is StoreError else f"{type(e).__name__}: {e}"
-            if "No space left on device" in report.reason:  # said first: libraries put it at the end of a long message
-                report.reason = f"the disk is full (No space left on device): {report.reason}"
+            report.outcome = "failed"
+            report.reason = disk_full_first(str(e) if type(e) is StoreError else f"{type(e).__name__}: {e}")
             log.error("reindex failed (CURRENT: %s): %s", store.current_index_or_none(), report.reason)
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM within interrupts.sigterm_as_interrupt()
             report.outcome, report.reason, report.stopped_status = "failed", stop_reason(), stop_exit_status()
@@ -364,10 +363,13 @@ def _run_steps(config: ReindexConfig, store: Store, report: ReindexReport, repor
         _error_after_outcome(report, "pruning", e)
 
 
+def disk_full_first(text: str) -> str:
+    """``text`` led by "the disk is full" when it says so: libraries put it at the end of a long message."""
+    return f"the disk is full (No space left on device): {text}" if "No space left on device" in text else text
+
+
 def _error_after_outcome(report: ReindexReport, what: str, error: Exception) -> None:
-    text = f"{what} failed: {type(error).__name__}: {error}"
-    if "No space left on device" in text:
-        text = f"the disk is full (No space left on device): {text}"
+    text = disk_full_first(f"{what} failed: {type(error).__name__}: {error}")
     report.errors_after_outcome.append(text)
     log.error("reindex %s (CURRENT: %s), but then %s", report.outcome, report.new_index or report.previous_index, text)
 
@@ -379,7 +381,8 @@ def _served_anyway(store: Store, report: ReindexReport, model: str | None, error
     if report.new_index is None or store.current_index_or_none() != report.new_index:
         return False
     try:
-        follow_served_model(store, model) if model else None
+        if model:
+            follow_served_model(store, model)
         retried = "; models/LATEST was set on a second try"
     except Exception as again:
         retried = f"; models/LATEST was not updated either ({type(again).__name__}: {again})"
