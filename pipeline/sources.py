@@ -16,6 +16,7 @@ Outputs are ``(tag, value)`` pairs (see ``batches.split_tagged``).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import logging
@@ -23,7 +24,7 @@ import os
 import re
 import stat
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, BinaryIO
 from urllib.parse import unquote
 
 import numpy as np
@@ -55,6 +56,8 @@ DEAD = "dead"
 CACHED = "cached"
 NOT_MEDIA_REASON = "not an image or video file (unsupported suffix)"
 
+
+HASH_CHUNK_BYTES = 256 * 1024  # ``hash_file`` reads a large file this much at a time
 
 GLOB_CHARS = "*?["  # a corpus naming no existing folder and holding one of these is a pattern
 
@@ -230,9 +233,37 @@ def read_bytes(uri: str) -> bytes:
         os.close(fd)
 
 
+def open_source(uri: str) -> BinaryIO:
+    """``uri`` opened for reading, seekable: a local regular file (checked as ``read_bytes``
+    checks it, and opened non-blocking, so a named pipe swapped in cannot hang it), else
+    through Beam's filesystems. For reading a large file piece by piece (``hash_file``, a
+    video's frames) rather than whole."""
+    if "://" in uri:
+        return FileSystems.open(uri, compression_type="uncompressed")
+    check_regular_file(uri)
+    return os.fdopen(os.open(uri, os.O_RDONLY | os.O_NONBLOCK), "rb")
+
+
+def hash_file(uri: str, chunk_bytes: int = HASH_CHUNK_BYTES) -> str:
+    """The sha256 (hex) of ``uri``'s bytes, read ``chunk_bytes`` at a time: memory stays
+    small whatever the file's size (an hour of video is gigabytes). OSError naming ``uri``
+    if unreadable, as ``read_bytes``."""
+    digest = hashlib.sha256()
+    try:
+        with open_source(uri) as f:
+            while chunk := f.read(chunk_bytes):
+                digest.update(chunk)
+    except OSError as e:
+        if e.filename is not None or e.errno is None:
+            raise
+        raise type(e)(e.errno, e.strerror, uri) from None
+    return digest.hexdigest()
+
+
 NEW = "new"
 FILE = "file"
-# Files up to this size travel with the element to the decode stage; larger ones are read again there.
+# Files up to this size travel with the element to the decode stage; larger ones are read again
+# there (images) or read piece by piece (videos), and are hashed piece by piece (``hash_file``).
 CARRY_BYTES_MAX = 256 * 1024
 
 
@@ -306,8 +337,12 @@ class ReadSourceFn(beam.DoFn):
                 and (known[2] in self._cache or known[2] in self._undecodable)):
             source_hash = known[2]  # unchanged path, size, mtime and inode: not even read
         else:
-            try:
-                data = read_bytes(uri)
+            try:  # bytes that will not travel on are hashed piece by piece, never held whole
+                if size > CARRY_BYTES_MAX:
+                    source_hash = hash_file(uri)
+                else:
+                    data = read_bytes(uri)
+                    source_hash = hashlib.sha256(data).hexdigest()
             except Exception as e:  # unreadable path, permissions, vanished file
                 self._inc(self._failed)
                 # a named pipe: the same reason as the corpus walk gives it (reuse.UnreadableFile)
@@ -315,7 +350,6 @@ class ReadSourceFn(beam.DoFn):
                 yield DEAD, dead_letter(uri, "read", reason)
                 return
             self._inc(self._read)
-            source_hash = hashlib.sha256(data).hexdigest()
             if is_video_path(uri):
                 source_hash = video_source_hash(source_hash, self._sampling)
         if mtime:  # a known modification time (an empty file has size 0)
@@ -342,19 +376,19 @@ def decode_source(
     source_hash: str, uris: list[str], spec: PreprocessSpec, thumbnails_dir: str, sampling: FrameSampling,
     data: bytes | None = None, thumbnail: ThumbnailSink = write_thumbnail,
 ) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
-    """Decode one source's bytes (``data``, else read from ``uris[0]``) into (item meta,
+    """Decode one source's bytes (``data``, else read from ``uris[0]``: a video's piece by piece,
+    ``video_frames``) into (item meta,
     [H, W, C] model input) per image or sampled frame, handing each item's picture (a PIL image,
     or uint8 pixels for a plain JPEG) to ``thumbnail(picture, path, (uri, bytes) of the image
     file or None for a frame)``. Model input is float32 in [0, 1], or the uint8 pixels when
     they already have the model's shape (``batches.stack_model_input`` converts them as
     ``model.preprocess.pixels_to_array`` would). Raises ImageDecodeError, VideoDecodeError or
     OSError with the reason."""
-    data = read_bytes(uris[0]) if data is None else data
     if is_video_path(uris[0]):
-        frames = ((f"{source_hash}#t={t:.3f}", "frame", t, frame)
-                  for t, frame in sample_frames(data, sampling, uris[0], spec.max_pixels))
+        frames = video_frames(source_hash, uris[0], data, sampling, spec.max_pixels)
         original, pixels = None, None
     else:
+        data = read_bytes(uris[0]) if data is None else data
         side = decode_side_px(spec)  # a large image is decoded shrunk, as the server decodes queries
         pixels = decode_plain_jpeg(data, spec.channels, spec.max_pixels, side)  # the fast path, same pixels
         if pixels is not None:  # no PIL image unless a thumbnail has to be re-encoded
@@ -374,6 +408,16 @@ def decode_source(
         meta = {"source_hash": source_hash, "content_hash": content_hash, "kind": kind, "timestamp_s": t,
                 "width": width, "height": height, "uris": uris}
         yield meta, array
+
+
+def video_frames(source_hash: str, uri: str, data: bytes | None, sampling: FrameSampling,
+                 max_pixels: int) -> Iterator[tuple[str, str, float, Any]]:
+    """(frame id, "frame", timestamp_s, upright RGB frame) per sampled frame of the video at
+    ``uri``: decoded from ``data`` if carried, else read from the file piece by piece as it
+    decodes (``open_source``), never whole (an hour of video is gigabytes)."""
+    with contextlib.nullcontext(data) if data is not None else open_source(uri) as source:
+        for t, frame in sample_frames(source, sampling, uri, max_pixels):
+            yield f"{source_hash}#t={t:.3f}", "frame", t, frame
 
 
 def worth_a_thread(data: bytes | None, uri: str) -> bool:

@@ -20,7 +20,7 @@ import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -64,6 +64,7 @@ BAD_PACKETS_SKIPPED_SHARE = 0.01
 # A frame id names its time in milliseconds (``frame_id``): frames closer than this share an id.
 MIN_INTERVAL_S = 0.001
 DEFAULT_MAX_FRAMES = 10_000
+READ_BUFFER_BYTES = 256 * 1024  # how much of a video file FFmpeg asks for at a time (``sample_frames``)
 
 
 @dataclass(frozen=True)
@@ -228,10 +229,12 @@ def decoded_frames(container: Any, stream: Any, skipped: list[Exception]) -> Ite
         yield from frames
 
 
-def sample_frames(data: bytes, sampling: FrameSampling = FrameSampling(),
+def sample_frames(data: bytes | BinaryIO, sampling: FrameSampling = FrameSampling(),
                   name: str = "video", max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[tuple[float, Image.Image]]:
-    """Video file bytes -> (timestamp_s, upright RGB PIL frame) for each sampled frame; times
-    count from the start of the video (``start_offset_s``), never negative.
+    """Video file bytes, or the file opened for reading (seekable; read piece by piece as the
+    frames decode, ``READ_BUFFER_BYTES`` at a time) -> (timestamp_s, upright RGB PIL frame)
+    for each sampled frame; times count from the start of the video (``start_offset_s``),
+    never negative.
 
     Raises VideoDecodeError for bytes that are not a video, a container with no video
     stream (audio only, with or without cover art: ``picture_streams``), frames of more than
@@ -250,10 +253,13 @@ def sample_frames(data: bytes, sampling: FrameSampling = FrameSampling(),
     """
     import av
 
-    if not data:
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        data = io.BytesIO(data)
+    if data.seek(0, io.SEEK_END) == 0:
         raise VideoDecodeError("empty file (0 bytes)")
+    data.seek(0)
     try:
-        container = av.open(io.BytesIO(data))
+        container = av.open(data, buffer_size=READ_BUFFER_BYTES)
     except MemoryError:  # not the bytes' fault: never recorded as undecodable
         raise
     except Exception as e:

@@ -241,6 +241,25 @@ def _make_video(path: Path, seconds: float = 3.0, fps: int = 10, cut_at_s: float
     return path
 
 
+def _noisy_video(path: Path, frames: int = 24, fps: int = 8) -> Path:
+    """An MPEG-4 MP4 of 320x240 noise frames: megabytes for a few seconds (noise barely compresses)."""
+    import av
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = 320, 240, "yuv420p"
+        stream.bit_rate = 50_000_000
+        for _ in range(frames):
+            frame = rng.integers(0, 256, (240, 320, 3), dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
 def _make_audio_only(path: Path) -> Path:
     """An MP4 holding one AAC audio stream and no video."""
     import av
@@ -363,6 +382,12 @@ def tfds_dir(tmp_path_factory) -> Path:
 def make_video():
     """``make_video(path, seconds=3.0, fps=10, cut_at_s=1.5, rotation=None)`` writes a real H.264 MP4."""
     return _make_video
+
+
+@pytest.fixture
+def make_noisy_video():
+    """``make_noisy_video(path, frames=24, fps=8)`` writes a real MPEG-4 MP4 of megabytes."""
+    return _noisy_video
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import os
 import pytest
 
 from lookalike.model.parallel import PARALLEL_MIN_BYTES
-from lookalike.pipeline.sources import read_bytes, worth_a_thread
+from lookalike.pipeline.sources import hash_file, read_bytes, worth_a_thread
 
 
 def test_a_local_file_is_read_whole(tmp_path):
@@ -159,6 +159,68 @@ def test_a_named_pipe_or_socket_is_never_opened(tmp_path):
             out = _in_thread(lambda: read_bytes(str(tmp_path / name)))
             assert isinstance(out.get("error"), NotRegularFileError), out
             assert f"not a regular file ({kind})" in str(out["error"]) and name in str(out["error"])
+
+
+def test_a_large_file_is_hashed_piece_by_piece(tmp_path):
+    """``hash_file`` gives the sha256 of the whole file while holding one chunk of it at a
+    time; like ``read_bytes``, it names a path it cannot read and never opens a named pipe."""
+    import hashlib
+    import tracemalloc
+
+    from lookalike.pipeline.sources import NotRegularFileError
+
+    data = os.urandom(3 * 1024 * 1024 + 5)
+    (tmp_path / "big.mp4").write_bytes(data)
+    tracemalloc.start()
+    try:
+        digest = hash_file(str(tmp_path / "big.mp4"), chunk_bytes=64 * 1024)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert digest == hashlib.sha256(data).hexdigest()
+    assert peak < 512 * 1024, peak
+    assert hash_file(str(tmp_path / "big.mp4")) == digest  # the default chunk
+    with pytest.raises(FileNotFoundError, match="gone.mp4"):
+        hash_file(str(tmp_path / "gone.mp4"))
+    os.mkfifo(tmp_path / "pipe.mp4")
+    out = _in_thread(lambda: hash_file(str(tmp_path / "pipe.mp4")))
+    assert isinstance(out.get("error"), NotRegularFileError) and "pipe.mp4" in str(out["error"]), out
+
+
+def test_a_large_video_is_hashed_and_decoded_without_being_held_whole(tmp_path, make_noisy_video):
+    """A video larger than what travels between stages is hashed piece by piece (its bytes
+    never go on) and decoded from the file as it plays: every frame is an item, with the
+    source hash of its bytes, while memory holds a small part of the file at a time."""
+    import hashlib
+    import tracemalloc
+
+    from lookalike.model.preprocess import PreprocessSpec
+    from lookalike.pipeline.sources import CARRY_BYTES_MAX, HASH_CHUNK_BYTES, NEW, ReadSourceFn, decode_source
+    from lookalike.pipeline.video import READ_BUFFER_BYTES, FrameSampling, video_source_hash
+
+    path = make_noisy_video(tmp_path / "noise.mp4", frames=48)
+    size = path.stat().st_size
+    assert size > 8 * max(CARRY_BYTES_MAX, HASH_CHUNK_BYTES, READ_BUFFER_BYTES), size
+    sampling = FrameSampling(interval_s=1.0)
+    reader = ReadSourceFn(None, 1, sampling)
+    reader.setup()
+    tracemalloc.start()
+    try:
+        outputs = list(reader.read_one(str(path), size, path.stat().st_mtime))
+        read_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        (tag, (source_hash, uri, data)), = [o for o in outputs if o[0] == NEW]
+        thumbs = tmp_path / "thumbs"
+        thumbs.mkdir()
+        items = [(meta["content_hash"], meta["timestamp_s"]) for meta, _ in
+                 decode_source(source_hash, [uri], PreprocessSpec(32, 3), str(thumbs), sampling, data)]
+        decode_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert data is None and source_hash == video_source_hash(hashlib.sha256(path.read_bytes()).hexdigest(), sampling)
+    assert [t for _, t in items] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0] and items[0][0] == f"{source_hash}#t=0.000"
+    # decoding holds a few read buffers and a few decoded 320x240 frames at a time
+    assert read_peak < 3 * HASH_CHUNK_BYTES and decode_peak < size / 3, (read_peak, decode_peak, size)
 
 
 def test_a_relative_local_glob_is_made_absolute_and_a_remote_one_kept(tmp_path, monkeypatch):

@@ -384,3 +384,37 @@ def test_running_out_of_memory_is_not_called_a_corrupt_video(tmp_path, make_vide
     with pytest.raises(MemoryError):
         list(decoded_frames(Container(), None, skipped))
     assert skipped == []
+
+
+def test_a_video_file_is_read_piece_by_piece_not_whole(tmp_path, make_noisy_video):
+    """An hour of video is gigabytes: sampled from the open file, its frames are the ones its
+    bytes give, while no more than a small part of it is ever held in memory."""
+    import hashlib
+    import tracemalloc
+
+    from lookalike.pipeline.video import READ_BUFFER_BYTES
+
+    path = make_noisy_video(tmp_path / "noise.mp4")
+    size = path.stat().st_size
+    assert size > 8 * READ_BUFFER_BYTES, size
+
+    def sampled(source):
+        return [(round(t, 3), hashlib.sha256(frame.tobytes()).hexdigest())
+                for t, frame in sample_frames(source, FrameSampling(interval_s=0.5))]
+
+    from_bytes = sampled(path.read_bytes())
+    tracemalloc.start()
+    try:
+        with path.open("rb") as f:
+            from_file = sampled(f)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(from_bytes) == 6 and from_file == from_bytes
+    assert peak < size / 4, f"{peak} bytes held at once while sampling a {size}-byte video"
+
+
+def test_an_empty_open_video_file_is_named_empty(tmp_path):
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    with (tmp_path / "empty.mp4").open("rb") as f, pytest.raises(VideoDecodeError, match=r"empty file \(0 bytes\)"):
+        list(sample_frames(f))
