@@ -24,7 +24,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     serve(args.workdir, host=args.host, port=args.port, watch_interval_s=args.watch_interval_s or None,
           max_batch=args.max_batch, max_embed_batch=args.max_embed_batch, batch_wait_ms=args.batch_wait_ms,
-          inline_max_ms=args.inline_max_ms, access_log=args.access_log)
+          inline_max_ms=args.inline_max_ms, access_log=args.access_log, max_large_uploads=args.max_large_uploads)
     return 0
 
 
@@ -69,6 +69,9 @@ def add_serving_commands(sub) -> None:
                    help="a lone unfiltered query (no other request arriving or in progress) whose work recently took at "
                         "most this long runs on the event loop instead of a batcher's thread, saving two thread "
                         "hand-offs (default 2; 0: never)")
+    p.add_argument("--max-large-uploads", type=POSITIVE, default=None,
+                   help="request bodies over 1 MiB (large image uploads) taken in at once; more wait their turn (their "
+                        "bytes stay with the client) and get a 503 after 30 s (default: two per CPU)")
     p.add_argument("--no-access-log", dest="access_log", action="store_false",
                    help="no log line per request (by default one per request on stdout, time-stamped; errors and "
                         "swaps are logged either way, and /metrics counts every request)")

@@ -83,6 +83,7 @@ from lookalike.serving.schemas import (
 from lookalike.serving.results import json_text_response
 from lookalike.serving.slashes import SlashAlias
 from lookalike.serving.swap import DEFAULT_WATCH_INTERVAL_S, BackendSlot, StoreReloader, without_store_root
+from lookalike.serving.uploads import DEFAULT_WAIT_TIMEOUT_S, default_large_uploads, limit_large_uploads
 from lookalike.serving.validation import body_parse_error_handler, parse_json_body, short_input, validation_error_handler
 
 log = logging.getLogger(__name__)
@@ -126,6 +127,8 @@ def create_app(
     admin_token: str | None = None,
     load_in_background: bool = False,
     settle_heap: bool = False,
+    max_large_uploads: int | None = None,
+    large_upload_wait_s: float = DEFAULT_WAIT_TIMEOUT_S,
 ) -> FastAPI:
     """The API and page.
 
@@ -136,11 +139,14 @@ def create_app(
     ``admin_token`` defaults to $LOOKALIKE_ADMIN_TOKEN; without one, admin endpoints
     answer 403. ``settle_heap`` (for a server process of its own, not a test) freezes
     the loaded objects out of garbage collection after each load
-    (``lookalike.serving.heap``).
+    (``lookalike.serving.heap``). Requests with a body over 1 MiB (large uploads) are taken
+    in ``max_large_uploads`` at a time (None: two per CPU), a 503 after waiting
+    ``large_upload_wait_s`` (``lookalike.serving.uploads``).
     """
     if watch_interval_s is not None and not 0 <= watch_interval_s <= 3600:
         raise ValueError(f"watch_interval_s must be between 0 (off) and 3600 seconds, got {watch_interval_s}")
     metrics = ServingMetrics()
+    large_uploads = max_large_uploads or default_large_uploads()
     slot = BackendSlot()
     engine = QueryEngine(metrics, batching)
 
@@ -260,6 +266,7 @@ def create_app(
             same_item_means=enc.same_item_means,
             loaded_unix_s=backend.loaded_unix_s,
             max_upload_bytes=max_upload_bytes,
+            max_large_uploads=large_uploads,
             index_build=manifest.get("build") or {},
             index_quality=index_quality(manifest),
             last_reload_error=slot.last_reload_error,
@@ -383,4 +390,5 @@ def create_app(
 
     fast_routes_first(app)
     dispatch_fast_first(app, metrics, max_body=max_upload_bytes + MULTIPART_OVERHEAD_BYTES)
+    limit_large_uploads(app, large_uploads, max_upload_bytes + MULTIPART_OVERHEAD_BYTES, metrics, large_upload_wait_s)
     return app

@@ -144,6 +144,8 @@ class Info(BaseModel):
                                  '"same image" for one trained --unlabelled (views of one image or video moment)')
     loaded_unix_s: float
     max_upload_bytes: int
+    max_large_uploads: int = Field(0, description="request bodies over 1 MiB (large uploads) taken in at once; "
+                                   "more wait their turn, a 503 after waiting too long")
     index_build: dict[str, Any] = Field(default_factory=dict, description="how the index was built (mode, parameters)")
     index_quality: dict[str, Any] = Field(default_factory=dict, description="recall measured when the index was built")
     last_reload_error: str | None = Field(None, description="why the newest CURRENT version was refused (the old one keeps serving)")

@@ -127,6 +127,7 @@ def serve(
     inline_max_ms: float = DEFAULT_INLINE_MAX_S * 1000,
     admin_token: str | None = None,
     access_log: bool = True,
+    max_large_uploads: int | None = None,
 ) -> None:
     """Serve the CURRENT index of ``workdir`` until interrupted, following CURRENT as it moves.
 
@@ -135,7 +136,8 @@ def serve(
     forward) and ``batch_wait_ms`` bound micro-batching (both maxima 1: off);
     ``inline_max_ms`` (0: never) lets a lone query that fast run on the event loop
     rather than a batcher's thread; ``admin_token`` defaults to $LOOKALIKE_ADMIN_TOKEN;
-    ``access_log`` False drops the line per request (``uvicorn_log_config``). The
+    ``access_log`` False drops the line per request (``uvicorn_log_config``);
+    ``max_large_uploads`` bodies over 1 MiB are taken in at once (None: two per CPU). The
     server accepts connections at once and loads the model and index in the background
     (/healthz 200, /readyz and searches 503 meanwhile). Raises StoreError (saying which step
     to run) before loading anything when the workdir has no published index,
@@ -168,6 +170,7 @@ def serve(
         admin_token=admin_token,
         load_in_background=True,  # /healthz answers at once, /readyz (and searches) 503 until loaded
         settle_heap=True,  # this process is the server's own
+        max_large_uploads=max_large_uploads,
     )
     log.info("loading the model and index in the background")
     try:
