@@ -401,13 +401,18 @@ def decode_source(
             return
         frames = iter([(source_hash, "image", None, open_image(data, spec.max_pixels, side))])
         original = (uris[0], data)
-    for content_hash, kind, t, img in frames:
-        array = image_to_array(img, spec)  # first: a picture the model cannot take (float values out of range) queues no thumbnail
-        thumbnail(img, thumbnail_path(thumbnails_dir, content_hash), original)
-        width, height = original_size(img)  # the file's size, not the shrunk picture's
-        meta = {"source_hash": source_hash, "content_hash": content_hash, "kind": kind, "timestamp_s": t,
-                "width": width, "height": height, "uris": uris}
-        yield meta, array
+    try:
+        for content_hash, kind, t, img in frames:
+            array = image_to_array(img, spec)  # first: a picture the model cannot take (float values out of range) queues no thumbnail
+            thumbnail(img, thumbnail_path(thumbnails_dir, content_hash), original)
+            width, height = original_size(img)  # the file's size, not the shrunk picture's
+            meta = {"source_hash": source_hash, "content_hash": content_hash, "kind": kind, "timestamp_s": t,
+                    "width": width, "height": height, "uris": uris}
+            yield meta, array
+    finally:  # a video's file is closed now, not when a failure's traceback is collected
+        close = getattr(frames, "close", None)
+        if close is not None:
+            close()
 
 
 def video_frames(source_hash: str, uri: str, data: bytes | None, sampling: FrameSampling,

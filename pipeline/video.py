@@ -262,6 +262,10 @@ def sample_frames(data: bytes | BinaryIO, sampling: FrameSampling = FrameSamplin
         container = av.open(data, buffer_size=READ_BUFFER_BYTES)
     except MemoryError:  # not the bytes' fault: never recorded as undecodable
         raise
+    except OSError as e:  # reading the file failed (EIO, a network filesystem): not the bytes' fault either
+        if not isinstance(e, av.error.FFmpegError):  # FFmpeg's own errors (bad data) are OSErrors too
+            raise
+        raise VideoDecodeError(f"not a decodable video ({_reason(e)})") from None
     except Exception as e:
         raise VideoDecodeError(f"not a decodable video ({_reason(e)})") from None
     with container:

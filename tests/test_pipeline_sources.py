@@ -242,3 +242,32 @@ def test_a_relative_local_glob_is_made_absolute_and_a_remote_one_kept(tmp_path, 
 ])
 def test_what_is_worth_a_decode_thread(data, uri, expected):
     assert worth_a_thread(data, uri) is expected
+
+
+def test_a_video_whose_decoding_fails_midway_is_closed_at_once(tmp_path, make_noisy_video):
+    """A failure while a video's frames are handed on (here its thumbnail) closes the video's
+    file as the failure leaves ``decode_source``, not when the garbage collector gets to the
+    traceback that holds it (a decode pool keeps failures for a while)."""
+    import gc
+
+    from lookalike.model.preprocess import PreprocessSpec
+    from lookalike.pipeline.sources import decode_source
+    from lookalike.pipeline.video import FrameSampling
+
+    path = make_noisy_video(tmp_path / "noise.mp4")
+
+    def open_on_path() -> int:
+        return sum(1 for fd in os.listdir("/proc/self/fd") if os.path.realpath(f"/proc/self/fd/{fd}") == str(path))
+
+    def failing_thumbnail(picture, thumb_path, original):
+        raise OSError(28, "No space left on device", thumb_path)
+
+    gc.disable()
+    try:
+        with pytest.raises(OSError, match="No space left") as raised:
+            list(decode_source("h", [str(path)], PreprocessSpec(32, 3), str(tmp_path), FrameSampling(), None,
+                               failing_thumbnail))
+        assert open_on_path() == 0
+        del raised
+    finally:
+        gc.enable()

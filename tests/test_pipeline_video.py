@@ -1,5 +1,8 @@
 """Frame sampling from real encoded videos made here with PyAV."""
 
+import errno
+import io
+import os
 from pathlib import Path
 
 import pytest
@@ -418,3 +421,42 @@ def test_an_empty_open_video_file_is_named_empty(tmp_path):
     (tmp_path / "empty.mp4").write_bytes(b"")
     with (tmp_path / "empty.mp4").open("rb") as f, pytest.raises(VideoDecodeError, match=r"empty file \(0 bytes\)"):
         list(sample_frames(f))
+
+
+class _FailingRead(io.RawIOBase):
+    """A video file whose reads fail with EIO past ``fail_at`` bytes, as a failing disk or a
+    network filesystem would."""
+
+    def __init__(self, path: Path, fail_at: int):
+        self._file = path.open("rb", buffering=0)
+        self._fail_at = fail_at
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
+
+    def readinto(self, buffer) -> int:
+        if self._file.tell() + len(buffer) > self._fail_at:
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return self._file.readinto(buffer)
+
+    def close(self) -> None:
+        self._file.close()
+        super().close()
+
+
+def test_a_read_that_fails_while_the_video_opens_is_an_os_error_not_bad_bytes(tmp_path, make_noisy_video):
+    """A read error is not the bytes' fault: it stays an OSError (the file is tried again next
+    run), never a VideoDecodeError, which would record the bytes as undecodable."""
+    path = make_noisy_video(tmp_path / "noise.mp4")  # its index (moov) is at the end: opening reads to it
+    with _FailingRead(path, fail_at=path.stat().st_size // 2) as f, pytest.raises(OSError) as raised:
+        list(sample_frames(f))
+    assert not isinstance(raised.value, VideoDecodeError) and raised.value.errno == errno.EIO
