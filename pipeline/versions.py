@@ -14,6 +14,7 @@ rollback moved away from.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -29,6 +30,8 @@ from lookalike.model.store import HISTORY, REINDEX_RUN_MARK, Store, StoreError  
 from lookalike.pipeline.leftovers import clean_partial_indexes
 
 THUMBNAILS_FOLDER = "thumbnails"  # under the store root, as the embed pipeline writes them (graph.THUMBNAILS_FOLDER)
+# A temporary cache file not written for this long was left by a killed run (``_remove_stale_temp_files``).
+STALE_TEMP_S = 3600.0
 
 log = logging.getLogger(__name__)
 
@@ -285,9 +288,10 @@ def prune(store: Store, keep: int, keep_models: tuple[str, ...] = (), *, locked:
     older rejected candidates) or that an index deleted here used; never LATEST,
     models/REJECTED (the latest rejected candidate, kept for inspection), ``keep_models``, nor
     a model trained by hand (``lookalike train``) that no deleted index used. Then the
-    embedding runs reindex made beyond the ``keep`` latest and the caches of models gone
-    (``_prune_embeddings``); a run of ``lookalike embed`` only with ``embed_runs`` (asked for
-    by ``embed --keep`` or ``versions prune --embedding-runs``): then those beyond the ``keep``
+    embedding runs reindex made beyond the ``keep`` latest, the caches of models gone and the
+    cache files killed runs left half written (``_prune_embeddings``); a run of ``lookalike
+    embed`` only with ``embed_runs`` (asked for by ``embed --keep`` or ``versions prune
+    --embedding-runs``): then those beyond the ``keep``
     latest too (an index never needs its run: it holds its own copy of the embeddings). Then the
     thumbnails nothing left lists (``_prune_thumbnails``; ``own_run``: the caller's own embed
     run folder, which it holds locked).
@@ -412,6 +416,22 @@ def _prune_embeddings(store: Store, keep_runs: int, embed_runs: bool = False) ->
             continue
         if not (store.models_dir / model / "model.json").is_file() or cache.name != cache_dir(store.embeddings_dir, model).name:
             delete(cache, f"embeddings/cache/{cache.name}")
+        elif count := _remove_stale_temp_files(cache):
+            removed.append(f"embeddings/cache/{cache.name}: {count} unfinished file(s)")
+    return removed
+
+
+def _remove_stale_temp_files(folder: Path, older_than_s: float = STALE_TEMP_S) -> int:
+    """Delete the ``.tmp-*`` files in ``folder`` last written over ``older_than_s`` ago: what a
+    run killed while it wrote a cache file leaves (``writers.write_atomically``; a live writer
+    finishes a file in seconds). Returns how many went."""
+    removed = 0
+    now = time.time()
+    for path in folder.glob(".tmp-*"):
+        with contextlib.suppress(OSError):
+            if now - path.stat().st_mtime > older_than_s:
+                path.unlink()
+                removed += 1
     return removed
 
 

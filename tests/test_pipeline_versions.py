@@ -93,3 +93,24 @@ def test_prune_deletes_the_thumbnails_nothing_kept_lists_but_never_recent_ones(t
     orphan.parent.mkdir()
     orphan.write_bytes(b"old picture")
     assert prune(store, keep=1) == [] and orphan.exists()  # the thumbnails of a version are unknown: none deleted
+
+
+def test_prune_deletes_cache_files_a_killed_run_left_half_written(tmp_path, indexed_store):
+    """A run killed while it wrote a cache file leaves its temporary file (``.tmp-*``) behind;
+    prune deletes those not written for an hour, never a live writer's, nor a finished file."""
+    from lookalike.model.store import Store
+    from lookalike.pipeline.versions import STALE_TEMP_S, prune
+
+    shutil.copytree(indexed_store.root, tmp_path / "store", symlinks=True)
+    store = Store.at(tmp_path / "store")
+    cache, = [d for d in (store.embeddings_dir / "cache").iterdir() if d.is_dir()]
+    finished = sorted(cache.glob("part-*.parquet"))
+    assert finished
+    stale = cache / ".tmp-0123abcd-part-0123abcd.parquet"
+    live = cache / ".tmp-4567cdef-part-4567cdef.parquet"
+    stale.write_bytes(b"PAR1 half")
+    live.write_bytes(b"PAR1 half")
+    old = os.stat(stale).st_mtime - STALE_TEMP_S - 60
+    os.utime(stale, (old, old))
+    assert prune(store, keep=1) == [f"embeddings/cache/{cache.name}: 1 unfinished file(s)"]
+    assert not stale.exists() and live.exists() and all(p.is_file() for p in finished)
