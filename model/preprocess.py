@@ -254,13 +254,18 @@ def resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def image_to_array(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
-    """PIL image -> float32 array of shape ``spec.shape`` with values in [0, 1]."""
+def image_to_pixels(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """PIL image -> uint8 pixels of shape ``spec.shape``, as ``image_to_array`` takes them: a
+    quarter of its memory, for input held a while (a video's frames until they are embedded)."""
     img = to_mode(img, spec.channels) if img.mode != ("L" if spec.channels == 1 else "RGB") else img
     if img.size != (spec.image_size, spec.image_size):  # Pillow's same-size resize is a copy
         img = resize_center_crop(img, spec.image_size)
-    arr = np.asarray(img, dtype=np.float32) / 255.0
-    return arr.reshape(spec.shape)
+    return np.asarray(img, dtype=np.uint8).reshape(spec.shape)
+
+
+def image_to_array(img: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    """PIL image -> float32 array of shape ``spec.shape`` with values in [0, 1]."""
+    return image_to_pixels(img, spec).astype(np.float32) / 255.0
 
 
 def decode_image(data: bytes, spec: PreprocessSpec) -> np.ndarray:

@@ -39,7 +39,7 @@ from lookalike.model.preprocess import (
     PreprocessSpec,
     decode_plain_jpeg,
     decode_side_px,
-    image_to_array,
+    image_to_pixels,
     open_image,
     original_size,
     pixels_to_array,
@@ -380,9 +380,10 @@ def decode_source(
     ``video_frames``) into (item meta,
     [H, W, C] model input) per image or sampled frame, handing each item's picture (a PIL image,
     or uint8 pixels for a plain JPEG) to ``thumbnail(picture, path, (uri, bytes) of the image
-    file or None for a frame)``. Model input is float32 in [0, 1], or the uint8 pixels when
-    they already have the model's shape (``batches.stack_model_input`` converts them as
-    ``model.preprocess.pixels_to_array`` would). Raises ImageDecodeError, VideoDecodeError or
+    file or None for a frame)``. Model input is uint8 pixels of the model's shape
+    (``batches.stack_model_input`` converts a batch of them as ``model.preprocess.image_to_array``
+    and ``pixels_to_array`` convert one), or float32 in [0, 1] for a plain JPEG of another
+    size (``pixels_to_array``). Raises ImageDecodeError, VideoDecodeError or
     OSError with the reason."""
     if is_video_path(uris[0]):
         frames = video_frames(source_hash, uris[0], data, sampling, spec.max_pixels)
@@ -403,7 +404,9 @@ def decode_source(
         original = (uris[0], data)
     try:
         for content_hash, kind, t, img in frames:
-            array = image_to_array(img, spec)  # first: a picture the model cannot take (float values out of range) queues no thumbnail
+            # first: a picture the model cannot take (float values out of range) queues no thumbnail;
+            # uint8 until its batch is converted (stack_model_input), as a long video's frames wait for each other
+            array = image_to_pixels(img, spec)
             thumbnail(img, thumbnail_path(thumbnails_dir, content_hash), original)
             width, height = original_size(img)  # the file's size, not the shrunk picture's
             meta = {"source_hash": source_hash, "content_hash": content_hash, "kind": kind, "timestamp_s": t,

@@ -63,6 +63,7 @@ def test_a_large_photo_is_embedded_from_the_servers_input_and_recorded_at_its_si
     from PIL import Image
 
     from lookalike.model.preprocess import PreprocessSpec, decode_image
+    from lookalike.pipeline.batches import stack_model_input
     from lookalike.pipeline.sources import decode_source
     from lookalike.pipeline.thumbnails import write_thumbnail
     from lookalike.pipeline.video import FrameSampling
@@ -80,7 +81,7 @@ def test_a_large_photo_is_embedded_from_the_servers_input_and_recorded_at_its_si
         [(meta, model_input)] = decode_source("h" + name, [str(tmp_path / name)], spec, str(thumbs), FrameSampling(), data,
                                               write_thumbnail)
         assert (meta["width"], meta["height"]) == ((900, 1600) if name == "turned.jpg" else (1600, 900))
-        np.testing.assert_array_equal(model_input, decode_image(data, spec))
+        np.testing.assert_array_equal(stack_model_input([model_input])[0], decode_image(data, spec))
         [written] = list(thumbs.rglob("*.jpg"))
         assert max(Image.open(written).size) == 128
 
@@ -194,6 +195,8 @@ def test_a_large_video_is_hashed_and_decoded_without_being_held_whole(tmp_path, 
     import hashlib
     import tracemalloc
 
+    import numpy as np
+
     from lookalike.model.preprocess import PreprocessSpec
     from lookalike.pipeline.sources import CARRY_BYTES_MAX, HASH_CHUNK_BYTES, NEW, ReadSourceFn, decode_source
     from lookalike.pipeline.video import READ_BUFFER_BYTES, FrameSampling, video_source_hash
@@ -212,13 +215,15 @@ def test_a_large_video_is_hashed_and_decoded_without_being_held_whole(tmp_path, 
         (tag, (source_hash, uri, data)), = [o for o in outputs if o[0] == NEW]
         thumbs = tmp_path / "thumbs"
         thumbs.mkdir()
-        items = [(meta["content_hash"], meta["timestamp_s"]) for meta, _ in
-                 decode_source(source_hash, [uri], PreprocessSpec(32, 3), str(thumbs), sampling, data)]
+        decoded = list(decode_source(source_hash, [uri], PreprocessSpec(32, 3), str(thumbs), sampling, data))
+        items = [(meta["content_hash"], meta["timestamp_s"]) for meta, _ in decoded]
         decode_peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
     assert data is None and source_hash == video_source_hash(hashlib.sha256(path.read_bytes()).hexdigest(), sampling)
     assert [t for _, t in items] == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0] and items[0][0] == f"{source_hash}#t=0.000"
+    # frames wait for each other as uint8 pixels of the model's shape (a quarter of float32's memory)
+    assert all(pixels.dtype == np.uint8 and pixels.shape == (32, 32, 3) for _, pixels in decoded)
     # decoding holds a few read buffers and a few decoded 320x240 frames at a time
     assert read_peak < 3 * HASH_CHUNK_BYTES and decode_peak < size / 3, (read_peak, decode_peak, size)
 
