@@ -2,12 +2,15 @@
 
 An image upload costs several times its size while it is in flight (the body as it arrives,
 the parsed form, the file's bytes, the decoded picture): about 40 MB for a 10 MiB photo, so
-thirty at once took the server to 2 GB. A request whose declared body is over
-``LARGE_BODY_BYTES``, or that sends one without declaring its size (chunked), first waits for
-one of ``count`` slots; its body stays in the client and the kernel (TCP flow control) until
-it has one, never in this process. Small requests (vector and id searches, most query
-images) never wait. One that waits longer than ``wait_timeout_s`` is answered 503 with
-``Retry-After``, so slow uploads holding every slot cannot hang the others forever.
+thirty at once took the server to 1.3 GB. A request whose declared body is over
+``LARGE_BODY_BYTES`` first waits for one of ``count`` slots; its body stays in the client and
+the kernel (TCP flow control) until it has one, never in this process. A body of unknown size
+(chunked) waits once that much of it has arrived. Small requests (vector and id searches,
+most query images) never wait. One that waits longer than ``wait_timeout_s`` is answered 503
+with ``Retry-After`` (its body read and dropped first, so that clients that send the whole
+body before reading get the answer, not a reset connection). A body that stops arriving while
+it holds a slot is a 408 after ``idle_timeout_s``, so idle connections cannot hold the slots
+for ever; the slot goes back as soon as the request ends, however it ends.
 """
 
 from __future__ import annotations
@@ -17,9 +20,9 @@ import math
 import os
 import time
 
-from fastapi import FastAPI
+from fastapi import FastAPI, HTTPException
 from fastapi.responses import JSONResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lookalike.serving.limits import size_text
 from lookalike.serving.head import client_method
@@ -27,6 +30,9 @@ from lookalike.serving.metrics import ServingMetrics, endpoint_of
 
 LARGE_BODY_BYTES = 1 << 20  # a body over this waits for a slot
 DEFAULT_WAIT_TIMEOUT_S = 30.0
+# While it holds a slot, a body must keep arriving: a gap this long ends it (408). Without it a
+# few idle connections, headers sent and nothing after, would hold every slot for ever.
+DEFAULT_IDLE_TIMEOUT_S = 10.0
 
 
 def default_large_uploads() -> int:
@@ -36,10 +42,10 @@ def default_large_uploads() -> int:
     return 2 * max(1, cpus)
 
 
-def is_large_body(headers: list[tuple[bytes, bytes]], max_body_bytes: int) -> bool:
-    """Whether a request with ``headers`` sends a large body: declared over LARGE_BODY_BYTES
-    (but within ``max_body_bytes``: a larger one is refused with 413 before it is read), or
-    of undeclared size (``Transfer-Encoding``, chunked)."""
+def body_size(headers: list[tuple[bytes, bytes]]) -> int | None:
+    """The body size a request declares: its ``Content-Length``, -1 for a body of unknown size
+    (``Transfer-Encoding``, chunked), None for no body (or an unusable length, which the
+    server refuses)."""
     declared = chunked = None
     for name, value in headers:
         if name == b"content-length":
@@ -47,18 +53,36 @@ def is_large_body(headers: list[tuple[bytes, bytes]], max_body_bytes: int) -> bo
         elif name == b"transfer-encoding":
             chunked = value
     if declared is not None:
-        return declared.isdigit() and LARGE_BODY_BYTES < int(declared) <= max_body_bytes
-    return chunked is not None
+        return int(declared) if declared.isdigit() else None
+    return -1 if chunked is not None else None
+
+
+def is_large_body(headers: list[tuple[bytes, bytes]], max_body_bytes: int) -> bool:
+    """Whether a request with ``headers`` declares a large body: over LARGE_BODY_BYTES (but
+    within ``max_body_bytes``: a larger one is refused with 413 before it is read). A body of
+    unknown size is large only once more than LARGE_BODY_BYTES of it have arrived."""
+    size = body_size(headers)
+    return size is not None and LARGE_BODY_BYTES < size <= max_body_bytes
+
+
+class UploadStalled(HTTPException):
+    """408: a body holding a slot stopped arriving."""
+
+    def __init__(self, idle_s: float):
+        super().__init__(status_code=408, headers={"Connection": "close"},
+                         detail=f"the request body stopped arriving: nothing came for {idle_s:g} s")
 
 
 class LargeBodySlots:
-    """ASGI middleware, outermost: requests with a large body (``is_large_body``) run one
-    of at most ``count`` at a time, from before their body is read until their response is
-    sent; one kept waiting ``wait_timeout_s`` is a 503 (counted in ``metrics`` under its
-    route, as ``RequestMetrics`` counts the others)."""
+    """ASGI middleware, outermost: requests with a large body run at most ``count`` at a time,
+    from before their body is read (one of unknown size: from when its first LARGE_BODY_BYTES
+    have arrived) until their response is sent. One kept waiting ``wait_timeout_s`` is a 503
+    with Retry-After (counted in ``metrics`` under its route, as ``RequestMetrics`` counts the
+    others; a client gone meanwhile, 499), and one whose body stops arriving for
+    ``idle_timeout_s`` while it holds a slot is a 408."""
 
     def __init__(self, app: ASGIApp, count: int, max_body_bytes: int, metrics: ServingMetrics,
-                 wait_timeout_s: float = DEFAULT_WAIT_TIMEOUT_S):
+                 wait_timeout_s: float = DEFAULT_WAIT_TIMEOUT_S, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S):
         if count < 1:
             raise ValueError(f"expected at least 1 large-upload slot, got {count}")
         self.app = app
@@ -66,34 +90,90 @@ class LargeBodySlots:
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
         self.wait_timeout_s = wait_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._slots = asyncio.Semaphore(count)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not is_large_body(scope["headers"], self.max_body_bytes):
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
+    async def _acquire(self) -> bool:
+        """A slot, waiting up to ``wait_timeout_s``; False if none came. The slots belong to the
+        running event loop (an app served by another loop later gets fresh ones)."""
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            self._loop, self._slots = loop, asyncio.Semaphore(self.count)
         try:
             await asyncio.wait_for(self._slots.acquire(), self.wait_timeout_s)
         except TimeoutError:
+            return False
+        return True
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        size = body_size(scope["headers"]) if scope["type"] == "http" else None
+        if size is None or size > self.max_body_bytes or 0 <= size <= LARGE_BODY_BYTES:
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        held = size > 0  # a declared large body; one of unknown size takes its slot once it is large
+        if held and not await self._acquire():
             await self._refuse(scope, receive, send, started)
             return
+        received, complete = 0, False
+
+        async def guarded_receive() -> Message:
+            nonlocal received, complete, held
+            if complete:  # e.g. waiting for a disconnect while streaming a response: no deadline
+                return await receive()
+            try:
+                message = await (asyncio.wait_for(receive(), self.idle_timeout_s) if held else receive())
+            except TimeoutError:
+                raise UploadStalled(self.idle_timeout_s) from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
+                if not held and received > LARGE_BODY_BYTES:
+                    if not await self._acquire():
+                        raise HTTPException(status_code=503, detail=self._busy_detail(),
+                                            headers={"Retry-After": self._retry_after(), "Connection": "close"})
+                    held = True
+            return message
+
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, guarded_receive, send)
         finally:
-            self._slots.release()
+            if held:
+                self._slots.release()
+
+    def _busy_detail(self) -> str:
+        return (f"the server is busy taking in {self.count} other large uploads (over {size_text(LARGE_BODY_BYTES)} "
+                f"each) and this one waited {self.wait_timeout_s:g} s for its turn: retry shortly, or send a smaller image")
+
+    def _retry_after(self) -> str:
+        return str(max(1, math.ceil(self.wait_timeout_s / 10)))
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, started: float) -> None:
-        detail = (f"the server is busy taking in {self.count} other large uploads (over "
-                  f"{size_text(LARGE_BODY_BYTES)} each) and this one waited {self.wait_timeout_s:g} s for its turn: "
-                  "retry shortly, or send a smaller image")
-        retry_after_s = max(1, math.ceil(self.wait_timeout_s / 10))
-        response = JSONResponse({"detail": detail}, status_code=503, headers={"Retry-After": str(retry_after_s),
-                                                                              "Connection": "close"})
+        """503 for a declared large body that found no slot in time. Its body is read first and
+        dropped as it comes (no memory held), so that a client that sends its whole body before
+        reading the answer gets the 503, not a connection reset; a client gone meanwhile is a
+        499 with no answer."""
+        status, drained = 503, False
+        while True:
+            try:
+                message = await asyncio.wait_for(receive(), self.idle_timeout_s)
+            except TimeoutError:
+                break
+            if message["type"] == "http.disconnect":
+                status = 499
+                break
+            if not message.get("more_body", False):
+                drained = True
+                break
         try:
-            await response(scope, receive, send)
+            if status == 503:
+                headers = {"Retry-After": self._retry_after()} | ({} if drained else {"Connection": "close"})
+                await JSONResponse({"detail": self._busy_detail()}, status_code=503, headers=headers)(scope, receive, send)
         finally:
-            count, observe = self.metrics.request_observers(endpoint_of(scope), client_method(scope), 503)
+            path = scope.get("path", "/")
+            count, observe = self.metrics.request_observers(endpoint_of({**scope, "path": path.rstrip("/") or "/"}),
+                                                            client_method(scope), status)
             count()
             observe(time.perf_counter() - started)
 

@@ -35,8 +35,10 @@ def large_png() -> bytes:
 
 
 @contextmanager
-def one_slot_server(backend, wait_s: float) -> Iterator[httpx.Client]:
+def one_slot_server(backend, wait_s: float, idle_s: float | None = None) -> Iterator[httpx.Client]:
     app = create_app(lambda: backend, max_large_uploads=1, large_upload_wait_s=wait_s)
+    if idle_s is not None:
+        app.state.large_upload_slots.idle_timeout_s = idle_s
     with serve_in_thread(app) as url, httpx.Client(base_url=url, timeout=60) as client:
         yield client
 
@@ -82,7 +84,7 @@ def requests_counted(http: httpx.Client, status: int) -> float:
     ([(b"content-length", str(LARGE_BODY_BYTES).encode())], False),  # at the threshold: small
     ([(b"content-length", str(LARGE_BODY_BYTES + 1).encode())], True),
     ([(b"content-length", b"999999999")], False),  # over the body limit: a 413 before anything is read
-    ([(b"transfer-encoding", b"chunked")], True),  # size unknown until it has arrived
+    ([(b"transfer-encoding", b"chunked")], False),  # size unknown: it waits once over the threshold
     ([], False),  # no body
 ])
 def test_which_bodies_are_large(headers, large):
@@ -124,3 +126,94 @@ def test_a_waiting_upload_gets_the_slot_when_it_frees(backend, large_png):
             status, _ = finish()
         waiting.join(60)
         assert status.endswith("200 OK") and answers and answers[0].status_code == 200, answers
+
+
+def test_an_idle_upload_holding_the_slot_is_a_408_and_frees_it(backend, large_png):
+    """Headers sent and then nothing: without a deadline a few such connections would hold
+    every slot for ever. The body must keep arriving: a gap of ``idle_timeout_s`` ends it."""
+    with one_slot_server(backend, wait_s=30.0, idle_s=1.0) as http:
+        address = urlsplit(str(http.base_url))
+        with socket.create_connection((address.hostname, address.port), timeout=30) as sock:
+            sock.sendall(f"POST {IMAGE_PATH} HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                         f"Content-Length: {len(large_png)}\r\n\r\n".encode() + large_png[:1000])
+            started = time.monotonic()
+            answer = sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 408 ") and b"nothing came for 1 s" in answer, answer[:300]
+            assert time.monotonic() - started < 10
+        again = http.post(IMAGE_PATH, content=large_png, headers={"content-type": "image/png"})
+        assert again.status_code == 200, again.text  # the slot is free
+
+
+def test_a_small_chunked_body_never_waits(backend, large_png):
+    """A body of unknown size (chunked, as a streaming client sends it) waits for a slot only
+    once it has grown large; a small one is answered while every slot is held."""
+    vector = json.dumps({"vector": [0.5] * backend.index.embed_dim, "k": 3}).encode()
+    with one_slot_server(backend, wait_s=30.0) as http:
+        with half_sent_upload(str(http.base_url), large_png) as finish:
+            small = http.post("/v1/search/vector", content=iter([vector]), headers={"content-type": "application/json"})
+            assert small.status_code == 200, small.text
+            finish()
+
+
+def test_a_client_that_sends_its_whole_body_before_reading_gets_the_503(backend, large_png):
+    """``http.client`` writes the whole body before it reads: the refused body (9 MB, more than
+    the sockets' buffers hold) is read and dropped, so it gets the 503 and Retry-After rather
+    than a reset connection."""
+    from http.client import HTTPConnection
+
+    pixels = np.random.default_rng(1).integers(0, 256, (1700, 1800, 3), dtype=np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG", compress_level=1)
+    huge_png = out.getvalue()
+    assert 8 << 20 < len(huge_png) < 10 << 20, len(huge_png)
+
+    with one_slot_server(backend, wait_s=0.5) as http:
+        with half_sent_upload(str(http.base_url), large_png) as finish:
+            address = urlsplit(str(http.base_url))
+            connection = HTTPConnection(address.hostname, address.port, timeout=30)
+            try:
+                connection.request("POST", IMAGE_PATH, body=huge_png, headers={"Content-Type": "image/png"})
+                response = connection.getresponse()
+                assert response.status == 503 and response.getheader("Retry-After")
+                assert b"busy taking in 1 other large uploads" in response.read()
+            finally:
+                connection.close()
+            finish()
+
+
+def test_slots_follow_the_event_loop_that_serves_the_app():
+    """An app served by one event loop and then another (tests, embedding code) gets fresh
+    slots on the second, rather than a semaphore bound to the first loop."""
+    import asyncio
+
+    from lookalike.serving.metrics import ServingMetrics
+    from lookalike.serving.uploads import LargeBodySlots
+
+    async def slow_app(scope, receive, send):
+        while (await receive()).get("more_body"):
+            pass
+        await asyncio.sleep(0.2)
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    slots = LargeBodySlots(slow_app, count=1, max_body_bytes=10 << 20, metrics=ServingMetrics(), wait_timeout_s=5.0)
+    scope = {"type": "http", "method": "POST", "path": "/x", "headers": [(b"content-length", b"2000000")]}
+
+    async def request() -> int:
+        status = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"x" * 2_000_000, "more_body": False}
+
+        async def send(message):
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+
+        await slots(dict(scope), receive, send)
+        return status[0]
+
+    async def round_of_two() -> list[int]:
+        return list(await asyncio.gather(request(), request()))
+
+    assert asyncio.run(round_of_two()) == [204, 204]  # the second waited for the first's slot
+    assert asyncio.run(round_of_two()) == [204, 204]
