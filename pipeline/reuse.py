@@ -226,7 +226,7 @@ def plan_reuse(files: list[FileMetadata], cache_dir: str,
         joined = listing.filter(media).join(indexed, "uri", join_type="inner")
         same = pc.and_(pc.and_(pc.equal(joined.column("size"), joined.column("indexed_size")),
                                pc.equal(joined.column("mtime_s"), joined.column("indexed_mtime_s"))),
-                       pc.greater(joined.column("mtime_s"), 0))  # an unknown mtime (0) proves nothing
+                       pc.not_equal(joined.column("mtime_s"), 0))  # an unknown mtime (0) proves nothing; one before 1970 does
         same = pc.and_(pc.fill_null(same, False), same_inode(joined.column("inode"), joined.column("indexed_inode")))
         unchanged = joined.filter(pc.and_(same, pc.fill_null(pc.is_in(joined.column("source_hash"), value_set=known), False)))
         unchanged = unchanged.sort_by("position")

@@ -353,13 +353,15 @@ def test_plan_reuse_keeps_only_files_whose_path_size_mtime_and_hash_are_known(tm
 
     index([("/c/a.jpg", 10, 5.0, "ha"), ("/c/b.JPG", 20, 5.0, "old")], age_s=10)
     index([("/c/b.JPG", 20, 6.0, "hb"), ("/c/c.png", 30, 5.0, "hc"), ("/c/d.png", 40, 5.0, "gone"),
-           ("/c/notes.txt", 5, 5.0, "ht"), ("/c/e.mp4", 50, 5.0, "he")], age_s=0)
+           ("/c/notes.txt", 5, 5.0, "ht"), ("/c/e.mp4", 50, 5.0, "he"), ("/c/1965.jpg", 15, -144_806_400.0, "h65")],
+          age_s=0)
     files = [FileMetadata("/c/e.mp4", 50, 5.0), FileMetadata("/c/a.jpg", 10, 5.0), FileMetadata("/c/b.JPG", 20, 6.0),
              FileMetadata("/c/c.png", 31, 5.0), FileMetadata("/c/d.png", 40, 5.0), FileMetadata("/c/notes.txt", 5, 5.0),
-             FileMetadata("/c/new.jpg", 1, 1.0), FileMetadata("/c/a-again.jpg", 10, 0.0)]
-    hashes = {"ha", "hb", "hc", "ht", "he", "old"}
+             FileMetadata("/c/new.jpg", 1, 1.0), FileMetadata("/c/a-again.jpg", 10, 0.0),
+             FileMetadata("/c/1965.jpg", 15, -144_806_400.0)]  # modified before 1970: a known time all the same
+    hashes = {"ha", "hb", "hc", "ht", "he", "old", "h65"}
     plan = plan_reuse(files, str(tmp_path), hashes)
-    assert plan.unchanged == [("/c/e.mp4", "he"), ("/c/a.jpg", "ha"), ("/c/b.JPG", "hb")]  # listing order; newest index row
+    assert plan.unchanged == [("/c/e.mp4", "he"), ("/c/a.jpg", "ha"), ("/c/b.JPG", "hb"), ("/c/1965.jpg", "h65")]  # listing order; newest index row
     assert [m.path for m in plan.changed] == ["/c/c.png", "/c/d.png", "/c/new.jpg", "/c/a-again.jpg"]
     assert plan.dead == [{"uri": "/c/notes.txt", "stage": "filter", "reason": "not an image or video file (unsupported suffix)"}]
     assert plan_reuse(files, str(tmp_path), pa.array(sorted(hashes))).unchanged == plan.unchanged
