@@ -49,7 +49,7 @@ from lookalike.pipeline.items import split_by_shard
 from lookalike.model.store_lock import StoreLock
 from lookalike.pipeline.listing import write_listing, write_unchanged
 from lookalike.pipeline.metadata import prepare_metadata, report_unmatched, with_metadata
-from lookalike.pipeline.reuse import current_index_if_same, list_files, plan_reuse, reused_items
+from lookalike.pipeline.reuse import current_index_if_same, list_files, plan_reuse, reused_items, without_store_files
 from lookalike.pipeline.sources import (corpus_pattern,
                                        corpus_root, read_list_file, utf8_name)
 from lookalike.pipeline.summary import (EmbedError, EmbedSummary, counter_values, read_dead_letters, read_embeddings, read_items,
@@ -265,7 +265,7 @@ def _list_and_run(run: EmbedRun, started: float) -> EmbedSummary:
         run.total = len(read_list_file(config.list_file))
     else:
         unlisted: list[OSError] = []  # folders below the corpus that could not be listed (permissions)
-        run.listing = list_files(pattern, unlisted.append)
+        run.listing = without_store_files(list_files(pattern, unlisted.append), pattern, run.store.root)
         misnamed = [m for m in run.listing if not utf8_name(m.path)]
         run.listing = [m for m in run.listing if utf8_name(m.path)] if misnamed else run.listing  # the listing (Arrow) holds UTF-8
         if unlisted:

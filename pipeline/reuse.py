@@ -84,6 +84,25 @@ def list_files(pattern: str, onerror: Callable[[OSError], None] | None = None) -
     return with_inodes(sorted(found.values(), key=lambda m: m.path))
 
 
+def without_store_files(files: list[FileMetadata], pattern: str, store_root: str | os.PathLike) -> list[FileMetadata]:
+    """``files`` (listed from ``pattern``) without those of the store at ``store_root`` when
+    it lies inside the corpus folder (``lookalike embed --corpus . --workdir ./lookalike-data``
+    run in a photo folder): its thumbnails, caches and models are no photos of the collection,
+    and indexing them would add more every run. Logs how many were left out."""
+    folder = literal_folder(pattern)
+    if not folder or "://" in folder:
+        return files
+    real_folder, real_store = os.path.realpath(folder), os.path.realpath(store_root)
+    if os.path.commonpath([real_folder, real_store]) != real_folder or real_store == real_folder:
+        return files
+    inside = os.path.join(folder, os.path.relpath(real_store, real_folder)) + os.sep
+    kept = [m for m in files if not m.path.startswith(inside)]
+    if len(kept) < len(files):
+        log.warning("the store %s lies inside the corpus %s: its %d file(s) (thumbnails, caches, models) are left out",
+                    store_root, folder, len(files) - len(kept))
+    return kept
+
+
 def dangling_links(local_patterns: list[str]) -> list[str]:
     """Symbolic links whose target does not exist matching any of ``local_patterns`` (Beam's
     wildcards, translated as Beam's match does), found in one walk of the folder before their

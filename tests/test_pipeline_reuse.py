@@ -555,3 +555,21 @@ def test_an_incremental_run_on_a_corpus_too_big_to_list_in_the_graph_indexes_eac
     assert len(ids) == len(set(ids)) == first.items + 2
     assert [Path(r["uri"]).name for r in read_dead_letters(corpus_store / "embeddings" / "again")] == ["README.txt"]
     assert not [p.name for p in (corpus_store / "embeddings" / "again").iterdir() if p.name.endswith(".arrow")]
+
+
+def test_a_store_inside_its_corpus_folder_is_left_out_of_the_corpus(tmp_path, trained_store, digits_corpus, caplog):
+    """``lookalike embed --corpus . --workdir ./lookalike-data`` in a photo folder: the store's
+    thumbnails, caches and models are not photos. Left out (with a warning), a rerun finds the
+    same items, nothing new, instead of indexing its own files more every run."""
+    corpus = tmp_path / "photos"
+    shutil.copytree(digits_corpus / "0", corpus / "zeros")
+    store = corpus / ".lookalike"
+    shutil.copytree(trained_store.root / "models", store / "models")
+    with caplog.at_level(logging.WARNING):
+        first = run_embed(EmbedConfig(workdir=str(store), corpus=str(corpus), run_name="first"))
+        again = run_embed(EmbedConfig(workdir=str(store), corpus=str(corpus), run_name="again", incremental=True))
+    photos = len(list((corpus / "zeros").iterdir()))
+    assert (first.items, first.failed) == (photos, 0)
+    assert (again.items, again.failed, again.unchanged) == (photos, 0, photos)
+    assert again.index_version == first.index_version  # nothing changed: CURRENT kept
+    assert any(f"the store {store} lies inside the corpus" in r.getMessage() for r in caplog.records)
