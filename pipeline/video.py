@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from lookalike.model.preprocess import DEFAULT_MAX_PIXELS, MIN_SIDE_PX
+from lookalike.pipeline.interrupts import stop_mark
 
 log = logging.getLogger(__name__)
 
@@ -287,12 +288,15 @@ def sample_frames(data: bytes | BinaryIO, sampling: FrameSampling = FrameSamplin
         decoded = 0
         t = 0.0
         skipped: list[Exception] = []  # packets that failed to decode, skipped
+        stops_before = stop_mark()  # stop signals so far (``interrupts.request_stop``)
         clock_offset_s = 0.0  # added to frame times after their clock restarted (``CLOCK_RESTART_S``)
         frame_step_s = min(1.0 / float(stream.average_rate or 25), 1.0)
         before_s = 0.0  # the time of the frame before the last one
         try:
             for frame in decoded_frames(container, stream, skipped):
                 decoded += 1
+                if stop_mark() > stops_before:  # Ctrl-C or SIGTERM: an hour of video must not hold the run up
+                    raise KeyboardInterrupt(f"stopped while decoding {name} (at {t:.1f} s)")
                 if min(frame.width, frame.height) < MIN_SIDE_PX:  # as an image that small is refused
                     raise VideoDecodeError(f"video frames of {frame.width}x{frame.height} pixels are smaller than the "
                                            f"{MIN_SIDE_PX}x{MIN_SIDE_PX} minimum")

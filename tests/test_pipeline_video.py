@@ -460,3 +460,19 @@ def test_a_read_that_fails_while_the_video_opens_is_an_os_error_not_bad_bytes(tm
     with _FailingRead(path, fail_at=path.stat().st_size // 2) as f, pytest.raises(OSError) as raised:
         list(sample_frames(f))
     assert not isinstance(raised.value, VideoDecodeError) and raised.value.errno == errno.EIO
+
+
+def test_a_stop_signal_ends_the_decoding_of_a_video_at_once(tmp_path, make_video):
+    """Ctrl-C or SIGTERM (noted by ``interrupts.request_stop``) while a long video decodes ends
+    its decoding at the next frame: the run stops now, not after an hour of video."""
+    import signal
+
+    from lookalike.pipeline.interrupts import request_stop
+
+    data = make_video(tmp_path / "v.mp4", seconds=5.0, cut_at_s=None).read_bytes()
+    frames = sample_frames(data, FrameSampling(interval_s=1.0), name="v.mp4")
+    assert next(frames)[0] == 0.0
+    request_stop(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt, match=r"stopped while decoding v.mp4 \(at 0.\d s\)"):
+        next(frames)
+    assert len(list(sample_frames(data, FrameSampling(interval_s=1.0)))) == 5  # a stop before it started is not its own
