@@ -20,6 +20,7 @@ embeds while it holds the lock itself.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -55,7 +56,7 @@ from lookalike.pipeline.sources import (corpus_pattern,
 from lookalike.pipeline.summary import (EmbedError, EmbedSummary, counter_values, read_dead_letters, read_embeddings, read_items,
                                         summarize)
 from lookalike.pipeline.tfds_source import TfdsSpec, example_ranges
-from lookalike.pipeline.thumbnails import sources_missing_thumbnails
+from lookalike.pipeline.thumbnails import sources_missing_thumbnails, thumbnail_paths, thumbnails_linked_to
 from lookalike.pipeline.leftovers import clean_leftovers, clean_partial_indexes
 from lookalike.pipeline.run_dirs import (LISTING_FILE_NAME, RESERVED_RUN_NAMES, UNCHANGED_FILE_NAME, claim_run_dir,
                                          holds_only_a_listing, remove_if_unused, report_misnamed, report_unlisted)
@@ -234,10 +235,21 @@ def _redo_missing_thumbnails(run: EmbedRun, cache_table: pa.Table) -> None:
     """Cached sources whose thumbnails are gone (``thumbnails/`` deleted or moved) are read,
     decoded and embedded again, with a warning, instead of reused: their items would have no
     picture. Every cached source is checked (a file read again, touched or copied, finds its
-    bytes in the cache by hash too); a plan's unchanged files among them move to its changed."""
+    bytes in the cache by hash too); a plan's unchanged files among them move to its changed.
+    A thumbnail that is a hard link to a file changed since (edited in place) shows the new
+    picture under the old bytes' address: it is removed first, so copies of the old bytes
+    get theirs made again."""
+    thumbnails = str(run.store.root / THUMBNAILS_FOLDER)
+    stale = thumbnails_linked_to(run.plan.changed, thumbnails) if run.plan is not None and run.plan.changed else []
+    for path in stale:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    if stale:
+        log.info("%d thumbnail(s) were hard links to files edited in place since: removed, made again for copies of "
+                 "the files' old bytes", len(stale))
     missing = sources_missing_thumbnails(cache_table.column("source_hash").to_pylist(),
                                          cache_table.column("content_hash").to_pylist(),
-                                         str(run.store.root / THUMBNAILS_FOLDER))
+                                         thumbnails)
     if not missing:
         return
     run.redo_sources = frozenset(missing)
@@ -246,8 +258,12 @@ def _redo_missing_thumbnails(run: EmbedRun, cache_table: pa.Table) -> None:
         run.plan.unchanged = [(uri, h) for uri, h in run.plan.unchanged if h not in missing]
         changed = redo | {m.path for m in run.plan.changed}
         run.plan.changed = [m for m in run.listing if m.path in changed]  # in the listing's order
-    log.warning("%d cached source(s) have no thumbnail under %s (deleted or moved?): those in this corpus are "
-                "decoded and embedded again, not reused", len(missing), run.store.root / THUMBNAILS_FOLDER)
+    unlinked = {"/".join(Path(path).parts[-2:]) for path in stale}
+    lost = missing - {h for h, c in zip(cache_table.column("source_hash").to_pylist(),
+                                        thumbnail_paths("", cache_table.column("content_hash").to_pylist())) if c in unlinked}
+    if lost:  # not only those just removed
+        log.warning("%d cached source(s) have no thumbnail under %s (deleted or moved?): those in this corpus are "
+                    "decoded and embedded again, not reused", len(lost), thumbnails)
 
 
 def _list_and_run(run: EmbedRun, started: float) -> EmbedSummary:

@@ -25,6 +25,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Sequence
+from typing import Any
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -77,6 +78,33 @@ def sources_missing_thumbnails(source_hashes: Sequence[str], content_hashes: Seq
             pass
     wanted = thumbnail_paths("", list(content_hashes))
     return {s for s, path in zip(source_hashes, wanted) if path not in present}
+
+
+def thumbnails_linked_to(files: Sequence[Any], thumbnails_dir: str) -> list[str]:
+    """The thumbnails under ``thumbnails_dir`` that are hard links to one of ``files`` (listed
+    with their inode: ``reuse.ListedFile``): for files changed since they were embedded, such a
+    thumbnail shows their new picture under their old bytes' content address, which
+    byte-identical copies left unchanged still use. One directory scan (inodes come with it),
+    a check of the device only for a thumbnail whose inode matches."""
+    by_inode = {inode: m.path for m in files if (inode := getattr(m, "inode", None))}
+    if not by_inode:
+        return []
+    linked = []
+    try:
+        folders = [entry for entry in os.scandir(thumbnails_dir) if entry.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []
+    for folder in folders:
+        try:
+            entries = list(os.scandir(folder.path))
+        except OSError:
+            continue
+        for entry in entries:
+            path = by_inode.get(entry.inode())
+            with contextlib.suppress(OSError):
+                if path is not None and os.path.samefile(entry.path, path):
+                    linked.append(entry.path)
+    return linked
 
 
 def reusable_jpeg(img: Image.Image | np.ndarray, data: bytes | None, size: int = THUMBNAIL_SIZE) -> bool:

@@ -573,3 +573,35 @@ def test_a_store_inside_its_corpus_folder_is_left_out_of_the_corpus(tmp_path, tr
     assert (again.items, again.failed, again.unchanged) == (photos, 0, photos)
     assert again.index_version == first.index_version  # nothing changed: CURRENT kept
     assert any(f"the store {store} lies inside the corpus" in r.getMessage() for r in caplog.records)
+
+
+def test_a_photo_edited_in_place_leaves_its_unchanged_copys_picture_intact(corpus_store):
+    """A small JPEG's thumbnail is a hard link to the photo. Edited in place (same inode), the
+    photo would change the picture its byte-identical backup, untouched and reused by an
+    --incremental run, is shown with. The stale link is removed and the backup gets its own
+    picture again; the edited photo gets its new one."""
+    import io
+
+    from PIL import Image
+
+    def jpeg(seed: int) -> bytes:
+        out = io.BytesIO()
+        Image.fromarray(np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(out, "JPEG")
+        return out.getvalue()
+
+    photos = corpus_store / "corpus" / "photos"
+    photos.mkdir()
+    (photos / "photo.jpg").write_bytes(jpeg(1))
+    run_embed(EmbedConfig(workdir=str(corpus_store), run_name="a", incremental=True))
+    (photos / "photo-backup.jpg").write_bytes(jpeg(1))  # backed up later: its picture is the photo's link
+    run_embed(EmbedConfig(workdir=str(corpus_store), run_name="backup", incremental=True))
+    with open(photos / "photo.jpg", "r+b") as f:  # in place: the same inode
+        f.truncate(0)
+        f.write(jpeg(2))
+    again = run_embed(EmbedConfig(workdir=str(corpus_store), run_name="b", incremental=True))
+    thumbnails = {item["id"]: corpus_store / item["thumbnail"] for item in
+                  __import__("lookalike.index.searcher", fromlist=["ItemIndex"]).ItemIndex.load(
+                      corpus_store / "indexes" / again.index_version).items}
+    assert thumbnails["photos/photo-backup.jpg"].read_bytes() == jpeg(1)
+    assert thumbnails["photos/photo.jpg"].read_bytes() == jpeg(2)
+    assert run_embed(EmbedConfig(workdir=str(corpus_store), run_name="c", incremental=True)).embedded == 0  # settled
