@@ -24,7 +24,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -90,21 +90,28 @@ def thumbnails_linked_to(files: Sequence[Any], thumbnails_dir: str) -> list[str]
     if not by_inode:
         return []
     linked = []
+    for _, entry in _thumbnail_entries(thumbnails_dir):
+        path = by_inode.get(entry.inode())
+        with contextlib.suppress(OSError):
+            if path is not None and os.path.samefile(entry.path, path):
+                linked.append(entry.path)
+    return linked
+
+
+def _thumbnail_entries(thumbnails_dir: str | os.PathLike) -> Iterator[tuple[os.DirEntry, os.DirEntry]]:
+    """(folder, file) entries of every thumbnail ``<dir>/<xx>/<name>``, folder by folder; a
+    folder that cannot be listed is skipped (none at all without ``thumbnails_dir``)."""
     try:
         folders = [entry for entry in os.scandir(thumbnails_dir) if entry.is_dir(follow_symlinks=False)]
     except OSError:
-        return []
+        return
     for folder in folders:
         try:
             entries = list(os.scandir(folder.path))
         except OSError:
             continue
         for entry in entries:
-            path = by_inode.get(entry.inode())
-            with contextlib.suppress(OSError):
-                if path is not None and os.path.samefile(entry.path, path):
-                    linked.append(entry.path)
-    return linked
+            yield folder, entry
 
 
 def reusable_jpeg(img: Image.Image | np.ndarray, data: bytes | None, size: int = THUMBNAIL_SIZE) -> bool:
@@ -263,24 +270,18 @@ def prune_thumbnails(thumbnails_dir: str | os.PathLike, referenced: set[str]) ->
     deleted stays."""
     removed = 0
     now = time.time()
-    try:
-        folders = [entry for entry in os.scandir(thumbnails_dir) if entry.is_dir(follow_symlinks=False)]
-    except OSError:  # no thumbnails
-        return 0
-    for folder in folders:
+    folders = set()
+    for folder, entry in _thumbnail_entries(thumbnails_dir):
+        folders.add(folder.path)
         try:
-            entries = list(os.scandir(folder.path))
+            if (f"{folder.name}/{entry.name}" in referenced
+                    or now - entry.stat(follow_symlinks=False).st_ctime < PRUNE_GRACE_S):
+                continue
+            os.unlink(entry.path)
+            removed += 1
         except OSError:
             continue
-        for entry in entries:
-            try:
-                if (f"{folder.name}/{entry.name}" in referenced
-                        or now - entry.stat(follow_symlinks=False).st_ctime < PRUNE_GRACE_S):
-                    continue
-                os.unlink(entry.path)
-                removed += 1
-            except OSError:
-                continue
+    for folder_path in folders:
         with contextlib.suppress(OSError):
-            os.rmdir(folder.path)  # only when empty
+            os.rmdir(folder_path)  # only when empty
     return removed
