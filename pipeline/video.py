@@ -18,6 +18,7 @@ import hashlib
 import io
 import logging
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -65,6 +66,7 @@ BAD_PACKETS_SKIPPED_SHARE = 0.01
 # A frame id names its time in milliseconds (``frame_id``): frames closer than this share an id.
 MIN_INTERVAL_S = 0.001
 DEFAULT_MAX_FRAMES = 10_000
+PROGRESS_INTERVAL_S = 10.0  # a video decoding longer than this logs how far it is, this often
 READ_BUFFER_BYTES = 256 * 1024  # how much of a video file FFmpeg asks for at a time (``sample_frames``)
 
 
@@ -289,6 +291,7 @@ def sample_frames(data: bytes | BinaryIO, sampling: FrameSampling = FrameSamplin
         t = 0.0
         skipped: list[Exception] = []  # packets that failed to decode, skipped
         stops_before = stop_mark()  # stop signals so far (``interrupts.request_stop``)
+        next_report_s = time.monotonic() + PROGRESS_INTERVAL_S
         clock_offset_s = 0.0  # added to frame times after their clock restarted (``CLOCK_RESTART_S``)
         frame_step_s = min(1.0 / float(stream.average_rate or 25), 1.0)
         before_s = 0.0  # the time of the frame before the last one
@@ -297,6 +300,9 @@ def sample_frames(data: bytes | BinaryIO, sampling: FrameSampling = FrameSamplin
                 decoded += 1
                 if stop_mark() > stops_before:  # Ctrl-C or SIGTERM: an hour of video must not hold the run up
                     raise KeyboardInterrupt(f"stopped while decoding {name} (at {t:.1f} s)")
+                if decoded % 64 == 0 and time.monotonic() >= next_report_s:  # a long video says how far it is
+                    next_report_s = time.monotonic() + PROGRESS_INTERVAL_S
+                    log.info("%s: decoded to %.0f s%s, %d frame(s) sampled", name, t, _of_duration(container), kept)
                 if min(frame.width, frame.height) < MIN_SIDE_PX:  # as an image that small is refused
                     raise VideoDecodeError(f"video frames of {frame.width}x{frame.height} pixels are smaller than the "
                                            f"{MIN_SIDE_PX}x{MIN_SIDE_PX} minimum")

@@ -476,3 +476,18 @@ def test_a_stop_signal_ends_the_decoding_of_a_video_at_once(tmp_path, make_video
     with pytest.raises(KeyboardInterrupt, match=r"stopped while decoding v.mp4 \(at 0.\d s\)"):
         next(frames)
     assert len(list(sample_frames(data, FrameSampling(interval_s=1.0)))) == 5  # a stop before it started is not its own
+
+
+def test_a_long_video_logs_how_far_its_decoding_is(tmp_path, make_video, monkeypatch, caplog):
+    """A video that takes long to decode says how far it is (the run's own progress counts
+    files, and one long video is one file)."""
+    import logging
+
+    import lookalike.pipeline.video as video
+
+    monkeypatch.setattr(video, "PROGRESS_INTERVAL_S", 0.0)
+    data = make_video(tmp_path / "v.mp4", seconds=8.0, cut_at_s=None).read_bytes()
+    with caplog.at_level(logging.INFO, logger="lookalike.pipeline.video"):
+        assert len(list(sample_frames(data, FrameSampling(interval_s=2.0), name="clips/v.mp4"))) == 4
+    lines = [r.getMessage() for r in caplog.records if "decoded to" in r.getMessage()]
+    assert lines and lines[0].startswith("clips/v.mp4: decoded to 6 s of 8.0 s, 4 frame(s) sampled"), lines
