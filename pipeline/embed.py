@@ -50,13 +50,13 @@ from lookalike.pipeline.items import split_by_shard
 from lookalike.model.store_lock import StoreLock
 from lookalike.pipeline.listing import write_listing, write_unchanged
 from lookalike.pipeline.metadata import prepare_metadata, report_unmatched, with_metadata
-from lookalike.pipeline.reuse import current_index_if_same, list_files, plan_reuse, reused_items, without_store_files
+from lookalike.pipeline.reuse import current_index_if_same, list_files, plan_reuse, reused_items, store_inside_corpus
 from lookalike.pipeline.sources import (corpus_pattern,
                                        corpus_root, read_list_file, utf8_name)
 from lookalike.pipeline.summary import (EmbedError, EmbedSummary, counter_values, read_dead_letters, read_embeddings, read_items,
                                         summarize)
 from lookalike.pipeline.tfds_source import TfdsSpec, example_ranges
-from lookalike.pipeline.thumbnails import sources_missing_thumbnails, thumbnail_paths, thumbnails_linked_to
+from lookalike.pipeline.thumbnails import sources_missing_thumbnails, stale_linked_thumbnails, thumbnail_paths
 from lookalike.pipeline.leftovers import clean_leftovers, clean_partial_indexes
 from lookalike.pipeline.run_dirs import (LISTING_FILE_NAME, RESERVED_RUN_NAMES, UNCHANGED_FILE_NAME, claim_run_dir,
                                          holds_only_a_listing, remove_if_unused, report_misnamed, report_unlisted)
@@ -236,11 +236,11 @@ def _redo_missing_thumbnails(run: EmbedRun, cache_table: pa.Table) -> None:
     decoded and embedded again, with a warning, instead of reused: their items would have no
     picture. Every cached source is checked (a file read again, touched or copied, finds its
     bytes in the cache by hash too); a plan's unchanged files among them move to its changed.
-    A thumbnail that is a hard link to a file changed since (edited in place) shows the new
-    picture under the old bytes' address: it is removed first, so copies of the old bytes
-    get theirs made again."""
+    A thumbnail that is a hard link to a file edited in place since shows the new picture
+    under the old bytes' address (``stale_linked_thumbnails``): it is removed first, so copies
+    of the old bytes get theirs made again."""
     thumbnails = str(run.store.root / THUMBNAILS_FOLDER)
-    stale = thumbnails_linked_to(run.plan.changed, thumbnails) if run.plan is not None and run.plan.changed else []
+    stale = stale_linked_thumbnails(run.plan.changed, thumbnails) if run.plan is not None and run.plan.changed else []
     for path in stale:
         with contextlib.suppress(OSError):
             os.unlink(path)
@@ -281,7 +281,11 @@ def _list_and_run(run: EmbedRun, started: float) -> EmbedSummary:
         run.total = len(read_list_file(config.list_file))
     else:
         unlisted: list[OSError] = []  # folders below the corpus that could not be listed (permissions)
-        run.listing = without_store_files(list_files(pattern, unlisted.append), pattern, run.store.root)
+        run.leave_out = store_inside_corpus(pattern, run.store.root)
+        if run.leave_out:
+            log.warning("the store %s lies inside the corpus %s: its files (thumbnails, caches, models) are left out",
+                        run.store.root, source_name(run))
+        run.listing = list_files(pattern, unlisted.append, run.store.root)
         misnamed = [m for m in run.listing if not utf8_name(m.path)]
         run.listing = [m for m in run.listing if utf8_name(m.path)] if misnamed else run.listing  # the listing (Arrow) holds UTF-8
         if unlisted:

@@ -140,6 +140,7 @@ class EmbedRun:
     metadata: MetadataSpec | None = None  # the checked --metadata file, joined onto every shard
     redo_sources: frozenset[str] = frozenset()  # cached source hashes whose thumbnails are gone: decoded again
     stop_mark: int = 0  # interrupts.stop_mark() when the run started: a stop signal since then ends it before publishing
+    leave_out: str | None = None  # the store's folder when it lies inside the corpus (``reuse.store_inside_corpus``)
 
     @property
     def files_to_read(self) -> int:
@@ -236,7 +237,8 @@ def read_sources(p: beam.Pipeline, run: EmbedRun) -> dict[str, beam.PCollection]
         variants = globstar_variants(run.pattern) if run.pattern.count("**") == 1 else [run.pattern]  # disjoint matches
         files = (p | "CorpusPatterns" >> beam.Create(variants, reshuffle=False)
                  | "MatchCorpus" >> fileio.MatchAll(empty_match_treatment=fileio.EmptyMatchTreatment.ALLOW))
-    reader = ReadSourceFn(run.cache if config.incremental else None, run.progress_total, config.sampling, run.redo_sources)
+    reader = ReadSourceFn(run.cache if config.incremental else None, run.progress_total, config.sampling, run.redo_sources,
+                          leave_out=run.leave_out)
     read = files | "ReadAndHash" >> beam.ParDo(reader)
     return split_tagged(read, (NEW, CACHED, DEAD, FILE), "Read")
 

@@ -15,6 +15,7 @@ listed files are only known unchanged once read and hashed).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -34,7 +35,7 @@ import pyarrow.parquet as pq
 from apache_beam.io.filesystem import FileMetadata
 
 from lookalike.model.store import Store
-from lookalike.model.data import IMAGE_SUFFIXES, walk_folders
+from lookalike.model.data import IMAGE_SUFFIXES, walk_folder_trees
 from lookalike.pipeline.cache import cached_hashes, load_cache_table, load_failed, load_file_index_table, rows_of_files
 from lookalike.pipeline.items import expand_items, split_by_shard
 from lookalike.pipeline.sources import (NOT_MEDIA_REASON, dead_letter, known_failure_letter, literal_folder,
@@ -54,9 +55,11 @@ class ReusePlan:
     dead: list[dict[str, str]] = field(default_factory=list)
 
 
-def list_files(pattern: str, onerror: Callable[[OSError], None] | None = None) -> list[FileMetadata]:
+def list_files(pattern: str, onerror: Callable[[OSError], None] | None = None,
+               store_root: str | os.PathLike | None = None) -> list[FileMetadata]:
     """Every file matching ``pattern`` (any Beam filesystem) with size and mtime (and inode:
-    ``ListedFile``, for a local file), by path. A
+    ``ListedFile``, for a local file), by path, except those of the store at ``store_root``
+    when the corpus holds it (``store_inside_corpus``), or a link to it. A
     local ``<folder>/**`` (its wildcards escaped: ``sources.corpus_pattern``) is walked here
     with one stat per file (Beam's match takes two and a regex test per file for the same list);
     a folder below it that cannot be listed goes to ``onerror`` (``data.walk_folders``: default,
@@ -64,8 +67,12 @@ def list_files(pattern: str, onerror: Callable[[OSError], None] | None = None) -
     from apache_beam.io.filesystems import FileSystems
 
     folder = literal_folder(pattern)
-    if folder and "://" not in folder and os.path.isdir(folder):
-        return sorted(_walk(folder, onerror), key=lambda m: m.path)
+    if folder and "://" not in folder and os.path.isdir(folder):  # the store left out by its inode: through links too
+        never: tuple[str, ...] = ()
+        with contextlib.suppress(OSError):  # no store yet: nothing to leave out
+            never = (str(store_root),) if store_root and not os.path.samefile(store_root, folder) else ()
+        return sorted(_walk(folder, onerror, never), key=lambda m: m.path)
+    leave_out = store_inside_corpus(pattern, store_root) if store_root else None
     found: dict[str, FileMetadata] = {}
     errors: list[str] = []
     for variant in globstar_variants(pattern):
@@ -81,26 +88,25 @@ def list_files(pattern: str, onerror: Callable[[OSError], None] | None = None) -
             if path not in found)
     if not found and errors:
         log.warning("no files match %s: %s", pattern, errors[0])
+    if leave_out:
+        found = {path: m for path, m in found.items() if not path.startswith(leave_out + os.sep)}
     return with_inodes(sorted(found.values(), key=lambda m: m.path))
 
 
-def without_store_files(files: list[FileMetadata], pattern: str, store_root: str | os.PathLike) -> list[FileMetadata]:
-    """``files`` (listed from ``pattern``) without those of the store at ``store_root`` when
-    it lies inside the corpus folder (``lookalike embed --corpus . --workdir ./lookalike-data``
-    run in a photo folder): its thumbnails, caches and models are no photos of the collection,
-    and indexing them would add more every run. Logs how many were left out."""
-    folder = literal_folder(pattern)
-    if not folder or "://" in folder:
-        return files
-    real_folder, real_store = os.path.realpath(folder), os.path.realpath(store_root)
-    if os.path.commonpath([real_folder, real_store]) != real_folder or real_store == real_folder:
-        return files
-    inside = os.path.join(folder, os.path.relpath(real_store, real_folder)) + os.sep
-    kept = [m for m in files if not m.path.startswith(inside)]
-    if len(kept) < len(files):
-        log.warning("the store %s lies inside the corpus %s: its %d file(s) (thumbnails, caches, models) are left out",
-                    store_root, folder, len(files) - len(kept))
-    return kept
+def store_inside_corpus(pattern: str, store_root: str | os.PathLike) -> str | None:
+    """The path under the corpus of the store at ``store_root`` when it lies inside the corpus
+    folder (``pattern``'s folder, or a glob's folder before its first wildcard), through links
+    or not: ``lookalike embed --corpus . --workdir ./lookalike-data`` run in a photo folder. Its
+    thumbnails, caches and models are no photos of the collection, and indexing them would add
+    more every run. None otherwise: the usual layout keeps the corpus inside the store."""
+    base = literal_folder(pattern) or os.path.dirname(re.split(r"[*?\[]", pattern, maxsplit=1)[0])
+    if not base or "://" in base:
+        return None
+    abs_base, abs_store = os.path.abspath(base), os.path.abspath(store_root)
+    for folder, store in ((abs_base, abs_store), (os.path.realpath(abs_base), os.path.realpath(abs_store))):
+        if store != folder and os.path.commonpath([folder, store]) == folder:
+            return os.path.join(abs_base, os.path.relpath(store, folder))
+    return None
 
 
 def dangling_links(local_patterns: list[str]) -> list[str]:
@@ -173,15 +179,16 @@ class UnreadableFile(FileMetadata):
         self.error = error
 
 
-def _walk(folder: str, onerror: Callable[[OSError], None] | None = None) -> list[FileMetadata]:
+def _walk(folder: str, onerror: Callable[[OSError], None] | None = None, never: tuple[str, ...] = ()) -> list[FileMetadata]:
     """Files under ``folder`` as Beam's local match lists them (os.walk, symlinked files
     followed), and also under symlinked folders (each real folder walked once, so a link
     loop ends). A path that cannot be stat'ed, or is not a regular file (a named pipe, socket
     or device, or a link to one: never to be opened), is listed as an ``UnreadableFile`` (size
     and mtime 0), so it is dead-lettered, not lost: by the plan (``plan_reuse``) or, refused
-    by ``sources.read_bytes``, by the pipeline. Folders that cannot be listed go to ``onerror``."""
+    by ``sources.read_bytes``, by the pipeline. Folders that cannot be listed go to ``onerror``;
+    folders ``never`` are not walked."""
     found = []
-    for dirpath, names in walk_folders(folder, onerror):
+    for dirpath, names in walk_folder_trees([folder], onerror, never):
         prefix = dirpath if dirpath.endswith(os.sep) else dirpath + os.sep  # os.path.join, without its cost per file
         for name in names:
             path = prefix + name

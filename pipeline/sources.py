@@ -273,10 +273,12 @@ class ReadSourceFn(beam.DoFn):
     plus ("file", {uri, size, mtime_s, source_hash, inode}) for the file index."""
 
     def __init__(self, cache_dir: str | None, total_files: int, sampling: FrameSampling = FrameSampling(),
-                 redo_sources: frozenset[str] = frozenset()):
+                 redo_sources: frozenset[str] = frozenset(), leave_out: str | None = None):
         """``total_files``: the run's files to read, or 0 when several workers share them (see
         ``graph.EmbedRun.progress_total``). ``redo_sources``: cached source hashes decoded and
-        embedded again all the same (their thumbnails are missing: ``EmbedRun.redo_sources``)."""
+        embedded again all the same (their thumbnails are missing: ``EmbedRun.redo_sources``).
+        ``leave_out``: a folder whose matched files are skipped (the store, inside the corpus)."""
+        self._leave_out = leave_out + os.sep if leave_out else None
         self._cache_dir = cache_dir
         self._redo = redo_sources
         self._total = total_files
@@ -310,8 +312,10 @@ class ReadSourceFn(beam.DoFn):
         """A matched file: with a known mtime, a local file's inode is looked up too (Beam's
         match gives none), so that one the file index knows unchanged is not read again, and
         the file index records it for the next run."""
-        self.advance(1)
         path, mtime = metadata.path, float(getattr(metadata, "last_updated_in_seconds", 0) or 0)
+        if self._leave_out is not None and path.startswith(self._leave_out):
+            return
+        self.advance(1)
         inode = getattr(metadata, "inode", None)
         if inode is None and mtime and "://" not in path:  # recorded in the file index too
             try:

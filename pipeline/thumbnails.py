@@ -80,32 +80,42 @@ def sources_missing_thumbnails(source_hashes: Sequence[str], content_hashes: Seq
     return {s for s, path in zip(source_hashes, wanted) if path not in present}
 
 
-def thumbnails_linked_to(files: Sequence[Any], thumbnails_dir: str) -> list[str]:
+def stale_linked_thumbnails(files: Sequence[Any], thumbnails_dir: str) -> list[str]:
     """The thumbnails under ``thumbnails_dir`` that are hard links to one of ``files`` (listed
-    with their inode: ``reuse.ListedFile``): for files changed since they were embedded, such a
-    thumbnail shows their new picture under their old bytes' content address, which
-    byte-identical copies left unchanged still use. One directory scan (inodes come with it),
-    a check of the device only for a thumbnail whose inode matches."""
+    with their inode: ``reuse.ListedFile``; files the run sees changed) and whose bytes no
+    longer hash to their content address: the file was edited in place, so the thumbnail shows
+    its new picture under its old bytes' address, which byte-identical copies still use. A
+    link to a file only touched, moved or linked again is intact and kept. One directory scan
+    (inodes come with it); the device and bytes are checked only for a thumbnail whose inode
+    matches."""
     by_inode = {inode: m.path for m in files if (inode := getattr(m, "inode", None))}
     if not by_inode:
         return []
-    linked = []
-    for _, entry in _thumbnail_entries(thumbnails_dir):
+    stale = []
+    for folder, entry in _thumbnail_entries(thumbnails_dir):
         path = by_inode.get(entry.inode())
         with contextlib.suppress(OSError):
             if path is not None and os.path.samefile(entry.path, path):
-                linked.append(entry.path)
-    return linked
+                with open(entry.path, "rb") as f:
+                    content_hash = hashlib.sha256(f.read()).hexdigest()
+                if thumbnail_paths("", [content_hash])[0] != f"{folder.name}/{entry.name}":
+                    stale.append(entry.path)
+    return stale
 
 
-def _thumbnail_entries(thumbnails_dir: str | os.PathLike) -> Iterator[tuple[os.DirEntry, os.DirEntry]]:
-    """(folder, file) entries of every thumbnail ``<dir>/<xx>/<name>``, folder by folder; a
-    folder that cannot be listed is skipped (none at all without ``thumbnails_dir``)."""
+def _thumbnail_folders(thumbnails_dir: str | os.PathLike) -> list[os.DirEntry]:
+    """The ``<dir>/<xx>`` folder entries (none without ``thumbnails_dir``)."""
     try:
-        folders = [entry for entry in os.scandir(thumbnails_dir) if entry.is_dir(follow_symlinks=False)]
+        return [entry for entry in os.scandir(thumbnails_dir) if entry.is_dir(follow_symlinks=False)]
     except OSError:
-        return
-    for folder in folders:
+        return []
+
+
+def _thumbnail_entries(thumbnails_dir: str | os.PathLike,
+                       folders: list[os.DirEntry] | None = None) -> Iterator[tuple[os.DirEntry, os.DirEntry]]:
+    """(folder, file) entries of every thumbnail ``<dir>/<xx>/<name>``, folder by folder (of
+    ``folders`` if given); a folder that cannot be listed is skipped."""
+    for folder in _thumbnail_folders(thumbnails_dir) if folders is None else folders:
         try:
             entries = list(os.scandir(folder.path))
         except OSError:
@@ -270,9 +280,8 @@ def prune_thumbnails(thumbnails_dir: str | os.PathLike, referenced: set[str]) ->
     deleted stays."""
     removed = 0
     now = time.time()
-    folders = set()
-    for folder, entry in _thumbnail_entries(thumbnails_dir):
-        folders.add(folder.path)
+    folders = _thumbnail_folders(thumbnails_dir)
+    for folder, entry in _thumbnail_entries(thumbnails_dir, folders):
         try:
             if (f"{folder.name}/{entry.name}" in referenced
                     or now - entry.stat(follow_symlinks=False).st_ctime < PRUNE_GRACE_S):
@@ -281,7 +290,7 @@ def prune_thumbnails(thumbnails_dir: str | os.PathLike, referenced: set[str]) ->
             removed += 1
         except OSError:
             continue
-    for folder_path in folders:
+    for folder in folders:
         with contextlib.suppress(OSError):
-            os.rmdir(folder_path)  # only when empty
+            os.rmdir(folder.path)  # only when empty
     return removed

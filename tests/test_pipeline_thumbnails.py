@@ -135,3 +135,16 @@ def test_a_dark_16_bit_picture_has_the_thumbnail_of_its_8_bit_original(tmp_path)
     writer.close()
     eight, sixteen = (np.asarray(Image.open(tmp_path / f"{n}.jpg").convert("L")) for n in ("eight", "sixteen"))
     np.testing.assert_array_equal(sixteen, eight)
+
+
+def test_prune_removes_the_folders_it_empties_and_empty_ones(tmp_path, monkeypatch):
+    import lookalike.pipeline.thumbnails as thumbnails
+
+    monkeypatch.setattr(thumbnails, "PRUNE_GRACE_S", 0.0)
+    (tmp_path / "ab").mkdir()
+    (tmp_path / "cd").mkdir()
+    (tmp_path / "cd" / "old.jpg").write_bytes(b"x")
+    (tmp_path / "ef").mkdir()
+    (tmp_path / "ef" / "kept.jpg").write_bytes(b"y")
+    assert thumbnails.prune_thumbnails(tmp_path, {"ef/kept.jpg"}) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ef"]
