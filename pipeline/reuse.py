@@ -88,8 +88,8 @@ def list_files(pattern: str, onerror: Callable[[OSError], None] | None = None,
             if path not in found)
     if not found and errors:
         log.warning("no files match %s: %s", pattern, errors[0])
-    if leave_out:
-        found = {path: m for path, m in found.items() if not path.startswith(leave_out + os.sep)}
+    if leave_out:  # paths as the pattern spells them (``a//b``), compared tidied
+        found = {path: m for path, m in found.items() if not os.path.normpath(path).startswith(leave_out + os.sep)}
     return with_inodes(sorted(found.values(), key=lambda m: m.path))
 
 

@@ -313,7 +313,7 @@ class ReadSourceFn(beam.DoFn):
         match gives none), so that one the file index knows unchanged is not read again, and
         the file index records it for the next run."""
         path, mtime = metadata.path, float(getattr(metadata, "last_updated_in_seconds", 0) or 0)
-        if self._leave_out is not None and path.startswith(self._leave_out):
+        if self._leave_out is not None and os.path.normpath(path).startswith(self._leave_out):
             return
         self.advance(1)
         inode = getattr(metadata, "inode", None)

@@ -96,8 +96,11 @@ def stale_linked_thumbnails(files: Sequence[Any], thumbnails_dir: str) -> list[s
         path = by_inode.get(entry.inode())
         with contextlib.suppress(OSError):
             if path is not None and os.path.samefile(entry.path, path):
+                if entry.stat().st_size > COPY_MAX_BYTES:  # only files this small are linked: it grew, so it changed
+                    stale.append(entry.path)
+                    continue
                 with open(entry.path, "rb") as f:
-                    content_hash = hashlib.sha256(f.read()).hexdigest()
+                    content_hash = hashlib.sha256(f.read(COPY_MAX_BYTES + 1)).hexdigest()
                 if thumbnail_paths("", [content_hash])[0] != f"{folder.name}/{entry.name}":
                     stale.append(entry.path)
     return stale

@@ -557,7 +557,7 @@ def test_an_incremental_run_on_a_corpus_too_big_to_list_in_the_graph_indexes_eac
     assert not [p.name for p in (corpus_store / "embeddings" / "again").iterdir() if p.name.endswith(".arrow")]
 
 
-@pytest.mark.parametrize("layout", ["folder", "glob", "linked store", "matched by beam"])
+@pytest.mark.parametrize("layout", ["folder", "glob", "untidy glob", "linked store", "matched by beam"])
 def test_a_store_inside_its_corpus_folder_is_left_out_of_the_corpus(tmp_path, trained_store, digits_corpus, caplog,
                                                                     monkeypatch, layout):
     """``lookalike embed --corpus . --workdir ./lookalike-data`` in a photo folder: the store's
@@ -576,7 +576,7 @@ def test_a_store_inside_its_corpus_folder_is_left_out_of_the_corpus(tmp_path, tr
     shutil.copytree(trained_store.root / "models", store / "models")
     if layout == "matched by beam":
         monkeypatch.setattr(embed, "LISTING_IN_GRAPH_MAX", 0)
-    source = str(corpus / "**" / "*.png") if layout == "glob" else str(corpus)
+    source = {"glob": str(corpus / "**" / "*.png"), "untidy glob": f"{tmp_path}//photos/./**/*.png"}.get(layout, str(corpus))
     with caplog.at_level(logging.WARNING):
         first = run_embed(EmbedConfig(workdir=str(store), corpus=source, run_name="first"))
         again = run_embed(EmbedConfig(workdir=str(store), corpus=source, run_name="again", incremental=True))

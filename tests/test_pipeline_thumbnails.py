@@ -1,7 +1,9 @@
 """Thumbnails written by the decode stage, and the encoder batch the inference handler uses."""
 
+import hashlib
 import io
 import os
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -148,3 +150,38 @@ def test_prune_removes_the_folders_it_empties_and_empty_ones(tmp_path, monkeypat
     (tmp_path / "ef" / "kept.jpg").write_bytes(b"y")
     assert thumbnails.prune_thumbnails(tmp_path, {"ef/kept.jpg"}) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ef"]
+
+
+def test_a_linked_thumbnail_is_stale_only_once_its_bytes_changed_and_a_grown_file_is_not_read(tmp_path):
+    """``stale_linked_thumbnails``: a thumbnail hard-linked to a changed file is stale when its
+    bytes no longer match its address (edited in place), not when the file was only touched; a
+    file grown past what is ever linked is stale without being read."""
+    import tracemalloc
+
+    from lookalike.pipeline.reuse import ListedFile
+    from lookalike.pipeline.thumbnails import COPY_MAX_BYTES, stale_linked_thumbnails, thumbnail_path
+
+    thumbs = tmp_path / "thumbs"
+    photos = {}
+    for name, data in (("touched.jpg", b"\xff\xd8\xff one"), ("edited.jpg", b"\xff\xd8\xff two"),
+                       ("grown.jpg", b"\xff\xd8\xff three")):
+        photo = tmp_path / name
+        photo.write_bytes(data)
+        link = Path(thumbnail_path(str(thumbs), hashlib.sha256(data).hexdigest()))
+        link.parent.mkdir(parents=True, exist_ok=True)
+        os.link(photo, link)
+        photos[name] = link
+    os.utime(tmp_path / "touched.jpg", (1e9, 1e9))
+    with open(tmp_path / "edited.jpg", "r+b") as f:
+        f.write(b"\xff\xd8\xff TWO")
+    with open(tmp_path / "grown.jpg", "ab") as f:
+        f.write(b"\0" * (8 * COPY_MAX_BYTES))
+    listed = [ListedFile(str(p), p.stat().st_size, p.stat().st_mtime, p.stat().st_ino) for p in tmp_path.glob("*.jpg")]
+    tracemalloc.start()
+    try:
+        stale = stale_linked_thumbnails(listed, str(thumbs))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert sorted(stale) == sorted([str(photos["edited.jpg"]), str(photos["grown.jpg"])])
+    assert peak < 2 * COPY_MAX_BYTES, peak
