@@ -184,10 +184,29 @@ def _read_csv(data: bytes, path: str) -> pa.Table:
     from pyarrow import csv
 
     options = csv.ConvertOptions(column_types={"id": pa.string(), TAGS: pa.string()}, strings_can_be_null=True)
+    delimiter = csv_delimiter(data)
+    if delimiter != ",":
+        log.info("metadata file %s: columns separated by %r (its header has no comma)", path, delimiter)
     try:
-        return csv.read_csv(io.BytesIO(data), convert_options=options)
+        return csv.read_csv(io.BytesIO(data), parse_options=csv.ParseOptions(delimiter=delimiter),
+                            convert_options=options)
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise MetadataError(f"metadata file {path}: not a readable CSV file ({e})") from None
+
+
+# Delimiters a spreadsheet may write instead of commas (Excel in locales with a decimal comma: ';').
+OTHER_CSV_DELIMITERS = (";", "\t")
+
+
+def csv_delimiter(data: bytes) -> str:
+    """The delimiter of a CSV file: a comma, unless its header line holds none but splits on
+    ';' or a tab into columns one of which is ``id`` (a header ``id;label``)."""
+    header = data.lstrip(b"\xef\xbb\xbf").split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", errors="replace")
+    if "," not in header:
+        for delimiter in OTHER_CSV_DELIMITERS:
+            if delimiter in header and "id" in (name.strip().strip('"') for name in header.split(delimiter)):
+                return delimiter
+    return ","
 
 
 def _read_parquet(data: bytes, path: str) -> pa.Table:

@@ -37,6 +37,22 @@ def test_jsonl_csv_and_parquet_give_the_same_table(tmp_path):
     assert string_tags.column("tags").to_pylist() == [["x", "y"]]
 
 
+def test_a_csv_separated_by_semicolons_or_tabs_is_read_by_its_header():
+    """Excel in a locale with a decimal comma writes ';' between columns: the header has no
+    comma, so its delimiter is taken from it; a quoted field may still hold ';' tags."""
+    commas = parse('id,source,tags\na.png,scan,"cat;red"\nb.png,"web, old",\n', "m.csv")
+    semicolons = parse('\ufeffid;source;tags\r\na.png;scan;"cat;red"\r\nb.png;web, old;\r\n', "m.csv")
+    tabs = parse('"id"\tsource\ttags\na.png\tscan\tcat;red\nb.png\tweb, old\t\n', "m.csv")
+    assert commas.to_pylist() == semicolons.to_pylist() == tabs.to_pylist() == [
+        {"id": "a.png", "source": "scan", "tags": ["cat", "red"]},
+        {"id": "b.png", "source": "web, old", "tags": None},
+    ]
+    one_column = parse('id\na.png\n', "m.csv")  # no delimiter to find: commas, as ever
+    assert one_column.to_pylist() == [{"id": "a.png"}]
+    with pytest.raises(MetadataError, match="no 'id' column"):  # a header naming no id column is no guess
+        parse('name;source\na.png;scan\n', "m.csv")
+
+
 @pytest.mark.parametrize("name, text, message", [
     ("m.txt", "id\n", r"/data/m.txt: unknown extension '.txt'; use .csv, .jsonl, .ndjson, .parquet, .pq"),
     ("m.jsonl", '{"id": "a"}\n{"id": "b",}\n', r"/data/m.jsonl line 2: not valid JSON"),
