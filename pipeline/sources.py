@@ -55,6 +55,8 @@ log = logging.getLogger(__name__)
 DEAD = "dead"
 CACHED = "cached"
 NOT_MEDIA_REASON = "not an image or video file (unsupported suffix)"
+# A folder named in a list file (a corpus folder's walk never yields one).
+LISTED_FOLDER_REASON = "a folder, not a file: a list file names files (embed a folder with --corpus FOLDER)"
 
 
 HASH_CHUNK_BYTES = 256 * 1024  # ``hash_file`` reads a large file this much at a time
@@ -333,7 +335,8 @@ class ReadSourceFn(beam.DoFn):
             return
         if not (is_image_path(uri) or is_video_path(uri)):
             self._inc(self._failed)
-            yield DEAD, dead_letter(uri, "filter", NOT_MEDIA_REASON)
+            yield DEAD, dead_letter(uri, "filter", LISTED_FOLDER_REASON if "://" not in uri and os.path.isdir(uri)
+                                    else NOT_MEDIA_REASON)
             return
         known = self._files.get(uri)
         data = None

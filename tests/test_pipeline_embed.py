@@ -16,7 +16,7 @@ from lookalike.model.cpu_threads import available_cpus, threads_per_worker
 from lookalike.model.data import list_images
 from lookalike.model.store import Store
 from lookalike.pipeline.embed import EmbedConfig, EmbedError, read_embeddings, run_embed
-from lookalike.pipeline.sources import corpus_pattern, corpus_root, item_id_for
+from lookalike.pipeline.sources import LISTED_FOLDER_REASON, corpus_pattern, corpus_root, item_id_for
 
 
 def test_one_embedding_per_input_matching_the_encoder(indexed_store, encoder):
@@ -311,6 +311,22 @@ def test_listed_paths_include_unreadable_ones(workdir_with_model, digits_corpus)
     summary = run_embed(EmbedConfig(workdir=str(workdir_with_model), list_file=str(listing)))
     assert (summary.items, summary.failed) == (5, 1)
     assert summary.dead_letter_examples[0]["stage"] == "read"
+
+
+def test_a_folder_in_a_list_file_is_named_as_one_and_jfif_files_are_jpegs(workdir_with_model, digits_corpus, tmp_path):
+    """A list file names files: a folder in it is a dead letter saying so (not "unsupported
+    suffix"). JPEGs saved as .jfif or .JPE (browsers and old cameras) are embedded like .jpg."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i, name in enumerate(("a.jfif", "b.JPE", "c.jpg")):
+        Image.open(list_images(digits_corpus)[i]).convert("RGB").save(photos / name, format="JPEG")
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{photos}\n" + "".join(f"{photos / n}\n" for n in ("a.jfif", "b.JPE", "c.jpg")))
+    summary = run_embed(EmbedConfig(workdir=str(workdir_with_model), list_file=str(listing), publish=False))
+    assert (summary.files_matched, summary.items, summary.failed) == (4, 3, 1)
+    assert summary.dead_letter_examples == [{"uri": str(photos), "stage": "filter", "reason": LISTED_FOLDER_REASON}]
+    folder = run_embed(EmbedConfig(workdir=str(workdir_with_model), corpus=str(photos), publish=False))
+    assert (folder.files_matched, folder.items, folder.failed) == (3, 3, 0)
 
 
 def test_a_dangling_link_in_the_corpus_is_a_dead_letter(workdir_with_model, digits_corpus):
