@@ -24,7 +24,8 @@ from functools import partial
 
 from lookalike.pipeline.cli_options import (  # noqa: F401 (DEFAULT_WORKDIR, _float_in: re-exported)
     DEFAULT_PORT, DEFAULT_WORKDIR, PORT, POSITIVE, _add_train_config, _add_workdir, _DefaultsHelpFormatter, _float_in,
-    _int_at_least, _print_json, _train_config, add_metadata_option, attach_negative_values, misspelled_pass_through,
+    _int_at_least, _print_json, _train_config, add_metadata_option, attach_negative_values, expanded_wildcard,
+    misspelled_pass_through,
 )
 from lookalike.pipeline.cli_serving import add_serving_commands
 from lookalike.pipeline.cli_store import add_store_commands
@@ -352,14 +353,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     quiet_library_noise()  # parsing may import Beam (embed's pass-through options), which warns as it loads
     parser = build_parser()
-    # `query --vector -0.1,0.2`: argparse would take the value for an option
-    argv = attach_negative_values(sys.argv[1:] if argv is None else argv, ("--vector",))
+    # `query --vector -0.1,0.2`, `query --id -x.png`: argparse would take the value for an option
+    option_names = {name for command in parser.get_default("subparsers").values()
+                    for name in command._option_string_actions}
+    argv = attach_negative_values(sys.argv[1:] if argv is None else argv, ("--vector",), ("--id",), option_names)
     args, unknown = parser.parse_known_args(argv)
     parser_of_command = args.subparsers.get(args.command, parser)
     if unknown and args.command != "embed":
-        parser_of_command.error(f"unrecognized arguments: {' '.join(unknown)}")
+        parser_of_command.error(expanded_wildcard(unknown) or f"unrecognized arguments: {' '.join(unknown)}")
     if unknown:
-        problem = misspelled_pass_through(unknown, list(parser_of_command._option_string_actions))
+        problem = expanded_wildcard(unknown) or misspelled_pass_through(
+            unknown, list(parser_of_command._option_string_actions))
         if problem:
             parser_of_command.error(problem)
     args.beam_args = unknown

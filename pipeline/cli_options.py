@@ -8,7 +8,7 @@ import argparse
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 DEFAULT_WORKDIR = os.environ.get("LOOKALIKE_WORKDIR", "./lookalike-data")
 DEFAULT_PORT = 8765
@@ -86,11 +86,14 @@ def _is_number_list(text: str) -> bool:
     return True
 
 
-def attach_negative_values(argv: Sequence[str], options: Sequence[str]) -> list[str]:
+def attach_negative_values(argv: Sequence[str], options: Sequence[str], any_value: Sequence[str] = (),
+                           option_names: Collection[str] = ()) -> list[str]:
     """``argv`` with ``OPTION VALUE`` written ``OPTION=VALUE`` for each of ``options`` whose
     value starts with '-' and is comma-separated numbers: argparse takes ``-0.1,0.2`` for an
-    option and refuses ``--vector -0.1,0.2`` ("expected one argument"). Anything else, and
-    everything after ``--``, is left as it is."""
+    option and refuses ``--vector -0.1,0.2`` ("expected one argument"); and for each of
+    ``any_value`` whose value starts with '-' and is none of ``option_names`` (``query --id
+    -x.png``: an item id may start with '-'). Anything else, and everything after ``--``, is
+    left as it is."""
     out: list[str] = []
     at = 0
     while at < len(argv):
@@ -98,7 +101,9 @@ def attach_negative_values(argv: Sequence[str], options: Sequence[str]) -> list[
         if arg == "--":
             return out + list(argv[at:])
         following = argv[at + 1] if at + 1 < len(argv) else None
-        if arg in options and following is not None and following.startswith("-") and _is_number_list(following):
+        if following is not None and following.startswith("-") and following != "--" and (
+                (arg in options and _is_number_list(following))
+                or (arg in any_value and following.split("=", 1)[0] not in option_names)):
             out.append(f"{arg}={following}")
             at += 2
             continue
@@ -157,6 +162,20 @@ def _print_json(obj, *, one_line: bool = False) -> None:
     from lookalike.model.metrics import json_ready
 
     print(json.dumps(json_ready(obj), indent=None if one_line else 2, default=str, allow_nan=False), flush=one_line)
+
+
+def expanded_wildcard(unknown: Sequence[str]) -> str | None:
+    """Why stray words that name existing files were refused, or None: a shell expands an
+    unquoted ``--corpus photos/*.jpg`` into the option's value and more file names. A word
+    right after an option written without ``=`` is that option's value, not a stray word
+    (``--temp_location /tmp/beam`` passes on to Beam)."""
+    names = [arg for before, arg in zip(["", *unknown], unknown)
+             if not arg.startswith("-") and not (before.startswith("-") and "=" not in before)]
+    if not names or not all(os.path.lexists(name) for name in names):
+        return None
+    shown = " ".join(names[:3]) + (f" ... ({len(names)} names)" if len(names) > 3 else "")
+    return (f"unrecognized arguments: {shown}: existing paths, as the shell makes of an unquoted wildcard; "
+            "quote the pattern (--corpus 'photos/*.jpg') so that lookalike matches it, or pass the folder")
 
 
 def misspelled_pass_through(unknown: Sequence[str], own_options: Sequence[str]) -> str | None:

@@ -86,7 +86,7 @@ def add_serving_commands(sub) -> None:
                    help="server address; without a scheme (127.0.0.1:8765) http:// is assumed")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--image", type=NON_EMPTY, help="search by this image file")
-    what.add_argument("--id", type=NON_EMPTY, help="search by a stored item id")
+    what.add_argument("--id", type=NON_EMPTY, help="search by a stored item id (one starting with '-' too: --id -x.png)")
     what.add_argument("--vector", type=NON_EMPTY,
                       help="search by an embedding, comma-separated finite numbers (no NaN or infinity); a first "
                       "value below zero works as --vector -0.1,0.2 or --vector=-0.1,0.2")

@@ -265,6 +265,30 @@ def test_embed_refuses_a_typo_of_its_own_options_instead_of_passing_it_to_beam(t
     assert exited.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("command", [["embed"], ["train"]])
+def test_a_wildcard_the_shell_expanded_gets_a_hint_to_quote_it(command, tmp_path, capsys, monkeypatch):
+    """`--corpus photos/*.jpg` unquoted reaches lookalike as one value and more file names."""
+    from lookalike.pipeline.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photos").mkdir()
+    names = [f"photos/{i}.jpg" for i in range(5)]
+    for name in names:
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(SystemExit) as exited:
+        main([*command, "--workdir", str(tmp_path / "none"), "--corpus", *names])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2, err
+    assert "unrecognized arguments: photos/1.jpg photos/2.jpg photos/3.jpg ... (4 names)" in err
+    assert "quote the pattern (--corpus 'photos/*.jpg')" in err
+    with pytest.raises(SystemExit):  # a word that is no path: no such hint
+        main([*command, "--workdir", str(tmp_path / "none"), "--corpus", "photos", "nightly"])
+    assert "quote the pattern" not in capsys.readouterr().err
+    if command == ["embed"]:  # an existing path as a Beam option's value is no stray word
+        assert main(["embed", "--workdir", str(tmp_path / "none"), "--temp_location", "photos"]) == 1
+        assert "quote the pattern" not in capsys.readouterr().err
+
+
 def test_without_beams_option_list_a_stray_word_is_still_refused(monkeypatch, tmp_path, capsys):
     """A Beam release whose parser internals cannot be read: no typo check (a Beam option might
     look like a typo of ours), but a stray word is still no Beam option."""
@@ -456,6 +480,12 @@ def test_query_takes_a_negative_first_vector_value_and_an_address_without_scheme
     with pytest.raises(SystemExit):
         main(["query", "--vector", "--json"])  # not numbers: still an option, so --vector lacks its value
     assert "argument --vector: expected one argument" in capsys.readouterr().err
+    code = main(["query", "--url", url, "--id", "-x.png", "-k", "2"])  # an id may start with '-': asked for, not refused
+    err = capsys.readouterr().err
+    assert code == 1 and "'-x.png'" in err and "expected one argument" not in err, (code, err)
+    with pytest.raises(SystemExit):
+        main(["query", "--url", url, "--id", "-k", "2"])  # one of query's options: --id lacks its value
+    assert "argument --id: expected one argument" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exited:
         main(["query", "--help"])
     assert exited.value.code == 0
