@@ -315,13 +315,30 @@ def item_keys(items: pa.Table) -> tuple[pa.Array, pa.Array]:
     return ids, groups
 
 
+def _all_ascii(*arrays: pa.Array) -> bool:
+    return all(pc.all(pc.fill_null(pc.string_is_ascii(a), True)).as_py() is not False for a in arrays)
+
+
+def _nfc(strings: pa.Array) -> pa.Array:
+    """Unicode strings in one normal form (NFC): a name macOS wrote decomposed (NFD, ``e`` and
+    a combining accent) equals the same name typed composed."""
+    return pc.utf8_normalize(strings, form="NFC")
+
+
 def join_metadata(items: pa.Table, metadata: pa.Table) -> pa.Table:
     """``items`` with the metadata columns appended: row i gets the metadata row whose id is
-    its id, else the one whose id is its group (a frame's video), else nulls. One hash
+    its id, else the one whose id is its group (a frame's video), else nulls; ids are also
+    matched in Unicode's NFC form (a macOS file name in NFD against a typed one). One hash
     lookup per key column and one ``take`` per metadata column; no Python per item."""
     ids, groups = item_keys(items)
     value_set = metadata.column("id").combine_chunks()
-    positions = pc.coalesce(pc.index_in(ids, value_set=value_set), pc.index_in(groups, value_set=value_set))
+    lookups = [pc.index_in(ids, value_set=value_set)]
+    if not _all_ascii(ids, groups, value_set):  # a name in NFD (macOS) against one typed in NFC: the same name
+        lookups.append(pc.index_in(_nfc(ids), value_set=_nfc(value_set)))
+    lookups.append(pc.index_in(groups, value_set=value_set))
+    if len(lookups) == 3:
+        lookups.append(pc.index_in(_nfc(groups), value_set=_nfc(value_set)))
+    positions = pc.coalesce(*lookups)
     extra = metadata.drop(["id"]).take(positions)
     for name, column in zip(extra.column_names, extra.columns):
         items = items.append_column(pa.field(name, column.type), column)
@@ -341,7 +358,9 @@ def unmatched_ids(metadata: pa.Table, items: pa.Table) -> pa.Array:
     ids, groups = item_keys(items)
     known = pa.concat_arrays([ids, groups.drop_null()])
     meta_ids = metadata.column("id").combine_chunks()
-    return meta_ids.filter(pc.invert(pc.is_in(meta_ids, value_set=known)))
+    if _all_ascii(known, meta_ids):
+        return meta_ids.filter(pc.invert(pc.is_in(meta_ids, value_set=known)))
+    return meta_ids.filter(pc.invert(pc.is_in(_nfc(meta_ids), value_set=_nfc(known))))
 
 
 def report_unmatched(spec: MetadataSpec, items: pa.Table) -> int:

@@ -14,6 +14,7 @@ import binascii
 import math
 import re
 import types
+import unicodedata
 import typing
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -142,13 +143,21 @@ def nearest_frames_hint(index: ItemIndex, item_id: str) -> str:
 
 def row_of(backend: Backend, item_id: str) -> int | None:
     """The index row of ``item_id``; a frame id whose seconds are written otherwise than the
-    index writes them (``clip.mp4#t=1.2`` for ``clip.mp4#t=1.200``) finds that frame too."""
+    index writes them (``clip.mp4#t=1.2`` for ``clip.mp4#t=1.200``) finds that frame too, and
+    an id typed in another Unicode normal form than the file's name (macOS writes names
+    decomposed, NFD: ``e`` and a combining accent; a keyboard types them composed, NFC)."""
     row = backend.index.row_of(item_id)
     if row is None:
         from lookalike.pipeline.video import canonical_frame_id
 
         canonical = canonical_frame_id(item_id)
         row = backend.index.row_of(canonical) if canonical != item_id else None
+        if row is None and not canonical.isascii():
+            for form in ("NFC", "NFD"):
+                spelled = unicodedata.normalize(form, canonical)
+                row = backend.index.row_of(spelled) if spelled != canonical else None
+                if row is not None:
+                    break
     return row
 
 

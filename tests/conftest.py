@@ -189,7 +189,8 @@ def tagged_store(tmp_path_factory, indexed_store):
 
 
 # Item ids a URL path carries only with care: a newline (%0A), spaces at either end, '#', '?', '%'.
-ODD_ITEM_IDS = ("new\nline.png", " top.png", "tail .png", "odd/x#t=5?.png", "100%.png", "plain.png")
+# "cafe\u0301.png": a name as macOS writes it, decomposed (NFD); a keyboard types it composed (NFC).
+ODD_ITEM_IDS = ("new\nline.png", " top.png", "tail .png", "odd/x#t=5?.png", "100%.png", "plain.png", "cafe\u0301.png")
 
 
 @pytest.fixture(scope="session")

@@ -111,6 +111,20 @@ def test_the_join_gives_frames_their_videos_row_and_others_nulls():
     assert empty.schema == joined.schema and empty.num_rows == 0
 
 
+def test_ids_match_across_unicode_normal_forms_an_exact_match_first():
+    """macOS writes file names decomposed (NFD: 'e' + U+0301); a metadata file typed by hand
+    holds them composed (NFC). Both name the same file; where both spellings are rows, each
+    item takes its own."""
+    nfd, nfc = "cafe\u0301.png", "caf\u00e9.png"
+    items = pa.table({"id": [nfd, "r\u00e9sum\u00e9.mp4#t=0.000", "plain.png"], "group": [None, "r\u00e9sum\u00e9.mp4", None]})
+    metadata = parse(f"id,source\n{nfc},typed\nre\u0301sume\u0301.mp4,video row\nplain.png,p\nno\u00ebl.png,x\n", "m.csv")
+    assert join_metadata(items, metadata).column("source").to_pylist() == ["typed", "video row", "p"]
+    assert unmatched_ids(metadata, items).to_pylist() == ["no\u00ebl.png"]
+    both = parse(f"id,source\n{nfc},composed\n{nfd},decomposed\n", "m.csv")
+    two = pa.table({"id": [nfc, nfd], "group": [None, None]})
+    assert join_metadata(two, both).column("source").to_pylist() == ["composed", "decomposed"]
+
+
 def test_frame_ids_are_matched_however_their_seconds_are_written():
     items = pa.table({"id": ["v.mp4#t=0.000", "v.mp4#t=1.200", "v.mp4#t=2.500"], "group": ["v.mp4"] * 3})
     metadata = parse("id,source\nv.mp4#t=1.2,one point two\nv.mp4#t=2.50,two and a half\nv.mp4#t=x,odd\n", "m.csv")

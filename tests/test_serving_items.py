@@ -40,6 +40,22 @@ def test_every_indexed_id_has_its_item_urls(base_url: str, item_id: str) -> None
         assert [r["id"] for r in client.similar(item_id, k=3)["results"]] == ids
 
 
+def test_an_id_typed_in_another_unicode_normal_form_finds_the_item(base_url: str) -> None:
+    """The file 'café.png' named decomposed on disk (macOS: NFD), its id typed composed (NFC)."""
+    nfd, nfc = "cafe\u0301.png", "caf\u00e9.png"
+    assert nfd in ODD_ITEM_IDS and nfc not in ODD_ITEM_IDS
+    with httpx.Client(base_url=base_url) as http:
+        meta = http.get(f"/v1/items/{quote(nfc)}")
+        assert meta.status_code == 200, meta.text
+        assert meta.json()["id"] == nfd  # the id as indexed
+        assert http.get(f"/v1/items/{quote(nfc)}/thumbnail").status_code == 200
+        similar = http.get(f"/v1/items/{quote(nfc)}/similar", params={"k": 2})
+        assert similar.status_code == 200 and nfd not in [r["id"] for r in similar.json()["results"]]
+        assert http.get(f"/v1/items/{quote('cafe.png')}").status_code == 404  # no accent: another name
+    with SearchClient(base_url) as client:  # `lookalike query --id café.png`
+        assert client.item(nfc)["id"] == nfd
+
+
 def test_a_trailing_slash_after_similar_or_thumbnail_is_the_same_resource(base_url: str) -> None:
     """Not the metadata of an id ending in '/similar/' (no id ends in '/'), which refused k."""
     with httpx.Client(base_url=base_url) as http:
