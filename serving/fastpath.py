@@ -40,6 +40,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lookalike.serving.engine import NO_FILTERS, Filters
+from lookalike.serving.metrics import arrival_time
 from lookalike.serving.schemas import DEFAULT_K, KINDS, MAX_K
 
 FastHandler = Callable[[Request], Awaitable[Response | None]]
@@ -113,7 +114,7 @@ class FastDispatch:
         if fast is None or scope.get("root_path") or not self._declared_within_limit(scope["headers"]):
             await self.app(scope, receive, send)
             return
-        started = time.perf_counter()
+        started = arrival_time(scope)
         consumed: list[Message] = []
 
         async def recording_receive() -> Message:

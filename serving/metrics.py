@@ -25,6 +25,14 @@ LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 _CONVERTOR = re.compile(r"\{(\w+):\w+\}")  # "{item_id:path}" -> "{item_id}", as in the OpenAPI spec
+# The scope key of when a request arrived, set by a layer in front of the metrics that may make
+# it wait (``uploads.LargeBodySlots``): its latency then counts that wait, as its client saw it.
+ARRIVED_S = "lookalike.arrived_s"
+
+
+def arrival_time(scope: Scope) -> float:
+    """``time.perf_counter()`` when the request of ``scope`` arrived (now, unless recorded)."""
+    return scope.get(ARRIVED_S) or time.perf_counter()
 
 
 class ServingMetrics:
@@ -40,7 +48,7 @@ class ServingMetrics:
             "lookalike_request_seconds", "HTTP request latency", ["endpoint"], buckets=LATENCY_BUCKETS_S, registry=r
         )
         self.stage_seconds = Histogram(
-            "lookalike_stage_seconds", "time per query stage (decode, embed, search)", ["stage"],
+            "lookalike_stage_seconds", "time per query stage (decode, embed, search; upload_wait: a large upload's wait for its slot)", ["stage"],
             buckets=LATENCY_BUCKETS_S, registry=r,
         )
         self.batch_size = Histogram(
@@ -111,7 +119,7 @@ class RequestMetrics:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = time.perf_counter()
+        started = arrival_time(scope)
         status = 500
 
         async def send_with_status(message: Message) -> None:

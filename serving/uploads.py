@@ -26,13 +26,18 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from lookalike.serving.limits import size_text
 from lookalike.serving.head import client_method
-from lookalike.serving.metrics import ServingMetrics, endpoint_of
+from lookalike.serving.metrics import ARRIVED_S, ServingMetrics, endpoint_of
 
 LARGE_BODY_BYTES = 1 << 20  # a body over this waits for a slot
 DEFAULT_WAIT_TIMEOUT_S = 30.0
+UPLOAD_WAIT_STAGE = "upload_wait"  # lookalike_stage_seconds{stage=...}: a large body's wait for its slot
 # While it holds a slot, a body must keep arriving: a gap this long ends it (408). Without it a
 # few idle connections, headers sent and nothing after, would hold every slot for ever.
 DEFAULT_IDLE_TIMEOUT_S = 10.0
+# The least rate a body holding a slot must keep after its first DEFAULT_IDLE_TIMEOUT_S: a
+# phone on a slow uplink (100 KB/s and up) sends 10 MB in well under its 650 s allowance,
+# while a client trickling a byte every few seconds cannot hold a slot for hours.
+DEFAULT_MIN_BYTES_PER_S = 16 << 10
 
 
 def default_large_uploads() -> int:
@@ -73,13 +78,24 @@ class UploadStalled(HTTPException):
                          detail=f"the request body stopped arriving: nothing came for {idle_s:g} s")
 
 
+class UploadTooSlow(HTTPException):
+    """408: a body holding a slot arrives slower than the least rate."""
+
+    def __init__(self, received: int, seconds: float, min_bytes_per_s: int):
+        super().__init__(status_code=408, headers={"Connection": "close"},
+                         detail=f"the request body arrives too slowly: {received} bytes in {seconds:.1f} s, "
+                                f"under the {min_bytes_per_s / 1024:g} KiB/s an upload over "
+                                f"{LARGE_BODY_BYTES >> 20} MiB must keep while it holds one of the few large-upload slots")
+
+
 class LargeBodySlots:
     """ASGI middleware, outermost: requests with a large body run at most ``count`` at a time,
     from before their body is read (one of unknown size: from when its first LARGE_BODY_BYTES
     have arrived) until their response is sent. One kept waiting ``wait_timeout_s`` is a 503
     with Retry-After (counted in ``metrics`` under its route, as ``RequestMetrics`` counts the
     others; a client gone meanwhile, 499), and one whose body stops arriving for
-    ``idle_timeout_s`` while it holds a slot is a 408."""
+    ``idle_timeout_s`` while it holds a slot is a 408, as is one that, ``idle_timeout_s``
+    after it took its slot, has arrived at under ``min_bytes_per_s`` since then."""
 
     def __init__(self, app: ASGIApp, count: int, max_body_bytes: int, metrics: ServingMetrics,
                  wait_timeout_s: float = DEFAULT_WAIT_TIMEOUT_S, idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S):
@@ -91,6 +107,7 @@ class LargeBodySlots:
         self.metrics = metrics
         self.wait_timeout_s = wait_timeout_s
         self.idle_timeout_s = idle_timeout_s
+        self.min_bytes_per_s = DEFAULT_MIN_BYTES_PER_S
         self._loop: asyncio.AbstractEventLoop | None = None
         self._slots = asyncio.Semaphore(count)
 
@@ -100,10 +117,13 @@ class LargeBodySlots:
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
             self._loop, self._slots = loop, asyncio.Semaphore(self.count)
+        started = time.perf_counter()
         try:
             await asyncio.wait_for(self._slots.acquire(), self.wait_timeout_s)
         except TimeoutError:
             return False
+        finally:
+            self.metrics.observe_stage(UPLOAD_WAIT_STAGE, time.perf_counter() - started)
         return True
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -111,15 +131,16 @@ class LargeBodySlots:
         if size is None or size > self.max_body_bytes or 0 <= size <= LARGE_BODY_BYTES:
             await self.app(scope, receive, send)
             return
-        started = time.perf_counter()
+        started = scope[ARRIVED_S] = time.perf_counter()  # the request's latency counts its wait for a slot
         held = size > 0  # a declared large body; one of unknown size takes its slot once it is large
         if held and not await self._acquire():
             await self._refuse(scope, receive, send, started)
             return
         received, complete = 0, False
+        held_since, received_before = time.perf_counter(), 0  # when the slot was taken, and what had come by then
 
         async def guarded_receive() -> Message:
-            nonlocal received, complete, held
+            nonlocal received, complete, held, held_since, received_before
             if complete:  # e.g. waiting for a disconnect while streaming a response: no deadline
                 return await receive()
             try:
@@ -133,7 +154,11 @@ class LargeBodySlots:
                     if not await self._acquire():
                         raise HTTPException(status_code=503, detail=self._busy_detail(),
                                             headers={"Retry-After": self._retry_after(), "Connection": "close"})
-                    held = True
+                    held, held_since, received_before = True, time.perf_counter(), received
+                elif held and not complete:
+                    holding_s = time.perf_counter() - held_since
+                    if holding_s > self.idle_timeout_s and received - received_before < self.min_bytes_per_s * holding_s:
+                        raise UploadTooSlow(received - received_before, holding_s, self.min_bytes_per_s)
             return message
 
         try:

@@ -126,6 +126,13 @@ def test_a_waiting_upload_gets_the_slot_when_it_frees(backend, large_png):
             status, _ = finish()
         waiting.join(60)
         assert status.endswith("200 OK") and answers and answers[0].status_code == 200, answers
+        # The wait is in each request's latency, as its client saw it, and in the stage upload_wait.
+        samples = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in http.get("/metrics").text.splitlines()
+                   if not line.startswith("#")}
+        latency = 'lookalike_request_seconds_bucket{endpoint="/v1/search/image",le="%s"}'
+        assert samples[latency % "+Inf"] - samples[latency % "0.2"] == 2  # the half-sent upload and the one that waited
+        assert samples['lookalike_stage_seconds_sum{stage="upload_wait"}'] >= 0.4
+        assert samples['lookalike_stage_seconds_count{stage="upload_wait"}'] == 2
 
 
 def test_an_idle_upload_holding_the_slot_is_a_408_and_frees_it(backend, large_png):
@@ -140,6 +147,34 @@ def test_an_idle_upload_holding_the_slot_is_a_408_and_frees_it(backend, large_pn
             answer = sock.recv(65536)
             assert answer.startswith(b"HTTP/1.1 408 ") and b"nothing came for 1 s" in answer, answer[:300]
             assert time.monotonic() - started < 10
+        again = http.post(IMAGE_PATH, content=large_png, headers={"content-type": "image/png"})
+        assert again.status_code == 200, again.text  # the slot is free
+
+
+def test_a_trickling_upload_holding_the_slot_is_a_408_and_frees_it(backend, large_png):
+    """A body that keeps arriving, but a few bytes at a time, would hold its slot for hours:
+    once ``idle_timeout_s`` has passed it must have kept the least rate."""
+    with one_slot_server(backend, wait_s=30.0, idle_s=0.5) as http:
+        address = urlsplit(str(http.base_url))
+        with socket.create_connection((address.hostname, address.port), timeout=30) as sock:
+            sock.sendall(f"POST {IMAGE_PATH} HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                         f"Content-Length: {len(large_png)}\r\n\r\n".encode())
+            started, answer = time.monotonic(), b""
+            sock.settimeout(0.1)
+            for at in range(0, len(large_png), 100):  # 100 bytes every 0.1 s: 1 KB/s, never idle 0.5 s
+                if time.monotonic() - started > 10:
+                    break
+                try:
+                    sock.sendall(large_png[at:at + 100])
+                    answer = sock.recv(65536)
+                except TimeoutError:
+                    continue
+                except OSError:  # reset after the answer: read what came
+                    break
+                if answer:
+                    break
+            assert answer.startswith(b"HTTP/1.1 408 ") and b"arrives too slowly" in answer, answer[:300]
+            assert b"under the 16 KiB/s an upload over 1 MiB must keep" in answer, answer[:400]
         again = http.post(IMAGE_PATH, content=large_png, headers={"content-type": "image/png"})
         assert again.status_code == 200, again.text  # the slot is free
 
