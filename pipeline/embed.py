@@ -51,8 +51,7 @@ from lookalike.model.store_lock import StoreLock
 from lookalike.pipeline.listing import write_listing, write_unchanged
 from lookalike.pipeline.metadata import prepare_metadata, report_unmatched, with_metadata
 from lookalike.pipeline.reuse import current_index_if_same, list_files, plan_reuse, reused_items, store_inside_corpus
-from lookalike.pipeline.sources import (corpus_pattern,
-                                       corpus_root, read_list_file, utf8_name)
+from lookalike.pipeline.sources import corpus_pattern, corpus_root, literal_folder, read_list_file, utf8_name
 from lookalike.pipeline.summary import (EmbedError, EmbedSummary, counter_values, read_dead_letters, read_embeddings, read_items,
                                         summarize)
 from lookalike.pipeline.tfds_source import TfdsSpec, example_ranges
@@ -282,10 +281,11 @@ def _list_and_run(run: EmbedRun, started: float) -> EmbedSummary:
     else:
         unlisted: list[OSError] = []  # folders below the corpus that could not be listed (permissions)
         run.leave_out = store_inside_corpus(pattern, run.store.root)
-        if run.leave_out:
+        left_out: list[str] = []  # what a glob matched in the store
+        run.listing = list_files(pattern, unlisted.append, run.store.root, left_out)
+        if run.leave_out and (literal_folder(pattern) is not None or left_out):  # a glob that cannot match it: no news
             log.warning("the store %s lies inside the corpus %s: its files (thumbnails, caches, models) are left out",
                         run.store.root, source_name(run))
-        run.listing = list_files(pattern, unlisted.append, run.store.root)
         misnamed = [m for m in run.listing if not utf8_name(m.path)]
         run.listing = [m for m in run.listing if utf8_name(m.path)] if misnamed else run.listing  # the listing (Arrow) holds UTF-8
         if unlisted:

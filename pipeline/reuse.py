@@ -56,14 +56,15 @@ class ReusePlan:
 
 
 def list_files(pattern: str, onerror: Callable[[OSError], None] | None = None,
-               store_root: str | os.PathLike | None = None) -> list[FileMetadata]:
+               store_root: str | os.PathLike | None = None, left_out: list[str] | None = None) -> list[FileMetadata]:
     """Every file matching ``pattern`` (any Beam filesystem) with size and mtime (and inode:
     ``ListedFile``, for a local file), by path, except those of the store at ``store_root``
     when the corpus holds it (``store_inside_corpus``), or a link to it. A
     local ``<folder>/**`` (its wildcards escaped: ``sources.corpus_pattern``) is walked here
     with one stat per file (Beam's match takes two and a regex test per file for the same list);
     a folder below it that cannot be listed goes to ``onerror`` (``data.walk_folders``: default,
-    a warning), its OSError naming it."""
+    a warning), its OSError naming it. ``left_out`` collects the paths a glob matched in the
+    store (a folder's walk never enters it)."""
     from apache_beam.io.filesystems import FileSystems
 
     folder = literal_folder(pattern)
@@ -89,7 +90,11 @@ def list_files(pattern: str, onerror: Callable[[OSError], None] | None = None,
     if not found and errors:
         log.warning("no files match %s: %s", pattern, errors[0])
     if leave_out:  # paths as the pattern spells them (``a//b``), compared tidied
-        found = {path: m for path, m in found.items() if not os.path.normpath(path).startswith(leave_out + os.sep)}
+        inside = [path for path in found if os.path.normpath(path).startswith(leave_out + os.sep)]
+        for path in inside:
+            del found[path]
+        if left_out is not None:
+            left_out.extend(inside)
     return with_inodes(sorted(found.values(), key=lambda m: m.path))
 
 
