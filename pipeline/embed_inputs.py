@@ -65,7 +65,13 @@ def resolve_corpus(config: EmbedConfig, store: Store) -> tuple[EmbedConfig, str]
     if "://" in corpus:
         return config, corpus
     if Path(corpus).expanduser().is_dir():  # an existing folder is never a pattern, whatever its name holds
-        return config, str(Path(corpus).expanduser().resolve())
+        folder = Path(corpus).expanduser().resolve()
+        if folder == store.root.resolve():
+            raise StoreError(f"corpus {corpus} is the store itself (--workdir {store.root}): its thumbnails, models and "
+                             f"indexes would be embedded as images; keep the store in a folder of its own, inside the "
+                             f"corpus if you like (--workdir {folder / '.lookalike'} is left out of it), or put the "
+                             f"images in {store.corpus_dir}, the default corpus")
+        return config, str(folder)
     if any(ch in corpus for ch in GLOB_CHARS):
         return config, absolute_pattern(corpus)  # made absolute, as a relative folder is
     if Path(corpus).expanduser().exists():

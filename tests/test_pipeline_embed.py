@@ -905,6 +905,19 @@ def test_a_relative_glob_records_absolute_uris(workdir_with_model, digits_corpus
     assert sorted(items.column("id").to_pylist()) == [f"{c}/000{i}.png" for c in ("airplane", "ship") for i in (0, 1)]
 
 
+def test_a_corpus_that_is_the_store_itself_is_refused_before_any_work(workdir_with_model, monkeypatch):
+    """`--corpus X --workdir X` would embed the store's thumbnails and models as images, more
+    every run; the error says where to keep the store instead."""
+    from lookalike.model.store import StoreError
+
+    monkeypatch.chdir(workdir_with_model)
+    for corpus in (str(workdir_with_model), ".", f"{workdir_with_model}/models/.."):
+        with pytest.raises(StoreError, match=rf"corpus {re.escape(corpus)} is the store itself \(--workdir .*"
+                                             rf"--workdir {re.escape(str(workdir_with_model / '.lookalike'))} is left out"):
+            run_embed(EmbedConfig(workdir=str(workdir_with_model), corpus=corpus))
+    assert not (workdir_with_model / "embeddings").exists() and not (workdir_with_model / "thumbnails").exists()
+
+
 def test_a_missing_corpus_passed_by_the_user_is_named_without_the_demo_hint(workdir_with_model, monkeypatch, tmp_path):
     from lookalike.model.store import StoreError
 
