@@ -12,6 +12,7 @@ from pathlib import Path
 from lookalike.index.builder import resolve_options
 from lookalike.model.store import Store, StoreError
 from lookalike.pipeline.graph import EmbedConfig, EmbedRun
+from lookalike.pipeline.reuse import corpus_is_store, store_as_corpus_error
 from lookalike.pipeline.sources import (
     GLOB_CHARS,
     absolute_pattern,
@@ -64,14 +65,10 @@ def resolve_corpus(config: EmbedConfig, store: Store) -> tuple[EmbedConfig, str]
         return replace(config, list_file=list_file), common_folder(listed) if listed else list_file.rsplit("/", 1)[0]
     if "://" in corpus:
         return config, corpus
+    if corpus_is_store(corpus, store.root):
+        raise StoreError(store_as_corpus_error(corpus, store.root))
     if Path(corpus).expanduser().is_dir():  # an existing folder is never a pattern, whatever its name holds
-        folder = Path(corpus).expanduser().resolve()
-        if folder == store.root.resolve():
-            raise StoreError(f"corpus {corpus} is the store itself (--workdir {store.root}): its thumbnails, models and "
-                             f"indexes would be embedded as images; keep the store in a folder of its own, inside the "
-                             f"corpus if you like (--workdir {folder / '.lookalike'} is left out of it), or put the "
-                             f"images in {store.corpus_dir}, the default corpus")
-        return config, str(folder)
+        return config, str(Path(corpus).expanduser().resolve())
     if any(ch in corpus for ch in GLOB_CHARS):
         return config, absolute_pattern(corpus)  # made absolute, as a relative folder is
     if Path(corpus).expanduser().exists():

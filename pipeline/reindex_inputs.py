@@ -42,6 +42,10 @@ def resolve_corpus(config: ReindexConfig, store: Store, served_manifest: dict[st
     if not corpus.is_dir():
         hint = "" if config.corpus else "; pass --corpus FOLDER to use another"
         raise StoreError(f"corpus folder {corpus} ({why}) {not_a_folder(corpus)}{hint}")
+    from lookalike.pipeline.reuse import corpus_is_store, store_as_corpus_error
+
+    if corpus_is_store(str(corpus), store.root):  # refused before training, not after it by the embed
+        raise StoreError(f"{store_as_corpus_error(str(corpus), store.root)} ({why})")
     log.info("corpus: %s (%s)", corpus, why)
     return corpus
 

@@ -38,8 +38,8 @@ from lookalike.model.store import Store
 from lookalike.model.data import IMAGE_SUFFIXES, walk_folder_trees
 from lookalike.pipeline.cache import cached_hashes, load_cache_table, load_failed, load_file_index_table, rows_of_files
 from lookalike.pipeline.items import expand_items, split_by_shard
-from lookalike.pipeline.sources import (NOT_MEDIA_REASON, dead_letter, known_failure_letter, literal_folder,
-                                       not_regular_reason, unreadable_reason)
+from lookalike.pipeline.sources import (GLOB_CHARS, NOT_MEDIA_REASON, dead_letter, known_failure_letter,
+                                       literal_folder, not_regular_reason, unreadable_reason)
 from lookalike.pipeline.video import VIDEO_SUFFIXES, FrameSampling, reusable_source_hashes
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,40 @@ def store_inside_corpus(pattern: str, store_root: str | os.PathLike) -> str | No
         if store != folder and os.path.commonpath([folder, store]) == folder:
             return os.path.join(abs_base, os.path.relpath(store, folder))
     return None
+
+
+def _corpus_folder(corpus: str) -> tuple[str, bool]:
+    """(the local folder a corpus starts from, whether it can take files in that folder's
+    subfolders): a folder itself, or a glob's folder before its first wildcard."""
+    corpus = os.path.expanduser(corpus)
+    if not any(ch in corpus for ch in GLOB_CHARS) or os.path.isdir(corpus):
+        return corpus, True
+    base = os.path.dirname(re.split(r"[*?\[]", corpus, maxsplit=1)[0])
+    rest = corpus[len(base):].lstrip("/")
+    return base or ".", "/" in rest or "**" in rest
+
+
+def corpus_is_store(corpus: str, store_root: str | os.PathLike) -> bool:
+    """Whether a local corpus is the store's own folder (through links too): the folder, or a
+    glob whose folder before its first wildcard is, when it can reach into subfolders
+    (``DIR/**/*.jpg``, not ``DIR/*.jpg``). Its thumbnails, models and indexes would be embedded
+    as images, more every run."""
+    if "://" in corpus:
+        return False
+    folder, reaches_below = _corpus_folder(corpus)
+    try:
+        return reaches_below and os.path.samefile(folder, store_root)
+    except OSError:  # no store yet, or no such folder: nothing of the store to take
+        return False
+
+
+def store_as_corpus_error(corpus: str, store_root: str | os.PathLike) -> str:
+    """Why a corpus that ``corpus_is_store`` cannot be embedded, and what to do instead."""
+    inside = os.path.join(os.path.abspath(_corpus_folder(corpus)[0]), ".lookalike")
+    return (f"corpus {corpus} is the store itself (--workdir {store_root}): its thumbnails, models and indexes would "
+            f"be embedded as images; keep the store in a folder of its own, inside the corpus if you like "
+            f"(--workdir {inside} is left out of it), or put the images in {os.path.join(store_root, 'corpus')}, "
+            "the default corpus")
 
 
 def dangling_links(local_patterns: list[str]) -> list[str]:

@@ -910,12 +910,19 @@ def test_a_corpus_that_is_the_store_itself_is_refused_before_any_work(workdir_wi
     every run; the error says where to keep the store instead."""
     from lookalike.model.store import StoreError
 
+    from lookalike.pipeline.reuse import corpus_is_store
+
     monkeypatch.chdir(workdir_with_model)
-    for corpus in (str(workdir_with_model), ".", f"{workdir_with_model}/models/.."):
+    for corpus in (str(workdir_with_model), ".", f"{workdir_with_model}/models/..", f"{workdir_with_model}/**",
+                   "**/*.png", f"{workdir_with_model}/*/*.png"):
         with pytest.raises(StoreError, match=rf"corpus {re.escape(corpus)} is the store itself \(--workdir .*"
                                              rf"--workdir {re.escape(str(workdir_with_model / '.lookalike'))} is left out"):
             run_embed(EmbedConfig(workdir=str(workdir_with_model), corpus=corpus))
     assert not (workdir_with_model / "embeddings").exists() and not (workdir_with_model / "thumbnails").exists()
+    # a glob that cannot reach into the store's folders, a store not made yet, a folder inside it: no such refusal
+    assert not corpus_is_store(f"{workdir_with_model}/*.png", workdir_with_model)
+    assert not corpus_is_store(str(workdir_with_model), workdir_with_model / "new")
+    assert not corpus_is_store(str(workdir_with_model / "models"), workdir_with_model)
 
 
 def test_a_missing_corpus_passed_by_the_user_is_named_without_the_demo_hint(workdir_with_model, monkeypatch, tmp_path):

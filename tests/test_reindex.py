@@ -1275,6 +1275,11 @@ def test_corpus_defaults_to_the_store_folder_when_the_served_manifest_records_no
     with pytest.raises(StoreError, match=f"corpus folder {gone} \\(the corpus the served index i-x was embedded from\\) "
                                          "does not exist; pass --corpus FOLDER"):
         resolve_corpus(config, store, {"source": {"corpus": str(gone)}}, "i-x")
+    # the store itself, given or recorded: refused before any training (the embed would refuse it after)
+    for corpus, why in ((str(store.root), "given by --corpus"), (None, "the corpus the served index i-x was embedded from")):
+        with pytest.raises(StoreError, match=rf"corpus {store.root} is the store itself .*\({why}\)$"):
+            resolve_corpus(ReindexConfig(workdir=str(store.root), corpus=corpus), store,
+                           {"source": {"corpus": str(store.root)}}, "i-x")
 
 
 @pytest.mark.parametrize("fields, expected", [
