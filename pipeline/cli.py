@@ -25,7 +25,7 @@ from functools import partial
 from lookalike.pipeline.cli_options import (  # noqa: F401 (DEFAULT_WORKDIR, _float_in: re-exported)
     DEFAULT_PORT, DEFAULT_WORKDIR, PORT, POSITIVE, _add_train_config, _add_workdir, _DefaultsHelpFormatter, _float_in,
     _int_at_least, _print_json, _train_config, add_metadata_option, attach_negative_values, expanded_wildcard,
-    misspelled_pass_through,
+    misspelled_pass_through, value_options,
 )
 from lookalike.pipeline.cli_serving import add_serving_commands
 from lookalike.pipeline.cli_store import add_store_commands
@@ -360,9 +360,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, unknown = parser.parse_known_args(argv)
     parser_of_command = args.subparsers.get(args.command, parser)
     if unknown and args.command != "embed":
-        parser_of_command.error(expanded_wildcard(unknown) or f"unrecognized arguments: {' '.join(unknown)}")
+        parser_of_command.error(expanded_wildcard(argv, unknown, value_options(parser_of_command)) or f"unrecognized arguments: {' '.join(unknown)}")
     if unknown:
-        problem = expanded_wildcard(unknown) or misspelled_pass_through(
+        problem = expanded_wildcard(argv, unknown, value_options(parser_of_command)) or misspelled_pass_through(
             unknown, list(parser_of_command._option_string_actions))
         if problem:
             parser_of_command.error(problem)

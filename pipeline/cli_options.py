@@ -5,6 +5,7 @@ several commands take (--workdir, --config/--set), JSON output, and the check of
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -91,9 +92,10 @@ def attach_negative_values(argv: Sequence[str], options: Sequence[str], any_valu
     """``argv`` with ``OPTION VALUE`` written ``OPTION=VALUE`` for each of ``options`` whose
     value starts with '-' and is comma-separated numbers: argparse takes ``-0.1,0.2`` for an
     option and refuses ``--vector -0.1,0.2`` ("expected one argument"); and for each of
-    ``any_value`` whose value starts with '-' and is none of ``option_names`` (``query --id
-    -x.png``: an item id may start with '-'). Anything else, and everything after ``--``, is
-    left as it is."""
+    ``any_value`` whose value starts with a single '-' not followed by a letter that makes it
+    one of ``option_names`` (``query --id -x.png``: an item id may start with '-'; ``--id -k3``
+    still lacks its value, as ``--id --json`` does). Anything else, and everything after
+    ``--``, is left as it is."""
     out: list[str] = []
     at = 0
     while at < len(argv):
@@ -103,7 +105,7 @@ def attach_negative_values(argv: Sequence[str], options: Sequence[str], any_valu
         following = argv[at + 1] if at + 1 < len(argv) else None
         if following is not None and following.startswith("-") and following != "--" and (
                 (arg in options and _is_number_list(following))
-                or (arg in any_value and following.split("=", 1)[0] not in option_names)):
+                or (arg in any_value and not following.startswith("--") and following[:2] not in option_names)):
             out.append(f"{arg}={following}")
             at += 2
             continue
@@ -164,18 +166,32 @@ def _print_json(obj, *, one_line: bool = False) -> None:
     print(json.dumps(json_ready(obj), indent=None if one_line else 2, default=str, allow_nan=False), flush=one_line)
 
 
-def expanded_wildcard(unknown: Sequence[str]) -> str | None:
-    """Why stray words that name existing files were refused, or None: a shell expands an
-    unquoted ``--corpus photos/*.jpg`` into the option's value and more file names. A word
-    right after an option written without ``=`` is that option's value, not a stray word
-    (``--temp_location /tmp/beam`` passes on to Beam)."""
-    names = [arg for before, arg in zip(["", *unknown], unknown)
-             if not arg.startswith("-") and not (before.startswith("-") and "=" not in before)]
-    if not names or not all(os.path.lexists(name) for name in names):
-        return None
-    shown = " ".join(names[:3]) + (f" ... ({len(names)} names)" if len(names) > 3 else "")
-    return (f"unrecognized arguments: {shown}: existing paths, as the shell makes of an unquoted wildcard; "
-            "quote the pattern (--corpus 'photos/*.jpg') so that lookalike matches it, or pass the folder")
+def expanded_wildcard(argv: Sequence[str], unknown: Sequence[str], value_options: Collection[str]) -> str | None:
+    """Why arguments were refused when the words right after the value of one of
+    ``value_options`` (options taking one value, ``--corpus``) are existing paths, as a shell
+    makes of an unquoted ``--corpus photos/*.jpg``; None otherwise. The message also lists any
+    other unknown argument."""
+    for at, arg in enumerate(argv[:-2]):
+        if arg not in value_options:
+            continue
+        names = list(itertools.takewhile(lambda word: not word.startswith("-"), argv[at + 2:]))
+        if not names or not all(name in unknown and os.path.lexists(name) for name in names):
+            continue
+        shown = " ".join(names[:3]) + (f" ... ({len(names)} names)" if len(names) > 3 else "")
+        others = [word for word in unknown if word not in names]
+        return (f"unrecognized arguments after {arg} {argv[at + 1]}: {shown}: existing paths, as the shell makes of "
+                f"an unquoted wildcard; quote the pattern ({arg} 'photos/*.jpg'), or pass the folder"
+                + (f"; also unrecognized: {' '.join(others)}" if others else ""))
+    return None
+
+
+# Options that take a folder or glob of the corpus, which a shell expands when it is not quoted.
+CORPUS_OPTIONS = ("--corpus",)
+
+
+def value_options(parser: argparse.ArgumentParser) -> set[str]:
+    """Of ``CORPUS_OPTIONS``, those ``parser`` has (``embed`` and ``reindex``)."""
+    return {name for action in parser._actions for name in action.option_strings if name in CORPUS_OPTIONS}
 
 
 def misspelled_pass_through(unknown: Sequence[str], own_options: Sequence[str]) -> str | None:

@@ -265,7 +265,7 @@ def test_embed_refuses_a_typo_of_its_own_options_instead_of_passing_it_to_beam(t
     assert exited.value.code == 2 and message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("command", [["embed"], ["train"]])
+@pytest.mark.parametrize("command", [["embed"], ["reindex"]])
 def test_a_wildcard_the_shell_expanded_gets_a_hint_to_quote_it(command, tmp_path, capsys, monkeypatch):
     """`--corpus photos/*.jpg` unquoted reaches lookalike as one value and more file names."""
     from lookalike.pipeline.cli import main
@@ -279,11 +279,15 @@ def test_a_wildcard_the_shell_expanded_gets_a_hint_to_quote_it(command, tmp_path
         main([*command, "--workdir", str(tmp_path / "none"), "--corpus", *names])
     err = capsys.readouterr().err
     assert exited.value.code == 2, err
-    assert "unrecognized arguments: photos/1.jpg photos/2.jpg photos/3.jpg ... (4 names)" in err
-    assert "quote the pattern (--corpus 'photos/*.jpg')" in err
-    with pytest.raises(SystemExit):  # a word that is no path: no such hint
-        main([*command, "--workdir", str(tmp_path / "none"), "--corpus", "photos", "nightly"])
-    assert "quote the pattern" not in capsys.readouterr().err
+    assert "unrecognized arguments after --corpus photos/0.jpg: photos/1.jpg photos/2.jpg photos/3.jpg ... (4 names)" in err
+    assert "quote the pattern (--corpus 'photos/*.jpg'), or pass the folder" in err and "also unrecognized" not in err
+    with pytest.raises(SystemExit):  # another unknown option is named too
+        main([*command, "--workdir", str(tmp_path / "none"), "--corpus", *names[:2], "--bogus"])
+    assert "after --corpus photos/0.jpg: photos/1.jpg: existing paths" in capsys.readouterr().err.replace("\n", " ")
+    for typed in (["--corpus", "photos", "nightly"], [names[1]], ["--run-name", "x", names[1]]):
+        with pytest.raises(SystemExit):  # a word that is no path, or an existing path not after --corpus's value: no hint
+            main([*command, "--workdir", str(tmp_path / "none"), *typed])
+        assert "quote the pattern" not in capsys.readouterr().err, typed
     if command == ["embed"]:  # an existing path as a Beam option's value is no stray word
         assert main(["embed", "--workdir", str(tmp_path / "none"), "--temp_location", "photos"]) == 1
         assert "quote the pattern" not in capsys.readouterr().err
@@ -483,9 +487,10 @@ def test_query_takes_a_negative_first_vector_value_and_an_address_without_scheme
     code = main(["query", "--url", url, "--id", "-x.png", "-k", "2"])  # an id may start with '-': asked for, not refused
     err = capsys.readouterr().err
     assert code == 1 and "'-x.png'" in err and "expected one argument" not in err, (code, err)
-    with pytest.raises(SystemExit):
-        main(["query", "--url", url, "--id", "-k", "2"])  # one of query's options: --id lacks its value
-    assert "argument --id: expected one argument" in capsys.readouterr().err
+    for typed in (["-k", "2"], ["-k3"], ["--js"], ["--json"]):  # one of query's options (or its abbreviation)
+        with pytest.raises(SystemExit):
+            main(["query", "--url", url, "--id", *typed])
+        assert "argument --id: expected one argument" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exited:
         main(["query", "--help"])
     assert exited.value.code == 0
