@@ -199,13 +199,16 @@ OTHER_CSV_DELIMITERS = (";", "\t")
 
 
 def csv_delimiter(data: bytes) -> str:
-    """The delimiter of a CSV file: a comma, unless its header line holds none but splits on
-    ';' or a tab into columns one of which is ``id`` (a header ``id;label``)."""
-    header = data.lstrip(b"\xef\xbb\xbf").split(b"\n", 1)[0].rstrip(b"\r").decode("utf-8", errors="replace")
-    if "," not in header:
-        for delimiter in OTHER_CSV_DELIMITERS:
-            if delimiter in header and "id" in (name.strip().strip('"') for name in header.split(delimiter)):
-                return delimiter
+    """The delimiter of a CSV file: a comma, unless its header (the first non-blank line,
+    quotes respected) has no field ``id`` when split at commas but has one when split at ';'
+    or at tabs (a header ``id;"price, EUR"``)."""
+    import csv
+
+    text = data.removeprefix(b"\xef\xbb\xbf")[:65536].decode("utf-8", errors="replace")
+    header = next((line for line in text.splitlines() if line.strip()), "")
+    for delimiter in (",", *OTHER_CSV_DELIMITERS):
+        if "id" in next(csv.reader([header], delimiter=delimiter), []):
+            return delimiter
     return ","
 
 
@@ -358,9 +361,14 @@ def unmatched_ids(metadata: pa.Table, items: pa.Table) -> pa.Array:
     ids, groups = item_keys(items)
     known = pa.concat_arrays([ids, groups.drop_null()])
     meta_ids = metadata.column("id").combine_chunks()
+    exact = pc.is_in(meta_ids, value_set=known)
     if _all_ascii(known, meta_ids):
-        return meta_ids.filter(pc.invert(pc.is_in(meta_ids, value_set=known)))
-    return meta_ids.filter(pc.invert(pc.is_in(_nfc(meta_ids), value_set=_nfc(known))))
+        return meta_ids.filter(pc.invert(exact))
+    # Matched in NFC only, unless another row matches that item exactly and takes it (join_metadata).
+    meta_nfc = _nfc(meta_ids)
+    by_form = pc.and_(pc.is_in(meta_nfc, value_set=_nfc(known)),
+                      pc.invert(pc.is_in(meta_nfc, value_set=meta_nfc.filter(exact))))
+    return meta_ids.filter(pc.invert(pc.or_(exact, by_form)))
 
 
 def report_unmatched(spec: MetadataSpec, items: pa.Table) -> int:

@@ -49,6 +49,10 @@ def test_a_csv_separated_by_semicolons_or_tabs_is_read_by_its_header():
     ]
     one_column = parse('id\na.png\n', "m.csv")  # no delimiter to find: commas, as ever
     assert one_column.to_pylist() == [{"id": "a.png"}]
+    quoted = [parse('id;"price, EUR";tags\na.png;"3,5";x\n', "m.csv"),  # a quoted comma in the header
+              parse('\r\n\nid;price, EUR;tags\r\na.png;"3,5";x\r\n', "m.csv"),  # blank lines first
+              parse('id\tprice, EUR\ttags\na.png\t3,5\tx\n', "m.csv")]
+    assert [t.to_pylist() for t in quoted] == [[{"id": "a.png", "price, EUR": "3,5", "tags": ["x"]}]] * 3
     with pytest.raises(MetadataError, match="no 'id' column"):  # a header naming no id column is no guess
         parse('name;source\na.png;scan\n', "m.csv")
 
@@ -123,6 +127,10 @@ def test_ids_match_across_unicode_normal_forms_an_exact_match_first():
     both = parse(f"id,source\n{nfc},composed\n{nfd},decomposed\n", "m.csv")
     two = pa.table({"id": [nfc, nfd], "group": [None, None]})
     assert join_metadata(two, both).column("source").to_pylist() == ["composed", "decomposed"]
+    assert unmatched_ids(both, two).to_pylist() == []
+    one = pa.table({"id": [nfd], "group": [None]})  # the composed row is left unused: reported
+    assert join_metadata(one, both).column("source").to_pylist() == ["decomposed"]
+    assert unmatched_ids(both, one).to_pylist() == [nfc]
 
 
 def test_frame_ids_are_matched_however_their_seconds_are_written():
