@@ -9,7 +9,8 @@ the kernel (TCP flow control) until it has one, never in this process. A body of
 most query images) never wait. One that waits longer than ``wait_timeout_s`` is answered 503
 with ``Retry-After`` (its body read and dropped first, so that clients that send the whole
 body before reading get the answer, not a reset connection). A body that stops arriving while
-it holds a slot is a 408 after ``idle_timeout_s``, so idle connections cannot hold the slots
+it holds a slot is a 408 after ``idle_timeout_s``, and so is one that, from then on, arrives
+slower than ``DEFAULT_MIN_BYTES_PER_S``, so idle or trickling connections cannot hold the slots
 for ever; the slot goes back as soon as the request ends, however it ends.
 """
 
@@ -34,10 +35,10 @@ UPLOAD_WAIT_STAGE = "upload_wait"  # lookalike_stage_seconds{stage=...}: a large
 # While it holds a slot, a body must keep arriving: a gap this long ends it (408). Without it a
 # few idle connections, headers sent and nothing after, would hold every slot for ever.
 DEFAULT_IDLE_TIMEOUT_S = 10.0
-# The least rate a body holding a slot must keep after its first DEFAULT_IDLE_TIMEOUT_S: a
-# phone on a slow uplink (100 KB/s and up) sends 10 MB in well under its 650 s allowance,
-# while a client trickling a byte every few seconds cannot hold a slot for hours.
-DEFAULT_MIN_BYTES_PER_S = 16 << 10
+# The least rate a body holding a slot must keep after its first DEFAULT_IDLE_TIMEOUT_S
+# (Apache's mod_reqtimeout asks 500 bytes/s): an old EDGE uplink (10-20 KB/s) passes, a 10 MiB
+# body holds a slot 43 minutes at most, and a client trickling a byte every few seconds is cut off.
+DEFAULT_MIN_BYTES_PER_S = 4 << 10
 
 
 def default_large_uploads() -> int:

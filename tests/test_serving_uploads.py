@@ -161,11 +161,11 @@ def test_a_trickling_upload_holding_the_slot_is_a_408_and_frees_it(backend, larg
                          f"Content-Length: {len(large_png)}\r\n\r\n".encode())
             started, answer = time.monotonic(), b""
             sock.settimeout(0.1)
-            for at in range(0, len(large_png), 100):  # 100 bytes every 0.1 s: 1 KB/s, never idle 0.5 s
+            for at in range(0, len(large_png), 30):  # 30 bytes every 0.1 s: 300 B/s, never idle 0.5 s
                 if time.monotonic() - started > 10:
                     break
                 try:
-                    sock.sendall(large_png[at:at + 100])
+                    sock.sendall(large_png[at:at + 30])
                     answer = sock.recv(65536)
                 except TimeoutError:
                     continue
@@ -174,7 +174,7 @@ def test_a_trickling_upload_holding_the_slot_is_a_408_and_frees_it(backend, larg
                 if answer:
                     break
             assert answer.startswith(b"HTTP/1.1 408 ") and b"arrives too slowly" in answer, answer[:300]
-            assert b"under the 16 KiB/s an upload over 1 MiB must keep" in answer, answer[:400]
+            assert b"under the 4 KiB/s an upload over 1 MiB must keep" in answer, answer[:400]
         again = http.post(IMAGE_PATH, content=large_png, headers={"content-type": "image/png"})
         assert again.status_code == 200, again.text  # the slot is free
 
