@@ -41,13 +41,13 @@ class AugmentSpec:
 
     def __post_init__(self) -> None:
         if not 0.05 <= self.crop_area <= 1.0:
-            raise ValueError(f"augment crop_area={self.crop_area}: must be in [0.05, 1]")
+            raise ValueError(f"augment_crop_area={self.crop_area}: must be in [0.05, 1]")
         for name in ("shift", "scale", "jitter"):
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(f"augment {name}={getattr(self, name)}: must be in [0, 1]")
+                raise ValueError(f"augment_{name}={getattr(self, name)}: must be in [0, 1]")
         for name in ("rotate_deg", "shear_deg"):
             if not 0.0 <= getattr(self, name) <= 180.0:
-                raise ValueError(f"augment {name}={getattr(self, name)}: must be in [0, 180]")
+                raise ValueError(f"augment_{name}={getattr(self, name)}: must be in [0, 180]")
 
     @property
     def geometric(self) -> bool:

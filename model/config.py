@@ -169,8 +169,11 @@ def validate_config(config: TrainConfig) -> TrainConfig:
         raise ValueError(f"config channels={config.channels}: must be 1 (grayscale) or 3 (RGB)")
     if config.image_size < 4:  # preprocess.PreprocessSpec's floor (the ResNet stem)
         raise ValueError(f"config image_size={config.image_size}: must be at least 4")
-    if config.pk_images < 2:
+    if config.loss == "triplet" and config.pk_images < 2:
         raise ValueError(f"config pk_images={config.pk_images}: triplets need at least 2 images per class")
+    if config.loss == "triplet" and config.pk_classes < 2:  # one class: no negative, a loss of 0 that learns nothing
+        raise ValueError(f"config pk_classes={config.pk_classes}: triplets need at least 2 classes per batch "
+                         "(a negative comes from another class)")
     for name in ("video_window_s", "video_frame_interval_s"):
         if not getattr(config, name) > 0:
             raise ValueError(f"config {name}={getattr(config, name)}: must be positive")
@@ -210,7 +213,7 @@ def _parse_value(name: str, current: Any, text: str) -> Any:
             return True
         if text.lower() in ("0", "false", "no"):
             return False
-        raise ValueError(f"--set {name}={text}: expected true or false")
+        raise ValueError("expected true or false (or yes/no, 1/0)")
     if isinstance(current, tuple):
         parts = [v.strip() for v in text.split(",")]
         if parts and not parts[-1] and len(parts) > 1:
@@ -219,10 +222,26 @@ def _parse_value(name: str, current: Any, text: str) -> Any:
             raise ValueError("expected integers separated by single commas, e.g. 16,32")
         return tuple(int(v) for v in parts)
     if isinstance(current, int):
-        return int(text)
+        try:
+            return int(text)
+        except ValueError:
+            number = _float_or_none(text)  # 1e3, 2_000.0: whole numbers written otherwise
+            if number is None or not number.is_integer():
+                raise ValueError(f"expected a whole number such as {current}, got {text!r}") from None
+            return int(number)
     if isinstance(current, float):
-        return float(text)
+        number = _float_or_none(text)
+        if number is None:
+            raise ValueError(f"expected a number such as {current:g}, got {text!r}")
+        return number
     return text
+
+
+def _float_or_none(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def apply_overrides(config: TrainConfig, overrides: list[str]) -> TrainConfig:

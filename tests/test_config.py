@@ -38,12 +38,28 @@ def test_unknown_preset_lists_the_known_ones():
     ("channels=2", r"channels=2: must be 1 \(grayscale\) or 3 \(RGB\)"),
     ("conv_widths=8,,16", "expected integers separated by single commas"),
     ("conv_widths=,8", "expected integers separated by single commas"),
+    ("num_steps=abc", r"bad override 'num_steps=abc': expected a whole number such as \d+, got 'abc'$"),
+    ("num_steps=1.5e3x", r"expected a whole number such as \d+, got '1.5e3x'$"),
+    ("num_steps=2.5", r"expected a whole number such as \d+, got '2.5'$"),
+    ("learning_rate=1e-3x", r"bad override 'learning_rate=1e-3x': expected a number such as [\d.e-]+, got '1e-3x'$"),
+    ("augment_flip=maybe", r"^bad override 'augment_flip=maybe': expected true or false \(or yes/no, 1/0\)$"),
+    ("augment_crop_area=0", r"augment_crop_area=0.0: must be in \[0.05, 1\]"),
+    ("augment_rotate_deg=200", r"augment_rotate_deg=200.0: must be in \[0, 180\]"),
+    ("loss=triplet,pk_classes=1", r"pk_classes=1: triplets need at least 2 classes per batch"),
+    ("loss=triplet,pk_images=1", r"pk_images=1: triplets need at least 2 images per class"),
 ])
 def test_out_of_range_values_name_the_field_before_any_work(override, message):
     from lookalike.model.config import validate_config
 
     with pytest.raises(ValueError, match=message):
-        validate_config(apply_overrides(get_config("tiny"), [override]))
+        validate_config(apply_overrides(get_config("tiny"), override.split(",") if "loss=" in override else [override]))
+
+
+def test_whole_numbers_may_be_written_as_floats_and_contrastive_loss_ignores_pk_sizes():
+    config = apply_overrides(get_config("tiny"), ["num_steps=1e3", "batch_pairs=2_000.0"])
+    assert (config.num_steps, config.batch_pairs) == (1000, 2000)
+    contrastive = apply_overrides(get_config("tiny"), ["loss=contrastive", "pk_images=1"])  # P x K batches unused
+    assert contrastive.pk_images == 1
 
 
 def test_every_preset_is_valid():
