@@ -234,7 +234,7 @@ def train_on_arrays(
         train_idx, val_idx = split_train_val(data.labels, config.val_fraction, config.seed)
         x_val, y_val = data.images[val_idx], data.labels[val_idx]
     x_train, y_train = data.images[train_idx], data.labels[train_idx]
-    validating = can_validate(y_val)
+    validating = can_validate(y_val, config.val_fraction)
     mesh = data_mesh()
     make_batch, step_fn, images_per_step = batch_maker(config, x_train, y_train, mesh, data.class_names)
     check_triplet_memory(config, images_per_step, mesh)
@@ -338,14 +338,18 @@ def train_on_arrays(
     return model, metrics, threshold
 
 
-def can_validate(y_val: np.ndarray) -> bool:
+def can_validate(y_val: np.ndarray, val_fraction: float | None = None) -> bool:
     """Whether held-out items with labels ``y_val`` can measure retrieval: at least two
     classes, one of them with two items; else metrics and the same-item threshold would
     be computed on one class (perfect scores, a threshold that flags everything) and are
-    left out, with a warning."""
+    left out, with a warning (naming ``val_fraction`` when it is 0: nothing is held out)."""
     classes, counts = np.unique(y_val, return_counts=True)
     if len(classes) >= 2 and (counts >= 2).any():
         return True
+    if val_fraction == 0:
+        log.warning("val_fraction=0: no images are held out, so no validation metrics, best-step choice or same-item "
+                    "threshold (search results report same_item as null); leave val_fraction above 0 to get them")
+        return False
     log.warning("validation holds %d image(s) of %d class(es) (classes of 3 or fewer images train only): no validation "
                 "metrics, best-step choice or same-item threshold; add images to more classes", len(y_val), len(classes))
     return False

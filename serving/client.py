@@ -274,7 +274,7 @@ def format_results(response: dict[str, Any]) -> str:
     lines.append(f"{'#':>3}  {'id':<{width}}  {'score':>7}  {'distance':>8}  {'same item':<9}" + ("  video time" if frames else "")
                  + ("  metadata" if with_metadata else ""))
     for rank, (r, item_id, meta) in enumerate(zip(results, ids, metadata), 1):
-        same = "yes" if r.get("same_item") else "-"
+        same = {True: "yes", None: "unknown"}.get(r.get("same_item"), "-")  # null: the model has no threshold
         when = f"  {r['timestamp_s']:>9.2f}s" if r.get("timestamp_s") is not None else ("  " + " " * 10 if frames else "")
         about = f"  {meta or '-'}" if with_metadata else ""
         lines.append(f"{rank:>3}  {item_id:<{width}}  {r['score']:>7.4f}  {r['distance']:>8.4f}  {same:<9}{when}{about}".rstrip())

@@ -187,7 +187,7 @@ class ResultsJSON:
         """The ``results`` list of a SearchResponse, as JSON text."""
         out = []
         loaded, fragments = len(self.rows), self._fragments
-        limit = -math.inf if threshold is None else threshold  # no threshold: never the same item
+        unknown = "null" if threshold is None else ""  # no threshold: whether it is the same item is unknown
         for n in neighbors:
             score = float(n.score)
             if not math.isfinite(score):  # the distance, derived from the score, is finite with it
@@ -195,7 +195,7 @@ class ResultsJSON:
             # float32 rounding puts an identical item's cosine a hair above 1: clip to what they can be
             score, distance = min(1.0, max(-1.0, score)), max(0.0, float(n.distance))
             head, tail = fragments(n.row, n.id) if n.row < loaded else self._fragment(n.row, n.id)
-            out.append(f'{head}{score!r},"distance":{distance!r},"same_item":{"true" if distance <= limit else "false"},{tail}')
+            out.append(f'{head}{score!r},"distance":{distance!r},"same_item":{unknown or ("true" if distance <= threshold else "false")},{tail}')
         return "[" + ",".join(out) + "]"
 
 

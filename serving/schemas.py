@@ -43,9 +43,10 @@ class SearchResult(BaseModel):
     id: str
     score: float = Field(description="cosine similarity, 1.0 is identical")
     distance: float = Field(description="L2 distance between unit embeddings, 0.0 is identical")
-    same_item: bool = Field(description="distance is within the model's calibrated same-item threshold (learned on the "
-                                        "training data: a query unlike the corpus can still be within it; not an "
-                                        "out-of-distribution check)")
+    same_item: bool | None = Field(description="distance is within the model's calibrated same-item threshold (learned on "
+                                               "the training data: a query unlike the corpus can still be within it; not "
+                                               "an out-of-distribution check); null when the model has no threshold "
+                                               "(trained with nothing held out to calibrate one: val_fraction=0)")
     kind: Kind = Field(description="'image', or 'frame' of a video")
     timestamp_s: float | None = Field(None, description="position in a video; null for images")
     group: str | None = Field(None, description="the item's group: the video a frame comes from")

@@ -538,9 +538,11 @@ def test_format_results_table(client: SearchClient) -> None:
     assert "0 result(s)" in empty
     frames = format_results({"query": {"type": "id", "id": "v.mp4#t=0.000", "k": 2}, "results": [
         {"id": "v.mp4#t=2.000", "score": 0.9, "distance": 0.4, "same_item": True, "timestamp_s": 2.0},
-        {"id": "a.png", "score": 0.5, "distance": 1.0, "same_item": False, "timestamp_s": None}]}).splitlines()
+        {"id": "a.png", "score": 0.5, "distance": 1.0, "same_item": False, "timestamp_s": None},
+        {"id": "b.png", "score": 0.4, "distance": 1.1, "same_item": None, "timestamp_s": None}]}).splitlines()
     assert frames[1].split()[-2:] == ["video", "time"]  # the time has a column of its own, not the "same item" one
     assert frames[2].split()[-2:] == ["yes", "2.00s"] and frames[3].split()[-1] == "-"
+    assert frames[4].split()[-1] == "unknown"  # a model without a threshold: not "no"
     assert "metadata" not in "\n".join(frames) and "metadata" not in text  # no column when no result has any
 
 

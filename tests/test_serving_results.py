@@ -80,7 +80,7 @@ def test_results_json_writes_what_json_writes() -> None:
             kind, timestamp_s, group = expected([*items, added][n.row])
             expected_results.append({
                 "id": n.id, "score": min(1.0, n.score), "distance": n.distance,  # float32's 1.0000001 is 1
-                "same_item": threshold is not None and n.distance <= threshold, "kind": kind,
+                "same_item": None if threshold is None else n.distance <= threshold, "kind": kind,  # unknown: null
                 "timestamp_s": timestamp_s, "group": group, "thumbnail_url": f"/v1/items/{quote(n.id, safe='/')}/thumbnail",
                 "metadata": {"e f/é?#1": {"tags": ["x", "ü"]}, "g": {"source": "cam"}}.get(n.id),  # user columns, no nulls
             })

@@ -156,6 +156,12 @@ def test_a_validation_split_of_one_class_reports_no_metrics_and_no_threshold(tin
         _, metrics, threshold = train_on_arrays(config, LabelledImages(x, y, ["cat", "dog"], [], []), tmp_path)
     assert threshold is None and "map_at_r" not in metrics and "precision_at_1" not in metrics
     assert "validation holds 40 image(s) of 1 class(es)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # nothing held out at all: the setting that did it is named
+        _, _, threshold = train_on_arrays(dataclasses.replace(config, val_fraction=0.0),
+                                          LabelledImages(x, y, ["cat", "dog"], [], []), tmp_path / "none-held-out")
+    assert threshold is None and "val_fraction=0: no images are held out" in caplog.text
+    assert "add images to more classes" not in caplog.text
 
 
 def test_progress_counts_steps_done_not_steps_queued(tiny_config, tmp_path, monkeypatch):
