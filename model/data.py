@@ -193,6 +193,23 @@ def list_class_images(root: Path, class_dirs: list[Path], unreadable: dict[Path,
     return kept, [sorted(by_class[class_dir]) for class_dir in kept]
 
 
+def unsorted_media_hint(root: Path) -> str:
+    """For a folder with too few classes: how many images and videos lie at its top level,
+    in no class, and what to do with them ("" when none do)."""
+    from lookalike.pipeline.video import is_video_path
+
+    try:
+        names = [entry.name for entry in os.scandir(root) if not entry.name.startswith(".") and entry.is_file()]
+    except OSError:
+        return ""
+    images = sum(Path(name).suffix.lower() in IMAGE_SUFFIXES for name in names)
+    videos = sum(is_video_path(name) for name in names)
+    if not images and not videos:
+        return ""
+    return (f"; it holds {images} image(s) and {videos} video(s) at its top level, in no class: sort them into one "
+            "sub-folder per class, or train without labels with --unlabelled (similar = views of one image)")
+
+
 def load_labelled_folder(root: str | Path, spec: PreprocessSpec, *, max_items: int | None = None,
                          seed: int = 0, exclude: Collection[str] = (), include: Collection[str] | None = None,
                          role: str = "training") -> LabelledImages:
@@ -206,10 +223,8 @@ def load_labelled_folder(root: str | Path, spec: PreprocessSpec, *, max_items: i
         raise ValueError(f"{role} data folder {root} {not_a_folder(root)}")
     class_dirs = class_folders(root)
     if len(class_dirs) < 2:
-        raise ValueError(
-            f"{role} data folder {root} needs one sub-folder per class and at least 2 classes, "
-            f"found {len(class_dirs)}"
-        )
+        raise ValueError(f"{role} data folder {root} needs one sub-folder per class and at least 2 classes, "
+                         f"found {len(class_dirs)}{unsorted_media_hint(root)}")
     excluded = frozenset(exclude)
     included = None if include is None else frozenset(include)
     unreadable: dict[Path, list[OSError]] = {class_dir: [] for class_dir in class_dirs}  # folders not listed

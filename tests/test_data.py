@@ -113,7 +113,20 @@ def test_images_outside_class_folders_and_videos_in_them_are_named_as_left_out(t
 
 
 def test_folder_without_classes_names_the_folder(tmp_path):
-    with pytest.raises(ValueError, match=str(tmp_path)):
+    with pytest.raises(ValueError, match=f"^training data folder {tmp_path} needs one sub-folder per class and at least "
+                                         "2 classes, found 0$"):
+        load_labelled_folder(tmp_path, SPEC)
+
+
+def test_a_flat_folder_of_photos_is_pointed_to_unlabelled_training(tmp_path):
+    """~/photos with every picture at its top level: no class to learn from, and the way out named."""
+    for i in range(3):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tmp_path / f"p{i}.JPG")
+    (tmp_path / "clip.mp4").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match=r"found 0; it holds 3 image\(s\) and 1 video\(s\) at its top level, in no "
+                                         r"class: sort them into one sub-folder per class, or train without labels with "
+                                         r"--unlabelled"):
         load_labelled_folder(tmp_path, SPEC)
 
 
