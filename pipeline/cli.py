@@ -310,7 +310,7 @@ def interrupted_hint(args: argparse.Namespace, stopped_by: BaseException | None 
         from lookalike.model.store import Store
 
         current = f": CURRENT is {Store.at(args.workdir).current_index_or_none()}"
-        return current + ("; the next run removes what this one left" if args.command == "reindex" else "")
+        return current + ("; the next run resumes from what this one finished (its training checkpoint, its embedded batches) and removes the rest" if args.command == "reindex" else "")
     return ""
 
 

@@ -115,7 +115,7 @@ def served_after_stop(workdir: str, report: ReindexReport | None) -> str:
     current = Store.at(workdir).current_index_or_none()
     if report is not None and report.new_index is not None and report.new_index == current:  # CURRENT moved first
         return f"CURRENT is {current}, promoted by this run before it stopped"
-    return f"CURRENT is unchanged ({current}); the next run removes what this one left"
+    return f"CURRENT is unchanged ({current}); the next run resumes from what this one finished (its training checkpoint, its embedded batches) and removes the rest"
 
 
 def cmd_versions(args: argparse.Namespace) -> int:

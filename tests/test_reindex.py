@@ -304,7 +304,8 @@ def test_sigterm_or_ctrl_c_mid_step_writes_the_report_and_says_current_is_unchan
     last = err.strip().splitlines()[-1]
     if signum == signal.SIGTERM:
         assert last == (f"lookalike reindex: terminated (SIGTERM): CURRENT is unchanged ({before}); the next run "
-                        "removes what this one left"), err[-3000:]
+                        "resumes from what this one finished (its training checkpoint, its embedded batches) and "
+                        "removes the rest"), err[-3000:]
     else:
         assert last.startswith(f"lookalike reindex: interrupted: CURRENT is {before}"), err[-3000:]
     outcome = json.loads(out)
@@ -353,7 +354,7 @@ def test_sigterm_while_a_checkpoint_is_saved_stops_after_it_without_an_error_and
     assert "SIGTERM received while the checkpoint of step 15 is being saved: stopping once it is done" in job.stderr
     assert "rerun the same command to resume from the checkpoint of step 15" in job.stderr, job.stderr[-3000:]
     assert job.stderr.strip().splitlines()[-1] == (f"lookalike reindex: terminated (SIGTERM): CURRENT is unchanged "
-                                                   f"({before}); the next run removes what this one left")
+                                                   f"({before}); the next run resumes from what this one finished (its training checkpoint, its embedded batches) and removes the rest")
     assert store.current_index() == before
     [stopped] = (store.models_dir / ".runs").glob("run-*")
     served = ItemIndex.load(store.require_current_index()).model_version
@@ -868,7 +869,8 @@ def test_a_run_stopped_before_its_first_step_reports_what_serves_and_that_it_pro
     served = ItemIndex.load(store.require_current_index())
     assert (report.previous_index, report.current_model) == (served.version, served.model_version)
     assert served_after_stop(str(store.root), report) == (f"CURRENT is unchanged ({served.version}); the next run "
-                                                          "removes what this one left")
+                                                          "resumes from what this one finished (its training "
+                                                          "checkpoint, its embedded batches) and removes the rest")
     assert "promoted" not in served_after_stop(str(store.root), reindex.ReindexReport())  # nothing known yet either
 
 
