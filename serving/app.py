@@ -285,7 +285,8 @@ def create_app(
         tags=["search"],
         dependencies=STRICT_QUERY,
         openapi_extra=IMAGE_REQUEST_BODY,
-        responses=errors(400, 413, 422, 503),  # 400: a malformed multipart form (no boundary, more than one file)
+        # 400: a malformed multipart form (no boundary, more than one file); 415: a JSON body
+        responses=errors(400, 413, 415, 422, 503),
     )
     async def search_image(
         request: Request, backend: BackendDep, k: K = DEFAULT_K, kind: KindFilter = None, group: GroupFilter = None,

@@ -261,6 +261,11 @@ async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str | No
         if not data:
             raise HTTPException(status_code=422, detail="no image in the request: send the image file as the body "
                                                         f"or as multipart field {UPLOAD_FIELD!r}")
+        if data[:1] in (b"{", b"[") or content_type.lower().startswith("application/json"):  # no image format starts so
+            raise HTTPException(status_code=415, detail=(
+                "a JSON body is not an image: /v1/search/image takes the image file as the body or as multipart "
+                f"field {UPLOAD_FIELD!r}; a JSON query by vector goes to /v1/search/vector, one by a stored item's "
+                "id to /v1/items/{id}/similar"))
     if len(data) > max_bytes:
         raise PayloadTooLarge(max_bytes)
     return data, name

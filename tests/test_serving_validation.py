@@ -252,3 +252,18 @@ def test_a_multipart_upload_to_a_json_endpoint_says_where_images_go(http: httpx.
     assert response.json() == {"detail": "the body must be JSON sent with 'Content-Type: application/json' (got "
                                          "multipart/form-data); an image file is searched for by a multipart upload to "
                                          "/v1/search/image"}
+
+
+@pytest.mark.parametrize("content, headers", [
+    (b'{"id": "3/digit_0003.png"}', {"content-type": "application/json"}),
+    (b'{"vector": [0.5, 0.5]}', {"content-type": "application/x-www-form-urlencoded"}),  # curl -d's default type
+    (b'  [1, 2]', {"content-type": "application/json"}),
+])
+def test_a_json_query_sent_to_the_image_endpoint_says_where_it_goes(http: httpx.Client, content: bytes,
+                                                                    headers: dict) -> None:
+    """The reverse of the mistake above: not "not a recognised image format", but where it goes."""
+    response = http.post("/v1/search/image", content=content, headers=headers)
+    assert response.status_code == 415, response.text
+    detail = response.json()["detail"]
+    assert detail.startswith("a JSON body is not an image: /v1/search/image takes the image file as the body")
+    assert "/v1/search/vector" in detail and "/v1/items/{id}/similar" in detail
