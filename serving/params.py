@@ -19,6 +19,8 @@ def whole_number(value: Any) -> Any:
     """A count in the query string as people write it: decimal digits only (pydantic's lax int
     also reads 5.0, 1_0 and +5, which the web page refuses)."""
     if isinstance(value, str) and not (value.strip().isascii() and value.strip().isdigit()):
+        if value.strip()[:1] == "-" and value.strip()[1:].isascii() and value.strip()[1:].isdigit():  # as 0 is told
+            raise ValueError(f"should be greater than or equal to 1, got {value.strip()}")
         raise ValueError(f"expected a whole number such as 5, got {value!r}")
     return value
 

@@ -189,6 +189,9 @@ def test_query_counts_are_whole_numbers_as_written(http: httpx.Client, indexed_s
             answered = http.request(method, f"{path}?{name}={quote(plain)}", content=content)
             assert answered.status_code == 200, answered.text
             assert len(answered.json()["results"]) == (5 if name == "k" else DEFAULT_K)
+        for low in ("0", "-1"):  # a negative count is a whole number too: told it is too small, as 0 is
+            refused = http.request(method, f"{path}?{name}={low}", content=content)
+            assert refused.status_code == 422 and "greater than or equal to 1" in refused.json()["detail"][0]["msg"], refused.text
 
 
 def test_broken_json_is_parsed_once(http: httpx.Client) -> None:
