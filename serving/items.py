@@ -23,7 +23,7 @@ from lookalike.serving.params import (
     TagFilter,
     errors,
 )
-from lookalike.serving.queries import echo, item_or_404, row_of, search_or_422, search_response, unknown_item
+from lookalike.serving.queries import NO_ITEM_ID, echo, item_or_404, row_of, search_or_422, search_response, unknown_item
 from lookalike.serving.results import group_of, item_url, json_metadata, json_text_response, thumbnail_url
 from lookalike.serving.schemas import DEFAULT_K, ItemMetadata, SearchResponse
 from lookalike.serving.thumbnails import ThumbnailUnavailable, etag_matches, render_thumbnail, thumbnail_version
@@ -94,6 +94,12 @@ def thumbnail(item_id: ItemId, backend: BackendDep, request: Request, v: Thumbna
     except ThumbnailUnavailable as e:
         raise HTTPException(status_code=404, detail=str(e)) from None
     return Response(png, media_type="image/png", headers=headers)
+
+
+@items_router.get("/v1/items", include_in_schema=False)
+def no_item_id() -> None:
+    """``/v1/items`` itself (which Starlette would redirect to ``/v1/items/``): a 404 saying why."""
+    raise HTTPException(status_code=404, detail=NO_ITEM_ID)
 
 
 @items_router.get("/v1/items/{item_id:item_id}", response_model=ItemMetadata, tags=["items"], responses=errors(404, 422, 503),

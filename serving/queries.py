@@ -97,12 +97,18 @@ async def no_unknown_query_params(request: Request) -> None:
         ])
 
 
+NO_ITEM_ID = ("no item id in the URL: an item is /v1/items/{id}, with an id as search results list it; "
+              "there is no listing of every item")
+
+
 def unknown_item(item_id: str, index: ItemIndex | None = None, in_url: bool = True) -> HTTPException:
     """The 404 for an id the index does not hold; for a video's path, how its frames are named
     (in a URL, a '#' sent unescaped starts the fragment, which never reaches the server); for
     a moment of an indexed video that was not sampled, the nearest frames that were."""
     from lookalike.pipeline.video import is_video_path
 
+    if not item_id:  # GET /v1/items or /v1/items/: there is no listing of every item
+        return HTTPException(status_code=404, detail=NO_ITEM_ID)
     shown = short_input(item_id)  # a 20,000-character id is not echoed whole, as in a 422
     hint = (f": a video's frames are the items '{shown}#t=<seconds>'" + (" (in a URL, send '#' as %23)" if in_url else "")
             if is_video_path(item_id) else "")

@@ -68,3 +68,13 @@ def test_a_trailing_slash_after_similar_or_thumbnail_is_the_same_resource(base_u
         assert "/v1/items/{item_id}/similar/" not in http.get("/openapi.json").json()["paths"]
         unknown = http.get("/v1/items/no%0Asuch.png/similar")
         assert unknown.status_code == 404 and unknown.json()["detail"] == "unknown item id 'no\\nsuch.png'"
+
+
+def test_the_items_collection_itself_is_a_404_saying_what_an_item_url_is(base_url: str) -> None:
+    """Not a 307 to /v1/items/ and then "unknown item id ''"."""
+    with httpx.Client(base_url=base_url) as http:
+        for path in ("/v1/items", "/v1/items/", "/v1/items//"):
+            response = http.get(path)
+            assert response.status_code == 404, (path, response.status_code, response.headers)
+            assert response.json()["detail"].startswith("no item id in the URL: an item is /v1/items/{id}"), path
+        assert "/v1/items" not in http.get("/openapi.json").json()["paths"]
