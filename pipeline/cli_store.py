@@ -200,7 +200,7 @@ def add_store_commands(sub) -> None:
                        "atomically; a running server hot-swaps. Both point models/LATEST (the model embed uses by "
                        "default) at the model of the index they make current.")
     _add_workdir(p)
-    p.add_argument("action", choices=["list", "promote", "rollback", "prune"],
+    p.add_argument("action", choices=["list", "promote", "rollback", "prune"], metavar="{list,promote,rollback,prune}",
                    help="list: every index version (* = CURRENT; a warning when CURRENT names a version that is gone; "
                    "error when the store does not exist); promote VERSION: check it and make it CURRENT; "
                    "rollback: make the version served before CURRENT current again; prune: delete what reindex "

@@ -327,6 +327,7 @@ def test_reindex_config_defaults_to_the_served_models():
     (["versions", "list", "extra"], "versions list takes no VERSION (got 'extra')"),
     (["versions", "rollback", "i-1"], "versions rollback takes no VERSION (got 'i-1')"),
     (["versions", "promote"], "versions promote needs a VERSION"),
+    (["versions"], "the following arguments are required: {list,promote,rollback,prune}"),  # not "action"
 ])
 def test_arguments_that_cannot_go_together_are_a_usage_error(argv, message, tmp_path, capsys):
     """Exit 2 with the command's usage, as argparse's own errors, before anything is read."""
