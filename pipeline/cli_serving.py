@@ -32,7 +32,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     from lookalike.serving.client import SearchClient, format_results, parse_vector
 
     vector = parse_vector(args.vector, "--vector") if args.vector is not None else None  # before any request
-    client = SearchClient(args.url)
+    client = SearchClient(args.url, retry_busy_s=args.wait_s)
     filters = {key: value for key, value in (("kind", args.kind), ("group", args.group or None), ("source", args.source or None),
                                               ("tag", args.tag or None), ("max_per_group", args.max_per_group))
                if value is not None}
@@ -101,4 +101,7 @@ def add_serving_commands(sub) -> None:
     p.add_argument("--max-per-group", type=RESULT_COUNT, default=None,
                    help=f"at most M results per video or group (1-{MAX_RESULTS})")
     p.add_argument("--json", action="store_true", help="print the raw JSON response")
+    p.add_argument("--wait-s", type=_float_in(0, 3600), default=60.0,
+                   help="while the server answers 503 with Retry-After (still loading its model and index, or busy "
+                   "with large uploads), ask again for up to this many seconds (0: never)")
     p.set_defaults(func=cmd_query)

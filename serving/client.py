@@ -10,15 +10,19 @@ vectors must hold finite numbers (ValueError naming the first that is not).
 from __future__ import annotations
 
 import base64
+import logging
 import math
 import os
 import re
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import httpx
+
+log = logging.getLogger(__name__)
 
 
 class ClientError(RuntimeError):
@@ -28,6 +32,12 @@ class ClientError(RuntimeError):
         super().__init__(f"HTTP {status}: {message}" if status is not None else message)
         self.status = status
         self.message = message
+
+
+def retry_after_s(response: httpx.Response) -> float | None:
+    """The seconds a 503 asks to wait before asking again (``Retry-After`` in seconds), else None."""
+    value = response.headers.get("retry-after", "") if response.status_code == 503 else ""
+    return float(value) if value.strip().isdigit() else None
 
 
 def error_message(response: httpx.Response) -> str:
@@ -101,9 +111,12 @@ def parse_vector(text: str, what: str = "vector") -> list[float]:
 class SearchClient:
     """Talks to a running ``lookalike serve`` at ``base_url`` (no scheme: ``http://``)."""
 
-    def __init__(self, base_url: str, timeout_s: float = 30.0):
+    def __init__(self, base_url: str, timeout_s: float = 30.0, retry_busy_s: float = 0.0):
+        """``retry_busy_s``: for this long, a 503 with ``Retry-After`` (the server still loading
+        its model and index, or busy with large uploads) is asked again after the wait it names."""
         self.base_url = server_url(base_url)
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout_s)
+        self.retry_busy_s = retry_busy_s
 
     def close(self) -> None:
         self._http.close()
@@ -115,14 +128,21 @@ class SearchClient:
         self.close()
 
     def _request(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        try:
-            response = self._http.request(method, path, **kwargs)
-        except httpx.TransportError as e:
-            raise ClientError(
-                None,
-                f"cannot reach the server at {self.base_url} ({type(e).__name__}: {e}); "
-                "is `lookalike serve` running there?",
-            ) from None
+        deadline = time.monotonic() + self.retry_busy_s
+        while True:
+            try:
+                response = self._http.request(method, path, **kwargs)
+            except httpx.TransportError as e:
+                raise ClientError(
+                    None,
+                    f"cannot reach the server at {self.base_url} ({type(e).__name__}: {e}); "
+                    "is `lookalike serve` running there?",
+                ) from None
+            wait_s = retry_after_s(response)
+            if wait_s is None or time.monotonic() + wait_s > deadline:
+                break
+            log.info("%s (HTTP 503): asking again in %g s", error_message(response), wait_s)
+            time.sleep(wait_s)
         if response.is_error:
             raise ClientError(response.status_code, error_message(response))
         return response.json()

@@ -14,6 +14,7 @@ import pytest
 import lookalike.serving.server as server_module
 from lookalike.model.store import Store, StoreError
 from lookalike.serving.backend import load_backend
+from lookalike.serving.client import ClientError, SearchClient
 
 from .conftest import free_port  # noqa: TID252
 
@@ -70,7 +71,17 @@ def test_health_answers_while_loading(indexed_store: Store, monkeypatch) -> None
         assert info.status_code == 503 and "still loading" in info.json()["detail"]
         for answer in (ready, search, info):  # when to ask again (the web page's footer does)
             assert answer.headers["retry-after"] == "2", answer.headers
+        with pytest.raises(ClientError, match="still loading") as refused:  # a client that does not wait
+            SearchClient(url).info()
+        assert refused.value.status == 503
+        waited: list = []  # `lookalike query` right after `lookalike serve`: it asks again after Retry-After
+        asker = threading.Thread(target=lambda: waited.append(SearchClient(url, retry_busy_s=30).info()))
+        asker.start()
+        time.sleep(0.5)
+        assert not waited
         loading.set()
+        asker.join(30)
+        assert waited and waited[0]["index_version"] == indexed_store.current_index()
         deadline = time.monotonic() + 60
         while httpx.get(url + "/readyz").status_code != 200:
             assert time.monotonic() < deadline and not failures
