@@ -442,8 +442,14 @@ def served_unusable(store: Store, version: str | None, error: Exception) -> Exce
     its type; others become an IndexLoadError naming theirs."""
     from lookalike.index.manifest import IndexLoadError
 
+    from lookalike.model.store import versions_in
+
+    others = [v for v in versions_in(store.indexes_dir, "manifest.json") if v != version]
     hint = (f"the served index {version or 'CURRENT'} cannot be loaded: run `lookalike versions rollback --workdir "
-            f"{store.root}` (or `lookalike versions promote VERSION --workdir {store.root}`) to serve a working version")
+            f"{store.root}` (or `lookalike versions promote VERSION --workdir {store.root}`) to serve a working version"
+            if others else
+            f"the served index {version or 'CURRENT'} cannot be loaded, and the store holds no other index version: run "
+            f"`lookalike embed --workdir {store.root}` (with the --corpus it was embedded from) to build a new one")
     if "lookalike versions rollback" in str(error):  # it says what to do already
         return error if type(error) in (IndexLoadError, StoreError) else IndexLoadError(f"{type(error).__name__}: {error}")
     if type(error) in (IndexLoadError, StoreError):

@@ -114,3 +114,26 @@ def test_prune_deletes_cache_files_a_killed_run_left_half_written(tmp_path, inde
     os.utime(stale, (old, old))
     assert prune(store, keep=1) == [f"embeddings/cache/{cache.name}: 1 unfinished file(s)"]
     assert not stale.exists() and live.exists() and all(p.is_file() for p in finished)
+
+
+def test_an_unloadable_only_index_is_told_to_embed_again_not_to_roll_back(tmp_path, indexed_store):
+    """Rollback and promote need another version: with none left (``versions prune --keep 1``),
+    the way back is a new embed."""
+    from lookalike.index.manifest import IndexLoadError
+    from lookalike.model.store import Store
+    from lookalike.pipeline.versions import served_unusable
+
+    store = Store.at(tmp_path / "w")
+    shutil.copytree(indexed_store.root, store.root)
+    served = store.current_index()
+    for other in store.indexes_dir.iterdir():
+        if other.name != served:
+            shutil.rmtree(other)
+    alone = served_unusable(store, served, IndexLoadError("index file x does not match its manifest checksum"))
+    assert isinstance(alone, IndexLoadError) and "versions rollback" not in str(alone)
+    assert str(alone).endswith(f"the served index {served} cannot be loaded, and the store holds no other index "
+                               f"version: run `lookalike embed --workdir {store.root}` (with the --corpus it was "
+                               "embedded from) to build a new one")
+    shutil.copytree(store.index_dir(served), store.indexes_dir / "i-older")
+    with_another = served_unusable(store, served, IndexLoadError("x"))
+    assert f"run `lookalike versions rollback --workdir {store.root}`" in str(with_another)

@@ -410,6 +410,7 @@ def test_a_served_index_that_cannot_load_says_how_to_serve_a_working_version(sto
     """A corrupt CURRENT fails every night the same way: the reason, the log line, the JSON
     line and report.md say to roll back (or promote), and nothing is trained."""
     current = store.current_index()
+    shutil.copytree(store.index_dir(current), store.indexes_dir / "i-older")  # a version to roll back to
     next(p for p in store.index_dir(current).rglob("*.npy")).write_bytes(b"corrupt")
     hint = (f"the served index {current} cannot be loaded: run `lookalike versions rollback --workdir {store.root}` "
             f"(or `lookalike versions promote VERSION --workdir {store.root}`) to serve a working version")

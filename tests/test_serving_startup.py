@@ -142,6 +142,7 @@ def test_a_corrupt_index_is_one_error_line_with_how_to_recover(indexed_store: St
     workdir = tmp_path / "store"
     shutil.copytree(indexed_store.root, workdir)
     version = Store.at(workdir).current_index()
+    shutil.copytree(workdir / "indexes" / version, workdir / "indexes" / "i-older")  # a version to roll back to
     embeddings = next((workdir / "indexes" / version).rglob("embeddings.npy"))
     embeddings.write_bytes(b"not the embeddings")
     caplog.set_level(logging.DEBUG, logger="lookalike")
