@@ -307,8 +307,8 @@ def train_on_arrays(
                 last_step = step
                 if last:
                     if step < config.num_steps:
-                        log.warning("time budget of %.1f min used up: training stops at step %d of %d",
-                                    config.max_train_minutes, step, config.num_steps)
+                        log.warning("time budget of %g min used up (compiling the step included): training stops at "
+                                    "step %d of %d", config.max_train_minutes, step, config.num_steps)
                     break
         progress.done(", ".join(note for note in (last_value_note(history, "loss", last_step),
                                                    "stopped by the time budget" if last_step < config.num_steps else "")

@@ -235,3 +235,21 @@ def test_a_triplet_batch_too_big_to_mine_is_refused_before_any_work(tiny_config,
     assert not (tmp_path / "training.png").exists()
     hard = dataclasses.replace(config, mining="batch_hard", pk_images=4, num_steps=2)  # square memory: fine
     train_on_arrays(hard, data, tmp_path)
+
+
+def test_a_time_budget_counts_the_compile_and_names_itself_as_set(tiny_config, tmp_path, caplog):
+    """A budget shorter than compiling the step stops after the first step, publishing what it
+    reached, and says the budget as it was set (0.0001, not rounded to 0.0)."""
+    import dataclasses
+    import logging
+
+    from lookalike.model.data import LabelledImages
+    from lookalike.model.train import train_on_arrays
+
+    rng = np.random.default_rng(0)
+    x = rng.random((40, 16, 16, 1)).astype(np.float32)
+    y = np.repeat(np.arange(4, dtype=np.int32), 10)
+    config = dataclasses.replace(tiny_config, num_steps=50, eval_every_steps=25, max_train_minutes=0.0001)
+    with caplog.at_level(logging.WARNING):
+        _, metrics, _ = train_on_arrays(config, LabelledImages(x, y, list("abcd"), [], []), tmp_path)
+    assert "time budget of 0.0001 min used up (compiling the step included): training stops at step 1 of 50" in caplog.text
