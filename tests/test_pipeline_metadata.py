@@ -3,6 +3,7 @@ onto items, and whole embed runs on the in-process runner that filter on it."""
 
 import json
 import logging
+import re
 import shutil
 
 import numpy as np
@@ -174,6 +175,8 @@ def test_embed_with_jsonl_metadata_filters_on_tags_and_source(corpus_store, tmp_
         summary = run_embed(EmbedConfig(workdir=str(corpus_store), metadata=str(metadata)))
     warning = next(r.getMessage() for r in caplog.records if "match no item" in r.getMessage())
     assert "7 of" in warning and "'missing/0.png'" in warning and ", ..." in warning
+    example = re.search(r"relative to the corpus folder, like '([^']+)'", warning).group(1)
+    assert example in ids or example.startswith("clips/v.mp4#t="), warning  # an id of this corpus, as the example
     assert summary.metadata["path"] == str(metadata) and summary.metadata["unmatched_ids"] == 7
     assert summary.metadata["columns"] == ["source", "tags"] and len(summary.metadata["sha256"]) == 64
     assert json.loads((corpus_store / "embeddings" / summary.run / "summary.json").read_text())["metadata"] == summary.metadata
