@@ -156,7 +156,7 @@ class DecodeBatchFn(beam.DoFn):
         metas: list[dict[str, Any]] = []
         pixels: list[np.ndarray] = []
         for uris, futures, items in pending:
-            errors = [f.exception() for f in futures if f.exception() is not None]
+            errors = [e for e in map(Future.exception, futures) if e is not None]  # one call per future
             if errors:
                 yield from self._dead(uris, "thumbnail", errors[0])
                 continue
