@@ -224,7 +224,7 @@ def load_labelled_folder(root: str | Path, spec: PreprocessSpec, *, max_items: i
     class_dirs = class_folders(root)
     if len(class_dirs) < 2:
         raise ValueError(f"{role} data folder {root} needs one sub-folder per class and at least 2 classes, "
-                         f"found {len(class_dirs)}{unsorted_media_hint(root)}")
+                         f"found {len(class_dirs)}{unsorted_media_hint(root) if role == 'training' else ''}")
     excluded = frozenset(exclude)
     included = None if include is None else frozenset(include)
     unreadable: dict[Path, list[OSError]] = {class_dir: [] for class_dir in class_dirs}  # folders not listed

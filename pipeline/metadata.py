@@ -376,7 +376,7 @@ def report_unmatched(spec: MetadataSpec, items: pa.Table) -> int:
     unmatched = unmatched_ids(load_metadata(spec), items)
     if len(unmatched):
         shown = ", ".join(repr(i) for i in unmatched.slice(0, UNMATCHED_SHOWN).to_pylist())
-        example = next((i for i in items.column("id").to_pylist()[:1] if i), "3/digit_0042.png")  # one of this corpus
+        example = next((i for i in items.column("id").slice(0, 1).to_pylist() if i), "3/digit_0042.png")  # one of this corpus
         log.warning("metadata file %s: %d of %d id(s) match no item (e.g. %s%s); ids are paths relative to the corpus "
                     "folder, like %r, or a video's path for all its frames", spec.path, len(unmatched),
                     spec.rows, shown, ", ..." if len(unmatched) > UNMATCHED_SHOWN else "", example)

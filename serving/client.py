@@ -34,10 +34,15 @@ class ClientError(RuntimeError):
         self.message = message
 
 
+# The least wait between two asks, whatever Retry-After says (a proxy may send 0).
+MIN_RETRY_WAIT_S = 0.5
+
+
 def retry_after_s(response: httpx.Response) -> float | None:
-    """The seconds a 503 asks to wait before asking again (``Retry-After`` in seconds), else None."""
-    value = response.headers.get("retry-after", "") if response.status_code == 503 else ""
-    return float(value) if value.strip().isdigit() else None
+    """The seconds a 503 asks to wait before asking again (``Retry-After`` in seconds, at least
+    ``MIN_RETRY_WAIT_S``), else None."""
+    value = response.headers.get("retry-after", "").strip() if response.status_code == 503 else ""
+    return max(MIN_RETRY_WAIT_S, float(value)) if re.fullmatch(r"[0-9]{1,6}", value) else None
 
 
 def error_message(response: httpx.Response) -> str:
@@ -114,6 +119,8 @@ class SearchClient:
     def __init__(self, base_url: str, timeout_s: float = 30.0, retry_busy_s: float = 0.0):
         """``retry_busy_s``: for this long, a 503 with ``Retry-After`` (the server still loading
         its model and index, or busy with large uploads) is asked again after the wait it names."""
+        if not (retry_busy_s >= 0 and math.isfinite(retry_busy_s)):
+            raise ValueError(f"retry_busy_s must be a finite number of seconds >= 0, got {retry_busy_s!r}")
         self.base_url = server_url(base_url)
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout_s)
         self.retry_busy_s = retry_busy_s

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import annotated_types
 from fastapi import Depends, HTTPException, Path, Query, Request
 from pydantic import BeforeValidator
+from pydantic_core import PydanticKnownError
 
 from lookalike.serving.backend import Backend
 from lookalike.serving.engine import QueryEngine
@@ -20,7 +21,7 @@ def whole_number(value: Any) -> Any:
     also reads 5.0, 1_0 and +5, which the web page refuses)."""
     if isinstance(value, str) and not (value.strip().isascii() and value.strip().isdigit()):
         if value.strip()[:1] == "-" and value.strip()[1:].isascii() and value.strip()[1:].isdigit():  # as 0 is told
-            raise ValueError(f"should be greater than or equal to 1, got {value.strip()}")
+            raise PydanticKnownError("greater_than_equal", {"ge": 1})
         raise ValueError(f"expected a whole number such as 5, got {value!r}")
     return value
 

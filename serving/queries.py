@@ -238,6 +238,20 @@ def require_complete_form(content_type: str, body: bytes) -> None:
             f"'--{boundary.decode('latin-1')}--' (cut short in transit, or not a multipart form?)"))
 
 
+def opens_as_image(data: bytes) -> bool:
+    """Whether Pillow recognises ``data`` as an image (its header only: nothing is decoded).
+    A TGA has no magic number, and its first byte may be '{'."""
+    import io
+
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)):
+            return True
+    except (UnidentifiedImageError, OSError, ValueError):
+        return False
+
+
 async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str | None]:
     """The uploaded image bytes and file name, from a multipart form or the raw body.
 
@@ -267,7 +281,7 @@ async def read_upload(request: Request, max_bytes: int) -> tuple[bytes, str | No
         if not data:
             raise HTTPException(status_code=422, detail="no image in the request: send the image file as the body "
                                                         f"or as multipart field {UPLOAD_FIELD!r}")
-        if data[:1] in (b"{", b"[") or content_type.lower().startswith("application/json"):  # no image format starts so
+        if data.lstrip()[:1] in (b"{", b"[") and not opens_as_image(data):  # JSON, whatever its Content-Type says
             raise HTTPException(status_code=415, detail=(
                 "a JSON body is not an image: /v1/search/image takes the image file as the body or as multipart "
                 f"field {UPLOAD_FIELD!r}; a JSON query by vector goes to /v1/search/vector, one by a stored item's "

@@ -128,6 +128,8 @@ def test_a_flat_folder_of_photos_is_pointed_to_unlabelled_training(tmp_path):
                                          r"class: sort them into one sub-folder per class, or train without labels with "
                                          r"--unlabelled"):
         load_labelled_folder(tmp_path, SPEC)
+    with pytest.raises(ValueError, match=r"^evaluation data folder .* found 0$"):  # eval trains nothing: no such hint
+        load_labelled_folder(tmp_path, SPEC, role="evaluation")
 
 
 def test_pk_sampler_draws_p_classes_with_k_images_each():

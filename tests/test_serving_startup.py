@@ -160,3 +160,21 @@ def test_a_corrupt_index_is_one_error_line_with_how_to_recover(indexed_store: St
     message = errors[0].getMessage()
     assert str(embeddings) in message and "does not match its manifest checksum" in message and hint in message
     assert [r for r in caplog.records if r.levelno == logging.DEBUG and r.exc_info]  # the traceback, with -v
+
+
+def test_retry_after_is_read_strictly_and_never_makes_a_busy_loop() -> None:
+    """A proxy's Retry-After: 0 would make the client ask thousands of times; a header that is
+    no count of seconds, or another status, is no invitation to ask again."""
+    from lookalike.serving.client import MIN_RETRY_WAIT_S, retry_after_s
+
+    def answer(status: int, value: str | None) -> httpx.Response:
+        return httpx.Response(status, headers={} if value is None else {"retry-after": value.encode()})
+
+    assert retry_after_s(answer(503, "2")) == 2.0 and retry_after_s(answer(503, " 3 ")) == 3.0
+    assert retry_after_s(answer(503, "0")) == MIN_RETRY_WAIT_S == 0.5
+    for value in ("\u00b2", "", "1.5", "-1", "Wed, 21 Oct 2026 07:28:00 GMT", None):
+        assert retry_after_s(answer(503, value)) is None, value
+    assert retry_after_s(answer(500, "2")) is None and retry_after_s(answer(429, "2")) is None
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ValueError, match="retry_busy_s must be a finite number of seconds >= 0"):
+            SearchClient("127.0.0.1:9", retry_busy_s=bad)

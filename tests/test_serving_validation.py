@@ -189,9 +189,12 @@ def test_query_counts_are_whole_numbers_as_written(http: httpx.Client, indexed_s
             answered = http.request(method, f"{path}?{name}={quote(plain)}", content=content)
             assert answered.status_code == 200, answered.text
             assert len(answered.json()["results"]) == (5 if name == "k" else DEFAULT_K)
+        told = []
         for low in ("0", "-1"):  # a negative count is a whole number too: told it is too small, as 0 is
             refused = http.request(method, f"{path}?{name}={low}", content=content)
-            assert refused.status_code == 422 and "greater than or equal to 1" in refused.json()["detail"][0]["msg"], refused.text
+            assert refused.status_code == 422, refused.text
+            told.append({key: refused.json()["detail"][0][key] for key in ("type", "msg", "ctx")})
+        assert told[0] == told[1] and told[0]["type"] == "greater_than_equal", told
 
 
 def test_broken_json_is_parsed_once(http: httpx.Client) -> None:
@@ -261,6 +264,7 @@ def test_a_multipart_upload_to_a_json_endpoint_says_where_images_go(http: httpx.
     (b'{"id": "3/digit_0003.png"}', {"content-type": "application/json"}),
     (b'{"vector": [0.5, 0.5]}', {"content-type": "application/x-www-form-urlencoded"}),  # curl -d's default type
     (b'  [1, 2]', {"content-type": "application/json"}),
+    (b' {"vector": [1]}', {"content-type": "application/x-www-form-urlencoded"}),
 ])
 def test_a_json_query_sent_to_the_image_endpoint_says_where_it_goes(http: httpx.Client, content: bytes,
                                                                     headers: dict) -> None:
@@ -270,3 +274,22 @@ def test_a_json_query_sent_to_the_image_endpoint_says_where_it_goes(http: httpx.
     detail = response.json()["detail"]
     assert detail.startswith("a JSON body is not an image: /v1/search/image takes the image file as the body")
     assert "/v1/search/vector" in detail and "/v1/items/{id}/similar" in detail
+
+
+
+def test_an_image_is_searched_whatever_its_content_type_or_first_byte(http: httpx.Client, indexed_store: Store) -> None:
+    """The 415 goes by the bytes, not the label: a PNG sent as application/json, and a TGA (no
+    magic number) whose first byte is '{', are images."""
+    import io
+
+    from PIL import Image
+
+    png = (indexed_store.corpus_dir / QUERY_ID).read_bytes()
+    labelled_json = http.post("/v1/search/image?k=2", content=png, headers={"content-type": "application/json"})
+    assert labelled_json.status_code == 200, labelled_json.text
+    tga = io.BytesIO()
+    Image.open(io.BytesIO(png)).convert("RGB").save(tga, format="TGA", id_section=b"x" * ord("{"))
+    assert tga.getvalue()[:1] == b"{"
+    for headers in ({"content-type": "image/x-tga"}, {}):
+        answered = http.post("/v1/search/image?k=2", content=tga.getvalue(), headers=headers)
+        assert answered.status_code != 415, answered.text
