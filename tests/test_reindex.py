@@ -258,8 +258,9 @@ def test_ctrl_c_during_a_step_says_in_one_line_what_is_served_and_the_next_run_g
     _, err = job.communicate(timeout=120)
     err = "".join(seen) + err
     assert job.returncode == 130 and "Traceback" not in err, err[-3000:]
-    assert err.strip().splitlines()[-1] == (f"lookalike reindex: interrupted: CURRENT is {before}; the next run removes "
-                                            "what this one left"), err[-3000:]
+    assert err.strip().splitlines()[-1] == (f"lookalike reindex: interrupted: CURRENT is {before}; the next run resumes "
+                                            "from what this one finished (its training checkpoint, its embedded "
+                                            "batches) and removes the rest"), err[-3000:]
     report = json.loads(sorted(store.root.glob("reports/r-*/report.json"))[-1].read_text())
     assert (report["outcome"], report["reason"], report["exit_code"]) == ("failed", "interrupted (SIGINT)", 130)
     assert report["new_index"] is None and report["rejected_index"] not in (None, before), report  # built, never served
