@@ -449,7 +449,8 @@ def served_unusable(store: Store, version: str | None, error: Exception) -> Exce
             f"{store.root}` (or `lookalike versions promote VERSION --workdir {store.root}`) to serve a working version"
             if others else
             f"the served index {version or 'CURRENT'} cannot be loaded, and the store holds no other index version: run "
-            f"`lookalike embed --workdir {store.root}` (with the --corpus it was embedded from) to build a new one")
+            f"`lookalike embed --workdir {store.root}` (with the --corpus it was embedded from) to build a new one "
+            "(when its model is what cannot be loaded, train one first with `lookalike train`)")
     if "lookalike versions rollback" in str(error):  # it says what to do already
         return error if type(error) in (IndexLoadError, StoreError) else IndexLoadError(f"{type(error).__name__}: {error}")
     if type(error) in (IndexLoadError, StoreError):

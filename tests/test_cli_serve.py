@@ -145,6 +145,7 @@ def test_a_failed_first_load_is_said_once(indexed_store: Store, tmp_path) -> Non
     workdir = tmp_path / "store"
     shutil.copytree(indexed_store.root, workdir)
     version = Store.at(workdir).current_index()
+    shutil.copytree(workdir / "indexes" / version, workdir / "indexes" / "i-older")  # a version to roll back to
     next((workdir / "indexes" / version).rglob("embeddings.npy")).write_bytes(b"not the embeddings")
     exe = str(Path(sys.executable).with_name("lookalike"))
     done = subprocess.run([exe, "serve", "--workdir", str(workdir), "--port", str(free_port())],

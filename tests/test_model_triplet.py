@@ -67,4 +67,4 @@ def test_presets_build_and_bad_choices_are_named():
     with pytest.raises(ValueError, match="architecture='vit'"):
         apply_overrides(get_config("tiny"), ["architecture=vit"])
     with pytest.raises(ValueError, match="pk_images"):
-        apply_overrides(get_config("tiny"), ["pk_images=1"])
+        apply_overrides(get_config("tiny"), ["loss=triplet", "pk_images=1"])

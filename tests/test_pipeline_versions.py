@@ -133,7 +133,8 @@ def test_an_unloadable_only_index_is_told_to_embed_again_not_to_roll_back(tmp_pa
     assert isinstance(alone, IndexLoadError) and "versions rollback" not in str(alone)
     assert str(alone).endswith(f"the served index {served} cannot be loaded, and the store holds no other index "
                                f"version: run `lookalike embed --workdir {store.root}` (with the --corpus it was "
-                               "embedded from) to build a new one")
+                               "embedded from) to build a new one (when its model is what cannot be loaded, "
+                               "train one first with `lookalike train`)")
     shutil.copytree(store.index_dir(served), store.indexes_dir / "i-older")
     with_another = served_unusable(store, served, IndexLoadError("x"))
     assert f"run `lookalike versions rollback --workdir {store.root}`" in str(with_another)
