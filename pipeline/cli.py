@@ -25,7 +25,7 @@ from functools import partial
 from lookalike.pipeline.cli_options import (  # noqa: F401 (DEFAULT_WORKDIR, _float_in: re-exported)
     DEFAULT_PORT, DEFAULT_WORKDIR, PORT, POSITIVE, _add_train_config, _add_workdir, _DefaultsHelpFormatter, _float_in,
     _int_at_least, _print_json, _train_config, add_metadata_option, attach_negative_values, expanded_wildcard,
-    misspelled_pass_through, value_options,
+    misspelled_pass_through, corpus_options,
 )
 from lookalike.pipeline.cli_serving import add_serving_commands
 from lookalike.pipeline.cli_store import add_store_commands
@@ -310,7 +310,9 @@ def interrupted_hint(args: argparse.Namespace, stopped_by: BaseException | None 
         from lookalike.model.store import Store
 
         current = f": CURRENT is {Store.at(args.workdir).current_index_or_none()}"
-        return current + ("; the next run resumes from what this one finished (its training checkpoint, its embedded batches) and removes the rest" if args.command == "reindex" else "")
+        from lookalike.pipeline.cli_store import NEXT_RUN_RESUMES
+
+        return current + (f"; {NEXT_RUN_RESUMES}" if args.command == "reindex" else "")
     return ""
 
 
@@ -359,11 +361,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = attach_negative_values(sys.argv[1:] if argv is None else argv, ("--vector",), ("--id",), option_names)
     args, unknown = parser.parse_known_args(argv)
     parser_of_command = args.subparsers.get(args.command, parser)
-    if unknown and args.command != "embed":
-        parser_of_command.error(expanded_wildcard(argv, unknown, value_options(parser_of_command)) or f"unrecognized arguments: {' '.join(unknown)}")
     if unknown:
-        problem = expanded_wildcard(argv, unknown, value_options(parser_of_command)) or misspelled_pass_through(
-            unknown, list(parser_of_command._option_string_actions))
+        problem = expanded_wildcard(argv, unknown, corpus_options(parser_of_command))
+        if args.command != "embed":
+            parser_of_command.error(problem or f"unrecognized arguments: {' '.join(unknown)}")
+        problem = problem or misspelled_pass_through(unknown, list(parser_of_command._option_string_actions))
         if problem:
             parser_of_command.error(problem)
     args.beam_args = unknown

@@ -166,13 +166,13 @@ def _print_json(obj, *, one_line: bool = False) -> None:
     print(json.dumps(json_ready(obj), indent=None if one_line else 2, default=str, allow_nan=False), flush=one_line)
 
 
-def expanded_wildcard(argv: Sequence[str], unknown: Sequence[str], value_options: Collection[str]) -> str | None:
+def expanded_wildcard(argv: Sequence[str], unknown: Sequence[str], options: Collection[str]) -> str | None:
     """Why arguments were refused when the words right after the value of one of
-    ``value_options`` (options taking one value, ``--corpus``) are existing paths, as a shell
+    ``options`` (``corpus_options``: ``--corpus``) are existing paths, as a shell
     makes of an unquoted ``--corpus photos/*.jpg``; None otherwise. The message also lists any
     other unknown argument."""
     for at, arg in enumerate(argv[:-2]):
-        if arg not in value_options:
+        if arg not in options:
             continue
         names = list(itertools.takewhile(lambda word: not word.startswith("-"), argv[at + 2:]))
         if not names or not all(name in unknown and os.path.lexists(name) for name in names):
@@ -189,7 +189,7 @@ def expanded_wildcard(argv: Sequence[str], unknown: Sequence[str], value_options
 CORPUS_OPTIONS = ("--corpus",)
 
 
-def value_options(parser: argparse.ArgumentParser) -> set[str]:
+def corpus_options(parser: argparse.ArgumentParser) -> set[str]:
     """Of ``CORPUS_OPTIONS``, those ``parser`` has (``embed`` and ``reindex``)."""
     return {name for action in parser._actions for name in action.option_strings if name in CORPUS_OPTIONS}
 

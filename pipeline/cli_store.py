@@ -108,6 +108,11 @@ def failure_line(workdir: str, report: ReindexReport) -> str:
     return f"failed, {f'{current} promoted' if moved else 'nothing promoted'}: {report.reason}"
 
 
+# What the next reindex does with what a stopped one left, for the stopped run's last line.
+NEXT_RUN_RESUMES = ("the next run resumes from what this one finished (its training checkpoint, its embedded batches) "
+                    "and removes the rest")
+
+
 def served_after_stop(workdir: str, report: ReindexReport | None) -> str:
     """What serves after a stopped run, for its last line: CURRENT named, and whether it is unchanged."""
     from lookalike.model.store import Store
@@ -115,7 +120,7 @@ def served_after_stop(workdir: str, report: ReindexReport | None) -> str:
     current = Store.at(workdir).current_index_or_none()
     if report is not None and report.new_index is not None and report.new_index == current:  # CURRENT moved first
         return f"CURRENT is {current}, promoted by this run before it stopped"
-    return f"CURRENT is unchanged ({current}); the next run resumes from what this one finished (its training checkpoint, its embedded batches) and removes the rest"
+    return f"CURRENT is unchanged ({current}); {NEXT_RUN_RESUMES}"
 
 
 def cmd_versions(args: argparse.Namespace) -> int:

@@ -186,7 +186,8 @@ def _read_csv(data: bytes, path: str) -> pa.Table:
     options = csv.ConvertOptions(column_types={"id": pa.string(), TAGS: pa.string()}, strings_can_be_null=True)
     delimiter = csv_delimiter(data)
     if delimiter != ",":
-        log.info("metadata file %s: columns separated by %r (its header has no comma)", path, delimiter)
+        log.info("metadata file %s: columns separated by %r (the split of its header that gives an id column)",
+                 path, delimiter)
     try:
         return csv.read_csv(io.BytesIO(data), parse_options=csv.ParseOptions(delimiter=delimiter),
                             convert_options=options)
@@ -335,12 +336,13 @@ def join_metadata(items: pa.Table, metadata: pa.Table) -> pa.Table:
     lookup per key column and one ``take`` per metadata column; no Python per item."""
     ids, groups = item_keys(items)
     value_set = metadata.column("id").combine_chunks()
-    lookups = [pc.index_in(ids, value_set=value_set)]
-    if not _all_ascii(ids, groups, value_set):  # a name in NFD (macOS) against one typed in NFC: the same name
-        lookups.append(pc.index_in(_nfc(ids), value_set=_nfc(value_set)))
-    lookups.append(pc.index_in(groups, value_set=value_set))
-    if len(lookups) == 3:
-        lookups.append(pc.index_in(_nfc(groups), value_set=_nfc(value_set)))
+    by_form = not _all_ascii(ids, groups, value_set)  # a name in NFD (macOS) against one typed in NFC: the same name
+    nfc_set = _nfc(value_set) if by_form else None
+    lookups = []
+    for keys in (ids, groups):  # its own id first, exactly then in NFC, then its video's
+        lookups.append(pc.index_in(keys, value_set=value_set))
+        if by_form:
+            lookups.append(pc.index_in(_nfc(keys), value_set=nfc_set))
     positions = pc.coalesce(*lookups)
     extra = metadata.drop(["id"]).take(positions)
     for name, column in zip(extra.column_names, extra.columns):

@@ -26,7 +26,7 @@ from typing import Any
 
 
 from lookalike.index.manifest import IndexLoadError, read_manifest, verify_files
-from lookalike.model.store import HISTORY, REINDEX_RUN_MARK, Store, StoreError  # noqa: F401 (HISTORY: re-exported)
+from lookalike.model.store import HISTORY, REINDEX_RUN_MARK, Store, StoreError, versions_in  # noqa: F401 (HISTORY: re-exported)
 from lookalike.pipeline.leftovers import clean_partial_indexes
 
 THUMBNAILS_FOLDER = "thumbnails"  # under the store root, as the embed pipeline writes them (graph.THUMBNAILS_FOLDER)
@@ -441,8 +441,6 @@ def served_unusable(store: Store, version: str | None, error: Exception) -> Exce
     that loads. ``reindex`` and ``serve`` say it alike. An IndexLoadError or StoreError keeps
     its type; others become an IndexLoadError naming theirs."""
     from lookalike.index.manifest import IndexLoadError
-
-    from lookalike.model.store import versions_in
 
     others = [v for v in versions_in(store.indexes_dir, "manifest.json") if v != version]
     hint = (f"the served index {version or 'CURRENT'} cannot be loaded: run `lookalike versions rollback --workdir "
